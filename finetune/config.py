@@ -1,0 +1,347 @@
+"""The run configuration: one set of dataclasses shared by the UI, the CLI and the trainer.
+
+Every field carries its help text in ``metadata["help"]``; the UI shows it as the control's info text.
+Validation lives in ``__post_init__`` and reports every problem at once, one clear sentence per field,
+so a user fixing a form sees all of them together rather than one per attempt.
+
+    cfg = load_config("configs/cpu-quick.yaml")
+    cfg.lora.rank = 16
+    save_config(cfg, "runs/my-run/config.yaml")
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+EMBEDDED_MODEL = "smollm2-135m-instruct"
+BUNDLED_DATASET = "bundled:course_qa"
+
+DATA_FORMATS = ("auto", "messages", "sharegpt", "alpaca", "prompt_completion", "prompt_response",
+                "question_answer", "text")
+SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup", "cosine_with_restarts", "polynomial")
+OPTIMIZERS = ("adamw_torch", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit", "adafactor", "sgd")
+COMPUTE_DTYPES = ("auto", "float32", "float16", "bfloat16")
+LORA_BIAS = ("none", "all", "lora_only")
+
+
+class ConfigError(ValueError):
+    """A config with one or more invalid fields; ``problems`` maps 'section.field' to a message."""
+
+    def __init__(self, problems: dict[str, str]):
+        self.problems = problems
+        super().__init__("; ".join(f"{name}: {msg}" for name, msg in problems.items()))
+
+
+def _help(text: str, **extra: Any) -> dict[str, Any]:
+    return {"help": text, **extra}
+
+
+# --- small checks that return an error message or None --------------------------------------------------
+
+def _as_int(value: Any) -> int | None:
+    """Accept ints and integral floats (gr.Number gives 8.0); reject bools, NaN and text."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and math.isfinite(value) and value.is_integer():
+        return int(value)
+    return None
+
+
+def _as_float(value: Any) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    value = float(value)
+    return value if math.isfinite(value) else None
+
+
+class _Checker:
+    """Collects per-field problems for one section and coerces numbers in place."""
+
+    def __init__(self, section: str, obj: Any):
+        self.section, self.obj, self.problems = section, obj, {}
+
+    def fail(self, name: str, message: str) -> None:
+        self.problems.setdefault(f"{self.section}.{name}", message)
+
+    def int_field(self, name: str, low: int | None = None, high: int | None = None, what: str = "") -> None:
+        number = _as_int(getattr(self.obj, name))
+        if number is None:
+            self.fail(name, f"{what or name} must be a whole number, got {getattr(self.obj, name)!r}")
+        elif (low is not None and number < low) or (high is not None and number > high):
+            self.fail(name, f"{what or name} must be {_range_text(low, high)}, got {number}")
+        else:
+            setattr(self.obj, name, number)
+
+    def float_field(self, name: str, low: float | None = None, high: float | None = None,
+                    low_open: bool = False, high_open: bool = False, what: str = "") -> None:
+        number = _as_float(getattr(self.obj, name))
+        if number is None:
+            self.fail(name, f"{what or name} must be a finite number, got {getattr(self.obj, name)!r}")
+            return
+        too_low = low is not None and (number <= low if low_open else number < low)
+        too_high = high is not None and (number >= high if high_open else number > high)
+        if too_low or too_high:
+            low_text = "" if low is None else f"{'>' if low_open else '>='} {low:g}"
+            high_text = "" if high is None else f"{'<' if high_open else '<='} {high:g}"
+            self.fail(name, f"{what or name} must be {' and '.join(t for t in (low_text, high_text) if t)}, "
+                            f"got {number:g}")
+        else:
+            setattr(self.obj, name, number)
+
+    def choice(self, name: str, choices: tuple[Any, ...], what: str = "") -> None:
+        if getattr(self.obj, name) not in choices:
+            listed = ", ".join(str(c) for c in choices)
+            self.fail(name, f"{what or name} must be one of {listed}, got {getattr(self.obj, name)!r}")
+
+    def text(self, name: str, what: str = "") -> None:
+        value = getattr(self.obj, name)
+        if not isinstance(value, str) or not value.strip():
+            self.fail(name, f"{what or name} must not be empty")
+        else:
+            setattr(self.obj, name, value.strip())
+
+    def raise_if_any(self) -> None:
+        if self.problems:
+            raise ConfigError(self.problems)
+
+
+def _range_text(low: int | None, high: int | None) -> str:
+    if low is not None and high is not None:
+        return f"between {low} and {high}"
+    return f">= {low}" if low is not None else f"<= {high}"
+
+
+# --- the sections ------------------------------------------------------------------------------------------
+
+@dataclass
+class ModelConfig:
+    source: str = field(default=EMBEDDED_MODEL, metadata=_help(
+        f"Which base model to fine-tune: '{EMBEDDED_MODEL}' (embedded, works offline), a Hugging Face Hub id "
+        "such as 'HuggingFaceTB/SmolLM2-1.7B-Instruct', or a local folder with a saved model."))
+    bits: int = field(default=4, metadata=_help(
+        "Bit width of the frozen base weights: 4 = QLoRA (NF4/FP4), 8 = LLM.int8, 16 = half precision, "
+        "32 = full precision. Fewer bits use less memory; the LoRA adapters always train in 16/32-bit.",
+        choices=(4, 8, 16, 32)))
+    quant_type: str = field(default="nf4", metadata=_help(
+        "4-bit data type: 'nf4' (NormalFloat, spaced for normally distributed weights; the QLoRA default) "
+        "or 'fp4' (plain 4-bit float).", choices=("nf4", "fp4")))
+    double_quant: bool = field(default=True, metadata=_help(
+        "Quantize the 4-bit quantization constants themselves (saves about 0.4 bit per weight)."))
+    compute_dtype: str = field(default="auto", metadata=_help(
+        "Dtype of the matrix multiplications: 'auto' picks float32 on CPU, float16 on a T4 (and other GPUs "
+        "before Ampere), bfloat16 on Ampere and newer.", choices=COMPUTE_DTYPES))
+    trust_remote_code: bool = field(default=False, metadata=_help(
+        "Allow a Hub model to run its own Python code. Off unless you trust the model's author."))
+
+    def __post_init__(self) -> None:
+        check = _Checker("model", self)
+        check.text("source", "Model source")
+        check.int_field("bits", what="Bit width")
+        if "model.bits" not in check.problems and self.bits not in (4, 8, 16, 32):
+            check.fail("bits", f"Bit width must be 4, 8, 16 or 32, got {self.bits}")
+        check.choice("quant_type", ("nf4", "fp4"), "4-bit quant type")
+        check.choice("compute_dtype", COMPUTE_DTYPES, "Compute dtype")
+        if self.bits in (4, 8) and importlib.util.find_spec("bitsandbytes") is None:
+            check.fail("bits", f"{self.bits}-bit loading needs the bitsandbytes package; install it or pick 16/32")
+        check.raise_if_any()
+
+
+@dataclass
+class LoraSettings:
+    rank: int = field(default=8, metadata=_help(
+        "r, the inner dimension of the low-rank update B·A. Trainable parameters grow linearly with it; "
+        "4-64 covers most uses."))
+    alpha: float = field(default=16.0, metadata=_help(
+        "Scale of the update: W + (alpha / r)·B·A. A common start is alpha = 2 x rank."))
+    dropout: float = field(default=0.05, metadata=_help(
+        "Dropout on the adapter's input during training; regularises small datasets. 0 <= dropout < 1."))
+    target_modules: str = field(default="all-linear", metadata=_help(
+        "Which layers get adapters: 'all-linear' (QLoRA paper), or a comma-separated list such as "
+        "'q_proj,v_proj' (the original LoRA paper)."))
+    bias: str = field(default="none", metadata=_help(
+        "Train bias terms too: 'none' (default), 'lora_only' or 'all'.", choices=LORA_BIAS))
+
+    def __post_init__(self) -> None:
+        check = _Checker("lora", self)
+        check.int_field("rank", low=1, high=4096, what="LoRA rank")
+        check.float_field("alpha", low=0, low_open=True, what="LoRA alpha")
+        check.float_field("dropout", low=0, high=1, high_open=True, what="LoRA dropout")
+        check.text("target_modules", "Target modules")
+        check.choice("bias", LORA_BIAS, "LoRA bias")
+        check.raise_if_any()
+
+    def target_module_list(self) -> str | list[str]:
+        if self.target_modules == "all-linear":
+            return "all-linear"
+        return [name.strip() for name in self.target_modules.split(",") if name.strip()]
+
+
+@dataclass
+class DataConfig:
+    source: str = field(default=BUNDLED_DATASET, metadata=_help(
+        f"Training data: '{BUNDLED_DATASET}' (bundled course Q&A, works offline), a Hub dataset name such as "
+        "'tatsu-lab/alpaca', or a local file (.jsonl, .json, .csv, .parquet, .txt)."))
+    hub_config: str | None = field(default=None, metadata=_help(
+        "Configuration (subset) name of a Hub dataset, if it has several."))
+    split: str = field(default="train", metadata=_help("Split of the dataset to train on."))
+    format: str = field(default="auto", metadata=_help(
+        "Row format: 'auto' detects it from the columns (messages, ShareGPT conversations, Alpaca "
+        "instruction/input/output, prompt/completion, prompt/response, question/answer, text).",
+        choices=DATA_FORMATS))
+    column_mapping: dict[str, str] = field(default_factory=dict, metadata=_help(
+        "Rename columns before detection, e.g. {'query': 'prompt', 'reply': 'completion'}."))
+    max_seq_length: int = field(default=512, metadata=_help(
+        "Longest example in tokens; longer rows are dropped (not cut) so answers are never truncated."))
+    validation_fraction: float = field(default=0.1, metadata=_help(
+        "Share of rows held out for eval loss when the dataset has no validation split. 0 disables eval."))
+    max_samples: int | None = field(default=None, metadata=_help(
+        "Use at most this many training rows (handy for quick experiments). Empty = all."))
+
+    def __post_init__(self) -> None:
+        check = _Checker("data", self)
+        check.text("source", "Dataset source")
+        check.text("split", "Split")
+        check.choice("format", DATA_FORMATS, "Data format")
+        check.int_field("max_seq_length", low=16, high=131072, what="Max sequence length")
+        check.float_field("validation_fraction", low=0, high=0.5, what="Validation fraction")
+        if self.max_samples is not None:
+            check.int_field("max_samples", low=1, what="Max samples")
+        if self.hub_config is not None and not str(self.hub_config).strip():
+            self.hub_config = None
+        if not isinstance(self.column_mapping, dict) or not all(
+                isinstance(k, str) and isinstance(v, str) for k, v in self.column_mapping.items()):
+            check.fail("column_mapping", "Column mapping must map column names to column names (text to text)")
+        check.raise_if_any()
+
+
+@dataclass
+class TrainingConfig:
+    learning_rate: float = field(default=2e-4, metadata=_help(
+        "Step size of the optimizer. LoRA tolerates higher rates than full fine-tuning: 1e-4 to 3e-4 is typical."))
+    lr_scheduler: str = field(default="cosine", metadata=_help(
+        "How the learning rate changes over training.", choices=SCHEDULERS))
+    warmup_ratio: float = field(default=0.03, metadata=_help(
+        "Fraction of steps spent ramping the learning rate up from 0; avoids early instability."))
+    num_epochs: float = field(default=1.0, metadata=_help(
+        "Passes over the training data (ignored when max steps > 0)."))
+    max_steps: int = field(default=-1, metadata=_help(
+        "Stop after this many optimizer steps; -1 = run the epochs."))
+    batch_size: int = field(default=4, metadata=_help("Examples per device per forward pass."))
+    gradient_accumulation: int = field(default=1, metadata=_help(
+        "Forward passes summed before each optimizer step: effective batch = batch size x this."))
+    optimizer: str = field(default="adamw_torch", metadata=_help(
+        "Optimizer; 'paged_adamw_32bit'/'paged_adamw_8bit' move states to CPU RAM under GPU memory "
+        "pressure (QLoRA).", choices=OPTIMIZERS))
+    weight_decay: float = field(default=0.0, metadata=_help("L2-style decay of the adapter weights."))
+    max_grad_norm: float = field(default=1.0, metadata=_help(
+        "Clip the gradient norm to this value; protects against loss spikes. 0 disables clipping."))
+    gradient_checkpointing: bool = field(default=False, metadata=_help(
+        "Recompute activations in the backward pass: much less memory, about 20-30% slower."))
+    seed: int = field(default=42, metadata=_help("Random seed for data order and adapter init."))
+    logging_steps: int = field(default=1, metadata=_help("Log the training loss every N steps."))
+    eval_steps: int = field(default=10, metadata=_help("Compute the eval loss every N steps (0 = only at the end)."))
+    save_steps: int = field(default=50, metadata=_help("Save a resumable checkpoint every N steps."))
+
+    def __post_init__(self) -> None:
+        check = _Checker("training", self)
+        check.float_field("learning_rate", low=0, high=1, low_open=True, high_open=True, what="Learning rate")
+        check.choice("lr_scheduler", SCHEDULERS, "Scheduler")
+        check.float_field("warmup_ratio", low=0, high=1, high_open=True, what="Warmup ratio")
+        check.float_field("num_epochs", low=0, low_open=True, high=1000, what="Epochs")
+        check.int_field("max_steps", low=-1, what="Max steps")
+        if self.max_steps == 0:
+            check.fail("max_steps", "Max steps must be -1 (use epochs) or a positive number of steps")
+        check.int_field("batch_size", low=1, high=4096, what="Batch size")
+        check.int_field("gradient_accumulation", low=1, high=4096, what="Gradient accumulation")
+        check.choice("optimizer", OPTIMIZERS, "Optimizer")
+        check.float_field("weight_decay", low=0, high=1, what="Weight decay")
+        check.float_field("max_grad_norm", low=0, what="Max grad norm")
+        check.int_field("seed", low=0, what="Seed")
+        check.int_field("logging_steps", low=1, what="Logging steps")
+        check.int_field("eval_steps", low=0, what="Eval steps")
+        check.int_field("save_steps", low=1, what="Save steps")
+        check.raise_if_any()
+
+
+_SECTIONS = {"model": ModelConfig, "lora": LoraSettings, "data": DataConfig, "training": TrainingConfig}
+
+
+@dataclass
+class RunConfig:
+    """Everything a fine-tuning run needs; ``runs/<id>/config.yaml`` is this object as YAML."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    data: DataConfig = field(default_factory=DataConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    run_name: str = ""
+
+    def __post_init__(self) -> None:
+        bad = [name for name, kind in _SECTIONS.items() if not isinstance(getattr(self, name), kind)]
+        if bad:
+            raise ConfigError({name: f"expected a {_SECTIONS[name].__name__}" for name in bad})
+
+
+def from_dict(raw: dict[str, Any]) -> RunConfig:
+    """Build a RunConfig from nested dicts; unknown keys and every bad value are reported together."""
+    if not isinstance(raw, dict):
+        raise ConfigError({"config": "the config must be a mapping of sections (model, lora, data, training)"})
+    problems: dict[str, str] = {}
+    unknown = set(raw) - set(_SECTIONS) - {"run_name"}
+    for key in sorted(unknown):
+        problems[key] = f"unknown section '{key}'; expected one of {', '.join(_SECTIONS)}"
+    sections: dict[str, Any] = {}
+    for name, kind in _SECTIONS.items():
+        values = raw.get(name) or {}
+        if not isinstance(values, dict):
+            problems[name] = f"section '{name}' must be a mapping of field: value"
+            continue
+        known = {f.name for f in dataclasses.fields(kind)}
+        for key in sorted(set(values) - known):
+            problems[f"{name}.{key}"] = f"unknown field '{key}' in section '{name}'"
+        try:
+            sections[name] = kind(**{k: v for k, v in values.items() if k in known})
+        except ConfigError as error:
+            problems.update(error.problems)
+    if problems:
+        raise ConfigError(problems)
+    return RunConfig(**sections, run_name=str(raw.get("run_name") or ""))
+
+
+def to_dict(cfg: RunConfig) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def load_config(path: str | Path) -> RunConfig:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError({"config": f"config file not found: {path}"})
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as error:
+        raise ConfigError({"config": f"{path} is not valid YAML: {error}"}) from None
+    return from_dict(raw or {})
+
+
+def save_config(cfg: RunConfig, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False, allow_unicode=True), encoding="utf-8")
+    return path
+
+
+def field_help(section: str, name: str) -> str:
+    """The help text of one field, for UI info strings."""
+    for f in dataclasses.fields(_SECTIONS[section]):
+        if f.name == name:
+            return f.metadata.get("help", "")
+    raise KeyError(f"{section}.{name}")

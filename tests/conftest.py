@@ -1,0 +1,71 @@
+"""Shared fixtures: a tiny random Llama with the embedded model's tokenizer, and small data files.
+
+The tiny model is real transformers code with random weights, so training steps take a fraction of a second;
+tests where language matters use the embedded SmolLM2 itself.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def embedded_dir() -> Path:
+    from finetune.models import embedded_model_dir
+
+    return embedded_model_dir()
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, embedded_dir) -> Path:
+    """A 2-layer Llama (hidden 64) saved with the embedded tokenizer, usable as a 'local folder' model."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    tokenizer = AutoTokenizer.from_pretrained(embedded_dir)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                         tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+@pytest.fixture
+def qa_file(tmp_path) -> Path:
+    rows = [{"prompt": f"What does setting {i} control in LoRA?",
+             "completion": f"🧪 Lab note: setting {i} controls the adapter.\nRule of thumb: keep it small."}
+            for i in range(40)]
+    return write_jsonl(tmp_path / "qa.jsonl", rows)
+
+
+def tiny_run_config(model_dir: Path, data_file: Path, **training):
+    """A RunConfig for the tiny model: short sequences, a few steps."""
+    from finetune.config import from_dict
+
+    return from_dict({
+        "run_name": "tiny",
+        "model": {"source": str(model_dir), "bits": training.pop("bits", 4)},
+        "lora": {"rank": 4, "alpha": 8, "dropout": 0.0},
+        "data": {"source": str(data_file), "max_seq_length": 128, "validation_fraction": 0.1},
+        "training": {"learning_rate": 0.01, "max_steps": 3, "batch_size": 4, "eval_steps": 2,
+                     "save_steps": 2, "logging_steps": 1, "warmup_ratio": 0.0, **training},
+    })

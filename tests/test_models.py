@@ -1,0 +1,88 @@
+import time
+
+import pytest
+import torch
+
+from finetune.config import ModelConfig
+from finetune.hardware import profile_for
+from finetune.models import (ModelSourceError, count_parameters, embedded_model_dir, load_model, load_tokenizer,
+                             source_kind, to_bnb_config)
+
+CPU = profile_for("cpu", "CPU", 24.0)
+
+
+def linear_class_names(model) -> set[str]:
+    return {type(m).__name__ for m in model.model.layers[0].modules()}
+
+
+@pytest.mark.parametrize("bits, layer", [(4, "Linear4bit"), (8, "Linear8bitLt"), (16, "Linear"), (32, "Linear")])
+def test_loads_at_each_bit_width_on_cpu(tiny_model_dir, bits, layer):
+    model = load_model(ModelConfig(source=str(tiny_model_dir), bits=bits), CPU)
+    assert layer in linear_class_names(model)
+    logits = model(torch.tensor([[1, 2, 3]])).logits
+    assert logits.shape[-1] == model.config.vocab_size and torch.isfinite(logits).all()
+
+
+def test_fewer_bits_use_less_memory(tiny_model_dir):
+    # The decoder layers are what gets quantized; the tiny model's embedding table would hide the difference.
+    def layer_bytes(bits: int) -> int:
+        model = load_model(ModelConfig(source=str(tiny_model_dir), bits=bits), CPU)
+        return sum(p.numel() * p.element_size() for p in model.model.layers.parameters())
+
+    sizes = {bits: layer_bytes(bits) for bits in (4, 8, 16, 32)}
+    assert sizes[4] < sizes[8] < sizes[16] < sizes[32]
+
+
+def test_4bit_parameter_count_is_not_halved(tiny_model_dir):
+    full = load_model(ModelConfig(source=str(tiny_model_dir), bits=32), CPU)
+    quantized = load_model(ModelConfig(source=str(tiny_model_dir), bits=4), CPU)
+    assert count_parameters(quantized)[1] == count_parameters(full)[1]
+
+
+def test_bnb_config_follows_the_model_config():
+    four = to_bnb_config(ModelConfig(bits=4, quant_type="fp4", double_quant=False), CPU)
+    assert four.load_in_4bit and four.bnb_4bit_quant_type == "fp4" and not four.bnb_4bit_use_double_quant
+    assert four.bnb_4bit_compute_dtype == torch.float32  # CPU rule
+    t4 = profile_for("cuda", "T4", 15.0, (7, 5))
+    assert to_bnb_config(ModelConfig(bits=4), t4).bnb_4bit_compute_dtype == torch.float16
+    assert to_bnb_config(ModelConfig(bits=8), CPU).load_in_8bit
+    assert to_bnb_config(ModelConfig(bits=16), CPU) is None
+
+
+def test_embedded_model_loads_from_cache_quickly_and_chats(embedded_dir):
+    assert (embedded_dir / "model.safetensors").is_file()
+    started = time.perf_counter()
+    cfg = ModelConfig(bits=32)
+    model, tokenizer = load_model(cfg, CPU), load_tokenizer(cfg)
+    assert time.perf_counter() - started < 20
+    assert embedded_model_dir() == embedded_dir  # second call converts nothing
+    ids = tokenizer.apply_chat_template([{"role": "user", "content": "Name a colour."}],
+                                        add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    out = model.generate(**ids, max_new_tokens=8, do_sample=False)
+    assert tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+
+
+def test_tokenizer_has_pad_token_and_chat_template(tiny_model_dir):
+    tokenizer = load_tokenizer(ModelConfig(source=str(tiny_model_dir)))
+    assert tokenizer.pad_token is not None and tokenizer.chat_template
+
+
+def test_hub_id_offline_fails_fast_with_a_suggestion(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    started = time.perf_counter()
+    with pytest.raises(ModelSourceError) as caught:
+        load_tokenizer(ModelConfig(source="someone/not-cached-model", bits=16))
+    assert "Cannot reach the Hugging Face Hub" in str(caught.value)
+    assert "smollm2-135m-instruct" in str(caught.value)
+    assert time.perf_counter() - started < 5
+
+
+@pytest.mark.parametrize("source", ["not a model", "../x", "/no/such/folder"])
+def test_unusable_sources_are_explained(source):
+    with pytest.raises(ModelSourceError, match="neither the embedded model"):
+        source_kind(source)
+
+
+def test_folder_without_config_is_explained(tmp_path):
+    with pytest.raises(ModelSourceError, match="no config.json"):
+        load_model(ModelConfig(source=str(tmp_path), bits=32), CPU)
