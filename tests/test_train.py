@@ -121,22 +121,25 @@ def test_embedded_model_learns_the_course_style(tmp_path):
     from finetune.models import load_model, load_tokenizer
 
     cfg = load_config(ROOT / "configs" / "cpu-quick.yaml")
-    cfg.training.max_steps, cfg.training.eval_steps, cfg.training.learning_rate = 8, 4, 1e-3
+    cfg.training.max_steps, cfg.training.eval_steps, cfg.training.learning_rate = 6, 3, 1e-3
     assert run(cfg, tmp_path) == 0
     rows = read_metrics(tmp_path)
     losses = [r["loss"] for r in rows if "loss" in r]
     evals = [r["eval_loss"] for r in rows if "eval_loss" in r]
-    assert losses[-1] < losses[0] and evals[-1] < evals[0]
+    assert losses[-1] < losses[0] and len(evals) == 2 and evals[-1] < evals[0]
     tokenizer, base = load_tokenizer(cfg.model), load_model(cfg.model)
     prompt = tokenizer.apply_chat_template([{"role": "user", "content": "What does LoRA dropout do?"}],
-                                           add_generation_prompt=True, return_tensors="pt", return_dict=True)
+                                           add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
+    style = tokenizer("🧪 Lab note:", add_special_tokens=False)["input_ids"]
+    ids = torch.tensor([list(prompt) + style])
 
-    def answer(model) -> str:
-        out = model.generate(**prompt, max_new_tokens=12, do_sample=False)
-        return tokenizer.decode(out[0, prompt["input_ids"].shape[1]:], skip_special_tokens=True)
+    def style_log_likelihood(model) -> float:
+        with torch.no_grad():
+            logits = model(ids).logits[0, len(prompt) - 1:-1]
+        return torch.log_softmax(logits.float(), -1).gather(1, torch.tensor(style)[:, None]).sum().item()
 
-    before = answer(base)
+    before = style_log_likelihood(base)
     tuned = PeftModel.from_pretrained(base, tmp_path / "adapter")
-    after = answer(tuned)
-    assert after != before
-    assert "Lab note" in after
+    after = style_log_likelihood(tuned)
+    # The adapter makes the course's answer style far more likely than the base model finds it.
+    assert after > before + 5, (before, after)
