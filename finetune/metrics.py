@@ -107,6 +107,8 @@ class MetricsCallback(TrainerCallback):
         with (self.run_dir / METRICS_FILE).open("a", encoding="utf-8") as handle:
             handle.write(json.dumps(row) + "\n")
             handle.flush()
+        if "eval_loss" in logs:  # the next tokens/s must not count the time spent evaluating
+            self.last_log_time = time.time()
         write_status(self.run_dir, step=state.global_step, max_steps=state.max_steps, eta_seconds=row.get("eta"))
 
     def _eta(self, state: TrainerState, now: float) -> dict[str, float]:

@@ -1,0 +1,555 @@
+"""The Train tab: pick data and model, set hyperparameters, start a run and watch it live.
+
+Every form control maps to one config field (its info text is the field's help). Handlers receive the form as
+keyword arguments (``inputs_kwargs``), so ``gradio_client`` can call ``/start_run`` with just the fields it
+wants to change, e.g. ``client.predict(model_source="...", training_max_steps=3, api_name="/start_run")``.
+
+The tab never trains in-process: Start hands the config to the RunManager (a child process), and a ``gr.Timer``
+polls the run folder. Because the watched run comes from disk, a reloaded page re-attaches to a running job.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import gradio as gr
+import pandas as pd
+
+from finetune.config import (BUNDLED_DATASET, COMPUTE_DTYPES, DATA_FORMATS, EMBEDDED_MODEL, LORA_BIAS, OPTIMIZERS,
+                             SCHEDULERS, ConfigError, RunConfig, field_help, from_dict, load_config)
+from finetune.data import DataError, bundled_names, preview
+from finetune.estimate import estimate_run
+from finetune.hardware import HardwareProfile
+from finetune.metrics import read_metrics
+from finetune.runs import RunError, RunInProgressError, RunManager
+
+CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
+POLL_SECONDS = 2.0
+DATA_KINDS = ("Bundled", "Hub dataset", "Uploaded file")
+MODEL_KINDS = ("Embedded", "Hub id", "Local folder")
+HISTORY_COLUMNS = ["run id", "model", "dataset", "rank", "alpha", "lr", "bits", "steps", "final loss",
+                   "final eval loss", "status", "duration (s)"]
+# Form keys that are "<section>_<field>" map straight onto the config; the rest are assembled below.
+UI_ONLY = ("data_kind", "data_bundled", "data_hub_name", "data_file", "prompt_column", "answer_column",
+           "column_mapping_json", "model_kind")
+
+
+# --- form <-> config ---------------------------------------------------------------------------------------
+
+def presets() -> list[str]:
+    return sorted(p.stem for p in CONFIGS_DIR.glob("*.yaml"))
+
+
+def _data_source(form: dict[str, Any]) -> str:
+    kind = form.get("data_kind") or DATA_KINDS[0]
+    if kind == "Hub dataset":
+        return (form.get("data_hub_name") or "").strip()
+    if kind == "Uploaded file":
+        return str(form.get("data_file") or "").strip()
+    return form.get("data_bundled") or BUNDLED_DATASET
+
+
+def _column_mapping(form: dict[str, Any]) -> dict[str, str]:
+    """The simple prompt/answer fields plus the JSON override (the JSON wins on conflicts)."""
+    mapping = {}
+    if (form.get("prompt_column") or "").strip():
+        mapping[form["prompt_column"].strip()] = "prompt"
+    if (form.get("answer_column") or "").strip():
+        mapping[form["answer_column"].strip()] = "completion"
+    text = (form.get("column_mapping_json") or "").strip()
+    if text:
+        try:
+            extra = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise ConfigError({"data.column_mapping": f"Column mapping is not valid JSON: {error.msg}"}) from None
+        if not isinstance(extra, dict):
+            raise ConfigError({"data.column_mapping": 'Column mapping must be a JSON object like {"q": "prompt"}'})
+        mapping.update(extra)
+    return mapping
+
+
+def config_from_form(form: dict[str, Any]) -> RunConfig:
+    """The RunConfig the form describes; ConfigError lists every bad field."""
+    sections: dict[str, dict[str, Any]] = {"model": {}, "lora": {}, "data": {}, "training": {}}
+    for key, value in form.items():
+        section, _, name = key.partition("_")
+        if key not in UI_ONLY and section in sections:
+            sections[section][name] = value
+    data, problems = sections["data"], {}
+    data["source"] = _data_source(form)
+    try:
+        data["column_mapping"] = _column_mapping(form)
+    except ConfigError as error:  # report it together with every other bad field
+        problems, data["column_mapping"] = error.problems, {}
+    if not data.get("max_samples"):
+        data["max_samples"] = None  # 0 / empty in the form means "all rows"
+    try:
+        cfg = from_dict({**sections, "run_name": (form.get("run_name") or "").strip() or "run"})
+    except ConfigError as error:
+        raise ConfigError({**problems, **error.problems}) from None
+    if problems:
+        raise ConfigError(problems)
+    return cfg
+
+
+def form_from_config(cfg: RunConfig) -> dict[str, Any]:
+    """Form values for a config (presets and reloading a past run's settings)."""
+    values: dict[str, Any] = {}
+    for section in ("model", "lora", "data", "training"):
+        for name, value in vars(getattr(cfg, section)).items():
+            values[f"{section}_{name}"] = value
+    source = cfg.data.source
+    kind = "Bundled" if source.startswith("bundled:") else "Uploaded file" if Path(source).exists() else "Hub dataset"
+    values.update(data_kind=kind, data_bundled=source if kind == "Bundled" else BUNDLED_DATASET,
+                  data_hub_name=source if kind == "Hub dataset" else "", run_name=cfg.run_name,
+                  column_mapping_json=json.dumps(cfg.data.column_mapping) if cfg.data.column_mapping else "",
+                  prompt_column="", answer_column="",
+                  model_kind="Embedded" if cfg.model.source == EMBEDDED_MODEL else
+                  "Local folder" if Path(cfg.model.source).expanduser().is_dir() else "Hub id")
+    values["data_hub_config"] = cfg.data.hub_config or ""
+    values["data_max_samples"] = cfg.data.max_samples or 0
+    return values
+
+
+def _warn_problems(error: ConfigError) -> str:
+    for name, message in error.problems.items():
+        gr.Warning(f"{name}: {message}")
+    return "**Please fix the form:**\n" + "\n".join(f"- `{n}`: {m}" for n, m in error.problems.items())
+
+
+# --- handlers ------------------------------------------------------------------------------------------------
+
+def load_preset(name: str) -> list[Any]:
+    """Fill the form from configs/<name>.yaml (values in FORM order)."""
+    values = form_from_config(load_config(CONFIGS_DIR / f"{name}.yaml"))
+    return [values.get(key, gr.skip()) for key in _FORM_KEYS]
+
+
+def update_estimate(profile: HardwareProfile, **form: Any) -> str:
+    try:
+        cfg = config_from_form(form)
+        params, memory = estimate_run(cfg, profile)
+    except ConfigError as error:
+        return "Estimate unavailable until the form is valid: " + "; ".join(error.problems.values())
+    except Exception as error:  # offline Hub id, unreadable folder: say why, keep the form usable
+        return f"Estimate unavailable: {error}"
+    return (f"**Trainable parameters:** {params}  \n**Memory:** {memory.verdict}  \n"
+            f"<small>weights {memory.weights_gb:.2f} GB · adapters + optimizer {memory.adapter_gb:.2f} GB · "
+            f"activations {memory.activations_gb:.2f} GB · logits {memory.logits_gb:.2f} GB · "
+            f"overhead {memory.overhead_gb:.2f} GB</small>")
+
+
+def preview_dataset(**form: Any) -> tuple[str, pd.DataFrame]:
+    empty = pd.DataFrame(columns=["row", "role", "content"])
+    try:
+        cfg = config_from_form(form)
+        fmt, rows, columns = preview(cfg.data)
+    except ConfigError as error:
+        return "Preview unavailable: " + "; ".join(error.problems.values()), empty
+    except (DataError, RuntimeError, OSError) as error:
+        return f"**Cannot preview:** {error}", empty
+    table = pd.DataFrame([(i + 1, m["role"], m["content"]) for i, row in enumerate(rows) for m in row],
+                         columns=["row", "role", "content"])
+    return f"**Detected format:** `{fmt}` · **columns:** {', '.join(f'`{c}`' for c in columns)}", table
+
+
+def _keep_upload(manager: RunManager, path: str) -> str:
+    """Copy an uploaded file next to the runs: gradio's temp copy may vanish while the child still reads it."""
+    source = Path(path)
+    if not source.is_file() or source.parent == manager.root / "uploads":
+        return path
+    target = manager.root / "uploads" / f"{time.strftime('%Y%m%d-%H%M%S')}-{source.name}"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(source, target)
+    return str(target)
+
+
+def start_run(manager: RunManager, **form: Any) -> tuple[str, str]:
+    """Validate the form and start training; returns (watched run id, status message)."""
+    if form.get("data_kind") == "Uploaded file" and form.get("data_file"):
+        form["data_file"] = _keep_upload(manager, str(form["data_file"]))
+    try:
+        cfg = config_from_form(form)
+    except ConfigError as error:
+        return gr.skip(), _warn_problems(error)
+    try:
+        run_id = manager.start(cfg)
+    except RunInProgressError as error:
+        gr.Warning(str(error))
+        return manager.active_run() or gr.skip(), f"**Not started:** {error}"
+    return run_id, f"Started run `{run_id}`; loading the model and data…"
+
+
+def stop_run(manager: RunManager, run_id: str) -> str:
+    if not run_id:
+        return "No run to stop."
+    try:
+        state = manager.status(run_id).get("state")
+        if state not in ("running", "queued"):
+            return f"Run `{run_id}` is not running ({state})."
+        manager.request_stop(run_id)
+    except RunError as error:
+        return f"**Error:** {error}"
+    gr.Info("Stopping after the current step; a checkpoint is saved.")
+    return f"Stop requested for `{run_id}`: it saves a checkpoint and stops after the current step."
+
+
+def restore_form(manager: RunManager) -> list[Any]:
+    """On page load, show the settings of the run in progress (the form is otherwise back to its defaults)."""
+    active = manager.active_run()
+    try:
+        values = form_from_config(load_config(manager.run_dir(active) / "config.yaml")) if active else {}
+    except ConfigError:
+        values = {}
+    return [values.get(key, gr.skip()) for key in _FORM_KEYS]
+
+
+def pick_run(manager: RunManager, run_id: str | None) -> str:
+    """The run to watch: a running one first (so a reload re-attaches), else the given one, else the newest."""
+    active = manager.active_run()
+    if active:
+        return active
+    ids = manager.list_ids()
+    return run_id if run_id in ids else (ids[0] if ids else "")
+
+
+# gradio 6.31's LinePlot fixes its colour domain (the series names) when it first gets data and only swaps the
+# data afterwards, so a series that appears later is never drawn. Two ways around it below: the loss plot always
+# carries both series (eval loss as a blank point until the first evaluation), and the compare plot is sent
+# None before each new frame, which makes the browser rebuild the chart.
+
+def _frame(points: list[tuple[Any, ...]], columns: list[str]) -> pd.DataFrame | None:
+    """None rather than an empty frame (an empty first frame fixes an empty colour domain, see above)."""
+    if not points:
+        return None
+    return pd.DataFrame(points, columns=columns).astype({"step": int, columns[1]: float})
+
+
+def loss_frame(rows: list[dict[str, Any]]) -> pd.DataFrame | None:
+    """Long format (step, loss, series) so one LinePlot draws train and eval loss in two colours."""
+    points = [(r["step"], r[key], label) for r in rows for key, label in (("loss", "train loss"),
+                                                                            ("eval_loss", "eval loss"))
+              if isinstance(r.get(key), (int, float))]
+    if points and not any(series == "eval loss" for _, _, series in points):
+        points.append((points[0][0], None, "eval loss"))  # blank: keeps "eval loss" in the colour domain
+    return _frame(points, ["step", "loss", "series"])
+
+
+def lr_frame(rows: list[dict[str, Any]]) -> pd.DataFrame | None:
+    points = [(r["step"], r["learning_rate"]) for r in rows if isinstance(r.get("learning_rate"), (int, float))]
+    return _frame(points, ["step", "learning_rate"])
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "–"
+    minutes, secs = divmod(int(round(seconds)), 60)
+    return f"{minutes}m {secs:02d}s" if minutes else f"{secs}s"
+
+
+def progress_html(status: dict[str, Any], rows: list[dict[str, Any]]) -> str:
+    step, total = int(status.get("step") or 0), int(status.get("max_steps") or 0)
+    state = status.get("state", "unknown")
+    percent = 100.0 if state == "completed" else (100.0 * step / total if total else 0.0)
+    last = next((r for r in reversed(rows) if "tokens_per_second" in r), {})
+    eta = status.get("eta_seconds") if state == "running" else None
+    text = (f"<b>{state}</b> · step {step}/{total or '?'} · {percent:.0f}% · ETA {_duration(eta)} · "
+            f"{last.get('tokens_per_second', '–')} tokens/s")
+    colour = {"failed": "#dc2626", "stopped": "#d97706", "interrupted": "#d97706"}.get(state, "#2563eb")
+    points = sum(isinstance(r.get("loss"), (int, float)) for r in rows)  # lets a browser test wait for a point
+    return (f"<div id='train-progress' data-state='{state}' data-points='{points}'>{text}"
+            f"<div style='background:#e5e7eb;border-radius:6px;height:12px;margin-top:6px'>"
+            f"<div style='width:{percent:.1f}%;background:{colour};height:12px;border-radius:6px'></div></div></div>")
+
+
+def status_text(run_id: str, status: dict[str, Any]) -> str:
+    state = status.get("state", "unknown")
+    if state == "failed":
+        return f"Run `{run_id}` **failed**: {status.get('error') or 'see the log below'}"
+    if state == "completed":
+        return f"Run `{run_id}` **completed** in {_duration(status.get('duration'))}. Try it in the Chat tab."
+    if state in ("stopped", "interrupted"):
+        return f"Run `{run_id}` **{state}**. {status.get('error') or ''}"
+    return f"Run `{run_id}` is **{state}**."
+
+
+def poll_run(manager: RunManager, run_id: str) -> tuple[Any, ...]:
+    """Everything the live view shows, read from the run folder (cheap enough for a 2 s timer)."""
+    run_id = pick_run(manager, run_id)
+    if not run_id:
+        return ("", "No runs yet: set up a run and press Start.", progress_html({"state": "idle"}, []),
+                loss_frame([]), lr_frame([]), "", gr.Accordion(open=False))
+    status, rows = manager.status(run_id), read_metrics(manager.run_dir(run_id))
+    failed = status.get("state") == "failed"
+    return (run_id, status_text(run_id, status), progress_html(status, rows), loss_frame(rows), lr_frame(rows),
+            manager.log_tail(run_id, 40), gr.Accordion(open=True) if failed else gr.skip())
+
+
+def run_history(manager: RunManager, selected: list[str] | None = None) -> tuple[pd.DataFrame, Any]:
+    """The history table, and the compare picker (preselecting the newest runs when nothing is picked)."""
+    rows = []
+    for run in manager.list_runs():
+        cfg = run.config
+        rows.append([run.run_id, _short(cfg.model.source) if cfg else "?", _short(cfg.data.source) if cfg else "?",
+                     cfg.lora.rank if cfg else None, cfg.lora.alpha if cfg else None,
+                     cfg.training.learning_rate if cfg else None, cfg.model.bits if cfg else None,
+                     f"{run.step}/{run.max_steps}", _round(run.final_loss), _round(run.final_eval_loss),
+                     run.state, run.duration])
+    ids = [r[0] for r in rows]
+    kept = [run_id for run_id in selected or [] if run_id in ids] or ids[:3]
+    return pd.DataFrame(rows, columns=HISTORY_COLUMNS), gr.Dropdown(choices=ids, value=kept)
+
+
+def _short(source: str) -> str:
+    """A local path by its last part (keeps the table narrow); names and Hub ids as they are."""
+    return Path(source).name if "/" in source and Path(source).expanduser().exists() else source
+
+
+def _round(value: float | None) -> float | None:
+    return None if value is None else round(value, 4)
+
+
+def compare_runs(manager: RunManager, run_ids: list[str] | None) -> Iterator[pd.DataFrame | None]:
+    """Training-loss curves of several runs in one long frame, coloured by run (None first: see above)."""
+    points = []
+    for run_id in run_ids or []:
+        try:
+            rows = read_metrics(manager.run_dir(run_id))
+        except RunError:
+            continue
+        points += [(r["step"], r["loss"], run_id) for r in rows if isinstance(r.get("loss"), (int, float))]
+    yield None
+    yield _frame(points, ["step", "loss", "run"])
+
+
+def toggle_data_kind(kind: str) -> tuple[Any, Any, Any, Any]:
+    return (gr.update(visible=kind == "Bundled"), gr.update(visible=kind == "Hub dataset"),
+            gr.update(visible=kind == "Hub dataset"), gr.update(visible=kind == "Uploaded file"))
+
+
+def choose_model_kind(kind: str, current: str) -> Any:
+    if kind == "Embedded":
+        return gr.update(value=EMBEDDED_MODEL, placeholder=EMBEDDED_MODEL)
+    placeholder = "organisation/model-name" if kind == "Hub id" else "/path/to/saved/model"
+    return gr.update(value="" if current == EMBEDDED_MODEL else current, placeholder=placeholder)
+
+
+# --- layout --------------------------------------------------------------------------------------------------
+
+def _info(key: str) -> str:
+    section, _, name = key.partition("_")
+    return field_help(section, name)
+
+
+def _number(key: str, label: str, value: Any, **kwargs: Any) -> gr.Number:
+    return gr.Number(value=value, label=label, info=_info(key), **kwargs)
+
+
+def _data_controls(form: dict[str, Any], defaults: RunConfig) -> None:
+    with gr.Accordion("1 · Data", open=True):
+        with gr.Row():
+            form["data_kind"] = gr.Radio(list(DATA_KINDS), value="Bundled", label="Dataset source")
+            form["data_bundled"] = gr.Dropdown(bundled_names() or [BUNDLED_DATASET], value=BUNDLED_DATASET,
+                                               label="Bundled dataset", info=_info("data_source"))
+            form["data_hub_name"] = gr.Textbox(value="", label="Hub dataset name", placeholder="tatsu-lab/alpaca",
+                                               visible=False)
+            form["data_hub_config"] = gr.Textbox(value="", label="Hub config (subset)", info=_info("data_hub_config"),
+                                                 visible=False)
+            form["data_file"] = gr.File(label="Upload a dataset file", type="filepath", visible=False,
+                                        file_types=[".jsonl", ".json", ".csv", ".parquet", ".txt"])
+        with gr.Row():
+            form["data_split"] = gr.Textbox(value=defaults.data.split, label="Split", info=_info("data_split"))
+            form["data_format"] = gr.Dropdown(list(DATA_FORMATS), value="auto", label="Format",
+                                              info=_info("data_format"))
+            form["prompt_column"] = gr.Textbox(value="", label="Prompt column", placeholder="e.g. query",
+                                               info="Your column holding the user's message (renamed to 'prompt').")
+            form["answer_column"] = gr.Textbox(value="", label="Answer column", placeholder="e.g. reply",
+                                               info="Your column holding the answer (renamed to 'completion').")
+        form["column_mapping_json"] = gr.Textbox(value="", label="Column mapping (JSON, optional)",
+                                                 placeholder='{"query": "prompt", "reply": "completion"}',
+                                                 info=_info("data_column_mapping"))
+
+
+def _model_controls(form: dict[str, Any], defaults: RunConfig) -> None:
+    with gr.Accordion("2 · Model", open=True):
+        with gr.Row():
+            form["model_kind"] = gr.Radio(list(MODEL_KINDS), value="Embedded", label="Model source")
+            form["model_source"] = gr.Textbox(value=defaults.model.source, label="Model", elem_id="model-source",
+                                              info=_info("model_source"))
+        with gr.Row():
+            form["model_bits"] = gr.Radio([4, 8, 16, 32], value=defaults.model.bits, label="Bit width",
+                                          info=_info("model_bits"))
+            form["model_quant_type"] = gr.Radio(["nf4", "fp4"], value=defaults.model.quant_type,
+                                                label="4-bit type", info=_info("model_quant_type"))
+            form["model_double_quant"] = gr.Checkbox(value=defaults.model.double_quant, label="Double quant",
+                                                     info=_info("model_double_quant"))
+
+
+def _hyper_controls(form: dict[str, Any], d: RunConfig) -> None:
+    with gr.Accordion("3 · Hyperparameters", open=True):
+        with gr.Row():
+            form["training_learning_rate"] = _number("training_learning_rate", "Learning rate",
+                                                     d.training.learning_rate, elem_id="learning-rate")
+            form["lora_rank"] = _number("lora_rank", "LoRA rank (r)", d.lora.rank, precision=0)
+            form["lora_alpha"] = _number("lora_alpha", "LoRA alpha", d.lora.alpha)
+            form["lora_dropout"] = _number("lora_dropout", "LoRA dropout", d.lora.dropout)
+        with gr.Row():
+            form["lora_target_modules"] = gr.Textbox(value=d.lora.target_modules, label="Target modules",
+                                                     info=_info("lora_target_modules"))
+            form["training_num_epochs"] = _number("training_num_epochs", "Epochs", d.training.num_epochs)
+            form["training_max_steps"] = _number("training_max_steps", "Max steps", d.training.max_steps,
+                                                 precision=0, elem_id="max-steps")
+        with gr.Row():
+            form["training_batch_size"] = _number("training_batch_size", "Batch size", d.training.batch_size,
+                                                  precision=0)
+            form["training_gradient_accumulation"] = _number("training_gradient_accumulation",
+                                                             "Gradient accumulation",
+                                                             d.training.gradient_accumulation, precision=0)
+            form["data_max_seq_length"] = _number("data_max_seq_length", "Max sequence length",
+                                                  d.data.max_seq_length, precision=0)
+
+
+def _advanced_controls(form: dict[str, Any], d: RunConfig) -> None:
+    t = d.training
+    with gr.Accordion("Advanced settings", open=False):
+        with gr.Row():
+            form["run_name"] = gr.Textbox(value="run", label="Run name", info="Prefix of the run folder's name.")
+            form["model_compute_dtype"] = gr.Dropdown(list(COMPUTE_DTYPES), value=d.model.compute_dtype,
+                                                      label="Compute dtype", info=_info("model_compute_dtype"))
+            form["model_trust_remote_code"] = gr.Checkbox(value=False, label="Trust remote code",
+                                                          info=_info("model_trust_remote_code"))
+            form["lora_bias"] = gr.Dropdown(list(LORA_BIAS), value=d.lora.bias, label="LoRA bias",
+                                            info=_info("lora_bias"))
+        with gr.Row():
+            form["training_lr_scheduler"] = gr.Dropdown(list(SCHEDULERS), value=t.lr_scheduler, label="Scheduler",
+                                                        info=_info("training_lr_scheduler"))
+            form["training_warmup_ratio"] = _number("training_warmup_ratio", "Warmup ratio", t.warmup_ratio)
+            form["training_optimizer"] = gr.Dropdown(list(OPTIMIZERS), value=t.optimizer, label="Optimizer",
+                                                     info=_info("training_optimizer"))
+            form["training_weight_decay"] = _number("training_weight_decay", "Weight decay", t.weight_decay)
+            form["training_max_grad_norm"] = _number("training_max_grad_norm", "Max grad norm", t.max_grad_norm)
+        with gr.Row():
+            form["training_gradient_checkpointing"] = gr.Checkbox(
+                value=t.gradient_checkpointing, label="Gradient checkpointing",
+                info=_info("training_gradient_checkpointing"))
+            form["training_seed"] = _number("training_seed", "Seed", t.seed, precision=0)
+            form["training_logging_steps"] = _number("training_logging_steps", "Logging steps", t.logging_steps,
+                                                     precision=0)
+            form["training_eval_steps"] = _number("training_eval_steps", "Eval steps", t.eval_steps, precision=0,
+                                                  elem_id="eval-steps")
+            form["training_save_steps"] = _number("training_save_steps", "Save steps", t.save_steps, precision=0)
+        with gr.Row():
+            form["data_validation_fraction"] = _number("data_validation_fraction", "Validation fraction",
+                                                       d.data.validation_fraction)
+            form["data_max_samples"] = _number("data_max_samples", "Max samples (0 = all)", 0, precision=0)
+
+
+def _default_config() -> RunConfig:
+    try:
+        return load_config(CONFIGS_DIR / "cpu-quick.yaml")
+    except ConfigError:
+        return RunConfig()
+
+
+_FORM_KEYS: list[str] = []  # filled by build_train_tab: the order load_preset returns values in
+
+
+def _live_view() -> dict[str, Any]:
+    view: dict[str, Any] = {}
+    view["watching"] = gr.Textbox(label="Watching run", interactive=False, elem_id="watching-run")
+    view["status"] = gr.Markdown(elem_id="run-status")
+    view["progress"] = gr.HTML(progress_html({"state": "idle"}, []))
+    with gr.Row():
+        view["loss_plot"] = gr.LinePlot(None, x="step", y="loss", color="series", title="Loss",
+                                        elem_id="loss-plot", height=300)
+        view["lr_plot"] = gr.LinePlot(None, x="step", y="learning_rate", title="Learning rate",
+                                      elem_id="lr-plot", height=300)
+    with gr.Accordion("Training log (last lines)", open=False) as view["log_box"]:
+        view["log"] = gr.Textbox(lines=12, max_lines=12, show_label=False, interactive=False, elem_id="train-log")
+    return view
+
+
+def _history_view() -> dict[str, Any]:
+    view: dict[str, Any] = {}
+    with gr.Accordion("Run history", open=True):
+        view["history"] = gr.Dataframe(pd.DataFrame(columns=HISTORY_COLUMNS), interactive=False, wrap=True)
+        with gr.Row():
+            view["compare_ids"] = gr.Dropdown([], multiselect=True, label="Compare loss curves of runs")
+            view["refresh"] = gr.Button("Refresh history", size="sm")
+        view["compare_plot"] = gr.LinePlot(None, x="step", y="loss", color="run",
+                                           title="Training loss by run", height=280)
+    return view
+
+
+def build_train_tab(manager: RunManager, profile: HardwareProfile) -> dict[str, Any]:
+    """Lay out the tab and wire its handlers; returns its components by name."""
+    defaults, form = _default_config(), {}
+    with gr.Row():
+        preset = gr.Dropdown(presets(), value="cpu-quick" if "cpu-quick" in presets() else None,
+                             label="Preset", info="Fill the form from configs/*.yaml", scale=1)
+        estimate = gr.Markdown(elem_id="estimate")
+    _data_controls(form, defaults)
+    with gr.Accordion("Data preview", open=False):
+        preview_info = gr.Markdown()
+        preview_table = gr.Dataframe(pd.DataFrame(columns=["row", "role", "content"]), interactive=False, wrap=True)
+        preview_button = gr.Button("Preview data", size="sm")
+    _model_controls(form, defaults)
+    _hyper_controls(form, defaults)
+    _advanced_controls(form, defaults)
+    _FORM_KEYS[:] = list(form)
+    with gr.Row():
+        start = gr.Button("Start training", variant="primary", elem_id="start-button")
+        stop = gr.Button("Stop", variant="stop", elem_id="stop-button")
+    view, history = _live_view(), _history_view()
+    _wire(manager, profile, form, preset, estimate, preview_info, preview_table, preview_button, start, stop,
+          view, history)
+    return {**form, "preset": preset, "estimate": estimate, "start": start, "stop": stop, **view, **history}
+
+
+def _wire(manager: RunManager, profile: HardwareProfile, form: dict[str, Any], preset: Any, estimate: Any,
+          preview_info: Any, preview_table: Any, preview_button: Any, start: Any, stop: Any,
+          view: dict[str, Any], history: dict[str, Any]) -> None:
+    form_list = list(form.values())
+    preset.change(load_preset, preset, form_list, api_name="load_preset")
+    form["data_kind"].change(toggle_data_kind, form["data_kind"],
+                             [form["data_bundled"], form["data_hub_name"], form["data_hub_config"],
+                              form["data_file"]], api_visibility="private")
+    form["model_kind"].change(choose_model_kind, [form["model_kind"], form["model_source"]], form["model_source"],
+                              api_visibility="private")
+    estimate_inputs = [form[k] for k in ("model_source", "model_bits", "model_quant_type", "model_double_quant",
+                                         "lora_rank", "lora_target_modules", "lora_bias", "training_batch_size",
+                                         "data_max_seq_length", "training_gradient_checkpointing",
+                                         "training_optimizer", "model_compute_dtype")]
+    gr.on([c.change for c in estimate_inputs], functools.partial(update_estimate, profile), inputs_kwargs=form,
+          outputs=estimate, api_name="estimate", show_progress="hidden", trigger_mode="always_last")
+    data_inputs = [form[k] for k in ("data_kind", "data_bundled", "data_file", "data_split", "data_format",
+                                     "column_mapping_json")]
+    gr.on([preview_button.click] + [c.change for c in data_inputs], preview_dataset, inputs_kwargs=form,
+          outputs=[preview_info, preview_table], api_name="preview_data", trigger_mode="always_last")
+    start.click(functools.partial(start_run, manager), inputs_kwargs=form,
+                outputs=[view["watching"], view["status"]], api_name="start_run",
+                concurrency_limit=1, concurrency_id="train-start")
+    stop.click(functools.partial(stop_run, manager), view["watching"], view["status"], api_name="stop_run")
+    live = [view[k] for k in ("watching", "status", "progress", "loss_plot", "lr_plot", "log", "log_box")]
+    timer = gr.Timer(POLL_SECONDS)
+    timer.tick(functools.partial(poll_run, manager), view["watching"], live, api_name="poll_run",
+               show_progress="hidden", queue=False)
+    refresh = functools.partial(run_history, manager)
+    history_out = [history["history"], history["compare_ids"]]
+    history["refresh"].click(refresh, history["compare_ids"], history_out, api_name="run_history")
+    view["status"].change(refresh, history["compare_ids"], history_out, api_visibility="private",
+                          show_progress="hidden")
+    history["compare_ids"].change(functools.partial(compare_runs, manager), history["compare_ids"],
+                                  history["compare_plot"], api_name="compare_runs")
+    page = gr.context.Context.root_block  # the app's Blocks: a page (re)load re-attaches to the active run
+    if page is not None:
+        page.load(functools.partial(poll_run, manager), view["watching"], live, api_visibility="private")
+        page.load(refresh, history["compare_ids"], history_out, api_visibility="private")
+        page.load(functools.partial(restore_form, manager), None, form_list, api_visibility="private")
+        page.load(functools.partial(update_estimate, profile), inputs_kwargs=form, outputs=estimate,
+                  api_visibility="private")

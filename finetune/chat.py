@@ -1,0 +1,309 @@
+"""Generation for the Chat tab: one base model in memory, adapters attached by name, answers streamed.
+
+A base model is loaded once per (source, bits, quantization) and wrapped in a ``PeftModel``; every finished
+run's adapter is added to it with ``load_adapter(path, adapter_name=run_id)``, so switching runs never reloads
+the base. The base answer is the same model with the adapters disabled.
+
+Both answers stream at the same time from ONE ``generate`` call: a batch of two rows where row 0 runs with no
+adapter (peft's ``"__base__"``) and row 1 with the run's adapter (peft's mixed-adapter batches). On a CPU that
+costs about as much as one answer, and neither side waits for the other.
+
+    engine = ChatEngine()
+    for base_text, tuned_text in engine.stream_pair("What is LoRA?", [], [], cfg.model, run_id, adapter_dir):
+        print(base_text, "|", tuned_text)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import queue
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
+from transformers.generation.streamers import BaseStreamer
+
+from finetune.config import ModelConfig
+from finetune.hardware import HardwareProfile, detect
+from finetune.models import load_model, load_tokenizer
+
+Messages = list[dict[str, str]]
+MAX_PROMPT_CHARS = 20_000
+LOCK_TIMEOUT_SECONDS = 600.0
+
+
+@dataclass
+class SamplingSettings:
+    """Shared by both sides. temperature 0 means greedy decoding (then top_p and seed do not matter)."""
+
+    max_new_tokens: int = 128
+    temperature: float = 0.7
+    top_p: float = 0.9
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        problems = []
+        if isinstance(self.max_new_tokens, bool) or not float(self.max_new_tokens).is_integer() \
+                or not 1 <= self.max_new_tokens <= 4096:
+            problems.append(f"max new tokens must be a whole number from 1 to 4096, got {self.max_new_tokens!r}")
+        if not 0 <= self.temperature <= 5:
+            problems.append(f"temperature must be between 0 (greedy) and 5, got {self.temperature!r}")
+        if not 0 < self.top_p <= 1:
+            problems.append(f"top-p must be above 0 and at most 1, got {self.top_p!r}")
+        if isinstance(self.seed, bool) or not float(self.seed).is_integer() or self.seed < 0:
+            problems.append(f"seed must be a whole number >= 0, got {self.seed!r}")
+        if problems:
+            raise ValueError("Invalid sampling settings: " + "; ".join(problems) + ".")
+        self.max_new_tokens, self.seed = int(self.max_new_tokens), int(self.seed)
+
+    def generation_config(self, tokenizer: Any, eos: list[int]) -> GenerationConfig:
+        sampling = {"do_sample": True, "temperature": self.temperature, "top_p": self.top_p} \
+            if self.temperature > 0 else {"do_sample": False}
+        return GenerationConfig(max_new_tokens=self.max_new_tokens, pad_token_id=tokenizer.pad_token_id,
+                                eos_token_id=eos, use_cache=True, **sampling)
+
+
+@dataclass
+class _LoadedBase:
+    model: Any                     # the PeftModel once an adapter is attached, the plain model before
+    base: Any                      # the transformers model, loaded once
+    tokenizer: Any
+    adapters: dict[str, Path] = field(default_factory=dict)
+
+
+class _StopFlag(StoppingCriteria):
+    """Lets an abandoned stream (closed browser tab) end its generation thread early."""
+
+    def __init__(self, event: threading.Event):
+        self.event = event
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs: Any) -> bool:
+        return self.event.is_set()
+
+
+class _PairStreamer(BaseStreamer):
+    """TextIteratorStreamer for a batch of two: queues (text row 0, text row 1) after every new token."""
+
+    def __init__(self, tokenizer: Any, eos: list[int]):
+        self.tokenizer, self.eos = tokenizer, set(eos)
+        self.tokens: list[list[int]] = [[], []]
+        self.finished = [False, False]
+        self.prompt_seen = False
+        self.queue: queue.Queue[tuple[str, str] | None] = queue.Queue()
+
+    def put(self, value: torch.Tensor) -> None:
+        if not self.prompt_seen:  # generate() first hands over the prompt ids
+            self.prompt_seen = True
+            return
+        for row, token in enumerate(value.reshape(2, -1)[:, -1].tolist()):
+            if self.finished[row] or token in self.eos:
+                self.finished[row] = True
+                continue
+            self.tokens[row].append(token)
+        texts = [self.tokenizer.decode(t, skip_special_tokens=True) for t in self.tokens]
+        self.queue.put((texts[0], texts[1]))
+
+    def end(self) -> None:
+        self.queue.put(None)
+
+
+def normalize_history(history: Any) -> Messages:
+    """Chat history as plain {'role', 'content': str} dicts; gradio 6 hands content as a list of parts."""
+    messages = []
+    for message in history or []:
+        content = message.get("content")
+        if isinstance(content, list):
+            content = "".join(part.get("text", "") for part in content
+                              if isinstance(part, dict) and part.get("type", "text") == "text")
+        if message.get("role") in ("system", "user", "assistant") and isinstance(content, str):
+            messages.append({"role": message["role"], "content": content})
+    return messages
+
+
+def check_prompt(prompt: Any) -> str:
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise ValueError("Type a prompt first: the message is empty.")
+    if len(prompt) > MAX_PROMPT_CHARS:
+        raise ValueError(f"The prompt is {len(prompt):,} characters long; keep it under {MAX_PROMPT_CHARS:,}.")
+    return prompt.strip()
+
+
+def _base_key(cfg: ModelConfig) -> tuple[Any, ...]:
+    return (cfg.source, cfg.bits, cfg.quant_type, cfg.double_quant, cfg.compute_dtype)
+
+
+class ChatEngine:
+    """Keeps base models and their adapters in memory; one generation at a time (the CPU has no room for two)."""
+
+    def __init__(self, profile: HardwareProfile | None = None, max_bases: int = 1):
+        self.profile = profile or detect()
+        self.max_bases = max(1, max_bases)
+        self._bases: OrderedDict[tuple[Any, ...], _LoadedBase] = OrderedDict()
+        self._load_lock = threading.RLock()
+        # A plain Lock, not an RLock: gradio advances a streaming generator from different worker threads,
+        # so the thread that releases it is not always the one that acquired it.
+        self._generation_lock = threading.Lock()
+        self.base_loads = 0  # how many times a base model was loaded from disk (tests check reuse)
+
+    # --- models and adapters ------------------------------------------------------------------------------
+
+    def loaded(self, cfg: ModelConfig) -> _LoadedBase:
+        """The base for ``cfg``, loading it (and evicting the least recently used one) if needed."""
+        key = _base_key(cfg)
+        with self._load_lock:
+            if key in self._bases:
+                self._bases.move_to_end(key)
+                return self._bases[key]
+            while len(self._bases) >= self.max_bases:
+                self._bases.popitem(last=False)
+                gc.collect()  # release the evicted model's memory before loading the next one
+            model = load_model(cfg, self.profile).eval()
+            self.base_loads += 1
+            self._bases[key] = _LoadedBase(model, model, load_tokenizer(cfg))
+            return self._bases[key]
+
+    def attach(self, cfg: ModelConfig, name: str, adapter_dir: str | Path) -> _LoadedBase:
+        """Add the adapter under ``name`` to the base (once); the base itself is never reloaded."""
+        from peft import PeftModel
+
+        adapter_dir = Path(adapter_dir)
+        if not (adapter_dir / "adapter_config.json").is_file():
+            raise ValueError(f"No adapter in {adapter_dir}: the run has not finished saving one.")
+        with self._load_lock:
+            entry = self.loaded(cfg)
+            if entry.adapters.get(name) == adapter_dir:
+                return entry
+            if not entry.adapters:
+                entry.model = PeftModel.from_pretrained(entry.base, adapter_dir, adapter_name=name).eval()
+            else:
+                if name in entry.adapters:  # same name, new folder: replace it
+                    entry.model.delete_adapter(name)
+                entry.model.load_adapter(adapter_dir, adapter_name=name)
+            entry.adapters[name] = adapter_dir
+            entry.model.eval()
+            return entry
+
+    # --- generation ---------------------------------------------------------------------------------------
+
+    def _inputs(self, entry: _LoadedBase, conversations: list[Messages], settings: SamplingSettings
+                ) -> dict[str, torch.Tensor]:
+        tokenizer = entry.tokenizer
+        limit = getattr(entry.base.config, "max_position_embeddings", None) or 4096
+        texts = [self._fit(tokenizer, messages, limit - settings.max_new_tokens) for messages in conversations]
+        tokenizer.padding_side = "left"  # new tokens must follow each row's prompt directly
+        batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+        return {k: v.to(entry.base.device) for k, v in batch.items()}
+
+    @staticmethod
+    def _fit(tokenizer: Any, messages: Messages, budget: int) -> str:
+        """The chat-templated prompt, dropping the oldest turns until it leaves room for the answer."""
+        if budget < 8:
+            raise ValueError("max new tokens is larger than this model's context; lower it.")
+        while True:
+            text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            if len(tokenizer(text, add_special_tokens=False)["input_ids"]) <= budget or len(messages) <= 1:
+                return text
+            messages = messages[2:] if len(messages) > 2 else messages[-1:]
+
+    def _eos(self, entry: _LoadedBase) -> list[int]:
+        eos = entry.base.generation_config.eos_token_id or entry.tokenizer.eos_token_id
+        eos = eos if isinstance(eos, list) else [eos]
+        return [e for e in eos if e is not None]
+
+    @contextlib.contextmanager
+    def _generating(self) -> Iterator[threading.Event]:
+        if not self._generation_lock.acquire(timeout=LOCK_TIMEOUT_SECONDS):
+            raise RuntimeError("The model is busy with another answer; try again in a moment.")
+        stop = threading.Event()
+        try:
+            yield stop
+        finally:
+            stop.set()
+            self._generation_lock.release()
+
+    def _run(self, target: Any, kwargs: dict[str, Any], seed: int) -> threading.Thread:
+        def work() -> None:
+            torch.manual_seed(seed)
+            with torch.inference_mode():
+                target(**kwargs)
+
+        thread = threading.Thread(target=work, daemon=True, name="chat-generate")
+        thread.start()
+        return thread
+
+    def stream_pair(self, prompt: str, base_history: Any, tuned_history: Any, cfg: ModelConfig,
+                    adapter_name: str, adapter_dir: str | Path,
+                    settings: SamplingSettings | None = None) -> Iterator[tuple[str, str]]:
+        """Yield (base answer so far, fine-tuned answer so far) as both grow, one token at a time."""
+        prompt, settings = check_prompt(prompt), settings or SamplingSettings()
+        conversations = [normalize_history(h) + [{"role": "user", "content": prompt}]
+                         for h in (base_history, tuned_history)]
+        with self._generating() as stop:
+            entry = self.attach(cfg, adapter_name, adapter_dir)
+            eos = self._eos(entry)
+            streamer = _PairStreamer(entry.tokenizer, eos)
+            kwargs = {**self._inputs(entry, conversations, settings), "streamer": streamer,
+                      "generation_config": settings.generation_config(entry.tokenizer, eos),
+                      "stopping_criteria": StoppingCriteriaList([_StopFlag(stop)]),
+                      "adapter_names": ["__base__", adapter_name]}
+            thread = self._run(entry.model.generate, kwargs, settings.seed)
+            texts = ("", "")
+            try:
+                while (item := streamer.queue.get(timeout=LOCK_TIMEOUT_SECONDS)) is not None:
+                    texts = item
+                    yield texts
+            finally:
+                stop.set()
+                thread.join()
+            if not any(texts):
+                yield texts
+
+    def stream(self, prompt: str, history: Any, cfg: ModelConfig, adapter_name: str | None = None,
+               adapter_dir: str | Path | None = None, settings: SamplingSettings | None = None) -> Iterator[str]:
+        """One side only: the base (no adapter given, or adapters disabled) or one adapter; yields growing text."""
+        prompt, settings = check_prompt(prompt), settings or SamplingSettings()
+        messages = normalize_history(history) + [{"role": "user", "content": prompt}]
+        with self._generating() as stop:
+            entry = self.attach(cfg, adapter_name, adapter_dir) if adapter_name else self.loaded(cfg)
+            streamer = TextIteratorStreamer(entry.tokenizer, skip_prompt=True, skip_special_tokens=True,
+                                            timeout=LOCK_TIMEOUT_SECONDS)
+            kwargs = {**self._inputs(entry, [messages], settings), "streamer": streamer,
+                      "generation_config": settings.generation_config(entry.tokenizer, self._eos(entry)),
+                      "stopping_criteria": StoppingCriteriaList([_StopFlag(stop)])}
+            thread = self._run(self._side(entry, adapter_name), kwargs, settings.seed)
+            text = ""
+            try:
+                for piece in streamer:
+                    text += piece
+                    yield text
+            finally:
+                stop.set()
+                thread.join()
+
+    @staticmethod
+    def _side(entry: _LoadedBase, adapter_name: str | None) -> Any:
+        """generate() with the adapter switched on, or with every adapter disabled for the base answer."""
+        def generate(**kwargs: Any) -> Any:
+            if adapter_name:
+                entry.model.set_adapter(adapter_name)
+                return entry.model.generate(**kwargs)
+            if entry.model is entry.base:
+                return entry.base.generate(**kwargs)
+            with entry.model.disable_adapter():
+                return entry.model.generate(**kwargs)
+        return generate
+
+    def answer_pair(self, prompt: str, base_history: Any, tuned_history: Any, cfg: ModelConfig,
+                    adapter_name: str, adapter_dir: str | Path,
+                    settings: SamplingSettings | None = None) -> tuple[str, str]:
+        """Both final answers (the last item of ``stream_pair``)."""
+        texts = ("", "")
+        for texts in self.stream_pair(prompt, base_history, tuned_history, cfg, adapter_name, adapter_dir,
+                                      settings):
+            pass
+        return texts

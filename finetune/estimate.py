@@ -1,0 +1,223 @@
+"""Before a run starts: how many parameters LoRA trains, and roughly how much memory the run needs at its peak.
+
+Nothing here loads weights. The model's architecture comes from its ``config.json`` (``AutoConfig``), the
+module shapes from instantiating it on the ``meta`` device (no memory), and LoRA adds ``r·(in + out)``
+parameters to each targeted ``Linear`` — the same count peft reports once the real model is loaded.
+
+    shape = model_shape(cfg.model)
+    trainable, total = lora_parameter_count(shape, cfg.lora)
+    print(estimate_run(cfg, detect()).verdict)
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from finetune.config import LoraSettings, ModelConfig, RunConfig
+from finetune.hardware import HardwareProfile, detect
+from finetune.models import resolve_source, source_kind, weight_dtype
+
+T4_MEMORY_GB = 15.0  # what torch reports for a "16 GB" T4
+# The presets' Hub models, so their estimates also work offline (values from their config.json files).
+KNOWN_HUB_CONFIGS: dict[str, dict[str, Any]] = {
+    "HuggingFaceTB/SmolLM2-1.7B-Instruct": dict(
+        vocab_size=49152, hidden_size=2048, intermediate_size=8192, num_hidden_layers=24,
+        num_attention_heads=32, num_key_value_heads=32, tie_word_embeddings=True),
+    "meta-llama/Llama-2-7b-chat-hf": dict(
+        vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+        num_attention_heads=32, num_key_value_heads=32, tie_word_embeddings=False),
+}
+OPTIMIZER_STATE_BYTES = {"adamw_torch": 8.0, "paged_adamw_32bit": 8.0, "adamw_8bit": 2.0,
+                         "paged_adamw_8bit": 2.0, "adafactor": 1.0, "sgd": 0.0}
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """What the estimates need from a model: its Linear layers and a few sizes."""
+
+    name: str
+    linears: tuple[tuple[str, int, int, bool], ...]   # (module name, in, out, has bias)
+    total_params: int
+    output_layer: str          # the LM head; 'all-linear' skips it, bitsandbytes keeps it unquantized
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    vocab_size: int
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    weights_gb: float
+    adapter_gb: float          # LoRA weights + their gradients + optimizer states
+    activations_gb: float
+    logits_gb: float
+    overhead_gb: float
+    total_gb: float
+    device_gb: float
+    fits: bool
+    verdict: str
+
+
+# --- the model's shape, from its config only ---------------------------------------------------------------
+
+def _auto_config(cfg: ModelConfig) -> Any:
+    from transformers import AutoConfig
+
+    if source_kind(cfg.source) != "hub":
+        return AutoConfig.from_pretrained(resolve_source(cfg.source), trust_remote_code=cfg.trust_remote_code)
+    # A cached snapshot first; the Hub only when reachable (a config.json is a few kB).
+    try:
+        return AutoConfig.from_pretrained(cfg.source, local_files_only=True, trust_remote_code=cfg.trust_remote_code)
+    except OSError:
+        from finetune.models import hub_reachable, require_hub
+
+        if cfg.source in KNOWN_HUB_CONFIGS and not hub_reachable():
+            from transformers import LlamaConfig
+
+            return LlamaConfig(**KNOWN_HUB_CONFIGS[cfg.source])
+        require_hub(cfg.source, "model")
+        return AutoConfig.from_pretrained(cfg.source, trust_remote_code=cfg.trust_remote_code)
+
+
+def shape_from_config(config: Any, name: str = "") -> ModelShape:
+    """Instantiate on the meta device: real module names and shapes, zero bytes allocated."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    output = model.get_output_embeddings()
+    output_name = next((n for n, m in model.named_modules() if m is output), "lm_head")
+    linears = tuple((n, m.in_features, m.out_features, m.bias is not None)
+                    for n, m in model.named_modules() if isinstance(m, torch.nn.Linear))
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    hidden = int(getattr(text, "hidden_size", 0) or 0)
+    return ModelShape(
+        name=name or getattr(config, "_name_or_path", "") or type(config).__name__,
+        linears=linears, total_params=sum(p.numel() for p in model.parameters()), output_layer=output_name,
+        hidden_size=hidden, intermediate_size=int(getattr(text, "intermediate_size", 0) or 4 * hidden),
+        num_layers=int(getattr(text, "num_hidden_layers", 0) or 0),
+        vocab_size=int(getattr(text, "vocab_size", 0) or 0))
+
+
+@functools.lru_cache(maxsize=16)
+def _cached_shape(source: str, trust_remote_code: bool, stamp: float) -> ModelShape:
+    config = _auto_config(ModelConfig(source=source, bits=32, trust_remote_code=trust_remote_code))
+    return shape_from_config(config, source)
+
+
+def model_shape(cfg: ModelConfig) -> ModelShape:
+    """The shape of ``cfg.source``; raises ModelSourceError (offline Hub id, bad folder) like loading would."""
+    folder = Path(cfg.source).expanduser() / "config.json"
+    stamp = folder.stat().st_mtime if folder.is_file() else 0.0  # a re-saved local model is re-read
+    return _cached_shape(cfg.source, cfg.trust_remote_code, stamp)
+
+
+# --- parameter counts --------------------------------------------------------------------------------------
+
+def targeted_linears(shape: ModelShape, lora: LoraSettings) -> list[tuple[str, int, int, bool]]:
+    """The Linear layers peft would wrap: 'all-linear' = every Linear but the LM head; a list matches name ends."""
+    targets = lora.target_module_list()
+    if targets == "all-linear":
+        return [lin for lin in shape.linears if lin[0] != shape.output_layer]
+    return [lin for lin in shape.linears
+            if any(lin[0] == t or lin[0].endswith("." + t) for t in targets)]
+
+
+def lora_parameter_count(shape: ModelShape, lora: LoraSettings) -> tuple[int, int]:
+    """(trainable, total) as peft's ``get_nb_trainable_parameters`` reports them (total includes LoRA)."""
+    targeted = targeted_linears(shape, lora)
+    trainable = sum(lora.rank * (fan_in + fan_out) for _, fan_in, fan_out, _ in targeted)
+    if lora.bias == "all":
+        trainable += sum(fan_out for _, _, fan_out, has_bias in shape.linears if has_bias)
+    elif lora.bias == "lora_only":
+        trainable += sum(fan_out for _, _, fan_out, has_bias in targeted if has_bias)
+    adapter_only = sum(lora.rank * (fan_in + fan_out) for _, fan_in, fan_out, _ in targeted)
+    return trainable, shape.total_params + adapter_only
+
+
+def parameter_text(trainable: int, total: int) -> str:
+    return f"{trainable:,} trainable of {total:,} parameters ({100 * trainable / max(total, 1):.3f}%)"
+
+
+# --- peak memory -------------------------------------------------------------------------------------------
+
+def bytes_per_quantized_weight(model: ModelConfig) -> float:
+    """Storage of one frozen Linear weight, quantization constants included."""
+    if model.bits == 4:
+        # One absmax per 64 weights: fp32 (4 B), or 8-bit plus an fp32 per 256 blocks with double quant.
+        constants = (1 + 4 / 256) / 64 if model.double_quant else 4 / 64
+        return 0.5 + constants
+    if model.bits == 8:
+        return 1.0 + 0.01  # int8 plus a per-row fp32 scale
+    return 2.0 if model.bits == 16 else 4.0
+
+
+def _dtype_bytes(dtype: torch.dtype) -> int:
+    return torch.tensor([], dtype=dtype).element_size()
+
+
+def memory_breakdown(shape: ModelShape, cfg: RunConfig, profile: HardwareProfile) -> dict[str, float]:
+    """Bytes by part. Rough by design (within ~30%): enough to tell 'fits' from 'will not fit'."""
+    quantizable = sum(i * o for n, i, o, _ in shape.linears if n != shape.output_layer)
+    if cfg.model.bits in (16, 32):
+        quantizable = 0
+    other_bytes = _dtype_bytes(weight_dtype(cfg.model, profile))
+    weights = quantizable * bytes_per_quantized_weight(cfg.model) + (shape.total_params - quantizable) * other_bytes
+    trainable, _ = lora_parameter_count(shape, cfg.lora)
+    state = OPTIMIZER_STATE_BYTES.get(cfg.training.optimizer, 8.0)
+    adapter = trainable * (4 + 4 + state)  # fp32 weights and gradients, plus the optimizer's states
+    tokens = cfg.training.batch_size * cfg.data.max_seq_length
+    act_bytes = _dtype_bytes(torch.float32 if cfg.model.bits == 32 else
+                             _compute_dtype(cfg.model, profile))
+    # Per layer and token a decoder keeps ~ (10·hidden + 3·intermediate) values for the backward pass;
+    # with checkpointing only the layer input stays, plus one layer recomputed at a time.
+    per_layer = 10 * shape.hidden_size + 3 * shape.intermediate_size
+    if cfg.training.gradient_checkpointing:
+        activations = tokens * act_bytes * (shape.hidden_size * shape.num_layers + per_layer)
+    else:
+        activations = tokens * act_bytes * per_layer * shape.num_layers
+    logits = tokens * shape.vocab_size * 4 * 2  # fp32 logits and their gradient
+    overhead = (0.5 * 2**30 if profile.is_cuda else 0.3 * 2**30) + 0.1 * (weights + activations)
+    return {"weights": weights, "adapter": adapter, "activations": activations, "logits": logits,
+            "overhead": overhead}
+
+
+def _compute_dtype(model: ModelConfig, profile: HardwareProfile) -> torch.dtype:
+    from finetune.hardware import resolve_compute_dtype
+
+    return resolve_compute_dtype(model.compute_dtype, profile)
+
+
+def estimate_memory(shape: ModelShape, cfg: RunConfig, profile: HardwareProfile) -> MemoryEstimate:
+    parts = {k: v / 2**30 for k, v in memory_breakdown(shape, cfg, profile).items()}
+    total = sum(parts.values())
+    fits = total <= profile.memory_gb * 0.95
+    return MemoryEstimate(parts["weights"], parts["adapter"], parts["activations"], parts["logits"],
+                          parts["overhead"], total, profile.memory_gb, fits, _verdict(total, profile))
+
+
+def _verdict(total_gb: float, profile: HardwareProfile) -> str:
+    where = f"this {'GPU' if profile.is_cuda else 'machine'} ({profile.name}, {profile.memory_gb:.1f} GB)"
+    if total_gb <= profile.memory_gb * 0.8:
+        text = f"Estimated peak memory ≈ {total_gb:.2f} GB: fits on {where}."
+    elif total_gb <= profile.memory_gb * 0.95:
+        text = f"Estimated peak memory ≈ {total_gb:.2f} GB: tight on {where}; lower batch size or sequence length."
+    else:
+        text = (f"Estimated peak memory ≈ {total_gb:.2f} GB: will NOT fit on {where}. Use fewer bits, a smaller "
+                "batch or sequence length, or turn on gradient checkpointing.")
+    if "T4" not in profile.name:
+        t4 = "fits" if total_gb <= T4_MEMORY_GB * 0.95 else "will not fit"
+        text += f" On a 16 GB T4 (Hugging Face Spaces) it {t4}."
+    return text
+
+
+def estimate_run(cfg: RunConfig, profile: HardwareProfile | None = None) -> tuple[str, MemoryEstimate]:
+    """(parameter text, memory estimate) for the Train tab; raises what ``model_shape`` raises."""
+    profile = profile or detect()
+    shape = model_shape(cfg.model)
+    return parameter_text(*lora_parameter_count(shape, cfg.lora)), estimate_memory(shape, cfg, profile)

@@ -1,0 +1,128 @@
+"""The app driven through its API with gradio_client: a short real training run, live metrics, side-by-side chat."""
+
+from __future__ import annotations
+
+import socket
+import time
+
+import pytest
+from gradio_client import handle_file
+
+from conftest import tiny_run_config
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def client(tmp_path_factory):
+    from gradio_client import Client
+
+    from app import build_app
+
+    demo = build_app(str(tmp_path_factory.mktemp("runs")))
+    demo.queue()
+    port = _free_port()
+    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+    yield Client(f"http://127.0.0.1:{port}/", verbose=False)
+    demo.close()
+
+
+def _poll_until(client, run_id: str, done, timeout: float = 120.0):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        result = client.predict(run_id, api_name="/poll_run")
+        if done(result):
+            return result
+        time.sleep(0.5)
+    raise AssertionError(f"run {run_id} did not reach the expected state; last status: {result[1]}\n{result[5]}")
+
+
+def test_train_then_chat_side_by_side(client, tiny_model_dir, qa_file):
+    cfg = tiny_run_config(tiny_model_dir, qa_file, max_steps=6)
+    form = {"data_file": None, "data_kind": "Uploaded file", "model_kind": "Local folder", "run_name": "api",
+            "model_source": cfg.model.source, "model_bits": 4, "lora_rank": 4, "lora_alpha": 8,
+            "lora_dropout": 0.0, "training_learning_rate": 0.01, "training_max_steps": 6,
+            "training_batch_size": 4, "training_eval_steps": 2, "training_save_steps": 3,
+            "training_warmup_ratio": 0.0, "data_max_seq_length": 128}
+
+    # Invalid fields come back as one message per field, and nothing starts.
+    _, message = client.predict(**{**form, "data_file": handle_file(str(qa_file)), "lora_rank": 0,
+                                   "training_learning_rate": -1}, api_name="/start_run")
+    assert "lora.rank" in message and "training.learning_rate" in message
+
+    run_id, message = client.predict(**{**form, "data_file": handle_file(str(qa_file))}, api_name="/start_run")
+    assert run_id.startswith("api-") and "Started" in message
+
+    # Only one job at a time: a second Start while this one trains is refused with a message.
+    second_id, refusal = client.predict(**{**form, "data_file": handle_file(str(qa_file))}, api_name="/start_run")
+    assert "still training" in refusal and second_id == run_id
+
+    result = _poll_until(client, run_id, lambda r: "completed" in r[1] or "failed" in r[1])
+    assert "completed" in result[1], result[5]
+    losses = [row for row in result[3]["data"] if row[1] is not None]
+    series = {row[2] for row in losses}
+    assert series == {"train loss", "eval loss"}
+    assert len([row for row in losses if row[2] == "train loss"]) >= 6
+    assert result[4]["data"], "learning-rate curve is empty"
+    assert "step 6/6" in result[2]
+
+    history, picker = client.predict([], api_name="/run_history")
+    assert picker["value"] == [run_id]
+    assert client.predict([run_id], api_name="/compare_runs")["data"]
+    row = history["data"][0]
+    assert row[0] == run_id and row[10] == "completed" and row[8] is not None
+
+    adapters = client.predict(None, api_name="/list_adapters")
+    assert adapters["value"] == run_id  # a dropdown update: the newest finished run is preselected
+    base_chat, tuned_chat, prompt_box = client.predict(
+        # Sampling, not greedy: a tiny random model's greedy answer can be nothing but newlines.
+        "What does setting 3 control in LoRA?", run_id, [], [], 16, 1.0, 0.9, 0, api_name="/chat")
+    base_text, tuned_text = base_chat[-1]["content"], tuned_chat[-1]["content"]
+    base_text = base_text if isinstance(base_text, str) else base_text[0]["text"]
+    tuned_text = tuned_text if isinstance(tuned_text, str) else tuned_text[0]["text"]
+    assert base_text.strip() and tuned_text.strip()
+    assert base_chat[0]["role"] == "user" and prompt_box == ""
+
+
+def test_chat_without_run_or_prompt_says_why(client):
+    from gradio_client.exceptions import AppError
+
+    with pytest.raises(AppError, match="prompt"):
+        client.predict("   ", None, [], [], 16, 0, 0.9, 0, api_name="/chat")
+    with pytest.raises(AppError, match="run"):
+        client.predict("hello", None, [], [], 16, 0, 0.9, 0, api_name="/chat")
+
+
+def test_stop_from_the_ui_keeps_a_checkpoint(client, tiny_model_dir, qa_file):
+    form = {"data_kind": "Uploaded file", "data_file": handle_file(str(qa_file)), "run_name": "stop-me",
+            "model_source": str(tiny_model_dir), "training_max_steps": 200, "training_save_steps": 1000,
+            "training_batch_size": 2, "data_max_seq_length": 128, "training_eval_steps": 0}
+    run_id, message = client.predict(**form, api_name="/start_run")
+    assert "Started" in message, message
+    _poll_until(client, run_id, lambda r: r[3] is not None)  # the first loss point is on the plot
+    assert "Stop requested" in client.predict(run_id, api_name="/stop_run")
+    result = _poll_until(client, run_id, lambda r: "stopped" in r[1] or "completed" in r[1] or "failed" in r[1])
+    assert "stopped" in result[1], result[5]
+
+
+@pytest.mark.parametrize("preset", ["cpu-quick", "t4-qlora", "llama2-7b-colab"])
+def test_presets_round_trip_through_the_form(preset):
+    from components.train_tab import CONFIGS_DIR, config_from_form, form_from_config
+    from finetune.config import load_config, to_dict
+
+    cfg = load_config(CONFIGS_DIR / f"{preset}.yaml")
+    assert to_dict(config_from_form(form_from_config(cfg))) == to_dict(cfg)
+
+
+def test_form_errors_name_every_bad_field():
+    from components.train_tab import config_from_form, form_from_config
+    from finetune.config import ConfigError, RunConfig
+
+    form = {**form_from_config(RunConfig()), "lora_rank": 0, "column_mapping_json": "{not json"}
+    with pytest.raises(ConfigError) as error:
+        config_from_form(form)
+    assert {"data.column_mapping", "lora.rank"} <= set(error.value.problems)
