@@ -6,10 +6,13 @@ tests where language matters use the embedded SmolLM2 itself.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import socket
 import sys
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 
@@ -69,3 +72,20 @@ def tiny_run_config(model_dir: Path, data_file: Path, **training):
         "training": {"learning_rate": 0.01, "max_steps": 3, "batch_size": 4, "eval_steps": 2,
                      "save_steps": 2, "logging_steps": 1, "warmup_ratio": 0.0, **training},
     })
+
+
+@contextlib.contextmanager
+def served_app(runs_root: Path) -> Iterator[str]:
+    """The real app on a free loopback port, serving until the block ends; yields its URL."""
+    from app import build_app
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    demo = build_app(str(runs_root))
+    demo.queue()
+    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+    try:
+        yield f"http://127.0.0.1:{port}/"
+    finally:
+        demo.close()

@@ -2,33 +2,20 @@
 
 from __future__ import annotations
 
-import socket
 import time
 
 import pytest
 from gradio_client import handle_file
 
-from conftest import tiny_run_config
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+from conftest import served_app, tiny_run_config
 
 
 @pytest.fixture(scope="module")
 def client(tmp_path_factory):
     from gradio_client import Client
 
-    from app import build_app
-
-    demo = build_app(str(tmp_path_factory.mktemp("runs")))
-    demo.queue()
-    port = _free_port()
-    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
-    yield Client(f"http://127.0.0.1:{port}/", verbose=False)
-    demo.close()
+    with served_app(tmp_path_factory.mktemp("runs")) as url:
+        yield Client(url, verbose=False)
 
 
 def _poll_until(client, run_id: str, done, timeout: float = 120.0):

@@ -8,10 +8,11 @@ tests/artifacts/ (not committed).
 from __future__ import annotations
 
 import shutil
-import socket
 from pathlib import Path
 
 import pytest
+
+from conftest import served_app
 
 pytestmark = pytest.mark.browser
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -20,22 +21,10 @@ ARGS = ["--no-sandbox", "--headless=new", "--disable-gpu", "--disable-background
         "--disable-component-update", "--no-first-run"]
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def app_url(tmp_path_factory):
-    from app import build_app
-
-    demo = build_app(str(tmp_path_factory.mktemp("browser-runs")))
-    demo.queue()
-    port = _free_port()
-    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
-    yield f"http://127.0.0.1:{port}/"
-    demo.close()
+    with served_app(tmp_path_factory.mktemp("browser-runs")) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
