@@ -20,7 +20,7 @@ import torch
 
 from finetune.config import LoraSettings, ModelConfig, RunConfig
 from finetune.hardware import HardwareProfile, detect
-from finetune.models import resolve_source, source_kind, weight_dtype
+from finetune.models import weight_dtype
 
 T4_MEMORY_GB = 15.0  # what torch reports for a "16 GB" T4
 # The presets' Hub models, so their estimates also work offline (values from their config.json files).
@@ -66,22 +66,17 @@ class MemoryEstimate:
 # --- the model's shape, from its config only ---------------------------------------------------------------
 
 def _auto_config(cfg: ModelConfig) -> Any:
-    from transformers import AutoConfig
+    from transformers import AutoConfig, LlamaConfig
 
-    if source_kind(cfg.source) != "hub":
-        return AutoConfig.from_pretrained(resolve_source(cfg.source), trust_remote_code=cfg.trust_remote_code)
-    # A cached snapshot first; the Hub only when reachable (a config.json is a few kB).
+    from finetune.models import ModelSourceError, from_hub_or_cache
+
     try:
-        return AutoConfig.from_pretrained(cfg.source, local_files_only=True, trust_remote_code=cfg.trust_remote_code)
-    except OSError:
-        from finetune.models import hub_reachable, require_hub
-
-        if cfg.source in KNOWN_HUB_CONFIGS and not hub_reachable():
-            from transformers import LlamaConfig
-
+        return from_hub_or_cache(AutoConfig.from_pretrained, cfg.source, trust_remote_code=cfg.trust_remote_code)
+    except ModelSourceError:
+        # Offline, the presets' Hub models still get an estimate from their known shapes.
+        if cfg.source in KNOWN_HUB_CONFIGS:
             return LlamaConfig(**KNOWN_HUB_CONFIGS[cfg.source])
-        require_hub(cfg.source, "model")
-        return AutoConfig.from_pretrained(cfg.source, trust_remote_code=cfg.trust_remote_code)
+        raise
 
 
 def shape_from_config(config: Any, name: str = "") -> ModelShape:

@@ -133,7 +133,7 @@ def resolve_source(source: str) -> str:
     return source
 
 
-def _from_hub_or_cache(loader: Any, source: str, **kwargs: Any) -> Any:
+def from_hub_or_cache(loader: Any, source: str, **kwargs: Any) -> Any:
     """Use a cached Hub snapshot when there is one; otherwise download, if the Hub can be reached."""
     if source_kind(source) != "hub":
         return loader(resolve_source(source), **kwargs)
@@ -187,7 +187,7 @@ def model_load_kwargs(cfg: ModelConfig, profile: HardwareProfile) -> dict[str, A
 # --- loading -----------------------------------------------------------------------------------------------
 
 def load_tokenizer(cfg: ModelConfig) -> Any:
-    tokenizer = _from_hub_or_cache(AutoTokenizer.from_pretrained, cfg.source,
+    tokenizer = from_hub_or_cache(AutoTokenizer.from_pretrained, cfg.source,
                                    trust_remote_code=cfg.trust_remote_code)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
@@ -200,7 +200,7 @@ def load_model(cfg: ModelConfig, profile: HardwareProfile | None = None) -> PreT
     profile = profile or detect()
     started = time.perf_counter()
     try:
-        model = _from_hub_or_cache(AutoModelForCausalLM.from_pretrained, cfg.source,
+        model = from_hub_or_cache(AutoModelForCausalLM.from_pretrained, cfg.source,
                                    **model_load_kwargs(cfg, profile))
     except torch.cuda.OutOfMemoryError:
         raise ModelSourceError(
