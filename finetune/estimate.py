@@ -32,7 +32,10 @@ KNOWN_HUB_CONFIGS: dict[str, dict[str, Any]] = {
         vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
         num_attention_heads=32, num_key_value_heads=32, tie_word_embeddings=False),
 }
-OPTIMIZER_STATE_BYTES = {"adamw_torch": 8.0, "paged_adamw_32bit": 8.0, "adamw_8bit": 2.0,
+LOGIT_TILE_TOKENS = 128
+CUDA_CONTEXT_GB = 0.5  # the CUDA context and kernels: on the device, outside PyTorch's allocator
+CPU_RUNTIME_GB = 0.3
+OPTIMIZER_STATE_BYTES = {"adamw_torch": 8.0, "adamw_torch_fused": 8.0, "paged_adamw_32bit": 8.0, "adamw_8bit": 2.0,
                          "paged_adamw_8bit": 2.0, "adafactor": 1.0, "sgd": 0.0}
 
 
@@ -48,6 +51,7 @@ class ModelShape:
     intermediate_size: int
     num_layers: int
     vocab_size: int
+    model_type: str = ""       # picks peft's default IA3 targets for the architecture
 
 
 @dataclass(frozen=True)
@@ -96,7 +100,7 @@ def shape_from_config(config: Any, name: str = "") -> ModelShape:
         linears=linears, total_params=sum(p.numel() for p in model.parameters()), output_layer=output_name,
         hidden_size=hidden, intermediate_size=int(getattr(text, "intermediate_size", 0) or 4 * hidden),
         num_layers=int(getattr(text, "num_hidden_layers", 0) or 0),
-        vocab_size=int(getattr(text, "vocab_size", 0) or 0))
+        vocab_size=int(getattr(text, "vocab_size", 0) or 0), model_type=str(getattr(config, "model_type", "")))
 
 
 @functools.lru_cache(maxsize=16)
@@ -135,6 +139,42 @@ def lora_parameter_count(shape: ModelShape, lora: LoraSettings) -> tuple[int, in
     return trainable, shape.total_params + adapter_only
 
 
+def _matches(name: str, targets: list[str]) -> bool:
+    return any(name == t or name.endswith("." + t) for t in targets)
+
+
+def ia3_parameter_count(shape: ModelShape, lora: LoraSettings) -> int:
+    """One vector per targeted layer: its output size, or its input size for a feed-forward layer."""
+    from peft.utils.constants import (TRANSFORMERS_MODELS_TO_IA3_FEEDFORWARD_MODULES_MAPPING as FEEDFORWARD,
+                                      TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING as TARGETS)
+
+    feedforward = lora.feedforward_module_list()
+    if feedforward is None and lora.target_module_list() == "all-linear":  # as train.to_peft_config: peft defaults
+        targeted = [lin for lin in shape.linears if _matches(lin[0], TARGETS.get(shape.model_type, []))]
+        feedforward = FEEDFORWARD.get(shape.model_type, [])
+    else:
+        targeted = targeted_linears(shape, lora)
+        feedforward = feedforward or []
+    return sum(fan_in if _matches(name, feedforward) else fan_out for name, fan_in, fan_out, _ in targeted)
+
+
+def peft_parameter_count(shape: ModelShape, lora: LoraSettings) -> tuple[int, int]:
+    """(trainable, total) for ``lora.method``, as peft (or, for full fine-tuning, the model) reports them."""
+    if lora.method == "full":
+        return shape.total_params, shape.total_params
+    if lora.method == "ia3":
+        extra = ia3_parameter_count(shape, lora)
+    elif lora.method == "prompt_tuning":
+        extra = lora.num_virtual_tokens * shape.hidden_size
+    else:
+        trainable, total = lora_parameter_count(shape, lora)
+        if lora.method == "dora":  # one magnitude per output row of every targeted layer
+            magnitudes = sum(fan_out for _, _, fan_out, _ in targeted_linears(shape, lora))
+            return trainable + magnitudes, total + magnitudes
+        return trainable, total
+    return extra, shape.total_params + extra
+
+
 def parameter_text(trainable: int, total: int) -> str:
     return f"{trainable:,} trainable of {total:,} parameters ({100 * trainable / max(total, 1):.3f}%)"
 
@@ -156,6 +196,14 @@ def _dtype_bytes(dtype: torch.dtype) -> int:
     return torch.tensor([], dtype=dtype).element_size()
 
 
+def uses_checkpointing(cfg: RunConfig, profile: HardwareProfile) -> bool:
+    if cfg.training.gradient_checkpointing == "auto":
+        from finetune.recipe import resolve_recipe
+
+        return resolve_recipe(cfg, profile).gradient_checkpointing
+    return cfg.training.gradient_checkpointing == "on"
+
+
 def memory_breakdown(shape: ModelShape, cfg: RunConfig, profile: HardwareProfile) -> dict[str, float]:
     """Bytes by part. Rough by design (within ~30%): enough to tell 'fits' from 'will not fit'."""
     quantizable = sum(i * o for n, i, o, _ in shape.linears if n != shape.output_layer)
@@ -163,21 +211,24 @@ def memory_breakdown(shape: ModelShape, cfg: RunConfig, profile: HardwareProfile
         quantizable = 0
     other_bytes = _dtype_bytes(weight_dtype(cfg.model, profile))
     weights = quantizable * bytes_per_quantized_weight(cfg.model) + (shape.total_params - quantizable) * other_bytes
-    trainable, _ = lora_parameter_count(shape, cfg.lora)
+    trainable, _ = peft_parameter_count(shape, cfg.lora)
     state = OPTIMIZER_STATE_BYTES.get(cfg.training.optimizer, 8.0)
-    adapter = trainable * (4 + 4 + state)  # fp32 weights and gradients, plus the optimizer's states
-    tokens = cfg.training.batch_size * cfg.data.max_seq_length
+    # A full fine-tune's weights are already counted above; an adapter's fp32 copy comes on top.
+    adapter = trainable * ((0 if cfg.lora.method == "full" else 4) + 4 + state)  # fp32 weights and gradients, plus the optimizer's states
+    tokens = cfg.training.batch_size * cfg.data.max_seq_length  # the worst batch: every row at max length
     act_bytes = _dtype_bytes(torch.float32 if cfg.model.bits == 32 else
                              _compute_dtype(cfg.model, profile))
-    # Per layer and token a decoder keeps ~ (10·hidden + 3·intermediate) values for the backward pass;
-    # with checkpointing only the layer input stays, plus one layer recomputed at a time.
-    per_layer = 10 * shape.hidden_size + 3 * shape.intermediate_size
-    if cfg.training.gradient_checkpointing:
+    # Per layer and token the backward pass keeps ~ (9·hidden + 2.7·intermediate) values: fitted to peaks measured
+    # on an H100 with the default recipe (docs/benchmarks.md, within 10% for 1 B and 8 B Llama shapes). With
+    # checkpointing only each layer's input stays, plus one layer recomputed at a time.
+    per_layer = 9 * shape.hidden_size + 2.7 * shape.intermediate_size
+    if uses_checkpointing(cfg, profile):
         activations = tokens * act_bytes * (shape.hidden_size * shape.num_layers + per_layer)
     else:
         activations = tokens * act_bytes * per_layer * shape.num_layers
-    logits = tokens * shape.vocab_size * 4 * 2  # fp32 logits and their gradient
-    overhead = (0.5 * 2**30 if profile.is_cuda else 0.3 * 2**30) + 0.1 * (weights + activations)
+    # TRL's fused LM head scores the answer tokens in tiles: full (tokens x vocab) logits never exist.
+    logits = min(tokens, LOGIT_TILE_TOKENS) * shape.vocab_size * 4 * 2
+    overhead = (CUDA_CONTEXT_GB if profile.is_cuda else CPU_RUNTIME_GB) * 2**30 + 0.05 * activations
     return {"weights": weights, "adapter": adapter, "activations": activations, "logits": logits,
             "overhead": overhead}
 
@@ -215,4 +266,4 @@ def estimate_run(cfg: RunConfig, profile: HardwareProfile | None = None) -> tupl
     """(parameter text, memory estimate) for the Train tab; raises what ``model_shape`` raises."""
     profile = profile or detect()
     shape = model_shape(cfg.model)
-    return parameter_text(*lora_parameter_count(shape, cfg.lora)), estimate_memory(shape, cfg, profile)
+    return parameter_text(*peft_parameter_count(shape, cfg.lora)), estimate_memory(shape, cfg, profile)

@@ -55,10 +55,21 @@ def _system_memory_gb() -> float:
         return 0.0
 
 
+def _gpu_memory_cap_gb() -> float | None:
+    """LORA_LAB_GPU_MEMORY_GB: plan for less GPU memory than the card has (a shared GPU, or a T4 rehearsal)."""
+    try:
+        cap = float(os.environ.get("LORA_LAB_GPU_MEMORY_GB", ""))
+    except ValueError:
+        return None
+    return cap if cap > 0 else None
+
+
 def detect() -> HardwareProfile:
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
-        return profile_for("cuda", props.name, props.total_memory / 2**30, (props.major, props.minor))
+        memory = props.total_memory / 2**30
+        cap = _gpu_memory_cap_gb()
+        return profile_for("cuda", props.name, min(memory, cap) if cap else memory, (props.major, props.minor))
     cores = os.cpu_count() or 1
     name = f"CPU ({cores} cores{', ' + platform.machine() if platform.machine() else ''})"
     return profile_for("cpu", name, _system_memory_gb())

@@ -50,7 +50,7 @@ def test_memory_orders_by_bit_width():
     totals = [estimate_memory(shape, _run(bits), t4).total_gb for bits in (4, 8, 16, 32)]
     assert totals == sorted(totals) and len(set(totals)) == 4
     # A 7B model: 4-bit weights ~3.5-4 GB, 32-bit ~27 GB; the verdicts say so plainly.
-    four, thirty_two = (estimate_memory(shape, _run(b, gradient_checkpointing=True), t4) for b in (4, 32))
+    four, thirty_two = (estimate_memory(shape, _run(b, gradient_checkpointing="on"), t4) for b in (4, 32))
     assert 3 < four.weights_gb < 5 and 20 < thirty_two.weights_gb < 30
     assert four.fits and "fits" in four.verdict
     assert not thirty_two.fits and "will NOT fit" in thirty_two.verdict

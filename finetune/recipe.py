@@ -1,0 +1,99 @@
+"""The training recipe: the speed and memory choices, resolved for the hardware a run gets.
+
+The usual QLoRA recipe (the classic Colab notebook) is slower and larger than plain 16-bit LoRA because it
+upcasts every non-quantized weight to fp32, pads each batch to its longest row, and always recomputes activations.
+LoRA Lab's default avoids each of those waste sources with maintained libraries only:
+
+| choice                 | what it does                                                     | where         |
+|------------------------|------------------------------------------------------------------|---------------|
+| no fp32 upcast         | frozen weights stay in the compute dtype (no prepare_model_for_kbit_training) | always |
+| fused LM head          | TRL scores only completion tokens, in tiles, never the full logits | always (TRL) |
+| padding-free batches   | rows concatenated with per-row position ids; attention stays per row | switchable |
+| packed flash attention | PyTorch's varlen flash kernel skips cross-row blocks (finetune/attention.py) | Ampere+ GPU |
+| Liger kernels          | Triton RMSNorm, RoPE, SwiGLU                                     | CUDA + package |
+| checkpointing "auto"   | recompute activations only when the estimate says they won't fit | switchable    |
+| fused AdamW            | one kernel for all adapter tensors instead of a loop             | CUDA          |
+| quant storage          | 4-bit weights packed in the compute dtype (FSDP can shard them)  | CUDA          |
+
+``resolve_recipe`` is pure and cheap: the trainer, the Train tab and the benchmark call it, and the run records
+the result in run_info.json so a user sees what was applied and why.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+from dataclasses import dataclass, field
+
+from finetune.attention import varlen_supported
+from finetune.config import RunConfig
+from finetune.hardware import HardwareProfile
+
+# Start checkpointing when the estimate without it would take more than this share of the device's memory.
+CHECKPOINT_ABOVE_MEMORY_SHARE = 0.85
+
+
+@dataclass(frozen=True)
+class Recipe:
+    padding_free: bool
+    packed_attention: bool
+    liger_kernels: bool
+    gradient_checkpointing: bool
+    optimizer: str
+    notes: tuple[str, ...] = field(default_factory=tuple)
+
+    def as_dict(self) -> dict[str, object]:
+        return {**dataclasses.asdict(self), "notes": list(self.notes)}
+
+
+def liger_available() -> bool:
+    """Liger needs Triton, which only runs on CUDA; a CPU install has neither."""
+    return importlib.util.find_spec("liger_kernel") is not None and importlib.util.find_spec("triton") is not None
+
+
+def _checkpointing(cfg: RunConfig, profile: HardwareProfile) -> tuple[bool, str]:
+    mode = cfg.training.gradient_checkpointing
+    if mode != "auto":
+        return mode == "on", f"gradient checkpointing {mode} (set in the config)"
+    if not profile.is_cuda:
+        return False, "gradient checkpointing off: auto on the CPU, where RAM is not the limit"
+    from finetune.estimate import estimate_memory, model_shape
+
+    without = dataclasses.replace(cfg, training=dataclasses.replace(cfg.training, gradient_checkpointing="off"))
+    try:
+        estimate = estimate_memory(model_shape(cfg.model), without, profile)
+    except Exception:  # the model's shape is unknown (e.g. offline Hub id): take the safe side
+        return True, "gradient checkpointing on: auto, the model's size could not be estimated"
+    needed = estimate.total_gb > profile.memory_gb * CHECKPOINT_ABOVE_MEMORY_SHARE
+    return needed, (f"gradient checkpointing {'on' if needed else 'off'}: auto, about {estimate.total_gb:.1f} GB "
+                    f"without it on {profile.memory_gb:.0f} GB")
+
+
+def _optimizer(cfg: RunConfig, profile: HardwareProfile) -> str:
+    # The fused kernel does the same math as the default loop, in one launch per step.
+    if cfg.training.optimizer == "adamw_torch" and profile.is_cuda:
+        return "adamw_torch_fused"
+    return cfg.training.optimizer
+
+
+def resolve_recipe(cfg: RunConfig, profile: HardwareProfile) -> Recipe:
+    notes = []
+    liger = cfg.training.liger_kernels and profile.is_cuda and liger_available()
+    if cfg.training.liger_kernels and not liger:
+        notes.append("Liger kernels off: they need a CUDA GPU and `pip install liger-kernel`")
+    checkpointing, why = _checkpointing(cfg, profile)
+    notes.append(why)
+    padding_free = cfg.training.padding_free
+    if padding_free and cfg.lora.method == "prompt_tuning":
+        # peft drops position ids under prompt tuning, so concatenated rows would attend across each other.
+        padding_free = False
+        notes.append("padding-free batches off: prompt tuning ignores per-row position ids")
+    packed = padding_free and profile.is_cuda and varlen_supported(profile.capability)
+    if padding_free and not packed:
+        notes.append("padding-free rows attend through SDPA with a block mask (the packed flash kernel needs an "
+                     "Ampere or newer GPU)")
+    optimizer = _optimizer(cfg, profile)
+    if optimizer != cfg.training.optimizer:
+        notes.append(f"optimizer {cfg.training.optimizer} -> {optimizer} (same math, fused on the GPU)")
+    return Recipe(padding_free=padding_free, packed_attention=packed, liger_kernels=liger,
+                  gradient_checkpointing=checkpointing, optimizer=optimizer, notes=tuple(notes))
