@@ -2,22 +2,71 @@
 
 The ChatEngine keeps one base model in memory and attaches each run's adapter by name, so switching runs
 is quick; the base answer is the same model with its adapters disabled.
+
+Human feedback is captured here: every answer is stored (``FeedbackStore``) with its model, adapter, prompt,
+history and sampling settings; thumbs up/down on any answer, and after each turn a pairwise vote, a comment and
+a corrected answer. In **blind arena mode** the two answers are shown as "A" and "B" in random order (single
+questions, no history, so the conversation gives nothing away) and the models are revealed only after the vote.
 """
 
 from __future__ import annotations
 
 import functools
-from typing import Any, Iterator
+import inspect
+import random
+import sqlite3
+from typing import Any, Callable, Iterator
 
 import gradio as gr
 
 from finetune.chat import ChatEngine, SamplingSettings, check_prompt, normalize_history
 from finetune.config import ConfigError, load_config
 from finetune.data import validation_prompts
+from finetune.feedback import FeedbackError, FeedbackStore
 from finetune.runs import RunError, RunManager
 
 Chat = list[dict[str, str]]
+Turn = dict[str, Any]
+SIDES = ("left", "right")
+VOTES = [("Left is better", "left"), ("Right is better", "right"), ("Tie", "tie"), ("Both bad", "both_bad")]
+ARENA_VOTES = [("A is better", "left"), ("B is better", "right"), ("Tie", "tie"), ("Both bad", "both_bad")]
+TARGETS = [("Both answers", "both"), ("Left / A", "left"), ("Right / B", "right")]
+ARENA_LABELS = ("A", "B")
 
+
+def bind(handler: Callable[..., Any], *bound: Any) -> Callable[..., Any]:
+    """``functools.partial`` for event handlers that keeps the type hints gradio reads (gr.Request, gr.LikeData),
+    which a plain partial hides; generators stay generators, so streaming still streams."""
+    if inspect.isgeneratorfunction(handler):
+        def call(*args: Any, **kwargs: Any) -> Any:
+            yield from handler(*bound, *args, **kwargs)
+    else:
+        def call(*args: Any, **kwargs: Any) -> Any:
+            return handler(*bound, *args, **kwargs)
+    functools.update_wrapper(call, handler)
+    parameters = list(inspect.signature(handler).parameters.values())[len(bound):]
+    call.__signature__ = inspect.Signature(parameters)  # type: ignore[attr-defined]
+    return call
+
+
+def _who(request: gr.Request | None) -> dict[str, str | None]:
+    """Who gave the feedback: the login name when the app has auth, and the browser session."""
+    if request is None:
+        return {"user": None, "session": None}
+    return {"user": getattr(request, "username", None) or None, "session": getattr(request, "session_hash", None)}
+
+
+def _model_name(side: str, run_id: str) -> str:
+    return "the base model" if side == "base" else f"the fine-tuned model ({run_id})"
+
+
+def side_labels(arena: bool, run_id: str | None) -> tuple[str, str]:
+    if arena:
+        return ARENA_LABELS
+    return "Base model", f"Fine-tuned ({run_id})" if run_id else "Fine-tuned (pick a run)"
+
+
+# --- adapters ------------------------------------------------------------------------------------------------
 
 def adapter_choices(manager: RunManager, current: str | None = None) -> Any:
     """Dropdown of finished runs with an adapter, newest first; keeps the current pick when it still exists."""
@@ -26,23 +75,43 @@ def adapter_choices(manager: RunManager, current: str | None = None) -> Any:
     return gr.Dropdown(choices=ids, value=value)
 
 
-def select_adapter(manager: RunManager, run_id: str | None) -> tuple[Any, Any, Any]:
+def select_adapter(manager: RunManager, run_id: str | None, arena: bool = False) -> tuple[Any, Any, Any]:
     """New label for the fine-tuned side, example prompts from the run's validation data, and empty chats."""
+    left, right = side_labels(bool(arena), run_id)
     if not run_id:
-        return gr.Chatbot(label="Fine-tuned (pick a run)", value=[]), gr.Dataset(samples=[]), gr.Chatbot(value=[])
+        return gr.Chatbot(label=right, value=[]), gr.Dataset(samples=[]), gr.Chatbot(label=left, value=[])
     try:
         cfg = load_config(manager.run_dir(run_id) / "config.yaml")
         examples = validation_prompts(cfg.data, limit=6)
     except (ConfigError, RunError):
         examples = []
-    return (gr.Chatbot(label=f"Fine-tuned ({run_id})", value=[]),
-            gr.Dataset(samples=[[p] for p in examples]), gr.Chatbot(label="Base model", value=[]))
+    return (gr.Chatbot(label=right, value=[]), gr.Dataset(samples=[[p] for p in examples]),
+            gr.Chatbot(label=left, value=[]))
 
 
-def chat(manager: RunManager, engine: ChatEngine, prompt: str, run_id: str | None, base_chat: Chat | None,
-         tuned_chat: Chat | None, max_new_tokens: float, temperature: float, top_p: float, seed: float
-         ) -> Iterator[tuple[Chat, Chat, str]]:
-    """Stream both answers: yields (base chat, fine-tuned chat, cleared prompt box) as the answers grow."""
+def toggle_arena(arena: bool, run_id: str | None) -> tuple[Any, Any, Any, Any]:
+    """Arena on/off starts afresh: empty chats, A/B (or model) labels, no open vote."""
+    left, right = side_labels(bool(arena), run_id)
+    return gr.Chatbot(label=left, value=[]), gr.Chatbot(label=right, value=[]), gr.Column(visible=False), None
+
+
+# --- one turn --------------------------------------------------------------------------------------------------
+
+def begin_turn(arena: bool, run_id: str | None) -> tuple[Any, Any, Any, str]:
+    """Before the answers stream: hide the last turn's vote and, in arena mode, hide the models' names again."""
+    left, right = side_labels(bool(arena), run_id)
+    return gr.Chatbot(label=left), gr.Chatbot(label=right), gr.Column(visible=False), ""
+
+
+def chat(manager: RunManager, engine: ChatEngine, store: FeedbackStore | None, prompt: str, run_id: str | None,
+         base_chat: Chat | None, tuned_chat: Chat | None, max_new_tokens: float, temperature: float, top_p: float,
+         seed: float, arena: bool = False, turn: Turn | None = None, request: gr.Request = None
+         ) -> Iterator[tuple[Chat, Chat, str, Turn | None]]:
+    """Stream both answers: yields (left chat, right chat, cleared prompt box, turn) as the answers grow.
+
+    Left is the base model and right the fine-tuned one, except in arena mode, where the order is random.
+    When both answers are complete they are stored, and the turn (their ids) is handed to the feedback controls.
+    """
     try:
         prompt = check_prompt(prompt)
         settings = SamplingSettings(max_new_tokens, temperature, top_p, seed)
@@ -54,28 +123,152 @@ def chat(manager: RunManager, engine: ChatEngine, prompt: str, run_id: str | Non
         cfg = load_config(manager.run_dir(run_id) / "config.yaml")
     except (ValueError, RunError) as error:  # ConfigError is a ValueError
         raise gr.Error(str(error)) from None
-    base_history, tuned_history = normalize_history(base_chat), normalize_history(tuned_chat)
+    arena = bool(arena)
+    # Arena turns are single questions: a shared history would tell which side is which.
+    histories = {"left": [] if arena else normalize_history(base_chat),
+                 "right": [] if arena else normalize_history(tuned_chat)}
+    order = random.choice([("base", "tuned"), ("tuned", "base")]) if arena else ("base", "tuned")
     user = {"role": "user", "content": prompt}
+    texts = {"base": "", "tuned": ""}
+
+    def shown() -> tuple[Chat, Chat]:
+        return tuple(histories[side] + [user, {"role": "assistant", "content": texts[order[i]]}]
+                     for i, side in enumerate(SIDES))  # type: ignore[return-value]
+
     try:
-        for base_text, tuned_text in engine.stream_pair(prompt, base_history, tuned_history, cfg.model, run_id,
-                                                        adapters[run_id], settings):
-            yield (base_history + [user, {"role": "assistant", "content": base_text}],
-                   tuned_history + [user, {"role": "assistant", "content": tuned_text}], "")
+        for texts["base"], texts["tuned"] in engine.stream_pair(
+                prompt, histories[SIDES[order.index("base")]], histories[SIDES[order.index("tuned")]],
+                cfg.model, run_id, adapters[run_id], settings):
+            yield (*shown(), "", turn)
     except (ValueError, RuntimeError) as error:  # too long a prompt, a base model that cannot be loaded
         raise gr.Error(str(error)) from None
+    if store is None:
+        return
+    try:
+        ids = store.record_turn(model=cfg.model.source, adapter=run_id, prompt=prompt,
+                                base_history=histories[SIDES[order.index("base")]],
+                                tuned_history=histories[SIDES[order.index("tuned")]],
+                                settings=vars(settings).copy(), base_response=texts["base"],
+                                tuned_response=texts["tuned"], **_who(request))
+    except sqlite3.Error as error:
+        raise gr.Error(f"The answers are shown but could not be saved for feedback: {error}") from None
+    yield (*shown(), "", _next_turn(turn, ids, order, arena, run_id, histories))
+
+
+def _next_turn(turn: Turn | None, ids: dict[str, str], order: tuple[str, str], arena: bool, run_id: str,
+               histories: dict[str, Chat]) -> Turn:
+    """The turn the feedback controls act on, and which stored answer each chat message is (for thumbs)."""
+    keep = turn and not arena and not turn.get("arena") and turn.get("run_id") == run_id
+    messages = {side: dict(turn["messages"][side]) if keep else {} for side in SIDES}
+    for index, side in enumerate(SIDES):
+        messages[side][str(len(histories[side]) + 1)] = ids[order[index]]
+    return {"turn_id": ids["turn"], "run_id": run_id, "arena": arena, "order": list(order),
+            "gen": {side: ids[order[index]] for index, side in enumerate(SIDES)}, "messages": messages,
+            "voted": False}
+
+
+def show_vote(turn: Turn | None) -> tuple[Any, Any, str]:
+    """After a stored turn: open the vote, worded for arena (A/B) or side-by-side (left/right)."""
+    if not turn:
+        return gr.Column(visible=False), gr.Radio(value=None), ""
+    hint = ("Which answer is better? The models are revealed after your vote." if turn["arena"]
+            else "Rate this turn: which answer is better, and what should the answer have been?")
+    return gr.Column(visible=True), gr.Radio(choices=ARENA_VOTES if turn["arena"] else VOTES, value=None), hint
+
+
+# --- feedback --------------------------------------------------------------------------------------------------
+
+def submit_feedback(store: FeedbackStore | None, turn: Turn | None, vote: str | None, comment: str | None,
+                    correction: str | None, target: str | None, request: gr.Request = None
+                    ) -> tuple[str, Any, Any, str, str, Turn | None]:
+    """Store the vote, comment and corrected answer for the last turn; in arena mode reveal the models."""
+    if store is None:
+        raise gr.Error("Feedback is not stored in this app (it was built without a feedback store).")
+    if not turn:
+        raise gr.Error("Send a prompt first: there is no answer to rate yet.")
+    comment, correction = (comment or "").strip(), (correction or "").strip()
+    if not (vote or comment or correction):
+        raise gr.Error("Choose which answer is better, or write a comment or a corrected answer.")
+    if vote and vote not in ("left", "right", "tie", "both_bad"):
+        raise gr.Error(f"Unknown vote {vote!r}.")
+    who, gen, saved = _who(request), turn["gen"], []
+    try:
+        if vote:
+            choice = {"left": "first", "right": "second"}.get(vote, vote)
+            store.add_preference(gen["left"], gen["right"], choice, comment=comment or None,
+                                 arena=turn["arena"], **who)
+            saved.append("vote")
+        elif comment:
+            store.add_comment(gen["left"], comment, other_id=gen["right"], **who)
+        if comment:
+            saved.append("comment")
+        if correction:
+            for side in (SIDES if (target or "both") == "both" else (target,)):
+                store.add_correction(gen[side], correction, **who)
+            saved.append("corrected answer")
+    except FeedbackError as error:
+        raise gr.Error(str(error)) from None
+    except sqlite3.Error as error:
+        raise gr.Error(f"Could not save the feedback (nothing was lost from the form): {error}") from None
+    message = f"Saved: {', '.join(saved)}. {store.sync_summary()}"
+    labels = [gr.Chatbot(), gr.Chatbot()]
+    if turn["arena"] and vote:
+        names = [_model_name(side, turn["run_id"]) for side in turn["order"]]
+        message = f"**Revealed:** A was {names[0]}, B was {names[1]}.  \n" + message
+        labels = [gr.Chatbot(label=f"{letter}: {name}") for letter, name in zip(ARENA_LABELS, names)]
+        turn = {**turn, "voted": True}
+    return message, labels[0], labels[1], "", "", turn
+
+
+def like_answer(store: FeedbackStore | None, side: str, turn: Turn | None, data: gr.LikeData,
+                request: gr.Request = None) -> None:
+    """Thumbs up/down (or taken back) on one answer, from the chatbot's own like buttons."""
+    if store is None:
+        raise gr.Error("Feedback is not stored in this app (it was built without a feedback store).")
+    index = data.index[0] if isinstance(data.index, (list, tuple)) else data.index
+    generation = ((turn or {}).get("messages", {}).get(side, {})).get(str(index))
+    if generation is None:
+        gr.Warning("That answer was not stored (it came before this session's feedback started); "
+                   "ask again to rate it.")
+        return
+    up = data.liked if isinstance(data.liked, bool) else None  # "" means the thumb was clicked off again
+    try:
+        store.add_thumbs(generation, up, **_who(request))
+    except (FeedbackError, sqlite3.Error) as error:
+        raise gr.Error(f"Could not save the thumb: {error}") from None
+    gr.Info({True: "Saved 👍", False: "Saved 👎", None: "Thumb removed"}[up])
 
 
 def clear_chats() -> tuple[Chat, Chat]:
     return [], []
 
 
-def build_chat_tab(manager: RunManager, engine: ChatEngine) -> dict[str, Any]:
+# --- layout ----------------------------------------------------------------------------------------------------
+
+def _feedback_panel() -> dict[str, Any]:
+    with gr.Column(visible=False, elem_id="feedback-panel") as panel:
+        hint = gr.Markdown("", elem_id="vote-hint")
+        vote = gr.Radio(VOTES, label="Which answer is better?", elem_id="vote")
+        with gr.Row():
+            comment = gr.Textbox(label="Comment (optional)", lines=2, elem_id="feedback-comment")
+            correction = gr.Textbox(label="Corrected answer (optional)", lines=2, elem_id="feedback-correction",
+                                    info="What the answer should have been; exported as a preferred answer.")
+        target = gr.Radio(TARGETS, value="both", label="The corrected answer replaces", elem_id="correction-target")
+        submit = gr.Button("Save feedback", variant="primary", elem_id="feedback-submit")
+    status = gr.Markdown("", elem_id="feedback-status")
+    return {"panel": panel, "hint": hint, "vote": vote, "comment": comment, "correction": correction,
+            "target": target, "submit": submit, "status": status}
+
+
+def build_chat_tab(manager: RunManager, engine: ChatEngine, store: FeedbackStore | None = None) -> dict[str, Any]:
     with gr.Row():
         # allow_custom_value: API clients name a run that this session's dropdown has not listed yet.
         run = gr.Dropdown([], label="Fine-tuned run (adapter)", elem_id="adapter-pick", scale=3,
                           allow_custom_value=True,
                           info="Finished runs that saved an adapter. The base model stays loaded when you switch.")
         refresh = gr.Button("Refresh runs", size="sm", scale=1)
+        arena = gr.Checkbox(False, label="Blind arena mode", elem_id="arena-mode", scale=1,
+                            info="Answers shown as A and B in random order; the models are revealed after your vote.")
     with gr.Row():
         base_chat = gr.Chatbot(label="Base model", height=420, elem_id="base-chat")
         tuned_chat = gr.Chatbot(label="Fine-tuned (pick a run)", height=420, elem_id="tuned-chat")
@@ -85,6 +278,8 @@ def build_chat_tab(manager: RunManager, engine: ChatEngine) -> dict[str, Any]:
         send = gr.Button("Send", variant="primary", scale=1, elem_id="chat-send")
         clear = gr.Button("Clear", scale=1)
     examples = gr.Dataset(components=[prompt], samples=[], label="Example prompts from the run's validation data")
+    turn = gr.State(None)  # the last stored turn: its answers' ids and, in arena mode, the hidden order
+    feedback = _feedback_panel()
     with gr.Accordion("Sampling (shared by both sides)", open=False):
         with gr.Row():
             max_new = gr.Slider(1, 512, value=128, step=1, label="Max new tokens", elem_id="max-new-tokens")
@@ -93,18 +288,35 @@ def build_chat_tab(manager: RunManager, engine: ChatEngine) -> dict[str, Any]:
             seed = gr.Number(value=0, precision=0, label="Seed", minimum=0)
     refresh_fn = functools.partial(adapter_choices, manager)
     refresh.click(refresh_fn, run, run, api_name="list_adapters")
-    run.change(functools.partial(select_adapter, manager), run, [tuned_chat, examples, base_chat],
+    run.change(functools.partial(select_adapter, manager), [run, arena], [tuned_chat, examples, base_chat],
                api_name="select_adapter")
     examples.click(lambda sample: sample[0], examples, prompt, api_visibility="private")
-    handler = functools.partial(chat, manager, engine)
-    inputs = [prompt, run, base_chat, tuned_chat, max_new, temperature, top_p, seed]
-    outputs = [base_chat, tuned_chat, prompt]
-    send.click(handler, inputs, outputs, api_name="chat", concurrency_limit=1, concurrency_id="chat")
-    prompt.submit(handler, inputs, outputs, api_visibility="private", concurrency_limit=1, concurrency_id="chat")
+    handler = bind(chat, manager, engine, store)
+    inputs = [prompt, run, base_chat, tuned_chat, max_new, temperature, top_p, seed, arena, turn]
+    outputs = [base_chat, tuned_chat, prompt, turn]
+    for trigger, api in ((send.click, {"api_name": "chat"}), (prompt.submit, {"api_visibility": "private"})):
+        started = trigger(begin_turn, [arena, run], [base_chat, tuned_chat, feedback["panel"], feedback["status"]],
+                          api_visibility="private")
+        answered = started.then(handler, inputs, outputs, concurrency_limit=1, concurrency_id="chat", **api)
+        answered.success(show_vote, turn, [feedback["panel"], feedback["vote"], feedback["hint"]],
+                         api_visibility="private")
     clear.click(clear_chats, None, [base_chat, tuned_chat], api_name="clear_chat")
+    _wire_feedback(store, feedback, turn, base_chat, tuned_chat)
+    arena.change(toggle_arena, [arena, run], [base_chat, tuned_chat, feedback["panel"], turn], api_name="set_arena")
     page = gr.context.Context.root_block
     if page is not None:  # a page load picks the newest finished run
         page.load(refresh_fn, run, run, api_visibility="private")
     return {"run": run, "refresh": refresh, "base_chat": base_chat, "tuned_chat": tuned_chat, "prompt": prompt,
             "send": send, "clear": clear, "examples": examples, "max_new_tokens": max_new,
-            "temperature": temperature, "top_p": top_p, "seed": seed}
+            "temperature": temperature, "top_p": top_p, "seed": seed, "arena": arena, "turn": turn, **feedback}
+
+
+def _wire_feedback(store: FeedbackStore | None, feedback: dict[str, Any], turn: Any, base_chat: Any,
+                   tuned_chat: Any) -> None:
+    feedback["submit"].click(
+        bind(submit_feedback, store),
+        [turn, feedback["vote"], feedback["comment"], feedback["correction"], feedback["target"]],
+        [feedback["status"], base_chat, tuned_chat, feedback["comment"], feedback["correction"], turn],
+        api_name="submit_feedback")
+    for side, chatbot in zip(SIDES, (base_chat, tuned_chat)):
+        chatbot.like(bind(like_answer, store, side), turn, None, api_name=f"like_{side}")

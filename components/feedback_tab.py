@@ -1,0 +1,143 @@
+"""The Feedback tab: what people said about the answers, how each fine-tuned run fares against its base, and the
+exports that feed the RLHF stage (preference pairs for a reward model / DPO, thumbs for KTO).
+
+Everything shown is read from the FeedbackStore (SQLite); LangSmith, when configured, only mirrors it.
+"""
+
+from __future__ import annotations
+
+import functools
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import gradio as gr
+import pandas as pd
+
+from finetune.feedback import FeedbackStore
+
+RECENT_COLUMNS = ["time", "kind", "value", "score", "arena", "model / adapter", "prompt", "answer", "comment",
+                  "corrected answer", "user"]
+WIN_COLUMNS = ["adapter", "wins", "losses", "ties", "both bad", "votes", "win rate"]
+
+
+def _short(text: Any, limit: int = 120) -> str:
+    text = " ".join(str(text or "").split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _value(row: dict[str, Any]) -> str:
+    """A vote reads as 'tuned better' rather than the stored 'first'/'second'."""
+    if row["kind"] != "preference":
+        return row["value"] or ""
+    first, second = row["side"] or "first", row["other_side"] or "second"
+    return {"first": f"{first} better", "second": f"{second} better", "tie": "tie",
+            "both_bad": "both bad"}.get(row["value"], row["value"])
+
+
+def _about(row: dict[str, Any]) -> str:
+    adapter = row["adapter"] or row.get("other_adapter")
+    model = Path(str(row["model"])).name or str(row["model"])
+    if row["kind"] == "preference" or row.get("other_side"):
+        return f"{adapter} vs base ({model})" if adapter else model
+    return f"{adapter} ({model})" if row["adapter"] else f"base ({model})"
+
+
+def recent_table(store: FeedbackStore, limit: int = 50) -> pd.DataFrame:
+    rows = [[time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r["created"])), r["kind"], _value(r),
+             None if r["kind"] == "preference" else r["score"],  # a vote's score is relative to one side
+             "yes" if r["arena"] else "", _about(r), _short(r["prompt"]), _short(r["response"]),
+             _short(r["comment"]), _short(r["correction"]), r["user"] or ""]
+            for r in store.recent(limit)]
+    return pd.DataFrame(rows, columns=RECENT_COLUMNS)
+
+
+def wins_table(store: FeedbackStore) -> pd.DataFrame:
+    """Fine-tuned vs base per adapter; the win rate counts ties as half and leaves 'both bad' out."""
+    rows = []
+    for adapter, c in sorted(store.win_counts().items()):
+        decided = c["wins"] + c["losses"] + c["ties"]
+        rate = round((c["wins"] + 0.5 * c["ties"]) / decided, 3) if decided else None
+        rows.append([adapter, c["wins"], c["losses"], c["ties"], c["both_bad"], decided + c["both_bad"], rate])
+    return pd.DataFrame(rows, columns=WIN_COLUMNS)
+
+
+def counts_text(store: FeedbackStore) -> str:
+    c = store.counts()
+    return (f"**{c['generations']}** answers stored · **{c['thumbs_up']}** 👍 · **{c['thumbs_down']}** 👎 · "
+            f"**{c['preferences']}** pairwise votes · **{c['corrections']}** corrected answers · "
+            f"**{c['comments']}** comments")
+
+
+def feedback_summary(store: FeedbackStore) -> tuple[str, str, pd.DataFrame, pd.DataFrame]:
+    """LangSmith line, counts, recent feedback and the win/loss table, all read fresh from the store."""
+    return store.sync_summary(), counts_text(store), recent_table(store), wins_table(store)
+
+
+def sync_now(store: FeedbackStore) -> str:
+    """Retry everything waiting for LangSmith at once instead of after the back-off."""
+    if store.langsmith is None:
+        raise gr.Error("LangSmith is off: set LANGSMITH_API_KEY (and optionally LANGSMITH_ENDPOINT, "
+                       "LANGSMITH_PROJECT) before starting the app.")
+    store.retry_now()
+    store.flush(timeout=5.0)
+    return store.sync_summary()
+
+
+def _export(store: FeedbackStore, folder: Path, kind: str) -> tuple[str | None, str]:
+    path = folder / f"{kind}-{time.strftime('%Y%m%d-%H%M%S')}.jsonl"
+    count = store.export_pairs(path) if kind == "pairs" else store.export_thumbs(path)
+    if count == 0:
+        path.unlink(missing_ok=True)
+        what = ("pairwise votes with a winner or corrected answers" if kind == "pairs" else "thumbs up/down")
+        gr.Warning(f"Nothing to export yet: give some {what} in the Chat tab first.")
+        return None, f"No rows: no {what} yet."
+    # The download is a copy in the temp folder: gradio serves files only from there or the working directory,
+    # and the runs folder may be elsewhere (a Space's /data).
+    download = Path(tempfile.mkdtemp(prefix="lora-lab-feedback-")) / path.name
+    shutil.copyfile(path, download)
+    return str(download), f"Wrote {count} rows to {path} (load with datasets.load_dataset('json', data_files=...))."
+
+
+def export_pairs(store: FeedbackStore, folder: Path) -> tuple[str | None, str]:
+    """Preference pairs as JSONL: prompt (chat messages), chosen and rejected (assistant messages)."""
+    return _export(store, folder, "pairs")
+
+
+def export_thumbs(store: FeedbackStore, folder: Path) -> tuple[str | None, str]:
+    """Thumbs as unpaired JSONL for KTO: prompt, completion and label (True = thumbs up)."""
+    return _export(store, folder, "thumbs")
+
+
+def build_feedback_tab(store: FeedbackStore, exports_dir: str | Path) -> dict[str, Any]:
+    exports_dir = Path(exports_dir)
+    with gr.Row():
+        sync = gr.Markdown(store.sync_summary(), elem_id="langsmith-status")
+        refresh = gr.Button("Refresh", size="sm", scale=0, elem_id="feedback-refresh")
+        send = gr.Button("Send queued now", size="sm", scale=0)
+    counts = gr.Markdown("", elem_id="feedback-counts")
+    gr.Markdown("### Fine-tuned vs base (pairwise and arena votes; the latest vote per pair and session counts)")
+    wins = gr.Dataframe(pd.DataFrame(columns=WIN_COLUMNS), interactive=False, elem_id="win-table")
+    gr.Markdown("### Recent feedback")
+    recent = gr.Dataframe(pd.DataFrame(columns=RECENT_COLUMNS), interactive=False, wrap=True,
+                          elem_id="recent-feedback")
+    gr.Markdown("### Export as training data (the inputs of the RLHF stage)")
+    with gr.Row():
+        pairs_button = gr.Button("Export preference pairs", elem_id="export-pairs")
+        thumbs_button = gr.Button("Export thumbs (KTO)", elem_id="export-thumbs")
+    with gr.Row():
+        pairs_file = gr.File(label="prompt / chosen / rejected (JSONL)", elem_id="pairs-file")
+        thumbs_file = gr.File(label="prompt / completion / label (JSONL)", elem_id="thumbs-file")
+    export_note = gr.Markdown("", elem_id="export-note")
+    summary_fn = functools.partial(feedback_summary, store)
+    refresh.click(summary_fn, None, [sync, counts, recent, wins], api_name="feedback_summary")
+    send.click(functools.partial(sync_now, store), None, sync, api_name="sync_now")
+    pairs_button.click(functools.partial(export_pairs, store, exports_dir), None, [pairs_file, export_note],
+                       api_name="export_pairs")
+    thumbs_button.click(functools.partial(export_thumbs, store, exports_dir), None, [thumbs_file, export_note],
+                        api_name="export_thumbs")
+    return {"sync": sync, "refresh": refresh, "send": send, "counts": counts, "wins": wins, "recent": recent,
+            "export_pairs": pairs_button, "export_thumbs": thumbs_button, "pairs_file": pairs_file,
+            "thumbs_file": thumbs_file, "export_note": export_note, "summary_fn": summary_fn}

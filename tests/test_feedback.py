@@ -1,0 +1,179 @@
+"""FeedbackStore on real SQLite: generations and events, exports loadable by `datasets`, win counts, concurrency."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+
+import pytest
+
+from finetune.feedback import FeedbackError, FeedbackStore, LangSmithSettings
+
+SETTINGS = {"max_new_tokens": 32, "temperature": 0.7, "top_p": 0.9, "seed": 0}
+HISTORY = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]
+
+
+@pytest.fixture
+def store(tmp_path):
+    store = FeedbackStore(tmp_path / "feedback.db")
+    yield store
+    store.close()
+
+
+def _turn(store: FeedbackStore, n: int, adapter: str = "run-a", **kwargs) -> dict[str, str]:
+    return store.record_turn(model="tiny", adapter=adapter, prompt=f"Question {n}?", base_history=HISTORY,
+                             tuned_history=HISTORY, settings=SETTINGS, base_response=f"base answer {n}",
+                             tuned_response=f"tuned answer {n}", user="ann", session="s1", **kwargs)
+
+
+def test_generations_are_stored_with_everything_needed(store):
+    ids = _turn(store, 1)
+    tuned = store.generation(ids["tuned"])
+    assert tuned["adapter"] == "run-a" and tuned["side"] == "tuned" and tuned["turn_id"] == ids["turn"]
+    assert tuned["history"] == HISTORY and tuned["settings"] == SETTINGS and tuned["response"] == "tuned answer 1"
+    base = store.generation(ids["base"])
+    assert base["adapter"] is None and base["model"] == "tiny" and base["prompt"] == "Question 1?"
+    # WAL mode, and the write is visible to a brand-new connection (it was committed before returning).
+    fresh = sqlite3.connect(store.path)
+    assert fresh.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert fresh.execute("SELECT COUNT(*) FROM generations").fetchone()[0] == 2
+    fresh.close()
+
+
+def test_exports_are_trl_conversational_and_load_with_datasets(store, tmp_path):
+    from datasets import load_dataset
+
+    first, second, third = _turn(store, 1), _turn(store, 2), _turn(store, 3)
+    store.add_preference(first["tuned"], first["base"], "first", comment="crisper")
+    store.add_preference(second["base"], second["tuned"], "first")           # base won, listed first
+    store.add_preference(third["tuned"], third["base"], "tie")               # no pair
+    store.add_correction(third["base"], "The corrected answer.")
+    store.add_thumbs(first["tuned"], True)
+    store.add_thumbs(second["tuned"], False)
+
+    assert store.export_pairs(tmp_path / "pairs.jsonl") == 3
+    pairs = load_dataset("json", data_files=str(tmp_path / "pairs.jsonl"), split="train")
+    assert pairs.column_names == ["prompt", "chosen", "rejected"]
+    assert pairs[0]["prompt"] == HISTORY + [{"role": "user", "content": "Question 1?"}]
+    assert [p["chosen"][0]["content"] for p in pairs] == ["tuned answer 1", "base answer 2", "The corrected answer."]
+    assert [p["rejected"][0]["content"] for p in pairs] == ["base answer 1", "tuned answer 2", "base answer 3"]
+    assert all(p["chosen"][0]["role"] == "assistant" for p in pairs)
+
+    assert store.export_thumbs(tmp_path / "thumbs.jsonl") == 2
+    thumbs = load_dataset("json", data_files=str(tmp_path / "thumbs.jsonl"), split="train")
+    assert thumbs.column_names == ["prompt", "completion", "label"]
+    assert thumbs["label"] == [True, False]
+    assert thumbs[0]["completion"] == [{"role": "assistant", "content": "tuned answer 1"}]
+
+
+def test_latest_vote_and_thumb_count_once(store, tmp_path):
+    ids = _turn(store, 1)
+    store.add_thumbs(ids["tuned"], True, session="s1")
+    store.add_thumbs(ids["tuned"], False, session="s1")  # changed their mind: only "down" counts
+    store.add_thumbs(ids["base"], True, session="s1")
+    store.add_thumbs(ids["base"], None, session="s1")    # taken back: nothing counts
+    rows = store.thumb_rows()
+    assert [(r["completion"][0]["content"], r["label"]) for r in rows] == [("tuned answer 1", False)]
+    store.add_preference(ids["tuned"], ids["base"], "second", session="s1")
+    store.add_preference(ids["base"], ids["tuned"], "second", session="s1")  # same pair, listed the other way
+    store.add_preference(ids["tuned"], ids["base"], "both_bad", session="s2")
+    assert store.win_counts() == {"run-a": {"wins": 1, "losses": 0, "ties": 0, "both_bad": 1}}
+    assert store.counts()["preferences"] == 3  # every event is kept; only the tallies use the latest
+
+
+def test_win_counts_per_adapter(store):
+    for n, (adapter, choice, tuned_first) in enumerate([("run-a", "first", True), ("run-a", "second", True),
+                                                         ("run-a", "first", False), ("run-a", "tie", True),
+                                                         ("run-b", "second", False), ("run-b", "both_bad", False)]):
+        ids = _turn(store, n, adapter=adapter)
+        pair = (ids["tuned"], ids["base"]) if tuned_first else (ids["base"], ids["tuned"])
+        store.add_preference(*pair, choice, arena=True)
+    assert store.win_counts() == {"run-a": {"wins": 1, "losses": 2, "ties": 1, "both_bad": 0},
+                                  "run-b": {"wins": 1, "losses": 0, "ties": 0, "both_bad": 1}}
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda s, ids: s.add_thumbs("no-such-id", True), "Unknown generation id"),
+    (lambda s, ids: s.add_preference(ids["base"], ids["tuned"], "left"), "Unknown vote"),
+    (lambda s, ids: s.add_preference(ids["base"], ids["base"], "tie"), "two different answers"),
+    (lambda s, ids: s.add_correction(ids["base"], "   "), "corrected answer is empty"),
+    (lambda s, ids: s.add_comment(ids["base"], "x" * 30_000), "keep it under"),
+    (lambda s, ids: s.add_comment(ids["base"], 42), "must be text"),
+])
+def test_bad_feedback_is_refused_and_nothing_is_written(store, call, message):
+    ids = _turn(store, 1)
+    with pytest.raises(FeedbackError, match=message):
+        call(store, ids)
+    assert store.counts()["events"] == 0
+
+
+def test_eight_threads_writing_500_events_each_lose_none(tmp_path):
+    """Two store objects (as two app processes would have) and 8 writer threads; every event survives."""
+    stores = [FeedbackStore(tmp_path / "feedback.db"), FeedbackStore(tmp_path / "feedback.db")]
+    targets = [_turn(stores[0], n) for n in range(8)]
+    written: list[list[str]] = [[] for _ in range(8)]
+    errors: list[BaseException] = []
+    start = threading.Barrier(8)
+
+    def writer(index: int) -> None:
+        store, ids = stores[index % 2], targets[index]
+        start.wait()
+        try:
+            for k in range(500):
+                kind = k % 3
+                if kind == 0:
+                    written[index].append(store.add_thumbs(ids["tuned"], k % 2 == 0, session=f"t{index}"))
+                elif kind == 1:
+                    written[index].append(store.add_preference(ids["tuned"], ids["base"], "first",
+                                                               session=f"t{index}"))
+                else:
+                    written[index].append(store.add_comment(ids["base"], f"thread {index} note {k}"))
+        except BaseException as error:  # surfaced below; a thread's exception is otherwise lost
+            errors.append(error)
+
+    threads = [threading.Thread(target=writer, args=(i,)) for i in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors, errors
+    for store in stores:
+        store.close()
+    db = sqlite3.connect(tmp_path / "feedback.db")
+    stored = {row[0] for row in db.execute("SELECT id FROM feedback")}
+    assert len(stored) == 4000 and stored == {event for ids in written for event in ids}
+    notes = {row[0] for row in db.execute("SELECT comment FROM feedback WHERE kind = 'comment'")}
+    assert len(notes) == 8 * 166 and "thread 7 note 497" in notes  # k % 3 == 2 for 166 of 500 k
+    db.close()
+
+
+def test_langsmith_settings_from_env_and_off_by_default(store):
+    assert LangSmithSettings.from_env({}) is None
+    settings = LangSmithSettings.from_env({"LANGSMITH_API_KEY": " lsv2_pt_secret ", "LANGSMITH_PROJECT": "p",
+                                           "LANGSMITH_ENDPOINT": "http://127.0.0.1:9/"})
+    assert (settings.api_key, settings.endpoint, settings.project) == ("lsv2_pt_secret", "http://127.0.0.1:9", "p")
+    assert "secret" not in repr(settings)
+    ids = _turn(store, 1)
+    store.add_thumbs(ids["tuned"], True)
+    assert store.sync_summary().startswith("LangSmith: off")
+    assert store.outbox_counts() == {"waiting": 0, "failed": 0, "sent": 0}  # nothing queued when off
+    assert json.loads(json.dumps(store.recent()))[0]["kind"] == "thumbs"
+
+
+def test_feedback_tab_exports_and_tables(store, tmp_path):
+    from components.feedback_tab import export_pairs, export_thumbs, recent_table, wins_table
+
+    path, note = export_pairs(store, tmp_path / "exports")
+    assert path is None and "No rows" in note and not list((tmp_path / "exports").glob("*.jsonl"))
+    ids = _turn(store, 1)
+    store.add_preference(ids["base"], ids["tuned"], "second", arena=True)
+    store.add_thumbs(ids["base"], False)
+    path, note = export_pairs(store, tmp_path / "exports")
+    kept = list((tmp_path / "exports").glob("pairs-*.jsonl"))
+    assert "Wrote 1 rows" in note and len(kept) == 1 and open(path).read() == kept[0].read_text()
+    assert json.loads(kept[0].read_text())["chosen"][0]["content"] == "tuned answer 1"
+    assert export_thumbs(store, tmp_path / "exports")[1].startswith("Wrote 1 rows")
+    recent = recent_table(store)
+    assert list(recent["kind"]) == ["thumbs", "preference"] and recent["value"][1] == "tuned better"
+    assert wins_table(store).values.tolist() == [["run-a", 1, 0, 0, 0, 1, 1.0]]
