@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import socket
 import time
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,8 @@ from transformers import TrainerCallback, TrainerControl, TrainerState, Training
 
 METRICS_FILE, STATUS_FILE, STOP_FILE = "metrics.jsonl", "status.json", "STOP"
 FINAL_STATES = ("completed", "failed", "stopped", "interrupted")
+# Recorded with every pid: a run folder synced back from another machine carries a pid that means nothing here.
+HOSTNAME = socket.gethostname()
 
 
 def write_status(run_dir: str | Path, **fields: Any) -> dict[str, Any]:
@@ -61,6 +64,21 @@ def _finite(value: Any) -> Any:
     return value
 
 
+def _number(value: Any) -> int | float | None:
+    """Plain numbers as they are; numpy / torch scalars as Python floats; anything else (text, lists) None."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, (int, float)):
+        return value
+    if not callable(getattr(value, "item", None)):
+        return None
+    try:
+        item = value.item()  # a numpy / torch scalar; a tensor of several values raises
+    except (TypeError, ValueError, RuntimeError):
+        return None
+    return item if isinstance(item, (int, float)) and not isinstance(item, bool) else None
+
+
 class MetricsCallback(TrainerCallback):
     """Appends log/eval events to metrics.jsonl, keeps status.json current and honours the STOP flag."""
 
@@ -83,7 +101,7 @@ class MetricsCallback(TrainerCallback):
         self.last_log_tokens = state.num_input_tokens_seen
         self.start_step = state.global_step
         if self._is_writer(state):
-            write_status(self.run_dir, state="running", stage=self.stage, pid=os.getpid(),
+            write_status(self.run_dir, state="running", stage=self.stage, pid=os.getpid(), hostname=HOSTNAME,
                          max_steps=state.max_steps, step=state.global_step, started_at=self.started)
 
     def on_log(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
@@ -95,8 +113,9 @@ class MetricsCallback(TrainerCallback):
         now = time.time()
         row: dict[str, Any] = {"step": state.global_step, "epoch": round(state.epoch or 0.0, 4),
                                "time": now, "elapsed": round(now - self.started, 2)}
-        row.update({key: _finite(value) for key, value in logs.items()
-                    if isinstance(value, (int, float)) and key != "epoch"})
+        # Every numeric metric the trainer logs (TRL's rewards/margins, accuracy, eval_* ...), whatever its type.
+        row.update({key: _finite(number) for key, number in ((k, _number(v)) for k, v in logs.items())
+                    if number is not None and key != "epoch"})
         if "loss" in logs:
             seconds = max(now - self.last_log_time, 1e-9)
             tokens = state.num_input_tokens_seen - self.last_log_tokens

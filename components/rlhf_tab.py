@@ -1,0 +1,570 @@
+"""The RLHF tab: the four steps in order — a pretrained model, human feedback, a reward model, and fine-tuning
+guided by the preferences — each showing which data and models it uses.
+
+Steps 3 and 4 train through the same RunManager as SFT (a child process, metrics.jsonl, Stop, history). The
+tab watches the newest reward run and the newest DPO/KTO run with a ``gr.Timer``; the DPO/KTO adapter lands in
+``runs/<id>/adapter`` and so appears in the Chat tab, where new feedback closes the loop.
+
+Handlers take the form as keyword arguments (``inputs_kwargs``), so ``gradio_client`` can call e.g.
+``client.predict(model_source="...", reward_max_steps=3, api_name="/rlhf_start_reward")``.
+"""
+
+from __future__ import annotations
+
+import functools
+import shutil
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import gradio as gr
+import pandas as pd
+
+from finetune.config import (DPO_LOSSES, EMBEDDED_MODEL, KTO_LOSSES, ConfigError, RunConfig, field_help,
+                             from_dict, load_config, to_dict)
+from finetune.data import DataError
+from finetune.metrics import read_metrics, read_status, write_status
+from finetune.models import ModelSourceError
+from finetune.preference import (BUNDLED_PREFERENCES, PreferenceError, export_feedback, feedback_available,
+                                 held_out_prompts, load_preferences, preview_preferences)
+from finetune.runs import RunInProgressError, RunManager, check_sources
+from components.train_tab import stop_run
+
+CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
+POLL_SECONDS = 2.0
+BASE_CHOICE = "(base model: fresh LoRA)"
+MODEL_KINDS = ("Embedded", "Local folder", "Hub id")
+DATA_KINDS = ("Bundled pairs", "Collected feedback", "Uploaded file", "Hub dataset")
+POLICY_STAGES = ("dpo", "kto")
+# Plot series per chart: (metrics.jsonl key, legend label). Every series is always present (see _frame).
+REWARD_LOSS = (("loss", "train loss"), ("eval_loss", "held-out loss"))
+REWARD_ACCURACY = (("accuracy", "train accuracy"), ("eval_accuracy", "held-out accuracy"),
+                   ("eval_margin", "held-out margin"))
+POLICY_LOSS = (("loss", "train loss"), ("eval_loss", "held-out loss"))
+POLICY_REWARDS = (("rewards/chosen", "rewards/chosen"), ("rewards/rejected", "rewards/rejected"),
+                  ("rewards/margins", "rewards/margins"), ("rewards/accuracies", "rewards/accuracies"),
+                  ("eval_rewards/margins", "held-out margins"))
+
+
+# --- form -> config ----------------------------------------------------------------------------------------------
+
+def _preset(stage: str) -> RunConfig:
+    try:
+        return load_config(CONFIGS_DIR / f"{'reward' if stage == 'reward' else stage}-cpu.yaml")
+    except ConfigError:
+        return RunConfig(stage=stage)
+
+
+def _model_source(form: dict[str, Any]) -> str:
+    if (form.get("model_kind") or MODEL_KINDS[0]) == "Embedded":
+        return EMBEDDED_MODEL
+    return (form.get("model_source") or "").strip()
+
+
+def _keep_upload(manager: RunManager, path: str) -> str:
+    """Copy an upload beside the runs: gradio's temporary copy may vanish while the child still reads it."""
+    source = Path(path)
+    if not source.is_file() or source.parent == manager.root / "uploads":
+        return path
+    target = manager.root / "uploads" / f"{time.strftime('%Y%m%d-%H%M%S')}-{source.name}"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(source, target)
+    return str(target)
+
+
+def data_source(manager: RunManager, feedback_db: Path | None, stage: str, form: dict[str, Any]) -> str:
+    """Where step 2's preferences come from; collected feedback is exported to a file first."""
+    kind = form.get("data_kind") or DATA_KINDS[0]
+    if kind == "Collected feedback":
+        if feedback_db is None:
+            raise PreferenceError("This app has no feedback store configured.")
+        folder = manager.root / "feedback-exports" / time.strftime("%Y%m%d-%H%M%S")
+        return str(export_feedback(feedback_db, folder, "thumbs" if stage == "kto" else "pairs"))
+    if kind == "Uploaded file":
+        path = form.get("data_file")
+        if not path:
+            raise PreferenceError("Choose a preference file to upload first (jsonl, json, csv or parquet).")
+        return _keep_upload(manager, str(path))
+    if kind == "Hub dataset":
+        name = (form.get("data_hub_name") or "").strip()
+        if not name:
+            raise PreferenceError("Type the name of a Hub preference dataset, e.g. trl-lib/ultrafeedback_binarized.")
+        return name
+    return BUNDLED_PREFERENCES
+
+
+def config_from_form(stage: str, source: str, form: dict[str, Any]) -> RunConfig:
+    """The RunConfig of one stage from the shared form; ConfigError lists every bad field."""
+    prefix = "reward" if stage == "reward" else "policy"
+    base = to_dict(_preset(stage))
+    rank = form.get("lora_rank", base["lora"]["rank"])
+    start = form.get("start_adapter") or ""
+    raw = {
+        "run_name": stage, "stage": stage,
+        "model": {**base["model"], "source": _model_source(form), "bits": form.get("model_bits", 4)},
+        "lora": {**base["lora"], "rank": rank,
+                 "alpha": 2 * rank if isinstance(rank, (int, float)) and not isinstance(rank, bool) else rank},
+        "data": {**base["data"], "source": source, "split": form.get("data_split") or "train",
+                 "max_seq_length": form.get("max_seq_length", base["data"]["max_seq_length"])},
+        "preference": {**base["preference"], "beta": form.get("beta", base["preference"]["beta"]),
+                       "loss_type": form.get("loss_type") or base["preference"]["loss_type"],
+                       "start_adapter": "" if stage == "reward" or start == BASE_CHOICE else start,
+                       "reward_model": form.get("reward_run") or ""},
+        "training": {**base["training"],
+                     "learning_rate": form.get(f"{prefix}_learning_rate", base["training"]["learning_rate"]),
+                     "max_steps": form.get(f"{prefix}_max_steps", base["training"]["max_steps"]),
+                     "batch_size": form.get("batch_size", base["training"]["batch_size"]),
+                     "eval_steps": form.get("eval_steps", base["training"]["eval_steps"])},
+    }
+    if stage == "kto" and raw["preference"]["loss_type"] not in KTO_LOSSES:
+        raw["preference"]["loss_type"] = "kto"
+    if stage == "dpo" and raw["preference"]["loss_type"] not in DPO_LOSSES:
+        raw["preference"]["loss_type"] = "sigmoid"
+    return from_dict(raw)
+
+
+# --- starting and stopping ---------------------------------------------------------------------------------------
+
+def _problems_text(error: ConfigError) -> str:
+    for name, message in error.problems.items():
+        gr.Warning(f"{name}: {message}")
+    return "**Please fix the form:**\n" + "\n".join(f"- `{n}`: {m}" for n, m in error.problems.items())
+
+
+def start_stage(manager: RunManager, feedback_db: Path | None, stage: str, **form: Any) -> tuple[Any, str]:
+    """Check the data and settings, then train the stage in a child process; returns (watched run, message)."""
+    stage = stage if stage != "policy" else ("kto" if form.get("method") == "KTO" else "dpo")
+    try:
+        source = data_source(manager, feedback_db, stage, form)
+        cfg = config_from_form(stage, source, form)
+        # Malformed pairs are reported now, with their row numbers, rather than from the child's log.
+        load_preferences(cfg.data, cfg.preference.format, want="unpaired" if stage == "kto" else "paired")
+        check_sources(cfg)  # an offline Hub model id is reported now, not by a failed run
+    except ConfigError as error:
+        return gr.skip(), _problems_text(error)
+    except (DataError, ModelSourceError) as error:
+        gr.Warning(str(error))
+        return gr.skip(), f"**Not started:** {error}"
+    try:
+        run_id = manager.start(cfg)
+    except RunInProgressError as error:
+        gr.Warning(str(error))
+        return gr.skip(), f"**Not started:** {error}"
+    write_status(manager.run_dir(run_id), stage=stage)  # the child writes it too; the watcher needs it at once
+    return run_id, f"Started {stage} run `{run_id}`; loading the model and the preference data…"
+
+
+def stop_stage(manager: RunManager, run_id: str) -> str:
+    return stop_run(manager, run_id)  # the same cooperative stop as an SFT run
+
+
+# --- watching --------------------------------------------------------------------------------------------------
+
+def runs_of_stage(manager: RunManager, stages: tuple[str, ...]) -> list[str]:
+    """Run ids of the given stages, newest first (the stage is in status.json, so no config is parsed)."""
+    return [run_id for run_id in manager.list_ids() if read_status(manager.run_dir(run_id)).get("stage") in stages]
+
+
+def pick_watched(manager: RunManager, stages: tuple[str, ...], current: str | None) -> str:
+    ids = runs_of_stage(manager, stages)
+    running = [i for i in ids if manager.status(i).get("state") in ("running", "queued")]
+    if running:
+        return running[0]
+    return current if current in ids else (ids[0] if ids else "")
+
+
+def _frame(rows: list[dict[str, Any]], series: tuple[tuple[str, str], ...], y: str) -> pd.DataFrame | None:
+    """Long format (step, value, series). Every series gets at least a blank point: gradio's LinePlot fixes its
+    colour domain from the first frame it draws, and a series missing then would never be drawn."""
+    points = [(r["step"], r[key], label) for r in rows for key, label in series
+              if isinstance(r.get(key), (int, float)) and "train_runtime" not in r]
+    if not points:
+        return None
+    present = {label for _, _, label in points}
+    points += [(points[0][0], None, label) for _, label in series if label not in present]
+    return pd.DataFrame(points, columns=["step", y, "series"]).astype({"step": int, y: float})
+
+
+def progress_html(elem: str, status: dict[str, Any], rows: list[dict[str, Any]]) -> str:
+    step, total = int(status.get("step") or 0), int(status.get("max_steps") or 0)
+    state = status.get("state", "idle")
+    percent = 100.0 if state == "completed" else (100.0 * step / total if total else 0.0)
+    points = sum(isinstance(r.get("loss"), (int, float)) for r in rows)
+    colour = {"failed": "#dc2626", "stopped": "#d97706", "interrupted": "#d97706"}.get(state, "#7c3aed")
+    return (f"<div id='{elem}' data-state='{state}' data-points='{points}'><b>{state}</b> · step {step}/"
+            f"{total or '?'} · {percent:.0f}%<div style='background:#e5e7eb;border-radius:6px;height:10px;"
+            f"margin-top:6px'><div style='width:{percent:.1f}%;background:{colour};height:10px;border-radius:6px'>"
+            f"</div></div></div>")
+
+
+def _last(rows: list[dict[str, Any]], key: str) -> float | None:
+    values = [r[key] for r in rows if isinstance(r.get(key), (int, float))]
+    return values[-1] if values else None
+
+
+def _first(rows: list[dict[str, Any]], key: str) -> float | None:
+    values = [r[key] for r in rows if isinstance(r.get(key), (int, float))]
+    return values[0] if values else None
+
+
+def status_text(run_id: str, status: dict[str, Any], rows: list[dict[str, Any]], key: str, label: str) -> str:
+    if not run_id:
+        return "No run of this step yet."
+    state = status.get("state", "unknown")
+    if state == "failed":
+        return f"Run `{run_id}` **failed**: {status.get('error') or 'see the log'}"
+    start, end = _first(rows, key), _last(rows, key)
+    change = f" · {label}: {start:.3f} → {end:.3f}" if start is not None and end is not None else ""
+    return f"Run `{run_id}` is **{state}**{change}"
+
+
+def poll_rlhf(manager: RunManager, reward_id: str, policy_id: str) -> tuple[Any, ...]:
+    """Both watched runs, read from their folders (cheap enough for a 2 s timer)."""
+    reward_id = pick_watched(manager, ("reward",), reward_id)
+    policy_id = pick_watched(manager, POLICY_STAGES, policy_id)
+    outputs: list[Any] = []
+    for run_id, elem, key, label, charts in (
+            (reward_id, "rlhf-reward-progress", "eval_accuracy", "held-out accuracy", (REWARD_LOSS, REWARD_ACCURACY)),
+            (policy_id, "rlhf-policy-progress", "eval_rewards/margins", "held-out margin",
+             (POLICY_LOSS, POLICY_REWARDS))):
+        status = manager.status(run_id) if run_id else {"state": "idle"}
+        rows = read_metrics(manager.run_dir(run_id)) if run_id else []
+        outputs += [run_id, status_text(run_id, status, rows, key, label), progress_html(elem, status, rows),
+                    _frame(rows, charts[0], "loss"), _frame(rows, charts[1], "value")]
+    active = manager.active_run() or policy_id or reward_id
+    outputs.append(manager.log_tail(active, 25) if active else "")
+    return tuple(outputs)
+
+
+# --- the playground and the comparison ---------------------------------------------------------------------------
+
+class ScorerCache:
+    """One reward model in memory at a time (the CPU has no room for several next to the chat model)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._folder: Path | None = None
+        self._scorer: Any = None
+
+    def get(self, folder: Path) -> Any:
+        from finetune.rlhf import RewardScorer
+
+        with self._lock:
+            if self._folder != folder:
+                self._scorer, self._folder = None, None
+                self._scorer, self._folder = RewardScorer(folder), folder
+            return self._scorer
+
+
+def reward_choices(manager: RunManager, current: str | None = None) -> Any:
+    ids = list(manager.reward_models())
+    return gr.Dropdown(choices=ids, value=current if current in ids else (ids[0] if ids else None))
+
+
+def start_choices(manager: RunManager, current: str | None = None) -> Any:
+    """SFT adapters to start DPO/KTO from (preference-tuned ones too: the loop may go round again)."""
+    ids = [BASE_CHOICE] + list(manager.finished_adapters())
+    return gr.Dropdown(choices=ids, value=current if current in ids else BASE_CHOICE)
+
+
+def _reward_folder(manager: RunManager, run_id: str | None) -> Path:
+    models = manager.reward_models()
+    if not run_id or run_id not in models:
+        raise gr.Error("Pick a finished reward model first (train one in step 3).")
+    return models[run_id]
+
+
+def score_answers(manager: RunManager, cache: ScorerCache, reward_run: str | None, prompt: str, answer_a: str,
+                  answer_b: str) -> str:
+    """Score one or two answers to a prompt with the reward model; with two, say which it prefers."""
+    if not (prompt or "").strip():
+        raise gr.Error("Type a prompt first.")
+    answers = [a for a in (answer_a, answer_b) if (a or "").strip()]
+    if not answers:
+        raise gr.Error("Type at least one answer to score.")
+    try:
+        scorer = cache.get(_reward_folder(manager, reward_run))
+        scores = scorer.score([prompt] * len(answers), answers)
+    except (ModelSourceError, ConfigError, OSError, ValueError) as error:
+        raise gr.Error(f"Could not score: {error}") from None
+    lines = [f"**Answer {name}:** reward {score:+.3f}" for name, score in zip("AB", scores)]
+    if len(scores) == 2:
+        better = "A" if scores[0] > scores[1] else "B" if scores[1] > scores[0] else None
+        lines.append(f"The reward model prefers **answer {better}** (margin {abs(scores[0] - scores[1]):.3f})."
+                     if better else "The reward model scores both answers the same.")
+    return "  \n".join(lines)
+
+
+def last_chat_turn(base_chat: list[dict[str, Any]] | None, tuned_chat: list[dict[str, Any]] | None
+                   ) -> tuple[str, str, str]:
+    """The Chat tab's last turn as (prompt, base answer, fine-tuned answer) for the playground."""
+    from finetune.chat import normalize_history
+
+    base, tuned = normalize_history(base_chat), normalize_history(tuned_chat)
+    if len(base) < 2 or len(tuned) < 2 or base[-1]["role"] != "assistant":
+        raise gr.Error("No chat turn yet: ask both models something in the Chat tab first.")
+    return base[-2]["content"], base[-1]["content"], tuned[-1]["content"]
+
+
+def compare_policy(manager: RunManager, cache: ScorerCache, reward_run: str | None, policy_run: str | None,
+                   prompts: float, max_new_tokens: float) -> tuple[str, pd.DataFrame]:
+    """Greedy answers of the base model and of the preference-tuned adapter on held-out prompts, scored by the
+    reward model: the number that says whether the tuning moved the answers in the preferred direction."""
+    from finetune.rlhf import compare_with_reward
+
+    adapters = manager.finished_adapters()
+    if not policy_run or policy_run not in adapters:
+        raise gr.Error("No finished DPO/KTO run to compare yet (step 4).")
+    try:
+        scorer = cache.get(_reward_folder(manager, reward_run))
+        cfg = load_config(manager.run_dir(policy_run) / "config.yaml")
+        questions = held_out_prompts(cfg.data, limit=max(1, int(prompts)))
+        result = compare_with_reward(scorer, cfg.model, adapters[policy_run], questions, int(max_new_tokens))
+    except (DataError, ModelSourceError, ConfigError, OSError, ValueError) as error:
+        raise gr.Error(f"Could not compare: {error}") from None
+    table = pd.DataFrame({"prompt": result.prompts, "base answer": result.base_answers,
+                          "base reward": result.base_scores, "tuned answer": result.tuned_answers,
+                          "tuned reward": result.tuned_scores}).round(3)
+    summary = (f"Mean reward on {len(result.prompts)} held-out prompts: **base {result.base_mean:+.3f}**, "
+               f"**{policy_run} {result.tuned_mean:+.3f}** (tuned better on {result.tuned_wins} of "
+               f"{len(result.prompts)}).")
+    return summary, table
+
+
+# --- data preview and the pipeline summary ------------------------------------------------------------------------
+
+def preview_data(manager: RunManager, feedback_db: Path | None, **form: Any) -> tuple[str, pd.DataFrame]:
+    stage = "kto" if form.get("method") == "KTO" else "dpo"
+    try:
+        source = data_source(manager, feedback_db, stage, form)
+        cfg = config_from_form(stage, source, form)
+        fmt, count, rows = preview_preferences(cfg.data, cfg.preference.format)
+        data = load_preferences(cfg.data, cfg.preference.format)
+    except ConfigError as error:
+        return "Preview unavailable: " + "; ".join(error.problems.values()), pd.DataFrame()
+    except (DataError, ModelSourceError, OSError) as error:
+        gr.Warning(str(error))
+        return f"**Cannot use this data:** {error}", pd.DataFrame()
+    held = len(data.eval) if data.eval is not None else 0
+    notes = f" · {'; '.join(data.notes)}" if data.notes else ""
+    return (f"**Source:** `{source}` · **format:** `{fmt}` · **{count}** training rows, **{held}** held out"
+            f"{notes}", pd.DataFrame(rows))
+
+
+def pipeline_text(manager: RunManager, **form: Any) -> str:
+    """Which data and models each step uses, as the form and the runs folder say right now."""
+    model = _model_source(form) or "(no model chosen)"
+    start = form.get("start_adapter") or BASE_CHOICE
+    kind = form.get("data_kind") or DATA_KINDS[0]
+    data = {"Bundled pairs": BUNDLED_PREFERENCES, "Collected feedback": "the Chat tab's feedback (exported)",
+            "Uploaded file": Path(str(form.get("data_file") or "(no file)")).name,
+            "Hub dataset": form.get("data_hub_name") or "(no name)"}[kind]
+    rewards = list(manager.reward_models())
+    reward = form.get("reward_run") or (rewards[0] if rewards else None)
+    method = form.get("method") or "DPO"
+    return "\n".join([
+        f"1. **Pretrained model:** `{model}` at {form.get('model_bits', 4)}-bit",
+        f"2. **Human feedback:** `{data}`",
+        f"3. **Reward model:** LoRA + score head on `{model}`, trained on the pairs of step 2"
+        f" · latest: `{reward or 'none yet'}`",
+        f"4. **{method}:** starts from `{start}` (also the frozen reference), learns from step 2's "
+        f"{'thumbs' if method == 'KTO' else 'pairs'}; judged by reward model `{reward or 'none yet'}`; the new "
+        "adapter appears in the Chat tab",
+    ])
+
+
+# --- layout --------------------------------------------------------------------------------------------------------
+
+def _info(section: str, name: str) -> str:
+    return field_help(section, name)
+
+
+def _step1(form: dict[str, Any]) -> None:
+    with gr.Accordion("Step 1 · The pretrained model", open=True):
+        gr.Markdown("The model whose answers people rated. DPO/KTO can start from an SFT adapter of it.")
+        with gr.Row():
+            form["model_kind"] = gr.Radio(list(MODEL_KINDS), value="Embedded", label="Model source",
+                                          elem_id="rlhf-model-kind")
+            form["model_source"] = gr.Textbox(value=EMBEDDED_MODEL, label="Model", elem_id="rlhf-model",
+                                              info=_info("model", "source"))
+            form["model_bits"] = gr.Radio([4, 8, 16, 32], value=4, label="Bit width", info=_info("model", "bits"))
+        with gr.Row():
+            form["start_adapter"] = gr.Dropdown([BASE_CHOICE], value=BASE_CHOICE, label="Start DPO/KTO from",
+                                                info=_info("preference", "start_adapter"), elem_id="rlhf-start",
+                                                allow_custom_value=True)
+
+
+def _step2(form: dict[str, Any]) -> dict[str, Any]:
+    view: dict[str, Any] = {}
+    with gr.Accordion("Step 2 · Human feedback: preference data", open=True):
+        gr.Markdown("Pairs (prompt, chosen, rejected) teach the reward model and DPO; thumbs (prompt, completion, "
+                    "label) teach KTO. The bundled set has 150 course-style pairs and 24 held-out ones.")
+        with gr.Row():
+            kinds = list(DATA_KINDS) if feedback_available() else [k for k in DATA_KINDS if k != "Collected feedback"]
+            form["data_kind"] = gr.Radio(kinds, value=DATA_KINDS[0], label="Preferences from",
+                                         elem_id="rlhf-data-kind")
+            form["data_file"] = gr.File(label="Preference file", type="filepath", elem_id="rlhf-data-file",
+                                        file_types=[".jsonl", ".json", ".csv", ".parquet"])
+            form["data_hub_name"] = gr.Textbox(label="Hub dataset", placeholder="trl-lib/ultrafeedback_binarized")
+            form["data_split"] = gr.Textbox(value="train", label="Split", info=_info("data", "split"))
+        view["preview"] = gr.Button("Check and preview the data", size="sm", elem_id="rlhf-preview-button")
+        view["info"] = gr.Markdown(elem_id="rlhf-data-info")
+        view["table"] = gr.Dataframe(pd.DataFrame(), interactive=False, wrap=True, max_height=260)
+    return view
+
+
+def _plots(prefix: str, first_title: str, second_title: str) -> dict[str, Any]:
+    view: dict[str, Any] = {}
+    view["watching"] = gr.Textbox(label="Watching run", interactive=False, elem_id=f"rlhf-{prefix}-run")
+    view["status"] = gr.Markdown(elem_id=f"rlhf-{prefix}-status")
+    view["progress"] = gr.HTML(progress_html(f"rlhf-{prefix}-progress", {"state": "idle"}, []))
+    with gr.Row():
+        view["loss_plot"] = gr.LinePlot(None, x="step", y="loss", color="series", title=first_title, height=260,
+                                        elem_id=f"rlhf-{prefix}-loss")
+        view["metric_plot"] = gr.LinePlot(None, x="step", y="value", color="series", title=second_title,
+                                          height=260, elem_id=f"rlhf-{prefix}-metrics")
+    return view
+
+
+def _step3(form: dict[str, Any], defaults: RunConfig, with_chat: bool) -> dict[str, Any]:
+    with gr.Accordion("Step 3 · A reward model trained on the feedback", open=True):
+        gr.Markdown("TRL `RewardTrainer`: LoRA plus a one-output score head on the base model, trained so the "
+                    "chosen answer scores above the rejected one. Watch the held-out accuracy rise above 50%.")
+        with gr.Row():
+            form["reward_learning_rate"] = gr.Number(defaults.training.learning_rate, label="Learning rate",
+                                                     info=_info("training", "learning_rate"))
+            form["reward_max_steps"] = gr.Number(defaults.training.max_steps, label="Steps", precision=0,
+                                                 elem_id="rlhf-reward-steps")
+        with gr.Row():
+            start = gr.Button("Train the reward model", variant="primary", elem_id="rlhf-start-reward")
+            stop = gr.Button("Stop", variant="stop", size="sm")
+        view = _plots("reward", "Reward model loss", "Accuracy and margin (chosen vs rejected)")
+        with gr.Accordion("Reward playground", open=True):
+            with gr.Row():
+                form["reward_run"] = gr.Dropdown([], label="Reward model (run)", elem_id="rlhf-reward-pick",
+                                                 allow_custom_value=True, info=_info("preference", "reward_model"))
+                view["refresh"] = gr.Button("Refresh lists", size="sm")
+                view["take_chat"] = gr.Button("Take the last Chat turn", size="sm", elem_id="rlhf-take-chat",
+                                              visible=with_chat)
+            view["prompt"] = gr.Textbox(label="Prompt", elem_id="rlhf-play-prompt")
+            with gr.Row():
+                view["answer_a"] = gr.Textbox(label="Answer A", lines=3, elem_id="rlhf-play-a")
+                view["answer_b"] = gr.Textbox(label="Answer B (optional)", lines=3, elem_id="rlhf-play-b")
+            view["score"] = gr.Button("Score", elem_id="rlhf-score")
+            view["scores"] = gr.Markdown(elem_id="rlhf-scores")
+    return {**view, "start": start, "stop": stop}
+
+
+def _step4(form: dict[str, Any], defaults: RunConfig) -> dict[str, Any]:
+    with gr.Accordion("Step 4 · Fine-tuning guided by the preferences", open=True):
+        gr.Markdown("TRL `DPOTrainer` on the pairs (or `KTOTrainer` on thumbs) makes a new LoRA adapter. Watch "
+                    "rewards/margins rise: the tuned model prefers the chosen answers more than the reference does.")
+        with gr.Row():
+            form["method"] = gr.Radio(["DPO", "KTO"], value="DPO", label="Method", elem_id="rlhf-method")
+            form["beta"] = gr.Number(defaults.preference.beta, label="Beta", info=_info("preference", "beta"))
+            form["loss_type"] = gr.Dropdown(list(DPO_LOSSES + KTO_LOSSES), value=defaults.preference.loss_type,
+                                            label="Loss", info=_info("preference", "loss_type"))
+        with gr.Row():
+            form["policy_learning_rate"] = gr.Number(defaults.training.learning_rate, label="Learning rate")
+            form["policy_max_steps"] = gr.Number(defaults.training.max_steps, label="Steps", precision=0,
+                                                 elem_id="rlhf-policy-steps")
+        with gr.Row():
+            start = gr.Button("Train with DPO / KTO", variant="primary", elem_id="rlhf-start-policy")
+            stop = gr.Button("Stop", variant="stop", size="sm")
+        view = _plots("policy", "DPO / KTO loss", "Implicit rewards of chosen and rejected answers")
+        with gr.Accordion("Did the answers move in the preferred direction?", open=False):
+            with gr.Row():
+                view["compare_prompts"] = gr.Number(4, label="Held-out prompts", precision=0, minimum=1, maximum=24)
+                view["compare_tokens"] = gr.Number(64, label="Max new tokens", precision=0, minimum=8, maximum=256)
+                view["compare"] = gr.Button("Score base vs tuned answers with the reward model",
+                                            elem_id="rlhf-compare")
+            view["compare_summary"] = gr.Markdown(elem_id="rlhf-compare-summary")
+            view["compare_table"] = gr.Dataframe(pd.DataFrame(), interactive=False, wrap=True, max_height=300)
+    return {**view, "start": start, "stop": stop}
+
+
+def _advanced(form: dict[str, Any], defaults: RunConfig) -> None:
+    with gr.Accordion("Settings shared by steps 3 and 4", open=False):
+        with gr.Row():
+            form["lora_rank"] = gr.Number(defaults.lora.rank, label="LoRA rank (alpha = 2 x rank)", precision=0,
+                                          info=_info("lora", "rank"))
+            form["batch_size"] = gr.Number(defaults.training.batch_size, label="Batch size (pairs)", precision=0,
+                                           elem_id="rlhf-batch")
+            form["eval_steps"] = gr.Number(defaults.training.eval_steps, label="Held-out eval every N steps",
+                                           precision=0, elem_id="rlhf-eval-steps",
+                                           info=_info("training", "eval_steps"))
+            form["max_seq_length"] = gr.Number(defaults.data.max_seq_length, label="Max sequence length",
+                                               precision=0, info=_info("data", "max_seq_length"))
+
+
+def build_rlhf_tab(manager: RunManager, feedback_db: str | Path | None = None,
+                   chat: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Lay out the four steps and wire them; ``chat`` (the Chat tab's components) lets the playground take
+    the last chat turn. Returns the components by name."""
+    feedback_db = Path(feedback_db) if feedback_db else None
+    form: dict[str, Any] = {}
+    gr.Markdown("## RLHF in four steps\nEach step below uses what the step before produced.")
+    pipeline = gr.Markdown(elem_id="rlhf-pipeline")
+    _step1(form)
+    data_view = _step2(form)
+    reward = _step3(form, _preset("reward"), chat is not None)
+    policy = _step4(form, _preset("dpo"))
+    _advanced(form, _preset("dpo"))
+    log = gr.Textbox(label="Training log (last lines)", lines=8, max_lines=8, interactive=False,
+                     elem_id="rlhf-log")
+    _wire(manager, feedback_db, form, pipeline, data_view, reward, policy, log, chat)
+    return {**form, "pipeline": pipeline, "log": log, **{f"data_{k}": v for k, v in data_view.items()},
+            **{f"reward_{k}": v for k, v in reward.items()}, **{f"policy_{k}": v for k, v in policy.items()}}
+
+
+def _wire(manager: RunManager, feedback_db: Path | None, form: dict[str, Any], pipeline: Any,
+          data_view: dict[str, Any], reward: dict[str, Any], policy: dict[str, Any], log: Any,
+          chat: dict[str, Any] | None) -> None:
+    cache = ScorerCache()
+    summary = functools.partial(pipeline_text, manager)
+    gr.on([form[k].change for k in ("model_kind", "model_source", "model_bits", "start_adapter", "data_kind",
+                                    "data_file", "data_hub_name", "method", "reward_run")],
+          summary, inputs_kwargs=form, outputs=pipeline, api_visibility="private", show_progress="hidden")
+    form["model_kind"].change(lambda kind: gr.update(value=EMBEDDED_MODEL if kind == "Embedded" else ""),
+                              form["model_kind"], form["model_source"], api_visibility="private")
+    data_view["preview"].click(functools.partial(preview_data, manager, feedback_db), inputs_kwargs=form,
+                               outputs=[data_view["info"], data_view["table"]], api_name="rlhf_preview_data")
+    reward["start"].click(functools.partial(start_stage, manager, feedback_db, "reward"), inputs_kwargs=form,
+                          outputs=[reward["watching"], reward["status"]], api_name="rlhf_start_reward",
+                          concurrency_limit=1, concurrency_id="train-start")
+    policy["start"].click(functools.partial(start_stage, manager, feedback_db, "policy"), inputs_kwargs=form,
+                          outputs=[policy["watching"], policy["status"]], api_name="rlhf_start_policy",
+                          concurrency_limit=1, concurrency_id="train-start")
+    for view, name in ((reward, "rlhf_stop_reward"), (policy, "rlhf_stop_policy")):
+        view["stop"].click(functools.partial(stop_stage, manager), view["watching"], view["status"], api_name=name)
+    live = [reward[k] for k in ("watching", "status", "progress", "loss_plot", "metric_plot")] + \
+           [policy[k] for k in ("watching", "status", "progress", "loss_plot", "metric_plot")] + [log]
+    poll = functools.partial(poll_rlhf, manager)
+    gr.Timer(POLL_SECONDS).tick(poll, [reward["watching"], policy["watching"]], live, api_name="rlhf_poll",
+                                show_progress="hidden", queue=False)
+    lists = [form["reward_run"], form["start_adapter"]]
+
+    def refresh_lists(reward_run: str | None, start: str | None) -> tuple[Any, Any]:
+        return reward_choices(manager, reward_run), start_choices(manager, start)
+
+    reward["refresh"].click(refresh_lists, lists, lists, api_name="rlhf_lists")
+    # A finished run changes its status line: refresh the pickers so the new reward model / adapter is there.
+    for view in (reward, policy):
+        view["status"].change(refresh_lists, lists, lists, api_visibility="private", show_progress="hidden")
+    reward["score"].click(functools.partial(score_answers, manager, cache),
+                          [form["reward_run"], reward["prompt"], reward["answer_a"], reward["answer_b"]],
+                          reward["scores"], api_name="rlhf_score", concurrency_limit=1, concurrency_id="reward")
+    if chat is not None:
+        reward["take_chat"].click(last_chat_turn, [chat["base_chat"], chat["tuned_chat"]],
+                                  [reward["prompt"], reward["answer_a"], reward["answer_b"]],
+                                  api_visibility="private")
+    policy["compare"].click(functools.partial(compare_policy, manager, cache),
+                            [form["reward_run"], policy["watching"], policy["compare_prompts"],
+                             policy["compare_tokens"]], [policy["compare_summary"], policy["compare_table"]],
+                            api_name="rlhf_compare", concurrency_limit=1, concurrency_id="reward")
+    page = gr.context.Context.root_block
+    if page is not None:  # a page (re)load re-attaches to running jobs and fills the pickers
+        page.load(poll, [reward["watching"], policy["watching"]], live, api_visibility="private")
+        page.load(refresh_lists, lists, lists, api_visibility="private")
+        page.load(summary, inputs_kwargs=form, outputs=pipeline, api_visibility="private")

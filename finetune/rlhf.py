@@ -1,0 +1,333 @@
+"""The RLHF stages after supervised fine-tuning: a reward model, then preference optimization (DPO or KTO).
+
+    python -m finetune.train configs/reward-cpu.yaml --output-dir runs/reward   # stage: reward
+    python -m finetune.train configs/dpo-cpu.yaml --output-dir runs/dpo         # stage: dpo
+    python -m finetune.train configs/kto-cpu.yaml --output-dir runs/kto         # stage: kto (thumbs)
+
+``finetune.train`` dispatches here by ``cfg.stage``; everything else is shared with SFT: the run folder, the
+metrics callback (metrics.jsonl, status.json, STOP), the run manager's child process and the history.
+
+- reward: TRL ``RewardTrainer``, LoRA (``task_type=SEQ_CLS``, so the new score head is trained and saved too) on
+  a one-output sequence-classification head over the base model, 4-bit when ``model.bits`` is 4. Saved under
+  ``reward_model/`` (not ``adapter/``: it scores answers, it does not chat).
+- dpo / kto: TRL ``DPOTrainer`` / ``KTOTrainer``, a fresh LoRA on the base or, with ``preference.start_adapter``,
+  the SFT adapter trained further (the starting adapter is then the frozen reference). Saved under ``adapter/``
+  like an SFT run, so the Chat tab lists it.
+
+A reward run evaluates the held-out pairs once before training (step 0), so its accuracy curve starts at chance.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from finetune.config import KTO_LOSSES, ModelConfig, RunConfig, load_config, save_config
+from finetune.hardware import HardwareProfile, detect
+from finetune.metrics import STOP_FILE, MetricsCallback
+from finetune.models import (ModelSourceError, count_parameters, from_hub_or_cache, load_model, load_tokenizer,
+                             model_load_kwargs)
+from finetune.preference import PreferenceData, PreferenceError, load_preferences
+from finetune.runs import REWARD_DIR
+from finetune.train import (ADAPTER_DIR, CHECKPOINT_DIR, _write_run_info, keep_adapters_in_compute_dtype,
+                            last_checkpoint, to_lora_config)
+
+CONFIG_COPY = "lora_lab_config.yaml"
+Messages = list[dict[str, str]]
+
+
+# --- config -> library objects (pure) --------------------------------------------------------------------------
+
+def _checkpointing(cfg: RunConfig) -> bool:
+    return cfg.training.gradient_checkpointing in (True, "on")
+
+
+def common_args(cfg: RunConfig, profile: HardwareProfile, run_dir: Path, has_eval: bool) -> dict[str, Any]:
+    """TrainingArguments shared by the reward, DPO and KTO configs (the same choices as the SFT run)."""
+    t = cfg.training
+    evaluate_during = has_eval and t.eval_steps > 0
+    checkpointing = _checkpointing(cfg)
+    return dict(
+        output_dir=str(run_dir / CHECKPOINT_DIR),
+        learning_rate=t.learning_rate, lr_scheduler_type=t.lr_scheduler, warmup_steps=t.warmup_ratio,
+        num_train_epochs=t.num_epochs, max_steps=t.max_steps,
+        per_device_train_batch_size=t.batch_size, per_device_eval_batch_size=t.batch_size,
+        gradient_accumulation_steps=t.gradient_accumulation, optim=t.optimizer,
+        weight_decay=t.weight_decay, max_grad_norm=t.max_grad_norm,
+        gradient_checkpointing=checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False} if checkpointing else None,
+        seed=t.seed, data_seed=t.seed, logging_steps=t.logging_steps, logging_first_step=True,
+        eval_strategy="steps" if evaluate_during else "no", eval_steps=t.eval_steps if evaluate_during else None,
+        save_strategy="steps", save_steps=t.save_steps, save_total_limit=2,
+        # TRL's configs default to bf16 even on the CPU, where it is many times slower: follow the hardware.
+        bf16=profile.is_cuda and profile.compute_dtype == "bfloat16",
+        fp16=profile.is_cuda and profile.compute_dtype == "float16",
+        use_cpu=not profile.is_cuda, report_to=["tensorboard"], disable_tqdm=True, dataloader_num_workers=0,
+        max_length=cfg.data.max_seq_length, ddp_find_unused_parameters=False,
+    )
+
+
+def to_reward_config(cfg: RunConfig, profile: HardwareProfile, run_dir: Path, has_eval: bool) -> Any:
+    from trl import RewardConfig
+
+    return RewardConfig(**common_args(cfg, profile, run_dir, has_eval))
+
+
+def to_dpo_config(cfg: RunConfig, profile: HardwareProfile, run_dir: Path, has_eval: bool) -> Any:
+    from trl import DPOConfig
+
+    loss = cfg.preference.loss_type if cfg.preference.loss_type not in KTO_LOSSES else "sigmoid"
+    return DPOConfig(**common_args(cfg, profile, run_dir, has_eval), beta=cfg.preference.beta, loss_type=[loss])
+
+
+def to_kto_config(cfg: RunConfig, profile: HardwareProfile, run_dir: Path, has_eval: bool) -> Any:
+    from trl import KTOConfig
+
+    loss = cfg.preference.loss_type if cfg.preference.loss_type in KTO_LOSSES else "kto"
+    return KTOConfig(**common_args(cfg, profile, run_dir, has_eval), beta=cfg.preference.beta, loss_type=loss)
+
+
+def to_reward_lora_config(cfg: RunConfig) -> Any:
+    """Like the SFT LoRA, but SEQ_CLS: peft then also trains and saves the freshly initialised score head."""
+    from peft import LoraConfig
+
+    return LoraConfig(r=cfg.lora.rank, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
+                      target_modules=cfg.lora.target_module_list(), bias=cfg.lora.bias, task_type="SEQ_CLS")
+
+
+# --- locating earlier runs -------------------------------------------------------------------------------------
+
+def resolve_run_folder(value: str, runs_root: Path, sub: str) -> Path:
+    """A run id (looked up under runs_root) or a folder -> the folder holding the adapter (``sub`` of a run)."""
+    for candidate in (runs_root / value / sub, Path(value).expanduser() / sub, Path(value).expanduser()):
+        if (candidate / "adapter_config.json").is_file():
+            return candidate
+    what = "reward model" if sub == REWARD_DIR else "adapter"
+    raise ModelSourceError(f"No {what} found for '{value}': give the id of a finished run or a folder with "
+                           "adapter_config.json.")
+
+
+# --- models --------------------------------------------------------------------------------------------------
+
+def load_reward_base(model_cfg: ModelConfig, tokenizer: Any, profile: HardwareProfile) -> Any:
+    """The base model with a one-output classification head (new, randomly initialised) at the configured bits."""
+    from transformers import AutoModelForSequenceClassification
+
+    model = from_hub_or_cache(AutoModelForSequenceClassification.from_pretrained, model_cfg.source, num_labels=1,
+                              **model_load_kwargs(model_cfg, profile))
+    if model_cfg.bits not in (4, 8) and profile.is_cuda:
+        model.to("cuda")
+    model.config.pad_token_id = tokenizer.pad_token_id  # the head reads the last non-padding token
+    model.config.use_cache = False
+    return model
+
+
+def _adapters_to_compute_dtype(model: torch.nn.Module, profile: HardwareProfile) -> None:
+    """TRL casts QLoRA adapters to bf16; on the CPU (and for fp16 AMP) every LoRA weight, frozen reference
+    copies included, stays fp32 or each forward pays bf16's slow CPU path."""
+    keep_adapters_in_compute_dtype(model, profile)
+    if profile.is_cuda and profile.compute_dtype == "bfloat16":
+        return
+    for name, parameter in model.named_parameters():
+        if "lora_" in name and parameter.dtype != torch.float32:
+            parameter.data = parameter.data.float()
+
+
+# --- trainers ------------------------------------------------------------------------------------------------
+
+def _load_data(cfg: RunConfig, want: str) -> PreferenceData:
+    return load_preferences(cfg.data, cfg.preference.format, want=want, seed=cfg.training.seed)
+
+
+def _record(trainer: Any, run_dir: Path, profile: HardwareProfile, data: PreferenceData, **extra: Any) -> None:
+    if not trainer.is_world_process_zero():
+        return
+    trainable, total = count_parameters(trainer.model)
+    _write_run_info(run_dir, stage=trainer.__class__.__name__, hardware=profile.summary(),
+                    compute_dtype=profile.compute_dtype, world_size=trainer.args.world_size,
+                    data_format=data.source_format, train_rows=len(data.train),
+                    eval_rows=len(data.eval) if data.eval is not None else 0, data_notes=data.notes,
+                    trainable_parameters=trainable, total_parameters=total, **extra)
+
+
+def build_reward_trainer(cfg: RunConfig, run_dir: Path) -> tuple[Any, MetricsCallback, PreferenceData]:
+    from trl import RewardTrainer
+
+    profile = detect()
+    tokenizer = load_tokenizer(cfg.model)
+    data = _load_data(cfg, "paired")
+    model = load_reward_base(cfg.model, tokenizer, profile)
+    callback = MetricsCallback(run_dir, stage="reward")
+    trainer = RewardTrainer(model=model, args=to_reward_config(cfg, profile, run_dir, data.eval is not None),
+                            train_dataset=data.train, eval_dataset=data.eval, processing_class=tokenizer,
+                            peft_config=to_reward_lora_config(cfg), callbacks=[callback])
+    _adapters_to_compute_dtype(trainer.model, profile)
+    _record(trainer, run_dir, profile, data)
+    return trainer, callback, data
+
+
+def _policy_model(cfg: RunConfig, run_dir: Path, profile: HardwareProfile) -> tuple[Any, Any, str]:
+    """(model, peft_config or None, what it starts from): a fresh LoRA, or the SFT adapter to keep training."""
+    model = load_model(cfg.model, profile)
+    if not cfg.preference.start_adapter:
+        return model, to_lora_config(cfg), "base model"
+    from peft import PeftModel
+
+    folder = resolve_run_folder(cfg.preference.start_adapter, run_dir.parent, ADAPTER_DIR)
+    return PeftModel.from_pretrained(model, str(folder), is_trainable=True), None, str(folder)
+
+
+def build_preference_trainer(cfg: RunConfig, run_dir: Path) -> tuple[Any, MetricsCallback, PreferenceData]:
+    """DPOTrainer (pairs) or KTOTrainer (thumbs), on a fresh LoRA or on the SFT adapter to start from."""
+    from trl import DPOTrainer, KTOTrainer
+
+    profile = detect()
+    tokenizer = load_tokenizer(cfg.model)
+    is_kto = cfg.stage == "kto"
+    data = _load_data(cfg, "unpaired" if is_kto else "paired")
+    model, peft_config, start = _policy_model(cfg, run_dir, profile)
+    make_args = to_kto_config if is_kto else to_dpo_config
+    callback = MetricsCallback(run_dir, stage=cfg.stage)
+    trainer = (KTOTrainer if is_kto else DPOTrainer)(
+        model=model, args=make_args(cfg, profile, run_dir, data.eval is not None), train_dataset=data.train,
+        eval_dataset=data.eval, processing_class=tokenizer, peft_config=peft_config, callbacks=[callback])
+    _adapters_to_compute_dtype(trainer.model, profile)
+    _record(trainer, run_dir, profile, data, started_from=start)
+    return trainer, callback, data
+
+
+def main(cfg: RunConfig, run_dir: str | Path, resume: bool = False) -> Path:
+    """Train the configured RLHF stage; returns the saved reward model or adapter folder."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    os.environ["TENSORBOARD_LOGGING_DIR"] = str(run_dir / "tensorboard")  # transformers 5 reads it from env
+    build = build_reward_trainer if cfg.stage == "reward" else build_preference_trainer
+    trainer, callback, data = build(cfg, run_dir)
+    checkpoint = last_checkpoint(run_dir) if resume else None
+    if cfg.stage == "reward" and data.eval is not None and checkpoint is None:
+        # Step 0 of the held-out accuracy: the random score head's chance level. (DPO/KTO need no such point:
+        # the policy starts equal to its reference, so their margins start at exactly 0.)
+        trainer.evaluate()
+    trainer.train(resume_from_checkpoint=checkpoint)
+    stopped = (run_dir / STOP_FILE).exists()
+    if data.eval is not None and not stopped and callback.last_eval_step != trainer.state.global_step:
+        trainer.evaluate()
+    return _save(cfg, trainer, run_dir)
+
+
+def _save(cfg: RunConfig, trainer: Any, run_dir: Path) -> Path:
+    target = run_dir / (REWARD_DIR if cfg.stage == "reward" else ADAPTER_DIR)
+    if trainer.is_world_process_zero():
+        model = trainer.accelerator.unwrap_model(trainer.model)
+        # DPO on a started adapter also holds TRL's frozen "ref" copy; the run's result is "default" alone.
+        model.save_pretrained(str(target), selected_adapters=["default"])
+        trainer.processing_class.save_pretrained(target)
+        save_config(cfg, target / CONFIG_COPY)
+    return target
+
+
+# --- using a trained reward model ------------------------------------------------------------------------------
+
+@dataclass
+class PolicyComparison:
+    prompts: list[str]
+    base_answers: list[str]
+    tuned_answers: list[str]
+    base_scores: list[float]
+    tuned_scores: list[float]
+
+    @property
+    def base_mean(self) -> float:
+        return sum(self.base_scores) / len(self.base_scores)
+
+    @property
+    def tuned_mean(self) -> float:
+        return sum(self.tuned_scores) / len(self.tuned_scores)
+
+    @property
+    def tuned_wins(self) -> int:
+        return sum(t > b for t, b in zip(self.tuned_scores, self.base_scores))
+
+
+class RewardScorer:
+    """A trained reward model in memory: scores (prompt, answer) pairs with one scalar each."""
+
+    def __init__(self, reward_dir: str | Path, profile: HardwareProfile | None = None):
+        from peft import PeftModel
+
+        self.folder = Path(reward_dir)
+        if not (self.folder / "adapter_config.json").is_file():
+            raise ModelSourceError(f"{self.folder} is not a trained reward model (no adapter_config.json).")
+        self.cfg = load_config(self.folder / CONFIG_COPY)
+        self.profile = profile or detect()
+        self.tokenizer = load_tokenizer(self.cfg.model)
+        base = load_reward_base(self.cfg.model, self.tokenizer, self.profile)
+        self.model = PeftModel.from_pretrained(base, str(self.folder)).eval()
+
+    def _ids(self, prompt: str | Messages, answer: str | Messages) -> list[int]:
+        prompt = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+        answer = [{"role": "assistant", "content": answer}] if isinstance(answer, str) else answer
+        # The same tokenization as TRL's RewardTrainer: the chat template over the whole conversation.
+        ids = self.tokenizer.apply_chat_template(prompt + answer, tokenize=True, return_dict=True)["input_ids"]
+        return list(ids)[-self.cfg.data.max_seq_length:]
+
+    @torch.no_grad()
+    def score(self, prompts: list[str | Messages], answers: list[str | Messages], batch_size: int = 8
+              ) -> list[float]:
+        if len(prompts) != len(answers):
+            raise ValueError("score() needs one answer per prompt")
+        scores: list[float] = []
+        for start in range(0, len(prompts), batch_size):
+            rows = [self._ids(p, a) for p, a in zip(prompts[start:start + batch_size],
+                                                    answers[start:start + batch_size])]
+            batch = self.tokenizer.pad({"input_ids": rows}, padding=True, return_tensors="pt")
+            device = next(self.model.parameters()).device
+            logits = self.model(input_ids=batch["input_ids"].to(device),
+                                attention_mask=batch["attention_mask"].to(device)).logits
+            scores.extend(logits[:, 0].float().tolist())
+        return scores
+
+    def rank(self, prompt: str, answer_a: str, answer_b: str) -> tuple[float, float]:
+        """Scores of two answers to one prompt; the higher one is what the reward model prefers."""
+        a, b = self.score([prompt, prompt], [answer_a, answer_b])
+        return a, b
+
+
+@torch.no_grad()
+def generate_pairs(model_cfg: ModelConfig, adapter_dir: str | Path, prompts: list[str], max_new_tokens: int = 96,
+                   profile: HardwareProfile | None = None) -> tuple[list[str], list[str]]:
+    """Greedy answers of the base model (adapter disabled) and of the adapter, for the same prompts."""
+    from peft import PeftModel
+
+    profile = profile or detect()
+    tokenizer = load_tokenizer(model_cfg)
+    tokenizer.padding_side = "left"  # generation continues every row from its own last token
+    model = PeftModel.from_pretrained(load_model(model_cfg, profile), str(adapter_dir)).eval()
+    model.config.use_cache = True
+    texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
+                                           add_generation_prompt=True) for p in prompts]
+    batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+    batch = {k: v.to(next(model.parameters()).device) for k, v in batch.items()}
+    settings = dict(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id,
+                    eos_token_id=tokenizer.eos_token_id)
+
+    def decode(output: torch.Tensor) -> list[str]:
+        return tokenizer.batch_decode(output[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+
+    with model.disable_adapter():
+        base = decode(model.generate(**batch, **settings))
+    tuned = decode(model.generate(**batch, **settings))
+    return [t.strip() for t in base], [t.strip() for t in tuned]
+
+
+def compare_with_reward(scorer: RewardScorer, model_cfg: ModelConfig, adapter_dir: str | Path, prompts: list[str],
+                        max_new_tokens: int = 96) -> PolicyComparison:
+    """Does the tuned adapter answer held-out prompts in the direction the reward model prefers?"""
+    if not prompts:
+        raise PreferenceError("No held-out prompts to compare on.")
+    base, tuned = generate_pairs(model_cfg, adapter_dir, prompts, max_new_tokens, scorer.profile)
+    return PolicyComparison(prompts, base, tuned, scorer.score(prompts, base), scorer.score(prompts, tuned))

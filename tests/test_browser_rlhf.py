@@ -1,0 +1,95 @@
+"""The RLHF tab in a real headless Chromium, its four steps in order, on the tiny local model:
+
+1. pick the model, 2. upload preferences (a malformed file first: the rows are named; then a good one),
+3. train the reward model and score two answers in the playground, 4. train DPO and find its adapter in the
+Chat tab. Screenshots go to tests/artifacts/ (not committed).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from conftest import browser_page, served_app, write_jsonl, ARGS, ARTIFACTS, CHROMIUM, fill as _fill
+
+pytestmark = pytest.mark.browser
+
+
+@pytest.fixture(scope="module")
+def page(tmp_path_factory):
+    with served_app(tmp_path_factory.mktemp("rlhf-runs")) as url, browser_page(url, height=1100) as page:
+        yield page
+
+
+
+def test_the_four_steps_in_order(page, tiny_model_dir, tmp_path):
+    from playwright.sync_api import expect
+
+    page.get_by_role("tab", name="RLHF").click()
+    expect(page.locator("#rlhf-pipeline")).to_contain_text("Reward model", timeout=15_000)
+
+    # Step 1: the pretrained model.
+    page.locator("#rlhf-model-kind").get_by_text("Local folder", exact=True).click()
+    expect(page.locator("#rlhf-model textarea, #rlhf-model input").first).to_have_value("", timeout=10_000)
+    _fill(page, "rlhf-model", str(tiny_model_dir))
+    expect(page.locator("#rlhf-pipeline")).to_contain_text(str(tiny_model_dir), timeout=10_000)
+
+    # Step 2: preferences. A malformed file is refused with its rows named; a good one is previewed.
+    page.locator("#rlhf-data-kind").get_by_text("Uploaded file", exact=True).click()
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"prompt": "q", "chosen": "a"}) + "\n" +
+                   json.dumps({"prompt": "q", "chosen": "same", "rejected": "same"}) + "\n")
+    page.locator("#rlhf-data-file input[type=file]").set_input_files(str(bad))
+    page.wait_for_timeout(1500)
+    page.locator("#rlhf-preview-button").click()
+    info = page.locator("#rlhf-data-info")
+    expect(info).to_contain_text("row 1: 'rejected' is missing", timeout=30_000)
+    expect(info).to_contain_text("row 2: chosen and rejected are identical")
+    good = write_jsonl(tmp_path / "pairs.jsonl", [
+        {"prompt": f"What does setting {i} control in LoRA?",
+         "chosen": f"🧪 Lab note: setting {i} controls the adapter.\nRule of thumb: keep it small.",
+         "rejected": "It depends on many things."} for i in range(20)])
+    page.locator("#rlhf-data-file button[aria-label='Clear'], #rlhf-data-file button[title='Clear']").first.click()
+    page.locator("#rlhf-data-file input[type=file]").set_input_files(str(good))
+    page.wait_for_timeout(1500)
+    page.locator("#rlhf-preview-button").click()
+    expect(info).to_contain_text("format: paired", timeout=30_000)
+    expect(info).to_contain_text("18 training rows, 2 held out")
+
+    # Short runs for the tiny model.
+    page.get_by_text("Settings shared by steps 3 and 4").click()
+    _fill(page, "rlhf-batch", "2")
+    _fill(page, "rlhf-eval-steps", "1")
+    _fill(page, "rlhf-reward-steps", "2")
+    _fill(page, "rlhf-policy-steps", "2")
+
+    # Step 3: the reward model, then the playground.
+    page.locator("#rlhf-start-reward").click()
+    expect(page.locator("#rlhf-reward-status")).to_contain_text("reward", timeout=30_000)
+    page.locator("#rlhf-reward-progress[data-state='completed']").wait_for(timeout=240_000)
+    expect(page.locator("#rlhf-reward-status")).to_contain_text("held-out accuracy", timeout=10_000)
+    page.locator("#rlhf-reward-loss canvas, #rlhf-reward-loss svg").first.wait_for(timeout=15_000)
+    expect(page.locator("#rlhf-reward-pick input").first).not_to_have_value("", timeout=15_000)
+    _fill(page, "rlhf-play-prompt", "What does setting 3 control in LoRA?")
+    _fill(page, "rlhf-play-a", "🧪 Lab note: setting 3 controls the adapter.\nRule of thumb: keep it small.")
+    _fill(page, "rlhf-play-b", "It depends on many things.")
+    page.locator("#rlhf-score").click()
+    scores = page.locator("#rlhf-scores")
+    expect(scores).to_contain_text("Answer B:", timeout=60_000)
+    expect(scores).to_contain_text("prefers")
+
+    # Step 4: DPO on the same pairs; the new adapter is offered in the Chat tab.
+    page.locator("#rlhf-start-policy").click()
+    page.locator("#rlhf-policy-progress[data-state='completed']").wait_for(timeout=300_000)
+    expect(page.locator("#rlhf-policy-status")).to_contain_text("held-out margin", timeout=10_000)
+    page.locator("#rlhf-policy-metrics canvas, #rlhf-policy-metrics svg").first.wait_for(timeout=15_000)
+    policy_run = page.locator("#rlhf-policy-run textarea, #rlhf-policy-run input").first.input_value()
+    assert policy_run.startswith("dpo-")
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "rlhf.png"), full_page=True)
+
+    page.get_by_role("tab", name="Chat").click()
+    expect(page.locator("#adapter-pick input").first).to_have_value(policy_run, timeout=15_000)

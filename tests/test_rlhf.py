@@ -1,0 +1,209 @@
+"""The RLHF stages with real TRL trainers on the CPU, on the tiny random Llama: a reward model (RewardTrainer),
+DPO (DPOTrainer, fresh LoRA and continued from an SFT adapter) and KTO (KTOTrainer on thumbs). Each logs its
+metrics, saves something reloadable, and runs through the same run folder / RunManager as SFT."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from conftest import tiny_run_config, write_jsonl
+from finetune.config import from_dict
+from finetune.metrics import read_metrics, read_status
+from finetune.runs import RunManager
+from finetune.train import run
+
+
+@pytest.fixture(scope="module")
+def pairs_file(tmp_path_factory):
+    """Short course-style pairs: 16 train rows and (validation_fraction 0.25) 4 held out."""
+    rows = [{"prompt": f"What does setting {i} control in LoRA?",
+             "chosen": f"🧪 Lab note: setting {i} controls the adapter.\nRule of thumb: keep it small.",
+             "rejected": "It depends on many things."} for i in range(20)]
+    return write_jsonl(tmp_path_factory.mktemp("prefs") / "pairs.jsonl", rows)
+
+
+def stage_config(model_dir, data_file, stage: str, validation_fraction: float = 0.25, **training):
+    preference = training.pop("preference", {})
+    return from_dict({
+        "run_name": stage, "stage": stage,
+        "model": {"source": str(model_dir), "bits": training.pop("bits", 4)},
+        "lora": {"rank": 4, "alpha": 8, "dropout": 0.0},
+        "data": {"source": str(data_file), "max_seq_length": 128, "validation_fraction": validation_fraction},
+        "preference": preference,
+        "training": {"learning_rate": 0.01, "max_steps": 4, "batch_size": 2, "eval_steps": 2, "save_steps": 100,
+                     "logging_steps": 1, "warmup_ratio": 0.0, **training},
+    })
+
+
+def values(rows, key):
+    return [r[key] for r in rows if isinstance(r.get(key), (int, float))]
+
+
+@pytest.fixture(scope="module")
+def reward_run(tiny_model_dir, pairs_file, tmp_path_factory):
+    """A reward model trained through the RunManager's child process: (manager, run id)."""
+    manager = RunManager(tmp_path_factory.mktemp("reward") / "runs")
+    run_id = manager.start(stage_config(tiny_model_dir, pairs_file, "reward"))
+    manager.wait(run_id, timeout=300)
+    return manager, run_id
+
+
+@pytest.fixture(scope="module")
+def dpo_run(tiny_model_dir, pairs_file, tmp_path_factory):
+    """A DPO run in a runs folder: (manager, its config, its run folder)."""
+    manager = RunManager(tmp_path_factory.mktemp("dpo") / "runs")
+    cfg = stage_config(tiny_model_dir, pairs_file, "dpo", max_steps=3, eval_steps=3)
+    run(cfg, manager.run_dir("dpo-test"))
+    return manager, cfg, manager.run_dir("dpo-test")
+
+
+def test_reward_model_through_the_run_manager(reward_run):
+    """The child process (`python -m finetune.train`), metrics with held-out accuracy from step 0, a reward
+    model that reloads to the same scores, and no chat adapter."""
+    from finetune.rlhf import RewardScorer
+
+    manager, run_id = reward_run
+    status = manager.status(run_id)
+    assert status["state"] == "completed", manager.log_tail(run_id)
+    assert status["stage"] == "reward"
+    rows = read_metrics(manager.run_dir(run_id))
+    assert len(values(rows, "loss")) == 4 and len(values(rows, "accuracy")) == 4
+    assert [r["step"] for r in rows if "eval_accuracy" in r] == [0, 2, 4]  # before training, then every 2 steps
+    assert all("eval_margin" in r for r in rows if "eval_accuracy" in r)
+    folder = manager.run_dir(run_id) / "reward_model"
+    assert run_id in manager.reward_models() and run_id not in manager.finished_adapters()
+    # Reloaded, the reward model ranks the held-out pairs exactly as the trainer's last evaluation did.
+    scorer = RewardScorer(folder)
+    from finetune.preference import load_preferences
+
+    held = load_preferences(scorer.cfg.data).eval
+    chosen = scorer.score([r["prompt"] for r in held], [r["chosen"] for r in held])
+    rejected = scorer.score([r["prompt"] for r in held], [r["rejected"] for r in held])
+    accuracy = sum(c > r for c, r in zip(chosen, rejected)) / len(held)
+    assert accuracy == pytest.approx(values(rows, "eval_accuracy")[-1])
+    margin = sum(c - r for c, r in zip(chosen, rejected)) / len(held)
+    # 4-bit CPU kernels round slightly differently for other batch shapes (trainer: chosen+rejected per batch).
+    assert margin == pytest.approx(values(rows, "eval_margin")[-1], rel=0.03)
+    a, b = scorer.rank("What does setting 3 control in LoRA?", held[0]["chosen"][0]["content"], "It depends.")
+    assert a != b
+
+
+def test_dpo_logs_rising_margins_and_saves_a_chat_adapter(tiny_model_dir, dpo_run):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    manager, _, run_dir = dpo_run
+    assert read_status(run_dir)["state"] == "completed" and read_status(run_dir)["stage"] == "dpo"
+    rows = read_metrics(run_dir)
+    margins = values(rows, "rewards/margins")
+    for key in ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies"):
+        assert len(values(rows, key)) == 3, key
+    assert margins[0] == pytest.approx(0.0, abs=1e-6)  # step 1: the policy is still the reference
+    assert margins[-1] > margins[0]
+    assert [r["step"] for r in rows if "eval_rewards/margins" in r] == [3]
+    assert values(rows, "eval_rewards/margins")[-1] > 0  # held out: the chosen answers gained on the rejected
+    assert "dpo-test" in manager.finished_adapters()
+    adapter = run_dir / "adapter"
+    assert not (adapter / "ref").exists()  # TRL's reference copy is not part of the result
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    ids = torch.tensor([[5, 6, 7, 8]])
+    before = base(ids).logits
+    assert not torch.allclose(before, PeftModel.from_pretrained(base, adapter)(ids).logits)
+
+
+def test_reward_model_scores_base_and_dpo_answers(reward_run, dpo_run):
+    """The comparison behind step 4's "did the answers move" button: greedy answers of the base model (adapter
+    disabled) and of the DPO adapter, each scored by the reward model."""
+    from finetune.rlhf import RewardScorer, compare_with_reward
+
+    reward_manager, reward_id = reward_run
+    _, cfg, run_dir = dpo_run
+    scorer = RewardScorer(reward_manager.reward_models()[reward_id])
+    prompts = ["What does setting 3 control in LoRA?", "What does setting 17 control in LoRA?"]
+    result = compare_with_reward(scorer, cfg.model, run_dir / "adapter", prompts, max_new_tokens=6)
+    assert len(result.base_answers) == len(result.tuned_answers) == 2
+    assert result.base_scores == pytest.approx(scorer.score(prompts, result.base_answers), abs=1e-4)
+    assert result.tuned_scores == pytest.approx(scorer.score(prompts, result.tuned_answers), abs=1e-4)
+    assert result.base_mean == pytest.approx(sum(result.base_scores) / 2)
+
+
+def test_dpo_continues_an_sft_adapter(tiny_model_dir, pairs_file, qa_file, tmp_path):
+    from safetensors.torch import load_file
+
+    root = tmp_path / "runs"
+    assert run(tiny_run_config(tiny_model_dir, qa_file, max_steps=2, save_steps=100), root / "sft") == 0
+    cfg = stage_config(tiny_model_dir, pairs_file, "dpo", validation_fraction=0.0, max_steps=2,
+                       preference={"start_adapter": "sft", "beta": 0.2})
+    assert run(cfg, root / "dpo") == 0, read_status(root / "dpo")
+    info = json.loads((root / "dpo" / "run_info.json").read_text())
+    assert info["started_from"] == str(root / "sft" / "adapter")
+    sft = load_file(root / "sft" / "adapter" / "adapter_model.safetensors")
+    dpo = load_file(root / "dpo" / "adapter" / "adapter_model.safetensors")
+    assert sft.keys() == dpo.keys()
+    # Continued, not restarted: LoRA B starts at zero in a fresh adapter, here it starts at the SFT values.
+    lora_b = [k for k in sft if "lora_B" in k]
+    assert all(torch.count_nonzero(sft[k]) for k in lora_b)
+    assert any(not torch.equal(sft[k], dpo[k]) for k in sft)
+    assert torch.allclose(torch.cat([sft[k].flatten() for k in lora_b]),
+                          torch.cat([dpo[k].flatten() for k in lora_b]), atol=0.05)
+
+
+def test_kto_trains_on_thumbs(tiny_model_dir, tmp_path):
+    thumbs = write_jsonl(tmp_path / "thumbs.jsonl", [
+        {"prompt": [{"role": "user", "content": f"Question {i}?"}],
+         "completion": [{"role": "assistant", "content": "🧪 Lab note: yes." if i % 2 else "No idea."}],
+         "label": bool(i % 2)} for i in range(12)])
+    cfg = stage_config(tiny_model_dir, thumbs, "kto", validation_fraction=0.0, max_steps=2)
+    assert run(cfg, tmp_path / "kto") == 0, read_status(tmp_path / "kto")
+    rows = read_metrics(tmp_path / "kto")
+    assert len(values(rows, "loss")) == 2 and values(rows, "kl")
+    assert (tmp_path / "kto" / "adapter" / "adapter_config.json").is_file()
+
+
+def test_malformed_pairs_fail_the_run_with_the_row_named(tiny_model_dir, tmp_path):
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "q", "chosen": "same", "rejected": "same"}] * 3)
+    assert run(stage_config(tiny_model_dir, bad, "reward"), tmp_path / "run") == 1
+    status = read_status(tmp_path / "run")
+    assert status["state"] == "failed" and "row 1: chosen and rejected are identical" in status["error"]
+
+
+def test_dpo_from_a_missing_adapter_says_so(tiny_model_dir, pairs_file, tmp_path):
+    cfg = stage_config(tiny_model_dir, pairs_file, "dpo", preference={"start_adapter": "no-such-run"})
+    assert run(cfg, tmp_path / "run") == 1
+    assert "No adapter found for 'no-such-run'" in read_status(tmp_path / "run")["error"]
+
+
+# --- the tab's form -> config, without a model -------------------------------------------------------------------
+
+def test_tab_form_builds_each_stage(tiny_model_dir):
+    from components.rlhf_tab import BASE_CHOICE, config_from_form
+
+    form = {"model_kind": "Local folder", "model_source": str(tiny_model_dir), "model_bits": 8, "lora_rank": 6,
+            "start_adapter": "sft-run", "method": "KTO", "beta": 0.3, "loss_type": "sigmoid",
+            "reward_max_steps": 7, "policy_max_steps": 9, "batch_size": 2, "eval_steps": 3}
+    reward = config_from_form("reward", "bundled:course_prefs", form)
+    assert (reward.stage, reward.training.max_steps, reward.preference.start_adapter) == ("reward", 7, "")
+    assert (reward.model.bits, reward.lora.rank, reward.lora.alpha) == (8, 6, 12)
+    kto = config_from_form("kto", "bundled:course_prefs", form)
+    assert (kto.stage, kto.training.max_steps, kto.preference.loss_type, kto.preference.beta) == ("kto", 9, "kto", 0.3)
+    assert kto.preference.start_adapter == "sft-run"
+    dpo = config_from_form("dpo", "bundled:course_prefs", {**form, "start_adapter": BASE_CHOICE})
+    assert dpo.preference.start_adapter == "" and dpo.preference.loss_type == "sigmoid"
+
+
+def test_tab_refuses_malformed_pairs_before_starting_anything(tiny_model_dir, tmp_path):
+    from components.rlhf_tab import start_stage
+
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "q", "chosen": "a", "rejected": "b"},
+                                               {"prompt": "q", "chosen": "a"}])
+    manager = RunManager(tmp_path / "runs")
+    form = {"model_kind": "Local folder", "model_source": str(tiny_model_dir), "data_kind": "Uploaded file",
+            "data_file": str(bad)}
+    _, message = start_stage(manager, None, "reward", **form)
+    assert "row 2: 'rejected' is missing or empty" in message and "Not started" in message
+    _, message = start_stage(manager, None, "policy", **{**form, "data_kind": "Collected feedback"})
+    assert "no feedback store" in message
+    assert manager.list_ids() == []  # nothing was started
