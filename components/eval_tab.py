@@ -1,0 +1,306 @@
+"""The Evaluate tab: is the fine-tuned model better than its base, and by how much?
+
+Four views, each from the learner's own runs: validation loss / perplexity (table and bar chart), side-by-side
+greedy answers on held-out prompts with ROUGE-L against the reference (and a reward-model score once a reward
+run exists), win rate against the base from the Chat votes, and one prompt answered by every checkpoint of a run.
+
+Models come from the same ChatEngine as the Chat tab (one base in memory, adapters attached by name); the
+handlers share the Chat tab's concurrency slot, so an evaluation never switches adapters under a chat answer.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from pathlib import Path
+from typing import Any
+
+import gradio as gr
+import pandas as pd
+
+from finetune.chat import ChatEngine
+from finetune.config import BUNDLED_DATASET, ConfigError, load_config
+from finetune.evaluate import (Candidate, adapter_name, candidate_answer, candidate_loss, candidates, load_eval_rows,
+                               model_label, read_win_counts, reference_pairs, reward_models, reward_scores, rouge_l,
+                               run_checkpoints, win_rate)
+from finetune.runs import RunError, RunManager
+
+LOSS_COLUMNS = ["model", "validation loss", "perplexity", "tokens", "rows"]
+WIN_COLUMNS = ["adapter", "votes", "wins", "losses", "ties (incl. both bad)", "win rate", "95% CI low",
+               "95% CI high"]
+CHECKPOINT_COLUMNS = ["checkpoint", "answer"]
+CONCURRENCY = {"concurrency_limit": 1, "concurrency_id": "chat"}  # the Chat tab's slot: one model user at a time
+
+LEARN_EVAL = """**How to read these numbers.** The validation loss is the average negative log-likelihood per answer
+token on rows the model never trained on (lower is better); perplexity = e<sup>loss</sup> is "how many tokens the
+model is choosing between" at each step. An adapter is compared with *its own* base, loaded at the bit width it
+trained on, so the difference is the adapter's alone. ROUGE-L is the longest common word subsequence with the
+reference answer (F1, 0-1): a crude overlap score, good at spotting a learned style, blind to meaning."""
+
+
+def _error(message: str) -> gr.Error:
+    return gr.Error(message)
+
+
+def run_choices(manager: RunManager, current: list[str] | None = None) -> tuple[Any, Any]:
+    """Finished runs with an adapter, for the multi-run picker and the checkpoint picker."""
+    ids = list(manager.finished_adapters())
+    kept = [run_id for run_id in current or [] if run_id in ids] or ids[:1]
+    return gr.Dropdown(choices=ids, value=kept), gr.Dropdown(choices=ids, value=ids[0] if ids else None)
+
+
+def _run_dirs(manager: RunManager, run_ids: list[str] | None) -> dict[str, Path]:
+    if not run_ids:
+        raise _error("Pick at least one finished run (train one in the Train tab).")
+    adapters = manager.finished_adapters()
+    missing = [run_id for run_id in run_ids if run_id not in adapters]
+    if missing:
+        raise _error(f"No saved adapter for run(s): {', '.join(missing)}.")
+    return {run_id: manager.run_dir(run_id) for run_id in run_ids}
+
+
+def _rows(source: str, split: str, limit: float | None) -> Any:
+    if limit is not None and (not float(limit).is_integer() or limit < 1):
+        raise _error(f"Max rows must be a whole number of at least 1, got {limit!r}.")
+    try:
+        return load_eval_rows((source or "").strip() or BUNDLED_DATASET, (split or "").strip() or "validation",
+                              int(limit) if limit else None)
+    except ValueError as error:
+        raise _error(str(error)) from None
+
+
+def _finite(value: float) -> float | None:
+    return round(value, 4) if math.isfinite(value) else None
+
+
+def evaluate_loss(manager: RunManager, engine: ChatEngine, run_ids: list[str] | None, source: str, split: str,
+                  limit: float | None, batch_size: float, progress: gr.Progress = gr.Progress()
+                  ) -> tuple[pd.DataFrame, pd.DataFrame, str]:
+    """Validation loss and perplexity of each chosen run's base and adapter: table, bar-chart data, summary."""
+    run_dirs = _run_dirs(manager, run_ids)
+    rows = _rows(source, split, limit)
+    if not batch_size or batch_size < 1 or not float(batch_size).is_integer():
+        raise _error(f"Batch size must be a whole number of at least 1, got {batch_size!r}.")
+    try:
+        chosen = candidates(run_dirs)
+    except ValueError as error:
+        raise _error(str(error)) from None
+    table = []
+    for index, candidate in enumerate(chosen):
+        def on_batch(done: int, total: int, index: int = index, name: str = candidate.name) -> None:
+            progress((index + done / total) / len(chosen), desc=f"{name}: batch {done}/{total}")
+
+        try:
+            result = candidate_loss(engine, candidate, rows, int(batch_size), on_batch)
+        except (ValueError, RuntimeError, OSError) as error:
+            raise _error(f"Could not evaluate {candidate.name}: {error}") from None
+        table.append([candidate.name, _finite(result.loss), _finite(result.perplexity), result.tokens, result.rows])
+    frame = pd.DataFrame(table, columns=LOSS_COLUMNS)
+    return frame, frame[["model", "validation loss"]], _loss_summary(frame, chosen)
+
+
+def _loss_summary(frame: pd.DataFrame, chosen: list[Candidate]) -> str:
+    """One line per adapter: its loss against the base it trained on (not against another run's base)."""
+    loss = dict(zip(frame["model"], frame["validation loss"]))
+    lines = [f"Evaluated {len(frame)} model(s) on {int(frame['rows'].iloc[0])} rows "
+             f"({int(frame['tokens'].iloc[0])} answer tokens)."]
+    for candidate in chosen:
+        tuned, base = loss.get(candidate.name), loss.get(model_label(candidate.model))
+        if candidate.adapter_dir is None or pd.isna(tuned) or pd.isna(base):
+            continue
+        delta = tuned - base
+        lines.append(f"- `{candidate.name}`: loss {tuned:.4f} ({'lower' if delta < 0 else 'higher'} than its base "
+                     f"by {abs(delta):.4f})")
+    return "\n".join(lines)
+
+
+def add_reward_scores(manager: RunManager, frame: pd.DataFrame, prompts: list[list[dict[str, str]]]) -> str:
+    """Add a 'reward' column from the newest reward run, if there is one; returns a note for the summary."""
+    runs = reward_models(manager)
+    if not runs:
+        return "No reward model yet: train one from your votes (reward stage) to score these answers."
+    run_id, folder = next(iter(runs.items()))
+    try:
+        frame["reward"] = [round(x, 4) for x in reward_scores(folder, prompts, list(frame["answer"]))]
+    except Exception as error:  # a reward model that cannot load must not lose the answers already generated
+        return f"Reward run `{run_id}` could not score the answers: {str(error).splitlines()[0][:200]}"
+    means = frame.groupby("model", sort=False)["reward"].mean()
+    return f"**Mean reward (run `{run_id}`):** " + " · ".join(f"`{n}` {v:.3f}" for n, v in means.items())
+
+
+def compare_generations(manager: RunManager, engine: ChatEngine, run_ids: list[str] | None, source: str,
+                        split: str, prompts: float, max_new_tokens: float, progress: gr.Progress = gr.Progress()
+                        ) -> tuple[pd.DataFrame, str]:
+    """Greedy answers of each base and adapter on the first N held-out prompts, with ROUGE-L (and reward)."""
+    run_dirs = _run_dirs(manager, run_ids)
+    if not prompts or prompts < 1 or prompts > 50 or not float(prompts).is_integer():
+        raise _error(f"Number of prompts must be a whole number from 1 to 50, got {prompts!r}.")
+    if not max_new_tokens or not 1 <= max_new_tokens <= 1024:
+        raise _error(f"Max new tokens must be from 1 to 1024, got {max_new_tokens!r}.")
+    pairs = reference_pairs(_rows(source, split, None), int(prompts))
+    if not pairs:
+        raise _error("This split has no prompt/answer rows to generate from.")
+    chosen = candidates(run_dirs)
+    table, asked, total = [], [], len(pairs) * len(chosen)
+    for prompt, reference in pairs:
+        for candidate in chosen:
+            progress(len(table) / total, desc=f"{candidate.name} answering prompt {len(table) // len(chosen) + 1}")
+            answer = _answer(engine, candidate, prompt, int(max_new_tokens))
+            table.append({"prompt": prompt[-1]["content"], "reference": reference or "", "model": candidate.name,
+                          "answer": answer, "ROUGE-L": _round(rouge_l(answer, reference))})
+            asked.append(prompt)
+    frame = pd.DataFrame(table)
+    reward_note = add_reward_scores(manager, frame, asked)
+    means = frame.groupby("model", sort=False)["ROUGE-L"].mean()
+    summary = "**Mean ROUGE-L vs reference:** " + " · ".join(
+        f"`{name}` {value:.3f}" for name, value in means.items() if pd.notna(value))
+    return frame, summary + "  \n" + reward_note
+
+
+def _answer(engine: ChatEngine, candidate: Candidate, prompt: list[dict[str, str]], max_new_tokens: int) -> str:
+    try:
+        return candidate_answer(engine, candidate, prompt, max_new_tokens)
+    except (ValueError, RuntimeError, OSError) as error:
+        raise _error(f"{candidate.name} could not answer: {error}") from None
+
+
+def _round(value: float | None) -> float | None:
+    return None if value is None else round(value, 4)
+
+
+def win_rates(db_path: Path) -> tuple[pd.DataFrame, str]:
+    """Each adapter's win rate against its base from the feedback votes, with a 95% Wilson interval."""
+    try:
+        counts = read_win_counts(db_path)
+    except Exception as error:  # a locked or damaged database: say so, keep the tab working
+        return pd.DataFrame(columns=WIN_COLUMNS), f"Could not read the votes: {error}"
+    rows = [win_rate(name, c) for name, c in sorted(counts.items())]
+    rows = [r for r in rows if r.votes]
+    if not rows:
+        return pd.DataFrame(columns=WIN_COLUMNS), ("No votes yet: compare answers in the Chat tab and pick the "
+                                                   "better one.")
+    frame = pd.DataFrame([[r.adapter, r.votes, r.wins, r.losses, r.ties, round(r.rate, 3), round(r.low, 3),
+                           round(r.high, 3)] for r in rows], columns=WIN_COLUMNS)
+    note = ("A tie or 'both bad' counts as half a win and half a loss. The 95% interval is Wilson's; "
+            "when it includes 0.5 the votes cannot yet tell the adapter from its base.")
+    return frame, note
+
+
+def checkpoint_answers(manager: RunManager, engine: ChatEngine, run_id: str | None, prompt: str,
+                       max_new_tokens: float, progress: gr.Progress = gr.Progress()) -> pd.DataFrame:
+    """The same prompt answered greedily by the base, each saved checkpoint of the run, and its final adapter."""
+    if not run_id:
+        raise _error("Pick a run first.")
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise _error("Type a prompt first: the message is empty.")
+    if not max_new_tokens or not 1 <= max_new_tokens <= 1024:
+        raise _error(f"Max new tokens must be from 1 to 1024, got {max_new_tokens!r}.")
+    try:
+        run_dir = manager.run_dir(run_id)
+        cfg = load_config(run_dir / "config.yaml").model
+    except (RunError, ConfigError) as error:
+        raise _error(str(error)) from None
+    saved = run_checkpoints(run_dir)
+    if not saved:
+        raise _error(f"Run '{run_id}' saved no checkpoint or adapter yet.")
+    chosen = [Candidate("base", cfg)] + [Candidate(adapter_name(run_id, label.replace(" ", "-")), cfg, folder)
+                                         for label, folder in saved]
+    labels = ["base (no adapter)"] + [label for label, _ in saved]
+    answers = []
+    for done, (label, candidate) in enumerate(zip(labels, chosen)):
+        progress(done / len(chosen), desc=f"{label} answering")
+        answers.append([label, _answer(engine, candidate, [{"role": "user", "content": prompt.strip()}],
+                                       int(max_new_tokens))])
+    return pd.DataFrame(answers, columns=CHECKPOINT_COLUMNS)
+
+
+# --- layout --------------------------------------------------------------------------------------------------
+
+def _loss_section() -> dict[str, Any]:
+    ui: dict[str, Any] = {}
+    with gr.Row():
+        ui["source"] = gr.Textbox(value=BUNDLED_DATASET, label="Dataset", elem_id="eval-source",
+                                  info="Bundled name, Hub dataset or local file; the same formats as training.")
+        ui["split"] = gr.Textbox(value="validation", label="Split", elem_id="eval-split",
+                                 info="A split the adapters did not train on.")
+        ui["limit"] = gr.Number(value=24, precision=0, minimum=1, label="Max rows", elem_id="eval-limit")
+        ui["batch_size"] = gr.Number(value=4, precision=0, minimum=1, label="Batch size")
+    ui["loss_button"] = gr.Button("Compute validation loss", variant="primary", elem_id="eval-loss-button")
+    ui["loss_summary"] = gr.Markdown(elem_id="eval-loss-summary")
+    with gr.Row():
+        ui["loss_table"] = gr.Dataframe(pd.DataFrame(columns=LOSS_COLUMNS), interactive=False,
+                                        elem_id="eval-loss-table")
+        ui["loss_plot"] = gr.BarPlot(None, x="model", y="validation loss", title="Validation loss (lower is better)",
+                                     elem_id="eval-loss-plot", height=280, sort=None, y_lim=[0, None])
+    return ui
+
+
+def _generation_section() -> dict[str, Any]:
+    ui: dict[str, Any] = {}
+    with gr.Accordion("Side-by-side answers on held-out prompts", open=False):
+        with gr.Row():
+            ui["prompts"] = gr.Number(value=3, precision=0, minimum=1, maximum=50, label="Prompts")
+            ui["max_new_tokens"] = gr.Slider(8, 256, value=64, step=8, label="Max new tokens")
+        ui["gen_button"] = gr.Button("Generate answers", elem_id="eval-gen-button")
+        ui["gen_summary"] = gr.Markdown(elem_id="eval-gen-summary")
+        ui["gen_table"] = gr.Dataframe(interactive=False, wrap=True, elem_id="eval-gen-table")
+    return ui
+
+
+def _votes_section() -> dict[str, Any]:
+    ui: dict[str, Any] = {}
+    with gr.Accordion("Win rate against the base (your votes)", open=False):
+        ui["win_button"] = gr.Button("Refresh win rates", size="sm", elem_id="eval-win-button")
+        ui["win_note"] = gr.Markdown(elem_id="eval-win-note")
+        ui["win_table"] = gr.Dataframe(pd.DataFrame(columns=WIN_COLUMNS), interactive=False,
+                                       elem_id="eval-win-table")
+    return ui
+
+
+def _checkpoint_section() -> dict[str, Any]:
+    ui: dict[str, Any] = {}
+    with gr.Accordion("Checkpoints of one run", open=False):
+        with gr.Row():
+            ui["ckpt_run"] = gr.Dropdown([], label="Run", allow_custom_value=True, elem_id="eval-ckpt-run")
+            ui["ckpt_prompt"] = gr.Textbox(value="What does LoRA train?", label="Prompt", scale=3)
+            ui["ckpt_tokens"] = gr.Slider(8, 256, value=48, step=8, label="Max new tokens")
+        ui["ckpt_button"] = gr.Button("Answer with every checkpoint", elem_id="eval-ckpt-button")
+        ui["ckpt_table"] = gr.Dataframe(pd.DataFrame(columns=CHECKPOINT_COLUMNS), interactive=False, wrap=True,
+                                        elem_id="eval-ckpt-table")
+    return ui
+
+
+def build_eval_tab(manager: RunManager, engine: ChatEngine, feedback_db: str | Path | None = None) -> dict[str, Any]:
+    """``feedback_db``: the votes' SQLite file (default: feedback.db beside the runs)."""
+    gr.Markdown(LEARN_EVAL)
+    with gr.Row():
+        runs = gr.Dropdown([], multiselect=True, label="Runs to evaluate (adapters)", elem_id="eval-runs", scale=4,
+                           allow_custom_value=True, info="Each adapter is compared with the base it trained on.")
+        refresh = gr.Button("Refresh runs", size="sm", scale=1)
+    ui = {"runs": runs, "refresh": refresh, **_loss_section(), **_generation_section(), **_votes_section(),
+          **_checkpoint_section()}
+    _wire(manager, engine, Path(feedback_db or manager.root / "feedback.db"), ui)
+    return ui
+
+
+def _wire(manager: RunManager, engine: ChatEngine, feedback_db: Path, ui: dict[str, Any]) -> None:
+    choices = functools.partial(run_choices, manager)
+    ui["refresh"].click(choices, ui["runs"], [ui["runs"], ui["ckpt_run"]], api_name="list_eval_runs")
+    data = [ui["source"], ui["split"]]
+    ui["loss_button"].click(functools.partial(evaluate_loss, manager, engine),
+                            [ui["runs"], *data, ui["limit"], ui["batch_size"]],
+                            [ui["loss_table"], ui["loss_plot"], ui["loss_summary"]], api_name="eval_loss",
+                            **CONCURRENCY)
+    ui["gen_button"].click(functools.partial(compare_generations, manager, engine),
+                           [ui["runs"], *data, ui["prompts"], ui["max_new_tokens"]],
+                           [ui["gen_table"], ui["gen_summary"]], api_name="eval_generations", **CONCURRENCY)
+    ui["win_button"].click(functools.partial(win_rates, feedback_db), None, [ui["win_table"], ui["win_note"]],
+                           api_name="win_rates")
+    ui["ckpt_button"].click(functools.partial(checkpoint_answers, manager, engine),
+                            [ui["ckpt_run"], ui["ckpt_prompt"], ui["ckpt_tokens"]], ui["ckpt_table"],
+                            api_name="checkpoint_answers", **CONCURRENCY)
+    page = gr.context.Context.root_block
+    if page is not None:
+        page.load(choices, ui["runs"], [ui["runs"], ui["ckpt_run"]], api_visibility="private")
+        page.load(functools.partial(win_rates, feedback_db), None, [ui["win_table"], ui["win_note"]],
+                  api_visibility="private")

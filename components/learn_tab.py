@@ -1,0 +1,100 @@
+"""The Learn tab: the five competencies of the course, each in a few exact sentences and linked to the tab that
+lets a learner see it with numbers from their own runs."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import gradio as gr
+
+# (competency, what to know, where the app shows it: tab label, what to do there)
+COMPETENCIES: list[tuple[str, str, str, str]] = [
+    ("PEFT (parameter-efficient fine-tuning)",
+     "Freeze all of the pretrained model's weights and train a small number of new ones. Only those new weights "
+     "get gradients and optimizer states, so memory and storage shrink by orders of magnitude; the saved result "
+     "is a few MB that attaches to the unchanged base.",
+     "Train", "the estimate above the form counts trainable vs frozen parameters before you start."),
+    ("LoRA (low-rank adaptation)",
+     "Each targeted weight matrix W (d_out x d_in) stays frozen; the layer computes W·x + (alpha/r)·B·A·x with "
+     "A (r x d_in) and B (d_out x r) trainable. B starts at zero, so training starts exactly at the base model. "
+     "Trainable parameters per layer: r·(d_in + d_out) instead of d_in·d_out.",
+     "Train", "change the rank and watch the live trainable-parameter count in the LoRA box; compare runs "
+     "in the run history and in Evaluate."),
+    ("Quantization",
+     "Store each weight in fewer bits: fp32 4 bytes, fp16/bf16 2, LLM.int8 1 byte plus a per-row scale, "
+     "NF4/FP4 half a byte plus one scale per 64 weights (double quantization shrinks those scales too). "
+     "Weights are dequantized block by block for each matrix multiply, so memory falls while the math stays 16/32-bit.",
+     "Quantization", "load one model in every format and compare measured memory, perplexity and speed."),
+    ("QLoRA",
+     "LoRA on a frozen 4-bit NF4 base (double-quantized), with the adapters and their gradients in 16/32-bit, "
+     "and a paged optimizer that moves optimizer states to CPU RAM when GPU memory spikes. It fine-tunes a model "
+     "in about a quarter of the 16-bit LoRA memory at nearly the same quality.",
+     "Train", "the cpu-quick preset is QLoRA (4-bit NF4, double quant); then Evaluate shows the adapter's "
+     "validation loss against its 4-bit base."),
+    ("RLHF (reinforcement learning from human feedback)",
+     "1) Collect human preferences: two answers to one prompt, a person picks the better. 2) Train a reward model "
+     "to score answers so that preferred ones score higher. 3) Optimize the policy (the LoRA model) to earn more "
+     "reward while a KL penalty keeps it close to the reference model, with PPO-style RL, or skip the explicit "
+     "reward model with DPO/KTO, which optimize the same objective directly from the preference pairs.",
+     "RLHF", "the four steps in order, from your Chat votes to a reward model and a DPO/KTO adapter; "
+     "Evaluate then shows each adapter's win rate with a 95% interval and its answers' reward scores."),
+]
+
+
+def learn_markdown() -> str:
+    parts = ["Five ideas, each shown by this app with numbers from your own runs."]
+    for number, (name, text, tab, where) in enumerate(COMPETENCIES, start=1):
+        parts.append(f"### {number}. {name}\n{text}\n\n**See it:** the **{tab}** tab: {where}")
+    return "\n\n".join(parts)
+
+
+def tab_link_js(tab: str) -> str:
+    """Client-side jump to a tab by its label (no server round trip, no dependency on how app.py nests tabs)."""
+    return ("() => { const tab = [...document.querySelectorAll('button[role=tab]')]"
+            f".find(b => b.innerText.trim() === {tab!r}); if (tab) {{ tab.click(); window.scrollTo(0, 0); }} }}")
+
+
+def build_learn_tab() -> dict[str, Any]:
+    """The competencies as text, with one button per competency that jumps to the tab demonstrating it."""
+    ui: dict[str, Any] = {"text": gr.Markdown(learn_markdown(), elem_id="learn-text")}
+    with gr.Row():
+        for name, _, tab, _ in COMPETENCIES:
+            short = name.split(" (")[0]
+            ui[short] = gr.Button(f"{short} → {tab} tab", size="sm", elem_id=f"learn-{short.lower()}")
+            ui[short].click(None, js=tab_link_js(tab))
+    return ui
+
+
+# --- the LoRA / QLoRA aid on the Train tab -----------------------------------------------------------------
+
+def lora_aid_markdown(model_source: str, rank: Any, alpha: Any, target_modules: str, bits: Any, quant_type: str,
+                      double_quant: bool, optimizer: str) -> str:
+    """W + (alpha/r)·B·A with this form's numbers: the scale, one example layer, and the live trainable count."""
+    from finetune.config import ConfigError, LoraSettings, ModelConfig
+    from finetune.estimate import lora_parameter_count, model_shape, parameter_text, targeted_linears
+
+    try:
+        lora = LoraSettings(rank=rank, alpha=alpha, target_modules=target_modules or "all-linear")
+        model = ModelConfig(source=model_source, bits=bits, quant_type=quant_type, double_quant=double_quant)
+        shape = model_shape(model)
+    except ConfigError as error:
+        return "LoRA aid unavailable until the form is valid: " + "; ".join(error.problems.values())
+    except Exception as error:  # offline Hub id, unreadable folder: say why, keep the tab usable
+        return f"LoRA aid unavailable: {error}"
+    targeted = targeted_linears(shape, lora)
+    if not targeted:
+        return f"No Linear layer matches target modules '{lora.target_modules}'."
+    name, fan_in, fan_out, _ = targeted[0]
+    lines = [
+        f"**LoRA:** each targeted layer computes h = W·x + (α/r)·B·A·x = W·x + ({lora.alpha:g}/{lora.rank})·B·A·x, "
+        f"scale {lora.alpha / lora.rank:g}. W is frozen; A (r x d_in) and B (d_out x r) train, B starting at 0.",
+        f"Example `{name}`: W has {fan_in:,} x {fan_out:,} = {fan_in * fan_out:,} frozen weights; A and B add "
+        f"r·(d_in + d_out) = {lora.rank}·({fan_in:,} + {fan_out:,}) = {lora.rank * (fan_in + fan_out):,} trainable.",
+        f"Over {len(targeted)} targeted layers: **{parameter_text(*lora_parameter_count(shape, lora))}**.",
+    ]
+    if model.bits == 4:
+        paged = "a paged optimizer" if optimizer.startswith("paged") else f"`{optimizer}` (QLoRA uses a paged one)"
+        lines.append(f"**QLoRA:** the frozen W is stored in 4-bit {model.quant_type.upper()}"
+                     f"{' with double quantization' if model.double_quant else ''} and dequantized per matmul; "
+                     f"A and B train in 16/32-bit, with {paged}.")
+    return "  \n".join(lines)

@@ -1,0 +1,154 @@
+"""The Quantization tab: one model at 32/16-bit, LLM.int8 and 4-bit NF4/FP4 (± double quant), side by side.
+
+For each format: measured memory of the quantized layers, the theoretical size, the whole model's footprint,
+perplexity on a validation set, greedy tokens/s and the answer to one prompt; and a chart of memory vs perplexity.
+Formats load one at a time and each row appears as soon as it is measured.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Iterator
+
+import gradio as gr
+import pandas as pd
+
+from finetune.chat import MAX_PROMPT_CHARS
+from finetune.config import BUNDLED_DATASET, EMBEDDED_MODEL
+from finetune.evaluate import load_eval_rows
+from finetune.hardware import HardwareProfile
+from finetune.models import ModelSourceError
+from finetune.quantize import FORMATS, MB, QuantResult, measure
+
+COLUMNS = ["format", "quantized layers (MB, measured)", "theoretical (MB)", "bits / weight", "vs 16-bit",
+           "whole model (MB)", "perplexity", "vs fp32", "tokens/s"]
+ANSWER_COLUMNS = ["format", "answer"]
+
+LEARN_QUANT = """**What quantization stores per weight.** A 32-bit float takes 4 bytes and a 16-bit float 2. LLM.int8
+keeps one signed byte per weight plus one fp32 scale per row. 4-bit formats (NF4, FP4) keep a 4-bit index into a
+16-level table per weight (two per byte) plus one scale (*absmax*) per block of 64 weights; *double quantization*
+stores those scales in 8 bits too. At compute time each block is dequantized to the compute dtype (fp32 on the CPU,
+fp16/bf16 on a GPU) just before its matrix multiply, so memory shrinks ~4-8x while the arithmetic stays 16/32-bit.
+Only the Linear layers are quantized; embeddings, norms and the LM head stay in 16/32-bit.
+
+**QLoRA** = this 4-bit NF4 base (frozen, double-quantized) + LoRA adapters trained in 16/32-bit on top, with a
+*paged* optimizer whose states move to CPU RAM when GPU memory runs short. The adapters learn to compensate part of
+the quantization error, which is why QLoRA matches 16-bit LoRA quality at a quarter of the base's memory."""
+
+
+def format_choices(profile: HardwareProfile) -> list[tuple[str, str]]:
+    return [(f.label(profile), f.key) for f in FORMATS.values()]
+
+
+def _row(result: QuantResult, reference: dict[str, QuantResult]) -> list[Any]:
+    half = reference.get("16bit")
+    full = reference.get("fp32")
+    return [result.label, round(result.layer_bytes / MB, 2), round(result.theoretical_bytes / MB, 2),
+            round(result.bits_per_weight, 3),
+            f"{result.layer_bytes / half.layer_bytes:.3f}x" if half else "–",
+            round(result.model_bytes / MB, 1), round(result.perplexity, 3),
+            f"{100 * (result.perplexity / full.perplexity - 1):+.1f}%" if full else "–",
+            round(result.tokens_per_second, 2)]
+
+
+def _check(source: str, keys: list[str] | None, limit: float | None, max_new_tokens: float, prompt: str) -> None:
+    if not (source or "").strip():
+        raise gr.Error("Enter a model: the embedded name, a Hub id or a local folder.")
+    if not keys:
+        raise gr.Error("Pick at least one format.")
+    if not limit or limit < 1 or not float(limit).is_integer():
+        raise gr.Error(f"Validation rows must be a whole number of at least 1, got {limit!r}.")
+    if not max_new_tokens or not 1 <= max_new_tokens <= 512:
+        raise gr.Error(f"Max new tokens must be from 1 to 512, got {max_new_tokens!r}.")
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise gr.Error("Type a prompt for the answers.")
+    if len(prompt) > MAX_PROMPT_CHARS:  # a 1 MB prompt would tie up the CPU for every format in turn
+        raise gr.Error(f"The prompt is {len(prompt):,} characters long; keep it under {MAX_PROMPT_CHARS:,}.")
+
+
+def run_comparison(profile: HardwareProfile, source: str, keys: list[str] | None, data_source: str, split: str,
+                   limit: float, prompt: str, max_new_tokens: float
+                   ) -> Iterator[tuple[pd.DataFrame, pd.DataFrame | None, pd.DataFrame, str]]:
+    """Measure each chosen format in turn; yields (table, memory-vs-perplexity points, answers, status)."""
+    _check(source, keys, limit, max_new_tokens, prompt)
+    ordered = [k for k in FORMATS if k in keys]
+    unknown = sorted(set(keys) - set(FORMATS))
+    if unknown:
+        raise gr.Error(f"Unknown format(s) {', '.join(unknown)}; choose from {', '.join(FORMATS)}.")
+    try:
+        rows = load_eval_rows(data_source or BUNDLED_DATASET, split or "validation", int(limit))
+    except ValueError as error:
+        raise gr.Error(str(error)) from None
+    results: dict[str, QuantResult] = {}
+    for index, key in enumerate(ordered):
+        # None first: gradio's plot fixes its colour domain on first data, so a new series needs a rebuilt chart.
+        yield (_table(results), None, _answers(results),
+               f"Loading and measuring **{FORMATS[key].label(profile)}** ({index + 1}/{len(ordered)})…")
+        try:
+            results[key] = measure(FORMATS[key], source.strip(), rows, prompt.strip(), int(max_new_tokens),
+                                   profile=profile)
+        except (ModelSourceError, ValueError, RuntimeError, OSError, ImportError) as error:
+            raise gr.Error(f"{FORMATS[key].label(profile)} failed: {str(error).splitlines()[0][:300]}") from None
+        yield (_table(results), _points(results), _answers(results),
+               _summary(results) if index == len(ordered) - 1 else gr.skip())
+
+
+def _table(results: dict[str, QuantResult]) -> pd.DataFrame:
+    return pd.DataFrame([_row(r, results) for r in results.values()], columns=COLUMNS)
+
+
+def _answers(results: dict[str, QuantResult]) -> pd.DataFrame:
+    return pd.DataFrame([(r.label, r.answer) for r in results.values()], columns=ANSWER_COLUMNS)
+
+
+def _points(results: dict[str, QuantResult]) -> pd.DataFrame | None:
+    if not results:
+        return None
+    return pd.DataFrame([(r.label, round(r.layer_bytes / MB, 2), round(r.perplexity, 3)) for r in results.values()],
+                        columns=["format", "memory (MB)", "perplexity"])
+
+
+def _summary(results: dict[str, QuantResult]) -> str:
+    done = f"Measured {len(results)} format(s)."
+    if "16bit" in results and "nf4-dq" in results and "fp32" in results:
+        half, nf4, full = results["16bit"], results["nf4-dq"], results["fp32"]
+        done += (f" NF4 + double quant holds the quantized layers in {nf4.layer_bytes / half.layer_bytes:.2f}x the "
+                 f"16-bit memory, with perplexity {100 * (nf4.perplexity / full.perplexity - 1):+.1f}% vs fp32.")
+    return done
+
+
+def explanations_markdown(profile: HardwareProfile) -> str:
+    return "\n".join(f"- **{f.label(profile)}**: {f.explanation}" for f in FORMATS.values())
+
+
+def build_quant_tab(profile: HardwareProfile) -> dict[str, Any]:
+    gr.Markdown(LEARN_QUANT)
+    with gr.Accordion("The formats", open=False):
+        gr.Markdown(explanations_markdown(profile))
+    ui: dict[str, Any] = {}
+    with gr.Row():
+        ui["source"] = gr.Textbox(value=EMBEDDED_MODEL, label="Model", elem_id="quant-source", scale=2,
+                                  info="The embedded model, a Hub id or a local folder.")
+        ui["formats"] = gr.CheckboxGroup(format_choices(profile), value=list(FORMATS), label="Formats",
+                                         elem_id="quant-formats", scale=3)
+    with gr.Row():
+        ui["data_source"] = gr.Textbox(value=BUNDLED_DATASET, label="Validation data")
+        ui["split"] = gr.Textbox(value="validation", label="Split")
+        ui["limit"] = gr.Number(value=12, precision=0, minimum=1, label="Validation rows", elem_id="quant-limit")
+    with gr.Row():
+        ui["prompt"] = gr.Textbox(value="What does QLoRA freeze and what does it train?", label="Prompt", scale=3)
+        ui["max_new_tokens"] = gr.Slider(4, 256, value=24, step=4, label="Max new tokens", elem_id="quant-tokens")
+    ui["run"] = gr.Button("Load and compare", variant="primary", elem_id="quant-run")
+    ui["status"] = gr.Markdown(elem_id="quant-status")
+    ui["table"] = gr.Dataframe(pd.DataFrame(columns=COLUMNS), interactive=False, wrap=True, elem_id="quant-table")
+    ui["plot"] = gr.ScatterPlot(None, x="memory (MB)", y="perplexity", color="format",
+                                title="Memory of the quantized layers vs perplexity", elem_id="quant-plot",
+                                height=320)
+    ui["answers"] = gr.Dataframe(pd.DataFrame(columns=ANSWER_COLUMNS), interactive=False, wrap=True,
+                                 label="The same prompt, greedy, in each format", elem_id="quant-answers")
+    ui["run"].click(functools.partial(run_comparison, profile),
+                    [ui[k] for k in ("source", "formats", "data_source", "split", "limit", "prompt",
+                                     "max_new_tokens")],
+                    [ui["table"], ui["plot"], ui["answers"], ui["status"]], api_name="quantize_compare",
+                    concurrency_limit=1, concurrency_id="quantize")
+    return ui

@@ -1,0 +1,311 @@
+"""Evaluation: how much better is an adapter than its base, in numbers from the learner's own runs.
+
+- **Validation loss and perplexity.** The mean negative log-likelihood per answer token (the same tokens the
+  trainer's loss counts: for chat rows only the assistant's answer, for ``text`` rows every token), averaged over
+  all tokens of the split, and perplexity = exp(loss). Batched, with padding that never changes the result.
+- **Side-by-side generations** on held-out prompts, each with a ROUGE-L F1 against the reference answer
+  (Google's ``rouge-score`` package).
+- **Win rate against the base** from the arena / pairwise votes, with a 95% Wilson interval.
+- **Reward-model score** of each answer, when a reward run exists (optional, loaded lazily).
+- **Checkpoint comparison**: one prompt answered by every saved checkpoint of a run.
+
+    rows = eval_rows(DataConfig(source="bundled:course_qa", split="validation"))
+    result = dataset_loss(model, tokenizer, rows, batch_size=4)
+    print(result.loss, result.perplexity)
+    print(win_rate("my-run", {"wins": 8, "losses": 2, "ties": 0, "both_bad": 0}))
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import torch
+
+from finetune.config import ConfigError, DataConfig, ModelConfig, load_config
+from finetune.data import DataError, prepare
+
+IGNORE = -100                       # label of a token the loss does not count (prompt and padding)
+Z_95 = 1.959963984540054            # two-sided 95% quantile of the standard normal
+Progress = Callable[[int, int], None]
+
+
+# --- loss and perplexity -------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class LossResult:
+    loss: float          # mean NLL per counted token, in nats
+    perplexity: float    # exp(loss)
+    tokens: int          # tokens the loss counted
+    rows: int            # rows evaluated (rows with nothing to count are skipped)
+
+
+def perplexity(loss: float) -> float:
+    """exp(loss); inf rather than an OverflowError for a hopeless model."""
+    return math.exp(loss) if loss < 700 else math.inf
+
+
+def _token_ids(tokenizer: Any, messages: list[dict[str, str]], add_generation_prompt: bool) -> list[int]:
+    ids = tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=add_generation_prompt)
+    return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+
+
+def encode_row(row: dict[str, Any], tokenizer: Any, max_length: int) -> tuple[list[int], list[int]] | None:
+    """(input ids, labels) with IGNORE on the prompt, cut to max_length; None when no token would count.
+
+    The prompt is templated with the generation prompt, as at training time, so the counted tokens are exactly
+    the assistant's answer and the template's closing tokens.
+    """
+    if "text" in row and "prompt" not in row:
+        ids = tokenizer(row["text"])["input_ids"][:max_length]
+        labels = list(ids)
+    else:
+        prompt = _token_ids(tokenizer, row["prompt"], add_generation_prompt=True)
+        ids = _token_ids(tokenizer, row["prompt"] + row["completion"], add_generation_prompt=False)[:max_length]
+        start = len(prompt) if ids[:len(prompt)] == prompt else _common_prefix(prompt, ids)
+        labels = [IGNORE] * min(start, len(ids)) + ids[start:]
+    # The first token is never predicted (nothing precedes it), so it never counts.
+    return (ids, labels) if any(label != IGNORE for label in labels[1:]) else None
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
+
+
+def _pad(batch: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right padding: positions of real tokens stay 0..n-1, so padding cannot change any prediction."""
+    width = max(len(ids) for ids, _ in batch)
+    input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(batch), width), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(batch), width), dtype=torch.long)
+    for i, (ids, row_labels) in enumerate(batch):
+        input_ids[i, :len(ids)] = torch.tensor(ids)
+        labels[i, :len(ids)] = torch.tensor(row_labels)
+        mask[i, :len(ids)] = 1
+    return {"input_ids": input_ids, "labels": labels, "attention_mask": mask}
+
+
+def batch_nll(model: Any, batch: dict[str, torch.Tensor]) -> tuple[float, int]:
+    """(summed NLL over counted tokens, number of counted tokens) for one padded batch."""
+    device = next(model.parameters()).device
+    with torch.inference_mode():
+        logits = model(input_ids=batch["input_ids"].to(device),
+                       attention_mask=batch["attention_mask"].to(device), use_cache=False).logits
+    targets = batch["labels"][:, 1:].to(device)
+    nll = torch.nn.functional.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]),
+                                            targets.reshape(-1), ignore_index=IGNORE, reduction="sum")
+    return float(nll), int((targets != IGNORE).sum())
+
+
+def dataset_loss(model: Any, tokenizer: Any, rows: Iterable[dict[str, Any]], batch_size: int = 4,
+                 max_length: int = 512, on_batch: Progress | None = None) -> LossResult:
+    """Token-weighted mean NLL over all rows (not a mean of per-row means, which would over-weight short answers)."""
+    encoded = [e for e in (encode_row(row, tokenizer, max_length) for row in rows) if e is not None]
+    if not encoded:
+        raise ValueError("No evaluation rows with an answer to score.")
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    total_nll, total_tokens = 0.0, 0
+    batches = [encoded[i:i + batch_size] for i in range(0, len(encoded), batch_size)]
+    for done, batch in enumerate(batches, start=1):
+        nll, tokens = batch_nll(model, _pad(batch, pad_id))
+        total_nll, total_tokens = total_nll + nll, total_tokens + tokens
+        if on_batch:
+            on_batch(done, len(batches))
+    loss = total_nll / total_tokens
+    return LossResult(loss, perplexity(loss), total_tokens, len(encoded))
+
+
+def eval_rows(data: DataConfig, limit: int | None = None) -> Any:
+    """The rows of ``data.split`` as prompt/completion (or text) rows, at most ``limit``, in file order."""
+    data = dataclasses.replace(data, validation_fraction=0.0, max_samples=None)
+    rows = prepare(data).train
+    return rows.select(range(min(limit, len(rows)))) if limit else rows
+
+
+def reference_pairs(rows: Any, limit: int) -> list[tuple[list[dict[str, str]], str | None]]:
+    """(prompt messages, reference answer or None) for the first ``limit`` chat rows."""
+    pairs = []
+    for row in rows:
+        if "prompt" in row and row["prompt"]:
+            completion = row.get("completion") or []
+            pairs.append((row["prompt"], completion[-1]["content"] if completion else None))
+        if len(pairs) >= limit:
+            break
+    return pairs
+
+
+# --- comparing a base with its adapters -------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Candidate:
+    """One model to evaluate: a base (adapter None) or a run's adapter on that base."""
+
+    name: str
+    model: ModelConfig
+    adapter_dir: Path | None = None
+
+
+def model_label(cfg: ModelConfig) -> str:
+    name = Path(cfg.source).name if "/" in cfg.source and Path(cfg.source).exists() else cfg.source
+    bits = f"4-bit {cfg.quant_type}{' + dq' if cfg.double_quant else ''}" if cfg.bits == 4 else f"{cfg.bits}-bit"
+    return f"base: {name} ({bits})"
+
+
+def candidates(run_dirs: dict[str, Path]) -> list[Candidate]:
+    """The bases of the chosen runs (each once, at the bit width the run trained on), then each run's adapter.
+
+    An adapter is compared with the base it was trained on, quantization included, so the difference is the
+    adapter's alone.
+    """
+    bases: dict[tuple[Any, ...], Candidate] = {}
+    adapters = []
+    for run_id, run_dir in run_dirs.items():
+        try:
+            cfg = load_config(run_dir / "config.yaml").model
+        except ConfigError as error:
+            raise ValueError(f"Run '{run_id}' has an unreadable config: {error}") from None
+        key = (cfg.source, cfg.bits, cfg.quant_type, cfg.double_quant, cfg.compute_dtype)
+        bases.setdefault(key, Candidate(model_label(cfg), cfg))
+        adapters.append(Candidate(adapter_name(run_id), cfg, run_dir / "adapter"))
+    return list(bases.values()) + adapters
+
+
+def candidate_model(engine: Any, candidate: Candidate) -> tuple[Any, Any, Any]:
+    """(model to call, tokenizer, context manager) for a candidate, from a ChatEngine that keeps bases loaded."""
+    if candidate.adapter_dir is None:
+        entry = engine.loaded(candidate.model)
+        if entry.model is entry.base:
+            return entry.base, entry.tokenizer, contextlib.nullcontext()
+        return entry.model, entry.tokenizer, entry.model.disable_adapter()
+    entry = engine.attach(candidate.model, candidate.name, candidate.adapter_dir)
+    entry.model.set_adapter(candidate.name)
+    return entry.model, entry.tokenizer, contextlib.nullcontext()
+
+
+def candidate_loss(engine: Any, candidate: Candidate, rows: Any, batch_size: int = 4,
+                   on_batch: Progress | None = None) -> LossResult:
+    model, tokenizer, context = candidate_model(engine, candidate)
+    with context:
+        return dataset_loss(model, tokenizer, rows, batch_size=batch_size, on_batch=on_batch)
+
+
+def candidate_answer(engine: Any, candidate: Candidate, prompt: list[dict[str, str]], max_new_tokens: int) -> str:
+    """Greedy answer (temperature 0), so base and adapter differ only by the adapter."""
+    from finetune.chat import SamplingSettings
+
+    settings = SamplingSettings(max_new_tokens=max_new_tokens, temperature=0.0)
+    history, question = prompt[:-1], prompt[-1]["content"]
+    text = ""
+    for text in engine.stream(question, history, candidate.model,
+                              candidate.name if candidate.adapter_dir else None, candidate.adapter_dir, settings):
+        pass
+    return text
+
+
+def adapter_name(run_id: str, suffix: str = "") -> str:
+    """A peft adapter name for a run (peft keys modules by name, so no dots)."""
+    return (run_id + (f"@{suffix}" if suffix else "")).replace(".", "_")
+
+
+def run_checkpoints(run_dir: Path) -> list[tuple[str, Path]]:
+    """(label, adapter folder) for each saved checkpoint of a run in step order, then the final adapter."""
+    found = []
+    for folder in (run_dir / "checkpoints").glob("checkpoint-*"):
+        step = folder.name.rsplit("-", 1)[-1]
+        if step.isdigit() and (folder / "adapter_config.json").is_file():
+            found.append((int(step), folder))
+    labelled = [(f"checkpoint-{step}", folder) for step, folder in sorted(found)]
+    if (run_dir / "adapter" / "adapter_config.json").is_file():
+        labelled.append(("final adapter", run_dir / "adapter"))
+    return labelled
+
+
+# --- overlap with the reference ------------------------------------------------------------------------------
+
+def rouge_l(answer: str, reference: str | None) -> float | None:
+    """ROUGE-L F1 (longest common word subsequence, 0..1) of an answer against a reference; None without one."""
+    if not reference:
+        return None
+    from rouge_score import rouge_scorer
+
+    return rouge_scorer.RougeScorer(["rougeL"]).score(reference, answer or "")["rougeL"].fmeasure
+
+
+# --- win rate from votes -------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class WinRate:
+    adapter: str
+    votes: int
+    wins: int
+    losses: int
+    ties: int        # ties and "both bad" together: no preference between the two answers
+    rate: float | None
+    low: float | None
+    high: float | None
+
+
+def wilson_interval(successes: float, n: float, z: float = Z_95) -> tuple[float, float]:
+    """Wilson score interval for a proportion; unlike p ± z·SE it stays inside [0, 1] and works for p = 0 or 1."""
+    if n <= 0:
+        raise ValueError("a confidence interval needs at least one vote")
+    p = successes / n
+    denominator = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denominator
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denominator
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def win_rate(adapter: str, counts: dict[str, int]) -> WinRate:
+    """Win rate of an adapter against its base; a tie (or 'both bad') counts as half a win and half a loss."""
+    wins, losses = int(counts.get("wins", 0)), int(counts.get("losses", 0))
+    ties = int(counts.get("ties", 0)) + int(counts.get("both_bad", 0))
+    votes = wins + losses + ties
+    if votes == 0:
+        return WinRate(adapter, 0, 0, 0, 0, None, None, None)
+    score = wins + 0.5 * ties
+    low, high = wilson_interval(score, votes)
+    return WinRate(adapter, votes, wins, losses, ties, score / votes, low, high)
+
+
+def read_win_counts(db_path: str | Path) -> dict[str, dict[str, int]]:
+    """Vote counts per adapter from the feedback store (``finetune.feedback``, imported only when needed);
+    empty when its database does not exist yet."""
+    path = Path(db_path)
+    if not path.is_file():
+        return {}
+    try:
+        from finetune.feedback import FeedbackStore
+    except ImportError:
+        return {}
+    return FeedbackStore(path).win_counts()
+
+
+# --- reward model (optional) ---------------------------------------------------------------------------------
+
+def reward_models(manager: Any) -> dict[str, Path]:
+    """run id -> saved reward model of every finished reward run, newest first; empty before the RLHF stage."""
+    finder = getattr(manager, "reward_models", None)
+    return finder() if finder else {}
+
+
+def reward_scores(folder: Path, prompts: list[list[dict[str, str]]], answers: list[str]) -> list[float]:
+    """One scalar per (prompt, answer) from a reward run's model (``finetune.rlhf``, imported only when needed)."""
+    from finetune.rlhf import RewardScorer
+
+    return RewardScorer(folder).score(prompts, answers)
+
+
+def load_eval_rows(source: str, split: str, limit: int | None) -> Any:
+    """eval_rows with a user-facing error for a bad dataset or split."""
+    try:
+        return eval_rows(DataConfig(source=source, split=split), limit)
+    except (ConfigError, DataError) as error:
+        raise ValueError(str(error)) from None

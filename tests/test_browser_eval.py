@@ -1,0 +1,100 @@
+"""The Evaluate, Quantization and Learn tabs in a real headless Chromium, on the tiny model.
+
+A tiny LoRA run is trained in-process before the app starts (a real TRL run into the runs folder the app serves).
+Evaluate: the run is preselected, validation loss fills the table (base and adapter, adapter lower) and the bar
+chart. Quantization: all seven formats fill the table and the memory/perplexity chart. Learn: a competency link
+jumps to its tab. Train: the LoRA aid shows the live trainable count. Screenshots go to tests/artifacts/.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from conftest import browser_page, served_app, tiny_run_config, write_jsonl, ARGS, ARTIFACTS, CHROMIUM, fill as _fill
+
+pytestmark = pytest.mark.browser
+
+
+@pytest.fixture(scope="module")
+def runs_root(tmp_path_factory, tiny_model_dir):
+    from finetune.config import save_config
+    from finetune.train import run
+
+    root = tmp_path_factory.mktemp("eval-browser-runs")
+    rows = [{"prompt": f"What does setting {i} control in LoRA?",
+             "completion": f"🧪 Lab note: setting {i} controls the adapter.\nRule of thumb: keep it small."}
+            for i in range(40)]
+    data = write_jsonl(root.parent / "style.jsonl", rows)
+    cfg = tiny_run_config(tiny_model_dir, data, max_steps=8, learning_rate=0.02)
+    run_dir = root / "tiny-eval"
+    save_config(cfg, run_dir / "config.yaml")
+    assert run(cfg, run_dir) == 0
+    return root, data
+
+
+@pytest.fixture(scope="module")
+def page(runs_root):
+    with served_app(runs_root[0]) as url, browser_page(url) as page:
+        yield page
+
+
+
+def _table_rows(page, elem_id: str) -> list[str]:
+    """Body rows of a gradio 6 Dataframe (an ARIA grid; the first row is the header)."""
+    return page.locator(f"#{elem_id} [role=row]").all_inner_texts()[1:]
+
+
+def test_learn_links_and_lora_aid(page):
+    from playwright.sync_api import expect
+
+    expect(page.locator("#lora-aid")).to_contain_text("trainable", timeout=30_000)
+    expect(page.locator("#lora-aid")).to_contain_text("(α/r)·B·A")
+    from components.learn_tab import COMPETENCIES
+
+    for name, _, tab, _ in COMPETENCIES:  # every competency links to a tab that exists, and the link works
+        page.get_by_role("tab", name="Learn").click()
+        expect(page.locator("#learn-text")).to_contain_text(name)
+        page.locator(f"#learn-{name.split(' (')[0].lower()}").click()
+        expect(page.locator("button[role=tab][aria-selected=true]")).to_have_text(tab, timeout=10_000)
+    page.get_by_role("tab", name="Learn").click()
+    page.locator("#learn-quantization").click()
+    expect(page.locator("#quant-run")).to_be_visible(timeout=10_000)
+
+
+def test_quantization_tab_fills_every_format(page, tiny_model_dir):
+    from playwright.sync_api import expect
+
+    page.get_by_role("tab", name="Quantization").click()
+    _fill(page, "quant-source", str(tiny_model_dir))
+    _fill(page, "quant-limit", "3")
+    page.locator("#quant-run").click()
+    expect(page.locator("#quant-status")).to_contain_text("Measured 7 format(s)", timeout=120_000)
+    rows = _table_rows(page, "quant-table")
+    assert len(rows) == 7, rows
+    assert any("NF4 + double quant" in r for r in rows) and any("LLM.int8" in r for r in rows)
+    page.locator("#quant-plot canvas, #quant-plot svg").first.wait_for(timeout=15_000)
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "quantization.png"), full_page=True)
+
+
+def test_evaluate_tab_shows_adapter_below_base(page, runs_root):
+    from playwright.sync_api import expect
+
+    _, data = runs_root
+    page.get_by_role("tab", name="Evaluate").click()
+    expect(page.locator("#eval-runs")).to_contain_text("tiny-eval", timeout=15_000)  # preselected newest run
+    _fill(page, "eval-source", str(data))
+    _fill(page, "eval-split", "train")
+    _fill(page, "eval-limit", "8")
+    page.locator("#eval-loss-button").click()
+    expect(page.locator("#eval-loss-summary")).to_contain_text("lower than its base", timeout=90_000)
+    rows = _table_rows(page, "eval-loss-table")
+    assert len(rows) == 2 and rows[0].startswith("base: ") and rows[1].startswith("tiny-eval"), rows
+    page.locator("#eval-loss-plot canvas, #eval-loss-plot svg").first.wait_for(timeout=15_000)
+    page.get_by_text("Win rate against the base (your votes)").click()
+    expect(page.locator("#eval-win-note")).to_contain_text("No votes yet")
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "evaluate.png"), full_page=True)

@@ -1,0 +1,286 @@
+"""Evaluation: loss/perplexity math on the tiny model, the win-rate interval, and a real adapter beating its base.
+
+Everything runs for real: the tiny random Llama, a LoRA adapter trained in-process with TRL, the ChatEngine that
+attaches it, rouge-score, and the SQLite feedback store.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from conftest import tiny_run_config
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_model_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    return model, AutoTokenizer.from_pretrained(tiny_model_dir)
+
+
+@pytest.fixture(scope="module")
+def qa_rows(tmp_path_factory):
+    from finetune.config import DataConfig
+    from finetune.evaluate import eval_rows
+    from conftest import write_jsonl
+
+    rows = [{"prompt": f"Question {i}: what does rank {i} change in LoRA?",
+             "completion": f"🧪 Lab note: rank {i} sets the adapter size.\nRule of thumb: start with {i * 2}."}
+            for i in range(1, 12)]
+    path = write_jsonl(tmp_path_factory.mktemp("eval") / "qa.jsonl", rows)
+    return eval_rows(DataConfig(source=str(path)))
+
+
+# --- loss and perplexity math --------------------------------------------------------------------------------
+
+def test_prompt_tokens_are_not_counted(tiny, qa_rows):
+    from finetune.evaluate import IGNORE, encode_row
+
+    _, tokenizer = tiny
+    ids, labels = encode_row(qa_rows[0], tokenizer, 512)
+    counted = tokenizer.decode([t for t, label in zip(ids, labels) if label != IGNORE])
+    assert "Lab note: rank 1 sets the adapter size" in counted
+    assert "Question 1" not in counted  # the prompt is context, not scored
+    assert labels[0] == IGNORE and len(ids) == len(labels)
+
+
+def test_dataset_loss_matches_transformers_own_loss(tiny, qa_rows):
+    """Token-weighted mean NLL = HF's per-row mean loss re-weighted by each row's counted tokens."""
+    from finetune.evaluate import IGNORE, dataset_loss, encode_row
+
+    model, tokenizer = tiny
+    result = dataset_loss(model, tokenizer, qa_rows, batch_size=4)
+    total, tokens = 0.0, 0
+    with torch.no_grad():
+        for row in qa_rows:
+            ids, labels = encode_row(row, tokenizer, 512)
+            out = model(input_ids=torch.tensor([ids]), labels=torch.tensor([labels]))
+            counted = sum(1 for label in labels[1:] if label != IGNORE)
+            total, tokens = total + float(out.loss) * counted, tokens + counted
+    assert result.tokens == tokens and result.rows == len(qa_rows)
+    assert result.loss == pytest.approx(total / tokens, rel=1e-5)
+    assert result.perplexity == pytest.approx(math.exp(result.loss), rel=1e-9)
+
+
+def test_padding_and_batch_size_do_not_change_the_loss(tiny, qa_rows):
+    from finetune.evaluate import dataset_loss
+
+    model, tokenizer = tiny
+    seen = []
+    one = dataset_loss(model, tokenizer, qa_rows, batch_size=1)
+    five = dataset_loss(model, tokenizer, qa_rows, batch_size=5, on_batch=lambda d, t: seen.append((d, t)))
+    assert five.loss == pytest.approx(one.loss, rel=1e-5)
+    assert seen == [(1, 3), (2, 3), (3, 3)]  # progress per batch
+
+
+def test_a_uniform_model_has_perplexity_equal_to_its_vocabulary(tiny_model_dir, qa_rows):
+    """All-zero (tied) embeddings make every logit 0: each token has probability 1/V, so perplexity is exactly V."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from finetune.evaluate import dataset_loss
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        model.get_input_embeddings().weight.zero_()
+    result = dataset_loss(model, AutoTokenizer.from_pretrained(tiny_model_dir), qa_rows, batch_size=3)
+    vocab = model.config.vocab_size
+    assert result.loss == pytest.approx(math.log(vocab), rel=1e-6)
+    assert result.perplexity == pytest.approx(vocab, rel=1e-5)
+
+
+def test_empty_rows_give_a_clear_error(tiny):
+    from finetune.evaluate import dataset_loss
+
+    with pytest.raises(ValueError, match="No evaluation rows"):
+        dataset_loss(*tiny, [])
+
+
+# --- win rate and its interval -----------------------------------------------------------------------------
+
+def test_wilson_interval_matches_the_textbook_example():
+    from finetune.evaluate import wilson_interval
+
+    # 8 of 10 successes: the Wilson 95% interval is 0.490 to 0.943 (Newcombe 1998, a standard worked example).
+    low, high = wilson_interval(8, 10)
+    assert (round(low, 3), round(high, 3)) == (0.490, 0.943)
+    low, high = wilson_interval(0, 10)  # unlike p ± z·SE it does not collapse to a point at p = 0
+    assert low == 0.0 and round(high, 3) == 0.278
+
+
+def test_win_rate_counts_ties_and_both_bad_as_half():
+    from finetune.evaluate import win_rate, wilson_interval
+
+    rate = win_rate("run-a", {"wins": 6, "losses": 2, "ties": 1, "both_bad": 1})
+    assert (rate.votes, rate.wins, rate.losses, rate.ties) == (10, 6, 2, 2)
+    assert rate.rate == pytest.approx(0.7)
+    assert (rate.low, rate.high) == pytest.approx(wilson_interval(7, 10))
+    assert rate.low < rate.rate < rate.high
+    empty = win_rate("run-b", {"wins": 0, "losses": 0, "ties": 0, "both_bad": 0})
+    assert empty.votes == 0 and empty.rate is None and empty.low is None
+
+
+def test_more_votes_narrow_the_interval():
+    from finetune.evaluate import win_rate
+
+    few = win_rate("a", {"wins": 7, "losses": 3})
+    many = win_rate("a", {"wins": 70, "losses": 30})
+    assert few.rate == many.rate
+    assert many.high - many.low < few.high - few.low
+    assert few.low < 0.5 < few.high and many.low > 0.5  # 70/30 is significant, 7/3 is not
+
+
+def test_win_rates_read_from_the_real_feedback_store(tmp_path):
+    from components.eval_tab import win_rates
+    from finetune.feedback import FeedbackStore
+
+    db = tmp_path / "feedback.db"
+    table, note = win_rates(db)
+    assert table.empty and "No votes yet" in note
+    store = FeedbackStore(db)
+    for choice in ("second", "second", "first", "tie"):  # the tuned answer is second: 2 wins, 1 loss, 1 tie
+        ids = store.record_turn(model="m", adapter="run-x", prompt="q", base_history=[], tuned_history=[],
+                                settings={}, base_response="b", tuned_response="t")
+        store.add_preference(ids["base"], ids["tuned"], choice)
+    store.close()
+    table, note = win_rates(db)
+    row = table.iloc[0]
+    assert (row["adapter"], row["votes"], row["wins"], row["losses"]) == ("run-x", 4, 2, 1)
+    assert row["win rate"] == pytest.approx(0.625) and row["95% CI low"] < 0.5 < row["95% CI high"]
+    assert "half a win" in note
+
+
+def test_rouge_l_scores_overlap():
+    from finetune.evaluate import rouge_l
+
+    assert rouge_l("the adapter learns the style", "the adapter learns the style") == pytest.approx(1.0)
+    assert rouge_l("completely unrelated words", "the adapter learns the style") == 0.0
+    assert 0 < rouge_l("the adapter learns", "the adapter learns the style") < 1
+    assert rouge_l("anything", None) is None
+
+
+# --- a trained adapter against its base -----------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def trained_run(tiny_model_dir, tmp_path_factory):
+    """A real tiny LoRA run (4-bit base), trained in-process on the style the eval rows share."""
+    from conftest import write_jsonl
+    from finetune.config import save_config
+    from finetune.train import run
+
+    folder = tmp_path_factory.mktemp("eval-runs")
+    rows = [{"prompt": f"What does setting {i} control in LoRA?",
+             "completion": f"🧪 Lab note: setting {i} controls the adapter.\nRule of thumb: keep it small."}
+            for i in range(40)]
+    data = write_jsonl(folder / "style.jsonl", rows)
+    cfg = tiny_run_config(tiny_model_dir, data, max_steps=8, save_steps=4, learning_rate=0.02)
+    run_dir = folder / "runs" / "tiny-style"
+    save_config(cfg, run_dir / "config.yaml")  # what the CLI and the run manager write before training
+    assert run(cfg, run_dir) == 0, (run_dir / "status.json").read_text()
+    return run_dir, data
+
+
+def test_adapter_has_lower_validation_loss_than_its_base(trained_run):
+    from finetune.chat import ChatEngine
+    from finetune.config import DataConfig
+    from finetune.evaluate import candidate_loss, candidates, eval_rows
+
+    run_dir, data = trained_run
+    rows = eval_rows(DataConfig(source=str(data)), limit=8)
+    chosen = candidates({"tiny-style": run_dir})
+    assert [c.adapter_dir is None for c in chosen] == [True, False]
+    assert chosen[0].name.startswith("base: ") and "4-bit" in chosen[0].name  # the base it trained on
+    engine = ChatEngine()
+    base, tuned = (candidate_loss(engine, c, rows) for c in chosen)
+    assert tuned.loss < base.loss - 0.1, (base, tuned)  # measured: about 10.8 -> 10.5 after 8 steps
+    assert base.tokens == tuned.tokens
+    # Evaluating the base again after the adapter was attached still gives the base (adapter disabled).
+    assert candidate_loss(engine, chosen[0], rows).loss == pytest.approx(base.loss, rel=1e-4)
+    assert engine.base_loads == 1
+
+
+def test_checkpoints_are_listed_and_answer(trained_run):
+    from finetune.chat import ChatEngine
+    from finetune.config import load_config
+    from finetune.evaluate import Candidate, adapter_name, candidate_answer, run_checkpoints
+
+    run_dir, _ = trained_run
+    saved = run_checkpoints(run_dir)
+    assert [label for label, _ in saved] == ["checkpoint-4", "checkpoint-8", "final adapter"]
+    cfg = load_config(run_dir / "config.yaml").model
+    engine = ChatEngine()
+    answers = [candidate_answer(engine, Candidate(adapter_name("tiny", label), cfg, folder),
+                                [{"role": "user", "content": "What does setting 3 control in LoRA?"}], 6)
+               for label, folder in saved]
+    assert all(isinstance(a, str) and a for a in answers)
+
+
+def test_eval_tab_handlers_report_bad_input(trained_run, tmp_path):
+    import gradio as gr
+
+    from components.eval_tab import checkpoint_answers, evaluate_loss
+    from finetune.chat import ChatEngine
+    from finetune.runs import RunManager
+
+    manager, engine = RunManager(tmp_path / "runs"), ChatEngine()
+    with pytest.raises(gr.Error, match="Pick at least one finished run"):
+        evaluate_loss(manager, engine, [], "bundled:course_qa", "validation", 4, 4)
+    with pytest.raises(gr.Error, match="No saved adapter"):
+        evaluate_loss(manager, engine, ["nope"], "bundled:course_qa", "validation", 4, 4)
+    with pytest.raises(gr.Error, match="Type a prompt"):
+        checkpoint_answers(manager, engine, "nope", "  ", 16)
+
+
+def test_side_by_side_generations_with_rouge_and_reward(trained_run, tiny_model_dir, tmp_path):
+    """Greedy answers of base and adapter, ROUGE-L against the reference, and (once a real reward run exists,
+    trained here with TRL's RewardTrainer on the tiny model) a reward score per answer."""
+    import shutil
+
+    from components.eval_tab import add_reward_scores, compare_generations
+    from conftest import write_jsonl
+    from finetune.chat import ChatEngine
+    from finetune.config import from_dict, save_config
+    from finetune.runs import RunManager
+    from finetune.train import run
+
+    run_dir, data = trained_run
+    manager = RunManager(tmp_path / "runs")
+    shutil.copytree(run_dir, manager.root / "tiny-style")
+    assert "No reward model yet" in add_reward_scores(manager, None, [])
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", [
+        {"prompt": f"What does setting {i} control?", "chosen": f"🧪 Lab note: setting {i} controls the adapter.",
+         "rejected": "It depends."} for i in range(8)])
+    reward_cfg = from_dict({
+        "run_name": "reward", "stage": "reward", "model": {"source": str(tiny_model_dir), "bits": 32},
+        "lora": {"rank": 4, "alpha": 8, "dropout": 0.0},
+        "data": {"source": str(pairs), "max_seq_length": 64, "validation_fraction": 0.0},
+        "training": {"learning_rate": 0.01, "max_steps": 2, "batch_size": 4, "eval_steps": 0, "save_steps": 100,
+                     "warmup_ratio": 0.0}})
+    save_config(reward_cfg, manager.root / "reward" / "config.yaml")
+    assert run(reward_cfg, manager.root / "reward") == 0
+    frame, summary = compare_generations(manager, ChatEngine(), ["tiny-style"], str(data), "train", 2, 6)
+    assert len(frame) == 4 and frame["model"].tolist()[1::2] == ["tiny-style", "tiny-style"]
+    assert frame["reference"].str.contains("Lab note").all()
+    assert frame["ROUGE-L"].between(0, 1).all()
+    assert frame["reward"].notna().all() and frame["reward"].nunique() > 1
+    assert "Mean ROUGE-L" in summary and "Mean reward (run `reward`)" in summary
+
+
+def test_loss_summary_compares_each_adapter_with_its_own_base(tmp_path):
+    import pandas as pd
+
+    from components.eval_tab import LOSS_COLUMNS, _loss_summary
+    from finetune.config import ModelConfig
+    from finetune.evaluate import Candidate, model_label
+
+    four, sixteen = ModelConfig(bits=4), ModelConfig(bits=16)
+    chosen = [Candidate(model_label(four), four), Candidate(model_label(sixteen), sixteen),
+              Candidate("run-a", four, tmp_path), Candidate("run-b", sixteen, tmp_path)]
+    losses = [3.0, 2.0, 2.5, 2.2]
+    frame = pd.DataFrame([[c.name, x, 0.0, 10, 2] for c, x in zip(chosen, losses)], columns=LOSS_COLUMNS)
+    summary = _loss_summary(frame, chosen)
+    assert "`run-a`: loss 2.5000 (lower than its base by 0.5000)" in summary
+    assert "`run-b`: loss 2.2000 (higher than its base by 0.2000)" in summary
