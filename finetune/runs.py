@@ -23,11 +23,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from finetune.config import RunConfig, load_config, save_config
-from finetune.metrics import FINAL_STATES, STOP_FILE, read_metrics, read_status, write_status
+from finetune.config import ConfigError, RunConfig, load_config, save_config
+from finetune.metrics import FINAL_STATES, HOSTNAME, STOP_FILE, read_metrics, read_status, write_status
 from finetune.train import ADAPTER_DIR, last_checkpoint
 
 LOG_FILE = "train.log"
+REWARD_DIR = "reward_model"  # where a reward run saves (finetune/rlhf.py); not a chat adapter
 RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
@@ -70,6 +71,11 @@ def _pid_alive(pid: int | None) -> bool:
         return True
 
 
+def is_remote(status: dict[str, Any]) -> bool:
+    """True for a run whose status was written on another machine (its folder was synced back here)."""
+    return bool(status.get("hostname")) and status["hostname"] != HOSTNAME
+
+
 def tail(path: Path, lines: int = 30) -> str:
     if not path.is_file():
         return ""
@@ -79,6 +85,37 @@ def tail(path: Path, lines: int = 30) -> str:
         text = handle.read().decode("utf-8", errors="replace")
     # Progress bars redraw with carriage returns; keep only what a terminal would finally show.
     return "\n".join(line.split("\r")[-1] for line in text.splitlines()[-lines:])
+
+
+def check_sources(cfg: RunConfig) -> None:
+    """Fail before a child starts when the model or data cannot be had (offline Hub, missing or bad file):
+    ConfigError names the field, so the form shows the reason at once instead of a failed run later."""
+    from finetune.data import DataError, check_file
+    from finetune.data import source_kind as data_kind
+    from finetune.models import ModelSourceError, hub_reachable, require_hub, resolve_source
+    from finetune.models import source_kind as model_kind
+
+    problems: dict[str, str] = {}
+    try:
+        if model_kind(cfg.model.source) == "hub":
+            from huggingface_hub import try_to_load_from_cache
+
+            if not isinstance(try_to_load_from_cache(cfg.model.source, "config.json"), str):
+                require_hub(cfg.model.source, "model")
+        elif model_kind(cfg.model.source) == "local":
+            resolve_source(cfg.model.source)
+    except ModelSourceError as error:
+        problems["model.source"] = str(error)
+    try:
+        kind = data_kind(cfg.data.source)
+        if kind == "file":
+            check_file(Path(cfg.data.source).expanduser())
+        elif kind == "hub" and not hub_reachable():
+            require_hub(cfg.data.source, "dataset")
+    except (DataError, ModelSourceError) as error:
+        problems["data.source"] = str(error)
+    if problems:
+        raise ConfigError(problems)
 
 
 class RunManager:
@@ -117,6 +154,8 @@ class RunManager:
         """status.json, corrected when the process behind a 'running' run has died without saying so."""
         folder = self.run_dir(run_id)
         status = read_status(folder)
+        if is_remote(status):  # trained elsewhere and synced back: only that machine knows if it still runs
+            return status
         if status.get("state") in ("running", "queued") and not self._is_alive(run_id, status.get("pid")):
             child = self._children.get(run_id)
             code = child.poll() if child else None
@@ -134,8 +173,10 @@ class RunManager:
         return _pid_alive(pid)
 
     def active_run(self) -> str | None:
+        """The run training on THIS machine, if any (a synced run from another host does not hold the device)."""
         for run_id in self.list_ids():
-            if self.status(run_id).get("state") in ("running", "queued"):
+            status = self.status(run_id)
+            if status.get("state") in ("running", "queued") and not is_remote(status):
                 return run_id
         return None
 
@@ -165,9 +206,15 @@ class RunManager:
         return [self.summary(run_id) for run_id in self.list_ids()]
 
     def finished_adapters(self) -> dict[str, Path]:
-        """run id -> adapter folder, for every run that saved one."""
+        """run id -> adapter folder, for every run that saved one: SFT, DPO and KTO runs. A reward run saves
+        under reward_model/ instead, so it never shows up as something to chat with."""
         return {run_id: self.run_dir(run_id) / ADAPTER_DIR for run_id in self.list_ids()
                 if (self.run_dir(run_id) / ADAPTER_DIR / "adapter_config.json").is_file()}
+
+    def reward_models(self) -> dict[str, Path]:
+        """run id -> reward model folder, for every finished reward run (they score answers, they do not chat)."""
+        return {run_id: self.run_dir(run_id) / REWARD_DIR for run_id in self.list_ids()
+                if (self.run_dir(run_id) / REWARD_DIR / "adapter_config.json").is_file()}
 
     def log_tail(self, run_id: str, lines: int = 30) -> str:
         return tail(self.run_dir(run_id) / LOG_FILE, lines)
@@ -217,7 +264,7 @@ class RunManager:
             child = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                      cwd=PROJECT_ROOT, env=env, start_new_session=True)
         self._children[run_id] = child
-        write_status(folder, pid=child.pid)
+        write_status(folder, pid=child.pid, hostname=HOSTNAME)
 
     def stop(self, run_id: str, grace_seconds: float = 60.0) -> dict[str, Any]:
         """Ask the run to stop at its next step (it saves a checkpoint); kill it if it has not within the grace."""

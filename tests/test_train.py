@@ -112,6 +112,11 @@ def test_accelerate_launch_two_cpu_processes(tiny_model_dir, qa_file, tmp_path):
     # 2 processes x batch 2 = 4 rows a step out of 36 training rows: 3 steps are a third of an epoch.
     assert rows[-1]["epoch"] == pytest.approx(3 * 4 / 36, abs=0.02)
     assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").is_file()
+    # The same files, PEFT config and tensor names/shapes/dtypes as a 1-process run of the same config.
+    from finetune.export import adapter_format
+
+    assert run(cfg, tmp_path / "single") == 0
+    assert adapter_format(tmp_path / "run" / "adapter") == adapter_format(tmp_path / "single" / "adapter")
 
 
 def test_embedded_model_learns_the_course_style(tmp_path):

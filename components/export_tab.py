@@ -1,0 +1,150 @@
+"""The Export tab: take a finished run's adapter away as a zip, merge it into its base, or push it to the Hub.
+
+Each action writes into the run's own folder (``export/``, ``merged/``), so nothing a visitor exports lands in
+another run. The Hub token is typed per push into a password box and used only for that call: on a shared Space
+nobody pushes with the Space owner's token, and the token is never echoed, logged or stored.
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+from typing import Any
+
+import gradio as gr
+
+from finetune.export import (ADAPTER_DIR, MERGED_DIR, PLOT_FILE, ExportError, merge_adapter, model_card,
+                             push_folder, write_model_card, zip_adapter)
+from finetune.models import ModelSourceError
+from finetune.runs import RunError, RunManager
+
+PUSH_KINDS = ("Adapter", "Merged model")
+
+
+def export_choices(manager: RunManager, current: str | None = None) -> Any:
+    """Finished runs with an adapter, newest first; keeps the current pick while it still exists."""
+    ids = list(manager.finished_adapters())
+    return gr.Dropdown(choices=ids, value=current if current in ids else (ids[0] if ids else None))
+
+
+def _run_dir(manager: RunManager, run_id: str | None) -> Path:
+    if not run_id:
+        raise gr.Error("Pick a finished run first (train one in the Train tab).")
+    try:
+        folder = manager.run_dir(run_id)
+    except RunError as error:
+        raise gr.Error(str(error)) from None
+    if run_id not in manager.finished_adapters():
+        raise gr.Error(f"Run '{run_id}' has no saved adapter to export.")
+    return folder
+
+
+def _size(path: Path) -> str:
+    total = sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else path.stat().st_size
+    return f"{total / 2**20:.1f} MB"
+
+
+def preview_card(manager: RunManager, run_id: str | None) -> tuple[str, str | None]:
+    """The adapter's model card as it will be pushed, and its loss plot."""
+    if not run_id:
+        return "Pick a run to see its model card.", None
+    folder = _run_dir(manager, run_id)
+    try:
+        card = write_model_card(folder, folder / ADAPTER_DIR)
+    except ExportError as error:
+        raise gr.Error(str(error)) from None
+    plot = card.parent / PLOT_FILE
+    # The Hub reads the card's YAML header as metadata; shown as code here so it does not render as prose.
+    _, header, body = model_card(folder, plot_name=None).split("---\n", 2)
+    return f"```yaml\n{header}```\n{body}", str(plot) if plot.is_file() else None
+
+
+def export_zip(manager: RunManager, run_id: str | None) -> tuple[str, str]:
+    """Zip the adapter for download: (zip path for the file component, message)."""
+    folder = _run_dir(manager, run_id)
+    try:
+        path = zip_adapter(folder)
+    except ExportError as error:
+        raise gr.Error(str(error)) from None
+    return str(path), (f"`{path.name}` ({_size(path)}): unzip it into a folder and load it with "
+                       f"`PeftModel.from_pretrained(base, folder)`.")
+
+
+def merge_model(manager: RunManager, run_id: str | None, progress: gr.Progress = gr.Progress()) -> str:
+    """Merge the adapter into an unquantized copy of the base; long on big models, so it reports progress."""
+    folder = _run_dir(manager, run_id)
+    try:
+        output = merge_adapter(folder, progress=lambda fraction, text: progress(fraction, desc=text))
+    except (ExportError, ModelSourceError) as error:
+        raise gr.Error(str(error)) from None
+    except (MemoryError, RuntimeError) as error:  # a base too large for this machine's RAM
+        raise gr.Error(f"Merging failed: {error}") from None
+    files = ", ".join(sorted(p.name for p in output.iterdir()))
+    return f"Merged model saved to `{output}` ({_size(output)}): {files}. Push it to the Hub below."
+
+
+def push_model(manager: RunManager, run_id: str | None, what: str, repo_id: str, token: str, private: bool,
+               progress: gr.Progress = gr.Progress()) -> str:
+    """Push the adapter (or the merged model) with a freshly written model card; returns a link."""
+    folder = _run_dir(manager, run_id)
+    if what not in PUSH_KINDS:
+        raise gr.Error(f"Choose what to push: {' or '.join(PUSH_KINDS)}.")
+    merged = what == "Merged model"
+    target = folder / (MERGED_DIR if merged else ADAPTER_DIR)
+    if merged and not (target / "config.json").is_file():
+        raise gr.Error("There is no merged model for this run yet: click 'Merge into base model' first.")
+    try:
+        write_model_card(folder, target, merged=merged)
+        url = push_folder(target, repo_id, token, private=bool(private),
+                          progress=lambda fraction, text: progress(fraction, desc=text))
+    except (ExportError, ModelSourceError) as error:
+        raise gr.Error(str(error)) from None
+    except Exception as error:  # the Hub's own refusals (bad token, no write access) as one line, never the token
+        raise gr.Error(f"The Hub refused the push: {type(error).__name__}: {str(error).splitlines()[0][:300]}")
+    return f"Pushed the {what.lower()} of `{run_id}` to [{repo_id}]({url})."
+
+
+def build_export_tab(manager: RunManager) -> dict[str, Any]:
+    with gr.Row():
+        run = gr.Dropdown([], label="Finished run", elem_id="export-run", scale=3, allow_custom_value=True,
+                          info="Runs that saved an adapter.")
+        refresh = gr.Button("Refresh runs", size="sm", scale=1)
+    with gr.Row():
+        zip_button = gr.Button("Download adapter (.zip)", elem_id="export-zip")
+        merge_button = gr.Button("Merge into base model", elem_id="export-merge")
+    zip_file = gr.File(label="Adapter zip", elem_id="export-zip-file", interactive=False)
+    message = gr.Markdown(elem_id="export-message")
+    with gr.Accordion("Push to the Hugging Face Hub", open=False):
+        with gr.Row():
+            what = gr.Radio(list(PUSH_KINDS), value=PUSH_KINDS[0], label="What to push")
+            repo_id = gr.Textbox(label="Repo id", placeholder="your-name/my-lora", elem_id="export-repo")
+            token = gr.Textbox(label="Your Hugging Face write token", type="password", elem_id="export-token",
+                               info="Used for this push only; never stored or shown.")
+            private = gr.Checkbox(value=True, label="Private repo")
+        push_button = gr.Button("Push", variant="primary", elem_id="export-push")
+    with gr.Accordion("Model card (pushed as README.md)", open=True):
+        with gr.Row():
+            card = gr.Markdown(elem_id="export-card")
+            plot = gr.Image(label="Loss plot (loss.png)", type="filepath", interactive=False, elem_id="export-plot")
+    _wire(manager, run, refresh, zip_button, merge_button, push_button, zip_file, message, card, plot,
+          what, repo_id, token, private)
+    return {"run": run, "refresh": refresh, "zip": zip_button, "merge": merge_button, "zip_file": zip_file,
+            "message": message, "what": what, "repo_id": repo_id, "token": token, "private": private,
+            "push": push_button, "card": card, "plot": plot}
+
+
+def _wire(manager: RunManager, run: Any, refresh: Any, zip_button: Any, merge_button: Any, push_button: Any,
+          zip_file: Any, message: Any, card: Any, plot: Any, what: Any, repo_id: Any, token: Any,
+          private: Any) -> None:
+    choices = functools.partial(export_choices, manager)
+    refresh.click(choices, run, run, api_name="export_runs")
+    run.change(functools.partial(preview_card, manager), run, [card, plot], api_name="model_card")
+    zip_button.click(functools.partial(export_zip, manager), run, [zip_file, message], api_name="export_zip")
+    # Merging holds a whole unquantized base in RAM: one at a time per app.
+    merge_button.click(functools.partial(merge_model, manager), run, message, api_name="merge_adapter",
+                       concurrency_limit=1, concurrency_id="export-merge")
+    push_button.click(functools.partial(push_model, manager), [run, what, repo_id, token, private], message,
+                      api_name="push_to_hub", concurrency_limit=2)
+    page = gr.context.Context.root_block
+    if page is not None:
+        page.load(choices, run, run, api_visibility="private")
