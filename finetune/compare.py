@@ -1,0 +1,516 @@
+"""PEFT vs LoRA vs QLoRA, measured: one dataset, seed and step budget, several techniques, one table.
+
+A comparison is a small queue persisted as ``runs/comparisons/<id>.json``. A background thread starts its
+techniques one after another through the RunManager (each one a normal run in the history, trained in a child
+process), waits for each to finish, and moves on. Because the queue lives on disk, a reloaded page, or a
+restarted app (``CompareQueue.ensure_worker``), picks it up again. Stop asks the current run to stop and skips
+the rest.
+
+The measurements come from the runs themselves: ``record_measurements`` runs in the training child at the end
+(peak memory, weight bytes, size on disk, a greedy sample answer) and writes them to run_info.json; loss,
+seconds per step and tokens/s come from metrics.jsonl.
+
+    queue = CompareQueue(RunManager("runs"))
+    comparison_id = queue.start(CompareRequest(techniques=["ia3", "lora16", "qlora4"], max_steps=6))
+    queue.wait(comparison_id)
+    print(results_frame(queue.manager, queue.load(comparison_id)))
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import resource
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from finetune.config import ConfigError, RunConfig, from_dict, load_config, to_dict
+from finetune.metrics import FINAL_STATES, read_metrics
+
+COMPARE_DIR = "comparisons"
+PROMPT_FILE = "compare_prompt.txt"  # a run folder holding it gets a greedy sample answer at the end of training
+SAMPLE_TOKENS = 40
+PRESET = Path(__file__).resolve().parent.parent / "configs" / "compare-cpu.yaml"
+
+
+# --- the techniques -------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Technique:
+    label: str
+    method: str
+    bits: int
+    double_quant: bool = False
+    # Learning rate relative to the comparison's LoRA rate: full fine-tuning needs a much smaller step, IA3 and
+    # prompt tuning (few parameters, far from the weights) a much larger one.
+    lr_factor: float = 1.0
+
+
+TECHNIQUES: dict[str, Technique] = {
+    "full": Technique("Full fine-tune (32-bit)", "full", 32, lr_factor=0.1),
+    "ia3": Technique("IA3 (16-bit)", "ia3", 16, lr_factor=10.0),
+    "prompt_tuning": Technique("Prompt tuning (16-bit)", "prompt_tuning", 16, lr_factor=20.0),
+    "lora16": Technique("LoRA 16-bit", "lora", 16),
+    "lora8": Technique("LoRA 8-bit", "lora", 8),
+    "qlora4": Technique("QLoRA 4-bit NF4", "lora", 4),
+    "qlora4_dq": Technique("QLoRA 4-bit NF4 + double quant", "lora", 4, double_quant=True),
+    "dora": Technique("DoRA 16-bit", "dora", 16),
+    "rslora": Technique("rsLoRA 16-bit", "rslora", 16),
+}
+DEFAULT_TECHNIQUES = ("full", "ia3", "lora16", "lora8", "qlora4", "qlora4_dq")
+
+# The course's comparison table in the app's own words: what each technique is, what it updates, and when to use it.
+QUALITATIVE_COLUMNS = ["technique", "description", "what it updates", "benefits", "use cases", "challenges"]
+QUALITATIVE = [
+    ("Full fine-tuning", "Continue training the whole network on your data.", "Every weight.",
+     "Highest ceiling; no extra inference code.", "Large domain shifts when memory and data are plentiful.",
+     "Weights + gradients + optimizer states for every parameter (~16 bytes each); one full copy per task; "
+     "easy to overfit or forget."),
+    ("PEFT (family)", "Freeze the pre-trained model and train a small add-on instead.",
+     "A few extra parameters (adapters, vectors or virtual tokens).",
+     "Memory and storage fall by orders of magnitude; one base serves many tasks.",
+     "Many tasks or users on one base model; modest hardware.",
+     "Choosing the method and its settings; can trail full fine-tuning on hard shifts."),
+    ("LoRA", "Add a trainable low-rank product B·A beside chosen weight matrices.",
+     "r·(in + out) numbers per targeted layer; the base stays frozen.",
+     "Small adapters (MBs), no extra latency once merged, swap adapters per request.",
+     "The default for instruction and style tuning.", "Rank, alpha and target layers to tune; base in 16-bit."),
+    ("DoRA / rsLoRA", "LoRA variants: DoRA splits each weight into magnitude and direction; rsLoRA scales by "
+     "alpha/sqrt(r).", "As LoRA (DoRA adds one magnitude per output).",
+     "DoRA often closes part of the gap to full tuning; rsLoRA keeps high ranks stable.",
+     "When plain LoRA underfits, or with large ranks.", "DoRA is slower per step, more so on a quantized base."),
+    ("IA3", "Learn one scaling vector per targeted layer (keys, values, feed-forward).",
+     "A vector the size of each layer's output (or input): the fewest parameters here.",
+     "Tiny adapters, very low memory for the trainable part.", "Many small tasks, few-shot style adaptation.",
+     "Less capacity than LoRA; needs a high learning rate."),
+    ("Prompt tuning", "Learn a few 'virtual token' embeddings put in front of every input.",
+     "num_virtual_tokens × hidden size numbers; no weight changes.",
+     "Smallest footprint on disk; the model itself is untouched.", "Large models and light task steering.",
+     "Weak on small models, slow to converge, uses context length."),
+    ("QLoRA", "LoRA on a base quantized to 4-bit NormalFloat, adapters trained in 16/32-bit.",
+     "The LoRA adapters only; the 4-bit base is frozen.",
+     "Base weights ~4x smaller than 16-bit: large models fit a single consumer GPU.",
+     "Fine-tuning models that do not fit in 16-bit (a T4, a laptop).",
+     "Dequantizing costs time per step; a small quality loss; double quant saves ~0.4 bit more per weight."),
+]
+
+
+# --- measurements, recorded in the training child -------------------------------------------------------------
+
+def reset_peak_memory() -> None:
+    """Start the peak-memory window at training (model loading peaks are not what the techniques differ in)."""
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+        return
+    try:  # Linux: writing 5 resets the process's peak resident set size (VmHWM) to its current size
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
+def peak_memory_mb() -> float:
+    """Peak memory since reset_peak_memory: CUDA allocations on a GPU, else the process's peak RSS."""
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss is bytes on macOS, KiB on Linux
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 2**20
+
+
+def weight_bytes(model: Any) -> tuple[int, int]:
+    """(bytes of all parameters and buffers, bytes of the Linear weights inside the transformer blocks).
+
+    The second number is what the bit width changes: bitsandbytes quantizes those layers and leaves embeddings,
+    norms and the LM head in the compute dtype. 4-bit constants (absmax) are counted too.
+    """
+    import torch
+
+    total = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
+    linear = 0
+    for name, module in model.named_modules():
+        weight = getattr(module, "weight", None)
+        # The frozen base layers only: not the LM head, not LoRA's own A/B layers.
+        if not isinstance(module, torch.nn.Linear) or weight is None or "lm_head" in name or ".lora_" in name:
+            continue
+        linear += weight.numel() * weight.element_size()
+        state = getattr(weight, "quant_state", None)
+        if state is not None and getattr(state, "absmax", None) is not None:
+            linear += state.absmax.numel() * state.absmax.element_size()
+    return total, linear
+
+
+def folder_weight_mb(folder: Path) -> float:
+    """Size of the saved weights (adapter or full model), without tokenizer and config files."""
+    files = [p for p in folder.glob("*") if p.suffix in (".safetensors", ".bin", ".pt")]
+    return sum(p.stat().st_size for p in files) / 2**20
+
+
+def sample_answer(model: Any, tokenizer: Any, prompt: str, max_new_tokens: int = SAMPLE_TOKENS) -> str:
+    """One short greedy answer, so every technique answers the same question the same deterministic way."""
+    import torch
+
+    ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                        return_tensors="pt", return_dict=True)
+    device = next(model.parameters()).device
+    ids = {k: v.to(device) for k, v in ids.items()}
+    model.eval()
+    with torch.inference_mode():
+        out = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False, use_cache=True,
+                             pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
+    return tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+
+
+def record_measurements(trainer: Any, cfg: RunConfig, run_dir: Path, saved_dir: Path) -> dict[str, Any]:
+    """What the comparison table needs beyond metrics.jsonl; train.py writes it into run_info.json."""
+    total, linear = weight_bytes(trainer.model)
+    info: dict[str, Any] = {"peft_method": cfg.lora.method, "peak_memory_mb": round(peak_memory_mb(), 1),
+                            "weights_mb": round(total / 2**20, 2), "linear_weights_mb": round(linear / 2**20, 3),
+                            "saved_weights_mb": round(folder_weight_mb(saved_dir), 3)}
+    prompt_file = run_dir / PROMPT_FILE
+    if prompt_file.is_file():
+        try:
+            info["sample_answer"] = sample_answer(trainer.model, trainer.processing_class,
+                                                  prompt_file.read_text(encoding="utf-8").strip())
+        except Exception as error:  # a sample is a nicety: never fail a finished run over it
+            info["sample_answer"] = f"(no sample: {type(error).__name__}: {error})"
+    return info
+
+
+# --- the request and its configs -----------------------------------------------------------------------------
+
+@dataclass
+class CompareRequest:
+    """What stays the same across the techniques of one comparison."""
+
+    techniques: list[str] = field(default_factory=lambda: list(DEFAULT_TECHNIQUES))
+    model_source: str = ""          # empty = the preset's (the embedded model)
+    data_source: str = ""           # empty = the preset's (the bundled course Q&A)
+    max_steps: int = 6
+    max_seq_length: int = 128
+    batch_size: int = 2
+    max_samples: int | None = 120
+    learning_rate: float = 5e-4
+    seed: int = 42
+    sample_prompt: str = "What does QLoRA change compared with LoRA?"
+
+
+def base_config(request: CompareRequest) -> RunConfig:
+    """The preset with the request's shared settings; ConfigError lists every bad value."""
+    raw = to_dict(load_config(PRESET)) if PRESET.is_file() else to_dict(RunConfig())
+    if request.model_source.strip():
+        raw["model"]["source"] = request.model_source.strip()
+    if request.data_source.strip():
+        raw["data"]["source"] = request.data_source.strip()
+    raw["data"].update(max_seq_length=request.max_seq_length, max_samples=request.max_samples or None)
+    raw["training"].update(max_steps=request.max_steps, batch_size=request.batch_size,
+                           learning_rate=request.learning_rate, seed=request.seed)
+    return from_dict(raw)
+
+
+def technique_config(base: RunConfig, key: str) -> RunConfig:
+    """The base config turned into one technique: method, bit width and its learning rate."""
+    technique = TECHNIQUES[key]
+    raw = to_dict(base)
+    raw["run_name"] = f"cmp-{key}"
+    raw["lora"]["method"] = technique.method
+    raw["model"].update(bits=technique.bits, double_quant=technique.double_quant, quant_type="nf4")
+    raw["training"]["learning_rate"] = min(base.training.learning_rate * technique.lr_factor, 0.5)
+    return from_dict(raw)
+
+
+def validate_request(request: CompareRequest) -> list[RunConfig]:
+    """Every technique's config, or one ConfigError naming every problem (unknown technique, bad value)."""
+    problems: dict[str, str] = {}
+    unknown = [t for t in request.techniques if t not in TECHNIQUES]
+    if not request.techniques:
+        problems["techniques"] = "choose at least one technique to compare"
+    elif unknown:
+        problems["techniques"] = f"unknown technique(s) {', '.join(unknown)}; choose from {', '.join(TECHNIQUES)}"
+    if not str(request.sample_prompt or "").strip():
+        problems["sample_prompt"] = "the sample prompt must not be empty"
+    if request.max_steps in (None, -1):
+        problems["max_steps"] = "a comparison needs a fixed step budget (max steps > 0)"
+    if problems:
+        raise ConfigError(problems)
+    base = base_config(request)
+    return [technique_config(base, key) for key in dict.fromkeys(request.techniques)]
+
+
+def check_model(cfg: RunConfig) -> None:
+    """Fail now, not once per technique, when the model cannot be found (an offline Hub id, a wrong folder)."""
+    from finetune.estimate import model_shape
+    from finetune.models import ModelSourceError
+
+    try:
+        model_shape(cfg.model)
+    except (ModelSourceError, OSError, ValueError) as error:
+        raise CompareError(str(error)) from None
+
+
+# --- the queue ---------------------------------------------------------------------------------------------
+
+class CompareError(RuntimeError):
+    """A comparison request that cannot be carried out; the message is meant for the user."""
+
+
+class CompareQueue:
+    """Runs the techniques of a comparison one after another; at most one comparison at a time."""
+
+    def __init__(self, manager: Any, poll_seconds: float = 1.0):
+        self.manager = manager
+        self.root = Path(manager.root) / COMPARE_DIR
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.poll_seconds = poll_seconds
+        self._lock = threading.RLock()
+        self._workers: dict[str, threading.Thread] = {}
+
+    # --- the file ----------------------------------------------------------------------------------------
+
+    def path(self, comparison_id: str) -> Path:
+        if not comparison_id or "/" in comparison_id or comparison_id.startswith("."):
+            raise CompareError(f"Invalid comparison id {comparison_id!r}")
+        return self.root / f"{comparison_id}.json"
+
+    def load(self, comparison_id: str) -> dict[str, Any]:
+        try:
+            return json.loads(self.path(comparison_id).read_text(encoding="utf-8"))
+        except (FileNotFoundError, json.JSONDecodeError):
+            raise CompareError(f"No comparison {comparison_id!r}") from None
+
+    def _save(self, state: dict[str, Any]) -> None:
+        path = self.path(state["id"])
+        temporary = path.with_suffix(f".tmp{os.getpid()}-{threading.get_ident()}")
+        temporary.write_text(json.dumps(state, indent=1), encoding="utf-8")
+        os.replace(temporary, path)
+
+    def _update(self, comparison_id: str, **fields: Any) -> dict[str, Any]:
+        with self._lock:
+            state = self.load(comparison_id)
+            state.update(fields)
+            self._save(state)
+            return state
+
+    def _update_item(self, comparison_id: str, index: int, **fields: Any) -> dict[str, Any]:
+        with self._lock:
+            state = self.load(comparison_id)
+            state["items"][index].update(fields)
+            self._save(state)
+            return state
+
+    def list_ids(self) -> list[str]:
+        files = sorted(self.root.glob("*.json"), key=lambda p: p.stat().st_mtime, reverse=True)
+        return [p.stem for p in files]
+
+    def latest(self) -> str | None:
+        ids = self.list_ids()
+        return ids[0] if ids else None
+
+    def active(self) -> str | None:
+        for comparison_id in self.list_ids():
+            if self.load(comparison_id).get("state") == "running":
+                return comparison_id
+        return None
+
+    # --- actions -----------------------------------------------------------------------------------------
+
+    def start(self, request: CompareRequest) -> str:
+        """Validate every technique's config, persist the queue and start working through it."""
+        configs = validate_request(request)
+        check_model(configs[0])
+        from finetune.runs import check_sources  # a bad data file fails here once, not in every technique's run
+
+        check_sources(configs[0])
+        with self._lock:
+            if self.active():
+                raise CompareError(f"Comparison '{self.active()}' is still running; stop it or wait for it.")
+            busy = self.manager.active_run()
+            if busy:
+                raise CompareError(f"Run '{busy}' is training; a comparison starts when the device is free.")
+            comparison_id = f"compare-{time.strftime('%Y%m%d-%H%M%S')}"
+            n = 1
+            while self.path(comparison_id).exists():
+                n += 1
+                comparison_id = f"compare-{time.strftime('%Y%m%d-%H%M%S')}-{n}"
+            items = [{"technique": cfg.run_name.removeprefix("cmp-"), "run_id": None, "state": "pending",
+                      "config": to_dict(cfg)} for cfg in configs]
+            self._save({"id": comparison_id, "state": "running", "stop_requested": False, "created_at": time.time(),
+                        "request": dataclasses.asdict(request), "items": items})
+            self._spawn_worker(comparison_id)
+        return comparison_id
+
+    def stop(self, comparison_id: str) -> dict[str, Any]:
+        """Stop the run in progress (it saves a checkpoint) and skip the techniques still waiting."""
+        state = self._update(comparison_id, stop_requested=True)
+        for item in state["items"]:
+            if item["state"] == "running" and item["run_id"]:
+                self.manager.request_stop(item["run_id"])
+        return state
+
+    def ensure_worker(self, comparison_id: str | None) -> None:
+        """Re-attach: a running comparison with no worker in this process (the app restarted) continues."""
+        if not comparison_id:
+            return
+        with self._lock:
+            if self.load(comparison_id).get("state") == "running":
+                self._spawn_worker(comparison_id)
+
+    def _spawn_worker(self, comparison_id: str) -> None:
+        worker = self._workers.get(comparison_id)
+        if worker is not None and worker.is_alive():
+            return
+        worker = threading.Thread(target=self._work, args=(comparison_id,), daemon=True,
+                                  name=f"compare-{comparison_id}")
+        self._workers[comparison_id] = worker
+        worker.start()
+
+    def wait(self, comparison_id: str, timeout: float = 1800.0) -> dict[str, Any]:
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            state = self.load(comparison_id)
+            if state["state"] != "running":
+                return state
+            time.sleep(self.poll_seconds)
+        raise TimeoutError(f"comparison {comparison_id} did not finish within {timeout:.0f} s")
+
+    # --- the worker --------------------------------------------------------------------------------------
+
+    def _work(self, comparison_id: str) -> None:
+        try:
+            state = self.load(comparison_id)
+            for index, item in enumerate(state["items"]):
+                if item["state"] in FINAL_STATES or item["state"] == "skipped":
+                    continue
+                # A started run is waited for (Stop already reached it); only the ones never started are skipped.
+                if self.load(comparison_id).get("stop_requested") and not item.get("run_id"):
+                    self._update_item(comparison_id, index, state="skipped")
+                    continue
+                self._run_item(comparison_id, index, item)
+            final = "stopped" if self.load(comparison_id).get("stop_requested") else "completed"
+            self._update(comparison_id, state=final, finished_at=time.time())
+        except Exception as error:  # keep the file truthful: a broken queue says so instead of "running" forever
+            self._update(comparison_id, state="failed", error=f"{type(error).__name__}: {error}")
+
+    def _run_item(self, comparison_id: str, index: int, item: dict[str, Any]) -> None:
+        from finetune.runs import RunInProgressError
+
+        run_id = item.get("run_id")
+        if not run_id:  # not started yet: start it once the device is free (a Train-tab run may hold it)
+            cfg = from_dict(item["config"])
+            run_id = self.manager.new_run_id(cfg)
+            folder = self.manager.run_dir(run_id)
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / PROMPT_FILE).write_text(self.load(comparison_id)["request"]["sample_prompt"], encoding="utf-8")
+            while True:
+                if self.load(comparison_id).get("stop_requested"):
+                    self._update_item(comparison_id, index, state="skipped")
+                    return
+                try:
+                    self.manager.start(cfg, run_id)
+                    break
+                except RunInProgressError:
+                    time.sleep(self.poll_seconds)
+            self._update_item(comparison_id, index, run_id=run_id, state="running", started_at=time.time())
+            if self.load(comparison_id).get("stop_requested"):  # a stop that came while the run was starting
+                self.manager.request_stop(run_id)
+        while (status := self.manager.status(run_id)).get("state") not in FINAL_STATES:
+            time.sleep(self.poll_seconds)
+        self._update_item(comparison_id, index, state=status["state"], error=status.get("error"))
+
+
+# --- the results ---------------------------------------------------------------------------------------------
+
+RESULT_COLUMNS = ["technique", "state", "learning rate", "trainable params", "trainable %",
+                  "peak memory (MB)", "weights (MB)", "block linears (MB)", "s/step", "tokens/s",
+                  "saved weights (MB)", "final train loss", "val loss", "perplexity", "sample answer", "run id"]
+
+
+def _last(rows: list[dict[str, Any]], key: str) -> float | None:
+    values = [r[key] for r in rows if isinstance(r.get(key), (int, float))]
+    return values[-1] if values else None
+
+
+def _mean(rows: list[dict[str, Any]], key: str) -> float | None:
+    values = [r[key] for r in rows if isinstance(r.get(key), (int, float))]
+    return sum(values) / len(values) if values else None
+
+
+def _round(value: float | None, digits: int) -> float | None:
+    return None if value is None or not math.isfinite(value) else round(value, digits)
+
+
+def item_result(manager: Any, item: dict[str, Any]) -> dict[str, Any]:
+    """One row of the table, from the run's folder (empty cells while it has not got that far)."""
+    technique = TECHNIQUES.get(item["technique"])
+    row: dict[str, Any] = dict.fromkeys(RESULT_COLUMNS)
+    row.update({"technique": technique.label if technique else item["technique"], "state": item["state"],
+                "run id": item.get("run_id") or "",
+                "learning rate": item.get("config", {}).get("training", {}).get("learning_rate")})
+    if not item.get("run_id"):
+        return row
+    folder = manager.run_dir(item["run_id"])
+    try:
+        info = json.loads((folder / "run_info.json").read_text(encoding="utf-8"))
+    except (FileNotFoundError, json.JSONDecodeError):
+        info = {}
+    rows = read_metrics(folder)
+    trainable, total = info.get("trainable_parameters"), info.get("total_parameters")
+    eval_loss = _last(rows, "eval_loss")
+    status = manager.status(item["run_id"])
+    state = status.get("state", item["state"])
+    row.update({
+        "state": f"{state}: {status['error']}" if state == "failed" and status.get("error") else state,
+        "trainable params": trainable,
+        "trainable %": _round(100 * trainable / total, 4) if trainable and total else None,
+        "peak memory (MB)": info.get("peak_memory_mb"), "weights (MB)": info.get("weights_mb"),
+        "block linears (MB)": info.get("linear_weights_mb"),
+        "s/step": _round(_last(rows, "seconds_per_step"), 3), "tokens/s": _round(_mean(rows, "tokens_per_second"), 1),
+        "saved weights (MB)": info.get("saved_weights_mb"), "final train loss": _round(_last(rows, "loss"), 4),
+        "val loss": _round(eval_loss, 4),
+        "perplexity": _round(math.exp(eval_loss), 2) if eval_loss is not None and eval_loss < 700 else None,
+        "sample answer": info.get("sample_answer"),
+    })
+    return row
+
+
+def results(manager: Any, state: dict[str, Any]) -> list[dict[str, Any]]:
+    return [item_result(manager, item) for item in state.get("items", [])]
+
+
+def loss_points(manager: Any, state: dict[str, Any]) -> list[tuple[int, float | None, str]]:
+    """(step, training loss, technique) for every queued technique; a blank point for each one that has not
+    logged yet, so the plot's colour legend holds every technique from the first frame on."""
+    points: list[tuple[int, float | None, str]] = []
+    for item in state.get("items", []):
+        label = TECHNIQUES[item["technique"]].label if item["technique"] in TECHNIQUES else item["technique"]
+        rows = read_metrics(manager.run_dir(item["run_id"])) if item.get("run_id") else []
+        mine = [(int(r["step"]), float(r["loss"]), label) for r in rows if isinstance(r.get("loss"), (int, float))]
+        points += mine or [(0, None, label)]
+    return points
+
+
+def progress(state: dict[str, Any], manager: Any) -> tuple[int, int, float]:
+    """(techniques finished, techniques queued, overall fraction counting the current run's steps)."""
+    items = state.get("items", [])
+    done = sum(item["state"] in FINAL_STATES or item["state"] == "skipped" for item in items)
+    partial = 0.0
+    for item in items:
+        if item["state"] == "running" and item.get("run_id"):
+            status = manager.status(item["run_id"])
+            steps, total = int(status.get("step") or 0), int(status.get("max_steps") or 0)
+            partial = steps / total if total else 0.0
+    return done, len(items), (done + partial) / len(items) if items else 0.0

@@ -1,0 +1,152 @@
+"""The technique comparison: real runs in child processes through the RunManager, on a small random Llama.
+
+The model is wider than conftest's tiny one (hidden 128) so bitsandbytes really quantizes its layers; the
+memory ordering is asserted on the bytes of those quantized layers, which the bit width decides (the process's
+peak RSS of a model this small is dominated by the Python runtime, see the README's measured table for the
+embedded model).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from finetune.compare import (CompareError, CompareQueue, CompareRequest, TECHNIQUES, loss_points, progress, results,
+                              validate_request)
+from finetune.config import ConfigError
+from finetune.runs import RunManager
+
+
+@pytest.fixture(scope="module")
+def wide_model_dir(tmp_path_factory, embedded_dir):
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    folder = tmp_path_factory.mktemp("wide-llama")
+    tokenizer = AutoTokenizer.from_pretrained(embedded_dir)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                         tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture
+def qa_rows_file(tmp_path):
+    from conftest import write_jsonl
+
+    rows = [{"prompt": f"What does knob {i} do?", "completion": f"Lab note: knob {i} scales the adapter."}
+            for i in range(30)]
+    return write_jsonl(tmp_path / "qa.jsonl", rows)
+
+
+def test_bad_requests_are_refused_with_every_problem_named():
+    with pytest.raises(ConfigError) as error:
+        validate_request(CompareRequest(techniques=["lora16", "magic"], sample_prompt=" ", max_steps=6))
+    assert "magic" in error.value.problems["techniques"]
+    assert "sample_prompt" in error.value.problems
+    with pytest.raises(ConfigError) as error:
+        validate_request(CompareRequest(techniques=["lora16"], max_steps=0))
+    assert "training.max_steps" in error.value.problems
+    with pytest.raises(ConfigError) as error:
+        validate_request(CompareRequest(techniques=[]))
+    assert "at least one" in error.value.problems["techniques"]
+
+
+def test_a_missing_model_is_refused_before_anything_is_queued(tmp_path):
+    queue = CompareQueue(RunManager(tmp_path / "runs"))
+    with pytest.raises(CompareError, match="offline"):  # the Hub is unreachable here (HF_HUB_OFFLINE=1)
+        queue.start(CompareRequest(techniques=["lora16"], model_source="nobody/no-such-model"))
+    with pytest.raises(CompareError, match="neither"):
+        queue.start(CompareRequest(techniques=["lora16"], model_source=str(tmp_path / "missing")))
+    assert queue.list_ids() == [] and queue.manager.list_ids() == []
+
+
+def test_each_technique_gets_the_same_data_seed_and_steps(wide_model_dir, qa_rows_file):
+    configs = validate_request(CompareRequest(techniques=list(TECHNIQUES), model_source=str(wide_model_dir),
+                                              data_source=str(qa_rows_file), max_steps=3, seed=7))
+    assert [c.lora.method for c in configs] == [t.method for t in TECHNIQUES.values()]
+    assert [c.model.bits for c in configs] == [t.bits for t in TECHNIQUES.values()]
+    assert {(c.data.source, c.training.seed, c.training.max_steps, c.model.source) for c in configs} == {
+        (str(qa_rows_file), 7, 3, str(wide_model_dir))}
+
+
+def test_comparison_orders_parameters_and_memory(tmp_path, wide_model_dir, qa_rows_file):
+    queue = CompareQueue(RunManager(tmp_path / "runs"), poll_seconds=0.3)
+    techniques = ["full", "ia3", "lora16", "lora8", "qlora4"]
+    comparison_id = queue.start(CompareRequest(
+        techniques=techniques, model_source=str(wide_model_dir), data_source=str(qa_rows_file), max_steps=2,
+        max_seq_length=64, batch_size=2, max_samples=20, learning_rate=0.01, sample_prompt="Say hi."))
+    state = queue.wait(comparison_id, timeout=400)
+    rows = {TECHNIQUES[item["technique"]].method + str(TECHNIQUES[item["technique"]].bits): row
+            for item, row in zip(state["items"], results(queue.manager, state))}
+    assert state["state"] == "completed", json.dumps(state["items"], indent=1)[:2000]
+    assert all(row["state"] == "completed" for row in rows.values()), rows
+
+    params = {key: row["trainable params"] for key, row in rows.items()}
+    assert params["ia3" + "16"] < params["lora16"] < params["full32"], params
+    assert rows["full32"]["trainable %"] == 100.0
+    assert params["lora16"] == params["lora8"] == params["lora4"]  # the bit width does not change what trains
+    linear = {key: row["block linears (MB)"] for key, row in rows.items()}
+    assert linear["lora4"] < linear["lora8"] < linear["lora16"] < linear["full32"], linear
+
+    for row in rows.values():
+        assert row["peak memory (MB)"] > 0 and row["s/step"] > 0 and row["tokens/s"] > 0
+        assert row["saved weights (MB)"] > 0 and row["sample answer"] is not None
+        assert math.isclose(row["perplexity"], math.exp(row["val loss"]), rel_tol=1e-3)
+    # A full fine-tune saves the whole model, an adapter a sliver of it.
+    assert rows["full32"]["saved weights (MB)"] > 20 * rows["lora16"]["saved weights (MB)"]
+    full_dir = queue.manager.run_dir(rows["full32"]["run id"])
+    assert (full_dir / "model" / "model.safetensors").is_file() and not (full_dir / "adapter").exists()
+    # Every technique is a normal run in the history, and every one of them is in the loss plot.
+    assert {r["run id"] for r in rows.values()} <= set(queue.manager.list_ids())
+    assert {label for _, _, label in loss_points(queue.manager, state)} == {TECHNIQUES[t].label for t in techniques}
+    assert progress(state, queue.manager)[:2] == (5, 5)
+
+
+def test_stop_skips_the_techniques_still_waiting(tmp_path, wide_model_dir, qa_rows_file):
+    queue = CompareQueue(RunManager(tmp_path / "runs"), poll_seconds=0.2)
+    comparison_id = queue.start(CompareRequest(
+        techniques=["lora16", "ia3"], model_source=str(wide_model_dir), data_source=str(qa_rows_file),
+        max_steps=500, max_seq_length=64, max_samples=20))
+    with pytest.raises(Exception, match="still running"):  # one comparison at a time
+        queue.start(CompareRequest(techniques=["ia3"], model_source=str(wide_model_dir)))
+    import time
+
+    deadline = time.time() + 60
+    while not queue.load(comparison_id)["items"][0]["run_id"] and time.time() < deadline:
+        time.sleep(0.2)
+    queue.stop(comparison_id)
+    state = queue.wait(comparison_id, timeout=120)
+    assert state["state"] == "stopped"
+    assert [item["state"] for item in state["items"]] == ["stopped", "skipped"]
+    assert state["items"][1]["run_id"] is None
+
+
+def test_a_restarted_app_picks_the_queue_up_again(tmp_path, wide_model_dir, qa_rows_file):
+    """The worker thread died with the app while a run was training: a new queue object (the restarted app's)
+    waits for that run, keeps its result, and skips what was never started once Stop was asked for."""
+    manager = RunManager(tmp_path / "runs")
+    first = CompareQueue(manager, poll_seconds=0.2)
+    first._spawn_worker = lambda comparison_id: None  # the app "dies" before its worker does anything
+    comparison_id = first.start(CompareRequest(techniques=["ia3", "lora16"], model_source=str(wide_model_dir),
+                                               data_source=str(qa_rows_file), max_steps=1, max_seq_length=64,
+                                               max_samples=20))
+    from finetune.config import from_dict
+
+    state = first.load(comparison_id)
+    run_id = manager.start(from_dict(state["items"][0]["config"]))  # the run it had started before dying
+    first._update_item(comparison_id, 0, run_id=run_id, state="running")
+    first.stop(comparison_id)
+    manager.wait(run_id, timeout=120)
+
+    restarted = CompareQueue(RunManager(tmp_path / "runs"), poll_seconds=0.2)
+    restarted.ensure_worker(comparison_id)
+    state = restarted.wait(comparison_id, timeout=60)
+    assert [item["state"] for item in state["items"]] == ["stopped", "skipped"]
+    assert state["state"] == "stopped" and state["items"][0]["run_id"] == run_id
