@@ -8,29 +8,75 @@ from __future__ import annotations
 
 import functools
 import os
+from pathlib import Path
 
-import gradio as gr
+from finetune import deploy
+
+# Before gradio/huggingface_hub are imported (they read HF_HOME once): model caches on a Space's /data.
+os.environ.update({k: v for k, v in deploy.cache_env().items() if k not in os.environ})
+
+import gradio as gr  # noqa: E402
 
 from components.chat_tab import adapter_choices, build_chat_tab
+from components.compare_tab import build_compare_tab
+from components.eval_tab import build_eval_tab, run_choices
+from components.export_tab import build_export_tab, export_choices
+from components.feedback_tab import build_feedback_tab
+from components.learn_tab import build_learn_tab
+from components.quant_tab import build_quant_tab
+from components.rlhf_tab import build_rlhf_tab
 from components.train_tab import build_train_tab
 from finetune.chat import ChatEngine
-from finetune.hardware import detect
+from finetune.compare import CompareQueue
+from finetune.feedback import FeedbackStore, LangSmithSettings
+from finetune.hardware import HardwareProfile, detect
 from finetune.runs import RunManager
 
 
-def build_app(runs_root: str = "runs") -> gr.Blocks:
-    profile, manager = detect(), RunManager(runs_root)
+def opening_preset(manager: RunManager, profile: HardwareProfile) -> object:
+    """On a page load, the preset for this hardware (t4-qlora on a T4), unless a running job fills the form."""
+    preset = deploy.default_preset(profile)
+    return gr.skip() if manager.active_run() or preset == "cpu-quick" else preset
+
+
+def build_app(runs_root: str = "runs", profile: HardwareProfile | None = None,
+              feedback_db: str | None = None) -> gr.Blocks:
+    profile, manager = profile or detect(), RunManager(runs_root)
+    # Feedback lives beside the runs unless told otherwise; LangSmith sync only when LANGSMITH_API_KEY is set.
+    store = FeedbackStore(feedback_db or Path(runs_root) / "feedback.db", langsmith=LangSmithSettings.from_env())
     engine = ChatEngine(profile)
     with gr.Blocks(title="LoRA Lab") as demo:
         gr.Markdown(f"# LoRA Lab\nFine-tune a language model with LoRA / QLoRA and compare it with its base.  \n"
                     f"**Hardware:** {profile.summary()}")
         with gr.Tab("Train", id="train"):
-            build_train_tab(manager, profile)
+            train = build_train_tab(manager, profile)
         with gr.Tab("Chat", id="chat") as chat_tab:
-            chat = build_chat_tab(manager, engine)
+            chat = build_chat_tab(manager, engine, store)
         # Runs finish while the user is on the Train tab: refresh the adapter list on arrival.
         chat_tab.select(functools.partial(adapter_choices, manager), chat["run"], chat["run"],
                         api_visibility="private")
+        with gr.Tab("RLHF", id="rlhf"):
+            build_rlhf_tab(manager, store.path, chat)
+        with gr.Tab("Feedback", id="feedback") as feedback_tab:
+            feedback = build_feedback_tab(store, Path(runs_root) / "feedback-exports")
+        feedback_tab.select(feedback["summary_fn"], None, [feedback["sync"], feedback["counts"], feedback["recent"],
+                                                      feedback["wins"]], api_visibility="private")
+        with gr.Tab("Export", id="export") as export_tab:
+            export = build_export_tab(manager)
+        export_tab.select(functools.partial(export_choices, manager), export["run"], export["run"],
+                          api_visibility="private")
+        with gr.Tab("Evaluate", id="evaluate") as eval_tab:
+            evaluation = build_eval_tab(manager, engine, store.path)
+        eval_tab.select(functools.partial(run_choices, manager), evaluation["runs"],
+                        [evaluation["runs"], evaluation["ckpt_run"]], api_visibility="private")
+        with gr.Tab("Compare", id="compare"):
+            build_compare_tab(CompareQueue(manager))
+        with gr.Tab("Quantization", id="quantization"):
+            build_quant_tab(profile)
+        with gr.Tab("Learn", id="learn"):
+            build_learn_tab()
+        demo.load(functools.partial(opening_preset, manager, profile), None, train["preset"],
+                  api_visibility="private")
     return demo
 
 
@@ -39,13 +85,20 @@ def _auth() -> tuple[str, str] | None:
     return (user, password) if sep and user else None
 
 
+def launch_options() -> dict[str, object]:
+    """demo.launch() settings from the environment. Uploads are capped by the server itself (LORA_LAB_MAX_UPLOAD,
+    gradio's size syntax such as '200mb'); a bigger upload is refused before it reaches any handler."""
+    return {"server_name": deploy.server_host(), "server_port": int(os.environ.get("LORA_LAB_PORT", "7860")),
+            "share": os.environ.get("GRADIO_SHARE", "").lower() in ("1", "true", "yes"), "auth": _auth(),
+            "max_file_size": os.environ.get("LORA_LAB_MAX_UPLOAD", "200mb")}
+
+
 def main() -> None:
-    demo = build_app(os.environ.get("LORA_LAB_RUNS", "runs"))
+    # LORA_LAB_RUNS, else /data/runs on a Space with persistent storage, else ./runs (feedback DB goes beside).
+    demo = build_app(deploy.runs_root(), feedback_db=os.environ.get("LORA_LAB_FEEDBACK_DB") or None)
     # One training start at a time is enforced per event (concurrency_limit=1); the rest may run side by side.
     demo.queue(default_concurrency_limit=4)
-    demo.launch(server_name=os.environ.get("LORA_LAB_HOST", "127.0.0.1"),
-                server_port=int(os.environ.get("LORA_LAB_PORT", "7860")),
-                share=os.environ.get("GRADIO_SHARE", "").lower() in ("1", "true", "yes"), auth=_auth())
+    demo.launch(**launch_options())
 
 
 if __name__ == "__main__":

@@ -19,21 +19,24 @@ from typing import Any, Iterator
 
 import gradio as gr
 import pandas as pd
+import yaml
 
-from finetune.config import (BUNDLED_DATASET, COMPUTE_DTYPES, DATA_FORMATS, EMBEDDED_MODEL, LORA_BIAS, OPTIMIZERS,
+from finetune.config import (BUNDLED_DATASET, CHECKPOINTING, COMPUTE_DTYPES, DATA_FORMATS, EMBEDDED_MODEL, LORA_BIAS, OPTIMIZERS,
+                             LORA_METHODS, PEFT_METHODS,
                              SCHEDULERS, ConfigError, RunConfig, field_help, from_dict, load_config)
 from finetune.data import DataError, bundled_names, preview
 from finetune.estimate import estimate_run
+from finetune.recipe import resolve_recipe
 from finetune.hardware import HardwareProfile
 from finetune.metrics import read_metrics
-from finetune.runs import RunError, RunInProgressError, RunManager
+from finetune.runs import RunError, RunInProgressError, RunManager, check_sources
 
 CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
 POLL_SECONDS = 2.0
 DATA_KINDS = ("Bundled", "Hub dataset", "Uploaded file")
 MODEL_KINDS = ("Embedded", "Hub id", "Local folder")
 HISTORY_COLUMNS = ["run id", "model", "dataset", "rank", "alpha", "lr", "bits", "steps", "final loss",
-                   "final eval loss", "status", "duration (s)"]
+                   "final eval loss", "status", "duration (s)", "method"]
 # Form keys that are "<section>_<field>" map straight onto the config; the rest are assembled below.
 UI_ONLY = ("data_kind", "data_bundled", "data_hub_name", "data_file", "prompt_column", "answer_column",
            "column_mapping_json", "model_kind")
@@ -42,7 +45,9 @@ UI_ONLY = ("data_kind", "data_bundled", "data_hub_name", "data_file", "prompt_co
 # --- form <-> config ---------------------------------------------------------------------------------------
 
 def presets() -> list[str]:
-    return sorted(p.stem for p in CONFIGS_DIR.glob("*.yaml"))
+    """The SFT presets: the RLHF stages (``stage:``) have their own tab, and compare-cpu is the Compare tab's base."""
+    return sorted(p.stem for p in CONFIGS_DIR.glob("*.yaml")
+                  if p.stem != "compare-cpu" and (yaml.safe_load(p.read_text()) or {}).get("stage", "sft") == "sft")
 
 
 def _data_source(form: dict[str, Any]) -> str:
@@ -134,6 +139,7 @@ def update_estimate(profile: HardwareProfile, **form: Any) -> str:
     try:
         cfg = config_from_form(form)
         params, memory = estimate_run(cfg, profile)
+        recipe = resolve_recipe(cfg, profile)
     except ConfigError as error:
         return "Estimate unavailable until the form is valid: " + "; ".join(error.problems.values())
     except Exception as error:  # offline Hub id, unreadable folder: say why, keep the form usable
@@ -141,7 +147,9 @@ def update_estimate(profile: HardwareProfile, **form: Any) -> str:
     return (f"**Trainable parameters:** {params}  \n**Memory:** {memory.verdict}  \n"
             f"<small>weights {memory.weights_gb:.2f} GB · adapters + optimizer {memory.adapter_gb:.2f} GB · "
             f"activations {memory.activations_gb:.2f} GB · logits {memory.logits_gb:.2f} GB · "
-            f"overhead {memory.overhead_gb:.2f} GB</small>")
+            f"overhead {memory.overhead_gb:.2f} GB</small>  \n"
+            f"**Recipe on this hardware:** {'; '.join(recipe.notes)}"
+            f"{'; padding-free batches' if recipe.padding_free else ''}")
 
 
 def preview_dataset(**form: Any) -> tuple[str, pd.DataFrame]:
@@ -175,6 +183,7 @@ def start_run(manager: RunManager, **form: Any) -> tuple[str, str]:
         form["data_file"] = _keep_upload(manager, str(form["data_file"]))
     try:
         cfg = config_from_form(form)
+        check_sources(cfg)  # an offline Hub name or a bad file is reported now, not by a failed run
     except ConfigError as error:
         return gr.skip(), _warn_problems(error)
     try:
@@ -299,7 +308,7 @@ def run_history(manager: RunManager, selected: list[str] | None = None) -> tuple
                      cfg.lora.rank if cfg else None, cfg.lora.alpha if cfg else None,
                      cfg.training.learning_rate if cfg else None, cfg.model.bits if cfg else None,
                      f"{run.step}/{run.max_steps}", _round(run.final_loss), _round(run.final_eval_loss),
-                     run.state, run.duration])
+                     run.state, run.duration, cfg.lora.method if cfg else "?"])
     ids = [r[0] for r in rows]
     kept = [run_id for run_id in selected or [] if run_id in ids] or ids[:3]
     return pd.DataFrame(rows, columns=HISTORY_COLUMNS), gr.Dropdown(choices=ids, value=kept)
@@ -390,8 +399,36 @@ def _model_controls(form: dict[str, Any], defaults: RunConfig) -> None:
                                                      info=_info("model_double_quant"))
 
 
+def show_method_fields(method: str) -> tuple[Any, ...]:
+    """Only the fields the chosen PEFT method reads: rank/alpha/dropout/targets for the LoRA family, ..."""
+    lora_like, ia3, prompt = method in LORA_METHODS, method == "ia3", method == "prompt_tuning"
+    return (gr.update(visible=lora_like), gr.update(visible=lora_like), gr.update(visible=lora_like),
+            gr.update(visible=lora_like or ia3), gr.update(visible=ia3), gr.update(visible=prompt),
+            gr.update(visible=prompt))
+
+
+METHOD_FIELDS = ("lora_rank", "lora_alpha", "lora_dropout", "lora_target_modules", "lora_ia3_feedforward_modules",
+                 "lora_num_virtual_tokens", "lora_prompt_init_text")
+
+
+def _method_controls(form: dict[str, Any], d: RunConfig) -> None:
+    with gr.Row():
+        form["lora_method"] = gr.Dropdown(list(PEFT_METHODS), value=d.lora.method, label="PEFT method",
+                                          info=_info("lora_method"), elem_id="peft-method")
+        form["lora_ia3_feedforward_modules"] = gr.Textbox(
+            value=d.lora.ia3_feedforward_modules, label="IA3 feed-forward modules",
+            info=_info("lora_ia3_feedforward_modules"), visible=d.lora.method == "ia3")
+        form["lora_num_virtual_tokens"] = _number("lora_num_virtual_tokens", "Virtual tokens",
+                                                  d.lora.num_virtual_tokens, precision=0,
+                                                  visible=d.lora.method == "prompt_tuning")
+        form["lora_prompt_init_text"] = gr.Textbox(value=d.lora.prompt_init_text, label="Prompt init text",
+                                                   info=_info("lora_prompt_init_text"),
+                                                   visible=d.lora.method == "prompt_tuning")
+
+
 def _hyper_controls(form: dict[str, Any], d: RunConfig) -> None:
     with gr.Accordion("3 · Hyperparameters", open=True):
+        _method_controls(form, d)
         with gr.Row():
             form["training_learning_rate"] = _number("training_learning_rate", "Learning rate",
                                                      d.training.learning_rate, elem_id="learning-rate")
@@ -434,9 +471,13 @@ def _advanced_controls(form: dict[str, Any], d: RunConfig) -> None:
             form["training_weight_decay"] = _number("training_weight_decay", "Weight decay", t.weight_decay)
             form["training_max_grad_norm"] = _number("training_max_grad_norm", "Max grad norm", t.max_grad_norm)
         with gr.Row():
-            form["training_gradient_checkpointing"] = gr.Checkbox(
-                value=t.gradient_checkpointing, label="Gradient checkpointing",
+            form["training_gradient_checkpointing"] = gr.Radio(
+                list(CHECKPOINTING), value=t.gradient_checkpointing, label="Gradient checkpointing",
                 info=_info("training_gradient_checkpointing"))
+            form["training_padding_free"] = gr.Checkbox(value=t.padding_free, label="Padding-free batches",
+                                                        info=_info("training_padding_free"))
+            form["training_liger_kernels"] = gr.Checkbox(value=t.liger_kernels, label="Liger kernels (GPU)",
+                                                         info=_info("training_liger_kernels"))
             form["training_seed"] = _number("training_seed", "Seed", t.seed, precision=0)
             form["training_logging_steps"] = _number("training_logging_steps", "Logging steps", t.logging_steps,
                                                      precision=0)
@@ -500,6 +541,7 @@ def build_train_tab(manager: RunManager, profile: HardwareProfile) -> dict[str, 
         preview_button = gr.Button("Preview data", size="sm")
     _model_controls(form, defaults)
     _hyper_controls(form, defaults)
+    lora_aid = gr.Markdown(elem_id="lora-aid")  # learning aid: W + (alpha/r)·B·A with this form's live numbers
     _advanced_controls(form, defaults)
     _FORM_KEYS[:] = list(form)
     with gr.Row():
@@ -508,7 +550,21 @@ def build_train_tab(manager: RunManager, profile: HardwareProfile) -> dict[str, 
     view, history = _live_view(), _history_view()
     _wire(manager, profile, form, preset, estimate, preview_info, preview_table, preview_button, start, stop,
           view, history)
-    return {**form, "preset": preset, "estimate": estimate, "start": start, "stop": stop, **view, **history}
+    _wire_lora_aid(form, lora_aid)
+    return {**form, "preset": preset, "estimate": estimate, "start": start, "stop": stop, "lora_aid": lora_aid,
+            **view, **history}
+
+
+def _wire_lora_aid(form: dict[str, Any], lora_aid: Any) -> None:
+    from components.learn_tab import lora_aid_markdown
+
+    inputs = [form[k] for k in ("model_source", "lora_rank", "lora_alpha", "lora_target_modules", "model_bits",
+                                "model_quant_type", "model_double_quant", "training_optimizer")]
+    gr.on([c.change for c in inputs], lora_aid_markdown, inputs, lora_aid, api_name="lora_aid",
+          show_progress="hidden", trigger_mode="always_last")
+    page = gr.context.Context.root_block
+    if page is not None:
+        page.load(lora_aid_markdown, inputs, lora_aid, api_visibility="private")
 
 
 def _wire(manager: RunManager, profile: HardwareProfile, form: dict[str, Any], preset: Any, estimate: Any,
@@ -521,9 +577,13 @@ def _wire(manager: RunManager, profile: HardwareProfile, form: dict[str, Any], p
                               form["data_file"]], api_visibility="private")
     form["model_kind"].change(choose_model_kind, [form["model_kind"], form["model_source"]], form["model_source"],
                               api_visibility="private")
-    estimate_inputs = [form[k] for k in ("model_source", "model_bits", "model_quant_type", "model_double_quant",
+    form["lora_method"].change(show_method_fields, form["lora_method"], [form[k] for k in METHOD_FIELDS],
+                               api_visibility="private")
+    estimate_inputs = [form[k] for k in ("lora_method", "lora_num_virtual_tokens", "lora_ia3_feedforward_modules",
+                                         "model_source", "model_bits", "model_quant_type", "model_double_quant",
                                          "lora_rank", "lora_target_modules", "lora_bias", "training_batch_size",
-                                         "data_max_seq_length", "training_gradient_checkpointing",
+                                         "data_max_seq_length", "training_gradient_checkpointing", "training_padding_free",
+                                         "training_liger_kernels",
                                          "training_optimizer", "model_compute_dtype")]
     gr.on([c.change for c in estimate_inputs], functools.partial(update_estimate, profile), inputs_kwargs=form,
           outputs=estimate, api_name="estimate", show_progress="hidden", trigger_mode="always_last")

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import os
 import queue
 import threading
 from collections import OrderedDict
@@ -33,7 +34,9 @@ from finetune.hardware import HardwareProfile, detect
 from finetune.models import load_model, load_tokenizer
 
 Messages = list[dict[str, str]]
-MAX_PROMPT_CHARS = 20_000
+# Server-side limits (a public Space gets API calls that skip the UI's sliders); the operator may change them.
+MAX_PROMPT_CHARS = int(os.environ.get("LORA_LAB_MAX_PROMPT_CHARS", "20000"))
+MAX_NEW_TOKENS = int(os.environ.get("LORA_LAB_MAX_NEW_TOKENS", "1024"))
 LOCK_TIMEOUT_SECONDS = 600.0
 
 
@@ -48,14 +51,18 @@ class SamplingSettings:
 
     def __post_init__(self) -> None:
         problems = []
-        if isinstance(self.max_new_tokens, bool) or not float(self.max_new_tokens).is_integer() \
-                or not 1 <= self.max_new_tokens <= 4096:
-            problems.append(f"max new tokens must be a whole number from 1 to 4096, got {self.max_new_tokens!r}")
-        if not 0 <= self.temperature <= 5:
+        # Text, None or bools from an API call become NaN, which fails every range check below with a message.
+        new_tokens, temperature, top_p, seed = (
+            float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else float("nan")
+            for v in (self.max_new_tokens, self.temperature, self.top_p, self.seed))
+        if not new_tokens.is_integer() or not 1 <= new_tokens <= MAX_NEW_TOKENS:
+            problems.append(f"max new tokens must be a whole number from 1 to {MAX_NEW_TOKENS}, "
+                            f"got {self.max_new_tokens!r}")
+        if not 0 <= temperature <= 5:
             problems.append(f"temperature must be between 0 (greedy) and 5, got {self.temperature!r}")
-        if not 0 < self.top_p <= 1:
+        if not 0 < top_p <= 1:
             problems.append(f"top-p must be above 0 and at most 1, got {self.top_p!r}")
-        if isinstance(self.seed, bool) or not float(self.seed).is_integer() or self.seed < 0:
+        if not seed.is_integer() or seed < 0:
             problems.append(f"seed must be a whole number >= 0, got {self.seed!r}")
         if problems:
             raise ValueError("Invalid sampling settings: " + "; ".join(problems) + ".")
@@ -133,6 +140,16 @@ def check_prompt(prompt: Any) -> str:
     return prompt.strip()
 
 
+def peft_type(adapter_dir: str | Path) -> str:
+    """'LORA' (also DoRA / rsLoRA), 'IA3', 'PROMPT_TUNING', ... from the adapter's config."""
+    import json
+
+    try:
+        return str(json.loads((Path(adapter_dir) / "adapter_config.json").read_text()).get("peft_type", "LORA"))
+    except (OSError, ValueError):
+        return "LORA"
+
+
 def _base_key(cfg: ModelConfig) -> tuple[Any, ...]:
     return (cfg.source, cfg.bits, cfg.quant_type, cfg.double_quant, cfg.compute_dtype)
 
@@ -178,15 +195,42 @@ class ChatEngine:
             entry = self.loaded(cfg)
             if entry.adapters.get(name) == adapter_dir:
                 return entry
-            if not entry.adapters:
-                entry.model = PeftModel.from_pretrained(entry.base, adapter_dir, adapter_name=name).eval()
-            else:
-                if name in entry.adapters:  # same name, new folder: replace it
-                    entry.model.delete_adapter(name)
-                entry.model.load_adapter(adapter_dir, adapter_name=name)
+            kinds = {peft_type(folder) for folder in entry.adapters.values()}
+            if kinds and kinds != {peft_type(adapter_dir)}:
+                # peft holds one adapter family per model (LoRA next to IA3 or prompt tuning is refused):
+                # start again from a freshly loaded base.
+                self._bases.pop(_base_key(cfg), None)
+                gc.collect()
+                entry = self.loaded(cfg)
+            try:
+                if not entry.adapters:
+                    entry.model = PeftModel.from_pretrained(entry.base, adapter_dir, adapter_name=name).eval()
+                else:
+                    if name in entry.adapters:  # same name, new folder: replace it
+                        entry.model.delete_adapter(name)
+                    entry.model.load_adapter(adapter_dir, adapter_name=name)
+            except (RuntimeError, ValueError, KeyError) as error:
+                # Layers were already injected into the base: drop it, so the next request loads a clean one.
+                self._bases.pop(_base_key(cfg), None)
+                gc.collect()
+                raise ValueError(self._mismatch_message(adapter_dir, cfg, error)) from None
             entry.adapters[name] = adapter_dir
             entry.model.eval()
             return entry
+
+    @staticmethod
+    def _mismatch_message(adapter_dir: Path, cfg: ModelConfig, error: BaseException) -> str:
+        """One readable line instead of torch's page of size mismatches."""
+        import json
+
+        try:
+            trained_on = json.loads((adapter_dir / "adapter_config.json").read_text()).get("base_model_name_or_path")
+        except (OSError, ValueError):
+            trained_on = None
+        detail = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
+        return (f"The adapter in '{adapter_dir.name}' does not fit the base model '{cfg.source}'"
+                f"{f' (it was trained on {trained_on!r})' if trained_on else ''}: pick a run trained on this "
+                f"base. ({detail})")
 
     # --- generation ---------------------------------------------------------------------------------------
 
@@ -241,6 +285,10 @@ class ChatEngine:
                     settings: SamplingSettings | None = None) -> Iterator[tuple[str, str]]:
         """Yield (base answer so far, fine-tuned answer so far) as both grow, one token at a time."""
         prompt, settings = check_prompt(prompt), settings or SamplingSettings()
+        if peft_type(adapter_dir) != "LORA":
+            yield from self._stream_one_then_other(prompt, base_history, tuned_history, cfg, adapter_name,
+                                                   adapter_dir, settings)
+            return
         conversations = [normalize_history(h) + [{"role": "user", "content": prompt}]
                          for h in (base_history, tuned_history)]
         with self._generating() as stop:
@@ -262,6 +310,20 @@ class ChatEngine:
                 thread.join()
             if not any(texts):
                 yield texts
+
+    def _stream_one_then_other(self, prompt: str, base_history: Any, tuned_history: Any, cfg: ModelConfig,
+                               adapter_name: str, adapter_dir: str | Path, settings: SamplingSettings
+                               ) -> Iterator[tuple[str, str]]:
+        """Mixed-adapter batches exist for LoRA-type adapters only: IA3 and prompt tuning answer after the base."""
+        self.attach(cfg, adapter_name, adapter_dir)  # before the base answer, so the base is not loaded twice
+        base = ""
+        for base in self.stream(prompt, base_history, cfg, settings=settings):
+            yield base, ""
+        tuned = ""
+        for tuned in self.stream(prompt, tuned_history, cfg, adapter_name, adapter_dir, settings):
+            yield base, tuned
+        if not base and not tuned:
+            yield "", ""
 
     def stream(self, prompt: str, history: Any, cfg: ModelConfig, adapter_name: str | None = None,
                adapter_dir: str | Path | None = None, settings: SamplingSettings | None = None) -> Iterator[str]:

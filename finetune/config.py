@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,9 +27,21 @@ BUNDLED_DATASET = "bundled:course_qa"
 DATA_FORMATS = ("auto", "messages", "sharegpt", "alpaca", "prompt_completion", "prompt_response",
                 "question_answer", "text")
 SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup", "cosine_with_restarts", "polynomial")
-OPTIMIZERS = ("adamw_torch", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit", "adafactor", "sgd")
+OPTIMIZERS = ("adamw_torch", "adamw_torch_fused", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit", "adafactor", "sgd")
 COMPUTE_DTYPES = ("auto", "float32", "float16", "bfloat16")
 LORA_BIAS = ("none", "all", "lora_only")
+# PEFT methods (finetune/train.py to_peft_config): LoRA and its variants, IA3, prompt tuning, or none at all.
+PEFT_METHODS = ("lora", "dora", "rslora", "ia3", "prompt_tuning", "full")
+LORA_METHODS = ("lora", "dora", "rslora")
+CHECKPOINTING = ("auto", "on", "off")
+
+
+REMOTE_CODE_ENV = "LORA_LAB_ALLOW_REMOTE_CODE"
+
+
+def remote_code_allowed() -> bool:
+    """True only when the operator has opted in: trust_remote_code runs a model repo's own Python code."""
+    return os.environ.get(REMOTE_CODE_ENV, "").strip().lower() in ("1", "true", "yes")
 
 
 class ConfigError(ValueError):
@@ -102,6 +115,10 @@ class _Checker:
             listed = ", ".join(str(c) for c in choices)
             self.fail(name, f"{what or name} must be one of {listed}, got {getattr(self.obj, name)!r}")
 
+    def flag(self, name: str, what: str = "") -> None:
+        if not isinstance(getattr(self.obj, name), bool):
+            self.fail(name, f"{what or name} must be true or false, got {getattr(self.obj, name)!r}")
+
     def text(self, name: str, what: str = "") -> None:
         value = getattr(self.obj, name)
         if not isinstance(value, str) or not value.strip():
@@ -150,6 +167,11 @@ class ModelConfig:
             check.fail("bits", f"Bit width must be 4, 8, 16 or 32, got {self.bits}")
         check.choice("quant_type", ("nf4", "fp4"), "4-bit quant type")
         check.choice("compute_dtype", COMPUTE_DTYPES, "Compute dtype")
+        check.flag("trust_remote_code", "Trust remote code")
+        if self.trust_remote_code is True and not remote_code_allowed():
+            # A public Space must not run code from any Hub repo a visitor names; the operator decides.
+            check.fail("trust_remote_code", "Remote code is disabled on this server; the operator can allow it "
+                                            f"by setting {REMOTE_CODE_ENV}=1 before starting the app")
         if self.bits in (4, 8) and importlib.util.find_spec("bitsandbytes") is None:
             check.fail("bits", f"{self.bits}-bit loading needs the bitsandbytes package; install it or pick 16/32")
         check.raise_if_any()
@@ -157,6 +179,13 @@ class ModelConfig:
 
 @dataclass
 class LoraSettings:
+    method: str = field(default="lora", metadata=_help(
+        "What training updates: 'lora' (low-rank B·A beside each targeted weight), 'dora' (LoRA on the weight's "
+        "direction plus a trained magnitude per output), 'rslora' (LoRA scaled by alpha/sqrt(r), steadier at high "
+        "ranks), 'ia3' (one learned scaling vector per targeted layer: the fewest parameters), 'prompt_tuning' "
+        "(trained virtual tokens in front of every input; the model is untouched), 'full' (every weight: the "
+        "reference point; needs 16/32 bits and a much lower learning rate). The bit width is independent: "
+        "LoRA on a 4-bit base is QLoRA.", choices=PEFT_METHODS))
     rank: int = field(default=8, metadata=_help(
         "r, the inner dimension of the low-rank update B·A. Trainable parameters grow linearly with it; "
         "4-64 covers most uses."))
@@ -169,9 +198,23 @@ class LoraSettings:
         "'q_proj,v_proj' (the original LoRA paper)."))
     bias: str = field(default="none", metadata=_help(
         "Train bias terms too: 'none' (default), 'lora_only' or 'all'.", choices=LORA_BIAS))
+    ia3_feedforward_modules: str = field(default="auto", metadata=_help(
+        "IA3 only: which targeted layers are feed-forward (their scaling vector multiplies the input instead of "
+        "the output). 'auto' = peft's choice for the architecture (with its default targets k_proj, v_proj, "
+        "down_proj when target modules is 'all-linear'), or a comma list such as 'down_proj'."))
+    num_virtual_tokens: int = field(default=20, metadata=_help(
+        "Prompt tuning only: how many trained virtual tokens precede every input (each one hidden-size numbers)."))
+    prompt_init_text: str = field(default="", metadata=_help(
+        "Prompt tuning only: start the virtual tokens from the embeddings of this text (e.g. 'Answer as a lab "
+        "note:'); empty = random start."))
 
     def __post_init__(self) -> None:
         check = _Checker("lora", self)
+        check.choice("method", PEFT_METHODS, "PEFT method")
+        check.text("ia3_feedforward_modules", "IA3 feed-forward modules")
+        check.int_field("num_virtual_tokens", low=1, high=1024, what="Virtual tokens")
+        if not isinstance(self.prompt_init_text, str):
+            check.fail("prompt_init_text", "Prompt init text must be text")
         check.int_field("rank", low=1, high=4096, what="LoRA rank")
         check.float_field("alpha", low=0, low_open=True, what="LoRA alpha")
         check.float_field("dropout", low=0, high=1, high_open=True, what="LoRA dropout")
@@ -183,6 +226,11 @@ class LoraSettings:
         if self.target_modules == "all-linear":
             return "all-linear"
         return [name.strip() for name in self.target_modules.split(",") if name.strip()]
+
+    def feedforward_module_list(self) -> list[str] | None:
+        if self.ia3_feedforward_modules == "auto":
+            return None
+        return [name.strip() for name in self.ia3_feedforward_modules.split(",") if name.strip()]
 
 
 @dataclass
@@ -244,8 +292,15 @@ class TrainingConfig:
     weight_decay: float = field(default=0.0, metadata=_help("L2-style decay of the adapter weights."))
     max_grad_norm: float = field(default=1.0, metadata=_help(
         "Clip the gradient norm to this value; protects against loss spikes. 0 disables clipping."))
-    gradient_checkpointing: bool = field(default=False, metadata=_help(
-        "Recompute activations in the backward pass: much less memory, about 20-30% slower."))
+    gradient_checkpointing: str = field(default="auto", metadata=_help(
+        "Recompute activations in the backward pass: much less memory, about 20-30% slower. 'auto' turns it on "
+        "only when the memory estimate says the run would not fit without it.", choices=CHECKPOINTING))
+    padding_free: bool = field(default=True, metadata=_help(
+        "Concatenate the batch's examples into one row with per-example position ids, so no compute or memory "
+        "goes to padding tokens; attention still never crosses examples."))
+    liger_kernels: bool = field(default=True, metadata=_help(
+        "Fused Triton kernels from liger-kernel (RMSNorm, RoPE, SwiGLU) on CUDA GPUs when the package is "
+        "installed; ignored on the CPU."))
     seed: int = field(default=42, metadata=_help("Random seed for data order and adapter init."))
     logging_steps: int = field(default=1, metadata=_help("Log the training loss every N steps."))
     eval_steps: int = field(default=10, metadata=_help("Compute the eval loss every N steps (0 = only at the end)."))
@@ -265,6 +320,12 @@ class TrainingConfig:
         check.choice("optimizer", OPTIMIZERS, "Optimizer")
         check.float_field("weight_decay", low=0, high=1, what="Weight decay")
         check.float_field("max_grad_norm", low=0, what="Max grad norm")
+        # Older configs say true/false; keep them valid.
+        if isinstance(self.gradient_checkpointing, bool):
+            self.gradient_checkpointing = "on" if self.gradient_checkpointing else "off"
+        check.choice("gradient_checkpointing", CHECKPOINTING, "Gradient checkpointing")
+        check.flag("padding_free", "Padding-free batches")
+        check.flag("liger_kernels", "Liger kernels")
         check.int_field("seed", low=0, what="Seed")
         check.int_field("logging_steps", low=1, what="Logging steps")
         check.int_field("eval_steps", low=0, what="Eval steps")
@@ -272,7 +333,50 @@ class TrainingConfig:
         check.raise_if_any()
 
 
-_SECTIONS = {"model": ModelConfig, "lora": LoraSettings, "data": DataConfig, "training": TrainingConfig}
+STAGES = ("sft", "reward", "dpo", "kto")
+PREFERENCE_FORMATS = ("auto", "paired", "implicit", "unpaired")
+DPO_LOSSES = ("sigmoid", "ipo", "hinge", "robust", "apo_zero", "sppo_hard")
+KTO_LOSSES = ("kto", "apo_zero_unpaired")
+
+
+@dataclass
+class PreferenceConfig:
+    """Settings of the RLHF stages (reward model, DPO, KTO); ignored by SFT runs."""
+
+    format: str = field(default="auto", metadata=_help(
+        "Preference data format: 'paired' (prompt/chosen/rejected), 'implicit' (chosen/rejected conversations "
+        "that share their prompt turns), 'unpaired' (prompt/completion/label thumbs, for KTO); 'auto' detects it.",
+        choices=PREFERENCE_FORMATS))
+    beta: float = field(default=0.1, metadata=_help(
+        "DPO/KTO beta: how far the tuned model may move from the reference. Higher = stay closer; 0.1 is usual."))
+    loss_type: str = field(default="sigmoid", metadata=_help(
+        "DPO loss: 'sigmoid' (the DPO paper), 'ipo', 'hinge', 'robust', 'apo_zero', 'sppo_hard'. KTO uses 'kto' "
+        "(or 'apo_zero_unpaired'); a DPO loss name given to KTO means 'kto'.", choices=DPO_LOSSES + KTO_LOSSES))
+    start_adapter: str = field(default="", metadata=_help(
+        "DPO/KTO: start from this SFT adapter (a run id or an adapter folder) and keep training it; "
+        "empty = a fresh LoRA on the base model. The starting point is also the reference model."))
+    reward_model: str = field(default="", metadata=_help(
+        "A trained reward model (a reward run id or its reward_model folder), used to score the tuned "
+        "model's answers against the base model's."))
+
+    def __post_init__(self) -> None:
+        check = _Checker("preference", self)
+        check.choice("format", PREFERENCE_FORMATS, "Preference format")
+        check.float_field("beta", low=0, low_open=True, high=100, what="Beta")
+        check.choice("loss_type", DPO_LOSSES + KTO_LOSSES, "Preference loss")
+        for name in ("start_adapter", "reward_model"):
+            value = getattr(self, name)
+            if value is None:
+                setattr(self, name, "")
+            elif not isinstance(value, str):
+                check.fail(name, f"{name} must be a run id or a folder, got {value!r}")
+            else:
+                setattr(self, name, value.strip())
+        check.raise_if_any()
+
+
+_SECTIONS = {"model": ModelConfig, "lora": LoraSettings, "data": DataConfig, "training": TrainingConfig,
+             "preference": PreferenceConfig}
 
 
 @dataclass
@@ -283,12 +387,26 @@ class RunConfig:
     lora: LoraSettings = field(default_factory=LoraSettings)
     data: DataConfig = field(default_factory=DataConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
+    preference: PreferenceConfig = field(default_factory=PreferenceConfig)
     run_name: str = ""
+    stage: str = "sft"  # sft, or an RLHF stage: reward (reward model), dpo, kto (finetune/rlhf.py)
 
     def __post_init__(self) -> None:
         bad = [name for name, kind in _SECTIONS.items() if not isinstance(getattr(self, name), kind)]
         if bad:
             raise ConfigError({name: f"expected a {_SECTIONS[name].__name__}" for name in bad})
+        if self.stage not in STAGES:
+            raise ConfigError({"stage": f"stage must be one of {', '.join(STAGES)}, got {self.stage!r}"})
+        if self.lora.method == "full" and self.model.bits in (4, 8):
+            # A quantized weight has no gradient: only adapters can train on a 4/8-bit base.
+            raise ConfigError({"model.bits": f"Full fine-tuning updates every weight, so it needs a 16 or 32-bit "
+                                             f"base; got {self.model.bits}-bit (use LoRA for QLoRA)"})
+        if self.lora.method != "lora" and self.stage != "sft":
+            raise ConfigError({"lora.method": f"The {self.stage} stage trains a LoRA adapter; method must be "
+                                              f"'lora', got {self.lora.method!r}"})
+        if self.stage == "kto" and self.training.batch_size < 2:
+            # KTO estimates its KL term from the other answers in the batch.
+            raise ConfigError({"training.batch_size": "KTO needs a batch size of at least 2"})
 
 
 def from_dict(raw: dict[str, Any]) -> RunConfig:
@@ -296,7 +414,7 @@ def from_dict(raw: dict[str, Any]) -> RunConfig:
     if not isinstance(raw, dict):
         raise ConfigError({"config": "the config must be a mapping of sections (model, lora, data, training)"})
     problems: dict[str, str] = {}
-    unknown = set(raw) - set(_SECTIONS) - {"run_name"}
+    unknown = set(raw) - set(_SECTIONS) - {"run_name", "stage"}
     for key in sorted(unknown):
         problems[key] = f"unknown section '{key}'; expected one of {', '.join(_SECTIONS)}"
     sections: dict[str, Any] = {}
@@ -314,7 +432,7 @@ def from_dict(raw: dict[str, Any]) -> RunConfig:
             problems.update(error.problems)
     if problems:
         raise ConfigError(problems)
-    return RunConfig(**sections, run_name=str(raw.get("run_name") or ""))
+    return RunConfig(**sections, run_name=str(raw.get("run_name") or ""), stage=str(raw.get("stage") or "sft"))
 
 
 def to_dict(cfg: RunConfig) -> dict[str, Any]:

@@ -13,6 +13,7 @@ earlier turns in the prompt and train on the last assistant turn. Plain ``text``
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
@@ -55,8 +56,16 @@ class PreparedData:
 
 # --- loading raw rows --------------------------------------------------------------------------------------
 
-def bundled_names() -> list[str]:
-    return sorted(f"bundled:{p.name}" for p in DATA_DIR.iterdir() if (p / "train.jsonl").is_file())
+def _is_preference_set(folder: Path) -> bool:
+    with open(folder / "train.jsonl", encoding="utf-8") as rows:
+        first = json.loads(rows.readline() or "{}")
+    return "chosen" in first or "label" in first
+
+
+def bundled_names(preference: bool = False) -> list[str]:
+    """The bundled SFT datasets, or with ``preference`` the bundled preference sets (chosen/rejected, thumbs)."""
+    return sorted(f"bundled:{p.name}" for p in DATA_DIR.iterdir()
+                  if (p / "train.jsonl").is_file() and _is_preference_set(p) == preference)
 
 
 def source_kind(source: str) -> str:
@@ -68,22 +77,48 @@ def source_kind(source: str) -> str:
     return "hub"
 
 
-def _load_file(path: Path) -> Dataset:
+def max_file_bytes() -> int:
+    """Largest data file accepted (LORA_LAB_MAX_DATA_MB, default 1024): a public Space must not be made to
+    parse a multi-GB upload."""
+    try:
+        return int(float(os.environ.get("LORA_LAB_MAX_DATA_MB", "1024")) * 1024 * 1024)
+    except ValueError:
+        return 1024 * 1024 * 1024
+
+
+def check_file(path: Path) -> str:
+    """The cheap checks on a local data file (exists, type, size, text, JSON shape); returns its loader name."""
     if not path.is_file():
         raise DataError(f"Data file not found: {path}")
     loader = FILE_LOADERS.get(path.suffix.lower())
     if loader is None:
         raise DataError(f"Unsupported file type '{path.suffix}' for {path.name}; use one of "
                         f"{', '.join(FILE_LOADERS)}.")
-    if path.stat().st_size == 0:
+    size = path.stat().st_size
+    if size == 0:
         raise DataError(f"Data file {path.name} is empty.")
+    if size > max_file_bytes():
+        raise DataError(f"Data file {path.name} is {size / 2**20:,.0f} MB; the limit is "
+                        f"{max_file_bytes() / 2**20:,.0f} MB (LORA_LAB_MAX_DATA_MB). Use max samples on a "
+                        "smaller extract, or a Hub dataset.")
     _check_is_text(path, loader)
     if loader == "json":
         _check_json_rows_are_objects(path)
+        # datasets reports a cut-off file as "an error occurred": find the bad line (small files only; cheap).
+        detail = _bad_json_line(path) if size <= 64 * 2**20 else None
+        if detail:
+            raise DataError(f"Could not read {path.name} as JSON: {detail}")
+    return loader
+
+
+def _load_file(path: Path) -> Dataset:
+    loader = check_file(path)
     try:
         dataset = load_dataset(loader, data_files=str(path), split="train")
     except Exception as error:  # datasets raises many types for a malformed file; all mean "unreadable"
-        raise DataError(f"Could not read {path.name} as {loader.upper()}: {_first_line(error)}") from None
+        detail = _bad_json_line(path) if loader == "json" else None
+        raise DataError(f"Could not read {path.name} as {loader.upper()}: "
+                        f"{detail or _first_line(error)}") from None
     if len(dataset) == 0:
         raise DataError(f"Data file {path.name} has no rows.")
     return dataset
@@ -114,6 +149,24 @@ def _check_json_rows_are_objects(path: Path) -> None:
     elif head and not head.startswith("{"):
         raise DataError(f"{path.name} must hold one JSON object per line (or a list of objects); "
                         f"it starts with {head[:20]!r}.")
+
+
+def _bad_json_line(path: Path) -> str | None:
+    """Which line of a JSON Lines file does not parse (datasets only says 'an error occurred')."""
+    text = path.read_text(encoding="utf-8", errors="replace")
+    if path.suffix.lower() == ".json" and text.lstrip("\ufeff \t\r\n").startswith("["):
+        try:
+            json.loads(text)
+        except json.JSONDecodeError as error:
+            return f"invalid JSON at line {error.lineno} ({error.msg}); the file may be cut off."
+        return None
+    for number, line in enumerate(text.splitlines(), 1):
+        if line.strip():
+            try:
+                json.loads(line)
+            except json.JSONDecodeError as error:
+                return f"line {number} is not valid JSON ({error.msg}); the file may be cut off."
+    return None
 
 
 def _first_line(error: Exception) -> str:

@@ -12,13 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from conftest import served_app
+from conftest import browser_page, served_app, ARGS, ARTIFACTS, CHROMIUM, fill as _fill
 
 pytestmark = pytest.mark.browser
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-ARTIFACTS = Path(__file__).resolve().parent / "artifacts"
-ARGS = ["--no-sandbox", "--headless=new", "--disable-gpu", "--disable-background-networking",
-        "--disable-component-update", "--no-first-run"]
 
 
 @pytest.fixture(scope="module")
@@ -29,22 +25,9 @@ def app_url(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def page(app_url):
-    if not Path(CHROMIUM).is_file():
-        pytest.skip("Debian's chromium is not installed (apt-get install -y chromium)")
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
-        page = browser.new_page(viewport={"width": 1400, "height": 1000})
-        page.goto(app_url)
+    with browser_page(app_url) as page:
         yield page
-        browser.close()
 
-
-def _fill(page, elem_id: str, value: str) -> None:
-    box = page.locator(f"#{elem_id} textarea, #{elem_id} input").first
-    box.fill(value)
-    box.press("Tab")  # gradio commits a textbox/number on blur
 
 
 def test_train_then_chat(page, app_url, tiny_model_dir):

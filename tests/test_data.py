@@ -164,7 +164,9 @@ def test_hub_dataset_offline_fails_fast(monkeypatch):
 
 
 def test_bundled_dataset_has_its_own_validation_split():
-    assert "bundled:course_qa" in bundled_names()
+    # The preference pairs are bundled too, but only offered where preferences are trained (the RLHF tab).
+    assert "bundled:course_qa" in bundled_names() and "bundled:course_prefs" not in bundled_names()
+    assert bundled_names(preference=True) == ["bundled:course_prefs"]
     prepared = prepare(DataConfig())
     assert len(prepared.train) >= 200 and prepared.eval is not None and len(prepared.eval) >= 20
     train_prompts = {r["prompt"][-1]["content"] for r in prepared.train}
