@@ -1,0 +1,189 @@
+"""Faults survived: a killed training child, the app restarted mid-run, out of GPU memory, a full disk.
+
+The kill and restart cases are real: a tiny-model run trains in its child process and is SIGKILLed after its first
+checkpoint; the app (served on loopback) keeps answering, and the run resumes from that checkpoint.
+Simulated, because this machine has no GPU and a disk cannot be filled safely: the OOM case raises
+torch.cuda.OutOfMemoryError from the Trainer's training step, and the disk-full case raises ENOSPC from the
+Trainer's checkpoint save after it has written part of the folder, both in-process.
+LangSmith down -> outbox is covered in tests/test_feedback_langsmith.py (test_feedback_waits_in_the_outbox...).
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+from gradio_client import handle_file
+
+from conftest import served_app, tiny_run_config
+
+STEPS, SAVE_EVERY = 12, 3
+
+
+def _form(model_dir: Path, data_file: Path, name: str) -> dict:
+    return {"data_kind": "Uploaded file", "data_file": handle_file(str(data_file)), "run_name": name,
+            "model_source": str(model_dir), "model_bits": 32, "training_max_steps": STEPS,
+            "training_save_steps": SAVE_EVERY, "training_batch_size": 2, "data_max_seq_length": 128,
+            "training_eval_steps": 0, "lora_rank": 4, "lora_alpha": 8, "lora_dropout": 0.0,
+            "training_warmup_ratio": 0.0, "training_learning_rate": 0.01}
+
+
+def _wait_for_checkpoint(run_dir: Path, timeout: float = 180.0) -> Path:
+    from finetune.train import last_checkpoint
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        found = last_checkpoint(run_dir)
+        if found:
+            return Path(found)
+        time.sleep(0.05)
+    raise AssertionError(f"no checkpoint in {run_dir}; log:\n{(run_dir / 'train.log').read_text()[-2000:]}")
+
+
+def _kill(run_dir: Path) -> int:
+    from finetune.metrics import read_status
+
+    pid = read_status(run_dir)["pid"]
+    os.killpg(pid, signal.SIGKILL)  # the child leads its own session: this kills it and nothing else
+    return pid
+
+
+def _poll(client, run_id: str, words: str, timeout: float = 30.0):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        result = client.predict(run_id, api_name="/poll_run")
+        if words in result[1]:
+            return result
+        time.sleep(0.3)
+    raise AssertionError(f"run {run_id} never showed {words!r}: {result[1]}")
+
+
+def test_killed_child_fails_with_log_tail_and_the_app_keeps_serving(tmp_path, tiny_model_dir, qa_file):
+    from gradio_client import Client
+
+    with served_app(tmp_path / "runs") as url:
+        client = Client(url, verbose=False)
+        run_id, message = client.predict(**_form(tiny_model_dir, qa_file, "kill-me"), api_name="/start_run")
+        assert "Started" in message, message
+        run_dir = tmp_path / "runs" / run_id
+        checkpoint = _wait_for_checkpoint(run_dir)
+        _kill(run_dir)
+        result = _poll(client, run_id, "failed")
+        assert "training process ended unexpectedly (exit code -9)" in result[1]
+        assert result[5].strip(), "the log tail is shown for a failed run"
+        # The app keeps serving: history lists the failed run, and a new start is allowed (the device is free).
+        history, _ = client.predict([], api_name="/run_history")
+        state = history["headers"].index("status")
+        assert [row[state] for row in history["data"] if row[0] == run_id] == ["failed"]
+        assert (checkpoint / "trainer_state.json").is_file()
+
+
+def test_app_restart_finds_runs_and_resumes_an_interrupted_one(tmp_path, tiny_model_dir, qa_file):
+    """The app goes down mid-run and the child with it (a machine restart); the next app marks the run
+    interrupted, and it resumes from its last checkpoint to the end."""
+    from gradio_client import Client
+
+    from finetune.metrics import read_metrics, read_status
+    from finetune.runs import RunManager
+
+    root = tmp_path / "runs"
+    with served_app(root) as url:
+        run_id, message = Client(url, verbose=False).predict(**_form(tiny_model_dir, qa_file, "restart"),
+                                                             api_name="/start_run")
+        assert "Started" in message, message
+        _wait_for_checkpoint(root / run_id)
+        _kill(root / run_id)  # the machine goes down: the child dies, and no page was open to notice
+    assert read_status(root / run_id)["state"] == "running"  # nobody was left to notice
+    resumed_from = int(_wait_for_checkpoint(root / run_id).name.split("-")[-1])
+
+    with served_app(root) as url:  # the restarted app
+        client = Client(url, verbose=False)
+        result = _poll(client, run_id, "interrupted")
+        assert "no longer running (app restarted or process killed)" in result[1]
+        history, _ = client.predict([], api_name="/run_history")
+        assert run_id in [row[0] for row in history["data"]]
+        rows_before = len(read_metrics(root / run_id))
+        manager = RunManager(root)
+        manager.resume(run_id)
+        status = manager.wait(run_id, timeout=300)
+        assert status["state"] == "completed", manager.log_tail(run_id)
+        assert _poll(client, run_id, "completed")
+    losses = [r for r in read_metrics(root / run_id)[rows_before:] if "loss" in r]
+    # Continued from the checkpoint, not from step 0: the first loss after the resume is the step after it.
+    assert losses[0]["step"] == resumed_from + 1 and losses[-1]["step"] == STEPS
+    assert (root / run_id / "adapter" / "adapter_config.json").is_file()
+
+
+@pytest.fixture
+def trainer_patch(monkeypatch):
+    """Patch a method of transformers.Trainer for one in-process run."""
+    import transformers
+
+    def patch(name: str, make):
+        original = getattr(transformers.Trainer, name)
+        monkeypatch.setattr(transformers.Trainer, name, make(original))
+
+    return patch
+
+
+def test_out_of_gpu_memory_suggests_smaller_settings(tmp_path, tiny_model_dir, qa_file, trainer_patch):
+    """Simulated OOM (no GPU here): the training step raises torch.cuda.OutOfMemoryError."""
+    import torch
+
+    from components.train_tab import status_text
+    from finetune.metrics import read_status
+    from finetune.train import run
+
+    def make(original):
+        def training_step(self, *args, **kwargs):
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return training_step
+
+    trainer_patch("training_step", make)
+    cfg = tiny_run_config(tiny_model_dir, qa_file, bits=32, max_steps=2)
+    assert run(cfg, tmp_path / "oom") == 1
+    status = read_status(tmp_path / "oom")
+    assert status["state"] == "failed"
+    for advice in ("Out of GPU memory", "smaller batch size", "shorter max sequence length", "4-bit"):
+        assert advice in status["error"]
+    assert "Out of GPU memory" in status_text("oom", status)
+
+
+def _digest(folder: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+def test_disk_full_while_saving_keeps_the_previous_checkpoint(tmp_path, tiny_model_dir, qa_file, trainer_patch):
+    """Simulated ENOSPC: the second checkpoint save writes part of its folder, then the disk is 'full'."""
+    from finetune.metrics import read_status
+    from finetune.train import CHECKPOINT_DIR, last_checkpoint, run
+
+    run_dir, saved = tmp_path / "full", {}
+
+    def make(original):
+        def save_checkpoint(self, model, trial):
+            if not saved:
+                original(self, model, trial)
+                first = Path(last_checkpoint(run_dir))
+                saved.update(path=first, digest=_digest(first))
+                return
+            partial = run_dir / CHECKPOINT_DIR / f"checkpoint-{self.state.global_step}"
+            partial.mkdir(parents=True)
+            (partial / "adapter_model.safetensors").write_bytes(b"\0" * 100)  # cut short
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return save_checkpoint
+
+    trainer_patch("_save_checkpoint", make)
+    cfg = tiny_run_config(tiny_model_dir, qa_file, bits=32, max_steps=4, save_steps=2, eval_steps=0)
+    assert run(cfg, run_dir) == 1
+    status = read_status(run_dir)
+    assert status["state"] == "failed" and status["error"].startswith("Disk full while saving")
+    # The half-written checkpoint-4 is passed over: resume would start from the intact checkpoint-2.
+    assert Path(last_checkpoint(run_dir)) == saved["path"] and saved["path"].name == "checkpoint-2"
+    assert _digest(saved["path"]) == saved["digest"]
+    assert (run_dir / CHECKPOINT_DIR / "checkpoint-4").is_dir()
