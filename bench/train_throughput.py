@@ -81,8 +81,13 @@ def bundled_rows(tokenizer: Any, max_len: int) -> list[dict[str, list[int]]]:
         full = tokenizer.apply_chat_template(row["prompt"] + row["completion"], tokenize=False)
         prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
         ids = tokenizer(full, add_special_tokens=False)["input_ids"]
-        rows.append({"input_ids": ids, "completion_mask": [0] * len(prompt_ids) + [1] * (len(ids) - len(prompt_ids))})
+        rows.append(_row(ids, len(prompt_ids)))
     return rows
+
+
+def _row(ids: list[int], prompt_length: int) -> dict[str, list[int]]:
+    """Explicit labels (-100 on the prompt): both recipes then score exactly the same answer tokens."""
+    return {"input_ids": ids, "labels": [-100] * prompt_length + ids[prompt_length:]}
 
 
 def synthetic_rows(count: int, max_len: int, vocab: int, seed: int, fixed: bool = False
@@ -97,7 +102,7 @@ def synthetic_rows(count: int, max_len: int, vocab: int, seed: int, fixed: bool 
     for length in lengths.clamp(32, max_len).long().tolist():
         prompt = max(8, length // 3)
         ids = torch.randint(100, vocab - 100, (length,), generator=generator).tolist()
-        rows.append({"input_ids": ids, "completion_mask": [0] * prompt + [1] * (length - prompt)})
+        rows.append(_row(ids, prompt))
     return rows
 
 
@@ -239,8 +244,7 @@ def _padded_collator(pad_id: int) -> Any:
             n = len(row["input_ids"])
             ids[i, :n] = torch.tensor(row["input_ids"])
             mask[i, :n] = 1
-            answer = torch.tensor(row["completion_mask"]).bool()
-            labels[i, :n] = torch.where(answer, ids[i, :n], -100)
+            labels[i, :n] = torch.tensor(row["labels"])
         return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
     return collate

@@ -136,4 +136,5 @@ def test_benchmark_runs_both_recipes_on_the_same_rows():
                                      "--max-len", "64", "--batch", "4"])
     assert [r.recipe for r in results] == ["baseline", "default"]
     assert all(r.tokens_per_second > 0 and r.losses and len(r.losses) == 3 for r in results)
-    assert abs(results[0].losses[0] - results[1].losses[0]) < 0.05  # same rows, same init scale
+    # Same rows, same order, same answer tokens scored, LoRA B starts at zero: the first losses agree closely.
+    assert abs(results[0].losses[0] - results[1].losses[0]) < 1e-3
