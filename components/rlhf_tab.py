@@ -283,8 +283,9 @@ def score_answers(manager: RunManager, cache: ScorerCache, reward_run: str | Non
     answers = [a for a in (answer_a, answer_b) if (a or "").strip()]
     if not answers:
         raise gr.Error("Type at least one answer to score.")
+    folder = _reward_folder(manager, reward_run)  # its own clear gr.Error when none is picked
     try:
-        scorer = cache.get(_reward_folder(manager, reward_run))
+        scorer = cache.get(folder)
         scores = scorer.score([prompt] * len(answers), answers)
     except (ModelSourceError, ConfigError, OSError, ValueError) as error:
         raise gr.Error(f"Could not score: {error}") from None

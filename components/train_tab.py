@@ -194,6 +194,18 @@ def start_run(manager: RunManager, **form: Any) -> tuple[str, str]:
     return run_id, f"Started run `{run_id}`; loading the model and data…"
 
 
+def resume_run(manager: RunManager, run_id: str) -> tuple[Any, str]:
+    """Continue a stopped, failed or interrupted run from its last checkpoint; returns (watched id, status)."""
+    if not run_id:
+        return gr.skip(), "Pick the run to resume first (watch it, or select it in the run history)."
+    try:
+        manager.resume(run_id)
+    except RunError as error:  # includes another run still training
+        gr.Warning(str(error))
+        return gr.skip(), f"**Not resumed:** {error}"
+    return run_id, f"Resuming run `{run_id}` from its last checkpoint…"
+
+
 def stop_run(manager: RunManager, run_id: str) -> str:
     if not run_id:
         return "No run to stop."
@@ -547,11 +559,16 @@ def build_train_tab(manager: RunManager, profile: HardwareProfile) -> dict[str, 
     with gr.Row():
         start = gr.Button("Start training", variant="primary", elem_id="start-button")
         stop = gr.Button("Stop", variant="stop", elem_id="stop-button")
+        resume = gr.Button("Resume from last checkpoint", elem_id="resume-button")
     view, history = _live_view(), _history_view()
     _wire(manager, profile, form, preset, estimate, preview_info, preview_table, preview_button, start, stop,
           view, history)
+    # Shares Start's concurrency slot: a resume and a start pressed together still give one training job.
+    resume.click(functools.partial(resume_run, manager), view["watching"], [view["watching"], view["status"]],
+                 api_name="resume_run", concurrency_limit=1, concurrency_id="train-start")
     _wire_lora_aid(form, lora_aid)
-    return {**form, "preset": preset, "estimate": estimate, "start": start, "stop": stop, "lora_aid": lora_aid,
+    return {**form, "preset": preset, "estimate": estimate, "start": start, "stop": stop, "resume": resume,
+            "lora_aid": lora_aid,
             **view, **history}
 
 

@@ -94,6 +94,14 @@ def test_stop_from_the_ui_keeps_a_checkpoint(client, tiny_model_dir, qa_file):
     assert "Stop requested" in client.predict(run_id, api_name="/stop_run")
     result = _poll_until(client, run_id, lambda r: "stopped" in r[1] or "completed" in r[1] or "failed" in r[1])
     assert "stopped" in result[1], result[5]
+    # Resume from the UI: the run goes on from its checkpoint (then stop it again to keep the test short).
+    assert "Not resumed" in client.predict(run_id + "-nope", api_name="/resume_run")[1]
+    watched, message = client.predict(run_id, api_name="/resume_run")
+    assert watched == run_id and "Resuming" in message, message
+    _poll_until(client, run_id, lambda r: "running" in r[1] or "is **running**" in r[1])
+    assert "Stop requested" in client.predict(run_id, api_name="/stop_run")
+    result = _poll_until(client, run_id, lambda r: "stopped" in r[1] or "completed" in r[1] or "failed" in r[1])
+    assert "stopped" in result[1], result[5]
 
 
 @pytest.mark.parametrize("preset", ["cpu-quick", "t4-qlora", "llama2-7b-colab"])
