@@ -21,15 +21,16 @@ import gradio as gr
 import pandas as pd
 import yaml
 
-from finetune.config import (BUNDLED_DATASET, CHECKPOINTING, COMPUTE_DTYPES, DATA_FORMATS, EMBEDDED_MODEL, LORA_BIAS, OPTIMIZERS,
-                             LORA_METHODS, PEFT_METHODS,
-                             SCHEDULERS, ConfigError, RunConfig, field_help, from_dict, load_config)
+from finetune.config import (BUNDLED_DATASET, CHECKPOINTING, COMPUTE_DTYPES, DATA_FORMATS, EMBEDDED_MODEL,
+                             LORA_BIAS, LORA_METHODS, OPTIMIZERS, PEFT_METHODS, SCHEDULERS, ConfigError, RunConfig,
+                             field_help, from_dict, load_config)
 from finetune.data import DataError, bundled_names, preview
 from finetune.estimate import estimate_run
 from finetune.recipe import resolve_recipe
 from finetune.hardware import HardwareProfile
 from finetune.metrics import read_metrics
 from finetune.runs import RunError, RunInProgressError, RunManager, check_sources
+from finetune.train import ADAPTER_DIR
 
 CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
 POLL_SECONDS = 2.0
@@ -288,12 +289,15 @@ def progress_html(status: dict[str, Any], rows: list[dict[str, Any]]) -> str:
             f"<div style='width:{percent:.1f}%;background:{colour};height:12px;border-radius:6px'></div></div></div>")
 
 
-def status_text(run_id: str, status: dict[str, Any]) -> str:
+def status_text(run_id: str, status: dict[str, Any], has_adapter: bool = True) -> str:
     state = status.get("state", "unknown")
     if state == "failed":
         return f"Run `{run_id}` **failed**: {status.get('error') or 'see the log below'}"
     if state == "completed":
-        return f"Run `{run_id}` **completed** in {_duration(status.get('duration'))}. Try it in the Chat tab."
+        # A full fine-tune saves a whole model (runs/<id>/model), not an adapter, so Chat has nothing to attach.
+        where = ("Try it in the Chat tab." if has_adapter else
+                 "It saved a full model (the run folder's `model/`), not an adapter, so it is not offered in Chat.")
+        return f"Run `{run_id}` **completed** in {_duration(status.get('duration'))}. {where}"
     if state in ("stopped", "interrupted"):
         return f"Run `{run_id}` **{state}**. {status.get('error') or ''}"
     return f"Run `{run_id}` is **{state}**."
@@ -307,7 +311,8 @@ def poll_run(manager: RunManager, run_id: str) -> tuple[Any, ...]:
                 loss_frame([]), lr_frame([]), "", gr.Accordion(open=False))
     status, rows = manager.status(run_id), read_metrics(manager.run_dir(run_id))
     failed = status.get("state") == "failed"
-    return (run_id, status_text(run_id, status), progress_html(status, rows), loss_frame(rows), lr_frame(rows),
+    has_adapter = (manager.run_dir(run_id) / ADAPTER_DIR / "adapter_config.json").is_file()
+    return (run_id, status_text(run_id, status, has_adapter), progress_html(status, rows), loss_frame(rows), lr_frame(rows),
             manager.log_tail(run_id, 40), gr.Accordion(open=True) if failed else gr.skip())
 
 

@@ -164,3 +164,11 @@ def test_train_tab_form_carries_the_method_and_shows_its_fields():
     assert visible["ia3"]["lora_ia3_feedforward_modules"] and not visible["ia3"]["lora_rank"]
     assert visible["prompt_tuning"]["lora_prompt_init_text"] and not visible["prompt_tuning"]["lora_target_modules"]
     assert not any(visible["full"].values())
+
+
+def test_a_finished_full_fine_tune_is_not_sent_to_the_chat_tab():
+    from components.train_tab import status_text
+
+    done = {"state": "completed", "duration": 12}
+    assert "Chat tab" in status_text("lora-run", done, has_adapter=True)
+    assert "not offered in Chat" in status_text("full-run", done, has_adapter=False)
