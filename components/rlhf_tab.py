@@ -12,7 +12,6 @@ Handlers take the form as keyword arguments (``inputs_kwargs``), so ``gradio_cli
 from __future__ import annotations
 
 import functools
-import shutil
 import threading
 import time
 from pathlib import Path
@@ -62,17 +61,6 @@ def _model_source(form: dict[str, Any]) -> str:
     return (form.get("model_source") or "").strip()
 
 
-def _keep_upload(manager: RunManager, path: str) -> str:
-    """Copy an upload beside the runs: gradio's temporary copy may vanish while the child still reads it."""
-    source = Path(path)
-    if not source.is_file() or source.parent == manager.root / "uploads":
-        return path
-    target = manager.root / "uploads" / f"{time.strftime('%Y%m%d-%H%M%S')}-{source.name}"
-    target.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copy2(source, target)
-    return str(target)
-
-
 def data_source(manager: RunManager, feedback_db: Path | None, stage: str, form: dict[str, Any]) -> str:
     """Where step 2's preferences come from; collected feedback is exported to a file first."""
     kind = form.get("data_kind") or DATA_KINDS[0]
@@ -85,7 +73,7 @@ def data_source(manager: RunManager, feedback_db: Path | None, stage: str, form:
         path = form.get("data_file")
         if not path:
             raise PreferenceError("Choose a preference file to upload first (jsonl, json, csv or parquet).")
-        return _keep_upload(manager, str(path))
+        return manager.keep_upload(str(path))
     if kind == "Hub dataset":
         name = (form.get("data_hub_name") or "").strip()
         if not name:

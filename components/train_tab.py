@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import functools
 import json
-import shutil
-import time
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -167,21 +165,10 @@ def preview_dataset(**form: Any) -> tuple[str, pd.DataFrame]:
     return f"**Detected format:** `{fmt}` · **columns:** {', '.join(f'`{c}`' for c in columns)}", table
 
 
-def _keep_upload(manager: RunManager, path: str) -> str:
-    """Copy an uploaded file next to the runs: gradio's temp copy may vanish while the child still reads it."""
-    source = Path(path)
-    if not source.is_file() or source.parent == manager.root / "uploads":
-        return path
-    target = manager.root / "uploads" / f"{time.strftime('%Y%m%d-%H%M%S')}-{source.name}"
-    target.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copy2(source, target)
-    return str(target)
-
-
 def start_run(manager: RunManager, **form: Any) -> tuple[str, str]:
     """Validate the form and start training; returns (watched run id, status message)."""
     if form.get("data_kind") == "Uploaded file" and form.get("data_file"):
-        form["data_file"] = _keep_upload(manager, str(form["data_file"]))
+        form["data_file"] = manager.keep_upload(str(form["data_file"]))
     try:
         cfg = config_from_form(form)
         check_sources(cfg)  # an offline Hub name or a bad file is reported now, not by a failed run

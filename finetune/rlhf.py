@@ -33,8 +33,8 @@ from finetune.models import (ModelSourceError, count_parameters, from_hub_or_cac
                              model_load_kwargs)
 from finetune.preference import PreferenceData, PreferenceError, load_preferences
 from finetune.runs import REWARD_DIR
-from finetune.train import (ADAPTER_DIR, CHECKPOINT_DIR, _write_run_info, keep_adapters_in_compute_dtype,
-                            last_checkpoint, to_lora_config)
+from finetune.train import (ADAPTER_DIR, _write_run_info, keep_adapters_in_compute_dtype, last_checkpoint,
+                            to_lora_config, training_args)
 
 CONFIG_COPY = "lora_lab_config.yaml"
 Messages = list[dict[str, str]]
@@ -42,53 +42,24 @@ Messages = list[dict[str, str]]
 
 # --- config -> library objects (pure) --------------------------------------------------------------------------
 
-def _checkpointing(cfg: RunConfig) -> bool:
-    return cfg.training.gradient_checkpointing in (True, "on")
-
-
-def common_args(cfg: RunConfig, profile: HardwareProfile, run_dir: Path, has_eval: bool) -> dict[str, Any]:
-    """TrainingArguments shared by the reward, DPO and KTO configs (the same choices as the SFT run)."""
-    t = cfg.training
-    evaluate_during = has_eval and t.eval_steps > 0
-    checkpointing = _checkpointing(cfg)
-    return dict(
-        output_dir=str(run_dir / CHECKPOINT_DIR),
-        learning_rate=t.learning_rate, lr_scheduler_type=t.lr_scheduler, warmup_steps=t.warmup_ratio,
-        num_train_epochs=t.num_epochs, max_steps=t.max_steps,
-        per_device_train_batch_size=t.batch_size, per_device_eval_batch_size=t.batch_size,
-        gradient_accumulation_steps=t.gradient_accumulation, optim=t.optimizer,
-        weight_decay=t.weight_decay, max_grad_norm=t.max_grad_norm,
-        gradient_checkpointing=checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False} if checkpointing else None,
-        seed=t.seed, data_seed=t.seed, logging_steps=t.logging_steps, logging_first_step=True,
-        eval_strategy="steps" if evaluate_during else "no", eval_steps=t.eval_steps if evaluate_during else None,
-        save_strategy="steps", save_steps=t.save_steps, save_total_limit=2,
-        # TRL's configs default to bf16 even on the CPU, where it is many times slower: follow the hardware.
-        bf16=profile.is_cuda and profile.compute_dtype == "bfloat16",
-        fp16=profile.is_cuda and profile.compute_dtype == "float16",
-        use_cpu=not profile.is_cuda, report_to=["tensorboard"], disable_tqdm=True, dataloader_num_workers=0,
-        max_length=cfg.data.max_seq_length, ddp_find_unused_parameters=False,
-    )
-
-
 def to_reward_config(cfg: RunConfig, profile: HardwareProfile, run_dir: Path, has_eval: bool) -> Any:
     from trl import RewardConfig
 
-    return RewardConfig(**common_args(cfg, profile, run_dir, has_eval))
+    return RewardConfig(**training_args(cfg, profile, run_dir, has_eval))
 
 
 def to_dpo_config(cfg: RunConfig, profile: HardwareProfile, run_dir: Path, has_eval: bool) -> Any:
     from trl import DPOConfig
 
     loss = cfg.preference.loss_type if cfg.preference.loss_type not in KTO_LOSSES else "sigmoid"
-    return DPOConfig(**common_args(cfg, profile, run_dir, has_eval), beta=cfg.preference.beta, loss_type=[loss])
+    return DPOConfig(**training_args(cfg, profile, run_dir, has_eval), beta=cfg.preference.beta, loss_type=[loss])
 
 
 def to_kto_config(cfg: RunConfig, profile: HardwareProfile, run_dir: Path, has_eval: bool) -> Any:
     from trl import KTOConfig
 
     loss = cfg.preference.loss_type if cfg.preference.loss_type in KTO_LOSSES else "kto"
-    return KTOConfig(**common_args(cfg, profile, run_dir, has_eval), beta=cfg.preference.beta, loss_type=loss)
+    return KTOConfig(**training_args(cfg, profile, run_dir, has_eval), beta=cfg.preference.beta, loss_type=loss)
 
 
 def to_reward_lora_config(cfg: RunConfig) -> Any:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -129,6 +130,16 @@ class RunManager:
         self._children: dict[str, subprocess.Popen] = {}
 
     # --- paths --------------------------------------------------------------------------------------------
+
+    def keep_upload(self, path: str) -> str:
+        """Copy an upload beside the runs: gradio's temporary copy may vanish while the child still reads it."""
+        source = Path(path)
+        if not source.is_file() or source.parent == self.root / "uploads":
+            return path
+        target = self.root / "uploads" / f"{time.strftime('%Y%m%d-%H%M%S')}-{source.name}"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(source, target)
+        return str(target)
 
     def run_dir(self, run_id: str) -> Path:
         """The run's folder; refuses ids that could point outside the runs folder."""

@@ -70,12 +70,11 @@ def to_peft_config(cfg: RunConfig) -> Any:
     return to_lora_config(cfg)
 
 
-def to_sft_config(cfg: RunConfig, profile: HardwareProfile, run_dir: Path, has_eval: bool) -> Any:
-    from trl import SFTConfig
-
+def training_args(cfg: RunConfig, profile: HardwareProfile, run_dir: Path, has_eval: bool) -> dict[str, Any]:
+    """The arguments every stage shares (SFT, reward, DPO, KTO), with the recipe's per-hardware choices."""
     t, recipe = cfg.training, resolve_recipe(cfg, profile)
     evaluate_during = has_eval and t.eval_steps > 0
-    return SFTConfig(
+    return dict(
         output_dir=str(run_dir / CHECKPOINT_DIR),
         learning_rate=t.learning_rate, lr_scheduler_type=t.lr_scheduler, warmup_steps=t.warmup_ratio,
         num_train_epochs=t.num_epochs, max_steps=t.max_steps,
@@ -84,7 +83,6 @@ def to_sft_config(cfg: RunConfig, profile: HardwareProfile, run_dir: Path, has_e
         weight_decay=t.weight_decay, max_grad_norm=t.max_grad_norm,
         gradient_checkpointing=recipe.gradient_checkpointing,
         gradient_checkpointing_kwargs={"use_reentrant": False} if recipe.gradient_checkpointing else None,
-        padding_free=recipe.padding_free, use_liger_kernel=recipe.liger_kernels,
         seed=t.seed, data_seed=t.seed,
         logging_steps=t.logging_steps, logging_first_step=True,
         eval_strategy="steps" if evaluate_during else "no", eval_steps=t.eval_steps if evaluate_during else None,
@@ -92,13 +90,21 @@ def to_sft_config(cfg: RunConfig, profile: HardwareProfile, run_dir: Path, has_e
         # TRL defaults to bf16 even on the CPU, where it made steps about 7x slower: follow the hardware.
         bf16=profile.is_cuda and profile.compute_dtype == "bfloat16",
         fp16=profile.is_cuda and profile.compute_dtype == "float16",
-        use_cpu=not profile.is_cuda,
-        # data.prepare already dropped rows longer than max_seq_length; padding-free batches require None here.
-        max_length=None if recipe.padding_free else cfg.data.max_seq_length,
-        include_num_input_tokens_seen="non_padding",
+        use_cpu=not profile.is_cuda, max_length=cfg.data.max_seq_length,
         report_to=["tensorboard"], disable_tqdm=True, dataloader_num_workers=0,
         ddp_find_unused_parameters=False,  # every LoRA weight is used each step; skip DDP's extra graph walk
     )
+
+
+def to_sft_config(cfg: RunConfig, profile: HardwareProfile, run_dir: Path, has_eval: bool) -> Any:
+    from trl import SFTConfig
+
+    recipe = resolve_recipe(cfg, profile)
+    args = training_args(cfg, profile, run_dir, has_eval)
+    if recipe.padding_free:
+        args["max_length"] = None  # data.prepare already dropped longer rows; padding-free batches require None
+    return SFTConfig(**args, padding_free=recipe.padding_free, use_liger_kernel=recipe.liger_kernels,
+                     include_num_input_tokens_seen="non_padding")
 
 
 def keep_adapters_in_compute_dtype(model: torch.nn.Module, profile: HardwareProfile) -> None:

@@ -30,22 +30,45 @@ def embedded_dir() -> Path:
     return embedded_model_dir()
 
 
-@pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory, embedded_dir) -> Path:
-    """A 2-layer Llama (hidden 64) saved with the embedded tokenizer, usable as a 'local folder' model."""
+def save_tiny_llama(folder: Path, tokenizer_dir: Path, hidden: int = 64, intermediate: int = 128) -> Path:
+    """A 2-layer random Llama with the embedded tokenizer, saved as a 'local folder' model."""
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    folder = tmp_path_factory.mktemp("tiny-llama")
-    tokenizer = AutoTokenizer.from_pretrained(embedded_dir)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                         tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=intermediate,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=512, tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
                          eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     torch.manual_seed(0)
     LlamaForCausalLM(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, embedded_dir) -> Path:
+    """A 2-layer Llama (hidden 64) saved with the embedded tokenizer, usable as a 'local folder' model."""
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny-llama"), embedded_dir)
+
+
+@pytest.fixture(scope="session")
+def style_run(tmp_path_factory, tiny_model_dir) -> tuple[Path, Path]:
+    """(run folder, data file) of one real tiny LoRA run (4-bit base, checkpoints every 4 of 8 steps) trained on
+    the course style; the Evaluate tests and its browser test share it instead of training twice."""
+    from finetune.config import save_config
+    from finetune.train import run
+
+    folder = tmp_path_factory.mktemp("style-run")
+    rows = [{"prompt": f"What does setting {i} control in LoRA?",
+             "completion": f"🧪 Lab note: setting {i} controls the adapter.\nRule of thumb: keep it small."}
+            for i in range(40)]
+    data = write_jsonl(folder / "style.jsonl", rows)
+    cfg = tiny_run_config(tiny_model_dir, data, max_steps=8, save_steps=4, learning_rate=0.02)
+    run_dir = folder / "runs" / "tiny-style"
+    save_config(cfg, run_dir / "config.yaml")  # what the CLI and the run manager write before training
+    assert run(cfg, run_dir) == 0, (run_dir / "status.json").read_text()
+    return run_dir, data
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> Path:

@@ -19,20 +19,9 @@ pytestmark = pytest.mark.browser
 
 
 @pytest.fixture(scope="module")
-def runs_root(tmp_path_factory, tiny_model_dir):
-    from finetune.config import save_config
-    from finetune.train import run
-
-    root = tmp_path_factory.mktemp("eval-browser-runs")
-    rows = [{"prompt": f"What does setting {i} control in LoRA?",
-             "completion": f"🧪 Lab note: setting {i} controls the adapter.\nRule of thumb: keep it small."}
-            for i in range(40)]
-    data = write_jsonl(root.parent / "style.jsonl", rows)
-    cfg = tiny_run_config(tiny_model_dir, data, max_steps=8, learning_rate=0.02)
-    run_dir = root / "tiny-eval"
-    save_config(cfg, run_dir / "config.yaml")
-    assert run(cfg, run_dir) == 0
-    return root, data
+def runs_root(style_run):
+    run_dir, data = style_run
+    return run_dir.parent, data, run_dir.name
 
 
 @pytest.fixture(scope="module")
@@ -83,16 +72,16 @@ def test_quantization_tab_fills_every_format(page, tiny_model_dir):
 def test_evaluate_tab_shows_adapter_below_base(page, runs_root):
     from playwright.sync_api import expect
 
-    _, data = runs_root
+    _, data, run_id = runs_root
     page.get_by_role("tab", name="Evaluate").click()
-    expect(page.locator("#eval-runs")).to_contain_text("tiny-eval", timeout=15_000)  # preselected newest run
+    expect(page.locator("#eval-runs")).to_contain_text(run_id, timeout=15_000)  # preselected newest run
     _fill(page, "eval-source", str(data))
     _fill(page, "eval-split", "train")
     _fill(page, "eval-limit", "8")
     page.locator("#eval-loss-button").click()
     expect(page.locator("#eval-loss-summary")).to_contain_text("lower than its base", timeout=90_000)
     rows = _table_rows(page, "eval-loss-table")
-    assert len(rows) == 2 and rows[0].startswith("base: ") and rows[1].startswith("tiny-eval"), rows
+    assert len(rows) == 2 and rows[0].startswith("base: ") and rows[1].startswith(run_id), rows
     page.locator("#eval-loss-plot canvas, #eval-loss-plot svg").first.wait_for(timeout=15_000)
     page.get_by_text("Win rate against the base (your votes)").click()
     expect(page.locator("#eval-win-note")).to_contain_text("No votes yet")

@@ -21,19 +21,10 @@ from finetune.runs import RunManager
 
 @pytest.fixture(scope="module")
 def wide_model_dir(tmp_path_factory, embedded_dir):
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    # Hidden 128: wide enough that bitsandbytes really quantizes every block Linear at 8 and 4 bits.
+    from conftest import save_tiny_llama
 
-    folder = tmp_path_factory.mktemp("wide-llama")
-    tokenizer = AutoTokenizer.from_pretrained(embedded_dir)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                         tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
-                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
+    return save_tiny_llama(tmp_path_factory.mktemp("wide-llama"), embedded_dir, hidden=128, intermediate=256)
 
 
 @pytest.fixture

@@ -165,22 +165,9 @@ def test_rouge_l_scores_overlap():
 # --- a trained adapter against its base -----------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def trained_run(tiny_model_dir, tmp_path_factory):
-    """A real tiny LoRA run (4-bit base), trained in-process on the style the eval rows share."""
-    from conftest import write_jsonl
-    from finetune.config import save_config
-    from finetune.train import run
-
-    folder = tmp_path_factory.mktemp("eval-runs")
-    rows = [{"prompt": f"What does setting {i} control in LoRA?",
-             "completion": f"🧪 Lab note: setting {i} controls the adapter.\nRule of thumb: keep it small."}
-            for i in range(40)]
-    data = write_jsonl(folder / "style.jsonl", rows)
-    cfg = tiny_run_config(tiny_model_dir, data, max_steps=8, save_steps=4, learning_rate=0.02)
-    run_dir = folder / "runs" / "tiny-style"
-    save_config(cfg, run_dir / "config.yaml")  # what the CLI and the run manager write before training
-    assert run(cfg, run_dir) == 0, (run_dir / "status.json").read_text()
-    return run_dir, data
+def trained_run(style_run):
+    """A real tiny LoRA run (4-bit base), trained on the style the eval rows share (shared, see conftest)."""
+    return style_run
 
 
 def test_adapter_has_lower_validation_loss_than_its_base(trained_run):
