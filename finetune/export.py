@@ -32,7 +32,6 @@ ADAPTER_DIR, MERGED_DIR, EXPORT_DIR = "adapter", "merged", "export"
 CARD_FILE, PLOT_FILE = "README.md", "loss.png"
 # The embedded model is a GGUF copy of this Hub model; cards name the original so the Hub links it.
 EMBEDDED_HUB_ID = {EMBEDDED_MODEL: "HuggingFaceTB/SmolLM2-135M-Instruct"}
-ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 Progress = Callable[[float, str], None]
 
 

@@ -243,14 +243,6 @@ class FeedbackStore:
 
     # --- generations -----------------------------------------------------------------------------------------
 
-    def record_generation(self, *, model: str, adapter: str | None, prompt: str, history: Messages,
-                          settings: dict[str, Any], response: str, turn_id: str | None = None,
-                          side: str | None = None, user: str | None = None, session: str | None = None) -> str:
-        """Store one answer; returns its id (also its LangSmith run id)."""
-        return self._record_generations([dict(model=model, adapter=adapter, prompt=prompt, history=history,
-                                               settings=settings, response=response, turn_id=turn_id, side=side,
-                                               user=user, session=session)])[0]
-
     def record_turn(self, *, model: str, adapter: str, prompt: str, base_history: Messages,
                     tuned_history: Messages, settings: dict[str, Any], base_response: str, tuned_response: str,
                     user: str | None = None, session: str | None = None) -> dict[str, str]:
