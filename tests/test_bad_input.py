@@ -458,7 +458,7 @@ def test_bad_rlhf_uploads(app, tmp_path, name, expected):
 
 
 @pytest.mark.parametrize("api, fields, expected", [
-    ("/compare_start", {"data_source": "../../etc/passwd"}, "data.source`: Unsupported file type '' for passwd"),
+    ("/compare_start", {"data_source": "/etc/passwd"}, "data.source`: Unsupported file type '' for passwd"),
     ("/compare_start", {"model_source": "nobody/no-such-model"}, "Cannot reach the Hugging Face Hub"),
     ("/compare_start", {"techniques": []}, "choose at least one technique"),
     ("/compare_start", {"learning_rate": -1}, "Learning rate must be > 0 and < 1, got -1"),
