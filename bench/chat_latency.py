@@ -4,10 +4,14 @@
     python bench/chat_latency.py --model llama-1b         # GPU: random-init 1.2 B Llama shape, 4-bit and 16-bit
 
 The side-by-side path (``ChatEngine.stream_pair``) answers base and adapter in ONE generate call, a batch of two
-rows with peft's mixed adapters; the sequential path is two separate calls. Every answer is forced to the same
-length (min_new_tokens = max_new_tokens, greedy), so times compare like for like. The adapter is a LoRA r=16 on
-all linear layers with random (non-zero) weights, which costs exactly what a trained one costs.
-The target: side-by-side time <= 1.3 x the base answer alone.
+rows where each LoRA layer's scale is 0 for the base row; the sequential path is two separate calls. Every answer
+is forced to the same length (min_new_tokens = max_new_tokens, greedy), so times compare like for like. The
+adapter is a LoRA r=16 on all linear layers with random (non-zero) weights, which costs exactly what a trained
+one costs. The target: side-by-side time <= 1.3 x the base answer alone.
+
+The second table times the model alone: ``generate`` called directly in this thread (no streamer, no worker
+thread), for the base alone and for the pair both ways, the per-row scale and peft's mixed-adapter batch
+(``adapter_names``, the previous side-by-side path), so the two pair paths compare on the same rows.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from finetune.chat import ChatEngine, SamplingSettings  # noqa: E402
+from finetune.chat import ChatEngine, SamplingSettings, in_own_thread  # noqa: E402
 from finetune.config import ModelConfig  # noqa: E402
 
 PROMPT = "Explain in a few sentences what LoRA changes in a transformer layer and why it saves memory."
@@ -84,6 +88,51 @@ def measure(engine: ChatEngine, cfg: ModelConfig, adapter: Path, settings: Sampl
     return results
 
 
+def measure_model_only(engine: ChatEngine, cfg: ModelConfig, adapter: Path, settings: SamplingSettings,
+                       repeats: int) -> dict[str, float]:
+    """Seconds per generate call for the base alone and for both ways of answering a pair (median of repeats)."""
+    entry = engine.attach(cfg, "bench", adapter)
+    layers = engine._row_switchable_layers(entry, "bench")
+    messages = [{"role": "user", "content": PROMPT}]
+    pair = engine._inputs(entry, [messages, messages], settings)
+    alone = {key: value[:1] for key, value in pair.items()}
+    config = settings.generation_config(entry.tokenizer, engine._eos(entry))
+
+    def base() -> None:
+        with entry.model.disable_adapter():
+            entry.model.generate(**alone, generation_config=config)
+
+    def row_scale() -> None:
+        with engine._adapter_on_rows(entry, "bench", layers, [False, True]):
+            entry.model.generate(**pair, generation_config=config)
+
+    def peft_mixed() -> None:
+        entry.model.generate(**pair, generation_config=config, adapter_names=["__base__", "bench"])
+
+    paths = {"base alone": base, "pair, per-row LoRA scale (the app's path)": row_scale,
+             "pair, peft mixed-adapter batch (previous path)": peft_mixed}
+    def seconds(call: Any) -> float:
+        with torch.inference_mode():
+            started = time.perf_counter()
+            call()
+            return time.perf_counter() - started
+
+    # Each call in a thread that ends with it, as the app does (see finetune.chat.in_own_thread).
+    results = {}
+    for name, call in paths.items():
+        in_own_thread(lambda: seconds(call))  # warm-up
+        results[name] = statistics.median(in_own_thread(lambda: seconds(call)) for _ in range(repeats))
+    return results
+
+
+def report_model_only(results: dict[str, float]) -> None:
+    print("\nModel alone (generate called directly, no streamer):")
+    print("| path | total s | x base alone |")
+    print("| --- | --- | --- |")
+    for name, seconds in results.items():
+        print(f"| {name} | {seconds:.2f} | {seconds / results['base alone']:.2f} |")
+
+
 def report(bits: int, results: dict[str, tuple[float, float]], tokens: int, device: str) -> None:
     print(f"\n## {bits}-bit on {device}, {tokens} new tokens per answer")
     print("| path | time to first token s | total s | answer tokens/s |")
@@ -114,15 +163,17 @@ def main(argv: list[str] | None = None) -> None:
 
         model_dir = str(embedded_model_dir())
     elif args.model in SHAPES:
-        model_dir = str(random_model_dir(args.model, bench_tokenizer(), torch.bfloat16 if cuda else torch.float32))
+        model_dir = str(in_own_thread(lambda: random_model_dir(args.model, bench_tokenizer(),
+                                                               torch.bfloat16 if cuda else torch.float32)))
     else:
         model_dir = args.model
     device = torch.cuda.get_device_name() if cuda else "CPU"
     for b in bits:
         engine, cfg = ChatEngine(), ModelConfig(source=model_dir, bits=b)
-        adapter = random_adapter(model_dir, b)
-        report(b, measure(engine, cfg, adapter, FixedLength(max_new_tokens=tokens, temperature=0.0),
-                          args.repeats), tokens, device)
+        adapter = in_own_thread(lambda: random_adapter(model_dir, b))  # this thread stays free of torch work
+        settings = FixedLength(max_new_tokens=tokens, temperature=0.0)
+        report(b, measure(engine, cfg, adapter, settings, args.repeats), tokens, device)
+        report_model_only(measure_model_only(engine, cfg, adapter, settings, args.repeats))
         del engine
         if cuda:
             torch.cuda.empty_cache()

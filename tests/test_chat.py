@@ -106,3 +106,72 @@ def test_four_bit_base_with_adapter(tiny_model_dir, adapters):
     cfg = ModelConfig(source=str(tiny_model_dir), bits=4)
     base, tuned = engine.answer_pair("Hello", [], [], cfg, "run-a", adapters["run-a"], GREEDY)
     assert base and tuned and base != tuned
+
+
+def test_dora_adapter_answers_after_the_base(engine, model_cfg, tiny_model_dir, tmp_path):
+    """DoRA rescales the base weight, so a zero LoRA scale cannot give the base row: the pair streams one side
+    after the other instead, and each side equals that side asked alone."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+                           LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", use_dora=True,
+                                      task_type="CAUSAL_LM"))
+    generator = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "lora_A" in name or "lora_B" in name:
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.5)
+            elif "magnitude" in name:  # DoRA keeps each column's norm: change the norms too
+                parameter.mul_(torch.linspace(0.0, 3.0, parameter.numel()).reshape(parameter.shape))
+    model.save_pretrained(tmp_path / "dora")
+    frames = list(engine.stream_pair("Hello there", [], [], model_cfg, "dora-run", tmp_path / "dora", GREEDY))
+    base, tuned = frames[-1]
+    assert frames[0][1] == ""  # the base side streamed first
+    assert base == list(engine.stream("Hello there", [], model_cfg, settings=GREEDY))[-1]
+    assert tuned == list(engine.stream("Hello there", [], model_cfg, "dora-run", tmp_path / "dora", GREEDY))[-1]
+    assert tuned != base
+
+
+def test_pair_leaves_every_lora_scale_as_it_was(engine, model_cfg, adapters):
+    from peft.tuners.lora import LoraLayer
+
+    entry = engine.attach(model_cfg, "run-a", adapters["run-a"])
+    layers = [m for m in entry.model.modules() if isinstance(m, LoraLayer) and "run-a" in m.scaling]
+    before = [layer.scaling["run-a"] for layer in layers]
+    engine.answer_pair("Hello", [], [], model_cfg, "run-a", adapters["run-a"], GREEDY)
+    assert [layer.scaling["run-a"] for layer in layers] == before and all(isinstance(s, float) for s in before)
+
+
+class _FailingSettings(SamplingSettings):
+    """Asks generate() to ban a token id the vocabulary does not have: generate fails in its worker thread."""
+
+    def generation_config(self, tokenizer, eos):
+        config = super().generation_config(tokenizer, eos)
+        config.bad_words_ids = [[10**9]]
+        return config
+
+
+@pytest.mark.parametrize("side", ["pair", "one"])
+def test_a_failing_generation_ends_the_stream_with_its_error(engine, model_cfg, adapters, side):
+    import time
+
+    settings = _FailingSettings(max_new_tokens=4, temperature=0.0)
+    started = time.monotonic()
+    with pytest.raises(RuntimeError, match="Generation failed"):
+        if side == "pair":
+            engine.answer_pair("Hello", [], [], model_cfg, "run-a", adapters["run-a"], settings)
+        else:
+            list(engine.stream("Hello", [], model_cfg, settings=settings))
+    assert time.monotonic() - started < 60  # not the 600 s lock timeout
+    assert engine.answer_pair("Hello", [], [], model_cfg, "run-a", adapters["run-a"], GREEDY)[1]  # still serves
+
+
+def test_in_own_thread_returns_and_raises_in_the_caller():
+    import threading
+
+    from finetune.chat import in_own_thread
+
+    assert in_own_thread(lambda: threading.current_thread().name) == "chat-load"
+    with pytest.raises(ZeroDivisionError):
+        in_own_thread(lambda: 1 / 0)
