@@ -150,7 +150,8 @@ def bench_tokenizer() -> Any:
 
 def run_config(source: str, args: argparse.Namespace) -> Any:
     return from_dict({
-        "model": {"source": source, "bits": 4, "quant_type": "nf4", "double_quant": True},
+        "model": {"source": source, "bits": 4, "quant_type": "nf4", "double_quant": True,
+                  "compute_dtype": args.compute_dtype},
         "lora": LORA,
         "data": {"source": BUNDLED_DATASET, "max_seq_length": args.max_len},
         "training": {"learning_rate": 2e-4, "lr_scheduler": "constant", "warmup_ratio": 0.0,
@@ -263,7 +264,7 @@ def train_baseline(source: str, dataset: Any, tokenizer: Any, args: argparse.Nam
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig, Trainer, TrainingArguments
 
     profile = detect()
-    compute = getattr(torch, profile.compute_dtype)
+    compute = getattr(torch, profile.compute_dtype if args.compute_dtype == "auto" else args.compute_dtype)
     model = AutoModelForCausalLM.from_pretrained(
         source, device_map={"": 0 if profile.is_cuda else "cpu"}, dtype=compute,
         quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
@@ -371,6 +372,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--checkpointing", default="auto", choices=["auto", "on", "off"])
     parser.add_argument("--no-padding-free", action="store_true")
     parser.add_argument("--no-liger", action="store_true")
+    parser.add_argument("--compute-dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                        help="the 4-bit layers' compute dtype for both recipes (auto: the hardware's)")
     parser.add_argument("--memory-cap-gb", type=float, default=None,
                         help="cap this process's GPU memory (15 = a 16 GB T4 less its reserve)")
     parser.add_argument("--json", help="also write the results here")

@@ -9,7 +9,7 @@ LoRA Lab's default avoids each of those waste sources with maintained libraries 
 | no fp32 upcast         | frozen weights stay in the compute dtype (no prepare_model_for_kbit_training) | always |
 | fused LM head          | TRL scores only completion tokens, in tiles, never the full logits | always (TRL) |
 | padding-free batches   | rows concatenated with per-row position ids; attention stays per row | switchable |
-| packed flash attention | PyTorch's varlen flash kernel skips cross-row blocks (finetune/attention.py) | Ampere+ GPU |
+| packed attention       | varlen flash kernel (GPU) or causal SDPA per row (CPU): no cross-row blocks | Ampere+ GPU, CPU |
 | Liger kernels          | Triton RMSNorm, RoPE, SwiGLU                                     | CUDA + package |
 | checkpointing "auto"   | recompute activations only when the estimate says they won't fit | switchable    |
 | fused AdamW            | one kernel for all adapter tensors instead of a loop             | CUDA          |
@@ -25,7 +25,7 @@ import dataclasses
 import importlib.util
 from dataclasses import dataclass, field
 
-from finetune.attention import varlen_supported
+from finetune.attention import packed_attention_supported
 from finetune.config import RunConfig
 from finetune.hardware import HardwareProfile
 
@@ -88,10 +88,12 @@ def resolve_recipe(cfg: RunConfig, profile: HardwareProfile) -> Recipe:
         # peft drops position ids under prompt tuning, so concatenated rows would attend across each other.
         padding_free = False
         notes.append("padding-free batches off: prompt tuning ignores per-row position ids")
-    packed = padding_free and profile.is_cuda and varlen_supported(profile.capability)
+    packed = padding_free and packed_attention_supported(profile.is_cuda, profile.capability)
     if padding_free and not packed:
         notes.append("padding-free rows attend through SDPA with a block mask (the packed flash kernel needs an "
                      "Ampere or newer GPU)")
+    elif packed and not profile.is_cuda:
+        notes.append("padding-free rows attend one row at a time through causal SDPA (no block mask)")
     optimizer = _optimizer(cfg, profile)
     if optimizer != cfg.training.optimizer:
         notes.append(f"optimizer {cfg.training.optimizer} -> {optimizer} (same math, fused on the GPU)")

@@ -38,7 +38,7 @@ def test_old_boolean_checkpointing_still_loads_and_bad_values_are_named():
 
 def test_cpu_recipe_skips_gpu_only_parts_and_says_why():
     recipe = resolve_recipe(_config(), CPU)
-    assert recipe.padding_free and not recipe.packed_attention and not recipe.liger_kernels
+    assert recipe.padding_free and recipe.packed_attention and not recipe.liger_kernels  # row-by-row SDPA
     assert not recipe.gradient_checkpointing and recipe.optimizer == "adamw_torch"
     assert any("Liger" in note for note in recipe.notes)
 
@@ -47,6 +47,7 @@ def test_gpu_recipe_fuses_the_optimizer_and_packs_attention_only_on_ampere_or_ne
     assert resolve_recipe(_config(), H100).optimizer == "adamw_torch_fused"
     assert resolve_recipe(_config(), H100).packed_attention == varlen_supported((9, 0))
     assert not resolve_recipe(_config(), T4).packed_attention  # flash attention needs compute capability 8.0
+    assert any("block mask" in note for note in resolve_recipe(_config(), T4).notes)
     off = _config(padding_free=False)
     assert not resolve_recipe(off, H100).packed_attention and not resolve_recipe(off, H100).padding_free
 
@@ -77,6 +78,30 @@ def test_packed_rows_attend_only_within_their_own_row():
         plain_causal = model(input_ids=torch.cat(rows)[None]).logits[0]  # one long row: rows DO see each other
     assert torch.allclose(packed, alone, atol=1e-5)
     assert not torch.allclose(plain_causal[5:], alone[5:], atol=1e-3)
+
+
+def test_packed_rows_get_the_gradients_they_get_alone():
+    """Training goes through the row-by-row path on the CPU: its gradients must be those of each row alone."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=100, hidden_size=64, intermediate_size=128,
+                                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2))
+    rows = [torch.randint(0, 100, (n,)) for n in (6, 11, 4)]
+
+    def gradient(packed: bool) -> torch.Tensor:
+        model.zero_grad()
+        if packed:
+            model.set_attn_implementation(register())
+            positions = torch.cat([torch.arange(len(r)) for r in rows])[None]
+            logits = model(input_ids=torch.cat(rows)[None], position_ids=positions).logits[0]
+        else:
+            model.set_attn_implementation("sdpa")
+            logits = torch.cat([model(input_ids=r[None]).logits[0] for r in rows])
+        logits.pow(2).mean().backward()
+        return model.model.layers[0].self_attn.q_proj.weight.grad.clone()
+
+    assert torch.allclose(gradient(packed=True), gradient(packed=False), atol=1e-6)
 
 
 @pytest.mark.gpu
