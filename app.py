@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import atexit
 import functools
 import os
 from pathlib import Path
@@ -77,7 +78,16 @@ def build_app(runs_root: str = "runs", profile: HardwareProfile | None = None,
             build_learn_tab()
         demo.load(functools.partial(opening_preset, manager, profile), None, train["preset"],
                   api_visibility="private")
+    demo.feedback_store = store  # for whoever closes the app: close_app() stops its LangSmith sender too
     return demo
+
+
+def close_app(demo: gr.Blocks) -> None:
+    """Stop serving, then stop the feedback store's sender thread and close its database connections."""
+    demo.close()
+    store = getattr(demo, "feedback_store", None)
+    if store is not None:
+        store.close()
 
 
 def _auth() -> tuple[str, str] | None:
@@ -98,6 +108,7 @@ def main() -> None:
     demo = build_app(deploy.runs_root(), feedback_db=os.environ.get("LORA_LAB_FEEDBACK_DB") or None)
     # One training start at a time is enforced per event (concurrency_limit=1); the rest may run side by side.
     demo.queue(default_concurrency_limit=4)
+    atexit.register(demo.feedback_store.close)  # a last flush attempt and clean connections on Ctrl+C / exit
     demo.launch(**launch_options())
 
 

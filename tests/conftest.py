@@ -101,7 +101,7 @@ def tiny_run_config(model_dir: Path, data_file: Path, **training):
 @contextlib.contextmanager
 def served_app(runs_root: Path) -> Iterator[str]:
     """The real app on a free loopback port, serving until the block ends; yields its URL."""
-    from app import build_app
+    from app import build_app, close_app
 
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -112,7 +112,7 @@ def served_app(runs_root: Path) -> Iterator[str]:
     try:
         yield f"http://127.0.0.1:{port}/"
     finally:
-        demo.close()
+        close_app(demo)
 
 
 # --- browser tests: Debian's Chromium driven by Playwright (which never downloads a browser of its own here) ---

@@ -177,3 +177,19 @@ def test_feedback_tab_exports_and_tables(store, tmp_path):
     recent = recent_table(store)
     assert list(recent["kind"]) == ["thumbs", "preference"] and recent["value"][1] == "tuned better"
     assert wins_table(store).values.tolist() == [["run-a", 1, 0, 0, 0, 1, 1.0]]
+
+
+def test_closing_the_app_stops_the_sender_and_closes_the_database(tmp_path, monkeypatch):
+    import app
+
+    monkeypatch.setenv("LANGSMITH_API_KEY", "lsv2-test-key")
+    monkeypatch.setenv("LANGSMITH_ENDPOINT", "http://127.0.0.1:9")  # nothing listens: items would just wait
+    demo = app.build_app(str(tmp_path / "runs"))
+    store = demo.feedback_store
+    assert store.sender is not None and store.sender._thread.is_alive()
+    assert store.counts() is not None
+    connection = store._connection()  # the one this thread uses
+    app.close_app(demo)
+    assert not store.sender._thread.is_alive()
+    with pytest.raises(sqlite3.ProgrammingError):  # closed
+        connection.execute("SELECT 1")

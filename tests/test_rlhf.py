@@ -151,6 +151,23 @@ def test_dpo_continues_an_sft_adapter(tiny_model_dir, pairs_file, qa_file, tmp_p
                           torch.cat([dpo[k].flatten() for k in lora_b]), atol=0.05)
 
 
+def test_dpo_resumes_from_its_last_checkpoint(tiny_model_dir, pairs_file, tmp_path):
+    """Resume (the Train/RLHF tabs' button, ``run(..., resume=True)``) carries a DPO run on from its checkpoint:
+    the steps already done are not trained again, and the adapter is saved at the end."""
+    from finetune.train import last_checkpoint
+
+    first = stage_config(tiny_model_dir, pairs_file, "dpo", validation_fraction=0.0, max_steps=2, save_steps=2)
+    assert run(first, tmp_path) == 0, read_status(tmp_path)
+    checkpoint = last_checkpoint(tmp_path)
+    assert checkpoint is not None and checkpoint.endswith("checkpoint-2")
+    longer = stage_config(tiny_model_dir, pairs_file, "dpo", validation_fraction=0.0, max_steps=4, save_steps=2)
+    assert run(longer, tmp_path, resume=True) == 0, read_status(tmp_path)
+    steps = [r["step"] for r in read_metrics(tmp_path) if "loss" in r]
+    assert steps == [1, 2, 3, 4]  # 1-2 before, 3-4 after the resume, none twice
+    assert last_checkpoint(tmp_path).endswith("checkpoint-4")
+    assert (tmp_path / "adapter" / "adapter_config.json").is_file()
+
+
 def test_kto_trains_on_thumbs(tiny_model_dir, tmp_path):
     thumbs = write_jsonl(tmp_path / "thumbs.jsonl", [
         {"prompt": [{"role": "user", "content": f"Question {i}?"}],

@@ -72,7 +72,7 @@ def test_login_and_upload_limits(tmp_path, monkeypatch):
         with pytest.raises(Exception, match="Invalid file type"):
             client.predict(data_kind="Uploaded file", data_file=handle_file(str(script)), api_name="/preview_data")
     finally:
-        demo.close()
+        app.close_app(demo)
 
 
 def test_login_is_optional_and_upload_cap_has_a_default(monkeypatch):
