@@ -35,7 +35,8 @@ POLL_SECONDS = 2.0
 BASE_CHOICE = "(base model: fresh LoRA)"
 MODEL_KINDS = ("Embedded", "Local folder", "Hub id")
 DATA_KINDS = ("Bundled pairs", "Collected feedback", "Uploaded file", "Hub dataset")
-POLICY_STAGES = ("dpo", "kto")
+POLICY_STAGES = ("dpo", "kto", "grpo")
+POLICY_METHODS = {"DPO": "dpo", "KTO": "kto", "GRPO": "grpo"}
 # Plot series per chart: (metrics.jsonl key, legend label). Every series is always present (see _frame).
 REWARD_LOSS = (("loss", "train loss"), ("eval_loss", "held-out loss"))
 REWARD_ACCURACY = (("accuracy", "train accuracy"), ("eval_accuracy", "held-out accuracy"),
@@ -44,6 +45,8 @@ POLICY_LOSS = (("loss", "train loss"), ("eval_loss", "held-out loss"))
 POLICY_REWARDS = (("rewards/chosen", "rewards/chosen"), ("rewards/rejected", "rewards/rejected"),
                   ("rewards/margins", "rewards/margins"), ("rewards/accuracies", "rewards/accuracies"),
                   ("eval_rewards/margins", "held-out margins"))
+# GRPO has no chosen/rejected pair: it logs the reward model's score of the answers it samples.
+GRPO_REWARDS = (("reward", "mean reward of sampled answers"), ("reward_std", "spread within a prompt's answers"))
 
 
 # --- form -> config ----------------------------------------------------------------------------------------------
@@ -98,7 +101,10 @@ def config_from_form(stage: str, source: str, form: dict[str, Any]) -> RunConfig
         "preference": {**base["preference"], "beta": form.get("beta", base["preference"]["beta"]),
                        "loss_type": form.get("loss_type") or base["preference"]["loss_type"],
                        "start_adapter": "" if stage == "reward" or start == BASE_CHOICE else start,
-                       "reward_model": form.get("reward_run") or ""},
+                       "reward_model": form.get("reward_run") or "",
+                       "num_generations": form.get("num_generations", base["preference"]["num_generations"]),
+                       "max_completion_length": form.get("max_completion_length",
+                                                         base["preference"]["max_completion_length"])},
         "training": {**base["training"],
                      "learning_rate": form.get(f"{prefix}_learning_rate", base["training"]["learning_rate"]),
                      "max_steps": form.get(f"{prefix}_max_steps", base["training"]["max_steps"]),
@@ -122,7 +128,7 @@ def _problems_text(error: ConfigError) -> str:
 
 def start_stage(manager: RunManager, feedback_db: Path | None, stage: str, **form: Any) -> tuple[Any, str]:
     """Check the data and settings, then train the stage in a child process; returns (watched run, message)."""
-    stage = stage if stage != "policy" else ("kto" if form.get("method") == "KTO" else "dpo")
+    stage = stage if stage != "policy" else POLICY_METHODS.get(form.get("method") or "DPO", "dpo")
     try:
         source = data_source(manager, feedback_db, stage, form)
         cfg = config_from_form(stage, source, form)
@@ -211,11 +217,13 @@ def poll_rlhf(manager: RunManager, reward_id: str, policy_id: str) -> tuple[Any,
     """Both watched runs, read from their folders (cheap enough for a 2 s timer)."""
     reward_id = pick_watched(manager, ("reward",), reward_id)
     policy_id = pick_watched(manager, POLICY_STAGES, policy_id)
+    grpo = bool(policy_id) and read_status(manager.run_dir(policy_id)).get("stage") == "grpo"
+    policy_view = (("reward", "mean reward", (POLICY_LOSS, GRPO_REWARDS)) if grpo else
+                   ("eval_rewards/margins", "held-out margin", (POLICY_LOSS, POLICY_REWARDS)))
     outputs: list[Any] = []
     for run_id, elem, key, label, charts in (
             (reward_id, "rlhf-reward-progress", "eval_accuracy", "held-out accuracy", (REWARD_LOSS, REWARD_ACCURACY)),
-            (policy_id, "rlhf-policy-progress", "eval_rewards/margins", "held-out margin",
-             (POLICY_LOSS, POLICY_REWARDS))):
+            (policy_id, "rlhf-policy-progress", *policy_view)):
         status = manager.status(run_id) if run_id else {"state": "idle"}
         rows = read_metrics(manager.run_dir(run_id)) if run_id else []
         outputs += [run_id, status_text(run_id, status, rows, key, label), progress_html(elem, status, rows),
@@ -352,14 +360,16 @@ def pipeline_text(manager: RunManager, **form: Any) -> str:
     rewards = list(manager.reward_models())
     reward = form.get("reward_run") or (rewards[0] if rewards else None)
     method = form.get("method") or "DPO"
+    learns = {"KTO": "learns from step 2's thumbs",
+              "GRPO": f"samples {form.get('num_generations') or 4} answers to each prompt of step 2 and learns from "
+                      "the reward model's scores of them"}.get(method, "learns from step 2's pairs")
     return "\n".join([
         f"1. **Pretrained model:** `{model}` at {form.get('model_bits', 4)}-bit",
         f"2. **Human feedback:** `{data}`",
         f"3. **Reward model:** LoRA + score head on `{model}`, trained on the pairs of step 2"
         f" · latest: `{reward or 'none yet'}`",
-        f"4. **{method}:** starts from `{start}` (also the frozen reference), learns from step 2's "
-        f"{'thumbs' if method == 'KTO' else 'pairs'}; judged by reward model `{reward or 'none yet'}`; the new "
-        "adapter appears in the Chat tab",
+        f"4. **{method}:** starts from `{start}` (also the frozen reference), {learns}; judged by reward model "
+        f"`{reward or 'none yet'}`; the new adapter appears in the Chat tab",
     ])
 
 
@@ -448,9 +458,12 @@ def _step3(form: dict[str, Any], defaults: RunConfig, with_chat: bool) -> dict[s
 def _step4(form: dict[str, Any], defaults: RunConfig) -> dict[str, Any]:
     with gr.Accordion("Step 4 · Fine-tuning guided by the preferences", open=True):
         gr.Markdown("TRL `DPOTrainer` on the pairs (or `KTOTrainer` on thumbs) makes a new LoRA adapter. Watch "
-                    "rewards/margins rise: the tuned model prefers the chosen answers more than the reference does.")
+                    "rewards/margins rise: the tuned model prefers the chosen answers more than the reference does. "
+                    "`GRPOTrainer` is the online way: it samples several answers per prompt, the reward model "
+                    "picked in step 3 scores them, and the policy moves towards the answers scored above their "
+                    "group's mean. Watch the mean reward rise.")
         with gr.Row():
-            form["method"] = gr.Radio(["DPO", "KTO"], value="DPO", label="Method", elem_id="rlhf-method")
+            form["method"] = gr.Radio(list(POLICY_METHODS), value="DPO", label="Method", elem_id="rlhf-method")
             form["beta"] = gr.Number(defaults.preference.beta, label="Beta", info=_info("preference", "beta"))
             form["loss_type"] = gr.Dropdown(list(DPO_LOSSES + KTO_LOSSES), value=defaults.preference.loss_type,
                                             label="Loss", info=_info("preference", "loss_type"))
@@ -458,10 +471,17 @@ def _step4(form: dict[str, Any], defaults: RunConfig) -> dict[str, Any]:
             form["policy_learning_rate"] = gr.Number(defaults.training.learning_rate, label="Learning rate")
             form["policy_max_steps"] = gr.Number(defaults.training.max_steps, label="Steps", precision=0,
                                                  elem_id="rlhf-policy-steps")
+            form["num_generations"] = gr.Number(defaults.preference.num_generations, precision=0,
+                                                label="GRPO: answers per prompt",
+                                                info=_info("preference", "num_generations"))
+            form["max_completion_length"] = gr.Number(defaults.preference.max_completion_length, precision=0,
+                                                      label="GRPO: longest answer (tokens)",
+                                                      info=_info("preference", "max_completion_length"))
         with gr.Row():
-            start = gr.Button("Train with DPO / KTO", variant="primary", elem_id="rlhf-start-policy")
+            start = gr.Button("Train with DPO / KTO / GRPO", variant="primary", elem_id="rlhf-start-policy")
             stop = gr.Button("Stop", variant="stop", size="sm")
-        view = _plots("policy", "DPO / KTO loss", "Implicit rewards of chosen and rejected answers")
+        view = _plots("policy", "Policy loss", "DPO/KTO: implicit rewards of chosen and rejected answers; "
+                                               "GRPO: the reward model's scores")
         with gr.Accordion("Did the answers move in the preferred direction?", open=False):
             with gr.Row():
                 view["compare_prompts"] = gr.Number(4, label="Held-out prompts", precision=0, minimum=1, maximum=24)

@@ -333,7 +333,7 @@ class TrainingConfig:
         check.raise_if_any()
 
 
-STAGES = ("sft", "reward", "dpo", "kto")
+STAGES = ("sft", "reward", "dpo", "kto", "grpo")
 PREFERENCE_FORMATS = ("auto", "paired", "implicit", "unpaired")
 DPO_LOSSES = ("sigmoid", "ipo", "hinge", "robust", "apo_zero", "sppo_hard")
 KTO_LOSSES = ("kto", "apo_zero_unpaired")
@@ -341,7 +341,7 @@ KTO_LOSSES = ("kto", "apo_zero_unpaired")
 
 @dataclass
 class PreferenceConfig:
-    """Settings of the RLHF stages (reward model, DPO, KTO); ignored by SFT runs."""
+    """Settings of the RLHF stages (reward model, DPO, KTO, GRPO); ignored by SFT runs."""
 
     format: str = field(default="auto", metadata=_help(
         "Preference data format: 'paired' (prompt/chosen/rejected), 'implicit' (chosen/rejected conversations "
@@ -357,13 +357,20 @@ class PreferenceConfig:
         "empty = a fresh LoRA on the base model. The starting point is also the reference model."))
     reward_model: str = field(default="", metadata=_help(
         "A trained reward model (a reward run id or its reward_model folder), used to score the tuned "
-        "model's answers against the base model's."))
+        "model's answers against the base model's. GRPO trains against its scores (required there)."))
+    num_generations: int = field(default=4, metadata=_help(
+        "GRPO: answers sampled per prompt; each is rewarded relative to the others of its group. The batch size "
+        "must be a multiple of it."))
+    max_completion_length: int = field(default=64, metadata=_help(
+        "GRPO: longest sampled answer, in tokens. Sampling is most of GRPO's time, so keep it short on a CPU."))
 
     def __post_init__(self) -> None:
         check = _Checker("preference", self)
         check.choice("format", PREFERENCE_FORMATS, "Preference format")
         check.float_field("beta", low=0, low_open=True, high=100, what="Beta")
         check.choice("loss_type", DPO_LOSSES + KTO_LOSSES, "Preference loss")
+        check.int_field("num_generations", low=2, high=64, what="Answers per prompt (GRPO)")
+        check.int_field("max_completion_length", low=4, high=8192, what="Longest sampled answer (GRPO)")
         for name in ("start_adapter", "reward_model"):
             value = getattr(self, name)
             if value is None:
@@ -389,7 +396,7 @@ class RunConfig:
     training: TrainingConfig = field(default_factory=TrainingConfig)
     preference: PreferenceConfig = field(default_factory=PreferenceConfig)
     run_name: str = ""
-    stage: str = "sft"  # sft, or an RLHF stage: reward (reward model), dpo, kto (finetune/rlhf.py)
+    stage: str = "sft"  # sft, or an RLHF stage: reward (reward model), dpo, kto, grpo (finetune/rlhf.py)
 
     def __post_init__(self) -> None:
         bad = [name for name, kind in _SECTIONS.items() if not isinstance(getattr(self, name), kind)]
@@ -407,6 +414,21 @@ class RunConfig:
         if self.stage == "kto" and self.training.batch_size < 2:
             # KTO estimates its KL term from the other answers in the batch.
             raise ConfigError({"training.batch_size": "KTO needs a batch size of at least 2"})
+        if self.stage == "grpo":
+            self._check_grpo()
+
+    def _check_grpo(self) -> None:
+        problems = {}
+        if not self.preference.reward_model:
+            problems["preference.reward_model"] = ("GRPO samples answers and trains against a reward model's "
+                                                   "scores: name a finished reward run (step 3)")
+        if self.training.batch_size % self.preference.num_generations:
+            # TRL groups the sampled answers of one prompt inside a batch.
+            problems["training.batch_size"] = (f"GRPO needs a batch size that is a multiple of the answers per "
+                                               f"prompt ({self.preference.num_generations}), got "
+                                               f"{self.training.batch_size}")
+        if problems:
+            raise ConfigError(problems)
 
 
 def from_dict(raw: dict[str, Any]) -> RunConfig:

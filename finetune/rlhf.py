@@ -1,8 +1,9 @@
-"""The RLHF stages after supervised fine-tuning: a reward model, then preference optimization (DPO or KTO).
+"""The RLHF stages after supervised fine-tuning: a reward model, then preference optimization (DPO, KTO or GRPO).
 
     python -m finetune.train configs/reward-cpu.yaml --output-dir runs/reward   # stage: reward
     python -m finetune.train configs/dpo-cpu.yaml --output-dir runs/dpo         # stage: dpo
     python -m finetune.train configs/kto-cpu.yaml --output-dir runs/kto         # stage: kto (thumbs)
+    python -m finetune.train configs/grpo-cpu.yaml --output-dir runs/grpo       # stage: grpo (online)
 
 ``finetune.train`` dispatches here by ``cfg.stage``; everything else is shared with SFT: the run folder, the
 metrics callback (metrics.jsonl, status.json, STOP), the run manager's child process and the history.
@@ -13,6 +14,9 @@ metrics callback (metrics.jsonl, status.json, STOP), the run manager's child pro
 - dpo / kto: TRL ``DPOTrainer`` / ``KTOTrainer``, a fresh LoRA on the base or, with ``preference.start_adapter``,
   the SFT adapter trained further (the starting adapter is then the frozen reference). Saved under ``adapter/``
   like an SFT run, so the Chat tab lists it.
+- grpo: TRL ``GRPOTrainer``, online: for each prompt of the preference data it samples
+  ``preference.num_generations`` answers, scores them with the trained reward model (``preference.reward_model``)
+  and pushes the policy towards the answers scored above their group's mean. Same LoRA and ``adapter/`` as DPO.
 
 A reward run evaluates the held-out pairs once before training (step 0), so its accuracy curve starts at chance.
 """
@@ -60,6 +64,16 @@ def to_kto_config(cfg: RunConfig, profile: HardwareProfile, run_dir: Path, has_e
 
     loss = cfg.preference.loss_type if cfg.preference.loss_type in KTO_LOSSES else "kto"
     return KTOConfig(**training_args(cfg, profile, run_dir, has_eval), beta=cfg.preference.beta, loss_type=loss)
+
+
+def to_grpo_config(cfg: RunConfig, profile: HardwareProfile, run_dir: Path) -> Any:
+    from trl import GRPOConfig
+
+    args = training_args(cfg, profile, run_dir, has_eval=False)  # held-out rows would need sampling too
+    args.pop("max_length")  # GRPO bounds the sampled answer instead (max_completion_length)
+    p = cfg.preference
+    return GRPOConfig(**args, beta=p.beta, num_generations=p.num_generations,
+                      max_completion_length=p.max_completion_length)
 
 
 def to_reward_lora_config(cfg: RunConfig) -> Any:
@@ -171,12 +185,57 @@ def build_preference_trainer(cfg: RunConfig, run_dir: Path) -> tuple[Any, Metric
     return trainer, callback, data
 
 
+class RewardModelReward:
+    """GRPO's reward function: the trained reward model's score of each sampled answer to its prompt."""
+
+    __name__ = "reward_model"  # TRL logs each reward function under its name (rewards/reward_model/mean)
+
+    def __init__(self, scorer: "RewardScorer"):
+        self.scorer = scorer
+
+    def __call__(self, prompts: list[Any], completions: list[Any], **_: Any) -> list[float]:
+        return self.scorer.score(list(prompts), list(completions))
+
+
+def _prompts(data: PreferenceData) -> Any:
+    """The prompts of the preference pairs, each once: GRPO writes its own answers."""
+    seen: set[str] = set()
+    rows = []
+    for prompt in data.train["prompt"]:
+        key = repr(prompt)
+        if key not in seen:
+            seen.add(key)
+            rows.append({"prompt": prompt})
+    from datasets import Dataset
+
+    return Dataset.from_list(rows)
+
+
+def build_grpo_trainer(cfg: RunConfig, run_dir: Path) -> tuple[Any, MetricsCallback, PreferenceData]:
+    """GRPOTrainer on the preference data's prompts, rewarded by a trained reward model."""
+    from trl import GRPOTrainer
+
+    profile = detect()
+    tokenizer = load_tokenizer(cfg.model)
+    data = _load_data(cfg, "paired")
+    reward_dir = resolve_run_folder(cfg.preference.reward_model, run_dir.parent, REWARD_DIR)
+    reward = RewardModelReward(RewardScorer(reward_dir, profile))
+    model, peft_config, start = _policy_model(cfg, run_dir, profile)
+    callback = MetricsCallback(run_dir, stage="grpo")
+    trainer = GRPOTrainer(model=model, reward_funcs=reward, args=to_grpo_config(cfg, profile, run_dir),
+                          train_dataset=_prompts(data), processing_class=tokenizer, peft_config=peft_config,
+                          callbacks=[callback])
+    _adapters_to_compute_dtype(trainer.model, profile)
+    _record(trainer, run_dir, profile, data, started_from=start, reward_model=str(reward_dir))
+    return trainer, callback, PreferenceData(data.train, None, data.format, data.source_format, data.notes)
+
+
 def main(cfg: RunConfig, run_dir: str | Path, resume: bool = False) -> Path:
     """Train the configured RLHF stage; returns the saved reward model or adapter folder."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     os.environ["TENSORBOARD_LOGGING_DIR"] = str(run_dir / "tensorboard")  # transformers 5 reads it from env
-    build = build_reward_trainer if cfg.stage == "reward" else build_preference_trainer
+    build = {"reward": build_reward_trainer, "grpo": build_grpo_trainer}.get(cfg.stage, build_preference_trainer)
     trainer, callback, data = build(cfg, run_dir)
     checkpoint = last_checkpoint(run_dir) if resume else None
     if cfg.stage == "reward" and data.eval is not None and checkpoint is None:

@@ -168,6 +168,41 @@ def test_dpo_resumes_from_its_last_checkpoint(tiny_model_dir, pairs_file, tmp_pa
     assert (tmp_path / "adapter" / "adapter_config.json").is_file()
 
 
+def test_grpo_samples_answers_and_learns_from_the_reward_model(tiny_model_dir, pairs_file, reward_run, tmp_path):
+    """The online stage: GRPO samples answers to the pairs' prompts, the trained reward model scores them, and a
+    chat adapter comes out; the RLHF tab charts its mean reward. (On random weights the reward need not rise in
+    2 steps; the CPU measurement on the embedded model is in docs/benchmarks.md.)"""
+    from components.rlhf_tab import poll_rlhf
+
+    reward_manager, reward_id = reward_run
+    cfg = stage_config(tiny_model_dir, pairs_file, "grpo", validation_fraction=0.0, max_steps=2, batch_size=4,
+                       preference={"reward_model": str(reward_manager.run_dir(reward_id)), "num_generations": 2,
+                                   "max_completion_length": 8})
+    manager = RunManager(tmp_path / "runs")
+    folder = manager.run_dir("grpo-test")
+    assert run(cfg, folder) == 0, read_status(folder)
+    rows = read_metrics(folder)
+    rewards = values(rows, "reward")
+    assert len(rewards) == 2 and all(r == r for r in rewards)  # logged every step, not NaN
+    assert values(rows, "rewards/reward_model/mean") == rewards  # the only reward function is the reward model
+    assert (folder / "adapter" / "adapter_config.json").is_file()
+    assert "grpo-test" in manager.finished_adapters()  # so the Chat tab lists it
+    info = json.loads((folder / "run_info.json").read_text())
+    assert info["stage"] == "GRPOTrainer" and info["reward_model"].endswith("reward_model")
+    outputs = poll_rlhf(manager, "", "")
+    policy_id, status, chart = outputs[5], outputs[6], outputs[9]
+    assert policy_id == "grpo-test" and "mean reward" in status
+    assert "mean reward of sampled answers" in set(chart["series"])
+
+
+def test_grpo_without_a_reward_model_is_a_config_error(tiny_model_dir, pairs_file):
+    from finetune.config import ConfigError
+
+    with pytest.raises(ConfigError) as error:
+        stage_config(tiny_model_dir, pairs_file, "grpo", batch_size=3, preference={"num_generations": 2})
+    assert set(error.value.problems) == {"preference.reward_model", "training.batch_size"}
+
+
 def test_kto_trains_on_thumbs(tiny_model_dir, tmp_path):
     thumbs = write_jsonl(tmp_path / "thumbs.jsonl", [
         {"prompt": [{"role": "user", "content": f"Question {i}?"}],
@@ -209,6 +244,21 @@ def test_tab_form_builds_each_stage(tiny_model_dir):
     assert kto.preference.start_adapter == "sft-run"
     dpo = config_from_form("dpo", "bundled:course_prefs", {**form, "start_adapter": BASE_CHOICE})
     assert dpo.preference.start_adapter == "" and dpo.preference.loss_type == "sigmoid"
+    grpo = config_from_form("grpo", "bundled:course_prefs", {**form, "method": "GRPO", "reward_run": "rm-run",
+                                                              "num_generations": 2, "max_completion_length": 16})
+    assert (grpo.stage, grpo.preference.reward_model, grpo.preference.num_generations,
+            grpo.preference.max_completion_length, grpo.training.max_steps) == ("grpo", "rm-run", 2, 16, 9)
+
+
+def test_tab_refuses_grpo_without_a_reward_model_and_starts_nothing(tiny_model_dir, tmp_path):
+    from components.rlhf_tab import start_stage
+
+    manager = RunManager(tmp_path / "runs")
+    form = {"model_kind": "Local folder", "model_source": str(tiny_model_dir), "method": "GRPO", "reward_run": "",
+            "batch_size": 4, "num_generations": 4}
+    watched, message = start_stage(manager, None, "policy", **form)
+    assert "reward_model" in message and "name a finished reward run" in message
+    assert manager.list_ids() == []
 
 
 def test_tab_refuses_malformed_pairs_before_starting_anything(tiny_model_dir, tmp_path):
