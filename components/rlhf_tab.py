@@ -2,7 +2,7 @@
 guided by the preferences — each showing which data and models it uses.
 
 Steps 3 and 4 train through the same RunManager as SFT (a child process, metrics.jsonl, Stop, history). The
-tab watches the newest reward run and the newest DPO/KTO run with a ``gr.Timer``; the DPO/KTO adapter lands in
+tab watches the newest reward run and the newest DPO/KTO/GRPO run with a ``gr.Timer``; the new adapter lands in
 ``runs/<id>/adapter`` and so appears in the Chat tab, where new feedback closes the loop.
 
 Handlers take the form as keyword arguments (``inputs_kwargs``), so ``gradio_client`` can call e.g.
@@ -312,7 +312,7 @@ def compare_policy(manager: RunManager, cache: ScorerCache, reward_run: str | No
 
     adapters = manager.finished_adapters()
     if not policy_run or policy_run not in adapters:
-        raise gr.Error("No finished DPO/KTO run to compare yet (step 4).")
+        raise gr.Error("No finished DPO/KTO/GRPO run to compare yet (step 4).")
     try:
         scorer = cache.get(_reward_folder(manager, reward_run))
         cfg = load_config(manager.run_dir(policy_run) / "config.yaml")
@@ -381,7 +381,7 @@ def _info(section: str, name: str) -> str:
 
 def _step1(form: dict[str, Any]) -> None:
     with gr.Accordion("Step 1 · The pretrained model", open=True):
-        gr.Markdown("The model whose answers people rated. DPO/KTO can start from an SFT adapter of it.")
+        gr.Markdown("The model whose answers people rated. DPO/KTO/GRPO can start from an SFT adapter of it.")
         with gr.Row():
             form["model_kind"] = gr.Radio(list(MODEL_KINDS), value="Embedded", label="Model source",
                                           elem_id="rlhf-model-kind")
@@ -389,7 +389,7 @@ def _step1(form: dict[str, Any]) -> None:
                                               info=_info("model", "source"))
             form["model_bits"] = gr.Radio([4, 8, 16, 32], value=4, label="Bit width", info=_info("model", "bits"))
         with gr.Row():
-            form["start_adapter"] = gr.Dropdown([BASE_CHOICE], value=BASE_CHOICE, label="Start DPO/KTO from",
+            form["start_adapter"] = gr.Dropdown([BASE_CHOICE], value=BASE_CHOICE, label="Start DPO/KTO/GRPO from",
                                                 info=_info("preference", "start_adapter"), elem_id="rlhf-start",
                                                 allow_custom_value=True)
 

@@ -348,12 +348,13 @@ class PreferenceConfig:
         "that share their prompt turns), 'unpaired' (prompt/completion/label thumbs, for KTO); 'auto' detects it.",
         choices=PREFERENCE_FORMATS))
     beta: float = field(default=0.1, metadata=_help(
-        "DPO/KTO beta: how far the tuned model may move from the reference. Higher = stay closer; 0.1 is usual."))
+        "DPO/KTO/GRPO beta: how far the tuned model may move from the reference. Higher = stay closer; 0.1 is "
+        "usual (GRPO: the weight of its KL penalty, 0 = none)."))
     loss_type: str = field(default="sigmoid", metadata=_help(
         "DPO loss: 'sigmoid' (the DPO paper), 'ipo', 'hinge', 'robust', 'apo_zero', 'sppo_hard'. KTO uses 'kto' "
         "(or 'apo_zero_unpaired'); a DPO loss name given to KTO means 'kto'.", choices=DPO_LOSSES + KTO_LOSSES))
     start_adapter: str = field(default="", metadata=_help(
-        "DPO/KTO: start from this SFT adapter (a run id or an adapter folder) and keep training it; "
+        "DPO/KTO/GRPO: start from this SFT adapter (a run id or an adapter folder) and keep training it; "
         "empty = a fresh LoRA on the base model. The starting point is also the reference model."))
     reward_model: str = field(default="", metadata=_help(
         "A trained reward model (a reward run id or its reward_model folder), used to score the tuned "
