@@ -27,7 +27,7 @@ from finetune.metrics import read_metrics, read_status, write_status
 from finetune.models import ModelSourceError
 from finetune.preference import (BUNDLED_PREFERENCES, PreferenceError, export_feedback, feedback_available,
                                  held_out_prompts, load_preferences, preview_preferences)
-from finetune.runs import RunInProgressError, RunManager, check_sources
+from finetune.runs import REWARD_DIR, RunInProgressError, RunManager, check_sources
 from components.train_tab import stop_run
 
 CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
@@ -135,6 +135,10 @@ def start_stage(manager: RunManager, feedback_db: Path | None, stage: str, **for
         # Malformed pairs are reported now, with their row numbers, rather than from the child's log.
         load_preferences(cfg.data, cfg.preference.format, want="unpaired" if stage == "kto" else "paired")
         check_sources(cfg)  # an offline Hub model id is reported now, not by a failed run
+        if stage == "grpo":  # the reward model it trains against must exist before a child starts
+            from finetune.rlhf import resolve_run_folder
+
+            resolve_run_folder(cfg.preference.reward_model, manager.root, REWARD_DIR)
     except ConfigError as error:
         return gr.skip(), _problems_text(error)
     except (DataError, ModelSourceError) as error:

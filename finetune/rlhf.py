@@ -199,6 +199,8 @@ class RewardModelReward:
 
 def _prompts(data: PreferenceData) -> Any:
     """The prompts of the preference pairs, each once: GRPO writes its own answers."""
+    from datasets import Dataset
+
     seen: set[str] = set()
     rows = []
     for prompt in data.train["prompt"]:
@@ -206,8 +208,6 @@ def _prompts(data: PreferenceData) -> Any:
         if key not in seen:
             seen.add(key)
             rows.append({"prompt": prompt})
-    from datasets import Dataset
-
     return Dataset.from_list(rows)
 
 

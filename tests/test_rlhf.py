@@ -259,6 +259,9 @@ def test_tab_refuses_grpo_without_a_reward_model_and_starts_nothing(tiny_model_d
     watched, message = start_stage(manager, None, "policy", **form)
     assert "reward_model" in message and "name a finished reward run" in message
     assert manager.list_ids() == []
+    watched, message = start_stage(manager, None, "policy", **{**form, "reward_run": "no-such-run"})
+    assert "Not started" in message and "No reward model found for 'no-such-run'" in message
+    assert manager.list_ids() == []
 
 
 def test_tab_refuses_malformed_pairs_before_starting_anything(tiny_model_dir, tmp_path):
