@@ -4,6 +4,7 @@
 # where .gpu/tokenizer is the embedded model's saved tokenizer). Results land in $OUT (default: bench-out/).
 #   bash bench/run_gpu.sh          # training (1.2 B), T4 fit (8 B), chat latency
 #   bash bench/run_gpu.sh train    # training only, plus the run without Liger
+#   bash bench/run_gpu.sh chat     # chat latency only (about 3 minutes of device time)
 set -u
 OUT=${OUT:-bench-out}
 mkdir -p "$OUT"
@@ -14,8 +15,18 @@ fi
 export LORA_LAB_BENCH_TOKENIZER=${LORA_LAB_BENCH_TOKENIZER:-$PWD/.gpu/tokenizer} PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 \
   TOKENIZERS_PARALLELISM=false
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-show() { grep -E '^(##|\||ratio|side by side|torch )' "$1"; }
+show() { grep -E '^(##|\||ratio|side by side|torch |Model alone)' "$1"; }
 one_b="--model llama-1b --batch 8 --max-len 2048 --steps 14 --warmup 4"
+chat() {  # base alone vs side by side (the app's per-row LoRA scale and peft's mixed batch), 4-bit and 16-bit
+  (cd bench && timeout 150 python3 chat_latency.py --model llama-1b --bits 4,16 --tokens 64 --repeats 2) \
+    >"$OUT/chat-1b.log" 2>&1
+  show "$OUT/chat-1b.log"
+}
+if [ "${1:-all}" = chat ]; then
+  chat
+  grep -hE 'Error|Traceback' "$OUT"/*.log | head -5
+  exit 0
+fi
 
 # 1. 1.2 B Llama shape: usual QLoRA recipe vs the default recipe, long-tailed rows up to 2048 tokens.
 timeout 240 python3 bench/train_throughput.py $one_b --json "$OUT/train-1b.json" >"$OUT/train-1b.log" 2>&1
@@ -30,8 +41,6 @@ else
     --max-len 1024 --fixed-len --steps 6 --warmup 2 --rows 16 --json "$OUT/t4-8b.json" >"$OUT/t4-8b.log" 2>&1
   show "$OUT/t4-8b.log"
   # 3. Chat: base alone vs side by side, 4-bit and 16-bit.
-  (cd bench && timeout 150 python3 chat_latency.py --model llama-1b --bits 4,16 --tokens 64 --repeats 2) \
-    >"$OUT/chat-1b.log" 2>&1
-  show "$OUT/chat-1b.log"
+  chat
 fi
 grep -hE 'Error|Traceback' "$OUT"/*.log | head -5
