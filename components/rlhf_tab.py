@@ -476,16 +476,16 @@ def _step4(form: dict[str, Any], defaults: RunConfig) -> dict[str, Any]:
             form["policy_max_steps"] = gr.Number(defaults.training.max_steps, label="Steps", precision=0,
                                                  elem_id="rlhf-policy-steps")
             form["num_generations"] = gr.Number(defaults.preference.num_generations, precision=0,
-                                                label="GRPO: answers per prompt",
+                                                label="GRPO: answers per prompt", elem_id="rlhf-num-generations",
                                                 info=_info("preference", "num_generations"))
             form["max_completion_length"] = gr.Number(defaults.preference.max_completion_length, precision=0,
                                                       label="GRPO: longest answer (tokens)",
+                                                      elem_id="rlhf-max-completion",
                                                       info=_info("preference", "max_completion_length"))
         with gr.Row():
             start = gr.Button("Train with DPO / KTO / GRPO", variant="primary", elem_id="rlhf-start-policy")
             stop = gr.Button("Stop", variant="stop", size="sm")
-        view = _plots("policy", "Policy loss", "DPO/KTO: implicit rewards of chosen and rejected answers; "
-                                               "GRPO: the reward model's scores")
+        view = _plots("policy", "Policy loss", "Rewards (DPO/KTO: implicit; GRPO: reward model)")
         with gr.Accordion("Did the answers move in the preferred direction?", open=False):
             with gr.Row():
                 view["compare_prompts"] = gr.Number(4, label="Held-out prompts", precision=0, minimum=1, maximum=24)

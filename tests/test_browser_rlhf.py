@@ -2,7 +2,7 @@
 
 1. pick the model, 2. upload preferences (a malformed file first: the rows are named; then a good one),
 3. train the reward model and score two answers in the playground, 4. train DPO and find its adapter in the
-Chat tab. Screenshots go to tests/artifacts/ (not committed).
+Chat tab, then GRPO against the reward model of step 3. Screenshots go to tests/artifacts/ (not committed).
 """
 
 from __future__ import annotations
@@ -93,3 +93,21 @@ def test_the_four_steps_in_order(page, tiny_model_dir, tmp_path):
 
     page.get_by_role("tab", name="Chat").click()
     expect(page.locator("#adapter-pick input").first).to_have_value(policy_run, timeout=15_000)
+
+    # Step 4 again, online: GRPO samples answers and learns from the reward model picked in step 3.
+    page.get_by_role("tab", name="RLHF").click()
+    page.locator("#rlhf-method").get_by_text("GRPO", exact=True).click()
+    expect(page.locator("#rlhf-pipeline")).to_contain_text("samples", timeout=10_000)
+    _fill(page, "rlhf-num-generations", "2")
+    _fill(page, "rlhf-max-completion", "8")
+    page.locator("#rlhf-start-policy").click()
+    status = page.locator("#rlhf-policy-status")
+    expect(status).to_contain_text("grpo-", timeout=30_000)
+    expect(status).to_contain_text("completed", timeout=300_000)
+    expect(status).to_contain_text("mean reward", timeout=10_000)
+    grpo_run = page.locator("#rlhf-policy-run textarea, #rlhf-policy-run input").first.input_value()
+    assert grpo_run.startswith("grpo-")
+    page.screenshot(path=str(ARTIFACTS / "rlhf-grpo.png"), full_page=True)
+    page.get_by_role("tab", name="Chat").click()  # the DPO adapter stays picked; the GRPO one is offered too
+    page.locator("#adapter-pick input").first.click()
+    expect(page.get_by_role("option", name=grpo_run)).to_be_visible(timeout=15_000)
