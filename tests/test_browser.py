@@ -7,12 +7,9 @@ tests/artifacts/ (not committed).
 
 from __future__ import annotations
 
-import shutil
-from pathlib import Path
-
 import pytest
 
-from conftest import browser_page, served_app, ARGS, ARTIFACTS, CHROMIUM, fill as _fill
+from conftest import browser_page, served_app, ARTIFACTS, fill as _fill
 
 pytestmark = pytest.mark.browser
 

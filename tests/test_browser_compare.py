@@ -4,11 +4,9 @@ tests/artifacts/compare.png (not committed)."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
-from conftest import served_app, ARGS, ARTIFACTS, CHROMIUM, fill as _fill
+from conftest import browser_page, served_app, ARTIFACTS, fill as _fill
 from finetune.compare import DEFAULT_TECHNIQUES, TECHNIQUES
 
 pytestmark = pytest.mark.browser
@@ -17,14 +15,9 @@ CHOSEN = ("ia3", "qlora4")
 
 
 def test_two_technique_comparison(tmp_path, tiny_model_dir, qa_file):
-    if not Path(CHROMIUM).is_file():
-        pytest.skip("Debian's chromium is not installed (apt-get install -y chromium)")
-    from playwright.sync_api import expect, sync_playwright
+    from playwright.sync_api import expect
 
-    with served_app(tmp_path / "runs") as url, sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
-        page = browser.new_page(viewport={"width": 1500, "height": 1100})
-        page.goto(url)
+    with served_app(tmp_path / "runs") as url, browser_page(url, width=1500, height=1100) as page:
         page.get_by_role("tab", name="Compare").click()
         for key in DEFAULT_TECHNIQUES:  # untick the default set down to the two chosen techniques
             if key not in CHOSEN:
@@ -56,6 +49,5 @@ def test_two_technique_comparison(tmp_path, tiny_model_dir, qa_file):
         ARTIFACTS.mkdir(exist_ok=True)
         page.screenshot(path=str(ARTIFACTS / "compare.png"), full_page=True)
         notes = page.locator("#compare-notes").inner_text()
-        browser.close()
     # IA3 trains fewer parameters than LoRA, whatever the bit width: the notes list it first.
     assert notes.index(TECHNIQUES["ia3"].label) < notes.index(TECHNIQUES["qlora4"].label)

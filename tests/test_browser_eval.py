@@ -8,12 +8,9 @@ jumps to its tab. Train: the LoRA aid shows the live trainable count. Screenshot
 
 from __future__ import annotations
 
-import shutil
-from pathlib import Path
-
 import pytest
 
-from conftest import browser_page, served_app, tiny_run_config, write_jsonl, ARGS, ARTIFACTS, CHROMIUM, fill as _fill
+from conftest import browser_page, served_app, ARTIFACTS, fill as _fill
 
 pytestmark = pytest.mark.browser
 

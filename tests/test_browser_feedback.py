@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import time
 import sqlite3
 from pathlib import Path
 
 import pytest
 
-from conftest import served_app, tiny_run_config, ARGS, ARTIFACTS, CHROMIUM, fill as _fill
+from conftest import browser_page, served_app, tiny_run_config, ARTIFACTS
 
 RUN_ID = "feedback-run"
 SECRET = "lsv2_pt_app_test_key_0042"
@@ -117,16 +116,11 @@ def test_api_stores_answers_and_feedback(app, langsmith):
 
 @pytest.mark.browser
 def test_blind_arena_vote_reveals_the_models_and_pairs_export(app, tmp_path):
-    if not Path(CHROMIUM).is_file():
-        pytest.skip("Debian's chromium is not installed (apt-get install -y chromium)")
     from datasets import load_dataset
-    from playwright.sync_api import expect, sync_playwright
+    from playwright.sync_api import expect
 
     url, root = app
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
-        page = browser.new_page(viewport={"width": 1400, "height": 1100})
-        page.goto(url)
+    with browser_page(url, height=1100) as page:
         page.get_by_role("tab", name="Chat").click()
         expect(page.locator("#adapter-pick input").first).to_have_value(RUN_ID, timeout=15_000)
         page.locator("#arena-mode input").check()
@@ -170,7 +164,6 @@ def test_blind_arena_vote_reveals_the_models_and_pairs_export(app, tmp_path):
         saved = tmp_path / "pairs.jsonl"
         download.value.save_as(saved)
         page.screenshot(path=str(ARTIFACTS / "feedback.png"), full_page=True)
-        browser.close()
 
     pairs = load_dataset("json", data_files=str(saved), split="train")
     arena_vote = _feedback_rows(root, "SELECT g.side, g.response FROM feedback f JOIN generations g "

@@ -8,12 +8,10 @@ Chat tab, then GRPO against the reward model of step 3. Screenshots go to tests/
 from __future__ import annotations
 
 import json
-import shutil
-from pathlib import Path
 
 import pytest
 
-from conftest import browser_page, served_app, write_jsonl, ARGS, ARTIFACTS, CHROMIUM, fill as _fill
+from conftest import browser_page, served_app, write_jsonl, ARTIFACTS, fill as _fill
 
 pytestmark = pytest.mark.browser
 

@@ -13,7 +13,6 @@ import os
 import shutil
 import time
 
-import pytest
 import torch
 
 from finetune import deploy

@@ -11,8 +11,6 @@ import math
 import pytest
 import torch
 
-from conftest import tiny_run_config
-
 
 @pytest.fixture(scope="module")
 def tiny(tiny_model_dir):
