@@ -108,7 +108,7 @@ def main() -> None:
     demo = build_app(deploy.runs_root(), feedback_db=os.environ.get("LORA_LAB_FEEDBACK_DB") or None)
     # One training start at a time is enforced per event (concurrency_limit=1); the rest may run side by side.
     demo.queue(default_concurrency_limit=4)
-    atexit.register(demo.feedback_store.close)  # a last flush attempt and clean connections on Ctrl+C / exit
+    atexit.register(demo.feedback_store.close)  # stop the sender, close connections (the outbox persists)
     demo.launch(**launch_options())
 
 

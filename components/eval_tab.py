@@ -20,6 +20,7 @@ import pandas as pd
 
 from finetune.chat import ChatEngine
 from finetune.config import BUNDLED_DATASET, ConfigError, load_config
+from finetune.data import first_line
 from finetune.evaluate import (Candidate, adapter_name, candidate_answer, candidate_loss, candidates, load_eval_rows,
                                model_label, read_win_counts, reference_pairs, reward_models, reward_scores, rouge_l,
                                run_checkpoints, win_rate)
@@ -123,7 +124,7 @@ def add_reward_scores(manager: RunManager, frame: pd.DataFrame, prompts: list[li
     try:
         frame["reward"] = [round(x, 4) for x in reward_scores(folder, prompts, list(frame["answer"]))]
     except Exception as error:  # a reward model that cannot load must not lose the answers already generated
-        return f"Reward run `{run_id}` could not score the answers: {str(error).splitlines()[0][:200]}"
+        return f"Reward run `{run_id}` could not score the answers: {first_line(error, 200)}"
     means = frame.groupby("model", sort=False)["reward"].mean()
     return f"**Mean reward (run `{run_id}`):** " + " · ".join(f"`{n}` {v:.3f}" for n, v in means.items())
 

@@ -8,11 +8,14 @@ nobody pushes with the Space owner's token, and the token is never echoed, logge
 from __future__ import annotations
 
 import functools
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
 import gradio as gr
 
+from finetune.data import first_line
 from finetune.export import (ADAPTER_DIR, MERGED_DIR, PLOT_FILE, ExportError, merge_adapter, model_card,
                              push_folder, write_model_card, zip_adapter)
 from finetune.models import ModelSourceError
@@ -59,6 +62,14 @@ def preview_card(manager: RunManager, run_id: str | None) -> tuple[str, str | No
     return f"```yaml\n{header}```\n{body}", str(plot) if plot.is_file() else None
 
 
+def downloadable(path: Path) -> str:
+    """A copy of ``path`` in the temp folder, for a gr.File: gradio serves files only from there or the working
+    directory, and the runs folder may be elsewhere (a Space's /data)."""
+    copy = Path(tempfile.mkdtemp(prefix="lora-lab-download-")) / path.name
+    shutil.copyfile(path, copy)
+    return str(copy)
+
+
 def export_zip(manager: RunManager, run_id: str | None) -> tuple[str, str]:
     """Zip the adapter for download: (zip path for the file component, message)."""
     folder = _run_dir(manager, run_id)
@@ -66,7 +77,7 @@ def export_zip(manager: RunManager, run_id: str | None) -> tuple[str, str]:
         path = zip_adapter(folder)
     except ExportError as error:
         raise gr.Error(str(error)) from None
-    return str(path), (f"`{path.name}` ({_size(path)}): unzip it into a folder and load it with "
+    return downloadable(path), (f"`{path.name}` ({_size(path)}): unzip it into a folder and load it with "
                        f"`PeftModel.from_pretrained(base, folder)`.")
 
 
@@ -100,7 +111,7 @@ def push_model(manager: RunManager, run_id: str | None, what: str, repo_id: str,
     except (ExportError, ModelSourceError) as error:
         raise gr.Error(str(error)) from None
     except Exception as error:  # the Hub's own refusals (bad token, no write access) as one line, never the token
-        raise gr.Error(f"The Hub refused the push: {type(error).__name__}: {str(error).splitlines()[0][:300]}")
+        raise gr.Error(f"The Hub refused the push: {type(error).__name__}: {first_line(error)}")
     return f"Pushed the {what.lower()} of `{run_id}` to [{repo_id}]({url})."
 
 

@@ -7,8 +7,6 @@ Everything shown is read from the FeedbackStore (SQLite); LangSmith, when config
 from __future__ import annotations
 
 import functools
-import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -16,6 +14,8 @@ from typing import Any
 import gradio as gr
 import pandas as pd
 
+from components.export_tab import downloadable
+from finetune.evaluate import win_rate
 from finetune.feedback import FeedbackStore
 
 RECENT_COLUMNS = ["time", "kind", "value", "score", "arena", "model / adapter", "prompt", "answer", "comment",
@@ -55,12 +55,12 @@ def recent_table(store: FeedbackStore, limit: int = 50) -> pd.DataFrame:
 
 
 def wins_table(store: FeedbackStore) -> pd.DataFrame:
-    """Fine-tuned vs base per adapter; the win rate counts ties as half and leaves 'both bad' out."""
+    """Fine-tuned vs base per adapter, with the Evaluate tab's win rate (a tie or 'both bad' is half a win)."""
     rows = []
     for adapter, c in sorted(store.win_counts().items()):
-        decided = c["wins"] + c["losses"] + c["ties"]
-        rate = round((c["wins"] + 0.5 * c["ties"]) / decided, 3) if decided else None
-        rows.append([adapter, c["wins"], c["losses"], c["ties"], c["both_bad"], decided + c["both_bad"], rate])
+        rate = win_rate(adapter, c).rate
+        rows.append([adapter, c["wins"], c["losses"], c["ties"], c["both_bad"],
+                     c["wins"] + c["losses"] + c["ties"] + c["both_bad"], round(rate, 3) if rate is not None else None])
     return pd.DataFrame(rows, columns=WIN_COLUMNS)
 
 
@@ -94,11 +94,8 @@ def _export(store: FeedbackStore, folder: Path, kind: str) -> tuple[str | None, 
         what = ("pairwise votes with a winner or corrected answers" if kind == "pairs" else "thumbs up/down")
         gr.Warning(f"Nothing to export yet: give some {what} in the Chat tab first.")
         return None, f"No rows: no {what} yet."
-    # The download is a copy in the temp folder: gradio serves files only from there or the working directory,
-    # and the runs folder may be elsewhere (a Space's /data).
-    download = Path(tempfile.mkdtemp(prefix="lora-lab-feedback-")) / path.name
-    shutil.copyfile(path, download)
-    return str(download), f"Wrote {count} rows to {path} (load with datasets.load_dataset('json', data_files=...))."
+    return downloadable(path), (f"Wrote {count} rows to {path} "
+                                "(load with datasets.load_dataset('json', data_files=...)).")"
 
 
 def export_pairs(store: FeedbackStore, folder: Path) -> tuple[str | None, str]:

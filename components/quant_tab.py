@@ -15,6 +15,7 @@ import pandas as pd
 
 from finetune.chat import MAX_PROMPT_CHARS
 from finetune.config import BUNDLED_DATASET, EMBEDDED_MODEL
+from finetune.data import first_line
 from finetune.evaluate import load_eval_rows
 from finetune.hardware import HardwareProfile
 from finetune.models import ModelSourceError
@@ -88,7 +89,7 @@ def run_comparison(profile: HardwareProfile, source: str, keys: list[str] | None
             results[key] = measure(FORMATS[key], source.strip(), rows, prompt.strip(), int(max_new_tokens),
                                    profile=profile)
         except (ModelSourceError, ValueError, RuntimeError, OSError, ImportError) as error:
-            raise gr.Error(f"{FORMATS[key].label(profile)} failed: {str(error).splitlines()[0][:300]}") from None
+            raise gr.Error(f"{FORMATS[key].label(profile)} failed: {first_line(error)}") from None
         yield (_table(results), _points(results), _answers(results),
                _summary(results) if index == len(ordered) - 1 else gr.skip())
 

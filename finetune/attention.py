@@ -41,9 +41,14 @@ def packed_attention_supported(is_cuda: bool, device_capability: tuple[int, int]
     return varlen_supported(device_capability) if is_cuda else True
 
 
+@functools.lru_cache(maxsize=1)
+def _varlen_parameters() -> frozenset[str]:
+    return frozenset(inspect.signature(_varlen()).parameters)
+
+
 def _causal_kwargs(query_heads: int, kv_heads: int) -> dict[str, Any]:
     """The keyword names changed across torch releases (is_causal -> window_size; enable_gqa added)."""
-    params = inspect.signature(_varlen()).parameters
+    params = _varlen_parameters()  # once: this runs in every attention layer of every forward pass
     kwargs: dict[str, Any] = {"is_causal": True} if "is_causal" in params else {"window_size": (-1, 0)}
     if query_heads != kv_heads and "enable_gqa" in params:
         kwargs["enable_gqa"] = True

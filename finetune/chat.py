@@ -34,6 +34,7 @@ from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaLis
 from transformers.generation.streamers import BaseStreamer
 
 from finetune.config import ModelConfig
+from finetune.data import first_line
 from finetune.hardware import HardwareProfile, detect
 from finetune.models import load_model, load_tokenizer
 
@@ -149,6 +150,11 @@ def in_own_thread(work: Callable[[], T]) -> T:
     return outcome["value"]
 
 
+def peft_adapter_name(name: str) -> str:
+    """peft keeps adapters in a ModuleDict, whose keys cannot hold '.', while run ids may ('qwen2.5-run')."""
+    return name.replace(".", "_")
+
+
 def normalize_history(history: Any) -> Messages:
     """Chat history as plain {'role', 'content': str} dicts; gradio 6 hands content as a list of parts."""
     messages = []
@@ -218,7 +224,7 @@ class ChatEngine:
         """Add the adapter under ``name`` to the base (once); the base itself is never reloaded."""
         from peft import PeftModel
 
-        adapter_dir = Path(adapter_dir)
+        name, adapter_dir = peft_adapter_name(name), Path(adapter_dir)
         if not (adapter_dir / "adapter_config.json").is_file():
             raise ValueError(f"No adapter in {adapter_dir}: the run has not finished saving one.")
         with self._load_lock:
@@ -258,7 +264,7 @@ class ChatEngine:
             trained_on = json.loads((adapter_dir / "adapter_config.json").read_text()).get("base_model_name_or_path")
         except (OSError, ValueError):
             trained_on = None
-        detail = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
+        detail = first_line(error, 200)
         return (f"The adapter in '{adapter_dir.name}' does not fit the base model '{cfg.source}'"
                 f"{f' (it was trained on {trained_on!r})' if trained_on else ''}: pick a run trained on this "
                 f"base. ({detail})")
@@ -353,14 +359,14 @@ class ChatEngine:
     def _raise_failure(errors: list[BaseException]) -> None:
         if errors:
             error = errors[0]
-            detail = str(error).strip().splitlines()[0][:300] if str(error).strip() else type(error).__name__
-            raise RuntimeError(f"Generation failed: {detail}") from error
+            raise RuntimeError(f"Generation failed: {first_line(error)}") from error
 
     def stream_pair(self, prompt: str, base_history: Any, tuned_history: Any, cfg: ModelConfig,
                     adapter_name: str, adapter_dir: str | Path,
                     settings: SamplingSettings | None = None) -> Iterator[tuple[str, str]]:
         """Yield (base answer so far, fine-tuned answer so far) as both grow, one token at a time."""
         prompt, settings = check_prompt(prompt), settings or SamplingSettings()
+        adapter_name = peft_adapter_name(adapter_name)
         conversations = [normalize_history(h) + [{"role": "user", "content": prompt}]
                          for h in (base_history, tuned_history)]
         with self._generating() as stop:
@@ -415,6 +421,7 @@ class ChatEngine:
                adapter_dir: str | Path | None = None, settings: SamplingSettings | None = None) -> Iterator[str]:
         """One side only: the base (no adapter given, or adapters disabled) or one adapter; yields growing text."""
         prompt, settings = check_prompt(prompt), settings or SamplingSettings()
+        adapter_name = peft_adapter_name(adapter_name) if adapter_name else None
         messages = normalize_history(history) + [{"role": "user", "content": prompt}]
         with self._generating() as stop:
             entry = self.attach(cfg, adapter_name, adapter_dir) if adapter_name else self.loaded(cfg)

@@ -118,7 +118,7 @@ def _load_file(path: Path) -> Dataset:
     except Exception as error:  # datasets raises many types for a malformed file; all mean "unreadable"
         detail = _bad_json_line(path) if loader == "json" else None
         raise DataError(f"Could not read {path.name} as {loader.upper()}: "
-                        f"{detail or _first_line(error)}") from None
+                        f"{detail or first_line(error)}") from None
     if len(dataset) == 0:
         raise DataError(f"Data file {path.name} has no rows.")
     return dataset
@@ -169,9 +169,10 @@ def _bad_json_line(path: Path) -> str | None:
     return None
 
 
-def _first_line(error: Exception) -> str:
+def first_line(error: BaseException, limit: int = 300) -> str:
+    """The first line of an error's message (its type name when the message is empty), for a one-line report."""
     text = str(error).strip().splitlines()
-    return text[0][:300] if text else type(error).__name__
+    return text[0][:limit] if text else type(error).__name__
 
 
 def _load_bundled(name: str) -> DatasetDict:
@@ -192,7 +193,7 @@ def _load_hub(cfg: DataConfig) -> DatasetDict:
     try:
         return load_dataset(cfg.source, cfg.hub_config)
     except Exception as error:  # DatasetNotFoundError, ValueError for a bad config, connection errors
-        raise DataError(f"Could not load Hub dataset '{cfg.source}': {_first_line(error)}") from None
+        raise DataError(f"Could not load Hub dataset '{cfg.source}': {first_line(error)}") from None
 
 
 def load_raw(cfg: DataConfig) -> tuple[Dataset, Dataset | None]:

@@ -358,7 +358,9 @@ def _deploy(space_id: str, settings: SpaceSettings, dry_run: bool) -> int:
     try:
         apply(steps, HfApi())
     except Exception as error:  # the Hub's refusals (no token, no rights) as one line
-        raise DeployError(f"the Hub refused: {type(error).__name__}: {str(error).splitlines()[0][:300]}") from None
+        from finetune.data import first_line  # here only: finetune.data imports `datasets`, slow for this CLI
+
+        raise DeployError(f"the Hub refused: {type(error).__name__}: {first_line(error)}") from None
     print(f"done: https://huggingface.co/spaces/{space_id}")
     return 0
 

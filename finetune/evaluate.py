@@ -26,6 +26,7 @@ from typing import Any, Callable, Iterable
 
 import torch
 
+from finetune.chat import peft_adapter_name
 from finetune.config import ConfigError, DataConfig, ModelConfig, load_config
 from finetune.data import DataError, prepare
 
@@ -210,8 +211,8 @@ def candidate_answer(engine: Any, candidate: Candidate, prompt: list[dict[str, s
 
 
 def adapter_name(run_id: str, suffix: str = "") -> str:
-    """A peft adapter name for a run (peft keys modules by name, so no dots)."""
-    return (run_id + (f"@{suffix}" if suffix else "")).replace(".", "_")
+    """A peft adapter name for a run, or for one checkpoint of it (``suffix``)."""
+    return peft_adapter_name(run_id + (f"@{suffix}" if suffix else ""))
 
 
 def run_checkpoints(run_dir: Path) -> list[tuple[str, Path]]:

@@ -27,8 +27,9 @@ from finetune.config import BUNDLED_DATASET, EMBEDDED_MODEL, ConfigError, RunCon
 from finetune.hardware import HardwareProfile, detect, resolve_compute_dtype
 from finetune.metrics import read_metrics, read_status
 from finetune.models import HUB_ID, from_hub_or_cache, load_tokenizer, require_hub, weight_dtype
+from finetune.train import ADAPTER_DIR, CONFIG_COPY
 
-ADAPTER_DIR, MERGED_DIR, EXPORT_DIR = "adapter", "merged", "export"
+MERGED_DIR, EXPORT_DIR = "merged", "export"
 CARD_FILE, PLOT_FILE = "README.md", "loss.png"
 # The embedded model is a GGUF copy of this Hub model; cards name the original so the Hub links it.
 EMBEDDED_HUB_ID = {EMBEDDED_MODEL: "HuggingFaceTB/SmolLM2-135M-Instruct"}
@@ -48,7 +49,7 @@ def _no_progress(fraction: float, message: str) -> None:
 def run_config(run_dir: str | Path) -> RunConfig:
     """The run's config: the copy saved with the adapter, else the run folder's config.yaml."""
     run_dir = Path(run_dir)
-    for path in (run_dir / ADAPTER_DIR / "lora_lab_config.yaml", run_dir / "config.yaml"):
+    for path in (run_dir / ADAPTER_DIR / CONFIG_COPY, run_dir / "config.yaml"):
         if path.is_file():
             try:
                 return load_config(path)

@@ -34,7 +34,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 logger = logging.getLogger(__name__)
 
@@ -169,7 +169,7 @@ class FeedbackStore:
     """Generations and feedback events in SQLite (WAL), safe across threads and processes."""
 
     def __init__(self, path: str | Path, langsmith: LangSmithSettings | None = None, *,
-                 start_sender: bool = True, retry_base: float = 1.0, retry_max: float = 60.0):
+                 retry_base: float = 1.0, retry_max: float = 60.0):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.langsmith = langsmith
@@ -181,8 +181,7 @@ class FeedbackStore:
         if langsmith is not None:
             _install_redaction(langsmith.api_key)
             self.sender = LangSmithSender(self, langsmith, retry_base=retry_base, retry_max=retry_max)
-            if start_sender:
-                self.sender.start()
+            self.sender.start()
 
     # --- connections and transactions ----------------------------------------------------------------------
 
@@ -577,10 +576,9 @@ class LangSmithSender:
     MAX_REJECTIONS = 5  # a request the server refuses (400, 422, ...) this many times is set aside as failed
 
     def __init__(self, store: FeedbackStore, settings: LangSmithSettings, *, retry_base: float = 1.0,
-                 retry_max: float = 60.0, client_factory: Callable[[LangSmithSettings], Any] = _langsmith_client):
+                 retry_max: float = 60.0):
         self.store, self.settings = store, settings
         self.retry_base, self.retry_max = retry_base, retry_max
-        self.client_factory = client_factory
         self._client: Any = None
         self._project_id: str | None = None
         self._wake, self._stop = threading.Event(), threading.Event()
@@ -647,7 +645,7 @@ class LangSmithSender:
 
     def client(self) -> Any:
         if self._client is None:
-            self._client = self.client_factory(self.settings)
+            self._client = _langsmith_client(self.settings)
         return self._client
 
     def project_id(self) -> str:

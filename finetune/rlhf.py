@@ -37,10 +37,9 @@ from finetune.models import (ModelSourceError, count_parameters, from_hub_or_cac
                              model_load_kwargs)
 from finetune.preference import PreferenceData, PreferenceError, load_preferences
 from finetune.runs import REWARD_DIR
-from finetune.train import (ADAPTER_DIR, _write_run_info, keep_adapters_in_compute_dtype, last_checkpoint,
-                            to_lora_config, training_args)
+from finetune.train import (ADAPTER_DIR, CONFIG_COPY, _write_run_info, keep_adapters_in_compute_dtype,
+                            last_checkpoint, to_lora_config, training_args)
 
-CONFIG_COPY = "lora_lab_config.yaml"
 Messages = list[dict[str, str]]
 
 
@@ -74,14 +73,6 @@ def to_grpo_config(cfg: RunConfig, profile: HardwareProfile, run_dir: Path) -> A
     p = cfg.preference
     return GRPOConfig(**args, beta=p.beta, num_generations=p.num_generations,
                       max_completion_length=p.max_completion_length)
-
-
-def to_reward_lora_config(cfg: RunConfig) -> Any:
-    """Like the SFT LoRA, but SEQ_CLS: peft then also trains and saves the freshly initialised score head."""
-    from peft import LoraConfig
-
-    return LoraConfig(r=cfg.lora.rank, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
-                      target_modules=cfg.lora.target_module_list(), bias=cfg.lora.bias, task_type="SEQ_CLS")
 
 
 # --- locating earlier runs -------------------------------------------------------------------------------------
@@ -149,7 +140,7 @@ def build_reward_trainer(cfg: RunConfig, run_dir: Path) -> tuple[Any, MetricsCal
     callback = MetricsCallback(run_dir, stage="reward")
     trainer = RewardTrainer(model=model, args=to_reward_config(cfg, profile, run_dir, data.eval is not None),
                             train_dataset=data.train, eval_dataset=data.eval, processing_class=tokenizer,
-                            peft_config=to_reward_lora_config(cfg), callbacks=[callback])
+                            peft_config=to_lora_config(cfg, task_type="SEQ_CLS"), callbacks=[callback])
     _adapters_to_compute_dtype(trainer.model, profile)
     _record(trainer, run_dir, profile, data)
     return trainer, callback, data

@@ -93,7 +93,7 @@ def check_sources(cfg: RunConfig) -> None:
     ConfigError names the field, so the form shows the reason at once instead of a failed run later."""
     from finetune.data import DataError, check_file
     from finetune.data import source_kind as data_kind
-    from finetune.models import ModelSourceError, hub_reachable, require_hub, resolve_source
+    from finetune.models import ModelSourceError, require_hub, resolve_source
     from finetune.models import source_kind as model_kind
 
     problems: dict[str, str] = {}
@@ -111,8 +111,8 @@ def check_sources(cfg: RunConfig) -> None:
         kind = data_kind(cfg.data.source)
         if kind == "file":
             check_file(Path(cfg.data.source).expanduser())
-        elif kind == "hub" and not hub_reachable():
-            require_hub(cfg.data.source, "dataset")
+        elif kind == "hub":
+            require_hub(cfg.data.source, "dataset")  # probes the Hub itself
     except (DataError, ModelSourceError) as error:
         problems["data.source"] = str(error)
     if problems:

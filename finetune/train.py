@@ -36,16 +36,18 @@ from finetune.attention import use_varlen_attention
 from finetune.recipe import resolve_recipe
 
 ADAPTER_DIR, CHECKPOINT_DIR, RUN_INFO_FILE = "adapter", "checkpoints", "run_info.json"
+CONFIG_COPY = "lora_lab_config.yaml"  # the run's config, saved beside its adapter / reward model
 FULL_MODEL_DIR = "model"  # a full fine-tune saves the whole model here instead of an adapter
 USER_ERRORS = (ConfigError, DataError, ModelSourceError)
 
 
-def to_lora_config(cfg: RunConfig) -> Any:
-    """LoRA, DoRA or rsLoRA (the method decides the two flags); the RLHF stages always train plain LoRA."""
+def to_lora_config(cfg: RunConfig, task_type: str = "CAUSAL_LM") -> Any:
+    """LoRA, DoRA or rsLoRA (the method decides the two flags); the RLHF stages always train plain LoRA.
+    ``task_type="SEQ_CLS"`` (a reward model) makes peft train and save the new score head too."""
     from peft import LoraConfig
 
     return LoraConfig(r=cfg.lora.rank, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
-                      target_modules=cfg.lora.target_module_list(), bias=cfg.lora.bias, task_type="CAUSAL_LM",
+                      target_modules=cfg.lora.target_module_list(), bias=cfg.lora.bias, task_type=task_type,
                       use_dora=cfg.lora.method == "dora", use_rslora=cfg.lora.method == "rslora")
 
 
@@ -192,7 +194,7 @@ def main(cfg: RunConfig, run_dir: str | Path, resume: bool = False) -> Path:
     trainer.save_model(str(adapter_dir))
     if trainer.is_world_process_zero():
         trainer.processing_class.save_pretrained(adapter_dir)
-        save_config(cfg, adapter_dir / "lora_lab_config.yaml")
+        save_config(cfg, adapter_dir / CONFIG_COPY)
         from finetune.compare import record_measurements  # peak memory, size on disk, a sample answer
 
         _write_run_info(run_dir, **record_measurements(trainer, cfg, run_dir, adapter_dir))

@@ -175,3 +175,11 @@ def test_in_own_thread_returns_and_raises_in_the_caller():
     assert in_own_thread(lambda: threading.current_thread().name) == "chat-load"
     with pytest.raises(ZeroDivisionError):
         in_own_thread(lambda: 1 / 0)
+
+
+def test_a_run_id_with_dots_chats_like_any_other(engine, model_cfg, adapters):
+    """Run ids may hold dots ('qwen2.5-run'); peft's adapter names may not: the engine maps them itself."""
+    base, tuned = engine.answer_pair("Hello there", [], [], model_cfg, "run-a.v2", adapters["run-a"], GREEDY)
+    assert tuned == engine.answer_pair("Hello there", [], [], model_cfg, "run-a", adapters["run-a"], GREEDY)[1]
+    alone = list(engine.stream("Hello there", [], model_cfg, "run-a.v2", adapters["run-a"], GREEDY))[-1]
+    assert alone == tuned and base != tuned
