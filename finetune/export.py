@@ -219,6 +219,13 @@ def _fmt(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.4f}"
 
 
+# What trained the adapter, by run stage and PEFT method (a DPO or IA3 run is not "SFT, LoRA").
+STAGE_TRAINERS = {"sft": "SFTTrainer", "reward": "RewardTrainer", "dpo": "DPOTrainer", "kto": "KTOTrainer",
+                  "grpo": "GRPOTrainer"}
+METHOD_NAMES = {"lora": "LoRA", "dora": "DoRA", "rslora": "rsLoRA", "ia3": "IA3", "prompt_tuning": "prompt tuning",
+                "full": "full fine-tuning"}
+
+
 def model_card(run_dir: str | Path, merged: bool = False, plot_name: str | None = PLOT_FILE) -> str:
     """The model card (Hub README.md): metadata header, base model, dataset, hyperparameters, final losses."""
     run_dir = Path(run_dir)
@@ -226,7 +233,8 @@ def model_card(run_dir: str | Path, merged: bool = False, plot_name: str | None 
     base, dataset = _hub_base(cfg), _hub_dataset(cfg)
     meta: dict[str, Any] = {"library_name": "transformers" if merged else "peft",
                             "pipeline_tag": "text-generation",
-                            "tags": ["lora", "qlora" if cfg.model.bits == 4 else "peft", "trl", "sft", "lora-lab"]}
+                            "tags": [cfg.lora.method, "qlora" if cfg.model.bits == 4 else "peft", "trl", cfg.stage,
+                                     "lora-lab"]}
     if base:
         meta["base_model"] = base
     if dataset:
@@ -234,12 +242,14 @@ def model_card(run_dir: str | Path, merged: bool = False, plot_name: str | None 
     dataset_text = ("the course Q&A bundled with LoRA Lab" if cfg.data.source == BUNDLED_DATASET
                     else f"`{cfg.data.source}`")
     t, lora = cfg.training, cfg.lora
-    kind = "Merged model (LoRA adapter folded into the base weights)" if merged else "LoRA adapter"
+    method = METHOD_NAMES.get(lora.method, lora.method)
+    kind = f"Merged model ({method} adapter folded into the base weights)" if merged else f"{method} adapter"
     rows = [("base model", f"`{base or cfg.model.source}`"),
             ("base precision during training", f"{cfg.model.bits}-bit"
              + (f" {cfg.model.quant_type}, double quant {cfg.model.double_quant}" if cfg.model.bits == 4 else "")),
             ("dataset", f"{dataset_text} (split `{cfg.data.split}`, format `{cfg.data.format}`)"),
-            ("LoRA rank / alpha / dropout", f"{lora.rank} / {lora.alpha:g} / {lora.dropout:g}"),
+            *([("LoRA rank / alpha / dropout", f"{lora.rank} / {lora.alpha:g} / {lora.dropout:g}")]
+              if lora.method in ("lora", "dora", "rslora") else []),
             ("target modules", f"`{lora.target_modules}`"),
             ("learning rate / scheduler / warmup", f"{t.learning_rate:g} / {t.lr_scheduler} / {t.warmup_ratio:g}"),
             ("batch size x accumulation", f"{t.batch_size} x {t.gradient_accumulation}"),
@@ -253,7 +263,8 @@ def model_card(run_dir: str | Path, merged: bool = False, plot_name: str | None 
              f'model = PeftModel.from_pretrained(base, "REPO_ID")')
     lines = ["---", yaml.safe_dump(meta, sort_keys=False, allow_unicode=True).strip(), "---", "",
              f"# {run_dir.name}", "", f"{kind} trained with LoRA Lab "
-             f"(TRL `SFTTrainer`, PEFT LoRA{', QLoRA 4-bit base' if cfg.model.bits == 4 else ''}).", "",
+             f"(TRL `{STAGE_TRAINERS.get(cfg.stage, cfg.stage)}`, PEFT {method}"
+             f"{', 4-bit base' if cfg.model.bits == 4 else ''}).", "",
              "## Training", "", "| setting | value |", "| --- | --- |"]
     lines += [f"| {name} | {value} |" for name, value in rows]
     if plot_name and curves.steps:

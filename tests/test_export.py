@@ -174,3 +174,23 @@ def test_adapter_format_tells_apart_different_adapters(trained_run, tmp_path):
     config["r"] = 16
     (copy / "adapter_config.json").write_text(json.dumps(config))
     assert adapter_format(copy) != adapter_format(trained_run / "adapter")
+
+
+def test_model_card_names_the_stage_and_method_that_trained_it(trained_run, tmp_path):
+    """A DPO run and an IA3 SFT run must not both be described as 'SFTTrainer, PEFT LoRA'."""
+    import shutil
+
+    from finetune.config import save_config
+    from finetune.export import run_config
+
+    for stage, method, trainer, rank_row in (("dpo", "lora", "DPOTrainer", True), ("sft", "ia3", "SFTTrainer", False)):
+        run_dir = tmp_path / f"{stage}-{method}"
+        shutil.copytree(trained_run, run_dir)
+        cfg = run_config(run_dir)
+        cfg.stage, cfg.lora.method = stage, method
+        save_config(cfg, run_dir / "config.yaml")
+        (run_dir / "adapter" / "lora_lab_config.yaml").unlink()  # so the card reads the edited config
+        card = model_card(run_dir)
+        header = yaml.safe_load(card.split("---\n")[1])
+        assert stage in header["tags"] and method in header["tags"]
+        assert f"TRL `{trainer}`" in card and ("LoRA rank / alpha / dropout" in card) == rank_row
