@@ -95,7 +95,7 @@ def _export(store: FeedbackStore, folder: Path, kind: str) -> tuple[str | None, 
         gr.Warning(f"Nothing to export yet: give some {what} in the Chat tab first.")
         return None, f"No rows: no {what} yet."
     return downloadable(path), (f"Wrote {count} rows to {path} "
-                                "(load with datasets.load_dataset('json', data_files=...)).")"
+                                "(load with datasets.load_dataset('json', data_files=...)).")
 
 
 def export_pairs(store: FeedbackStore, folder: Path) -> tuple[str | None, str]:
