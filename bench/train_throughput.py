@@ -11,7 +11,8 @@ pre-tokenized rows in the same order (same seed), so their per-step losses are c
 (a) baseline = the usual recipe: ``prepare_model_for_kbit_training`` (fp32 upcast of every non-quantized weight),
     gradient checkpointing, each batch padded to its longest row, paged AdamW 32-bit, a plain ``Trainer``.
 (b) default  = ``finetune.train.sft_trainer`` with the recipe ``finetune.recipe.resolve_recipe`` picks for this
-    hardware (no upcast, TRL's fused LM head, padding-free batches, Liger on CUDA, checkpointing only if needed).
+    hardware (no upcast, TRL's fused LM head, padding-free batches, Liger on CUDA, checkpointing only if needed;
+    on the CPU, answer tokens only through one log-softmax, ``finetune/lm_head.py``).
 
 Prints for each: useful (non-padding) tokens/s over the timed steps, peak memory (GPU allocator, or process RSS on
 the CPU), the final loss, and the memory estimate the Train tab would show; then the ratios default/baseline.
@@ -158,7 +159,7 @@ def run_config(source: str, args: argparse.Namespace) -> Any:
                      "max_steps": args.steps, "batch_size": args.batch, "logging_steps": 1, "eval_steps": 0,
                      "save_steps": 10_000, "seed": 42, "optimizer": "adamw_torch",
                      "gradient_checkpointing": args.checkpointing, "padding_free": not args.no_padding_free,
-                     "liger_kernels": not args.no_liger},
+                     "liger_kernels": not args.no_liger, "cpu_lm_head": not args.no_cpu_lm_head},
     })
 
 
@@ -372,6 +373,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--checkpointing", default="auto", choices=["auto", "on", "off"])
     parser.add_argument("--no-padding-free", action="store_true")
     parser.add_argument("--no-liger", action="store_true")
+    parser.add_argument("--no-cpu-lm-head", action="store_true", help="TRL's tiled LM head on the CPU too")
     parser.add_argument("--compute-dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                         help="the 4-bit layers' compute dtype for both recipes (auto: the hardware's)")
     parser.add_argument("--memory-cap-gb", type=float, default=None,

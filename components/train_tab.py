@@ -482,6 +482,8 @@ def _advanced_controls(form: dict[str, Any], d: RunConfig) -> None:
                                                         info=_info("training_padding_free"))
             form["training_liger_kernels"] = gr.Checkbox(value=t.liger_kernels, label="Liger kernels (GPU)",
                                                          info=_info("training_liger_kernels"))
+            form["training_cpu_lm_head"] = gr.Checkbox(value=t.cpu_lm_head, label="Answer-only LM head (CPU)",
+                                                       info=_info("training_cpu_lm_head"))
             form["training_seed"] = _number("training_seed", "Seed", t.seed, precision=0)
             form["training_logging_steps"] = _number("training_logging_steps", "Logging steps", t.logging_steps,
                                                      precision=0)
@@ -592,7 +594,7 @@ def _wire(manager: RunManager, profile: HardwareProfile, form: dict[str, Any], p
                                          "model_source", "model_bits", "model_quant_type", "model_double_quant",
                                          "lora_rank", "lora_target_modules", "lora_bias", "training_batch_size",
                                          "data_max_seq_length", "training_gradient_checkpointing", "training_padding_free",
-                                         "training_liger_kernels",
+                                         "training_liger_kernels", "training_cpu_lm_head",
                                          "training_optimizer", "model_compute_dtype")]
     gr.on([c.change for c in estimate_inputs], functools.partial(update_estimate, profile), inputs_kwargs=form,
           outputs=estimate, api_name="estimate", show_progress="hidden", trigger_mode="always_last")

@@ -252,8 +252,22 @@ class ChatEngine:
                 gc.collect()
                 raise ValueError(self._mismatch_message(adapter_dir, cfg, error)) from None
             entry.adapters[name] = adapter_dir
+            self._adapter_in_model_dtype(entry, name)
             entry.model.eval()
             return entry
+
+    def _adapter_in_model_dtype(self, entry: _LoadedBase, name: str) -> None:
+        """On a GPU, the adapter's weights in the dtype the hidden states flow in (bf16/fp16). peft loads them in
+        fp32, so every LoRA layer casts its input up and its output back: two more kernel launches per layer and
+        token, and decoding a small model is bound by launches, not arithmetic. The CPU keeps fp32: its bf16
+        path is slower for these thin products (docs/benchmarks.md)."""
+        if not self.profile.is_cuda:
+            return
+        dtype = entry.base.get_input_embeddings().weight.dtype
+        marker = f".{name}."
+        for parameter_name, parameter in entry.model.named_parameters():
+            if marker in parameter_name and parameter.is_floating_point() and parameter.dtype != dtype:
+                parameter.data = parameter.data.to(dtype)
 
     @staticmethod
     def _mismatch_message(adapter_dir: Path, cfg: ModelConfig, error: BaseException) -> str:

@@ -301,6 +301,10 @@ class TrainingConfig:
     liger_kernels: bool = field(default=True, metadata=_help(
         "Fused Triton kernels from liger-kernel (RMSNorm, RoPE, SwiGLU) on CUDA GPUs when the package is "
         "installed; ignored on the CPU."))
+    cpu_lm_head: bool = field(default=True, metadata=_help(
+        "On the CPU, score only the answer tokens with one log-softmax instead of TRL's tile-by-tile GPU design "
+        "(same numbers, about 1.3x faster steps, the answer tokens' logits held until the backward); ignored on "
+        "GPUs."))
     seed: int = field(default=42, metadata=_help("Random seed for data order and adapter init."))
     logging_steps: int = field(default=1, metadata=_help("Log the training loss every N steps."))
     eval_steps: int = field(default=10, metadata=_help("Compute the eval loss every N steps (0 = only at the end)."))
@@ -326,6 +330,7 @@ class TrainingConfig:
         check.choice("gradient_checkpointing", CHECKPOINTING, "Gradient checkpointing")
         check.flag("padding_free", "Padding-free batches")
         check.flag("liger_kernels", "Liger kernels")
+        check.flag("cpu_lm_head", "CPU LM head")
         check.int_field("seed", low=0, what="Seed")
         check.int_field("logging_steps", low=1, what="Logging steps")
         check.int_field("eval_steps", low=0, what="Eval steps")

@@ -13,6 +13,7 @@ LoRA Lab's default avoids each of those waste sources with maintained libraries 
 | Liger kernels          | Triton RMSNorm, RoPE, SwiGLU                                     | CUDA + package |
 | checkpointing "auto"   | recompute activations only when the estimate says they won't fit | switchable    |
 | fused AdamW            | one kernel for all adapter tensors instead of a loop             | CUDA          |
+| CPU LM head            | answer tokens only, one log-softmax (finetune/lm_head.py)        | CPU           |
 | quant storage          | 4-bit weights packed in the compute dtype (FSDP can shard them)  | CUDA          |
 
 ``resolve_recipe`` is pure and cheap: the trainer, the Train tab and the benchmark call it, and the run records
@@ -39,6 +40,7 @@ class Recipe:
     packed_attention: bool
     liger_kernels: bool
     gradient_checkpointing: bool
+    cpu_lm_head: bool
     optimizer: str
     notes: tuple[str, ...] = field(default_factory=tuple)
 
@@ -97,5 +99,9 @@ def resolve_recipe(cfg: RunConfig, profile: HardwareProfile) -> Recipe:
     optimizer = _optimizer(cfg, profile)
     if optimizer != cfg.training.optimizer:
         notes.append(f"optimizer {cfg.training.optimizer} -> {optimizer} (same math, fused on the GPU)")
+    cpu_lm_head = cfg.training.cpu_lm_head and not profile.is_cuda
+    if cpu_lm_head:
+        notes.append("LM head on the CPU: answer tokens only, one log-softmax (TRL's tiles are built for GPUs)")
     return Recipe(padding_free=padding_free, packed_attention=packed, liger_kernels=liger,
-                  gradient_checkpointing=checkpointing, optimizer=optimizer, notes=tuple(notes))
+                  gradient_checkpointing=checkpointing, cpu_lm_head=cpu_lm_head, optimizer=optimizer,
+                  notes=tuple(notes))

@@ -32,10 +32,12 @@ import torch
 
 from finetune.config import KTO_LOSSES, ModelConfig, RunConfig, load_config, save_config
 from finetune.hardware import HardwareProfile, detect
+from finetune.lm_head import use_cpu_lm_head
 from finetune.metrics import STOP_FILE, MetricsCallback
 from finetune.models import (ModelSourceError, count_parameters, from_hub_or_cache, load_model, load_tokenizer,
                              model_load_kwargs)
 from finetune.preference import PreferenceData, PreferenceError, load_preferences
+from finetune.recipe import resolve_recipe
 from finetune.runs import REWARD_DIR
 from finetune.train import (ADAPTER_DIR, CONFIG_COPY, _write_run_info, keep_adapters_in_compute_dtype,
                             last_checkpoint, to_lora_config, training_args)
@@ -148,6 +150,7 @@ def build_reward_trainer(cfg: RunConfig, run_dir: Path) -> tuple[Any, MetricsCal
 
 def _policy_model(cfg: RunConfig, run_dir: Path, profile: HardwareProfile) -> tuple[Any, Any, str]:
     """(model, peft_config or None, what it starts from): a fresh LoRA, or the SFT adapter to keep training."""
+    use_cpu_lm_head(resolve_recipe(cfg, profile).cpu_lm_head)  # DPO, KTO and GRPO score tokens like SFT does
     model = load_model(cfg.model, profile)
     if not cfg.preference.start_adapter:
         return model, to_lora_config(cfg), "base model"

@@ -33,6 +33,7 @@ from finetune.hardware import HardwareProfile, detect
 from finetune.metrics import HOSTNAME, STOP_FILE, MetricsCallback, write_status
 from finetune.models import ModelSourceError, count_parameters, load_model, load_tokenizer, resolve_source
 from finetune.attention import use_varlen_attention
+from finetune.lm_head import use_cpu_lm_head
 from finetune.recipe import resolve_recipe
 
 ADAPTER_DIR, CHECKPOINT_DIR, RUN_INFO_FILE = "adapter", "checkpoints", "run_info.json"
@@ -143,8 +144,10 @@ def sft_trainer(cfg: RunConfig, profile: HardwareProfile, model: Any, tokenizer:
     from trl import SFTTrainer
 
     args = to_sft_config(cfg, profile, run_dir, has_eval=evaluation is not None)
-    if resolve_recipe(cfg, profile).packed_attention:
+    recipe = resolve_recipe(cfg, profile)
+    if recipe.packed_attention:
         use_varlen_attention(model)
+    use_cpu_lm_head(recipe.cpu_lm_head)
     trainer = SFTTrainer(model=model, args=args, train_dataset=train, eval_dataset=evaluation,
                          processing_class=tokenizer, peft_config=to_peft_config(cfg), callbacks=callbacks)
     keep_adapters_in_compute_dtype(trainer.model, profile)

@@ -183,3 +183,23 @@ def test_a_run_id_with_dots_chats_like_any_other(engine, model_cfg, adapters):
     assert tuned == engine.answer_pair("Hello there", [], [], model_cfg, "run-a", adapters["run-a"], GREEDY)[1]
     alone = list(engine.stream("Hello there", [], model_cfg, "run-a.v2", adapters["run-a"], GREEDY))[-1]
     assert alone == tuned and base != tuned
+
+
+def test_on_a_gpu_the_adapter_is_kept_in_the_models_dtype(tiny_model_dir, adapters):
+    """peft loads LoRA weights in fp32; on a GPU each layer would then cast its input and output every token.
+    No GPU here: the rule runs with a CUDA hardware profile on CPU tensors (the speed is bench/chat_latency.py's)."""
+    from finetune.hardware import profile_for
+
+    engine, cfg = ChatEngine(), ModelConfig(source=str(tiny_model_dir), bits=16)
+    entry = engine.attach(cfg, "run-a", adapters["run-a"])
+    lora = {n: p for n, p in entry.model.named_parameters() if "lora_" in n}
+    model_dtype = entry.base.get_input_embeddings().weight.dtype
+    assert model_dtype != torch.float32 and {p.dtype for p in lora.values()} == {torch.float32}  # CPU: kept
+
+    engine.profile = profile_for("cuda", "Tesla T4", 15.0, (7, 5))
+    entry = engine.attach(cfg, "run-b", adapters["run-b"])
+    by_adapter = {name: {p.dtype for n, p in entry.model.named_parameters() if f".{name}." in n}
+                  for name in ("run-a", "run-b")}
+    assert by_adapter == {"run-a": {torch.float32}, "run-b": {model_dtype}}
+    base, tuned = engine.answer_pair("Hello", [], [], cfg, "run-b", adapters["run-b"], GREEDY)
+    assert base and tuned and base != tuned
