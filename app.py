@@ -57,7 +57,7 @@ def build_app(runs_root: str = "runs", profile: HardwareProfile | None = None,
         chat_tab.select(functools.partial(adapter_choices, manager), chat["run"], chat["run"],
                         api_visibility="private")
         with gr.Tab("RLHF", id="rlhf"):
-            build_rlhf_tab(manager, store.path, chat)
+            build_rlhf_tab(manager, store.path, chat, engine)
         with gr.Tab("Feedback", id="feedback") as feedback_tab:
             feedback = build_feedback_tab(store, Path(runs_root) / "feedback-exports")
         feedback_tab.select(feedback["summary_fn"], None, [feedback["sync"], feedback["counts"], feedback["recent"],

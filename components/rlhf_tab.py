@@ -20,6 +20,7 @@ from typing import Any
 import gradio as gr
 import pandas as pd
 
+from finetune.chat import ChatEngine
 from finetune.config import (DPO_LOSSES, EMBEDDED_MODEL, KTO_LOSSES, ConfigError, RunConfig, field_help,
                              from_dict, load_config, to_dict)
 from finetune.data import DataError
@@ -308,8 +309,8 @@ def last_chat_turn(base_chat: list[dict[str, Any]] | None, tuned_chat: list[dict
     return base[-2]["content"], base[-1]["content"], tuned[-1]["content"]
 
 
-def compare_policy(manager: RunManager, cache: ScorerCache, reward_run: str | None, policy_run: str | None,
-                   prompts: float, max_new_tokens: float) -> tuple[str, pd.DataFrame]:
+def compare_policy(manager: RunManager, cache: ScorerCache, engine: ChatEngine, reward_run: str | None,
+                   policy_run: str | None, prompts: float, max_new_tokens: float) -> tuple[str, pd.DataFrame]:
     """Greedy answers of the base model and of the preference-tuned adapter on held-out prompts, scored by the
     reward model: the number that says whether the tuning moved the answers in the preferred direction."""
     from finetune.rlhf import compare_with_reward
@@ -321,8 +322,9 @@ def compare_policy(manager: RunManager, cache: ScorerCache, reward_run: str | No
         scorer = cache.get(_reward_folder(manager, reward_run))
         cfg = load_config(manager.run_dir(policy_run) / "config.yaml")
         questions = held_out_prompts(cfg.data, limit=max(1, int(prompts)))
-        result = compare_with_reward(scorer, cfg.model, adapters[policy_run], questions, int(max_new_tokens))
-    except (DataError, ModelSourceError, ConfigError, OSError, ValueError) as error:
+        result = compare_with_reward(scorer, engine, cfg.model, policy_run, adapters[policy_run], questions,
+                                     int(max_new_tokens))
+    except (DataError, ModelSourceError, ConfigError, OSError, ValueError, RuntimeError) as error:
         raise gr.Error(f"Could not compare: {error}") from None
     table = pd.DataFrame({"prompt": result.prompts, "base answer": result.base_answers,
                           "base reward": result.base_scores, "tuned answer": result.tuned_answers,
@@ -512,9 +514,10 @@ def _advanced(form: dict[str, Any], defaults: RunConfig) -> None:
 
 
 def build_rlhf_tab(manager: RunManager, feedback_db: str | Path | None = None,
-                   chat: dict[str, Any] | None = None) -> dict[str, Any]:
+                   chat: dict[str, Any] | None = None, engine: ChatEngine | None = None) -> dict[str, Any]:
     """Lay out the four steps and wire them; ``chat`` (the Chat tab's components) lets the playground take
-    the last chat turn. Returns the components by name."""
+    the last chat turn, and ``engine`` (the Chat tab's models) answers step 4's comparison without loading a
+    second copy of the base. Returns the components by name."""
     feedback_db = Path(feedback_db) if feedback_db else None
     form: dict[str, Any] = {}
     gr.Markdown("## RLHF in four steps\nEach step below uses what the step before produced.")
@@ -526,14 +529,14 @@ def build_rlhf_tab(manager: RunManager, feedback_db: str | Path | None = None,
     _advanced(form, _preset("dpo"))
     log = gr.Textbox(label="Training log (last lines)", lines=8, max_lines=8, interactive=False,
                      elem_id="rlhf-log")
-    _wire(manager, feedback_db, form, pipeline, data_view, reward, policy, log, chat)
+    _wire(manager, feedback_db, form, pipeline, data_view, reward, policy, log, chat, engine or ChatEngine())
     return {**form, "pipeline": pipeline, "log": log, **{f"data_{k}": v for k, v in data_view.items()},
             **{f"reward_{k}": v for k, v in reward.items()}, **{f"policy_{k}": v for k, v in policy.items()}}
 
 
 def _wire(manager: RunManager, feedback_db: Path | None, form: dict[str, Any], pipeline: Any,
           data_view: dict[str, Any], reward: dict[str, Any], policy: dict[str, Any], log: Any,
-          chat: dict[str, Any] | None) -> None:
+          chat: dict[str, Any] | None, engine: ChatEngine) -> None:
     cache = ScorerCache()
     summary = functools.partial(pipeline_text, manager)
     gr.on([form[k].change for k in ("model_kind", "model_source", "model_bits", "start_adapter", "data_kind",
@@ -572,7 +575,7 @@ def _wire(manager: RunManager, feedback_db: Path | None, form: dict[str, Any], p
         reward["take_chat"].click(last_chat_turn, [chat["base_chat"], chat["tuned_chat"]],
                                   [reward["prompt"], reward["answer_a"], reward["answer_b"]],
                                   api_visibility="private")
-    policy["compare"].click(functools.partial(compare_policy, manager, cache),
+    policy["compare"].click(functools.partial(compare_policy, manager, cache, engine),
                             [form["reward_run"], policy["watching"], policy["compare_prompts"],
                              policy["compare_tokens"]], [policy["compare_summary"], policy["compare_table"]],
                             api_name="rlhf_compare", concurrency_limit=1, concurrency_id="reward")

@@ -26,7 +26,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -41,6 +41,9 @@ from finetune.recipe import resolve_recipe
 from finetune.runs import REWARD_DIR
 from finetune.train import (ADAPTER_DIR, CONFIG_COPY, _write_run_info, keep_adapters_in_compute_dtype,
                             last_checkpoint, to_lora_config, training_args)
+
+if TYPE_CHECKING:
+    from finetune.chat import ChatEngine
 
 Messages = list[dict[str, str]]
 
@@ -321,37 +324,21 @@ class RewardScorer:
         return a, b
 
 
-@torch.no_grad()
-def generate_pairs(model_cfg: ModelConfig, adapter_dir: str | Path, prompts: list[str], max_new_tokens: int = 96,
-                   profile: HardwareProfile | None = None) -> tuple[list[str], list[str]]:
-    """Greedy answers of the base model (adapter disabled) and of the adapter, for the same prompts."""
-    from peft import PeftModel
+def generate_pairs(engine: ChatEngine, model_cfg: ModelConfig, adapter_name: str, adapter_dir: str | Path,
+                   prompts: list[str], max_new_tokens: int = 96) -> tuple[list[str], list[str]]:
+    """Greedy answers of the base model and of the adapter to the same prompts, from the Chat tab's engine: the
+    model it already holds, both answers in one batched call per prompt (no second copy of the base)."""
+    from finetune.chat import SamplingSettings
 
-    profile = profile or detect()
-    tokenizer = load_tokenizer(model_cfg)
-    tokenizer.padding_side = "left"  # generation continues every row from its own last token
-    model = PeftModel.from_pretrained(load_model(model_cfg, profile), str(adapter_dir)).eval()
-    model.config.use_cache = True
-    texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
-                                           add_generation_prompt=True) for p in prompts]
-    batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
-    batch = {k: v.to(next(model.parameters()).device) for k, v in batch.items()}
-    settings = dict(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id,
-                    eos_token_id=tokenizer.eos_token_id)
-
-    def decode(output: torch.Tensor) -> list[str]:
-        return tokenizer.batch_decode(output[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
-
-    with model.disable_adapter():
-        base = decode(model.generate(**batch, **settings))
-    tuned = decode(model.generate(**batch, **settings))
-    return [t.strip() for t in base], [t.strip() for t in tuned]
+    settings = SamplingSettings(max_new_tokens=max_new_tokens, temperature=0.0)
+    pairs = [engine.answer_pair(prompt, [], [], model_cfg, adapter_name, adapter_dir, settings) for prompt in prompts]
+    return [base.strip() for base, _ in pairs], [tuned.strip() for _, tuned in pairs]
 
 
-def compare_with_reward(scorer: RewardScorer, model_cfg: ModelConfig, adapter_dir: str | Path, prompts: list[str],
-                        max_new_tokens: int = 96) -> PolicyComparison:
+def compare_with_reward(scorer: RewardScorer, engine: ChatEngine, model_cfg: ModelConfig, adapter_name: str,
+                        adapter_dir: str | Path, prompts: list[str], max_new_tokens: int = 96) -> PolicyComparison:
     """Does the tuned adapter answer held-out prompts in the direction the reward model prefers?"""
     if not prompts:
         raise PreferenceError("No held-out prompts to compare on.")
-    base, tuned = generate_pairs(model_cfg, adapter_dir, prompts, max_new_tokens, scorer.profile)
+    base, tuned = generate_pairs(engine, model_cfg, adapter_name, adapter_dir, prompts, max_new_tokens)
     return PolicyComparison(prompts, base, tuned, scorer.score(prompts, base), scorer.score(prompts, tuned))

@@ -116,15 +116,22 @@ def test_dpo_logs_rising_margins_and_saves_a_chat_adapter(tiny_model_dir, dpo_ru
 
 def test_reward_model_scores_base_and_dpo_answers(reward_run, dpo_run):
     """The comparison behind step 4's "did the answers move" button: greedy answers of the base model (adapter
-    disabled) and of the DPO adapter, each scored by the reward model."""
+    disabled) and of the DPO adapter from the Chat tab's engine (its one base, no second copy), each scored by
+    the reward model; the same answers the Chat tab gives."""
+    from finetune.chat import ChatEngine, SamplingSettings
     from finetune.rlhf import RewardScorer, compare_with_reward
 
     reward_manager, reward_id = reward_run
     _, cfg, run_dir = dpo_run
     scorer = RewardScorer(reward_manager.reward_models()[reward_id])
     prompts = ["What does setting 3 control in LoRA?", "What does setting 17 control in LoRA?"]
-    result = compare_with_reward(scorer, cfg.model, run_dir / "adapter", prompts, max_new_tokens=6)
-    assert len(result.base_answers) == len(result.tuned_answers) == 2
+    engine = ChatEngine()
+    result = compare_with_reward(scorer, engine, cfg.model, "dpo-run", run_dir / "adapter", prompts, max_new_tokens=6)
+    assert len(result.base_answers) == len(result.tuned_answers) == 2 and engine.base_loads == 1
+    greedy = SamplingSettings(max_new_tokens=6, temperature=0.0)
+    assert result.tuned_answers[1] == list(engine.stream(prompts[1], [], cfg.model, "dpo-run", run_dir / "adapter",
+                                                          greedy))[-1].strip()
+    assert result.base_answers[0] == list(engine.stream(prompts[0], [], cfg.model, settings=greedy))[-1].strip()
     assert result.base_scores == pytest.approx(scorer.score(prompts, result.base_answers), abs=1e-4)
     assert result.tuned_scores == pytest.approx(scorer.score(prompts, result.tuned_answers), abs=1e-4)
     assert result.base_mean == pytest.approx(sum(result.base_scores) / 2)
@@ -277,3 +284,25 @@ def test_tab_refuses_malformed_pairs_before_starting_anything(tiny_model_dir, tm
     _, message = start_stage(manager, None, "policy", **{**form, "data_kind": "Collected feedback"})
     assert "no feedback store" in message
     assert manager.list_ids() == []  # nothing was started
+
+
+def test_step_4_comparison_uses_the_chat_models_engine(reward_run, dpo_run):
+    """The RLHF tab's "did the answers move" button: its answers come from the engine the Chat tab holds (one
+    base in memory however often it is clicked), scored by the picked reward model."""
+    import shutil
+
+    from components.rlhf_tab import ScorerCache, compare_policy
+    from finetune.chat import ChatEngine
+
+    from finetune.config import save_config
+
+    reward_manager, reward_id = reward_run
+    manager, cfg, run_dir = dpo_run
+    save_config(cfg, run_dir / "config.yaml")  # what the run manager writes before a run from the app
+    shutil.copytree(reward_manager.run_dir(reward_id), manager.run_dir(reward_id), dirs_exist_ok=True)
+    engine, cache = ChatEngine(), ScorerCache()
+    for _ in range(2):
+        summary, table = compare_policy(manager, cache, engine, reward_id, "dpo-test", 2, 6)
+        assert "Mean reward on 2 held-out prompts" in summary and len(table) == 2
+    assert engine.base_loads == 1
+    assert table["base reward"].notna().all() and table["tuned reward"].notna().all()
