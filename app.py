@@ -28,6 +28,7 @@ from components.quant_tab import build_quant_tab
 from components.rlhf_tab import build_rlhf_tab
 from components.train_tab import build_train_tab
 from finetune.chat import ChatEngine
+from finetune.rlhf import ScorerCache
 from finetune.compare import CompareQueue
 from finetune.feedback import FeedbackStore, LangSmithSettings
 from finetune.hardware import HardwareProfile, detect
@@ -46,6 +47,7 @@ def build_app(runs_root: str = "runs", profile: HardwareProfile | None = None,
     # Feedback lives beside the runs unless told otherwise; LangSmith sync only when LANGSMITH_API_KEY is set.
     store = FeedbackStore(feedback_db or Path(runs_root) / "feedback.db", langsmith=LangSmithSettings.from_env())
     engine = ChatEngine(profile)
+    scorers = ScorerCache(profile)  # the reward model in memory, for the RLHF and Evaluate tabs alike
     with gr.Blocks(title="LoRA Lab") as demo:
         gr.Markdown(f"# LoRA Lab\nFine-tune a language model with LoRA / QLoRA and compare it with its base.  \n"
                     f"**Hardware:** {profile.summary()}")
@@ -57,7 +59,7 @@ def build_app(runs_root: str = "runs", profile: HardwareProfile | None = None,
         chat_tab.select(functools.partial(adapter_choices, manager), chat["run"], chat["run"],
                         api_visibility="private")
         with gr.Tab("RLHF", id="rlhf"):
-            build_rlhf_tab(manager, store.path, chat, engine)
+            build_rlhf_tab(manager, store.path, chat, engine, scorers)
         with gr.Tab("Feedback", id="feedback") as feedback_tab:
             feedback = build_feedback_tab(store, Path(runs_root) / "feedback-exports")
         feedback_tab.select(feedback["summary_fn"], None, [feedback["sync"], feedback["counts"], feedback["recent"],
@@ -67,7 +69,7 @@ def build_app(runs_root: str = "runs", profile: HardwareProfile | None = None,
         export_tab.select(functools.partial(export_choices, manager), export["run"], export["run"],
                           api_visibility="private")
         with gr.Tab("Evaluate", id="evaluate") as eval_tab:
-            evaluation = build_eval_tab(manager, engine, store.path)
+            evaluation = build_eval_tab(manager, engine, store.path, scorers)
         eval_tab.select(functools.partial(run_choices, manager), evaluation["runs"],
                         [evaluation["runs"], evaluation["ckpt_run"]], api_visibility="private")
         with gr.Tab("Compare", id="compare"):

@@ -21,8 +21,9 @@ import pandas as pd
 from finetune.chat import ChatEngine
 from finetune.config import BUNDLED_DATASET, ConfigError, load_config
 from finetune.data import first_line
+from finetune.rlhf import ScorerCache
 from finetune.evaluate import (Candidate, adapter_name, candidate_answer, candidate_loss, candidates, load_eval_rows,
-                               model_label, read_win_counts, reference_pairs, reward_models, reward_scores, rouge_l,
+                               model_label, read_win_counts, reference_pairs, reward_models, rouge_l,
                                run_checkpoints, win_rate)
 from finetune.runs import RunError, RunManager
 
@@ -115,23 +116,24 @@ def _loss_summary(frame: pd.DataFrame, chosen: list[Candidate]) -> str:
     return "\n".join(lines)
 
 
-def add_reward_scores(manager: RunManager, frame: pd.DataFrame, prompts: list[list[dict[str, str]]]) -> str:
+def add_reward_scores(manager: RunManager, scorers: ScorerCache, frame: pd.DataFrame,
+                      prompts: list[list[dict[str, str]]]) -> str:
     """Add a 'reward' column from the newest reward run, if there is one; returns a note for the summary."""
     runs = reward_models(manager)
     if not runs:
         return "No reward model yet: train one from your votes (reward stage) to score these answers."
     run_id, folder = next(iter(runs.items()))
     try:
-        frame["reward"] = [round(x, 4) for x in reward_scores(folder, prompts, list(frame["answer"]))]
+        frame["reward"] = [round(x, 4) for x in scorers.get(folder).score(prompts, list(frame["answer"]))]
     except Exception as error:  # a reward model that cannot load must not lose the answers already generated
         return f"Reward run `{run_id}` could not score the answers: {first_line(error, 200)}"
     means = frame.groupby("model", sort=False)["reward"].mean()
     return f"**Mean reward (run `{run_id}`):** " + " · ".join(f"`{n}` {v:.3f}" for n, v in means.items())
 
 
-def compare_generations(manager: RunManager, engine: ChatEngine, run_ids: list[str] | None, source: str,
-                        split: str, prompts: float, max_new_tokens: float, progress: gr.Progress = gr.Progress()
-                        ) -> tuple[pd.DataFrame, str]:
+def compare_generations(manager: RunManager, engine: ChatEngine, scorers: ScorerCache, run_ids: list[str] | None,
+                        source: str, split: str, prompts: float, max_new_tokens: float,
+                        progress: gr.Progress = gr.Progress()) -> tuple[pd.DataFrame, str]:
     """Greedy answers of each base and adapter on the first N held-out prompts, with ROUGE-L (and reward)."""
     run_dirs = _run_dirs(manager, run_ids)
     if not prompts or prompts < 1 or prompts > 50 or not float(prompts).is_integer():
@@ -151,7 +153,7 @@ def compare_generations(manager: RunManager, engine: ChatEngine, run_ids: list[s
                           "answer": answer, "ROUGE-L": _round(rouge_l(answer, reference))})
             asked.append(prompt)
     frame = pd.DataFrame(table)
-    reward_note = add_reward_scores(manager, frame, asked)
+    reward_note = add_reward_scores(manager, scorers, frame, asked)
     means = frame.groupby("model", sort=False)["ROUGE-L"].mean()
     summary = "**Mean ROUGE-L vs reference:** " + " · ".join(
         f"`{name}` {value:.3f}" for name, value in means.items() if pd.notna(value))
@@ -271,8 +273,10 @@ def _checkpoint_section() -> dict[str, Any]:
     return ui
 
 
-def build_eval_tab(manager: RunManager, engine: ChatEngine, feedback_db: str | Path | None = None) -> dict[str, Any]:
-    """``feedback_db``: the votes' SQLite file (default: feedback.db beside the runs)."""
+def build_eval_tab(manager: RunManager, engine: ChatEngine, feedback_db: str | Path | None = None,
+                   scorers: ScorerCache | None = None) -> dict[str, Any]:
+    """``feedback_db``: the votes' SQLite file (default: feedback.db beside the runs); ``scorers``: the reward
+    model in memory, shared with the RLHF tab."""
     gr.Markdown(LEARN_EVAL)
     with gr.Row():
         runs = gr.Dropdown([], multiselect=True, label="Runs to evaluate (adapters)", elem_id="eval-runs", scale=4,
@@ -280,11 +284,11 @@ def build_eval_tab(manager: RunManager, engine: ChatEngine, feedback_db: str | P
         refresh = gr.Button("Refresh runs", size="sm", scale=1)
     ui = {"runs": runs, "refresh": refresh, **_loss_section(), **_generation_section(), **_votes_section(),
           **_checkpoint_section()}
-    _wire(manager, engine, Path(feedback_db or manager.root / "feedback.db"), ui)
+    _wire(manager, engine, scorers or ScorerCache(), Path(feedback_db or manager.root / "feedback.db"), ui)
     return ui
 
 
-def _wire(manager: RunManager, engine: ChatEngine, feedback_db: Path, ui: dict[str, Any]) -> None:
+def _wire(manager: RunManager, engine: ChatEngine, scorers: ScorerCache, feedback_db: Path, ui: dict[str, Any]) -> None:
     choices = functools.partial(run_choices, manager)
     ui["refresh"].click(choices, ui["runs"], [ui["runs"], ui["ckpt_run"]], api_name="list_eval_runs")
     data = [ui["source"], ui["split"]]
@@ -292,7 +296,7 @@ def _wire(manager: RunManager, engine: ChatEngine, feedback_db: Path, ui: dict[s
                             [ui["runs"], *data, ui["limit"], ui["batch_size"]],
                             [ui["loss_table"], ui["loss_plot"], ui["loss_summary"]], api_name="eval_loss",
                             **CONCURRENCY)
-    ui["gen_button"].click(functools.partial(compare_generations, manager, engine),
+    ui["gen_button"].click(functools.partial(compare_generations, manager, engine, scorers),
                            [ui["runs"], *data, ui["prompts"], ui["max_new_tokens"]],
                            [ui["gen_table"], ui["gen_summary"]], api_name="eval_generations", **CONCURRENCY)
     ui["win_button"].click(functools.partial(win_rates, feedback_db), None, [ui["win_table"], ui["win_note"]],

@@ -12,7 +12,6 @@ Handlers take the form as keyword arguments (``inputs_kwargs``), so ``gradio_cli
 from __future__ import annotations
 
 import functools
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -28,6 +27,7 @@ from finetune.metrics import read_metrics, read_status, write_status
 from finetune.models import ModelSourceError
 from finetune.preference import (BUNDLED_PREFERENCES, PreferenceError, export_feedback, feedback_available,
                                  held_out_prompts, load_preferences, preview_preferences)
+from finetune.rlhf import ScorerCache
 from finetune.runs import REWARD_DIR, RunInProgressError, RunManager, check_sources
 from components.train_tab import stop_run
 
@@ -239,24 +239,6 @@ def poll_rlhf(manager: RunManager, reward_id: str, policy_id: str) -> tuple[Any,
 
 
 # --- the playground and the comparison ---------------------------------------------------------------------------
-
-class ScorerCache:
-    """One reward model in memory at a time (the CPU has no room for several next to the chat model)."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._folder: Path | None = None
-        self._scorer: Any = None
-
-    def get(self, folder: Path) -> Any:
-        from finetune.rlhf import RewardScorer
-
-        with self._lock:
-            if self._folder != folder:
-                self._scorer, self._folder = None, None
-                self._scorer, self._folder = RewardScorer(folder), folder
-            return self._scorer
-
 
 def reward_choices(manager: RunManager, current: str | None = None) -> Any:
     ids = list(manager.reward_models())
@@ -514,10 +496,12 @@ def _advanced(form: dict[str, Any], defaults: RunConfig) -> None:
 
 
 def build_rlhf_tab(manager: RunManager, feedback_db: str | Path | None = None,
-                   chat: dict[str, Any] | None = None, engine: ChatEngine | None = None) -> dict[str, Any]:
+                   chat: dict[str, Any] | None = None, engine: ChatEngine | None = None,
+                   scorers: ScorerCache | None = None) -> dict[str, Any]:
     """Lay out the four steps and wire them; ``chat`` (the Chat tab's components) lets the playground take
-    the last chat turn, and ``engine`` (the Chat tab's models) answers step 4's comparison without loading a
-    second copy of the base. Returns the components by name."""
+    the last chat turn, ``engine`` (the Chat tab's models) answers step 4's comparison without loading a
+    second copy of the base, and ``scorers`` holds the reward model the Evaluate tab uses too. Returns the
+    components by name."""
     feedback_db = Path(feedback_db) if feedback_db else None
     form: dict[str, Any] = {}
     gr.Markdown("## RLHF in four steps\nEach step below uses what the step before produced.")
@@ -529,15 +513,15 @@ def build_rlhf_tab(manager: RunManager, feedback_db: str | Path | None = None,
     _advanced(form, _preset("dpo"))
     log = gr.Textbox(label="Training log (last lines)", lines=8, max_lines=8, interactive=False,
                      elem_id="rlhf-log")
-    _wire(manager, feedback_db, form, pipeline, data_view, reward, policy, log, chat, engine or ChatEngine())
+    _wire(manager, feedback_db, form, pipeline, data_view, reward, policy, log, chat, engine or ChatEngine(),
+          scorers or ScorerCache())
     return {**form, "pipeline": pipeline, "log": log, **{f"data_{k}": v for k, v in data_view.items()},
             **{f"reward_{k}": v for k, v in reward.items()}, **{f"policy_{k}": v for k, v in policy.items()}}
 
 
 def _wire(manager: RunManager, feedback_db: Path | None, form: dict[str, Any], pipeline: Any,
           data_view: dict[str, Any], reward: dict[str, Any], policy: dict[str, Any], log: Any,
-          chat: dict[str, Any] | None, engine: ChatEngine) -> None:
-    cache = ScorerCache()
+          chat: dict[str, Any] | None, engine: ChatEngine, cache: ScorerCache) -> None:
     summary = functools.partial(pipeline_text, manager)
     gr.on([form[k].change for k in ("model_kind", "model_source", "model_bits", "start_adapter", "data_kind",
                                     "data_file", "data_hub_name", "method", "reward_run")],

@@ -297,13 +297,6 @@ def reward_models(manager: Any) -> dict[str, Path]:
     return finder() if finder else {}
 
 
-def reward_scores(folder: Path, prompts: list[list[dict[str, str]]], answers: list[str]) -> list[float]:
-    """One scalar per (prompt, answer) from a reward run's model (``finetune.rlhf``, imported only when needed)."""
-    from finetune.rlhf import RewardScorer
-
-    return RewardScorer(folder).score(prompts, answers)
-
-
 def load_eval_rows(source: str, split: str, limit: int | None) -> Any:
     """eval_rows with a user-facing error for a bad dataset or split."""
     try:

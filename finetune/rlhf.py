@@ -24,6 +24,7 @@ A reward run evaluates the held-out pairs once before training (step 0), so its 
 from __future__ import annotations
 
 import os
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -322,6 +323,27 @@ class RewardScorer:
         """Scores of two answers to one prompt; the higher one is what the reward model prefers."""
         a, b = self.score([prompt, prompt], [answer_a, answer_b])
         return a, b
+
+
+class ScorerCache:
+    """One reward model in memory at a time, shared by the app's tabs (the CPU has no room for several next to
+    the chat model, and loading one per click cost seconds)."""
+
+    def __init__(self, profile: HardwareProfile | None = None) -> None:
+        self._lock = threading.Lock()
+        self._profile = profile
+        self._folder: Path | None = None
+        self._scorer: RewardScorer | None = None
+        self.loads = 0  # how many reward models were loaded from disk (tests check reuse)
+
+    def get(self, folder: str | Path) -> RewardScorer:
+        folder = Path(folder)
+        with self._lock:
+            if self._folder != folder or self._scorer is None:
+                self._scorer, self._folder = None, None  # drop the old one before loading the next
+                self._scorer, self._folder = RewardScorer(folder, self._profile), folder
+                self.loads += 1
+            return self._scorer
 
 
 def generate_pairs(engine: ChatEngine, model_cfg: ModelConfig, adapter_name: str, adapter_dir: str | Path,

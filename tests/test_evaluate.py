@@ -228,13 +228,15 @@ def test_side_by_side_generations_with_rouge_and_reward(trained_run, tiny_model_
     from conftest import write_jsonl
     from finetune.chat import ChatEngine
     from finetune.config import from_dict, save_config
+    from finetune.rlhf import ScorerCache
     from finetune.runs import RunManager
     from finetune.train import run
 
     run_dir, data = trained_run
     manager = RunManager(tmp_path / "runs")
     shutil.copytree(run_dir, manager.root / "tiny-style")
-    assert "No reward model yet" in add_reward_scores(manager, None, [])
+    scorers = ScorerCache()
+    assert "No reward model yet" in add_reward_scores(manager, scorers, None, [])
     pairs = write_jsonl(tmp_path / "pairs.jsonl", [
         {"prompt": f"What does setting {i} control?", "chosen": f"🧪 Lab note: setting {i} controls the adapter.",
          "rejected": "It depends."} for i in range(8)])
@@ -246,12 +248,14 @@ def test_side_by_side_generations_with_rouge_and_reward(trained_run, tiny_model_
                      "warmup_ratio": 0.0}})
     save_config(reward_cfg, manager.root / "reward" / "config.yaml")
     assert run(reward_cfg, manager.root / "reward") == 0
-    frame, summary = compare_generations(manager, ChatEngine(), ["tiny-style"], str(data), "train", 2, 6)
+    frame, summary = compare_generations(manager, ChatEngine(), scorers, ["tiny-style"], str(data), "train", 2, 6)
     assert len(frame) == 4 and frame["model"].tolist()[1::2] == ["tiny-style", "tiny-style"]
     assert frame["reference"].str.contains("Lab note").all()
     assert frame["ROUGE-L"].between(0, 1).all()
     assert frame["reward"].notna().all() and frame["reward"].nunique() > 1
     assert "Mean ROUGE-L" in summary and "Mean reward (run `reward`)" in summary
+    again, _ = compare_generations(manager, ChatEngine(), scorers, ["tiny-style"], str(data), "train", 2, 6)
+    assert again["reward"].tolist() == frame["reward"].tolist() and scorers.loads == 1  # loaded once, reused
 
 
 def test_loss_summary_compares_each_adapter_with_its_own_base(tmp_path):

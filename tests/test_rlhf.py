@@ -291,8 +291,9 @@ def test_step_4_comparison_uses_the_chat_models_engine(reward_run, dpo_run):
     base in memory however often it is clicked), scored by the picked reward model."""
     import shutil
 
-    from components.rlhf_tab import ScorerCache, compare_policy
+    from components.rlhf_tab import compare_policy
     from finetune.chat import ChatEngine
+    from finetune.rlhf import ScorerCache
 
     from finetune.config import save_config
 
@@ -304,5 +305,5 @@ def test_step_4_comparison_uses_the_chat_models_engine(reward_run, dpo_run):
     for _ in range(2):
         summary, table = compare_policy(manager, cache, engine, reward_id, "dpo-test", 2, 6)
         assert "Mean reward on 2 held-out prompts" in summary and len(table) == 2
-    assert engine.base_loads == 1
+    assert engine.base_loads == 1 and cache.loads == 1
     assert table["base reward"].notna().all() and table["tuned reward"].notna().all()
