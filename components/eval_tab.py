@@ -144,13 +144,17 @@ def compare_generations(manager: RunManager, engine: ChatEngine, scorers: Scorer
     if not pairs:
         raise _error("This split has no prompt/answer rows to generate from.")
     chosen = candidates(run_dirs)
-    table, asked, total = [], [], len(pairs) * len(chosen)
-    for prompt, reference in pairs:
-        for candidate in chosen:
-            progress(len(table) / total, desc=f"{candidate.name} answering prompt {len(table) // len(chosen) + 1}")
-            answer = _answer(engine, candidate, prompt, int(max_new_tokens))
+    answers: dict[tuple[int, int], str] = {}
+    # Model by model, so each base loads once (see candidates); the table then reads prompt by prompt.
+    for m, candidate in enumerate(chosen):
+        for p, (prompt, _) in enumerate(pairs):
+            progress(len(answers) / (len(pairs) * len(chosen)), desc=f"{candidate.name} answering prompt {p + 1}")
+            answers[m, p] = _answer(engine, candidate, prompt, int(max_new_tokens))
+    table, asked = [], []
+    for p, (prompt, reference) in enumerate(pairs):
+        for m, candidate in enumerate(chosen):
             table.append({"prompt": prompt[-1]["content"], "reference": reference or "", "model": candidate.name,
-                          "answer": answer, "ROUGE-L": _round(rouge_l(answer, reference))})
+                          "answer": answers[m, p], "ROUGE-L": _round(rouge_l(answers[m, p], reference))})
             asked.append(prompt)
     frame = pd.DataFrame(table)
     reward_note = add_reward_scores(manager, scorers, frame, asked)

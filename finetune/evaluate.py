@@ -160,22 +160,22 @@ def model_label(cfg: ModelConfig) -> str:
 
 
 def candidates(run_dirs: dict[str, Path]) -> list[Candidate]:
-    """The bases of the chosen runs (each once, at the bit width the run trained on), then each run's adapter.
+    """Each base of the chosen runs (once, at the bit width its runs trained on) followed by its runs' adapters.
 
     An adapter is compared with the base it was trained on, quantization included, so the difference is the
-    adapter's alone.
+    adapter's alone. The grouping is for speed: the chat engine keeps one base in memory, so walking the list in
+    this order loads each base once (bases first, then adapters, reloaded every base a second time).
     """
-    bases: dict[tuple[Any, ...], Candidate] = {}
-    adapters = []
+    groups: dict[tuple[Any, ...], list[Candidate]] = {}
     for run_id, run_dir in run_dirs.items():
         try:
             cfg = load_config(run_dir / "config.yaml").model
         except ConfigError as error:
             raise ValueError(f"Run '{run_id}' has an unreadable config: {error}") from None
         key = (cfg.source, cfg.bits, cfg.quant_type, cfg.double_quant, cfg.compute_dtype)
-        bases.setdefault(key, Candidate(model_label(cfg), cfg))
-        adapters.append(Candidate(adapter_name(run_id), cfg, run_dir / "adapter"))
-    return list(bases.values()) + adapters
+        groups.setdefault(key, [Candidate(model_label(cfg), cfg)])
+        groups[key].append(Candidate(adapter_name(run_id), cfg, run_dir / "adapter"))
+    return [candidate for group in groups.values() for candidate in group]
 
 
 def candidate_model(engine: Any, candidate: Candidate) -> tuple[Any, Any, Any]:

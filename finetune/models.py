@@ -205,12 +205,15 @@ def load_tokenizer(cfg: ModelConfig) -> Any:
     return tokenizer
 
 
-def load_model(cfg: ModelConfig, profile: HardwareProfile | None = None) -> PreTrainedModel:
+def load_model(cfg: ModelConfig, profile: HardwareProfile | None = None, auto_class: Any = None,
+               **extra: Any) -> PreTrainedModel:
+    """The model at the configured bits on this process's device. ``auto_class`` is AutoModelForCausalLM unless
+    given (the reward stage loads AutoModelForSequenceClassification with ``num_labels=1`` in ``extra``)."""
     profile = profile or detect()
     started = time.perf_counter()
     try:
-        model = from_hub_or_cache(AutoModelForCausalLM.from_pretrained, cfg.source,
-                                   **model_load_kwargs(cfg, profile))
+        model = from_hub_or_cache((auto_class or AutoModelForCausalLM).from_pretrained, cfg.source,
+                                   **model_load_kwargs(cfg, profile), **extra)
     except torch.cuda.OutOfMemoryError:
         raise ModelSourceError(
             f"'{cfg.source}' does not fit in GPU memory at {cfg.bits}-bit; choose fewer bits or a smaller model."

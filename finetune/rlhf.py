@@ -35,8 +35,7 @@ from finetune.config import KTO_LOSSES, ModelConfig, RunConfig, load_config, sav
 from finetune.hardware import HardwareProfile, detect
 from finetune.lm_head import use_cpu_lm_head
 from finetune.metrics import STOP_FILE, MetricsCallback
-from finetune.models import (ModelSourceError, count_parameters, from_hub_or_cache, load_model, load_tokenizer,
-                             model_load_kwargs)
+from finetune.models import ModelSourceError, count_parameters, load_model, load_tokenizer
 from finetune.preference import PreferenceData, PreferenceError, load_preferences
 from finetune.recipe import resolve_recipe
 from finetune.runs import REWARD_DIR
@@ -99,12 +98,10 @@ def load_reward_base(model_cfg: ModelConfig, tokenizer: Any, profile: HardwarePr
     """The base model with a one-output classification head (new, randomly initialised) at the configured bits."""
     from transformers import AutoModelForSequenceClassification
 
-    model = from_hub_or_cache(AutoModelForSequenceClassification.from_pretrained, model_cfg.source, num_labels=1,
-                              **model_load_kwargs(model_cfg, profile))
-    if model_cfg.bits not in (4, 8) and profile.is_cuda:
-        model.to("cuda")
+    # load_model's placement: under `accelerate launch` each process's own GPU (this copy used to send every
+    # rank to GPU 0)
+    model = load_model(model_cfg, profile, AutoModelForSequenceClassification, num_labels=1)
     model.config.pad_token_id = tokenizer.pad_token_id  # the head reads the last non-padding token
-    model.config.use_cache = False
     return model
 
 

@@ -187,6 +187,34 @@ def test_adapter_has_lower_validation_loss_than_its_base(trained_run):
     assert engine.base_loads == 1
 
 
+def test_runs_on_different_bases_load_each_base_once(trained_run, tmp_path):
+    """Two runs on two bases (4-bit and 32-bit), three prompts: each base loads once, not once per prompt."""
+    import shutil
+
+    from components.eval_tab import compare_generations, evaluate_loss
+    from finetune.chat import ChatEngine
+    from finetune.config import load_config, save_config
+    from finetune.rlhf import ScorerCache
+    from finetune.runs import RunManager
+
+    run_dir, data = trained_run
+    manager = RunManager(tmp_path / "runs")
+    for name, bits in (("run-4bit", 4), ("run-32bit", 32)):
+        shutil.copytree(run_dir, manager.root / name)
+        cfg = load_config(manager.root / name / "config.yaml")
+        cfg.model.bits = bits
+        save_config(cfg, manager.root / name / "config.yaml")
+    engine = ChatEngine()
+    frame, _ = compare_generations(manager, engine, ScorerCache(), ["run-4bit", "run-32bit"], str(data), "train",
+                                   3, 4)
+    assert engine.base_loads == 2 and len(frame) == 3 * 4
+    assert frame["model"].tolist()[:4] == [frame["model"][0], "run-4bit", frame["model"][2], "run-32bit"]
+    assert "4-bit" in frame["model"][0] and "32-bit" in frame["model"][2]
+    engine = ChatEngine()
+    evaluate_loss(manager, engine, ["run-4bit", "run-32bit"], str(data), "train", 4, 4)
+    assert engine.base_loads == 2
+
+
 def test_checkpoints_are_listed_and_answer(trained_run):
     from finetune.chat import ChatEngine
     from finetune.config import load_config
