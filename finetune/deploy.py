@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import fnmatch
+import importlib.metadata
 import os
 import sys
 from dataclasses import dataclass, field
@@ -249,7 +250,7 @@ def plan(space_id: str, settings: SpaceSettings, env: dict[str, str] | None = No
                           {"repo_id": space_id, "bucket": settings.storage_bucket}))
     elif settings.persistent_storage:
         steps.append(Step("request_space_storage", f"request persistent storage '{settings.persistent_storage}' "
-                                                   "(mounted at /data)",
+                                                   f"(mounted at /data){_storage_caveat()}",
                           {"repo_id": space_id, "storage": settings.persistent_storage}))
     for name in settings.secrets:
         if env.get(name):
@@ -267,6 +268,17 @@ def plan(space_id: str, settings: SpaceSettings, env: dict[str, str] | None = No
                        "allow_patterns": list(UPLOAD_PATTERNS), "ignore_patterns": list(IGNORE_PATTERNS),
                        "commit_message": "Deploy LoRA Lab"}))
     return steps
+
+
+def _storage_caveat() -> str:
+    """The dry run must not promise what the installed client cannot do (huggingface_hub 2.x dropped storage
+    tiers for bucket volumes)."""
+    from huggingface_hub import HfApi
+
+    if hasattr(HfApi, "request_space_storage"):
+        return ""
+    return (f" - huggingface_hub {importlib.metadata.version('huggingface_hub')} cannot request a tier: "
+            "enable it in the Space's settings, or set storage_bucket in spaces_config.yaml")
 
 
 def _top_level(files: list[str]) -> list[str]:

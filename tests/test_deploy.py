@@ -116,10 +116,16 @@ def test_deploy_calls_the_hub_api_with_space_hardware_secrets_and_files(monkeypa
 
 
 def test_deploy_without_a_storage_api_says_what_to_do():
+    from huggingface_hub import HfApi
+
     api, logged = RecordingHfApi(storage_api=False), []
-    deploy.apply(deploy.plan("me/x", deploy.load_settings(), env={}), api, log=logged.append)
+    steps = deploy.plan("me/x", deploy.load_settings(), env={})
+    deploy.apply(steps, api, log=logged.append)
     assert "request_space_storage" not in [name for name, _ in api.calls]
     assert any("enable persistent storage" in line for line in logged)
+    # The dry run says it up front when the installed client has no storage-tier call (the pinned one has none).
+    storage = next(step.text for step in steps if step.action == "request_space_storage")
+    assert ("cannot request a tier" in storage) == (not hasattr(HfApi, "request_space_storage"))
 
 
 def test_cli_errors_are_one_line(tmp_path, capsys):
