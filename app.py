@@ -28,10 +28,10 @@ from components.quant_tab import build_quant_tab
 from components.rlhf_tab import build_rlhf_tab
 from components.train_tab import build_train_tab
 from finetune.chat import ChatEngine
-from finetune.rlhf import ScorerCache
 from finetune.compare import CompareQueue
 from finetune.feedback import FeedbackStore, LangSmithSettings
 from finetune.hardware import HardwareProfile, detect
+from finetune.rlhf import ScorerCache
 from finetune.runs import RunManager
 
 

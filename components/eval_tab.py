@@ -21,10 +21,10 @@ import pandas as pd
 from finetune.chat import ChatEngine
 from finetune.config import BUNDLED_DATASET, ConfigError, load_config
 from finetune.data import first_line
-from finetune.rlhf import ScorerCache
 from finetune.evaluate import (Candidate, adapter_name, candidate_answer, candidate_loss, candidates, load_eval_rows,
                                model_label, read_win_counts, reference_pairs, reward_models, rouge_l,
                                run_checkpoints, win_rate)
+from finetune.rlhf import ScorerCache
 from finetune.runs import RunError, RunManager
 
 LOSS_COLUMNS = ["model", "validation loss", "perplexity", "tokens", "rows"]

@@ -19,7 +19,7 @@ from typing import Any
 import gradio as gr
 import pandas as pd
 
-from finetune.chat import ChatEngine
+from finetune.chat import ChatEngine, normalize_history
 from finetune.config import (DPO_LOSSES, EMBEDDED_MODEL, KTO_LOSSES, ConfigError, RunConfig, field_help,
                              from_dict, load_config, to_dict)
 from finetune.data import DataError
@@ -27,7 +27,7 @@ from finetune.metrics import read_metrics, read_status, write_status
 from finetune.models import ModelSourceError
 from finetune.preference import (BUNDLED_PREFERENCES, PreferenceError, export_feedback, feedback_available,
                                  held_out_prompts, load_preferences, preview_preferences)
-from finetune.rlhf import ScorerCache
+from finetune.rlhf import ScorerCache, compare_with_reward, resolve_run_folder
 from finetune.runs import REWARD_DIR, RunInProgressError, RunManager, check_sources
 from components.train_tab import stop_run
 
@@ -137,8 +137,6 @@ def start_stage(manager: RunManager, feedback_db: Path | None, stage: str, **for
         load_preferences(cfg.data, cfg.preference.format, want="unpaired" if stage == "kto" else "paired")
         check_sources(cfg)  # an offline Hub model id is reported now, not by a failed run
         if stage == "grpo":  # the reward model it trains against must exist before a child starts
-            from finetune.rlhf import resolve_run_folder
-
             resolve_run_folder(cfg.preference.reward_model, manager.root, REWARD_DIR)
     except ConfigError as error:
         return gr.skip(), _problems_text(error)
@@ -283,8 +281,6 @@ def score_answers(manager: RunManager, cache: ScorerCache, reward_run: str | Non
 def last_chat_turn(base_chat: list[dict[str, Any]] | None, tuned_chat: list[dict[str, Any]] | None
                    ) -> tuple[str, str, str]:
     """The Chat tab's last turn as (prompt, base answer, fine-tuned answer) for the playground."""
-    from finetune.chat import normalize_history
-
     base, tuned = normalize_history(base_chat), normalize_history(tuned_chat)
     if len(base) < 2 or len(tuned) < 2 or base[-1]["role"] != "assistant":
         raise gr.Error("No chat turn yet: ask both models something in the Chat tab first.")
@@ -295,8 +291,6 @@ def compare_policy(manager: RunManager, cache: ScorerCache, engine: ChatEngine, 
                    policy_run: str | None, prompts: float, max_new_tokens: float) -> tuple[str, pd.DataFrame]:
     """Greedy answers of the base model and of the preference-tuned adapter on held-out prompts, scored by the
     reward model: the number that says whether the tuning moved the answers in the preferred direction."""
-    from finetune.rlhf import compare_with_reward
-
     adapters = manager.finished_adapters()
     if not policy_run or policy_run not in adapters:
         raise gr.Error("No finished DPO/KTO/GRPO run to compare yet (step 4).")

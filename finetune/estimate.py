@@ -227,11 +227,15 @@ def memory_breakdown(shape: ModelShape, cfg: RunConfig, profile: HardwareProfile
         activations = tokens * act_bytes * (shape.hidden_size * shape.num_layers + per_layer)
     else:
         activations = tokens * act_bytes * per_layer * shape.num_layers
-    if cfg.training.cpu_lm_head and not profile.is_cuda:
-        # finetune/lm_head.py: the answer tokens' fp32 logits, their log-softmax and its gradient, up to its limit
-        logits = min(tokens * shape.vocab_size, WHOLE_LOGITS_LIMIT) * 4 * 3
+    from finetune.recipe import uses_cpu_lm_head
+
+    whole_logits = tokens * shape.vocab_size
+    if uses_cpu_lm_head(cfg, profile) and whole_logits <= WHOLE_LOGITS_LIMIT:
+        # finetune/lm_head.py: the answer tokens' fp32 logits, their log-softmax and its gradient
+        logits = whole_logits * 4 * 3
     else:
-        # TRL's fused LM head scores the answer tokens in tiles: full (tokens x vocab) logits never exist.
+        # TRL's fused LM head scores the answer tokens in tiles (so does lm_head.py above its limit): full
+        # (tokens x vocab) logits never exist.
         logits = min(tokens, LOGIT_TILE_TOKENS) * shape.vocab_size * 4 * 2
     overhead = (CUDA_CONTEXT_GB if profile.is_cuda else CPU_RUNTIME_GB) * 2**30 + 0.05 * activations
     return {"weights": weights, "adapter": adapter, "activations": activations, "logits": logits,

@@ -78,6 +78,11 @@ def _optimizer(cfg: RunConfig, profile: HardwareProfile) -> str:
     return cfg.training.optimizer
 
 
+def uses_cpu_lm_head(cfg: RunConfig, profile: HardwareProfile) -> bool:
+    """finetune/lm_head.py's path: on the CPU, unless switched off (the estimate asks this too)."""
+    return cfg.training.cpu_lm_head and not profile.is_cuda
+
+
 def resolve_recipe(cfg: RunConfig, profile: HardwareProfile) -> Recipe:
     notes = []
     liger = cfg.training.liger_kernels and profile.is_cuda and liger_available()
@@ -99,7 +104,7 @@ def resolve_recipe(cfg: RunConfig, profile: HardwareProfile) -> Recipe:
     optimizer = _optimizer(cfg, profile)
     if optimizer != cfg.training.optimizer:
         notes.append(f"optimizer {cfg.training.optimizer} -> {optimizer} (same math, fused on the GPU)")
-    cpu_lm_head = cfg.training.cpu_lm_head and not profile.is_cuda
+    cpu_lm_head = uses_cpu_lm_head(cfg, profile)
     if cpu_lm_head:
         notes.append("LM head on the CPU: answer tokens only, one log-softmax (TRL's tiles are built for GPUs)")
     return Recipe(padding_free=padding_free, packed_attention=packed, liger_kernels=liger,

@@ -63,6 +63,24 @@ def test_memory_grows_with_batch_and_sequence():
     assert estimate_memory(shape, _run(4, batch_size=8), cpu).total_gb > small
 
 
+def test_cpu_logits_are_counted_whole_only_below_the_lm_heads_limit():
+    """finetune/lm_head.py holds the answer tokens' logits whole on the CPU; above its limit it hands the batch to
+    TRL's tiles, and so does the GPU: the estimate must follow it, not charge the limit itself."""
+    from finetune.lm_head import WHOLE_LOGITS_LIMIT
+
+    shape = shape_from_config(LlamaConfig(vocab_size=128256, hidden_size=2048, intermediate_size=8192,
+                                          num_hidden_layers=2, num_attention_heads=16))
+    cpu, t4 = profile_for("cpu", "CPU", 64.0), profile_for("cuda", "Tesla T4", T4_MEMORY_GB, (7, 5))
+    small = _run(4, batch_size=1)  # 512 tokens: 66M logits, under the limit
+    assert estimate_memory(shape, small, cpu).logits_gb == pytest.approx(512 * 128256 * 12 / 2**30)
+    off = _run(4, batch_size=1, cpu_lm_head=False)
+    tiled = estimate_memory(shape, off, cpu).logits_gb
+    assert tiled < estimate_memory(shape, small, cpu).logits_gb and tiled == estimate_memory(shape, small, t4).logits_gb
+    large = _run(4, batch_size=16)  # 8192 tokens: over the limit, TRL's tiles
+    assert 8192 * 128256 > WHOLE_LOGITS_LIMIT
+    assert estimate_memory(shape, large, cpu).logits_gb == estimate_memory(shape, large, t4).logits_gb == tiled
+
+
 def test_shape_of_a_local_folder_needs_no_weights(tiny_model_dir):
     cfg = from_dict({"model": {"source": str(tiny_model_dir)}}).model
     shape = model_shape(cfg)
