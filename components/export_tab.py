@@ -15,9 +15,9 @@ from typing import Any
 
 import gradio as gr
 
-from finetune.data import first_line
-from finetune.export import (ADAPTER_DIR, MERGED_DIR, PLOT_FILE, ExportError, merge_adapter, model_card,
-                             push_folder, write_model_card, zip_adapter)
+from finetune.data import DataError, first_line
+from finetune.export import (ADAPTER_DIR, MERGE_TARGETS, MERGED_DIR, PLOT_FILE, ExportError, merge_adapter,
+                             merge_report, model_card, push_folder, write_model_card, zip_adapter)
 from finetune.models import ModelSourceError
 from finetune.runs import RunError, RunManager
 
@@ -81,17 +81,31 @@ def export_zip(manager: RunManager, run_id: str | None) -> tuple[str, str]:
                        f"`PeftModel.from_pretrained(base, folder)`.")
 
 
-def merge_model(manager: RunManager, run_id: str | None, progress: gr.Progress = gr.Progress()) -> str:
-    """Merge the adapter into an unquantized copy of the base; long on big models, so it reports progress."""
+MERGE_CHOICES = {"Weights it trained against (answers as in Chat)": "trained",
+                 "Original-precision weights": "original"}
+
+
+def merge_model(manager: RunManager, run_id: str | None, target: str | None = None,
+                progress: gr.Progress = gr.Progress()) -> str:
+    """Merge the adapter into a float copy of its base, then compare the merged model's validation loss with the
+    adapter's on the same rows, so any difference from what was chatted with is visible."""
     folder = _run_dir(manager, run_id)
+    into = MERGE_CHOICES.get(target or next(iter(MERGE_CHOICES)))
+    if into is None:
+        raise gr.Error(f"Choose what to merge into: {' or '.join(MERGE_CHOICES)}.")
     try:
-        output = merge_adapter(folder, progress=lambda fraction, text: progress(fraction, desc=text))
+        output = merge_adapter(folder, into=into, progress=lambda fraction, text: progress(fraction, desc=text))
+        progress(0.9, desc="Validation loss: adapter vs merged model")
+        report = merge_report(folder, output).summary()
     except (ExportError, ModelSourceError) as error:
         raise gr.Error(str(error)) from None
+    except (DataError, ValueError) as error:  # the run's data is gone or unreadable: the merge itself is done
+        report = f"No loss comparison: {first_line(error)}"
     except (MemoryError, RuntimeError) as error:  # a base too large for this machine's RAM
         raise gr.Error(f"Merging failed: {error}") from None
     files = ", ".join(sorted(p.name for p in output.iterdir()))
-    return f"Merged model saved to `{output}` ({_size(output)}): {files}. Push it to the Hub below."
+    return (f"Merged model ({MERGE_TARGETS[into]}) saved in the run's `{MERGED_DIR}/` folder ({_size(output)}): "
+            f"{files}.\n\n{report}\n\nPush it to the Hub below.")
 
 
 def push_model(manager: RunManager, run_id: str | None, what: str, repo_id: str, token: str, private: bool,
@@ -123,6 +137,12 @@ def build_export_tab(manager: RunManager) -> dict[str, Any]:
     with gr.Row():
         zip_button = gr.Button("Download adapter (.zip)", elem_id="export-zip")
         merge_button = gr.Button("Merge into base model", elem_id="export-merge")
+    merge_target = gr.Radio(list(MERGE_CHOICES), value=next(iter(MERGE_CHOICES)), label="Merge into",
+                            elem_id="export-merge-target",
+                            info="A 4/8-bit base cannot absorb the update: the adapter is added to a float copy. "
+                                 "The weights it trained against are the dequantized 4/8-bit ones, so that merge "
+                                 "answers as the Chat tab did; the original weights differ by the quantization "
+                                 "error, which the adapter never saw. The message compares their validation loss.")
     zip_file = gr.File(label="Adapter zip", elem_id="export-zip-file", interactive=False)
     message = gr.Markdown(elem_id="export-message")
     with gr.Accordion("Push to the Hugging Face Hub", open=False):
@@ -138,22 +158,23 @@ def build_export_tab(manager: RunManager) -> dict[str, Any]:
             card = gr.Markdown(elem_id="export-card")
             plot = gr.Image(label="Loss plot (loss.png)", type="filepath", interactive=False, elem_id="export-plot")
     _wire(manager, run, refresh, zip_button, merge_button, push_button, zip_file, message, card, plot,
-          what, repo_id, token, private)
+          what, repo_id, token, private, merge_target)
     return {"run": run, "refresh": refresh, "zip": zip_button, "merge": merge_button, "zip_file": zip_file,
+            "merge_target": merge_target,
             "message": message, "what": what, "repo_id": repo_id, "token": token, "private": private,
             "push": push_button, "card": card, "plot": plot}
 
 
 def _wire(manager: RunManager, run: Any, refresh: Any, zip_button: Any, merge_button: Any, push_button: Any,
           zip_file: Any, message: Any, card: Any, plot: Any, what: Any, repo_id: Any, token: Any,
-          private: Any) -> None:
+          private: Any, merge_target: Any) -> None:
     choices = functools.partial(export_choices, manager)
     refresh.click(choices, run, run, api_name="export_runs")
     run.change(functools.partial(preview_card, manager), run, [card, plot], api_name="model_card")
     zip_button.click(functools.partial(export_zip, manager), run, [zip_file, message], api_name="export_zip")
     # Merging holds a whole unquantized base in RAM: one at a time per app.
-    merge_button.click(functools.partial(merge_model, manager), run, message, api_name="merge_adapter",
-                       concurrency_limit=1, concurrency_id="export-merge")
+    merge_button.click(functools.partial(merge_model, manager), [run, merge_target], message,
+                       api_name="merge_adapter", concurrency_limit=1, concurrency_id="export-merge")
     push_button.click(functools.partial(push_model, manager), [run, what, repo_id, token, private], message,
                       api_name="push_to_hub", concurrency_limit=2)
     page = gr.context.Context.root_block

@@ -5,9 +5,13 @@
     card = write_model_card("runs/demo", "runs/demo/adapter") # README.md + loss.png next to the weights
     url = push_folder("runs/demo/adapter", "me/demo-lora", token)
 
-A 4-bit or 8-bit base cannot absorb the LoRA update (its weights are packed integers), so merging loads the
-base again unquantized in the compute dtype and adds B·A into those weights. The merged model therefore equals
-"adapter on the full-precision base", which differs from "adapter on the 4-bit base" by the quantization error.
+A 4-bit or 8-bit base cannot absorb the LoRA update (its weights are packed integers), so merging needs a
+float copy of the base to add B·A into. Two choices (``MERGE_TARGETS``):
+
+- ``trained`` (default): the base quantized exactly as in training, then dequantized. These are the weights the
+  adapter was trained against and the Chat tab answers with, so the merged model answers as the chat did.
+- ``original``: the base reloaded at original precision. Slightly different from what was trained and chatted
+  with (by the quantization error), which the adapter never saw; ``merge_report`` shows what that costs.
 """
 
 from __future__ import annotations
@@ -24,13 +28,17 @@ import torch
 import yaml
 
 from finetune.config import BUNDLED_DATASET, EMBEDDED_MODEL, ConfigError, RunConfig, load_config
-from finetune.hardware import HardwareProfile, detect, resolve_compute_dtype
+from finetune.data import prepare
+from finetune.evaluate import dataset_loss
+from finetune.hardware import HardwareProfile, detect, profile_for, resolve_compute_dtype
 from finetune.metrics import read_metrics, read_status
-from finetune.models import HUB_ID, from_hub_or_cache, load_tokenizer, require_hub, weight_dtype
+from finetune.models import HUB_ID, from_hub_or_cache, load_model, load_tokenizer, require_hub, weight_dtype
 from finetune.train import ADAPTER_DIR, CONFIG_COPY
 
 MERGED_DIR, EXPORT_DIR = "merged", "export"
-CARD_FILE, PLOT_FILE = "README.md", "loss.png"
+MERGE_TARGETS = {"trained": "dequantized from the bits it trained at (answers as in Chat)",
+                 "original": "at original precision (not what the adapter trained against)"}
+CARD_FILE, PLOT_FILE, MERGE_INFO = "README.md", "loss.png", "lora_lab_merge.json"
 # The embedded model is a GGUF copy of this Hub model; cards name the original so the Hub links it.
 EMBEDDED_HUB_ID = {EMBEDDED_MODEL: "HuggingFaceTB/SmolLM2-135M-Instruct"}
 Progress = Callable[[float, str], None]
@@ -111,32 +119,104 @@ def merge_dtype(cfg: RunConfig, profile: HardwareProfile) -> torch.dtype:
     return weight_dtype(cfg.model, profile)
 
 
-def merge_adapter(run_dir: str | Path, output_dir: str | Path | None = None,
-                  profile: HardwareProfile | None = None, progress: Progress = _no_progress) -> Path:
-    """Fold the adapter into an unquantized copy of the base and save a standalone model (safetensors)."""
-    from peft import PeftModel
+def check_merge_target(into: str) -> str:
+    if into not in MERGE_TARGETS:
+        raise ExportError(f"Merge into {' or '.join(repr(t) for t in MERGE_TARGETS)}, got {into!r}.")
+    return into
+
+
+def merge_base(cfg: RunConfig, profile: HardwareProfile, into: str = "trained") -> Any:
+    """The float base the update is added to, on the CPU (the GPU may be training or chatting, and merging is a
+    one-off addition). ``trained``: quantized as in training, then dequantized, before any forward pass (the
+    CPU kernel repacks 4-bit weights at the first one)."""
     from transformers import AutoModelForCausalLM
 
+    dtype = merge_dtype(cfg, profile)
+    if check_merge_target(into) == "trained" and cfg.model.bits in (4, 8):
+        cpu = profile_for("cpu", "CPU", 0.0)
+        return load_model(cfg.model, cpu).dequantize(dtype=dtype).to(dtype)
+    return from_hub_or_cache(AutoModelForCausalLM.from_pretrained, cfg.model.source, dtype=dtype,
+                             trust_remote_code=cfg.model.trust_remote_code)
+
+
+def merge_adapter(run_dir: str | Path, output_dir: str | Path | None = None,
+                  profile: HardwareProfile | None = None, progress: Progress = _no_progress,
+                  into: str = "trained") -> Path:
+    """Fold the adapter into a float copy of the base (see MERGE_TARGETS) and save a standalone model."""
+    from peft import PeftModel
+
     run_dir = Path(run_dir)
-    source, cfg = adapter_dir(run_dir), run_config(run_dir)
+    source, cfg, into = adapter_dir(run_dir), run_config(run_dir), check_merge_target(into)
     profile = profile or detect()
     output = Path(output_dir) if output_dir else run_dir / MERGED_DIR
-    progress(0.05, f"Loading the base model {cfg.model.source} unquantized")
-    # On the CPU on purpose: the GPU may be training or chatting, and merging is a one-off addition.
-    base = from_hub_or_cache(AutoModelForCausalLM.from_pretrained, cfg.model.source,
-                             dtype=merge_dtype(cfg, profile), trust_remote_code=cfg.model.trust_remote_code)
+    progress(0.05, f"Loading the base model {cfg.model.source}: {MERGE_TARGETS[into]}")
+    base = merge_base(cfg, profile, into)
     progress(0.5, "Adding the LoRA update B·A into the base weights")
     merged = PeftModel.from_pretrained(base, source).merge_and_unload()
-    progress(0.75, f"Saving the merged model to {output}")
+    merged.config.use_cache = True  # load_model turns the cache off for training; generation wants it
+    progress(0.75, "Saving the merged model")
     staging = output.with_name(output.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)
     merged.save_pretrained(staging)
     load_tokenizer(cfg.model).save_pretrained(staging)
+    (staging / MERGE_INFO).write_text(json.dumps({"into": into, "bits": cfg.model.bits}), encoding="utf-8")
     write_model_card(run_dir, staging, merged=True)
     shutil.rmtree(output, ignore_errors=True)
     os.replace(staging, output)
     progress(1.0, "Merged")
     return output
+
+
+def merged_into(folder: str | Path) -> str | None:
+    """Which base a merged model folder was made from ('trained' / 'original'); None for older merges."""
+    try:
+        return json.loads((Path(folder) / MERGE_INFO).read_text(encoding="utf-8")).get("into")
+    except (OSError, ValueError):
+        return None
+
+
+@dataclass(frozen=True)
+class MergeReport:
+    """Validation loss of the adapter (on the base as trained) and of the merged model, on the same rows."""
+    adapter_loss: float
+    merged_loss: float
+    rows: int
+    held_out: bool      # False: the run kept no validation rows, so these are training rows
+
+    @property
+    def difference(self) -> float:
+        return self.merged_loss - self.adapter_loss
+
+    def summary(self) -> str:
+        where = "held-out validation rows" if self.held_out else "training rows (the run kept no validation rows)"
+        return (f"Validation loss on the same {self.rows} {where}: adapter on its training base "
+                f"{self.adapter_loss:.4f}, merged model {self.merged_loss:.4f} "
+                f"(difference {self.difference:+.4f}).")
+
+
+def comparison_rows(cfg: RunConfig, tokenizer: Any, limit: int) -> tuple[Any, bool]:
+    """The run's own held-out rows (same split and seed as in training), else its first training rows."""
+    prepared = prepare(cfg.data, tokenizer, seed=cfg.training.seed)
+    rows, held_out = (prepared.eval, True) if prepared.eval is not None else (prepared.train, False)
+    return rows.select(range(min(limit, len(rows)))), held_out
+
+
+def merge_report(run_dir: str | Path, merged_dir: str | Path, limit: int = 16) -> MergeReport:
+    """How far the merged model is from the adapter as it trained and chatted (its quantized base), on the CPU."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    run_dir = Path(run_dir)
+    cfg = run_config(run_dir)
+    tokenizer = load_tokenizer(cfg.model)
+    rows, held_out = comparison_rows(cfg, tokenizer, limit)
+    length = cfg.data.max_seq_length
+    adapter = PeftModel.from_pretrained(load_model(cfg.model, profile_for("cpu", "CPU", 0.0)), adapter_dir(run_dir))
+    adapter_loss = dataset_loss(adapter.eval(), tokenizer, rows, max_length=length).loss
+    del adapter
+    merged = AutoModelForCausalLM.from_pretrained(merged_dir, dtype="auto").eval()
+    merged_loss = dataset_loss(merged, tokenizer, rows, max_length=length).loss
+    return MergeReport(adapter_loss, merged_loss, len(rows), held_out)
 
 
 # --- model card -----------------------------------------------------------------------------------------------
@@ -226,7 +306,8 @@ METHOD_NAMES = {"lora": "LoRA", "dora": "DoRA", "rslora": "rsLoRA", "ia3": "IA3"
                 "full": "full fine-tuning"}
 
 
-def model_card(run_dir: str | Path, merged: bool = False, plot_name: str | None = PLOT_FILE) -> str:
+def model_card(run_dir: str | Path, merged: bool = False, plot_name: str | None = PLOT_FILE,
+               into: str | None = None) -> str:
     """The model card (Hub README.md): metadata header, base model, dataset, hyperparameters, final losses."""
     run_dir = Path(run_dir)
     cfg, curves, status = run_config(run_dir), losses(run_dir), read_status(run_dir)
@@ -257,7 +338,8 @@ def model_card(run_dir: str | Path, merged: bool = False, plot_name: str | None 
              + (f" (max_steps {t.max_steps})" if t.max_steps > 0 else f" ({t.num_epochs:g} epochs)")),
             ("optimizer", t.optimizer), ("max sequence length", str(cfg.data.max_seq_length)),
             ("seed", str(t.seed)),
-            ("final training loss", _fmt(curves.final_train)), ("final eval loss", _fmt(curves.final_eval))]
+            ("final training loss", _fmt(curves.final_train)), ("final eval loss", _fmt(curves.final_eval)),
+            *([("merged into the base", MERGE_TARGETS[into])] if merged and into in MERGE_TARGETS else [])]
     usage = ('model = AutoModelForCausalLM.from_pretrained("REPO_ID")' if merged else
              f'base = AutoModelForCausalLM.from_pretrained("{base or cfg.model.source}")\n'
              f'model = PeftModel.from_pretrained(base, "REPO_ID")')
@@ -279,7 +361,8 @@ def write_model_card(run_dir: str | Path, folder: str | Path, merged: bool = Fal
     folder = Path(folder)
     plot = draw_loss_plot(losses(run_dir), folder / PLOT_FILE)
     card = folder / CARD_FILE
-    card.write_text(model_card(run_dir, merged=merged, plot_name=PLOT_FILE if plot else None), encoding="utf-8")
+    card.write_text(model_card(run_dir, merged=merged, plot_name=PLOT_FILE if plot else None,
+                               into=merged_into(folder) if merged else None), encoding="utf-8")
     return card
 
 

@@ -63,7 +63,8 @@ def test_export_tab_zip_merge_card_and_push_errors(browser, app_with_a_run):
         assert {"adapter_config.json", "adapter_model.safetensors", "README.md"} <= set(archive.namelist())
 
     page.locator("#export-merge").click()
-    expect(page.locator("#export-message")).to_contain_text("Merged model saved", timeout=60_000)
+    expect(page.locator("#export-message")).to_contain_text("Validation loss on the same", timeout=60_000)
+    expect(page.locator("#export-message")).to_contain_text("answers as in Chat")  # the default target
     assert (root / "tiny-export" / "merged" / "model.safetensors").is_file()
 
     page.get_by_text("Push to the Hugging Face Hub").click()

@@ -59,23 +59,75 @@ def test_zip_reloads_with_peft_from_pretrained(trained_run, tiny_model_dir, tmp_
     assert torch.equal(from_zip, from_run)  # ...and the zip carries exactly the trained weights
 
 
-def test_merged_model_equals_base_plus_adapter(trained_run, tiny_model_dir, tmp_path):
+def test_merge_into_original_precision_equals_full_precision_base_plus_adapter(trained_run, tiny_model_dir,
+                                                                               tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    merged_dir = merge_adapter(trained_run, tmp_path / "merged")
+    merged_dir = merge_adapter(trained_run, tmp_path / "merged", into="original")
     config = json.loads((merged_dir / "config.json").read_text())
     assert "quantization_config" not in config  # a standalone, dequantized model
     assert not list(merged_dir.glob("adapter_*"))  # no adapter left: the update is inside the weights
     merged = AutoModelForCausalLM.from_pretrained(merged_dir)
     assert not any("lora_" in name for name, _ in merged.named_parameters())
-    # The adapter was trained on the 4-bit base; merging adds it to the unquantized base in fp32 (CPU compute).
+    # The adapter was trained on the 4-bit base; this merge adds it to the unquantized base in fp32 (CPU compute).
     reference = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32),
                                           trained_run / "adapter")
     expected, got = _logits(reference), _logits(merged)
     assert torch.allclose(got, expected, atol=1e-4, rtol=1e-4), (got - expected).abs().max()
     assert not torch.allclose(got, _logits(AutoModelForCausalLM.from_pretrained(tiny_model_dir)), atol=1e-3)
     assert (merged_dir / "tokenizer.json").is_file() and (merged_dir / "README.md").is_file()
+    assert "original precision" in (merged_dir / "README.md").read_text(encoding="utf-8")
+
+
+def _greedy(model, tokenizer, prompt: str) -> str:
+    text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                         add_generation_prompt=True)
+    ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)
+    with torch.no_grad():
+        out = model.generate(**ids, max_new_tokens=12, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    return tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
+def test_default_merge_is_the_model_chatted_with(trained_run, tmp_path):
+    """The default merge folds the adapter into the dequantized 4-bit base it trained against: its logits equal
+    the adapter on the 4-bit base (as in Chat), its greedy answer equals the Chat tab's, and the merge into
+    original-precision weights is measurably further away on the run's own held-out rows."""
+    from transformers import AutoModelForCausalLM
+
+    from finetune.chat import ChatEngine, SamplingSettings
+    from finetune.export import merge_report, run_config
+
+    merged_dir = merge_adapter(trained_run, tmp_path / "merged")
+    assert "dequantized" in (merged_dir / "README.md").read_text(encoding="utf-8")
+    merged = AutoModelForCausalLM.from_pretrained(merged_dir).eval()
+    cfg = run_config(trained_run)
+    engine = ChatEngine()
+    entry = engine.attach(cfg.model, "run", trained_run / "adapter")
+    entry.model.set_adapter("run")
+    with torch.no_grad():
+        chatted = entry.model(input_ids=IDS).logits.float()
+    original_dir = merge_adapter(trained_run, tmp_path / "original", into="original")
+    original = AutoModelForCausalLM.from_pretrained(original_dir).eval()
+    # Not bit-equal: the CPU 4-bit kernel rounds differently from a float matmul (1e-3 here, the base alone
+    # too); the original-precision merge carries the whole quantization error (5e-2 here).
+    trained_gap, original_gap = ((_logits(m) - chatted).abs().max() for m in (merged, original))
+    assert trained_gap * 10 < original_gap, (trained_gap, original_gap)
+    for prompt in ("What does setting 3 control?", "Hello there"):
+        chat_answer = engine.answer_pair(prompt, [], [], cfg.model, "run", trained_run / "adapter",
+                                         SamplingSettings(max_new_tokens=12, temperature=0.0))[1]
+        assert _greedy(merged, entry.tokenizer, prompt) == chat_answer
+
+    trained_report, original_report = merge_report(trained_run, merged_dir), merge_report(trained_run, original_dir)
+    assert trained_report.held_out and trained_report.rows >= 2
+    assert trained_report.adapter_loss == original_report.adapter_loss  # same rows, same adapter
+    assert abs(trained_report.difference) < abs(original_report.difference)
+    assert f"{trained_report.merged_loss:.4f}" in trained_report.summary()
+
+
+def test_merge_refuses_an_unknown_target(trained_run, tmp_path):
+    with pytest.raises(ExportError, match="Merge into 'trained' or 'original'"):
+        merge_adapter(trained_run, tmp_path / "merged", into="fp8")
 
 
 def test_model_card_renders_with_losses_and_plot(trained_run):
