@@ -10,7 +10,15 @@ gather and scatter each adapter's rows in every LoRA layer at every token), each
 per-row tensor, 0 for the base row and alpha/r for the adapter row (peft's own ``set_scale``): the plain LoRA
 forward pass then serves both rows, 8-14% faster than peft's path on the CPU (``bench/chat_latency.py``).
 Adapters a zero scale cannot switch off (DoRA rescales the base weight; IA3 and prompt tuning are not LoRA)
-answer one after the other instead.
+answer one after the other instead. The left row may also be another adapter instead of the base (a DPO policy
+next to the SFT adapter it started from): then each row has its own adapter switched on.
+
+The base stays the base: attaching, replacing or removing an adapter never changes the frozen base weights
+(``_base_kept``), so the base answer does not depend on which adapters were loaded before it.
+
+Fair use of the one model: each request gets a time budget (``LORA_LAB_MAX_SECONDS``) as well as a token budget;
+an answer cut by it says so (``budget_note``). A closed stream (a client that left, a cancelled request) stops
+its generation at the next token and frees the model.
 
     engine = ChatEngine()
     for base_text, tuned_text in engine.stream_pair("What is LoRA?", [], [], cfg.model, run_id, adapter_dir):
@@ -21,9 +29,11 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import math
 import os
 import queue
 import threading
+import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,10 +50,26 @@ from finetune.models import load_model, load_tokenizer
 
 Messages = list[dict[str, str]]
 T = TypeVar("T")
+
+
+def _operator_setting(name: str, local: str, space: str) -> float:
+    """An operator's environment setting, with a stricter default on a public Space (``SPACE_ID`` set), where
+    strangers share one CPU."""
+    return float(os.environ.get(name, space if os.environ.get("SPACE_ID") else local))
+
+
 # Server-side limits (a public Space gets API calls that skip the UI's sliders); the operator may change them.
-MAX_PROMPT_CHARS = int(os.environ.get("LORA_LAB_MAX_PROMPT_CHARS", "20000"))
-MAX_NEW_TOKENS = int(os.environ.get("LORA_LAB_MAX_NEW_TOKENS", "1024"))
+MAX_PROMPT_CHARS = int(_operator_setting("LORA_LAB_MAX_PROMPT_CHARS", "20000", "8000"))
+MAX_NEW_TOKENS = int(_operator_setting("LORA_LAB_MAX_NEW_TOKENS", "1024", "512"))
+# Seconds of generation one request may use (0 = no limit): the longest a waiting visitor can be held up by one
+# answer (plus the prompt's first forward pass, which cannot be interrupted).
+MAX_SECONDS = _operator_setting("LORA_LAB_MAX_SECONDS", "600", "60")
 LOCK_TIMEOUT_SECONDS = 600.0
+
+
+def budget_note(seconds: float) -> str:
+    """Appended to an answer that the time budget cut short, so nobody mistakes it for the model's whole answer."""
+    return f"\n\n[cut: this answer reached the server's time limit of {seconds:g} s per request]"
 
 
 @dataclass
@@ -97,6 +123,26 @@ class _StopFlag(StoppingCriteria):
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs: Any) -> bool:
         return self.event.is_set()
+
+
+class _TimeBudget(StoppingCriteria):
+    """Stops generation once the request's time is spent, and remembers that it did (for ``budget_note``).
+
+    ``clock`` is time.monotonic; tests hand in a clock that advances by a known step per token instead of
+    relying on how fast this machine generates."""
+
+    def __init__(self, seconds: float, clock: Callable[[], float]):
+        self.seconds, self.clock = seconds, clock
+        self.ends = clock() + seconds if seconds > 0 else math.inf
+        self.ran_out = threading.Event()  # an Event, not a bool: set in the generation thread, read in the reader
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs: Any) -> bool:
+        if self.clock() >= self.ends:
+            self.ran_out.set()
+        return self.ran_out.is_set()
+
+    def mark(self, text: str) -> str:
+        return text + budget_note(self.seconds) if self.ran_out.is_set() else text
 
 
 class _PairStreamer(BaseStreamer):
@@ -190,12 +236,45 @@ def _base_key(cfg: ModelConfig) -> tuple[Any, ...]:
     return (cfg.source, cfg.bits, cfg.quant_type, cfg.double_quant, cfg.compute_dtype)
 
 
+@contextlib.contextmanager
+def _base_kept(model: Any) -> Iterator[None]:
+    """Within the block, peft may read the whole model's state_dict(); afterwards every 4-bit base weight is the
+    same packed weight with the same quantization state as before.
+
+    Why: on a CPU with AVX512-BF16, bitsandbytes repacks each 4-bit weight for its CPU kernel at the first
+    forward pass (``Linear4bit.forward``: bf16 block scales, transposed, double quantization undone). peft's
+    ``load_adapter`` / ``delete_adapter`` / ``PeftModel.from_pretrained`` call ``model.state_dict()`` (to map
+    the checkpoint's keys, ``BaseTuner._remap_adapter_state_dict_for_load``), and ``Linear4bit._save_to_state_dict``
+    converts the packed weight back IN PLACE through a lossy inverse: with double quantization the bf16 scales
+    are quantized again (about 2% of them move, and the next forward repacks the moved ones), without it the
+    scales stay transposed and are read in the wrong order. Each adapter load would change the base. The packed
+    tensor and the state's fields are only reassigned by that inverse, never written into, so keeping
+    references to them and putting them back restores the exact weights, at no copying cost. 8-bit and 16/32-bit
+    weights are not repacked and are left alone.
+    """
+    kept = []
+    for module in model.modules():
+        weight = getattr(module, "weight", None)
+        state = getattr(weight, "quant_state", None)
+        if state is not None and getattr(state, "packing_format_for_cpu", False):
+            kept.append((weight, weight.data, state, dict(vars(state))))
+    try:
+        yield
+    finally:
+        for weight, data, state, fields in kept:
+            vars(state).clear()
+            vars(state).update(fields)
+            weight.data, weight.quant_state = data, state
+
+
 class ChatEngine:
     """Keeps base models and their adapters in memory; one generation at a time (the CPU has no room for two)."""
 
-    def __init__(self, profile: HardwareProfile | None = None, max_bases: int = 1):
+    def __init__(self, profile: HardwareProfile | None = None, max_bases: int = 1, max_seconds: float = MAX_SECONDS,
+                 clock: Callable[[], float] = time.monotonic):
         self.profile = profile or detect()
         self.max_bases = max(1, max_bases)
+        self.max_seconds, self.clock = max_seconds, clock  # the time budget of one request (0 = none)
         self._bases: OrderedDict[tuple[Any, ...], _LoadedBase] = OrderedDict()
         self._load_lock = threading.RLock()
         # A plain Lock, not an RLock: gradio advances a streaming generator from different worker threads,
@@ -239,13 +318,14 @@ class ChatEngine:
                 gc.collect()
                 entry = self.loaded(cfg)
             try:
-                if not entry.adapters:
-                    entry.model = in_own_thread(
-                        lambda: PeftModel.from_pretrained(entry.base, adapter_dir, adapter_name=name).eval())
-                else:
-                    if name in entry.adapters:  # same name, new folder: replace it
-                        entry.model.delete_adapter(name)
-                    in_own_thread(lambda: entry.model.load_adapter(adapter_dir, adapter_name=name))
+                with _base_kept(entry.base):
+                    if not entry.adapters:
+                        entry.model = in_own_thread(
+                            lambda: PeftModel.from_pretrained(entry.base, adapter_dir, adapter_name=name).eval())
+                    else:
+                        if name in entry.adapters:  # same name, new folder: replace it
+                            entry.model.delete_adapter(name)
+                        in_own_thread(lambda: entry.model.load_adapter(adapter_dir, adapter_name=name))
             except (RuntimeError, ValueError, KeyError) as error:
                 # Layers were already injected into the base: drop it, so the next request loads a clean one.
                 self._bases.pop(_base_key(cfg), None)
@@ -316,24 +396,30 @@ class ChatEngine:
 
     @staticmethod
     @contextlib.contextmanager
-    def _adapter_on_rows(entry: _LoadedBase, adapter_name: str, layers: list[Any], rows_on: list[bool]
-                         ) -> Iterator[None]:
-        """Within the block, LoRA updates apply only to the rows marked on (the scale broadcasts over
-        (rows, tokens, features)); afterwards every layer has its usual scale back."""
-        entry.model.set_adapter(adapter_name)
-        masks: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
+    def _adapters_on_rows(entry: _LoadedBase, layers: dict[str, list[Any]], row_adapters: list[str | None]
+                          ) -> Iterator[None]:
+        """Within the block, each row of the batch gets only its own adapter's LoRA update (None: the base alone).
+        Every named adapter is active, and its scale is a per-row mask (broadcast over (rows, tokens, features)),
+        so a layer adds adapter A's update to A's row only; afterwards every layer has its usual scale back."""
+        names = list(layers)
+        entry.model.base_model.set_adapter(names, inference_mode=True)
         try:
-            for layer in layers:
-                weight = (layer.lora_B[adapter_name].weight if adapter_name in layer.lora_B
-                          else layer.lora_embedding_B[adapter_name])  # LoRA on an embedding layer
-                key = (weight.dtype, weight.device)
-                if key not in masks:
-                    masks[key] = torch.tensor(rows_on, dtype=key[0], device=key[1]).view(-1, 1, 1)
-                layer.set_scale(adapter_name, masks[key])
+            for name, adapter_layers in layers.items():
+                rows_on = [row == name for row in row_adapters]
+                masks: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
+                for layer in adapter_layers:
+                    weight = (layer.lora_B[name].weight if name in layer.lora_B
+                              else layer.lora_embedding_B[name])  # LoRA on an embedding layer
+                    key = (weight.dtype, weight.device)
+                    if key not in masks:
+                        masks[key] = torch.tensor(rows_on, dtype=key[0], device=key[1]).view(-1, 1, 1)
+                    layer.set_scale(name, masks[key])
             yield
         finally:
-            for layer in layers:
-                layer.set_scale(adapter_name, 1.0)
+            for name, adapter_layers in layers.items():
+                for layer in adapter_layers:
+                    layer.set_scale(name, 1.0)
+            entry.model.set_adapter(names[-1])  # one active adapter again, as the single-side answers expect
 
     def _eos(self, entry: _LoadedBase) -> list[int]:
         eos = entry.base.generation_config.eos_token_id or entry.tokenizer.eos_token_id
@@ -341,15 +427,19 @@ class ChatEngine:
         return [e for e in eos if e is not None]
 
     @contextlib.contextmanager
-    def _generating(self) -> Iterator[threading.Event]:
+    def _generating(self) -> Iterator[None]:
+        """The model, for one request at a time. Visitors queue in gradio's queue (the Chat and Evaluate events
+        share one concurrency slot, so each waiting visitor sees their position); this lock only keeps other
+        callers of the engine (RLHF's comparison, the CLI, tests) from generating at the same time."""
         if not self._generation_lock.acquire(timeout=LOCK_TIMEOUT_SECONDS):
             raise RuntimeError("The model is busy with another answer; try again in a moment.")
-        stop = threading.Event()
         try:
-            yield stop
+            yield
         finally:
-            stop.set()
             self._generation_lock.release()
+
+    def _budget(self) -> _TimeBudget:
+        return _TimeBudget(self.max_seconds, self.clock)
 
     def _run(self, target: Any, kwargs: dict[str, Any], seed: int) -> tuple[threading.Thread, list[BaseException]]:
         """generate() in a thread; an error there ends the stream (instead of leaving the reader waiting for the
@@ -376,59 +466,74 @@ class ChatEngine:
             raise RuntimeError(f"Generation failed: {first_line(error)}") from error
 
     def stream_pair(self, prompt: str, base_history: Any, tuned_history: Any, cfg: ModelConfig,
-                    adapter_name: str, adapter_dir: str | Path,
-                    settings: SamplingSettings | None = None) -> Iterator[tuple[str, str]]:
-        """Yield (base answer so far, fine-tuned answer so far) as both grow, one token at a time."""
+                    adapter_name: str, adapter_dir: str | Path, settings: SamplingSettings | None = None,
+                    reference: tuple[str, str | Path] | None = None) -> Iterator[tuple[str, str]]:
+        """Yield (left answer so far, right answer so far) as both grow, one token at a time. Right is the adapter;
+        left is the base model, or the ``reference`` adapter (name, folder) when given, e.g. the SFT adapter a
+        DPO policy started from (``base_history`` is then that side's history)."""
         prompt, settings = check_prompt(prompt), settings or SamplingSettings()
-        adapter_name = peft_adapter_name(adapter_name)
+        sides: list[tuple[str, Path] | None] = [
+            (peft_adapter_name(reference[0]), Path(reference[1])) if reference else None,
+            (peft_adapter_name(adapter_name), Path(adapter_dir))]
         conversations = [normalize_history(h) + [{"role": "user", "content": prompt}]
                          for h in (base_history, tuned_history)]
-        with self._generating() as stop:
-            layers = None
-            if peft_type(adapter_dir) == "LORA":
-                entry = self.attach(cfg, adapter_name, adapter_dir)
-                layers = self._row_switchable_layers(entry, adapter_name)
+        with self._generating():
+            layers = self._batchable(cfg, [side for side in sides if side])
             if layers is not None:
-                yield from self._stream_batched(entry, adapter_name, layers, conversations, settings, stop)
-                return
-        yield from self._stream_one_then_other(prompt, base_history, tuned_history, cfg, adapter_name,
-                                               adapter_dir, settings)
+                entry = self.loaded(cfg)
+                yield from self._stream_batched(entry, layers, [side and side[0] for side in sides],
+                                                conversations, settings)
+            else:
+                yield from self._stream_one_then_other(conversations, cfg, sides, settings)
 
-    def _stream_batched(self, entry: _LoadedBase, adapter_name: str, layers: list[Any],
-                        conversations: list[Messages], settings: SamplingSettings, stop: threading.Event
-                        ) -> Iterator[tuple[str, str]]:
-        """Both rows in one generate call, the adapter switched on for row 1 only."""
-        eos = self._eos(entry)
+    def _batchable(self, cfg: ModelConfig, adapters: list[tuple[str, Path]]) -> dict[str, list[Any]] | None:
+        """Each adapter's LoRA layers (all attached to one base), or None when a per-row scale cannot give each
+        row its own model (not LoRA, or a LoRA variant such as DoRA)."""
+        if any(peft_type(folder) != "LORA" for _, folder in adapters):
+            return None
+        entry = None
+        for name, folder in adapters:
+            entry = self.attach(cfg, name, folder)
+        layers = {name: self._row_switchable_layers(entry, name) for name, _ in adapters}
+        return None if any(found is None for found in layers.values()) else layers  # type: ignore[return-value]
+
+    def _stream_batched(self, entry: _LoadedBase, layers: dict[str, list[Any]], row_adapters: list[str | None],
+                        conversations: list[Messages], settings: SamplingSettings) -> Iterator[tuple[str, str]]:
+        """Both rows in one generate call, each with its own adapter (or none) switched on."""
+        eos, stop, budget = self._eos(entry), threading.Event(), self._budget()
         streamer = _PairStreamer(entry.tokenizer, eos)
         kwargs = {**self._inputs(entry, conversations, settings), "streamer": streamer,
                   "generation_config": settings.generation_config(entry.tokenizer, eos),
-                  "stopping_criteria": StoppingCriteriaList([_StopFlag(stop)])}
+                  "stopping_criteria": StoppingCriteriaList([_StopFlag(stop), budget])}
         texts = ("", "")
-        with self._adapter_on_rows(entry, adapter_name, layers, [False, True]):
+        with self._adapters_on_rows(entry, layers, row_adapters):
             thread, errors = self._run(entry.model.generate, kwargs, settings.seed)
             try:
                 while (item := streamer.queue.get(timeout=LOCK_TIMEOUT_SECONDS)) is not None:
                     texts = item
                     yield texts
             finally:
-                stop.set()
+                stop.set()  # a closed stream (client gone, request cancelled) ends generate at its next token
                 thread.join()
         self._raise_failure(errors)
-        if not any(texts):
+        if budget.ran_out.is_set():
+            yield tuple(text if done else budget.mark(text)  # type: ignore[misc]
+                        for text, done in zip(texts, streamer.finished))
+        elif not any(texts):
             yield texts
 
-    def _stream_one_then_other(self, prompt: str, base_history: Any, tuned_history: Any, cfg: ModelConfig,
-                               adapter_name: str, adapter_dir: str | Path, settings: SamplingSettings
+    def _stream_one_then_other(self, conversations: list[Messages], cfg: ModelConfig,
+                               sides: list[tuple[str, Path] | None], settings: SamplingSettings
                                ) -> Iterator[tuple[str, str]]:
-        """Mixed-adapter batches exist for LoRA-type adapters only: IA3 and prompt tuning answer after the base."""
-        self.attach(cfg, adapter_name, adapter_dir)  # before the base answer, so the base is not loaded twice
-        base = ""
-        for base in self.stream(prompt, base_history, cfg, settings=settings):
-            yield base, ""
-        tuned = ""
-        for tuned in self.stream(prompt, tuned_history, cfg, adapter_name, adapter_dir, settings):
-            yield base, tuned
-        if not base and not tuned:
+        """Mixed-adapter batches exist for LoRA-type adapters only: IA3, prompt tuning and DoRA answer one side
+        after the other, within the same time budget."""
+        self.attach(cfg, *sides[1])  # before the left answer, so the base is not loaded twice
+        budget, texts = self._budget(), ["", ""]
+        for index, side in enumerate(sides):
+            entry = self.attach(cfg, *side) if side else self.loaded(cfg)
+            for texts[index] in self._stream_side(entry, side and side[0], conversations[index], settings, budget):
+                yield texts[0], texts[1]
+        if not any(texts):
             yield "", ""
 
     def stream(self, prompt: str, history: Any, cfg: ModelConfig, adapter_name: str | None = None,
@@ -437,23 +542,34 @@ class ChatEngine:
         prompt, settings = check_prompt(prompt), settings or SamplingSettings()
         adapter_name = peft_adapter_name(adapter_name) if adapter_name else None
         messages = normalize_history(history) + [{"role": "user", "content": prompt}]
-        with self._generating() as stop:
+        with self._generating():
             entry = self.attach(cfg, adapter_name, adapter_dir) if adapter_name else self.loaded(cfg)
-            streamer = TextIteratorStreamer(entry.tokenizer, skip_prompt=True, skip_special_tokens=True,
-                                            timeout=LOCK_TIMEOUT_SECONDS)
-            kwargs = {**self._inputs(entry, [messages], settings), "streamer": streamer,
-                      "generation_config": settings.generation_config(entry.tokenizer, self._eos(entry)),
-                      "stopping_criteria": StoppingCriteriaList([_StopFlag(stop)])}
-            thread, errors = self._run(self._side(entry, adapter_name), kwargs, settings.seed)
-            text = ""
-            try:
-                for piece in streamer:
-                    text += piece
-                    yield text
-            finally:
-                stop.set()
-                thread.join()
-            self._raise_failure(errors)
+            yield from self._stream_side(entry, adapter_name, messages, settings, self._budget())
+
+    def _stream_side(self, entry: _LoadedBase, adapter_name: str | None, messages: Messages,
+                     settings: SamplingSettings, budget: _TimeBudget) -> Iterator[str]:
+        """One answer from an attached model, within what is left of the request's time budget."""
+        if budget.ran_out.is_set():  # the other side spent it all: do not start a prompt pass for nothing
+            yield budget.mark("")
+            return
+        stop = threading.Event()
+        streamer = TextIteratorStreamer(entry.tokenizer, skip_prompt=True, skip_special_tokens=True,
+                                        timeout=LOCK_TIMEOUT_SECONDS)
+        kwargs = {**self._inputs(entry, [messages], settings), "streamer": streamer,
+                  "generation_config": settings.generation_config(entry.tokenizer, self._eos(entry)),
+                  "stopping_criteria": StoppingCriteriaList([_StopFlag(stop), budget])}
+        thread, errors = self._run(self._side(entry, adapter_name), kwargs, settings.seed)
+        text = ""
+        try:
+            for piece in streamer:
+                text += piece
+                yield text
+        finally:
+            stop.set()  # a closed stream (client gone, request cancelled) ends generate at its next token
+            thread.join()
+        self._raise_failure(errors)
+        if budget.ran_out.is_set():
+            yield budget.mark(text)
 
     @staticmethod
     def _side(entry: _LoadedBase, adapter_name: str | None) -> Any:
@@ -469,11 +585,11 @@ class ChatEngine:
         return generate
 
     def answer_pair(self, prompt: str, base_history: Any, tuned_history: Any, cfg: ModelConfig,
-                    adapter_name: str, adapter_dir: str | Path,
-                    settings: SamplingSettings | None = None) -> tuple[str, str]:
+                    adapter_name: str, adapter_dir: str | Path, settings: SamplingSettings | None = None,
+                    reference: tuple[str, str | Path] | None = None) -> tuple[str, str]:
         """Both final answers (the last item of ``stream_pair``)."""
         texts = ("", "")
         for texts in self.stream_pair(prompt, base_history, tuned_history, cfg, adapter_name, adapter_dir,
-                                      settings):
+                                      settings, reference):
             pass
         return texts
