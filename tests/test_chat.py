@@ -154,16 +154,18 @@ class _FailingSettings(SamplingSettings):
 
 @pytest.mark.parametrize("side", ["pair", "one"])
 def test_a_failing_generation_ends_the_stream_with_its_error(engine, model_cfg, adapters, side):
-    import time
-
+    """The error ends the stream itself: the reader does not sit out the lock timeout waiting for tokens that
+    never come (it would then fail with the streamer's queue.Empty, not with the generation's error)."""
     settings = _FailingSettings(max_new_tokens=4, temperature=0.0)
-    started = time.monotonic()
-    with pytest.raises(RuntimeError, match="Generation failed"):
+    with pytest.raises(RuntimeError, match="Generation failed") as failure:
         if side == "pair":
             engine.answer_pair("Hello", [], [], model_cfg, "run-a", adapters["run-a"], settings)
         else:
             list(engine.stream("Hello", [], model_cfg, settings=settings))
-    assert time.monotonic() - started < 60  # not the 600 s lock timeout
+    assert failure.value.__cause__ is not None and "queue" not in type(failure.value.__cause__).__module__
+    assert not _generation_threads()  # the worker ended with its error, nothing left running
+    assert engine._generation_lock.acquire(blocking=False)  # and the model is free for the next request
+    engine._generation_lock.release()
     assert engine.answer_pair("Hello", [], [], model_cfg, "run-a", adapters["run-a"], GREEDY)[1]  # still serves
 
 
@@ -203,3 +205,199 @@ def test_on_a_gpu_the_adapter_is_kept_in_the_models_dtype(tiny_model_dir, adapte
     assert by_adapter == {"run-a": {torch.float32}, "run-b": {model_dtype}}
     base, tuned = engine.answer_pair("Hello", [], [], cfg, "run-b", adapters["run-b"], GREEDY)
     assert base and tuned and base != tuned
+
+
+# --- the base stays the base ----------------------------------------------------------------------------------
+
+def _generation_threads() -> list:
+    import threading
+
+    return [t for t in threading.enumerate() if t.name == "chat-generate" and t.is_alive()]
+
+
+def _logits(engine: ChatEngine, cfg: ModelConfig, adapter: str | None = None, prompt: str = "Hello there"):
+    """The next-token logits of the engine's model for ``prompt``: the base (adapters disabled) or one adapter."""
+    entry = engine.loaded(cfg)
+    ids = entry.tokenizer(prompt, return_tensors="pt")
+    with torch.inference_mode():
+        if adapter:
+            entry.model.set_adapter(adapter)
+            return entry.model(**ids).logits
+        with entry.model.disable_adapter():
+            return entry.model(**ids).logits
+
+
+QUANTIZED = [pytest.param({"bits": 4, "double_quant": True}, id="4bit-double-quant"),
+             pytest.param({"bits": 4, "double_quant": False}, id="4bit-single-quant"),
+             pytest.param({"bits": 8}, id="8bit")]
+
+
+@pytest.mark.parametrize("bits", QUANTIZED)
+def test_loading_switching_and_replacing_adapters_leaves_the_base_bit_identical(tiny_model_dir, adapters, bits):
+    """On the CPU bitsandbytes repacks 4-bit weights at the first forward, and peft's adapter loading reads the
+    whole state_dict, which unpacked them through a lossy inverse: the base drifted with every adapter load."""
+    engine, cfg = ChatEngine(), ModelConfig(source=str(tiny_model_dir), **bits)
+    first = engine.answer_pair("Hello there", [], [], cfg, "run-a", adapters["run-a"], GREEDY)
+    base_before, tuned_before = _logits(engine, cfg), _logits(engine, cfg, "run-a")
+    engine.attach(cfg, "run-b", adapters["run-b"])  # a second adapter
+    engine.answer_pair("Hello there", [], [], cfg, "run-b", adapters["run-b"], GREEDY)  # switching to it
+    engine.attach(cfg, "run-b", adapters["run-a"])  # the same name from another folder: peft deletes, then loads
+    assert torch.equal(_logits(engine, cfg), base_before)
+    assert torch.equal(_logits(engine, cfg, "run-a"), tuned_before)
+    assert engine.answer_pair("Hello there", [], [], cfg, "run-a", adapters["run-a"], GREEDY) == first
+    assert engine.base_loads == 1
+
+
+def test_the_base_row_of_a_pair_equals_the_base_model_alone(tiny_model_dir, adapters):
+    """After two adapters were loaded, the pair's base side is still what a base model that never saw an adapter
+    says, token for token and logit for logit."""
+    cfg = ModelConfig(source=str(tiny_model_dir), bits=4)
+    engine = ChatEngine()
+    engine.answer_pair("Hello there", [], [], cfg, "run-a", adapters["run-a"], GREEDY)
+    base_row = engine.answer_pair("Hello there", [], [], cfg, "run-b", adapters["run-b"], GREEDY)[0]
+    alone = ChatEngine()
+    assert base_row == list(alone.stream("Hello there", [], cfg, settings=GREEDY))[-1]
+    entry = alone.loaded(cfg)
+    with torch.inference_mode():
+        alone_logits = entry.model(**entry.tokenizer("Hello there", return_tensors="pt")).logits
+    assert torch.equal(_logits(engine, cfg), alone_logits)
+
+
+def test_a_checkpoint_and_the_final_adapter_of_its_step_answer_alike(style_run):
+    """The run saved a checkpoint at its last step (8) and its final adapter from the same weights: in one engine,
+    loaded one after the other, they give the same answer and the same logits."""
+    from finetune.config import load_config
+
+    run_dir, _ = style_run
+    cfg = load_config(run_dir / "config.yaml").model
+    checkpoint, final = run_dir / "checkpoints" / "checkpoint-8", run_dir / "adapter"
+    assert (checkpoint / "adapter_config.json").is_file() and (final / "adapter_config.json").is_file()
+    engine = ChatEngine()
+    prompt = "What does setting 3 control in LoRA?"
+    from_checkpoint = engine.answer_pair(prompt, [], [], cfg, "checkpoint-8", checkpoint, GREEDY)
+    checkpoint_logits = _logits(engine, cfg, "checkpoint-8", prompt)
+    from_final = engine.answer_pair(prompt, [], [], cfg, "final", final, GREEDY)
+    assert from_final == from_checkpoint
+    assert torch.equal(_logits(engine, cfg, "final", prompt), checkpoint_logits)
+    assert from_final[0] != from_final[1]  # the trained adapter does change the answer
+
+
+# --- a policy next to the adapter it started from --------------------------------------------------------------
+
+@pytest.mark.parametrize("bits", [32, 4])
+def test_a_pair_can_set_a_reference_adapter_against_the_tuned_one(tiny_model_dir, adapters, bits):
+    """The left side is the reference adapter (a DPO policy's starting SFT adapter) instead of the base; each side
+    equals that adapter asked alone, both answered from one base."""
+    engine, cfg = ChatEngine(), ModelConfig(source=str(tiny_model_dir), bits=bits)
+    left, right = engine.answer_pair("Hello there", [], [], cfg, "run-b", adapters["run-b"], GREEDY,
+                                     reference=("run-a", adapters["run-a"]))
+    assert left == list(engine.stream("Hello there", [], cfg, "run-a", adapters["run-a"], GREEDY))[-1]
+    assert right == list(engine.stream("Hello there", [], cfg, "run-b", adapters["run-b"], GREEDY))[-1]
+    base = list(engine.stream("Hello there", [], cfg, settings=GREEDY))[-1]
+    assert len({left, right, base}) == 3 and engine.base_loads == 1
+
+
+def test_a_dora_policy_next_to_its_reference_answers_one_side_after_the_other(engine, model_cfg, adapters,
+                                                                              tmp_path, tiny_model_dir):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+                           LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"], use_dora=True,
+                                      task_type="CAUSAL_LM"))
+    generator = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "lora_A" in name or "lora_B" in name:
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.5)
+    model.save_pretrained(tmp_path / "dora")
+    frames = list(engine.stream_pair("Hello there", [], [], model_cfg, "dora-policy", tmp_path / "dora", GREEDY,
+                                     reference=("run-a", adapters["run-a"])))
+    assert frames[0][1] == ""  # the reference side streamed first
+    assert frames[-1][0] == list(engine.stream("Hello there", [], model_cfg, "run-a", adapters["run-a"],
+                                               GREEDY))[-1]
+    assert frames[-1][1] == list(engine.stream("Hello there", [], model_cfg, "dora-policy", tmp_path / "dora",
+                                               GREEDY))[-1]
+
+
+# --- fair use: a time budget per request, and a closed stream frees the model ----------------------------------
+
+class _StepClock:
+    """A clock that moves one second each time it is read: generation reads it once per token, so a budget of
+    N seconds allows about N tokens whatever this machine's speed (no wall-clock timing in the test)."""
+
+    def __init__(self) -> None:
+        import threading
+
+        self.now, self.reads, self._lock = 0.0, 0, threading.Lock()
+
+    def __call__(self) -> float:
+        with self._lock:
+            self.now += 1.0
+            self.reads += 1
+            return self.now
+
+
+LONG = SamplingSettings(max_new_tokens=400, temperature=0.0)
+
+
+@pytest.mark.parametrize("side", ["pair", "one"])
+def test_an_answer_cut_by_the_time_budget_says_so(tiny_model_dir, model_cfg, adapters, side):
+    from finetune.chat import budget_note
+
+    engine = ChatEngine(max_seconds=6, clock=_StepClock())
+    if side == "pair":
+        answers = engine.answer_pair("Tell me a story", [], [], model_cfg, "run-a", adapters["run-a"], LONG)
+    else:
+        answers = (list(engine.stream("Tell me a story", [], model_cfg, settings=LONG))[-1],)
+    tokenizer = engine.loaded(model_cfg).tokenizer
+    for answer in answers:
+        assert answer.endswith(budget_note(6))
+        assert 0 < len(tokenizer(answer.removesuffix(budget_note(6)))["input_ids"]) <= 8  # not LONG's 400
+
+
+def test_a_long_request_holds_a_short_one_up_no_longer_than_its_budget(model_cfg, adapters):
+    """A visitor asking for 400 tokens while another waits with 'hi': the long answer ends at the time budget, then
+    the short one runs, whole."""
+    import threading
+
+    from finetune.chat import budget_note
+
+    engine = ChatEngine(max_seconds=10, clock=_StepClock())
+    engine.answer_pair("warm up", [], [], model_cfg, "run-a", adapters["run-a"], GREEDY)  # loaded before the race
+    long_started, long_done, results = threading.Event(), threading.Event(), {}
+
+    def long_request() -> None:
+        for texts in engine.stream_pair("Tell me a story", [], [], model_cfg, "run-a", adapters["run-a"], LONG):
+            long_started.set()
+            results["long"] = texts
+        long_done.set()
+
+    thread = threading.Thread(target=long_request)
+    thread.start()
+    long_started.wait()
+    short = []
+    for texts in engine.stream_pair("hi", [], [], model_cfg, "run-a", adapters["run-a"],
+                                    SamplingSettings(max_new_tokens=4, temperature=0.0)):
+        short.append((long_done.is_set(), texts))
+    thread.join()
+    assert all(text.endswith(budget_note(10)) for text in results["long"])  # cut by the budget, and says so
+    assert all(done for done, _ in short)  # the short one waited for the long one to end...
+    assert short[-1][1][1] and budget_note(10) not in "".join(short[-1][1])  # ...and then answered in full
+
+
+@pytest.mark.parametrize("side", ["pair", "one"])
+def test_a_closed_stream_stops_generating_and_frees_the_model(model_cfg, adapters, side):
+    """gradio closes the generator when the client disconnects or the request is cancelled: generation must stop
+    at its next token (not run on to 400 tokens) and the lock must be free once close() returns."""
+    clock = _StepClock()
+    engine = ChatEngine(max_seconds=0, clock=clock)  # no time budget: only the close can stop it
+    stream = (engine.stream_pair("Tell me a story", [], [], model_cfg, "run-a", adapters["run-a"], LONG)
+              if side == "pair" else engine.stream("Tell me a story", [], model_cfg, settings=LONG))
+    next(stream)
+    next(stream)
+    stream.close()
+    assert not _generation_threads()
+    assert engine._generation_lock.acquire(blocking=False)
+    engine._generation_lock.release()
+    assert clock.reads < LONG.max_new_tokens // 4  # generation stopped within a few tokens of the close
