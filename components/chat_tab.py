@@ -7,6 +7,10 @@ Human feedback is captured here: every answer is stored (``FeedbackStore``) with
 history and sampling settings; thumbs up/down on any answer, and after each turn a pairwise vote, a comment and
 a corrected answer. In **blind arena mode** the two answers are shown as "A" and "B" in random order (single
 questions, no history, so the conversation gives nothing away) and the models are revealed only after the vote.
+
+A DPO/KTO/GRPO run that started from an SFT adapter can be compared with that starting adapter instead of the
+base ("Compare with"): what the preference training changed, not what the whole fine-tuning did. Both sides come
+from the same base with two adapters attached.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import functools
 import inspect
 import random
 import sqlite3
+from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import gradio as gr
@@ -24,6 +29,7 @@ from finetune.config import ConfigError, load_config
 from finetune.data import validation_prompts
 from finetune.feedback import FeedbackError, FeedbackStore
 from finetune.runs import RunError, RunManager
+from finetune.train import ADAPTER_DIR
 
 Chat = list[dict[str, str]]
 Turn = dict[str, Any]
@@ -32,6 +38,8 @@ VOTES = [("Left is better", "left"), ("Right is better", "right"), ("Tie", "tie"
 ARENA_VOTES = [("A is better", "left"), ("B is better", "right"), ("Tie", "tie"), ("Both bad", "both_bad")]
 TARGETS = [("Both answers", "both"), ("Left / A", "left"), ("Right / B", "right")]
 ARENA_LABELS = ("A", "B")
+COMPARE = [("Base model", "base"), ("Starting adapter", "start")]
+POLICY_STAGES = ("dpo", "kto", "grpo")
 
 
 def bind(handler: Callable[..., Any], *bound: Any) -> Callable[..., Any]:
@@ -56,17 +64,59 @@ def _who(request: gr.Request | None) -> dict[str, str | None]:
     return {"user": getattr(request, "username", None) or None, "session": getattr(request, "session_hash", None)}
 
 
-def _model_name(side: str, run_id: str) -> str:
-    return "the base model" if side == "base" else f"the fine-tuned model ({run_id})"
+def _model_name(side: str, run_id: str, reference: str | None = None) -> str:
+    if side == "base":
+        return f"the starting adapter ({reference})" if reference else "the base model"
+    return f"the fine-tuned model ({run_id})"
 
 
-def side_labels(arena: bool, run_id: str | None) -> tuple[str, str]:
+def side_labels(arena: bool, run_id: str | None, reference: str | None = None) -> tuple[str, str]:
     if arena:
         return ARENA_LABELS
-    return "Base model", f"Fine-tuned ({run_id})" if run_id else "Fine-tuned (pick a run)"
+    left = f"Starting adapter ({reference})" if reference else "Base model"
+    return left, f"Fine-tuned ({run_id})" if run_id else "Fine-tuned (pick a run)"
 
 
 # --- adapters ------------------------------------------------------------------------------------------------
+
+def starting_adapter(manager: RunManager, run_id: str | None) -> tuple[str, Path] | None:
+    """(name, folder) of the adapter a DPO/KTO/GRPO run started from (``preference.start_adapter``: a run id or an
+    adapter folder), or None: an SFT run, a run that started from the base, or a start that no longer exists."""
+    if not run_id:
+        return None
+    try:
+        cfg = load_config(manager.run_dir(run_id) / "config.yaml")
+    except (ConfigError, RunError, OSError):
+        return None
+    start = cfg.preference.start_adapter if cfg.stage in POLICY_STAGES else ""
+    if not start:
+        return None
+    adapters = manager.finished_adapters()
+    if start in adapters:
+        return start, adapters[start]
+    for folder in (Path(start).expanduser() / ADAPTER_DIR, Path(start).expanduser()):
+        if (folder / "adapter_config.json").is_file():
+            return f"{run_id} start", folder  # a folder, not a run: named after the policy that started from it
+    return None
+
+
+def _reference(manager: RunManager, run_id: str, compare: str | None) -> tuple[str, Path] | None:
+    """The left side's adapter for ``compare``: None for the base model."""
+    if (compare or "base") == "base":
+        return None
+    if compare != "start":
+        raise ValueError(f"Compare with must be 'base' or 'start', got {compare!r}.")
+    reference = starting_adapter(manager, run_id)
+    if reference is None:
+        raise ValueError(f"Run '{run_id}' did not start from an adapter that still exists: compare it with the "
+                         "base model.")
+    return reference
+
+
+def _reference_name(manager: RunManager, run_id: str | None, compare: str | None) -> str | None:
+    reference = starting_adapter(manager, run_id) if compare == "start" else None
+    return reference[0] if reference else None
+
 
 def adapter_choices(manager: RunManager, current: str | None = None) -> Any:
     """Dropdown of finished runs with an adapter, newest first; keeps the current pick when it still exists."""
@@ -75,42 +125,51 @@ def adapter_choices(manager: RunManager, current: str | None = None) -> Any:
     return gr.Dropdown(choices=ids, value=value)
 
 
-def select_adapter(manager: RunManager, run_id: str | None, arena: bool = False) -> tuple[Any, Any, Any]:
-    """New label for the fine-tuned side, example prompts from the run's validation data, and empty chats."""
+def select_adapter(manager: RunManager, run_id: str | None, arena: bool = False
+                   ) -> tuple[Any, Any, Any, Any]:
+    """New labels, example prompts from the run's validation data, empty chats, and "Compare with" shown (set to
+    the base model) only for a run that started from an adapter."""
+    start = starting_adapter(manager, run_id)
+    compare = gr.Radio(value="base", visible=start is not None,
+                       info=f"This run started from the adapter '{start[0]}': compare with it to see what the "
+                            "preference training changed." if start else None)
     left, right = side_labels(bool(arena), run_id)
     if not run_id:
-        return gr.Chatbot(label=right, value=[]), gr.Dataset(samples=[]), gr.Chatbot(label=left, value=[])
+        return gr.Chatbot(label=right, value=[]), gr.Dataset(samples=[]), gr.Chatbot(label=left, value=[]), compare
     try:
         cfg = load_config(manager.run_dir(run_id) / "config.yaml")
         examples = validation_prompts(cfg.data, limit=6)
     except (ConfigError, RunError):
         examples = []
     return (gr.Chatbot(label=right, value=[]), gr.Dataset(samples=[[p] for p in examples]),
-            gr.Chatbot(label=left, value=[]))
+            gr.Chatbot(label=left, value=[]), compare)
 
 
-def toggle_arena(arena: bool, run_id: str | None) -> tuple[Any, Any, Any, Any]:
-    """Arena on/off starts afresh: empty chats, A/B (or model) labels, no open vote."""
-    left, right = side_labels(bool(arena), run_id)
+def toggle_arena(manager: RunManager, arena: bool, run_id: str | None, compare: str | None = "base"
+                 ) -> tuple[Any, Any, Any, Any]:
+    """Arena on/off, or another "Compare with", starts afresh: empty chats, A/B (or model) labels, no open vote."""
+    left, right = side_labels(bool(arena), run_id, _reference_name(manager, run_id, compare))
     return gr.Chatbot(label=left, value=[]), gr.Chatbot(label=right, value=[]), gr.Column(visible=False), None
 
 
 # --- one turn --------------------------------------------------------------------------------------------------
 
-def begin_turn(arena: bool, run_id: str | None) -> tuple[Any, Any, Any, str]:
+def begin_turn(manager: RunManager, arena: bool, run_id: str | None, compare: str | None = "base"
+               ) -> tuple[Any, Any, Any, str]:
     """Before the answers stream: hide the last turn's vote and, in arena mode, hide the models' names again."""
-    left, right = side_labels(bool(arena), run_id)
+    left, right = side_labels(bool(arena), run_id, _reference_name(manager, run_id, compare))
     return gr.Chatbot(label=left), gr.Chatbot(label=right), gr.Column(visible=False), ""
 
 
 def chat(manager: RunManager, engine: ChatEngine, store: FeedbackStore | None, prompt: str, run_id: str | None,
          base_chat: Chat | None, tuned_chat: Chat | None, max_new_tokens: float, temperature: float, top_p: float,
-         seed: float, arena: bool = False, turn: Turn | None = None, request: gr.Request = None
-         ) -> Iterator[tuple[Chat, Chat, str, Turn | None]]:
+         seed: float, arena: bool = False, turn: Turn | None = None, compare: str | None = "base",
+         request: gr.Request = None) -> Iterator[tuple[Chat, Chat, str, Turn | None]]:
     """Stream both answers: yields (left chat, right chat, cleared prompt box, turn) as the answers grow.
 
-    Left is the base model and right the fine-tuned one, except in arena mode, where the order is random.
-    When both answers are complete they are stored, and the turn (their ids) is handed to the feedback controls.
+    Left is the base model (or, with ``compare="start"``, the adapter the run started from) and right the
+    fine-tuned one, except in arena mode, where the order is random. When both answers are complete they are
+    stored, and the turn (their ids) is handed to the feedback controls.
     """
     try:
         prompt = check_prompt(prompt)
@@ -121,6 +180,7 @@ def chat(manager: RunManager, engine: ChatEngine, store: FeedbackStore | None, p
         if run_id not in adapters:
             raise ValueError(f"Run '{run_id}' has no saved adapter.")
         cfg = load_config(manager.run_dir(run_id) / "config.yaml")
+        reference = _reference(manager, run_id, compare)
     except (ValueError, RunError) as error:  # ConfigError is a ValueError
         raise gr.Error(str(error)) from None
     arena = bool(arena)
@@ -138,7 +198,7 @@ def chat(manager: RunManager, engine: ChatEngine, store: FeedbackStore | None, p
     try:
         for texts["base"], texts["tuned"] in engine.stream_pair(
                 prompt, histories[SIDES[order.index("base")]], histories[SIDES[order.index("tuned")]],
-                cfg.model, run_id, adapters[run_id], settings):
+                cfg.model, run_id, adapters[run_id], settings, reference=reference):
             yield (*shown(), "", turn)
     except (ValueError, RuntimeError) as error:  # too long a prompt, a base model that cannot be loaded
         raise gr.Error(str(error)) from None
@@ -149,20 +209,22 @@ def chat(manager: RunManager, engine: ChatEngine, store: FeedbackStore | None, p
                                 base_history=histories[SIDES[order.index("base")]],
                                 tuned_history=histories[SIDES[order.index("tuned")]],
                                 settings=vars(settings).copy(), base_response=texts["base"],
-                                tuned_response=texts["tuned"], **_who(request))
+                                tuned_response=texts["tuned"], base_adapter=reference and reference[0],
+                                **_who(request))
     except sqlite3.Error as error:
         raise gr.Error(f"The answers are shown but could not be saved for feedback: {error}") from None
-    yield (*shown(), "", _next_turn(turn, ids, order, arena, run_id, histories))
+    yield (*shown(), "", _next_turn(turn, ids, order, arena, run_id, histories, reference and reference[0]))
 
 
 def _next_turn(turn: Turn | None, ids: dict[str, str], order: tuple[str, str], arena: bool, run_id: str,
-               histories: dict[str, Chat]) -> Turn:
+               histories: dict[str, Chat], reference: str | None = None) -> Turn:
     """The turn the feedback controls act on, and which stored answer each chat message is (for thumbs)."""
-    keep = turn and not arena and not turn.get("arena") and turn.get("run_id") == run_id
+    keep = (turn and not arena and not turn.get("arena") and turn.get("run_id") == run_id
+            and turn.get("reference") == reference)
     messages = {side: dict(turn["messages"][side]) if keep else {} for side in SIDES}
     for index, side in enumerate(SIDES):
         messages[side][str(len(histories[side]) + 1)] = ids[order[index]]
-    return {"turn_id": ids["turn"], "run_id": run_id, "arena": arena, "order": list(order),
+    return {"turn_id": ids["turn"], "run_id": run_id, "reference": reference, "arena": arena, "order": list(order),
             "gen": {side: ids[order[index]] for index, side in enumerate(SIDES)}, "messages": messages,
             "voted": False}
 
@@ -213,7 +275,7 @@ def submit_feedback(store: FeedbackStore | None, turn: Turn | None, vote: str | 
     message = f"Saved: {', '.join(saved)}. {store.sync_summary()}"
     labels = [gr.Chatbot(), gr.Chatbot()]
     if turn["arena"] and vote:
-        names = [_model_name(side, turn["run_id"]) for side in turn["order"]]
+        names = [_model_name(side, turn["run_id"], turn.get("reference")) for side in turn["order"]]
         message = f"**Revealed:** A was {names[0]}, B was {names[1]}.  \n" + message
         labels = [gr.Chatbot(label=f"{letter}: {name}") for letter, name in zip(ARENA_LABELS, names)]
         turn = {**turn, "voted": True}
@@ -269,6 +331,8 @@ def build_chat_tab(manager: RunManager, engine: ChatEngine, store: FeedbackStore
         refresh = gr.Button("Refresh runs", size="sm", scale=1)
         arena = gr.Checkbox(False, label="Blind arena mode", elem_id="arena-mode", scale=1,
                             info="Answers shown as A and B in random order; the models are revealed after your vote.")
+        compare = gr.Radio(COMPARE, value="base", label="Compare with", elem_id="chat-compare", scale=1,
+                           visible=False)  # shown for a DPO/KTO/GRPO run that started from an adapter
     with gr.Row():
         base_chat = gr.Chatbot(label="Base model", height=420, elem_id="base-chat")
         tuned_chat = gr.Chatbot(label="Fine-tuned (pick a run)", height=420, elem_id="tuned-chat")
@@ -288,27 +352,31 @@ def build_chat_tab(manager: RunManager, engine: ChatEngine, store: FeedbackStore
             seed = gr.Number(value=0, precision=0, label="Seed", minimum=0)
     refresh_fn = functools.partial(adapter_choices, manager)
     refresh.click(refresh_fn, run, run, api_name="list_adapters")
-    run.change(functools.partial(select_adapter, manager), [run, arena], [tuned_chat, examples, base_chat],
+    run.change(functools.partial(select_adapter, manager), [run, arena], [tuned_chat, examples, base_chat, compare],
                api_name="select_adapter")
     examples.click(lambda sample: sample[0], examples, prompt, api_visibility="private")
     handler = bind(chat, manager, engine, store)
-    inputs = [prompt, run, base_chat, tuned_chat, max_new, temperature, top_p, seed, arena, turn]
+    inputs = [prompt, run, base_chat, tuned_chat, max_new, temperature, top_p, seed, arena, turn, compare]
     outputs = [base_chat, tuned_chat, prompt, turn]
     for trigger, api in ((send.click, {"api_name": "chat"}), (prompt.submit, {"api_visibility": "private"})):
-        started = trigger(begin_turn, [arena, run], [base_chat, tuned_chat, feedback["panel"], feedback["status"]],
-                          api_visibility="private")
+        started = trigger(bind(begin_turn, manager), [arena, run, compare],
+                          [base_chat, tuned_chat, feedback["panel"], feedback["status"]], api_visibility="private")
         answered = started.then(handler, inputs, outputs, concurrency_limit=1, concurrency_id="chat", **api)
         answered.success(show_vote, turn, [feedback["panel"], feedback["vote"], feedback["hint"]],
                          api_visibility="private")
     clear.click(clear_chats, None, [base_chat, tuned_chat], api_name="clear_chat")
     _wire_feedback(store, feedback, turn, base_chat, tuned_chat)
-    arena.change(toggle_arena, [arena, run], [base_chat, tuned_chat, feedback["panel"], turn], api_name="set_arena")
+    restart = bind(toggle_arena, manager)
+    arena.change(restart, [arena, run, compare], [base_chat, tuned_chat, feedback["panel"], turn], api_name="set_arena")
+    compare.input(restart, [arena, run, compare], [base_chat, tuned_chat, feedback["panel"], turn],
+                  api_name="set_compare")
     page = gr.context.Context.root_block
     if page is not None:  # a page load picks the newest finished run
         page.load(refresh_fn, run, run, api_visibility="private")
     return {"run": run, "refresh": refresh, "base_chat": base_chat, "tuned_chat": tuned_chat, "prompt": prompt,
             "send": send, "clear": clear, "examples": examples, "max_new_tokens": max_new,
-            "temperature": temperature, "top_p": top_p, "seed": seed, "arena": arena, "turn": turn, **feedback}
+            "temperature": temperature, "top_p": top_p, "seed": seed, "arena": arena, "compare": compare,
+            "turn": turn, **feedback}
 
 
 def _wire_feedback(store: FeedbackStore | None, feedback: dict[str, Any], turn: Any, base_chat: Any,

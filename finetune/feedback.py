@@ -244,12 +244,14 @@ class FeedbackStore:
 
     def record_turn(self, *, model: str, adapter: str, prompt: str, base_history: Messages,
                     tuned_history: Messages, settings: dict[str, Any], base_response: str, tuned_response: str,
-                    user: str | None = None, session: str | None = None) -> dict[str, str]:
-        """Both answers of one side-by-side turn in one transaction: {'turn', 'base', 'tuned'} ids."""
+                    user: str | None = None, session: str | None = None,
+                    base_adapter: str | None = None) -> dict[str, str]:
+        """Both answers of one side-by-side turn in one transaction: {'turn', 'base', 'tuned'} ids. The 'base' side
+        is the base model, or the adapter named by ``base_adapter`` (a policy compared with its starting adapter)."""
         turn = str(uuid.uuid4())
         common = dict(model=model, prompt=prompt, settings=settings, turn_id=turn, user=user, session=session)
         base, tuned = self._record_generations([
-            dict(common, adapter=None, history=base_history, response=base_response, side="base"),
+            dict(common, adapter=base_adapter, history=base_history, response=base_response, side="base"),
             dict(common, adapter=adapter, history=tuned_history, response=tuned_response, side="tuned")])
         return {"turn": turn, "base": base, "tuned": tuned}
 

@@ -401,3 +401,60 @@ def test_a_closed_stream_stops_generating_and_frees_the_model(model_cfg, adapter
     assert engine._generation_lock.acquire(blocking=False)
     engine._generation_lock.release()
     assert clock.reads < LONG.max_new_tokens // 4  # generation stopped within a few tokens of the close
+
+
+# --- the Chat tab: a policy against its starting adapter ------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def policy_runs(tmp_path_factory, tiny_model_dir, adapters):
+    """A run folder with an SFT run and a DPO run that started from it (stage and start_adapter in its config,
+    as the RLHF tab writes them); their adapters are the test adapters."""
+    import json
+    import shutil
+
+    from conftest import tiny_run_config, write_jsonl
+    from finetune.config import save_config
+    from finetune.runs import RunManager
+
+    root = tmp_path_factory.mktemp("policy-runs")
+    data = write_jsonl(root / "qa.jsonl", [{"prompt": f"Question {i}?", "completion": "Answer."} for i in range(10)])
+    for run_id, adapter, stage, start in (("sft-run", "run-a", "sft", ""), ("dpo-run", "run-b", "dpo", "sft-run")):
+        cfg = tiny_run_config(tiny_model_dir, data, bits=32)
+        cfg.stage, cfg.preference.start_adapter = stage, start
+        save_config(cfg, root / run_id / "config.yaml")
+        shutil.copytree(adapters[adapter], root / run_id / "adapter")
+        (root / run_id / "status.json").write_text(json.dumps({"state": "finished"}))
+    return RunManager(root)
+
+
+def _tab_answers(manager, engine, run_id: str, compare: str, store=None) -> tuple[str, str]:
+    from components.chat_tab import chat
+
+    frames = list(chat(manager, engine, store, "Hello there", run_id, [], [], 12, 0.0, 0.9, 0, False, None,
+                       compare))
+    left, right, _, _ = frames[-1]
+    return left[-1]["content"], right[-1]["content"]
+
+
+def test_the_chat_tab_compares_a_policy_with_its_starting_adapter(policy_runs, engine, model_cfg, adapters,
+                                                                  tmp_path):
+    from components.chat_tab import select_adapter
+    from finetune.feedback import FeedbackStore
+
+    store = FeedbackStore(tmp_path / "feedback.db")
+    left, right = _tab_answers(policy_runs, engine, "dpo-run", "start", store)
+    assert left == list(engine.stream("Hello there", [], model_cfg, "sft-run", adapters["run-a"], GREEDY))[-1]
+    assert right == list(engine.stream("Hello there", [], model_cfg, "dpo-run", adapters["run-b"], GREEDY))[-1]
+    base_left, base_right = _tab_answers(policy_runs, engine, "dpo-run", "base")
+    assert base_left == list(engine.stream("Hello there", [], model_cfg, settings=GREEDY))[-1] != left
+    assert base_right == right
+    # The stored left answer names the adapter that gave it, so feedback never calls it the base model's.
+    stored = store._rows("SELECT side, adapter FROM generations", ())
+    assert sorted((row["side"], row["adapter"]) for row in stored) == [("base", "sft-run"), ("tuned", "dpo-run")]
+    # "Compare with" is offered for the DPO run only, and refused for a run that started from nothing.
+    assert select_adapter(policy_runs, "dpo-run")[3].visible is True
+    assert select_adapter(policy_runs, "sft-run")[3].visible is False
+    import gradio as gr
+
+    with pytest.raises(gr.Error, match="did not start from an adapter"):
+        _tab_answers(policy_runs, engine, "sft-run", "start")
