@@ -21,9 +21,11 @@ import pandas as pd
 from finetune.chat import ChatEngine
 from finetune.config import BUNDLED_DATASET, ConfigError, load_config
 from finetune.data import first_line
-from finetune.evaluate import (Candidate, adapter_name, candidate_answer, candidate_loss, candidates, load_eval_rows,
-                               model_label, read_win_counts, reference_pairs, reward_models, rouge_l,
-                               run_checkpoints, win_rate)
+from finetune.evaluate import (Candidate, adapter_name, candidate_answer, candidate_loss, candidates, degeneration,
+                               judge_accuracy, load_eval_rows, model_label, paired_verdict, read_win_counts,
+                               reference_pairs, reward_models, rouge_l, run_checkpoints, start_run_dir,
+                               trained_prompts, win_rate)
+from finetune.preference import prompt_key
 from finetune.rlhf import ScorerCache
 from finetune.runs import RunError, RunManager
 
@@ -102,7 +104,9 @@ def evaluate_loss(manager: RunManager, engine: ChatEngine, run_ids: list[str] | 
 
 
 def _loss_summary(frame: pd.DataFrame, chosen: list[Candidate]) -> str:
-    """One line per adapter: its loss against the base it trained on (not against another run's base)."""
+    """One line per adapter: its loss against the base it trained on (not against another run's base) and, for a
+    preference-tuned adapter, against the adapter it started from: lower than the base can still be worse than
+    where it started (issue 15: DPO 4.09 vs its SFT start 3.37, both "lower than the base")."""
     loss = dict(zip(frame["model"], frame["validation loss"]))
     lines = [f"Evaluated {len(frame)} model(s) on {int(frame['rows'].iloc[0])} rows "
              f"({int(frame['tokens'].iloc[0])} answer tokens)."]
@@ -110,15 +114,24 @@ def _loss_summary(frame: pd.DataFrame, chosen: list[Candidate]) -> str:
         tuned, base = loss.get(candidate.name), loss.get(model_label(candidate.model))
         if candidate.adapter_dir is None or pd.isna(tuned) or pd.isna(base):
             continue
-        delta = tuned - base
-        lines.append(f"- `{candidate.name}`: loss {tuned:.4f} ({'lower' if delta < 0 else 'higher'} than its base "
-                     f"by {abs(delta):.4f})")
+        parts = [_difference(tuned, base, "its base")]
+        start = loss.get(candidate.start_name) if candidate.start_name else None
+        if start is not None and not pd.isna(start):
+            parts.append(_difference(tuned, start, f"`{candidate.start_name}`, the adapter it started from"))
+        lines.append(f"- `{candidate.name}`: loss {tuned:.4f} ({'; '.join(parts)})")
     return "\n".join(lines)
 
 
+def _difference(value: float, reference: float, what: str) -> str:
+    delta = value - reference
+    return f"{'lower' if delta < 0 else 'higher'} than {what} by {abs(delta):.4f}"
+
+
 def add_reward_scores(manager: RunManager, scorers: ScorerCache, frame: pd.DataFrame,
-                      prompts: list[list[dict[str, str]]]) -> str:
-    """Add a 'reward' column from the newest reward run, if there is one; returns a note for the summary."""
+                      prompts: list[list[dict[str, str]]], chosen: list[Candidate]) -> str:
+    """Add a 'reward' column from the newest reward run, if there is one, and a paired verdict of each adapter
+    against its base (and a preference-tuned one against its starting adapter) on the prompts nobody involved
+    trained on; returns a note for the summary."""
     runs = reward_models(manager)
     if not runs:
         return "No reward model yet: train one from your votes (reward stage) to score these answers."
@@ -128,7 +141,31 @@ def add_reward_scores(manager: RunManager, scorers: ScorerCache, frame: pd.DataF
     except Exception as error:  # a reward model that cannot load must not lose the answers already generated
         return f"Reward run `{run_id}` could not score the answers: {first_line(error, 200)}"
     means = frame.groupby("model", sort=False)["reward"].mean()
-    return f"**Mean reward (run `{run_id}`):** " + " · ".join(f"`{n}` {v:.3f}" for n, v in means.items())
+    note = f"**Mean reward (run `{run_id}`):** " + " · ".join(f"`{n}` {v:.3f}" for n, v in means.items())
+    return note + "  \n" + _reward_verdicts(manager, frame, chosen, manager.run_dir(run_id))
+
+
+def _reward_verdicts(manager: RunManager, frame: pd.DataFrame, chosen: list[Candidate], reward_dir: Path) -> str:
+    judge = judge_accuracy(reward_dir)
+    lines = [f"**Judge:** reward model `{reward_dir.name}`, {judge.text()}."]
+    for candidate in chosen:
+        if candidate.adapter_dir is None:
+            continue
+        try:
+            run_dir = candidate.adapter_dir.parent
+            start = start_run_dir(run_dir)
+            trained = trained_prompts(reward_dir) | trained_prompts(run_dir) | (trained_prompts(start) if start
+                                                                                else set())
+        except ValueError as error:
+            lines.append(f"- `{candidate.name}`: no verdict: {error}")
+            continue
+        held = frame[[prompt_key([{"role": "user", "content": p}]) not in trained for p in frame["prompt"]]]
+        for other in [model_label(candidate.model)] + ([candidate.start_name] if candidate.start_name else []):
+            mine, theirs = held[held["model"] == candidate.name], held[held["model"] == other]
+            verdict = paired_verdict(candidate.name, other, list(mine["reward"]), list(theirs["reward"]),
+                                     list(mine["answer"]), judge)
+            lines.append(f"- {verdict.text()}")
+    return "\n".join(lines)
 
 
 def compare_generations(manager: RunManager, engine: ChatEngine, scorers: ScorerCache, run_ids: list[str] | None,
@@ -153,14 +190,20 @@ def compare_generations(manager: RunManager, engine: ChatEngine, scorers: Scorer
     table, asked = [], []
     for p, (prompt, reference) in enumerate(pairs):
         for m, candidate in enumerate(chosen):
+            check = degeneration(answers[m, p])
             table.append({"prompt": prompt[-1]["content"], "reference": reference or "", "model": candidate.name,
-                          "answer": answers[m, p], "ROUGE-L": _round(rouge_l(answers[m, p], reference))})
+                          "answer": answers[m, p], "ROUGE-L": _round(rouge_l(answers[m, p], reference)),
+                          "tokens": check.words, "distinct-2": check.distinct_2,
+                          "repeated 3-grams": check.repeated_3grams, "degenerate": check.problem or ""})
             asked.append(prompt)
     frame = pd.DataFrame(table)
-    reward_note = add_reward_scores(manager, scorers, frame, asked)
+    reward_note = add_reward_scores(manager, scorers, frame, asked, chosen)
     means = frame.groupby("model", sort=False)["ROUGE-L"].mean()
     summary = "**Mean ROUGE-L vs reference:** " + " · ".join(
         f"`{name}` {value:.3f}" for name, value in means.items() if pd.notna(value))
+    flagged = frame.groupby("model", sort=False)["degenerate"].apply(lambda col: int((col != "").sum()))
+    summary += "  \n**Degenerate answers (repeated phrases, empty):** " + " · ".join(
+        f"`{name}` {count} of {len(pairs)}" for name, count in flagged.items())
     return frame, summary + "  \n" + reward_note
 
 

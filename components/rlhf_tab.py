@@ -25,9 +25,13 @@ from finetune.config import (DPO_LOSSES, EMBEDDED_MODEL, KTO_LOSSES, ConfigError
 from finetune.data import DataError
 from finetune.metrics import read_metrics, read_status, write_status
 from finetune.models import ModelSourceError
-from finetune.preference import (BUNDLED_PREFERENCES, PreferenceError, export_feedback, feedback_available,
-                                 held_out_prompts, load_preferences, preview_preferences)
-from finetune.rlhf import ScorerCache, compare_with_reward, resolve_run_folder
+from finetune.evaluate import (NO_HELD_OUT, Candidate, adapter_name, compare_policy_answers, judge_accuracy,
+                               model_label, start_run_dir, trained_prompts)
+from finetune.preference import (BUNDLED_PREFERENCES, MAX_EPOCHS_SMALL_DATA, PreferenceData, PreferenceError,
+                                 data_size, default_steps, export_feedback, feedback_available, held_out_prompts,
+                                 load_preferences, preview_preferences, rows_per_step, size_statement,
+                                 size_warnings)
+from finetune.rlhf import ScorerCache, resolve_run_folder
 from finetune.runs import REWARD_DIR, RunInProgressError, RunManager, check_sources
 from components.train_tab import stop_run
 
@@ -127,14 +131,41 @@ def _problems_text(error: ConfigError) -> str:
     return "**Please fix the form:**\n" + "\n".join(f"- `{n}`: {m}" for n, m in error.problems.items())
 
 
+def fit_steps_to_data(cfg: RunConfig, data: PreferenceData, form: dict[str, Any]) -> tuple[RunConfig, str]:
+    """Cap the preset's default steps at a few passes over small data (a number the learner typed is kept);
+    returns the config and a note saying what changed, if anything."""
+    steps_field = "reward_max_steps" if cfg.stage == "reward" else "policy_max_steps"
+    preset = _preset(cfg.stage).training.max_steps
+    requested = form.get(steps_field)
+    if requested not in (None, "", preset):
+        return cfg, ""
+    steps = default_steps(preset, len(data.train), rows_per_step(cfg))
+    if steps == cfg.training.max_steps:
+        return cfg, ""
+    raw = to_dict(cfg)
+    raw["training"]["max_steps"] = steps
+    return from_dict(raw), (f"Steps: {steps} instead of the preset's {preset}, so the run passes over the "
+                            f"{len(data.train)} training rows at most {MAX_EPOCHS_SMALL_DATA} times.")
+
+
+def data_report(cfg: RunConfig, data: PreferenceData) -> tuple[str, list[str]]:
+    """What the run will train on (rows, prompts, held out, epochs) and the warnings that follow from it."""
+    size, per_step = data_size(data), rows_per_step(cfg)
+    return size_statement(size, cfg.training.max_steps, per_step), size_warnings(size, cfg.training.max_steps,
+                                                                                 per_step)
+
+
 def start_stage(manager: RunManager, feedback_db: Path | None, stage: str, **form: Any) -> tuple[Any, str]:
-    """Check the data and settings, then train the stage in a child process; returns (watched run, message)."""
+    """Check the data and settings, then train the stage in a child process; returns (watched run, message)
+    that states how much data there is, how many passes the steps make over it, and what that will do."""
     stage = stage if stage != "policy" else POLICY_METHODS.get(form.get("method") or "DPO", "dpo")
     try:
         source = data_source(manager, feedback_db, stage, form)
         cfg = config_from_form(stage, source, form)
         # Malformed pairs are reported now, with their row numbers, rather than from the child's log.
-        load_preferences(cfg.data, cfg.preference.format, want="unpaired" if stage == "kto" else "paired")
+        data = load_preferences(cfg.data, cfg.preference.format, want="unpaired" if stage == "kto" else "paired",
+                                seed=cfg.training.seed)
+        cfg, steps_note = fit_steps_to_data(cfg, data, form)
         check_sources(cfg)  # an offline Hub model id is reported now, not by a failed run
         if stage == "grpo":  # the reward model it trains against must exist before a child starts
             resolve_run_folder(cfg.preference.reward_model, manager.root, REWARD_DIR)
@@ -149,7 +180,12 @@ def start_stage(manager: RunManager, feedback_db: Path | None, stage: str, **for
         gr.Warning(str(error))
         return gr.skip(), f"**Not started:** {error}"
     write_status(manager.run_dir(run_id), stage=stage)  # the child writes it too; the watcher needs it at once
-    return run_id, f"Started {stage} run `{run_id}`; loading the model and the preference data…"
+    statement, warnings = data_report(cfg, data)
+    for warning in warnings:
+        gr.Warning(warning)
+    lines = [f"Started {stage} run `{run_id}`; loading the model and the preference data…", statement, steps_note,
+             *(f"⚠️ {w}" for w in warnings)]
+    return run_id, "\n\n".join(line for line in lines if line)
 
 
 def stop_stage(manager: RunManager, run_id: str) -> str:
@@ -229,7 +265,10 @@ def poll_rlhf(manager: RunManager, reward_id: str, policy_id: str) -> tuple[Any,
             (policy_id, "rlhf-policy-progress", *policy_view)):
         status = manager.status(run_id) if run_id else {"state": "idle"}
         rows = read_metrics(manager.run_dir(run_id)) if run_id else []
-        outputs += [run_id, status_text(run_id, status, rows, key, label), progress_html(elem, status, rows),
+        text = status_text(run_id, status, rows, key, label)
+        if run_id and elem == "rlhf-reward-progress" and status.get("state") == "completed":
+            text += f" · {judge_accuracy(manager.run_dir(run_id)).text()}"
+        outputs += [run_id, text, progress_html(elem, status, rows),
                     _frame(rows, charts[0], "loss"), _frame(rows, charts[1], "value")]
     active = manager.active_run() or policy_id or reward_id
     outputs.append(manager.log_tail(active, 25) if active else "")
@@ -287,48 +326,85 @@ def last_chat_turn(base_chat: list[dict[str, Any]] | None, tuned_chat: list[dict
     return base[-2]["content"], base[-1]["content"], tuned[-1]["content"]
 
 
+COMPARE_COLUMNS = ["prompt", "model", "answer", "reward", "tokens", "distinct-2", "repeated 3-grams", "degenerate"]
+
+
+def _comparison_prompts(manager: RunManager, reward_run: str, policy_dir: Path, cfg: RunConfig, limit: int
+                        ) -> tuple[list[str], Path | None]:
+    """The policy's held-out prompts that neither the policy, its starting adapter nor the reward model trained
+    on; and the starting adapter's run folder."""
+    start_dir = start_run_dir(policy_dir)
+    excluded = trained_prompts(manager.run_dir(reward_run))
+    if start_dir is not None:
+        excluded |= trained_prompts(start_dir)
+    return held_out_prompts(cfg.data, cfg.preference.format, cfg.training.seed, limit, excluded), start_dir
+
+
 def compare_policy(manager: RunManager, cache: ScorerCache, engine: ChatEngine, reward_run: str | None,
-                   policy_run: str | None, prompts: float, max_new_tokens: float) -> tuple[str, pd.DataFrame]:
-    """Greedy answers of the base model and of the preference-tuned adapter on held-out prompts, scored by the
-    reward model: the number that says whether the tuning moved the answers in the preferred direction."""
+                   policy_run: str | None, prompts: float, max_new_tokens: float,
+                   progress: gr.Progress = gr.Progress()) -> tuple[str, pd.DataFrame]:
+    """Greedy answers of the base model, of the adapter the policy started from and of the policy on held-out
+    prompts, scored by the reward model, checked for degeneration, with a paired verdict against each."""
     adapters = manager.finished_adapters()
     if not policy_run or policy_run not in adapters:
         raise gr.Error("No finished DPO/KTO/GRPO run to compare yet (step 4).")
+    folder = _reward_folder(manager, reward_run)
     try:
-        scorer = cache.get(_reward_folder(manager, reward_run))
-        cfg = load_config(manager.run_dir(policy_run) / "config.yaml")
-        questions = held_out_prompts(cfg.data, limit=max(1, int(prompts)))
-        result = compare_with_reward(scorer, engine, cfg.model, policy_run, adapters[policy_run], questions,
-                                     int(max_new_tokens))
+        policy_dir = manager.run_dir(policy_run)
+        cfg = load_config(policy_dir / "config.yaml")
+        questions, start_dir = _comparison_prompts(manager, str(reward_run), policy_dir, cfg, max(1, int(prompts)))
+        if not questions:
+            return (f"**{NO_HELD_OUT.capitalize()}.** Every prompt of `{policy_run}`'s data was trained on by it, "
+                    "its starting adapter or the reward model, so no comparison here could tell whether the "
+                    "tuning generalises. Collect feedback on more prompts."), pd.DataFrame(columns=COMPARE_COLUMNS)
+        others = [Candidate(model_label(cfg.model), cfg.model)]
+        if start_dir is not None:
+            others.append(Candidate(adapter_name(start_dir.name), cfg.model, start_dir / "adapter"))
+        policy = Candidate(adapter_name(policy_run), cfg.model, adapters[policy_run])
+        judge = judge_accuracy(manager.run_dir(str(reward_run)))
+        result = compare_policy_answers(
+            engine, cache.get(folder), policy, others, questions, int(max_new_tokens), judge,
+            lambda done, total: progress(done / total, desc=f"answer {done} of {total}"))
     except (DataError, ModelSourceError, ConfigError, OSError, ValueError, RuntimeError) as error:
         raise gr.Error(f"Could not compare: {error}") from None
-    table = pd.DataFrame({"prompt": result.prompts, "base answer": result.base_answers,
-                          "base reward": result.base_scores, "tuned answer": result.tuned_answers,
-                          "tuned reward": result.tuned_scores}).round(3)
-    summary = (f"Mean reward on {len(result.prompts)} held-out prompts: **base {result.base_mean:+.3f}**, "
-               f"**{policy_run} {result.tuned_mean:+.3f}** (tuned better on {result.tuned_wins} of "
-               f"{len(result.prompts)}).")
-    return summary, table
+    return _comparison_summary(result, judge, reward_run), pd.DataFrame(result.rows(), columns=COMPARE_COLUMNS)
+
+
+def _comparison_summary(result: Any, judge: Any, reward_run: str | None) -> str:
+    named = "\n".join(f"{i}. {prompt}" for i, prompt in enumerate(result.prompts, start=1))
+    degenerate = " · ".join(f"`{name}` {sum(bool(r['degenerate']) for r in result.rows() if r['model'] == name)} "
+                            f"of {len(result.prompts)}" for name in result.models)
+    verdicts = "\n".join(f"- {v.text()}" for v in result.verdicts)
+    return (f"**{len(result.prompts)} held-out prompts** (none trained on by the policy, its starting adapter or "
+            f"the reward model):\n{named}\n\n**Judge:** reward model `{reward_run}`, {judge.text()}.\n\n"
+            f"**Degenerate answers:** {degenerate}\n\n**Verdicts** (paired reward wins, ties count half, 95% "
+            f"Wilson interval):\n{verdicts}")
 
 
 # --- data preview and the pipeline summary ------------------------------------------------------------------------
 
 def preview_data(manager: RunManager, feedback_db: Path | None, **form: Any) -> tuple[str, pd.DataFrame]:
-    stage = "kto" if form.get("method") == "KTO" else "dpo"
+    """The data's format and first rows, and before any training: how many pairs and prompts, how many held
+    out, how many passes step 4's steps make over them, and the warnings that follow."""
+    stage = POLICY_METHODS.get(form.get("method") or "DPO", "dpo")
     try:
         source = data_source(manager, feedback_db, stage, form)
         cfg = config_from_form(stage, source, form)
         fmt, count, rows = preview_preferences(cfg.data, cfg.preference.format)
-        data = load_preferences(cfg.data, cfg.preference.format)
+        data = load_preferences(cfg.data, cfg.preference.format, want="unpaired" if stage == "kto" else "paired",
+                                seed=cfg.training.seed)
+        cfg, steps_note = fit_steps_to_data(cfg, data, form)
     except ConfigError as error:
         return "Preview unavailable: " + "; ".join(error.problems.values()), pd.DataFrame()
     except (DataError, ModelSourceError, OSError) as error:
         gr.Warning(str(error))
         return f"**Cannot use this data:** {error}", pd.DataFrame()
-    held = len(data.eval) if data.eval is not None else 0
-    notes = f" · {'; '.join(data.notes)}" if data.notes else ""
-    return (f"**Source:** `{source}` · **format:** `{fmt}` · **{count}** training rows, **{held}** held out"
-            f"{notes}", pd.DataFrame(rows))
+    statement, warnings = data_report(cfg, data)
+    notes = [n for n in data.notes if n not in warnings]
+    lines = [f"**Source:** `{source}` · **format:** `{fmt}` · {count} rows in the file" +
+             (f" · {'; '.join(notes)}" if notes else ""), f"**Step 4 ({stage.upper()}):** {statement}", steps_note,
+             *(f"⚠️ {w}" for w in warnings)]
+    return "\n\n".join(line for line in lines if line), pd.DataFrame(rows)
 
 
 def pipeline_text(manager: RunManager, **form: Any) -> str:
@@ -468,7 +544,7 @@ def _step4(form: dict[str, Any], defaults: RunConfig) -> dict[str, Any]:
             with gr.Row():
                 view["compare_prompts"] = gr.Number(4, label="Held-out prompts", precision=0, minimum=1, maximum=24)
                 view["compare_tokens"] = gr.Number(64, label="Max new tokens", precision=0, minimum=8, maximum=256)
-                view["compare"] = gr.Button("Score base vs tuned answers with the reward model",
+                view["compare"] = gr.Button("Compare base, starting adapter and tuned on held-out prompts",
                                             elem_id="rlhf-compare")
             view["compare_summary"] = gr.Markdown(elem_id="rlhf-compare-summary")
             view["compare_table"] = gr.Dataframe(pd.DataFrame(), interactive=False, wrap=True, max_height=300)

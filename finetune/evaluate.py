@@ -19,8 +19,10 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import math
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
@@ -29,6 +31,9 @@ import torch
 from finetune.chat import peft_adapter_name
 from finetune.config import ConfigError, DataConfig, ModelConfig, load_config
 from finetune.data import DataError, prepare
+from finetune.metrics import read_metrics
+from finetune.preference import prompt_key, trained_prompt_keys
+from finetune.train import RUN_INFO_FILE
 
 IGNORE = -100                       # label of a token the loss does not count (prompt and padding)
 Z_95 = 1.959963984540054            # two-sided 95% quantile of the standard normal
@@ -151,6 +156,7 @@ class Candidate:
     name: str
     model: ModelConfig
     adapter_dir: Path | None = None
+    start_name: str | None = None   # a DPO/KTO/GRPO adapter: the candidate (adapter) it was trained on from
 
 
 def model_label(cfg: ModelConfig) -> str:
@@ -159,8 +165,28 @@ def model_label(cfg: ModelConfig) -> str:
     return f"base: {name} ({bits})"
 
 
+def started_from(run_dir: Path) -> Path | None:
+    """The adapter a preference run continued (run_info's ``started_from``), or None for a fresh LoRA / SFT."""
+    path = run_dir / RUN_INFO_FILE
+    try:
+        start = json.loads(path.read_text(encoding="utf-8")).get("started_from") if path.is_file() else None
+    except (OSError, ValueError):
+        return None
+    folder = Path(start) if start and start != "base model" else None
+    return folder if folder is not None and (folder / "adapter_config.json").is_file() else None
+
+
+def _start_candidate(cfg: ModelConfig, run_dir: Path) -> Candidate | None:
+    folder = started_from(run_dir)
+    if folder is None:
+        return None
+    run_id = folder.parent.name if folder.name == "adapter" else folder.name
+    return Candidate(adapter_name(run_id), cfg, folder)
+
+
 def candidates(run_dirs: dict[str, Path]) -> list[Candidate]:
-    """Each base of the chosen runs (once, at the bit width its runs trained on) followed by its runs' adapters.
+    """Each base of the chosen runs (once, at the bit width its runs trained on) followed by its runs' adapters;
+    a preference-tuned adapter is preceded by the adapter it started from (once), so it is judged against both.
 
     An adapter is compared with the base it was trained on, quantization included, so the difference is the
     adapter's alone. The grouping is for speed: the chat engine keeps one base in memory, so walking the list in
@@ -173,9 +199,14 @@ def candidates(run_dirs: dict[str, Path]) -> list[Candidate]:
         except ConfigError as error:
             raise ValueError(f"Run '{run_id}' has an unreadable config: {error}") from None
         key = (cfg.source, cfg.bits, cfg.quant_type, cfg.double_quant, cfg.compute_dtype)
-        groups.setdefault(key, [Candidate(model_label(cfg), cfg)])
-        groups[key].append(Candidate(adapter_name(run_id), cfg, run_dir / "adapter"))
-    return [candidate for group in groups.values() for candidate in group]
+        group = groups.setdefault(key, [Candidate(model_label(cfg), cfg)])
+        start = _start_candidate(cfg, run_dir)
+        if start is not None and all(c.name != start.name for c in group):
+            group.append(start)
+        group.append(Candidate(adapter_name(run_id), cfg, run_dir / "adapter", start.name if start else None))
+    # A start adapter that is also one of the chosen runs appears once, as that run.
+    return [c for group in groups.values() for i, c in enumerate(group)
+            if all(other.name != c.name for other in group[:i])]
 
 
 def candidate_model(engine: Any, candidate: Candidate) -> tuple[Any, Any, Any]:
@@ -303,3 +334,242 @@ def load_eval_rows(source: str, split: str, limit: int | None) -> Any:
         return eval_rows(DataConfig(source=source, split=split), limit)
     except (ConfigError, DataError) as error:
         raise ValueError(str(error)) from None
+
+
+# --- degenerate answers --------------------------------------------------------------------------------------
+
+TOKEN = re.compile(r"\w+|[^\w\s]")
+# Thresholds for "this answer has collapsed". Ordinary prose repeats few of its word 3-grams (a paragraph of the
+# bundled answers: under 5%), and no phrase of 3+ tokens back to back; issue 15's collapsed DPO answers
+# ("Rule of thumb: Rule of thumb: ...") repeat most of theirs.
+MAX_REPEATED_3GRAMS = 0.3   # share of an answer's 3-grams that repeat an earlier one
+MIN_DISTINCT_2 = 0.5        # distinct bigrams / bigrams, for answers long enough to judge (>= 8 tokens)
+MIN_WORDS = 3               # fewer is an empty or cut-off answer
+STUTTER_TOKENS = 3          # a phrase of this many tokens or more, repeated immediately
+STUTTER_LONGEST = 16        # longer phrases are caught by the 3-gram share, at a fraction of the cost
+
+
+@dataclass(frozen=True)
+class Degeneration:
+    words: int                # tokens (words and punctuation marks)
+    distinct_2: float         # distinct bigrams / bigrams (1.0 for answers too short to have two)
+    repeated_3grams: float    # share of 3-grams that already occurred earlier in the answer
+    problem: str | None       # what looks collapsed, or None
+
+    @property
+    def degenerate(self) -> bool:
+        return self.problem is not None
+
+
+def _tokens(text: str) -> list[str]:
+    return TOKEN.findall((text or "").lower())
+
+
+def _ngrams(tokens: list[str], n: int) -> list[tuple[str, ...]]:
+    return [tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1)]
+
+
+def distinct_n(tokens: list[str], n: int) -> float:
+    grams = _ngrams(tokens, n)
+    return len(set(grams)) / len(grams) if grams else 1.0
+
+
+def repeated_share(tokens: list[str], n: int) -> float:
+    grams = _ngrams(tokens, n)
+    return 1.0 - len(set(grams)) / len(grams) if grams else 0.0
+
+
+def stutter(tokens: list[str], shortest: int = STUTTER_TOKENS) -> str | None:
+    """The first phrase of ``shortest`` or more tokens that is followed at once by itself, e.g. 'rule of thumb :'."""
+    for size in range(shortest, min(len(tokens) // 2, STUTTER_LONGEST) + 1):
+        for start in range(len(tokens) - 2 * size + 1):
+            if tokens[start:start + size] == tokens[start + size:start + 2 * size]:
+                return " ".join(tokens[start:start + size])
+    return None
+
+
+def degeneration(text: str) -> Degeneration:
+    tokens = _tokens(text)
+    distinct, repeated = distinct_n(tokens, 2), repeated_share(tokens, 3)
+    problem = None
+    if len(tokens) < MIN_WORDS:
+        problem = f"empty or cut short ({len(tokens)} tokens)"
+    elif (phrase := stutter(tokens)) is not None:
+        problem = f"repeats '{phrase}' back to back"
+    elif repeated > MAX_REPEATED_3GRAMS:
+        problem = f"{repeated:.0%} of its 3-grams are repeats"
+    elif len(tokens) >= 8 and distinct < MIN_DISTINCT_2:
+        problem = f"only {distinct:.0%} distinct bigrams"
+    return Degeneration(len(tokens), round(distinct, 3), round(repeated, 3), problem)
+
+
+# --- verdicts: paired comparisons on held-out prompts ------------------------------------------------------------
+
+NO_HELD_OUT = "no held-out data: no verdict"
+
+
+@dataclass(frozen=True)
+class JudgeAccuracy:
+    """A reward model's accuracy on its held-out pairs (chosen scored above rejected) with its 95% interval."""
+
+    accuracy: float | None
+    pairs: int
+    low: float | None = None
+    high: float | None = None
+
+    @property
+    def proven(self) -> bool:
+        """Ranks held-out pairs better than a coin, beyond the interval's doubt."""
+        return self.low is not None and self.low > 0.5
+
+    def text(self) -> str:
+        if self.accuracy is None or not self.pairs:
+            return "held-out accuracy: none (no held-out pairs), so its scores are not shown to mean anything"
+        return (f"held-out accuracy {self.accuracy:.2f} (95% CI {self.low:.2f}-{self.high:.2f}, "
+                f"{self.pairs} pairs)")
+
+
+def judge_accuracy(reward_run_dir: Path) -> JudgeAccuracy:
+    """The last held-out accuracy a reward run logged, and how many held-out pairs it rests on."""
+    values = [r["eval_accuracy"] for r in read_metrics(reward_run_dir) if isinstance(r.get("eval_accuracy"),
+                                                                                     (int, float))]
+    info_path = reward_run_dir / RUN_INFO_FILE
+    try:
+        pairs = int(json.loads(info_path.read_text(encoding="utf-8")).get("eval_rows") or 0)
+    except (OSError, ValueError):
+        pairs = 0
+    if not values or not pairs:
+        return JudgeAccuracy(None, 0)
+    low, high = wilson_interval(values[-1] * pairs, pairs)
+    return JudgeAccuracy(values[-1], pairs, low, high)
+
+
+@dataclass(frozen=True)
+class PairedVerdict:
+    """One model against another on the same held-out prompts, scored by the reward model."""
+
+    model: str
+    against: str
+    prompts: int
+    wins: int
+    losses: int
+    ties: int
+    low: float | None           # 95% Wilson interval of the win rate (ties count half)
+    high: float | None
+    mean_difference: float | None
+    degenerate: int             # the model's answers flagged as degenerate
+    verdict: str                # 'better', 'worse', 'cannot tell' or 'no verdict'
+    reason: str
+
+    def text(self) -> str:
+        if self.verdict == "no verdict":
+            return f"`{self.model}` vs `{self.against}`: **{self.reason}**"
+        rate = (self.wins + 0.5 * self.ties) / self.prompts
+        return (f"`{self.model}` vs `{self.against}` on {self.prompts} held-out prompts: wins {self.wins}, losses "
+                f"{self.losses}, ties {self.ties}; win rate {rate:.2f} (95% CI {self.low:.2f}-{self.high:.2f}), "
+                f"mean reward difference {self.mean_difference:+.3f} -> **{self.verdict}**: {self.reason}")
+
+
+def paired_verdict(model: str, against: str, model_scores: list[float], other_scores: list[float],
+                   model_answers: list[str], judge: JudgeAccuracy | None = None, tie: float = 1e-6
+                   ) -> PairedVerdict:
+    """Per prompt, does the model's answer score above the other's? A verdict only where the interval of the
+    win rate excludes 0.5, the model's answers have not collapsed, and the judge is shown to beat chance."""
+    n = len(model_scores)
+    if n == 0:
+        return PairedVerdict(model, against, 0, 0, 0, 0, None, None, None, 0, "no verdict", NO_HELD_OUT)
+    differences = [m - o for m, o in zip(model_scores, other_scores)]
+    wins, losses = sum(d > tie for d in differences), sum(d < -tie for d in differences)
+    ties = n - wins - losses
+    low, high = wilson_interval(wins + 0.5 * ties, n)
+    degenerate = sum(degeneration(a).degenerate for a in model_answers)
+    verdict, reason = _verdict(low, high, degenerate, n, judge)
+    return PairedVerdict(model, against, n, wins, losses, ties, low, high, sum(differences) / n, degenerate,
+                         verdict, reason)
+
+
+def _verdict(low: float, high: float, degenerate: int, n: int, judge: JudgeAccuracy | None) -> tuple[str, str]:
+    """'better'/'worse' only when the interval clears 0.5 and nothing undercuts the judge or the answers."""
+    doubts = []
+    if judge is not None and not judge.proven:
+        doubts.append(f"the reward model is not shown to rank held-out pairs better than chance ({judge.text()})")
+    if degenerate:
+        doubts.append(f"{degenerate} of {n} answers are degenerate (repeated phrases or empty), so not better "
+                      "whatever the reward model says")
+    if high < 0.5 and not (judge is not None and not judge.proven):
+        return "worse", "; ".join(["the whole interval is below 0.5", *doubts])
+    if doubts:
+        return "cannot tell", "; ".join(doubts)
+    if low > 0.5:
+        return "better", "the whole interval is above 0.5"
+    return "cannot tell", "the interval includes 0.5: these prompts cannot tell the two apart"
+
+
+# --- a policy against its base and its starting adapter ------------------------------------------------------
+
+@dataclass
+class PolicyComparison:
+    """Greedy answers of each model to the same held-out prompts, reward scores, degeneration, verdicts."""
+
+    prompts: list[str]
+    models: list[str]                                       # the policy last
+    answers: dict[str, list[str]] = field(default_factory=dict)
+    scores: dict[str, list[float]] = field(default_factory=dict)
+    verdicts: list[PairedVerdict] = field(default_factory=list)
+
+    def rows(self) -> list[dict[str, Any]]:
+        table = []
+        for p, prompt in enumerate(self.prompts):
+            for name in self.models:
+                answer = self.answers[name][p]
+                check = degeneration(answer)
+                table.append({"prompt": prompt, "model": name, "answer": answer,
+                              "reward": round(self.scores[name][p], 3), "tokens": check.words,
+                              "distinct-2": check.distinct_2, "repeated 3-grams": check.repeated_3grams,
+                              "degenerate": check.problem or ""})
+        return table
+
+
+def compare_policy_answers(engine: Any, scorer: Any, policy: Candidate, others: list[Candidate], prompts: list[str],
+                   max_new_tokens: int = 64, judge: JudgeAccuracy | None = None,
+                   on_answer: Progress | None = None) -> PolicyComparison:
+    """The policy against each of ``others`` (its base, its starting adapter) on held-out ``prompts`` only:
+    greedy answers from the Chat tab's engine, model by model (one base load), scored by the reward model."""
+    models = [*others, policy]
+    result = PolicyComparison(list(prompts), [m.name for m in models])
+    for m, candidate in enumerate(models):
+        answers = []
+        for p, prompt in enumerate(prompts):
+            answers.append(candidate_answer(engine, candidate, [{"role": "user", "content": prompt}],
+                                            max_new_tokens).strip())
+            if on_answer:
+                on_answer(m * len(prompts) + p + 1, len(models) * len(prompts))
+        result.answers[candidate.name] = answers
+        result.scores[candidate.name] = scorer.score(list(prompts), answers) if prompts else []
+    for other in others:
+        result.verdicts.append(paired_verdict(policy.name, other.name, result.scores[policy.name],
+                                              result.scores[other.name], result.answers[policy.name], judge))
+    return result
+
+
+def start_run_dir(run_dir: Path) -> Path | None:
+    """The run folder of the adapter a preference run started from (None: a fresh LoRA, or not a run's)."""
+    folder = started_from(run_dir)
+    if folder is None:
+        return None
+    parent = folder.parent if folder.name == "adapter" else folder
+    return parent if (parent / "config.yaml").is_file() else None
+
+
+def trained_prompts(run_dir: Path) -> set[str]:
+    """prompt_key of every prompt a run trained on: its preference split's training side, or an SFT run's
+    training rows. Raises ValueError when the run's data cannot be read again (then nothing can be held out
+    from it with certainty)."""
+    try:
+        cfg = load_config(run_dir / "config.yaml")
+        if cfg.stage == "sft":
+            rows = prepare(cfg.data, seed=cfg.training.seed).train  # without a tokenizer: a superset, never fewer
+            return {prompt_key(row["prompt"]) for row in rows if row.get("prompt")}
+        return trained_prompt_keys(cfg.data, cfg.preference.format, cfg.training.seed)
+    except (ConfigError, DataError, OSError) as error:
+        raise ValueError(f"Could not read what run '{run_dir.name}' trained on: {error}") from None

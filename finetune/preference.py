@@ -22,13 +22,15 @@ names the row: training on half-broken preferences teaches the wrong thing silen
 from __future__ import annotations
 
 import importlib.util
+import math
+import random
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
 from datasets import Dataset
 
-from finetune.config import DataConfig
+from finetune.config import DataConfig, RunConfig
 from finetune.data import DataError, load_raw
 
 BUNDLED_PREFERENCES = "bundled:course_prefs"
@@ -37,6 +39,10 @@ FORMAT_COLUMNS = {"paired": ("prompt", "chosen", "rejected"), "unpaired": ("prom
 TRUE_LABELS = ("true", "1", "yes", "good", "up", "👍", "desirable")
 FALSE_LABELS = ("false", "0", "no", "bad", "down", "👎", "undesirable")
 MAX_LISTED_PROBLEMS = 5
+# Held-out prompts: at least two (one prompt is an anecdote, and its answer decides any "verdict" alone), and at
+# least two prompts left to train on, so a set of fewer than four prompts holds nothing out and gets no verdict.
+MIN_HELD_OUT_PROMPTS = 2
+MIN_PROMPTS_TO_HOLD_OUT = 4
 Messages = list[dict[str, str]]
 
 
@@ -247,8 +253,51 @@ def _reshape(rows: list[dict[str, Any]], source_format: str, want: str) -> list[
 
 # --- the pipeline the trainers and the UI use ----------------------------------------------------------------
 
+def prompt_key(prompt: Messages) -> str:
+    """The prompt's last user question, lower-cased with its spacing collapsed: the same question asked after
+    other turns, or typed again with other capitals, is the same prompt, so it may not sit on both sides."""
+    question = next((m["content"] for m in reversed(prompt) if m["role"] == "user"), "")
+    return " ".join(question.lower().split())
+
+
+def split_by_prompt(rows: list[dict[str, Any]], fraction: float, seed: int
+                    ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(train rows, held-out rows) with every row of one prompt on the same side, the held-out prompts drawn
+    with ``seed``; no held-out rows when there are too few prompts to spare MIN_HELD_OUT_PROMPTS of them.
+
+    Splitting rows instead would put a prompt's second vote in the held-out set while its first trains, and the
+    "held-out" comparison would then ask the model questions it was trained on.
+    """
+    prompts = sorted({prompt_key(row["prompt"]) for row in rows})
+    if fraction <= 0 or len(prompts) < MIN_PROMPTS_TO_HOLD_OUT:
+        return rows, []
+    held_count = max(MIN_HELD_OUT_PROMPTS, round(fraction * len(prompts)))
+    held = set(random.Random(seed).sample(prompts, held_count))
+    return ([row for row in rows if prompt_key(row["prompt"]) not in held],
+            [row for row in rows if prompt_key(row["prompt"]) in held])
+
+
+def _drop_trained_prompts(held: list[dict[str, Any]], train: list[dict[str, Any]], notes: list[str]
+                          ) -> list[dict[str, Any]]:
+    """A source's own validation split may repeat training prompts; those rows are not held out."""
+    trained = {prompt_key(row["prompt"]) for row in train}
+    kept = [row for row in held if prompt_key(row["prompt"]) not in trained]
+    if len(kept) < len(held):
+        notes.append(f"{len(held) - len(kept)} validation row(s) dropped: their prompts are also in the training "
+                     "split")
+    return kept
+
+
+def _validation_rows(cfg: DataConfig, fmt: str, want: str, validation_raw: Any) -> list[dict[str, Any]]:
+    held_format = _resolve_format(fmt, list(validation_raw.column_names))
+    held_rows, held_problems = convert_rows(validation_raw, held_format)
+    _raise_problems(held_problems, len(validation_raw), f"the validation split of '{cfg.source}'")
+    return _reshape(held_rows, held_format, want)
+
+
 def load_preferences(cfg: DataConfig, fmt: str = "auto", want: str = "paired", seed: int = 42) -> PreferenceData:
-    """Load, validate and convert preference data to ``want`` ('paired' or 'unpaired'), with a held-out split."""
+    """Load, validate and convert preference data to ``want`` ('paired' or 'unpaired'), with a held-out split
+    by prompt (the source's validation split if it has one)."""
     train_raw, validation_raw = load_raw(cfg)
     source_format = _resolve_format(fmt, list(train_raw.column_names))
     train_rows, problems = convert_rows(train_raw, source_format)
@@ -261,22 +310,18 @@ def load_preferences(cfg: DataConfig, fmt: str = "auto", want: str = "paired", s
             "pairs to learn from; train with KTO, which uses thumbs directly, or collect A/B preferences.")
     if source_format == "unpaired" and want == "paired":
         notes.append(f"{len(train_rows)} pair(s) made from thumbs on the same prompt")
-    train = Dataset.from_list(train_rows)
-    if cfg.max_samples is not None and len(train) > cfg.max_samples:
-        train = train.shuffle(seed=seed).select(range(cfg.max_samples))
-    evaluation = None
+    if cfg.max_samples is not None and len(train_rows) > cfg.max_samples:
+        train_rows = random.Random(seed).sample(train_rows, cfg.max_samples)
+    held_rows: list[dict[str, Any]] = []
     if validation_raw is not None and cfg.validation_fraction > 0:
-        held_format = _resolve_format(fmt, list(validation_raw.column_names))
-        held_rows, held_problems = convert_rows(validation_raw, held_format)
-        _raise_problems(held_problems, len(validation_raw), f"the validation split of '{cfg.source}'")
-        held_rows = _reshape(held_rows, held_format, want)
-        evaluation = Dataset.from_list(held_rows) if held_rows else None
-    elif cfg.validation_fraction > 0 and len(train) >= 10:
-        parts = train.train_test_split(test_size=cfg.validation_fraction, seed=seed)
-        train, evaluation = parts["train"], parts["test"]
+        held_rows = _drop_trained_prompts(_validation_rows(cfg, fmt, want, validation_raw), train_rows, notes)
     elif cfg.validation_fraction > 0:
-        notes.append("too few rows to hold out a validation split; held-out metrics are off")
-    return PreferenceData(train, evaluation, want, source_format, notes)
+        train_rows, held_rows = split_by_prompt(train_rows, cfg.validation_fraction, seed)
+    if cfg.validation_fraction > 0 and not held_rows:
+        notes.append(f"too few prompts to hold any out (fewer than {MIN_PROMPTS_TO_HOLD_OUT}): no held-out data, "
+                     "so no verdict")
+    evaluation = Dataset.from_list(held_rows) if held_rows else None
+    return PreferenceData(Dataset.from_list(train_rows), evaluation, want, source_format, notes)
 
 
 def preview_preferences(cfg: DataConfig, fmt: str = "auto", rows: int = 5) -> tuple[str, int, list[dict[str, str]]]:
@@ -297,14 +342,104 @@ def _flatten(messages: Messages) -> str:
     return "\n".join(m["content"] for m in messages)
 
 
-def held_out_prompts(cfg: DataConfig, limit: int = 8) -> list[str]:
-    """User turns of held-out preference rows (the last user message of each prompt)."""
-    data = load_preferences(cfg)
-    rows = data.eval if data.eval is not None else data.train
-    prompts = []
-    for row in rows.select(range(min(limit, len(rows)))):
-        prompts.append(next(m["content"] for m in reversed(row["prompt"]) if m["role"] == "user"))
-    return prompts
+def _question(prompt: Messages) -> str:
+    return next(m["content"] for m in reversed(prompt) if m["role"] == "user")
+
+
+def held_out_prompts(cfg: DataConfig, fmt: str = "auto", seed: int = 42, limit: int | None = None,
+                     exclude: set[str] | frozenset[str] = frozenset()) -> list[str]:
+    """The last user turn of each distinct held-out prompt, in order, leaving out those whose ``prompt_key`` is
+    in ``exclude`` (e.g. what a reward model trained on). Empty when nothing is held out: never the training
+    prompts in their place, which would make a "held-out" comparison a memory test."""
+    data = load_preferences(cfg, fmt, seed=seed)
+    prompts, seen = [], set(exclude)
+    for row in data.eval if data.eval is not None else []:
+        key = prompt_key(row["prompt"])
+        if key not in seen:
+            seen.add(key)
+            prompts.append(_question(row["prompt"]))
+    return prompts[:limit] if limit else prompts
+
+
+def trained_prompt_keys(cfg: DataConfig, fmt: str = "auto", seed: int = 42) -> set[str]:
+    """The prompt keys a run on this data trained on (the same split as the run made)."""
+    return {prompt_key(row["prompt"]) for row in load_preferences(cfg, fmt, seed=seed).train}
+
+
+# --- how much data there is, and what training on it will do --------------------------------------------------
+
+# Passes over the training rows that the form's default number of steps may make. Issue 15: 15 epochs over 8 pairs
+# drove DPO's loss to 2e-7 and its answers into repeated phrases, while the bundled preset (30 steps x 4 = 0.8 of
+# an epoch over 150 pairs) moves the style without collapse. TRL's own DPO/reward recipes train 1-3 epochs.
+MAX_EPOCHS_SMALL_DATA = 3
+# Fewer training rows than this and the warning says "memorisation". Below it the run is in the regime measured in
+# issue 15 (8 pairs: reward accuracy 1.0 by step 3, i.e. after 1.5 epochs); 64 rows are 16 steps at the preset
+# batch of 4 per epoch, the fewest for the curves to show a trend before the data repeats.
+MIN_TRAIN_ROWS = 64
+# Held-out rows a verdict needs: the fewest n for which a reward model right on 3 of 4 held-out pairs has a 95%
+# Wilson interval above 0.5 (n = 16 gives [0.505, 0.90]; n = 12 gives [0.47, 0.91]). tests check it with
+# finetune.evaluate.wilson_interval.
+MIN_HELD_OUT_FOR_VERDICT = 16
+
+
+@dataclass(frozen=True)
+class DataSize:
+    rows: int            # training rows: pairs, or thumbs for KTO
+    prompts: int         # distinct training prompts
+    held_rows: int
+    held_prompts: int
+    unit: str            # 'pairs' or 'thumbs'
+
+
+def data_size(data: PreferenceData) -> DataSize:
+    held = data.eval if data.eval is not None else []
+    return DataSize(len(data.train), len({prompt_key(r["prompt"]) for r in data.train}), len(held),
+                    len({prompt_key(r["prompt"]) for r in held}), "thumbs" if data.format == "unpaired" else "pairs")
+
+
+def epochs(rows: int, steps: int, rows_per_step: int) -> float:
+    """How many times the training rows are seen in ``steps`` steps of ``rows_per_step`` rows."""
+    return steps * rows_per_step / rows if rows else 0.0
+
+
+def rows_per_step(cfg: RunConfig) -> int:
+    """Training rows one optimizer step consumes (GRPO: prompts, each answered num_generations times)."""
+    rows = cfg.training.batch_size * cfg.training.gradient_accumulation
+    return max(1, rows // cfg.preference.num_generations) if cfg.stage == "grpo" else rows
+
+
+def default_steps(preset_steps: int, rows: int, rows_per_step: int) -> int:
+    """The preset's steps, capped at MAX_EPOCHS_SMALL_DATA passes over small data."""
+    return max(1, min(preset_steps, math.ceil(MAX_EPOCHS_SMALL_DATA * rows / max(1, rows_per_step))))
+
+
+def size_statement(size: DataSize, steps: int, rows_per_step: int) -> str:
+    return (f"**{size.rows} {size.unit}** on **{size.prompts} prompts** to train on, **{size.held_rows}** held out on "
+            f"**{size.held_prompts}** other prompts; {steps} steps x {rows_per_step} {size.unit} = "
+            f"**{epochs(size.rows, steps, rows_per_step):.1f} epochs** over the training {size.unit}.")
+
+
+def size_warnings(size: DataSize, steps: int, rows_per_step: int) -> list[str]:
+    """What training on this little data will do, in words; empty when the amounts are fine."""
+    warnings = []
+    if size.rows < MIN_TRAIN_ROWS:
+        warnings.append(
+            f"Only {size.rows} {size.unit} on {size.prompts} prompts (fewer than {MIN_TRAIN_ROWS}): expect "
+            f"memorisation. LoRA has enough weights to fit each of them exactly: the reward model's training "
+            f"accuracy reaches 1.0 within a few steps without ranking new answers any better, and DPO/KTO copy the "
+            f"chosen answers' wording until answers repeat it. Collect more votes, or treat this run as a "
+            f"demonstration.")
+    passes = epochs(size.rows, steps, rows_per_step)
+    if passes > MAX_EPOCHS_SMALL_DATA:
+        warnings.append(f"{steps} steps make {passes:.1f} passes over the same {size.rows} {size.unit} (more than "
+                        f"{MAX_EPOCHS_SMALL_DATA}): each further pass fits them more closely and new prompts less.")
+    if size.held_rows == 0:
+        warnings.append("No held-out data: no verdict. Every prompt is trained on, so nothing can show whether the "
+                        "result generalises.")
+    elif size.held_rows < MIN_HELD_OUT_FOR_VERDICT:
+        warnings.append(f"Only {size.held_rows} held-out {size.unit}: too few for a verdict (a model right on 3 of 4 "
+                        f"cannot be told from chance below {MIN_HELD_OUT_FOR_VERDICT}), so expect \"cannot tell\".")
+    return warnings
 
 
 # --- the feedback store (built by finetune/feedback.py) --------------------------------------------------------

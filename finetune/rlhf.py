@@ -25,9 +25,8 @@ from __future__ import annotations
 
 import os
 import threading
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
@@ -36,14 +35,12 @@ from finetune.hardware import HardwareProfile, detect
 from finetune.lm_head import use_cpu_lm_head
 from finetune.metrics import STOP_FILE, MetricsCallback
 from finetune.models import ModelSourceError, count_parameters, load_model, load_tokenizer
-from finetune.preference import PreferenceData, PreferenceError, load_preferences
+from finetune.preference import (PreferenceData, data_size, load_preferences, rows_per_step, size_statement,
+                                 size_warnings)
 from finetune.recipe import resolve_recipe
 from finetune.runs import REWARD_DIR
 from finetune.train import (ADAPTER_DIR, CONFIG_COPY, _write_run_info, keep_adapters_in_compute_dtype,
                             last_checkpoint, to_lora_config, training_args)
-
-if TYPE_CHECKING:
-    from finetune.chat import ChatEngine
 
 Messages = list[dict[str, str]]
 
@@ -119,7 +116,14 @@ def _adapters_to_compute_dtype(model: torch.nn.Module, profile: HardwareProfile)
 # --- trainers ------------------------------------------------------------------------------------------------
 
 def _load_data(cfg: RunConfig, want: str) -> PreferenceData:
-    return load_preferences(cfg.data, cfg.preference.format, want=want, seed=cfg.training.seed)
+    """The split data; its size and what training on it will do go to the log (the CLI's user sees no tab)."""
+    data = load_preferences(cfg.data, cfg.preference.format, want=want, seed=cfg.training.seed)
+    size, per_step = data_size(data), rows_per_step(cfg)
+    print(size_statement(size, cfg.training.max_steps, per_step).replace("**", ""), flush=True)
+    for warning in size_warnings(size, cfg.training.max_steps, per_step):
+        print(f"Warning: {warning}", flush=True)
+        data.notes.append(warning)
+    return data
 
 
 def _record(trainer: Any, run_dir: Path, profile: HardwareProfile, data: PreferenceData, **extra: Any) -> None:
@@ -257,27 +261,6 @@ def _save(cfg: RunConfig, trainer: Any, run_dir: Path) -> Path:
 
 # --- using a trained reward model ------------------------------------------------------------------------------
 
-@dataclass
-class PolicyComparison:
-    prompts: list[str]
-    base_answers: list[str]
-    tuned_answers: list[str]
-    base_scores: list[float]
-    tuned_scores: list[float]
-
-    @property
-    def base_mean(self) -> float:
-        return sum(self.base_scores) / len(self.base_scores)
-
-    @property
-    def tuned_mean(self) -> float:
-        return sum(self.tuned_scores) / len(self.tuned_scores)
-
-    @property
-    def tuned_wins(self) -> int:
-        return sum(t > b for t, b in zip(self.tuned_scores, self.base_scores))
-
-
 class RewardScorer:
     """A trained reward model in memory: scores (prompt, answer) pairs with one scalar each."""
 
@@ -341,23 +324,3 @@ class ScorerCache:
                 self._scorer, self._folder = RewardScorer(folder, self._profile), folder
                 self.loads += 1
             return self._scorer
-
-
-def generate_pairs(engine: ChatEngine, model_cfg: ModelConfig, adapter_name: str, adapter_dir: str | Path,
-                   prompts: list[str], max_new_tokens: int = 96) -> tuple[list[str], list[str]]:
-    """Greedy answers of the base model and of the adapter to the same prompts, from the Chat tab's engine: the
-    model it already holds, both answers in one batched call per prompt (no second copy of the base)."""
-    from finetune.chat import SamplingSettings
-
-    settings = SamplingSettings(max_new_tokens=max_new_tokens, temperature=0.0)
-    pairs = [engine.answer_pair(prompt, [], [], model_cfg, adapter_name, adapter_dir, settings) for prompt in prompts]
-    return [base.strip() for base, _ in pairs], [tuned.strip() for _, tuned in pairs]
-
-
-def compare_with_reward(scorer: RewardScorer, engine: ChatEngine, model_cfg: ModelConfig, adapter_name: str,
-                        adapter_dir: str | Path, prompts: list[str], max_new_tokens: int = 96) -> PolicyComparison:
-    """Does the tuned adapter answer held-out prompts in the direction the reward model prefers?"""
-    if not prompts:
-        raise PreferenceError("No held-out prompts to compare on.")
-    base, tuned = generate_pairs(engine, model_cfg, adapter_name, adapter_dir, prompts, max_new_tokens)
-    return PolicyComparison(prompts, base, tuned, scorer.score(prompts, base), scorer.score(prompts, tuned))

@@ -301,3 +301,109 @@ def test_loss_summary_compares_each_adapter_with_its_own_base(tmp_path):
     summary = _loss_summary(frame, chosen)
     assert "`run-a`: loss 2.5000 (lower than its base by 0.5000)" in summary
     assert "`run-b`: loss 2.2000 (higher than its base by 0.2000)" in summary
+
+
+# --- degenerate answers and honest verdicts ---------------------------------------------------------------------
+
+def test_a_collapsed_answer_is_flagged_and_a_normal_one_is_not():
+    from finetune.evaluate import degeneration
+
+    collapsed = degeneration("Rule of thumb: Rule of thumb: Rule of thumb: Rule of thumb: Rule of thumb:")
+    assert collapsed.degenerate and "rule of thumb" in collapsed.problem
+    assert collapsed.repeated_3grams > 0.5 and collapsed.distinct_2 < 0.5
+    once = degeneration("🧪 Lab note: the rank sets the adapter size.\nRule of thumb: Rule of thumb: start at 8.")
+    assert once.degenerate  # one stutter is already a collapse sign
+    normal = degeneration("🧪 Lab note: LoRA trains two small matrices per targeted layer while the base stays "
+                          "frozen.\nRule of thumb: start with rank 8 and raise it only if the loss stalls.")
+    assert not normal.degenerate and normal.repeated_3grams == 0 and normal.words > 20
+    assert degeneration("").degenerate and degeneration("Yes.").degenerate  # empty or cut short
+    looping = degeneration(" ".join(["the adapter learns the style and"] * 6))
+    assert looping.degenerate
+
+
+def test_no_bundled_answer_counts_as_degenerate():
+    import json
+
+    from conftest import ROOT
+    from finetune.evaluate import degeneration
+
+    answers = []
+    for name in ("course_prefs/train.jsonl", "course_prefs/validation.jsonl", "course_qa/train.jsonl"):
+        for line in (ROOT / "data" / name).read_text(encoding="utf-8").splitlines():
+            row = json.loads(line)
+            answers += [row[k] for k in ("chosen", "rejected", "completion") if isinstance(row.get(k), str)]
+    assert len(answers) > 400
+    assert [a for a in answers if degeneration(a).degenerate] == []
+
+
+def test_verdict_needs_an_interval_clear_of_one_half():
+    from finetune.evaluate import paired_verdict
+
+    fine = ["🧪 Lab note: a clear answer with several different words in it."] * 8
+    close = paired_verdict("dpo", "base", [1.0, 0.0, 1.0, 0.0, 1.0, 1.0], [0.0, 1.0, 0.0, 1.0, 0.0, 0.0], fine[:6])
+    assert (close.wins, close.losses, close.verdict) == (4, 2, "cannot tell") and close.low < 0.5 < close.high
+    assert "interval includes 0.5" in close.reason and "cannot tell" in close.text()
+    clear = paired_verdict("dpo", "base", [2.0] * 8, [1.0] * 8, fine)
+    assert clear.verdict == "better" and clear.low > 0.5 and "-> **better**" in clear.text()
+    worse = paired_verdict("dpo", "base", [0.0] * 8, [1.0] * 8, fine)
+    assert worse.verdict == "worse" and worse.high < 0.5
+    ties = paired_verdict("dpo", "base", [1.0] * 8, [1.0] * 8, fine)
+    assert (ties.ties, ties.verdict) == (8, "cannot tell")
+
+
+def test_degenerate_answers_or_an_unproven_judge_never_earn_better():
+    from finetune.evaluate import NO_HELD_OUT, JudgeAccuracy, paired_verdict, wilson_interval
+
+    collapsed = ["Rule of thumb: Rule of thumb: Rule of thumb:"] + ["🧪 Lab note: a clear and varied answer."] * 7
+    verdict = paired_verdict("dpo", "sft", [2.0] * 8, [1.0] * 8, collapsed)
+    assert verdict.verdict == "cannot tell" and verdict.degenerate == 1 and "degenerate" in verdict.reason
+    fine = ["🧪 Lab note: a clear and varied answer."] * 8
+    memorised = JudgeAccuracy(1.0, 2, *wilson_interval(2, 2))  # 2 of 2 held-out pairs: could be luck
+    assert not memorised.proven and "2 pairs" in memorised.text()
+    assert paired_verdict("dpo", "sft", [2.0] * 8, [1.0] * 8, fine, memorised).verdict == "cannot tell"
+    trusted = JudgeAccuracy(0.9, 40, *wilson_interval(36, 40))
+    assert trusted.proven and paired_verdict("dpo", "sft", [2.0] * 8, [1.0] * 8, fine, trusted).verdict == "better"
+    assert "none (no held-out pairs)" in JudgeAccuracy(None, 0).text() and not JudgeAccuracy(None, 0).proven
+    empty = paired_verdict("dpo", "base", [], [], [])
+    assert empty.verdict == "no verdict" and empty.reason == NO_HELD_OUT and NO_HELD_OUT in empty.text()
+
+
+def test_the_held_out_minimum_is_where_three_in_four_beats_chance():
+    from finetune.evaluate import wilson_interval
+    from finetune.preference import MIN_HELD_OUT_FOR_VERDICT as n
+
+    assert wilson_interval(0.75 * n, n)[0] > 0.5
+    assert all(wilson_interval(0.75 * m, m)[0] <= 0.5 for m in range(4, n, 4))
+
+
+def test_loss_summary_compares_a_policy_with_its_start_as_well_as_its_base(tmp_path):
+    """Issue 15: DPO's loss was lower than the base's and far above the SFT adapter it started from."""
+    import pandas as pd
+
+    from components.eval_tab import LOSS_COLUMNS, _loss_summary
+    from finetune.config import ModelConfig
+    from finetune.evaluate import Candidate, model_label
+
+    four = ModelConfig(bits=4)
+    chosen = [Candidate(model_label(four), four), Candidate("sft", four, tmp_path),
+              Candidate("dpo", four, tmp_path, start_name="sft")]
+    frame = pd.DataFrame([[c.name, x, 0.0, 10, 2] for c, x in zip(chosen, [4.47, 3.37, 4.09])], columns=LOSS_COLUMNS)
+    summary = _loss_summary(frame, chosen)
+    assert ("`dpo`: loss 4.0900 (lower than its base by 0.3800; higher than `sft`, the adapter it started from by "
+            "0.7200)") in summary
+
+
+def test_candidates_put_a_policys_start_adapter_beside_it(style_run, tmp_path):
+    import json
+    import shutil
+
+    from finetune.evaluate import candidates
+
+    run_dir, _ = style_run
+    policy = tmp_path / "dpo"
+    shutil.copytree(run_dir, policy)
+    (policy / "run_info.json").write_text(json.dumps({"started_from": str(run_dir / "adapter")}))
+    names = [(c.name, c.start_name) for c in candidates({"dpo": policy})]
+    assert [n for n, _ in names[1:]] == ["tiny-style", "dpo"] and names[2][1] == "tiny-style"
+    both = [c.name for c in candidates({"tiny-style": run_dir, "dpo": policy})]
+    assert both.count("tiny-style") == 1 and len(both) == 3

@@ -209,3 +209,86 @@ def test_stage_and_preference_settings_are_validated():
     assert {"preference.beta", "preference.loss_type", "preference.format"} <= set(caught.value.problems)
     with pytest.raises(ConfigError, match="KTO needs a batch size of at least 2"):
         from_dict({"stage": "kto", "training": {"batch_size": 1}})
+
+
+# --- held out by prompt, and what the amount of data means ----------------------------------------------------
+
+def _votes(count: int, repeats: int = 1) -> list[dict]:
+    """Pairs on ``count`` prompts, each prompt voted ``repeats`` times (the second time typed differently)."""
+    rows = []
+    for i in range(count):
+        for r in range(repeats):
+            question = f"What does knob {i} do?" if r == 0 else f"  what does KNOB {i} do? "
+            rows.append({"prompt": [{"role": "user", "content": question}],
+                         "chosen": [{"role": "assistant", "content": f"🧪 Lab note: knob {i}, take {r}."}],
+                         "rejected": [{"role": "assistant", "content": "No idea."}]})
+    return rows
+
+
+def test_split_puts_every_prompt_on_one_side_only():
+    from finetune.preference import prompt_key, split_by_prompt
+
+    rows = _votes(12, repeats=3)
+    train, held = split_by_prompt(rows, 0.25, seed=7)
+    train_keys, held_keys = {prompt_key(r["prompt"]) for r in train}, {prompt_key(r["prompt"]) for r in held}
+    assert train_keys.isdisjoint(held_keys) and len(held_keys) == 3 and len(train_keys) == 9
+    assert len(held) == 9 and len(train) + len(held) == len(rows)  # all three votes of a prompt go together
+    assert split_by_prompt(rows, 0.25, seed=7) == (train, held)  # deterministic with the seed
+    assert any(split_by_prompt(rows, 0.25, seed=s)[1] != held for s in range(8, 12))  # and the seed matters
+
+
+def test_a_row_split_would_leak_but_load_preferences_does_not(tmp_path):
+    """The same question voted twice (once with other capitals) lands on one side, through the real loader."""
+    from finetune.preference import prompt_key
+
+    path = write_jsonl(tmp_path / "votes.jsonl", _votes(10, repeats=2))
+    data = load_preferences(_data(path, validation_fraction=0.2), seed=3)
+    train = {prompt_key(r["prompt"]) for r in data.train}
+    held = {prompt_key(r["prompt"]) for r in data.eval}
+    assert train.isdisjoint(held) and len(held) == 2 and len(data.eval) == 4
+    assert set(held_out_prompts(_data(path, validation_fraction=0.2), seed=3)) <= {
+        r["prompt"][-1]["content"] for r in data.eval}
+
+
+def test_too_few_prompts_hold_nothing_out_and_say_no_verdict(tmp_path):
+    path = write_jsonl(tmp_path / "votes.jsonl", _votes(3, repeats=2))
+    data = load_preferences(_data(path, validation_fraction=0.5))
+    assert data.eval is None and len(data.train) == 6
+    assert any("no held-out data, so no verdict" in note for note in data.notes)
+    # Never the training prompts in place of held-out ones:
+    assert held_out_prompts(_data(path, validation_fraction=0.5)) == []
+
+
+def test_a_validation_split_repeating_training_prompts_loses_those_rows():
+    """A source's own validation split is trusted only where its prompts are not also trained on."""
+    from finetune.preference import _drop_trained_prompts
+
+    notes: list[str] = []
+    kept = _drop_trained_prompts(_votes(8)[4:], _votes(6), notes)  # knobs 4 and 5 are also trained on
+    assert [r["prompt"][0]["content"] for r in kept] == ["What does knob 6 do?", "What does knob 7 do?"]
+    assert "2 validation row(s) dropped" in notes[0]
+
+
+def test_size_report_warns_of_memorisation_for_a_learner_sized_set(tmp_path):
+    from finetune.preference import (MAX_EPOCHS_SMALL_DATA, data_size, default_steps, epochs, size_statement,
+                                     size_warnings)
+
+    path = write_jsonl(tmp_path / "votes.jsonl", _votes(10))
+    size = data_size(load_preferences(_data(path, validation_fraction=0.1)))
+    assert (size.rows, size.prompts, size.held_rows, size.held_prompts) == (8, 8, 2, 2)
+    steps = default_steps(30, size.rows, 4)
+    assert steps == 6 and epochs(size.rows, steps, 4) <= MAX_EPOCHS_SMALL_DATA  # 30 steps would be 15 epochs
+    assert "**8 pairs** on **8 prompts**" in size_statement(size, steps, 4) and "3.0 epochs" in size_statement(
+        size, steps, 4)
+    warnings = " ".join(size_warnings(size, 30, 4))
+    assert "expect memorisation" in warnings and "15.0 passes" in warnings and "too few for a verdict" in warnings
+    assert "15.0 passes" not in " ".join(size_warnings(size, steps, 4))
+
+
+def test_the_bundled_set_needs_no_warning():
+    from finetune.preference import data_size, default_steps, size_warnings
+
+    size = data_size(load_preferences(DataConfig(source=BUNDLED_PREFERENCES)))
+    assert default_steps(30, size.rows, 4) == 30
+    assert size_warnings(size, 30, 4) == []
+    assert size_warnings(size, 300, 4) != []  # 8 passes over 150 pairs is too many

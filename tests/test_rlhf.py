@@ -115,26 +115,32 @@ def test_dpo_logs_rising_margins_and_saves_a_chat_adapter(tiny_model_dir, dpo_ru
 
 
 def test_reward_model_scores_base_and_dpo_answers(reward_run, dpo_run):
-    """The comparison behind step 4's "did the answers move" button: greedy answers of the base model (adapter
-    disabled) and of the DPO adapter from the Chat tab's engine (its one base, no second copy), each scored by
-    the reward model; the same answers the Chat tab gives."""
+    """The comparison behind step 4's button: greedy answers of the base model (adapter disabled) and of the DPO
+    adapter from the Chat tab's engine (its one base, no second copy), each scored by the reward model, with
+    the degeneration check and a paired verdict; the same answers the Chat tab gives."""
     from finetune.chat import ChatEngine, SamplingSettings
-    from finetune.rlhf import RewardScorer, compare_with_reward
+    from finetune.evaluate import Candidate, compare_policy_answers
+    from finetune.rlhf import RewardScorer
 
     reward_manager, reward_id = reward_run
     _, cfg, run_dir = dpo_run
     scorer = RewardScorer(reward_manager.reward_models()[reward_id])
     prompts = ["What does setting 3 control in LoRA?", "What does setting 17 control in LoRA?"]
     engine = ChatEngine()
-    result = compare_with_reward(scorer, engine, cfg.model, "dpo-run", run_dir / "adapter", prompts, max_new_tokens=6)
-    assert len(result.base_answers) == len(result.tuned_answers) == 2 and engine.base_loads == 1
+    base, policy = Candidate("base", cfg.model), Candidate("dpo-run", cfg.model, run_dir / "adapter")
+    result = compare_policy_answers(engine, scorer, policy, [base], prompts, max_new_tokens=6)
+    assert len(result.answers["base"]) == len(result.answers["dpo-run"]) == 2 and engine.base_loads == 1
     greedy = SamplingSettings(max_new_tokens=6, temperature=0.0)
-    assert result.tuned_answers[1] == list(engine.stream(prompts[1], [], cfg.model, "dpo-run", run_dir / "adapter",
-                                                          greedy))[-1].strip()
-    assert result.base_answers[0] == list(engine.stream(prompts[0], [], cfg.model, settings=greedy))[-1].strip()
-    assert result.base_scores == pytest.approx(scorer.score(prompts, result.base_answers), abs=1e-4)
-    assert result.tuned_scores == pytest.approx(scorer.score(prompts, result.tuned_answers), abs=1e-4)
-    assert result.base_mean == pytest.approx(sum(result.base_scores) / 2)
+    assert result.answers["dpo-run"][1] == list(engine.stream(prompts[1], [], cfg.model, "dpo-run",
+                                                               run_dir / "adapter", greedy))[-1].strip()
+    assert result.answers["base"][0] == list(engine.stream(prompts[0], [], cfg.model, settings=greedy))[-1].strip()
+    for name in ("base", "dpo-run"):
+        assert result.scores[name] == pytest.approx(scorer.score(prompts, result.answers[name]), abs=1e-4)
+    [verdict] = result.verdicts
+    assert (verdict.model, verdict.against, verdict.prompts) == ("dpo-run", "base", 2)
+    assert verdict.wins + verdict.losses + verdict.ties == 2
+    assert verdict.verdict == "cannot tell"  # two prompts can never exclude 0.5
+    assert {row["model"] for row in result.rows()} == {"base", "dpo-run"} and len(result.rows()) == 4
 
 
 def test_dpo_continues_an_sft_adapter(tiny_model_dir, pairs_file, qa_file, tmp_path):
@@ -287,15 +293,16 @@ def test_tab_refuses_malformed_pairs_before_starting_anything(tiny_model_dir, tm
 
 
 def test_step_4_comparison_uses_the_chat_models_engine(reward_run, dpo_run):
-    """The RLHF tab's "did the answers move" button: its answers come from the engine the Chat tab holds (one
-    base in memory however often it is clicked), scored by the picked reward model."""
+    """The RLHF tab's comparison button: its answers come from the engine the Chat tab holds (one base in memory
+    however often it is clicked), scored by the picked reward model, on the policy's held-out prompts only
+    (none of which the reward model or the policy trained on), each named in the summary."""
     import shutil
 
     from components.rlhf_tab import compare_policy
     from finetune.chat import ChatEngine
-    from finetune.rlhf import ScorerCache
-
     from finetune.config import save_config
+    from finetune.preference import held_out_prompts, trained_prompt_keys
+    from finetune.rlhf import ScorerCache
 
     reward_manager, reward_id = reward_run
     manager, cfg, run_dir = dpo_run
@@ -304,6 +311,12 @@ def test_step_4_comparison_uses_the_chat_models_engine(reward_run, dpo_run):
     engine, cache = ChatEngine(), ScorerCache()
     for _ in range(2):
         summary, table = compare_policy(manager, cache, engine, reward_id, "dpo-test", 2, 6)
-        assert "Mean reward on 2 held-out prompts" in summary and len(table) == 2
+        assert "**2 held-out prompts**" in summary and len(table) == 4  # 2 prompts x (base, policy)
     assert engine.base_loads == 1 and cache.loads == 1
-    assert table["base reward"].notna().all() and table["tuned reward"].notna().all()
+    assert table["reward"].notna().all()
+    trained = trained_prompt_keys(cfg.data, seed=cfg.training.seed)
+    for prompt in set(table["prompt"]):
+        assert prompt in summary and prompt.lower() not in trained
+        assert prompt in held_out_prompts(cfg.data, seed=cfg.training.seed)
+    assert "held-out accuracy" in summary and "pairs)" in summary  # the judge's accuracy, its interval and n
+    assert "-> **better**" not in summary
