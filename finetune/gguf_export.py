@@ -1,0 +1,652 @@
+"""A finished run as one GGUF file for llama.cpp, Ollama and LM Studio, with an Ollama Modelfile beside it.
+
+    python -m finetune.gguf_export runs/demo --type q8_0      # runs/demo/export/gguf/demo-q8_0.gguf + Modelfile
+    result = write_gguf("runs/demo", "q4_0")                  # the same from Python; result.summary() says what
+
+The adapter is first merged (``finetune.export.merge_adapter``; by default into the weights it trained against,
+so the file answers like the Chat tab), then every tensor of the merged model is renamed to llama.cpp's names,
+Llama's q/k projections are permuted into llama.cpp's RoPE layout, and the weights are written at the chosen
+type with the ``gguf`` package's NumPy quantizers. Metadata carries what llama.cpp needs to run the file alone:
+architecture, sizes, context length, RoPE settings, the tokenizer (vocabulary, merges, token types, special ids,
+whether BOS/EOS are added) and the chat template.
+
+Which tensors keep more bits than the chosen type, and why (``tensor_type``):
+- 1-D tensors (the RMSNorm weights) stay F32: they are a per-channel scale, tiny, and llama.cpp keeps them F32 too.
+- In the 4/5-bit types the token embedding (and the output head when untied) is Q8_0: with tied embeddings it is
+  also the output head, where every logit comes from, and llama.cpp's own quantizer also gives the output head
+  more bits than the rest.
+- A matrix whose rows are not a multiple of 32 values cannot be cut into the 32-value blocks of the Q types; it
+  stays F16.
+
+Only Llama-family models (``model_type`` llama: SmolLM2, Llama 2/3) with a byte-level BPE tokenizer are supported;
+anything else is refused before any work starts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import hashlib
+import json
+import os
+import re
+import shutil
+import socket
+import sys
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+
+from finetune.config import EMBEDDED_MODEL
+from finetune.export import (EXPORT_DIR, MERGED_DIR, ExportError, Progress, adapter_dir, check_merge_target,
+                             merge_adapter, merged_into, run_config)
+from finetune.models import ModelSourceError, embedded_model_dir, from_hub_or_cache, load_tokenizer
+
+GGUF_DIR = "gguf"
+MODELFILE = "Modelfile"
+# Output types: what a learner picks, the gguf package's type for the big matrices, and llama.cpp's file type.
+GGUF_TYPES = {
+    "f16": "16-bit float: no rounding a learner would notice; half the size of fp32",
+    "bf16": "bfloat16: fp32's range with 8 bits of mantissa",
+    "q8_0": "8-bit blocks of 32 with one scale each (~8.5 bits/weight): near-lossless",
+    "q5_1": "5-bit blocks with a scale and a minimum (~6 bits/weight)",
+    "q5_0": "5-bit blocks with a scale (~5.5 bits/weight)",
+    "q4_1": "4-bit blocks with a scale and a minimum (~5 bits/weight)",
+    "q4_0": "4-bit blocks with a scale (~4.5 bits/weight): smallest, most rounding",
+}
+SUPPORTED_MODEL_TYPES = {"llama": "Llama family (SmolLM2, Llama 2/3, TinyLlama)"}
+# What llama.cpp calls the pre-tokenizer (the regex that splits text before BPE), told apart by the HF
+# tokenizer's own pre-tokenizer description.
+PRE_TOKENIZERS = {"gpt2": "GPT-2's split (ByteLevel with its regex)",
+                  "smollm": "single digits, then GPT-2's split",
+                  "llama-bpe": "Llama 3's split"}
+_LLAMA3_SPLIT_START = "(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}{1,3}"
+BLOCK = 32  # values per block of every Q type written here
+# The Chat tab's sampling defaults (finetune.chat.SamplingSettings; a test keeps the two equal).
+CHAT_TEMPERATURE, CHAT_TOP_P = 0.7, 0.9
+
+
+def _no_progress(fraction: float, message: str) -> None:
+    pass
+
+
+# --- checks before any work -----------------------------------------------------------------------------------
+
+def check_type(out_type: str) -> str:
+    out_type = (out_type or "").strip().lower()
+    if out_type not in GGUF_TYPES:
+        raise ExportError(f"GGUF type must be one of {', '.join(GGUF_TYPES)}, got {out_type!r}.")
+    return out_type
+
+
+def _supported() -> str:
+    return "; ".join(f"{kind} ({text})" for kind, text in SUPPORTED_MODEL_TYPES.items())
+
+
+def base_config(source: str) -> Any:
+    """The base model's transformers config, read without loading weights."""
+    from transformers import AutoConfig
+
+    if source == EMBEDDED_MODEL:
+        return AutoConfig.from_pretrained(embedded_model_dir())
+    try:
+        return from_hub_or_cache(AutoConfig.from_pretrained, source)
+    except (ModelSourceError, OSError, ValueError) as error:
+        raise ExportError(f"Cannot read the base model's config: {first_line(error)}") from None
+
+
+def first_line(error: BaseException) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
+
+
+def check_architecture(config: Any) -> None:
+    model_type = getattr(config, "model_type", None)
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise ExportError(f"GGUF export supports {_supported()}; this run's base is a {model_type!r} model "
+                          f"({', '.join(getattr(config, 'architectures', None) or ['unknown class'])}).")
+    rope = rope_settings(config)
+    if rope.get("rope_type", "default") not in ("default", "linear"):
+        raise ExportError(f"GGUF export supports RoPE types 'default' and 'linear'; this model uses "
+                          f"{rope.get('rope_type')!r} (e.g. Llama 3.1's 'llama3' scaling), not written yet.")
+
+
+def rope_settings(config: Any) -> dict[str, Any]:
+    """transformers 5 keeps RoPE in ``rope_parameters``; older configs in rope_theta/rope_scaling."""
+    rope = dict(getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {})
+    rope.setdefault("rope_theta", getattr(config, "rope_theta", 10000.0))
+    if "type" in rope and "rope_type" not in rope:
+        rope["rope_type"] = rope["type"]
+    return rope
+
+
+def pre_tokenizer_name(tokenizer: Any) -> str:
+    """llama.cpp's name for how this tokenizer splits text before BPE; refuses tokenizers it cannot name."""
+    spec = json.loads(tokenizer.backend_tokenizer.to_str())
+    model, pre = spec.get("model") or {}, spec.get("pre_tokenizer") or {}
+    if model.get("type") != "BPE" or not _byte_level(pre):
+        raise ExportError("GGUF export supports byte-level BPE tokenizers (GPT-2 style, as SmolLM2 and Llama 3 "
+                          f"use); this tokenizer is {model.get('type')!r} with pre-tokenizer {pre.get('type')!r}.")
+    steps = pre.get("pretokenizers") if pre.get("type") == "Sequence" else [pre]
+    kinds = [step.get("type") for step in steps]
+    if kinds == ["ByteLevel"] and steps[0].get("use_regex", True):
+        return "gpt2"
+    if kinds == ["Digits", "ByteLevel"] and steps[0].get("individual_digits") and steps[1].get("use_regex", True):
+        return "smollm"
+    if kinds == ["Split", "ByteLevel"] and str((steps[0].get("pattern") or {}).get("Regex", "")).startswith(
+            _LLAMA3_SPLIT_START):
+        return "llama-bpe"
+    raise ExportError(f"GGUF export knows the pre-tokenizers {', '.join(PRE_TOKENIZERS)}; this tokenizer "
+                      f"splits text with {kinds}, which llama.cpp may not reproduce.")
+
+
+def _byte_level(pre: dict[str, Any]) -> bool:
+    steps = pre.get("pretokenizers") if pre.get("type") == "Sequence" else [pre]
+    return any(step.get("type") == "ByteLevel" for step in steps or [])
+
+
+# --- one export per run at a time -------------------------------------------------------------------------------
+
+_building: set[str] = set()
+_building_lock = threading.Lock()
+
+
+class BuildLock:
+    """Refuses a second GGUF export of the same run while one builds: in this process (a set) and across
+    processes (a lock file holding host and pid; one left by a dead process is taken over)."""
+
+    def __init__(self, run_dir: Path, out_type: str) -> None:
+        self.key = str(run_dir.resolve())
+        self.path = run_dir / EXPORT_DIR / GGUF_DIR / ".building"
+        self.out_type = out_type
+
+    def __enter__(self) -> "BuildLock":
+        with _building_lock:
+            if self.key in _building:
+                raise ExportError(self._busy(self._holder()))
+            _building.add(self.key)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._take_file()
+        except BaseException:
+            with _building_lock:
+                _building.discard(self.key)
+            raise
+        return self
+
+    def _take_file(self) -> None:
+        for _ in range(2):
+            try:
+                handle = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                if self._alive(self._holder()):
+                    raise ExportError(self._busy(self._holder())) from None
+                self.path.unlink(missing_ok=True)  # left by a process that died mid-build
+                continue
+            with os.fdopen(handle, "w") as out:
+                json.dump({"host": socket.gethostname(), "pid": os.getpid(), "type": self.out_type}, out)
+            return
+        raise ExportError(self._busy(self._holder()))
+
+    def _holder(self) -> dict[str, Any]:
+        try:
+            return json.loads(self.path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return {}
+
+    @staticmethod
+    def _alive(holder: dict[str, Any]) -> bool:
+        if holder.get("host") not in (None, socket.gethostname()):
+            return True  # another machine's build: cannot check, so respect it
+        try:
+            os.kill(int(holder.get("pid", -1)), 0)
+        except (OSError, ValueError):
+            return False
+        return True
+
+    def _busy(self, holder: dict[str, Any]) -> str:
+        what = f" ({holder['type']})" if holder.get("type") else ""
+        return (f"A GGUF export of run '{Path(self.key).name}'{what} is already being built; wait for it to "
+                "finish, then export again (finished files are reused).")
+
+    def __exit__(self, *exc: Any) -> None:
+        self.path.unlink(missing_ok=True)
+        with _building_lock:
+            _building.discard(self.key)
+
+
+# --- tensors ----------------------------------------------------------------------------------------------------
+
+def llama_rope_permute(weight: np.ndarray, heads: int) -> np.ndarray:
+    """HF Llama rotates the two halves of each head's dimensions; llama.cpp rotates adjacent pairs. Reorder the
+    rows of q_proj/k_proj so that each head's (i, i + d/2) pair becomes (2i, 2i + 1). transformers' GGUF loader
+    applies the inverse (the round-trip test checks both directions meet)."""
+    rows = weight.shape[0]
+    halves = weight.reshape(heads, 2, rows // heads // 2, *weight.shape[1:])
+    return halves.swapaxes(1, 2).reshape(weight.shape)
+
+
+def tensor_type(name: str, shape: tuple[int, ...], out_type: str) -> tuple[Any, str]:
+    """The ggml type of one tensor and, when it differs from the chosen type, why."""
+    from gguf import GGMLQuantizationType as Q
+
+    chosen = {"f16": Q.F16, "bf16": Q.BF16, "q8_0": Q.Q8_0, "q4_0": Q.Q4_0, "q4_1": Q.Q4_1,
+              "q5_0": Q.Q5_0, "q5_1": Q.Q5_1}[out_type]
+    if len(shape) == 1:
+        return Q.F32, "1-D (norm weights): tiny, and kept F32 as llama.cpp does"
+    if chosen in (Q.F16, Q.BF16):
+        return chosen, ""
+    if shape[-1] % BLOCK:
+        return Q.F16, f"rows of {shape[-1]} values are not a multiple of the {BLOCK}-value block"
+    if out_type != "q8_0" and name in ("token_embd.weight", "output.weight"):
+        return Q.Q8_0, "embedding / output head: every logit passes through it, so it keeps 8 bits"
+    return chosen, ""
+
+
+def encode_tensor(data: np.ndarray, qtype: Any) -> np.ndarray:
+    from gguf import GGMLQuantizationType as Q
+    from gguf.quants import quantize
+
+    if qtype == Q.F32:
+        return np.ascontiguousarray(data, dtype=np.float32)
+    if qtype == Q.F16:
+        return np.ascontiguousarray(data, dtype=np.float16)
+    return quantize(np.ascontiguousarray(data, dtype=np.float32), qtype)
+
+
+def tensor_nbytes(shape: tuple[int, ...], qtype: Any) -> int:
+    from gguf.constants import GGML_QUANT_SIZES
+
+    block, size = GGML_QUANT_SIZES[qtype]
+    return int(np.prod(shape)) // block * size
+
+
+@dataclass(frozen=True)
+class TensorPlan:
+    hf_name: str
+    name: str
+    shape: tuple[int, ...]
+    qtype: Any
+    why: str
+    permute_heads: int | None  # q/k projections: the head count to permute rows by
+
+
+def plan_tensors(model_dir: Path, config: Any, out_type: str) -> list[TensorPlan]:
+    """Every tensor of the merged model, with its llama.cpp name and type; refuses a tensor it cannot name."""
+    from gguf import MODEL_ARCH, get_tensor_name_map
+    from safetensors import safe_open
+
+    names = get_tensor_name_map(MODEL_ARCH.LLAMA, config.num_hidden_layers)
+    tied = bool(getattr(config, "tie_word_embeddings", False))
+    plans = []
+    for file in sorted(model_dir.glob("*.safetensors")):
+        with safe_open(str(file), "np") as weights:
+            for hf_name in weights.keys():
+                if tied and hf_name == "lm_head.weight":
+                    continue  # llama.cpp reuses token_embd when output.weight is absent
+                if hf_name.endswith("rotary_emb.inv_freq"):
+                    continue  # recomputed from rope.freq_base
+                name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+                if name is None:
+                    raise ExportError(f"The merged model has a tensor llama.cpp has no name for: {hf_name}.")
+                shape = tuple(weights.get_slice(hf_name).get_shape())
+                qtype, why = tensor_type(name, shape, out_type)
+                heads = (config.num_attention_heads if ".attn_q." in name
+                         else config.num_key_value_heads if ".attn_k." in name else None)
+                plans.append(TensorPlan(hf_name, name, shape, qtype, why, heads))
+    return plans
+
+
+def _tensors(model_dir: Path, plans: list[TensorPlan]) -> Iterator[tuple[TensorPlan, np.ndarray]]:
+    """One tensor at a time, so a large model never sits in memory twice."""
+    from safetensors import safe_open
+
+    files = {}
+    for file in sorted(model_dir.glob("*.safetensors")):
+        with safe_open(str(file), "np") as weights:
+            files.update({name: file for name in weights.keys()})
+    for plan in plans:
+        with safe_open(str(files[plan.hf_name]), "pt") as weights:  # "pt": numpy has no bfloat16
+            data = weights.get_tensor(plan.hf_name).float().numpy()
+        if plan.permute_heads:
+            data = llama_rope_permute(data, plan.permute_heads)
+        yield plan, encode_tensor(data, plan.qtype)
+
+
+# --- metadata ---------------------------------------------------------------------------------------------------
+
+def add_model_metadata(writer: Any, config: Any, out_type: str, name: str) -> None:
+    from gguf import GGML_QUANT_VERSION, LlamaFileType, RopeScalingType
+
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    writer.add_name(name)
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_head_count(heads)
+    writer.add_head_count_kv(config.num_key_value_heads)
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    writer.add_vocab_size(config.vocab_size)
+    writer.add_rope_dimension_count(head_dim)
+    if head_dim != config.hidden_size // heads:
+        writer.add_key_length(head_dim)
+        writer.add_value_length(head_dim)
+    rope = rope_settings(config)
+    writer.add_rope_freq_base(float(rope["rope_theta"]))
+    if rope.get("rope_type") == "linear":
+        writer.add_rope_scaling_type(RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(float(rope["factor"]))
+    file_types = {"f16": LlamaFileType.MOSTLY_F16, "bf16": LlamaFileType.MOSTLY_BF16,
+                  "q8_0": LlamaFileType.MOSTLY_Q8_0, "q4_0": LlamaFileType.MOSTLY_Q4_0,
+                  "q4_1": LlamaFileType.MOSTLY_Q4_1, "q5_0": LlamaFileType.MOSTLY_Q5_0,
+                  "q5_1": LlamaFileType.MOSTLY_Q5_1}
+    writer.add_file_type(file_types[out_type])
+    writer.add_quantization_version(GGML_QUANT_VERSION)
+
+
+def vocabulary(tokenizer: Any, vocab_size: int) -> tuple[list[str], list[int]]:
+    """Tokens by id and their llama.cpp types: special added tokens are CONTROL (matched whole, never split),
+    other added tokens USER_DEFINED, ids the model has but the tokenizer lacks UNUSED placeholders."""
+    from gguf import TokenType
+
+    by_id = {index: token for token, index in tokenizer.get_vocab().items()}
+    added = tokenizer.added_tokens_decoder
+    if max(by_id) >= vocab_size:
+        raise ExportError(f"The tokenizer has ids up to {max(by_id)} but the model only {vocab_size} embeddings.")
+    tokens, types = [], []
+    for index in range(vocab_size):
+        if index not in by_id:
+            tokens.append(f"[PAD{index}]")
+            types.append(TokenType.UNUSED)
+        elif index in added:
+            tokens.append(by_id[index])
+            types.append(TokenType.CONTROL if added[index].special else TokenType.USER_DEFINED)
+        else:
+            tokens.append(by_id[index])
+            types.append(TokenType.NORMAL)
+    return tokens, [int(t) for t in types]
+
+
+def bpe_merges(tokenizer: Any) -> list[str]:
+    merges = json.loads(tokenizer.backend_tokenizer.to_str())["model"].get("merges") or []
+    # tokenizers writes merges as ["a", "b"] pairs (newer) or "a b" strings (older); GGUF wants "a b".
+    return [" ".join(m) if isinstance(m, list) else m for m in merges]
+
+
+def adds_special(tokenizer: Any) -> tuple[bool, bool]:
+    """Whether encoding text adds BOS / EOS, observed rather than read from a flag that may be absent."""
+    plain = tokenizer("a", add_special_tokens=False)["input_ids"]
+    full = tokenizer("a", add_special_tokens=True)["input_ids"]
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    starts = bos is not None and len(full) > len(plain) and full[0] == bos
+    ends = eos is not None and len(full) > len(plain) and full[-1] == eos
+    return starts, ends
+
+
+def add_tokenizer_metadata(writer: Any, tokenizer: Any, vocab_size: int) -> None:
+    tokens, types = vocabulary(tokenizer, vocab_size)
+    writer.add_tokenizer_model("gpt2")  # llama.cpp's name for byte-level BPE
+    writer.add_tokenizer_pre(pre_tokenizer_name(tokenizer))
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    writer.add_token_merges(bpe_merges(tokenizer))
+    special = {"bos": tokenizer.bos_token_id, "eos": tokenizer.eos_token_id, "unk": tokenizer.unk_token_id,
+               "pad": tokenizer.pad_token_id}
+    adders = {"bos": writer.add_bos_token_id, "eos": writer.add_eos_token_id, "unk": writer.add_unk_token_id,
+              "pad": writer.add_pad_token_id}
+    for kind, token_id in special.items():
+        if token_id is not None:
+            adders[kind](int(token_id))
+    add_bos, add_eos = adds_special(tokenizer)
+    writer.add_add_bos_token(add_bos)
+    writer.add_add_eos_token(add_eos)
+    if tokenizer.chat_template:
+        writer.add_chat_template(tokenizer.chat_template)
+
+
+# --- Ollama -------------------------------------------------------------------------------------------------------
+
+CHATML_TEMPLATE = """{{- if .System }}<|im_start|>system
+{{ .System }}<|im_end|>
+{{ end }}
+{{- range .Messages }}{{ if ne .Role "system" }}<|im_start|>{{ .Role }}
+{{ .Content }}<|im_end|>
+{{ end }}{{ end }}<|im_start|>assistant
+"""
+
+
+def _chatml_turn(role: str, content: str) -> str:
+    return f"<|im_start|>{role}\n{content}<|im_end|>\n"
+
+
+def chatml_default_system(tokenizer: Any) -> str | None:
+    """The system prompt a ChatML chat template inserts when the chat has none ('' if it inserts none); None
+    when the template is not ChatML, checked by rendering it (not by reading its source)."""
+    def render(messages: list[dict[str, str]]) -> str:
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+    user, reply, system = "Question one?", "Answer one.", "Be brief."
+    try:
+        single = render([{"role": "user", "content": user}])
+        with_system = render([{"role": "system", "content": system}, {"role": "user", "content": user}])
+        turns = render([{"role": "user", "content": user}, {"role": "assistant", "content": reply},
+                        {"role": "user", "content": user}])
+    except Exception:  # a template that cannot render these is not one we can translate
+        return None
+    prompt = _chatml_turn("user", user) + "<|im_start|>assistant\n"
+    if not single.endswith(prompt) or with_system != _chatml_turn("system", system) + prompt:
+        return None
+    prefix = single[: -len(prompt)]
+    match = re.fullmatch(r"<\|im_start\|>system\n(.*)<\|im_end\|>\n", prefix, flags=re.S)
+    default = match.group(1) if match else ("" if not prefix else None)
+    if default is None or turns != prefix + _chatml_turn("user", user) + _chatml_turn("assistant", reply) + prompt:
+        return None
+    return default
+
+
+def modelfile_text(gguf_name: str, tokenizer: Any) -> str:
+    """An Ollama Modelfile: FROM the file beside it, the chat format, stop tokens and the Chat tab's sampling."""
+    system = chatml_default_system(tokenizer)
+    stops = sorted({t for t in ("<|im_end|>", tokenizer.eos_token) if t and (system is not None or
+                                                                              t == tokenizer.eos_token)})
+    lines = ["# Ollama Modelfile written by LoRA Lab. Create the model with:",
+             f"#   ollama create {_ollama_name(gguf_name)} -f Modelfile", "", f"FROM ./{gguf_name}", ""]
+    if system is not None:
+        lines += ['TEMPLATE """' + CHATML_TEMPLATE + '"""']
+        if system:
+            lines += ['SYSTEM """' + system + '"""']
+    else:
+        lines += ["# The chat template is not ChatML, so no TEMPLATE is written here: Ollama reads the chat",
+                  "# template stored in the GGUF file (tokenizer.chat_template) for the formats it knows."]
+    lines += [""] + [f'PARAMETER stop "{stop}"' for stop in stops]
+    lines += [f"PARAMETER temperature {CHAT_TEMPERATURE}", f"PARAMETER top_p {CHAT_TOP_P}", ""]
+    return "\n".join(lines)
+
+
+def _ollama_name(gguf_name: str) -> str:
+    return re.sub(r"[^a-z0-9._-]+", "-", Path(gguf_name).stem.lower()).strip("-") or "lora-lab"
+
+
+def ollama_command(result: "GgufExport") -> str:
+    return f"cd {result.path.parent} && ollama create {_ollama_name(result.path.name)} -f {MODELFILE}"
+
+
+# --- writing ------------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class GgufExport:
+    """What was written: the file, its Modelfile, its size, bits per weight and the tensors kept at other types."""
+    path: Path
+    modelfile: Path
+    out_type: str
+    size_bytes: int
+    weights: int
+    tensor_types: dict[str, str]
+    kept: dict[str, str] = field(default_factory=dict)  # tensor name -> why it is not at the chosen type
+    cached: bool = False
+
+    @property
+    def bits_per_weight(self) -> float:
+        return self.size_bytes * 8 / self.weights
+
+    def summary(self) -> str:
+        counts: dict[str, int] = {}
+        for qtype in self.tensor_types.values():
+            counts[qtype] = counts.get(qtype, 0) + 1
+        reasons = sorted(set(self.kept.values()))
+        kept = "" if not reasons else " Kept at other types: " + "; ".join(
+            f"{sum(1 for w in self.kept.values() if w == r)} tensor(s), {r}" for r in reasons) + "."
+        return (f"{self.path.name}: {self.size_bytes / 2**20:.1f} MB, {self.bits_per_weight:.2f} bits per weight "
+                f"over {self.weights:,} weights; tensors {', '.join(f'{n} {t}' for t, n in sorted(counts.items()))}."
+                f"{kept}{' (reused: this run and type were exported before)' if self.cached else ''}")
+
+
+def gguf_path(run_dir: str | Path, out_type: str) -> Path:
+    run_dir = Path(run_dir)
+    return run_dir / EXPORT_DIR / GGUF_DIR / f"{run_dir.name}-{check_type(out_type)}.gguf"
+
+
+def _fingerprint(run_dir: Path, into: str) -> str:
+    digest = hashlib.sha256(into.encode())
+    with open(adapter_dir(run_dir) / "adapter_model.safetensors", "rb") as weights:
+        for chunk in iter(lambda: weights.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _info_path(path: Path) -> Path:
+    return path.with_suffix(".json")
+
+
+def cached_export(run_dir: Path, out_type: str, into: str) -> GgufExport | None:
+    path = gguf_path(run_dir, out_type)
+    try:
+        info = json.loads(_info_path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not path.is_file() or info.get("fingerprint") != _fingerprint(run_dir, into):
+        return None
+    return GgufExport(path, path.parent / MODELFILE, out_type, path.stat().st_size, info["weights"],
+                      info["tensor_types"], info.get("kept", {}), cached=True)
+
+
+def merged_for(run_dir: Path, into: str, progress: Progress) -> Path:
+    """The run's merged model, reusing run/merged when it was merged into the same target after the adapter
+    was last saved."""
+    folder = run_dir / MERGED_DIR
+    adapter_time = (adapter_dir(run_dir) / "adapter_model.safetensors").stat().st_mtime
+    if merged_into(folder) == into and (folder / "config.json").stat().st_mtime >= adapter_time:
+        progress(0.3, "Reusing the merged model in merged/")
+        return folder
+    return merge_adapter(run_dir, progress=lambda f, m: progress(0.3 * f, m), into=into)
+
+
+def _free_bytes(folder: Path) -> int:
+    return shutil.disk_usage(folder).free
+
+
+def convert_folder(model_dir: Path, target: Path, out_type: str, tokenizer: Any, name: str,
+                   progress: Progress = _no_progress) -> GgufExport:
+    """Write ``model_dir`` (a saved Llama-family transformers model) as one GGUF at ``target``. Written to a
+    ``.partial`` file that is renamed at the end, and removed on any failure."""
+    from gguf import GGUFWriter
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(model_dir)
+    check_architecture(config)
+    plans = plan_tensors(model_dir, config, out_type)
+    needed = sum(tensor_nbytes(p.shape, p.qtype) for p in plans)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    free = _free_bytes(target.parent)
+    if free < needed + (16 << 20):
+        raise ExportError(f"Not enough disk space for the {out_type} GGUF: it needs about {needed / 2**20:.0f} MB "
+                          f"and {free / 2**20:.0f} MB are free where it is written ({target.parent}).")
+    partial = target.with_name(target.name + ".partial")
+    writer = GGUFWriter(partial, "llama")
+    try:
+        add_model_metadata(writer, config, out_type, name)
+        add_tokenizer_metadata(writer, tokenizer, config.vocab_size)
+        for plan in plans:
+            writer.add_tensor_info(plan.name, plan.shape, np.dtype(np.float32), tensor_nbytes(plan.shape, plan.qtype),
+                                   raw_dtype=plan.qtype)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        for done, (plan, data) in enumerate(_tensors(model_dir, plans), start=1):
+            writer.write_tensor_data(data)
+            progress(done / len(plans), f"Writing {plan.name} as {plan.qtype.name} ({done}/{len(plans)})")
+        writer.close()
+        os.replace(partial, target)
+    except OSError as error:
+        raise ExportError(_disk_message(error, needed)) from None
+    finally:
+        writer.close()
+        partial.unlink(missing_ok=True)
+    weights = sum(int(np.prod(p.shape)) for p in plans)
+    return GgufExport(target, target.parent / MODELFILE, out_type, target.stat().st_size, weights,
+                      {p.name: p.qtype.name for p in plans}, {p.name: p.why for p in plans if p.why})
+
+
+def _disk_message(error: OSError, needed: int) -> str:
+    if error.errno == errno.ENOSPC:
+        return (f"The disk filled up while writing the GGUF (about {needed / 2**20:.0f} MB needed); the partial "
+                "file was removed. Free some space and export again.")
+    return f"Writing the GGUF failed ({first_line(error)}); the partial file was removed."
+
+
+def write_gguf(run_dir: str | Path, out_type: str = "q8_0", into: str = "trained",
+               progress: Progress = _no_progress) -> GgufExport:
+    """Merge the run's adapter and write it as a GGUF of ``out_type`` plus an Ollama Modelfile, into
+    ``run/export/gguf/``. Reuses a file of the same run, type and adapter written before."""
+    run_dir = Path(run_dir)
+    out_type, into = check_type(out_type), check_merge_target(into)
+    cfg = run_config(run_dir)
+    adapter_dir(run_dir)
+    if cfg.stage == "reward":
+        raise ExportError("This run trained a reward model (it scores answers, it does not write them); export "
+                          "an SFT, DPO, KTO or GRPO run as GGUF instead.")
+    check_architecture(base_config(cfg.model.source))
+    tokenizer = load_tokenizer(cfg.model)
+    pre_tokenizer_name(tokenizer)  # refuse an unknown tokenizer before merging
+    with BuildLock(run_dir, out_type):
+        cached = cached_export(run_dir, out_type, into)
+        if cached is not None:
+            progress(1.0, "Reusing the file exported before")
+            return cached
+        fingerprint = _fingerprint(run_dir, into)
+        merged = merged_for(run_dir, into, progress)
+        target = gguf_path(run_dir, out_type)
+        result = convert_folder(merged, target, out_type, tokenizer, f"{run_dir.name} ({out_type})",
+                                progress=lambda f, m: progress(0.3 + 0.68 * f, m))
+        result.modelfile.write_text(modelfile_text(target.name, tokenizer), encoding="utf-8")
+        _info_path(target).write_text(json.dumps({
+            "fingerprint": fingerprint, "into": into, "weights": result.weights,
+            "tensor_types": result.tensor_types, "kept": result.kept}), encoding="utf-8")
+        progress(1.0, "GGUF written")
+        return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m finetune.gguf_export",
+                                     description="Write a finished run as a GGUF file for llama.cpp / Ollama.")
+    parser.add_argument("run_dir", help="the run folder (runs/<id>)")
+    parser.add_argument("--type", default="q8_0", help=f"one of {', '.join(GGUF_TYPES)} (default q8_0)")
+    parser.add_argument("--into", default="trained", help="merge target: trained (default) or original")
+    args = parser.parse_args(argv)
+    try:
+        result = write_gguf(args.run_dir, args.type, args.into,
+                            progress=lambda f, m: print(f"[{f:4.0%}] {m}", file=sys.stderr))
+    except (ExportError, ModelSourceError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(result.summary())
+    print(f"Ollama: {ollama_command(result)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
