@@ -6,8 +6,15 @@ runs/<id>`` (an argument list, no shell), its output goes to ``runs/<id>/train.l
 
     manager = RunManager("runs")
     run_id = manager.start(cfg)          # RunInProgressError if one is already training
-    manager.stop(run_id)                 # cooperative: checkpoint, status "stopped"; killed if it ignores us
+    manager.request_stop(run_id)         # returns at once; the manager escalates in the background
+    manager.stop(run_id)                 # the same, then waits for the final state (CLI and tests)
     manager.resume(run_id)               # continues from the last checkpoint
+
+Stop escalates: the STOP file asks the child to checkpoint and stop at its next step end; after
+``LORA_LAB_STOP_GRACE_SECONDS`` (default 30) the child's process group gets SIGTERM, and SIGKILL
+``LORA_LAB_STOP_TERM_SECONDS`` (default 10) later. The deadline counts from the STOP file's time on disk, so an app
+restarted meanwhile finishes the escalation. A killed run ends ``stopped`` and resumes from its last complete
+checkpoint. A running run with no progress on disk for ``LORA_LAB_STALL_SECONDS`` (default 600) is reported stalled.
 """
 
 from __future__ import annotations
@@ -20,18 +27,37 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from finetune.config import ConfigError, RunConfig, load_config, save_config
-from finetune.metrics import FINAL_STATES, HOSTNAME, STOP_FILE, read_metrics, read_status, write_status
+from finetune.metrics import (FINAL_STATES, HOSTNAME, METRICS_FILE, STOP_FILE, read_metrics, read_status,
+                              write_status)
 from finetune.train import ADAPTER_DIR, last_checkpoint
 
 LOG_FILE = "train.log"
 REWARD_DIR = "reward_model"  # where a reward run saves (finetune/rlhf.py); not a chat adapter
 RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
+UPLOADS_DIR = "uploads"
+POLL_SECONDS = 0.2  # how often the stop escalation looks at the child
+KILL_WAIT_SECONDS = 30.0  # a SIGKILLed process group is gone at once; this only bounds a stuck kernel
+
+
+def _seconds_setting(name: str, default: float) -> float:
+    """An operator setting in seconds from the environment; a bad value stops the app with a clear message."""
+    raw = os.environ.get(name)
+    if raw is None or not raw.strip():
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not value > 0 or value == float("inf"):
+        raise ValueError(f"{name} must be a positive number of seconds, got {raw!r}")
+    return value
 
 
 class RunError(RuntimeError):
@@ -56,6 +82,17 @@ class RunSummary:
     has_adapter: bool
 
 
+def _process_start(pid: int) -> str | None:
+    """The process's start time in clock ticks since boot (Linux), which tells it apart from a later process
+    that got the same pid; None where /proc cannot say."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat[stat.rfind(")") + 2:].split()  # the name in brackets may hold spaces
+    return fields[19] if len(fields) > 19 else None
+
+
 def _pid_alive(pid: int | None) -> bool:
     if not pid:
         return False
@@ -69,6 +106,48 @@ def _pid_alive(pid: int | None) -> bool:
     try:
         return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
     except (OSError, IndexError):
+        return True
+
+
+@dataclass
+class ChildProcess:
+    """One training child: the Popen when this app started it, else only its pid and start time from disk."""
+    popen: subprocess.Popen | None
+    pid: int | None
+    started: str | None = None
+
+    def alive(self) -> bool:
+        if self.popen is not None:
+            return self.popen.poll() is None
+        return _pid_alive(self.pid)
+
+    def exit_code(self) -> int | None:
+        return self.popen.poll() if self.popen is not None else None
+
+    def signal_group(self, sig: signal.Signals) -> None:
+        """Send ``sig`` to the child's process group, but only while that group is still the child's: after an
+        app restart the pid on disk could by now belong to an unrelated process."""
+        if not self.pid:
+            return
+        if self.popen is None:
+            if self.started is not None and _process_start(self.pid) != self.started:
+                return
+            try:
+                if os.getpgid(self.pid) != self.pid:  # not a group leader: not a child we started
+                    return
+            except ProcessLookupError:
+                return
+        try:
+            os.killpg(self.pid, sig)  # the child leads its own session, so its group id is its pid
+        except (ProcessLookupError, PermissionError):
+            pass
+
+    def wait_for_exit(self, deadline: float) -> bool:
+        """True once the process has ended; False if it is still there at the deadline."""
+        while self.alive():
+            if time.time() >= deadline:
+                return False
+            time.sleep(POLL_SECONDS)
         return True
 
 
@@ -122,24 +201,50 @@ def check_sources(cfg: RunConfig) -> None:
 class RunManager:
     """Starts, stops, resumes and lists runs under one folder; at most one trains at a time."""
 
-    def __init__(self, root: str | Path = "runs", python: str = sys.executable):
+    def __init__(self, root: str | Path = "runs", python: str = sys.executable, stop_grace: float | None = None,
+                 term_grace: float | None = None, stall_after: float | None = None):
+        """The three times (seconds) default to the operator settings LORA_LAB_STOP_GRACE_SECONDS (30),
+        LORA_LAB_STOP_TERM_SECONDS (10) and LORA_LAB_STALL_SECONDS (600); tests pass shorter ones."""
         self.root = Path(root).resolve()
         self.root.mkdir(parents=True, exist_ok=True)
         self.python = python
+        self.stop_grace = stop_grace or _seconds_setting("LORA_LAB_STOP_GRACE_SECONDS", 30.0)
+        self.term_grace = term_grace or _seconds_setting("LORA_LAB_STOP_TERM_SECONDS", 10.0)
+        self.stall_after = stall_after or _seconds_setting("LORA_LAB_STALL_SECONDS", 600.0)
         self._lock = threading.Lock()
+        self._settle_lock = threading.RLock()  # the reaper, the stop escalation and status() may settle at once
         self._children: dict[str, subprocess.Popen] = {}
+        self._stoppers: dict[str, threading.Thread] = {}
+        for run_id in self.list_ids():  # an app restarted during a Stop finishes the escalation it began
+            self.status(run_id)
 
     # --- paths --------------------------------------------------------------------------------------------
 
     def keep_upload(self, path: str) -> str:
-        """Copy an upload beside the runs: gradio's temporary copy may vanish while the child still reads it."""
+        """Copy an upload beside the runs: gradio's temporary copy may vanish while the child still reads it.
+        A start that is then refused hands the copy to discard_upload."""
         source = Path(path)
-        if not source.is_file() or source.parent == self.root / "uploads":
+        if not source.is_file() or source.parent == self.root / UPLOADS_DIR:
             return path
-        target = self.root / "uploads" / f"{time.strftime('%Y%m%d-%H%M%S')}-{source.name}"
+        # The random part keeps two visitors' same-named uploads in the same second apart.
+        target = self.root / UPLOADS_DIR / f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}-{source.name}"
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(source, target)
         return str(target)
+
+    def discard_upload(self, path: str | None) -> None:
+        """Remove a kept upload that no run uses (its start was refused). Anything outside runs/uploads, and
+        a copy that a run's config names, is left alone."""
+        if not path:
+            return
+        copy = Path(path)
+        if copy.parent != self.root / UPLOADS_DIR or not copy.is_file():
+            return
+        for run_id in self.list_ids():
+            config = self.root / run_id / "config.yaml"
+            if config.is_file() and copy.name in config.read_text(encoding="utf-8", errors="replace"):
+                return
+        copy.unlink(missing_ok=True)
 
     def run_dir(self, run_id: str) -> Path:
         """The run's folder; refuses ids that could point outside the runs folder."""
@@ -162,26 +267,61 @@ class RunManager:
     # --- state --------------------------------------------------------------------------------------------
 
     def status(self, run_id: str) -> dict[str, Any]:
-        """status.json, corrected when the process behind a 'running' run has died without saying so."""
+        """status.json, corrected when the process behind a 'running' run has died without saying so. A live
+        run also gets, not stored, ``stop_requested_at`` once Stop was pressed and ``stalled_seconds`` when nothing
+        in its folder moved for ``stall_after`` seconds."""
         folder = self.run_dir(run_id)
         status = read_status(folder)
         if is_remote(status):  # trained elsewhere and synced back: only that machine knows if it still runs
             return status
-        if status.get("state") in ("running", "queued") and not self._is_alive(run_id, status.get("pid")):
-            child = self._children.get(run_id)
-            code = child.poll() if child else None
+        if status.get("state") not in ("running", "queued"):
+            return status
+        process = self._process(run_id, status)
+        if not process.alive():
+            return self._settle(run_id, process)
+        live: dict[str, Any] = {}
+        try:
+            live["stop_requested_at"] = (folder / STOP_FILE).stat().st_mtime
+            self._escalate_in_background(run_id)  # after an app restart, this finishes the Stop it began
+        except FileNotFoundError:
+            pass
+        idle = time.time() - self._last_progress(folder, status)
+        if idle >= self.stall_after:
+            live["stalled_seconds"] = round(idle)
+        return {**status, **live}
+
+    def _last_progress(self, folder: Path, status: dict[str, Any]) -> float:
+        """When the run last showed life on disk: a status write, a metrics row or a line in its log."""
+        times = [float(status.get(key) or 0) for key in ("updated_at", "started_at", "created_at")]
+        for name in (METRICS_FILE, LOG_FILE):
+            try:
+                times.append((folder / name).stat().st_mtime)
+            except OSError:
+                pass
+        return max(times)
+
+    def _settle(self, run_id: str, process: ChildProcess) -> dict[str, Any]:
+        """Write the final state of a run whose process has ended, unless the child wrote one itself."""
+        with self._settle_lock:
+            folder = self.run_dir(run_id)
+            status = read_status(folder)
+            # A process of an earlier attempt (the run was resumed meanwhile) says nothing about the run now.
+            if status.get("state") not in ("running", "queued") or self._children.get(run_id) is not process.popen:
+                return status
+            code = process.exit_code()
+            if (folder / STOP_FILE).exists():  # asked to stop, then ended or was ended: resumable
+                return write_status(folder, state="stopped", finished_at=time.time(),
+                                    error=status.get("stop_note") or status.get("error"))
             message = (f"training process ended unexpectedly (exit code {code})" if code is not None
                        else "training process is no longer running (app restarted or process killed)")
             state = "failed" if code is not None else "interrupted"
-            status = write_status(folder, state=state, error=status.get("error") or message,
-                                  finished_at=time.time())
-        return status
+            return write_status(folder, state=state, error=status.get("error") or message, finished_at=time.time())
 
-    def _is_alive(self, run_id: str, pid: int | None) -> bool:
+    def _process(self, run_id: str, status: dict[str, Any]) -> ChildProcess:
         child = self._children.get(run_id)
         if child is not None:
-            return child.poll() is None
-        return _pid_alive(pid)
+            return ChildProcess(child, child.pid)
+        return ChildProcess(None, status.get("pid"), status.get("pid_start"))
 
     def active_run(self) -> str | None:
         """The run training on THIS machine, if any (a synced run from another host does not hold the device)."""
@@ -254,7 +394,7 @@ class RunManager:
                 raise RunError(f"Run {run_id} saved no checkpoint yet, so there is nothing to resume from.")
             self._refuse_if_busy()
             (folder / STOP_FILE).unlink(missing_ok=True)
-            write_status(folder, state="queued", error=None, finished_at=None)
+            write_status(folder, state="queued", error=None, stop_note=None, finished_at=None)
             self._spawn(run_id, resume=True)
         return run_id
 
@@ -264,53 +404,91 @@ class RunManager:
             raise RunInProgressError(f"Run '{busy}' is still training; wait for it to finish or stop it first "
                                      "(one training job at a time per device).")
 
-    def _spawn(self, run_id: str, resume: bool) -> None:
+    def child_command(self, run_id: str, resume: bool) -> list[str]:
+        """The child's argument list (no shell); tests substitute a child of their own here."""
         folder = self.run_dir(run_id)
         command = [self.python, "-m", "finetune.train", str(folder / "config.yaml"), "--output-dir", str(folder)]
-        if resume:
-            command.append("--resume")
+        return command + ["--resume"] if resume else command
+
+    def _spawn(self, run_id: str, resume: bool) -> None:
+        folder = self.run_dir(run_id)
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PROJECT_ROOT), env.get("PYTHONPATH")]))
+        # Its own session makes the child lead a process group: Stop can end it and everything it started.
         with (folder / LOG_FILE).open("ab") as log:
-            child = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                     cwd=PROJECT_ROOT, env=env, start_new_session=True)
+            child = subprocess.Popen(self.child_command(run_id, resume), stdout=log, stderr=subprocess.STDOUT,
+                                     stdin=subprocess.DEVNULL, cwd=PROJECT_ROOT, env=env, start_new_session=True)
         self._children[run_id] = child
-        write_status(folder, pid=child.pid, hostname=HOSTNAME)
+        write_status(folder, pid=child.pid, pid_start=_process_start(child.pid), hostname=HOSTNAME)
+        # Reap it the moment it ends (no zombie left until the app exits) and record how it ended.
+        threading.Thread(target=self._reap, args=(run_id, child), name=f"reap-{run_id}", daemon=True).start()
 
-    def stop(self, run_id: str, grace_seconds: float = 60.0) -> dict[str, Any]:
-        """Ask the run to stop at its next step (it saves a checkpoint); kill it if it has not within the grace."""
+    def _reap(self, run_id: str, child: subprocess.Popen) -> None:
+        child.wait()
+        self._settle(run_id, ChildProcess(child, child.pid))
+
+    def request_stop(self, run_id: str) -> dict[str, Any]:
+        """Ask the run to checkpoint and stop at its next step, and return at once; if it has not ended after
+        ``stop_grace`` seconds a background thread terminates, then kills, its process group."""
         folder = self.run_dir(run_id)
         status = self.status(run_id)
         if status.get("state") not in ("running", "queued"):
             return status
         (folder / STOP_FILE).touch()
-        deadline = time.time() + grace_seconds
-        while time.time() < deadline:
-            if not self._is_alive(run_id, status.get("pid")):
-                break
-            time.sleep(0.2)
-        else:
-            self._kill(run_id, status.get("pid"))
-        status = read_status(folder)
-        if status.get("state") not in FINAL_STATES:
-            status = write_status(folder, state="stopped", finished_at=time.time())
+        if not is_remote(status):
+            self._escalate_in_background(run_id)
         return status
 
-    def request_stop(self, run_id: str) -> None:
-        """Non-blocking stop: set the flag and return (the UI polls the status)."""
-        (self.run_dir(run_id) / STOP_FILE).touch()
+    def stop(self, run_id: str, timeout: float = 600.0) -> dict[str, Any]:
+        """request_stop, then wait until the run has ended and its process is gone (for the CLI and tests)."""
+        process = self._process(run_id, read_status(self.run_dir(run_id)))
+        self.request_stop(run_id)
+        status = self.wait(run_id, timeout=timeout)
+        process.wait_for_exit(time.time() + timeout)  # the child writes its final state just before it exits
+        return status
 
-    def _kill(self, run_id: str, pid: int | None) -> None:
-        child = self._children.get(run_id)
-        target = child.pid if child else pid
-        if not target:
+    def _escalate_in_background(self, run_id: str) -> None:
+        with self._settle_lock:
+            if run_id in self._stoppers and self._stoppers[run_id].is_alive():
+                return
+            thread = threading.Thread(target=self._escalate, args=(run_id,), name=f"stop-{run_id}", daemon=True)
+            self._stoppers[run_id] = thread
+            thread.start()
+
+    def _escalate(self, run_id: str) -> None:
+        """Polite STOP file, then SIGTERM, then SIGKILL to the child's process group, each after its grace."""
+        folder = self.run_dir(run_id)
+        process = self._process(run_id, read_status(folder))
+        try:  # the STOP file's time on disk, so a restarted app keeps the original deadline
+            asked = (folder / STOP_FILE).stat().st_mtime
+        except OSError:
+            return  # resumed meanwhile: nothing to stop
+        if process.wait_for_exit(asked + self.stop_grace):
+            self._settle(run_id, process)
             return
-        try:
-            os.killpg(target, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
-        if child:
-            child.wait(timeout=10)
+        grace = f"{self.stop_grace:g} s"
+        if not self._still_stopping(run_id, process):
+            return
+        self._note_forced(folder, f"It did not stop at a step end within {grace} of Stop, so it was terminated "
+                                  "(SIGTERM); resume continues from its last complete checkpoint.")
+        # SIGCONT after SIGTERM: a stopped (SIGSTOP) process only acts on the termination once it runs again.
+        process.signal_group(signal.SIGTERM)
+        process.signal_group(signal.SIGCONT)
+        if not process.wait_for_exit(time.time() + self.term_grace) and self._still_stopping(run_id, process):
+            self._note_forced(folder, f"It did not stop within {grace} of Stop, nor {self.term_grace:g} s after "
+                                      "SIGTERM, so it was killed (SIGKILL); resume continues from its last "
+                                      "complete checkpoint.")
+            process.signal_group(signal.SIGKILL)
+            process.wait_for_exit(time.time() + KILL_WAIT_SECONDS)
+        self._settle(run_id, process)
+
+    def _still_stopping(self, run_id: str, process: ChildProcess) -> bool:
+        """The Stop still applies to this process: not resumed meanwhile (new child, STOP file removed)."""
+        return self._children.get(run_id) is process.popen and (self.run_dir(run_id) / STOP_FILE).exists()
+
+    def _note_forced(self, folder: Path, note: str) -> None:
+        # The child is hung, so nothing else writes status.json now; the note explains the stop to the user.
+        write_status(folder, stop_note=note)
 
     def wait(self, run_id: str, timeout: float = 600.0) -> dict[str, Any]:
         """Block until the run reaches a final state (for the CLI and tests)."""

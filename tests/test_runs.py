@@ -1,16 +1,47 @@
-"""The run manager with real child processes training the tiny model."""
+"""The run manager with real child processes: the tiny model training, and a small script started through the
+manager's own child mechanism that plays a hung child (it ignores the STOP file and SIGTERM)."""
 
 import os
 import signal
+import sys
 import time
+from pathlib import Path
+from typing import Any, Callable
 
 import pytest
 
-from finetune.metrics import read_metrics
+from finetune.metrics import read_metrics, read_status
 from finetune.runs import RunError, RunInProgressError, RunManager
 from finetune.train import last_checkpoint
 
 from conftest import tiny_run_config
+
+HUNG_CHILD = """
+import json, os, signal, subprocess, sys, time
+from pathlib import Path
+
+folder, mode = Path(sys.argv[1]), sys.argv[2]
+
+
+def write_status(folder, **fields):  # finetune.metrics.write_status's contract, without importing transformers
+    status = json.loads((folder / "status.json").read_text())
+    status.update(fields, updated_at=time.time())
+    (folder / "status.tmp").write_text(json.dumps(status))
+    os.replace(folder / "status.tmp", folder / "status.json")
+
+
+if mode == "finish":
+    write_status(folder, state="running", pid=os.getpid())
+    write_status(folder, state="completed", finished_at=time.time())
+    sys.exit(0)
+# Hung in a way no cooperative stop can reach: the STOP file is never read and SIGTERM is ignored (by the helper it
+# starts too, which shares its process group), so only a kill of the whole group ends them.
+signal.signal(signal.SIGTERM, signal.SIG_IGN)
+helper = subprocess.Popen([sys.executable, "-c", "while True: __import__('time').sleep(1)"])
+write_status(folder, state="running", pid=os.getpid(), helper_pid=helper.pid)
+while True:
+    time.sleep(1)
+"""
 
 
 def wait_for_step(manager: RunManager, run_id: str, step: int, timeout: float = 180) -> None:
@@ -98,3 +129,152 @@ def test_resume_refuses_runs_without_checkpoint(manager, tiny_model_dir, qa_file
     write_status(folder, state="stopped")
     with pytest.raises(RunError, match="no checkpoint"):
         manager.resume("no-ckpt")
+
+
+# --- Stop that stops, reaping, refused starts -------------------------------------------------------------------
+
+def wait_until(check: Callable[[], Any], what: str, timeout: float = 120.0) -> Any:
+    """Poll until check() is truthy and return its value; a generous bound fails the test instead of hanging."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = check()
+        if value:
+            return value
+        time.sleep(0.1)
+    raise AssertionError(f"never happened: {what}")
+
+
+def _proc_stat(pid: int) -> list[str] | None:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat[stat.rfind(")") + 2:].split()  # [state, ppid, pgrp, ...]
+
+
+def live_group_members(pgid: int) -> set[int]:
+    """Processes of the group that still exist and are not zombies (an exited grandchild may wait for init)."""
+    members = set()
+    for entry in Path("/proc").iterdir():
+        fields = _proc_stat(int(entry.name)) if entry.name.isdigit() else None
+        if fields and fields[2] == str(pgid) and fields[0] != "Z":
+            members.add(int(entry.name))
+    return members
+
+
+def is_zombie(pid: int) -> bool:
+    fields = _proc_stat(pid)
+    return bool(fields) and fields[0] == "Z"
+
+
+class ScriptManager(RunManager):
+    """The real RunManager, whose child is the HUNG_CHILD script instead of the trainer."""
+
+    mode = "hang"
+
+    def child_command(self, run_id: str, resume: bool) -> list[str]:
+        return [self.python, str(self.root.parent / "hung_child.py"), str(self.run_dir(run_id)), self.mode]
+
+
+def started(manager: RunManager, run_id: str) -> dict[str, Any]:
+    """The hung child's status once it has started its helper; fails at once if the child died instead."""
+    def check() -> dict[str, Any] | None:
+        status = manager.status(run_id)
+        assert status["state"] in ("queued", "running"), manager.log_tail(run_id)
+        return status if status.get("helper_pid") else None
+    return wait_until(check, "the hung child started its helper")
+
+
+@pytest.fixture
+def script_root(tmp_path) -> Path:
+    (tmp_path / "hung_child.py").write_text(HUNG_CHILD)
+    return tmp_path / "runs"
+
+
+def test_stop_kills_a_hung_child_group_even_across_an_app_restart(script_root, tiny_model_dir, qa_file):
+    cfg = tiny_run_config(tiny_model_dir, qa_file)
+    patient = ScriptManager(script_root, stop_grace=3600)  # an operator grace longer than the test
+    run_id = patient.start(cfg)
+    status = started(patient, run_id)
+    pgid, helper = status["pid"], status["helper_pid"]
+    assert live_group_members(pgid) == {pgid, helper}
+
+    patient.request_stop(run_id)  # returns at once: the escalation waits in the background
+    asked = patient.status(run_id)
+    assert asked["state"] == "running" and asked["stop_requested_at"] > 0
+    assert live_group_members(pgid) == {pgid, helper}
+    with pytest.raises(RunInProgressError):
+        patient.start(cfg)  # still training until it is stopped or killed
+
+    # The app restarts with a short grace: the Stop begun before (STOP file, pid and hostname on disk) is carried
+    # through by the new manager, which did not start the child: SIGTERM is ignored, so it ends with SIGKILL.
+    restarted = ScriptManager(script_root, stop_grace=0.2, term_grace=0.2)
+    final = wait_until(lambda: (s := restarted.status(run_id))["state"] != "running" and s, "the run ended")
+    assert final["state"] == "stopped", final
+    assert "SIGKILL" in final["error"] and "resume" in final["error"]
+    wait_until(lambda: not live_group_members(pgid), "the child's whole process group is gone")
+    wait_until(lambda: not is_zombie(pgid), "the killed child was reaped by the manager that started it")
+
+    restarted.mode = "finish"
+    second = restarted.start(cfg)  # the slot is free again
+    assert wait_until(lambda: restarted.status(second)["state"] != "queued" and
+                      restarted.status(second)["state"] != "running" and restarted.status(second),
+                      "the second run finished")["state"] == "completed"
+
+
+def test_a_finished_child_is_reaped(script_root, tiny_model_dir, qa_file):
+    manager = ScriptManager(script_root)
+    manager.mode = "finish"
+    run_id = manager.start(tiny_run_config(tiny_model_dir, qa_file))
+    pid = read_status(manager.run_dir(run_id))["pid"]
+    wait_until(lambda: manager.status(run_id)["state"] == "completed", "the child reported completion")
+    # Nobody reads the status again: the manager's own watcher waits for the child, so no zombie is left behind.
+    wait_until(lambda: _proc_stat(pid) is None, f"pid {pid} is gone (a zombie would stay until the app exits)")
+
+
+def test_a_run_without_progress_is_shown_stalled_with_its_log_and_a_stop_that_works(script_root, tiny_model_dir,
+                                                                                   qa_file):
+    from components.train_tab import poll_run
+
+    manager = ScriptManager(script_root, stop_grace=0.2, term_grace=0.2, stall_after=1.0)
+    run_id = manager.start(tiny_run_config(tiny_model_dir, qa_file))
+    folder = manager.run_dir(run_id)
+    started(manager, run_id)
+    with (folder / "train.log").open("a") as log:
+        log.write("last words of the hung child\n")
+    status = wait_until(lambda: (s := manager.status(run_id)).get("stalled_seconds") is not None and s,
+                        "the run is reported stalled")
+    assert status["state"] == "running"
+    _, text, bar, *_, log_tail, accordion = poll_run(manager, run_id)
+    assert "**stalled**: no progress for" in text and "data-state='stalled'" in bar
+    assert "last words of the hung child" in log_tail and accordion.open is True
+    manager.request_stop(run_id)
+    wait_until(lambda: manager.status(run_id)["state"] == "stopped", "Stop ended the stalled run")
+    wait_until(lambda: not live_group_members(status["pid"]), "its process group is gone")
+
+
+def test_refused_starts_remove_their_upload_copies(script_root, tiny_model_dir, qa_file, monkeypatch):
+    from components.train_tab import start_run
+
+    upload_dir = script_root.parent / "gradio-uploads" / "abc123"  # gradio's upload folder for this server
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(upload_dir.parent))
+    upload_dir.mkdir(parents=True)
+    upload = upload_dir / "qa.jsonl"
+    upload.write_bytes(qa_file.read_bytes())
+    manager = ScriptManager(script_root, stop_grace=0.2, term_grace=0.2)
+    kept = script_root / "uploads"
+    form = {"data_kind": "Uploaded file", "data_file": str(upload), "model_source": str(tiny_model_dir),
+            "model_bits": 32, "data_max_seq_length": 128, "training_max_steps": 2}
+
+    _, message = start_run(manager, **{**form, "lora_rank": 0})  # a config problem
+    assert "lora.rank" in message
+    assert not kept.exists() or not list(kept.iterdir())
+
+    busy, message = start_run(manager, **form)
+    assert "Started" in message, message
+    assert len(list(kept.iterdir())) == 1  # the started run's copy, which its child reads
+    _, message = start_run(manager, **form)  # refused: a run is in progress
+    assert "Not started" in message and "still training" in message
+    assert [p.name for p in kept.iterdir()] == [Path(read_status(manager.run_dir(busy)) and
+                                                     manager.summary(busy).config.data.source).name]
+    manager.stop(busy, timeout=60)
