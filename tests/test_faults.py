@@ -119,6 +119,68 @@ def test_app_restart_finds_runs_and_resumes_an_interrupted_one(tmp_path, tiny_mo
     assert (root / run_id / "adapter" / "adapter_config.json").is_file()
 
 
+def _live_group_members(pgid: int) -> set[int]:
+    """Processes of the group that still exist and are not zombies (/proc: state, ppid, pgrp after the name)."""
+    members = set()
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if fields[2] == str(pgid) and fields[0] != "Z":
+            members.add(int(stat.parent.name))
+    return members
+
+
+def _until(check, what: str, timeout: float = 180.0):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = check()
+        if value:
+            return value
+        time.sleep(0.1)
+    raise AssertionError(f"never happened: {what}")
+
+
+def test_sigstopped_child_is_shown_stalled_then_stop_ends_it_and_resume_finishes(tmp_path, tiny_model_dir, qa_file):
+    """A training child frozen by SIGSTOP (as a hung driver or a debugger would leave it) never reads the STOP
+    file: the Train tab shows it stalled with its log, Stop terminates its process group after the grace, the run
+    ends `stopped`, a new start is accepted, and resume continues from the last complete checkpoint."""
+    from components.train_tab import poll_run
+    from finetune.config import save_config
+    from finetune.metrics import read_metrics
+    from finetune.runs import RunManager
+    from finetune.train import last_checkpoint
+
+    manager = RunManager(tmp_path / "runs", stop_grace=1.0, term_grace=60.0, stall_after=2.0)
+    cfg = tiny_run_config(tiny_model_dir, qa_file, bits=32, max_steps=400, save_steps=2, eval_steps=0)
+    run_id = manager.start(cfg)
+    run_dir = manager.run_dir(run_id)
+    _wait_for_checkpoint(run_dir)
+    pid = manager.status(run_id)["pid"]
+    os.killpg(pid, signal.SIGSTOP)
+
+    _until(lambda: manager.status(run_id).get("stalled_seconds") is not None, "the run is reported stalled")
+    _, text, bar, *_, log_tail, accordion = poll_run(manager, run_id)
+    assert "**stalled**" in text and "data-state='stalled'" in bar and "'loss'" in log_tail and accordion.open
+
+    manager.request_stop(run_id)
+    status = _until(lambda: (s := manager.status(run_id))["state"] != "running" and s, "Stop ended the run")
+    assert status["state"] == "stopped" and "terminated (SIGTERM)" in status["error"], status
+    _until(lambda: not _live_group_members(pid), "the child's process group is gone")
+    checkpoint = Path(last_checkpoint(run_dir))  # complete: trainer_state.json is written last
+    assert (checkpoint / "trainer_state.json").is_file()
+
+    resumed_from = int(checkpoint.name.split("-")[-1])
+    cfg.training.max_steps = resumed_from + 2
+    save_config(cfg, run_dir / "config.yaml")
+    rows_before = len(read_metrics(run_dir))
+    manager.resume(run_id)  # accepted: the killed child no longer holds the slot
+    assert manager.wait(run_id, timeout=300)["state"] == "completed", manager.log_tail(run_id)
+    losses = [r for r in read_metrics(run_dir)[rows_before:] if "loss" in r]
+    assert losses[0]["step"] == resumed_from + 1 and losses[-1]["step"] == resumed_from + 2
+
+
 @pytest.fixture
 def trainer_patch(monkeypatch):
     """Patch a method of transformers.Trainer for one in-process run."""
