@@ -159,6 +159,7 @@ def start_stage(manager: RunManager, feedback_db: Path | None, stage: str, **for
     """Check the data and settings, then train the stage in a child process; returns (watched run, message)
     that states how much data there is, how many passes the steps make over it, and what that will do."""
     stage = stage if stage != "policy" else POLICY_METHODS.get(form.get("method") or "DPO", "dpo")
+    source = None
     try:
         source = data_source(manager, feedback_db, stage, form)
         cfg = config_from_form(stage, source, form)
@@ -170,13 +171,16 @@ def start_stage(manager: RunManager, feedback_db: Path | None, stage: str, **for
         if stage == "grpo":  # the reward model it trains against must exist before a child starts
             resolve_run_folder(cfg.preference.reward_model, manager.root, REWARD_DIR)
     except ConfigError as error:
+        manager.discard_upload(source)  # a refused start leaves no copy of the upload behind
         return gr.skip(), _problems_text(error)
     except (DataError, ModelSourceError) as error:
+        manager.discard_upload(source)
         gr.Warning(str(error))
         return gr.skip(), f"**Not started:** {error}"
     try:
         run_id = manager.start(cfg)
     except RunInProgressError as error:
+        manager.discard_upload(source)
         gr.Warning(str(error))
         return gr.skip(), f"**Not started:** {error}"
     write_status(manager.run_dir(run_id), stage=stage)  # the child writes it too; the watcher needs it at once

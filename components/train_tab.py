@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import json
+import time
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -177,6 +178,7 @@ def start_run(manager: RunManager, **form: Any) -> tuple[str, str]:
     try:
         run_id = manager.start(cfg)
     except RunInProgressError as error:
+        manager.discard_upload(cfg.data.source)  # a refused start leaves no copy of the upload behind
         gr.Warning(str(error))
         return manager.active_run() or gr.skip(), f"**Not started:** {error}"
     return run_id, f"Started run `{run_id}`; loading the model and data…"
@@ -205,7 +207,9 @@ def stop_run(manager: RunManager, run_id: str) -> str:
     except RunError as error:
         return f"**Error:** {error}"
     gr.Info("Stopping after the current step; a checkpoint is saved.")
-    return f"Stop requested for `{run_id}`: it saves a checkpoint and stops after the current step."
+    return (f"Stop requested for `{run_id}`: it saves a checkpoint and stops after the current step; if it has not "
+            f"stopped within {manager.stop_grace:g} s, its process is ended (resume then continues from its last "
+            "complete checkpoint).")
 
 
 def restore_form(manager: RunManager) -> list[Any]:
@@ -287,7 +291,25 @@ def status_text(run_id: str, status: dict[str, Any], has_adapter: bool = True) -
         return f"Run `{run_id}` **completed** in {_duration(status.get('duration'))}. {where}"
     if state in ("stopped", "interrupted"):
         return f"Run `{run_id}` **{state}**. {status.get('error') or ''}"
+    if status.get("stop_requested_at"):
+        return (f"Run `{run_id}` is **stopping**: asked {_duration(time.time() - status['stop_requested_at'])} ago "
+                "to save a checkpoint and stop; a process that does not answer is ended.")
+    if status.get("stalled_seconds") is not None:
+        return (f"Run `{run_id}` looks **stalled**: no progress for {_duration(status['stalled_seconds'])} at step "
+                f"{status.get('step') or 0}/{status.get('max_steps') or '?'}. Its last log lines are below; Stop "
+                "asks it to save a checkpoint and ends the process if it does not answer.")
     return f"Run `{run_id}` is **{state}**."
+
+
+def _bar_status(status: dict[str, Any]) -> dict[str, Any]:
+    """A stopping or stalled run shows that state on the progress bar, not "running" with a frozen ETA."""
+    if status.get("state") not in ("running", "queued"):
+        return status
+    if status.get("stop_requested_at"):
+        return {**status, "state": "stopping"}
+    if status.get("stalled_seconds") is not None:
+        return {**status, "state": "stalled"}
+    return status
 
 
 def poll_run(manager: RunManager, run_id: str) -> tuple[Any, ...]:
@@ -297,10 +319,12 @@ def poll_run(manager: RunManager, run_id: str) -> tuple[Any, ...]:
         return ("", "No runs yet: set up a run and press Start.", progress_html({"state": "idle"}, []),
                 loss_frame([]), lr_frame([]), "", gr.Accordion(open=False))
     status, rows = manager.status(run_id), read_metrics(manager.run_dir(run_id))
+    stalled = status.get("stalled_seconds") is not None
     failed = status.get("state") == "failed"
     has_adapter = (manager.run_dir(run_id) / ADAPTER_DIR / "adapter_config.json").is_file()
-    return (run_id, status_text(run_id, status, has_adapter), progress_html(status, rows), loss_frame(rows), lr_frame(rows),
-            manager.log_tail(run_id, 40), gr.Accordion(open=True) if failed else gr.skip())
+    return (run_id, status_text(run_id, status, has_adapter), progress_html(_bar_status(status), rows),
+            loss_frame(rows), lr_frame(rows),
+            manager.log_tail(run_id, 40), gr.Accordion(open=True) if failed or stalled else gr.skip())
 
 
 def run_history(manager: RunManager, selected: list[str] | None = None) -> tuple[pd.DataFrame, Any]:
