@@ -14,7 +14,7 @@ from finetune.metrics import read_metrics, read_status
 from finetune.runs import RunError, RunInProgressError, RunManager
 from finetune.train import last_checkpoint
 
-from conftest import tiny_run_config
+from conftest import tiny_run_config, write_jsonl
 
 HUNG_CHILD = """
 import json, os, signal, subprocess, sys, time
@@ -275,6 +275,15 @@ def test_refused_starts_remove_their_upload_copies(script_root, tiny_model_dir, 
     assert len(list(kept.iterdir())) == 1  # the started run's copy, which its child reads
     _, message = start_run(manager, **form)  # refused: a run is in progress
     assert "Not started" in message and "still training" in message
-    assert [p.name for p in kept.iterdir()] == [Path(read_status(manager.run_dir(busy)) and
-                                                     manager.summary(busy).config.data.source).name]
+    in_use = [Path(manager.summary(busy).config.data.source).name]
+    assert [p.name for p in kept.iterdir()] == in_use
+
+    # The RLHF tab's Start keeps its preference upload the same way, and removes it when refused.
+    from components.rlhf_tab import start_stage
+
+    pairs = upload_dir / "pairs.jsonl"
+    write_jsonl(pairs, [{"prompt": f"q{i}", "chosen": "good", "rejected": "bad"} for i in range(8)])
+    _, message = start_stage(manager, None, "reward", data_kind="Uploaded file", data_file=str(pairs))
+    assert "Not started" in message and "still training" in message
+    assert [p.name for p in kept.iterdir()] == in_use
     manager.stop(busy, timeout=60)
