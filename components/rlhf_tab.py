@@ -134,10 +134,10 @@ def _problems_text(error: ConfigError) -> str:
 def fit_steps_to_data(cfg: RunConfig, data: PreferenceData, form: dict[str, Any]) -> tuple[RunConfig, str]:
     """Cap the preset's default steps at a few passes over small data (a number the learner typed is kept);
     returns the config and a note saying what changed, if anything."""
-    steps_field = "reward_max_steps" if cfg.stage == "reward" else "policy_max_steps"
+    steps_field, form_stage = ("reward_max_steps", "reward") if cfg.stage == "reward" else ("policy_max_steps", "dpo")
     preset = _preset(cfg.stage).training.max_steps
-    requested = form.get(steps_field)
-    if requested not in (None, "", preset):
+    # The form shows the DPO preset's steps for every policy method: that number is a default, not a choice.
+    if form.get(steps_field) not in (None, "", preset, _preset(form_stage).training.max_steps):
         return cfg, ""
     steps = default_steps(preset, len(data.train), rows_per_step(cfg))
     if steps == cfg.training.max_steps:

@@ -21,6 +21,9 @@ from transformers import TrainerCallback, TrainerControl, TrainerState, Training
 
 METRICS_FILE, STATUS_FILE, STOP_FILE = "metrics.jsonl", "status.json", "STOP"
 FINAL_STATES = ("completed", "failed", "stopped", "interrupted")
+# A run that logs rarely (large logging_steps, slow steps) still touches status.json this often, so the run
+# manager's stall detection (LORA_LAB_STALL_SECONDS, default 600) tells a slow run from a hung one.
+HEARTBEAT_SECONDS = 60.0
 # Recorded with every pid: a run folder synced back from another machine carries a pid that means nothing here.
 HOSTNAME = socket.gethostname()
 
@@ -143,6 +146,15 @@ class MetricsCallback(TrainerCallback):
         if (self.run_dir / STOP_FILE).exists():
             control.should_save = True
             control.should_training_stop = True
+        self._heartbeat(state)
+
+    def _heartbeat(self, state: TrainerState) -> None:
+        try:
+            quiet = time.time() - (self.run_dir / STATUS_FILE).stat().st_mtime
+        except OSError:
+            quiet = HEARTBEAT_SECONDS
+        if quiet >= HEARTBEAT_SECONDS and self._is_writer(state):
+            write_status(self.run_dir, step=state.global_step)
 
     def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                      **kwargs: Any) -> None:

@@ -297,12 +297,22 @@ def _validation_rows(cfg: DataConfig, fmt: str, want: str, validation_raw: Any) 
 
 def load_preferences(cfg: DataConfig, fmt: str = "auto", want: str = "paired", seed: int = 42) -> PreferenceData:
     """Load, validate and convert preference data to ``want`` ('paired' or 'unpaired'), with a held-out split
-    by prompt (the source's validation split if it has one)."""
+    by prompt (the source's validation split if it has one).
+
+    The split is drawn on the source's rows, before thumbs become pairs or pairs thumbs, so a reward model
+    (pairs) and KTO (thumbs) trained on the same file hold out the same prompts.
+    """
     train_raw, validation_raw = load_raw(cfg)
     source_format = _resolve_format(fmt, list(train_raw.column_names))
     train_rows, problems = convert_rows(train_raw, source_format)
     _raise_problems(problems, len(train_raw), f"'{cfg.source}'")
-    notes = []
+    notes: list[str] = []
+    held_rows: list[dict[str, Any]] = []
+    if validation_raw is not None and cfg.validation_fraction > 0:
+        held_rows = _drop_trained_prompts(_validation_rows(cfg, fmt, want, validation_raw), train_rows, notes)
+    elif cfg.validation_fraction > 0:
+        train_rows, held_rows = split_by_prompt(train_rows, cfg.validation_fraction, seed)
+        held_rows = _reshape(held_rows, source_format, want)
     train_rows = _reshape(train_rows, source_format, want)
     if not train_rows:
         raise PreferenceError(
@@ -312,11 +322,6 @@ def load_preferences(cfg: DataConfig, fmt: str = "auto", want: str = "paired", s
         notes.append(f"{len(train_rows)} pair(s) made from thumbs on the same prompt")
     if cfg.max_samples is not None and len(train_rows) > cfg.max_samples:
         train_rows = random.Random(seed).sample(train_rows, cfg.max_samples)
-    held_rows: list[dict[str, Any]] = []
-    if validation_raw is not None and cfg.validation_fraction > 0:
-        held_rows = _drop_trained_prompts(_validation_rows(cfg, fmt, want, validation_raw), train_rows, notes)
-    elif cfg.validation_fraction > 0:
-        train_rows, held_rows = split_by_prompt(train_rows, cfg.validation_fraction, seed)
     if cfg.validation_fraction > 0 and not held_rows:
         notes.append(f"too few prompts to hold any out (fewer than {MIN_PROMPTS_TO_HOLD_OUT}): no held-out data, "
                      "so no verdict")

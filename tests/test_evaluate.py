@@ -264,7 +264,7 @@ def test_side_by_side_generations_with_rouge_and_reward(trained_run, tiny_model_
     manager = RunManager(tmp_path / "runs")
     shutil.copytree(run_dir, manager.root / "tiny-style")
     scorers = ScorerCache()
-    assert "No reward model yet" in add_reward_scores(manager, scorers, None, [])
+    assert "No reward model yet" in add_reward_scores(manager, scorers, None, [], [])
     pairs = write_jsonl(tmp_path / "pairs.jsonl", [
         {"prompt": f"What does setting {i} control?", "chosen": f"🧪 Lab note: setting {i} controls the adapter.",
          "rejected": "It depends."} for i in range(8)])
@@ -282,6 +282,10 @@ def test_side_by_side_generations_with_rouge_and_reward(trained_run, tiny_model_
     assert frame["ROUGE-L"].between(0, 1).all()
     assert frame["reward"].notna().all() and frame["reward"].nunique() > 1
     assert "Mean ROUGE-L" in summary and "Mean reward (run `reward`)" in summary
+    assert {"tokens", "distinct-2", "repeated 3-grams", "degenerate"} <= set(frame.columns)
+    # These prompts are the run's own training prompts ("train" split): the verdict refuses to use them.
+    assert "`tiny-style` vs `base" in summary and "no held-out data: no verdict" in summary
+    assert "held-out accuracy: none (no held-out pairs)" in summary  # the reward run held nothing out
     again, _ = compare_generations(manager, ChatEngine(), scorers, ["tiny-style"], str(data), "train", 2, 6)
     assert again["reward"].tolist() == frame["reward"].tolist() and scorers.loads == 1  # loaded once, reused
 

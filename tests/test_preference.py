@@ -292,3 +292,22 @@ def test_the_bundled_set_needs_no_warning():
     assert default_steps(30, size.rows, 4) == 30
     assert size_warnings(size, 30, 4) == []
     assert size_warnings(size, 300, 4) != []  # 8 passes over 150 pairs is too many
+
+
+def test_pairs_and_thumbs_of_one_file_hold_out_the_same_prompts(tmp_path):
+    """The reward model (pairs) and KTO (thumbs) on the same collected thumbs must not split it differently, or
+    one trains on what the other holds out."""
+    from finetune.preference import prompt_key
+
+    thumbs = []
+    for i in range(12):
+        question = [{"role": "user", "content": f"Question {i}?"}]
+        thumbs += [{"prompt": question, "completion": [{"role": "assistant", "content": f"🧪 Lab note: {i}."}],
+                    "label": True},
+                   {"prompt": question, "completion": [{"role": "assistant", "content": "No idea."}], "label": False}]
+    path = write_jsonl(tmp_path / "thumbs.jsonl", thumbs)
+    as_pairs = load_preferences(_data(path, validation_fraction=0.25), want="paired", seed=5)
+    as_thumbs = load_preferences(_data(path, validation_fraction=0.25), want="unpaired", seed=5)
+    held = [{prompt_key(r["prompt"]) for r in data.eval} for data in (as_pairs, as_thumbs)]
+    assert held[0] == held[1] and len(held[0]) == 3
+    assert not held[1] & {prompt_key(r["prompt"]) for r in as_pairs.train}
