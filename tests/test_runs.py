@@ -287,3 +287,26 @@ def test_refused_starts_remove_their_upload_copies(script_root, tiny_model_dir, 
     assert "Not started" in message and "still training" in message
     assert [p.name for p in kept.iterdir()] == in_use
     manager.stop(busy, timeout=60)
+
+
+def test_a_run_that_logs_rarely_still_shows_life_between_logs(tmp_path):
+    """The trainer callback touches status.json at a step end once HEARTBEAT_SECONDS passed without a write, so
+    a slow run with a large logging_steps is not reported stalled; it does not write more often than that."""
+    from transformers import TrainerControl, TrainerState, TrainingArguments
+
+    from finetune.metrics import HEARTBEAT_SECONDS, STATUS_FILE, MetricsCallback, write_status
+
+    write_status(tmp_path, state="running", step=6)
+    callback = MetricsCallback(tmp_path)
+    args = TrainingArguments(output_dir=str(tmp_path / "out"), use_cpu=True, report_to=[])
+    state = TrainerState(global_step=7, max_steps=100)
+    before = read_status(tmp_path)
+
+    callback.on_step_end(args, state, TrainerControl())  # the last write is recent: nothing written
+    assert read_status(tmp_path) == before
+
+    quiet_since = time.time() - HEARTBEAT_SECONDS - 1
+    os.utime(tmp_path / STATUS_FILE, (quiet_since, quiet_since))
+    callback.on_step_end(args, state, TrainerControl())
+    after = read_status(tmp_path)
+    assert after["step"] == 7 and after["updated_at"] > quiet_since + 1
