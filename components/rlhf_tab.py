@@ -23,6 +23,7 @@ from finetune.chat import ChatEngine, normalize_history
 from finetune.config import (DPO_LOSSES, EMBEDDED_MODEL, KTO_LOSSES, ConfigError, RunConfig, field_help,
                              from_dict, load_config, to_dict)
 from finetune.data import DataError
+from components.progress import progress_html as shared_progress_html
 from finetune.metrics import read_metrics, read_status, write_status
 from finetune.models import ModelSourceError
 from finetune.evaluate import (NO_HELD_OUT, Candidate, adapter_name, compare_policy_answers, judge_accuracy,
@@ -224,15 +225,8 @@ def _frame(rows: list[dict[str, Any]], series: tuple[tuple[str, str], ...], y: s
 
 
 def progress_html(elem: str, status: dict[str, Any], rows: list[dict[str, Any]]) -> str:
-    step, total = int(status.get("step") or 0), int(status.get("max_steps") or 0)
-    state = status.get("state", "idle")
-    percent = 100.0 if state == "completed" else (100.0 * step / total if total else 0.0)
-    points = sum(isinstance(r.get("loss"), (int, float)) for r in rows)
-    colour = {"failed": "#dc2626", "stopped": "#d97706", "interrupted": "#d97706"}.get(state, "#7c3aed")
-    return (f"<div id='{elem}' data-state='{state}' data-points='{points}'><b>{state}</b> · step {step}/"
-            f"{total or '?'} · {percent:.0f}%<div style='background:#e5e7eb;border-radius:6px;height:10px;"
-            f"margin-top:6px'><div style='width:{percent:.1f}%;background:{colour};height:10px;border-radius:6px'>"
-            f"</div></div></div>")
+    """The Train tab's bar (measured ETA, "evaluating"), in the RLHF tab's colour."""
+    return shared_progress_html(elem, status, rows, colour="#7c3aed")
 
 
 def _last(rows: list[dict[str, Any]], key: str) -> float | None:

@@ -20,6 +20,7 @@ import gradio as gr
 import pandas as pd
 import yaml
 
+from components.progress import duration, progress_html as shared_progress_html
 from finetune.config import (BUNDLED_DATASET, CHECKPOINTING, COMPUTE_DTYPES, DATA_FORMATS, EMBEDDED_MODEL,
                              LORA_BIAS, LORA_METHODS, OPTIMIZERS, PEFT_METHODS, SCHEDULERS, ConfigError, RunConfig,
                              field_help, from_dict, load_config)
@@ -236,11 +237,11 @@ def pick_run(manager: RunManager, run_id: str | None) -> str:
 # carries both series (eval loss as a blank point until the first evaluation), and the compare plot is sent
 # None before each new frame, which makes the browser rebuild the chart.
 
-def _frame(points: list[tuple[Any, ...]], columns: list[str]) -> pd.DataFrame | None:
+def _frame(points: list[tuple[Any, ...]], columns: list[str], step_type: type = int) -> pd.DataFrame | None:
     """None rather than an empty frame (an empty first frame fixes an empty colour domain, see above)."""
     if not points:
         return None
-    return pd.DataFrame(points, columns=columns).astype({"step": int, columns[1]: float})
+    return pd.DataFrame(points, columns=columns).astype({"step": step_type, columns[1]: float})
 
 
 def loss_frame(rows: list[dict[str, Any]]) -> pd.DataFrame | None:
@@ -250,7 +251,23 @@ def loss_frame(rows: list[dict[str, Any]]) -> pd.DataFrame | None:
               if isinstance(r.get(key), (int, float))]
     if points and not any(series == "eval loss" for _, _, series in points):
         points.append((points[0][0], None, "eval loss"))  # blank: keeps "eval loss" in the colour domain
-    return _frame(points, ["step", "loss", "series"])
+    return _frame(lone_points_as_dashes(points), ["step", "loss", "series"], step_type=float)
+
+
+def lone_points_as_dashes(points: list[tuple[Any, Any, str]]) -> list[tuple[Any, Any, str]]:
+    """gradio's LinePlot draws lines only (its point marks show on hover), so a series with a single point, such
+    as the eval loss after its first evaluation, would be invisible: draw it as a short level dash around its
+    step instead."""
+    counts: dict[str, int] = {}
+    for _, value, series in points:
+        counts[series] = counts.get(series, 0) + (value is not None)
+    drawn = []
+    for step, value, series in points:
+        if value is not None and counts[series] == 1:
+            drawn += [(step - 0.3, value, series), (step + 0.3, value, series)]
+        else:
+            drawn.append((step, value, series))
+    return drawn
 
 
 def lr_frame(rows: list[dict[str, Any]]) -> pd.DataFrame | None:
@@ -259,25 +276,11 @@ def lr_frame(rows: list[dict[str, Any]]) -> pd.DataFrame | None:
 
 
 def _duration(seconds: float | None) -> str:
-    if seconds is None:
-        return "–"
-    minutes, secs = divmod(int(round(seconds)), 60)
-    return f"{minutes}m {secs:02d}s" if minutes else f"{secs}s"
+    return duration(seconds)
 
 
 def progress_html(status: dict[str, Any], rows: list[dict[str, Any]]) -> str:
-    step, total = int(status.get("step") or 0), int(status.get("max_steps") or 0)
-    state = status.get("state", "unknown")
-    percent = 100.0 if state == "completed" else (100.0 * step / total if total else 0.0)
-    last = next((r for r in reversed(rows) if "tokens_per_second" in r), {})
-    eta = status.get("eta_seconds") if state == "running" else None
-    text = (f"<b>{state}</b> · step {step}/{total or '?'} · {percent:.0f}% · ETA {_duration(eta)} · "
-            f"{last.get('tokens_per_second', '–')} tokens/s")
-    colour = {"failed": "#dc2626", "stopped": "#d97706", "interrupted": "#d97706"}.get(state, "#2563eb")
-    points = sum(isinstance(r.get("loss"), (int, float)) for r in rows)  # lets a browser test wait for a point
-    return (f"<div id='train-progress' data-state='{state}' data-points='{points}'>{text}"
-            f"<div style='background:#e5e7eb;border-radius:6px;height:12px;margin-top:6px'>"
-            f"<div style='width:{percent:.1f}%;background:{colour};height:12px;border-radius:6px'></div></div></div>")
+    return shared_progress_html("train-progress", status, rows)
 
 
 def status_text(run_id: str, status: dict[str, Any], has_adapter: bool = True) -> str:

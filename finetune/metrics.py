@@ -82,17 +82,60 @@ def _number(value: Any) -> int | float | None:
     return item if isinstance(item, (int, float)) and not isinstance(item, bool) else None
 
 
-class MetricsCallback(TrainerCallback):
-    """Appends log/eval events to metrics.jsonl, keeps status.json current and honours the STOP flag."""
+def eval_interval(args: TrainingArguments | None, state: TrainerState) -> int:
+    """Steps between evaluations during training; 0 when the trainer evaluates only when told to."""
+    strategy = getattr(args, "eval_strategy", "no")
+    if args is None or getattr(strategy, "value", strategy) != "steps":  # an IntervalStrategy or its text
+        return 0
+    steps = state.eval_steps or args.eval_steps or 0  # the trainer turns a fraction of the run into steps
+    return math.ceil(state.max_steps * steps) if 0 < steps < 1 else int(steps)
 
-    def __init__(self, run_dir: str | Path, stage: str = "sft"):
+
+def evaluations_left(interval: int, step: int, max_steps: int, final_eval: bool) -> int:
+    """How many evaluations a run still has after ``step``: one every ``interval`` steps during training, plus a
+    final one when the last step is not on the interval (the trainer adds it when it evaluates every so many
+    steps, the stage runners when ``final_eval``)."""
+    during = max_steps // interval - step // interval if interval else 0
+    ends_on_eval = bool(interval) and max_steps % interval == 0
+    return max(during, 0) + int((bool(interval) or final_eval) and not ends_on_eval)
+
+
+def _length(loader: Any) -> int | None:
+    try:
+        return len(loader) if loader is not None else None
+    except TypeError:  # an iterable dataset has no length
+        return None
+
+
+def _for_status(eta: dict[str, Any]) -> dict[str, Any]:
+    """status.json has always called the ETA eta_seconds (metrics rows call it eta)."""
+    return {("eta_seconds" if key == "eta" else key): value for key, value in eta.items()}
+
+
+class MetricsCallback(TrainerCallback):
+    """Appends log/eval events to metrics.jsonl, keeps status.json current and honours the STOP flag.
+
+    The ETA charges training steps and evaluations separately, each at its own measured pace: an evaluation can
+    take as long as many steps, so a per-step average taken across one would jump, and one taken before the
+    first evaluation would leave every evaluation out. While an evaluation runs, status.json says so (phase
+    "evaluating", with the batch it is on), so the progress bar does not seem to hang."""
+
+    def __init__(self, run_dir: str | Path, stage: str = "sft", final_eval: bool = False):
         self.run_dir = Path(run_dir)
         self.stage = stage
+        self.final_eval = final_eval  # the runner calls evaluate() after training (train.py, rlhf.py)
         self.started = time.time()
         self.last_log_time = self.started
         self.last_log_tokens = 0
         self.start_step = 0
         self.last_eval_step = -1
+        self.args: TrainingArguments | None = None  # known from on_train_begin on
+        self.eval_started: float | None = None
+        self.eval_batch = 0
+        self.evaluated_at = -1
+        self.eval_seconds: list[float] = []  # the duration of every evaluation so far, measured
+        self.eval_seconds_in_training = 0.0  # the part of them that fell between on_train_begin and now
+        self.last_batch_write = 0.0
 
     # Only the main process writes: under `accelerate launch` every rank runs the callback.
     def _is_writer(self, state: TrainerState) -> bool:
@@ -103,17 +146,24 @@ class MetricsCallback(TrainerCallback):
         self.started = self.last_log_time = time.time()
         self.last_log_tokens = state.num_input_tokens_seen
         self.start_step = state.global_step
+        self.eval_seconds_in_training = 0.0
+        self.args = args
         if self._is_writer(state):
             write_status(self.run_dir, state="running", stage=self.stage, pid=os.getpid(), hostname=HOSTNAME,
-                         max_steps=state.max_steps, step=state.global_step, started_at=self.started)
+                         max_steps=state.max_steps, step=state.global_step, started_at=self.started,
+                         phase="training", **_for_status(self._eta(state, self.started)))
 
     def on_log(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                logs: dict[str, Any] | None = None, **kwargs: Any) -> None:
         if logs and "eval_loss" in logs:  # every rank tracks this: they must agree on a final evaluate()
             self.last_eval_step = state.global_step
+        now = time.time()
+        evaluation = bool(logs) and any(key.startswith("eval_") for key in logs)
+        if evaluation:
+            self._end_evaluation(logs or {}, now)
+            self.evaluated_at = state.global_step
         if not self._is_writer(state) or not logs:
             return
-        now = time.time()
         row: dict[str, Any] = {"step": state.global_step, "epoch": round(state.epoch or 0.0, 4),
                                "time": now, "elapsed": round(now - self.started, 2)}
         # Every numeric metric the trainer logs (TRL's rewards/margins, accuracy, eval_* ...), whatever its type.
@@ -125,27 +175,88 @@ class MetricsCallback(TrainerCallback):
             if tokens > 0:
                 row["tokens_per_second"] = round(tokens / seconds, 1)
             self.last_log_time, self.last_log_tokens = now, state.num_input_tokens_seen
-        row.update(self._eta(state, now))
+        if evaluation:
+            row["eval_seconds"] = round(self.eval_seconds[-1], 3)
+        eta = self._eta(state, now)
+        row.update({k: v for k, v in eta.items() if k in ("seconds_per_step", "eta") and v is not None})
         with (self.run_dir / METRICS_FILE).open("a", encoding="utf-8") as handle:
             handle.write(json.dumps(row) + "\n")
             handle.flush()
-        if "eval_loss" in logs:  # the next tokens/s must not count the time spent evaluating
+        if evaluation:  # the next tokens/s must not count the time spent evaluating
             self.last_log_time = time.time()
-        write_status(self.run_dir, step=state.global_step, max_steps=state.max_steps, eta_seconds=row.get("eta"))
+        write_status(self.run_dir, step=state.global_step, max_steps=state.max_steps, **_for_status(eta),
+                     **({"phase": "training", "eval_batch": None, "eval_batches": None} if evaluation else {}))
 
-    def _eta(self, state: TrainerState, now: float) -> dict[str, float]:
+    def _eta(self, state: TrainerState, now: float) -> dict[str, Any]:
+        """eta (seconds) = steps left x measured seconds per training step + evaluations left x measured
+        seconds per evaluation; evals_untimed counts the evaluations still to come before any was measured."""
+        finished = self.args is None or self.evaluated_at >= state.max_steps  # the last step is evaluated
+        left = 0 if finished else evaluations_left(eval_interval(self.args, state), state.global_step,
+                                                   state.max_steps, self.final_eval)
+        timed = bool(self.eval_seconds)
+        per_eval = sum(self.eval_seconds) / len(self.eval_seconds) if timed else 0.0
+        fields: dict[str, Any] = {"evals_left": left, "evals_untimed": 0 if timed else left,
+                                  "seconds_per_eval": round(per_eval, 3) if timed else None}
         done = state.global_step - self.start_step
+        if self.eval_started is not None:  # the evaluation running now has already used part of its time
+            left_now = max(per_eval - (now - self.eval_started), 0.0)
+        else:
+            left_now = 0.0
         if done <= 0 or not state.max_steps:
-            return {}
-        per_step = (now - self.started) / done
-        return {"seconds_per_step": round(per_step, 3),
-                "eta": round(per_step * max(state.max_steps - state.global_step, 0), 1)}
+            return {**fields, "eta": None}
+        training_seconds = max(now - self.started - self.eval_seconds_in_training, 0.0)
+        per_step = training_seconds / done
+        eta = per_step * max(state.max_steps - state.global_step, 0) + per_eval * left + left_now
+        return {**fields, "seconds_per_step": round(per_step, 3), "eta": round(eta, 1)}
+
+    def _begin_evaluation(self, state: TrainerState, batches: int | None = None) -> None:
+        if self.eval_started is not None:
+            return
+        self.eval_started = time.time()
+        if self._is_writer(state):
+            write_status(self.run_dir, phase="evaluating", eval_started_at=self.eval_started, eval_batch=0,
+                         eval_batches=batches)
+
+    def _end_evaluation(self, logs: dict[str, Any], now: float) -> None:
+        """Record how long the evaluation took, measured (see below)."""
+        runtime = float(_number(logs.get("eval_runtime")) or 0.0)
+        # An evaluation first seen at its first batch (not announced by on_step_end) started before that batch:
+        # the trainer's own eval_runtime is then the longer, truer figure.
+        seconds = max(now - self.eval_started if self.eval_started is not None else 0.0, runtime)
+        self.eval_seconds.append(seconds)
+        if self.args is not None:  # the training clock (self.started) was running during this evaluation
+            self.eval_seconds_in_training += seconds
+        self.eval_started = None
+
+    def on_prediction_step(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                           eval_dataloader: Any = None, **kwargs: Any) -> None:
+        """Each evaluation batch: the first one marks an evaluation that no step end announced (the final
+        evaluate()); later ones update the batch count at most twice a second (status.json is rewritten whole)."""
+        batches = _length(eval_dataloader)
+        if self.eval_started is None:
+            self._begin_evaluation(state, batches)
+        self.eval_batch += 1
+        now = time.time()
+        if self._is_writer(state) and now - self.last_batch_write >= 0.5:
+            self.last_batch_write = now
+            write_status(self.run_dir, phase="evaluating", eval_batch=self.eval_batch, eval_batches=batches)
+
+    def on_evaluate(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                    **kwargs: Any) -> None:
+        self.eval_batch = 0
+        if self.eval_started is not None:  # an evaluation whose metrics carried no eval_ key
+            self._end_evaluation({}, time.time())
+            if self._is_writer(state):
+                write_status(self.run_dir, phase="training", eval_batch=None, eval_batches=None)
 
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                     **kwargs: Any) -> None:
         if (self.run_dir / STOP_FILE).exists():
             control.should_save = True
             control.should_training_stop = True
+        # DefaultFlowCallback ran before this one and set should_evaluate: an evaluation starts right after.
+        elif control.should_evaluate:
+            self._begin_evaluation(state, _length(kwargs.get("eval_dataloader")))
         self._heartbeat(state)
 
     def _heartbeat(self, state: TrainerState) -> None:

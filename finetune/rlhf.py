@@ -144,7 +144,7 @@ def build_reward_trainer(cfg: RunConfig, run_dir: Path) -> tuple[Any, MetricsCal
     tokenizer = load_tokenizer(cfg.model)
     data = _load_data(cfg, "paired")
     model = load_reward_base(cfg.model, tokenizer, profile)
-    callback = MetricsCallback(run_dir, stage="reward")
+    callback = MetricsCallback(run_dir, stage="reward", final_eval=data.eval is not None)  # see main()
     trainer = RewardTrainer(model=model, args=to_reward_config(cfg, profile, run_dir, data.eval is not None),
                             train_dataset=data.train, eval_dataset=data.eval, processing_class=tokenizer,
                             peft_config=to_lora_config(cfg, task_type="SEQ_CLS"), callbacks=[callback])
@@ -175,7 +175,7 @@ def build_preference_trainer(cfg: RunConfig, run_dir: Path) -> tuple[Any, Metric
     data = _load_data(cfg, "unpaired" if is_kto else "paired")
     model, peft_config, start = _policy_model(cfg, run_dir, profile)
     make_args = to_kto_config if is_kto else to_dpo_config
-    callback = MetricsCallback(run_dir, stage=cfg.stage)
+    callback = MetricsCallback(run_dir, stage=cfg.stage, final_eval=data.eval is not None)  # see main()
     trainer = (KTOTrainer if is_kto else DPOTrainer)(
         model=model, args=make_args(cfg, profile, run_dir, data.eval is not None), train_dataset=data.train,
         eval_dataset=data.eval, processing_class=tokenizer, peft_config=peft_config, callbacks=[callback])

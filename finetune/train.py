@@ -161,7 +161,7 @@ def build_trainer(cfg: RunConfig, run_dir: Path) -> tuple[Any, MetricsCallback, 
     tokenizer = load_tokenizer(cfg.model)
     data = prepare(cfg.data, tokenizer, seed=cfg.training.seed)
     model = load_model(cfg.model, profile)
-    callback = MetricsCallback(run_dir, stage="sft")
+    callback = MetricsCallback(run_dir, stage="sft", final_eval=data.eval is not None)  # see main()
     trainer = sft_trainer(cfg, profile, model, tokenizer, data.train, data.eval, run_dir, [callback])
     trainable, total = count_parameters(trainer.model)
     if trainer.is_world_process_zero():

@@ -1,0 +1,92 @@
+"""Progress that tells the truth: the ETA charges evaluations at their measured duration, status.json says
+"evaluating" while one runs, and the progress bar and plots show it (a real tiny run, read back from disk)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from transformers import TrainerCallback
+
+from conftest import tiny_run_config
+from finetune.metrics import read_metrics, read_status
+
+
+class StatusProbe(TrainerCallback):
+    """Reads status.json as the app would, at the moments that matter: during each evaluation batch and right
+    after each training-loss log (it is added after MetricsCallback, so the file is already up to date)."""
+
+    def __init__(self, run_dir):
+        self.run_dir = run_dir
+        self.during_eval: list[dict[str, Any]] = []
+        self.after_loss: dict[int, dict[str, Any]] = {}
+
+    def on_prediction_step(self, args, state, control, **kwargs):
+        self.during_eval.append(read_status(self.run_dir))
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs and "loss" in logs:
+            self.after_loss[state.global_step] = read_status(self.run_dir)
+
+
+def test_eta_counts_measured_evaluations_and_status_says_evaluating(tiny_model_dir, qa_file, tmp_path):
+    from finetune.train import build_trainer
+
+    # Evaluations at steps 2 and 4, then a final one at step 5 (the trainer's own, as the run ends off-interval).
+    cfg = tiny_run_config(tiny_model_dir, qa_file, max_steps=5, eval_steps=2, save_steps=100)
+    trainer, callback, _ = build_trainer(cfg, tmp_path)
+    probe = StatusProbe(tmp_path)
+    trainer.add_callback(probe)
+    trainer.train()
+    if callback.last_eval_step != trainer.state.global_step:  # what train.main does after training
+        trainer.evaluate()
+
+    assert probe.during_eval and all(s["phase"] == "evaluating" for s in probe.during_eval)
+    # The loss of an evaluation step is logged once the step end has announced the evaluation.
+    assert {step: s["phase"] for step, s in probe.after_loss.items()} == {
+        1: "training", 2: "evaluating", 3: "training", 4: "evaluating", 5: "evaluating"}
+    rows = read_metrics(tmp_path)
+    evals = [r for r in rows if "eval_loss" in r]
+    assert [r["step"] for r in evals] == [2, 4, 5]
+    # Measured: from the step end that announced it to its metrics, never shorter than the trainer's own timer.
+    assert all(r["eval_seconds"] > 0 and r["eval_seconds"] >= r["eval_runtime"] for r in evals)
+
+    before_any = probe.after_loss[1]
+    assert before_any["evals_left"] == 3 and before_any["evals_untimed"] == 3  # said, not guessed at
+    at_step_3 = probe.after_loss[3]
+    # The schedule it predicted is the one that happened: the evaluations logged after step 3.
+    assert at_step_3["evals_left"] == sum(r["step"] > 3 for r in evals) == 2
+    assert at_step_3["evals_untimed"] == 0
+    assert at_step_3["seconds_per_eval"] == round(evals[0]["eval_seconds"], 3)
+    charged_for_steps = at_step_3["seconds_per_step"] * (5 - 3)
+    assert abs(at_step_3["eta_seconds"] - (charged_for_steps + at_step_3["seconds_per_eval"] * 2)) < 0.1
+    assert read_status(tmp_path)["phase"] == "training"
+
+
+def test_progress_bar_says_evaluating_and_what_the_eta_leaves_out():
+    from components.progress import progress_html
+
+    evaluating = progress_html("bar", {"state": "running", "phase": "evaluating", "step": 4, "max_steps": 10,
+                                       "eval_batch": 2, "eval_batches": 5, "eta_seconds": 30}, [])
+    assert "evaluating" in evaluating and "batch 2/5" in evaluating and "data-phase='evaluating'" in evaluating
+    untimed = progress_html("bar", {"state": "running", "phase": "training", "step": 1, "max_steps": 10,
+                                    "eta_seconds": 12, "evals_untimed": 3}, [])
+    assert "3 evaluations not yet timed" in untimed
+    timed = progress_html("bar", {"state": "running", "phase": "training", "step": 3, "max_steps": 10,
+                                  "eta_seconds": 75, "evals_left": 2, "seconds_per_eval": 10.0}, [])
+    assert "1m 15s" in timed and "2 evaluations" in timed and "not yet timed" not in timed
+    assert "ETA –" in progress_html("bar", {"state": "completed", "step": 10, "max_steps": 10,
+                                            "eta_seconds": 5}, [])
+
+
+def test_a_single_eval_point_is_drawn():
+    from components.train_tab import loss_frame
+
+    rows = [{"step": 1, "loss": 2.0}, {"step": 2, "loss": 1.5}, {"step": 2, "eval_loss": 1.7}]
+    frame = loss_frame(rows)
+    eval_points = frame[frame["series"] == "eval loss"].dropna()
+    # A line needs two ends: the lone point becomes a short level dash around its step, at its value.
+    assert list(eval_points["loss"]) == [1.7, 1.7]
+    assert eval_points["step"].min() < 2 < eval_points["step"].max()
+    assert eval_points["step"].max() - eval_points["step"].min() < 1  # it stays within its own step
+    train = frame[frame["series"] == "train loss"]
+    assert list(train["step"]) == [1, 2]  # series with several points are drawn as they are
