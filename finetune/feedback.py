@@ -360,8 +360,11 @@ class FeedbackStore:
         for kind, value in (("thumbs_up", "up"), ("thumbs_down", "down")):
             counts[kind] = db.execute("SELECT COUNT(*) FROM feedback WHERE kind='thumbs' AND value=?",
                                       (value,)).fetchone()[0]
-        for kind in ("preference", "correction", "comment"):
+        for kind in ("preference", "correction"):
             counts[kind + "s"] = db.execute("SELECT COUNT(*) FROM feedback WHERE kind=?", (kind,)).fetchone()[0]
+        # A comment typed with a vote, a thumb or a correction is stored on that event, not as a "comment" event.
+        counts["comments"] = db.execute("SELECT COUNT(*) FROM feedback WHERE TRIM(COALESCE(comment, '')) != ''"
+                                        ).fetchone()[0]
         counts["events"] = db.execute("SELECT COUNT(*) FROM feedback").fetchone()[0]
         return counts
 

@@ -193,3 +193,17 @@ def test_closing_the_app_stops_the_sender_and_closes_the_database(tmp_path, monk
     assert not store.sender._thread.is_alive()
     with pytest.raises(sqlite3.ProgrammingError):  # closed
         connection.execute("SELECT 1")
+
+
+def test_comments_count_wherever_they_were_typed(store):
+    """A comment saved with a vote, a thumb or a correction counts as a comment, as does one on its own."""
+    from components.feedback_tab import counts_text
+
+    first, second = _turn(store, 1), _turn(store, 2)
+    store.add_preference(first["tuned"], first["base"], "first", comment="crisper")
+    store.add_thumbs(second["tuned"], True, comment="  ")  # blank: not a comment
+    store.add_thumbs(second["base"], False, comment="rambles")
+    store.add_correction(second["base"], "The corrected answer.", comment="fixed the figure")
+    store.add_comment(first["base"], "too long")
+    assert store.counts()["comments"] == 4
+    assert "**4** comments" in counts_text(store)
