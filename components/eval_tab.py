@@ -21,10 +21,10 @@ import pandas as pd
 from finetune.chat import ChatEngine
 from finetune.config import BUNDLED_DATASET, ConfigError, load_config
 from finetune.data import first_line
-from finetune.evaluate import (Candidate, adapter_name, candidate_answer, candidate_loss, candidates, degeneration,
-                               judge_accuracy, load_eval_rows, model_label, paired_verdict, read_win_counts,
-                               reference_pairs, reward_models, rouge_l, run_checkpoints, start_run_dir,
-                               trained_prompts, win_rate)
+from finetune.evaluate import (Candidate, LossResult, adapter_name, candidate_answer, candidate_loss, candidates,
+                               degeneration, judge_accuracy, load_eval_rows, loss_difference_interval, model_label,
+                               paired_verdict, read_win_counts, reference_pairs, reward_models, rouge_l,
+                               run_checkpoints, start_run_dir, trained_prompts, win_rate)
 from finetune.preference import prompt_key
 from finetune.rlhf import ScorerCache
 from finetune.runs import RunError, RunManager
@@ -89,7 +89,7 @@ def evaluate_loss(manager: RunManager, engine: ChatEngine, run_ids: list[str] | 
         chosen = candidates(run_dirs)
     except ValueError as error:
         raise _error(str(error)) from None
-    table = []
+    table, results = [], {}
     for index, candidate in enumerate(chosen):
         def on_batch(done: int, total: int, index: int = index, name: str = candidate.name) -> None:
             progress((index + done / total) / len(chosen), desc=f"{name}: batch {done}/{total}")
@@ -98,33 +98,48 @@ def evaluate_loss(manager: RunManager, engine: ChatEngine, run_ids: list[str] | 
             result = candidate_loss(engine, candidate, rows, int(batch_size), on_batch)
         except (ValueError, RuntimeError, OSError) as error:
             raise _error(f"Could not evaluate {candidate.name}: {error}") from None
+        results[candidate.name] = result
         table.append([candidate.name, _finite(result.loss), _finite(result.perplexity), result.tokens, result.rows])
     frame = pd.DataFrame(table, columns=LOSS_COLUMNS)
-    return frame, frame[["model", "validation loss"]], _loss_summary(frame, chosen)
+    return frame, frame[["model", "validation loss"]], _loss_summary(frame, chosen, results)
 
 
-def _loss_summary(frame: pd.DataFrame, chosen: list[Candidate]) -> str:
+def _loss_summary(frame: pd.DataFrame, chosen: list[Candidate], results: dict[str, LossResult] | None = None) -> str:
     """One line per adapter: its loss against the base it trained on (not against another run's base) and, for a
     preference-tuned adapter, against the adapter it started from: lower than the base can still be worse than
-    where it started (issue 15: DPO 4.09 vs its SFT start 3.37, both "lower than the base")."""
+    where it started (issue 15: DPO 4.09 vs its SFT start 3.37, both "lower than the base"). With the per-row
+    results, each difference carries its 95% paired-bootstrap interval over the rows."""
     loss = dict(zip(frame["model"], frame["validation loss"]))
     lines = [f"Evaluated {len(frame)} model(s) on {int(frame['rows'].iloc[0])} rows "
              f"({int(frame['tokens'].iloc[0])} answer tokens)."]
     for candidate in chosen:
-        tuned, base = loss.get(candidate.name), loss.get(model_label(candidate.model))
+        tuned, base_name = loss.get(candidate.name), model_label(candidate.model)
+        base = loss.get(base_name)
         if candidate.adapter_dir is None or pd.isna(tuned) or pd.isna(base):
             continue
-        parts = [_difference(tuned, base, "its base")]
+        parts = [_difference(tuned, base, "its base", _interval(results, candidate.name, base_name))]
         start = loss.get(candidate.start_name) if candidate.start_name else None
         if start is not None and not pd.isna(start):
-            parts.append(_difference(tuned, start, f"`{candidate.start_name}`, the adapter it started from"))
+            parts.append(_difference(tuned, start, f"`{candidate.start_name}`, the adapter it started from",
+                                     _interval(results, candidate.name, str(candidate.start_name))))
         lines.append(f"- `{candidate.name}`: loss {tuned:.4f} ({'; '.join(parts)})")
     return "\n".join(lines)
 
 
-def _difference(value: float, reference: float, what: str) -> str:
+def _interval(results: dict[str, LossResult] | None, name: str, other: str) -> tuple[float, float] | None:
+    if not results or name not in results or other not in results:
+        return None
+    return loss_difference_interval(results[name], results[other])
+
+
+def _difference(value: float, reference: float, what: str, interval: tuple[float, float] | None = None) -> str:
     delta = value - reference
-    return f"{'lower' if delta < 0 else 'higher'} than {what} by {abs(delta):.4f}"
+    text = f"{'lower' if delta < 0 else 'higher'} than {what} by {abs(delta):.4f}"
+    if interval is None:
+        return text
+    low, high = interval
+    text += f", 95% CI of the difference {low:+.4f} to {high:+.4f}"
+    return text + (": these rows cannot tell the two apart" if low <= 0 <= high else "")
 
 
 def add_reward_scores(manager: RunManager, scorers: ScorerCache, frame: pd.DataFrame,

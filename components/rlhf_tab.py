@@ -26,6 +26,7 @@ from finetune.data import DataError
 from components.progress import progress_html as shared_progress_html
 from finetune.metrics import read_metrics, read_status, write_status
 from finetune.models import ModelSourceError
+from finetune.feedback import FeedbackStore
 from finetune.evaluate import (NO_HELD_OUT, Candidate, adapter_name, compare_policy_answers, judge_accuracy,
                                model_label, start_run_dir, trained_prompts)
 from finetune.preference import (BUNDLED_PREFERENCES, MAX_EPOCHS_SMALL_DATA, PreferenceData, PreferenceError,
@@ -315,13 +316,28 @@ def score_answers(manager: RunManager, cache: ScorerCache, reward_run: str | Non
     return "  \n".join(lines)
 
 
-def last_chat_turn(base_chat: list[dict[str, Any]] | None, tuned_chat: list[dict[str, Any]] | None
-                   ) -> tuple[str, str, str]:
-    """The Chat tab's last turn as (prompt, base answer, fine-tuned answer) for the playground."""
+def last_chat_turn(feedback_db: Path | None, base_chat: list[dict[str, Any]] | None,
+                   tuned_chat: list[dict[str, Any]] | None, request: gr.Request = None) -> tuple[str, str, str]:
+    """The Chat tab's last turn as (prompt, base answer, fine-tuned answer) for the playground: this browser
+    session's newest stored turn (an arena toggle empties the chats, and an arena shows the sides in random
+    order), else what the chats show (an app without a feedback store)."""
+    stored = _stored_last_turn(feedback_db, getattr(request, "session_hash", None))
+    if stored is not None:
+        return stored["prompt"], stored["base"], stored["tuned"]
     base, tuned = normalize_history(base_chat), normalize_history(tuned_chat)
     if len(base) < 2 or len(tuned) < 2 or base[-1]["role"] != "assistant":
         raise gr.Error("No chat turn yet: ask both models something in the Chat tab first.")
     return base[-2]["content"], base[-1]["content"], tuned[-1]["content"]
+
+
+def _stored_last_turn(feedback_db: Path | None, session: str | None) -> dict[str, str] | None:
+    if feedback_db is None or not feedback_db.is_file() or session is None:
+        return None
+    store = FeedbackStore(feedback_db)
+    try:
+        return store.last_turn(session)
+    finally:
+        store.close()
 
 
 COMPARE_COLUMNS = ["prompt", "model", "answer", "reward", "tokens", "distinct-2", "repeated 3-grams", "degenerate"]
@@ -624,7 +640,8 @@ def _wire(manager: RunManager, feedback_db: Path | None, form: dict[str, Any], p
                           [form["reward_run"], reward["prompt"], reward["answer_a"], reward["answer_b"]],
                           reward["scores"], api_name="rlhf_score", concurrency_limit=1, concurrency_id="reward")
     if chat is not None:
-        reward["take_chat"].click(last_chat_turn, [chat["base_chat"], chat["tuned_chat"]],
+        reward["take_chat"].click(functools.partial(last_chat_turn, feedback_db),
+                                  [chat["base_chat"], chat["tuned_chat"]],
                                   [reward["prompt"], reward["answer_a"], reward["answer_b"]],
                                   api_visibility="private")
     policy["compare"].click(functools.partial(compare_policy, manager, cache, engine),

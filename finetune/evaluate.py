@@ -48,6 +48,8 @@ class LossResult:
     perplexity: float    # exp(loss)
     tokens: int          # tokens the loss counted
     rows: int            # rows evaluated (rows with nothing to count are skipped)
+    # (summed NLL, counted tokens) of each row, in order: what a paired interval of two models' losses resamples
+    row_nll: tuple[tuple[float, int], ...] = field(default=(), repr=False, compare=False)
 
 
 def perplexity(loss: float) -> float:
@@ -98,16 +100,23 @@ def _pad(batch: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str, tor
     return {"input_ids": input_ids, "labels": labels, "attention_mask": mask}
 
 
-def batch_nll(model: Any, batch: dict[str, torch.Tensor]) -> tuple[float, int]:
-    """(summed NLL over counted tokens, number of counted tokens) for one padded batch."""
+def batch_row_nll(model: Any, batch: dict[str, torch.Tensor]) -> list[tuple[float, int]]:
+    """(summed NLL over counted tokens, number of counted tokens) of each row of one padded batch."""
     device = next(model.parameters()).device
     with torch.inference_mode():
         logits = model(input_ids=batch["input_ids"].to(device),
                        attention_mask=batch["attention_mask"].to(device), use_cache=False).logits
     targets = batch["labels"][:, 1:].to(device)
-    nll = torch.nn.functional.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]),
-                                            targets.reshape(-1), ignore_index=IGNORE, reduction="sum")
-    return float(nll), int((targets != IGNORE).sum())
+    nll = torch.nn.functional.cross_entropy(logits[:, :-1].float().transpose(1, 2), targets, ignore_index=IGNORE,
+                                            reduction="none")
+    counted = targets != IGNORE
+    return [(float(row.sum()), int(mask.sum())) for row, mask in zip(nll, counted)]
+
+
+def batch_nll(model: Any, batch: dict[str, torch.Tensor]) -> tuple[float, int]:
+    """(summed NLL over counted tokens, number of counted tokens) for one padded batch."""
+    rows = batch_row_nll(model, batch)
+    return sum(n for n, _ in rows), sum(t for _, t in rows)
 
 
 def dataset_loss(model: Any, tokenizer: Any, rows: Iterable[dict[str, Any]], batch_size: int = 4,
@@ -117,15 +126,35 @@ def dataset_loss(model: Any, tokenizer: Any, rows: Iterable[dict[str, Any]], bat
     if not encoded:
         raise ValueError("No evaluation rows with an answer to score.")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    total_nll, total_tokens = 0.0, 0
+    per_row: list[tuple[float, int]] = []
     batches = [encoded[i:i + batch_size] for i in range(0, len(encoded), batch_size)]
     for done, batch in enumerate(batches, start=1):
-        nll, tokens = batch_nll(model, _pad(batch, pad_id))
-        total_nll, total_tokens = total_nll + nll, total_tokens + tokens
+        per_row += batch_row_nll(model, _pad(batch, pad_id))
         if on_batch:
             on_batch(done, len(batches))
+    total_nll, total_tokens = sum(n for n, _ in per_row), sum(t for _, t in per_row)
     loss = total_nll / total_tokens
-    return LossResult(loss, perplexity(loss), total_tokens, len(encoded))
+    return LossResult(loss, perplexity(loss), total_tokens, len(encoded), tuple(per_row))
+
+
+BOOTSTRAP_DRAWS = 2000
+
+
+def loss_difference_interval(a: LossResult, b: LossResult, draws: int = BOOTSTRAP_DRAWS, seed: int = 0
+                             ) -> tuple[float, float] | None:
+    """95% paired-bootstrap interval of loss(a) - loss(b) over the same rows (resampled together, token-weighted
+    like the loss itself); None when the two were not computed on the same rows."""
+    if not a.row_nll or len(a.row_nll) != len(b.row_nll) or any(
+            ta != tb for (_, ta), (_, tb) in zip(a.row_nll, b.row_nll)):
+        return None
+    nll_a, tokens = torch.tensor([n for n, _ in a.row_nll], dtype=torch.float64), torch.tensor(
+        [t for _, t in a.row_nll], dtype=torch.float64)
+    nll_b = torch.tensor([n for n, _ in b.row_nll], dtype=torch.float64)
+    picks = torch.randint(len(tokens), (draws, len(tokens)), generator=torch.Generator().manual_seed(seed))
+    counted = tokens[picks].sum(1)
+    differences = (nll_a[picks].sum(1) - nll_b[picks].sum(1)) / counted
+    low, high = torch.quantile(differences, torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
+    return low, high
 
 
 def eval_rows(data: DataConfig, limit: int | None = None) -> Any:

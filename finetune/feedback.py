@@ -279,6 +279,21 @@ class FeedbackStore:
         row["history"], row["settings"] = json.loads(row["history"]), json.loads(row["settings"])
         return row
 
+    def last_turn(self, session: str | None) -> dict[str, str] | None:
+        """The newest side-by-side turn of one browser session as {'prompt', 'base', 'tuned'} (the sides as
+        stored, whatever order an arena showed them in); None when the session has none. Other sessions' turns
+        are never returned: on a shared app they are other visitors' conversations."""
+        newest = self._rows("SELECT turn_id FROM generations WHERE session IS ? AND turn_id IS NOT NULL "
+                            "ORDER BY created DESC, rowid DESC LIMIT 1", (session,))
+        if not newest:
+            return None
+        sides = {row["side"]: row for row in self._rows(
+            "SELECT side, prompt, response FROM generations WHERE turn_id = ?", (newest[0]["turn_id"],))}
+        if not {"base", "tuned"} <= set(sides):
+            return None
+        return {"prompt": sides["tuned"]["prompt"], "base": sides["base"]["response"],
+                "tuned": sides["tuned"]["response"]}
+
     # --- feedback events -------------------------------------------------------------------------------------
 
     def add_thumbs(self, generation_id: str, up: bool | None, *, comment: str | None = None,

@@ -55,7 +55,9 @@ def test_the_four_steps_in_order(page, tiny_model_dir, tmp_path):
     page.wait_for_timeout(1500)
     page.locator("#rlhf-preview-button").click()
     expect(info).to_contain_text("format: paired", timeout=30_000)
-    expect(info).to_contain_text("18 training rows, 2 held out")
+    # Before anything trains: pairs, prompts, held out, epochs, and what so little data will do.
+    expect(info).to_contain_text("18 pairs on 18 prompts to train on, 2 held out on 2 other prompts")
+    expect(info).to_contain_text("expect memorisation")
 
     # Short runs for the tiny model.
     page.get_by_text("Settings shared by steps 3 and 4").click()
@@ -88,6 +90,14 @@ def test_the_four_steps_in_order(page, tiny_model_dir, tmp_path):
     assert policy_run.startswith("dpo-")
     ARTIFACTS.mkdir(exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / "rlhf.png"), full_page=True)
+
+    # Did the answers move? Only the 2 held-out prompts, named; 2 prompts can never earn "better".
+    page.get_by_text("Did the answers move in the preferred direction?").click()
+    page.locator("#rlhf-compare").click()
+    summary = page.locator("#rlhf-compare-summary")
+    expect(summary).to_contain_text("2 held-out prompts", timeout=120_000)
+    expect(summary).to_contain_text("cannot tell")
+    expect(summary).not_to_contain_text("-> better")
 
     page.get_by_role("tab", name="Chat").click()
     expect(page.locator("#adapter-pick input").first).to_have_value(policy_run, timeout=15_000)

@@ -411,3 +411,40 @@ def test_candidates_put_a_policys_start_adapter_beside_it(style_run, tmp_path):
     assert [n for n, _ in names[1:]] == ["tiny-style", "dpo"] and names[2][1] == "tiny-style"
     both = [c.name for c in candidates({"tiny-style": run_dir, "dpo": policy})]
     assert both.count("tiny-style") == 1 and len(both) == 3
+
+
+def test_loss_differences_carry_a_paired_bootstrap_interval(tiny, qa_rows):
+    """The same model against itself: difference 0 and an interval of exactly 0; against a perturbed copy: an
+    interval that holds the observed difference and excludes 0 when every row got worse."""
+    import copy
+
+    from finetune.evaluate import dataset_loss, loss_difference_interval
+
+    model, tokenizer = tiny
+    first = dataset_loss(model, tokenizer, qa_rows, batch_size=4)
+    assert len(first.row_nll) == first.rows and sum(t for _, t in first.row_nll) == first.tokens
+    assert sum(n for n, _ in first.row_nll) / first.tokens == pytest.approx(first.loss)
+    assert loss_difference_interval(first, first) == (0.0, 0.0)
+    worse = copy.deepcopy(model)
+    with torch.no_grad():
+        worse.lm_head.weight.add_(torch.randn_like(worse.lm_head.weight) * 0.5)
+    second = dataset_loss(worse, tokenizer, qa_rows, batch_size=2)
+    low, high = loss_difference_interval(second, first)
+    assert low <= second.loss - first.loss <= high and low < high
+    assert loss_difference_interval(second, dataset_loss(model, tokenizer, qa_rows.select(range(3)))) is None
+
+
+def test_the_loss_interval_excludes_zero_only_when_the_rows_agree():
+    from finetune.evaluate import LossResult, loss_difference_interval
+
+    def result(row_nll):
+        tokens = sum(t for _, t in row_nll)
+        return LossResult(sum(n for n, _ in row_nll) / tokens, 1.0, tokens, len(row_nll), tuple(row_nll))
+
+    base = result([(10.0, 5), (20.0, 10), (6.0, 3), (8.0, 4)] * 5)
+    every_row_better = result([(n - 1.0, t) for n, t in base.row_nll])
+    low, high = loss_difference_interval(every_row_better, base)
+    assert high < 0
+    mixed = result([(n + (3.0 if i % 2 else -3.0), t) for i, (n, t) in enumerate(base.row_nll)])
+    low, high = loss_difference_interval(mixed, base)
+    assert low < 0 < high

@@ -207,3 +207,27 @@ def test_comments_count_wherever_they_were_typed(store):
     store.add_comment(first["base"], "too long")
     assert store.counts()["comments"] == 4
     assert "**4** comments" in counts_text(store)
+
+
+def test_last_chat_turn_survives_an_arena_toggle(store):
+    """The RLHF playground's "Take the last Chat turn" reads this session's newest stored turn: an arena toggle
+    empties the chats, and an arena shows the two answers in random order. Another session's turn never shows."""
+    from types import SimpleNamespace
+
+    import gradio as gr
+
+    from components.rlhf_tab import last_chat_turn
+
+    _turn(store, 1)  # session s1
+    store.record_turn(model="tiny", adapter="run-a", prompt="Someone else's question?", base_history=[],
+                      tuned_history=[], settings=SETTINGS, base_response="theirs, base",
+                      tuned_response="theirs, tuned", session="s2")
+    mine = SimpleNamespace(session_hash="s1")
+    # The chats were emptied by the toggle: the stored turn still answers, base and tuned by their real sides.
+    assert last_chat_turn(store.path, [], [], mine) == ("Question 1?", "base answer 1", "tuned answer 1")
+    stranger = SimpleNamespace(session_hash="s3")
+    with pytest.raises(gr.Error, match="No chat turn yet"):
+        last_chat_turn(store.path, [], [], stranger)
+    # Without a store the visible chats are used, as before.
+    shown = [{"role": "user", "content": "Q?"}, {"role": "assistant", "content": "A"}]
+    assert last_chat_turn(None, shown, shown[:1] + [{"role": "assistant", "content": "B"}], mine) == ("Q?", "A", "B")
