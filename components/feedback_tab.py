@@ -94,7 +94,8 @@ def _export(store: FeedbackStore, folder: Path, kind: str) -> tuple[str | None, 
         what = ("pairwise votes with a winner or corrected answers" if kind == "pairs" else "thumbs up/down")
         gr.Warning(f"Nothing to export yet: give some {what} in the Chat tab first.")
         return None, f"No rows: no {what} yet."
-    return downloadable(path), (f"Wrote {count} rows to {path} "
+    # The file name only: the page shows no server path (the download carries the file itself).
+    return downloadable(path), (f"Wrote {count} rows to {path.name} "
                                 "(load with datasets.load_dataset('json', data_files=...)).")
 
 

@@ -72,10 +72,12 @@ def lora_aid_markdown(model_source: str, rank: Any, alpha: Any, target_modules: 
     """W + (alpha/r)·B·A with this form's numbers: the scale, one example layer, and the live trainable count."""
     from finetune.config import ConfigError, LoraSettings, ModelConfig
     from finetune.estimate import lora_parameter_count, model_shape, parameter_text, targeted_linears
+    from finetune.paths import model_source as gated_model_source
 
     try:
         lora = LoraSettings(rank=rank, alpha=alpha, target_modules=target_modules or "all-linear")
-        model = ModelConfig(source=model_source, bits=bits, quant_type=quant_type, double_quant=double_quant)
+        model = ModelConfig(source=gated_model_source(model_source), bits=bits, quant_type=quant_type,
+                            double_quant=double_quant)
         shape = model_shape(model)
     except ConfigError as error:
         return "LoRA aid unavailable until the form is valid: " + "; ".join(error.problems.values())

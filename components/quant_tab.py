@@ -13,6 +13,7 @@ from typing import Any, Iterator
 import gradio as gr
 import pandas as pd
 
+from finetune import paths
 from finetune.chat import MAX_PROMPT_CHARS
 from finetune.config import BUNDLED_DATASET, EMBEDDED_MODEL
 from finetune.data import first_line
@@ -55,6 +56,10 @@ def _row(result: QuantResult, reference: dict[str, QuantResult]) -> list[Any]:
 def _check(source: str, keys: list[str] | None, limit: float | None, max_new_tokens: float, prompt: str) -> None:
     if not (source or "").strip():
         raise gr.Error("Enter a model: the embedded name, a Hub id or a local folder.")
+    try:
+        paths.model_source(source)
+    except paths.PathRefused as error:
+        raise gr.Error(str(error)) from None
     if not keys:
         raise gr.Error("Pick at least one format.")
     if not limit or limit < 1 or not float(limit).is_integer():

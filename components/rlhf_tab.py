@@ -19,6 +19,7 @@ from typing import Any
 import gradio as gr
 import pandas as pd
 
+from finetune import paths
 from finetune.chat import ChatEngine, normalize_history
 from finetune.config import (DPO_LOSSES, EMBEDDED_MODEL, KTO_LOSSES, ConfigError, RunConfig, field_help,
                              from_dict, load_config, to_dict)
@@ -80,12 +81,12 @@ def data_source(manager: RunManager, feedback_db: Path | None, stage: str, form:
         folder = manager.root / "feedback-exports" / time.strftime("%Y%m%d-%H%M%S")
         return str(export_feedback(feedback_db, folder, "thumbs" if stage == "kto" else "pairs"))
     if kind == "Uploaded file":
-        path = form.get("data_file")
+        path = paths.uploaded_file(form.get("data_file"))  # only a real upload; else the gate's one message
         if not path:
             raise PreferenceError("Choose a preference file to upload first (jsonl, json, csv or parquet).")
-        return manager.keep_upload(str(path))
+        return manager.keep_upload(path)
     if kind == "Hub dataset":
-        name = (form.get("data_hub_name") or "").strip()
+        name = paths.hub_id(form.get("data_hub_name"))
         if not name:
             raise PreferenceError("Type the name of a Hub preference dataset, e.g. trl-lib/ultrafeedback_binarized.")
         return name
@@ -98,6 +99,10 @@ def config_from_form(stage: str, source: str, form: dict[str, Any]) -> RunConfig
     base = to_dict(_preset(stage))
     rank = form.get("lora_rank", base["lora"]["rank"])
     start = form.get("start_adapter") or ""
+    # Gated even where this stage ignores them: no request names a path the gate has not seen.
+    for value in (start, form.get("reward_run")):
+        if value != BASE_CHOICE:
+            paths.run_id_or_folder(value)
     raw = {
         "run_name": stage, "stage": stage,
         "model": {**base["model"], "source": _model_source(form), "bits": form.get("model_bits", 4)},
@@ -122,7 +127,9 @@ def config_from_form(stage: str, source: str, form: dict[str, Any]) -> RunConfig
         raw["preference"]["loss_type"] = "kto"
     if stage == "dpo" and raw["preference"]["loss_type"] not in DPO_LOSSES:
         raw["preference"]["loss_type"] = "sigmoid"
-    return from_dict(raw)
+    cfg = from_dict(raw)
+    paths.check_config(cfg, data=False)  # model, start adapter and reward model folders; data_source gated the data
+    return cfg
 
 
 # --- starting and stopping ---------------------------------------------------------------------------------------
@@ -290,6 +297,10 @@ def start_choices(manager: RunManager, current: str | None = None) -> Any:
 def _reward_folder(manager: RunManager, run_id: str | None) -> Path:
     models = manager.reward_models()
     if not run_id or run_id not in models:
+        try:
+            paths.run_id_or_folder(run_id)  # a path gets the gate's one message; a name, the hint below
+        except paths.PathRefused as error:
+            raise gr.Error(str(error)) from None
         raise gr.Error("Pick a finished reward model first (train one in step 3).")
     return models[run_id]
 

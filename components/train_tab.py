@@ -24,6 +24,7 @@ from components.progress import duration, progress_html as shared_progress_html
 from finetune.config import (BUNDLED_DATASET, CHECKPOINTING, COMPUTE_DTYPES, DATA_FORMATS, EMBEDDED_MODEL,
                              LORA_BIAS, LORA_METHODS, OPTIMIZERS, PEFT_METHODS, SCHEDULERS, ConfigError, RunConfig,
                              field_help, from_dict, load_config)
+from finetune import paths
 from finetune.data import DataError, bundled_names, preview
 from finetune.estimate import estimate_run
 from finetune.recipe import resolve_recipe
@@ -52,12 +53,13 @@ def presets() -> list[str]:
 
 
 def _data_source(form: dict[str, Any]) -> str:
+    """The data source the form names, through the path gate: each kind accepts only its own kind of name."""
     kind = form.get("data_kind") or DATA_KINDS[0]
     if kind == "Hub dataset":
-        return (form.get("data_hub_name") or "").strip()
+        return paths.hub_id(form.get("data_hub_name"))
     if kind == "Uploaded file":
-        return str(form.get("data_file") or "").strip()
-    return form.get("data_bundled") or BUNDLED_DATASET
+        return paths.uploaded_file(form.get("data_file"))
+    return paths.bundled_name(form.get("data_bundled") or BUNDLED_DATASET)
 
 
 def _column_mapping(form: dict[str, Any]) -> dict[str, str]:
@@ -87,7 +89,15 @@ def config_from_form(form: dict[str, Any]) -> RunConfig:
         if key not in UI_ONLY and section in sections:
             sections[section][name] = value
     data, problems = sections["data"], {}
-    data["source"] = _data_source(form)
+    try:
+        data["source"] = _data_source(form)
+    except paths.PathRefused:
+        problems["data.source"], data["source"] = paths.REFUSED, BUNDLED_DATASET
+    try:
+        if "source" in sections["model"]:
+            sections["model"]["source"] = paths.model_source(sections["model"]["source"])
+    except paths.PathRefused:
+        problems["model.source"], sections["model"]["source"] = paths.REFUSED, EMBEDDED_MODEL
     try:
         data["column_mapping"] = _column_mapping(form)
     except ConfigError as error:  # report it together with every other bad field
@@ -131,7 +141,9 @@ def _warn_problems(error: ConfigError) -> str:
 # --- handlers ------------------------------------------------------------------------------------------------
 
 def load_preset(name: str) -> list[Any]:
-    """Fill the form from configs/<name>.yaml (values in FORM order)."""
+    """Fill the form from configs/<name>.yaml (values in FORM order); only a listed preset's name is read."""
+    if name not in presets():
+        raise gr.Error(paths.REFUSED)
     values = form_from_config(load_config(CONFIGS_DIR / f"{name}.yaml"))
     return [values.get(key, gr.skip()) for key in _FORM_KEYS]
 
@@ -169,13 +181,13 @@ def preview_dataset(**form: Any) -> tuple[str, pd.DataFrame]:
 
 def start_run(manager: RunManager, **form: Any) -> tuple[str, str]:
     """Validate the form and start training; returns (watched run id, status message)."""
-    if form.get("data_kind") == "Uploaded file" and form.get("data_file"):
-        form["data_file"] = manager.keep_upload(str(form["data_file"]))
     try:
-        cfg = config_from_form(form)
+        cfg = config_from_form(form)  # the path gate: an upload must come from gradio's upload folder
         check_sources(cfg)  # an offline Hub name or a bad file is reported now, not by a failed run
     except ConfigError as error:
         return gr.skip(), _warn_problems(error)
+    if form.get("data_kind") == "Uploaded file":
+        cfg.data.source = manager.keep_upload(cfg.data.source)
     try:
         run_id = manager.start(cfg)
     except RunInProgressError as error:
@@ -335,7 +347,8 @@ def run_history(manager: RunManager, selected: list[str] | None = None) -> tuple
     rows = []
     for run in manager.list_runs():
         cfg = run.config
-        rows.append([run.run_id, _short(cfg.model.source) if cfg else "?", _short(cfg.data.source) if cfg else "?",
+        rows.append([run.run_id, paths.display_name(cfg.model.source) if cfg else "?",
+                     paths.display_name(cfg.data.source) if cfg else "?",
                      cfg.lora.rank if cfg else None, cfg.lora.alpha if cfg else None,
                      cfg.training.learning_rate if cfg else None, cfg.model.bits if cfg else None,
                      f"{run.step}/{run.max_steps}", _round(run.final_loss), _round(run.final_eval_loss),
@@ -343,11 +356,6 @@ def run_history(manager: RunManager, selected: list[str] | None = None) -> tuple
     ids = [r[0] for r in rows]
     kept = [run_id for run_id in selected or [] if run_id in ids] or ids[:3]
     return pd.DataFrame(rows, columns=HISTORY_COLUMNS), gr.Dropdown(choices=ids, value=kept)
-
-
-def _short(source: str) -> str:
-    """A local path by its last part (keeps the table narrow); names and Hub ids as they are."""
-    return Path(source).name if "/" in source and Path(source).expanduser().exists() else source
 
 
 def _round(value: float | None) -> float | None:

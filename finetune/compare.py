@@ -32,6 +32,7 @@ from typing import Any
 
 from finetune.config import ConfigError, RunConfig, from_dict, load_config, to_dict
 from finetune.metrics import FINAL_STATES, read_metrics
+from finetune.paths import check_config
 
 COMPARE_DIR = "comparisons"
 PROMPT_FILE = "compare_prompt.txt"  # a run folder holding it gets a greedy sample answer at the end of training
@@ -331,6 +332,7 @@ class CompareQueue:
     def start(self, request: CompareRequest) -> str:
         """Validate every technique's config, persist the queue and start working through it."""
         configs = validate_request(request)
+        check_config(configs[0])  # the path gate: the request's model and data sources
         check_model(configs[0])
         from finetune.runs import check_sources  # a bad data file fails here once, not in every technique's run
 

@@ -21,8 +21,8 @@ from typing import Any, Iterable
 from datasets import Dataset, DatasetDict, load_dataset
 
 from finetune.config import DataConfig
+from finetune.paths import DATA_DIR, PathRefused, bundled_name
 
-DATA_DIR = Path(__file__).resolve().parent.parent / "data"
 FILE_LOADERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text"}
 VALIDATION_SPLITS = ("validation", "valid", "val", "test")
 
@@ -176,6 +176,10 @@ def first_line(error: BaseException, limit: int = 300) -> str:
 
 
 def _load_bundled(name: str) -> DatasetDict:
+    try:
+        bundled_name(name)  # a plain name under data/: 'bundled:../..' never leaves it
+    except PathRefused as error:
+        raise DataError(str(error)) from None
     folder = DATA_DIR / name.removeprefix("bundled:")
     if not (folder / "train.jsonl").is_file():
         raise DataError(f"No bundled dataset '{name}'; available: {', '.join(bundled_names())}.")

@@ -33,6 +33,7 @@ from finetune.config import ConfigError, DataConfig, ModelConfig, load_config
 from finetune.data import DataError, prepare
 from finetune.metrics import read_metrics
 from finetune.preference import prompt_key, trained_prompt_keys
+from finetune import paths
 from finetune.train import RUN_INFO_FILE
 
 IGNORE = -100                       # label of a token the loss does not count (prompt and padding)
@@ -358,9 +359,10 @@ def reward_models(manager: Any) -> dict[str, Path]:
 
 
 def load_eval_rows(source: str, split: str, limit: int | None) -> Any:
-    """eval_rows with a user-facing error for a bad dataset or split."""
+    """eval_rows with a user-facing error for a bad dataset or split; the source is a request's, so it passes the
+    path gate first (a refused path raises the gate's one message)."""
     try:
-        return eval_rows(DataConfig(source=source, split=split), limit)
+        return eval_rows(DataConfig(source=paths.data_source(source), split=split), limit)
     except (ConfigError, DataError) as error:
         raise ValueError(str(error)) from None
 

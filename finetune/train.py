@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 from finetune.config import ConfigError, RunConfig, load_config, save_config
+from finetune.paths import check_config
 from finetune.data import DataError, prepare
 from finetune.hardware import HardwareProfile, detect
 from finetune.metrics import HOSTNAME, STOP_FILE, MetricsCallback, write_status
@@ -252,6 +253,7 @@ def cli(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         cfg = load_config(args.config)
+        check_config(cfg, operator=True)  # the operator's own config: local paths allowed, names still checked
     except ConfigError as error:
         print("error: invalid config:", file=sys.stderr)
         for name, message in error.problems.items():

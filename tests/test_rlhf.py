@@ -277,11 +277,13 @@ def test_tab_refuses_grpo_without_a_reward_model_and_starts_nothing(tiny_model_d
     assert manager.list_ids() == []
 
 
-def test_tab_refuses_malformed_pairs_before_starting_anything(tiny_model_dir, tmp_path):
+def test_tab_refuses_malformed_pairs_before_starting_anything(tiny_model_dir, tmp_path, monkeypatch):
     from components.rlhf_tab import start_stage
 
-    bad = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "q", "chosen": "a", "rejected": "b"},
-                                               {"prompt": "q", "chosen": "a"}])
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path / "uploads"))  # the path gate takes only gradio's uploads
+    (tmp_path / "uploads").mkdir()
+    bad = write_jsonl(tmp_path / "uploads" / "bad.jsonl", [{"prompt": "q", "chosen": "a", "rejected": "b"},
+                                                           {"prompt": "q", "chosen": "a"}])
     manager = RunManager(tmp_path / "runs")
     form = {"model_kind": "Local folder", "model_source": str(tiny_model_dir), "data_kind": "Uploaded file",
             "data_file": str(bad)}
