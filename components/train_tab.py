@@ -29,7 +29,7 @@ from finetune.data import DataError, bundled_names, preview
 from finetune.estimate import estimate_run
 from finetune.recipe import resolve_recipe
 from finetune.hardware import HardwareProfile
-from finetune.metrics import read_metrics
+from finetune.metrics import headline_metric, loss_key, read_metrics
 from finetune.runs import RunError, RunInProgressError, RunManager, check_sources
 from finetune.train import ADAPTER_DIR
 
@@ -37,8 +37,10 @@ CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
 POLL_SECONDS = 2.0
 DATA_KINDS = ("Bundled", "Hub dataset", "Uploaded file")
 MODEL_KINDS = ("Embedded", "Hub id", "Local folder")
-HISTORY_COLUMNS = ["run id", "model", "dataset", "rank", "alpha", "lr", "bits", "steps", "final loss",
-                   "final eval loss", "status", "duration (s)", "method"]
+# Each run with its stage and the number that stage is judged by (finetune.metrics.HEADLINE_METRICS): a reward
+# model's loss or a DPO policy's final loss alone would not say whether it learned anything.
+HISTORY_COLUMNS = ["run id", "stage", "headline metric", "headline value", "model", "dataset", "rank", "alpha",
+                   "lr", "bits", "steps", "final loss", "final eval loss", "status", "duration (s)", "method"]
 # Form keys that are "<section>_<field>" map straight onto the config; the rest are assembled below.
 UI_ONLY = ("data_kind", "data_bundled", "data_hub_name", "data_file", "prompt_column", "answer_column",
            "column_mapping_json", "model_kind")
@@ -347,7 +349,9 @@ def run_history(manager: RunManager, selected: list[str] | None = None) -> tuple
     rows = []
     for run in manager.list_runs():
         cfg = run.config
-        rows.append([run.run_id, paths.display_name(cfg.model.source) if cfg else "?",
+        stage = cfg.stage if cfg else "?"
+        name, value = headline_metric(stage, read_metrics(manager.run_dir(run.run_id)))
+        rows.append([run.run_id, stage, name, _round(value), paths.display_name(cfg.model.source) if cfg else "?",
                      paths.display_name(cfg.data.source) if cfg else "?",
                      cfg.lora.rank if cfg else None, cfg.lora.alpha if cfg else None,
                      cfg.training.learning_rate if cfg else None, cfg.model.bits if cfg else None,
@@ -359,20 +363,34 @@ def run_history(manager: RunManager, selected: list[str] | None = None) -> tuple
 
 
 def _round(value: float | None) -> float | None:
-    return None if value is None else round(value, 4)
+    """Four significant digits: a DPO loss of 2e-7 must not read as 0."""
+    return None if value is None else float(f"{value:.4g}")
 
 
-def compare_runs(manager: RunManager, run_ids: list[str] | None) -> Iterator[pd.DataFrame | None]:
-    """Training-loss curves of several runs in one long frame, coloured by run (None first: see above)."""
-    points = []
-    for run_id in run_ids or []:
-        try:
-            rows = read_metrics(manager.run_dir(run_id))
-        except RunError:
-            continue
-        points += [(r["step"], r["loss"], run_id) for r in rows if isinstance(r.get("loss"), (int, float))]
+def _stage(manager: RunManager, run_id: str) -> str:
+    try:
+        return load_config(manager.run_dir(run_id) / "config.yaml").stage
+    except (ConfigError, RunError, OSError):
+        return "?"
+
+
+def compare_runs(manager: RunManager, run_ids: list[str] | None) -> Iterator[Any]:
+    """Training curves of several runs, coloured by run (None first: see above). Only runs of one stage share
+    the chart, the stage of the first run picked: an SFT loss, a reward model's loss and a DPO loss measure
+    different things on different scales, so overlaying them would suggest a comparison that does not exist."""
+    stages = {run_id: _stage(manager, run_id) for run_id in run_ids or []}
+    stage = next(iter(stages.values()), "sft")
+    key, points = loss_key(stage), []
+    for run_id in (r for r, s in stages.items() if s == stage and s != "?"):  # "?": no such run
+        points += [(r["step"], r[key], run_id) for r in read_metrics(manager.run_dir(run_id))
+                   if isinstance(r.get(key), (int, float)) and "train_runtime" not in r]
+    left_out = [f"{run_id} ({s})" for run_id, s in stages.items() if s != stage]
+    title = f"{'Mean reward' if key == 'reward' else 'Training loss'} of {stage} runs"
+    if left_out:
+        title += f"; not overlaid (other stages): {', '.join(left_out)}"
     yield None
-    yield _frame(points, ["step", "loss", "run"])
+    yield gr.LinePlot(_frame(points, ["step", "loss", "run"]), title=title,
+                      y_title="mean reward" if key == "reward" else "loss")
 
 
 def toggle_data_kind(kind: str) -> tuple[Any, Any, Any, Any]:

@@ -271,3 +271,34 @@ class MetricsCallback(TrainerCallback):
                      **kwargs: Any) -> None:
         if self._is_writer(state):
             write_status(self.run_dir, step=state.global_step, finished_at=time.time())
+
+
+# What each stage's run is judged by, best evidence first: a held-out figure when the run evaluated, else the
+# training one. A reward model is judged by how often it ranks the chosen answer first, not by its loss; a DPO or
+# KTO policy by how far it prefers the chosen answer (its reward margin); GRPO by the reward of its samples.
+HEADLINE_METRICS: dict[str, tuple[tuple[str, str], ...]] = {
+    "sft": (("eval_loss", "eval loss"), ("loss", "train loss")),
+    "reward": (("eval_accuracy", "held-out accuracy"), ("accuracy", "train accuracy")),
+    "dpo": (("eval_rewards/margins", "held-out reward margin"), ("rewards/margins", "train reward margin"),
+            ("eval_loss", "eval loss"), ("loss", "train loss")),
+    "kto": (("eval_rewards/margins", "held-out reward margin"), ("rewards/margins", "train reward margin"),
+            ("eval_loss", "eval loss"), ("loss", "train loss")),
+    "grpo": (("reward", "mean reward"),),
+}
+
+
+def headline_metric(stage: str, rows: list[dict[str, Any]]) -> tuple[str, float | None]:
+    """(name, last value) of the stage's headline metric; rows of the end-of-training summary (train_runtime)
+    are skipped, as are non-numbers. ('', None) when the run logged none of them yet."""
+    for key, name in HEADLINE_METRICS.get(stage, HEADLINE_METRICS["sft"]):
+        values = [r[key] for r in rows if "train_runtime" not in r and isinstance(r.get(key), (int, float))
+                  and not isinstance(r.get(key), bool)]
+        if values:
+            return name, values[-1]
+    return "", None
+
+
+def loss_key(stage: str) -> str:
+    """The training curve a stage's runs are compared on: loss, except GRPO whose loss says little (it starts
+    at zero by construction), so its mean reward."""
+    return "reward" if stage == "grpo" else "loss"

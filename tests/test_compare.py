@@ -141,3 +141,57 @@ def test_a_restarted_app_picks_the_queue_up_again(tmp_path, wide_model_dir, qa_r
     state = restarted.wait(comparison_id, timeout=60)
     assert [item["state"] for item in state["items"]] == ["stopped", "skipped"]
     assert state["state"] == "stopped" and state["items"][0]["run_id"] == run_id
+
+
+# --- the Train tab's run history: each run by its stage and its own headline metric ------------------------------
+
+def _finished_run(root, run_id: str, stage: str, rows: list[dict]) -> None:
+    """A run folder as a finished run leaves it: its config, its metrics as the callback writes them, status."""
+    from finetune.config import RunConfig, save_config
+    from finetune.metrics import METRICS_FILE, write_status
+
+    folder = root / run_id
+    folder.mkdir(parents=True)
+    save_config(RunConfig(stage=stage), folder / "config.yaml")
+    (folder / METRICS_FILE).write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    write_status(folder, state="completed", step=rows[-1]["step"], max_steps=rows[-1]["step"], duration=1.0)
+
+
+def test_history_shows_each_stage_with_its_headline_and_never_overlays_stages(tmp_path):
+    from components.train_tab import compare_runs, run_history
+
+    root = tmp_path / "runs"
+    _finished_run(root, "sft-1", "sft", [{"step": 1, "loss": 2.5}, {"step": 2, "loss": 2.0},
+                                         {"step": 2, "eval_loss": 2.2}])
+    _finished_run(root, "sft-2", "sft", [{"step": 1, "loss": 2.7}, {"step": 2, "loss": 2.4}])
+    _finished_run(root, "reward-1", "reward", [{"step": 1, "loss": 0.69, "accuracy": 0.5},
+                                               {"step": 2, "eval_loss": 0.6, "eval_accuracy": 0.75},
+                                               {"step": 2, "train_runtime": 3.0, "train_loss": 0.65}])
+    _finished_run(root, "dpo-1", "dpo", [{"step": 1, "loss": 0.69, "rewards/margins": 0.0},
+                                         {"step": 2, "loss": 2e-7, "rewards/margins": 26.5}])
+    manager = RunManager(root)
+
+    table, _ = run_history(manager)
+    by_id = {row["run id"]: row for row in table.to_dict("records")}
+    assert {run_id: row["stage"] for run_id, row in by_id.items()} == {
+        "sft-1": "sft", "sft-2": "sft", "reward-1": "reward", "dpo-1": "dpo"}
+    assert (by_id["sft-1"]["headline metric"], by_id["sft-1"]["headline value"]) == ("eval loss", 2.2)
+    assert (by_id["sft-2"]["headline metric"], by_id["sft-2"]["headline value"]) == ("train loss", 2.4)
+    assert (by_id["reward-1"]["headline metric"], by_id["reward-1"]["headline value"]) == ("held-out accuracy", 0.75)
+    assert by_id["dpo-1"]["headline metric"] == "train reward margin" and by_id["dpo-1"]["headline value"] == 26.5
+    assert by_id["dpo-1"]["final loss"] == 2e-7  # not rounded away to 0
+
+    *_, plot = compare_runs(manager, ["sft-1", "reward-1", "sft-2", "dpo-1"])
+    assert _plotted_runs(plot.value) == {"sft-1", "sft-2"}
+    assert "reward-1 (reward)" in plot.title and "dpo-1 (dpo)" in plot.title
+    *_, plot = compare_runs(manager, ["dpo-1", "sft-1"])  # the first run picked decides the stage shown
+    assert _plotted_runs(plot.value) == {"dpo-1"} and "sft-1 (sft)" in plot.title
+
+
+def _plotted_runs(value) -> set[str]:
+    import pandas as pd
+
+    if isinstance(value, pd.DataFrame):
+        return set(value["run"])
+    column = value["columns"].index("run")  # a LinePlot's value: {"columns": [...], "data": [[...], ...]}
+    return {row[column] for row in value["data"]}
