@@ -33,6 +33,7 @@ from finetune.evaluate import dataset_loss
 from finetune.hardware import HardwareProfile, detect, profile_for, resolve_compute_dtype
 from finetune.metrics import read_metrics, read_status
 from finetune.models import HUB_ID, from_hub_or_cache, load_model, load_tokenizer, require_hub, weight_dtype
+from finetune.paths import display_name
 from finetune.train import ADAPTER_DIR, CONFIG_COPY
 
 MERGED_DIR, EXPORT_DIR = "merged", "export"
@@ -149,7 +150,7 @@ def merge_adapter(run_dir: str | Path, output_dir: str | Path | None = None,
     source, cfg, into = adapter_dir(run_dir), run_config(run_dir), check_merge_target(into)
     profile = profile or detect()
     output = Path(output_dir) if output_dir else run_dir / MERGED_DIR
-    progress(0.05, f"Loading the base model {cfg.model.source}: {MERGE_TARGETS[into]}")
+    progress(0.05, f"Loading the base model {display_name(cfg.model.source)}: {MERGE_TARGETS[into]}")
     base = merge_base(cfg, profile, into)
     progress(0.5, "Adding the LoRA update B·A into the base weights")
     merged = PeftModel.from_pretrained(base, source).merge_and_unload()
@@ -320,12 +321,13 @@ def model_card(run_dir: str | Path, merged: bool = False, plot_name: str | None 
         meta["base_model"] = base
     if dataset:
         meta["datasets"] = [dataset]
+    # The card is shown on the page and published: sources by display_name, never a server path or an upload name.
     dataset_text = ("the course Q&A bundled with LoRA Lab" if cfg.data.source == BUNDLED_DATASET
-                    else f"`{cfg.data.source}`")
+                    else f"`{display_name(cfg.data.source)}`")
     t, lora = cfg.training, cfg.lora
     method = METHOD_NAMES.get(lora.method, lora.method)
     kind = f"Merged model ({method} adapter folded into the base weights)" if merged else f"{method} adapter"
-    rows = [("base model", f"`{base or cfg.model.source}`"),
+    rows = [("base model", f"`{base or display_name(cfg.model.source)}`"),
             ("base precision during training", f"{cfg.model.bits}-bit"
              + (f" {cfg.model.quant_type}, double quant {cfg.model.double_quant}" if cfg.model.bits == 4 else "")),
             ("dataset", f"{dataset_text} (split `{cfg.data.split}`, format `{cfg.data.format}`)"),
@@ -341,7 +343,7 @@ def model_card(run_dir: str | Path, merged: bool = False, plot_name: str | None 
             ("final training loss", _fmt(curves.final_train)), ("final eval loss", _fmt(curves.final_eval)),
             *([("merged into the base", MERGE_TARGETS[into])] if merged and into in MERGE_TARGETS else [])]
     usage = ('model = AutoModelForCausalLM.from_pretrained("REPO_ID")' if merged else
-             f'base = AutoModelForCausalLM.from_pretrained("{base or cfg.model.source}")\n'
+             f'base = AutoModelForCausalLM.from_pretrained("{base or display_name(cfg.model.source)}")\n'
              f'model = PeftModel.from_pretrained(base, "REPO_ID")')
     lines = ["---", yaml.safe_dump(meta, sort_keys=False, allow_unicode=True).strip(), "---", "",
              f"# {run_dir.name}", "", f"{kind} trained with LoRA Lab "

@@ -139,6 +139,11 @@ def test_model_card_renders_with_losses_and_plot(trained_run):
     header = yaml.safe_load(text.split("---\n")[1])
     assert header["library_name"] == "peft" and "lora" in header["tags"]
     assert "base_model" not in header  # a local folder is not a Hub id: no broken link on the Hub
+    from finetune.export import run_config
+
+    cfg = run_config(trained_run)  # the card is shown and published: no server path in it (issue 16)
+    assert cfg.model.source not in text and cfg.data.source not in text
+    assert f"`{Path(cfg.model.source).name}`" in text and f"`{Path(cfg.data.source).name}`" in text
     curves = losses(trained_run)
     assert len(curves.train) == 4 and len(curves.eval) >= 2
     html = MarkdownIt().enable("table").render(text.split("---\n", 2)[2])

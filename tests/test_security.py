@@ -445,3 +445,31 @@ def test_cli_config_goes_through_the_gate(tmp_path, capsys):
     config.write_text(yaml.safe_dump({"data": {"source": "bundled:../../etc"}}))
     assert cli([str(config), "--output-dir", str(tmp_path / "out")]) == 2
     assert "data.source: Source refused" in capsys.readouterr().err
+
+
+def test_uploads_only_from_gradio_folder(tmp_path, monkeypatch, qa_file):
+    """The handlers' own check of an upload, for a caller that skips gradio's (a direct call, another frontend):
+    only a file inside gradio's upload folder, after symlinks are resolved, counts as uploaded."""
+    from components.rlhf_tab import data_source
+    from components.train_tab import config_from_form
+    from finetune import paths
+    from finetune.config import ConfigError
+    from finetune.runs import RunManager
+
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path / "gradio"))
+    upload = tmp_path / "gradio" / "abc123" / "qa.jsonl"
+    upload.parent.mkdir(parents=True)
+    upload.write_bytes(qa_file.read_bytes())
+    (tmp_path / "gradio" / "link.jsonl").symlink_to(qa_file)  # inside the folder, leading out of it
+    form = {"data_kind": "Uploaded file", "data_file": str(upload)}
+    assert config_from_form(form).data.source == str(upload.resolve())
+    manager = RunManager(tmp_path / "runs")
+    for outside in (str(qa_file), str(tmp_path / "gradio" / "link.jsonl"),
+                    str(upload.parent / ".." / ".." / "qa.jsonl"), str(upload.parent), str(upload) + "\0",
+                    {"path": str(qa_file)}, 42):
+        with pytest.raises(ConfigError) as refused:
+            config_from_form({**form, "data_file": outside})
+        assert refused.value.problems == {"data.source": paths.REFUSED}
+        with pytest.raises(paths.PathRefused):
+            data_source(manager, None, "dpo", {"data_kind": "Uploaded file", "data_file": outside})
+    assert not (manager.root / "uploads").exists()  # nothing refused was copied in
