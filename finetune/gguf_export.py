@@ -1,6 +1,6 @@
 """A finished run as one GGUF file for llama.cpp, Ollama and LM Studio, with an Ollama Modelfile beside it.
 
-    python -m finetune.gguf_export runs/demo --type q8_0      # runs/demo/export/gguf/demo-q8_0.gguf + Modelfile
+    python -m finetune.gguf_export runs/demo --type q8_0      # runs/demo/export/gguf/demo-q8_0.gguf + .Modelfile
     result = write_gguf("runs/demo", "q4_0")                  # the same from Python; result.summary() says what
 
 The adapter is first merged (``finetune.export.merge_adapter``; by default into the weights it trained against,
@@ -46,7 +46,7 @@ from finetune.export import (EXPORT_DIR, MERGED_DIR, ExportError, Progress, adap
 from finetune.models import ModelSourceError, embedded_model_dir, from_hub_or_cache, load_tokenizer
 
 GGUF_DIR = "gguf"
-MODELFILE = "Modelfile"
+MODELFILE_SUFFIX = ".Modelfile"  # one per type: run-q8_0.gguf + run-q8_0.Modelfile
 # Output types: what a learner picks, the gguf package's type for the big matrices, and llama.cpp's file type.
 GGUF_TYPES = {
     "f16": "16-bit float: no rounding a learner would notice; half the size of fp32",
@@ -454,7 +454,7 @@ def modelfile_text(gguf_name: str, tokenizer: Any) -> str:
     stops = sorted({t for t in ("<|im_end|>", tokenizer.eos_token) if t and (system is not None or
                                                                               t == tokenizer.eos_token)})
     lines = ["# Ollama Modelfile written by LoRA Lab. Create the model with:",
-             f"#   ollama create {_ollama_name(gguf_name)} -f Modelfile", "", f"FROM ./{gguf_name}", ""]
+             f"#   ollama create {_ollama_name(gguf_name)} -f {modelfile_name(gguf_name)}", "", f"FROM ./{gguf_name}", ""]
     if system is not None:
         lines += ['TEMPLATE """' + CHATML_TEMPLATE + '"""']
         if system:
@@ -471,8 +471,12 @@ def _ollama_name(gguf_name: str) -> str:
     return re.sub(r"[^a-z0-9._-]+", "-", Path(gguf_name).stem.lower()).strip("-") or "lora-lab"
 
 
+def modelfile_name(gguf_name: str) -> str:
+    return Path(gguf_name).stem + MODELFILE_SUFFIX
+
+
 def ollama_command(result: "GgufExport") -> str:
-    return f"cd {result.path.parent} && ollama create {_ollama_name(result.path.name)} -f {MODELFILE}"
+    return f"cd {result.path.parent} && ollama create {_ollama_name(result.path.name)} -f {result.modelfile.name}"
 
 
 # --- writing ------------------------------------------------------------------------------------------------------
@@ -530,7 +534,7 @@ def cached_export(run_dir: Path, out_type: str, into: str) -> GgufExport | None:
         return None
     if not path.is_file() or info.get("fingerprint") != _fingerprint(run_dir, into):
         return None
-    return GgufExport(path, path.parent / MODELFILE, out_type, path.stat().st_size, info["weights"],
+    return GgufExport(path, path.parent / modelfile_name(path.name), out_type, path.stat().st_size, info["weights"],
                       info["tensor_types"], info.get("kept", {}), cached=True)
 
 
@@ -587,7 +591,7 @@ def convert_folder(model_dir: Path, target: Path, out_type: str, tokenizer: Any,
         writer.close()
         partial.unlink(missing_ok=True)
     weights = sum(int(np.prod(p.shape)) for p in plans)
-    return GgufExport(target, target.parent / MODELFILE, out_type, target.stat().st_size, weights,
+    return GgufExport(target, target.parent / modelfile_name(target.name), out_type, target.stat().st_size, weights,
                       {p.name: p.qtype.name for p in plans}, {p.name: p.why for p in plans if p.why})
 
 

@@ -1,0 +1,357 @@
+"""GGUF export on the CPU with the real stack: one short QLoRA run of the tiny Llama (4-bit base) is merged and
+written at every type, read back with gguf's own GGUFReader, and loaded back with transformers' GGUF loader,
+whose answers are compared with the merged model's. One test converts the embedded SmolLM2 to check the real
+vocabulary and chat template. A full disk cannot be produced here, so one test makes the tensor encoder raise
+ENOSPC (and another reports too little free space) to check that nothing half-written is left.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from finetune.export import ExportError
+from finetune.gguf_export import (CHAT_TEMPERATURE, CHAT_TOP_P, GGUF_TYPES, BuildLock, check_type,
+                                  chatml_default_system, convert_folder, gguf_path, modelfile_text, tensor_type,
+                                  write_gguf)
+from finetune.train import run
+
+from conftest import ROOT, save_tiny_llama, tiny_run_config, write_jsonl
+
+MULTILINGUAL = ("Hello, world! Ça va? Größe straße. Привет, мир. 你好，世界。 こんにちは 안녕하세요 "
+                "مرحبا بالعالم 🧪🚀 x² ≤ 3.14159 — tabs\tand  double  spaces\n")
+CHAT = [{"role": "system", "content": "Answer in one line."}, {"role": "user", "content": "What is LoRA? Ça va?"},
+        {"role": "assistant", "content": "A low-rank adapter."}, {"role": "user", "content": "Why rank 8?"}]
+PROMPTS = ["What does setting 3 control?", "Hello there, how are you today?"]
+
+
+@pytest.fixture(scope="module")
+def trained_run(tiny_model_dir, tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("gguf")
+    rows = [{"prompt": f"What does setting {i} control?", "completion": f"🧪 Lab note: setting {i}."}
+            for i in range(24)]
+    data = write_jsonl(folder / "qa.jsonl", rows)
+    cfg = tiny_run_config(tiny_model_dir, data, max_steps=4, learning_rate=0.05, eval_steps=2)
+    assert run(cfg, folder / "run") == 0
+    return folder / "run"
+
+
+@pytest.fixture(scope="module")
+def exports(trained_run) -> dict:
+    return {out_type: write_gguf(trained_run, out_type) for out_type in GGUF_TYPES}
+
+
+def _tokenizer(folder: Path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(folder)
+
+
+def _chat_ids(tokenizer, prompt: str) -> torch.Tensor:
+    text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                         add_generation_prompt=True)
+    return tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"]
+
+
+def _log_probs(model, ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return torch.log_softmax(model(ids).logits.float(), dim=-1)
+
+
+def _greedy(model, tokenizer, prompt: str, tokens: int = 12) -> list[int]:
+    ids = _chat_ids(tokenizer, prompt)
+    with torch.no_grad():
+        out = model.generate(ids, max_new_tokens=tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    return out[0, ids.shape[1]:].tolist()
+
+
+def _load_gguf(path: Path):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
+
+
+def _fields(path: Path, everything: bool = True) -> tuple[dict, dict]:
+    """Metadata and tensors as GGUFReader reads them; ``everything=False`` skips decoding the long token and
+    merge lists (slow in Python) and returns only their lengths."""
+    from gguf import GGUFReader
+
+    reader = GGUFReader(path)
+    fields = {k: (f.contents() if everything or len(f.data) < 1000 else len(f.data))
+              for k, f in reader.fields.items()}
+    return fields, {t.name: t for t in reader.tensors}
+
+
+def test_every_tensor_and_the_metadata_read_back(exports, trained_run):
+    from gguf import MODEL_ARCH, get_tensor_name_map
+    from safetensors import safe_open
+    from transformers import AutoConfig
+
+    merged = trained_run / "merged"
+    config, tokenizer = AutoConfig.from_pretrained(merged), _tokenizer(merged)
+    names = get_tensor_name_map(MODEL_ARCH.LLAMA, config.num_hidden_layers)
+    with safe_open(str(merged / "model.safetensors"), "np") as weights:
+        expected = {names.get_name(n, try_suffixes=(".weight",)): tuple(weights.get_slice(n).get_shape())
+                    for n in weights.keys()}
+    vocab = sorted(tokenizer.get_vocab().items(), key=lambda item: item[1])
+    for out_type, result in exports.items():
+        fields, tensors = _fields(result.path, everything=out_type == "q8_0")
+        assert set(tensors) == set(expected), out_type
+        for name, shape in expected.items():
+            assert tuple(int(d) for d in tensors[name].shape) == shape[::-1], name  # ggml lists dims inner-first
+            assert tensors[name].tensor_type == tensor_type(name, shape, out_type)[0], (out_type, name)
+        assert fields["general.architecture"] == "llama"
+        assert fields["llama.context_length"] == config.max_position_embeddings
+        assert fields["llama.block_count"] == config.num_hidden_layers
+        assert fields["llama.embedding_length"] == config.hidden_size
+        assert fields["llama.feed_forward_length"] == config.intermediate_size
+        assert fields["llama.attention.head_count"] == config.num_attention_heads
+        assert fields["llama.attention.head_count_kv"] == config.num_key_value_heads
+        assert fields["llama.rope.dimension_count"] == config.hidden_size // config.num_attention_heads
+        assert fields["llama.rope.freq_base"] == pytest.approx(config.rope_parameters["rope_theta"])
+        assert fields["llama.attention.layer_norm_rms_epsilon"] == pytest.approx(config.rms_norm_eps)
+        assert fields["tokenizer.ggml.model"] == "gpt2" and fields["tokenizer.ggml.pre"] == "gpt2"
+        if out_type == "q8_0":  # the tokenizer metadata is written by the same code for every type
+            assert fields["tokenizer.ggml.tokens"] == [token for token, _ in vocab]
+            assert len(fields["tokenizer.ggml.merges"]) > 40_000
+            assert fields["tokenizer.ggml.token_type"][:3] == [3, 3, 3]  # <|endoftext|>, <|im_start|>, <|im_end|>
+        else:
+            assert fields["tokenizer.ggml.tokens"] == len(vocab)
+        assert fields["tokenizer.ggml.bos_token_id"] == tokenizer.bos_token_id
+        assert fields["tokenizer.ggml.eos_token_id"] == tokenizer.eos_token_id
+        assert fields["tokenizer.ggml.padding_token_id"] == tokenizer.pad_token_id
+        assert fields["tokenizer.ggml.add_bos_token"] is False  # this tokenizer adds no BOS when encoding
+        assert fields["tokenizer.chat_template"] == tokenizer.chat_template
+
+
+def test_q_and_k_rows_are_in_llama_cpp_rope_order(exports, trained_run):
+    """llama.cpp rotates adjacent pairs; HF Llama rotates the two halves of each head. The file's q/k rows are
+    the merged rows reordered head by head: (i, i + d/2) -> (2i, 2i + 1)."""
+    from safetensors import safe_open
+
+    _, tensors = _fields(exports["f16"].path, everything=False)
+    with safe_open(str(trained_run / "merged" / "model.safetensors"), "pt") as weights:
+        q = weights.get_tensor("model.layers.1.self_attn.q_proj.weight").float().numpy()
+        k = weights.get_tensor("model.layers.1.self_attn.k_proj.weight").float().numpy()
+    for written, hf, heads in ((tensors["blk.1.attn_q.weight"], q, 4), (tensors["blk.1.attn_k.weight"], k, 2)):
+        data = np.asarray(written.data, dtype=np.float32).reshape(hf.shape)
+        dim = hf.shape[0] // heads
+        for head in range(heads):
+            block, expected = data[head * dim:(head + 1) * dim], hf[head * dim:(head + 1) * dim]
+            np.testing.assert_allclose(block[0::2], expected[: dim // 2], rtol=2 ** -11, atol=1e-6)
+            np.testing.assert_allclose(block[1::2], expected[dim // 2:], rtol=2 ** -11, atol=1e-6)
+        assert not np.allclose(data, hf, rtol=2 ** -11, atol=1e-6)
+
+
+def test_types_and_the_tensors_kept_at_other_types(exports):
+    """The quantized files are smaller in the order of their bits, and every exception to the chosen type is
+    named with its reason."""
+    sizes = {out_type: result.size_bytes for out_type, result in exports.items()}
+    assert sizes["f16"] == sizes["bf16"] > sizes["q8_0"] > sizes["q5_1"] > sizes["q5_0"] > sizes["q4_1"] > \
+        sizes["q4_0"]
+    q4 = exports["q4_0"]
+    assert q4.tensor_types["token_embd.weight"] == "Q8_0" and "logit" in q4.kept["token_embd.weight"]
+    assert q4.tensor_types["blk.0.attn_q.weight"] == "Q4_0" and "blk.0.attn_q.weight" not in q4.kept
+    assert q4.tensor_types["blk.0.attn_norm.weight"] == "F32"
+    assert "Q4_0" in q4.summary() and f"{q4.bits_per_weight:.2f} bits per weight" in q4.summary()
+    assert tensor_type("blk.0.ffn_down.weight", (48, 100), "q4_0")[0].name == "F16"  # 100 % 32 != 0
+    assert "not a multiple" in tensor_type("blk.0.ffn_down.weight", (48, 100), "q8_0")[1]
+
+
+@pytest.mark.parametrize("out_type, bound", [("f16", 2e-3), ("bf16", 2e-2), ("q8_0", 2e-2)])
+def test_transformers_loads_the_file_and_it_answers_like_the_merged_model(exports, trained_run, out_type, bound):
+    """Next-token log-probs of the file (through transformers' GGUF loader, which undoes llama.cpp's q/k
+    permutation) equal the merged model's: f16/bf16 to their rounding, q8_0 within the stated bound; the
+    greedy answers are the same."""
+    from transformers import AutoModelForCausalLM
+
+    merged = AutoModelForCausalLM.from_pretrained(trained_run / "merged", dtype=torch.float32).eval()
+    tokenizer = _tokenizer(trained_run / "merged")
+    loaded = _load_gguf(exports[out_type].path)
+    if out_type in ("f16", "bf16"):  # every weight comes back in place, q/k rows included, to the type's rounding
+        relative = {"f16": 2 ** -11, "bf16": 2 ** -8}[out_type]
+        weights = dict(loaded.named_parameters())
+        for name, weight in merged.named_parameters():
+            assert torch.allclose(weights[name], weight, rtol=relative, atol=1e-6), name
+    for prompt in PROMPTS:
+        ids = _chat_ids(tokenizer, prompt)
+        gap = (_log_probs(loaded, ids) - _log_probs(merged, ids)).abs().max().item()
+        assert gap < bound, (out_type, gap)
+        assert _greedy(loaded, tokenizer, prompt) == _greedy(merged, tokenizer, prompt)
+
+
+def test_block_types_load_back_close_to_the_merged_model(exports, trained_run):
+    """The 4/5-bit files load too; their distance from the merged model shrinks as bits grow (no fixed bound:
+    the rounding is the point)."""
+    from transformers import AutoModelForCausalLM
+
+    merged = AutoModelForCausalLM.from_pretrained(trained_run / "merged", dtype=torch.float32).eval()
+    ids = _chat_ids(_tokenizer(trained_run / "merged"), PROMPTS[0])
+    reference = _log_probs(merged, ids)
+    gap = {t: (_log_probs(_load_gguf(exports[t].path), ids) - reference).abs().mean().item()
+           for t in ("q8_0", "q5_1", "q4_0")}
+    assert gap["q8_0"] < gap["q5_1"] < gap["q4_0"], gap
+
+
+def test_the_tokenizer_rebuilt_from_the_file_encodes_and_formats_chats_identically(exports, trained_run):
+    from transformers import AutoTokenizer
+
+    result = exports["q8_0"]
+    original = _tokenizer(trained_run / "merged")
+    rebuilt = AutoTokenizer.from_pretrained(result.path.parent, gguf_file=result.path.name)
+    assert rebuilt(MULTILINGUAL)["input_ids"] == original(MULTILINGUAL)["input_ids"]
+    assert rebuilt.decode(original(MULTILINGUAL)["input_ids"]) == MULTILINGUAL
+    for add in (True, False):
+        chat = CHAT if add else CHAT[:-1] + [{"role": "assistant", "content": "Rank 8 is enough."}]
+        assert (rebuilt.apply_chat_template(chat, tokenize=True, add_generation_prompt=add)
+                == original.apply_chat_template(chat, tokenize=True, add_generation_prompt=add))
+
+
+def test_the_embedded_model_round_trips(embedded_dir, tmp_path):
+    """The real SmolLM2 vocabulary, merges and chat template: the q8_0 file's tokenizer matches, and its
+    greedy answer to a chat prompt is the same as the original's."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(embedded_dir)
+    result = convert_folder(embedded_dir, tmp_path / "smollm2-q8_0.gguf", "q8_0", tokenizer, "SmolLM2 q8_0")
+    assert result.kept and all(t in ("Q8_0", "F32") for t in result.tensor_types.values())
+    rebuilt = AutoTokenizer.from_pretrained(tmp_path, gguf_file=result.path.name)
+    assert rebuilt(MULTILINGUAL)["input_ids"] == tokenizer(MULTILINGUAL)["input_ids"]
+    assert (rebuilt.apply_chat_template(CHAT, tokenize=True, add_generation_prompt=True)
+            == tokenizer.apply_chat_template(CHAT, tokenize=True, add_generation_prompt=True))
+    original = AutoModelForCausalLM.from_pretrained(embedded_dir, dtype=torch.float32).eval()
+    loaded = _load_gguf(result.path)
+    prompt = "What is the capital of France?"
+    answer = _greedy(loaded, tokenizer, prompt, tokens=16)
+    assert answer == _greedy(original, tokenizer, prompt, tokens=16)
+    assert "Paris" in tokenizer.decode(answer)
+
+
+def test_modelfile_for_chatml_with_its_default_system_prompt(exports, trained_run):
+    from finetune.chat import SamplingSettings
+
+    text = exports["q8_0"].modelfile.read_text(encoding="utf-8")
+    tokenizer = _tokenizer(trained_run / "merged")
+    system = chatml_default_system(tokenizer)
+    assert system and system in tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False)
+    assert f"FROM ./{exports['q8_0'].path.name}\n" in text
+    assert 'TEMPLATE """' in text and "<|im_start|>{{ .Role }}" in text
+    assert f'SYSTEM """{system}"""' in text and 'PARAMETER stop "<|im_end|>"' in text
+    assert (CHAT_TEMPERATURE, CHAT_TOP_P) == (SamplingSettings().temperature, SamplingSettings().top_p)
+    assert f"PARAMETER temperature {CHAT_TEMPERATURE}" in text
+    assert f"ollama create {exports['q8_0'].path.stem.lower()} -f {exports['q8_0'].path.stem}.Modelfile" in text
+    assert exports["q4_0"].modelfile != exports["q8_0"].modelfile and exports["q4_0"].modelfile.is_file()
+
+
+def test_a_template_that_is_not_chatml_gets_no_translated_template(tiny_model_dir):
+    tokenizer = _tokenizer(tiny_model_dir)
+    tokenizer.chat_template = ("{% for m in messages %}[{{ m['role'] }}]: {{ m['content'] }}\n{% endfor %}"
+                               "{% if add_generation_prompt %}[assistant]: {% endif %}")
+    assert chatml_default_system(tokenizer) is None
+    text = modelfile_text("x-q8_0.gguf", tokenizer)
+    assert not [line for line in text.splitlines() if line.startswith(("TEMPLATE", "SYSTEM"))]
+    assert "FROM ./x-q8_0.gguf" in text and 'PARAMETER stop "<|im_end|>"' in text  # its EOS still stops
+
+
+def test_a_second_export_is_reused_and_one_being_built_is_refused(exports, trained_run):
+    again = write_gguf(trained_run, "q4_0")
+    assert again.cached and again.path == exports["q4_0"].path and again.size_bytes == exports["q4_0"].size_bytes
+    with BuildLock(trained_run, "f16"):
+        with pytest.raises(ExportError, match="already being built"):
+            write_gguf(trained_run, "q4_0")
+    lock = trained_run / "export" / "gguf" / ".building"
+    lock.write_text(json.dumps({"host": os.uname().nodename, "pid": os.getppid(), "type": "q8_0"}))
+    try:  # another live process's build (the test runner's parent stands in for it)
+        with pytest.raises(ExportError, match=r"\(q8_0\) is already being built"):
+            write_gguf(trained_run, "q4_0")
+    finally:
+        lock.unlink()
+    finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                              text=True, check=True)
+    lock.write_text(json.dumps({"host": os.uname().nodename, "pid": int(finished.stdout), "type": "q8_0"}))
+    assert write_gguf(trained_run, "q4_0").cached  # a dead process's lock is taken over
+    assert not lock.exists()
+
+
+def test_a_full_disk_leaves_nothing_half_written(exports, trained_run, monkeypatch, tmp_path):
+    import finetune.gguf_export as gguf_export
+
+    tokenizer, merged = _tokenizer(trained_run / "merged"), trained_run / "merged"
+    target = tmp_path / "full.gguf"
+    real, calls = gguf_export.encode_tensor, []
+
+    def disk_fills_up(data, qtype):
+        calls.append(1)
+        if len(calls) == 5:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(data, qtype)
+
+    monkeypatch.setattr(gguf_export, "encode_tensor", disk_fills_up)
+    with pytest.raises(ExportError, match="disk filled up.*partial file was removed"):
+        convert_folder(merged, target, "q8_0", tokenizer, "x")
+    assert len(calls) == 5 and list(tmp_path.iterdir()) == []
+    monkeypatch.setattr(gguf_export, "_free_bytes", lambda folder: 1 << 20)
+    with pytest.raises(ExportError, match=r"Not enough disk space .* MB are free"):
+        convert_folder(merged, target, "q8_0", tokenizer, "x")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_bad_input_is_refused_before_any_work(trained_run, tmp_path, tiny_model_dir, qa_file):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from finetune.config import save_config
+
+    with pytest.raises(ExportError, match="f16, bf16, q8_0.*got 'q3_k'"):
+        check_type("q3_k")
+    no_adapter = tmp_path / "no-adapter"
+    save_config(tiny_run_config(tiny_model_dir, qa_file), no_adapter / "config.yaml")
+    with pytest.raises(ExportError, match="has no saved adapter"):
+        write_gguf(no_adapter, "q8_0")
+    qwen_dir = tmp_path / "qwen"
+    Qwen2ForCausalLM(Qwen2Config(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                 num_attention_heads=2, num_key_value_heads=1)).save_pretrained(qwen_dir)
+    qwen_run = tmp_path / "qwen-run"
+    save_config(tiny_run_config(qwen_dir, qa_file), qwen_run / "config.yaml")
+    (qwen_run / "adapter").mkdir()
+    (qwen_run / "adapter" / "adapter_config.json").write_text("{}")
+    with pytest.raises(ExportError, match=r"supports llama \(Llama family.*'qwen2' model"):
+        write_gguf(qwen_run, "q8_0")
+    assert sorted(p.name for p in qwen_run.iterdir()) == ["adapter", "config.yaml"]  # nothing merged or written
+
+
+def test_rows_not_a_multiple_of_the_block_stay_f16_and_still_load(embedded_dir, tmp_path):
+    """A Llama whose hidden size (48) is not a multiple of 32: those matrices stay F16, the rest is Q4_0, and
+    the file loads with the same greedy answer as an F16 file would be expected to give up to rounding."""
+    from transformers import AutoModelForCausalLM
+
+    model_dir = save_tiny_llama(tmp_path / "odd", embedded_dir, hidden=48, intermediate=64)
+    tokenizer = _tokenizer(model_dir)
+    result = convert_folder(model_dir, tmp_path / "out" / "odd-q4_0.gguf", "q4_0", tokenizer, "odd")
+    assert result.tensor_types["blk.0.attn_q.weight"] == "F16"          # rows of 48 values
+    assert result.tensor_types["blk.0.ffn_down.weight"] == "Q4_0"       # rows of 64 values
+    loaded = _load_gguf(result.path)
+    original = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    ids = _chat_ids(tokenizer, PROMPTS[0])
+    assert np.isfinite(_log_probs(loaded, ids).numpy()).all()
+    assert (_log_probs(loaded, ids) - _log_probs(original, ids)).abs().mean() < 0.5
+
+
+def test_cli_writes_the_file_and_explains_bad_input(trained_run):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    done = subprocess.run([sys.executable, "-m", "finetune.gguf_export", str(trained_run), "--type", "q8_0"],
+                          capture_output=True, text=True, env=env, cwd=ROOT)
+    assert done.returncode == 0, done.stderr
+    assert gguf_path(trained_run, "q8_0").name in done.stdout and "ollama create" in done.stdout
+    assert gguf_path(trained_run, "q8_0").with_suffix(".Modelfile").is_file()
+    bad = subprocess.run([sys.executable, "-m", "finetune.gguf_export", str(trained_run), "--type", "q9"],
+                         capture_output=True, text=True, env=env, cwd=ROOT)
+    assert bad.returncode == 2 and "error: GGUF type must be one of" in bad.stderr
+    assert "Traceback" not in bad.stderr
