@@ -46,9 +46,22 @@ def phase_text(status: dict[str, Any]) -> str:
     return f" · <b>evaluating</b>{where}"
 
 
+def shown_status(status: dict[str, Any]) -> dict[str, Any]:
+    """A live run that was asked to stop, or that shows no progress (the run manager adds ``stop_requested_at``
+    and ``stalled_seconds``), reads "stopping" or "stalled" on the bar, not "running" with a frozen ETA."""
+    if status.get("state") not in ("running", "queued"):
+        return status
+    if status.get("stop_requested_at"):
+        return {**status, "state": "stopping"}
+    if status.get("stalled_seconds") is not None:
+        return {**status, "state": "stalled"}
+    return status
+
+
 def progress_html(elem: str, status: dict[str, Any], rows: list[dict[str, Any]],
                   colour: str = "#2563eb") -> str:
     """The bar and its line of text. data-* attributes let a browser test wait on a state, not on time."""
+    status = shown_status(status)
     step, total = int(status.get("step") or 0), int(status.get("max_steps") or 0)
     state = status.get("state", "idle")
     phase = status.get("phase", "") if state == "running" else ""

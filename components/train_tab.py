@@ -318,17 +318,6 @@ def status_text(run_id: str, status: dict[str, Any], has_adapter: bool = True) -
     return f"Run `{run_id}` is **{state}**."
 
 
-def _bar_status(status: dict[str, Any]) -> dict[str, Any]:
-    """A stopping or stalled run shows that state on the progress bar, not "running" with a frozen ETA."""
-    if status.get("state") not in ("running", "queued"):
-        return status
-    if status.get("stop_requested_at"):
-        return {**status, "state": "stopping"}
-    if status.get("stalled_seconds") is not None:
-        return {**status, "state": "stalled"}
-    return status
-
-
 def poll_run(manager: RunManager, run_id: str) -> tuple[Any, ...]:
     """Everything the live view shows, read from the run folder (cheap enough for a 2 s timer)."""
     run_id = pick_run(manager, run_id)
@@ -339,7 +328,7 @@ def poll_run(manager: RunManager, run_id: str) -> tuple[Any, ...]:
     stalled = status.get("stalled_seconds") is not None
     failed = status.get("state") == "failed"
     has_adapter = (manager.run_dir(run_id) / ADAPTER_DIR / "adapter_config.json").is_file()
-    return (run_id, status_text(run_id, status, has_adapter), progress_html(_bar_status(status), rows),
+    return (run_id, status_text(run_id, status, has_adapter), progress_html(status, rows),
             loss_frame(rows), lr_frame(rows),
             manager.log_tail(run_id, 40), gr.Accordion(open=True) if failed or stalled else gr.skip())
 

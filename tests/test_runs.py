@@ -10,7 +10,7 @@ from typing import Any, Callable
 
 import pytest
 
-from finetune.metrics import read_metrics, read_status
+from finetune.metrics import read_metrics, read_status, write_status
 from finetune.runs import RunError, RunInProgressError, RunManager
 from finetune.train import last_checkpoint
 
@@ -240,6 +240,7 @@ def test_a_run_without_progress_is_shown_stalled_with_its_log_and_a_stop_that_wo
     run_id = manager.start(tiny_run_config(tiny_model_dir, qa_file))
     folder = manager.run_dir(run_id)
     started(manager, run_id)
+    write_status(folder, stage="reward")  # so the RLHF tab watches it too
     with (folder / "train.log").open("a") as log:
         log.write("last words of the hung child\n")
     status = wait_until(lambda: (s := manager.status(run_id)).get("stalled_seconds") is not None and s,
@@ -248,6 +249,9 @@ def test_a_run_without_progress_is_shown_stalled_with_its_log_and_a_stop_that_wo
     _, text, bar, *_, log_tail, accordion = poll_run(manager, run_id)
     assert "**stalled**: no progress for" in text and "data-state='stalled'" in bar
     assert "last words of the hung child" in log_tail and accordion.open is True
+    from components.rlhf_tab import poll_rlhf
+
+    assert "data-state='stalled'" in poll_rlhf(manager, "", "")[2]  # the RLHF tab's reward-run bar
     manager.request_stop(run_id)
     wait_until(lambda: manager.status(run_id)["state"] == "stopped", "Stop ended the stalled run")
     wait_until(lambda: not live_group_members(status["pid"]), "its process group is gone")
