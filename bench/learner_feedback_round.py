@@ -18,6 +18,8 @@ import sys
 import time
 from pathlib import Path
 
+import pandas as pd
+
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from components.eval_tab import _loss_summary  # noqa: E402
@@ -75,9 +77,18 @@ def main() -> None:
     parser.add_argument("--root", default="/tmp/learner-round")
     parser.add_argument("--votes", type=int, default=10)
     parser.add_argument("--sft-steps", type=int, default=30)
+    parser.add_argument("--evaluate-only", action="store_true", help="recompute the validation losses of a "
+                        "finished round in --root (its report.json)")
     args = parser.parse_args()
     root = Path(args.root)
     manager, engine, report = RunManager(root / "runs"), ChatEngine(), {}
+    if args.evaluate_only:
+        report = json.loads((root / "report.json").read_text())
+        voted = {vote["prompt"] for vote in report["votes"]}
+        report["evaluate"] = evaluate(manager, engine, report["sft"]["run"], report["dpo"]["run"], voted)
+        (root / "report.json").write_text(json.dumps(report, indent=1, ensure_ascii=False))
+        print(json.dumps(report["evaluate"], indent=1, ensure_ascii=False))
+        return
     started = time.time()
 
     sft = load_config(ROOT / "configs/cpu-quick.yaml")
@@ -105,19 +116,23 @@ def main() -> None:
                                     progress=lambda *a, **k: None)
     report["step4"] = {"summary": summary, "table": table.to_dict("records")}
 
-    chosen = candidates({sft_id: manager.run_dir(sft_id), policy_id: manager.run_dir(policy_id)})
-    voted = {vote["prompt"] for vote in report["votes"]}  # DPO trained on most of these: not validation for it
-    data = eval_rows(DataConfig(source="bundled:course_qa", split="validation"), 24)
-    data = data.filter(lambda row: row["prompt"][-1]["content"] not in voted)
-    import pandas as pd
-
-    results = [candidate_loss(engine, c, data) for c in chosen]
-    losses = [[c.name, r.loss, r.perplexity, r.tokens, r.rows] for c, r in zip(chosen, results)]
-    frame = pd.DataFrame(losses, columns=["model", "validation loss", "perplexity", "tokens", "rows"])
-    report["evaluate"] = {"losses": {n: round(x, 4) for n, x, *_ in losses}, "summary": _loss_summary(frame, chosen)}
+    report["evaluate"] = evaluate(manager, engine, sft_id, policy_id, {vote["prompt"] for vote in report["votes"]})
     report["minutes"] = round((time.time() - started) / 60, 1)
     (root / "report.json").write_text(json.dumps(report, indent=1, ensure_ascii=False))
     print(json.dumps(report, indent=1, ensure_ascii=False))
+
+
+def evaluate(manager: RunManager, engine: ChatEngine, sft_id: str, policy_id: str, voted: set[str]) -> dict:
+    """The Evaluate tab's validation loss of base, SFT and DPO, with paired-bootstrap intervals, on the
+    course_qa validation rows nobody voted on (DPO trained on most voted prompts)."""
+    chosen = candidates({sft_id: manager.run_dir(sft_id), policy_id: manager.run_dir(policy_id)})
+    data = eval_rows(DataConfig(source="bundled:course_qa", split="validation"), 24)
+    data = data.filter(lambda row: row["prompt"][-1]["content"] not in voted)
+    results = [candidate_loss(engine, c, data) for c in chosen]
+    losses = [[c.name, r.loss, r.perplexity, r.tokens, r.rows] for c, r in zip(chosen, results)]
+    frame = pd.DataFrame(losses, columns=["model", "validation loss", "perplexity", "tokens", "rows"])
+    return {"losses": {n: round(x, 4) for n, x, *_ in losses},
+            "summary": _loss_summary(frame, chosen, {c.name: r for c, r in zip(chosen, results)})}
 
 
 if __name__ == "__main__":
