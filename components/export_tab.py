@@ -18,6 +18,7 @@ import gradio as gr
 from finetune.data import DataError, first_line
 from finetune.export import (ADAPTER_DIR, MERGE_TARGETS, MERGED_DIR, PLOT_FILE, ExportError, merge_adapter,
                              merge_report, model_card, push_folder, write_model_card, zip_adapter)
+from finetune.gguf_export import GGUF_TYPES, ollama_command, write_gguf, zip_merged
 from finetune.models import ModelSourceError
 from finetune.runs import RunError, RunManager
 
@@ -129,6 +130,65 @@ def push_model(manager: RunManager, run_id: str | None, what: str, repo_id: str,
     return f"Pushed the {what.lower()} of `{run_id}` to [{repo_id}]({url})."
 
 
+def _merge_into(target: str | None) -> str:
+    into = MERGE_CHOICES.get(target or next(iter(MERGE_CHOICES)))
+    if into is None:
+        raise gr.Error(f"Choose what to merge into: {' or '.join(MERGE_CHOICES)}.")
+    return into
+
+
+def build_gguf(manager: RunManager, run_id: str | None, out_type: str | None, target: str | None = None,
+               progress: gr.Progress = gr.Progress()) -> tuple[list[str], str]:
+    """Merge and write the run as a GGUF file plus its Ollama Modelfile: (files to download, message)."""
+    folder = _run_dir(manager, run_id)
+    try:
+        result = write_gguf(folder, out_type or "", into=_merge_into(target),
+                            progress=lambda fraction, text: progress(fraction, desc=text))
+    except (ExportError, ModelSourceError) as error:
+        raise gr.Error(str(error)) from None
+    except (MemoryError, RuntimeError) as error:  # a base too large for this machine's RAM
+        raise gr.Error(f"GGUF export failed: {first_line(error)}") from None
+    files = [downloadable(result.path), downloadable(result.modelfile)]
+    return files, (f"{result.summary()}\n\nRun it with llama.cpp (`llama-cli -m {result.path.name} -cnv`) or "
+                   f"create an Ollama model from the Modelfile beside it:\n\n```\n{ollama_command(result)}\n```")
+
+
+def download_merged(manager: RunManager, run_id: str | None, target: str | None = None,
+                    progress: gr.Progress = gr.Progress()) -> tuple[str, str]:
+    """The merged model folder (safetensors, config, tokenizer, model card) as one zip."""
+    folder = _run_dir(manager, run_id)
+    try:
+        path = zip_merged(folder, into=_merge_into(target),
+                          progress=lambda fraction, text: progress(fraction, desc=text))
+    except (ExportError, ModelSourceError) as error:
+        raise gr.Error(str(error)) from None
+    return downloadable(path), (f"`{path.name}` ({_size(path)}): unzip it and load the folder with "
+                                "`AutoModelForCausalLM.from_pretrained(folder)`.")
+
+
+def _build_gguf_section(manager: RunManager, run: Any, merge_target: Any) -> dict[str, Any]:
+    with gr.Accordion("Take it home: GGUF for llama.cpp / Ollama, merged model download", open=False):
+        with gr.Row():
+            gguf_type = gr.Dropdown(list(GGUF_TYPES), value="q8_0", label="GGUF type", elem_id="export-gguf-type",
+                                    info="; ".join(f"{k}: {v}" for k, v in GGUF_TYPES.items()))
+            gguf_button = gr.Button("Build GGUF + Modelfile", elem_id="export-gguf")
+            merged_button = gr.Button("Download merged model (.zip)", elem_id="export-merged-zip")
+        gguf_files = gr.File(label="GGUF file and Ollama Modelfile", file_count="multiple", interactive=False,
+                             elem_id="export-gguf-files")
+        merged_file = gr.File(label="Merged model zip", interactive=False, elem_id="export-merged-file")
+        gguf_message = gr.Markdown(elem_id="export-gguf-message")
+    # Building holds a merged float model in RAM: one at a time per app (write_gguf also refuses a second
+    # build of the same run from another process).
+    gguf_button.click(functools.partial(build_gguf, manager), [run, gguf_type, merge_target],
+                      [gguf_files, gguf_message], api_name="export_gguf", concurrency_limit=1,
+                      concurrency_id="export-merge")
+    merged_button.click(functools.partial(download_merged, manager), [run, merge_target],
+                        [merged_file, gguf_message], api_name="download_merged", concurrency_limit=1,
+                        concurrency_id="export-merge")
+    return {"gguf_type": gguf_type, "gguf": gguf_button, "gguf_files": gguf_files, "merged_zip": merged_button,
+            "merged_file": merged_file, "gguf_message": gguf_message}
+
+
 def build_export_tab(manager: RunManager) -> dict[str, Any]:
     with gr.Row():
         run = gr.Dropdown([], label="Finished run", elem_id="export-run", scale=3, allow_custom_value=True,
@@ -145,6 +205,7 @@ def build_export_tab(manager: RunManager) -> dict[str, Any]:
                                  "error, which the adapter never saw. The message compares their validation loss.")
     zip_file = gr.File(label="Adapter zip", elem_id="export-zip-file", interactive=False)
     message = gr.Markdown(elem_id="export-message")
+    gguf = _build_gguf_section(manager, run, merge_target)
     with gr.Accordion("Push to the Hugging Face Hub", open=False):
         with gr.Row():
             what = gr.Radio(list(PUSH_KINDS), value=PUSH_KINDS[0], label="What to push")
@@ -162,7 +223,7 @@ def build_export_tab(manager: RunManager) -> dict[str, Any]:
     return {"run": run, "refresh": refresh, "zip": zip_button, "merge": merge_button, "zip_file": zip_file,
             "merge_target": merge_target,
             "message": message, "what": what, "repo_id": repo_id, "token": token, "private": private,
-            "push": push_button, "card": card, "plot": plot}
+            "push": push_button, "card": card, "plot": plot, **gguf}
 
 
 def _wire(manager: RunManager, run: Any, refresh: Any, zip_button: Any, merge_button: Any, push_button: Any,

@@ -34,6 +34,7 @@ import shutil
 import socket
 import sys
 import threading
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -632,6 +633,29 @@ def write_gguf(run_dir: str | Path, out_type: str = "q8_0", into: str = "trained
             "tensor_types": result.tensor_types, "kept": result.kept}), encoding="utf-8")
         progress(1.0, "GGUF written")
         return result
+
+
+def zip_merged(run_dir: str | Path, into: str = "trained", progress: Progress = _no_progress) -> Path:
+    """run/export/<run>-merged.zip: the merged model (safetensors, config, tokenizer, model card) for download,
+    merging first when run/merged is missing, older than the adapter, or merged into another target."""
+    run_dir = Path(run_dir)
+    merged = merged_for(run_dir, check_merge_target(into), lambda f, m: progress(0.7 * f / 0.3, m))
+    target = run_dir / EXPORT_DIR / f"{run_dir.name}-merged.zip"
+    partial = target.with_name(target.name + ".partial")  # a download never sees half a zip
+    progress(0.75, "Zipping the merged model")
+    try:
+        with zipfile.ZipFile(partial, "w", compression=zipfile.ZIP_STORED) as archive:  # weights do not compress
+            for path in sorted(merged.rglob("*")):
+                if path.is_file():
+                    archive.write(path, f"{run_dir.name}-merged/{path.relative_to(merged).as_posix()}")
+        os.replace(partial, target)
+    except OSError as error:
+        raise ExportError(f"Zipping the merged model failed ({first_line(error)}); nothing was left behind.") \
+            from None
+    finally:
+        partial.unlink(missing_ok=True)
+    progress(1.0, "Zipped")
+    return target
 
 
 def main(argv: list[str] | None = None) -> int:

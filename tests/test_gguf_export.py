@@ -355,3 +355,37 @@ def test_cli_writes_the_file_and_explains_bad_input(trained_run):
                          capture_output=True, text=True, env=env, cwd=ROOT)
     assert bad.returncode == 2 and "error: GGUF type must be one of" in bad.stderr
     assert "Traceback" not in bad.stderr
+
+
+def test_export_tab_builds_the_gguf_and_the_merged_zip_through_the_app_api(exports, trained_run):
+    """The Export tab's handlers through the real app and gradio_client: the downloaded GGUF is the file the
+    run wrote (read back), the Modelfile comes with it, the merged-model zip holds a loadable model folder."""
+    import zipfile
+
+    from gguf import GGUFReader
+    from gradio_client import Client
+    from gradio_client.exceptions import AppError
+
+    from conftest import served_app
+
+    with served_app(trained_run.parent) as url:
+        client = Client(url, verbose=False)
+        files, message = client.predict(trained_run.name, "q4_1", "Weights it trained against (answers as in Chat)",
+                                        api_name="/export_gguf")
+        by_name = {Path(f["path"] if isinstance(f, dict) else f).name: Path(f["path"] if isinstance(f, dict) else f)
+                   for f in files}
+        gguf_file, modelfile = by_name["run-q4_1.gguf"], by_name["run-q4_1.Modelfile"]
+        assert GGUFReader(gguf_file).fields["general.file_type"].contents() == 3  # llama.cpp's MOSTLY_Q4_1
+        assert gguf_file.read_bytes() == gguf_path(trained_run, "q4_1").read_bytes()
+        assert "FROM ./run-q4_1.gguf" in modelfile.read_text(encoding="utf-8")
+        assert "bits per weight" in message and "ollama create run-q4_1 -f run-q4_1.Modelfile" in message
+        with pytest.raises(AppError, match="q2_k is not in the list of choices"):  # gradio's own check
+            client.predict(trained_run.name, "q2_k", "Weights it trained against (answers as in Chat)",
+                           api_name="/export_gguf")
+        archive, message = client.predict(trained_run.name, "Weights it trained against (answers as in Chat)",
+                                          api_name="/download_merged")
+        with zipfile.ZipFile(archive["path"] if isinstance(archive, dict) else archive) as handle:
+            names = set(handle.namelist())
+        assert {f"run-merged/{n}" for n in ("config.json", "model.safetensors", "tokenizer.json", "README.md")} \
+            <= names
+        assert "from_pretrained" in message
