@@ -119,6 +119,8 @@ class ChildProcess:
     def alive(self) -> bool:
         if self.popen is not None:
             return self.popen.poll() is None
+        if self.started is not None and _process_start(self.pid or 0) not in (None, self.started):
+            return False  # the pid now belongs to a later process (the machine restarted, pids came round)
         return _pid_alive(self.pid)
 
     def exit_code(self) -> int | None:
@@ -434,7 +436,8 @@ class RunManager:
         status = self.status(run_id)
         if status.get("state") not in ("running", "queued"):
             return status
-        (folder / STOP_FILE).touch()
+        if not (folder / STOP_FILE).exists():  # pressing Stop again must not push the deadline back
+            (folder / STOP_FILE).touch()
         if not is_remote(status):
             self._escalate_in_background(run_id)
         return status
@@ -442,7 +445,8 @@ class RunManager:
     def stop(self, run_id: str, timeout: float = 600.0) -> dict[str, Any]:
         """request_stop, then wait until the run has ended and its process is gone (for the CLI and tests)."""
         process = self._process(run_id, read_status(self.run_dir(run_id)))
-        self.request_stop(run_id)
+        if self.request_stop(run_id).get("state") not in ("running", "queued"):
+            return self.status(run_id)
         status = self.wait(run_id, timeout=timeout)
         process.wait_for_exit(time.time() + timeout)  # the child writes its final state just before it exits
         return status

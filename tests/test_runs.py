@@ -113,6 +113,19 @@ def test_a_run_whose_process_vanished_is_marked_interrupted(manager, tiny_model_
     assert [s.run_id for s in summaries] == ["ghost-run"] and summaries[0].config == cfg
 
 
+def test_a_pid_that_now_belongs_to_another_process_is_not_taken_for_the_run(manager, tiny_model_dir, qa_file):
+    """After a machine restart a recorded pid can come round to an unrelated process (here: this test's own):
+    the process start time recorded beside it tells them apart, so the run is marked interrupted, not running."""
+    from finetune.config import save_config
+    from finetune.metrics import write_status
+
+    folder = manager.run_dir("reused-pid")
+    folder.mkdir()
+    save_config(tiny_run_config(tiny_model_dir, qa_file), folder / "config.yaml")
+    write_status(folder, state="running", pid=os.getpid(), pid_start="1")  # alive, but started at another time
+    assert RunManager(manager.root).status("reused-pid")["state"] == "interrupted"
+
+
 @pytest.mark.parametrize("bad", ["../etc", "a/b", "", ".hidden", "x" * 200, "..", "run\x00"])
 def test_run_ids_cannot_escape_the_runs_folder(manager, bad):
     with pytest.raises(RunError, match="Invalid run id"):
@@ -202,6 +215,8 @@ def test_stop_kills_a_hung_child_group_even_across_an_app_restart(script_root, t
     patient.request_stop(run_id)  # returns at once: the escalation waits in the background
     asked = patient.status(run_id)
     assert asked["state"] == "running" and asked["stop_requested_at"] > 0
+    patient.request_stop(run_id)  # pressed again: the deadline stays where the first press put it
+    assert patient.status(run_id)["stop_requested_at"] == asked["stop_requested_at"]
     assert live_group_members(pgid) == {pgid, helper}
     with pytest.raises(RunInProgressError):
         patient.start(cfg)  # still training until it is stopped or killed
