@@ -32,6 +32,9 @@ class FakeLangSmith:
         self.runs: dict[str, dict] = {}
         self.feedback: dict[str, dict] = {}
         self.drop_after_store: Counter[str] = Counter()  # path -> how many requests to store, then hang up on
+        self.hold_requests = False         # while True, each request waits for `release` before it is answered
+        self.holding = threading.Event()   # set once a request is being held
+        self.release = threading.Event()
         self.server: ThreadingHTTPServer | None = None
         self.lock = threading.Lock()
 
@@ -80,6 +83,9 @@ class FakeLangSmith:
                 pass
 
             def _serve(self, method: str) -> None:
+                if stub.hold_requests:  # LangSmith that accepts the connection and does not answer (yet)
+                    stub.holding.set()
+                    stub.release.wait(60)
                 length = int(self.headers.get("Content-Length") or 0)
                 body = json.loads(self.rfile.read(length) or b"null") if length else None
                 with stub.lock:
@@ -166,15 +172,24 @@ def test_runs_and_feedback_arrive_and_an_outage_loses_nothing(tmp_path, fake, ca
         assert {r["api_key"] for r in fake.requests} == {SECRET}  # the key is sent, as a header only
         assert store.sync_summary() == "LangSmith: on (project lora-lab-test), 0 waiting"
 
+        # The UI never waits for LangSmith: while LangSmith holds the sender's request unanswered, the UI's
+        # calls still return, with the feedback stored.
+        fake.hold_requests = True
+        held = _turn(store, 3)
+        assert fake.holding.wait(15)  # the sender is inside a request that LangSmith does not answer...
+        store.add_thumbs(held["tuned"], True)  # ...and this returns all the same
+        assert not fake.release.is_set() and store.counts()["events"] == 4
+        fake.hold_requests = False
+        fake.release.set()
+        assert store.flush(20), store.sync_summary()
+
         # LangSmith goes away: feedback is still stored at once and waits in the outbox.
         fake.stop()
-        started = time.monotonic()
         later = _turn(store, 2)
         store.add_thumbs(later["base"], False, comment="wrong")
         store.add_preference(later["base"], later["tuned"], "tie")
         store.add_comment(later["base"], "both verbose", other_id=later["tuned"])
-        assert time.monotonic() - started < 2.0  # the UI never waits for LangSmith
-        assert store.counts()["events"] == 6
+        assert store.counts()["events"] == 7
         _wait(lambda: store.sync_status()["last_error"] is not None)
         summary = store.sync_summary()
         assert "7 waiting" in summary and "ConnectionError" in summary, summary
@@ -188,7 +203,7 @@ def test_runs_and_feedback_arrive_and_an_outage_loses_nothing(tmp_path, fake, ca
     delivered = Counter(r["body"]["id"] for r in fake.requests
                         if r["status"] == 200 and r["path"] in ("/runs", "/feedback"))
     assert set(delivered) == expected and set(delivered.values()) == {1}  # every item exactly once
-    assert len(fake.runs) == 4 and len(fake.feedback) == 9
+    assert len(fake.runs) == 6 and len(fake.feedback) == 10
     assert not [r for r in fake.requests if r["status"] == 404]  # nothing went to an endpoint the stub lacks
     for text in (caplog.text, summary):
         assert SECRET not in text and SECRET[:5] + "*" not in text and SECRET[-6:] not in text
