@@ -10,7 +10,7 @@ from typing import Any, Callable
 
 import pytest
 
-from finetune.metrics import read_metrics, read_status, write_status
+from finetune.metrics import FINAL_STATES, read_metrics, read_status, write_status
 from finetune.runs import RunError, RunInProgressError, RunManager
 from finetune.train import last_checkpoint
 
@@ -232,9 +232,9 @@ def test_stop_kills_a_hung_child_group_even_across_an_app_restart(script_root, t
 
     restarted.mode = "finish"
     second = restarted.start(cfg)  # the slot is free again
-    assert wait_until(lambda: restarted.status(second)["state"] != "queued" and
-                      restarted.status(second)["state"] != "running" and restarted.status(second),
-                      "the second run finished")["state"] == "completed"
+    finished = wait_until(lambda: (s := restarted.status(second))["state"] in FINAL_STATES and s,
+                          "the second run finished")
+    assert finished["state"] == "completed"
 
 
 def test_a_finished_child_is_reaped(script_root, tiny_model_dir, qa_file):
