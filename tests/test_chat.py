@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -458,3 +460,81 @@ def test_the_chat_tab_compares_a_policy_with_its_starting_adapter(policy_runs, e
 
     with pytest.raises(gr.Error, match="did not start from an adapter"):
         _tab_answers(policy_runs, engine, "sft-run", "start")
+
+
+# --- fair use through gradio's own queue: a visible position, and a cancelled request stops -------------------
+
+class _SlowClock(_StepClock):
+    """A step clock that, from its ``slow_from``-th read on, makes each token take 50 ms of real time: a 400-token
+    answer then lasts 20 s, long enough to be seen generating, queued behind and cancelled on a busy machine
+    (the test waits on conditions, it never times anything)."""
+
+    def __init__(self, slow_from: int) -> None:
+        import threading
+
+        super().__init__()
+        self.slow_from, self.generating = slow_from, threading.Event()
+
+    def __call__(self) -> float:
+        import time
+
+        now = super().__call__()
+        if self.reads >= self.slow_from:
+            self.generating.set()
+            time.sleep(0.05)
+        return now
+
+
+@contextlib.contextmanager
+def _served_chat_tab(manager, engine):
+    """The real Chat tab behind gradio's real queue on a free loopback port (the app's own queue settings)."""
+    import socket
+
+    import gradio as gr
+
+    from app import main  # noqa: F401 - the app imports cleanly; its queue settings are mirrored below
+    from components.chat_tab import build_chat_tab
+
+    with gr.Blocks() as demo:
+        build_chat_tab(manager, engine, None)
+    demo.queue(default_concurrency_limit=4)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+    try:
+        yield f"http://127.0.0.1:{port}/"
+    finally:
+        demo.close()
+
+
+def _wait_for(condition) -> Any:
+    """Poll until ``condition()`` is truthy (a wait on a condition, not a timed sleep); returns its value."""
+    import time
+
+    while not (value := condition()):
+        time.sleep(0.05)
+    return value
+
+
+def test_a_waiting_visitor_sees_their_place_and_a_cancelled_request_frees_the_model(policy_runs, model_cfg):
+    from gradio_client import Client
+    from gradio_client.utils import Status
+
+    clock = _SlowClock(slow_from=4)
+    engine = ChatEngine(max_seconds=0, clock=clock)  # no time budget: only the cancel can end the long answer
+    with _served_chat_tab(policy_runs, engine) as url:
+        busy, waiting = Client(url, verbose=False), Client(url, verbose=False)
+        long_job = busy.submit("Tell me a story", "sft-run", [], [], 400, 0.0, 0.9, 0, api_name="/chat")
+        _wait_for(lambda: clock.generating.is_set() or long_job.done())
+        assert not long_job.done(), long_job.exception()  # the long answer is generating
+        short_job = waiting.submit("hi", "sft-run", [], [], 4, 0.0, 0.9, 0, api_name="/chat")
+        queued = _wait_for(lambda: (s := short_job.status()).code == Status.IN_QUEUE and s.rank is not None and s)
+        assert queued.rank == 0 and queued.queue_size >= 1  # gradio's queue tells the visitor their place
+        long_job.cancel()  # what gradio does when a client goes away, too: it closes the handler's generator
+        left, right, _ = short_job.result()  # the waiting visitor is served...
+        assert right[-1]["role"] == "assistant" and right[-1]["content"]
+    assert not _generation_threads()
+    assert engine._generation_lock.acquire(blocking=False)  # ...and nothing holds the model any more
+    engine._generation_lock.release()
+    assert clock.reads < 300  # the cancelled answer stopped long before its 400 tokens
