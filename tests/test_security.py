@@ -173,12 +173,12 @@ def test_tokens_never_reach_logs_run_folders_exports_or_the_page(tmp_path, monke
             client.predict(run_id, "Adapter", "someone/lora", PUSH_SECRET, True, api_name="/push_to_hub")
         sync = client.predict(api_name="/feedback_summary")
         page = urllib.request.urlopen(url).read() + urllib.request.urlopen(url + "config").read()
-        time.sleep(1.0)  # let the LangSmith sender fail at least once against the closed port
+        deadline = time.time() + 60  # the LangSmith sender fails at least once against the closed port
+        while not _outbox_errors(root):
+            assert time.time() < deadline, "the LangSmith sender never tried"
+            time.sleep(0.1)
 
-    import sqlite3
-
-    with sqlite3.connect(root / "feedback.db") as db:  # the LangSmith client really ran and failed
-        errors = [row[0] for row in db.execute("SELECT last_error FROM outbox WHERE last_error IS NOT NULL")]
+    errors = _outbox_errors(root)  # the LangSmith client really ran and failed
     assert errors and "waiting" in repr(sync)
     texts = {"push refusal": str(refused.value).encode(), "page and /config": page,
              "feedback summary": repr(sync).encode(), "app logs": "".join(capfd.readouterr()).encode()}
@@ -188,6 +188,13 @@ def test_tokens_never_reach_logs_run_folders_exports_or_the_page(tmp_path, monke
     assert any(name.endswith("train.log") for name in texts) and any("tensorboard" in n for n in texts)
     leaks = [(name, secret) for name, data in texts.items() for secret in SECRETS if secret.encode() in data]
     assert not leaks, leaks
+
+
+def _outbox_errors(root) -> list[str]:
+    import sqlite3
+
+    with sqlite3.connect(root / "feedback.db") as db:
+        return [row[0] for row in db.execute("SELECT last_error FROM outbox WHERE last_error IS NOT NULL")]
 
 
 # --- the path gate (finetune/paths.py): what a request can reach --------------------------------------------------
@@ -473,3 +480,17 @@ def test_uploads_only_from_gradio_folder(tmp_path, monkeypatch, qa_file):
         with pytest.raises(paths.PathRefused):
             data_source(manager, None, "dpo", {"data_kind": "Uploaded file", "data_file": outside})
     assert not (manager.root / "uploads").exists()  # nothing refused was copied in
+
+
+def test_a_run_id_is_looked_up_among_the_runs_only(tmp_path, monkeypatch):
+    """A start adapter or reward model named like a run id never reaches a folder of the app's working directory;
+    a folder must be written as a path, which the tab's path gate then judges (the CLI's operator may use any)."""
+    from finetune.models import ModelSourceError
+    from finetune.rlhf import resolve_run_folder
+
+    (tmp_path / "elsewhere" / "adapter").mkdir(parents=True)
+    (tmp_path / "elsewhere" / "adapter" / "adapter_config.json").write_text("{}")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ModelSourceError, match="No adapter found for 'elsewhere'"):
+        resolve_run_folder("elsewhere", tmp_path / "runs", "adapter")
+    assert resolve_run_folder("./elsewhere", tmp_path / "runs", "adapter") == Path("elsewhere") / "adapter"
