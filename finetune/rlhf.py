@@ -35,6 +35,7 @@ from finetune.hardware import HardwareProfile, detect
 from finetune.lm_head import use_cpu_lm_head
 from finetune.metrics import STOP_FILE, MetricsCallback
 from finetune.models import ModelSourceError, count_parameters, load_model, load_tokenizer
+from finetune.paths import RUN_ID
 from finetune.preference import (PreferenceData, data_size, load_preferences, rows_per_step, size_statement,
                                  size_warnings)
 from finetune.recipe import resolve_recipe
@@ -81,7 +82,11 @@ def to_grpo_config(cfg: RunConfig, profile: HardwareProfile, run_dir: Path) -> A
 
 def resolve_run_folder(value: str, runs_root: Path, sub: str) -> Path:
     """A run id (looked up under runs_root) or a folder -> the folder holding the adapter (``sub`` of a run)."""
-    for candidate in (runs_root / value / sub, Path(value).expanduser() / sub, Path(value).expanduser()):
+    # A run id is looked up among the runs only: 'data' must not reach ./data of whatever folder the app runs in.
+    # A folder has passed the path gate (finetune.paths) in the tab, or is the operator's own in the CLI.
+    folder = Path(value).expanduser()
+    candidates = (runs_root / value / sub,) if RUN_ID.match(value) and ".." not in value else (folder / sub, folder)
+    for candidate in candidates:
         if (candidate / "adapter_config.json").is_file():
             return candidate
     what = "reward model" if sub == REWARD_DIR else "adapter"
