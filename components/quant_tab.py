@@ -56,10 +56,6 @@ def _row(result: QuantResult, reference: dict[str, QuantResult]) -> list[Any]:
 def _check(source: str, keys: list[str] | None, limit: float | None, max_new_tokens: float, prompt: str) -> None:
     if not (source or "").strip():
         raise gr.Error("Enter a model: the embedded name, a Hub id or a local folder.")
-    try:
-        paths.model_source(source)
-    except paths.PathRefused as error:
-        raise gr.Error(str(error)) from None
     if not keys:
         raise gr.Error("Pick at least one format.")
     if not limit or limit < 1 or not float(limit).is_integer():
@@ -77,6 +73,10 @@ def run_comparison(profile: HardwareProfile, source: str, keys: list[str] | None
                    ) -> Iterator[tuple[pd.DataFrame, pd.DataFrame | None, pd.DataFrame, str]]:
     """Measure each chosen format in turn; yields (table, memory-vs-perplexity points, answers, status)."""
     _check(source, keys, limit, max_new_tokens, prompt)
+    try:
+        source = paths.model_source(source)  # the gated (in listed roots: resolved) path is the one read
+    except paths.PathRefused as error:
+        raise gr.Error(str(error)) from None
     ordered = [k for k in FORMATS if k in keys]
     unknown = sorted(set(keys) - set(FORMATS))
     if unknown:

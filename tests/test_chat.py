@@ -487,12 +487,12 @@ class _SlowClock(_StepClock):
 
 @contextlib.contextmanager
 def _served_chat_tab(manager, engine):
-    """The real Chat tab behind gradio's real queue on a free loopback port (the app's own queue settings)."""
+    """The real Chat tab behind gradio's real queue on a free loopback port, queued as app.main() queues the app
+    (the tab's own engine, so the test can see its lock and clock)."""
     import socket
 
     import gradio as gr
 
-    from app import main  # noqa: F401 - the app imports cleanly; its queue settings are mirrored below
     from components.chat_tab import build_chat_tab
 
     with gr.Blocks() as demo:
