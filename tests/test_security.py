@@ -382,6 +382,15 @@ def test_real_uploads_bundled_data_and_allowed_roots_still_work(gated_app, tmp_p
     assert "Example" in aid, aid
 
 
+def test_gradios_file_route_serves_no_server_file(gated_app):
+    """The other way a request names a path: gradio's own file route (/gradio_api/file=...), which serves only
+    what the app made or the visitor uploaded."""
+    client, secret, allowed, runs = gated_app
+    for path in (secret / "secret.jsonl", allowed / "escape" / "secret.jsonl", runs / "finished" / "config.yaml"):
+        answer = httpx.get(f"{client.src}gradio_api/file={path}", timeout=30)
+        assert answer.status_code == 403 and MARKER not in answer.text
+
+
 def test_upload_folder_is_gradios_own():
     import gradio.utils
 
