@@ -8,6 +8,7 @@ Formats load one at a time and each row appears as soon as it is measured.
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any, Iterator
 
 import gradio as gr
@@ -18,6 +19,7 @@ from finetune.chat import MAX_PROMPT_CHARS
 from finetune.config import BUNDLED_DATASET, EMBEDDED_MODEL
 from finetune.data import first_line
 from finetune.evaluate import load_eval_rows
+from finetune.gguf_export import ExportError, GgufMeasurement, measure_gguf
 from finetune.hardware import HardwareProfile
 from finetune.models import ModelSourceError
 from finetune.quantize import FORMATS, MB, QuantResult, measure
@@ -25,6 +27,16 @@ from finetune.quantize import FORMATS, MB, QuantResult, measure
 COLUMNS = ["format", "quantized layers (MB, measured)", "theoretical (MB)", "bits / weight", "vs 16-bit",
            "whole model (MB)", "perplexity", "vs fp32", "tokens/s"]
 ANSWER_COLUMNS = ["format", "answer"]
+# llama.cpp's block formats beside bitsandbytes' (finetune/gguf_export.py writes them): blocks of 32 weights with
+# one fp16 scale (and a minimum in the _1 types), against NF4's 64-weight blocks of normal-distributed levels.
+GGUF_FORMATS = {"gguf-q8_0": ("q8_0", "GGUF Q8_0: 8-bit integers in blocks of 32, one fp16 scale each (8.5 bits "
+                                      "per weight). llama.cpp's near-lossless type."),
+                "gguf-q5_1": ("q5_1", "GGUF Q5_1: 5-bit integers in blocks of 32 with an fp16 scale and minimum "
+                                      "(6 bits per weight)."),
+                "gguf-q4_0": ("q4_0", "GGUF Q4_0: 4-bit integers in blocks of 32 with one fp16 scale (4.5 bits "
+                                      "per weight): evenly spaced levels, where NF4 spaces them like a normal "
+                                      "distribution.")}
+GGUF_BITS = {"q8_0": 8.5, "q5_1": 6.0, "q4_0": 4.5}
 
 LEARN_QUANT = """**What quantization stores per weight.** A 32-bit float takes 4 bytes and a 16-bit float 2. LLM.int8
 keeps one signed byte per weight plus one fp32 scale per row. 4-bit formats (NF4, FP4) keep a 4-bit index into a
@@ -39,7 +51,16 @@ the quantization error, which is why QLoRA matches 16-bit LoRA quality at a quar
 
 
 def format_choices(profile: HardwareProfile) -> list[tuple[str, str]]:
-    return [(f.label(profile), f.key) for f in FORMATS.values()]
+    return [(f.label(profile), f.key) for f in FORMATS.values()] + [
+        (f"GGUF {out_type.upper()}", key) for key, (out_type, _) in GGUF_FORMATS.items()]
+
+
+def gguf_result(key: str, measured: GgufMeasurement) -> QuantResult:
+    """A GGUF measurement as a row of the table; 'whole model' is the file's size, tokens/s is not measured (the
+    file is loaded back dequantized to fp32, so its speed would say nothing about llama.cpp's)."""
+    return QuantResult(key, f"GGUF {measured.out_type.upper()}", measured.layer_bytes, measured.file_bytes,
+                       measured.weights * GGUF_BITS[measured.out_type] / 8, measured.weights, measured.loss,
+                       measured.perplexity, math.nan, measured.answer, 0.0)
 
 
 def _row(result: QuantResult, reference: dict[str, QuantResult]) -> list[Any]:
@@ -50,7 +71,7 @@ def _row(result: QuantResult, reference: dict[str, QuantResult]) -> list[Any]:
             f"{result.layer_bytes / half.layer_bytes:.3f}x" if half else "–",
             round(result.model_bytes / MB, 1), round(result.perplexity, 3),
             f"{100 * (result.perplexity / full.perplexity - 1):+.1f}%" if full else "–",
-            round(result.tokens_per_second, 2)]
+            "–" if math.isnan(result.tokens_per_second) else round(result.tokens_per_second, 2)]
 
 
 def _check(source: str, keys: list[str] | None, limit: float | None, max_new_tokens: float, prompt: str) -> None:
@@ -77,10 +98,10 @@ def run_comparison(profile: HardwareProfile, source: str, keys: list[str] | None
         source = paths.model_source(source)  # the gated (in listed roots: resolved) path is the one read
     except paths.PathRefused as error:
         raise gr.Error(str(error)) from None
-    ordered = [k for k in FORMATS if k in keys]
-    unknown = sorted(set(keys) - set(FORMATS))
+    ordered = [k for k in (*FORMATS, *GGUF_FORMATS) if k in keys]
+    unknown = sorted(set(keys) - set(FORMATS) - set(GGUF_FORMATS))
     if unknown:
-        raise gr.Error(f"Unknown format(s) {', '.join(unknown)}; choose from {', '.join(FORMATS)}.")
+        raise gr.Error(f"Unknown format(s) {', '.join(unknown)}; choose from {', '.join((*FORMATS, *GGUF_FORMATS))}.")
     try:
         rows = load_eval_rows(data_source or BUNDLED_DATASET, split or "validation", int(limit))
     except ValueError as error:
@@ -88,15 +109,22 @@ def run_comparison(profile: HardwareProfile, source: str, keys: list[str] | None
     results: dict[str, QuantResult] = {}
     for index, key in enumerate(ordered):
         # None first: gradio's plot fixes its colour domain on first data, so a new series needs a rebuilt chart.
+        label = FORMATS[key].label(profile) if key in FORMATS else f"GGUF {GGUF_FORMATS[key][0].upper()}"
         yield (_table(results), None, _answers(results),
-               f"Loading and measuring **{FORMATS[key].label(profile)}** ({index + 1}/{len(ordered)})…")
+               f"Loading and measuring **{label}** ({index + 1}/{len(ordered)})…")
         try:
-            results[key] = measure(FORMATS[key], source.strip(), rows, prompt.strip(), int(max_new_tokens),
-                                   profile=profile)
-        except (ModelSourceError, ValueError, RuntimeError, OSError, ImportError) as error:
-            raise gr.Error(f"{FORMATS[key].label(profile)} failed: {first_line(error)}") from None
+            results[key] = _measure(profile, key, source.strip(), rows, prompt.strip(), int(max_new_tokens))
+        except (ModelSourceError, ExportError, ValueError, RuntimeError, OSError, ImportError) as error:
+            raise gr.Error(f"{label} failed: {first_line(error)}") from None
         yield (_table(results), _points(results), _answers(results),
                _summary(results) if index == len(ordered) - 1 else gr.skip())
+
+
+def _measure(profile: HardwareProfile, key: str, source: str, rows: Any, prompt: str, max_new_tokens: int
+             ) -> QuantResult:
+    if key in GGUF_FORMATS:
+        return gguf_result(key, measure_gguf(source, GGUF_FORMATS[key][0], rows, prompt, max_new_tokens))
+    return measure(FORMATS[key], source, rows, prompt, max_new_tokens, profile=profile)
 
 
 def _table(results: dict[str, QuantResult]) -> pd.DataFrame:
@@ -124,7 +152,8 @@ def _summary(results: dict[str, QuantResult]) -> str:
 
 
 def explanations_markdown(profile: HardwareProfile) -> str:
-    return "\n".join(f"- **{f.label(profile)}**: {f.explanation}" for f in FORMATS.values())
+    return "\n".join([f"- **{f.label(profile)}**: {f.explanation}" for f in FORMATS.values()]
+                     + [f"- **{text.split(':')[0]}**:{text.split(':', 1)[1]}" for _, text in GGUF_FORMATS.values()])
 
 
 def build_quant_tab(profile: HardwareProfile) -> dict[str, Any]:

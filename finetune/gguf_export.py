@@ -658,6 +658,81 @@ def zip_merged(run_dir: str | Path, into: str = "trained", progress: Progress = 
     return target
 
 
+# --- the Quantization tab's GGUF rows -------------------------------------------------------------------------------
+
+# The matrices bitsandbytes quantizes (every Linear but the LM head), by their llama.cpp names: the GGUF rows of the
+# Quantization tab count the same layers as its bitsandbytes rows.
+LINEAR_TENSORS = re.compile(r"blk\.\d+\.(attn_(q|k|v|output)|ffn_(gate|up|down))\.weight$")
+
+
+@dataclass(frozen=True)
+class GgufMeasurement:
+    out_type: str
+    file_bytes: int
+    layer_bytes: int      # the quantized layers' bytes in the file (blocks with their scales)
+    weights: int          # weights in those layers
+    loss: float
+    perplexity: float
+    answer: str           # greedy answer of the file's weights, dequantized to fp32 by transformers
+
+
+def saved_model_dir(source: str, scratch: Path) -> Path:
+    """A folder holding ``source`` as safetensors: the embedded model's cache, a local folder that has them, or
+    a copy saved into ``scratch``."""
+    from transformers import AutoModelForCausalLM
+
+    from finetune.models import resolve_source
+
+    folder = Path(resolve_source(source))
+    if folder.is_dir() and any(folder.glob("*.safetensors")):
+        return folder
+    model = from_hub_or_cache(AutoModelForCausalLM.from_pretrained, source, dtype="float32")
+    model.save_pretrained(scratch / "model")
+    return scratch / "model"
+
+
+def measure_gguf(source: str, out_type: str, rows: Any, prompt: str, max_new_tokens: int = 32,
+                 batch_size: int = 4) -> GgufMeasurement:
+    """Write ``source`` as a GGUF of ``out_type`` into a temp folder, load it back with transformers' GGUF loader,
+    and measure its size, perplexity on ``rows`` and a greedy answer (speed is llama.cpp's business, not
+    measured: the loaded copy is dequantized fp32)."""
+    import tempfile
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from finetune.config import ModelConfig
+    from finetune.evaluate import dataset_loss
+
+    out_type = check_type(out_type)
+    tokenizer = load_tokenizer(ModelConfig(source=source))
+    with tempfile.TemporaryDirectory(prefix="lora-lab-gguf-") as scratch:
+        model_dir = saved_model_dir(source, Path(scratch))
+        result = convert_folder(model_dir, Path(scratch) / f"model-{out_type}.gguf", out_type, tokenizer, out_type)
+        layers = {name: qtype for name, qtype in result.tensor_types.items() if LINEAR_TENSORS.match(name)}
+        layer_bytes, weights = _layer_bytes(result.path, set(layers))
+        model = AutoModelForCausalLM.from_pretrained(scratch, gguf_file=result.path.name, dtype=torch.float32)
+        model.eval()
+        loss = dataset_loss(model, tokenizer, rows, batch_size=batch_size)
+        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                             add_generation_prompt=True)
+        batch = tokenizer(text, return_tensors="pt", add_special_tokens=False)
+        with torch.inference_mode():
+            output = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
+                                    pad_token_id=tokenizer.pad_token_id)
+        answer = tokenizer.decode(output[0, batch["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+        return GgufMeasurement(out_type, result.size_bytes, layer_bytes, weights, loss.loss, loss.perplexity,
+                               answer)
+
+
+def _layer_bytes(path: Path, names: set[str]) -> tuple[int, int]:
+    """(bytes, weights) of the named tensors as stored in the file, read back with GGUFReader."""
+    from gguf import GGUFReader
+
+    tensors = [t for t in GGUFReader(path).tensors if t.name in names]
+    return sum(int(t.n_bytes) for t in tensors), sum(int(t.n_elements) for t in tensors)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m finetune.gguf_export",
                                      description="Write a finished run as a GGUF file for llama.cpp / Ollama.")

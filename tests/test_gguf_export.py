@@ -389,3 +389,22 @@ def test_export_tab_builds_the_gguf_and_the_merged_zip_through_the_app_api(expor
         assert {f"run-merged/{n}" for n in ("config.json", "model.safetensors", "tokenizer.json", "README.md")} \
             <= names
         assert "from_pretrained" in message
+
+
+def test_quant_tab_gguf_rows_beside_bitsandbytes(tiny_model_dir):
+    """GGUF rows in the Quantization tab count the same layers as the bitsandbytes rows: their measured bits per
+    weight are the block formats' own (Q8_0 34 bytes / 32 weights, Q4_0 18 / 32), read back from the file."""
+    from components.quant_tab import run_comparison
+    from finetune.hardware import detect
+
+    steps = list(run_comparison(detect(), str(tiny_model_dir), ["fp32", "nf4", "gguf-q8_0", "gguf-q4_0"],
+                                "bundled:course_qa", "validation", 3, "Hi", 4))
+    table, points, answers, _ = steps[-1]
+    rows = table.set_index("format")
+    assert list(rows.index) == ["float32", "NF4", "GGUF Q8_0", "GGUF Q4_0"] and len(answers) == 4
+    assert rows.loc["GGUF Q8_0", "bits / weight"] == pytest.approx(8.5, abs=1e-3)
+    assert rows.loc["GGUF Q4_0", "bits / weight"] == pytest.approx(4.5, abs=1e-3)
+    assert rows.loc["GGUF Q8_0", "quantized layers (MB, measured)"] == rows.loc["GGUF Q8_0", "theoretical (MB)"]
+    assert rows.loc["GGUF Q4_0", "tokens/s"] == "–"  # the file's speed is llama.cpp's, not measured here
+    fp32 = rows.loc["float32", "perplexity"]
+    assert abs(rows.loc["GGUF Q8_0", "perplexity"] - fp32) <= abs(rows.loc["GGUF Q4_0", "perplexity"] - fp32)
