@@ -121,7 +121,7 @@ def push_model(manager: RunManager, run_id: str | None, what: str, repo_id: str,
         raise gr.Error("There is no merged model for this run yet: click 'Merge into base model' first.")
     try:
         write_model_card(folder, target, merged=merged)
-        url = push_folder(target, repo_id, token, private=bool(private),
+        url = push_folder(target, repo_id, token, private=bool(private), run_dir=folder,
                           progress=lambda fraction, text: progress(fraction, desc=text))
     except (ExportError, ModelSourceError) as error:
         raise gr.Error(str(error)) from None

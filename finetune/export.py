@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +38,10 @@ from finetune.paths import display_name
 from finetune.train import ADAPTER_DIR, CONFIG_COPY
 
 MERGED_DIR, EXPORT_DIR = "merged", "export"
+# The trainer's pickled arguments: server paths inside, and a pickle is nothing to hand a stranger to load.
+NOT_SHARED = ("training_args.bin",)
+SOURCE_FIELDS = (("model", "source"), ("data", "source"), ("preference", "start_adapter"),
+                 ("preference", "reward_model"))
 MERGE_TARGETS = {"trained": "dequantized from the bits it trained at (answers as in Chat)",
                  "original": "at original precision (not what the adapter trained against)"}
 CARD_FILE, PLOT_FILE, MERGE_INFO = "README.md", "loss.png", "lora_lab_merge.json"
@@ -105,10 +110,45 @@ def zip_adapter(run_dir: str | Path) -> Path:
     partial = target.with_suffix(".zip.partial")  # a download never sees half a zip
     with zipfile.ZipFile(partial, "w", compression=zipfile.ZIP_DEFLATED) as archive:
         for path in sorted(source.rglob("*")):
-            if path.is_file():
-                archive.write(path, path.relative_to(source).as_posix())
+            if path.is_file() and path.name not in NOT_SHARED:
+                name = path.relative_to(source).as_posix()
+                shared = shareable_text(run_dir, path)
+                archive.writestr(name, shared) if shared is not None else archive.write(path, name)
     os.replace(partial, target)
     return target
+
+
+def shareable_text(run_dir: str | Path, path: Path) -> str | None:
+    """The text a download or Hub push carries instead of ``path`` when the file names sources, else None.
+
+    Why: the config copy and peft's adapter_config.json hold the sources as the server saw them (an upload's
+    server path with the visitor's file name, the embedded model's cache folder). Anyone may download any run's
+    zip on a shared Space, so the copies that leave the server name sources as pages show them."""
+    if path.name == CONFIG_COPY:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        for section, key in SOURCE_FIELDS:
+            if isinstance(raw.get(section), dict) and raw[section].get(key):
+                raw[section][key] = display_name(str(raw[section][key]))
+        return yaml.safe_dump(raw, sort_keys=False, allow_unicode=True)
+    if path.name == "adapter_config.json":
+        config = json.loads(path.read_text(encoding="utf-8"))
+        if config.get("base_model_name_or_path"):
+            config["base_model_name_or_path"] = _hub_base(run_config(run_dir)) or display_name(
+                str(config["base_model_name_or_path"]))
+        return json.dumps(config, indent=2)
+    return None
+
+
+def shareable_copy(run_dir: str | Path, folder: str | Path) -> Path:
+    """A temporary copy of ``folder`` whose files name no server path (see shareable_text), for a Hub push."""
+    folder = Path(folder)
+    copy = Path(tempfile.mkdtemp(prefix="lora-lab-share-")) / folder.name
+    shutil.copytree(folder, copy, ignore=shutil.ignore_patterns("*.partial", "__pycache__", *NOT_SHARED))
+    for path in copy.rglob("*"):
+        shared = shareable_text(run_dir, path) if path.is_file() else None
+        if shared is not None:
+            path.write_text(shared, encoding="utf-8")
+    return copy
 
 
 # --- merge ----------------------------------------------------------------------------------------------------
@@ -379,8 +419,9 @@ def check_repo_id(repo_id: str) -> str:
 
 
 def push_folder(folder: str | Path, repo_id: str, token: str | None, private: bool = True,
-                api: Any = None, progress: Progress = _no_progress) -> str:
-    """Create (or reuse) the model repo and upload the folder; returns the repo URL. ``api`` is an HfApi."""
+                api: Any = None, progress: Progress = _no_progress, run_dir: str | Path | None = None) -> str:
+    """Create (or reuse) the model repo and upload the folder; returns the repo URL. ``api`` is an HfApi.
+    With ``run_dir``, what is uploaded is a copy naming no server path (``shareable_copy``)."""
     folder, repo_id = Path(folder), check_repo_id(repo_id)
     if not token or not token.strip():
         raise ExportError("A Hugging Face write token is needed to push (huggingface.co/settings/tokens).")
@@ -394,7 +435,12 @@ def push_folder(folder: str | Path, repo_id: str, token: str | None, private: bo
     progress(0.1, f"Creating {repo_id}")
     url = api.create_repo(repo_id, token=token.strip(), private=private, repo_type="model", exist_ok=True)
     progress(0.3, f"Uploading {folder.name}")
-    api.upload_folder(repo_id=repo_id, folder_path=str(folder), repo_type="model", token=token.strip(),
-                      commit_message="Upload from LoRA Lab", ignore_patterns=["*.partial", "__pycache__/*"])
+    shared = shareable_copy(run_dir, folder) if run_dir is not None else folder
+    try:
+        api.upload_folder(repo_id=repo_id, folder_path=str(shared), repo_type="model", token=token.strip(),
+                          commit_message="Upload from LoRA Lab", ignore_patterns=["*.partial", "__pycache__/*"])
+    finally:
+        if shared is not folder:
+            shutil.rmtree(shared.parent, ignore_errors=True)
     progress(1.0, "Pushed")
     return str(url)

@@ -251,3 +251,37 @@ def test_model_card_names_the_stage_and_method_that_trained_it(trained_run, tmp_
         header = yaml.safe_load(card.split("---\n")[1])
         assert stage in header["tags"] and method in header["tags"]
         assert f"TRL `{trainer}`" in card and ("LoRA rank / alpha / dropout" in card) == rank_row
+
+
+class SnapshotHfApi(RecordingHfApi):
+    """RecordingHfApi that also keeps the uploaded folder's file texts (the copy is removed after the push)."""
+
+    def __init__(self):
+        super().__init__()
+        self.uploaded: dict[str, str] = {}
+
+    def upload_folder(self, **kwargs):
+        self.calls.append(("upload_folder", (), kwargs))
+        folder = Path(kwargs["folder_path"])
+        self.uploaded = {p.name: p.read_text(encoding="utf-8", errors="replace") for p in folder.rglob("*")
+                         if p.is_file() and p.suffix in (".json", ".yaml", ".md")}
+
+
+def test_zip_and_push_name_no_server_path(trained_run):
+    """A shared Space lets anyone download any run's zip: the sources inside are names, never server paths."""
+    from finetune.export import run_config
+
+    cfg = run_config(trained_run)
+    server_paths = [cfg.data.source, cfg.model.source, str(Path(cfg.model.source).parent)]
+    assert all("/" in path for path in server_paths)  # this run's sources really are server paths
+    with zipfile.ZipFile(zip_adapter(trained_run)) as archive:
+        texts = {name: archive.read(name).decode("utf-8", "replace") for name in archive.namelist()
+                 if not name.endswith((".png", ".safetensors"))}
+    api = SnapshotHfApi()
+    push_folder(trained_run / "adapter", "me/tiny-lora", "hf_user_token", api=api, run_dir=trained_run)
+    for shared in (texts, api.uploaded):
+        assert {"adapter_config.json", "lora_lab_config.yaml"} <= set(shared)
+        assert not [name for name, text in shared.items() for path in server_paths if path in text]
+        assert yaml.safe_load(shared["lora_lab_config.yaml"])["data"]["source"] == "qa.jsonl"
+    assert not list(Path(api.calls[-1][2]["folder_path"]).parent.glob("*"))  # the temporary copy is gone
+    assert cfg.data.source in (trained_run / "adapter" / "lora_lab_config.yaml").read_text()  # run kept intact
