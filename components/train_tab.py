@@ -29,7 +29,7 @@ from finetune.data import DataError, bundled_names, preview
 from finetune.estimate import estimate_run
 from finetune.recipe import resolve_recipe
 from finetune.hardware import HardwareProfile
-from finetune.metrics import headline_metric, loss_key, read_metrics
+from finetune.metrics import headline_metric, is_summary, loss_key, read_metrics
 from finetune.runs import RunError, RunInProgressError, RunManager, check_sources
 from finetune.train import ADAPTER_DIR
 
@@ -372,7 +372,7 @@ def compare_runs(manager: RunManager, run_ids: list[str] | None) -> Iterator[Any
     key, points = loss_key(stage), []
     for run_id in (r for r, s in stages.items() if s == stage and s != "?"):  # "?": no such run
         points += [(r["step"], r[key], run_id) for r in read_metrics(manager.run_dir(run_id))
-                   if isinstance(r.get(key), (int, float)) and "train_runtime" not in r]
+                   if isinstance(r.get(key), (int, float)) and not is_summary(r)]
     left_out = [f"{run_id} ({s})" for run_id, s in stages.items() if s != stage]
     title = f"{'Mean reward' if key == 'reward' else 'Training loss'} of {stage} runs"
     if left_out:

@@ -287,11 +287,17 @@ HEADLINE_METRICS: dict[str, tuple[tuple[str, str], ...]] = {
 }
 
 
+def is_summary(row: dict[str, Any]) -> bool:
+    """The trainer's end-of-training summary (train_loss, the run's mean loss): not a point of any curve. Not
+    told by train_runtime: transformers 5 puts that on every training log row."""
+    return "train_loss" in row
+
+
 def headline_metric(stage: str, rows: list[dict[str, Any]]) -> tuple[str, float | None]:
-    """(name, last value) of the stage's headline metric; rows of the end-of-training summary (train_runtime)
-    are skipped, as are non-numbers. ('', None) when the run logged none of them yet."""
+    """(name, last value) of the stage's headline metric; the end-of-training summary row is skipped, as are
+    non-numbers. ('', None) when the run logged none of them yet."""
     for key, name in HEADLINE_METRICS.get(stage, HEADLINE_METRICS["sft"]):
-        values = [r[key] for r in rows if "train_runtime" not in r and isinstance(r.get(key), (int, float))
+        values = [r[key] for r in rows if not is_summary(r) and isinstance(r.get(key), (int, float))
                   and not isinstance(r.get(key), bool)]
         if values:
             return name, values[-1]

@@ -163,7 +163,10 @@ def test_history_shows_each_stage_with_its_headline_and_never_overlays_stages(tm
     root = tmp_path / "runs"
     _finished_run(root, "sft-1", "sft", [{"step": 1, "loss": 2.5}, {"step": 2, "loss": 2.0},
                                          {"step": 2, "eval_loss": 2.2}])
-    _finished_run(root, "sft-2", "sft", [{"step": 1, "loss": 2.7}, {"step": 2, "loss": 2.4}])
+    # transformers 5 puts train_runtime on every training log row; the summary row is the one with train_loss.
+    _finished_run(root, "sft-2", "sft", [{"step": 1, "loss": 2.7, "train_runtime": 1.0},
+                                         {"step": 2, "loss": 2.4, "train_runtime": 2.0},
+                                         {"step": 2, "train_runtime": 2.1, "train_loss": 2.55}])
     _finished_run(root, "reward-1", "reward", [{"step": 1, "loss": 0.69, "accuracy": 0.5},
                                                {"step": 2, "eval_loss": 0.6, "eval_accuracy": 0.75},
                                                {"step": 2, "train_runtime": 3.0, "train_loss": 0.65}])
