@@ -18,8 +18,8 @@ Which tensors keep more bits than the chosen type, and why (``tensor_type``):
 - A matrix whose rows are not a multiple of 32 values cannot be cut into the 32-value blocks of the Q types; it
   stays F16.
 
-Only Llama-family models (``model_type`` llama: SmolLM2, Llama 2/3) with a byte-level BPE tokenizer are supported;
-anything else is refused before any work starts.
+Only Llama-family models (``model_type`` llama) with a byte-level BPE tokenizer are supported (SmolLM2 of every
+size, Llama 3); Llama 2's SentencePiece tokenizer and anything else is refused before any work starts.
 """
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ GGUF_TYPES = {
     "q4_1": "4-bit blocks with a scale and a minimum (~5 bits/weight)",
     "q4_0": "4-bit blocks with a scale (~4.5 bits/weight): smallest, most rounding",
 }
-SUPPORTED_MODEL_TYPES = {"llama": "Llama family (SmolLM2, Llama 2/3, TinyLlama)"}
+SUPPORTED_MODEL_TYPES = {"llama": "Llama family with a byte-level BPE tokenizer: SmolLM2, Llama 3"}
 # What llama.cpp calls the pre-tokenizer (the regex that splits text before BPE), told apart by the HF
 # tokenizer's own pre-tokenizer description.
 PRE_TOKENIZERS = {"gpt2": "GPT-2's split (ByteLevel with its regex)",

@@ -408,3 +408,17 @@ def test_quant_tab_gguf_rows_beside_bitsandbytes(tiny_model_dir):
     assert rows.loc["GGUF Q4_0", "tokens/s"] == "–"  # the file's speed is llama.cpp's, not measured here
     fp32 = rows.loc["float32", "perplexity"]
     assert abs(rows.loc["GGUF Q8_0", "perplexity"] - fp32) <= abs(rows.loc["GGUF Q4_0", "perplexity"] - fp32)
+
+
+def test_tokenizers_llama_cpp_cannot_name_are_refused(tiny_model_dir):
+    """A SentencePiece-style tokenizer (Metaspace, as Llama 2's) is refused; SmolLM2's is GPT-2's split."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from finetune.gguf_export import pre_tokenizer_name
+
+    assert pre_tokenizer_name(_tokenizer(tiny_model_dir)) == "gpt2"
+    backend = Tokenizer(models.BPE(vocab={"a": 0, "▁": 1}, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.Metaspace()
+    with pytest.raises(ExportError, match="byte-level BPE tokenizers.*'Metaspace'"):
+        pre_tokenizer_name(PreTrainedTokenizerFast(tokenizer_object=backend))
