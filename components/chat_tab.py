@@ -347,7 +347,8 @@ def build_chat_tab(manager: RunManager, engine: ChatEngine, store: FeedbackStore
     with gr.Accordion("Sampling (shared by both sides)", open=False):
         with gr.Row():
             max_new = gr.Slider(1, 512, value=128, step=1, label="Max new tokens", elem_id="max-new-tokens")
-            temperature = gr.Slider(0, 2, value=0.7, step=0.05, label="Temperature", info="0 = greedy")
+            temperature = gr.Slider(0, 2, value=0.7, step=0.05, label="Temperature", info="0 = greedy",
+                                    elem_id="temperature")
             top_p = gr.Slider(0.05, 1, value=0.9, step=0.05, label="Top-p")
             seed = gr.Number(value=0, precision=0, label="Seed", minimum=0)
     refresh_fn = functools.partial(adapter_choices, manager)

@@ -53,6 +53,23 @@ def tiny_model_dir(tmp_path_factory, embedded_dir) -> Path:
 
 
 @pytest.fixture(scope="session")
+def style_model_dir(tmp_path_factory, embedded_dir) -> Path:
+    """The embedded SmolLM2 cut to its first 4 of 30 layers, saved as a 'local folder' model. Its embeddings are
+    real, so 20 LoRA steps teach it the course style well enough to show in a greedy answer; the random tiny
+    Llama cannot show that (its random output embeddings keep every token near-uniform: loss stays at ~10.5)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = tmp_path_factory.mktemp("style-model")
+    model = AutoModelForCausalLM.from_pretrained(embedded_dir, dtype=torch.float32)
+    model.model.layers = model.model.layers[:4]
+    model.config.num_hidden_layers = 4
+    model.save_pretrained(folder)
+    AutoTokenizer.from_pretrained(embedded_dir).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
 def style_run(tmp_path_factory, tiny_model_dir) -> tuple[Path, Path]:
     """(run folder, data file) of one real tiny LoRA run (4-bit base, checkpoints every 4 of 8 steps) trained on
     the course style; the Evaluate tests and its browser test share it instead of training twice."""

@@ -28,12 +28,17 @@ def _poll_until(client, run_id: str, done, timeout: float = 120.0):
     raise AssertionError(f"run {run_id} did not reach the expected state; last status: {result[1]}\n{result[5]}")
 
 
-def test_train_then_chat_side_by_side(client, tiny_model_dir, qa_file):
-    cfg = tiny_run_config(tiny_model_dir, qa_file, max_steps=6)
+def _text(message: dict) -> str:
+    content = message["content"]
+    return content if isinstance(content, str) else content[0]["text"]
+
+
+def test_train_then_chat_side_by_side(client, style_model_dir, qa_file):
+    """Train through the form, then chat greedily: the adapter must visibly carry the trained style."""
     form = {"data_file": None, "data_kind": "Uploaded file", "model_kind": "Local folder", "run_name": "api",
-            "model_source": cfg.model.source, "model_bits": 4, "lora_rank": 4, "lora_alpha": 8,
-            "lora_dropout": 0.0, "training_learning_rate": 0.01, "training_max_steps": 6,
-            "training_batch_size": 4, "training_eval_steps": 2, "training_save_steps": 3,
+            "model_source": str(style_model_dir), "model_bits": 4, "lora_rank": 4, "lora_alpha": 8,
+            "lora_dropout": 0.0, "training_learning_rate": 0.01, "training_max_steps": 20,
+            "training_batch_size": 4, "training_eval_steps": 5, "training_save_steps": 10,
             "training_warmup_ratio": 0.0, "data_max_seq_length": 128}
 
     # Invalid fields come back as one message per field, and nothing starts.
@@ -48,31 +53,38 @@ def test_train_then_chat_side_by_side(client, tiny_model_dir, qa_file):
     second_id, refusal = client.predict(**{**form, "data_file": handle_file(str(qa_file))}, api_name="/start_run")
     assert "still training" in refusal and second_id == run_id
 
-    result = _poll_until(client, run_id, lambda r: "completed" in r[1] or "failed" in r[1])
+    result = _poll_until(client, run_id, lambda r: "completed" in r[1] or "failed" in r[1], timeout=900)
     assert "completed" in result[1], result[5]
     losses = [row for row in result[3]["data"] if row[1] is not None]
     series = {row[2] for row in losses}
     assert series == {"train loss", "eval loss"}
-    assert len([row for row in losses if row[2] == "train loss"]) >= 6
+    train_losses = [row[1] for row in losses if row[2] == "train loss"]
+    assert len(train_losses) == 20 and train_losses[-1] < train_losses[0]
     assert result[4]["data"], "learning-rate curve is empty"
-    assert "step 6/6" in result[2]
+    assert "step 20/20" in result[2]
 
     history, picker = client.predict([], api_name="/run_history")
     assert picker["value"] == [run_id]
-    assert client.predict([run_id], api_name="/compare_runs")["data"]
-    row = history["data"][0]
-    assert row[0] == run_id and row[10] == "completed" and row[8] is not None
+    plot = client.predict([run_id], api_name="/compare_runs")  # an update: the chart's title names the stage
+    assert plot["value"]["data"] and plot["title"] == "Training loss of sft runs"
+    row = dict(zip(history["headers"], history["data"][0]))
+    assert row["run id"] == run_id and row["status"] == "completed" and row["stage"] == "sft"
+    assert row["headline metric"] == "eval loss" and row["headline value"] is not None
 
     adapters = client.predict(None, api_name="/list_adapters")
     assert adapters["value"] == run_id  # a dropdown update: the newest finished run is preselected
+    # Greedy decoding (temperature 0), on a question that is not in the training data.
     base_chat, tuned_chat, prompt_box = client.predict(
-        # Sampling, not greedy: a tiny random model's greedy answer can be nothing but newlines.
-        "What does setting 3 control in LoRA?", run_id, [], [], 16, 1.0, 0.9, 0, api_name="/chat")
-    base_text, tuned_text = base_chat[-1]["content"], tuned_chat[-1]["content"]
-    base_text = base_text if isinstance(base_text, str) else base_text[0]["text"]
-    tuned_text = tuned_text if isinstance(tuned_text, str) else tuned_text[0]["text"]
-    assert base_text.strip() and tuned_text.strip()
+        "What is a LoRA adapter?", run_id, [], [], 16, 0, 0.9, 0, api_name="/chat")
+    base_text, tuned_text = _text(base_chat[-1]), _text(tuned_chat[-1])
+    # The trained style: every training answer opens with the course's "🧪 Lab note:"; the base never says it.
+    assert tuned_text.startswith("🧪 Lab note:"), tuned_text
+    assert "Lab note" not in base_text and base_text != tuned_text, base_text
     assert base_chat[0]["role"] == "user" and prompt_box == ""
+    # Greedy means reproducible: the same question gives the same two answers again.
+    again_base, again_tuned, _ = client.predict(
+        "What is a LoRA adapter?", run_id, [], [], 16, 0, 0.9, 0, api_name="/chat")
+    assert (_text(again_base[-1]), _text(again_tuned[-1])) == (base_text, tuned_text)
 
 
 def test_chat_without_run_or_prompt_says_why(client):
