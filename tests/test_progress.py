@@ -90,3 +90,31 @@ def test_a_single_eval_point_is_drawn():
     assert eval_points["step"].max() - eval_points["step"].min() < 1  # it stays within its own step
     train = frame[frame["series"] == "train loss"]
     assert list(train["step"]) == [1, 2]  # series with several points are drawn as they are
+
+
+def test_rlhf_stages_report_the_same_measured_eta(tiny_model_dir, tmp_path):
+    """A reward model run (real TRL RewardTrainer) keeps the same progress fields as SFT, so the RLHF tab's bar
+    shows an ETA and "evaluating": its step-0 evaluation is timed before the first step."""
+    from components.progress import progress_html
+    from conftest import write_jsonl
+    from finetune.rlhf import build_reward_trainer
+    from test_rlhf import stage_config
+
+    rows = [{"prompt": f"What does setting {i} control in LoRA?", "chosen": f"🧪 Lab note: setting {i}.",
+             "rejected": "It depends."} for i in range(16)]
+
+    cfg = stage_config(tiny_model_dir, write_jsonl(tmp_path / "pairs.jsonl", rows), "reward", max_steps=4,
+                       eval_steps=2)
+    trainer, callback, _ = build_reward_trainer(cfg, tmp_path)
+    probe = StatusProbe(tmp_path)
+    trainer.add_callback(probe)
+    trainer.evaluate()  # what rlhf.main does first: the chance-level point at step 0
+    trainer.train()
+
+    assert probe.during_eval and all(s["phase"] == "evaluating" for s in probe.during_eval)
+    first = probe.after_loss[1]
+    assert first["stage"] == "reward" and first["eta_seconds"] is not None
+    # The step-0 evaluation was measured, so the two to come (steps 2 and 4) are charged at its pace.
+    assert first["evals_untimed"] == 0 and first["evals_left"] == 2 and first["seconds_per_eval"] > 0
+    bar = progress_html("rlhf-reward-progress", first, read_metrics(tmp_path))
+    assert "ETA " in bar and "ETA –" not in bar and "2 evaluations" in bar
