@@ -246,7 +246,7 @@ def _base_kept(model: Any) -> Iterator[None]:
     ``load_adapter`` / ``delete_adapter`` / ``PeftModel.from_pretrained`` call ``model.state_dict()`` (to map
     the checkpoint's keys, ``BaseTuner._remap_adapter_state_dict_for_load``), and ``Linear4bit._save_to_state_dict``
     converts the packed weight back IN PLACE through a lossy inverse: with double quantization the bf16 scales
-    are quantized again (about 2% of them move, and the next forward repacks the moved ones), without it the
+    are quantized again (some of them move, and the next forward repacks the moved ones), without it the
     scales stay transposed and are read in the wrong order. Each adapter load would change the base. The packed
     tensor and the state's fields are only reassigned by that inverse, never written into, so keeping
     references to them and putting them back restores the exact weights, at no copying cost. 8-bit and 16/32-bit

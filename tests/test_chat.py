@@ -538,3 +538,15 @@ def test_a_waiting_visitor_sees_their_place_and_a_cancelled_request_frees_the_mo
     assert engine._generation_lock.acquire(blocking=False)  # ...and nothing holds the model any more
     engine._generation_lock.release()
     assert clock.reads < 300  # the cancelled answer stopped long before its 400 tokens
+
+
+def test_operator_limits_are_stricter_on_a_space_and_the_operator_decides(monkeypatch):
+    from finetune.chat import _operator_setting
+
+    monkeypatch.delenv("SPACE_ID", raising=False)
+    monkeypatch.delenv("LORA_LAB_MAX_SECONDS", raising=False)
+    assert _operator_setting("LORA_LAB_MAX_SECONDS", "600", "60") == 600
+    monkeypatch.setenv("SPACE_ID", "someone/lora-lab")
+    assert _operator_setting("LORA_LAB_MAX_SECONDS", "600", "60") == 60
+    monkeypatch.setenv("LORA_LAB_MAX_SECONDS", "15")
+    assert _operator_setting("LORA_LAB_MAX_SECONDS", "600", "60") == 15
