@@ -408,7 +408,8 @@ def _number(key: str, label: str, value: Any, **kwargs: Any) -> gr.Number:
 def _data_controls(form: dict[str, Any], defaults: RunConfig) -> None:
     with gr.Accordion("1 · Data", open=True):
         with gr.Row():
-            form["data_kind"] = gr.Radio(list(DATA_KINDS), value="Bundled", label="Dataset source")
+            form["data_kind"] = gr.Radio(list(DATA_KINDS), value="Bundled", label="Dataset source",
+                                         elem_id="data-kind")
             form["data_bundled"] = gr.Dropdown(bundled_names() or [BUNDLED_DATASET], value=BUNDLED_DATASET,
                                                label="Bundled dataset", info=_info("data_source"))
             form["data_hub_name"] = gr.Textbox(value="", label="Hub dataset name", placeholder="tatsu-lab/alpaca",
@@ -416,7 +417,7 @@ def _data_controls(form: dict[str, Any], defaults: RunConfig) -> None:
             form["data_hub_config"] = gr.Textbox(value="", label="Hub config (subset)", info=_info("data_hub_config"),
                                                  visible=False)
             form["data_file"] = gr.File(label="Upload a dataset file", type="filepath", visible=False,
-                                        file_types=[".jsonl", ".json", ".csv", ".parquet", ".txt"])
+                                        file_types=[".jsonl", ".json", ".csv", ".parquet", ".txt"], elem_id="data-file")
         with gr.Row():
             form["data_split"] = gr.Textbox(value=defaults.data.split, label="Split", info=_info("data_split"))
             form["data_format"] = gr.Dropdown(list(DATA_FORMATS), value="auto", label="Format",
@@ -489,12 +490,12 @@ def _hyper_controls(form: dict[str, Any], d: RunConfig) -> None:
                                                  precision=0, elem_id="max-steps")
         with gr.Row():
             form["training_batch_size"] = _number("training_batch_size", "Batch size", d.training.batch_size,
-                                                  precision=0)
+                                                  precision=0, elem_id="batch-size")
             form["training_gradient_accumulation"] = _number("training_gradient_accumulation",
                                                              "Gradient accumulation",
                                                              d.training.gradient_accumulation, precision=0)
             form["data_max_seq_length"] = _number("data_max_seq_length", "Max sequence length",
-                                                  d.data.max_seq_length, precision=0)
+                                                  d.data.max_seq_length, precision=0, elem_id="max-seq-length")
 
 
 def _advanced_controls(form: dict[str, Any], d: RunConfig) -> None:

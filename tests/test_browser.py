@@ -27,54 +27,56 @@ def page(app_url):
 
 
 
-def test_train_then_chat(page, app_url, tiny_model_dir):
-    import time
-
+def test_train_then_chat(page, app_url, style_model_dir, qa_file):
     from playwright.sync_api import expect
 
+    # The course-style Q&A (every answer opens with "🧪 Lab note:"), uploaded as a learner would.
+    page.locator("#data-kind").get_by_text("Uploaded file", exact=True).click()
+    page.locator("#data-file input[type=file]").set_input_files(str(qa_file))
+    expect(page.locator("#data-file")).to_contain_text(qa_file.name, timeout=30_000)  # the upload is done
     page.get_by_text("Local folder", exact=True).click()
     # Choosing "Local folder" clears the embedded model's name; fill only once that has happened.
     expect(page.locator("#model-source textarea, #model-source input").first).to_have_value("", timeout=10_000)
-    _fill(page, "model-source", str(tiny_model_dir))
-    _fill(page, "max-steps", "10")
-    _fill(page, "learning-rate", "0.005")  # the tiny random model needs a high rate for a visible fall
+    _fill(page, "model-source", str(style_model_dir))
+    _fill(page, "max-steps", "20")
+    _fill(page, "batch-size", "4")
+    _fill(page, "max-seq-length", "128")
+    _fill(page, "learning-rate", "0.01")  # 20 steps at a high rate: enough for the style to show
     page.get_by_text("Advanced settings").click()
-    _fill(page, "eval-steps", "3")  # a few eval points, so the eval curve is a line
+    _fill(page, "eval-steps", "5")  # a few eval points, so the eval curve is a line
     expect(page.locator("#estimate")).to_contain_text("trainable", timeout=30_000)
 
-    clicked = time.time()
     page.locator("#start-button").click()
     expect(page.locator("#run-status")).to_contain_text("Run", timeout=30_000)
-    page.locator("#train-progress[data-state='running']:not([data-points='0'])").wait_for(timeout=90_000)
+    page.locator("#train-progress[data-state='running']:not([data-points='0'])").wait_for(timeout=300_000)
     page.locator("#loss-plot canvas, #loss-plot svg").first.wait_for(timeout=10_000)
-    first_point = time.time() - clicked
 
     # A reload mid-training re-attaches to the running job.
-    assert page.locator("#train-progress").get_attribute("data-state") == "running"
     page.reload()
     expect(page.locator("#train-progress[data-state='running']")).to_be_visible(timeout=15_000)
     expect(page.locator("#watching-run textarea, #watching-run input").first).not_to_have_value("")
     # ...and the form shows the settings of the run in progress again.
-    expect(page.locator("#model-source textarea, #model-source input").first).to_have_value(str(tiny_model_dir))
+    expect(page.locator("#model-source textarea, #model-source input").first).to_have_value(str(style_model_dir))
     page.locator("#loss-plot canvas, #loss-plot svg").first.wait_for(timeout=15_000)
 
-    expect(page.locator("#run-status")).to_contain_text("completed", timeout=120_000)
-    page.wait_for_timeout(2500)  # one more poll so the plot shows the last points
+    expect(page.locator("#run-status")).to_contain_text("completed", timeout=600_000)
+    # The bar and the plot have every step once the poll after the end has been drawn.
+    expect(page.locator("#train-progress[data-state='completed'][data-points='20']")).to_be_visible(timeout=15_000)
     ARTIFACTS.mkdir(exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / "train.png"), full_page=True)
-    print(f"\nStart -> first plotted point: {first_point:.1f} s")
 
     page.get_by_role("tab", name="Chat").click()
     expect(page.locator("#adapter-pick input").first).not_to_have_value("", timeout=15_000)
     page.get_by_text("Sampling (shared by both sides)").click()
-    _fill(page, "max-new-tokens", "32")  # short answers keep both questions in view for the screenshot
-    _fill(page, "chat-prompt", "What is a LoRA adapter?")
+    _fill(page, "max-new-tokens", "16")  # short answers keep both questions in view for the screenshot
+    _fill(page, "temperature", "0")  # greedy: the answers are the models' own, not the luck of a draw
+    _fill(page, "chat-prompt", "What is a LoRA adapter?")  # not a training question
     page.locator("#chat-send").click()
-    for side in ("base-chat", "tuned-chat"):
-        bot = page.locator(f"#{side} .bot, #{side} [data-testid='bot']").last
-        expect(bot).not_to_be_empty(timeout=60_000)
-    page.wait_for_timeout(3000)
+    # Both answers are complete once the turn is stored and the vote is offered.
+    expect(page.locator("#feedback-panel")).to_be_visible(timeout=120_000)
     page.screenshot(path=str(ARTIFACTS / "chat.png"), full_page=True)
-    texts = [page.locator(f"#{side} .bot, #{side} [data-testid='bot']").last.inner_text() for side in
-             ("base-chat", "tuned-chat")]
-    assert all(t.strip() for t in texts), texts
+    base, tuned = (page.locator(f"#{side} .bot, #{side} [data-testid='bot']").last.inner_text().strip()
+                   for side in ("base-chat", "tuned-chat"))
+    # The trained style: every training answer opens with the course's "🧪 Lab note:"; the base never says it.
+    assert tuned.startswith("🧪 Lab note:"), tuned
+    assert "Lab note" not in base and base != tuned, base
