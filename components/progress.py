@@ -1,5 +1,6 @@
 """The progress bar every training tab shows (Train, RLHF): one reading of status.json, so SFT, reward, DPO, KTO
 and GRPO runs all say the same things: state, step, the measured ETA, and "evaluating" while an evaluation runs.
+Also how their live curves draw a series that has a single point so far.
 
 Not a tab: a shared UI part that tabs import (no tab imports another tab).
 """
@@ -75,3 +76,19 @@ def progress_html(elem: str, status: dict[str, Any], rows: list[dict[str, Any]],
     return (f"<div id='{elem}' data-state='{state}' data-phase='{phase}' data-points='{points}'>{text}"
             f"<div style='background:#e5e7eb;border-radius:6px;height:12px;margin-top:6px'>"
             f"<div style='width:{percent:.1f}%;background:{fill};height:12px;border-radius:6px'></div></div></div>")
+
+
+def lone_points_as_dashes(points: list[tuple[Any, Any, str]]) -> list[tuple[Any, Any, str]]:
+    """gradio's LinePlot draws lines only (its point marks show on hover), so a series with a single point, such
+    as the eval loss after its first evaluation, would be invisible: draw it as a short level dash around its
+    step instead."""
+    counts: dict[str, int] = {}
+    for _, value, series in points:
+        counts[series] = counts.get(series, 0) + (value is not None)
+    drawn = []
+    for step, value, series in points:
+        if value is not None and counts[series] == 1:
+            drawn += [(step - 0.3, value, series), (step + 0.3, value, series)]
+        else:
+            drawn.append((step, value, series))
+    return drawn

@@ -24,7 +24,7 @@ from finetune.chat import ChatEngine, normalize_history
 from finetune.config import (DPO_LOSSES, EMBEDDED_MODEL, KTO_LOSSES, ConfigError, RunConfig, field_help,
                              from_dict, load_config, to_dict)
 from finetune.data import DataError
-from components.progress import progress_html as shared_progress_html
+from components.progress import lone_points_as_dashes, progress_html as shared_progress_html
 from finetune.metrics import read_metrics, read_status, write_status
 from finetune.models import ModelSourceError
 from finetune.feedback import FeedbackStore
@@ -229,7 +229,9 @@ def _frame(rows: list[dict[str, Any]], series: tuple[tuple[str, str], ...], y: s
         return None
     present = {label for _, _, label in points}
     points += [(points[0][0], None, label) for _, label in series if label not in present]
-    return pd.DataFrame(points, columns=["step", y, "series"]).astype({"step": int, y: float})
+    # A held-out series often has one point for a while (the step-0 evaluation): drawn as a short dash.
+    return pd.DataFrame(lone_points_as_dashes(points), columns=["step", y, "series"]).astype({"step": float,
+                                                                                               y: float})
 
 
 def progress_html(elem: str, status: dict[str, Any], rows: list[dict[str, Any]]) -> str:

@@ -20,7 +20,7 @@ import gradio as gr
 import pandas as pd
 import yaml
 
-from components.progress import duration, progress_html as shared_progress_html
+from components.progress import duration, lone_points_as_dashes, progress_html as shared_progress_html
 from finetune.config import (BUNDLED_DATASET, CHECKPOINTING, COMPUTE_DTYPES, DATA_FORMATS, EMBEDDED_MODEL,
                              LORA_BIAS, LORA_METHODS, OPTIMIZERS, PEFT_METHODS, SCHEDULERS, ConfigError, RunConfig,
                              field_help, from_dict, load_config)
@@ -266,22 +266,6 @@ def loss_frame(rows: list[dict[str, Any]]) -> pd.DataFrame | None:
     if points and not any(series == "eval loss" for _, _, series in points):
         points.append((points[0][0], None, "eval loss"))  # blank: keeps "eval loss" in the colour domain
     return _frame(lone_points_as_dashes(points), ["step", "loss", "series"], step_type=float)
-
-
-def lone_points_as_dashes(points: list[tuple[Any, Any, str]]) -> list[tuple[Any, Any, str]]:
-    """gradio's LinePlot draws lines only (its point marks show on hover), so a series with a single point, such
-    as the eval loss after its first evaluation, would be invisible: draw it as a short level dash around its
-    step instead."""
-    counts: dict[str, int] = {}
-    for _, value, series in points:
-        counts[series] = counts.get(series, 0) + (value is not None)
-    drawn = []
-    for step, value, series in points:
-        if value is not None and counts[series] == 1:
-            drawn += [(step - 0.3, value, series), (step + 0.3, value, series)]
-        else:
-            drawn.append((step, value, series))
-    return drawn
 
 
 def lr_frame(rows: list[dict[str, Any]]) -> pd.DataFrame | None:
