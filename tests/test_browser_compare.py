@@ -35,7 +35,6 @@ def test_two_technique_comparison(tmp_path, tiny_model_dir, qa_file):
         page.reload()  # re-attaches to the comparison in progress
         page.get_by_role("tab", name="Compare").click()
         page.locator("#compare-progress[data-state='completed']").wait_for(timeout=240_000)
-        page.wait_for_timeout(2500)  # one more poll so the plots hold the final points
         table = page.locator("#compare-table")
         for key in CHOSEN:
             expect(table).to_contain_text(TECHNIQUES[key].label)

@@ -41,7 +41,7 @@ def test_the_four_steps_in_order(page, tiny_model_dir, tmp_path):
     bad.write_text(json.dumps({"prompt": "q", "chosen": "a"}) + "\n" +
                    json.dumps({"prompt": "q", "chosen": "same", "rejected": "same"}) + "\n")
     page.locator("#rlhf-data-file input[type=file]").set_input_files(str(bad))
-    page.wait_for_timeout(1500)
+    expect(page.locator("#rlhf-data-file")).to_contain_text("bad.jsonl", timeout=30_000)  # the upload is done
     page.locator("#rlhf-preview-button").click()
     info = page.locator("#rlhf-data-info")
     expect(info).to_contain_text("row 1: 'rejected' is missing", timeout=30_000)
@@ -52,7 +52,7 @@ def test_the_four_steps_in_order(page, tiny_model_dir, tmp_path):
          "rejected": "It depends on many things."} for i in range(20)])
     page.locator("#rlhf-data-file button[aria-label='Clear'], #rlhf-data-file button[title='Clear']").first.click()
     page.locator("#rlhf-data-file input[type=file]").set_input_files(str(good))
-    page.wait_for_timeout(1500)
+    expect(page.locator("#rlhf-data-file")).to_contain_text("pairs.jsonl", timeout=30_000)
     page.locator("#rlhf-preview-button").click()
     expect(info).to_contain_text("format: paired", timeout=30_000)
     # Before anything trains: pairs, prompts, held out, epochs, and what so little data will do.
