@@ -611,6 +611,9 @@ def write_gguf(run_dir: str | Path, out_type: str = "q8_0", into: str = "trained
     out_type, into = check_type(out_type), check_merge_target(into)
     cfg = run_config(run_dir)
     adapter_dir(run_dir)
+    if cfg.lora.method == "prompt_tuning":
+        raise ExportError("A prompt-tuning run trains virtual prompt tokens, not weights, so there is nothing to "
+                          "merge into a GGUF; export a LoRA, DoRA, rsLoRA or IA3 run.")
     if cfg.stage == "reward":
         raise ExportError("This run trained a reward model (it scores answers, it does not write them); export "
                           "an SFT, DPO, KTO or GRPO run as GGUF instead.")
