@@ -414,8 +414,9 @@ def rows_per_step(cfg: RunConfig) -> int:
 
 
 def default_steps(preset_steps: int, rows: int, rows_per_step: int) -> int:
-    """The preset's steps, capped at MAX_EPOCHS_SMALL_DATA passes over small data."""
-    return max(1, min(preset_steps, math.ceil(MAX_EPOCHS_SMALL_DATA * rows / max(1, rows_per_step))))
+    """The preset's steps, capped at MAX_EPOCHS_SMALL_DATA passes over small data (rounded down, so the cap is
+    never exceeded: 6 pairs at 4 a step get 4 steps, 2.7 passes, not 5 steps and 3.3)."""
+    return max(1, min(preset_steps, math.floor(MAX_EPOCHS_SMALL_DATA * rows / max(1, rows_per_step))))
 
 
 def size_statement(size: DataSize, steps: int, rows_per_step: int) -> str:

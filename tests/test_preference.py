@@ -278,6 +278,8 @@ def test_size_report_warns_of_memorisation_for_a_learner_sized_set(tmp_path):
     assert (size.rows, size.prompts, size.held_rows, size.held_prompts) == (8, 8, 2, 2)
     steps = default_steps(30, size.rows, 4)
     assert steps == 6 and epochs(size.rows, steps, 4) <= MAX_EPOCHS_SMALL_DATA  # 30 steps would be 15 epochs
+    for rows in range(1, 60):  # rounded down: the default never passes over the data more than the cap allows
+        assert default_steps(30, rows, 4) == 1 or epochs(rows, default_steps(30, rows, 4), 4) <= MAX_EPOCHS_SMALL_DATA
     assert "**8 pairs** on **8 prompts**" in size_statement(size, steps, 4) and "3.0 epochs" in size_statement(
         size, steps, 4)
     warnings = " ".join(size_warnings(size, 30, 4))
