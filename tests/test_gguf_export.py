@@ -79,6 +79,16 @@ def _load_gguf(path: Path):
     return AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
 
 
+_loaded: dict[Path, object] = {}
+
+
+def _load_once(path: Path):
+    """Each export loaded once per session (gguf's reader parses the 49k-token vocabulary in Python, ~15 s)."""
+    if path not in _loaded:
+        _loaded[path] = _load_gguf(path)
+    return _loaded[path]
+
+
 def _fields(path: Path, everything: bool = True) -> tuple[dict, dict]:
     """Metadata and tensors as GGUFReader reads them; ``everything=False`` skips decoding the long token and
     merge lists (slow in Python) and returns only their lengths."""
@@ -175,7 +185,7 @@ def test_transformers_loads_the_file_and_it_answers_like_the_merged_model(export
 
     merged = AutoModelForCausalLM.from_pretrained(trained_run / "merged", dtype=torch.float32).eval()
     tokenizer = _tokenizer(trained_run / "merged")
-    loaded = _load_gguf(exports[out_type].path)
+    loaded = _load_once(exports[out_type].path)
     if out_type in ("f16", "bf16"):  # every weight comes back in place, q/k rows included, to the type's rounding
         relative = {"f16": 2 ** -11, "bf16": 2 ** -8}[out_type]
         weights = dict(loaded.named_parameters())
@@ -196,7 +206,7 @@ def test_block_types_load_back_close_to_the_merged_model(exports, trained_run):
     merged = AutoModelForCausalLM.from_pretrained(trained_run / "merged", dtype=torch.float32).eval()
     ids = _chat_ids(_tokenizer(trained_run / "merged"), PROMPTS[0])
     reference = _log_probs(merged, ids)
-    gap = {t: (_log_probs(_load_gguf(exports[t].path), ids) - reference).abs().mean().item()
+    gap = {t: (_log_probs(_load_once(exports[t].path), ids) - reference).abs().mean().item()
            for t in ("q8_0", "q5_1", "q4_0")}
     assert gap["q8_0"] < gap["q5_1"] < gap["q4_0"], gap
 
