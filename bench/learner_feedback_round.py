@@ -52,15 +52,20 @@ def wait(manager: RunManager, run_id: str) -> dict:
     return status
 
 
-def chat_and_vote(engine: ChatEngine, store: FeedbackStore, manager: RunManager, sft_id: str, count: int) -> list[dict]:
+def chat_and_vote(engine: ChatEngine, store: FeedbackStore, manager: RunManager, sft_id: str, count: int,
+                  max_new_tokens: int) -> list[dict]:
+    """Chat turns and votes until ``count`` questions are voted on (an interrupted round goes on where it was)."""
     cfg = load_config(manager.run_dir(sft_id) / "config.yaml")
-    votes = []
+    done = {row["prompt"][-1]["content"] for row in store.pair_rows()}
+    votes = [{"prompt": prompt, "earlier": True} for prompt in questions(count) if prompt in done]
     for seed, prompt in enumerate(questions(count)):
-        settings = SamplingSettings(max_new_tokens=96, seed=seed)  # the Chat tab's sampling defaults
+        if prompt in done:
+            continue
+        settings = SamplingSettings(max_new_tokens=max_new_tokens, seed=seed)  # the Chat tab's sampling otherwise
         base, tuned = engine.answer_pair(prompt, [], [], cfg.model, sft_id, manager.finished_adapters()[sft_id],
                                          settings)
         ids = store.record_turn(model=cfg.model.source, adapter=sft_id, prompt=prompt, base_history=[],
-                                tuned_history=[], settings={"max_new_tokens": 96, "seed": seed},
+                                tuned_history=[], settings={"max_new_tokens": max_new_tokens, "seed": seed},
                                 base_response=base, tuned_response=tuned)
         prefer_base = course_shaped(base) and not course_shaped(tuned)
         store.add_preference(ids["tuned"], ids["base"], "second" if prefer_base else "first")
@@ -77,6 +82,9 @@ def main() -> None:
     parser.add_argument("--root", default="/tmp/learner-round")
     parser.add_argument("--votes", type=int, default=10)
     parser.add_argument("--sft-steps", type=int, default=30)
+    parser.add_argument("--sft-run", help="a finished SFT run in --root to reuse instead of training one")
+    parser.add_argument("--max-new-tokens", type=int, default=96, help="per chat answer")
+    parser.add_argument("--compare-tokens", type=int, default=64, help="per answer in step 4's comparison")
     parser.add_argument("--evaluate-only", action="store_true", help="recompute the validation losses of a "
                         "finished round in --root (its report.json)")
     args = parser.parse_args()
@@ -91,14 +99,16 @@ def main() -> None:
         return
     started = time.time()
 
-    sft = load_config(ROOT / "configs/cpu-quick.yaml")
-    sft.training.max_steps = args.sft_steps
-    sft_id = manager.start(sft)
-    wait(manager, sft_id)
+    sft_id = args.sft_run
+    if not sft_id:
+        sft = load_config(ROOT / "configs/cpu-quick.yaml")
+        sft.training.max_steps = args.sft_steps
+        sft_id = manager.start(sft)
+        wait(manager, sft_id)
     report["sft"] = {"run": sft_id, "eval_loss": final(read_metrics(manager.run_dir(sft_id)), "eval_loss")}
 
     db = root / "feedback.db"
-    report["votes"] = chat_and_vote(engine, FeedbackStore(db), manager, sft_id, args.votes)
+    report["votes"] = chat_and_vote(engine, FeedbackStore(db), manager, sft_id, args.votes, args.max_new_tokens)
     form = {"model_kind": "Embedded", "data_kind": "Collected feedback"}
     reward_id, reward_message = start_stage(manager, db, "reward", **form)
     wait(manager, reward_id)
@@ -112,7 +122,7 @@ def main() -> None:
     report["dpo"] = {"run": policy_id, "tab_said": policy_message, "loss": final(rows, "loss"),
                      "margins": final(rows, "rewards/margins"), "eval_margins": final(rows, "eval_rewards/margins")}
 
-    summary, table = compare_policy(manager, ScorerCache(), engine, reward_id, policy_id, 4, 64,
+    summary, table = compare_policy(manager, ScorerCache(), engine, reward_id, policy_id, 4, args.compare_tokens,
                                     progress=lambda *a, **k: None)
     report["step4"] = {"summary": summary, "table": table.to_dict("records")}
 
