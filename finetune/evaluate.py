@@ -28,7 +28,7 @@ from typing import Any, Callable, Iterable
 
 import torch
 
-from finetune.chat import peft_adapter_name
+from finetune.chat import SamplingSettings, budget_note, peft_adapter_name
 from finetune.config import ConfigError, DataConfig, ModelConfig, load_config
 from finetune.data import DataError, prepare
 from finetune.metrics import read_metrics
@@ -259,16 +259,15 @@ def candidate_loss(engine: Any, candidate: Candidate, rows: Any, batch_size: int
 
 
 def candidate_answer(engine: Any, candidate: Candidate, prompt: list[dict[str, str]], max_new_tokens: int) -> str:
-    """Greedy answer (temperature 0), so base and adapter differ only by the adapter."""
-    from finetune.chat import SamplingSettings
-
+    """Greedy answer (temperature 0), so base and adapter differ only by the adapter. An answer cut by the
+    server's time budget is scored as the model wrote it, without the note the Chat tab shows for it."""
     settings = SamplingSettings(max_new_tokens=max_new_tokens, temperature=0.0)
     history, question = prompt[:-1], prompt[-1]["content"]
     text = ""
     for text in engine.stream(question, history, candidate.model,
                               candidate.name if candidate.adapter_dir else None, candidate.adapter_dir, settings):
         pass
-    return text
+    return text.removesuffix(budget_note(engine.max_seconds))
 
 
 def adapter_name(run_id: str, suffix: str = "") -> str:

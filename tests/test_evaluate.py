@@ -231,6 +231,25 @@ def test_checkpoints_are_listed_and_answer(trained_run):
     assert all(isinstance(a, str) and a for a in answers)
 
 
+def test_an_answer_cut_by_the_time_budget_is_scored_without_the_chat_note(trained_run):
+    """Evaluate scores what the model wrote: the Chat tab's '[cut: ...]' note is not part of the answer."""
+    import itertools
+
+    from finetune.chat import ChatEngine, budget_note
+    from finetune.config import load_config
+    from finetune.evaluate import Candidate, candidate_answer
+
+    run_dir, _ = trained_run
+    cfg = load_config(run_dir / "config.yaml").model
+    ticks = itertools.count()
+    engine = ChatEngine(max_seconds=3, clock=lambda: float(next(ticks)))  # one second per read: ~3 tokens
+    prompt = [{"role": "user", "content": "What does setting 3 control in LoRA?"}]
+    answer = candidate_answer(engine, Candidate("tiny", cfg, run_dir / "adapter"), prompt, 40)
+    streamed = list(engine.stream(prompt[0]["content"], [], cfg, "tiny", run_dir / "adapter"))[-1]
+    assert streamed.endswith(budget_note(3)) and answer  # the budget did cut it...
+    assert "[cut:" not in answer  # ...and the scored answer carries no note
+
+
 def test_eval_tab_handlers_report_bad_input(trained_run, tmp_path):
     import gradio as gr
 
