@@ -234,6 +234,9 @@ def restore_form(manager: RunManager) -> list[Any]:
         values = form_from_config(load_config(manager.run_dir(active) / "config.yaml")) if active else {}
     except ConfigError:
         values = {}
+    if paths.local_paths_mode() != "anywhere":  # every visitor sees this form: sources as names, no server path
+        values.update({key: paths.display_name(values[key]) for key in ("model_source", "data_hub_name")
+                       if isinstance(values.get(key), str)})
     return [values.get(key, gr.skip()) for key in _FORM_KEYS]
 
 

@@ -329,3 +329,30 @@ def test_a_run_that_logs_rarely_still_shows_life_between_logs(tmp_path):
     callback.on_step_end(args, state, TrainerControl())
     after = read_status(tmp_path)
     assert after["step"] == 7 and after["updated_at"] > quiet_since + 1
+
+
+def test_a_space_visitor_sees_the_running_runs_form_without_server_paths(script_root, tiny_model_dir, qa_file,
+                                                                         monkeypatch):
+    """Opening the page while a run trains fills the Train form from that run's config; on a Space (local paths
+    off for visitors) its model and data sources show as names, never as the server's folders."""
+    import gradio as gr
+
+    from components import train_tab
+    from finetune.hardware import detect
+
+    cfg = tiny_run_config(tiny_model_dir, qa_file)
+    manager = ScriptManager(script_root, stop_grace=0.2, term_grace=0.2)
+    with gr.Blocks():
+        train_tab.build_train_tab(manager, detect())  # the real form, whose order restore_form answers in
+    run_id = manager.start(cfg)
+    started(manager, run_id)
+    try:
+        local = train_tab.restore_form(manager)
+        assert str(tiny_model_dir) in local  # the operator's own app shows the folder it may use
+        monkeypatch.setenv("SPACE_ID", "me/lab")
+        shown = train_tab.restore_form(manager)
+        assert not [value for value in shown if isinstance(value, str) and str(tiny_model_dir.parent) in value]
+        assert tiny_model_dir.name in shown
+    finally:
+        manager.request_stop(run_id)
+        wait_until(lambda: manager.status(run_id)["state"] != "running", "the run ended")
