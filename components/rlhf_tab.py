@@ -279,7 +279,7 @@ def poll_rlhf(manager: RunManager, reward_id: str, policy_id: str) -> tuple[Any,
         outputs += [run_id, text, progress_html(elem, status, rows),
                     _frame(rows, charts[0], "loss"), _frame(rows, charts[1], "value")]
     active = manager.active_run() or policy_id or reward_id
-    outputs.append(manager.log_tail(active, 25) if active else "")
+    outputs.append(paths.for_visitors(manager.log_tail(active, 25)) if active else "")
     return tuple(outputs)
 
 

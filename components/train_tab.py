@@ -287,14 +287,14 @@ def progress_html(status: dict[str, Any], rows: list[dict[str, Any]]) -> str:
 def status_text(run_id: str, status: dict[str, Any], has_adapter: bool = True) -> str:
     state = status.get("state", "unknown")
     if state == "failed":
-        return f"Run `{run_id}` **failed**: {status.get('error') or 'see the log below'}"
+        return f"Run `{run_id}` **failed**: {paths.for_visitors(status.get('error') or 'see the log below')}"
     if state == "completed":
         # A full fine-tune saves a whole model (runs/<id>/model), not an adapter, so Chat has nothing to attach.
         where = ("Try it in the Chat tab." if has_adapter else
                  "It saved a full model (the run folder's `model/`), not an adapter, so it is not offered in Chat.")
         return f"Run `{run_id}` **completed** in {_duration(status.get('duration'))}. {where}"
     if state in ("stopped", "interrupted"):
-        return f"Run `{run_id}` **{state}**. {status.get('error') or ''}"
+        return f"Run `{run_id}` **{state}**. {paths.for_visitors(status.get('error') or '')}"
     if status.get("stop_requested_at"):
         return (f"Run `{run_id}` is **stopping**: asked {_duration(time.time() - status['stop_requested_at'])} ago "
                 "to save a checkpoint and stop; a process that does not answer is ended.")
@@ -317,7 +317,8 @@ def poll_run(manager: RunManager, run_id: str) -> tuple[Any, ...]:
     has_adapter = (manager.run_dir(run_id) / ADAPTER_DIR / "adapter_config.json").is_file()
     return (run_id, status_text(run_id, status, has_adapter), progress_html(status, rows),
             loss_frame(rows), lr_frame(rows),
-            manager.log_tail(run_id, 40), gr.Accordion(open=True) if failed or stalled else gr.skip())
+            paths.for_visitors(manager.log_tail(run_id, 40)),
+            gr.Accordion(open=True) if failed or stalled else gr.skip())
 
 
 def run_history(manager: RunManager, selected: list[str] | None = None) -> tuple[pd.DataFrame, Any]:

@@ -225,6 +225,19 @@ def display_name(source: str) -> str:
     return path.name or source
 
 
+# An absolute or home-relative path inside free text (a log line, an error): the folders, then the last part.
+_PATH_IN_TEXT = re.compile(r"(?<![\w.~/])(?:~/|/)(?:[^\s/'\"`:,()\[\]]+/)+([^\s/'\"`:,()\[\]]*)")
+
+
+def for_visitors(text: str) -> str:
+    """Free text a page shows to every visitor (a training log's tail, a run's error): where visitors may not
+    name local paths, each server path is cut to its last part, so logs never map the server's folders."""
+    if not text or local_paths_mode() == "anywhere":
+        return text
+    return _PATH_IN_TEXT.sub(lambda match: UPLOADED if display_name(match.group(0)) == UPLOADED
+                             else f"…/{match.group(1)}", text)
+
+
 def _resolve_quietly(path: Path) -> Path:
     try:
         return path.expanduser().resolve()

@@ -503,3 +503,19 @@ def test_a_run_id_is_looked_up_among_the_runs_only(tmp_path, monkeypatch):
     with pytest.raises(ModelSourceError, match="No adapter found for 'elsewhere'"):
         resolve_run_folder("elsewhere", tmp_path / "runs", "adapter")
     assert resolve_run_folder("./elsewhere", tmp_path / "runs", "adapter") == Path("elsewhere") / "adapter"
+
+
+def test_logs_and_errors_shown_to_visitors_name_no_server_folder(monkeypatch):
+    from finetune.paths import for_visitors
+
+    log = ("Loading /srv/app/runs/uploads/20260101-ann-notes.jsonl\n"
+           "FileNotFoundError: [Errno 2] No such file: '/home/ann/models/mine/config.json' (see ~/.cache/hf/x)")
+    monkeypatch.delenv("SPACE_ID", raising=False)
+    monkeypatch.delenv("LORA_LAB_LOCAL_ROOTS", raising=False)
+    monkeypatch.delenv("LORA_LAB_LOCAL_PATHS", raising=False)
+    assert for_visitors(log) == log  # the operator's own app: the log as written
+    monkeypatch.setenv("SPACE_ID", "me/lab")
+    shown = for_visitors(log)
+    assert "/srv" not in shown and "/home" not in shown and ".cache" not in shown and "ann/" not in shown
+    assert "'…/config.json'" in shown and "…/x)" in shown
+    assert shown.startswith("Loading uploaded file\n") and "FileNotFoundError: [Errno 2]" in shown
