@@ -61,7 +61,7 @@ GGUF_TYPES = {
 SUPPORTED_MODEL_TYPES = {"llama": "Llama family with a byte-level BPE tokenizer: SmolLM2, Llama 3"}
 # What llama.cpp calls the pre-tokenizer (the regex that splits text before BPE), told apart by the HF
 # tokenizer's own pre-tokenizer description.
-PRE_TOKENIZERS = {"gpt2": "GPT-2's split (ByteLevel with its regex)",
+PRE_TOKENIZERS = {"gpt-2": "GPT-2's split (ByteLevel with its regex)",
                   "smollm": "single digits, then GPT-2's split",
                   "llama-bpe": "Llama 3's split"}
 _LLAMA3_SPLIT_START = "(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}{1,3}"
@@ -133,7 +133,7 @@ def pre_tokenizer_name(tokenizer: Any) -> str:
     steps = pre.get("pretokenizers") if pre.get("type") == "Sequence" else [pre]
     kinds = [step.get("type") for step in steps]
     if kinds == ["ByteLevel"] and steps[0].get("use_regex", True):
-        return "gpt2"
+        return "gpt-2"  # llama.cpp's spelling (llama.cpp itself refused "gpt2": checked with llama-cpp-python)
     if kinds == ["Digits", "ByteLevel"] and steps[0].get("individual_digits") and steps[1].get("use_regex", True):
         return "smollm"
     if kinds == ["Split", "ByteLevel"] and str((steps[0].get("pattern") or {}).get("Regex", "")).startswith(

@@ -128,7 +128,7 @@ def test_every_tensor_and_the_metadata_read_back(exports, trained_run):
         assert fields["llama.rope.dimension_count"] == config.hidden_size // config.num_attention_heads
         assert fields["llama.rope.freq_base"] == pytest.approx(config.rope_parameters["rope_theta"])
         assert fields["llama.attention.layer_norm_rms_epsilon"] == pytest.approx(config.rms_norm_eps)
-        assert fields["tokenizer.ggml.model"] == "gpt2" and fields["tokenizer.ggml.pre"] == "gpt2"
+        assert fields["tokenizer.ggml.model"] == "gpt2" and fields["tokenizer.ggml.pre"] == "gpt-2"
         if out_type == "q8_0":  # the tokenizer metadata is written by the same code for every type
             assert fields["tokenizer.ggml.tokens"] == [token for token, _ in vocab]
             assert len(fields["tokenizer.ggml.merges"]) > 40_000
@@ -427,7 +427,7 @@ def test_tokenizers_llama_cpp_cannot_name_are_refused(tiny_model_dir):
 
     from finetune.gguf_export import pre_tokenizer_name
 
-    assert pre_tokenizer_name(_tokenizer(tiny_model_dir)) == "gpt2"
+    assert pre_tokenizer_name(_tokenizer(tiny_model_dir)) == "gpt-2"
     backend = Tokenizer(models.BPE(vocab={"a": 0, "▁": 1}, merges=[]))
     backend.pre_tokenizer = pre_tokenizers.Metaspace()
     with pytest.raises(ExportError, match="byte-level BPE tokenizers.*'Metaspace'"):
