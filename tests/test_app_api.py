@@ -7,7 +7,7 @@ import time
 import pytest
 from gradio_client import handle_file
 
-from conftest import served_app, tiny_run_config
+from conftest import served_app
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,6 @@ manager's own child mechanism that plays a hung child (it ignores the STOP file 
 
 import os
 import signal
-import sys
 import time
 from pathlib import Path
 from typing import Any, Callable
