@@ -16,14 +16,14 @@ from the same base with two adapters attached.
 from __future__ import annotations
 
 import functools
-import inspect
 import random
 import sqlite3
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 import gradio as gr
 
+from components.wiring import bind
 from finetune.chat import ChatEngine, SamplingSettings, check_prompt, normalize_history
 from finetune.config import ConfigError, load_config
 from finetune.data import validation_prompts
@@ -40,21 +40,6 @@ TARGETS = [("Both answers", "both"), ("Left / A", "left"), ("Right / B", "right"
 ARENA_LABELS = ("A", "B")
 COMPARE = [("Base model", "base"), ("Starting adapter", "start")]
 POLICY_STAGES = ("dpo", "kto", "grpo")
-
-
-def bind(handler: Callable[..., Any], *bound: Any) -> Callable[..., Any]:
-    """``functools.partial`` for event handlers that keeps the type hints gradio reads (gr.Request, gr.LikeData),
-    which a plain partial hides; generators stay generators, so streaming still streams."""
-    if inspect.isgeneratorfunction(handler):
-        def call(*args: Any, **kwargs: Any) -> Any:
-            yield from handler(*bound, *args, **kwargs)
-    else:
-        def call(*args: Any, **kwargs: Any) -> Any:
-            return handler(*bound, *args, **kwargs)
-    functools.update_wrapper(call, handler)
-    parameters = list(inspect.signature(handler).parameters.values())[len(bound):]
-    call.__signature__ = inspect.Signature(parameters)  # type: ignore[attr-defined]
-    return call
 
 
 def _who(request: gr.Request | None) -> dict[str, str | None]:

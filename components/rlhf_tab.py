@@ -25,6 +25,7 @@ from finetune.config import (DPO_LOSSES, EMBEDDED_MODEL, KTO_LOSSES, ConfigError
                              from_dict, load_config, to_dict)
 from finetune.data import DataError
 from components.progress import lone_points_as_dashes, progress_html as shared_progress_html
+from components.wiring import bind
 from finetune.metrics import read_metrics, read_status, write_status
 from finetune.models import ModelSourceError
 from finetune.feedback import FeedbackStore
@@ -653,7 +654,7 @@ def _wire(manager: RunManager, feedback_db: Path | None, form: dict[str, Any], p
                           [form["reward_run"], reward["prompt"], reward["answer_a"], reward["answer_b"]],
                           reward["scores"], api_name="rlhf_score", concurrency_limit=1, concurrency_id="reward")
     if chat is not None:
-        reward["take_chat"].click(functools.partial(last_chat_turn, feedback_db),
+        reward["take_chat"].click(bind(last_chat_turn, feedback_db),
                                   [chat["base_chat"], chat["tuned_chat"]],
                                   [reward["prompt"], reward["answer_a"], reward["answer_b"]],
                                   api_visibility="private")

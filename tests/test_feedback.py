@@ -231,3 +231,30 @@ def test_last_chat_turn_survives_an_arena_toggle(store):
     # Without a store the visible chats are used, as before.
     shown = [{"role": "user", "content": "Q?"}, {"role": "assistant", "content": "A"}]
     assert last_chat_turn(None, shown, shown[:1] + [{"role": "assistant", "content": "B"}], mine) == ("Q?", "A", "B")
+
+
+def test_every_handler_that_asks_for_the_request_gets_it(tmp_path):
+    """Gradio hands a handler the visitor's request only when it can read the gr.Request hint; a plain
+    functools.partial hides it, and the handler then sees None (the RLHF tab's 'Take the last Chat turn' fell back
+    to the emptied chats after an arena toggle that way)."""
+    import functools
+    import inspect
+
+    import app
+    from gradio.utils import get_type_hints
+
+    demo = app.build_app(str(tmp_path / "runs"))
+    try:
+        asking = []
+        for block_fn in demo.fns.values():
+            handler = block_fn.fn.func if isinstance(block_fn.fn, functools.partial) else inspect.unwrap(block_fn.fn) \
+                if block_fn.fn else None
+            wants = [name for name, p in inspect.signature(handler).parameters.items()
+                     if "Request" in str(p.annotation)] if handler else []
+            if wants:
+                asking.append(handler.__name__)
+                hints = get_type_hints(block_fn.fn)
+                assert all("Request" in str(hints.get(name)) for name in wants), handler.__name__
+        assert {"chat", "last_chat_turn"} <= set(asking)  # the sweep did reach the handlers that need it
+    finally:
+        app.close_app(demo)
