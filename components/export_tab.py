@@ -105,7 +105,7 @@ def merge_model(manager: RunManager, run_id: str | None, target: str | None = No
     except (MemoryError, RuntimeError) as error:  # a base too large for this machine's RAM
         raise gr.Error(f"Merging failed: {error}") from None
     files = ", ".join(sorted(p.name for p in output.iterdir()))
-    return (f"Merged model ({MERGE_TARGETS[into]}) saved in the run's `{MERGED_DIR}/` folder ({_size(output)}): "
+    return (f"Merged model ({MERGE_TARGETS[into]}): saved in the run's `{MERGED_DIR}/` folder ({_size(output)}): "
             f"{files}.\n\n{report}\n\nPush it to the Hub below.")
 
 

@@ -429,7 +429,7 @@ def preview_data(manager: RunManager, feedback_db: Path | None, **form: Any) -> 
         return f"**Cannot use this data:** {error}", pd.DataFrame()
     statement, warnings = data_report(cfg, data)
     notes = [n for n in data.notes if n not in warnings]
-    lines = [f"**Source:** `{source}` · **format:** `{fmt}` · {count} rows in the file" +
+    lines = [f"**Source:** `{source}` · **format:** `{fmt}` · {count} rows to train on (after the held-out split)" +
              (f" · {'; '.join(notes)}" if notes else ""), f"**Step 4 ({stage.upper()}):** {statement}", steps_note,
              *(f"⚠️ {w}" for w in warnings)]
     return "\n\n".join(line for line in lines if line), pd.DataFrame(rows)

@@ -231,9 +231,11 @@ def restore_form(manager: RunManager) -> list[Any]:
     """On page load, show the settings of the run in progress (the form is otherwise back to its defaults)."""
     active = manager.active_run()
     try:
-        values = form_from_config(load_config(manager.run_dir(active) / "config.yaml")) if active else {}
+        cfg = load_config(manager.run_dir(active) / "config.yaml") if active else None
     except ConfigError:
-        values = {}
+        cfg = None
+    # A reward/DPO/KTO/GRPO run is the RLHF tab's: its settings in this SFT form would start the wrong run.
+    values = form_from_config(cfg) if cfg is not None and cfg.stage == "sft" else {}
     if paths.local_paths_mode() != "anywhere":  # every visitor sees this form: sources as names, no server path
         values.update({key: paths.display_name(values[key]) for key in ("model_source", "data_hub_name")
                        if isinstance(values.get(key), str)})

@@ -42,8 +42,8 @@ MERGED_DIR, EXPORT_DIR = "merged", "export"
 NOT_SHARED = ("training_args.bin",)
 SOURCE_FIELDS = (("model", "source"), ("data", "source"), ("preference", "start_adapter"),
                  ("preference", "reward_model"))
-MERGE_TARGETS = {"trained": "dequantized from the bits it trained at (answers as in Chat)",
-                 "original": "at original precision (not what the adapter trained against)"}
+MERGE_TARGETS = {"trained": "into the base dequantized from the bits it trained at, so it answers as in Chat",
+                 "original": "into the original-precision base, not the weights the adapter trained against"}
 CARD_FILE, PLOT_FILE, MERGE_INFO = "README.md", "loss.png", "lora_lab_merge.json"
 # The embedded model is a GGUF copy of this Hub model; cards name the original so the Hub links it.
 EMBEDDED_HUB_ID = {EMBEDDED_MODEL: "HuggingFaceTB/SmolLM2-135M-Instruct"}
@@ -190,7 +190,7 @@ def merge_adapter(run_dir: str | Path, output_dir: str | Path | None = None,
     source, cfg, into = adapter_dir(run_dir), run_config(run_dir), check_merge_target(into)
     profile = profile or detect()
     output = Path(output_dir) if output_dir else run_dir / MERGED_DIR
-    progress(0.05, f"Loading the base model {display_name(cfg.model.source)}: {MERGE_TARGETS[into]}")
+    progress(0.05, f"Loading {display_name(cfg.model.source)} to merge {MERGE_TARGETS[into]}")
     base = merge_base(cfg, profile, into)
     progress(0.5, "Adding the LoRA update B·A into the base weights")
     merged = PeftModel.from_pretrained(base, source).merge_and_unload()
@@ -381,7 +381,7 @@ def model_card(run_dir: str | Path, merged: bool = False, plot_name: str | None 
             ("optimizer", t.optimizer), ("max sequence length", str(cfg.data.max_seq_length)),
             ("seed", str(t.seed)),
             ("final training loss", _fmt(curves.final_train)), ("final eval loss", _fmt(curves.final_eval)),
-            *([("merged into the base", MERGE_TARGETS[into])] if merged and into in MERGE_TARGETS else [])]
+            *([("merge", f"adapter folded {MERGE_TARGETS[into]}")] if merged and into in MERGE_TARGETS else [])]
     usage = ('model = AutoModelForCausalLM.from_pretrained("REPO_ID")' if merged else
              f'base = AutoModelForCausalLM.from_pretrained("{base or display_name(cfg.model.source)}")\n'
              f'model = PeftModel.from_pretrained(base, "REPO_ID")')

@@ -39,7 +39,7 @@ LOCAL_ROOTS_ENV = "LORA_LAB_LOCAL_ROOTS"
 LOCAL_PATHS_ENV = "LORA_LAB_LOCAL_PATHS"
 UPLOADED = "uploaded file"
 
-REFUSED = ("Source refused: this server reads only uploaded files, bundled datasets (bundled:<name>), Hub ids "
+REFUSED = ("Source refused: this server reads only uploaded files, bundled datasets (bundled:NAME), Hub ids "
            "(owner/name) and local paths its operator allows.")
 
 

@@ -77,7 +77,7 @@ def test_merge_into_original_precision_equals_full_precision_base_plus_adapter(t
     assert torch.allclose(got, expected, atol=1e-4, rtol=1e-4), (got - expected).abs().max()
     assert not torch.allclose(got, _logits(AutoModelForCausalLM.from_pretrained(tiny_model_dir)), atol=1e-3)
     assert (merged_dir / "tokenizer.json").is_file() and (merged_dir / "README.md").is_file()
-    assert "original precision" in (merged_dir / "README.md").read_text(encoding="utf-8")
+    assert "original-precision base" in (merged_dir / "README.md").read_text(encoding="utf-8")
 
 
 def _greedy(model, tokenizer, prompt: str) -> str:

@@ -355,3 +355,27 @@ def test_a_space_visitor_sees_the_running_runs_form_without_server_paths(script_
     finally:
         manager.request_stop(run_id)
         wait_until(lambda: manager.status(run_id)["state"] != "running", "the run ended")
+
+
+def test_the_train_form_is_not_filled_from_a_running_rlhf_stage(script_root):
+    """While a reward/DPO run trains, a freshly opened page keeps the SFT form's own values: the stage's settings
+    there would start an SFT run with DPO's steps and lengths."""
+    import gradio as gr
+
+    from components import train_tab
+    from finetune.config import load_config
+    from finetune.hardware import detect
+
+    cfg = load_config(Path(__file__).resolve().parent.parent / "configs" / "reward-cpu.yaml")
+    manager = ScriptManager(script_root, stop_grace=0.2, term_grace=0.2)
+    with gr.Blocks():
+        train_tab.build_train_tab(manager, detect())
+    run_id = manager.start(cfg)
+    started(manager, run_id)
+    try:
+        assert manager.active_run() == run_id
+        assert all(value is gr.skip() or isinstance(value, dict) and value.get("__type__") == "update"
+                   for value in train_tab.restore_form(manager))
+    finally:
+        manager.request_stop(run_id)
+        wait_until(lambda: manager.status(run_id)["state"] != "running", "the run ended")
