@@ -276,7 +276,10 @@ def poll_rlhf(manager: RunManager, reward_id: str, policy_id: str) -> tuple[Any,
         rows = read_metrics(manager.run_dir(run_id)) if run_id else []
         text = status_text(run_id, status, rows, key, label)
         if run_id and elem == "rlhf-reward-progress" and status.get("state") == "completed":
-            text += f" · {judge_accuracy(manager.run_dir(run_id)).text()}"
+            # The final accuracy once, with its interval and pair count, and where it started for comparison.
+            before = _first(rows, key)
+            text = (f"Run `{run_id}` is **completed** · {judge_accuracy(manager.run_dir(run_id)).text()}"
+                    + (f" (before training: {before:.3f})" if before is not None else ""))
         outputs += [run_id, text, progress_html(elem, status, rows),
                     _frame(rows, charts[0], "loss"), _frame(rows, charts[1], "value")]
     active = manager.active_run() or policy_id or reward_id
@@ -395,7 +398,11 @@ def compare_policy(manager: RunManager, cache: ScorerCache, engine: ChatEngine, 
             lambda done, total: progress(done / total, desc=f"answer {done} of {total}"))
     except (DataError, ModelSourceError, ConfigError, OSError, ValueError, RuntimeError) as error:
         raise gr.Error(f"Could not compare: {error}") from None
-    return _comparison_summary(result, judge, reward_run), pd.DataFrame(result.rows(), columns=COMPARE_COLUMNS)
+    summary = _comparison_summary(result, judge, reward_run)
+    if len(questions) < int(prompts):  # say why fewer prompts than asked: only these were held out
+        summary = (f"You asked for {int(prompts)} prompts; only {len(questions)} held-out prompts exist that none "
+                   f"of these models trained on.\n\n{summary}")
+    return summary, pd.DataFrame(result.rows(), columns=COMPARE_COLUMNS)
 
 
 def _comparison_summary(result: Any, judge: Any, reward_run: str | None) -> str:

@@ -274,7 +274,8 @@ class DataConfig:
 @dataclass
 class TrainingConfig:
     learning_rate: float = field(default=2e-4, metadata=_help(
-        "Step size of the optimizer. LoRA tolerates higher rates than full fine-tuning: 1e-4 to 3e-4 is typical."))
+        "Step size of the optimizer. LoRA tolerates higher rates than full fine-tuning: 1e-4 to 3e-4 is typical "
+        "for long runs, up to 1e-3 for the short CPU presets."))
     lr_scheduler: str = field(default="cosine", metadata=_help(
         "How the learning rate changes over training.", choices=SCHEDULERS))
     warmup_ratio: float = field(default=0.03, metadata=_help(

@@ -321,4 +321,7 @@ def test_step_4_comparison_uses_the_chat_models_engine(reward_run, dpo_run):
         assert prompt in summary and prompt.lower() not in trained
         assert prompt in held_out_prompts(cfg.data, seed=cfg.training.seed)
     assert "held-out accuracy" in summary and "pairs)" in summary  # the judge's accuracy, its interval and n
-    assert "-> **better**" not in summary
+    assert "-> **better**" not in summary and "You asked for" not in summary
+    every = held_out_prompts(cfg.data, seed=cfg.training.seed, limit=1000)
+    summary, _ = compare_policy(manager, cache, engine, reward_id, "dpo-test", len(every) + 1, 2)
+    assert f"You asked for {len(every) + 1} prompts; only {len(every)} held-out prompts exist" in summary
