@@ -211,7 +211,7 @@ def _next_turn(turn: Turn | None, ids: dict[str, str], order: tuple[str, str], a
         messages[side][str(len(histories[side]) + 1)] = ids[order[index]]
     return {"turn_id": ids["turn"], "run_id": run_id, "reference": reference, "arena": arena, "order": list(order),
             "gen": {side: ids[order[index]] for index, side in enumerate(SIDES)}, "messages": messages,
-            "voted": False}
+            "voted": False, "follow_up": any(histories[side] for side in SIDES)}
 
 
 def show_vote(turn: Turn | None) -> tuple[Any, Any, str]:
@@ -220,6 +220,9 @@ def show_vote(turn: Turn | None) -> tuple[Any, Any, str]:
         return gr.Column(visible=False), gr.Radio(value=None), ""
     hint = ("Which answer is better? The models are revealed after your vote." if turn["arena"]
             else "Rate this turn: which answer is better, and what should the answer have been?")
+    if turn.get("follow_up"):  # a preference pair stores the whole conversation as its prompt
+        hint += (" This answer follows earlier turns, so your vote is stored with the whole conversation as its "
+                 "prompt; press Clear between unrelated questions to give the RLHF step separate prompts.")
     return gr.Column(visible=True), gr.Radio(choices=ARENA_VOTES if turn["arena"] else VOTES, value=None), hint
 
 

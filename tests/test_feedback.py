@@ -258,3 +258,14 @@ def test_every_handler_that_asks_for_the_request_gets_it(tmp_path):
         assert {"chat", "last_chat_turn"} <= set(asking)  # the sweep did reach the handlers that need it
     finally:
         app.close_app(demo)
+
+
+def test_a_vote_on_a_follow_up_says_the_conversation_is_its_prompt():
+    from components.chat_tab import _next_turn, show_vote
+
+    ids = {"turn": "t1", "base": "g1", "tuned": "g2"}
+    first = _next_turn(None, ids, ("base", "tuned"), False, "run", {"left": [], "right": []})
+    earlier = [{"role": "user", "content": "Q1"}, {"role": "assistant", "content": "A1"}]
+    follow_up = _next_turn(first, ids, ("base", "tuned"), False, "run", {"left": earlier, "right": earlier})
+    assert "whole conversation" not in show_vote(first)[2]
+    assert "whole conversation as its prompt" in show_vote(follow_up)[2]
