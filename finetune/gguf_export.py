@@ -42,6 +42,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from finetune.config import EMBEDDED_MODEL
+from finetune.data import first_line
 from finetune.export import (EXPORT_DIR, MERGED_DIR, ExportError, Progress, adapter_dir, check_merge_target,
                              merge_adapter, merged_into, run_config)
 from finetune.models import ModelSourceError, embedded_model_dir, from_hub_or_cache, load_tokenizer
@@ -97,10 +98,6 @@ def base_config(source: str) -> Any:
         return from_hub_or_cache(AutoConfig.from_pretrained, source)
     except (ModelSourceError, OSError, ValueError) as error:
         raise ExportError(f"Cannot read the base model's config: {first_line(error)}") from None
-
-
-def first_line(error: BaseException) -> str:
-    return (str(error).strip().splitlines() or [type(error).__name__])[0]
 
 
 def check_architecture(config: Any) -> None:
