@@ -441,6 +441,14 @@ class ChatEngine:
     def _budget(self) -> _TimeBudget:
         return _TimeBudget(self.max_seconds, self.clock)
 
+    def _generate_kwargs(self, entry: _LoadedBase, conversations: list[Messages], settings: SamplingSettings,
+                         streamer: Any, stop: threading.Event, budget: _TimeBudget) -> dict[str, Any]:
+        """generate()'s arguments: the batch, the streamer, and both ways to end early (a closed stream, the
+        request's time budget)."""
+        return {**self._inputs(entry, conversations, settings), "streamer": streamer,
+                "generation_config": settings.generation_config(entry.tokenizer, self._eos(entry)),
+                "stopping_criteria": StoppingCriteriaList([_StopFlag(stop), budget])}
+
     def _run(self, target: Any, kwargs: dict[str, Any], seed: int) -> tuple[threading.Thread, list[BaseException]]:
         """generate() in a thread; an error there ends the stream (instead of leaving the reader waiting for the
         lock timeout) and is handed back in the list, for the reader to raise."""
@@ -502,9 +510,7 @@ class ChatEngine:
         """Both rows in one generate call, each with its own adapter (or none) switched on."""
         eos, stop, budget = self._eos(entry), threading.Event(), self._budget()
         streamer = _PairStreamer(entry.tokenizer, eos)
-        kwargs = {**self._inputs(entry, conversations, settings), "streamer": streamer,
-                  "generation_config": settings.generation_config(entry.tokenizer, eos),
-                  "stopping_criteria": StoppingCriteriaList([_StopFlag(stop), budget])}
+        kwargs = self._generate_kwargs(entry, conversations, settings, streamer, stop, budget)
         texts = ("", "")
         with self._adapters_on_rows(entry, layers, row_adapters):
             thread, errors = self._run(entry.model.generate, kwargs, settings.seed)
@@ -555,9 +561,7 @@ class ChatEngine:
         stop = threading.Event()
         streamer = TextIteratorStreamer(entry.tokenizer, skip_prompt=True, skip_special_tokens=True,
                                         timeout=LOCK_TIMEOUT_SECONDS)
-        kwargs = {**self._inputs(entry, [messages], settings), "streamer": streamer,
-                  "generation_config": settings.generation_config(entry.tokenizer, self._eos(entry)),
-                  "stopping_criteria": StoppingCriteriaList([_StopFlag(stop), budget])}
+        kwargs = self._generate_kwargs(entry, [messages], settings, streamer, stop, budget)
         thread, errors = self._run(self._side(entry, adapter_name), kwargs, settings.seed)
         text = ""
         try:

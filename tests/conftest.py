@@ -88,6 +88,32 @@ def style_run(tmp_path_factory, tiny_model_dir) -> tuple[Path, Path]:
     return run_dir, data
 
 
+def train_lab_note_run(folder: Path, model_dir: Path) -> Path:
+    """A real 4-step QLoRA run of ``model_dir`` (4-bit base) on 24 'Lab note' rows, in ``folder / "run"``: what the
+    export tests (zip, merge, GGUF) take away."""
+    from finetune.train import run
+
+    rows = [{"prompt": f"What does setting {i} control?", "completion": f"🧪 Lab note: setting {i}."}
+            for i in range(24)]
+    data = write_jsonl(folder / "qa.jsonl", rows)
+    cfg = tiny_run_config(model_dir, data, max_steps=4, learning_rate=0.05, eval_steps=2)
+    assert run(cfg, folder / "run") == 0
+    return folder / "run"
+
+
+def wait_until(check: Any, what: str, timeout: float = 180.0) -> Any:
+    """Poll until check() is truthy and return its value; a generous bound fails the test instead of hanging."""
+    import time
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = check()
+        if value:
+            return value
+        time.sleep(0.1)
+    raise AssertionError(f"never happened: {what}")
+
+
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
     path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
     return path

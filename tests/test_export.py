@@ -18,22 +18,15 @@ import yaml
 from finetune.export import (ExportError, adapter_format, draw_loss_plot, losses, merge_adapter, model_card,
                              push_folder, write_model_card, zip_adapter)
 from finetune.config import save_config
-from finetune.train import run
 
-from conftest import tiny_run_config, write_jsonl
+from conftest import tiny_run_config, train_lab_note_run
 
 IDS = torch.tensor([[1, 20, 300, 4000, 50, 600, 7000, 80]])
 
 
 @pytest.fixture(scope="module")
 def trained_run(tiny_model_dir, tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("export")
-    rows = [{"prompt": f"What does setting {i} control?", "completion": f"🧪 Lab note: setting {i}."}
-            for i in range(24)]
-    data = write_jsonl(folder / "qa.jsonl", rows)
-    cfg = tiny_run_config(tiny_model_dir, data, max_steps=4, learning_rate=0.05, eval_steps=2)
-    assert run(cfg, folder / "run") == 0
-    return folder / "run"
+    return train_lab_note_run(tmp_path_factory.mktemp("export"), tiny_model_dir)
 
 
 def _logits(model) -> torch.Tensor:

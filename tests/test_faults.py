@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 from gradio_client import handle_file
 
-from conftest import served_app, tiny_run_config
+from conftest import served_app, tiny_run_config, wait_until
 
 STEPS, SAVE_EVERY = 12, 3
 
@@ -100,7 +100,7 @@ def test_app_restart_finds_runs_and_resumes_an_interrupted_one(tmp_path, tiny_mo
         _kill(root / run_id)  # the machine goes down: the child dies
         # This app is still up, and its watcher records the kill at once; a machine that went down takes the app
         # with it, so nobody records the end: put status.json back as such a crash leaves it.
-        _until(lambda: read_status(root / run_id)["state"] == "failed", "the watcher recorded the kill")
+        wait_until(lambda: read_status(root / run_id)["state"] == "failed", "the watcher recorded the kill")
         write_status(root / run_id, state="running", error=None, finished_at=None)
     resumed_from = int(_wait_for_checkpoint(root / run_id).name.split("-")[-1])
 
@@ -135,14 +135,6 @@ def _live_group_members(pgid: int) -> set[int]:
     return members
 
 
-def _until(check, what: str, timeout: float = 180.0):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"never happened: {what}")
 
 
 def test_sigstopped_child_is_shown_stalled_then_stop_ends_it_and_resume_finishes(tmp_path, tiny_model_dir, qa_file):
@@ -163,14 +155,14 @@ def test_sigstopped_child_is_shown_stalled_then_stop_ends_it_and_resume_finishes
     pid = manager.status(run_id)["pid"]
     os.killpg(pid, signal.SIGSTOP)
 
-    _until(lambda: manager.status(run_id).get("stalled_seconds") is not None, "the run is reported stalled")
+    wait_until(lambda: manager.status(run_id).get("stalled_seconds") is not None, "the run is reported stalled")
     _, text, bar, *_, log_tail, accordion = poll_run(manager, run_id)
     assert "**stalled**" in text and "data-state='stalled'" in bar and "'loss'" in log_tail and accordion.open
 
     manager.request_stop(run_id)
-    status = _until(lambda: (s := manager.status(run_id))["state"] != "running" and s, "Stop ended the run")
+    status = wait_until(lambda: (s := manager.status(run_id))["state"] != "running" and s, "Stop ended the run")
     assert status["state"] == "stopped" and "terminated (SIGTERM)" in status["error"], status
-    _until(lambda: not _live_group_members(pid), "the child's process group is gone")
+    wait_until(lambda: not _live_group_members(pid), "the child's process group is gone")
     checkpoint = Path(last_checkpoint(run_dir))  # complete: trainer_state.json is written last
     assert (checkpoint / "trainer_state.json").is_file()
 

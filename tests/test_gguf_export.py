@@ -22,9 +22,8 @@ from finetune.export import ExportError
 from finetune.gguf_export import (CHAT_TEMPERATURE, CHAT_TOP_P, GGUF_TYPES, BuildLock, check_type,
                                   chatml_default_system, convert_folder, gguf_path, modelfile_text, tensor_type,
                                   write_gguf)
-from finetune.train import run
 
-from conftest import ROOT, save_tiny_llama, tiny_run_config, write_jsonl
+from conftest import ROOT, save_tiny_llama, tiny_run_config, train_lab_note_run
 
 MULTILINGUAL = ("Hello, world! Ça va? Größe straße. Привет, мир. 你好，世界。 こんにちは 안녕하세요 "
                 "مرحبا بالعالم 🧪🚀 x² ≤ 3.14159 — tabs\tand  double  spaces\n")
@@ -35,13 +34,7 @@ PROMPTS = ["What does setting 3 control?", "Hello there, how are you today?"]
 
 @pytest.fixture(scope="module")
 def trained_run(tiny_model_dir, tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("gguf")
-    rows = [{"prompt": f"What does setting {i} control?", "completion": f"🧪 Lab note: setting {i}."}
-            for i in range(24)]
-    data = write_jsonl(folder / "qa.jsonl", rows)
-    cfg = tiny_run_config(tiny_model_dir, data, max_steps=4, learning_rate=0.05, eval_steps=2)
-    assert run(cfg, folder / "run") == 0
-    return folder / "run"
+    return train_lab_note_run(tmp_path_factory.mktemp("gguf"), tiny_model_dir)
 
 
 @pytest.fixture(scope="module")

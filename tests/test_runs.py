@@ -5,7 +5,7 @@ import os
 import signal
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 
@@ -13,7 +13,7 @@ from finetune.metrics import FINAL_STATES, read_metrics, read_status, write_stat
 from finetune.runs import RunError, RunInProgressError, RunManager
 from finetune.train import last_checkpoint
 
-from conftest import tiny_run_config, write_jsonl
+from conftest import tiny_run_config, wait_until, write_jsonl
 
 HUNG_CHILD = """
 import json, os, signal, subprocess, sys, time
@@ -145,15 +145,6 @@ def test_resume_refuses_runs_without_checkpoint(manager, tiny_model_dir, qa_file
 
 # --- Stop that stops, reaping, refused starts -------------------------------------------------------------------
 
-def wait_until(check: Callable[[], Any], what: str, timeout: float = 120.0) -> Any:
-    """Poll until check() is truthy and return its value; a generous bound fails the test instead of hanging."""
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"never happened: {what}")
 
 
 def _proc_stat(pid: int) -> list[str] | None:
