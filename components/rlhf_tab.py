@@ -28,11 +28,11 @@ from components.progress import lone_points_as_dashes, progress_html as shared_p
 from components.wiring import bind
 from finetune.metrics import read_metrics, read_status, write_status
 from finetune.models import ModelSourceError
-from finetune.feedback import FeedbackStore
+from finetune.feedback import FeedbackStore, export_feedback
 from finetune.evaluate import (NO_HELD_OUT, Candidate, adapter_name, compare_policy_answers, judge_accuracy,
                                model_label, start_run_dir, trained_prompts)
 from finetune.preference import (BUNDLED_PREFERENCES, MAX_EPOCHS_SMALL_DATA, PreferenceData, PreferenceError,
-                                 data_size, default_steps, export_feedback, feedback_available, held_out_prompts,
+                                 data_size, default_steps, held_out_prompts,
                                  load_preferences, preview_preferences, rows_per_step, size_statement,
                                  size_warnings)
 from finetune.rlhf import ScorerCache, resolve_run_folder
@@ -493,8 +493,7 @@ def _step2(form: dict[str, Any]) -> dict[str, Any]:
         gr.Markdown("Pairs (prompt, chosen, rejected) teach the reward model and DPO; thumbs (prompt, completion, "
                     "label) teach KTO. The bundled set has 150 course-style pairs and 24 held-out ones.")
         with gr.Row():
-            kinds = list(DATA_KINDS) if feedback_available() else [k for k in DATA_KINDS if k != "Collected feedback"]
-            form["data_kind"] = gr.Radio(kinds, value=DATA_KINDS[0], label="Preferences from",
+            form["data_kind"] = gr.Radio(list(DATA_KINDS), value=DATA_KINDS[0], label="Preferences from",
                                          elem_id="rlhf-data-kind")
             form["data_file"] = gr.File(label="Preference file", type="filepath", elem_id="rlhf-data-file",
                                         file_types=[".jsonl", ".json", ".csv", ".parquet"])

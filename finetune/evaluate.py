@@ -31,6 +31,7 @@ import torch
 from finetune.chat import SamplingSettings, budget_note, peft_adapter_name
 from finetune.config import ConfigError, DataConfig, ModelConfig, load_config
 from finetune.data import DataError, prepare
+from finetune.feedback import FeedbackStore
 from finetune.metrics import read_metrics
 from finetune.preference import prompt_key, trained_prompt_keys
 from finetune import paths
@@ -337,16 +338,9 @@ def win_rate(adapter: str, counts: dict[str, int]) -> WinRate:
 
 
 def read_win_counts(db_path: str | Path) -> dict[str, dict[str, int]]:
-    """Vote counts per adapter from the feedback store (``finetune.feedback``, imported only when needed);
-    empty when its database does not exist yet."""
+    """Vote counts per adapter from the feedback store; empty when its database does not exist yet."""
     path = Path(db_path)
-    if not path.is_file():
-        return {}
-    try:
-        from finetune.feedback import FeedbackStore
-    except ImportError:
-        return {}
-    return FeedbackStore(path).win_counts()
+    return FeedbackStore(path).win_counts() if path.is_file() else {}
 
 
 # --- reward model (optional) ---------------------------------------------------------------------------------

@@ -36,6 +36,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
+from finetune.preference import PreferenceError
+
 logger = logging.getLogger(__name__)
 
 Messages = list[dict[str, str]]
@@ -685,3 +687,22 @@ class LangSmithSender:
                                    **{k: v for k, v in payload.items() if v is not None})
         else:
             raise FeedbackError(f"unknown outbox item kind {kind!r}")
+
+
+# --- training data ---------------------------------------------------------------------------------------------
+
+def export_feedback(store_path: str | Path, out_dir: str | Path, kind: str = "pairs") -> Path:
+    """Export the collected feedback ('pairs' for DPO, 'thumbs' for KTO) to a JSONL file in ``out_dir`` and
+    return its path; PreferenceError (a message for the user) when there is nothing to export."""
+    store_path = Path(store_path)
+    if not store_path.is_file():
+        raise PreferenceError(f"No feedback collected yet ({store_path} does not exist): chat in the Chat tab and "
+                              "rate answers first.")
+    out = Path(out_dir) / f"feedback-{kind}.jsonl"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    store = FeedbackStore(store_path)
+    written = (store.export_pairs if kind == "pairs" else store.export_thumbs)(out)
+    if not written:
+        raise PreferenceError(f"The feedback store has no {'A/B preferences' if kind == 'pairs' else 'thumbs'} "
+                              "yet: rate some answers in the Chat tab first.")
+    return out

@@ -21,11 +21,9 @@ names the row: training on half-broken preferences teaches the wrong thing silen
 
 from __future__ import annotations
 
-import importlib.util
 import math
 import random
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Iterable
 
 from datasets import Dataset
@@ -446,30 +444,3 @@ def size_warnings(size: DataSize, steps: int, rows_per_step: int) -> list[str]:
         warnings.append(f"Only {size.held_rows} held-out {size.unit}: too few for a verdict (a model right on 3 of 4 "
                         f"cannot be told from chance below {MIN_HELD_OUT_FOR_VERDICT}), so expect \"cannot tell\".")
     return warnings
-
-
-# --- the feedback store (built by finetune/feedback.py) --------------------------------------------------------
-
-def feedback_available() -> bool:
-    return importlib.util.find_spec("finetune.feedback") is not None
-
-
-def export_feedback(store_path: str | Path, out_dir: str | Path, kind: str = "pairs") -> Path:
-    """Export the collected feedback ('pairs' or 'thumbs') to a JSONL file in ``out_dir`` and return its path."""
-    if not feedback_available():
-        raise PreferenceError("Collected feedback is not available: this version has no feedback store "
-                              "(finetune/feedback.py). Use the bundled preference set or upload a file.")
-    from finetune.feedback import FeedbackStore  # imported lazily: it is optional for the RLHF stages
-
-    store_path = Path(store_path)
-    if not store_path.is_file():
-        raise PreferenceError(f"No feedback collected yet ({store_path} does not exist): chat in the Chat tab and "
-                              "rate answers first.")
-    out = Path(out_dir) / f"feedback-{kind}.jsonl"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    store = FeedbackStore(store_path)
-    written = (store.export_pairs if kind == "pairs" else store.export_thumbs)(out)
-    if not written:
-        raise PreferenceError(f"The feedback store has no {'A/B preferences' if kind == 'pairs' else 'thumbs'} "
-                              "yet: rate some answers in the Chat tab first.")
-    return out
