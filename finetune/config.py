@@ -253,9 +253,14 @@ class DataConfig:
         "Share of rows held out for eval loss when the dataset has no validation split. 0 disables eval."))
     max_samples: int | None = field(default=None, metadata=_help(
         "Use at most this many training rows (handy for quick experiments). Empty = all."))
+    skip_bad_rows: bool = field(default=False, metadata=_help(
+        "Train on the readable rows of a partly broken JSON Lines or CSV file: the malformed lines are listed and "
+        "skipped. Off, such a file is refused so it can be fixed first. A file with more than half its lines "
+        "malformed is refused either way."))
 
     def __post_init__(self) -> None:
         check = _Checker("data", self)
+        check.flag("skip_bad_rows", "Skip malformed rows")
         check.text("source", "Dataset source")
         check.text("split", "Split")
         check.choice("format", DATA_FORMATS, "Data format")

@@ -12,8 +12,10 @@ earlier turns in the prompt and train on the last assistant turn. Plain ``text``
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
@@ -21,9 +23,17 @@ from typing import Any, Iterable
 from datasets import Dataset, DatasetDict, load_dataset
 
 from finetune.config import DataConfig
+from finetune.data_files import (IN_MEMORY_LIMIT, TEXT_LOADERS, DataError, FileRows, MalformedRowsError,
+                                 check_bad_lines, read_text_file)
 from finetune.paths import DATA_DIR, PathRefused, bundled_name
 
-FILE_LOADERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text"}
+__all__ = ["DataError", "MalformedRowsError"]  # re-exported: callers catch them from here
+
+FILE_LOADERS = {**TEXT_LOADERS, ".parquet": "parquet"}
+# Not read, on purpose: openpyxl would be a new dependency that parses XML from a zip a visitor uploads (its docs
+# ask for defusedxml against XML attacks, and the zip can inflate far past the upload cap), while "Save as CSV" is
+# one step in every spreadsheet program. The message says so.
+SPREADSHEET_SUFFIXES = (".xlsx", ".xlsm", ".xls", ".ods", ".numbers")
 VALIDATION_SPLITS = ("validation", "valid", "val", "test")
 
 # Detection order matters: the most specific column sets first.
@@ -36,12 +46,22 @@ FORMAT_COLUMNS: dict[str, tuple[str, ...]] = {
     "question_answer": ("question", "answer"),
     "text": ("text",),
 }
+OPTIONAL_COLUMNS = {"alpaca": ("input",)}
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
-                  "chatgpt": "assistant", "bot": "assistant", "model": "assistant", "system": "system"}
+                  "chatgpt": "assistant", "bot": "assistant", "model": "assistant", "ai": "assistant",
+                  "system": "system"}
 
-
-class DataError(ValueError):
-    """The dataset cannot be used; the message says why and what would work."""
+# Column names as public instruction datasets spell them, compared after column_key(): lower case, separators
+# as '_', a trailing '_text' dropped. Earlier names win when a file has several.
+TURN_NAMES = ("messages", "conversations", "conversation", "dialogue", "dialog", "chat", "turns")
+INSTRUCTION_NAMES = ("instruction", "instructions", "task")
+PROMPT_NAMES = ("prompt", "question", "query", "input", "human", "user", "request", "inputs", "source")
+ANSWER_NAMES = ("completion", "response", "answer", "output", "assistant", "gpt", "bot", "reply", "target",
+                "chosen", "outputs", "targets")
+CONTEXT_NAMES = ("input", "context")  # extra text after the instruction (Alpaca's input, Dolly's context)
+TEXT_NAMES = ("text", "content", "document")
+SYSTEM_NAMES = ("system", "system_prompt")
+NAME_SUFFIXES = ("_text", "_str", "_string")
 
 
 @dataclass
@@ -52,6 +72,25 @@ class PreparedData:
     skipped_rows: int = 0        # rows with a missing or empty field
     dropped_too_long: int = 0    # rows longer than max_seq_length
     notes: list[str] = field(default_factory=list)
+    malformed_rows: int = 0      # lines of the file that could not be read (skipped with data.skip_bad_rows)
+    bad_lines: list[str] = field(default_factory=list)          # each malformed line with its reason
+    column_renames: dict[str, str] = field(default_factory=dict)  # file column -> column the format reads
+    encoding: str | None = None  # the encoding assumed for a text file
+
+
+@dataclass
+class RawData:
+    """A source's rows before conversion, and what was assumed to read a file."""
+    train: Dataset
+    validation: Dataset | None
+    file: FileRows | None = None
+
+    @property
+    def malformed(self) -> int:
+        return len(self.file.bad_lines) if self.file else 0
+
+    def notes(self) -> list[str]:
+        return self.file.notes() if self.file else []
 
 
 # --- loading raw rows --------------------------------------------------------------------------------------
@@ -86,10 +125,12 @@ def max_file_bytes() -> int:
         return 1024 * 1024 * 1024
 
 
-def check_file(path: Path) -> str:
-    """The cheap checks on a local data file (exists, type, size, text, JSON shape); returns its loader name."""
+def _check_file_type_and_size(path: Path) -> str:
     if not path.is_file():
         raise DataError(f"Data file not found: {path}")
+    if path.suffix.lower() in SPREADSHEET_SUFFIXES:
+        raise DataError(f"Unsupported file type '{path.suffix}' for {path.name}: spreadsheet files are not read. "
+                        "Save the sheet as CSV UTF-8 (File > Save as, or Download > CSV) and use that file.")
     loader = FILE_LOADERS.get(path.suffix.lower())
     if loader is None:
         raise DataError(f"Unsupported file type '{path.suffix}' for {path.name}; use one of "
@@ -101,41 +142,79 @@ def check_file(path: Path) -> str:
         raise DataError(f"Data file {path.name} is {size / 2**20:,.0f} MB; the limit is "
                         f"{max_file_bytes() / 2**20:,.0f} MB (LORA_LAB_MAX_DATA_MB). Use max samples on a "
                         "smaller extract, or a Hub dataset.")
-    _check_is_text(path, loader)
-    if loader == "json":
-        _check_json_rows_are_objects(path)
-        # datasets reports a cut-off file as "an error occurred": find the bad line (small files only; cheap).
-        detail = _bad_json_line(path) if size <= 64 * 2**20 else None
-        if detail:
-            raise DataError(f"Could not read {path.name} as JSON: {detail}")
     return loader
 
 
-def _load_file(path: Path) -> Dataset:
-    loader = check_file(path)
+def _read_in_memory(path: Path, loader: str) -> bool:
+    """Text files up to IN_MEMORY_LIMIT are decoded and parsed here (any encoding, every bad line listed)."""
+    return loader != "parquet" and path.stat().st_size <= IN_MEMORY_LIMIT
+
+
+def check_file(path: Path, skip_bad_rows: bool = False) -> str:
+    """The checks on a local data file before a run starts (exists, type, size, text, shape, malformed lines,
+    refused unless ``skip_bad_rows``); returns its loader name. Reads the whole file if it is under 64 MB."""
+    loader = _check_file_type_and_size(path)
+    if _read_in_memory(path, loader):
+        check_bad_lines(read_text_file(path), path.name, skip_bad_rows)
+    elif loader != "parquet":
+        _check_is_text(path, loader)
+        if loader == "json":
+            _check_json_rows_are_objects(path)
+    return loader
+
+
+def _load_file(path: Path, skip_bad_rows: bool = False) -> tuple[Dataset, FileRows | None]:
+    loader = _check_file_type_and_size(path)
+    if _read_in_memory(path, loader):
+        read = read_text_file(path)
+        check_bad_lines(read, path.name, skip_bad_rows)
+        if not read.rows:
+            raise DataError(f"Data file {path.name} has no rows.")
+        return rows_to_dataset(read.rows, path.name), read
+    if loader != "parquet":
+        _check_is_text(path, loader)
+        if loader == "json":
+            _check_json_rows_are_objects(path)
+    options = {"delimiter": "\t"} if path.suffix.lower() == ".tsv" else {}
     try:
-        dataset = load_dataset(loader, data_files=str(path), split="train")
+        dataset = load_dataset(loader, data_files=str(path), split="train", **options)
     except Exception as error:  # datasets raises many types for a malformed file; all mean "unreadable"
-        detail = _bad_json_line(path) if loader == "json" else None
-        raise DataError(f"Could not read {path.name} as {loader.upper()}: "
-                        f"{detail or first_line(error)}") from None
+        raise DataError(f"Could not read {path.name} as {loader.upper()}: {first_line(error)} (files over "
+                        f"{IN_MEMORY_LIMIT // 2**20} MB must be clean UTF-8)") from None
     if len(dataset) == 0:
         raise DataError(f"Data file {path.name} has no rows.")
-    return dataset
+    return dataset, None
+
+
+def rows_to_dataset(rows: list[dict[str, Any]], name: str) -> Dataset:
+    """A Dataset with every column any row has (Dataset.from_list keeps only the first row's)."""
+    columns = list(dict.fromkeys(key for row in rows for key in row))
+    data = {column: _same_kind([row.get(column) for row in rows]) for column in columns}
+    try:
+        return Dataset.from_dict(data)
+    except Exception as error:  # pyarrow: a column mixing lists, objects and plain values
+        raise DataError(f"Could not read {name}: a column holds values of different kinds in different rows "
+                        f"({first_line(error)}); give each column one kind of value.") from None
+
+
+def _same_kind(values: list[Any]) -> list[Any]:
+    """Plain values of mixed types (a number among texts, as hand-edited JSON has) become text."""
+    kinds = {type(v) for v in values if v is not None}
+    if len(kinds) > 1 and kinds <= {str, int, float, bool} and kinds != {int, float}:
+        return [None if v is None else str(v) for v in values]
+    return values
 
 
 def _check_is_text(path: Path, loader: str) -> None:
-    if loader == "parquet":
-        return
     head = path.open("rb").read(65536)
     if b"\x00" in head:
         raise DataError(f"{path.name} looks like a binary file, not {loader.upper()} text.")
     try:
-        head.decode("utf-8")
+        head.removeprefix(b"\xef\xbb\xbf").decode("utf-8")
     except UnicodeDecodeError as error:
         if error.start < len(head) - 4:  # a cut multi-byte character at the block's end is fine
-            raise DataError(f"{path.name} is not UTF-8 text (bad byte at position {error.start}); "
-                            "re-save it as UTF-8.") from None
+            raise DataError(f"{path.name} is not UTF-8 text (bad byte at position {error.start}); files over "
+                            f"{IN_MEMORY_LIMIT // 2**20} MB must be UTF-8: re-save it as UTF-8.") from None
 
 
 def _check_json_rows_are_objects(path: Path) -> None:
@@ -149,24 +228,6 @@ def _check_json_rows_are_objects(path: Path) -> None:
     elif head and not head.startswith("{"):
         raise DataError(f"{path.name} must hold one JSON object per line (or a list of objects); "
                         f"it starts with {head[:20]!r}.")
-
-
-def _bad_json_line(path: Path) -> str | None:
-    """Which line of a JSON Lines file does not parse (datasets only says 'an error occurred')."""
-    text = path.read_text(encoding="utf-8", errors="replace")
-    if path.suffix.lower() == ".json" and text.lstrip("\ufeff \t\r\n").startswith("["):
-        try:
-            json.loads(text)
-        except json.JSONDecodeError as error:
-            return f"invalid JSON at line {error.lineno} ({error.msg}); the file may be cut off."
-        return None
-    for number, line in enumerate(text.splitlines(), 1):
-        if line.strip():
-            try:
-                json.loads(line)
-            except json.JSONDecodeError as error:
-                return f"line {number} is not valid JSON ({error.msg}); the file may be cut off."
-    return None
 
 
 def first_line(error: BaseException, limit: int = 300) -> str:
@@ -200,18 +261,28 @@ def _load_hub(cfg: DataConfig) -> DatasetDict:
         raise DataError(f"Could not load Hub dataset '{cfg.source}': {first_line(error)}") from None
 
 
-def load_raw(cfg: DataConfig) -> tuple[Dataset, Dataset | None]:
-    """(train rows, validation rows if the source has a validation split) with columns renamed."""
+def load_source(cfg: DataConfig, skip_bad_rows: bool | None = None) -> RawData:
+    """The source's training rows (and validation rows if it has that split) with the user's column mapping
+    applied, and for a local file what was assumed to read it."""
+    skip = cfg.skip_bad_rows if skip_bad_rows is None else skip_bad_rows
     kind = source_kind(cfg.source)
+    read = None
     if kind == "file":
-        train, validation = _load_file(Path(cfg.source).expanduser()), None
+        (train, read), validation = _load_file(Path(cfg.source).expanduser(), skip), None
     else:
         splits = _load_bundled(cfg.source) if kind == "bundled" else _load_hub(cfg)
         if cfg.split not in splits:
             raise DataError(f"Dataset '{cfg.source}' has no split '{cfg.split}'; it has: {', '.join(splits)}.")
         train = splits[cfg.split]
         validation = next((splits[s] for s in VALIDATION_SPLITS if s in splits and s != cfg.split), None)
-    return _rename(train, cfg.column_mapping), (_rename(validation, cfg.column_mapping) if validation else None)
+    mapping = cfg.column_mapping
+    return RawData(_rename(train, mapping), _rename(validation, mapping) if validation else None, read)
+
+
+def load_raw(cfg: DataConfig) -> tuple[Dataset, Dataset | None]:
+    """(train rows, validation rows if the source has a validation split) with columns renamed."""
+    raw = load_source(cfg)
+    return raw.train, raw.validation
 
 
 def _rename(dataset: Dataset, mapping: dict[str, str]) -> Dataset:
@@ -226,17 +297,171 @@ def _rename(dataset: Dataset, mapping: dict[str, str]) -> Dataset:
     return dataset.rename_columns(renames) if renames else dataset
 
 
-# --- format detection and conversion -----------------------------------------------------------------------
+# --- which columns mean what -------------------------------------------------------------------------------
+
+@dataclass
+class ColumnReading:
+    """How a table's columns are read: the format, and which columns are renamed to the names it reads."""
+    format: str
+    renames: dict[str, str] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    def describe(self) -> str:
+        return ", ".join(f"{old} → {new}" for old, new in self.renames.items())
+
+
+def column_key(name: str) -> str:
+    """A column name compared without case or separators: 'Output Text', 'output-text' -> 'output'."""
+    key = re.sub(r"[^0-9a-z]+", "_", str(name).lower()).strip("_")
+    for suffix in NAME_SUFFIXES:
+        if key.endswith(suffix) and len(key) > len(suffix):
+            return key[:-len(suffix)]
+    return key
+
+
+def _keys(columns: list[str]) -> dict[str, str]:
+    keys: dict[str, str] = {}
+    for column in columns:
+        keys.setdefault(column_key(column), column)
+    return keys
+
+
+def _first(keys: dict[str, str], names: tuple[str, ...], taken: Iterable[str] = ()) -> str | None:
+    return next((keys[n] for n in names if n in keys and keys[n] not in taken), None)
+
+
+def _unused(keys: dict[str, str], names: tuple[str, ...], used: Iterable[str]) -> list[str]:
+    return [keys[n] for n in names if n in keys and keys[n] not in used]
+
+
+def read_columns(columns: Iterable[str], fmt: str = "auto") -> ColumnReading:
+    """The format and column renames for a table; exact column names first (as before), then names compared
+    without case or separators, then the synonyms public datasets use. Raises DataError when nothing fits."""
+    columns = list(columns)
+    if fmt != "auto":
+        return _reading_for(fmt, columns)
+    exact = [name for name, needed in FORMAT_COLUMNS.items() if set(needed) <= set(columns)]
+    if exact:
+        reading = ColumnReading(exact[0])
+        if len(exact) > 1:
+            reading.notes.append(f"the columns also fit the format(s) {', '.join(exact[1:])}; read as {exact[0]} "
+                                 "(choose the format to read them otherwise)")
+    else:
+        keys = _keys(columns)
+        reading = (_by_format_names(keys) or _by_turns(keys) or _by_instruction(keys) or _by_prompt_answer(keys)
+                   or _by_text(keys))
+        if reading is None:
+            raise DataError(_no_usable_columns(columns))
+    _add_system_column(reading, columns)
+    return reading
+
+
+def _no_usable_columns(columns: list[str]) -> str:
+    accepted = "; ".join(f"{name}: {' + '.join(cols)}" for name, cols in FORMAT_COLUMNS.items())
+    return (f"No usable columns. Found: {', '.join(sorted(columns)) or 'none'}. Accepted formats: {accepted} "
+            "(names match without regard to case or separators, and common synonyms such as query/response, "
+            "input/output, human/assistant and Dolly's instruction/context/response are understood). "
+            "Use the column mapping to rename yours.")
+
+
+def _renames(pairs: dict[str | None, str]) -> dict[str, str]:
+    return {old: new for old, new in pairs.items() if old is not None and old != new}
+
+
+def _by_format_names(keys: dict[str, str]) -> ColumnReading | None:
+    """'Question'/'ANSWER', 'Instruction'/'Input'/'Output': a known format under other capitals."""
+    for name, needed in FORMAT_COLUMNS.items():
+        if all(n in keys for n in needed):
+            wanted = needed + tuple(n for n in OPTIONAL_COLUMNS.get(name, ()) if n in keys)
+            return ColumnReading(name, _renames({keys[n]: n for n in wanted}))
+    return None
+
+
+def _by_turns(keys: dict[str, str]) -> ColumnReading | None:
+    column = _first(keys, TURN_NAMES)
+    return ColumnReading("messages", _renames({column: "messages"})) if column else None
+
+
+def _answer_notes(keys: dict[str, str], answer: str, used: list[str]) -> list[str]:
+    notes = []
+    others = _unused(keys, ANSWER_NAMES, used)
+    if others:
+        notes.append(f"'{answer}' read as the answer; {', '.join(repr(o) for o in others)} could also be one "
+                     "(use the column mapping to choose)")
+    if column_key(answer) == "chosen":
+        notes.append("preference data: the chosen answers are trained on, the rejected ones are not used here "
+                     "(the RLHF tab trains on both)")
+    text = _first(keys, TEXT_NAMES, used)
+    if text:
+        notes.append(f"'{text}' is not used (set the format to text to train on it instead)")
+    return notes
+
+
+def _by_instruction(keys: dict[str, str]) -> ColumnReading | None:
+    instruction = _first(keys, INSTRUCTION_NAMES)
+    answer = _first(keys, ANSWER_NAMES, [instruction])
+    if not instruction or not answer:
+        return None
+    context = _first(keys, CONTEXT_NAMES, [instruction, answer])
+    notes = _answer_notes(keys, answer, [instruction, answer, context])
+    return ColumnReading("alpaca", _renames({instruction: "instruction", answer: "output", context: "input"}),
+                         notes)
+
+
+def _by_prompt_answer(keys: dict[str, str]) -> ColumnReading | None:
+    prompt = _first(keys, PROMPT_NAMES)
+    answer = _first(keys, ANSWER_NAMES, [prompt])
+    if not prompt or not answer:
+        return None
+    context = _first(keys, ("context",), [prompt, answer])
+    notes = _answer_notes(keys, answer, [prompt, answer, context])
+    others = _unused(keys, PROMPT_NAMES, [prompt, answer, context])
+    if others:
+        notes.append(f"'{prompt}' read as the prompt; {', '.join(repr(o) for o in others)} could also be one "
+                     "(use the column mapping to choose)")
+    if context:  # question + context + answer: the context follows the question, as Alpaca's input does
+        return ColumnReading("alpaca", _renames({prompt: "instruction", context: "input", answer: "output"}), notes)
+    return ColumnReading("prompt_completion", _renames({prompt: "prompt", answer: "completion"}), notes)
+
+
+def _by_text(keys: dict[str, str]) -> ColumnReading | None:
+    column = _first(keys, TEXT_NAMES)
+    return ColumnReading("text", _renames({column: "text"})) if column else None
+
+
+def _add_system_column(reading: ColumnReading, columns: list[str]) -> None:
+    """A 'system' column (LLaMA-Factory's ShareGPT layout) becomes each row's system turn."""
+    column = _first(_keys(columns), SYSTEM_NAMES, reading.renames)
+    if reading.format != "text" and column and column != "system":
+        reading.renames[column] = "system"
+
+
+def _reading_for(fmt: str, columns: list[str]) -> ColumnReading:
+    """A format the user chose: its columns found under any capitals or separators."""
+    keys = _keys(columns)
+    needed = FORMAT_COLUMNS.get(fmt, ())
+    found = {n: n if n in columns else keys.get(n) for n in needed + OPTIONAL_COLUMNS.get(fmt, ())}
+    missing = [n for n in needed if found[n] is None]
+    if missing:
+        raise DataError(f"Format '{fmt}' needs the column(s) {', '.join(missing)}; found: {', '.join(columns)}.")
+    reading = ColumnReading(fmt, _renames({old: new for new, old in found.items()}))
+    _add_system_column(reading, columns)
+    return reading
+
 
 def detect_format(columns: Iterable[str]) -> str:
-    present = set(columns)
-    for name, needed in FORMAT_COLUMNS.items():
-        if set(needed) <= present:
-            return name
-    accepted = "; ".join(f"{name}: {' + '.join(cols)}" for name, cols in FORMAT_COLUMNS.items())
-    raise DataError(f"No usable columns. Found: {', '.join(sorted(present)) or 'none'}. "
-                    f"Accepted formats: {accepted}. Use the column mapping to rename yours.")
+    return read_columns(columns).format
 
+
+def _apply_reading(dataset: Dataset, reading: ColumnReading) -> Dataset:
+    clashes = [new for new in reading.renames.values()
+               if new in dataset.column_names and new not in reading.renames]
+    if clashes:
+        dataset = dataset.remove_columns(clashes)
+    return dataset.rename_columns(reading.renames) if reading.renames else dataset
+
+
+# --- rows to chat messages ---------------------------------------------------------------------------------
 
 def _text(value: Any) -> str | None:
     if value is None:
@@ -252,28 +477,38 @@ def _pair(prompt: Any, answer: Any) -> list[dict[str, str]] | None:
     return [{"role": "user", "content": prompt_text}, {"role": "assistant", "content": answer_text}]
 
 
-def _messages_from_list(turns: Any, role_key: str, content_key: str,
-                        roles: dict[str, str] | None = None) -> list[dict[str, str]] | None:
+def _messages_from_list(turns: Any) -> list[dict[str, str]] | None:
+    """Chat turns as OpenAI ({'role', 'content'}) or ShareGPT ({'from', 'value'}) write them."""
     if not isinstance(turns, list):
         return None
     messages = []
     for turn in turns:
         if not isinstance(turn, dict):
             return None
-        role, content = turn.get(role_key), _text(turn.get(content_key))
-        role = (roles or {}).get(str(role).lower(), role) if role is not None else None
-        if role not in ("system", "user", "assistant") or content is None:
+        role = turn.get("role", turn.get("from"))
+        content = _text(turn.get("content", turn.get("value")))
+        role = SHAREGPT_ROLES.get(str(role).lower()) if role is not None else None
+        if role is None or content is None:
             return None
         messages.append({"role": role, "content": content})
     return messages
 
 
+def _with_system(messages: list[dict[str, str]] | None, system: Any) -> list[dict[str, str]] | None:
+    system_text = _text(system)
+    if not messages or system_text is None or messages[0]["role"] == "system":
+        return messages
+    return [{"role": "system", "content": system_text}] + messages
+
+
 def row_to_messages(row: dict[str, Any], fmt: str) -> list[dict[str, str]] | None:
     """A row as chat messages ending with the assistant's answer, or None if the row is unusable."""
-    if fmt == "messages":
-        return _messages_from_list(row.get("messages"), "role", "content")
-    if fmt == "sharegpt":
-        return _messages_from_list(row.get("conversations"), "from", "value", SHAREGPT_ROLES)
+    return _with_system(_row_messages(row, fmt), row.get("system"))
+
+
+def _row_messages(row: dict[str, Any], fmt: str) -> list[dict[str, str]] | None:
+    if fmt in ("messages", "sharegpt"):
+        return _messages_from_list(row.get(FORMAT_COLUMNS[fmt][0]))
     if fmt == "alpaca":
         extra = _text(row.get("input"))
         instruction = _text(row.get("instruction"))
@@ -283,7 +518,7 @@ def row_to_messages(row: dict[str, Any], fmt: str) -> list[dict[str, str]] | Non
         prompt_key, answer_key = FORMAT_COLUMNS[fmt]
         prompt, answer = row.get(prompt_key), row.get(answer_key)
         if isinstance(prompt, list) and isinstance(answer, list):  # already conversational
-            return _messages_from_list(prompt + answer, "role", "content")
+            return _messages_from_list(prompt + answer)
         return _pair(prompt, answer)
     raise DataError(f"Format '{fmt}' has no chat form")
 
@@ -310,17 +545,6 @@ def convert(dataset: Dataset, fmt: str) -> tuple[Dataset, int]:
     return Dataset.from_list(rows) if rows else Dataset.from_dict({}), len(dataset) - len(rows)
 
 
-def _resolve_format(cfg: DataConfig, columns: list[str]) -> str:
-    if cfg.format != "auto":
-        needed = FORMAT_COLUMNS.get(cfg.format, ())
-        missing = [c for c in needed if c not in columns]
-        if missing:
-            raise DataError(f"Format '{cfg.format}' needs the column(s) {', '.join(missing)}; "
-                            f"found: {', '.join(columns)}.")
-        return cfg.format
-    return detect_format(columns)
-
-
 # --- the pipeline the trainer and the UI use ---------------------------------------------------------------
 
 def token_length(row: dict[str, Any], tokenizer: Any) -> int:
@@ -331,27 +555,43 @@ def token_length(row: dict[str, Any], tokenizer: Any) -> int:
 
 
 def prepare(cfg: DataConfig, tokenizer: Any = None, seed: int = 42) -> PreparedData:
-    train_raw, validation_raw = load_raw(cfg)
-    fmt = _resolve_format(cfg, train_raw.column_names)
+    return _prepare(load_source(cfg), cfg, tokenizer, seed)
+
+
+def _prepare(raw: RawData, cfg: DataConfig, tokenizer: Any, seed: int) -> PreparedData:
+    reading = read_columns(raw.train.column_names, cfg.format)
+    train_raw = _apply_reading(raw.train, reading)
+    fmt = reading.format
     train, skipped = convert(train_raw, fmt)
     if len(train) == 0:
         raise DataError(f"None of the {len(train_raw)} rows has usable '{fmt}' content (missing or empty fields).")
-    notes = [f"{skipped} row(s) skipped: missing or empty fields"] if skipped else []
+    notes = raw.notes() + _reading_notes(reading)
+    if skipped:
+        notes.append(f"{skipped} row(s) skipped: missing or empty fields")
     if cfg.max_samples is not None and len(train) > cfg.max_samples:
+        notes.append(f"max samples: {cfg.max_samples} of the {len(train)} usable rows kept")
         train = train.shuffle(seed=seed).select(range(cfg.max_samples))
     evaluation = None
-    if validation_raw is not None and cfg.validation_fraction > 0:
-        evaluation, _ = convert(validation_raw, _resolve_format(cfg, validation_raw.column_names))
+    if raw.validation is not None and cfg.validation_fraction > 0:
+        held_reading = read_columns(raw.validation.column_names, cfg.format)
+        evaluation, _ = convert(_apply_reading(raw.validation, held_reading), held_reading.format)
     elif cfg.validation_fraction > 0 and len(train) >= 10:
         parts = train.train_test_split(test_size=cfg.validation_fraction, seed=seed)
         train, evaluation = parts["train"], parts["test"]
     elif cfg.validation_fraction > 0:
         notes.append("too few rows to hold out a validation split; eval loss is off")
     prepared = PreparedData(train, evaluation if evaluation is not None and len(evaluation) else None,
-                            fmt, skipped, 0, notes)
+                            fmt, skipped, 0, notes, raw.malformed,
+                            [str(b) for b in raw.file.bad_lines] if raw.file else [], dict(reading.renames),
+                            raw.file.encoding if raw.file else None)
     if tokenizer is not None:
         _drop_too_long(prepared, cfg.max_seq_length, tokenizer)
     return prepared
+
+
+def _reading_notes(reading: ColumnReading) -> list[str]:
+    renamed = [f"columns read as: {reading.describe()}"] if reading.renames else []
+    return renamed + reading.notes
 
 
 def _drop_too_long(prepared: PreparedData, max_length: int, tokenizer: Any) -> None:
@@ -371,14 +611,169 @@ def _drop_too_long(prepared: PreparedData, max_length: int, tokenizer: Any) -> N
 
 def preview(cfg: DataConfig, rows: int = 5) -> tuple[str, list[list[dict[str, str]]], list[str]]:
     """(detected format, first rows as chat messages, original columns) for the UI's data preview."""
-    train_raw, _ = load_raw(cfg)
-    fmt = _resolve_format(cfg, train_raw.column_names)
-    sample = train_raw.select(range(min(rows, len(train_raw))))
-    if fmt == "text":
-        shown = [[{"role": "text", "content": str(r.get("text"))}] for r in sample]
-    else:
-        shown = [row_to_messages(r, fmt) or [] for r in sample]
-    return fmt, shown, list(train_raw.column_names)
+    raw = load_source(cfg)
+    reading = read_columns(raw.train.column_names, cfg.format)
+    return reading.format, _shown_rows(raw.train, reading, rows), list(raw.train.column_names)
+
+
+def _shown_rows(dataset: Any, reading: ColumnReading, rows: int) -> list[list[dict[str, str]]]:
+    shown = []
+    for row in dataset:
+        if len(shown) >= rows:
+            break
+        row = {reading.renames.get(k, k): v for k, v in row.items()}
+        if reading.format == "text":
+            shown.append([{"role": "text", "content": str(row.get("text"))}])
+        else:
+            shown.append(row_to_messages(row, reading.format) or [])
+    return shown
+
+
+# --- the preview that tells the truth about training -------------------------------------------------------
+
+@dataclass
+class DataPreview:
+    """What the Train tab shows before Start: how the source is read, its first rows, and how many rows will
+    train, be held out and be skipped (and why). Counts are None where they could not be known (a Hub
+    dataset previewed by streaming, or a source that is refused)."""
+    format: str
+    rows: list[list[dict[str, str]]]
+    columns: list[str]
+    column_renames: dict[str, str] = field(default_factory=dict)
+    encoding: str | None = None
+    shape: str | None = None
+    notes: list[str] = field(default_factory=list)
+    bad_lines: list[str] = field(default_factory=list)
+    source_rows: int | None = None
+    train_rows: int | None = None
+    held_out_rows: int | None = None
+    held_out_from: str = ""
+    skipped_malformed: int = 0
+    skipped_missing: int | None = None
+    skipped_too_long: int | None = None   # None: not counted (no tokenizer given)
+    max_seq_length: int = 0
+    refusal: str | None = None            # what Start will answer, when it will refuse this source
+
+    def markdown(self) -> str:
+        lines = [f"**Detected format:** `{self.format}` · **columns:** "
+                 f"{', '.join(f'`{c}`' for c in self.columns)}"]
+        if self.column_renames:
+            lines.append("**Columns read as:** " + ", ".join(f"`{old}` → `{new}`"
+                                                            for old, new in self.column_renames.items()))
+        if self.shape:
+            lines.append(f"**File:** {self.shape}, encoding {self.encoding}")
+        if self.train_rows is not None:
+            lines.append(self._counts())
+        lines += [f"- {note}" for note in self.notes]
+        if self.bad_lines:
+            lines.append(f"**Malformed ({len(self.bad_lines)}):** " + "; ".join(self.bad_lines))
+        if self.refusal:
+            lines.append(f"**Start will refuse this file:** {self.refusal}")
+        return "  \n".join(lines)
+
+    def _counts(self) -> str:
+        skipped = [f"{self.skipped_malformed} malformed"] if self.skipped_malformed else []
+        if self.skipped_missing:
+            skipped.append(f"{self.skipped_missing} with missing or empty fields")
+        if self.skipped_too_long:
+            skipped.append(f"{self.skipped_too_long} longer than {self.max_seq_length} tokens")
+        too_long = ("" if self.skipped_too_long is not None
+                    else f" (rows longer than {self.max_seq_length} tokens are not counted here)")
+        held = (f"{self.held_out_rows} held out for validation ({self.held_out_from})" if self.held_out_rows
+                else "none held out (no eval loss)")
+        return (f"**Rows:** {self.source_rows} in the source → **{self.train_rows} will train**, {held}, "
+                f"{sum([self.skipped_malformed, self.skipped_missing or 0, self.skipped_too_long or 0])} skipped"
+                f"{': ' + ', '.join(skipped) if skipped else ''}{too_long}.")
+
+
+def preview_report(cfg: DataConfig, tokenizer: Any = None, seed: int = 42, rows: int = 5) -> DataPreview:
+    """The Train tab's preview: ``prepare``'s own counts for this config (with the run's tokenizer, rows longer
+    than max_seq_length are counted too). A partly broken file is still previewed, with every malformed line
+    and the refusal Start will give unless skip_bad_rows is on. Raises DataError when nothing can be read."""
+    raw = load_source(cfg, skip_bad_rows=True)  # past the bad lines, to list them all; over half bad still raises
+    refusal = None
+    if raw.file is not None and not cfg.skip_bad_rows:
+        try:
+            check_bad_lines(raw.file, Path(cfg.source).name, skip_bad_rows=False)
+        except MalformedRowsError as error:
+            refusal = str(error)
+    reading = read_columns(raw.train.column_names, cfg.format)
+    report = DataPreview(reading.format, _shown_rows(raw.train, reading, rows), list(raw.train.column_names),
+                         dict(reading.renames), raw.file.encoding if raw.file else None,
+                         raw.file.shape if raw.file else None, refusal=refusal, max_seq_length=cfg.max_seq_length,
+                         bad_lines=[str(b) for b in raw.file.bad_lines] if raw.file else [])
+    prepared = _prepare(raw, cfg, tokenizer, seed)
+    held_from = ("the source's validation split" if raw.validation is not None
+                 else f"{cfg.validation_fraction:.0%} of the rows")
+    report.notes = [n for n in prepared.notes if not n.startswith(("read as ", "columns read as"))]
+    report.source_rows = len(raw.train) + raw.malformed
+    report.train_rows = len(prepared.train)
+    report.held_out_rows = len(prepared.eval) if prepared.eval is not None else 0
+    report.held_out_from = held_from
+    report.skipped_malformed = raw.malformed
+    report.skipped_missing = prepared.skipped_rows
+    report.skipped_too_long = prepared.dropped_too_long if tokenizer is not None else None
+    return report
+
+
+# --- Hub datasets: configs, splits and a first look without downloading --------------------------------------
+
+def _require_hub_or_folder(name: str) -> None:
+    """A Hub dataset needs the Hub; a local folder laid out as a Hub repository (README with configs:) does not.
+    Callers pass a name that went through paths.data_source first."""
+    if Path(name).expanduser().is_dir():
+        return
+    from finetune.models import ModelSourceError, require_hub
+
+    try:
+        require_hub(name, "dataset")
+    except ModelSourceError as error:
+        raise DataError(str(error)) from None
+
+
+def hub_configs(name: str) -> list[str]:
+    """The dataset's configurations (subsets), e.g. ['default'] or ['en', 'fr']."""
+    _require_hub_or_folder(name)
+    from datasets import get_dataset_config_names
+
+    try:
+        return list(get_dataset_config_names(name))
+    except Exception as error:  # DatasetNotFoundError, connection errors, a bad README
+        raise DataError(f"Could not list the configurations of '{name}': {first_line(error)}") from None
+
+
+def hub_splits(name: str, config: str | None = None) -> list[str]:
+    _require_hub_or_folder(name)
+    from datasets import get_dataset_split_names
+
+    try:
+        return list(get_dataset_split_names(name, config or None))
+    except Exception as error:  # an unknown config raises ValueError naming the ones that exist
+        raise DataError(f"Could not list the splits of '{name}'"
+                        f"{f' ({config})' if config else ''}: {first_line(error)}") from None
+
+
+def hub_preview(name: str, config: str | None = None, split: str = "train", rows: int = 5,
+                fmt: str = "auto", column_mapping: dict[str, str] | None = None) -> DataPreview:
+    """The first rows of a Hub dataset as chat messages, streamed: nothing but those rows is downloaded, so
+    the row counts stay unknown (None) until training loads the split."""
+    _require_hub_or_folder(name)
+    try:
+        stream = load_dataset(name, config or None, split=split, streaming=True)
+        first = [dict(row) for _, row in zip(range(max(rows, 1)), stream)]
+    except Exception as error:  # unknown split or config, connection errors
+        raise DataError(f"Could not preview '{name}'{f' ({config})' if config else ''}, split '{split}': "
+                        f"{first_line(error)}") from None
+    if not first:
+        raise DataError(f"Split '{split}' of '{name}' has no rows.")
+    for old, new in (column_mapping or {}).items():
+        for row in first:
+            if old in row:
+                row[new] = row.pop(old)
+    columns = list(first[0])
+    reading = read_columns(columns, fmt)
+    return DataPreview(reading.format, _shown_rows(first, reading, rows), columns, dict(reading.renames),
+                       notes=list(reading.notes))
 
 
 def validation_prompts(cfg: DataConfig, limit: int = 8) -> list[str]:

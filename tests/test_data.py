@@ -73,10 +73,10 @@ def test_csv_json_and_parquet_files(tmp_path):
 
 
 def test_column_mapping_overrides_detection(tmp_path):
-    path = write_jsonl(tmp_path / "c.jsonl", [{"query": q, "reply": a} for q, a in QA])
-    with pytest.raises(DataError, match="query, reply"):
-        prepare(cfg_for(path))
-    prepared = prepare(cfg_for(path, column_mapping={"query": "prompt", "reply": "completion"}))
+    """'reply' is a synonym of an answer, but the user's mapping says the answer is in 'notes'."""
+    path = write_jsonl(tmp_path / "c.jsonl", [{"query": q, "reply": "wrong", "notes": a} for q, a in QA])
+    assert prepare(cfg_for(path)).train[0]["completion"][0]["content"] == "wrong"
+    prepared = prepare(cfg_for(path, column_mapping={"query": "prompt", "notes": "completion"}))
     assert first_pair(prepared) in QA
 
 
@@ -98,11 +98,12 @@ def test_no_usable_columns_lists_columns_and_formats(tmp_path):
 @pytest.mark.parametrize("name, content, fragment", [
     ("empty.jsonl", b"", "is empty"),
     ("binary.jsonl", b"\x00\x01\x02PK\x03\x04" * 50, "binary"),
-    ("latin1.csv", "prompt,completion\ncaf\xe9,ok\n".encode("latin-1"), "not UTF-8"),
+    ("undecodable.csv", b"prompt,completion\n" + bytes(range(128, 256)) * 4, "not UTF-8"),
     ("truncated.json", b'[{"prompt": "a", "completion": "b"}, {"prompt": "c", "compl', "Could not read"),
     ("scalars.json", b"[1, 2, 3]", "list of objects"),
     ("scalars.jsonl", b"1\n2\n", "one JSON object per line"),
-    ("data.xlsx", b"whatever", "Unsupported file type"),
+    ("data.xlsx", b"whatever", "Unsupported file type '.xlsx' for data.xlsx: spreadsheet files are not read"),
+    ("notes.docx", b"whatever", "Unsupported file type"),
 ])
 def test_bad_files_get_specific_messages(tmp_path, name, content, fragment):
     path = tmp_path / name
@@ -120,7 +121,7 @@ def test_rows_with_missing_fields_are_skipped_and_counted(tmp_path):
     rows = [{"prompt": q, "completion": a} for q, a in QA] + [{"prompt": "x", "completion": ""}, {"prompt": None}]
     prepared = prepare(cfg_for(write_jsonl(tmp_path / "p.jsonl", rows)))
     assert prepared.skipped_rows == 2 and len(prepared.train) == len(QA)
-    assert "2 row(s) skipped" in prepared.notes[0]
+    assert "2 row(s) skipped: missing or empty fields" in prepared.notes
 
 
 def test_all_rows_empty(tmp_path):
