@@ -42,8 +42,9 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
-from finetune.config import ConfigError, ModelConfig, load_config
-from finetune.models import ModelSourceError, resolve_source, source_kind
+from finetune.config import ConfigError, LoraSettings, ModelConfig, RunConfig, load_config
+from finetune.lora_init import apply_loftq, dequantized, init_problems, lora_4bit_layers, peft_init_kwargs
+from finetune.models import ModelSourceError, load_model, resolve_source, source_kind
 
 # Run-folder names as the trainer writes them. TODO(lead): import these from finetune.run_folder once it exists.
 ADAPTER_DIR = "adapter"
@@ -505,3 +506,66 @@ def _match(name: str, first: _OpenedRun, second: _OpenedRun, top_k: int) -> Subs
 def _similarity(angles_degrees: torch.Tensor, k: int) -> float:
     """||U1ᵀU2||_F² / k: the mean squared cosine of the principal angles."""
     return float((torch.cos(torch.deg2rad(angles_degrees)) ** 2).sum()) / k
+
+
+# --- step 0: how far a 4-bit base plus a fresh adapter starts from the full-precision weights --------------------
+
+@dataclass(frozen=True)
+class Step0Error:
+    """Reconstruction error at step 0, over every adapted matrix of a 4-bit base."""
+
+    init: str
+    relative_error: float       # sqrt(Σ ||W - (deq(Q) + s·B·A)||²) / sqrt(Σ ||W||²), Q as the layer holds it then
+    init_seconds: float         # get_peft_model plus the initialisation itself (LoftQ's SVDs)
+    matrices: int
+
+    def caption(self, default: "Step0Error | None" = None) -> str:
+        """In words; against the default start (B = 0, so the 4-bit base alone) when given."""
+        text = (f"{self.init}: the 4-bit base plus the fresh adapter starts {self.relative_error:.2%} away from the "
+                f"full-precision weights over {self.matrices} matrices")
+        if default is not None and self.init != "default" and default.relative_error > 0:
+            change = 1 - self.relative_error / default.relative_error
+            text += (f", {abs(change):.1%} {'closer' if change >= 0 else 'farther'} than the default start "
+                     f"({default.relative_error:.2%}, the 4-bit base alone)")
+        return text + f"; initialising took {self.init_seconds * 1000:.0f} ms."
+
+
+def step0_comparison(model: ModelConfig, lora: LoraSettings,
+                     inits: tuple[str, ...] = ("default", "loftq")) -> list[Step0Error]:
+    """step0_quantization_error for each init, each on a freshly loaded base (PiSSA/OLoRA change the base)."""
+    return [step0_quantization_error(model, lora, init) for init in inits]
+
+
+def step0_quantization_error(model: ModelConfig, lora: LoraSettings, init: str) -> Step0Error:
+    """Load the base at 4 bits as training does, attach a LoRA adapter started with ``init`` and measure
+    ||W - (deq(Q) + s·B·A)|| against the full-precision W read from the base's safetensors."""
+    import dataclasses
+
+    from peft import LoraConfig, get_peft_model
+
+    lora = dataclasses.replace(lora, init=init)
+    folder = base_weights_folder(model)
+    problems = ([f"The step-0 quantization error is measured on a 4-bit base; this config loads the base at "
+                 f"{model.bits} bits."] if model.bits != 4 else init_problems(RunConfig(model=model, lora=lora),
+                                                                             folder))
+    if problems:
+        raise InspectError(" ".join(problems))
+    base = load_model(model)
+    started = time.perf_counter()
+    peft_model = get_peft_model(base, LoraConfig(
+        r=lora.rank, lora_alpha=lora.alpha, target_modules=lora.target_module_list(),
+        use_rslora=lora.method == "rslora", lora_dropout=0.0, **peft_init_kwargs(lora)))
+    if init == "loftq":
+        apply_loftq(peft_model, folder)
+    seconds = time.perf_counter() - started
+    weights = BaseWeights(folder)
+    error_squared = weight_squared = 0.0
+    layers = lora_4bit_layers(peft_model)
+    with torch.no_grad():
+        for name, layer in layers:
+            weight, dequant = weights.get(name), dequantized(layer)
+            update = layer.scaling["default"] * (layer.lora_B["default"].weight.float()
+                                                 @ layer.lora_A["default"].weight.float())
+            error_squared += float(torch.linalg.norm(weight - dequant - update)) ** 2
+            weight_squared += float(torch.linalg.norm(weight)) ** 2
+    return Step0Error(init, math.sqrt(error_squared / weight_squared), seconds, len(layers))

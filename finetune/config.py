@@ -33,6 +33,8 @@ LORA_BIAS = ("none", "all", "lora_only")
 # PEFT methods (finetune/train.py to_peft_config): LoRA and its variants, IA3, prompt tuning, or none at all.
 PEFT_METHODS = ("lora", "dora", "rslora", "ia3", "prompt_tuning", "full")
 LORA_METHODS = ("lora", "dora", "rslora")
+# How LoRA's A and B start (finetune/lora_init.py maps them to peft and says where each does not apply).
+LORA_INITS = ("default", "loftq", "pissa", "olora")
 CHECKPOINTING = ("auto", "on", "off")
 
 
@@ -198,6 +200,12 @@ class LoraSettings:
         "'q_proj,v_proj' (the original LoRA paper)."))
     bias: str = field(default="none", metadata=_help(
         "Train bias terms too: 'none' (default), 'lora_only' or 'all'.", choices=LORA_BIAS))
+    init: str = field(default="default", metadata=_help(
+        "How the adapter starts: 'default' (B = 0: step 0 is exactly the base model), 'loftq' (4-bit bases: A and "
+        "B start as the best rank-r fix of the quantization error, so base + adapter starts closer to the "
+        "full-precision weights), 'pissa' (the adapter starts as the weight's top r singular directions and the "
+        "base keeps the rest; 16/32-bit bases), 'olora' (A and B start orthonormal, from a QR decomposition of "
+        "the weight, taken out of the base). The form says where a choice does not apply.", choices=LORA_INITS))
     ia3_feedforward_modules: str = field(default="auto", metadata=_help(
         "IA3 only: which targeted layers are feed-forward (their scaling vector multiplies the input instead of "
         "the output). 'auto' = peft's choice for the architecture (with its default targets k_proj, v_proj, "
@@ -220,6 +228,7 @@ class LoraSettings:
         check.float_field("dropout", low=0, high=1, high_open=True, what="LoRA dropout")
         check.text("target_modules", "Target modules")
         check.choice("bias", LORA_BIAS, "LoRA bias")
+        check.choice("init", LORA_INITS, "LoRA initialisation")
         check.raise_if_any()
 
     def target_module_list(self) -> str | list[str]:

@@ -1,0 +1,114 @@
+"""LoRA initialisations: the config value -> peft mapping, where each one does not apply, and LoftQ on the tiny model
+quantized to 4 bits by bitsandbytes on the CPU (the step-0 error checked against numpy's SVD of the residual)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+from finetune.adapter_inspect import InspectError, step0_comparison, step0_quantization_error
+from finetune.config import ConfigError, LoraSettings, ModelConfig, from_dict
+from finetune.lora_init import check_init, init_problems, peft_init_kwargs
+
+RANK = 4
+TARGETS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
+
+
+def run_config(init: str, bits: int = 4, **lora: object):
+    return from_dict({"model": {"source": "smollm2-135m-instruct", "bits": bits}, "lora": {"init": init, **lora}})
+
+
+@pytest.mark.parametrize("init, expected", [("default", True), ("loftq", True), ("pissa", "pissa"),
+                                            ("olora", "olora")])
+def test_each_init_maps_to_peft(init, expected):
+    # LoftQ builds peft's default adapter and then sets A and B itself (apply_loftq): peft's own LoftQ needs CUDA.
+    assert peft_init_kwargs(LoraSettings(init=init)) == {"init_lora_weights": expected}
+
+
+def test_an_unknown_init_is_a_config_error():
+    with pytest.raises(ConfigError) as error:
+        LoraSettings(init="gaussian")
+    assert error.value.problems == {"lora.init": "LoRA initialisation must be one of default, loftq, pissa, olora, "
+                                                 "got 'gaussian'"}
+
+
+@pytest.mark.parametrize("config", [run_config("default"), run_config("loftq"), run_config("olora"),
+                                    run_config("pissa", bits=16), run_config("loftq", method="rslora")])
+def test_inits_that_apply_raise_nothing(config):
+    assert init_problems(config) == []
+    check_init(config)
+
+
+@pytest.mark.parametrize("config, message", [
+    (run_config("loftq", bits=16),
+     "LoftQ starts the adapter as a fix for the 4-bit quantization error; a 16-bit run has no quantization error, so "
+     "LoftQ would start A and B at zero and nothing would train. Use the default, or pick 4 bits."),
+    (run_config("loftq", bits=8),
+     "LoftQ is offered for 4-bit bases only (8-bit quantization error is far smaller); pick 4 bits or the default "
+     "initialisation."),
+    (run_config("pissa", bits=4),
+     "PiSSA splits the weight itself into adapter + residual, which peft does only on a 16 or 32-bit base; this run "
+     "loads the base at 4 bits. Use LoftQ to start closer to the full-precision weights at 4 bits."),
+    (run_config("olora", method="dora"),
+     "OLoRA initialises LoRA's A and B matrices; the method 'dora' has none to initialise (DoRA's magnitudes start "
+     "from the base weights, so it keeps the default start)."),
+])
+def test_inits_that_do_not_apply_say_why(config, message):
+    assert init_problems(config) == [message]
+    with pytest.raises(ConfigError) as error:
+        check_init(config)
+    assert error.value.problems == {"lora.init": message}
+
+
+def test_loftq_needs_the_full_precision_safetensors(tmp_path):
+    assert init_problems(run_config("loftq"), weights_folder=tmp_path) == [
+        "LoftQ starts from the base's full-precision weights and reads them from safetensors files; the base "
+        "model's folder has none."]
+
+
+def test_continuing_an_adapter_has_nothing_to_initialise():
+    config = from_dict({"stage": "dpo", "lora": {"init": "loftq"}, "preference": {"start_adapter": "sft-run"}})
+    assert init_problems(config) == ["This run continues the adapter 'sft-run', so there is no new adapter for LoftQ "
+                                     "to initialise; use the default."]
+
+
+# --- LoftQ on a real 4-bit base ------------------------------------------------------------------------------
+
+def numpy_step0_errors(model_dir, rank: int) -> tuple[float, float]:
+    """(default, best rank-r) step-0 errors computed here: each weight quantized by bitsandbytes' NF4 function
+    directly (blocksize 64, double quant: what transformers' 4-bit loading does), residual SVD by numpy."""
+    import bitsandbytes.functional as bnb_f
+    import torch
+
+    weights = load_file(str(model_dir / "model.safetensors"))
+    residual_sq = best_sq = total_sq = 0.0
+    for name, weight in weights.items():
+        if not name.startswith("model.layers.") or weight.ndim != 2:
+            continue
+        packed, state = bnb_f.quantize_4bit(torch.from_numpy(weight), blocksize=64, compress_statistics=True,
+                                            quant_type="nf4")
+        residual = weight.astype(np.float64) - bnb_f.dequantize_4bit(packed, state).numpy().astype(np.float64)
+        singular = np.linalg.svd(residual, compute_uv=False)
+        residual_sq += np.sum(singular ** 2)
+        best_sq += np.sum(singular[rank:] ** 2)  # Eckart-Young: what is left after the best rank-r fix
+        total_sq += np.sum(weight.astype(np.float64) ** 2)
+    return float(np.sqrt(residual_sq / total_sq)), float(np.sqrt(best_sq / total_sq))
+
+
+def test_loftq_starts_closer_to_the_full_precision_weights_than_the_default(tiny_model_dir):
+    model = ModelConfig(source=str(tiny_model_dir), bits=4, quant_type="nf4", double_quant=True)
+    # alpha = 2r, the usual choice: a LoftQ that forgot to divide by alpha/r would start exactly as far as the default.
+    default, loftq = step0_comparison(model, LoraSettings(rank=RANK, alpha=2 * RANK, target_modules=TARGETS))
+    expected_default, expected_loftq = numpy_step0_errors(tiny_model_dir, RANK)
+    assert default.matrices == loftq.matrices == 14
+    assert default.relative_error == pytest.approx(expected_default, rel=1e-4)
+    assert loftq.relative_error == pytest.approx(expected_loftq, rel=1e-4)
+    assert loftq.relative_error < default.relative_error
+    assert "closer than the default start" in loftq.caption(default)
+
+
+def test_step0_error_needs_a_4_bit_base(tiny_model_dir):
+    with pytest.raises(InspectError, match="^The step-0 quantization error is measured on a 4-bit base; this config "
+                                           "loads the base at 16 bits.$"):
+        step0_quantization_error(ModelConfig(source=str(tiny_model_dir), bits=16), LoraSettings(), "loftq")
