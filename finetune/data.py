@@ -20,7 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
-from datasets import Dataset, DatasetDict, load_dataset
+import pyarrow as pa
+from datasets import Dataset, DatasetDict, Features, Json, load_dataset
 
 from finetune.config import DataConfig
 from finetune.data_files import (IN_MEMORY_LIMIT, TEXT_LOADERS, DataError, FileRows, MalformedRowsError,
@@ -187,22 +188,24 @@ def _load_file(path: Path, skip_bad_rows: bool = False) -> tuple[Dataset, FileRo
 
 
 def rows_to_dataset(rows: list[dict[str, Any]], name: str) -> Dataset:
-    """A Dataset with every column any row has (Dataset.from_list keeps only the first row's)."""
+    """A Dataset with every column any row has (Dataset.from_list keeps only the first row's); a column whose
+    rows hold different kinds of value (text in one, a list in another) keeps each value as it is, as datasets'
+    JSON loader does, so each row is judged on its own later."""
     columns = list(dict.fromkeys(key for row in rows for key in row))
-    data = {column: _same_kind([row.get(column) for row in rows]) for column in columns}
+    data = {column: [row.get(column) for row in rows] for column in columns}
+    features = Features({column: _feature(values) for column, values in data.items()})
     try:
-        return Dataset.from_dict(data)
-    except Exception as error:  # pyarrow: a column mixing lists, objects and plain values
-        raise DataError(f"Could not read {name}: a column holds values of different kinds in different rows "
-                        f"({first_line(error)}); give each column one kind of value.") from None
+        return Dataset.from_dict(data, features=features)
+    except Exception as error:  # pyarrow's own refusals; not expected once mixed columns are Json
+        raise DataError(f"Could not read {name}: {first_line(error)}") from None
 
 
-def _same_kind(values: list[Any]) -> list[Any]:
-    """Plain values of mixed types (a number among texts, as hand-edited JSON has) become text."""
-    kinds = {type(v) for v in values if v is not None}
-    if len(kinds) > 1 and kinds <= {str, int, float, bool} and kinds != {int, float}:
-        return [None if v is None else str(v) for v in values]
-    return values
+def _feature(values: list[Any]) -> Any:
+    try:
+        kind = pa.array(values).type
+    except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError):
+        return Json()
+    return Features.from_arrow_schema(pa.schema([("column", kind)]))["column"]
 
 
 def _check_is_text(path: Path, loader: str) -> None:
@@ -705,7 +708,8 @@ def preview_report(cfg: DataConfig, tokenizer: Any = None, seed: int = 42, rows:
     prepared = _prepare(raw, cfg, tokenizer, seed)
     held_from = ("the source's validation split" if raw.validation is not None
                  else f"{cfg.validation_fraction:.0%} of the rows")
-    report.notes = [n for n in prepared.notes if not n.startswith(("read as ", "columns read as"))]
+    shown_elsewhere = set(raw.notes())  # the file's shape and malformed lines have their own lines above
+    report.notes = [n for n in prepared.notes if n not in shown_elsewhere and not n.startswith("columns read as")]
     report.source_rows = len(raw.train) + raw.malformed
     report.train_rows = len(prepared.train)
     report.held_out_rows = len(prepared.eval) if prepared.eval is not None else 0

@@ -29,7 +29,7 @@ from typing import Any, Iterable
 from datasets import Dataset
 
 from finetune.config import DataConfig, RunConfig
-from finetune.data import DataError, load_raw
+from finetune.data import DataError, column_key, load_source
 
 BUNDLED_PREFERENCES = "bundled:course_prefs"
 FORMAT_COLUMNS = {"paired": ("prompt", "chosen", "rejected"), "unpaired": ("prompt", "completion", "label"),
@@ -37,6 +37,15 @@ FORMAT_COLUMNS = {"paired": ("prompt", "chosen", "rejected"), "unpaired": ("prom
 TRUE_LABELS = ("true", "1", "yes", "good", "up", "👍", "desirable")
 FALSE_LABELS = ("false", "0", "no", "bad", "down", "👎", "undesirable")
 MAX_LISTED_PROBLEMS = 5
+# Column names as preference datasets spell them (compared by data.column_key: no case, no separators);
+# earlier names win when a file has several.
+PREFERENCE_NAMES = {
+    "prompt": ("prompt", "question", "query", "instruction", "input", "human", "user"),
+    "chosen": ("chosen", "preferred", "better", "winner", "chosen_response", "response_chosen", "accepted"),
+    "rejected": ("rejected", "dispreferred", "worse", "loser", "rejected_response", "response_rejected"),
+    "completion": ("completion", "response", "answer", "output"),
+    "label": ("label", "thumbs", "vote", "kto_label", "desirable"),
+}
 # Held-out prompts: at least two (one prompt is an anecdote, and its answer decides any "verdict" alone), and at
 # least two prompts left to train on, so a set of fewer than four prompts holds nothing out and gets no verdict.
 MIN_HELD_OUT_PROMPTS = 2
@@ -59,6 +68,8 @@ class PreferenceData:
     format: str            # the shape of the rows now: 'paired' or 'unpaired'
     source_format: str     # the shape the source had: 'paired', 'implicit' or 'unpaired'
     notes: list[str] = field(default_factory=list)
+    skipped_rows: int = 0      # unusable pairs/thumbs left out (data.skip_bad_rows)
+    malformed_rows: int = 0    # lines of the file that could not be read (data.skip_bad_rows)
 
 
 # --- format detection ----------------------------------------------------------------------------------------
@@ -82,6 +93,31 @@ def _resolve_format(requested: str, columns: list[str]) -> str:
         raise PreferenceError(f"Format '{requested}' needs the column(s) {', '.join(missing)}; "
                               f"found: {', '.join(columns)}.")
     return requested
+
+
+def preference_renames(columns: Iterable[str]) -> dict[str, str]:
+    """Renames that give a file's columns the names the formats read ('Prompt', 'preferred' -> 'prompt',
+    'chosen'); none when the exact names are already there, so an exact file reads as it always did."""
+    columns = list(columns)
+    if any(set(needed) <= set(columns) for needed in FORMAT_COLUMNS.values()):
+        return {}
+    by_key: dict[str, str] = {}
+    for column in columns:
+        by_key.setdefault(column_key(column), column)
+    renames: dict[str, str] = {}
+    for role, names in PREFERENCE_NAMES.items():
+        column = next((by_key[n] for n in names if n in by_key and by_key[n] not in renames), None)
+        if column is not None and role not in columns:
+            renames[column] = role
+    return {old: new for old, new in renames.items() if old != new}
+
+
+def _read_columns(dataset: Dataset, requested: str) -> tuple[Dataset, str, dict[str, str]]:
+    """(rows with the renamed columns, format, renames)."""
+    renames = preference_renames(dataset.column_names)
+    if renames:
+        dataset = dataset.rename_columns(renames)
+    return dataset, _resolve_format(requested, list(dataset.column_names)), renames
 
 
 # --- one row ---------------------------------------------------------------------------------------------------
@@ -207,13 +243,21 @@ def convert_rows(rows: Iterable[dict[str, Any]], fmt: str) -> tuple[list[dict[st
     return converted, problems
 
 
-def _raise_problems(problems: list[str], total: int, where: str) -> None:
+def _raise_problems(problems: list[str], total: int, where: str, skip_bad_rows: bool = False) -> None:
+    """Refuse unusable rows unless the user chose to skip them; more than half unusable is refused anyway:
+    then the file is not the preference data it looks like."""
     if not problems:
+        return
+    over_half = len(problems) * 2 > total
+    if skip_bad_rows and not over_half:
         return
     listed = "; ".join(problems[:MAX_LISTED_PROBLEMS])
     more = f"; and {len(problems) - MAX_LISTED_PROBLEMS} more" if len(problems) > MAX_LISTED_PROBLEMS else ""
+    advice = ("More than half are unusable, so they are refused even with skip malformed rows: fix them."
+              if over_half else f"Fix or remove them, or turn on skip malformed rows (data.skip_bad_rows) to "
+                                f"train on the {total - len(problems)} usable rows.")
     raise PreferenceError(f"{len(problems)} of {total} rows in {where} are not usable preferences: "
-                          f"{listed}{more}. Fix or remove them.")
+                          f"{listed}{more}. {advice}")
 
 
 # --- conversions between pairs and thumbs --------------------------------------------------------------------
@@ -287,9 +331,10 @@ def _drop_trained_prompts(held: list[dict[str, Any]], train: list[dict[str, Any]
 
 
 def _validation_rows(cfg: DataConfig, fmt: str, want: str, validation_raw: Any) -> list[dict[str, Any]]:
-    held_format = _resolve_format(fmt, list(validation_raw.column_names))
+    validation_raw, held_format, _ = _read_columns(validation_raw, fmt)
     held_rows, held_problems = convert_rows(validation_raw, held_format)
-    _raise_problems(held_problems, len(validation_raw), f"the validation split of '{cfg.source}'")
+    _raise_problems(held_problems, len(validation_raw), f"the validation split of '{cfg.source}'",
+                    cfg.skip_bad_rows)
     return _reshape(held_rows, held_format, want)
 
 
@@ -300,11 +345,18 @@ def load_preferences(cfg: DataConfig, fmt: str = "auto", want: str = "paired", s
     The split is drawn on the source's rows, before thumbs become pairs or pairs thumbs, so a reward model
     (pairs) and KTO (thumbs) trained on the same file hold out the same prompts.
     """
-    train_raw, validation_raw = load_raw(cfg)
-    source_format = _resolve_format(fmt, list(train_raw.column_names))
+    raw = load_source(cfg)
+    validation_raw = raw.validation
+    train_raw, source_format, renames = _read_columns(raw.train, fmt)
     train_rows, problems = convert_rows(train_raw, source_format)
-    _raise_problems(problems, len(train_raw), f"'{cfg.source}'")
-    notes: list[str] = []
+    _raise_problems(problems, len(train_raw), f"'{cfg.source}'", cfg.skip_bad_rows)
+    notes: list[str] = raw.notes()
+    if renames:
+        notes.append("columns read as: " + ", ".join(f"{old} → {new}" for old, new in renames.items()))
+    if problems:
+        notes.append(f"{len(problems)} unusable row(s) skipped: " + "; ".join(problems[:MAX_LISTED_PROBLEMS])
+                     + (f"; and {len(problems) - MAX_LISTED_PROBLEMS} more" if len(problems) > MAX_LISTED_PROBLEMS
+                        else ""))
     held_rows: list[dict[str, Any]] = []
     if validation_raw is not None and cfg.validation_fraction > 0:
         held_rows = _drop_trained_prompts(_validation_rows(cfg, fmt, want, validation_raw), train_rows, notes)
@@ -324,7 +376,8 @@ def load_preferences(cfg: DataConfig, fmt: str = "auto", want: str = "paired", s
         notes.append(f"too few prompts to hold any out (fewer than {MIN_PROMPTS_TO_HOLD_OUT}): no held-out data, "
                      "so no verdict")
     evaluation = Dataset.from_list(held_rows) if held_rows else None
-    return PreferenceData(Dataset.from_list(train_rows), evaluation, want, source_format, notes)
+    return PreferenceData(Dataset.from_list(train_rows), evaluation, want, source_format, notes, len(problems),
+                          raw.malformed)
 
 
 def preview_preferences(cfg: DataConfig, fmt: str = "auto", rows: int = 5) -> tuple[str, int, list[dict[str, str]]]:
