@@ -240,11 +240,11 @@ def refusal(adapter_config: dict[str, Any]) -> str | None:
     return None
 
 
-def _run_model_config(run_dir: Path, adapter_dir: Path) -> ModelConfig:
+def _run_config(run_dir: Path, adapter_dir: Path) -> RunConfig:
     for path in (adapter_dir / CONFIG_COPY, run_dir / RUN_CONFIG):
         if path.is_file():
             try:
-                return load_config(path).model
+                return load_config(path)
             except ConfigError as error:
                 raise InspectError(f"{run_dir.name}'s config cannot be read: {error}") from None
     raise InspectError(f"{run_dir.name} has no {CONFIG_COPY} beside its adapter, so its base model is unknown.")
@@ -391,8 +391,12 @@ class _OpenedRun:
     name: str
     folder: Path
     adapter_config: dict[str, Any]
-    model: ModelConfig
+    config: RunConfig
     tensors: dict[str, dict[str, torch.Tensor]]
+
+    @property
+    def model(self) -> ModelConfig:
+        return self.config.model
 
     @property
     def method(self) -> str:
@@ -408,11 +412,11 @@ def _open_run(run_dir: Path) -> _OpenedRun:
     if reason:
         raise InspectError(reason)
     owner = folder.parent if folder.name == ADAPTER_DIR else folder
-    model = _run_model_config(owner, folder)
+    config = _run_config(owner, folder)
     tensors = _lora_tensors(folder)
     if not tensors:
         raise InspectError(f"{owner.name}'s adapter holds no LoRA matrices (no lora_A/lora_B tensors).")
-    return _OpenedRun(owner.name, folder, adapter_config, model, tensors)
+    return _OpenedRun(owner.name, folder, adapter_config, config, tensors)
 
 
 def inspect_run(run_dir: Path) -> AdapterReport:
@@ -433,6 +437,9 @@ def inspect_run(run_dir: Path) -> AdapterReport:
     if opened.method == "dora":
         report.notes.append("DoRA: each update is the real weight change, magnitude rescaling included, so its "
                             "effective rank can exceed the rank set.")
+    if opened.config.lora.init == "loftq":
+        report.notes.append("This adapter started from LoftQ, so B·A also holds the low-rank fix of the 4-bit "
+                            "quantization error it started with, not only what training learned.")
     if opened.model.bits in (4, 8):
         report.notes.append(f"The run trained on a {opened.model.bits}-bit copy of the base; the norms here are "
                             "relative to the full-precision weights.")
