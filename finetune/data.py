@@ -77,6 +77,7 @@ class PreparedData:
     bad_lines: list[str] = field(default_factory=list)          # each malformed line with its reason
     column_renames: dict[str, str] = field(default_factory=dict)  # file column -> column the format reads
     encoding: str | None = None  # the encoding assumed for a text file
+    eval_dropped_too_long: int = 0  # held-out rows longer than max_seq_length (not evaluated)
 
 
 @dataclass
@@ -323,36 +324,36 @@ def column_key(name: str) -> str:
 
 
 def _keys(columns: list[str]) -> dict[str, str]:
-    keys: dict[str, str] = {}
+    """column_key -> column; a column already spelled as its key wins over 'Prompt' or 'PROMPT'."""
+    keys = {column: column for column in columns if column_key(column) == column}
     for column in columns:
         keys.setdefault(column_key(column), column)
     return keys
 
 
-def _first(keys: dict[str, str], names: tuple[str, ...], taken: Iterable[str] = ()) -> str | None:
+def _first(keys: dict[str, str], names: tuple[str, ...], taken: Iterable[str | None] = ()) -> str | None:
     return next((keys[n] for n in names if n in keys and keys[n] not in taken), None)
 
 
-def _unused(keys: dict[str, str], names: tuple[str, ...], used: Iterable[str]) -> list[str]:
+def _unused(keys: dict[str, str], names: tuple[str, ...], used: Iterable[str | None]) -> list[str]:
     return [keys[n] for n in names if n in keys and keys[n] not in used]
 
 
 def read_columns(columns: Iterable[str], fmt: str = "auto") -> ColumnReading:
-    """The format and column renames for a table; exact column names first (as before), then names compared
-    without case or separators, then the synonyms public datasets use. Raises DataError when nothing fits."""
+    """The format and column renames for a table: a format's own column names first (compared without case or
+    separators), then the synonyms public datasets use, plain text last. Raises DataError when nothing fits."""
     columns = list(columns)
     if fmt != "auto":
         return _reading_for(fmt, columns)
-    exact = [name for name, needed in FORMAT_COLUMNS.items() if set(needed) <= set(columns)]
-    if exact:
-        reading = ColumnReading(exact[0])
-        if len(exact) > 1:
-            reading.notes.append(f"the columns also fit the format(s) {', '.join(exact[1:])}; read as {exact[0]} "
+    keys = _keys(columns)
+    named = [name for name, needed in FORMAT_COLUMNS.items() if all(n in keys for n in needed)]
+    if named and named[0] != "text":
+        reading = _named_reading(named[0], keys)
+        if len(named) > 1:
+            reading.notes.append(f"the columns also fit the format(s) {', '.join(named[1:])}; read as {named[0]} "
                                  "(choose the format to read them otherwise)")
     else:
-        keys = _keys(columns)
-        reading = (_by_format_names(keys) or _by_turns(keys) or _by_instruction(keys) or _by_prompt_answer(keys)
-                   or _by_text(keys))
+        reading = _by_turns(keys) or _by_instruction(keys) or _by_prompt_answer(keys) or _by_text(keys)
         if reading is None:
             raise DataError(_no_usable_columns(columns))
     _add_system_column(reading, columns)
@@ -371,13 +372,14 @@ def _renames(pairs: dict[str | None, str]) -> dict[str, str]:
     return {old: new for old, new in pairs.items() if old is not None and old != new}
 
 
-def _by_format_names(keys: dict[str, str]) -> ColumnReading | None:
-    """'Question'/'ANSWER', 'Instruction'/'Input'/'Output': a known format under other capitals."""
-    for name, needed in FORMAT_COLUMNS.items():
-        if all(n in keys for n in needed):
-            wanted = needed + tuple(n for n in OPTIONAL_COLUMNS.get(name, ()) if n in keys)
-            return ColumnReading(name, _renames({keys[n]: n for n in wanted}))
-    return None
+def _named_reading(name: str, keys: dict[str, str]) -> ColumnReading:
+    """'Question'/'ANSWER', 'Instruction'/'Input'/'Output': a known format, under any capitals."""
+    needed = FORMAT_COLUMNS[name]
+    wanted = needed + tuple(n for n in OPTIONAL_COLUMNS.get(name, ()) if n in keys)
+    notes: list[str] = []
+    if len(needed) == 2:  # a prompt and an answer column: say which other column could have been the answer
+        notes = _answer_notes(keys, keys[needed[-1]], [keys[n] for n in wanted], mention_text=False)
+    return ColumnReading(name, _renames({keys[n]: n for n in wanted}), notes)
 
 
 def _by_turns(keys: dict[str, str]) -> ColumnReading | None:
@@ -385,7 +387,8 @@ def _by_turns(keys: dict[str, str]) -> ColumnReading | None:
     return ColumnReading("messages", _renames({column: "messages"})) if column else None
 
 
-def _answer_notes(keys: dict[str, str], answer: str, used: list[str]) -> list[str]:
+def _answer_notes(keys: dict[str, str], answer: str, used: list[str | None],
+                  mention_text: bool = True) -> list[str]:
     notes = []
     others = _unused(keys, ANSWER_NAMES, used)
     if others:
@@ -394,7 +397,7 @@ def _answer_notes(keys: dict[str, str], answer: str, used: list[str]) -> list[st
     if column_key(answer) == "chosen":
         notes.append("preference data: the chosen answers are trained on, the rejected ones are not used here "
                      "(the RLHF tab trains on both)")
-    text = _first(keys, TEXT_NAMES, used)
+    text = _first(keys, TEXT_NAMES, used) if mention_text else None
     if text:
         notes.append(f"'{text}' is not used (set the format to text to train on it instead)")
     return notes
@@ -609,6 +612,7 @@ def _drop_too_long(prepared: PreparedData, max_length: int, tokenizer: Any) -> N
         prepared.notes.append(f"{prepared.dropped_too_long} row(s) longer than {max_length} tokens dropped")
     if prepared.eval is not None:
         eval_keep = [i for i, row in enumerate(prepared.eval) if token_length(row, tokenizer) <= max_length]
+        prepared.eval_dropped_too_long = len(prepared.eval) - len(eval_keep)
         prepared.eval = prepared.eval.select(eval_keep) if eval_keep else None
 
 
@@ -716,7 +720,8 @@ def preview_report(cfg: DataConfig, tokenizer: Any = None, seed: int = 42, rows:
     report.held_out_from = held_from
     report.skipped_malformed = raw.malformed
     report.skipped_missing = prepared.skipped_rows
-    report.skipped_too_long = prepared.dropped_too_long if tokenizer is not None else None
+    too_long = prepared.dropped_too_long + prepared.eval_dropped_too_long
+    report.skipped_too_long = too_long if tokenizer is not None else None
     return report
 
 

@@ -144,7 +144,7 @@ def _read_json(text: str, name: str, suffix: str) -> tuple[list[dict[str, Any]],
     try:
         value = json.loads(text)
     except json.JSONDecodeError as error:
-        if text.lstrip().startswith("[") or not _first_line_parses(text):
+        if text.lstrip().startswith("[") or (suffix == ".json" and not _some_line_is_an_object(text)):
             raise DataError(f"Could not read {name} as JSON: invalid JSON at line {error.lineno} ({error.msg}); "
                             "the file may be cut off.") from None
         return _read_json_lines(text)
@@ -154,14 +154,17 @@ def _read_json(text: str, name: str, suffix: str) -> tuple[list[dict[str, Any]],
     return rows, shape, bad
 
 
-def _first_line_parses(text: str) -> bool:
-    """A JSON Lines file (even named .json) has a complete JSON value on its first line."""
-    first = next((line for line in text.splitlines() if line.strip()), "")
-    try:
-        json.loads(first)
-    except json.JSONDecodeError:
-        return False
-    return True
+def _some_line_is_an_object(text: str) -> bool:
+    """JSON Lines saved as .json: one of the first lines is a whole JSON object (a pretty-printed object's
+    lines never are)."""
+    lines = [line for line in text.splitlines() if line.strip()][:20]
+    for line in lines:
+        try:
+            if isinstance(json.loads(line), dict):
+                return len(lines) > 1
+        except json.JSONDecodeError:
+            continue
+    return False
 
 
 def _read_json_lines(text: str) -> tuple[list[dict[str, Any]], str, list[BadLine]]:
@@ -357,7 +360,7 @@ def check_bad_lines(read: FileRows, name: str, skip_bad_rows: bool) -> None:
         return
     listed = "; ".join(str(b) for b in bad[:LISTED_WITH_REASON])
     rest = (f"; also {numbers_text(bad[LISTED_WITH_REASON:])}" if len(bad) > LISTED_WITH_REASON else "")
-    what = f"{len(bad)} of {read.total} {bad[0].unit}s are malformed"
+    what = f"{len(bad)} of {read.total} rows are malformed"
     if refused_anyway:
         advice = "More than half the file is unreadable, so it is refused even with skip malformed rows: fix it."
     else:

@@ -27,7 +27,8 @@ from conftest import ROOT, served_app, tiny_run_config, write_jsonl
 BAD_FILES: dict[str, tuple[bytes, str]] = {
     "empty.jsonl": (b"", "is empty"),
     "binary.jsonl": (bytes(range(256)) * 8, "binary file"),
-    "latin1.csv": ("prompt,completion\ncaf\xe9,ok\n".encode("latin-1"), "not UTF-8"),
+    # Latin-1 and other encodings are read (tests/test_data_files.py); bytes no text encoding fits are not.
+    "undecodable.csv": (b"prompt,completion\n" + bytes(range(128, 256)) * 4, "not UTF-8"),
     "cut.jsonl": (b'{"prompt": "a", "completion": "b"}\n{"prompt": "c", "compl', "line 2 is not valid JSON"),
     "cut.json": (b'[{"prompt": "a", "completion": "b"}, {"prompt": "c"', "file may be cut off"),
     "scalars.json": (b"[1, 2, 3]", "list of objects"),
@@ -135,7 +136,7 @@ def test_values_the_widgets_cannot_hold_are_refused_by_gradio(app):
 
 def test_nan_and_text_in_numbers_are_config_errors():
     """NaN cannot travel in JSON, but YAML and the library accept it: the config refuses it by name."""
-    from components.train_tab import config_from_form, form_from_config
+    from components.train_form import config_from_form, form_from_config
     from finetune.config import ConfigError, RunConfig
 
     form = {**form_from_config(RunConfig()), "training_learning_rate": float("nan"), "lora_alpha": float("inf"),
