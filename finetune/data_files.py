@@ -335,7 +335,11 @@ def read_text_file(path: Path) -> FileRows:
     if not text.strip():
         raise DataError(f"Data file {path.name} is empty.")
     if suffix in (".json", ".jsonl"):
-        rows, shape, bad = _read_json(text, path.name, suffix)
+        try:
+            rows, shape, bad = _read_json(text, path.name, suffix)
+        except RecursionError:  # json's parser recurses once per nesting level
+            raise DataError(f"Could not read {path.name} as JSON: it is nested too deeply to be rows of data.") \
+                from None
     elif suffix in (".csv", ".tsv"):
         rows, shape, bad = _read_csv(text, path.name, suffix)
     else:

@@ -97,8 +97,9 @@ def test_bytes_no_encoding_fits_are_refused_with_the_offset(tmp_path):
     path.write_bytes(b"prompt,completion\n" + bytes(range(128, 256)) * 4)
     with pytest.raises(DataError) as caught:
         passes_run_checks(path)
-    assert str(caught.value) == ("noise.csv is not UTF-8 text (bad byte at position 18) and no other text encoding "
-                                 "fits it; re-save it as UTF-8.")
+    offset = len(b"prompt,completion\n")
+    assert str(caught.value) == (f"noise.csv is not UTF-8 text (bad byte at position {offset}) and no other text "
+                                 "encoding fits it; re-save it as UTF-8.")
 
 
 def test_tab_separated_file_and_tabs_in_a_csv(tmp_path):
@@ -245,6 +246,35 @@ def test_a_number_among_texts_is_read_as_text(tmp_path):
     rows = [{"question": "How many bits?", "answer": 4}] + [{"question": q, "answer": a} for q, a in QA]
     prepared = prepare(cfg_for(write_jsonl(tmp_path / "mixed.jsonl", rows)))
     assert len(prepared.train) == 4 and first_messages(prepared) == user_assistant("How many bits?", "4")
+
+
+def test_deeply_nested_json_is_refused_not_a_traceback(tmp_path):
+    path = tmp_path / "deep.json"
+    path.write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(DataError) as caught:
+        passes_run_checks(path)
+    assert str(caught.value) == "Could not read deep.json as JSON: it is nested too deeply to be rows of data."
+
+
+def test_big_files_go_to_datasets_loaders_bom_and_tabs_included(tmp_path, monkeypatch):
+    """Over IN_MEMORY_LIMIT a file is read by datasets (flat memory), which needs UTF-8; a BOM still works."""
+    import finetune.data
+
+    monkeypatch.setattr(finetune.data, "IN_MEMORY_LIMIT", 10)
+    for name, text in (("big.jsonl", "".join(json.dumps({"Prompt": q, "Completion": a}) + "\n" for q, a in QA)),
+                       ("big.tsv", csv_text("\t"))):
+        path = tmp_path / name
+        path.write_bytes(b"\xef\xbb\xbf" + text.encode("utf-8"))
+        assert passes_run_checks(path) in ("json", "csv")
+        prepared = prepare(cfg_for(path))
+        assert prepared.encoding is None and first_messages(prepared) == user_assistant(*QA[0]), name
+    latin = tmp_path / "big.csv"
+    latin.write_bytes(csv_text().encode("cp1252"))
+    with pytest.raises(DataError) as caught:
+        passes_run_checks(latin)
+    offset = csv_text().encode("cp1252").index("é".encode("cp1252"))  # the first byte UTF-8 cannot read
+    assert str(caught.value) == (f"big.csv is not UTF-8 text (bad byte at position {offset}); files over 0 MB must "
+                                 "be UTF-8: re-save it as UTF-8.")
 
 
 @pytest.mark.parametrize("name, message", [
