@@ -12,7 +12,6 @@ earlier turns in the prompt and train on the last assistant turn. Plain ``text``
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import re

@@ -177,8 +177,9 @@ def _read_json_lines(text: str) -> tuple[list[dict[str, Any]], str, list[BadLine
             value = json.loads(line)
         except json.JSONDecodeError as error:
             cut = number == len(lines) and not text.endswith("\n")
-            bad.append(BadLine(number, f"is not valid JSON ({error.msg})"
-                                       f"{'; the file may be cut off' if cut else ''}"))
+            where = f"{error.msg} column {error.colno}" if error.msg.endswith(" at") else \
+                f"{error.msg} at column {error.colno}"
+            bad.append(BadLine(number, f"is not valid JSON ({where}){'; the file may be cut off' if cut else ''}"))
             continue
         if isinstance(value, dict):
             rows.append(value)

@@ -305,9 +305,9 @@ def broken_jsonl(tmp_path: Path, bad: dict[int, str], total: int = 10) -> Path:
 BROKEN = {2: '{"prompt": "q", "completion": }', 5: "[1, 2]", 9: '{"prompt": "q"'}
 BROKEN_MESSAGE = (
     "Could not read broken.jsonl as JSON Lines: 3 of 10 rows are malformed: line 2 is not valid JSON (Expecting "
-    "value); line 5 holds a list, not an object (JSON Lines need one JSON object per line); line 9 is not valid "
-    "JSON (Expecting ',' delimiter). Fix them, or turn on skip malformed rows (data.skip_bad_rows) to train on the "
-    "7 good rows.")
+    "value at column 31); line 5 holds a list, not an object (JSON Lines need one JSON object per line); line 9 is "
+    "not valid JSON (Expecting ',' delimiter at column 15). Fix them, or turn on skip malformed rows "
+    "(data.skip_bad_rows) to train on the 7 good rows.")
 
 
 def test_every_bad_line_is_listed_and_the_file_refused_by_default(tmp_path):
@@ -340,12 +340,10 @@ def test_mostly_broken_file_is_refused_even_when_skipping(tmp_path):
     path = broken_jsonl(tmp_path, {n: "not json" for n in range(1, 7)})
     with pytest.raises(DataError) as caught:
         prepare(cfg_for(path, skip_bad_rows=True))
+    not_json = "; ".join(f"line {n} is not valid JSON (Expecting value at column 1)" for n in range(1, 7))
     assert str(caught.value) == (
-        "Could not read broken.jsonl as JSON Lines: 6 of 10 rows are malformed: line 1 is not valid JSON (Expecting "
-        "value); line 2 is not valid JSON (Expecting value); line 3 is not valid JSON (Expecting value); line 4 is "
-        "not valid JSON (Expecting value); line 5 is not valid JSON (Expecting value); line 6 is not valid JSON "
-        "(Expecting value). More than half the file is unreadable, so it is refused even with skip malformed rows: "
-        "fix it.")
+        f"Could not read broken.jsonl as JSON Lines: 6 of 10 rows are malformed: {not_json}. More than half the file "
+        "is unreadable, so it is refused even with skip malformed rows: fix it.")
 
 
 def test_many_bad_lines_all_numbered(tmp_path):
