@@ -351,12 +351,23 @@ def effective_rank(singular_values: torch.Tensor, energy: float = ENERGY) -> int
 
 
 @functools.lru_cache(maxsize=64)
-def random_effective_rank(shape: tuple[int, int], rank: int, seed: int = 0) -> int:
-    """Effective rank of B·A with B (out x r) and A (r x in) drawn from a standard normal, with a fixed seed."""
+def random_singular_values(shape: tuple[int, int], rank: int, seed: int = 0) -> tuple[float, ...]:
+    """Singular values of B·A with B (out x r) and A (r x in) drawn from a standard normal, with a fixed seed."""
     generator = torch.Generator().manual_seed(seed)
     b = torch.randn(shape[0], rank, generator=generator, dtype=torch.float64)
     a = torch.randn(rank, shape[1], generator=generator, dtype=torch.float64)
-    return effective_rank(low_rank_svd(b, a, 1.0)[1])
+    return tuple(float(v) for v in low_rank_svd(b, a, 1.0)[1])
+
+
+def random_effective_rank(shape: tuple[int, int], rank: int) -> int:
+    return effective_rank(torch.tensor(random_singular_values(shape, rank)))
+
+
+def energy_curve(singular_values: tuple[float, ...] | list[float]) -> list[float]:
+    """Cumulative share of the energy (squared singular values) held by the first 1, 2, ... directions."""
+    squares = torch.tensor(singular_values, dtype=torch.float64) ** 2
+    total = float(squares.sum())
+    return [float(v) for v in torch.cumsum(squares, 0) / total] if total > 0 else [0.0] * len(squares)
 
 
 def dora_update(weight: torch.Tensor, b: torch.Tensor, a: torch.Tensor, magnitude: torch.Tensor,

@@ -222,3 +222,57 @@ def test_runs_on_different_bases_are_not_compared(tmp_path, known_run, tiny_mode
         compare_runs(known_run, other)
     assert str(error.value).endswith("updates of different base models live in different weight spaces and cannot "
                                      "be compared.")
+
+
+# --- the Evaluate tab's section, through its API -------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def section_client(tmp_path_factory, known_run, tiny_model_dir):
+    """A page holding only the inspector section, served on a free port, over a runs folder with three runs: the
+    known adapter, an orthogonal copy's twin (the same adapter again) and an IA3 run."""
+    import shutil
+    import socket
+
+    import gradio as gr
+    from gradio_client import Client
+
+    from components.inspect_section import build_inspect_section
+    from finetune.runs import RunManager
+
+    root = tmp_path_factory.mktemp("runs")
+    for run_id in ("known", "twin"):
+        shutil.copytree(known_run, root / run_id)
+    write_adapter_config(root / "ia3-run", peft_type="IA3")
+    for run_id in ("known", "twin", "ia3-run"):
+        (root / run_id / "status.json").write_text('{"state": "completed"}', encoding="utf-8")
+    with gr.Blocks() as page:
+        build_inspect_section(RunManager(root))
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    page.queue().launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+    yield Client(f"http://127.0.0.1:{port}/", verbose=False)
+    page.close()
+
+
+def test_section_inspects_a_run_through_the_api(section_client):
+    from components.inspect_section import TOP_MATRICES as TOP_SHOWN
+
+    first, second = section_client.predict(None, None, api_name="/inspect_runs")
+    assert {c[0] for c in first["choices"]} == {"known", "twin", "ia3-run"}
+    summary, heat, by_type, energy, table = section_client.predict("known", api_name="/inspect_adapter")
+    assert "rank 4 was set" in summary and "median of 2 directions" in summary
+    assert len(heat["data"]) == 2 * len(TARGETS)       # one point per layer x module
+    assert len(by_type["data"]) == len(TARGETS)
+    assert len(table["data"]) == 2 * len(TARGETS)
+    series = {row[2] for row in energy["data"]}
+    assert any(name.startswith("random B·A (") for name in series) and len(series) == 1 + TOP_SHOWN
+
+
+def test_section_compares_two_runs_and_refuses_ia3(section_client):
+    from gradio_client.exceptions import AppError
+
+    summary, matches = section_client.predict("known", "twin", 2, api_name="/inspect_compare")
+    assert "overlap 1.00 on average" in summary and len(matches["data"]) == 2 * len(TARGETS)
+    with pytest.raises(AppError, match="IA3 learns one scaling vector per layer"):
+        section_client.predict("ia3-run", api_name="/inspect_adapter")

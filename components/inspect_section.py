@@ -1,0 +1,165 @@
+"""The Evaluate tab's "Inside the adapter" section: what a LoRA run changed, layer by layer, and how two runs relate.
+
+One run: a heat map over layers x module types of the update's size relative to the frozen weight, the mean per
+module type, how the update's energy spreads over its directions (against random B·A of the same shapes), and the
+most changed matrices. Two runs on the same base: how much the directions their updates write into overlap.
+All numbers come from finetune.adapter_inspect, on the CPU, from the saved adapter and the base's safetensors.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import gradio as gr
+import pandas as pd
+
+from finetune.adapter_inspect import (ENERGY, AdapterReport, InspectError, RunComparison, compare_runs,
+                                      energy_curve, inspect_run, random_singular_values)
+from finetune.runs import RunManager
+
+TOP_MATRICES = 5            # matrices drawn in the energy chart and listed first in the table
+TOP_COLUMNS = ["matrix", "layer", "module", "rank set", "effective rank", "update / weight (%)"]
+MATCH_COLUMNS = ["matrix", "layer", "module", "directions", "output overlap", "input overlap", "chance overlap",
+                 "output angles (°)"]
+
+LEARN_INSPECT = f"""**Inside the adapter.** A LoRA adapter adds ΔW = s·B·A to each frozen weight W it targets (s =
+alpha/r, or alpha/√r for rsLoRA). *Update / weight* is ‖ΔW‖ / ‖W‖ (Frobenius norms): how big the change is next to the
+weight it changes. ΔW has at most r independent directions; its singular values say how strongly each one is used,
+and the **effective rank** is the fewest directions that hold {ENERGY:.0%} of its energy (the sum of squared singular
+values). Random B and A of the same shapes would spread their energy over most of the r directions, so an effective
+rank well below that means training concentrated the update. For two runs on the same base, the **overlap** of
+their top-k directions is ‖U₁ᵀU₂‖² / k (1 = the same subspace, 0 = orthogonal; the principal angles say the same in
+degrees); two random subspaces of that size would overlap about k / d."""
+
+
+def _refusal(message: str) -> gr.Error:
+    # TODO(lead): components.shared.refusal once the shared UI module is committed.
+    return gr.Error(message, print_exception=False)
+
+
+def inspect_runs(manager: RunManager, current: str | None = None,
+                 other: str | None = None) -> tuple[Any, Any]:
+    """The runs with a saved adapter, for both pickers."""
+    ids = list(manager.finished_adapters())
+    first = current if current in ids else (ids[0] if ids else None)
+    second = other if other in ids else None
+    return gr.Dropdown(choices=ids, value=first), gr.Dropdown(choices=ids, value=second)
+
+
+def _run_dir(manager: RunManager, run_id: str | None) -> Any:
+    if not run_id:
+        raise _refusal("Pick a finished run to inspect (train one in the Train tab).")
+    adapters = manager.finished_adapters()
+    if run_id not in adapters:
+        raise _refusal(f"No saved adapter for run '{run_id}': pick a finished run from the list.")
+    return manager.run_dir(run_id)
+
+
+def heat_frame(report: AdapterReport) -> pd.DataFrame:
+    """One point per (layer, module type): the heat map's data."""
+    rows = [{"module": m.module, "layer": m.layer if m.layer is not None else -1,
+             "update / weight (%)": round(100 * m.relative_norm, 4), "effective rank": m.effective_rank,
+             "matrix": m.name} for m in report.modules]
+    return pd.DataFrame(rows, columns=["module", "layer", "update / weight (%)", "effective rank", "matrix"])
+
+
+def module_type_frame(report: AdapterReport) -> pd.DataFrame:
+    return pd.DataFrame([{"module": name, "mean update / weight (%)": round(100 * value, 4)}
+                         for name, value in report.by_module_type().items()],
+                        columns=["module", "mean update / weight (%)"])
+
+
+def energy_frame(report: AdapterReport) -> pd.DataFrame:
+    """Cumulative energy by direction for the most changed matrices and for random B·A of the first one's shape."""
+    rows = []
+    for module in report.top_changed(TOP_MATRICES):
+        rows += [{"directions": i + 1, "energy held (%)": round(100 * share, 2), "matrix": module.name}
+                 for i, share in enumerate(energy_curve(module.singular_values))]
+    if report.modules:
+        first = report.top_changed(1)[0]
+        random_curve = energy_curve(random_singular_values(first.shape, first.rank))
+        rows += [{"directions": i + 1, "energy held (%)": round(100 * share, 2),
+                  "matrix": f"random B·A ({first.module} shape)"} for i, share in enumerate(random_curve)]
+    return pd.DataFrame(rows, columns=["directions", "energy held (%)", "matrix"])
+
+
+def top_frame(report: AdapterReport) -> pd.DataFrame:
+    rows = [[m.name, m.layer, m.module, m.rank, m.effective_rank, round(100 * m.relative_norm, 4)]
+            for m in report.top_changed(len(report.modules))]
+    return pd.DataFrame(rows, columns=TOP_COLUMNS)
+
+
+def _report_markdown(report: AdapterReport) -> str:
+    captions = "\n".join(f"- {m.caption()}" for m in report.top_changed(3))
+    return f"{report.summary()}\n\nMost changed:\n{captions}\n\n*Computed in {report.seconds:.1f} s.*"
+
+
+def inspect_adapter(manager: RunManager, run_id: str | None
+                    ) -> tuple[str, pd.DataFrame, pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """Inspect one run: (summary, heat map, per module type, energy by direction, matrices by change)."""
+    try:
+        report = inspect_run(_run_dir(manager, run_id))
+    except InspectError as error:
+        raise _refusal(str(error)) from None
+    return (_report_markdown(report), heat_frame(report), module_type_frame(report), energy_frame(report),
+            top_frame(report))
+
+
+def match_frame(comparison: RunComparison) -> pd.DataFrame:
+    rows = [[m.name, m.layer, m.module, m.k, round(m.output_similarity, 3), round(m.input_similarity, 3),
+             round(m.output_chance, 4), ", ".join(f"{a:.0f}" for a in m.output_angles)]
+            for m in comparison.matches]
+    return pd.DataFrame(rows, columns=MATCH_COLUMNS)
+
+
+def inspect_compare(manager: RunManager, run_id: str | None, other_id: str | None, top_k: float | None
+                    ) -> tuple[str, pd.DataFrame]:
+    """Overlap of two runs' update subspaces, matrix by matrix."""
+    if not other_id:
+        raise _refusal("Pick a second run to compare with.")
+    if top_k is None or not float(top_k).is_integer() or top_k < 1:
+        raise _refusal(f"Directions to compare must be a whole number of at least 1, got {top_k!r}.")
+    try:
+        comparison = compare_runs(_run_dir(manager, run_id), _run_dir(manager, other_id), int(top_k))
+    except InspectError as error:
+        raise _refusal(str(error)) from None
+    return comparison.summary(), match_frame(comparison)
+
+
+def build_inspect_section(manager: RunManager) -> None:
+    """Layout and wiring of the section; call inside the Evaluate tab's layout."""
+    with gr.Accordion("Inside the adapter: what LoRA changed", open=False):
+        gr.Markdown(LEARN_INSPECT)
+        with gr.Row():
+            run = gr.Dropdown([], label="Run to inspect", elem_id="inspect-run", scale=3, allow_custom_value=True)
+            other = gr.Dropdown([], label="Compare with (same base model)", elem_id="inspect-other", scale=3,
+                                allow_custom_value=True)
+            top_k = gr.Number(4, label="Directions to compare", precision=0, minimum=1, elem_id="inspect-top-k",
+                              scale=1)
+            refresh = gr.Button("Refresh runs", size="sm", scale=1)
+        with gr.Row():
+            inspect_button = gr.Button("Inspect the adapter", variant="primary", elem_id="inspect-button")
+            compare_button = gr.Button("Compare the two runs", elem_id="inspect-compare-button")
+        summary = gr.Markdown(elem_id="inspect-summary")
+        with gr.Row():
+            heat = gr.ScatterPlot(x="module", y="layer", color="update / weight (%)", tooltip="all", height=520,
+                                  label="Update / weight by layer and module (darker = larger change)",
+                                  elem_id="inspect-heat", scale=3)
+            by_type = gr.BarPlot(x="module", y="mean update / weight (%)", label="Mean change per module type",
+                                 elem_id="inspect-types", scale=2)
+        energy = gr.LinePlot(x="directions", y="energy held (%)", color="matrix", y_lim=[0, 100],
+                             label=f"Energy held by the first k directions (effective rank: where a line crosses "
+                                   f"{ENERGY:.0%})", elem_id="inspect-energy")
+        table = gr.Dataframe(headers=TOP_COLUMNS, label="Matrices, most changed first", elem_id="inspect-table",
+                             interactive=False, max_height=320)
+        compare_summary = gr.Markdown(elem_id="inspect-compare-summary")
+        matches = gr.Dataframe(headers=MATCH_COLUMNS, label="Overlap of the two runs' update subspaces",
+                               elem_id="inspect-matches", interactive=False, max_height=320)
+    pickers = functools.partial(inspect_runs, manager)
+    refresh.click(pickers, [run, other], [run, other], api_name="inspect_runs")
+    inspect_button.click(functools.partial(inspect_adapter, manager), run, [summary, heat, by_type, energy, table],
+                         api_name="inspect_adapter", concurrency_limit=1, concurrency_id="inspect")
+    compare_button.click(functools.partial(inspect_compare, manager), [run, other, top_k],
+                         [compare_summary, matches], api_name="inspect_compare", concurrency_limit=1,
+                         concurrency_id="inspect")
