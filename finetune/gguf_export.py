@@ -1,6 +1,8 @@
 """A finished run as one GGUF file for llama.cpp, Ollama and LM Studio, with an Ollama Modelfile beside it.
 
     python -m finetune.gguf_export runs/demo --type q8_0      # runs/demo/export/gguf/demo-q8_0.gguf + .Modelfile
+    python -m finetune.gguf_export runs/demo --plan           # sizes, folders and free disk, before building
+    HF_TOKEN=... python -m finetune.gguf_export runs/demo --push me/demo-gguf   # the built file + model card
     result = write_gguf("runs/demo", "q4_0")                  # the same from Python; result.summary() says what
 
 The adapter is first merged (``finetune.export.merge_adapter``; by default into the weights it trained against,
@@ -40,12 +42,19 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
+import yaml
 
-from finetune.config import EMBEDDED_MODEL
+from finetune.config import BUNDLED_DATASET, EMBEDDED_MODEL
 from finetune.data import first_line
-from finetune.export import (EXPORT_DIR, MERGED_DIR, ExportError, Progress, adapter_dir, check_merge_target,
-                             merge_adapter, merged_into, run_config)
-from finetune.models import ModelSourceError, embedded_model_dir, from_hub_or_cache, load_tokenizer
+from finetune.export import (CARD_FILE, EXPORT_DIR, MERGE_TARGETS, MERGED_DIR, METHOD_NAMES, STAGE_TRAINERS,
+                             ExportError, Progress, adapter_dir, check_merge_target, check_repo_id, losses,
+                             merge_adapter, merge_dtype, merged_into, run_config)
+from finetune.export import _hub_base as hub_base  # the Hub id a card links as base_model (None for a folder)
+from finetune.hardware import detect
+from finetune.metrics import read_status
+from finetune.models import (ModelSourceError, embedded_model_dir, from_hub_or_cache, load_tokenizer,
+                             require_hub)
+from finetune.paths import display_name, for_visitors
 
 GGUF_DIR = "gguf"
 MODELFILE_SUFFIX = ".Modelfile"  # one per type: run-q8_0.gguf + run-q8_0.Modelfile
@@ -272,28 +281,35 @@ class TensorPlan:
 
 
 def plan_tensors(model_dir: Path, config: Any, out_type: str) -> list[TensorPlan]:
-    """Every tensor of the merged model, with its llama.cpp name and type; refuses a tensor it cannot name."""
-    from gguf import MODEL_ARCH, get_tensor_name_map
+    """Every tensor of the saved merged model, with its llama.cpp name and type."""
     from safetensors import safe_open
+
+    shapes = []
+    for file in sorted(model_dir.glob("*.safetensors")):
+        with safe_open(str(file), "np") as weights:
+            shapes += [(name, tuple(weights.get_slice(name).get_shape())) for name in weights.keys()]
+    return plan_shapes(shapes, config, out_type)
+
+
+def plan_shapes(shapes: list[tuple[str, tuple[int, ...]]], config: Any, out_type: str) -> list[TensorPlan]:
+    """The GGUF plan of tensors given by HF name and shape; refuses a tensor llama.cpp has no name for."""
+    from gguf import MODEL_ARCH, get_tensor_name_map
 
     names = get_tensor_name_map(MODEL_ARCH.LLAMA, config.num_hidden_layers)
     tied = bool(getattr(config, "tie_word_embeddings", False))
     plans = []
-    for file in sorted(model_dir.glob("*.safetensors")):
-        with safe_open(str(file), "np") as weights:
-            for hf_name in weights.keys():
-                if tied and hf_name == "lm_head.weight":
-                    continue  # llama.cpp reuses token_embd when output.weight is absent
-                if hf_name.endswith("rotary_emb.inv_freq"):
-                    continue  # recomputed from rope.freq_base
-                name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
-                if name is None:
-                    raise ExportError(f"The merged model has a tensor llama.cpp has no name for: {hf_name}.")
-                shape = tuple(weights.get_slice(hf_name).get_shape())
-                qtype, why = tensor_type(name, shape, out_type)
-                heads = (config.num_attention_heads if ".attn_q." in name
-                         else config.num_key_value_heads if ".attn_k." in name else None)
-                plans.append(TensorPlan(hf_name, name, shape, qtype, why, heads))
+    for hf_name, shape in shapes:
+        if tied and hf_name == "lm_head.weight":
+            continue  # llama.cpp reuses token_embd when output.weight is absent
+        if hf_name.endswith("rotary_emb.inv_freq"):
+            continue  # recomputed from rope.freq_base
+        name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+        if name is None:
+            raise ExportError(f"The merged model has a tensor llama.cpp has no name for: {hf_name}.")
+        qtype, why = tensor_type(name, shape, out_type)
+        heads = (config.num_attention_heads if ".attn_q." in name
+                 else config.num_key_value_heads if ".attn_k." in name else None)
+        plans.append(TensorPlan(hf_name, name, shape, qtype, why, heads))
     return plans
 
 
@@ -536,14 +552,21 @@ def cached_export(run_dir: Path, out_type: str, into: str) -> GgufExport | None:
                       info["tensor_types"], info.get("kept", {}), cached=True)
 
 
-def merged_for(run_dir: Path, into: str, progress: Progress) -> Path:
-    """The run's merged model, reusing run/merged when it was merged into the same target after the adapter
-    was last saved."""
+def _merged_reusable(run_dir: Path, into: str) -> bool:
+    """run/merged was merged into the same target after the adapter was last saved."""
     folder = run_dir / MERGED_DIR
-    adapter_time = (adapter_dir(run_dir) / "adapter_model.safetensors").stat().st_mtime
-    if merged_into(folder) == into and (folder / "config.json").stat().st_mtime >= adapter_time:
+    try:
+        adapter_time = (adapter_dir(run_dir) / "adapter_model.safetensors").stat().st_mtime
+        return merged_into(folder) == into and (folder / "config.json").stat().st_mtime >= adapter_time
+    except OSError:
+        return False
+
+
+def merged_for(run_dir: Path, into: str, progress: Progress) -> Path:
+    """The run's merged model, reusing run/merged when it is current (``_merged_reusable``)."""
+    if _merged_reusable(run_dir, into):
         progress(0.3, "Reusing the merged model in merged/")
-        return folder
+        return run_dir / MERGED_DIR
     return merge_adapter(run_dir, progress=lambda f, m: progress(0.3 * f, m), into=into)
 
 
@@ -600,10 +623,179 @@ def _disk_message(error: OSError, needed: int) -> str:
     return f"Writing the GGUF failed ({first_line(error)}); the partial file was removed."
 
 
-def write_gguf(run_dir: str | Path, out_type: str = "q8_0", into: str = "trained",
-               progress: Progress = _no_progress) -> GgufExport:
-    """Merge the run's adapter and write it as a GGUF of ``out_type`` plus an Ollama Modelfile, into
-    ``run/export/gguf/``. Reuses a file of the same run, type and adapter written before."""
+# --- sizes and disk space, before building ----------------------------------------------------------------------
+
+DISK_MARGIN = 16 << 20  # beside the big files: the Modelfile, the info file, filesystem overhead
+_SCALAR_BYTES = {"UINT8": 1, "INT8": 1, "BOOL": 1, "UINT16": 2, "INT16": 2, "UINT32": 4, "INT32": 4, "FLOAT32": 4,
+                 "UINT64": 8, "INT64": 8, "FLOAT64": 8}
+_GGUF_HEADER_BYTES = 24  # magic, version, tensor count, key-value count
+
+
+def parameter_shapes(config: Any) -> list[tuple[str, tuple[int, ...]]]:
+    """Every weight the merged model saves, by name and shape, from its config alone: the model is built on
+    PyTorch's meta device, which holds no memory. Tied weights are listed once, as safetensors saves them."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    return [(name, tuple(weight.shape)) for name, weight in model.named_parameters()]
+
+
+def _value_bytes(value: Any, vtype: Any, sub_type: Any = None) -> int:
+    """Bytes of one metadata value as GGUF stores it (the layout of the GGUF specification)."""
+    from gguf import GGUFValueType
+
+    if vtype == GGUFValueType.STRING:
+        return 8 + len(value.encode("utf-8") if isinstance(value, str) else value)
+    if vtype == GGUFValueType.ARRAY:
+        item = sub_type or (GGUFValueType.UINT8 if isinstance(value, bytes) else GGUFValueType.get_type(value[0]))
+        return 4 + 8 + sum(_value_bytes(v, item) for v in value)
+    return _SCALAR_BYTES[GGUFValueType(vtype).name]
+
+
+def _padded(size: int) -> int:
+    from gguf import GGUF_DEFAULT_ALIGNMENT
+
+    return -(-size // GGUF_DEFAULT_ALIGNMENT) * GGUF_DEFAULT_ALIGNMENT
+
+
+def gguf_file_bytes(config: Any, tokenizer: Any, out_type: str, name: str, plans: list[TensorPlan]) -> int:
+    """The size of the GGUF ``convert_folder`` writes, counted before writing: the metadata that
+    ``add_model_metadata`` and ``add_tokenizer_metadata`` put in (measured on a writer that never opens a file),
+    each tensor's description, and each tensor's blocks padded to the file's alignment."""
+    from gguf import GGUFWriter
+
+    writer = GGUFWriter(None, "llama")
+    add_model_metadata(writer, config, out_type, name)
+    add_tokenizer_metadata(writer, tokenizer, config.vocab_size)
+    metadata = sum(8 + len(key.encode("utf-8")) + 4 + _value_bytes(value.value, value.type, value.sub_type)
+                   for key, value in writer.kv_data[0].items())
+    descriptions = sum(8 + len(p.name.encode("utf-8")) + 4 + 8 * len(p.shape) + 4 + 8 for p in plans)
+    return (_padded(_GGUF_HEADER_BYTES + metadata + descriptions)
+            + sum(_padded(tensor_nbytes(p.shape, p.qtype)) for p in plans))
+
+
+def merged_model_bytes(shapes: list[tuple[str, tuple[int, ...]]], dtype: Any, tokenizer: Any) -> int:
+    """About the size of the merged model folder: the weights at the merge dtype, safetensors' header, the
+    tokenizer file (the tokenizer's own JSON, as saved) and the small files (config, card, loss plot)."""
+    import torch
+
+    weights = sum(int(np.prod(shape)) for _, shape in shapes) * torch.empty((), dtype=dtype).element_size()
+    header = 8 + sum(64 + len(name) + 12 * len(shape) for name, shape in shapes)
+    return weights + header + len(tokenizer.backend_tokenizer.to_str(pretty=True).encode("utf-8")) + (64 << 10)
+
+
+@dataclass(frozen=True)
+class Landing:
+    """One large file (or folder) a build writes, where it lands and the free space on that disk."""
+    what: str
+    folder: Path
+    size_bytes: int
+    free_bytes: int
+    disk: int               # the folder's device id: landings on one disk share its free space
+    not_written: str = ""   # why nothing new is written here ("" when it is)
+
+
+def _existing(folder: Path) -> Path:
+    """The folder, or its nearest parent that exists (what disk_usage and stat can look at before building)."""
+    folder = folder.absolute()
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    return folder
+
+
+def _landing(what: str, folder: Path, size: int, not_written: str = "") -> Landing:
+    existing = _existing(folder)
+    return Landing(what, folder, size, _free_bytes(existing), existing.stat().st_dev, not_written)
+
+
+def _mb(size: float) -> str:
+    return f"{size / 2**30:.1f} GB" if size >= 2**30 else f"{size / 2**20:.1f} MB"
+
+
+@dataclass(frozen=True)
+class DiskPlan:
+    """What building a run's GGUF writes, how big, where, and whether the disks there have room."""
+    run: str
+    out_type: str
+    landings: tuple[Landing, ...]
+
+    def shortages(self) -> list[str]:
+        """One line per disk that lacks room for the new files landing on it (reused ones need none)."""
+        lines = []
+        for disk in dict.fromkeys(landing.disk for landing in self.landings):
+            new = [x for x in self.landings if x.disk == disk and not x.not_written]
+            needed = sum(x.size_bytes for x in new)
+            free = next(x.free_bytes for x in self.landings if x.disk == disk)
+            if new and free < needed + DISK_MARGIN:
+                parts = " and ".join(f"the {x.what} (about {_mb(x.size_bytes)}, into {for_visitors(str(x.folder))})"
+                                     for x in new)
+                lines.append(f"{parts} need about {_mb(needed + DISK_MARGIN)} with room to spare, and that disk "
+                             f"has {_mb(free)} free")
+        return lines
+
+    def summary(self) -> str:
+        lines = [f"Building the {self.out_type} GGUF of run '{self.run}' writes:"]
+        for x in self.landings:
+            state = x.not_written or f"disk has {_mb(x.free_bytes)} free"
+            lines.append(f"- {x.what}: about {_mb(x.size_bytes)} into `{for_visitors(str(x.folder))}` ({state})")
+        short = self.shortages()
+        lines.append("Not enough disk space: " + "; ".join(short) + "." if short else "There is room for it.")
+        return "\n".join(lines)
+
+    def check(self) -> None:
+        short = self.shortages()
+        if short:
+            raise ExportError(f"Not enough disk space to build the {self.out_type} GGUF of run '{self.run}': "
+                              + "; ".join(short) + ". Free some space (old runs' merged/ and export/ folders "
+                              "are the largest) and build again.")
+
+
+def disk_plan(run_dir: str | Path, out_type: str = "q8_0", into: str = "trained",
+              downloads: tuple[str | Path, ...] = ()) -> DiskPlan:
+    """Before building: the merged model's and the GGUF's sizes (estimated from the config and tokenizer, or
+    measured where an earlier build left them), the folders they land in, and the free space there.
+    ``downloads`` names folders where a copy of the GGUF and its Modelfile lands for download (the Export tab
+    copies into the temp folder, and gradio copies that into its cache)."""
+    return _disk_plan(Path(run_dir), checked_run(run_dir, out_type, into), downloads)
+
+
+def _disk_plan(run_dir: Path, run: "RunToExport", downloads: tuple[str | Path, ...] = ()) -> DiskPlan:
+    shapes = parameter_shapes(run.config)
+    built = cached_export(run_dir, run.out_type, run.into)
+    gguf_bytes = built.size_bytes if built else gguf_file_bytes(
+        run.config, run.tokenizer, run.out_type, metadata_name(run_dir, run.out_type),
+        plan_shapes(shapes, run.config, run.out_type))
+    merged_there = _merged_reusable(run_dir, run.into)
+    merged_bytes = (_folder_bytes(run_dir / MERGED_DIR) if merged_there
+                    else merged_model_bytes(shapes, merge_dtype(run.cfg, detect()), run.tokenizer))
+    merged_note = ("not needed: the GGUF was built before" if built else
+                   "already there, reused" if merged_there else "")
+    landings = [_landing("merged model", run_dir / MERGED_DIR, merged_bytes, merged_note),
+                _landing(f"{run.out_type} GGUF", gguf_path(run_dir, run.out_type).parent, gguf_bytes,
+                         "already built, reused" if built else "")]
+    landings += [_landing("download copy", Path(folder), gguf_bytes + (4 << 10)) for folder in downloads]
+    return DiskPlan(run_dir.name, run.out_type, tuple(landings))
+
+
+def _folder_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+
+
+@dataclass(frozen=True)
+class RunToExport:
+    """A run that passed every check a GGUF export can make before heavy work."""
+    cfg: Any            # the run's RunConfig
+    config: Any         # the base model's transformers config
+    tokenizer: Any
+    out_type: str
+    into: str
+
+
+def checked_run(run_dir: str | Path, out_type: str, into: str = "trained") -> RunToExport:
+    """Refuses, before any merge or download of weights, what cannot become a GGUF: an unknown type or merge
+    target, a run without an adapter, a prompt-tuning or reward run, another architecture, an unknown tokenizer."""
     run_dir = Path(run_dir)
     out_type, into = check_type(out_type), check_merge_target(into)
     cfg = run_config(run_dir)
@@ -614,20 +806,38 @@ def write_gguf(run_dir: str | Path, out_type: str = "q8_0", into: str = "trained
     if cfg.stage == "reward":
         raise ExportError("This run trained a reward model (it scores answers, it does not write them); export "
                           "an SFT, DPO, KTO or GRPO run as GGUF instead.")
-    check_architecture(base_config(cfg.model.source))
+    config = base_config(cfg.model.source)
+    check_architecture(config)
     tokenizer = load_tokenizer(cfg.model)
-    pre_tokenizer_name(tokenizer)  # refuse an unknown tokenizer before merging
+    pre_tokenizer_name(tokenizer)
+    return RunToExport(cfg, config, tokenizer, out_type, into)
+
+
+def metadata_name(run_dir: Path, out_type: str) -> str:
+    """The name written into the file's metadata."""
+    return f"{run_dir.name} ({out_type})"
+
+
+def write_gguf(run_dir: str | Path, out_type: str = "q8_0", into: str = "trained",
+               progress: Progress = _no_progress) -> GgufExport:
+    """Merge the run's adapter and write it as a GGUF of ``out_type`` plus an Ollama Modelfile, into
+    ``run/export/gguf/``. Reuses a file of the same run, type and adapter written before; refuses before merging
+    when the disk lacks room for the merged model and the file (``disk_plan``)."""
+    run_dir = Path(run_dir)
+    run = checked_run(run_dir, out_type, into)
+    out_type, into = run.out_type, run.into
     with BuildLock(run_dir, out_type):
         cached = cached_export(run_dir, out_type, into)
         if cached is not None:
             progress(1.0, "Reusing the file exported before")
             return cached
+        _disk_plan(run_dir, run).check()
         fingerprint = _fingerprint(run_dir, into)
         merged = merged_for(run_dir, into, progress)
         target = gguf_path(run_dir, out_type)
-        result = convert_folder(merged, target, out_type, tokenizer, f"{run_dir.name} ({out_type})",
+        result = convert_folder(merged, target, out_type, run.tokenizer, metadata_name(run_dir, out_type),
                                 progress=lambda f, m: progress(0.3 + 0.68 * f, m))
-        result.modelfile.write_text(modelfile_text(target.name, tokenizer), encoding="utf-8")
+        result.modelfile.write_text(modelfile_text(target.name, run.tokenizer), encoding="utf-8")
         _info_path(target).write_text(json.dumps({
             "fingerprint": fingerprint, "into": into, "weights": result.weights,
             "tensor_types": result.tensor_types, "kept": result.kept}), encoding="utf-8")
@@ -656,6 +866,112 @@ def zip_merged(run_dir: str | Path, into: str = "trained", progress: Progress = 
         partial.unlink(missing_ok=True)
     progress(1.0, "Zipped")
     return target
+
+
+# --- the Hub: the built file, its Modelfile and a model card, with the visitor's token ------------------------------
+
+def built_gguf(run_dir: str | Path, out_type: str) -> tuple[GgufExport, str]:
+    """The run's finished GGUF of ``out_type`` and the merge target it was built with; refuses one never built,
+    left unfinished, or built from an earlier adapter of the run."""
+    run_dir, out_type = Path(run_dir), check_type(out_type)
+    path = gguf_path(run_dir, out_type)
+    if not path.is_file():
+        raise ExportError(f"Run '{run_dir.name}' has no {out_type} GGUF yet: build it first ('Build GGUF + "
+                          "Modelfile'), then push. A push sends the built file and never builds one.")
+    try:
+        into = json.loads(_info_path(path).read_text(encoding="utf-8")).get("into", "trained")
+    except (OSError, ValueError):
+        into = "trained"
+    result = cached_export(run_dir, out_type, into)
+    if result is None:
+        raise ExportError(f"The {out_type} GGUF of run '{run_dir.name}' was not built from the run's current "
+                          "adapter (or its build did not finish): build it again, then push.")
+    return result, into
+
+
+def _kept_text(result: GgufExport) -> str:
+    reasons = sorted(set(result.kept.values()))
+    if not reasons:
+        return "none"
+    return "; ".join(f"{sum(1 for why in result.kept.values() if why == reason)} at "
+                     f"{next(result.tensor_types[n] for n, w in result.kept.items() if w == reason)}: {reason}"
+                     for reason in reasons)
+
+
+def _dataset_text(cfg: Any) -> str:
+    return ("the course Q&A bundled with LoRA Lab" if cfg.data.source == BUNDLED_DATASET
+            else f"`{display_name(cfg.data.source)}`")
+
+
+def gguf_model_card(run_dir: str | Path, result: GgufExport, into: str, repo_id: str) -> str:
+    """README.md for a Hub repo holding the GGUF: the file's type, size and bits per weight, the base model, how
+    the adapter was merged and trained, and how to run it with llama.cpp and Ollama. Sources are named as pages
+    show them (``display_name``), never by a server path."""
+    run_dir = Path(run_dir)
+    cfg, curves, status = run_config(run_dir), losses(run_dir), read_status(run_dir)
+    base = hub_base(cfg)
+    method = METHOD_NAMES.get(cfg.lora.method, cfg.lora.method)
+    meta: dict[str, Any] = {"pipeline_tag": "text-generation",
+                            "tags": ["gguf", "llama.cpp", "ollama", result.out_type, cfg.lora.method, cfg.stage,
+                                     "lora-lab"]}
+    if base:
+        meta["base_model"] = base
+    final = " / ".join(f"{v:.4f}" if v is not None else "n/a" for v in (curves.final_train, curves.final_eval))
+    rows = [("file", f"`{result.path.name}`"), ("type", f"`{result.out_type}`: {GGUF_TYPES[result.out_type]}"),
+            ("file size", f"{_mb(result.size_bytes)} ({result.size_bytes:,} bytes)"),
+            ("bits per weight", f"{result.bits_per_weight:.2f} (file bytes x 8 / {result.weights:,} weights)"),
+            ("tensors kept at other types", _kept_text(result)),
+            ("base model", f"`{base or display_name(cfg.model.source)}`"),
+            ("merge", f"adapter folded {MERGE_TARGETS[into]}"),
+            ("training", f"{method} adapter, TRL `{STAGE_TRAINERS.get(cfg.stage, cfg.stage)}`, "
+                         f"{status.get('step', curves.steps[-1] if curves.steps else 0)} steps on "
+                         f"{_dataset_text(cfg)}"),
+            ("final training / eval loss", final)]
+    name, modelfile = result.path.name, result.modelfile.name
+    ollama = _ollama_name(name)
+    lines = ["---", yaml.safe_dump(meta, sort_keys=False, allow_unicode=True).strip(), "---", "",
+             f"# {run_dir.name} ({result.out_type} GGUF)", "",
+             f"A {method} fine-tune of `{base or display_name(cfg.model.source)}` made with LoRA Lab, merged into "
+             "its base and written as one GGUF file for llama.cpp, Ollama and LM Studio. The file carries the "
+             "tokenizer and the chat template.", "",
+             "| | |", "| --- | --- |", *[f"| {key} | {value} |" for key, value in rows], "",
+             "## Run it", "", "llama.cpp (for a private repo, set `HF_TOKEN` first):", "", "```",
+             f"llama-cli --hf-repo {repo_id} --hf-file {name} -cnv", "```", "",
+             "Ollama, with the Modelfile beside the file (the chat format, stop tokens and the sampling of LoRA "
+             "Lab's Chat tab):", "", "```",
+             f"hf download {repo_id} {name} {modelfile} --local-dir {ollama}",
+             f"cd {ollama} && ollama create {ollama} -f {modelfile}", f"ollama run {ollama}", "```", ""]
+    return "\n".join(lines)
+
+
+def push_gguf(run_dir: str | Path, out_type: str, repo_id: str, token: str | None, private: bool = True,
+              api: Any = None, progress: Progress = _no_progress) -> str:
+    """Push the run's built GGUF, its Modelfile and a model card (README.md) to a Hub model repo in one commit,
+    with the visitor's own token (used for this call only, as ``push_folder`` does); returns the repo URL.
+    ``api`` is an HfApi. A type that was not built is refused rather than built here: building merges the model
+    (minutes, a float model in memory) and the visitor should see the file's size before sending it."""
+    run_dir, out_type, repo_id = Path(run_dir), check_type(out_type), check_repo_id(repo_id)
+    if not token or not token.strip():
+        raise ExportError("A Hugging Face write token is needed to push (huggingface.co/settings/tokens).")
+    result, into = built_gguf(run_dir, out_type)
+    if api is None:
+        require_hub(repo_id, "model repo")
+        from huggingface_hub import HfApi
+
+        api = HfApi()
+    from huggingface_hub import CommitOperationAdd
+
+    card = gguf_model_card(run_dir, result, into, repo_id)
+    progress(0.05, f"Creating {repo_id}")
+    url = api.create_repo(repo_id, token=token.strip(), private=private, repo_type="model", exist_ok=True)
+    progress(0.1, f"Uploading {result.path.name} ({_mb(result.size_bytes)})")
+    operations = [CommitOperationAdd(path_in_repo=result.path.name, path_or_fileobj=str(result.path)),
+                  CommitOperationAdd(path_in_repo=result.modelfile.name, path_or_fileobj=str(result.modelfile)),
+                  CommitOperationAdd(path_in_repo=CARD_FILE, path_or_fileobj=card.encode("utf-8"))]
+    api.create_commit(repo_id, operations=operations, commit_message=f"Upload {result.path.name} from LoRA Lab",
+                      token=token.strip(), repo_type="model")
+    progress(1.0, "Pushed")
+    return str(url)
 
 
 # --- the Quantization tab's GGUF rows -------------------------------------------------------------------------------
@@ -739,12 +1055,29 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("run_dir", help="the run folder (runs/<id>)")
     parser.add_argument("--type", default="q8_0", help=f"one of {', '.join(GGUF_TYPES)} (default q8_0)")
     parser.add_argument("--into", default="trained", help="merge target: trained (default) or original")
+    parser.add_argument("--plan", action="store_true",
+                        help="only say what building would write, how big, where, and the free disk there")
+    parser.add_argument("--push", metavar="REPO_ID",
+                        help="push the built file, its Modelfile and a model card to this Hub repo (token: HF_TOKEN)")
+    parser.add_argument("--public", action="store_true", help="with --push: make a new repo public")
     args = parser.parse_args(argv)
     try:
+        if args.plan:
+            print(disk_plan(args.run_dir, args.type, args.into).summary())
+            return 0
+        if args.push:
+            url = push_gguf(args.run_dir, args.type, args.push, os.environ.get("HF_TOKEN"), private=not args.public)
+            print(f"Pushed to {url}")
+            return 0
         result = write_gguf(args.run_dir, args.type, args.into,
                             progress=lambda f, m: print(f"[{f:4.0%}] {m}", file=sys.stderr))
     except (ExportError, ModelSourceError) as error:
         print(f"error: {error}", file=sys.stderr)
+        return 2
+    except Exception as error:  # the Hub's own refusals (bad token, no write access), one line, never the token
+        if not args.push:
+            raise
+        print(f"error: the Hub refused the push: {type(error).__name__}: {first_line(error)}", file=sys.stderr)
         return 2
     print(result.summary())
     print(f"Ollama: {ollama_command(result)}")

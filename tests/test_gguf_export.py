@@ -425,3 +425,135 @@ def test_tokenizers_llama_cpp_cannot_name_are_refused(tiny_model_dir):
     backend.pre_tokenizer = pre_tokenizers.Metaspace()
     with pytest.raises(ExportError, match="byte-level BPE tokenizers.*'Metaspace'"):
         pre_tokenizer_name(PreTrainedTokenizerFast(tokenizer_object=backend))
+
+
+# --- sizes and disk space before building; the Hub push ---------------------------------------------------------
+
+def _fresh_copy(run: Path, folder: Path) -> Path:
+    """The run as it was before any export: no merged model, no GGUF (same folder name, so the same metadata)."""
+    import shutil
+
+    copy = folder / run.name
+    shutil.copytree(run, copy, ignore=lambda _, names: [n for n in names if n in ("merged", "export")])
+    return copy
+
+
+@pytest.mark.parametrize("out_type", ["q8_0", "f16"])
+def test_the_disk_plan_counts_the_files_before_they_are_written(exports, trained_run, tmp_path, out_type):
+    """Before building, the GGUF's size is counted from the config and tokenizer alone: every metadata byte, tensor
+    description and padded block, so it equals the written file (tolerance: 0 bytes). The merged model's size
+    (weights at the merge dtype, tokenizer, small files) is within 2% of the folder the merge wrote."""
+    from finetune.gguf_export import disk_plan
+
+    fresh = _fresh_copy(trained_run, tmp_path)
+    merged, gguf = disk_plan(fresh, out_type).landings
+    assert (merged.folder, gguf.folder) == (fresh / "merged", fresh / "export" / "gguf")
+    assert not merged.not_written and not gguf.not_written and gguf.free_bytes > 0
+    assert gguf.size_bytes == exports[out_type].size_bytes == exports[out_type].path.stat().st_size
+    written = sum(p.stat().st_size for p in (trained_run / "merged").iterdir() if p.is_file())
+    assert abs(merged.size_bytes - written) <= 0.02 * written, (merged.size_bytes, written)
+    built = disk_plan(trained_run, out_type, downloads=(tmp_path,))
+    assert [x.not_written for x in built.landings] == ["not needed: the GGUF was built before",
+                                                      "already built, reused", ""]
+    assert built.landings[2].what == "download copy" and "There is room for it." in built.summary()
+
+
+def test_a_build_that_would_not_fit_is_refused_before_merging(exports, trained_run, tmp_path, monkeypatch):
+    """Free space for the merged model or the GGUF alone, but not for both on the one disk: refused with the
+    sizes, before anything is merged or written."""
+    import finetune.gguf_export as gguf_export
+    from finetune.gguf_export import DISK_MARGIN, disk_plan
+
+    fresh = _fresh_copy(trained_run, tmp_path)
+    merged, gguf = disk_plan(fresh, "q8_0").landings
+    free = merged.size_bytes + gguf.size_bytes + DISK_MARGIN - (1 << 20)
+    monkeypatch.setattr(gguf_export, "_free_bytes", lambda folder: free)
+    plan = disk_plan(fresh, "q8_0")
+    assert plan.shortages() and "Not enough disk space" in plan.summary()
+    with pytest.raises(ExportError, match=rf"Not enough disk space to build the q8_0 GGUF of run 'run': the merged "
+                                          rf"model \(about {merged.size_bytes / 2**20:.1f} MB.* and the q8_0 GGUF "
+                                          rf"\(about {gguf.size_bytes / 2**20:.1f} MB.*{free / 2**20:.1f} MB free"):
+        write_gguf(fresh, "q8_0")
+    assert not (fresh / "merged").exists() and not list((fresh / "export").rglob("*.gguf*"))
+    monkeypatch.setattr(gguf_export, "_free_bytes", lambda folder: free + (2 << 20))
+    assert not disk_plan(fresh, "q8_0").shortages()
+
+
+class RecordingHfApi:
+    """Stands in for huggingface_hub.HfApi (the Hub cannot be reached here): records each call and keeps the
+    bytes of each file a commit would upload."""
+
+    def __init__(self):
+        self.calls: list[tuple[str, tuple, dict]] = []
+        self.uploaded: dict[str, bytes] = {}
+
+    def create_repo(self, *args, **kwargs):
+        self.calls.append(("create_repo", args, kwargs))
+        return f"https://huggingface.co/{args[0]}"
+
+    def create_commit(self, *args, **kwargs):
+        self.calls.append(("create_commit", args, kwargs))
+        for operation in kwargs["operations"]:
+            source = operation.path_or_fileobj
+            self.uploaded[operation.path_in_repo] = source if isinstance(source, bytes) else Path(source).read_bytes()
+
+
+def test_push_sends_the_built_file_its_modelfile_and_a_card(exports, trained_run):
+    import yaml
+    from markdown_it import MarkdownIt
+
+    from finetune.export import run_config
+    from finetune.gguf_export import push_gguf
+
+    result = exports["q8_0"]
+    api = RecordingHfApi()
+    url = push_gguf(trained_run, "q8_0", "me/tiny-gguf", " hf_user_token ", private=True, api=api)
+    assert url == "https://huggingface.co/me/tiny-gguf"
+    (create, args, kwargs), (commit, commit_args, commit_kwargs) = api.calls
+    assert create == "create_repo" and args == ("me/tiny-gguf",)
+    assert kwargs == {"token": "hf_user_token", "private": True, "repo_type": "model", "exist_ok": True}
+    assert commit == "create_commit" and commit_args == ("me/tiny-gguf",)
+    assert commit_kwargs["token"] == "hf_user_token" and commit_kwargs["repo_type"] == "model"
+    assert set(api.uploaded) == {"run-q8_0.gguf", "run-q8_0.Modelfile", "README.md"}
+    assert api.uploaded["run-q8_0.gguf"] == result.path.read_bytes()
+    assert api.uploaded["run-q8_0.Modelfile"] == result.modelfile.read_bytes()
+    card = api.uploaded["README.md"].decode("utf-8")
+    header = yaml.safe_load(card.split("---\n")[1])
+    assert {"gguf", "llama.cpp", "ollama", "q8_0", "lora-lab"} <= set(header["tags"])
+    assert "base_model" not in header  # a local folder is not a Hub id: no broken link on the Hub
+    html = MarkdownIt().enable("table").render(card.split("---\n", 2)[2])
+    assert "<table>" in html and f"<td>{result.size_bytes / 2**20:.1f} MB ({result.size_bytes:,} bytes)</td>" in html
+    assert f"<td>{result.bits_per_weight:.2f} (file bytes x 8 / {result.weights:,} weights)</td>" in html
+    assert "answers as in Chat" in card  # merged into the weights it trained against (the default)
+    assert "llama-cli --hf-repo me/tiny-gguf --hf-file run-q8_0.gguf" in card
+    assert "ollama create run-q8_0 -f run-q8_0.Modelfile" in card
+    cfg = run_config(trained_run)  # the card is published: sources by name, never a server path
+    assert not [p for p in (cfg.model.source, cfg.data.source, str(trained_run)) if p in card]
+    assert f"`{Path(cfg.model.source).name}`" in card and f"`{Path(cfg.data.source).name}`" in card
+
+
+def test_push_refuses_bad_input_and_unbuilt_files_before_touching_the_hub(exports, trained_run, tmp_path):
+    import shutil
+
+    from finetune.gguf_export import push_gguf
+    from finetune.models import ModelSourceError
+
+    api = RecordingHfApi()
+    with pytest.raises(ExportError, match="user/name"):
+        push_gguf(trained_run, "q8_0", "not a repo", "hf_x", api=api)
+    with pytest.raises(ExportError, match="write token"):
+        push_gguf(trained_run, "q8_0", "me/x", "  ", api=api)
+    with pytest.raises(ExportError, match="GGUF type must be one of"):
+        push_gguf(trained_run, "q2_k", "me/x", "hf_x", api=api)
+    fresh = _fresh_copy(trained_run, tmp_path / "fresh")
+    with pytest.raises(ExportError, match="has no q8_0 GGUF yet: build it first"):
+        push_gguf(fresh, "q8_0", "me/x", "hf_x", api=api)
+    stale = tmp_path / "stale" / "run"
+    shutil.copytree(trained_run, stale)
+    info = stale / "export" / "gguf" / "run-q8_0.json"
+    info.write_text(info.read_text().replace('"fingerprint": "', '"fingerprint": "0'))  # another adapter's file
+    with pytest.raises(ExportError, match="not built from the run's current adapter"):
+        push_gguf(stale, "q8_0", "me/x", "hf_x", api=api)
+    assert api.calls == []
+    with pytest.raises(ModelSourceError, match="Cannot reach the Hugging Face Hub"):  # HF_HUB_OFFLINE=1 here
+        push_gguf(trained_run, "q8_0", "me/x", "hf_x")
