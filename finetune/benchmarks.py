@@ -677,7 +677,11 @@ class BenchmarkService:
         return job
 
     def start(self, plan: BenchmarkPlan) -> str:
-        """A job folder, and a child process for the uncached units (none when everything is cached)."""
+        """A job folder, and a child process for the uncached units (none when everything is cached). One job at a
+        time: two would share the CPU (or GPU) and each take twice as long."""
+        busy = [job_id for job_id in self._children if self.running(job_id)]
+        if busy and not all(u.cached for u in plan.units):
+            raise BenchmarkError(f"A benchmark is already running ({busy[0]}); stop it or wait until it ends.")
         job = self.create(plan)
         if all(u.cached for u in plan.units) and all(job.copy_cached(i, u) for i, u in enumerate(plan.units)):
             write_status(job.folder, state="completed", unit=len(plan.units), finished_at=time.time())
@@ -691,6 +695,12 @@ class BenchmarkService:
         self._children[job.folder.name] = child
         write_status(job.folder, pid=child.pid)
         return job.folder.name
+
+    def latest_job(self) -> str | None:
+        """The newest job (the UI re-attaches to it after a page reload)."""
+        folder = self.root / "jobs"
+        jobs = sorted(p.name for p in folder.iterdir() if (p / PLAN_FILE).is_file()) if folder.is_dir() else []
+        return jobs[-1] if jobs else None
 
     def running(self, job_id: str) -> bool:
         child = self._children.get(job_id)

@@ -39,10 +39,19 @@ def save_random_lora(base_dir: Path | str, run_dir: Path, model_cfg: dict, seed:
 
 @pytest.fixture(scope="module")
 def tiny_runs(tmp_path_factory, tiny_model_dir) -> Path:
-    """runs/tiny-lora: a random LoRA on the tiny Llama at 32 bits (as if trained there)."""
+    """runs/tiny-lora: a random LoRA on the tiny Llama at 32 bits (as if trained there), a finished run."""
+    from finetune.metrics import write_status
+
     root = tmp_path_factory.mktemp("bench-runs")
     save_random_lora(tiny_model_dir, root / "tiny-lora", {"source": str(tiny_model_dir), "bits": 32})
+    write_status(root / "tiny-lora", state="completed")
     return root
+
+
+@pytest.fixture(scope="module")
+def tiny_bench_root(tmp_path_factory) -> Path:
+    """One benchmark folder (jobs + cache) for the tiny-model tests: the UI test reuses the table test's cache."""
+    return tmp_path_factory.mktemp("bench")
 
 
 def harness_scores(model_args: dict, limit: int) -> dict:
@@ -65,8 +74,8 @@ def wait_for_end(service: BenchmarkService, job_id: str) -> dict:
     return status
 
 
-def test_tiny_model_table_equals_the_harness_run_on_its_own(tiny_runs, tiny_model_dir, tmp_path):
-    service = BenchmarkService(tiny_runs, tmp_path / "bench")
+def test_tiny_model_table_equals_the_harness_run_on_its_own(tiny_runs, tiny_model_dir, tiny_bench_root):
+    service = BenchmarkService(tiny_runs, tiny_bench_root)
     plan = service.plan([BUNDLED_TASK], 20, adapters=["tiny-lora"])
     assert [u.adapter_dir is None for u in plan.units] == [True, False]   # the base first, at the adapter's bits
     assert plan.units[0].model["bits"] == 32 and not any(u.cached for u in plan.units)
@@ -93,6 +102,35 @@ def test_tiny_model_table_equals_the_harness_run_on_its_own(tiny_runs, tiny_mode
     assert [(r.base, r.tuned) for r in service.table(second)] == [(r.base, r.tuned) for r in rows.values()]
     # A different limit is a different result.
     assert not any(u.cached for u in service.plan([BUNDLED_TASK], 21, adapters=["tiny-lora"]).units)
+
+
+def test_the_section_starts_polls_and_refuses(tiny_runs, tiny_bench_root, monkeypatch):
+    import gradio as gr
+
+    from components.benchmark_section import (TABLE_COLUMNS, build_benchmark_section, poll_benchmark,
+                                              start_benchmark, stop_benchmark)
+    from finetune.runs import RunManager
+
+    manager, service = RunManager(tiny_runs), BenchmarkService(tiny_runs, tiny_bench_root)
+    with pytest.raises(gr.Error, match="No saved adapter for run"):   # a typed folder is not a run
+        start_benchmark(manager, service, [str(tiny_runs / "tiny-lora")], "", 4, [BUNDLED_TASK], 20)
+    with pytest.raises(gr.Error, match="Limit must be at least 1"):
+        start_benchmark(manager, service, ["tiny-lora"], "", 4, [BUNDLED_TASK], 0)
+    job_id, message = start_benchmark(manager, service, ["tiny-lora"], "", 4, [BUNDLED_TASK], 20.0)
+    assert job_id in message
+    wait_until(lambda: not service.running(job_id) and service.status(job_id)["state"] == "completed", "the job")
+    progress, table, _ = poll_benchmark(service, job_id)
+    assert "completed" in progress and list(table.columns) == TABLE_COLUMNS
+    assert sorted(table["metric"]) == ["acc", "acc_norm"]
+    assert list(table["base"]) == pytest.approx([row.base for row in service.table(job_id)])
+    assert stop_benchmark(service, job_id) == "No benchmark is running."
+
+    monkeypatch.setenv("LORA_LAB_BENCHMARKS", str(tiny_bench_root))
+    with gr.Blocks() as demo:
+        build_benchmark_section(manager, tiny_runs)
+    names = {getattr(fn, "api_name", None) for fn in demo.fns.values()}
+    assert {"benchmark_runs", "benchmark_preset", "benchmark_estimate", "benchmark_start", "benchmark_stop",
+            "benchmark_poll"} <= names
 
 
 def test_embedded_model_with_a_4bit_adapter_matches_the_harness_output(tmp_path, embedded_dir):

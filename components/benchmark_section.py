@@ -1,0 +1,176 @@
+"""The Evaluate tab's benchmark section: standard tasks through lm-evaluation-harness, base vs adapter.
+
+Start plans the job (every refusal, with its reason, before a child starts), shows the rough time estimate and
+hands the job to ``finetune.benchmarks.BenchmarkService``, which runs the harness in a child process. A
+``gr.Timer`` reads the job folder: progress, then the table. Stop ends the child at its next model call.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import gradio as gr
+import pandas as pd
+
+from components.shared import bind, on_page_load, refusal
+from finetune.benchmarks import (BUNDLED_TASK, FORGETTING_CHECK_LIMIT, FORGETTING_CHECK_ONLINE, MIN_ITEMS, Z_95,
+                                 BenchmarkError, BenchmarkService, TableRow, base_only_rows,
+                                 forgetting_check_tasks)
+from finetune.config import ConfigError
+from finetune.paths import model_source as gated_model_source
+from finetune.runs import RunManager
+
+POLL_SECONDS = 2.0
+TABLE_COLUMNS = ["task", "metric", "adapter", "base", "base ± se", "adapter score", "adapter ± se", "difference",
+                 "difference ± se", "se kind", "items", "verdict"]
+BASE_COLUMNS = ["model", "task", "metric", "score", "± se"]
+LIVE_STATES = ("queued", "running")
+
+LEARN_BENCHMARKS = f"""**Validation loss vs benchmark accuracy.** Validation loss measures how well the model predicts
+*your* held-out answers, so it shows what fine-tuning taught; benchmark accuracy measures general skills on questions
+unrelated to your data, so it shows what fine-tuning may have cost (forgetting). The **forgetting check** runs
+general tasks on the base and on each adapter (the base at the adapter's own bit width): offline the bundled
+`{BUNDLED_TASK}` (60 questions written for LoRA Lab), with the Hub also {', '.join(FORGETTING_CHECK_ONLINE[1:])}.
+Base and adapter answer the same questions, so the difference's standard error is the paired one (per-question
+differences); "no measurable change" means the difference is within {Z_95} × that error, and fewer than
+{MIN_ITEMS} questions give no verdict at all."""
+
+
+# --- handlers ------------------------------------------------------------------------------------------------------
+
+def adapter_choices(manager: RunManager, current: list[str] | None = None) -> Any:
+    ids = list(manager.finished_adapters())
+    return gr.Dropdown(choices=ids, value=[run_id for run_id in current or [] if run_id in ids])
+
+
+def forgetting_preset() -> tuple[Any, float]:
+    """The preset's tasks (what this machine can reach) and limit."""
+    return gr.Dropdown(value=forgetting_check_tasks()), FORGETTING_CHECK_LIMIT
+
+
+def _plan(manager: RunManager, service: BenchmarkService, adapters: list[str] | None, model: str, bits: Any,
+          tasks: list[str] | None, limit: Any) -> Any:
+    # Only the runs' own adapters: a typed folder path would let a visitor point the harness at any folder.
+    unknown = [a for a in adapters or [] if a not in manager.finished_adapters()]
+    if unknown:
+        raise refusal(f"No saved adapter for run(s): {', '.join(unknown)}; pick finished runs from the list.")
+    try:
+        source = gated_model_source(model or "")
+        return service.plan(list(tasks or []), limit, list(adapters or []), source or None, int(bits or 4))
+    except (BenchmarkError, ConfigError) as error:
+        raise refusal(str(error)) from None
+
+
+def estimate_benchmark(manager: RunManager, service: BenchmarkService, adapters: list[str] | None, model: str, bits: Any,
+                       tasks: list[str] | None, limit: Any) -> str:
+    return _plan(manager, service, adapters, model, bits, tasks, limit).estimate_text()
+
+
+def start_benchmark(manager: RunManager, service: BenchmarkService, adapters: list[str] | None, model: str, bits: Any,
+                    tasks: list[str] | None, limit: Any) -> tuple[str, str]:
+    """(job id, message with the estimate); a refusal names the problem and starts nothing."""
+    plan = _plan(manager, service, adapters, model, bits, tasks, limit)
+    try:
+        job_id = service.start(plan)
+    except BenchmarkError as error:
+        raise refusal(str(error)) from None
+    return job_id, f"Started {job_id}: {plan.estimate_text()}"
+
+
+def stop_benchmark(service: BenchmarkService, job_id: str) -> str:
+    if not job_id or not service.running(job_id):
+        return "No benchmark is running."
+    service.request_stop(job_id)
+    return f"Stopping {job_id} at its next model call."
+
+
+def _number(value: float | None) -> float | None:
+    return None if value is None or not math.isfinite(value) else round(value, 4)
+
+
+def table_frame(rows: list[TableRow]) -> pd.DataFrame:
+    return pd.DataFrame([[r.task, r.metric, r.adapter, _number(r.base), _number(r.base_stderr), _number(r.tuned),
+                          _number(r.tuned_stderr), _number(r.difference), _number(r.difference_stderr),
+                          r.stderr_kind, r.items, r.verdict] for r in rows], columns=TABLE_COLUMNS)
+
+
+def progress_text(status: dict[str, Any]) -> str:
+    state = status.get("state", "unknown")
+    if state not in LIVE_STATES:
+        error = f": {status['error']}" if status.get("error") else ""
+        return f"**{state}**{error}"
+    done, total = status.get("requests_done", 0), status.get("requests_total", 0)
+    unit = f"run {status.get('unit', 0) + 1} of {status.get('units', '?')}"
+    what = f" — {status['unit_label']} on {status['task']}" if status.get("unit_label") else ""
+    return f"**{state}** {unit}{what}: {done}/{total} answer choices scored"
+
+
+def poll_benchmark(service: BenchmarkService, job_id: str) -> tuple[str, pd.DataFrame, pd.DataFrame]:
+    """(progress, base-vs-adapter table, base scores) of the job; blank without one."""
+    empty = pd.DataFrame(columns=TABLE_COLUMNS), pd.DataFrame(columns=BASE_COLUMNS)
+    if not job_id or not (service.job(job_id).folder / "plan.json").is_file():
+        return "", *empty
+    job = service.job(job_id)
+    plan, results = job.plan(), job.results()
+    base = pd.DataFrame([[r["model"], r["task"], r["metric"], _number(r["score"]), _number(r["stderr"])]
+                         for r in base_only_rows(plan, results)], columns=BASE_COLUMNS)
+    return progress_text(service.status(job_id)), table_frame(service.table(job_id)), base
+
+
+# --- layout -----------------------------------------------------------------------------------------------------------
+
+def _layout() -> dict[str, Any]:
+    ui: dict[str, Any] = {}
+    gr.Markdown(LEARN_BENCHMARKS, elem_id="benchmark-learn")
+    with gr.Row():
+        ui["adapters"] = gr.Dropdown([], multiselect=True, label="Adapters (runs)", elem_id="benchmark-adapters",
+                                     allow_custom_value=True, scale=3,
+                                     info="Each is compared with its own base at the bit width it trained at.")
+        ui["refresh"] = gr.Button("Refresh runs", size="sm", scale=1)
+    with gr.Row():
+        ui["model"] = gr.Textbox(label="Base model", elem_id="benchmark-model", placeholder="each adapter's own",
+                                 info="Empty: each adapter's base. With no adapter: this model alone.")
+        ui["bits"] = gr.Dropdown([4, 8, 16, 32], value=4, label="Bits (base alone)", elem_id="benchmark-bits")
+    with gr.Row():
+        ui["tasks"] = gr.Dropdown(list(dict.fromkeys([BUNDLED_TASK, *FORGETTING_CHECK_ONLINE, "mmlu", "gsm8k"])),
+                                  value=[BUNDLED_TASK], multiselect=True, allow_custom_value=True, scale=3,
+                                  label="Tasks", elem_id="benchmark-tasks",
+                                  info="Any lm-evaluation-harness task; all but the bundled one need the Hub.")
+        ui["limit"] = gr.Number(value=60, precision=0, minimum=1, label="Items per task", elem_id="benchmark-limit")
+    with gr.Row():
+        ui["preset"] = gr.Button("Forgetting check", elem_id="benchmark-preset")
+        ui["estimate"] = gr.Button("Estimate time", elem_id="benchmark-estimate")
+        ui["start"] = gr.Button("Run benchmarks", variant="primary", elem_id="benchmark-start")
+        ui["stop"] = gr.Button("Stop", variant="stop", elem_id="benchmark-stop")
+    ui["job"] = gr.Textbox(label="Job", interactive=False, elem_id="benchmark-job")
+    ui["message"] = gr.Markdown(elem_id="benchmark-message")
+    ui["progress"] = gr.Markdown(elem_id="benchmark-progress")
+    ui["table"] = gr.Dataframe(pd.DataFrame(columns=TABLE_COLUMNS), interactive=False, wrap=True,
+                               label="Base vs adapter", elem_id="benchmark-table")
+    ui["base_table"] = gr.Dataframe(pd.DataFrame(columns=BASE_COLUMNS), interactive=False,
+                                    label="Base scores", elem_id="benchmark-base-table")
+    return ui
+
+
+def build_benchmark_section(manager: RunManager, runs_root: Any) -> None:
+    """The section, inside whatever Accordion or Tab the caller opened."""
+    service = BenchmarkService(runs_root)
+    with gr.Accordion("Benchmarks: what did fine-tuning cost? (lm-evaluation-harness)", open=False):
+        ui = _layout()
+    _wire(manager, service, ui)
+
+
+def _wire(manager: RunManager, service: BenchmarkService, ui: dict[str, Any]) -> None:
+    form = [ui["adapters"], ui["model"], ui["bits"], ui["tasks"], ui["limit"]]
+    live = [ui["progress"], ui["table"], ui["base_table"]]
+    ui["refresh"].click(bind(adapter_choices, manager), ui["adapters"], ui["adapters"], api_name="benchmark_runs")
+    ui["preset"].click(forgetting_preset, None, [ui["tasks"], ui["limit"]], api_name="benchmark_preset")
+    ui["estimate"].click(bind(estimate_benchmark, manager, service), form, ui["message"], api_name="benchmark_estimate")
+    ui["start"].click(bind(start_benchmark, manager, service), form, [ui["job"], ui["message"]], api_name="benchmark_start",
+                      concurrency_limit=1, concurrency_id="benchmark-start")
+    ui["stop"].click(bind(stop_benchmark, service), ui["job"], ui["message"], api_name="benchmark_stop")
+    gr.Timer(POLL_SECONDS).tick(bind(poll_benchmark, service), ui["job"], live, api_name="benchmark_poll",
+                                show_progress="hidden", queue=False)
+    on_page_load(bind(adapter_choices, manager), ui["adapters"], ui["adapters"])
+    on_page_load(lambda: service.latest_job() or "", None, ui["job"])
