@@ -484,3 +484,36 @@ def test_old_preview_tuple_is_unchanged(tmp_path):
     fmt, rows, columns = preview(cfg_for(path), rows=2)
     assert (fmt, columns) == ("question_answer", ["Question", "Answer"])
     assert rows == [user_assistant(*QA[0]), user_assistant(*QA[1])]
+
+
+# --- the CLI, end to end: what was skipped reaches the run's own record ---------------------------------------------
+
+def test_cli_trains_on_the_good_rows_of_a_spreadsheet_export(tmp_path, tiny_model_dir, capsys):
+    """A Windows spreadsheet export (cp1252, semicolons, other capitals) with one broken line: refused with the
+    line named, then trained with skip_bad_rows, the skip and the encoding recorded in run_info.json."""
+    import yaml
+
+    from finetune.config import to_dict
+    from finetune.train import cli
+    from conftest import tiny_run_config
+
+    rows = [f"What does setting {i} do?;It sets {i}, très simplement." for i in range(12)]
+    rows.insert(3, "a line without its separator")
+    path = tmp_path / "export.csv"
+    path.write_bytes(("Question;Answer\r\n" + "\r\n".join(rows) + "\r\n").encode("cp1252"))
+    raw = to_dict(tiny_run_config(tiny_model_dir, path, bits=32, max_steps=1))
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump(raw), encoding="utf-8")
+    assert cli([str(config), "--output-dir", str(tmp_path / "refused")]) == 1
+    err = capsys.readouterr().err
+    assert ("error: Could not read export.csv as CSV separated by semicolons: 1 of 13 rows are malformed: line 5 has 1 "
+            "field(s); the header has 2") in err and "Traceback" not in err
+    raw["data"]["skip_bad_rows"] = True
+    config.write_text(yaml.safe_dump(raw), encoding="utf-8")
+    assert cli([str(config), "--output-dir", str(tmp_path / "run")]) == 0
+    info = json.loads((tmp_path / "run" / "run_info.json").read_text())
+    assert info["train_rows"] + info["eval_rows"] == 12
+    assert "1 malformed line(s) skipped: line 5" in info["data_notes"]
+    assert "read as CSV separated by semicolons, encoding cp1252 (detected: the file is not UTF-8)" in \
+        info["data_notes"]
+    assert path.read_bytes().startswith("Question;Answer\r\n".encode("cp1252"))  # the file as it was
