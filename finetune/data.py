@@ -761,10 +761,10 @@ def hub_splits(name: str, config: str | None = None) -> list[str]:
                         f"{f' ({config})' if config else ''}: {first_line(error)}") from None
 
 
-def hub_preview(name: str, config: str | None = None, split: str = "train", rows: int = 5,
-                fmt: str = "auto", column_mapping: dict[str, str] | None = None) -> DataPreview:
-    """The first rows of a Hub dataset as chat messages, streamed: nothing but those rows is downloaded, so
-    the row counts stay unknown (None) until training loads the split."""
+def hub_first_rows(name: str, config: str | None = None, split: str = "train", rows: int = 5
+                   ) -> list[dict[str, Any]]:
+    """The first rows of a Hub dataset's split as they are, streamed: nothing else is downloaded. The RLHF tab
+    reads preference columns from them; hub_preview reads chat columns."""
     _require_hub_or_folder(name)
     try:
         stream = load_dataset(name, config or None, split=split, streaming=True)
@@ -774,6 +774,14 @@ def hub_preview(name: str, config: str | None = None, split: str = "train", rows
                         f"{first_line(error)}") from None
     if not first:
         raise DataError(f"Split '{split}' of '{name}' has no rows.")
+    return first
+
+
+def hub_preview(name: str, config: str | None = None, split: str = "train", rows: int = 5,
+                fmt: str = "auto", column_mapping: dict[str, str] | None = None) -> DataPreview:
+    """The first rows of a Hub dataset as chat messages, with the format and column reading; the row counts stay
+    unknown (None) until training loads the whole split."""
+    first = hub_first_rows(name, config, split, rows)
     for old, new in (column_mapping or {}).items():
         for row in first:
             if old in row:

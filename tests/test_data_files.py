@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 
 from finetune.config import DataConfig, RunConfig
-from finetune.data import (DataError, check_file, hub_configs, hub_preview, hub_splits, prepare, preview,
-                           preview_report)
+from finetune.data import (DataError, check_file, hub_configs, hub_first_rows, hub_preview, hub_splits, prepare,
+                           preview, preview_report)
 from finetune.paths import check_config
 from finetune.preference import PreferenceError, load_preferences
 
@@ -426,6 +426,7 @@ def test_hub_configs_splits_and_preview(hub_folder):
     assert report.rows == [user_assistant(*QA[0]), user_assistant(*QA[1])]
     assert report.train_rows is None  # streamed: the counts are unknown until the split is loaded
     assert hub_preview(str(hub_folder), "chat", "train", rows=1).rows == [user_assistant(*QA[0])]
+    assert hub_first_rows(str(hub_folder), "qa", "validation") == [{"Question": "Held?", "Answer": "Out."}]
 
 
 def test_hub_preview_of_a_missing_split_is_explained(hub_folder):
