@@ -34,6 +34,7 @@ FILE_LOADERS = {**TEXT_LOADERS, ".parquet": "parquet"}
 # ask for defusedxml against XML attacks, and the zip can inflate far past the upload cap), while "Save as CSV" is
 # one step in every spreadsheet program. The message says so.
 SPREADSHEET_SUFFIXES = (".xlsx", ".xlsm", ".xls", ".ods", ".numbers")
+PREVIEW_REASONS = 20  # malformed lines the preview explains one by one; the others it numbers
 VALIDATION_SPLITS = ("validation", "valid", "val", "test")
 
 # Detection order matters: the most specific column sets first.
@@ -672,10 +673,16 @@ class DataPreview:
             lines.append(self._counts())
         lines += [f"- {note}" for note in self.notes]
         if self.bad_lines:
-            lines.append(f"**Malformed ({len(self.bad_lines)}):** " + "; ".join(self.bad_lines))
+            lines.append(f"**Malformed ({len(self.bad_lines)}):** {self._bad_lines_text()}")
         if self.refusal:
             lines.append(f"**Start will refuse this file:** {self.refusal}")
         return "  \n".join(lines)
+
+    def _bad_lines_text(self) -> str:
+        """Reasons for the first PREVIEW_REASONS, then the rest by where they are (all in ``bad_lines``)."""
+        shown = "; ".join(self.bad_lines[:PREVIEW_REASONS])
+        rest = [line.split(" ", 2)[:2] for line in self.bad_lines[PREVIEW_REASONS:]]
+        return shown + (f"; and {len(rest)} more: {rest[0][0]}s {', '.join(n for _, n in rest)}" if rest else "")
 
     def _counts(self) -> str:
         skipped = [f"{self.skipped_malformed} malformed"] if self.skipped_malformed else []

@@ -355,6 +355,15 @@ def test_many_bad_lines_all_numbered(tmp_path):
     assert "; also lines 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30. " in message
 
 
+def test_preview_explains_the_first_bad_lines_and_numbers_all_the_others(tmp_path):
+    path = broken_jsonl(tmp_path, {n: "oops" for n in range(1, 31)}, total=70)
+    report = preview_report(cfg_for(path, skip_bad_rows=True))
+    assert len(report.bad_lines) == 30 and report.refusal is None
+    explained = "; ".join(f"line {n} is not valid JSON (Expecting value at column 1)" for n in range(1, 21))
+    assert f"**Malformed (30):** {explained}; and 10 more: lines 21, 22, 23, 24, 25, 26, 27, 28, 29, 30" in \
+        report.markdown()
+
+
 def test_csv_rows_with_the_wrong_number_of_fields(tmp_path):
     path = tmp_path / "ragged.csv"
     path.write_text('prompt,completion\nq1,a1\nq2,a2,extra\nq3\n"q4\nstill q4",a4\nq5,a5\n', encoding="utf-8")
