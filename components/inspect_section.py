@@ -56,12 +56,26 @@ def _run_dir(manager: RunManager, run_id: str | None) -> Any:
     return manager.run_dir(run_id)
 
 
+HEAT_COLUMNS = ["module", "layer", "change percentile", "update / weight (%)", "effective rank", "matrix"]
+
+
 def heat_frame(report: AdapterReport) -> pd.DataFrame:
-    """One point per (layer, module type): the heat map's data."""
+    """One point per (layer, module type): the heat map's data. The colour is the matrix's percentile among all
+    adapted matrices, not the raw ratio: one large outlier (often layer 0) would otherwise wash every other point
+    out to the palest colour. The raw ratio is in the tooltip."""
     rows = [{"module": m.module, "layer": m.layer if m.layer is not None else -1,
              "update / weight (%)": round(100 * m.relative_norm, 4), "effective rank": m.effective_rank,
              "matrix": m.name} for m in report.modules]
-    return pd.DataFrame(rows, columns=["module", "layer", "update / weight (%)", "effective rank", "matrix"])
+    frame = pd.DataFrame(rows, columns=[c for c in HEAT_COLUMNS if c != "change percentile"])
+    frame.insert(2, "change percentile", (frame["update / weight (%)"].rank(pct=True) * 100).round(1))
+    return frame
+
+
+def layer_frame(report: AdapterReport) -> pd.DataFrame:
+    """Update / weight by layer, one line per module type."""
+    rows = [{"layer": m.layer, "update / weight (%)": round(100 * m.relative_norm, 4), "module": m.module}
+            for m in report.modules if m.layer is not None]
+    return pd.DataFrame(rows, columns=["layer", "update / weight (%)", "module"])
 
 
 def module_type_frame(report: AdapterReport) -> pd.DataFrame:
@@ -96,14 +110,14 @@ def _report_markdown(report: AdapterReport) -> str:
 
 
 def inspect_adapter(manager: RunManager, run_id: str | None
-                    ) -> tuple[str, pd.DataFrame, pd.DataFrame, pd.DataFrame, pd.DataFrame]:
-    """Inspect one run: (summary, heat map, per module type, energy by direction, matrices by change)."""
+                    ) -> tuple[str, pd.DataFrame, pd.DataFrame, pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """Inspect one run: (summary, heat map, per module type, by layer, energy by direction, matrices by change)."""
     try:
         report = inspect_run(_run_dir(manager, run_id))
     except InspectError as error:
         raise _refusal(str(error)) from None
-    return (_report_markdown(report), heat_frame(report), module_type_frame(report), energy_frame(report),
-            top_frame(report))
+    return (_report_markdown(report), heat_frame(report), module_type_frame(report), layer_frame(report),
+            energy_frame(report), top_frame(report))
 
 
 def match_frame(comparison: RunComparison) -> pd.DataFrame:
@@ -143,11 +157,14 @@ def build_inspect_section(manager: RunManager) -> None:
             compare_button = gr.Button("Compare the two runs", elem_id="inspect-compare-button")
         summary = gr.Markdown(elem_id="inspect-summary")
         with gr.Row():
-            heat = gr.ScatterPlot(x="module", y="layer", color="update / weight (%)", tooltip="all", height=520,
-                                  label="Update / weight by layer and module (darker = larger change)",
+            heat = gr.ScatterPlot(x="module", y="layer", color="change percentile", tooltip="all", height=520,
+                                  label="Where the adapter changed most: each point one matrix, darker = a larger "
+                                        "update / weight than most others (hover for the numbers)",
                                   elem_id="inspect-heat", scale=3)
-            by_type = gr.BarPlot(x="module", y="mean update / weight (%)", label="Mean change per module type",
-                                 elem_id="inspect-types", scale=2)
+            by_type = gr.BarPlot(x="module", y="mean update / weight (%)", y_lim=[0, None],
+                                 label="Mean change per module type", elem_id="inspect-types", scale=2)
+        by_layer = gr.LinePlot(x="layer", y="update / weight (%)", color="module", y_lim=[0, None],
+                               label="Update / weight by layer, one line per module type", elem_id="inspect-layers")
         energy = gr.LinePlot(x="directions", y="energy held (%)", color="matrix", y_lim=[0, 100],
                              label=f"Energy held by the first k directions (effective rank: where a line crosses "
                                    f"{ENERGY:.0%})", elem_id="inspect-energy")
@@ -158,7 +175,8 @@ def build_inspect_section(manager: RunManager) -> None:
                                elem_id="inspect-matches", interactive=False, max_height=320)
     pickers = functools.partial(inspect_runs, manager)
     refresh.click(pickers, [run, other], [run, other], api_name="inspect_runs")
-    inspect_button.click(functools.partial(inspect_adapter, manager), run, [summary, heat, by_type, energy, table],
+    inspect_button.click(functools.partial(inspect_adapter, manager), run,
+                         [summary, heat, by_type, by_layer, energy, table],
                          api_name="inspect_adapter", concurrency_limit=1, concurrency_id="inspect")
     compare_button.click(functools.partial(inspect_compare, manager), [run, other, top_k],
                          [compare_summary, matches], api_name="inspect_compare", concurrency_limit=1,

@@ -260,10 +260,10 @@ def test_section_inspects_a_run_through_the_api(section_client):
 
     first, second = section_client.predict(None, None, api_name="/inspect_runs")
     assert {c[0] for c in first["choices"]} == {"known", "twin", "ia3-run"}
-    summary, heat, by_type, energy, table = section_client.predict("known", api_name="/inspect_adapter")
+    summary, heat, by_type, by_layer, energy, table = section_client.predict("known", api_name="/inspect_adapter")
     assert "rank 4 was set" in summary and "median of 2 directions" in summary
     assert len(heat["data"]) == 2 * len(TARGETS)       # one point per layer x module
-    assert len(by_type["data"]) == len(TARGETS)
+    assert len(by_type["data"]) == len(TARGETS) and len(by_layer["data"]) == 2 * len(TARGETS)
     assert len(table["data"]) == 2 * len(TARGETS)
     series = {row[2] for row in energy["data"]}
     assert any(name.startswith("random B·A (") for name in series) and len(series) == 1 + TOP_SHOWN
