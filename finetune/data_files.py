@@ -57,6 +57,7 @@ class FileRows:
     encoding: str                      # 'UTF-8', 'UTF-8 with byte-order mark', 'cp1252 (detected)', ...
     shape: str                         # how the rows were found: 'JSON Lines', "CSV separated by ';'", ...
     bad_lines: list[BadLine] = field(default_factory=list)
+    row_lines: list[int] | None = None  # the line each row starts on (JSON Lines, CSV, TXT; not JSON documents)
 
     @property
     def total(self) -> int:
@@ -140,7 +141,10 @@ def _kind_of(value: Any) -> str:
     return {str: "a string", list: "a list", dict: "an object"}.get(type(value), "null")
 
 
-def _read_json(text: str, name: str, suffix: str) -> tuple[list[dict[str, Any]], str, list[BadLine]]:
+Parsed = tuple[list[dict[str, Any]], str, list[BadLine], list[int] | None]  # rows, shape, bad lines, row lines
+
+
+def _read_json(text: str, name: str, suffix: str) -> Parsed:
     try:
         value = json.loads(text)
     except json.JSONDecodeError as error:
@@ -151,13 +155,22 @@ def _read_json(text: str, name: str, suffix: str) -> tuple[list[dict[str, Any]],
     rows, shape, bad = _rows_from_json(value, name)
     if suffix == ".jsonl" and shape == "a single JSON object":
         shape = "JSON Lines"
-    return rows, shape, bad
+    return rows, shape, bad, None
+
+
+def physical_lines(text: str) -> list[str]:
+    """Lines as JSON Lines readers see them: split at newlines only. str.splitlines() also splits at U+2028 and
+    other separators that a JSON string may hold unescaped, which would break a valid row in two."""
+    lines = text.split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()
+    return [line.removesuffix("\r") for line in lines]
 
 
 def _some_line_is_an_object(text: str) -> bool:
     """JSON Lines saved as .json: one of the first lines is a whole JSON object (a pretty-printed object's
     lines never are)."""
-    lines = [line for line in text.splitlines() if line.strip()][:20]
+    lines = [line for line in physical_lines(text) if line.strip()][:20]
     for line in lines:
         try:
             if isinstance(json.loads(line), dict):
@@ -167,9 +180,9 @@ def _some_line_is_an_object(text: str) -> bool:
     return False
 
 
-def _read_json_lines(text: str) -> tuple[list[dict[str, Any]], str, list[BadLine]]:
-    rows, bad = [], []
-    lines = text.splitlines()
+def _read_json_lines(text: str) -> Parsed:
+    rows, bad, row_lines = [], [], []
+    lines = physical_lines(text)
     for number, line in enumerate(lines, 1):
         if not line.strip():
             continue
@@ -183,10 +196,11 @@ def _read_json_lines(text: str) -> tuple[list[dict[str, Any]], str, list[BadLine
             continue
         if isinstance(value, dict):
             rows.append(value)
+            row_lines.append(number)
         else:
             bad.append(BadLine(number, f"holds {_kind_of(value)}, not an object (JSON Lines need one JSON object "
                                        "per line)"))
-    return rows, "JSON Lines", bad
+    return rows, "JSON Lines", bad, row_lines
 
 
 def _rows_from_json(value: Any, name: str) -> tuple[list[dict[str, Any]], str, list[BadLine]]:
@@ -288,12 +302,12 @@ def _without_trailing_empty(fields: list[str]) -> list[str]:
 DELIMITER_NAMES = {",": "commas", ";": "semicolons", "\t": "tabs", "|": "'|'"}
 
 
-def _read_csv(text: str, name: str, suffix: str) -> tuple[list[dict[str, Any]], str, list[BadLine]]:
+def _read_csv(text: str, name: str, suffix: str) -> Parsed:
     csv.field_size_limit(max(csv.field_size_limit(), IN_MEMORY_LIMIT))  # a long answer is one field
     delimiter = sniff_delimiter(text, suffix)
     reader = _records(text, delimiter)
     header: list[str] | None = None
-    rows, bad, previous_end = [], [], 0
+    rows, bad, row_lines, previous_end = [], [], [], 0
     try:
         for record in reader:
             start, previous_end = previous_end + 1, reader.line_num
@@ -309,9 +323,10 @@ def _read_csv(text: str, name: str, suffix: str) -> tuple[list[dict[str, Any]], 
                                           "(a missing or extra separator, or an unclosed quote)"))
                 continue
             rows.append(dict(zip(header, fields)))
+            row_lines.append(start)
     except csv.Error as error:
         raise DataError(f"Could not read {name} as CSV: line {reader.line_num}: {error}.") from None
-    return rows, f"CSV separated by {DELIMITER_NAMES[delimiter]}", bad
+    return rows, f"CSV separated by {DELIMITER_NAMES[delimiter]}", bad, row_lines
 
 
 def _column_names(header: list[str]) -> list[str]:
@@ -337,15 +352,17 @@ def read_text_file(path: Path) -> FileRows:
         raise DataError(f"Data file {path.name} is empty.")
     if suffix in (".json", ".jsonl"):
         try:
-            rows, shape, bad = _read_json(text, path.name, suffix)
+            parsed = _read_json(text, path.name, suffix)
         except RecursionError:  # json's parser recurses once per nesting level
             raise DataError(f"Could not read {path.name} as JSON: it is nested too deeply to be rows of data.") \
                 from None
     elif suffix in (".csv", ".tsv"):
-        rows, shape, bad = _read_csv(text, path.name, suffix)
+        parsed = _read_csv(text, path.name, suffix)
     else:
-        rows, shape, bad = [{"text": line} for line in text.splitlines() if line.strip()], "text lines", []
-    return FileRows(rows, encoding, shape, bad)
+        numbered = [(n, line) for n, line in enumerate(physical_lines(text), 1) if line.strip()]
+        parsed = [{"text": line} for _, line in numbered], "text lines", [], [n for n, _ in numbered]
+    rows, shape, bad, row_lines = parsed
+    return FileRows(rows, encoding, shape, bad, row_lines)
 
 
 def numbers_text(bad: list[BadLine]) -> str:

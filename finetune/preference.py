@@ -232,14 +232,17 @@ def _unpaired_row(row: dict[str, Any]) -> dict[str, Any]:
 ROW_CONVERTERS = {"paired": _paired_row, "implicit": _implicit_row, "unpaired": _unpaired_row}
 
 
-def convert_rows(rows: Iterable[dict[str, Any]], fmt: str) -> tuple[list[dict[str, Any]], list[str]]:
-    """(converted rows, one problem message per unusable row, naming it by its 1-based number)."""
+def convert_rows(rows: Iterable[dict[str, Any]], fmt: str, lines: list[int] | None = None
+                 ) -> tuple[list[dict[str, Any]], list[str]]:
+    """(converted rows, one problem message per unusable row, naming it by its 1-based number, and by the line
+    of the file it came from where ``lines`` says and that differs: a header, blank or skipped lines)."""
     converter, converted, problems = ROW_CONVERTERS[fmt], [], []
     for number, row in enumerate(rows, start=1):
         try:
             converted.append(converter(row))
         except _RowProblem as problem:
-            problems.append(f"row {number}: {problem}")
+            line = lines[number - 1] if lines and number <= len(lines) else number
+            problems.append(f"row {number}{f' (line {line})' if line != number else ''}: {problem}")
     return converted, problems
 
 
@@ -348,7 +351,7 @@ def load_preferences(cfg: DataConfig, fmt: str = "auto", want: str = "paired", s
     raw = load_source(cfg)
     validation_raw = raw.validation
     train_raw, source_format, renames = _read_columns(raw.train, fmt)
-    train_rows, problems = convert_rows(train_raw, source_format)
+    train_rows, problems = convert_rows(train_raw, source_format, raw.file.row_lines if raw.file else None)
     _raise_problems(problems, len(train_raw), f"'{cfg.source}'", cfg.skip_bad_rows)
     notes: list[str] = raw.notes()
     if renames:

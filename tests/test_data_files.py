@@ -64,6 +64,12 @@ def test_utf8_byte_order_mark_is_tolerated(tmp_path, name, content):
     assert prepared.encoding == "UTF-8 with byte-order mark"
 
 
+def test_a_line_separator_inside_a_json_string_does_not_split_the_row(tmp_path):
+    path = write_jsonl(tmp_path / "u2028.jsonl", [{"prompt": "one\u2028two", "completion": "a"}] * 3)
+    prepared = prepare(cfg_for(path))
+    assert len(prepared.train) == 3 and first_messages(prepared) == user_assistant("one\u2028two", "a")
+
+
 def test_utf8_bom_on_a_text_file(tmp_path):
     path = tmp_path / "notes.txt"
     path.write_bytes(b"\xef\xbb\xbfLoRA adds low-rank matrices.\n\nQLoRA quantizes the base.\n")
@@ -392,6 +398,15 @@ def test_unusable_preference_pairs_skipped_on_request(tmp_path):
     assert len(data.train) == 5 and data.skipped_rows == 1
     assert "1 unusable row(s) skipped: row 3: chosen and rejected are identical, so the pair prefers nothing" \
         in data.notes
+
+
+def test_unusable_pairs_in_a_csv_are_named_by_their_line_too(tmp_path):
+    path = tmp_path / "pairs.csv"
+    path.write_text("prompt,chosen,rejected\n" + "".join(f"q{i},good,bad\n" for i in range(4)) + "q4,same,same\n",
+                    encoding="utf-8")
+    with pytest.raises(PreferenceError, match=r"^1 of 5 rows in .* are not usable preferences: row 5 \(line 6\): "
+                                              "chosen and rejected are identical"):
+        load_preferences(cfg_for(path))
 
 
 # --- 5. Hub datasets: configs, splits, a first look -------------------------------------------------------------
