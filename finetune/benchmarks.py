@@ -631,7 +631,10 @@ class BenchmarkService:
         for folder, cfg in chosen:
             groups.setdefault(_base_key(cfg), (cfg, []))[1].append((folder, cfg))
         if not chosen:
-            base = ModelConfig(source=model or EMBEDDED_MODEL, bits=bits)
+            try:
+                base = ModelConfig(source=model or EMBEDDED_MODEL, bits=int(bits))
+            except (ConfigError, TypeError, ValueError) as error:
+                raise BenchmarkError(f"Bits must be 4, 8, 16 or 32 ({error}).") from None
             groups[_base_key(base)] = (base, [])
         units = []
         for base, members in groups.values():   # bases first: the child loads each base once
@@ -707,14 +710,18 @@ class BenchmarkService:
         return child is not None and child.poll() is None
 
     def status(self, job_id: str) -> dict[str, Any]:
-        status = read_status(self.job(job_id).folder)
+        folder = self.job(job_id).folder
+        status = read_status(folder)
         child = self._children.get(job_id)
-        if status.get("state") in ("queued", "running") and child is not None and child.poll() is not None:
-            # The child died without saying so (killed, out of memory): say that instead of "running" forever.
-            status = write_status(self.job(job_id).folder, state="stopped" if
-                                  (self.job(job_id).folder / STOP_FILE).exists() else "failed",
-                                  error=status.get("error") or f"the benchmark process ended (exit code "
-                                                               f"{child.returncode}); see {LOG_FILE}")
+        # Without a pid the child is still being started (or this is the CLI's own in-process job).
+        ended = child.poll() is not None if child is not None else \
+            status.get("pid") is not None and not _pid_alive(status.get("pid"))
+        if status.get("state") in ("queued", "running") and ended:
+            # The child died without saying so (killed, out of memory, or an app restart lost it): say that
+            # instead of "running" forever.
+            code = f"exit code {child.returncode}" if child is not None else "no longer running"
+            status = write_status(folder, state="stopped" if (folder / STOP_FILE).exists() else "failed",
+                                  error=status.get("error") or f"the benchmark process ended ({code}); see {LOG_FILE}")
         return status
 
     def request_stop(self, job_id: str) -> None:
@@ -747,6 +754,21 @@ class BenchmarkService:
     def table(self, job_id: str) -> list[TableRow]:
         job = self.job(job_id)
         return build_table(job.plan(), job.results())
+
+
+def _pid_alive(pid: Any) -> bool:
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a zombie still answers kill(0)
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+    except (OSError, IndexError):
+        return True
 
 
 def _adapter_label(folder: Path) -> str:

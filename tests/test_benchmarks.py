@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import tiny_run_config, wait_until
+from conftest import wait_until
 from finetune.benchmarks import (BUNDLED_ITEMS, BUNDLED_TASK, MIN_ITEMS, BenchmarkError, BenchmarkService,
                                  check_limit, main, paired_difference, verdict)
 from finetune.config import EMBEDDED_MODEL, from_dict, save_config
@@ -118,7 +118,8 @@ def test_the_section_starts_polls_and_refuses(tiny_runs, tiny_bench_root, monkey
         start_benchmark(manager, service, ["tiny-lora"], "", 4, [BUNDLED_TASK], 0)
     job_id, message = start_benchmark(manager, service, ["tiny-lora"], "", 4, [BUNDLED_TASK], 20.0)
     assert job_id in message
-    wait_until(lambda: not service.running(job_id) and service.status(job_id)["state"] == "completed", "the job")
+    wait_until(lambda: not service.running(job_id) and service.status(job_id)["state"] == "completed", "the job",
+               timeout=900)   # instant when the table test filled the cache; a child run of its own otherwise
     progress, table, _ = poll_benchmark(service, job_id)
     assert "completed" in progress and list(table.columns) == TABLE_COLUMNS
     assert sorted(table["metric"]) == ["acc", "acc_norm"]
