@@ -54,7 +54,7 @@ from finetune.hardware import detect
 from finetune.metrics import read_status
 from finetune.models import (ModelSourceError, embedded_model_dir, from_hub_or_cache, load_tokenizer,
                              require_hub)
-from finetune.paths import display_name, for_visitors
+from finetune.paths import display_name, for_visitors, local_paths_mode
 
 GGUF_DIR = "gguf"
 MODELFILE_SUFFIX = ".Modelfile"  # one per type: run-q8_0.gguf + run-q8_0.Modelfile
@@ -489,8 +489,14 @@ def modelfile_name(gguf_name: str) -> str:
     return Path(gguf_name).stem + MODELFILE_SUFFIX
 
 
-def ollama_command(result: "GgufExport") -> str:
-    return f"cd {result.path.parent} && ollama create {_ollama_name(result.path.name)} -f {result.modelfile.name}"
+def ollama_command(result: "GgufExport", in_folder: bool | None = None) -> str:
+    """The command that creates the Ollama model. ``in_folder`` (default: where pages may show server paths, see
+    ``paths.local_paths_mode``) starts it with a cd into the file's folder; on a Space a visitor runs it where
+    their two downloads landed, and the server's folder is neither theirs nor something to show them."""
+    create = f"ollama create {_ollama_name(result.path.name)} -f {result.modelfile.name}"
+    if in_folder is None:
+        in_folder = local_paths_mode() == "anywhere"
+    return f"cd {result.path.parent} && {create}" if in_folder else create
 
 
 # --- writing ------------------------------------------------------------------------------------------------------
@@ -1080,7 +1086,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: the Hub refused the push: {type(error).__name__}: {first_line(error)}", file=sys.stderr)
         return 2
     print(result.summary())
-    print(f"Ollama: {ollama_command(result)}")
+    print(f"Ollama: {ollama_command(result, in_folder=True)}")  # the CLI runs on the machine that has the file
     return 0
 
 

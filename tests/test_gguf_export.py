@@ -557,3 +557,17 @@ def test_push_refuses_bad_input_and_unbuilt_files_before_touching_the_hub(export
     assert api.calls == []
     with pytest.raises(ModelSourceError, match="Cannot reach the Hugging Face Hub"):  # HF_HUB_OFFLINE=1 here
         push_gguf(trained_run, "q8_0", "me/x", "hf_x")
+
+
+def test_the_ollama_command_names_the_server_folder_only_where_pages_may_show_it(exports, monkeypatch):
+    """On a Space (SPACE_ID set, local paths off for visitors) the visitor runs the command where their downloads
+    landed: no cd into a server folder, no server path on the page."""
+    from finetune.gguf_export import ollama_command
+
+    result = exports["q8_0"]
+    monkeypatch.delenv("SPACE_ID", raising=False)
+    monkeypatch.delenv("LORA_LAB_LOCAL_ROOTS", raising=False)
+    monkeypatch.delenv("LORA_LAB_LOCAL_PATHS", raising=False)
+    assert ollama_command(result) == f"cd {result.path.parent} && ollama create run-q8_0 -f run-q8_0.Modelfile"
+    monkeypatch.setenv("SPACE_ID", "someone/lora-lab")
+    assert ollama_command(result) == "ollama create run-q8_0 -f run-q8_0.Modelfile"

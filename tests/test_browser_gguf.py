@@ -1,0 +1,63 @@
+"""The Export tab's "Take it home" section in a real headless Chromium: a q8_0 GGUF of a trained run is built,
+the page shows its size, bits per weight and the Ollama command, and both downloads (the GGUF file and its
+Modelfile) come through the browser as the files the run wrote.
+
+One short real QLoRA run of the tiny Llama (4-bit base) is trained first. Screenshots go to tests/artifacts/.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from conftest import ARTIFACTS, browser_page, served_app, train_lab_note_run
+
+pytestmark = pytest.mark.browser
+
+
+@pytest.fixture(scope="module")
+def app_with_a_run(tmp_path_factory, tiny_model_dir):
+    root = tmp_path_factory.mktemp("gguf-runs")
+    run_dir = train_lab_note_run(root, tiny_model_dir)
+    with served_app(root) as url:
+        yield url, run_dir
+
+
+def _download(page, files_id: str, name: str) -> Path:
+    """Click the named file's link in a gr.File (the link shows the size; its download attribute holds the name)
+    and return where the browser saved it."""
+    with page.expect_download(timeout=15_000) as download:
+        page.locator(f'#{files_id} a[download="{name}"]').click()
+    return Path(download.value.path())
+
+
+def test_take_it_home_builds_a_q8_0_gguf_and_its_downloads_work(app_with_a_run):
+    from gguf import GGUFReader, LlamaFileType
+    from playwright.sync_api import expect
+
+    from finetune.gguf_export import gguf_path
+
+    url, run_dir = app_with_a_run
+    with browser_page(url) as page:
+        page.get_by_role("tab", name="Export").click()
+        expect(page.locator("#export-run input").first).to_have_value(run_dir.name, timeout=15_000)
+        page.get_by_text("Take it home: GGUF for llama.cpp / Ollama").click()
+        expect(page.locator("#export-gguf-type input").first).to_have_value("q8_0")
+        page.locator("#export-gguf").click()
+        message = page.locator("#export-gguf-message")
+        expect(message).to_contain_text("bits per weight", timeout=180_000)  # merge + write on a shared CPU
+
+        written = gguf_path(run_dir, "q8_0")  # what the build left in the run's folder
+        size = written.stat().st_size
+        expect(message).to_contain_text(f"{written.name}: {size / 2**20:.1f} MB")
+        expect(message).to_contain_text(f"ollama create {written.stem} -f {written.stem}.Modelfile")
+        expect(message).to_contain_text(f"llama-cli -m {written.name}")
+
+        gguf_file = _download(page, "export-gguf-files", written.name)
+        assert gguf_file.read_bytes() == written.read_bytes()
+        assert GGUFReader(gguf_file).fields["general.file_type"].contents() == LlamaFileType.MOSTLY_Q8_0
+        modelfile = _download(page, "export-gguf-files", f"{written.stem}.Modelfile")
+        assert f"FROM ./{written.name}\n" in modelfile.read_text(encoding="utf-8")
+        ARTIFACTS.mkdir(exist_ok=True)
+        page.screenshot(path=str(ARTIFACTS / "export-gguf.png"), full_page=True)
