@@ -111,6 +111,14 @@ class AdapterReport:
         """Mean relative update norm per module type, largest first."""
         return _mean_by(self.modules, lambda m: m.module)
 
+    def effective_rank_by_type(self) -> dict[str, float]:
+        """Median effective rank per module type, most concentrated first."""
+        groups: dict[str, list[int]] = {}
+        for module in self.modules:
+            groups.setdefault(module.module, []).append(module.effective_rank)
+        return dict(sorted(((name, statistics.median(ranks)) for name, ranks in groups.items()),
+                           key=lambda item: item[1]))
+
     def by_layer(self) -> dict[int, float]:
         """Mean relative update norm per layer, in layer order."""
         inside = [m for m in self.modules if m.layer is not None]
@@ -145,6 +153,11 @@ class AdapterReport:
             f"Largest change: {top.name}, whose update is {top.relative_norm:.2%} of its weight's norm; by module "
             f"type, {top_type} changed most ({top_type_value:.2%} on average).",
         ]
+        by_type = self.effective_rank_by_type()
+        if len(by_type) > 1:
+            (low_name, low), (high_name, high) = next(iter(by_type.items())), list(by_type.items())[-1]
+            lines.append(f"Most concentrated: {low_name} (median {low:g} directions); least: {high_name} "
+                         f"(median {high:g}).")
         if zero:
             lines.append(f"{zero} matrices have an update of exactly zero (B is still all zeros: no training "
                          f"reached them).")
@@ -587,3 +600,33 @@ def step0_quantization_error(model: ModelConfig, lora: LoraSettings, init: str) 
             error_squared += float(torch.linalg.norm(weight - dequant - update)) ** 2
             weight_squared += float(torch.linalg.norm(weight)) ** 2
     return Step0Error(init, math.sqrt(error_squared / weight_squared), seconds, len(layers))
+
+
+# --- command line --------------------------------------------------------------------------------------------
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m finetune.adapter_inspect RUN [--compare OTHER] [--top-k 4] [--show 10]``"""
+    import argparse
+
+    parser = argparse.ArgumentParser(description="What a LoRA run's adapter changed, matrix by matrix.")
+    parser.add_argument("run", type=Path, help="a run folder (or its adapter folder)")
+    parser.add_argument("--compare", type=Path, help="a second run on the same base: overlap of the update subspaces")
+    parser.add_argument("--top-k", type=int, default=4, help="directions compared per matrix (default 4)")
+    parser.add_argument("--show", type=int, default=10, help="most changed matrices listed (default 10)")
+    args = parser.parse_args(argv)
+    try:
+        report = inspect_run(args.run)
+        print(report.summary())
+        for module in report.top_changed(args.show):
+            print(" ", module.caption())
+        print(f"Computed in {report.seconds:.1f} s.")
+        if args.compare:
+            print(compare_runs(args.run, args.compare, args.top_k).summary())
+    except InspectError as error:
+        print(f"error: {error}")
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -276,3 +276,14 @@ def test_section_compares_two_runs_and_refuses_ia3(section_client):
     assert "overlap 1.00 on average" in summary and len(matches["data"]) == 2 * len(TARGETS)
     with pytest.raises(AppError, match="IA3 learns one scaling vector per layer"):
         section_client.predict("ia3-run", api_name="/inspect_adapter")
+
+
+def test_command_line_prints_the_summary_or_a_clear_error(known_run, tmp_path, capsys):
+    from finetune.adapter_inspect import main
+
+    assert main([str(known_run), "--compare", str(known_run), "--top-k", "2", "--show", "1"]) == 0
+    printed = capsys.readouterr().out
+    assert "rank 4 was set" in printed and "overlap 1.00 on average" in printed
+    assert main([str(tmp_path / "missing")]) == 2
+    assert capsys.readouterr().out == ("error: missing has no finished adapter (adapter/adapter_config.json is "
+                                       "missing): wait until the run has finished, or pick another run.\n")
