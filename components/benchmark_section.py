@@ -103,7 +103,7 @@ def progress_text(status: dict[str, Any]) -> str:
     done, total = status.get("requests_done", 0), status.get("requests_total", 0)
     unit = f"run {status.get('unit', 0) + 1} of {status.get('units', '?')}"
     what = f" — {status['unit_label']} on {status['task']}" if status.get("unit_label") else ""
-    return f"**{state}** {unit}{what}: {done}/{total} answer choices scored"
+    return f"**{state}** {unit}{what}: about {done}/{total} answer choices scored"
 
 
 def poll_benchmark(service: BenchmarkService, job_id: str) -> tuple[str, pd.DataFrame, pd.DataFrame]:

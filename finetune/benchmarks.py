@@ -474,7 +474,10 @@ def run_job(job: BenchmarkJob) -> int:
             started = time.time()
             result = run_unit(lm_class, engine, unit, job.folder, plan.batch_size)
             job.store(index, unit, result)
-            record_rate(job.cache_dir, unit, time.time() - started, read_status(job.folder).get("requests_total", 0))
+            total = read_status(job.folder).get("requests_total", 0)
+            # The count is rough while it runs (the harness scores choices that share a context in one row).
+            write_status(job.folder, requests_done=total)
+            record_rate(job.cache_dir, unit, time.time() - started, total)
     except BenchmarkStopped:
         write_status(job.folder, state="stopped", finished_at=time.time())
         return 0
