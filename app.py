@@ -11,7 +11,11 @@ import functools
 import os
 from pathlib import Path
 
-from finetune import deploy
+from finetune.noise import quiet_known_noise
+
+quiet_known_noise()  # before the libraries load: their known, harmless messages stay out of the app log
+
+from finetune import deploy  # noqa: E402
 
 # Before gradio/huggingface_hub are imported (they read HF_HOME once): model caches on a Space's /data.
 os.environ.update({k: v for k, v in deploy.cache_env().items() if k not in os.environ})
@@ -31,7 +35,7 @@ from finetune.chat import ChatEngine
 from finetune.compare import CompareQueue
 from finetune.feedback import FeedbackStore, LangSmithSettings
 from finetune.hardware import HardwareProfile, detect
-from finetune.rlhf import ScorerCache
+from finetune.scoring import ScorerCache
 from finetune.runs import RunManager
 
 

@@ -29,7 +29,7 @@ from finetune.config import DataConfig, load_config  # noqa: E402
 from finetune.evaluate import candidate_loss, candidates, eval_rows  # noqa: E402
 from finetune.feedback import FeedbackStore  # noqa: E402
 from finetune.metrics import read_metrics  # noqa: E402
-from finetune.rlhf import ScorerCache  # noqa: E402
+from finetune.scoring import ScorerCache  # noqa: E402
 from finetune.runs import RunManager  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -10,7 +10,7 @@ pre-tokenized rows in the same order (same seed), so their per-step losses are c
 
 (a) baseline = the usual recipe: ``prepare_model_for_kbit_training`` (fp32 upcast of every non-quantized weight),
     gradient checkpointing, each batch padded to its longest row, paged AdamW 32-bit, a plain ``Trainer``.
-(b) default  = ``finetune.train.sft_trainer`` with the recipe ``finetune.recipe.resolve_recipe`` picks for this
+(b) default  = ``finetune.stages.sft.sft_trainer`` with the recipe ``finetune.recipe.resolve_recipe`` picks for this
     hardware (no upcast, TRL's fused LM head, padding-free batches, Liger on CUDA, checkpointing only if needed;
     on the CPU, answer tokens only through one log-softmax, ``finetune/lm_head.py``).
 
@@ -288,7 +288,7 @@ def train_baseline(source: str, dataset: Any, tokenizer: Any, args: argparse.Nam
 
 def train_default(source: str, dataset: Any, tokenizer: Any, args: argparse.Namespace, timer: Any) -> None:
     from finetune.models import load_model
-    from finetune.train import sft_trainer
+    from finetune.stages.sft import sft_trainer
 
     cfg, profile = run_config(source, args), detect()
     model = load_model(cfg.model, profile)

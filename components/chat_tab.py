@@ -23,13 +23,13 @@ from typing import Any, Iterator
 
 import gradio as gr
 
-from components.wiring import bind
+from components.shared import refusal, bind, on_page_load
 from finetune.chat import ChatEngine, SamplingSettings, check_prompt, normalize_history
 from finetune.config import ConfigError, load_config
 from finetune.data import validation_prompts
 from finetune.feedback import FeedbackError, FeedbackStore
 from finetune.runs import RunError, RunManager
-from finetune.train import ADAPTER_DIR
+from finetune.run_folder import ADAPTER_DIR, RUN_CONFIG, has_adapter
 
 Chat = list[dict[str, str]]
 Turn = dict[str, Any]
@@ -70,7 +70,7 @@ def starting_adapter(manager: RunManager, run_id: str | None) -> tuple[str, Path
     if not run_id:
         return None
     try:
-        cfg = load_config(manager.run_dir(run_id) / "config.yaml")
+        cfg = load_config(manager.run_dir(run_id) / RUN_CONFIG)
     except (ConfigError, RunError, OSError):
         return None
     start = cfg.preference.start_adapter if cfg.stage in POLICY_STAGES else ""
@@ -80,7 +80,7 @@ def starting_adapter(manager: RunManager, run_id: str | None) -> tuple[str, Path
     if start in adapters:
         return start, adapters[start]
     for folder in (Path(start).expanduser() / ADAPTER_DIR, Path(start).expanduser()):
-        if (folder / "adapter_config.json").is_file():
+        if has_adapter(folder):
             return f"{run_id} start", folder  # a folder, not a run: named after the policy that started from it
     return None
 
@@ -122,7 +122,7 @@ def select_adapter(manager: RunManager, run_id: str | None, arena: bool = False
     if not run_id:
         return gr.Chatbot(label=right, value=[]), gr.Dataset(samples=[]), gr.Chatbot(label=left, value=[]), compare
     try:
-        cfg = load_config(manager.run_dir(run_id) / "config.yaml")
+        cfg = load_config(manager.run_dir(run_id) / RUN_CONFIG)
         examples = validation_prompts(cfg.data, limit=6)
     except (ConfigError, RunError):
         examples = []
@@ -164,10 +164,10 @@ def chat(manager: RunManager, engine: ChatEngine, store: FeedbackStore | None, p
         adapters = manager.finished_adapters()
         if run_id not in adapters:
             raise ValueError(f"Run '{run_id}' has no saved adapter.")
-        cfg = load_config(manager.run_dir(run_id) / "config.yaml")
+        cfg = load_config(manager.run_dir(run_id) / RUN_CONFIG)
         reference = _reference(manager, run_id, compare)
     except (ValueError, RunError) as error:  # ConfigError is a ValueError
-        raise gr.Error(str(error)) from None
+        raise refusal(str(error)) from None
     arena = bool(arena)
     # Arena turns are single questions: a shared history would tell which side is which.
     histories = {"left": [] if arena else normalize_history(base_chat),
@@ -186,7 +186,7 @@ def chat(manager: RunManager, engine: ChatEngine, store: FeedbackStore | None, p
                 cfg.model, run_id, adapters[run_id], settings, reference=reference):
             yield (*shown(), "", turn)
     except (ValueError, RuntimeError) as error:  # too long a prompt, a base model that cannot be loaded
-        raise gr.Error(str(error)) from None
+        raise refusal(str(error)) from None
     if store is None:
         return
     try:
@@ -233,14 +233,14 @@ def submit_feedback(store: FeedbackStore | None, turn: Turn | None, vote: str | 
                     ) -> tuple[str, Any, Any, str, str, Turn | None]:
     """Store the vote, comment and corrected answer for the last turn; in arena mode reveal the models."""
     if store is None:
-        raise gr.Error("Feedback is not stored in this app (it was built without a feedback store).")
+        raise refusal("Feedback is not stored in this app (it was built without a feedback store).")
     if not turn:
-        raise gr.Error("Send a prompt first: there is no answer to rate yet.")
+        raise refusal("Send a prompt first: there is no answer to rate yet.")
     comment, correction = (comment or "").strip(), (correction or "").strip()
     if not (vote or comment or correction):
-        raise gr.Error("Choose which answer is better, or write a comment or a corrected answer.")
+        raise refusal("Choose which answer is better, or write a comment or a corrected answer.")
     if vote and vote not in ("left", "right", "tie", "both_bad"):
-        raise gr.Error(f"Unknown vote {vote!r}.")
+        raise refusal(f"Unknown vote {vote!r}.")
     who, gen, saved = _who(request), turn["gen"], []
     try:
         if vote:
@@ -257,7 +257,7 @@ def submit_feedback(store: FeedbackStore | None, turn: Turn | None, vote: str | 
                 store.add_correction(gen[side], correction, **who)
             saved.append("corrected answer")
     except FeedbackError as error:
-        raise gr.Error(str(error)) from None
+        raise refusal(str(error)) from None
     except sqlite3.Error as error:
         raise gr.Error(f"Could not save the feedback (nothing was lost from the form): {error}") from None
     message = f"Saved: {', '.join(saved)}. {store.sync_summary()}"
@@ -274,7 +274,7 @@ def like_answer(store: FeedbackStore | None, side: str, turn: Turn | None, data:
                 request: gr.Request = None) -> None:
     """Thumbs up/down (or taken back) on one answer, from the chatbot's own like buttons."""
     if store is None:
-        raise gr.Error("Feedback is not stored in this app (it was built without a feedback store).")
+        raise refusal("Feedback is not stored in this app (it was built without a feedback store).")
     index = data.index[0] if isinstance(data.index, (list, tuple)) else data.index
     generation = ((turn or {}).get("messages", {}).get(side, {})).get(str(index))
     if generation is None:
@@ -359,9 +359,7 @@ def build_chat_tab(manager: RunManager, engine: ChatEngine, store: FeedbackStore
     arena.change(restart, [arena, run, compare], [base_chat, tuned_chat, feedback["panel"], turn], api_name="set_arena")
     compare.input(restart, [arena, run, compare], [base_chat, tuned_chat, feedback["panel"], turn],
                   api_name="set_compare")
-    page = gr.context.Context.root_block
-    if page is not None:  # a page load picks the newest finished run
-        page.load(refresh_fn, run, run, api_visibility="private")
+    on_page_load(refresh_fn, run, run)  # a page load picks the newest finished run
     return {"run": run, "refresh": refresh, "base_chat": base_chat, "tuned_chat": tuned_chat, "prompt": prompt,
             "send": send, "clear": clear, "examples": examples, "max_new_tokens": max_new,
             "temperature": temperature, "top_p": top_p, "seed": seed, "arena": arena, "compare": compare,

@@ -15,6 +15,7 @@ from typing import Any
 import gradio as gr
 import pandas as pd
 
+from components.shared import on_page_load
 from finetune.compare import (DEFAULT_TECHNIQUES, QUALITATIVE, QUALITATIVE_COLUMNS, RESULT_COLUMNS, TECHNIQUES,
                               CompareError, CompareQueue, CompareRequest, base_config, loss_points, progress,
                               results)
@@ -54,7 +55,7 @@ def scatter_key(frame: pd.DataFrame | None) -> str:
     return "" if frame is None else "|".join(frame["technique"])
 
 
-def progress_html(state: dict[str, Any] | None, queue: CompareQueue) -> str:
+def comparison_progress_html(state: dict[str, Any] | None, queue: CompareQueue) -> str:
     if not state:
         return "<div id='compare-progress' data-state='idle' data-done='0'>No comparison yet.</div>"
     done, total, fraction = progress(state, queue.manager)
@@ -145,7 +146,7 @@ def poll_comparison(queue: CompareQueue, comparison_id: str, shown: str = "") ->
     if state and state.get("error"):
         status += f" ({state['error']})"
     key = f"{comparison_id}:{scatter_key(scatter_frame(table))}"
-    return (comparison_id, status, progress_html(state, queue), table, ordering_notes(table),
+    return (comparison_id, status, comparison_progress_html(state, queue), table, ordering_notes(table),
             loss_frame(queue, state), None if key != shown else gr.skip(), key)
 
 
@@ -212,7 +213,7 @@ def build_compare_tab(queue: CompareQueue) -> dict[str, Any]:
     view["comparison"] = gr.Textbox(label="Watching comparison", interactive=False, elem_id="compare-id")
     view["message"] = gr.Markdown(elem_id="compare-message")  # what Start / Stop said; the timer leaves it
     view["status"] = gr.Markdown(elem_id="compare-status")
-    view["progress"] = gr.HTML(progress_html(None, queue))
+    view["progress"] = gr.HTML(comparison_progress_html(None, queue))
     view["table"] = gr.Dataframe(pd.DataFrame(columns=RESULT_COLUMNS), interactive=False, wrap=True,
                                  label="Measured", elem_id="compare-table")
     view["notes"] = gr.Markdown(elem_id="compare-notes")
@@ -241,7 +242,5 @@ def _wire(queue: CompareQueue, form: dict[str, Any], start: Any, stop: Any, view
     timer.tick(poll, [view["comparison"], shown], live, api_name="compare_poll", show_progress="hidden",
                queue=False).then(scatter, view["comparison"], view["scatter"], show_progress="hidden", queue=False,
                                  api_visibility="private")
-    page = gr.context.Context.root_block
-    if page is not None:
-        page.load(poll, [view["comparison"], shown], live, api_visibility="private").then(
-            scatter, view["comparison"], view["scatter"], api_visibility="private")
+    on_page_load(poll, [view["comparison"], shown], live).then(scatter, view["comparison"], view["scatter"],
+                                                               api_visibility="private")

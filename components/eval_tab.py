@@ -18,6 +18,7 @@ from typing import Any
 import gradio as gr
 import pandas as pd
 
+from components.shared import on_page_load, refusal
 from finetune.chat import ChatEngine
 from finetune.config import BUNDLED_DATASET, ConfigError, load_config
 from finetune.data import first_line
@@ -26,7 +27,8 @@ from finetune.evaluate import (Candidate, LossResult, adapter_name, candidate_an
                                paired_verdict, read_win_counts, reference_pairs, reward_models, rouge_l,
                                run_checkpoints, start_run_dir, trained_prompts, win_rate)
 from finetune.preference import prompt_key
-from finetune.rlhf import ScorerCache
+from finetune.scoring import ScorerCache
+from finetune.run_folder import RUN_CONFIG
 from finetune.runs import RunError, RunManager
 
 LOSS_COLUMNS = ["model", "validation loss", "perplexity", "tokens", "rows"]
@@ -42,10 +44,6 @@ trained on, so the difference is the adapter's alone. ROUGE-L is the longest com
 reference answer (F1, 0-1): a crude overlap score, good at spotting a learned style, blind to meaning."""
 
 
-def _error(message: str) -> gr.Error:
-    return gr.Error(message)
-
-
 def run_choices(manager: RunManager, current: list[str] | None = None) -> tuple[Any, Any]:
     """Finished runs with an adapter, for the multi-run picker and the checkpoint picker."""
     ids = list(manager.finished_adapters())
@@ -55,22 +53,22 @@ def run_choices(manager: RunManager, current: list[str] | None = None) -> tuple[
 
 def _run_dirs(manager: RunManager, run_ids: list[str] | None) -> dict[str, Path]:
     if not run_ids:
-        raise _error("Pick at least one finished run (train one in the Train tab).")
+        raise refusal("Pick at least one finished run (train one in the Train tab).")
     adapters = manager.finished_adapters()
     missing = [run_id for run_id in run_ids if run_id not in adapters]
     if missing:
-        raise _error(f"No saved adapter for run(s): {', '.join(missing)}.")
+        raise refusal(f"No saved adapter for run(s): {', '.join(missing)}.")
     return {run_id: manager.run_dir(run_id) for run_id in run_ids}
 
 
 def _rows(source: str, split: str, limit: float | None) -> Any:
     if limit is not None and (not float(limit).is_integer() or limit < 1):
-        raise _error(f"Max rows must be a whole number of at least 1, got {limit!r}.")
+        raise refusal(f"Max rows must be a whole number of at least 1, got {limit!r}.")
     try:
         return load_eval_rows((source or "").strip() or BUNDLED_DATASET, (split or "").strip() or "validation",
                               int(limit) if limit else None)
     except ValueError as error:
-        raise _error(str(error)) from None
+        raise refusal(str(error)) from None
 
 
 def _finite(value: float) -> float | None:
@@ -84,11 +82,11 @@ def evaluate_loss(manager: RunManager, engine: ChatEngine, run_ids: list[str] | 
     run_dirs = _run_dirs(manager, run_ids)
     rows = _rows(source, split, limit)
     if not batch_size or batch_size < 1 or not float(batch_size).is_integer():
-        raise _error(f"Batch size must be a whole number of at least 1, got {batch_size!r}.")
+        raise refusal(f"Batch size must be a whole number of at least 1, got {batch_size!r}.")
     try:
         chosen = candidates(run_dirs)
     except ValueError as error:
-        raise _error(str(error)) from None
+        raise refusal(str(error)) from None
     table, results = [], {}
     for index, candidate in enumerate(chosen):
         def on_batch(done: int, total: int, index: int = index, name: str = candidate.name) -> None:
@@ -97,7 +95,7 @@ def evaluate_loss(manager: RunManager, engine: ChatEngine, run_ids: list[str] | 
         try:
             result = candidate_loss(engine, candidate, rows, int(batch_size), on_batch)
         except (ValueError, RuntimeError, OSError) as error:
-            raise _error(f"Could not evaluate {candidate.name}: {error}") from None
+            raise refusal(f"Could not evaluate {candidate.name}: {error}") from None
         results[candidate.name] = result
         table.append([candidate.name, _finite(result.loss), _finite(result.perplexity), result.tokens, result.rows])
     frame = pd.DataFrame(table, columns=LOSS_COLUMNS)
@@ -189,12 +187,12 @@ def compare_generations(manager: RunManager, engine: ChatEngine, scorers: Scorer
     """Greedy answers of each base and adapter on the first N held-out prompts, with ROUGE-L (and reward)."""
     run_dirs = _run_dirs(manager, run_ids)
     if not prompts or prompts < 1 or prompts > 50 or not float(prompts).is_integer():
-        raise _error(f"Number of prompts must be a whole number from 1 to 50, got {prompts!r}.")
+        raise refusal(f"Number of prompts must be a whole number from 1 to 50, got {prompts!r}.")
     if not max_new_tokens or not 1 <= max_new_tokens <= 1024:
-        raise _error(f"Max new tokens must be from 1 to 1024, got {max_new_tokens!r}.")
+        raise refusal(f"Max new tokens must be from 1 to 1024, got {max_new_tokens!r}.")
     pairs = reference_pairs(_rows(source, split, None), int(prompts))
     if not pairs:
-        raise _error("This split has no prompt/answer rows to generate from.")
+        raise refusal("This split has no prompt/answer rows to generate from.")
     chosen = candidates(run_dirs)
     answers: dict[tuple[int, int], str] = {}
     # Model by model, so each base loads once (see candidates); the table then reads prompt by prompt.
@@ -226,7 +224,7 @@ def _answer(engine: ChatEngine, candidate: Candidate, prompt: list[dict[str, str
     try:
         return candidate_answer(engine, candidate, prompt, max_new_tokens)
     except (ValueError, RuntimeError, OSError) as error:
-        raise _error(f"{candidate.name} could not answer: {error}") from None
+        raise refusal(f"{candidate.name} could not answer: {error}") from None
 
 
 def _round(value: float | None) -> float | None:
@@ -255,19 +253,19 @@ def checkpoint_answers(manager: RunManager, engine: ChatEngine, run_id: str | No
                        max_new_tokens: float, progress: gr.Progress = gr.Progress()) -> pd.DataFrame:
     """The same prompt answered greedily by the base, each saved checkpoint of the run, and its final adapter."""
     if not run_id:
-        raise _error("Pick a run first.")
+        raise refusal("Pick a run first.")
     if not isinstance(prompt, str) or not prompt.strip():
-        raise _error("Type a prompt first: the message is empty.")
+        raise refusal("Type a prompt first: the message is empty.")
     if not max_new_tokens or not 1 <= max_new_tokens <= 1024:
-        raise _error(f"Max new tokens must be from 1 to 1024, got {max_new_tokens!r}.")
+        raise refusal(f"Max new tokens must be from 1 to 1024, got {max_new_tokens!r}.")
     try:
         run_dir = manager.run_dir(run_id)
-        cfg = load_config(run_dir / "config.yaml").model
+        cfg = load_config(run_dir / RUN_CONFIG).model
     except (RunError, ConfigError) as error:
-        raise _error(str(error)) from None
+        raise refusal(str(error)) from None
     saved = run_checkpoints(run_dir)
     if not saved:
-        raise _error(f"Run '{run_id}' saved no checkpoint or adapter yet.")
+        raise refusal(f"Run '{run_id}' saved no checkpoint or adapter yet.")
     chosen = [Candidate("base", cfg)] + [Candidate(adapter_name(run_id, label.replace(" ", "-")), cfg, folder)
                                          for label, folder in saved]
     labels = ["base (no adapter)"] + [label for label, _ in saved]
@@ -366,8 +364,5 @@ def _wire(manager: RunManager, engine: ChatEngine, scorers: ScorerCache, feedbac
     ui["ckpt_button"].click(functools.partial(checkpoint_answers, manager, engine),
                             [ui["ckpt_run"], ui["ckpt_prompt"], ui["ckpt_tokens"]], ui["ckpt_table"],
                             api_name="checkpoint_answers", **CONCURRENCY)
-    page = gr.context.Context.root_block
-    if page is not None:
-        page.load(choices, ui["runs"], [ui["runs"], ui["ckpt_run"]], api_visibility="private")
-        page.load(functools.partial(win_rates, feedback_db), None, [ui["win_table"], ui["win_note"]],
-                  api_visibility="private")
+    on_page_load(choices, ui["runs"], [ui["runs"], ui["ckpt_run"]])
+    on_page_load(functools.partial(win_rates, feedback_db), None, [ui["win_table"], ui["win_note"]])

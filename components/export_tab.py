@@ -8,18 +8,18 @@ nobody pushes with the Space owner's token, and the token is never echoed, logge
 from __future__ import annotations
 
 import functools
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import gradio as gr
 
+from components.shared import refusal, downloadable, on_page_load
 from finetune.data import DataError, first_line
-from finetune.export import (ADAPTER_DIR, MERGE_TARGETS, MERGED_DIR, PLOT_FILE, ExportError, merge_adapter,
+from finetune.export import ( MERGE_TARGETS, MERGED_DIR, PLOT_FILE, ExportError, merge_adapter,
                              merge_report, model_card, push_folder, write_model_card, zip_adapter)
 from finetune.gguf_export import GGUF_TYPES, ollama_command, write_gguf, zip_merged
 from finetune.models import ModelSourceError
+from finetune.run_folder import ADAPTER_DIR
 from finetune.runs import RunError, RunManager
 
 PUSH_KINDS = ("Adapter", "Merged model")
@@ -33,13 +33,13 @@ def export_choices(manager: RunManager, current: str | None = None) -> Any:
 
 def _run_dir(manager: RunManager, run_id: str | None) -> Path:
     if not run_id:
-        raise gr.Error("Pick a finished run first (train one in the Train tab).")
+        raise refusal("Pick a finished run first (train one in the Train tab).")
     try:
         folder = manager.run_dir(run_id)
     except RunError as error:
-        raise gr.Error(str(error)) from None
+        raise refusal(str(error)) from None
     if run_id not in manager.finished_adapters():
-        raise gr.Error(f"Run '{run_id}' has no saved adapter to export.")
+        raise refusal(f"Run '{run_id}' has no saved adapter to export.")
     return folder
 
 
@@ -56,19 +56,11 @@ def preview_card(manager: RunManager, run_id: str | None) -> tuple[str, str | No
     try:
         card = write_model_card(folder, folder / ADAPTER_DIR)
     except ExportError as error:
-        raise gr.Error(str(error)) from None
+        raise refusal(str(error)) from None
     plot = card.parent / PLOT_FILE
     # The Hub reads the card's YAML header as metadata; shown as code here so it does not render as prose.
     _, header, body = model_card(folder, plot_name=None).split("---\n", 2)
     return f"```yaml\n{header}```\n{body}", str(plot) if plot.is_file() else None
-
-
-def downloadable(path: Path) -> str:
-    """A copy of ``path`` in the temp folder, for a gr.File: gradio serves files only from there or the working
-    directory, and the runs folder may be elsewhere (a Space's /data)."""
-    copy = Path(tempfile.mkdtemp(prefix="lora-lab-download-")) / path.name
-    shutil.copyfile(path, copy)
-    return str(copy)
 
 
 def export_zip(manager: RunManager, run_id: str | None) -> tuple[str, str]:
@@ -77,7 +69,7 @@ def export_zip(manager: RunManager, run_id: str | None) -> tuple[str, str]:
     try:
         path = zip_adapter(folder)
     except ExportError as error:
-        raise gr.Error(str(error)) from None
+        raise refusal(str(error)) from None
     return downloadable(path), (f"`{path.name}` ({_size(path)}): unzip it into a folder and load it with "
                        f"`PeftModel.from_pretrained(base, folder)`.")
 
@@ -93,13 +85,13 @@ def merge_model(manager: RunManager, run_id: str | None, target: str | None = No
     folder = _run_dir(manager, run_id)
     into = MERGE_CHOICES.get(target or next(iter(MERGE_CHOICES)))
     if into is None:
-        raise gr.Error(f"Choose what to merge into: {' or '.join(MERGE_CHOICES)}.")
+        raise refusal(f"Choose what to merge into: {' or '.join(MERGE_CHOICES)}.")
     try:
         output = merge_adapter(folder, into=into, progress=lambda fraction, text: progress(fraction, desc=text))
         progress(0.9, desc="Validation loss: adapter vs merged model")
         report = merge_report(folder, output).summary()
     except (ExportError, ModelSourceError) as error:
-        raise gr.Error(str(error)) from None
+        raise refusal(str(error)) from None
     except (DataError, ValueError) as error:  # the run's data is gone or unreadable: the merge itself is done
         report = f"No loss comparison: {first_line(error)}"
     except (MemoryError, RuntimeError) as error:  # a base too large for this machine's RAM
@@ -114,26 +106,26 @@ def push_model(manager: RunManager, run_id: str | None, what: str, repo_id: str,
     """Push the adapter (or the merged model) with a freshly written model card; returns a link."""
     folder = _run_dir(manager, run_id)
     if what not in PUSH_KINDS:
-        raise gr.Error(f"Choose what to push: {' or '.join(PUSH_KINDS)}.")
+        raise refusal(f"Choose what to push: {' or '.join(PUSH_KINDS)}.")
     merged = what == "Merged model"
     target = folder / (MERGED_DIR if merged else ADAPTER_DIR)
     if merged and not (target / "config.json").is_file():
-        raise gr.Error("There is no merged model for this run yet: click 'Merge into base model' first.")
+        raise refusal("There is no merged model for this run yet: click 'Merge into base model' first.")
     try:
         write_model_card(folder, target, merged=merged)
         url = push_folder(target, repo_id, token, private=bool(private), run_dir=folder,
                           progress=lambda fraction, text: progress(fraction, desc=text))
     except (ExportError, ModelSourceError) as error:
-        raise gr.Error(str(error)) from None
+        raise refusal(str(error)) from None
     except Exception as error:  # the Hub's own refusals (bad token, no write access) as one line, never the token
-        raise gr.Error(f"The Hub refused the push: {type(error).__name__}: {first_line(error)}")
+        raise refusal(f"The Hub refused the push: {type(error).__name__}: {first_line(error)}")
     return f"Pushed the {what.lower()} of `{run_id}` to [{repo_id}]({url})."
 
 
 def _merge_into(target: str | None) -> str:
     into = MERGE_CHOICES.get(target or next(iter(MERGE_CHOICES)))
     if into is None:
-        raise gr.Error(f"Choose what to merge into: {' or '.join(MERGE_CHOICES)}.")
+        raise refusal(f"Choose what to merge into: {' or '.join(MERGE_CHOICES)}.")
     return into
 
 
@@ -145,7 +137,7 @@ def build_gguf(manager: RunManager, run_id: str | None, out_type: str | None, ta
         result = write_gguf(folder, out_type or "", into=_merge_into(target),
                             progress=lambda fraction, text: progress(fraction, desc=text))
     except (ExportError, ModelSourceError) as error:
-        raise gr.Error(str(error)) from None
+        raise refusal(str(error)) from None
     except (MemoryError, RuntimeError) as error:  # a base too large for this machine's RAM
         raise gr.Error(f"GGUF export failed: {first_line(error)}") from None
     files = [downloadable(result.path), downloadable(result.modelfile)]
@@ -161,7 +153,7 @@ def download_merged(manager: RunManager, run_id: str | None, target: str | None 
         path = zip_merged(folder, into=_merge_into(target),
                           progress=lambda fraction, text: progress(fraction, desc=text))
     except (ExportError, ModelSourceError) as error:
-        raise gr.Error(str(error)) from None
+        raise refusal(str(error)) from None
     return downloadable(path), (f"`{path.name}` ({_size(path)}): unzip it and load the folder with "
                                 "`AutoModelForCausalLM.from_pretrained(folder)`.")
 
@@ -238,6 +230,4 @@ def _wire(manager: RunManager, run: Any, refresh: Any, zip_button: Any, merge_bu
                        api_name="merge_adapter", concurrency_limit=1, concurrency_id="export-merge")
     push_button.click(functools.partial(push_model, manager), [run, what, repo_id, token, private], message,
                       api_name="push_to_hub", concurrency_limit=2)
-    page = gr.context.Context.root_block
-    if page is not None:
-        page.load(choices, run, run, api_visibility="private")
+    on_page_load(choices, run, run)

@@ -14,7 +14,7 @@ from typing import Any
 import gradio as gr
 import pandas as pd
 
-from components.export_tab import downloadable
+from components.shared import refusal, downloadable
 from finetune.evaluate import win_rate
 from finetune.feedback import FeedbackStore
 
@@ -79,7 +79,7 @@ def feedback_summary(store: FeedbackStore) -> tuple[str, str, pd.DataFrame, pd.D
 def sync_now(store: FeedbackStore) -> str:
     """Retry everything waiting for LangSmith at once instead of after the back-off."""
     if store.langsmith is None:
-        raise gr.Error("LangSmith is off: set LANGSMITH_API_KEY (and optionally LANGSMITH_ENDPOINT, "
+        raise refusal("LangSmith is off: set LANGSMITH_API_KEY (and optionally LANGSMITH_ENDPOINT, "
                        "LANGSMITH_PROJECT) before starting the app.")
     store.retry_now()
     store.flush(timeout=5.0)

@@ -14,6 +14,7 @@ from typing import Any, Iterator
 import gradio as gr
 import pandas as pd
 
+from components.shared import refusal
 from finetune import paths
 from finetune.chat import MAX_PROMPT_CHARS
 from finetune.config import BUNDLED_DATASET, EMBEDDED_MODEL
@@ -76,17 +77,17 @@ def _row(result: QuantResult, reference: dict[str, QuantResult]) -> list[Any]:
 
 def _check(source: str, keys: list[str] | None, limit: float | None, max_new_tokens: float, prompt: str) -> None:
     if not (source or "").strip():
-        raise gr.Error("Enter a model: the embedded name, a Hub id or a local folder.")
+        raise refusal("Enter a model: the embedded name, a Hub id or a local folder.")
     if not keys:
-        raise gr.Error("Pick at least one format.")
+        raise refusal("Pick at least one format.")
     if not limit or limit < 1 or not float(limit).is_integer():
-        raise gr.Error(f"Validation rows must be a whole number of at least 1, got {limit!r}.")
+        raise refusal(f"Validation rows must be a whole number of at least 1, got {limit!r}.")
     if not max_new_tokens or not 1 <= max_new_tokens <= 512:
-        raise gr.Error(f"Max new tokens must be from 1 to 512, got {max_new_tokens!r}.")
+        raise refusal(f"Max new tokens must be from 1 to 512, got {max_new_tokens!r}.")
     if not isinstance(prompt, str) or not prompt.strip():
-        raise gr.Error("Type a prompt for the answers.")
+        raise refusal("Type a prompt for the answers.")
     if len(prompt) > MAX_PROMPT_CHARS:  # a 1 MB prompt would tie up the CPU for every format in turn
-        raise gr.Error(f"The prompt is {len(prompt):,} characters long; keep it under {MAX_PROMPT_CHARS:,}.")
+        raise refusal(f"The prompt is {len(prompt):,} characters long; keep it under {MAX_PROMPT_CHARS:,}.")
 
 
 def run_comparison(profile: HardwareProfile, source: str, keys: list[str] | None, data_source: str, split: str,
@@ -97,15 +98,15 @@ def run_comparison(profile: HardwareProfile, source: str, keys: list[str] | None
     try:
         source = paths.model_source(source)  # the gated (in listed roots: resolved) path is the one read
     except paths.PathRefused as error:
-        raise gr.Error(str(error)) from None
+        raise refusal(str(error)) from None
     ordered = [k for k in (*FORMATS, *GGUF_FORMATS) if k in keys]
     unknown = sorted(set(keys) - set(FORMATS) - set(GGUF_FORMATS))
     if unknown:
-        raise gr.Error(f"Unknown format(s) {', '.join(unknown)}; choose from {', '.join((*FORMATS, *GGUF_FORMATS))}.")
+        raise refusal(f"Unknown format(s) {', '.join(unknown)}; choose from {', '.join((*FORMATS, *GGUF_FORMATS))}.")
     try:
         rows = load_eval_rows(data_source or BUNDLED_DATASET, split or "validation", int(limit))
     except ValueError as error:
-        raise gr.Error(str(error)) from None
+        raise refusal(str(error)) from None
     results: dict[str, QuantResult] = {}
     for index, key in enumerate(ordered):
         # None first: gradio's plot fixes its colour domain on first data, so a new series needs a rebuilt chart.

@@ -12,41 +12,39 @@ Handlers take the form as keyword arguments (``inputs_kwargs``), so ``gradio_cli
 from __future__ import annotations
 
 import functools
-import time
 from pathlib import Path
 from typing import Any
 
 import gradio as gr
 import pandas as pd
 
+from components.rlhf_form import (BASE_CHOICE, DATA_KINDS, MODEL_KINDS, config_from_form, data_source,
+                                  model_source, preset)
+from components.shared import (bind, on_page_load, problems_markdown, progress_html, refusal, series_frame, stop_run,
+                               watched_run)
 from finetune import paths
 from finetune.chat import ChatEngine, normalize_history
 from finetune.config import (DPO_LOSSES, EMBEDDED_MODEL, KTO_LOSSES, ConfigError, RunConfig, field_help,
                              from_dict, load_config, to_dict)
 from finetune.data import DataError
-from components.progress import lone_points_as_dashes, progress_html as shared_progress_html
-from components.wiring import bind
 from finetune.metrics import read_metrics, read_status, write_status
 from finetune.models import ModelSourceError
-from finetune.feedback import FeedbackStore, export_feedback
+from finetune.feedback import FeedbackStore
 from finetune.evaluate import (NO_HELD_OUT, Candidate, adapter_name, compare_policy_answers, judge_accuracy,
                                model_label, start_run_dir, trained_prompts)
-from finetune.preference import (BUNDLED_PREFERENCES, MAX_EPOCHS_SMALL_DATA, PreferenceData, PreferenceError,
+from finetune.preference import (BUNDLED_PREFERENCES, MAX_EPOCHS_SMALL_DATA, PreferenceData,
                                  data_size, default_steps, held_out_prompts,
                                  load_preferences, preview_preferences, rows_per_step, size_statement,
                                  size_warnings)
-from finetune.rlhf import ScorerCache, resolve_run_folder
-from finetune.runs import REWARD_DIR, RunInProgressError, RunManager, check_sources
-from components.train_tab import stop_run
+from finetune.scoring import ScorerCache
+from finetune.run_folder import ADAPTER_DIR, REWARD_DIR, RUN_CONFIG, resolve_run_folder
+from finetune.runs import RunInProgressError, RunManager, check_sources
 
-CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
 POLL_SECONDS = 2.0
-BASE_CHOICE = "(base model: fresh LoRA)"
-MODEL_KINDS = ("Embedded", "Local folder", "Hub id")
-DATA_KINDS = ("Bundled pairs", "Collected feedback", "Uploaded file", "Hub dataset")
+RLHF_COLOUR = "#7c3aed"  # the RLHF tab's progress bars, apart from the Train tab's blue
 POLICY_STAGES = ("dpo", "kto", "grpo")
 POLICY_METHODS = {"DPO": "dpo", "KTO": "kto", "GRPO": "grpo"}
-# Plot series per chart: (metrics.jsonl key, legend label). Every series is always present (see _frame).
+# Plot series per chart: (metrics.jsonl key, legend label). Every series is always present (see shared.series_frame).
 REWARD_LOSS = (("loss", "train loss"), ("eval_loss", "held-out loss"))
 REWARD_ACCURACY = (("accuracy", "train accuracy"), ("eval_accuracy", "held-out accuracy"),
                    ("eval_margin", "held-out margin"))
@@ -58,103 +56,22 @@ POLICY_REWARDS = (("rewards/chosen", "rewards/chosen"), ("rewards/rejected", "re
 GRPO_REWARDS = (("reward", "mean reward of sampled answers"), ("reward_std", "spread within a prompt's answers"))
 
 
-# --- form -> config ----------------------------------------------------------------------------------------------
-
-def _preset(stage: str) -> RunConfig:
-    try:
-        return load_config(CONFIGS_DIR / f"{'reward' if stage == 'reward' else stage}-cpu.yaml")
-    except ConfigError:
-        return RunConfig(stage=stage)
-
-
-def _model_source(form: dict[str, Any]) -> str:
-    if (form.get("model_kind") or MODEL_KINDS[0]) == "Embedded":
-        return EMBEDDED_MODEL
-    return (form.get("model_source") or "").strip()
-
-
-def data_source(manager: RunManager, feedback_db: Path | None, stage: str, form: dict[str, Any]) -> str:
-    """Where step 2's preferences come from; collected feedback is exported to a file first."""
-    kind = form.get("data_kind") or DATA_KINDS[0]
-    if kind == "Collected feedback":
-        if feedback_db is None:
-            raise PreferenceError("This app has no feedback store configured.")
-        folder = manager.root / "feedback-exports" / time.strftime("%Y%m%d-%H%M%S")
-        return str(export_feedback(feedback_db, folder, "thumbs" if stage == "kto" else "pairs"))
-    if kind == "Uploaded file":
-        path = paths.uploaded_file(form.get("data_file"))  # only a real upload; else the gate's one message
-        if not path:
-            raise PreferenceError("Choose a preference file to upload first (jsonl, json, csv or parquet).")
-        return manager.keep_upload(path)
-    if kind == "Hub dataset":
-        name = paths.hub_id(form.get("data_hub_name"))
-        if not name:
-            raise PreferenceError("Type the name of a Hub preference dataset, e.g. trl-lib/ultrafeedback_binarized.")
-        return name
-    return BUNDLED_PREFERENCES
-
-
-def config_from_form(stage: str, source: str, form: dict[str, Any]) -> RunConfig:
-    """The RunConfig of one stage from the shared form; ConfigError lists every bad field."""
-    prefix = "reward" if stage == "reward" else "policy"
-    base = to_dict(_preset(stage))
-    rank = form.get("lora_rank", base["lora"]["rank"])
-    start = form.get("start_adapter") or ""
-    # Gated even where this stage ignores them: no request names a path the gate has not seen.
-    for value in (start, form.get("reward_run")):
-        if value != BASE_CHOICE:
-            paths.run_id_or_folder(value)
-    raw = {
-        "run_name": stage, "stage": stage,
-        "model": {**base["model"], "source": _model_source(form), "bits": form.get("model_bits", 4)},
-        "lora": {**base["lora"], "rank": rank,
-                 "alpha": 2 * rank if isinstance(rank, (int, float)) and not isinstance(rank, bool) else rank},
-        "data": {**base["data"], "source": source, "split": form.get("data_split") or "train",
-                 "max_seq_length": form.get("max_seq_length", base["data"]["max_seq_length"])},
-        "preference": {**base["preference"], "beta": form.get("beta", base["preference"]["beta"]),
-                       "loss_type": form.get("loss_type") or base["preference"]["loss_type"],
-                       "start_adapter": "" if stage == "reward" or start == BASE_CHOICE else start,
-                       "reward_model": form.get("reward_run") or "",
-                       "num_generations": form.get("num_generations", base["preference"]["num_generations"]),
-                       "max_completion_length": form.get("max_completion_length",
-                                                         base["preference"]["max_completion_length"])},
-        "training": {**base["training"],
-                     "learning_rate": form.get(f"{prefix}_learning_rate", base["training"]["learning_rate"]),
-                     "max_steps": form.get(f"{prefix}_max_steps", base["training"]["max_steps"]),
-                     "batch_size": form.get("batch_size", base["training"]["batch_size"]),
-                     "eval_steps": form.get("eval_steps", base["training"]["eval_steps"])},
-    }
-    if stage == "kto" and raw["preference"]["loss_type"] not in KTO_LOSSES:
-        raw["preference"]["loss_type"] = "kto"
-    if stage == "dpo" and raw["preference"]["loss_type"] not in DPO_LOSSES:
-        raw["preference"]["loss_type"] = "sigmoid"
-    cfg = from_dict(raw)
-    paths.check_config(cfg, data=False)  # model, start adapter and reward model folders; data_source gated the data
-    return cfg
-
-
 # --- starting and stopping ---------------------------------------------------------------------------------------
-
-def _problems_text(error: ConfigError) -> str:
-    for name, message in error.problems.items():
-        gr.Warning(f"{name}: {message}")
-    return "**Please fix the form:**\n" + "\n".join(f"- `{n}`: {m}" for n, m in error.problems.items())
-
 
 def fit_steps_to_data(cfg: RunConfig, data: PreferenceData, form: dict[str, Any]) -> tuple[RunConfig, str]:
     """Cap the preset's default steps at a few passes over small data (a number the learner typed is kept);
     returns the config and a note saying what changed, if anything."""
     steps_field, form_stage = ("reward_max_steps", "reward") if cfg.stage == "reward" else ("policy_max_steps", "dpo")
-    preset = _preset(cfg.stage).training.max_steps
+    preset_steps = preset(cfg.stage).training.max_steps
     # The form shows the DPO preset's steps for every policy method: that number is a default, not a choice.
-    if form.get(steps_field) not in (None, "", preset, _preset(form_stage).training.max_steps):
+    if form.get(steps_field) not in (None, "", preset_steps, preset(form_stage).training.max_steps):
         return cfg, ""
-    steps = default_steps(preset, len(data.train), rows_per_step(cfg))
+    steps = default_steps(preset_steps, len(data.train), rows_per_step(cfg))
     if steps == cfg.training.max_steps:
         return cfg, ""
     raw = to_dict(cfg)
     raw["training"]["max_steps"] = steps
-    return from_dict(raw), (f"Steps: {steps} instead of the preset's {preset}, so the run passes over the "
+    return from_dict(raw), (f"Steps: {steps} instead of the preset's {preset_steps}, so the run passes over the "
                             f"{len(data.train)} training rows at most {MAX_EPOCHS_SMALL_DATA} times.")
 
 
@@ -182,7 +99,7 @@ def start_stage(manager: RunManager, feedback_db: Path | None, stage: str, **for
             resolve_run_folder(cfg.preference.reward_model, manager.root, REWARD_DIR)
     except ConfigError as error:
         manager.discard_upload(source)  # a refused start leaves no copy of the upload behind
-        return gr.skip(), _problems_text(error)
+        return gr.skip(), problems_markdown(error)
     except (DataError, ModelSourceError) as error:
         manager.discard_upload(source)
         gr.Warning(str(error))
@@ -202,42 +119,11 @@ def start_stage(manager: RunManager, feedback_db: Path | None, stage: str, **for
     return run_id, "\n\n".join(line for line in lines if line)
 
 
-def stop_stage(manager: RunManager, run_id: str) -> str:
-    return stop_run(manager, run_id)  # the same cooperative stop as an SFT run
-
-
 # --- watching --------------------------------------------------------------------------------------------------
 
 def runs_of_stage(manager: RunManager, stages: tuple[str, ...]) -> list[str]:
     """Run ids of the given stages, newest first (the stage is in status.json, so no config is parsed)."""
     return [run_id for run_id in manager.list_ids() if read_status(manager.run_dir(run_id)).get("stage") in stages]
-
-
-def pick_watched(manager: RunManager, stages: tuple[str, ...], current: str | None) -> str:
-    ids = runs_of_stage(manager, stages)
-    running = [i for i in ids if manager.status(i).get("state") in ("running", "queued")]
-    if running:
-        return running[0]
-    return current if current in ids else (ids[0] if ids else "")
-
-
-def _frame(rows: list[dict[str, Any]], series: tuple[tuple[str, str], ...], y: str) -> pd.DataFrame | None:
-    """Long format (step, value, series). Every series gets at least a blank point: gradio's LinePlot fixes its
-    colour domain from the first frame it draws, and a series missing then would never be drawn."""
-    points = [(r["step"], r[key], label) for r in rows for key, label in series
-              if isinstance(r.get(key), (int, float)) and "train_runtime" not in r]
-    if not points:
-        return None
-    present = {label for _, _, label in points}
-    points += [(points[0][0], None, label) for _, label in series if label not in present]
-    # A held-out series often has one point for a while (the step-0 evaluation): drawn as a short dash.
-    return pd.DataFrame(lone_points_as_dashes(points), columns=["step", y, "series"]).astype({"step": float,
-                                                                                               y: float})
-
-
-def progress_html(elem: str, status: dict[str, Any], rows: list[dict[str, Any]]) -> str:
-    """The Train tab's bar (measured ETA, "evaluating"), in the RLHF tab's colour."""
-    return shared_progress_html(elem, status, rows, colour="#7c3aed")
 
 
 def _last(rows: list[dict[str, Any]], key: str) -> float | None:
@@ -263,8 +149,8 @@ def status_text(run_id: str, status: dict[str, Any], rows: list[dict[str, Any]],
 
 def poll_rlhf(manager: RunManager, reward_id: str, policy_id: str) -> tuple[Any, ...]:
     """Both watched runs, read from their folders (cheap enough for a 2 s timer)."""
-    reward_id = pick_watched(manager, ("reward",), reward_id)
-    policy_id = pick_watched(manager, POLICY_STAGES, policy_id)
+    reward_id = watched_run(manager, runs_of_stage(manager, ("reward",)), reward_id)
+    policy_id = watched_run(manager, runs_of_stage(manager, POLICY_STAGES), policy_id)
     grpo = bool(policy_id) and read_status(manager.run_dir(policy_id)).get("stage") == "grpo"
     policy_view = (("reward", "mean reward", (POLICY_LOSS, GRPO_REWARDS)) if grpo else
                    ("eval_rewards/margins", "held-out margin", (POLICY_LOSS, POLICY_REWARDS)))
@@ -280,8 +166,8 @@ def poll_rlhf(manager: RunManager, reward_id: str, policy_id: str) -> tuple[Any,
             before = _first(rows, key)
             text = (f"Run `{run_id}` is **completed** · {judge_accuracy(manager.run_dir(run_id)).text()}"
                     + (f" (before training: {before:.3f})" if before is not None else ""))
-        outputs += [run_id, text, progress_html(elem, status, rows),
-                    _frame(rows, charts[0], "loss"), _frame(rows, charts[1], "value")]
+        outputs += [run_id, text, progress_html(elem, status, rows, colour=RLHF_COLOUR),
+                    series_frame(rows, charts[0], "loss"), series_frame(rows, charts[1], "value")]
     active = manager.active_run() or policy_id or reward_id
     outputs.append(paths.for_visitors(manager.log_tail(active, 25)) if active else "")
     return tuple(outputs)
@@ -306,8 +192,8 @@ def _reward_folder(manager: RunManager, run_id: str | None) -> Path:
         try:
             paths.run_id_or_folder(run_id)  # a path gets the gate's one message; a name, the hint below
         except paths.PathRefused as error:
-            raise gr.Error(str(error)) from None
-        raise gr.Error("Pick a finished reward model first (train one in step 3).")
+            raise refusal(str(error)) from None
+        raise refusal("Pick a finished reward model first (train one in step 3).")
     return models[run_id]
 
 
@@ -315,10 +201,10 @@ def score_answers(manager: RunManager, cache: ScorerCache, reward_run: str | Non
                   answer_b: str) -> str:
     """Score one or two answers to a prompt with the reward model; with two, say which it prefers."""
     if not (prompt or "").strip():
-        raise gr.Error("Type a prompt first.")
+        raise refusal("Type a prompt first.")
     answers = [a for a in (answer_a, answer_b) if (a or "").strip()]
     if not answers:
-        raise gr.Error("Type at least one answer to score.")
+        raise refusal("Type at least one answer to score.")
     folder = _reward_folder(manager, reward_run)  # its own clear gr.Error when none is picked
     try:
         scorer = cache.get(folder)
@@ -343,7 +229,7 @@ def last_chat_turn(feedback_db: Path | None, base_chat: list[dict[str, Any]] | N
         return stored["prompt"], stored["base"], stored["tuned"]
     base, tuned = normalize_history(base_chat), normalize_history(tuned_chat)
     if len(base) < 2 or len(tuned) < 2 or base[-1]["role"] != "assistant":
-        raise gr.Error("No chat turn yet: ask both models something in the Chat tab first.")
+        raise refusal("No chat turn yet: ask both models something in the Chat tab first.")
     return base[-2]["content"], base[-1]["content"], tuned[-1]["content"]
 
 
@@ -378,11 +264,11 @@ def compare_policy(manager: RunManager, cache: ScorerCache, engine: ChatEngine, 
     prompts, scored by the reward model, checked for degeneration, with a paired verdict against each."""
     adapters = manager.finished_adapters()
     if not policy_run or policy_run not in adapters:
-        raise gr.Error("No finished DPO/KTO/GRPO run to compare yet (step 4).")
+        raise refusal("No finished DPO/KTO/GRPO run to compare yet (step 4).")
     folder = _reward_folder(manager, reward_run)
     try:
         policy_dir = manager.run_dir(policy_run)
-        cfg = load_config(policy_dir / "config.yaml")
+        cfg = load_config(policy_dir / RUN_CONFIG)
         questions, start_dir = _comparison_prompts(manager, str(reward_run), policy_dir, cfg, max(1, int(prompts)))
         if not questions:
             return (f"**{NO_HELD_OUT.capitalize()}.** Every prompt of `{policy_run}`'s data was trained on by it, "
@@ -390,7 +276,7 @@ def compare_policy(manager: RunManager, cache: ScorerCache, engine: ChatEngine, 
                     "tuning generalises. Collect feedback on more prompts."), pd.DataFrame(columns=COMPARE_COLUMNS)
         others = [Candidate(model_label(cfg.model), cfg.model)]
         if start_dir is not None:
-            others.append(Candidate(adapter_name(start_dir.name), cfg.model, start_dir / "adapter"))
+            others.append(Candidate(adapter_name(start_dir.name), cfg.model, start_dir / ADAPTER_DIR))
         policy = Candidate(adapter_name(policy_run), cfg.model, adapters[policy_run])
         judge = judge_accuracy(manager.run_dir(str(reward_run)))
         result = compare_policy_answers(
@@ -444,7 +330,7 @@ def preview_data(manager: RunManager, feedback_db: Path | None, **form: Any) -> 
 
 def pipeline_text(manager: RunManager, **form: Any) -> str:
     """Which data and models each step uses, as the form and the runs folder say right now."""
-    model = _model_source(form) or "(no model chosen)"
+    model = model_source(form) or "(no model chosen)"
     start = form.get("start_adapter") or BASE_CHOICE
     kind = form.get("data_kind") or DATA_KINDS[0]
     data = {"Bundled pairs": BUNDLED_PREFERENCES, "Collected feedback": "the Chat tab's feedback (exported)",
@@ -509,7 +395,7 @@ def _plots(prefix: str, first_title: str, second_title: str) -> dict[str, Any]:
     view: dict[str, Any] = {}
     view["watching"] = gr.Textbox(label="Watching run", interactive=False, elem_id=f"rlhf-{prefix}-run")
     view["status"] = gr.Markdown(elem_id=f"rlhf-{prefix}-status")
-    view["progress"] = gr.HTML(progress_html(f"rlhf-{prefix}-progress", {"state": "idle"}, []))
+    view["progress"] = gr.HTML(progress_html(f"rlhf-{prefix}-progress", {"state": "idle"}, [], colour=RLHF_COLOUR))
     with gr.Row():
         view["loss_plot"] = gr.LinePlot(None, x="step", y="loss", color="series", title=first_title, height=260,
                                         elem_id=f"rlhf-{prefix}-loss")
@@ -612,9 +498,9 @@ def build_rlhf_tab(manager: RunManager, feedback_db: str | Path | None = None,
     pipeline = gr.Markdown(elem_id="rlhf-pipeline")
     _step1(form)
     data_view = _step2(form)
-    reward = _step3(form, _preset("reward"), chat is not None)
-    policy = _step4(form, _preset("dpo"))
-    _advanced(form, _preset("dpo"))
+    reward = _step3(form, preset("reward"), chat is not None)
+    policy = _step4(form, preset("dpo"))
+    _advanced(form, preset("dpo"))
     log = gr.Textbox(label="Training log (last lines)", lines=8, max_lines=8, interactive=False,
                      elem_id="rlhf-log")
     _wire(manager, feedback_db, form, pipeline, data_view, reward, policy, log, chat, engine or ChatEngine(),
@@ -641,7 +527,7 @@ def _wire(manager: RunManager, feedback_db: Path | None, form: dict[str, Any], p
                           outputs=[policy["watching"], policy["status"]], api_name="rlhf_start_policy",
                           concurrency_limit=1, concurrency_id="train-start")
     for view, name in ((reward, "rlhf_stop_reward"), (policy, "rlhf_stop_policy")):
-        view["stop"].click(functools.partial(stop_stage, manager), view["watching"], view["status"], api_name=name)
+        view["stop"].click(functools.partial(stop_run, manager), view["watching"], view["status"], api_name=name)
     live = [reward[k] for k in ("watching", "status", "progress", "loss_plot", "metric_plot")] + \
            [policy[k] for k in ("watching", "status", "progress", "loss_plot", "metric_plot")] + [log]
     poll = functools.partial(poll_rlhf, manager)
@@ -668,8 +554,6 @@ def _wire(manager: RunManager, feedback_db: Path | None, form: dict[str, Any], p
                             [form["reward_run"], policy["watching"], policy["compare_prompts"],
                              policy["compare_tokens"]], [policy["compare_summary"], policy["compare_table"]],
                             api_name="rlhf_compare", concurrency_limit=1, concurrency_id="reward")
-    page = gr.context.Context.root_block
-    if page is not None:  # a page (re)load re-attaches to running jobs and fills the pickers
-        page.load(poll, [reward["watching"], policy["watching"]], live, api_visibility="private")
-        page.load(refresh_lists, lists, lists, api_visibility="private")
-        page.load(summary, inputs_kwargs=form, outputs=pipeline, api_visibility="private")
+    on_page_load(poll, [reward["watching"], policy["watching"]], live)  # re-attaches to running jobs
+    on_page_load(refresh_lists, lists, lists)
+    on_page_load(summary, inputs_kwargs=form, outputs=pipeline)

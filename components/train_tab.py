@@ -11,19 +11,19 @@ polls the run folder. Because the watched run comes from disk, a reloaded page r
 from __future__ import annotations
 
 import functools
-import json
 import time
-from pathlib import Path
 from typing import Any, Iterator
 
 import gradio as gr
 import pandas as pd
-import yaml
 
-from components.progress import duration, lone_points_as_dashes, progress_html as shared_progress_html
+from components.shared import (duration, lora_aid_markdown, on_page_load, points_frame, problems_markdown,
+                               progress_html, refusal, series_frame, stop_run, watched_run)
+from components.train_form import (CONFIGS_DIR, DATA_KINDS, MODEL_KINDS, config_from_form, form_from_config,
+                                   presets)
 from finetune.config import (BUNDLED_DATASET, CHECKPOINTING, COMPUTE_DTYPES, DATA_FORMATS, EMBEDDED_MODEL,
                              LORA_BIAS, LORA_METHODS, OPTIMIZERS, PEFT_METHODS, SCHEDULERS, ConfigError, RunConfig,
-                             field_help, from_dict, load_config)
+                             field_help, load_config)
 from finetune import paths
 from finetune.data import DataError, bundled_names, preview
 from finetune.estimate import estimate_run
@@ -31,113 +31,13 @@ from finetune.recipe import resolve_recipe
 from finetune.hardware import HardwareProfile
 from finetune.metrics import headline_metric, is_summary, loss_key, read_metrics
 from finetune.runs import RunError, RunInProgressError, RunManager, check_sources
-from finetune.train import ADAPTER_DIR
+from finetune.run_folder import ADAPTER_DIR, RUN_CONFIG, has_adapter
 
-CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
 POLL_SECONDS = 2.0
-DATA_KINDS = ("Bundled", "Hub dataset", "Uploaded file")
-MODEL_KINDS = ("Embedded", "Hub id", "Local folder")
 # Each run with its stage and the number that stage is judged by (finetune.metrics.HEADLINE_METRICS): a reward
 # model's loss or a DPO policy's final loss alone would not say whether it learned anything.
 HISTORY_COLUMNS = ["run id", "stage", "headline metric", "headline value", "model", "dataset", "rank", "alpha",
                    "lr", "bits", "steps", "final loss", "final eval loss", "status", "duration (s)", "method"]
-# Form keys that are "<section>_<field>" map straight onto the config; the rest are assembled below.
-UI_ONLY = ("data_kind", "data_bundled", "data_hub_name", "data_file", "prompt_column", "answer_column",
-           "column_mapping_json", "model_kind")
-
-
-# --- form <-> config ---------------------------------------------------------------------------------------
-
-def presets() -> list[str]:
-    """The SFT presets: the RLHF stages (``stage:``) have their own tab, and compare-cpu is the Compare tab's base."""
-    return sorted(p.stem for p in CONFIGS_DIR.glob("*.yaml")
-                  if p.stem != "compare-cpu" and (yaml.safe_load(p.read_text()) or {}).get("stage", "sft") == "sft")
-
-
-def _data_source(form: dict[str, Any]) -> str:
-    """The data source the form names, through the path gate: each kind accepts only its own kind of name."""
-    kind = form.get("data_kind") or DATA_KINDS[0]
-    if kind == "Hub dataset":
-        return paths.hub_id(form.get("data_hub_name"))
-    if kind == "Uploaded file":
-        return paths.uploaded_file(form.get("data_file"))
-    return paths.bundled_name(form.get("data_bundled") or BUNDLED_DATASET)
-
-
-def _column_mapping(form: dict[str, Any]) -> dict[str, str]:
-    """The simple prompt/answer fields plus the JSON override (the JSON wins on conflicts)."""
-    mapping = {}
-    if (form.get("prompt_column") or "").strip():
-        mapping[form["prompt_column"].strip()] = "prompt"
-    if (form.get("answer_column") or "").strip():
-        mapping[form["answer_column"].strip()] = "completion"
-    text = (form.get("column_mapping_json") or "").strip()
-    if text:
-        try:
-            extra = json.loads(text)
-        except json.JSONDecodeError as error:
-            raise ConfigError({"data.column_mapping": f"Column mapping is not valid JSON: {error.msg}"}) from None
-        if not isinstance(extra, dict):
-            raise ConfigError({"data.column_mapping": 'Column mapping must be a JSON object like {"q": "prompt"}'})
-        mapping.update(extra)
-    return mapping
-
-
-def config_from_form(form: dict[str, Any]) -> RunConfig:
-    """The RunConfig the form describes; ConfigError lists every bad field."""
-    sections: dict[str, dict[str, Any]] = {"model": {}, "lora": {}, "data": {}, "training": {}}
-    for key, value in form.items():
-        section, _, name = key.partition("_")
-        if key not in UI_ONLY and section in sections:
-            sections[section][name] = value
-    data, problems = sections["data"], {}
-    try:
-        data["source"] = _data_source(form)
-    except paths.PathRefused:
-        problems["data.source"], data["source"] = paths.REFUSED, BUNDLED_DATASET
-    try:
-        if "source" in sections["model"]:
-            sections["model"]["source"] = paths.model_source(sections["model"]["source"])
-    except paths.PathRefused:
-        problems["model.source"], sections["model"]["source"] = paths.REFUSED, EMBEDDED_MODEL
-    try:
-        data["column_mapping"] = _column_mapping(form)
-    except ConfigError as error:  # report it together with every other bad field
-        problems, data["column_mapping"] = error.problems, {}
-    if not data.get("max_samples"):
-        data["max_samples"] = None  # 0 / empty in the form means "all rows"
-    try:
-        cfg = from_dict({**sections, "run_name": (form.get("run_name") or "").strip() or "run"})
-    except ConfigError as error:
-        raise ConfigError({**problems, **error.problems}) from None
-    if problems:
-        raise ConfigError(problems)
-    return cfg
-
-
-def form_from_config(cfg: RunConfig) -> dict[str, Any]:
-    """Form values for a config (presets and reloading a past run's settings)."""
-    values: dict[str, Any] = {}
-    for section in ("model", "lora", "data", "training"):
-        for name, value in vars(getattr(cfg, section)).items():
-            values[f"{section}_{name}"] = value
-    source = cfg.data.source
-    kind = "Bundled" if source.startswith("bundled:") else "Uploaded file" if Path(source).exists() else "Hub dataset"
-    values.update(data_kind=kind, data_bundled=source if kind == "Bundled" else BUNDLED_DATASET,
-                  data_hub_name=source if kind == "Hub dataset" else "", run_name=cfg.run_name,
-                  column_mapping_json=json.dumps(cfg.data.column_mapping) if cfg.data.column_mapping else "",
-                  prompt_column="", answer_column="",
-                  model_kind="Embedded" if cfg.model.source == EMBEDDED_MODEL else
-                  "Local folder" if Path(cfg.model.source).expanduser().is_dir() else "Hub id")
-    values["data_hub_config"] = cfg.data.hub_config or ""
-    values["data_max_samples"] = cfg.data.max_samples or 0
-    return values
-
-
-def _warn_problems(error: ConfigError) -> str:
-    for name, message in error.problems.items():
-        gr.Warning(f"{name}: {message}")
-    return "**Please fix the form:**\n" + "\n".join(f"- `{n}`: {m}" for n, m in error.problems.items())
 
 
 # --- handlers ------------------------------------------------------------------------------------------------
@@ -145,7 +45,7 @@ def _warn_problems(error: ConfigError) -> str:
 def load_preset(name: str) -> list[Any]:
     """Fill the form from configs/<name>.yaml (values in FORM order); only a listed preset's name is read."""
     if name not in presets():
-        raise gr.Error(paths.REFUSED)
+        raise refusal(paths.REFUSED)
     values = form_from_config(load_config(CONFIGS_DIR / f"{name}.yaml"))
     return [values.get(key, gr.skip()) for key in _FORM_KEYS]
 
@@ -187,7 +87,7 @@ def start_run(manager: RunManager, **form: Any) -> tuple[str, str]:
         cfg = config_from_form(form)  # the path gate: an upload must come from gradio's upload folder
         check_sources(cfg)  # an offline Hub name or a bad file is reported now, not by a failed run
     except ConfigError as error:
-        return gr.skip(), _warn_problems(error)
+        return gr.skip(), problems_markdown(error)
     if form.get("data_kind") == "Uploaded file":
         cfg.data.source = manager.keep_upload(cfg.data.source)
     try:
@@ -211,27 +111,11 @@ def resume_run(manager: RunManager, run_id: str) -> tuple[Any, str]:
     return run_id, f"Resuming run `{run_id}` from its last checkpoint…"
 
 
-def stop_run(manager: RunManager, run_id: str) -> str:
-    if not run_id:
-        return "No run to stop."
-    try:
-        state = manager.status(run_id).get("state")
-        if state not in ("running", "queued"):
-            return f"Run `{run_id}` is not running ({state})."
-        manager.request_stop(run_id)
-    except RunError as error:
-        return f"**Error:** {error}"
-    gr.Info("Stopping after the current step; a checkpoint is saved.")
-    return (f"Stop requested for `{run_id}`: it saves a checkpoint and stops after the current step; if it has not "
-            f"stopped within {manager.stop_grace:g} s, its process is ended (resume then continues from its last "
-            "complete checkpoint).")
-
-
 def restore_form(manager: RunManager) -> list[Any]:
     """On page load, show the settings of the run in progress (the form is otherwise back to its defaults)."""
     active = manager.active_run()
     try:
-        cfg = load_config(manager.run_dir(active) / "config.yaml") if active else None
+        cfg = load_config(manager.run_dir(active) / RUN_CONFIG) if active else None
     except ConfigError:
         cfg = None
     # A reward/DPO/KTO/GRPO run is the RLHF tab's: its settings in this SFT form would start the wrong run.
@@ -242,66 +126,32 @@ def restore_form(manager: RunManager) -> list[Any]:
     return [values.get(key, gr.skip()) for key in _FORM_KEYS]
 
 
-def pick_run(manager: RunManager, run_id: str | None) -> str:
-    """The run to watch: a running one first (so a reload re-attaches), else the given one, else the newest."""
-    active = manager.active_run()
-    if active:
-        return active
-    ids = manager.list_ids()
-    return run_id if run_id in ids else (ids[0] if ids else "")
-
-
-# gradio 6.31's LinePlot fixes its colour domain (the series names) when it first gets data and only swaps the
-# data afterwards, so a series that appears later is never drawn. Two ways around it below: the loss plot always
-# carries both series (eval loss as a blank point until the first evaluation), and the compare plot is sent
-# None before each new frame, which makes the browser rebuild the chart.
-
-def _frame(points: list[tuple[Any, ...]], columns: list[str], step_type: type = int) -> pd.DataFrame | None:
-    """None rather than an empty frame (an empty first frame fixes an empty colour domain, see above)."""
-    if not points:
-        return None
-    return pd.DataFrame(points, columns=columns).astype({"step": step_type, columns[1]: float})
-
-
 def loss_frame(rows: list[dict[str, Any]]) -> pd.DataFrame | None:
     """Long format (step, loss, series) so one LinePlot draws train and eval loss in two colours."""
-    points = [(r["step"], r[key], label) for r in rows for key, label in (("loss", "train loss"),
-                                                                            ("eval_loss", "eval loss"))
-              if isinstance(r.get(key), (int, float))]
-    if points and not any(series == "eval loss" for _, _, series in points):
-        points.append((points[0][0], None, "eval loss"))  # blank: keeps "eval loss" in the colour domain
-    return _frame(lone_points_as_dashes(points), ["step", "loss", "series"], step_type=float)
+    return series_frame(rows, (("loss", "train loss"), ("eval_loss", "eval loss")), "loss")
 
 
 def lr_frame(rows: list[dict[str, Any]]) -> pd.DataFrame | None:
     points = [(r["step"], r["learning_rate"]) for r in rows if isinstance(r.get("learning_rate"), (int, float))]
-    return _frame(points, ["step", "learning_rate"])
+    return points_frame(points, ["step", "learning_rate"])
 
 
-def _duration(seconds: float | None) -> str:
-    return duration(seconds)
-
-
-def progress_html(status: dict[str, Any], rows: list[dict[str, Any]]) -> str:
-    return shared_progress_html("train-progress", status, rows)
-
-
-def status_text(run_id: str, status: dict[str, Any], has_adapter: bool = True) -> str:
+def status_text(run_id: str, status: dict[str, Any], adapter_saved: bool = True) -> str:
     state = status.get("state", "unknown")
     if state == "failed":
         return f"Run `{run_id}` **failed**: {paths.for_visitors(status.get('error') or 'see the log below')}"
     if state == "completed":
         # A full fine-tune saves a whole model (runs/<id>/model), not an adapter, so Chat has nothing to attach.
-        where = ("Try it in the Chat tab." if has_adapter else
+        where = ("Try it in the Chat tab." if adapter_saved else
                  "It saved a full model (the run folder's `model/`), not an adapter, so it is not offered in Chat.")
-        return f"Run `{run_id}` **completed** in {_duration(status.get('duration'))}. {where}"
+        return f"Run `{run_id}` **completed** in {duration(status.get('duration'))}. {where}"
     if state in ("stopped", "interrupted"):
         return f"Run `{run_id}` **{state}**. {paths.for_visitors(status.get('error') or '')}"
     if status.get("stop_requested_at"):
-        return (f"Run `{run_id}` is **stopping**: asked {_duration(time.time() - status['stop_requested_at'])} ago "
+        return (f"Run `{run_id}` is **stopping**: asked {duration(time.time() - status['stop_requested_at'])} ago "
                 "to save a checkpoint and stop; a process that does not answer is ended.")
     if status.get("stalled_seconds") is not None:
-        return (f"Run `{run_id}` looks **stalled**: no progress for {_duration(status['stalled_seconds'])} at step "
+        return (f"Run `{run_id}` looks **stalled**: no progress for {duration(status['stalled_seconds'])} at step "
                 f"{status.get('step') or 0}/{status.get('max_steps') or '?'}. Its last log lines are below; Stop "
                 "asks it to save a checkpoint and ends the process if it does not answer.")
     return f"Run `{run_id}` is **{state}**."
@@ -309,15 +159,15 @@ def status_text(run_id: str, status: dict[str, Any], has_adapter: bool = True) -
 
 def poll_run(manager: RunManager, run_id: str) -> tuple[Any, ...]:
     """Everything the live view shows, read from the run folder (cheap enough for a 2 s timer)."""
-    run_id = pick_run(manager, run_id)
+    run_id = watched_run(manager, manager.list_ids(), run_id)
     if not run_id:
-        return ("", "No runs yet: set up a run and press Start.", progress_html({"state": "idle"}, []),
+        return ("", "No runs yet: set up a run and press Start.", progress_html("train-progress", {"state": "idle"}, []),
                 loss_frame([]), lr_frame([]), "", gr.Accordion(open=False))
     status, rows = manager.status(run_id), read_metrics(manager.run_dir(run_id))
     stalled = status.get("stalled_seconds") is not None
     failed = status.get("state") == "failed"
-    has_adapter = (manager.run_dir(run_id) / ADAPTER_DIR / "adapter_config.json").is_file()
-    return (run_id, status_text(run_id, status, has_adapter), progress_html(status, rows),
+    adapter_saved = has_adapter(manager.run_dir(run_id) / ADAPTER_DIR)
+    return (run_id, status_text(run_id, status, adapter_saved), progress_html("train-progress", status, rows),
             loss_frame(rows), lr_frame(rows),
             paths.for_visitors(manager.log_tail(run_id, 40)),
             gr.Accordion(open=True) if failed or stalled else gr.skip())
@@ -348,7 +198,7 @@ def _round(value: float | None) -> float | None:
 
 def _stage(manager: RunManager, run_id: str) -> str:
     try:
-        return load_config(manager.run_dir(run_id) / "config.yaml").stage
+        return load_config(manager.run_dir(run_id) / RUN_CONFIG).stage
     except (ConfigError, RunError, OSError):
         return "?"
 
@@ -368,7 +218,7 @@ def compare_runs(manager: RunManager, run_ids: list[str] | None) -> Iterator[Any
     if left_out:
         title += f"; not overlaid (other stages): {', '.join(left_out)}"
     yield None
-    yield gr.LinePlot(_frame(points, ["step", "loss", "run"]), title=title,
+    yield gr.LinePlot(points_frame(points, ["step", "loss", "run"]), title=title,
                       y_title="mean reward" if key == "reward" else "loss")
 
 
@@ -543,7 +393,7 @@ def _live_view() -> dict[str, Any]:
     view: dict[str, Any] = {}
     view["watching"] = gr.Textbox(label="Watching run", interactive=False, elem_id="watching-run")
     view["status"] = gr.Markdown(elem_id="run-status")
-    view["progress"] = gr.HTML(progress_html({"state": "idle"}, []))
+    view["progress"] = gr.HTML(progress_html("train-progress", {"state": "idle"}, []))
     with gr.Row():
         view["loss_plot"] = gr.LinePlot(None, x="step", y="loss", color="series", title="Loss",
                                         elem_id="loss-plot", height=300)
@@ -600,15 +450,11 @@ def build_train_tab(manager: RunManager, profile: HardwareProfile) -> dict[str, 
 
 
 def _wire_lora_aid(form: dict[str, Any], lora_aid: Any) -> None:
-    from components.learn_tab import lora_aid_markdown
-
     inputs = [form[k] for k in ("model_source", "lora_rank", "lora_alpha", "lora_target_modules", "model_bits",
                                 "model_quant_type", "model_double_quant", "training_optimizer")]
     gr.on([c.change for c in inputs], lora_aid_markdown, inputs, lora_aid, api_name="lora_aid",
           show_progress="hidden", trigger_mode="always_last")
-    page = gr.context.Context.root_block
-    if page is not None:
-        page.load(lora_aid_markdown, inputs, lora_aid, api_visibility="private")
+    on_page_load(lora_aid_markdown, inputs, lora_aid)
 
 
 def _wire(manager: RunManager, profile: HardwareProfile, form: dict[str, Any], preset: Any, estimate: Any,
@@ -650,10 +496,7 @@ def _wire(manager: RunManager, profile: HardwareProfile, form: dict[str, Any], p
                           show_progress="hidden")
     history["compare_ids"].change(functools.partial(compare_runs, manager), history["compare_ids"],
                                   history["compare_plot"], api_name="compare_runs")
-    page = gr.context.Context.root_block  # the app's Blocks: a page (re)load re-attaches to the active run
-    if page is not None:
-        page.load(functools.partial(poll_run, manager), view["watching"], live, api_visibility="private")
-        page.load(refresh, history["compare_ids"], history_out, api_visibility="private")
-        page.load(functools.partial(restore_form, manager), None, form_list, api_visibility="private")
-        page.load(functools.partial(update_estimate, profile), inputs_kwargs=form, outputs=estimate,
-                  api_visibility="private")
+    on_page_load(functools.partial(poll_run, manager), view["watching"], live)  # re-attaches to the active run
+    on_page_load(refresh, history["compare_ids"], history_out)
+    on_page_load(functools.partial(restore_form, manager), None, form_list)
+    on_page_load(functools.partial(update_estimate, profile), inputs_kwargs=form, outputs=estimate)

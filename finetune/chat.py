@@ -47,6 +47,7 @@ from finetune.config import ModelConfig
 from finetune.data import first_line
 from finetune.hardware import HardwareProfile, detect
 from finetune.models import load_model, load_tokenizer
+from finetune.run_folder import adapter_config, has_adapter
 
 Messages = list[dict[str, str]]
 T = TypeVar("T")
@@ -224,10 +225,8 @@ def check_prompt(prompt: Any) -> str:
 
 def peft_type(adapter_dir: str | Path) -> str:
     """'LORA' (also DoRA / rsLoRA), 'IA3', 'PROMPT_TUNING', ... from the adapter's config."""
-    import json
-
     try:
-        return str(json.loads((Path(adapter_dir) / "adapter_config.json").read_text()).get("peft_type", "LORA"))
+        return str(adapter_config(Path(adapter_dir)).get("peft_type", "LORA"))
     except (OSError, ValueError):
         return "LORA"
 
@@ -304,7 +303,7 @@ class ChatEngine:
         from peft import PeftModel
 
         name, adapter_dir = peft_adapter_name(name), Path(adapter_dir)
-        if not (adapter_dir / "adapter_config.json").is_file():
+        if not has_adapter(adapter_dir):
             raise ValueError(f"No adapter in {adapter_dir}: the run has not finished saving one.")
         with self._load_lock:
             entry = self.loaded(cfg)
@@ -352,10 +351,8 @@ class ChatEngine:
     @staticmethod
     def _mismatch_message(adapter_dir: Path, cfg: ModelConfig, error: BaseException) -> str:
         """One readable line instead of torch's page of size mismatches."""
-        import json
-
         try:
-            trained_on = json.loads((adapter_dir / "adapter_config.json").read_text()).get("base_model_name_or_path")
+            trained_on = adapter_config(adapter_dir).get("base_model_name_or_path")
         except (OSError, ValueError):
             trained_on = None
         detail = first_line(error, 200)

@@ -6,7 +6,7 @@ process), waits for each to finish, and moves on. Because the queue lives on dis
 restarted app (``CompareQueue.ensure_worker``), picks it up again. Stop asks the current run to stop and skips
 the rest.
 
-The measurements come from the runs themselves: ``record_measurements`` runs in the training child at the end
+The measurements come from the runs themselves: ``finetune.stages.measure`` runs in the training child at the end
 (peak memory, weight bytes, size on disk, a greedy sample answer) and writes them to run_info.json; loss,
 seconds per step and tokens/s come from metrics.jsonl.
 
@@ -22,8 +22,6 @@ import dataclasses
 import json
 import math
 import os
-import resource
-import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -31,12 +29,15 @@ from pathlib import Path
 from typing import Any
 
 from finetune.config import ConfigError, RunConfig, from_dict, load_config, to_dict
+from finetune.estimate import model_shape
 from finetune.metrics import FINAL_STATES, read_metrics
+from finetune.models import ModelSourceError
 from finetune.paths import check_config
+from finetune.run_folder import RUN_INFO_FILE
+from finetune.runs import RunInProgressError, check_sources
+from finetune.stages.measure import PROMPT_FILE
 
 COMPARE_DIR = "comparisons"
-PROMPT_FILE = "compare_prompt.txt"  # a run folder holding it gets a greedy sample answer at the end of training
-SAMPLE_TOKENS = 40
 PRESET = Path(__file__).resolve().parent.parent / "configs" / "compare-cpu.yaml"
 
 
@@ -102,96 +103,6 @@ QUALITATIVE = [
 ]
 
 
-# --- measurements, recorded in the training child -------------------------------------------------------------
-
-def reset_peak_memory() -> None:
-    """Start the peak-memory window at training (model loading peaks are not what the techniques differ in)."""
-    import torch
-
-    if torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()
-        return
-    try:  # Linux: writing 5 resets the process's peak resident set size (VmHWM) to its current size
-        Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        pass
-
-
-def peak_memory_mb() -> float:
-    """Peak memory since reset_peak_memory: CUDA allocations on a GPU, else the process's peak RSS."""
-    import torch
-
-    if torch.cuda.is_available():
-        return torch.cuda.max_memory_allocated() / 2**20
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss is bytes on macOS, KiB on Linux
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 2**20
-
-
-def weight_bytes(model: Any) -> tuple[int, int]:
-    """(bytes of all parameters and buffers, bytes of the Linear weights inside the transformer blocks).
-
-    The second number is what the bit width changes: bitsandbytes quantizes those layers and leaves embeddings,
-    norms and the LM head in the compute dtype. 4-bit constants (absmax) are counted too.
-    """
-    import torch
-
-    total = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
-    linear = 0
-    for name, module in model.named_modules():
-        weight = getattr(module, "weight", None)
-        # The frozen base layers only: not the LM head, not LoRA's own A/B layers.
-        if not isinstance(module, torch.nn.Linear) or weight is None or "lm_head" in name or ".lora_" in name:
-            continue
-        linear += weight.numel() * weight.element_size()
-        state = getattr(weight, "quant_state", None)
-        if state is not None and getattr(state, "absmax", None) is not None:
-            linear += state.absmax.numel() * state.absmax.element_size()
-    return total, linear
-
-
-def folder_weight_mb(folder: Path) -> float:
-    """Size of the saved weights (adapter or full model), without tokenizer and config files."""
-    files = [p for p in folder.glob("*") if p.suffix in (".safetensors", ".bin", ".pt")]
-    return sum(p.stat().st_size for p in files) / 2**20
-
-
-def sample_answer(model: Any, tokenizer: Any, prompt: str, max_new_tokens: int = SAMPLE_TOKENS) -> str:
-    """One short greedy answer, so every technique answers the same question the same deterministic way."""
-    import torch
-
-    ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                        return_tensors="pt", return_dict=True)
-    device = next(model.parameters()).device
-    ids = {k: v.to(device) for k, v in ids.items()}
-    model.eval()
-    with torch.inference_mode():
-        out = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False, use_cache=True,
-                             pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
-    return tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True).strip()
-
-
-def record_measurements(trainer: Any, cfg: RunConfig, run_dir: Path, saved_dir: Path) -> dict[str, Any]:
-    """What the comparison table needs beyond metrics.jsonl; train.py writes it into run_info.json."""
-    total, linear = weight_bytes(trainer.model)
-    info: dict[str, Any] = {"peft_method": cfg.lora.method, "peak_memory_mb": round(peak_memory_mb(), 1),
-                            "weights_mb": round(total / 2**20, 2), "linear_weights_mb": round(linear / 2**20, 3),
-                            "saved_weights_mb": round(folder_weight_mb(saved_dir), 3)}
-    prompt_file = run_dir / PROMPT_FILE
-    if prompt_file.is_file():
-        try:
-            info["sample_answer"] = sample_answer(trainer.model, trainer.processing_class,
-                                                  prompt_file.read_text(encoding="utf-8").strip())
-        except Exception as error:  # a sample is a nicety: never fail a finished run over it
-            info["sample_answer"] = f"(no sample: {type(error).__name__}: {error})"
-    return info
-
-
 # --- the request and its configs -----------------------------------------------------------------------------
 
 @dataclass
@@ -254,9 +165,6 @@ def validate_request(request: CompareRequest) -> list[RunConfig]:
 
 def check_model(cfg: RunConfig) -> None:
     """Fail now, not once per technique, when the model cannot be found (an offline Hub id, a wrong folder)."""
-    from finetune.estimate import model_shape
-    from finetune.models import ModelSourceError
-
     try:
         model_shape(cfg.model)
     except (ModelSourceError, OSError, ValueError) as error:
@@ -334,7 +242,6 @@ class CompareQueue:
         configs = validate_request(request)
         check_config(configs[0])  # the path gate: the request's model and data sources
         check_model(configs[0])
-        from finetune.runs import check_sources  # a bad data file fails here once, not in every technique's run
 
         check_sources(configs[0])
         with self._lock:
@@ -408,7 +315,6 @@ class CompareQueue:
             self._update(comparison_id, state="failed", error=f"{type(error).__name__}: {error}")
 
     def _run_item(self, comparison_id: str, index: int, item: dict[str, Any]) -> None:
-        from finetune.runs import RunInProgressError
 
         run_id = item.get("run_id")
         if not run_id:  # not started yet: start it once the device is free (a Train-tab run may hold it)
@@ -466,7 +372,7 @@ def item_result(manager: Any, item: dict[str, Any]) -> dict[str, Any]:
         return row
     folder = manager.run_dir(item["run_id"])
     try:
-        info = json.loads((folder / "run_info.json").read_text(encoding="utf-8"))
+        info = json.loads((folder / RUN_INFO_FILE).read_text(encoding="utf-8"))
     except (FileNotFoundError, json.JSONDecodeError):
         info = {}
     rows = read_metrics(folder)

@@ -417,7 +417,7 @@ class RunConfig:
     training: TrainingConfig = field(default_factory=TrainingConfig)
     preference: PreferenceConfig = field(default_factory=PreferenceConfig)
     run_name: str = ""
-    stage: str = "sft"  # sft, or an RLHF stage: reward (reward model), dpo, kto, grpo (finetune/rlhf.py)
+    stage: str = "sft"  # sft, or an RLHF stage: reward (reward model), dpo, kto, grpo (finetune/stages/)
 
     def __post_init__(self) -> None:
         bad = [name for name, kind in _SECTIONS.items() if not isinstance(getattr(self, name), kind)]

@@ -11,6 +11,7 @@ parameters to each targeted ``Linear`` — the same count peft reports once the 
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,9 +20,12 @@ from typing import Any
 import torch
 
 from finetune.config import LoraSettings, ModelConfig, RunConfig
-from finetune.hardware import HardwareProfile, detect
+from finetune.hardware import HardwareProfile, detect, resolve_compute_dtype
 from finetune.lm_head import WHOLE_LOGITS_LIMIT
-from finetune.models import weight_dtype
+from finetune.models import ModelSourceError, from_hub_or_cache, weight_dtype
+
+# Start checkpointing when the estimate without it would take more than this share of the device's memory.
+CHECKPOINT_ABOVE_MEMORY_SHARE = 0.85
 
 T4_MEMORY_GB = 15.0  # what torch reports for a "16 GB" T4
 # The presets' Hub models, so their estimates also work offline (values from their config.json files).
@@ -72,8 +76,6 @@ class MemoryEstimate:
 
 def _auto_config(cfg: ModelConfig) -> Any:
     from transformers import AutoConfig, LlamaConfig
-
-    from finetune.models import ModelSourceError, from_hub_or_cache
 
     try:
         return from_hub_or_cache(AutoConfig.from_pretrained, cfg.source, trust_remote_code=cfg.trust_remote_code)
@@ -197,12 +199,30 @@ def _dtype_bytes(dtype: torch.dtype) -> int:
     return torch.tensor([], dtype=dtype).element_size()
 
 
-def uses_checkpointing(cfg: RunConfig, profile: HardwareProfile) -> bool:
-    if cfg.training.gradient_checkpointing == "auto":
-        from finetune.recipe import resolve_recipe
+def uses_cpu_lm_head(cfg: RunConfig, profile: HardwareProfile) -> bool:
+    """finetune/lm_head.py's path: on the CPU, unless switched off (the recipe and the estimate ask)."""
+    return cfg.training.cpu_lm_head and not profile.is_cuda
 
-        return resolve_recipe(cfg, profile).gradient_checkpointing
-    return cfg.training.gradient_checkpointing == "on"
+
+def checkpointing_choice(cfg: RunConfig, profile: HardwareProfile) -> tuple[bool, str]:
+    """(on?, why): "auto" turns checkpointing on when the estimate without it would not fit comfortably."""
+    mode = cfg.training.gradient_checkpointing
+    if mode != "auto":
+        return mode == "on", f"gradient checkpointing {mode} (set in the config)"
+    if not profile.is_cuda:
+        return False, "gradient checkpointing off: auto on the CPU, where RAM is not the limit"
+    without = dataclasses.replace(cfg, training=dataclasses.replace(cfg.training, gradient_checkpointing="off"))
+    try:
+        estimate = estimate_memory(model_shape(cfg.model), without, profile)
+    except Exception:  # the model's shape is unknown (e.g. offline Hub id): take the safe side
+        return True, "gradient checkpointing on: auto, the model's size could not be estimated"
+    needed = estimate.total_gb > profile.memory_gb * CHECKPOINT_ABOVE_MEMORY_SHARE
+    return needed, (f"gradient checkpointing {'on' if needed else 'off'}: auto, about {estimate.total_gb:.1f} GB "
+                    f"without it on {profile.memory_gb:.0f} GB")
+
+
+def uses_checkpointing(cfg: RunConfig, profile: HardwareProfile) -> bool:
+    return checkpointing_choice(cfg, profile)[0]
 
 
 def memory_breakdown(shape: ModelShape, cfg: RunConfig, profile: HardwareProfile) -> dict[str, float]:
@@ -227,8 +247,6 @@ def memory_breakdown(shape: ModelShape, cfg: RunConfig, profile: HardwareProfile
         activations = tokens * act_bytes * (shape.hidden_size * shape.num_layers + per_layer)
     else:
         activations = tokens * act_bytes * per_layer * shape.num_layers
-    from finetune.recipe import uses_cpu_lm_head
-
     whole_logits = tokens * shape.vocab_size
     if uses_cpu_lm_head(cfg, profile) and whole_logits <= WHOLE_LOGITS_LIMIT:
         # finetune/lm_head.py: the answer tokens' fp32 logits, their log-softmax and its gradient
@@ -243,8 +261,6 @@ def memory_breakdown(shape: ModelShape, cfg: RunConfig, profile: HardwareProfile
 
 
 def _compute_dtype(model: ModelConfig, profile: HardwareProfile) -> torch.dtype:
-    from finetune.hardware import resolve_compute_dtype
-
     return resolve_compute_dtype(model.compute_dtype, profile)
 
 

@@ -35,7 +35,7 @@ from finetune.feedback import FeedbackStore
 from finetune.metrics import read_metrics
 from finetune.preference import prompt_key, trained_prompt_keys
 from finetune import paths
-from finetune.train import RUN_INFO_FILE
+from finetune.run_folder import ADAPTER_DIR, CHECKPOINT_DIR, RUN_CONFIG, RUN_INFO_FILE, has_adapter
 
 IGNORE = -100                       # label of a token the loss does not count (prompt and padding)
 Z_95 = 1.959963984540054            # two-sided 95% quantile of the standard normal
@@ -204,14 +204,14 @@ def started_from(run_dir: Path) -> Path | None:
     except (OSError, ValueError):
         return None
     folder = Path(start) if start and start != "base model" else None
-    return folder if folder is not None and (folder / "adapter_config.json").is_file() else None
+    return folder if folder is not None and has_adapter(folder) else None
 
 
 def _start_candidate(cfg: ModelConfig, run_dir: Path) -> Candidate | None:
     folder = started_from(run_dir)
     if folder is None:
         return None
-    run_id = folder.parent.name if folder.name == "adapter" else folder.name
+    run_id = folder.parent.name if folder.name == ADAPTER_DIR else folder.name
     return Candidate(adapter_name(run_id), cfg, folder)
 
 
@@ -226,7 +226,7 @@ def candidates(run_dirs: dict[str, Path]) -> list[Candidate]:
     groups: dict[tuple[Any, ...], list[Candidate]] = {}
     for run_id, run_dir in run_dirs.items():
         try:
-            cfg = load_config(run_dir / "config.yaml").model
+            cfg = load_config(run_dir / RUN_CONFIG).model
         except ConfigError as error:
             raise ValueError(f"Run '{run_id}' has an unreadable config: {error}") from None
         key = (cfg.source, cfg.bits, cfg.quant_type, cfg.double_quant, cfg.compute_dtype)
@@ -234,7 +234,7 @@ def candidates(run_dirs: dict[str, Path]) -> list[Candidate]:
         start = _start_candidate(cfg, run_dir)
         if start is not None and all(c.name != start.name for c in group):
             group.append(start)
-        group.append(Candidate(adapter_name(run_id), cfg, run_dir / "adapter", start.name if start else None))
+        group.append(Candidate(adapter_name(run_id), cfg, run_dir / ADAPTER_DIR, start.name if start else None))
     # A start adapter that is also one of the chosen runs appears once, as that run.
     return [c for group in groups.values() for i, c in enumerate(group)
             if all(other.name != c.name for other in group[:i])]
@@ -279,13 +279,13 @@ def adapter_name(run_id: str, suffix: str = "") -> str:
 def run_checkpoints(run_dir: Path) -> list[tuple[str, Path]]:
     """(label, adapter folder) for each saved checkpoint of a run in step order, then the final adapter."""
     found = []
-    for folder in (run_dir / "checkpoints").glob("checkpoint-*"):
+    for folder in (run_dir / CHECKPOINT_DIR).glob("checkpoint-*"):
         step = folder.name.rsplit("-", 1)[-1]
-        if step.isdigit() and (folder / "adapter_config.json").is_file():
+        if step.isdigit() and has_adapter(folder):
             found.append((int(step), folder))
     labelled = [(f"checkpoint-{step}", folder) for step, folder in sorted(found)]
-    if (run_dir / "adapter" / "adapter_config.json").is_file():
-        labelled.append(("final adapter", run_dir / "adapter"))
+    if has_adapter(run_dir / ADAPTER_DIR):
+        labelled.append(("final adapter", run_dir / ADAPTER_DIR))
     return labelled
 
 
@@ -581,8 +581,8 @@ def start_run_dir(run_dir: Path) -> Path | None:
     folder = started_from(run_dir)
     if folder is None:
         return None
-    parent = folder.parent if folder.name == "adapter" else folder
-    return parent if (parent / "config.yaml").is_file() else None
+    parent = folder.parent if folder.name == ADAPTER_DIR else folder
+    return parent if (parent / RUN_CONFIG).is_file() else None
 
 
 def trained_prompts(run_dir: Path) -> set[str]:
@@ -590,7 +590,7 @@ def trained_prompts(run_dir: Path) -> set[str]:
     training rows. Raises ValueError when the run's data cannot be read again (then nothing can be held out
     from it with certainty)."""
     try:
-        cfg = load_config(run_dir / "config.yaml")
+        cfg = load_config(run_dir / RUN_CONFIG)
         if cfg.stage == "sft":
             rows = prepare(cfg.data, seed=cfg.training.seed).train  # without a tokenizer: a superset, never fewer
             return {prompt_key(row["prompt"]) for row in rows if row.get("prompt")}

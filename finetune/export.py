@@ -35,7 +35,7 @@ from finetune.hardware import HardwareProfile, detect, profile_for, resolve_comp
 from finetune.metrics import read_metrics, read_status
 from finetune.models import HUB_ID, from_hub_or_cache, load_model, load_tokenizer, require_hub, weight_dtype
 from finetune.paths import display_name
-from finetune.train import ADAPTER_DIR, CONFIG_COPY
+from finetune.run_folder import ADAPTER_CONFIG, ADAPTER_DIR, CONFIG_COPY, RUN_CONFIG, adapter_config, has_adapter
 
 MERGED_DIR, EXPORT_DIR = "merged", "export"
 # The trainer's pickled arguments: server paths inside, and a pickle is nothing to hand a stranger to load.
@@ -63,7 +63,7 @@ def _no_progress(fraction: float, message: str) -> None:
 def run_config(run_dir: str | Path) -> RunConfig:
     """The run's config: the copy saved with the adapter, else the run folder's config.yaml."""
     run_dir = Path(run_dir)
-    for path in (run_dir / ADAPTER_DIR / CONFIG_COPY, run_dir / "config.yaml"):
+    for path in (run_dir / ADAPTER_DIR / CONFIG_COPY, run_dir / RUN_CONFIG):
         if path.is_file():
             try:
                 return load_config(path)
@@ -74,7 +74,7 @@ def run_config(run_dir: str | Path) -> RunConfig:
 
 def adapter_dir(run_dir: str | Path) -> Path:
     folder = Path(run_dir) / ADAPTER_DIR
-    if not (folder / "adapter_config.json").is_file():
+    if not has_adapter(folder):
         raise ExportError(f"Run '{Path(run_dir).name}' has no saved adapter yet (it saves one when training "
                           "finishes or is stopped).")
     return folder
@@ -85,7 +85,7 @@ def adapter_format(folder: str | Path) -> dict[str, Any]:
     from safetensors import safe_open
 
     folder = Path(folder)
-    config = json.loads((folder / "adapter_config.json").read_text(encoding="utf-8"))
+    config = adapter_config(folder)
     with safe_open(str(folder / "adapter_model.safetensors"), "pt") as weights:
         tensors = {name: (tuple(weights.get_slice(name).get_shape()), weights.get_slice(name).get_dtype())
                    for name in weights.keys()}
@@ -130,7 +130,7 @@ def shareable_text(run_dir: str | Path, path: Path) -> str | None:
             if isinstance(raw.get(section), dict) and raw[section].get(key):
                 raw[section][key] = display_name(str(raw[section][key]))
         return yaml.safe_dump(raw, sort_keys=False, allow_unicode=True)
-    if path.name == "adapter_config.json":
+    if path.name == ADAPTER_CONFIG:
         config = json.loads(path.read_text(encoding="utf-8"))
         if config.get("base_model_name_or_path"):
             config["base_model_name_or_path"] = _hub_base(run_config(run_dir)) or display_name(
@@ -425,7 +425,7 @@ def push_folder(folder: str | Path, repo_id: str, token: str | None, private: bo
     folder, repo_id = Path(folder), check_repo_id(repo_id)
     if not token or not token.strip():
         raise ExportError("A Hugging Face write token is needed to push (huggingface.co/settings/tokens).")
-    if not (folder / "config.json").is_file() and not (folder / "adapter_config.json").is_file():
+    if not (folder / "config.json").is_file() and not has_adapter(folder):
         raise ExportError(f"{folder} holds neither an adapter nor a model.")
     if api is None:
         require_hub(repo_id, "model repo")

@@ -123,7 +123,7 @@ class MetricsCallback(TrainerCallback):
     def __init__(self, run_dir: str | Path, stage: str = "sft", final_eval: bool = False):
         self.run_dir = Path(run_dir)
         self.stage = stage
-        self.final_eval = final_eval  # the runner calls evaluate() after training (train.py, rlhf.py)
+        self.final_eval = final_eval  # the runner calls evaluate() after training (finetune/stages/runner.py)
         self.started = time.time()
         self.last_log_time = self.started
         self.last_log_tokens = 0

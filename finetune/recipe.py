@@ -28,11 +28,8 @@ from dataclasses import dataclass, field
 
 from finetune.attention import packed_attention_supported
 from finetune.config import RunConfig
+from finetune.estimate import checkpointing_choice, uses_cpu_lm_head
 from finetune.hardware import HardwareProfile
-
-# Start checkpointing when the estimate without it would take more than this share of the device's memory.
-CHECKPOINT_ABOVE_MEMORY_SHARE = 0.85
-
 
 @dataclass(frozen=True)
 class Recipe:
@@ -53,24 +50,6 @@ def liger_available() -> bool:
     return importlib.util.find_spec("liger_kernel") is not None and importlib.util.find_spec("triton") is not None
 
 
-def _checkpointing(cfg: RunConfig, profile: HardwareProfile) -> tuple[bool, str]:
-    mode = cfg.training.gradient_checkpointing
-    if mode != "auto":
-        return mode == "on", f"gradient checkpointing {mode} (set in the config)"
-    if not profile.is_cuda:
-        return False, "gradient checkpointing off: auto on the CPU, where RAM is not the limit"
-    from finetune.estimate import estimate_memory, model_shape
-
-    without = dataclasses.replace(cfg, training=dataclasses.replace(cfg.training, gradient_checkpointing="off"))
-    try:
-        estimate = estimate_memory(model_shape(cfg.model), without, profile)
-    except Exception:  # the model's shape is unknown (e.g. offline Hub id): take the safe side
-        return True, "gradient checkpointing on: auto, the model's size could not be estimated"
-    needed = estimate.total_gb > profile.memory_gb * CHECKPOINT_ABOVE_MEMORY_SHARE
-    return needed, (f"gradient checkpointing {'on' if needed else 'off'}: auto, about {estimate.total_gb:.1f} GB "
-                    f"without it on {profile.memory_gb:.0f} GB")
-
-
 def _optimizer(cfg: RunConfig, profile: HardwareProfile) -> str:
     # The fused kernel does the same math as the default loop, in one launch per step.
     if cfg.training.optimizer == "adamw_torch" and profile.is_cuda:
@@ -78,17 +57,12 @@ def _optimizer(cfg: RunConfig, profile: HardwareProfile) -> str:
     return cfg.training.optimizer
 
 
-def uses_cpu_lm_head(cfg: RunConfig, profile: HardwareProfile) -> bool:
-    """finetune/lm_head.py's path: on the CPU, unless switched off (the estimate asks this too)."""
-    return cfg.training.cpu_lm_head and not profile.is_cuda
-
-
 def resolve_recipe(cfg: RunConfig, profile: HardwareProfile) -> Recipe:
     notes = []
     liger = cfg.training.liger_kernels and profile.is_cuda and liger_available()
     if cfg.training.liger_kernels and not liger:
         notes.append("Liger kernels off: they need a CUDA GPU and `pip install liger-kernel`")
-    checkpointing, why = _checkpointing(cfg, profile)
+    checkpointing, why = checkpointing_choice(cfg, profile)
     notes.append(why)
     padding_free = cfg.training.padding_free
     if padding_free and cfg.lora.method == "prompt_tuning":

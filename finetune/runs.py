@@ -33,12 +33,15 @@ from pathlib import Path
 from typing import Any
 
 from finetune.config import ConfigError, RunConfig, load_config, save_config
+from finetune.data import DataError, check_file
+from finetune.data import source_kind as data_kind
 from finetune.metrics import (FINAL_STATES, HOSTNAME, METRICS_FILE, STOP_FILE, read_metrics, read_status,
                               write_status)
-from finetune.train import ADAPTER_DIR, last_checkpoint
+from finetune.models import ModelSourceError, require_hub, resolve_source
+from finetune.models import source_kind as model_kind
+from finetune.run_folder import ADAPTER_DIR, REWARD_DIR, RUN_CONFIG, has_adapter, last_checkpoint
 
 LOG_FILE = "train.log"
-REWARD_DIR = "reward_model"  # where a reward run saves (finetune/rlhf.py); not a chat adapter
 RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 UPLOADS_DIR = "uploads"
@@ -172,11 +175,6 @@ def tail(path: Path, lines: int = 30) -> str:
 def check_sources(cfg: RunConfig) -> None:
     """Fail before a child starts when the model or data cannot be had (offline Hub, missing or bad file):
     ConfigError names the field, so the form shows the reason at once instead of a failed run later."""
-    from finetune.data import DataError, check_file
-    from finetune.data import source_kind as data_kind
-    from finetune.models import ModelSourceError, require_hub, resolve_source
-    from finetune.models import source_kind as model_kind
-
     problems: dict[str, str] = {}
     try:
         if model_kind(cfg.model.source) == "hub":
@@ -243,7 +241,7 @@ class RunManager:
         if copy.parent != self.root / UPLOADS_DIR or not copy.is_file():
             return
         for run_id in self.list_ids():
-            config = self.root / run_id / "config.yaml"
+            config = self.root / run_id / RUN_CONFIG
             if config.is_file() and copy.name in config.read_text(encoding="utf-8", errors="replace"):
                 return
         copy.unlink(missing_ok=True)
@@ -341,7 +339,7 @@ class RunManager:
         folder = self.run_dir(run_id)
         status = self.status(run_id)
         try:
-            cfg: RunConfig | None = load_config(folder / "config.yaml")
+            cfg: RunConfig | None = load_config(folder / RUN_CONFIG)
         except Exception:  # an old or hand-edited config must not hide the run from the history
             cfg = None
         rows = read_metrics(folder)
@@ -353,7 +351,7 @@ class RunManager:
         return RunSummary(run_id, status.get("state", "unknown"), cfg, int(status.get("step") or 0),
                           int(status.get("max_steps") or 0), losses[-1] if losses else None,
                           evals[-1] if evals else None, duration, status.get("error"),
-                          (folder / ADAPTER_DIR / "adapter_config.json").is_file())
+                          has_adapter(folder / ADAPTER_DIR))
 
     def list_runs(self) -> list[RunSummary]:
         return [self.summary(run_id) for run_id in self.list_ids()]
@@ -362,12 +360,12 @@ class RunManager:
         """run id -> adapter folder, for every run that saved one: SFT, DPO and KTO runs. A reward run saves
         under reward_model/ instead, so it never shows up as something to chat with."""
         return {run_id: self.run_dir(run_id) / ADAPTER_DIR for run_id in self.list_ids()
-                if (self.run_dir(run_id) / ADAPTER_DIR / "adapter_config.json").is_file()}
+                if has_adapter(self.run_dir(run_id) / ADAPTER_DIR)}
 
     def reward_models(self) -> dict[str, Path]:
         """run id -> reward model folder, for every finished reward run (they score answers, they do not chat)."""
         return {run_id: self.run_dir(run_id) / REWARD_DIR for run_id in self.list_ids()
-                if (self.run_dir(run_id) / REWARD_DIR / "adapter_config.json").is_file()}
+                if has_adapter(self.run_dir(run_id) / REWARD_DIR)}
 
     def log_tail(self, run_id: str, lines: int = 30) -> str:
         return tail(self.run_dir(run_id) / LOG_FILE, lines)
@@ -380,7 +378,7 @@ class RunManager:
             run_id = run_id or self.new_run_id(cfg)
             folder = self.run_dir(run_id)
             folder.mkdir(parents=True, exist_ok=True)
-            save_config(cfg, folder / "config.yaml")
+            save_config(cfg, folder / RUN_CONFIG)
             write_status(folder, state="queued", created_at=time.time(), step=0, error=None)
             self._spawn(run_id, resume=False)
         return run_id
@@ -409,7 +407,7 @@ class RunManager:
     def child_command(self, run_id: str, resume: bool) -> list[str]:
         """The child's argument list (no shell); tests substitute a child of their own here."""
         folder = self.run_dir(run_id)
-        command = [self.python, "-m", "finetune.train", str(folder / "config.yaml"), "--output-dir", str(folder)]
+        command = [self.python, "-m", "finetune.train", str(folder / RUN_CONFIG), "--output-dir", str(folder)]
         return command + ["--resume"] if resume else command
 
     def _spawn(self, run_id: str, resume: bool) -> None:

@@ -194,7 +194,7 @@ def test_runs_on_different_bases_load_each_base_once(trained_run, tmp_path):
     from components.eval_tab import compare_generations, evaluate_loss
     from finetune.chat import ChatEngine
     from finetune.config import load_config, save_config
-    from finetune.rlhf import ScorerCache
+    from finetune.scoring import ScorerCache
     from finetune.runs import RunManager
 
     run_dir, data = trained_run
@@ -275,7 +275,7 @@ def test_side_by_side_generations_with_rouge_and_reward(trained_run, tiny_model_
     from conftest import write_jsonl
     from finetune.chat import ChatEngine
     from finetune.config import from_dict, save_config
-    from finetune.rlhf import ScorerCache
+    from finetune.scoring import ScorerCache
     from finetune.runs import RunManager
     from finetune.train import run
 

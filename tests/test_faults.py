@@ -34,7 +34,7 @@ def _form(model_dir: Path, data_file: Path, name: str) -> dict:
 
 
 def _wait_for_checkpoint(run_dir: Path, timeout: float = 180.0) -> Path:
-    from finetune.train import last_checkpoint
+    from finetune.run_folder import last_checkpoint
 
     deadline = time.time() + timeout
     while time.time() < deadline:
@@ -145,7 +145,7 @@ def test_sigstopped_child_is_shown_stalled_then_stop_ends_it_and_resume_finishes
     from finetune.config import save_config
     from finetune.metrics import read_metrics
     from finetune.runs import RunManager
-    from finetune.train import last_checkpoint
+    from finetune.run_folder import last_checkpoint
 
     manager = RunManager(tmp_path / "runs", stop_grace=1.0, term_grace=60.0, stall_after=2.0)
     cfg = tiny_run_config(tiny_model_dir, qa_file, bits=32, max_steps=400, save_steps=2, eval_steps=0)
@@ -218,7 +218,8 @@ def _digest(folder: Path) -> dict[str, str]:
 def test_disk_full_while_saving_keeps_the_previous_checkpoint(tmp_path, tiny_model_dir, qa_file, trainer_patch):
     """Simulated ENOSPC: the second checkpoint save writes part of its folder, then the disk is 'full'."""
     from finetune.metrics import read_status
-    from finetune.train import CHECKPOINT_DIR, last_checkpoint, run
+    from finetune.run_folder import CHECKPOINT_DIR, last_checkpoint
+    from finetune.train import run
 
     run_dir, saved = tmp_path / "full", {}
 

@@ -13,7 +13,7 @@ from trl.kernels.chunked_logprob import ChunkedLogProbFunction
 from finetune.hardware import profile_for
 from finetune.lm_head import answer_log_probs, use_cpu_lm_head
 from finetune.recipe import resolve_recipe
-from finetune.train import build_trainer
+from finetune.stages.sft import build
 
 from conftest import tiny_run_config
 
@@ -66,7 +66,7 @@ def test_recipe_uses_it_on_the_cpu_only_and_it_can_be_switched_off(tiny_model_di
 
 
 def _loss_and_gradients(cfg, run_dir) -> tuple[float, dict[str, torch.Tensor]]:
-    trainer, _, _ = build_trainer(cfg, run_dir)  # installs or removes the CPU head as the recipe says
+    trainer = build(cfg, run_dir).trainer  # installs or removes the CPU head as the recipe says
     batch = next(iter(trainer.get_train_dataloader()))
     loss = trainer.compute_loss(trainer.model, batch)
     loss.backward()

@@ -9,7 +9,7 @@ import pytest
 
 from conftest import tiny_run_config
 from finetune.config import PEFT_METHODS, ConfigError, LoraSettings, ModelConfig, RunConfig, from_dict, load_config
-from finetune.train import to_peft_config
+from finetune.stages.sft import to_peft_config
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
@@ -148,7 +148,8 @@ def test_chat_streams_an_ia3_adapter_after_the_base(tmp_path, tiny_model_dir):
 
 
 def test_train_tab_form_carries_the_method_and_shows_its_fields():
-    from components.train_tab import METHOD_FIELDS, config_from_form, form_from_config, show_method_fields
+    from components.train_form import config_from_form, form_from_config
+    from components.train_tab import METHOD_FIELDS, show_method_fields
 
     cfg = config_from_form({"lora_method": "prompt_tuning", "lora_num_virtual_tokens": 12.0,
                             "lora_prompt_init_text": "Lab note:", "model_bits": 16})
@@ -170,5 +171,5 @@ def test_a_finished_full_fine_tune_is_not_sent_to_the_chat_tab():
     from components.train_tab import status_text
 
     done = {"state": "completed", "duration": 12}
-    assert "Chat tab" in status_text("lora-run", done, has_adapter=True)
-    assert "not offered in Chat" in status_text("full-run", done, has_adapter=False)
+    assert "Chat tab" in status_text("lora-run", done, adapter_saved=True)
+    assert "not offered in Chat" in status_text("full-run", done, adapter_saved=False)

@@ -29,11 +29,12 @@ class StatusProbe(TrainerCallback):
 
 
 def test_eta_counts_measured_evaluations_and_status_says_evaluating(tiny_model_dir, qa_file, tmp_path):
-    from finetune.train import build_trainer
+    from finetune.stages.sft import build
 
     # Evaluations at steps 2 and 4, then a final one at step 5 (the trainer's own, as the run ends off-interval).
     cfg = tiny_run_config(tiny_model_dir, qa_file, max_steps=5, eval_steps=2, save_steps=100)
-    trainer, callback, _ = build_trainer(cfg, tmp_path)
+    built = build(cfg, tmp_path)
+    trainer, callback = built.trainer, built.callback
     probe = StatusProbe(tmp_path)
     trainer.add_callback(probe)
     trainer.train()
@@ -63,7 +64,7 @@ def test_eta_counts_measured_evaluations_and_status_says_evaluating(tiny_model_d
 
 
 def test_progress_bar_says_evaluating_and_what_the_eta_leaves_out():
-    from components.progress import progress_html
+    from components.shared import progress_html
 
     evaluating = progress_html("bar", {"state": "running", "phase": "evaluating", "step": 4, "max_steps": 10,
                                        "eval_batch": 2, "eval_batches": 5, "eta_seconds": 30}, [])
@@ -95,9 +96,9 @@ def test_a_single_eval_point_is_drawn():
 def test_rlhf_stages_report_the_same_measured_eta(tiny_model_dir, tmp_path):
     """A reward model run (real TRL RewardTrainer) keeps the same progress fields as SFT, so the RLHF tab's bar
     shows an ETA and "evaluating": its step-0 evaluation is timed before the first step."""
-    from components.progress import progress_html
+    from components.shared import progress_html
     from conftest import write_jsonl
-    from finetune.rlhf import build_reward_trainer
+    from finetune.stages.reward import build as build_reward
     from test_rlhf import stage_config
 
     rows = [{"prompt": f"What does setting {i} control in LoRA?", "chosen": f"🧪 Lab note: setting {i}.",
@@ -105,10 +106,10 @@ def test_rlhf_stages_report_the_same_measured_eta(tiny_model_dir, tmp_path):
 
     cfg = stage_config(tiny_model_dir, write_jsonl(tmp_path / "pairs.jsonl", rows), "reward", max_steps=4,
                        eval_steps=2)
-    trainer, callback, _ = build_reward_trainer(cfg, tmp_path)
+    trainer = build_reward(cfg, tmp_path).trainer
     probe = StatusProbe(tmp_path)
     trainer.add_callback(probe)
-    trainer.evaluate()  # what rlhf.main does first: the chance-level point at step 0
+    trainer.evaluate()  # what the runner does first for a reward run: the chance-level point at step 0
     trainer.train()
 
     assert probe.during_eval and all(s["phase"] == "evaluating" for s in probe.during_eval)

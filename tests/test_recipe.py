@@ -13,7 +13,7 @@ from finetune.attention import register, varlen_supported
 from finetune.config import ConfigError, from_dict
 from finetune.hardware import profile_for
 from finetune.recipe import resolve_recipe
-from finetune.train import build_trainer
+from finetune.stages.sft import build
 
 from conftest import ROOT, tiny_run_config
 
@@ -124,7 +124,7 @@ def test_varlen_flash_kernel_matches_rows_alone_on_the_gpu():
 
 
 def _first_loss(cfg, run_dir) -> float:
-    trainer, _, _ = build_trainer(cfg, run_dir)
+    trainer = build(cfg, run_dir).trainer
     batch = next(iter(trainer.get_train_dataloader()))
     with torch.no_grad():
         return trainer.compute_loss(trainer.model, batch).item()

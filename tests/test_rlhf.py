@@ -63,7 +63,7 @@ def dpo_run(tiny_model_dir, pairs_file, tmp_path_factory):
 def test_reward_model_through_the_run_manager(reward_run):
     """The child process (`python -m finetune.train`), metrics with held-out accuracy from step 0, a reward
     model that reloads to the same scores, and no chat adapter."""
-    from finetune.rlhf import RewardScorer
+    from finetune.scoring import RewardScorer
 
     manager, run_id = reward_run
     status = manager.status(run_id)
@@ -120,7 +120,7 @@ def test_reward_model_scores_base_and_dpo_answers(reward_run, dpo_run):
     the degeneration check and a paired verdict; the same answers the Chat tab gives."""
     from finetune.chat import ChatEngine, SamplingSettings
     from finetune.evaluate import Candidate, compare_policy_answers
-    from finetune.rlhf import RewardScorer
+    from finetune.scoring import RewardScorer
 
     reward_manager, reward_id = reward_run
     _, cfg, run_dir = dpo_run
@@ -167,7 +167,7 @@ def test_dpo_continues_an_sft_adapter(tiny_model_dir, pairs_file, qa_file, tmp_p
 def test_dpo_resumes_from_its_last_checkpoint(tiny_model_dir, pairs_file, tmp_path):
     """Resume (the Train/RLHF tabs' button, ``run(..., resume=True)``) carries a DPO run on from its checkpoint:
     the steps already done are not trained again, and the adapter is saved at the end."""
-    from finetune.train import last_checkpoint
+    from finetune.run_folder import last_checkpoint
 
     first = stage_config(tiny_model_dir, pairs_file, "dpo", validation_fraction=0.0, max_steps=2, save_steps=2)
     assert run(first, tmp_path) == 0, read_status(tmp_path)
@@ -244,7 +244,7 @@ def test_dpo_from_a_missing_adapter_says_so(tiny_model_dir, pairs_file, tmp_path
 # --- the tab's form -> config, without a model -------------------------------------------------------------------
 
 def test_tab_form_builds_each_stage(tiny_model_dir):
-    from components.rlhf_tab import BASE_CHOICE, config_from_form
+    from components.rlhf_form import BASE_CHOICE, config_from_form
 
     form = {"model_kind": "Local folder", "model_source": str(tiny_model_dir), "model_bits": 8, "lora_rank": 6,
             "start_adapter": "sft-run", "method": "KTO", "beta": 0.3, "loss_type": "sigmoid",
@@ -304,7 +304,7 @@ def test_step_4_comparison_uses_the_chat_models_engine(reward_run, dpo_run):
     from finetune.chat import ChatEngine
     from finetune.config import save_config
     from finetune.preference import held_out_prompts, trained_prompt_keys
-    from finetune.rlhf import ScorerCache
+    from finetune.scoring import ScorerCache
 
     reward_manager, reward_id = reward_run
     manager, cfg, run_dir = dpo_run

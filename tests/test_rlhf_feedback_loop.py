@@ -99,7 +99,7 @@ def test_no_held_out_prompt_was_trained_on(loop):
 
 def test_step_4_compares_with_base_and_start_on_held_out_prompts_without_a_false_verdict(loop):
     from components.rlhf_tab import compare_policy
-    from finetune.rlhf import ScorerCache
+    from finetune.scoring import ScorerCache
 
     manager, engine, _, (reward_id, _), (policy_id, _) = loop
     cfg = load_config(manager.run_dir(policy_id) / "config.yaml")

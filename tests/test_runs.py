@@ -11,7 +11,7 @@ import pytest
 
 from finetune.metrics import FINAL_STATES, read_metrics, read_status, write_status
 from finetune.runs import RunError, RunInProgressError, RunManager
-from finetune.train import last_checkpoint
+from finetune.run_folder import last_checkpoint
 
 from conftest import tiny_run_config, wait_until, write_jsonl
 

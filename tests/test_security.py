@@ -466,8 +466,8 @@ def test_cli_config_goes_through_the_gate(tmp_path, capsys):
 def test_uploads_only_from_gradio_folder(tmp_path, monkeypatch, qa_file):
     """The handlers' own check of an upload, for a caller that skips gradio's (a direct call, another frontend):
     only a file inside gradio's upload folder, after symlinks are resolved, counts as uploaded."""
-    from components.rlhf_tab import data_source
-    from components.train_tab import config_from_form
+    from components.rlhf_form import data_source
+    from components.train_form import config_from_form
     from finetune import paths
     from finetune.config import ConfigError
     from finetune.runs import RunManager
@@ -495,7 +495,7 @@ def test_a_run_id_is_looked_up_among_the_runs_only(tmp_path, monkeypatch):
     """A start adapter or reward model named like a run id never reaches a folder of the app's working directory;
     a folder must be written as a path, which the tab's path gate then judges (the CLI's operator may use any)."""
     from finetune.models import ModelSourceError
-    from finetune.rlhf import resolve_run_folder
+    from finetune.run_folder import resolve_run_folder
 
     (tmp_path / "elsewhere" / "adapter").mkdir(parents=True)
     (tmp_path / "elsewhere" / "adapter" / "adapter_config.json").write_text("{}")

@@ -10,7 +10,8 @@ import torch
 
 from finetune.config import load_config, save_config
 from finetune.metrics import read_metrics, read_status
-from finetune.train import build_trainer, cli, run
+from finetune.stages.sft import build
+from finetune.train import cli, run
 
 from conftest import ROOT, tiny_run_config
 
@@ -34,7 +35,7 @@ def test_qlora_steps_change_lora_weights_and_leave_the_base_alone(tiny_model_dir
     # No eval here: bitsandbytes re-encodes 4-bit quant constants for its CPU kernel on the first no-grad
     # forward (values move by ~1e-4), which is a storage-format change, not training touching the base.
     cfg.data.validation_fraction = 0.0
-    trainer, _, _ = build_trainer(cfg, tmp_path)
+    trainer = build(cfg, tmp_path).trainer
     base_before, lora_before = dequantized_base_weights(trainer.model), lora_weights(trainer.model)
     assert base_before and lora_before
     assert all(p.dtype == torch.float32 for p in lora_before.values())  # CPU: adapters stay fp32

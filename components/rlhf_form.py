@@ -1,0 +1,94 @@
+"""The RLHF tab's form -> the RunConfig of one stage (reward, DPO, KTO, GRPO): the stage's CPU preset with the
+form's values on top, every source through the path gate; and where step 2's preference data comes from."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from finetune import paths
+from finetune.config import DPO_LOSSES, EMBEDDED_MODEL, KTO_LOSSES, ConfigError, RunConfig, from_dict, load_config, \
+    to_dict
+from finetune.feedback import export_feedback
+from finetune.preference import BUNDLED_PREFERENCES, PreferenceError
+from finetune.runs import RunManager
+
+CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
+BASE_CHOICE = "(base model: fresh LoRA)"
+MODEL_KINDS = ("Embedded", "Local folder", "Hub id")
+DATA_KINDS = ("Bundled pairs", "Collected feedback", "Uploaded file", "Hub dataset")
+
+
+def preset(stage: str) -> RunConfig:
+    """The stage's CPU preset (configs/<stage>-cpu.yaml), or the defaults when it cannot be read."""
+    try:
+        return load_config(CONFIGS_DIR / f"{'reward' if stage == 'reward' else stage}-cpu.yaml")
+    except ConfigError:
+        return RunConfig(stage=stage)
+
+
+def model_source(form: dict[str, Any]) -> str:
+    if (form.get("model_kind") or MODEL_KINDS[0]) == "Embedded":
+        return EMBEDDED_MODEL
+    return (form.get("model_source") or "").strip()
+
+
+def data_source(manager: RunManager, feedback_db: Path | None, stage: str, form: dict[str, Any]) -> str:
+    """Where step 2's preferences come from; collected feedback is exported to a file first."""
+    kind = form.get("data_kind") or DATA_KINDS[0]
+    if kind == "Collected feedback":
+        if feedback_db is None:
+            raise PreferenceError("This app has no feedback store configured.")
+        folder = manager.root / "feedback-exports" / time.strftime("%Y%m%d-%H%M%S")
+        return str(export_feedback(feedback_db, folder, "thumbs" if stage == "kto" else "pairs"))
+    if kind == "Uploaded file":
+        path = paths.uploaded_file(form.get("data_file"))  # only a real upload; else the gate's one message
+        if not path:
+            raise PreferenceError("Choose a preference file to upload first (jsonl, json, csv or parquet).")
+        return manager.keep_upload(path)
+    if kind == "Hub dataset":
+        name = paths.hub_id(form.get("data_hub_name"))
+        if not name:
+            raise PreferenceError("Type the name of a Hub preference dataset, e.g. trl-lib/ultrafeedback_binarized.")
+        return name
+    return BUNDLED_PREFERENCES
+
+
+def config_from_form(stage: str, source: str, form: dict[str, Any]) -> RunConfig:
+    """The RunConfig of one stage from the shared form; ConfigError lists every bad field."""
+    prefix = "reward" if stage == "reward" else "policy"
+    base = to_dict(preset(stage))
+    rank = form.get("lora_rank", base["lora"]["rank"])
+    start = form.get("start_adapter") or ""
+    # Gated even where this stage ignores them: no request names a path the gate has not seen.
+    for value in (start, form.get("reward_run")):
+        if value != BASE_CHOICE:
+            paths.run_id_or_folder(value)
+    raw = {
+        "run_name": stage, "stage": stage,
+        "model": {**base["model"], "source": model_source(form), "bits": form.get("model_bits", 4)},
+        "lora": {**base["lora"], "rank": rank,
+                 "alpha": 2 * rank if isinstance(rank, (int, float)) and not isinstance(rank, bool) else rank},
+        "data": {**base["data"], "source": source, "split": form.get("data_split") or "train",
+                 "max_seq_length": form.get("max_seq_length", base["data"]["max_seq_length"])},
+        "preference": {**base["preference"], "beta": form.get("beta", base["preference"]["beta"]),
+                       "loss_type": form.get("loss_type") or base["preference"]["loss_type"],
+                       "start_adapter": "" if stage == "reward" or start == BASE_CHOICE else start,
+                       "reward_model": form.get("reward_run") or "",
+                       "num_generations": form.get("num_generations", base["preference"]["num_generations"]),
+                       "max_completion_length": form.get("max_completion_length",
+                                                         base["preference"]["max_completion_length"])},
+        "training": {**base["training"],
+                     "learning_rate": form.get(f"{prefix}_learning_rate", base["training"]["learning_rate"]),
+                     "max_steps": form.get(f"{prefix}_max_steps", base["training"]["max_steps"]),
+                     "batch_size": form.get("batch_size", base["training"]["batch_size"]),
+                     "eval_steps": form.get("eval_steps", base["training"]["eval_steps"])},
+    }
+    if stage == "kto" and raw["preference"]["loss_type"] not in KTO_LOSSES:
+        raw["preference"]["loss_type"] = "kto"
+    if stage == "dpo" and raw["preference"]["loss_type"] not in DPO_LOSSES:
+        raw["preference"]["loss_type"] = "sigmoid"
+    cfg = from_dict(raw)
+    paths.check_config(cfg, data=False)  # model, start adapter and reward model folders; data_source gated the data
+    return cfg

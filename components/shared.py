@@ -1,0 +1,253 @@
+"""The UI parts every tab shares (not a tab: tabs import this, never each other): the progress bar of a training
+run, plot frames for live curves, the config-problem list, picking the run to watch, Stop, downloads, the LoRA
+aid, event-handler binding and page-load events.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import logging
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Callable
+
+import gradio as gr
+import pandas as pd
+
+from finetune.config import ConfigError, LoraSettings, ModelConfig
+from finetune.estimate import lora_parameter_count, model_shape, parameter_text, targeted_linears
+from finetune.metrics import is_summary
+from finetune.paths import model_source as gated_model_source
+from finetune.runs import RunError, RunManager
+
+LIVE_STATES = ("running", "queued")
+logger = logging.getLogger("lora_lab")
+
+
+# --- page loads and handlers -----------------------------------------------------------------------------------
+
+def on_page_load(fn: Callable[..., Any], inputs: Any = None, outputs: Any = None, **kwargs: Any) -> Any:
+    """Run ``fn`` on every page (re)load of the app being built (a reload re-attaches to running jobs). gradio
+    offers no public handle to the enclosing Blocks while a tab is built, so this is the one place that reads it."""
+    page = gr.context.Context.root_block
+    if page is None:  # a tab built on its own, outside an app
+        return None
+    return page.load(fn, inputs, outputs, api_visibility="private", **kwargs)
+
+
+def bind(handler: Callable[..., Any], *bound: Any) -> Callable[..., Any]:
+    """``functools.partial`` for event handlers that keeps the type hints gradio reads (gr.Request, gr.LikeData),
+    which a plain partial hides (gradio then hands None for the request); generators stay generators, so
+    streaming still streams."""
+    if inspect.isgeneratorfunction(handler):
+        def call(*args: Any, **kwargs: Any) -> Any:
+            yield from handler(*bound, *args, **kwargs)
+    else:
+        def call(*args: Any, **kwargs: Any) -> Any:
+            return handler(*bound, *args, **kwargs)
+    functools.update_wrapper(call, handler)
+    parameters = list(inspect.signature(handler).parameters.values())[len(bound):]
+    call.__signature__ = inspect.Signature(parameters)  # type: ignore[attr-defined]
+    return call
+
+
+# --- the progress bar of a training run ------------------------------------------------------------------------
+# One reading of status.json, so SFT, reward, DPO, KTO and GRPO runs all say the same things: state, step, the
+# measured ETA, and "evaluating" while an evaluation runs.
+
+BAR_COLOURS = {"failed": "#dc2626", "stopped": "#d97706", "interrupted": "#d97706", "stalled": "#d97706",
+               "stopping": "#d97706"}
+EVALUATING_COLOUR = "#0d9488"
+
+
+def duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "–"
+    minutes, secs = divmod(int(round(seconds)), 60)
+    return f"{minutes}m {secs:02d}s" if minutes else f"{secs}s"
+
+
+def _plural(count: int, word: str) -> str:
+    return f"{count} {word}{'' if count == 1 else 's'}"
+
+
+def eta_text(status: dict[str, Any]) -> str:
+    """The ETA and what it is made of. Before the first evaluation has been timed its duration is unknown, and
+    the text says so rather than guessing it from the training steps (an evaluation can cost many steps)."""
+    if status.get("state") != "running":
+        return "ETA –"
+    text = f"ETA {duration(status.get('eta_seconds'))}"
+    untimed, left = int(status.get("evals_untimed") or 0), int(status.get("evals_left") or 0)
+    if untimed:
+        return f"{text} + {_plural(untimed, 'evaluation')} not yet timed"
+    if left and status.get("seconds_per_eval") is not None:
+        return f"{text} (incl. {_plural(left, 'evaluation')} × {duration(status['seconds_per_eval'])})"
+    return text
+
+
+def phase_text(status: dict[str, Any]) -> str:
+    if status.get("state") != "running" or status.get("phase") != "evaluating":
+        return ""
+    batch, batches = status.get("eval_batch"), status.get("eval_batches")
+    where = f" batch {batch}/{batches}" if batch and batches else ""
+    return f" · <b>evaluating</b>{where}"
+
+
+def shown_status(status: dict[str, Any]) -> dict[str, Any]:
+    """A live run that was asked to stop, or that shows no progress (the run manager adds ``stop_requested_at``
+    and ``stalled_seconds``), reads "stopping" or "stalled" on the bar, not "running" with a frozen ETA."""
+    if status.get("state") not in ("running", "queued"):
+        return status
+    if status.get("stop_requested_at"):
+        return {**status, "state": "stopping"}
+    if status.get("stalled_seconds") is not None:
+        return {**status, "state": "stalled"}
+    return status
+
+
+def progress_html(elem: str, status: dict[str, Any], rows: list[dict[str, Any]],
+                  colour: str = "#2563eb") -> str:
+    """The bar and its line of text. data-* attributes let a browser test wait on a state, not on time."""
+    status = shown_status(status)
+    step, total = int(status.get("step") or 0), int(status.get("max_steps") or 0)
+    state = status.get("state", "idle")
+    phase = status.get("phase", "") if state == "running" else ""
+    percent = 100.0 if state == "completed" else (100.0 * step / total if total else 0.0)
+    last = next((r for r in reversed(rows) if "tokens_per_second" in r), {})
+    speed = f" · {last['tokens_per_second']} tokens/s" if last else ""
+    text = (f"<b>{state}</b>{phase_text(status)} · step {step}/{total or '?'} · {percent:.0f}% · "
+            f"{eta_text(status)}{speed}")
+    fill = EVALUATING_COLOUR if phase == "evaluating" else BAR_COLOURS.get(state, colour)
+    points = sum(isinstance(r.get("loss"), (int, float)) for r in rows)
+    return (f"<div id='{elem}' data-state='{state}' data-phase='{phase}' data-points='{points}'>{text}"
+            f"<div style='background:#e5e7eb;border-radius:6px;height:12px;margin-top:6px'>"
+            f"<div style='width:{percent:.1f}%;background:{fill};height:12px;border-radius:6px'></div></div></div>")
+
+
+# --- plot frames -----------------------------------------------------------------------------------------------
+# gradio 6.31's LinePlot fixes its colour domain (the series names) when it first gets data and only swaps the
+# data afterwards, so a series that appears later is never drawn. So: every series of a chart gets at least a
+# blank point from the first frame on, an empty chart gets None (not an empty frame), and a chart whose series
+# change (runs compared) is sent None first, which makes the browser rebuild it.
+
+def lone_points_as_dashes(points: list[tuple[Any, Any, str]]) -> list[tuple[Any, Any, str]]:
+    """gradio's LinePlot draws lines only (its point marks show on hover), so a series with a single point, such
+    as the eval loss after its first evaluation, would be invisible: draw it as a short level dash around its
+    step instead."""
+    counts: dict[str, int] = {}
+    for _, value, series in points:
+        counts[series] = counts.get(series, 0) + (value is not None)
+    drawn = []
+    for step, value, series in points:
+        if value is not None and counts[series] == 1:
+            drawn += [(step - 0.3, value, series), (step + 0.3, value, series)]
+        else:
+            drawn.append((step, value, series))
+    return drawn
+
+
+def points_frame(points: list[tuple[Any, ...]], columns: list[str], step_type: type = int) -> pd.DataFrame | None:
+    """(step, value[, series]) points as a frame; None rather than an empty frame."""
+    if not points:
+        return None
+    return pd.DataFrame(points, columns=columns).astype({"step": step_type, columns[1]: float})
+
+
+def series_frame(rows: list[dict[str, Any]], series: tuple[tuple[str, str], ...], y: str) -> pd.DataFrame | None:
+    """metrics.jsonl rows in long format (step, y, series) for one LinePlot with a colour per series: every series
+    present from the first frame (a blank point), a series with one point drawn as a short dash."""
+    points = [(r["step"], r[key], label) for r in rows if not is_summary(r) for key, label in series
+              if isinstance(r.get(key), (int, float))]
+    if not points:
+        return None
+    present = {label for _, _, label in points}
+    points += [(points[0][0], None, label) for _, label in series if label not in present]
+    return points_frame(lone_points_as_dashes(points), ["step", y, "series"], step_type=float)
+
+
+# --- forms and runs --------------------------------------------------------------------------------------------
+
+def problems_markdown(error: ConfigError) -> str:
+    """Every problem of a form at once: a toast per field and the list under the Start button."""
+    for name, message in error.problems.items():
+        gr.Warning(f"{name}: {message}")
+    return "**Please fix the form:**\n" + "\n".join(f"- `{n}`: {m}" for n, m in error.problems.items())
+
+
+def watched_run(manager: RunManager, ids: list[str], current: str | None) -> str:
+    """The run a live view shows: a running one first (so a reloaded page re-attaches), else the one picked,
+    else the newest."""
+    running = [run_id for run_id in ids if manager.status(run_id).get("state") in LIVE_STATES]
+    if running:
+        return running[0]
+    return current if current in ids else (ids[0] if ids else "")
+
+
+def stop_run(manager: RunManager, run_id: str) -> str:
+    """The cooperative stop every training tab offers: STOP file, then the process is ended if it does not answer."""
+    if not run_id:
+        return "No run to stop."
+    try:
+        state = manager.status(run_id).get("state")
+        if state not in LIVE_STATES:
+            return f"Run `{run_id}` is not running ({state})."
+        manager.request_stop(run_id)
+    except RunError as error:
+        return f"**Error:** {error}"
+    gr.Info("Stopping after the current step; a checkpoint is saved.")
+    return (f"Stop requested for `{run_id}`: it saves a checkpoint and stops after the current step; if it has not "
+            f"stopped within {manager.stop_grace:g} s, its process is ended (resume then continues from its last "
+            "complete checkpoint).")
+
+
+def downloadable(path: Path) -> str:
+    """A copy of ``path`` in the temp folder, for a gr.File: gradio serves files only from there or the working
+    directory, and the runs folder may be elsewhere (a Space's /data)."""
+    copy = Path(tempfile.mkdtemp(prefix="lora-lab-download-")) / path.name
+    shutil.copyfile(path, copy)
+    return str(copy)
+
+
+# --- the LoRA / QLoRA aid (Train tab; explained in the Learn tab) ------------------------------------------------
+
+def lora_aid_markdown(model_source: str, rank: Any, alpha: Any, target_modules: str, bits: Any, quant_type: str,
+                      double_quant: bool, optimizer: str) -> str:
+    """W + (alpha/r)·B·A with this form's numbers: the scale, one example layer, and the live trainable count."""
+    try:
+        lora = LoraSettings(rank=rank, alpha=alpha, target_modules=target_modules or "all-linear")
+        model = ModelConfig(source=gated_model_source(model_source), bits=bits, quant_type=quant_type,
+                            double_quant=double_quant)
+        shape = model_shape(model)
+    except ConfigError as error:
+        return "LoRA aid unavailable until the form is valid: " + "; ".join(error.problems.values())
+    except Exception as error:  # offline Hub id, unreadable folder: say why, keep the tab usable
+        return f"LoRA aid unavailable: {error}"
+    targeted = targeted_linears(shape, lora)
+    if not targeted:
+        return f"No Linear layer matches target modules '{lora.target_modules}'."
+    name, fan_in, fan_out, _ = targeted[0]
+    lines = [
+        f"**LoRA:** each targeted layer computes h = W·x + (α/r)·B·A·x = W·x + ({lora.alpha:g}/{lora.rank})·B·A·x, "
+        f"scale {lora.alpha / lora.rank:g}. W is frozen; A (r x d_in) and B (d_out x r) train, B starting at 0.",
+        f"Example `{name}`: W has {fan_in:,} x {fan_out:,} = {fan_in * fan_out:,} frozen weights; A and B add "
+        f"r·(d_in + d_out) = {lora.rank}·({fan_in:,} + {fan_out:,}) = {lora.rank * (fan_in + fan_out):,} trainable.",
+        f"Over {len(targeted)} targeted layers: **{parameter_text(*lora_parameter_count(shape, lora))}**.",
+    ]
+    if model.bits == 4:
+        paged = "a paged optimizer" if optimizer.startswith("paged") else f"`{optimizer}` (QLoRA uses a paged one)"
+        lines.append(f"**QLoRA:** the frozen W is stored in 4-bit {model.quant_type.upper()}"
+                     f"{' with double quantization' if model.double_quant else ''} and dequantized per matmul; "
+                     f"A and B train in 16/32-bit, with {paged}.")
+    return "  \n".join(lines)
+
+
+# --- refusals --------------------------------------------------------------------------------------------------
+
+def refusal(message: str) -> gr.Error:
+    """An expected "no" for the user (bad input, nothing to act on yet): the message in the UI and one line in the
+    app log, not a traceback (gradio prints one for every gr.Error by default). Failures the operator must debug
+    stay plain gr.Error."""
+    logger.warning("refused: %s", message.splitlines()[0] if message else "")
+    return gr.Error(message, print_exception=False)

@@ -1,0 +1,105 @@
+"""The Train tab's form <-> a RunConfig. Every form key "<section>_<field>" maps onto that config field; the keys
+in UI_ONLY are assembled here (the data source by kind through the path gate, the column mapping)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from finetune import paths
+from finetune.config import BUNDLED_DATASET, EMBEDDED_MODEL, ConfigError, RunConfig, from_dict
+
+CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
+DATA_KINDS = ("Bundled", "Hub dataset", "Uploaded file")
+MODEL_KINDS = ("Embedded", "Hub id", "Local folder")
+UI_ONLY = ("data_kind", "data_bundled", "data_hub_name", "data_file", "prompt_column", "answer_column",
+           "column_mapping_json", "model_kind")
+
+
+def presets() -> list[str]:
+    """The SFT presets: the RLHF stages (``stage:``) have their own tab, and compare-cpu is the Compare tab's base."""
+    return sorted(p.stem for p in CONFIGS_DIR.glob("*.yaml")
+                  if p.stem != "compare-cpu" and (yaml.safe_load(p.read_text()) or {}).get("stage", "sft") == "sft")
+
+
+def _data_source(form: dict[str, Any]) -> str:
+    """The data source the form names, through the path gate: each kind accepts only its own kind of name."""
+    kind = form.get("data_kind") or DATA_KINDS[0]
+    if kind == "Hub dataset":
+        return paths.hub_id(form.get("data_hub_name"))
+    if kind == "Uploaded file":
+        return paths.uploaded_file(form.get("data_file"))
+    return paths.bundled_name(form.get("data_bundled") or BUNDLED_DATASET)
+
+
+def _column_mapping(form: dict[str, Any]) -> dict[str, str]:
+    """The simple prompt/answer fields plus the JSON override (the JSON wins on conflicts)."""
+    mapping = {}
+    if (form.get("prompt_column") or "").strip():
+        mapping[form["prompt_column"].strip()] = "prompt"
+    if (form.get("answer_column") or "").strip():
+        mapping[form["answer_column"].strip()] = "completion"
+    text = (form.get("column_mapping_json") or "").strip()
+    if text:
+        try:
+            extra = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise ConfigError({"data.column_mapping": f"Column mapping is not valid JSON: {error.msg}"}) from None
+        if not isinstance(extra, dict):
+            raise ConfigError({"data.column_mapping": 'Column mapping must be a JSON object like {"q": "prompt"}'})
+        mapping.update(extra)
+    return mapping
+
+
+def config_from_form(form: dict[str, Any]) -> RunConfig:
+    """The RunConfig the form describes; ConfigError lists every bad field."""
+    sections: dict[str, dict[str, Any]] = {"model": {}, "lora": {}, "data": {}, "training": {}}
+    for key, value in form.items():
+        section, _, name = key.partition("_")
+        if key not in UI_ONLY and section in sections:
+            sections[section][name] = value
+    data, problems = sections["data"], {}
+    try:
+        data["source"] = _data_source(form)
+    except paths.PathRefused:
+        problems["data.source"], data["source"] = paths.REFUSED, BUNDLED_DATASET
+    try:
+        if "source" in sections["model"]:
+            sections["model"]["source"] = paths.model_source(sections["model"]["source"])
+    except paths.PathRefused:
+        problems["model.source"], sections["model"]["source"] = paths.REFUSED, EMBEDDED_MODEL
+    try:
+        data["column_mapping"] = _column_mapping(form)
+    except ConfigError as error:  # report it together with every other bad field
+        problems, data["column_mapping"] = error.problems, {}
+    if not data.get("max_samples"):
+        data["max_samples"] = None  # 0 / empty in the form means "all rows"
+    try:
+        cfg = from_dict({**sections, "run_name": (form.get("run_name") or "").strip() or "run"})
+    except ConfigError as error:
+        raise ConfigError({**problems, **error.problems}) from None
+    if problems:
+        raise ConfigError(problems)
+    return cfg
+
+
+def form_from_config(cfg: RunConfig) -> dict[str, Any]:
+    """Form values for a config (presets and reloading a past run's settings)."""
+    values: dict[str, Any] = {}
+    for section in ("model", "lora", "data", "training"):
+        for name, value in vars(getattr(cfg, section)).items():
+            values[f"{section}_{name}"] = value
+    source = cfg.data.source
+    kind = "Bundled" if source.startswith("bundled:") else "Uploaded file" if Path(source).exists() else "Hub dataset"
+    values.update(data_kind=kind, data_bundled=source if kind == "Bundled" else BUNDLED_DATASET,
+                  data_hub_name=source if kind == "Hub dataset" else "", run_name=cfg.run_name,
+                  column_mapping_json=json.dumps(cfg.data.column_mapping) if cfg.data.column_mapping else "",
+                  prompt_column="", answer_column="",
+                  model_kind="Embedded" if cfg.model.source == EMBEDDED_MODEL else
+                  "Local folder" if Path(cfg.model.source).expanduser().is_dir() else "Hub id")
+    values["data_hub_config"] = cfg.data.hub_config or ""
+    values["data_max_samples"] = cfg.data.max_samples or 0
+    return values

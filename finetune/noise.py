@@ -1,0 +1,26 @@
+"""Library messages that say nothing a user of LoRA Lab can act on, kept out of the app log and the training log.
+Each is named with why; call ``quiet_known_noise()`` first thing in an entry point (app.py, finetune.train)."""
+
+from __future__ import annotations
+
+import logging
+import warnings
+
+KNOWN_WARNINGS = (
+    # bitsandbytes 0.49 warns whenever peft reads a deprecated attribute of an int8 layer, i.e. on every forward
+    # pass; other libraries reset Python's "once per place" registry, so one Quantization comparison wrote ~5,700
+    # copies (700 KB) into the app log.
+    (FutureWarning, r"MatmulLtState\.\w+ is deprecated"),
+    # transformers 5 renamed it; peft 0.21 still reads the old name at every model wrap. Nothing to change here.
+    (FutureWarning, r"`is_gradient_checkpointing` is deprecated"),
+)
+# At import, bitsandbytes tries to fetch an optional CPU kernel from the Hub through the `kernels` package and
+# warns when it cannot; without it bitsandbytes uses its own CPU code, which is what this app measures and uses.
+QUIET_LOGGERS = ("bitsandbytes.backends.cpu.ops",)
+
+
+def quiet_known_noise() -> None:
+    for category, message in KNOWN_WARNINGS:
+        warnings.filterwarnings("ignore", message=message, category=category)
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)

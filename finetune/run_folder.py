@@ -1,0 +1,81 @@
+"""The run folder's layout, spelled in one place: file and sub-folder names, the last complete checkpoint,
+run_info.json, and "does this folder hold a trained adapter".
+
+    runs/<id>/config.yaml            the run's config (the child process reads it)
+             status.json, metrics.jsonl, STOP   (finetune/metrics.py)
+             run_info.json           what the run measured and chose (hardware, recipe, rows, peak memory ...)
+             tensorboard/            TensorBoard event files
+             checkpoints/checkpoint-N/
+             adapter/                the result of SFT, DPO, KTO and GRPO (PEFT format, plus CONFIG_COPY)
+             model/                  the result of a full fine-tune (every weight)
+             reward_model/           the result of a reward run (scores answers; never a chat adapter)
+
+A basic module: it imports nothing of the project but the path rule for run ids, so every layer may use it.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from finetune.models import ModelSourceError
+from finetune.paths import RUN_ID
+
+RUN_CONFIG = "config.yaml"
+RUN_INFO_FILE = "run_info.json"
+TENSORBOARD_DIR = "tensorboard"
+CHECKPOINT_DIR = "checkpoints"
+ADAPTER_DIR = "adapter"
+FULL_MODEL_DIR = "model"           # a full fine-tune saves the whole model here instead of an adapter
+REWARD_DIR = "reward_model"        # where a reward run saves; not a chat adapter
+CONFIG_COPY = "lora_lab_config.yaml"  # the run's config, saved beside its adapter / reward model
+ADAPTER_CONFIG = "adapter_config.json"  # peft writes it into every adapter folder
+
+
+def has_adapter(folder: Path) -> bool:
+    """Whether ``folder`` holds a saved PEFT adapter (a chat adapter, a reward model or a checkpoint)."""
+    return (Path(folder) / ADAPTER_CONFIG).is_file()
+
+
+def adapter_config(folder: Path) -> dict[str, Any]:
+    """The adapter's own adapter_config.json (peft type, rank, target modules, the base it trained against)."""
+    return json.loads((Path(folder) / ADAPTER_CONFIG).read_text(encoding="utf-8"))
+
+
+def last_checkpoint(run_dir: Path) -> str | None:
+    """The newest complete checkpoint of a run, or None."""
+    folder = Path(run_dir) / CHECKPOINT_DIR
+    if not folder.is_dir():
+        return None
+    # The Trainer writes trainer_state.json last: a checkpoint without it was cut short (disk full, kill
+    # mid-save) and must not be resumed from; fall back to the newest complete one.
+    complete = [p for p in folder.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()
+                and (p / "trainer_state.json").is_file()]
+    return str(max(complete, key=lambda p: int(p.name.split("-")[-1]))) if complete else None
+
+
+def read_run_info(run_dir: Path) -> dict[str, Any]:
+    path = Path(run_dir) / RUN_INFO_FILE
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+
+
+def write_run_info(run_dir: Path, **info: Any) -> None:
+    """Merge ``info`` into run_info.json (each stage adds what it knows when it knows it)."""
+    current = read_run_info(run_dir)
+    current.update(info)
+    (Path(run_dir) / RUN_INFO_FILE).write_text(json.dumps(current, indent=1, default=str), encoding="utf-8")
+
+
+def resolve_run_folder(value: str, runs_root: Path, sub: str) -> Path:
+    """A run id (looked up under runs_root) or a folder -> the folder holding the adapter (``sub`` of a run)."""
+    # A run id is looked up among the runs only: 'data' must not reach ./data of whatever folder the app runs in.
+    # A folder has passed the path gate (finetune.paths) in the tab, or is the operator's own in the CLI.
+    folder = Path(value).expanduser()
+    candidates = (runs_root / value / sub,) if RUN_ID.match(value) and ".." not in value else (folder / sub, folder)
+    for candidate in candidates:
+        if has_adapter(candidate):
+            return candidate
+    what = "reward model" if sub == REWARD_DIR else "adapter"
+    raise ModelSourceError(f"No {what} found for '{value}': give the id of a finished run or a folder with "
+                           f"{ADAPTER_CONFIG}.")

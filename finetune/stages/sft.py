@@ -1,0 +1,92 @@
+"""Supervised fine-tuning with LoRA / QLoRA (or DoRA, rsLoRA, IA3, prompt tuning, a full fine-tune) through TRL's
+SFTTrainer. Saves ``adapter/`` (PEFT format) or, for a full fine-tune, ``model/``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from finetune.attention import use_varlen_attention
+from finetune.config import RunConfig
+from finetune.data import prepare
+from finetune.hardware import HardwareProfile, detect
+from finetune.lm_head import use_cpu_lm_head
+from finetune.metrics import MetricsCallback
+from finetune.models import load_model, load_tokenizer, resolve_source
+from finetune.recipe import resolve_recipe
+from finetune.run_folder import ADAPTER_DIR, FULL_MODEL_DIR
+from finetune.stages.common import (Built, keep_adapters_in_compute_dtype, record_run_info, save_beside,
+                                    to_lora_config, training_args)
+
+
+def to_peft_config(cfg: RunConfig) -> Any:
+    """The peft config for ``cfg.lora.method``; None for full fine-tuning (every weight trains)."""
+    from peft import IA3Config, PromptTuningConfig
+
+    method = cfg.lora.method
+    if method == "full":
+        return None
+    if method == "ia3":
+        feedforward = cfg.lora.feedforward_module_list()
+        targets = cfg.lora.target_module_list()
+        if feedforward is None and targets == "all-linear":
+            targets = None  # peft's per-architecture defaults (attention k/v and the MLP's down projection)
+        return IA3Config(target_modules=targets, feedforward_modules=feedforward, task_type="CAUSAL_LM")
+    if method == "prompt_tuning":
+        text = cfg.lora.prompt_init_text.strip()
+        init = {"prompt_tuning_init": "TEXT", "prompt_tuning_init_text": text,
+                "tokenizer_name_or_path": resolve_source(cfg.model.source)} if text else {}
+        return PromptTuningConfig(num_virtual_tokens=cfg.lora.num_virtual_tokens, task_type="CAUSAL_LM", **init)
+    return to_lora_config(cfg)
+
+
+def to_sft_config(cfg: RunConfig, profile: HardwareProfile, run_dir: Path, has_eval: bool) -> Any:
+    from trl import SFTConfig
+
+    recipe = resolve_recipe(cfg, profile)
+    args = training_args(cfg, profile, run_dir, has_eval)
+    if recipe.padding_free:
+        args["max_length"] = None  # data.prepare already dropped longer rows; padding-free batches require None
+    return SFTConfig(**args, padding_free=recipe.padding_free, use_liger_kernel=recipe.liger_kernels,
+                     include_num_input_tokens_seen="non_padding")
+
+
+def sft_trainer(cfg: RunConfig, profile: HardwareProfile, model: Any, tokenizer: Any, train: Any, evaluation: Any,
+                run_dir: Path, callbacks: list[Any]) -> Any:
+    """The project's SFT recipe around an already loaded model (bench/train_throughput.py uses it too)."""
+    from trl import SFTTrainer
+
+    args = to_sft_config(cfg, profile, run_dir, has_eval=evaluation is not None)
+    recipe = resolve_recipe(cfg, profile)
+    if recipe.packed_attention:
+        use_varlen_attention(model)
+    use_cpu_lm_head(recipe.cpu_lm_head)
+    trainer = SFTTrainer(model=model, args=args, train_dataset=train, eval_dataset=evaluation,
+                         processing_class=tokenizer, peft_config=to_peft_config(cfg), callbacks=callbacks)
+    keep_adapters_in_compute_dtype(trainer.model, profile)
+    return trainer
+
+
+def build(cfg: RunConfig, run_dir: Path) -> Built:
+    profile = detect()
+    tokenizer = load_tokenizer(cfg.model)
+    data = prepare(cfg.data, tokenizer, seed=cfg.training.seed)
+    model = load_model(cfg.model, profile)
+    # final_eval: the runner adds the last evaluation point after training, whatever eval_steps was
+    callback = MetricsCallback(run_dir, stage="sft", final_eval=data.eval is not None)
+    trainer = sft_trainer(cfg, profile, model, tokenizer, data.train, data.eval, run_dir, [callback])
+    record_run_info(trainer, run_dir, profile, recipe=resolve_recipe(cfg, profile).as_dict(),
+                    data_format=data.format, train_rows=len(data.train),
+                    eval_rows=len(data.eval) if data.eval is not None else 0, data_notes=data.notes,
+                    model_load_seconds=round(getattr(model, "load_seconds", 0.0), 2))
+    return Built(trainer, callback, has_eval=data.eval is not None)
+
+
+def save(cfg: RunConfig, trainer: Any, run_dir: Path) -> Path:
+    target = run_dir / (FULL_MODEL_DIR if cfg.lora.method == "full" else ADAPTER_DIR)
+    if getattr(trainer, "is_fsdp_enabled", False):  # gather the shards: adapter/ is PEFT format under FSDP too
+        trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
+    trainer.save_model(str(target))
+    if trainer.is_world_process_zero():
+        save_beside(cfg, trainer, target)
+    return target

@@ -1,0 +1,64 @@
+"""`python app.py` itself, as an operator starts it: the environment it reads (port, host, runs folder, feedback
+database), the production queue, and a readable app log. Started as a child process and answered over HTTP."""
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from gradio_client import Client
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def answers(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            return response.status == 200
+    except OSError:
+        return False
+
+
+@pytest.fixture
+def served_app(tmp_path):
+    port, log = free_port(), tmp_path / "app.log"
+    env = {**os.environ, "LORA_LAB_PORT": str(port), "LORA_LAB_HOST": "127.0.0.1",
+           "LORA_LAB_RUNS": str(tmp_path / "my-runs"), "LORA_LAB_FEEDBACK_DB": str(tmp_path / "votes.db")}
+    with open(log, "w") as out:
+        child = subprocess.Popen([sys.executable, "app.py"], cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        while not answers(url):  # wait on the condition: the server answers, or the child has died
+            assert child.poll() is None, f"app.py exited with {child.returncode}:\n{log.read_text()}"
+            time.sleep(0.5)
+        yield url, tmp_path, log
+    finally:
+        child.terminate()
+        child.wait()
+
+
+def test_app_main_serves_with_the_environment_it_is_given(served_app):
+    url, tmp_path, log = served_app
+    client = Client(url, verbose=False)
+    # The runs folder and the feedback database are where the environment said, not ./runs.
+    assert (tmp_path / "votes.db").is_file()
+    assert (tmp_path / "my-runs").is_dir()
+    # A handler runs through the production queue and answers.
+    assert "LoRA" in client.predict("embedded:SmolLM2-135M-Instruct", 8, 16, "all-linear", 4, "nf4", True,
+                                    "paged_adamw_8bit", api_name="/lora_aid")
+    # An expected refusal reaches the client as its message and the log as one line, not a traceback.
+    with pytest.raises(Exception, match="Pick a finished run first"):
+        client.predict(None, api_name="/export_zip")
+    text = log.read_text()
+    assert "refused:" in text and "Traceback" not in text
+    assert "kernels-community" not in text  # a known, harmless library message stays out of the log
