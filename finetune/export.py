@@ -133,7 +133,7 @@ def shareable_text(run_dir: str | Path, path: Path) -> str | None:
     if path.name == ADAPTER_CONFIG:
         config = json.loads(path.read_text(encoding="utf-8"))
         if config.get("base_model_name_or_path"):
-            config["base_model_name_or_path"] = _hub_base(run_config(run_dir)) or display_name(
+            config["base_model_name_or_path"] = hub_base(run_config(run_dir)) or display_name(
                 str(config["base_model_name_or_path"]))
         return json.dumps(config, indent=2)
     return None
@@ -324,7 +324,8 @@ def draw_loss_plot(curves: Losses, path: str | Path, size: tuple[int, int] = (64
     return path
 
 
-def _hub_base(cfg: RunConfig) -> str | None:
+def hub_base(cfg: RunConfig) -> str | None:
+    """The Hub id a model card links as base_model; None for a local folder (no broken link on the Hub)."""
     source = cfg.model.source
     if source in EMBEDDED_HUB_ID:
         return EMBEDDED_HUB_ID[source]
@@ -352,7 +353,7 @@ def model_card(run_dir: str | Path, merged: bool = False, plot_name: str | None 
     """The model card (Hub README.md): metadata header, base model, dataset, hyperparameters, final losses."""
     run_dir = Path(run_dir)
     cfg, curves, status = run_config(run_dir), losses(run_dir), read_status(run_dir)
-    base, dataset = _hub_base(cfg), _hub_dataset(cfg)
+    base, dataset = hub_base(cfg), _hub_dataset(cfg)
     meta: dict[str, Any] = {"library_name": "transformers" if merged else "peft",
                             "pipeline_tag": "text-generation",
                             "tags": [cfg.lora.method, "qlora" if cfg.model.bits == 4 else "peft", "trl", cfg.stage,

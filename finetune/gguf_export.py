@@ -47,9 +47,8 @@ import yaml
 from finetune.config import BUNDLED_DATASET, EMBEDDED_MODEL
 from finetune.data import first_line
 from finetune.export import (CARD_FILE, EXPORT_DIR, MERGE_TARGETS, MERGED_DIR, METHOD_NAMES, STAGE_TRAINERS,
-                             ExportError, Progress, adapter_dir, check_merge_target, check_repo_id, losses,
+                             ExportError, Progress, adapter_dir, check_merge_target, check_repo_id, hub_base, losses,
                              merge_adapter, merge_dtype, merged_into, run_config)
-from finetune.export import _hub_base as hub_base  # the Hub id a card links as base_model (None for a folder)
 from finetune.hardware import detect
 from finetune.metrics import read_status
 from finetune.models import (ModelSourceError, embedded_model_dir, from_hub_or_cache, load_tokenizer,
