@@ -567,9 +567,9 @@ def step0_comparison(model: ModelConfig, lora: LoraSettings,
     return [step0_quantization_error(model, lora, init) for init in inits]
 
 
-def step0_quantization_error(model: ModelConfig, lora: LoraSettings, init: str) -> Step0Error:
-    """Load the base at 4 bits as training does, attach a LoRA adapter started with ``init`` and measure
-    ||W - (deq(Q) + s·B·A)|| against the full-precision W read from the base's safetensors."""
+def step0_model(model: ModelConfig, lora: LoraSettings, init: str) -> tuple[Any, float, Path]:
+    """(peft model, seconds the init took, base weights folder): the base loaded at 4 bits as training loads it,
+    with a fresh LoRA adapter started by ``init``; an InspectError where the init does not apply."""
     import dataclasses
 
     from peft import LoraConfig, get_peft_model
@@ -588,7 +588,12 @@ def step0_quantization_error(model: ModelConfig, lora: LoraSettings, init: str) 
         use_rslora=lora.method == "rslora", lora_dropout=0.0, **peft_init_kwargs(lora)))
     if init == "loftq":
         apply_loftq(peft_model, folder)
-    seconds = time.perf_counter() - started
+    return peft_model, time.perf_counter() - started, folder
+
+
+def reconstruction_error(peft_model: Any, folder: Path) -> tuple[float, int]:
+    """(sqrt(Σ ||W - (deq(Q) + s·B·A)||²) / sqrt(Σ ||W||²), matrices) over the model's 4-bit LoRA layers. Call
+    before any forward pass: bitsandbytes repacks 4-bit weights for its CPU kernel at the first one."""
     weights = BaseWeights(folder)
     error_squared = weight_squared = 0.0
     layers = lora_4bit_layers(peft_model)
@@ -599,7 +604,15 @@ def step0_quantization_error(model: ModelConfig, lora: LoraSettings, init: str) 
                                                  @ layer.lora_A["default"].weight.float())
             error_squared += float(torch.linalg.norm(weight - dequant - update)) ** 2
             weight_squared += float(torch.linalg.norm(weight)) ** 2
-    return Step0Error(init, math.sqrt(error_squared / weight_squared), seconds, len(layers))
+    return math.sqrt(error_squared / weight_squared), len(layers)
+
+
+def step0_quantization_error(model: ModelConfig, lora: LoraSettings, init: str) -> Step0Error:
+    """Load the base at 4 bits as training does, attach a LoRA adapter started with ``init`` and measure
+    ||W - (deq(Q) + s·B·A)|| against the full-precision W read from the base's safetensors."""
+    peft_model, seconds, folder = step0_model(model, lora, init)
+    error, matrices = reconstruction_error(peft_model, folder)
+    return Step0Error(init, error, seconds, matrices)
 
 
 # --- command line --------------------------------------------------------------------------------------------
