@@ -43,7 +43,8 @@ import torch
 from safetensors import safe_open
 
 from finetune.config import ConfigError, LoraSettings, ModelConfig, RunConfig, load_config
-from finetune.lora_init import apply_loftq, dequantized, init_problems, lora_4bit_layers, peft_init_kwargs
+from finetune.lora_init import (apply_loftq, dequantized, full_precision_weights, init_problems, lora_4bit_layers,
+                                peft_init_kwargs, read_weight)
 from finetune.models import ModelSourceError, load_model, resolve_source, source_kind
 
 # Run-folder names as the trainer writes them. TODO(lead): import these from finetune.run_folder once it exists.
@@ -304,24 +305,15 @@ class BaseWeights:
     """Reads single frozen weights by name from a base model's (possibly sharded) safetensors files."""
 
     def __init__(self, folder: Path):
-        index = folder / "model.safetensors.index.json"
-        if index.is_file():
-            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-            self.files = {name: folder / file for name, file in weight_map.items()}
-        else:
-            self.files = {}
-            for path in sorted(folder.glob("*.safetensors")):
-                with safe_open(str(path), framework="pt") as handle:
-                    self.files.update({name: path for name in handle.keys()})
+        self.files = full_precision_weights(folder)
 
     def get(self, module_name: str) -> torch.Tensor:
         """The weight of ``module_name`` (a path as peft writes it), as float32."""
-        for key in (f"{module_name}.weight", f"{module_name.split('.', 1)[-1]}.weight"):
-            if key in self.files:
-                with safe_open(str(self.files[key]), framework="pt") as handle:
-                    return handle.get_tensor(key).float()
-        raise InspectError(f"The base model has no weight named {module_name}.weight: the adapter was trained on a "
-                           "different base model than its config names.")
+        weight = read_weight(self.files, module_name)
+        if weight is None:
+            raise InspectError(f"The base model has no weight named {module_name}.weight: the adapter was trained "
+                               "on a different base model than its config names.")
+        return weight
 
 
 def _lora_tensors(folder: Path) -> dict[str, dict[str, torch.Tensor]]:

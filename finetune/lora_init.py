@@ -124,15 +124,16 @@ def full_precision_weights(folder: Path) -> dict[str, Path]:
     return files
 
 
-def _read_weight(files: dict[str, Path], module_name: str) -> Any:
+def read_weight(files: dict[str, Path], module_name: str) -> Any:
+    """The float32 weight of ``module_name`` (a path as peft names it, with or without the model's own prefix),
+    or None when the files do not hold it."""
     from safetensors import safe_open
 
     for key in (f"{module_name}.weight", f"{module_name.split('.', 1)[-1]}.weight"):
         if key in files:
             with safe_open(str(files[key]), framework="pt") as handle:
                 return handle.get_tensor(key).float()
-    raise ConfigError({"lora.init": f"LoftQ needs the full-precision weight {module_name}.weight, which the base "
-                                    "model's safetensors do not hold."})
+    return None
 
 
 def lora_4bit_layers(peft_model: Any, adapter: str = "default") -> list[tuple[str, Any]]:
@@ -168,7 +169,11 @@ def apply_loftq(peft_model: Any, weights_folder: Path, adapter: str = "default")
         raise ConfigError({"lora.init": "LoftQ found no LoRA layer on a 4-bit weight: load the base at 4 bits."})
     with torch.no_grad():
         for name, layer in layers:
-            residual = _read_weight(files, name) - dequantized(layer)
+            weight = read_weight(files, name)
+            if weight is None:
+                raise ConfigError({"lora.init": f"LoftQ needs the full-precision weight {name}.weight, which the "
+                                                "base model's safetensors do not hold."})
+            residual = weight - dequantized(layer)
             a, b = loftq_factors(residual, layer.r[adapter], layer.scaling[adapter])
             layer.lora_A[adapter].weight.copy_(a)
             layer.lora_B[adapter].weight.copy_(b)
