@@ -13,11 +13,12 @@ from typing import Any
 
 import gradio as gr
 
-from components.shared import refusal, downloadable, on_page_load
+from components.shared import current_download, download_folder, downloadable, on_page_load, refusal
 from finetune.data import DataError, first_line
 from finetune.export import ( MERGE_TARGETS, MERGED_DIR, PLOT_FILE, ExportError, merge_adapter,
                              merge_report, model_card, push_folder, write_model_card, zip_adapter)
-from finetune.gguf_export import GGUF_TYPES, ollama_command, write_gguf, zip_merged
+from finetune.gguf_export import (GGUF_TYPES, DiskPlan, disk_plan, gguf_path, modelfile_name, ollama_command,
+                                  push_gguf, write_gguf, zip_merged)
 from finetune.models import ModelSourceError
 from finetune.run_folder import ADAPTER_DIR
 from finetune.runs import RunError, RunManager
@@ -129,12 +130,56 @@ def _merge_into(target: str | None) -> str:
     return into
 
 
+def _downloaded(folder: Path, out_type: str) -> bool:
+    """Both download copies of the run's built GGUF (the file and its Modelfile) are there and current."""
+    path = gguf_path(folder, out_type)
+    return all(current_download(p) for p in (path, path.parent / modelfile_name(path.name)))
+
+
+def _plan(folder: Path, out_type: str, into: str) -> DiskPlan:
+    """What a build writes: the merged model, the GGUF, and the one download copy in gradio's cache."""
+    return disk_plan(folder, out_type, into=into, downloads=(download_folder(),),
+                     downloaded=_downloaded(folder, out_type))
+
+
+def gguf_plan(manager: RunManager, run_id: str | None, out_type: str | None, target: str | None = None) -> str:
+    """Before building: the sizes of what a build writes, the folders it lands in and the free disk there. It
+    runs on every change of run, type or merge target, so a refusal is shown as text here, not as an error."""
+    if not run_id:
+        return "Pick a finished run to see what building its GGUF would write, and where."
+    try:
+        folder, into = _run_dir(manager, run_id), _merge_into(target)
+    except gr.Error as error:
+        return str(error.message)
+    try:
+        return _plan(folder, out_type or "", into).summary()
+    except (ExportError, ModelSourceError) as error:
+        return str(error)
+
+
+def plan_when_shown(manager: RunManager, shown: bool, run_id: str | None, out_type: str | None,
+                    target: str | None = None) -> Any:
+    """The plan, while the section is open; a closed one is planned when it opens. A plan reads the tokenizer and
+    counts every metadata byte (seconds of CPU), which every page load would otherwise spend on a closed section."""
+    return gguf_plan(manager, run_id, out_type, target) if shown else gr.skip()
+
+
+def _opened() -> bool:
+    return True
+
+
+def _closed() -> bool:
+    return False
+
+
 def build_gguf(manager: RunManager, run_id: str | None, out_type: str | None, target: str | None = None,
                progress: gr.Progress = gr.Progress()) -> tuple[list[str], str]:
     """Merge and write the run as a GGUF file plus its Ollama Modelfile: (files to download, message)."""
     folder = _run_dir(manager, run_id)
+    into = _merge_into(target)
     try:
-        result = write_gguf(folder, out_type or "", into=_merge_into(target),
+        _plan(folder, out_type or "", into).check()  # counts the download copy too, which write_gguf cannot see
+        result = write_gguf(folder, out_type or "", into=into,
                             progress=lambda fraction, text: progress(fraction, desc=text))
     except (ExportError, ModelSourceError) as error:
         raise refusal(str(error)) from None
@@ -143,6 +188,21 @@ def build_gguf(manager: RunManager, run_id: str | None, out_type: str | None, ta
     files = [downloadable(result.path), downloadable(result.modelfile)]
     return files, (f"{result.summary()}\n\nRun it with llama.cpp (`llama-cli -m {result.path.name} -cnv`) or "
                    f"create an Ollama model from the Modelfile beside it:\n\n```\n{ollama_command(result)}\n```")
+
+
+def push_gguf_file(manager: RunManager, run_id: str | None, out_type: str | None, repo_id: str, token: str,
+                   private: bool, progress: gr.Progress = gr.Progress()) -> str:
+    """Push the run's built GGUF, its Modelfile and a model card with the visitor's token; returns a link."""
+    folder = _run_dir(manager, run_id)
+    try:
+        url = push_gguf(folder, out_type or "", repo_id, token, private=bool(private),
+                        progress=lambda fraction, text: progress(fraction, desc=text))
+    except (ExportError, ModelSourceError) as error:
+        raise refusal(str(error)) from None
+    except Exception as error:  # the Hub's own refusals (bad token, no write access) as one line, never the token
+        raise refusal(f"The Hub refused the push: {type(error).__name__}: {first_line(error)}")
+    repo_id = repo_id.strip()
+    return (f"Pushed the {out_type} GGUF of `{run_id}`, its Modelfile and a model card to [{repo_id}]({url}).")
 
 
 def download_merged(manager: RunManager, run_id: str | None, target: str | None = None,
@@ -159,26 +219,38 @@ def download_merged(manager: RunManager, run_id: str | None, target: str | None 
 
 
 def _build_gguf_section(manager: RunManager, run: Any, merge_target: Any) -> dict[str, Any]:
-    with gr.Accordion("Take it home: GGUF for llama.cpp / Ollama, merged model download", open=False):
+    with gr.Accordion("Take it home: GGUF for llama.cpp / Ollama, merged model download", open=False) as section:
         with gr.Row():
             gguf_type = gr.Dropdown(list(GGUF_TYPES), value="q8_0", label="GGUF type", elem_id="export-gguf-type",
                                     info="; ".join(f"{k}: {v}" for k, v in GGUF_TYPES.items()))
             gguf_button = gr.Button("Build GGUF + Modelfile", elem_id="export-gguf")
             merged_button = gr.Button("Download merged model (.zip)", elem_id="export-merged-zip")
+        gguf_plan_text = gr.Markdown(elem_id="export-gguf-plan")
         gguf_files = gr.File(label="GGUF file and Ollama Modelfile", file_count="multiple", interactive=False,
                              elem_id="export-gguf-files")
         merged_file = gr.File(label="Merged model zip", interactive=False, elem_id="export-merged-file")
         gguf_message = gr.Markdown(elem_id="export-gguf-message")
+    shown = gr.State(False)  # whether this visitor has the section open
+    section.expand(_opened, None, shown, api_visibility="private")
+    section.collapse(_closed, None, shown, api_visibility="private")
+    plan, plan_inputs = functools.partial(gguf_plan, manager), [run, gguf_type, merge_target]
+    gr.on([section.expand, gguf_type.change, merge_target.change], plan, plan_inputs, gguf_plan_text,
+          api_name="gguf_plan")
+    run.change(functools.partial(plan_when_shown, manager), [shown, *plan_inputs], gguf_plan_text,
+               api_visibility="private")
     # Building holds a merged float model in RAM: one at a time per app (write_gguf also refuses a second
-    # build of the same run from another process).
+    # build of the same run from another process). Afterwards the plan says what is now reused.
     gguf_button.click(functools.partial(build_gguf, manager), [run, gguf_type, merge_target],
                       [gguf_files, gguf_message], api_name="export_gguf", concurrency_limit=1,
-                      concurrency_id="export-merge")
+                      concurrency_id="export-merge"
+                      ).then(plan, plan_inputs, gguf_plan_text, api_visibility="private")
     merged_button.click(functools.partial(download_merged, manager), [run, merge_target],
                         [merged_file, gguf_message], api_name="download_merged", concurrency_limit=1,
-                        concurrency_id="export-merge")
+                        concurrency_id="export-merge"
+                        ).then(plan, plan_inputs, gguf_plan_text, api_visibility="private")
     return {"gguf_type": gguf_type, "gguf": gguf_button, "gguf_files": gguf_files, "merged_zip": merged_button,
-            "merged_file": merged_file, "gguf_message": gguf_message}
+            "merged_file": merged_file, "gguf_message": gguf_message, "gguf_plan": gguf_plan_text,
+            "gguf_shown": shown}
 
 
 def build_export_tab(manager: RunManager) -> dict[str, Any]:
@@ -205,29 +277,39 @@ def build_export_tab(manager: RunManager) -> dict[str, Any]:
             token = gr.Textbox(label="Your Hugging Face write token", type="password", elem_id="export-token",
                                info="Used for this push only; never stored or shown.")
             private = gr.Checkbox(value=True, label="Private repo")
-        push_button = gr.Button("Push", variant="primary", elem_id="export-push")
+        with gr.Row():
+            push_button = gr.Button("Push", variant="primary", elem_id="export-push")
+            gguf_push = gr.Button("Push GGUF file", elem_id="export-gguf-push")
+        gr.Markdown("'Push GGUF file' sends the GGUF of the type chosen under 'Take it home' (build it there "
+                    "first), its Ollama Modelfile and a model card with its type and size.")
     with gr.Accordion("Model card (pushed as README.md)", open=True):
         with gr.Row():
             card = gr.Markdown(elem_id="export-card")
             plot = gr.Image(label="Loss plot (loss.png)", type="filepath", interactive=False, elem_id="export-plot")
-    _wire(manager, run, refresh, zip_button, merge_button, push_button, zip_file, message, card, plot,
-          what, repo_id, token, private, merge_target)
+    merged = _wire(manager, run, refresh, zip_button, merge_button, push_button, zip_file, message, card, plot,
+                   what, repo_id, token, private, merge_target)
+    merged.then(functools.partial(plan_when_shown, manager), [gguf["gguf_shown"], run, gguf["gguf_type"],
+                merge_target], gguf["gguf_plan"], api_visibility="private")  # the GGUF build reuses merged/
+    gguf_push.click(functools.partial(push_gguf_file, manager), [run, gguf["gguf_type"], repo_id, token, private],
+                    message, api_name="push_gguf", concurrency_limit=2)
     return {"run": run, "refresh": refresh, "zip": zip_button, "merge": merge_button, "zip_file": zip_file,
             "merge_target": merge_target,
             "message": message, "what": what, "repo_id": repo_id, "token": token, "private": private,
-            "push": push_button, "card": card, "plot": plot, **gguf}
+            "push": push_button, "gguf_push": gguf_push, "card": card, "plot": plot, **gguf}
 
 
 def _wire(manager: RunManager, run: Any, refresh: Any, zip_button: Any, merge_button: Any, push_button: Any,
           zip_file: Any, message: Any, card: Any, plot: Any, what: Any, repo_id: Any, token: Any,
-          private: Any, merge_target: Any) -> None:
+          private: Any, merge_target: Any) -> Any:
+    """Returns the merge event, so the GGUF plan can follow it."""
     choices = functools.partial(export_choices, manager)
     refresh.click(choices, run, run, api_name="export_runs")
     run.change(functools.partial(preview_card, manager), run, [card, plot], api_name="model_card")
     zip_button.click(functools.partial(export_zip, manager), run, [zip_file, message], api_name="export_zip")
     # Merging holds a whole unquantized base in RAM: one at a time per app.
-    merge_button.click(functools.partial(merge_model, manager), [run, merge_target], message,
-                       api_name="merge_adapter", concurrency_limit=1, concurrency_id="export-merge")
+    merged = merge_button.click(functools.partial(merge_model, manager), [run, merge_target], message,
+                                api_name="merge_adapter", concurrency_limit=1, concurrency_id="export-merge")
     push_button.click(functools.partial(push_model, manager), [run, what, repo_id, token, private], message,
                       api_name="push_to_hub", concurrency_limit=2)
     on_page_load(choices, run, run)
+    return merged

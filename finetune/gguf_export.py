@@ -746,7 +746,13 @@ class DiskPlan:
             state = x.not_written or f"disk has {_mb(x.free_bytes)} free"
             lines.append(f"- {x.what}: about {_mb(x.size_bytes)} into `{for_visitors(str(x.folder))}` ({state})")
         short = self.shortages()
-        lines.append("Not enough disk space: " + "; ".join(short) + "." if short else "There is room for it.")
+        lines.append("")  # the verdict on a line of its own, not joined to the last item by Markdown
+        if short:
+            lines.append("Not enough disk space: " + "; ".join(short) + ".")
+        elif all(x.not_written for x in self.landings):
+            lines.append("Nothing new is written: every file is already there.")
+        else:
+            lines.append("There is room for it.")
         return "\n".join(lines)
 
     def check(self) -> None:
@@ -758,15 +764,16 @@ class DiskPlan:
 
 
 def disk_plan(run_dir: str | Path, out_type: str = "q8_0", into: str = "trained",
-              downloads: tuple[str | Path, ...] = ()) -> DiskPlan:
+              downloads: tuple[str | Path, ...] = (), downloaded: bool = False) -> DiskPlan:
     """Before building: the merged model's and the GGUF's sizes (estimated from the config and tokenizer, or
     measured where an earlier build left them), the folders they land in, and the free space there.
     ``downloads`` names folders where a copy of the GGUF and its Modelfile lands for download (the Export tab
-    copies into the temp folder, and gradio copies that into its cache)."""
-    return _disk_plan(Path(run_dir), checked_run(run_dir, out_type, into), downloads)
+    copies them once, into gradio's cache); ``downloaded``: copies of the built file are already there."""
+    return _disk_plan(Path(run_dir), checked_run(run_dir, out_type, into), downloads, downloaded)
 
 
-def _disk_plan(run_dir: Path, run: "RunToExport", downloads: tuple[str | Path, ...] = ()) -> DiskPlan:
+def _disk_plan(run_dir: Path, run: "RunToExport", downloads: tuple[str | Path, ...] = (),
+               downloaded: bool = False) -> DiskPlan:
     shapes = parameter_shapes(run.config)
     built = cached_export(run_dir, run.out_type, run.into)
     gguf_bytes = built.size_bytes if built else gguf_file_bytes(
@@ -780,7 +787,8 @@ def _disk_plan(run_dir: Path, run: "RunToExport", downloads: tuple[str | Path, .
     landings = [_landing("merged model", run_dir / MERGED_DIR, merged_bytes, merged_note),
                 _landing(f"{run.out_type} GGUF", gguf_path(run_dir, run.out_type).parent, gguf_bytes,
                          "already built, reused" if built else "")]
-    landings += [_landing("download copy", Path(folder), gguf_bytes + (4 << 10)) for folder in downloads]
+    copied = "already there, reused" if built and downloaded else ""
+    landings += [_landing("download copy", Path(folder), gguf_bytes + (4 << 10), copied) for folder in downloads]
     return DiskPlan(run_dir.name, run.out_type, tuple(landings))
 
 
