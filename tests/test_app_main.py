@@ -62,3 +62,29 @@ def test_app_main_serves_with_the_environment_it_is_given(served_app):
     text = log.read_text()
     assert "refused:" in text and "Traceback" not in text
     assert "kernels-community" not in text  # a known, harmless library message stays out of the log
+
+
+def test_known_library_noise_is_dropped_or_said_once(caplog):
+    """The messages finetune.noise names: the int8 cast note once (it came 4,200 times from one measurement),
+    the deprecation warnings peft triggers on every forward not at all; anything else still gets through."""
+    import logging
+    import warnings
+
+    from finetune.noise import quiet_known_noise
+
+    quiet_known_noise()
+    quiet_known_noise()  # entry points may call it twice: still one filter
+    cast = logging.getLogger("bitsandbytes.autograd._functions")
+    with caplog.at_level(logging.WARNING):
+        for _ in range(3):
+            cast.warning("MatMul8bitLt: inputs will be cast from %s to float16 during quantization", "torch.float32")
+        cast.warning("some other bitsandbytes warning")
+    assert [r.getMessage() for r in caplog.records] == [
+        "MatMul8bitLt: inputs will be cast from torch.float32 to float16 during quantization",
+        "some other bitsandbytes warning"]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", FutureWarning)  # pytest.ini ignores FutureWarning: show them here...
+        quiet_known_noise()  # ...except the known ones, whose filters go in front again
+        warnings.warn("MatmulLtState.CxB is deprecated and will be removed in the next release.", FutureWarning)
+        warnings.warn("something else changed", FutureWarning)
+    assert [str(w.message) for w in caught] == ["something else changed"]
