@@ -36,6 +36,7 @@ LORA_METHODS = ("lora", "dora", "rslora")
 # How LoRA's A and B start (finetune/lora_init.py maps them to peft and says where each does not apply).
 LORA_INITS = ("default", "loftq", "pissa", "olora")
 CHECKPOINTING = ("auto", "on", "off")
+KEEP_CHOICES = ("last", "best")  # which weights a run saves (training.keep)
 
 
 REMOTE_CODE_ENV = "LORA_LAB_ALLOW_REMOTE_CODE"
@@ -324,6 +325,15 @@ class TrainingConfig:
     logging_steps: int = field(default=1, metadata=_help("Log the training loss every N steps."))
     eval_steps: int = field(default=10, metadata=_help("Compute the eval loss every N steps (0 = only at the end)."))
     save_steps: int = field(default=50, metadata=_help("Save a resumable checkpoint every N steps."))
+    early_stopping_patience: int = field(default=0, metadata=_help(
+        "Stop when the held-out metric (SFT and DPO/KTO: eval loss; reward model: held-out accuracy) has not "
+        "improved for this many evaluations in a row; 0 = off. Needs eval steps > 0 and a validation fraction > 0; "
+        "a checkpoint is then saved at every evaluation, so the best one is on disk."))
+    early_stopping_threshold: float = field(default=0.0, metadata=_help(
+        "Early stopping: how much the held-out metric must improve to count as an improvement (0 = any)."))
+    keep: str = field(default="last", metadata=_help(
+        "Which weights the saved adapter holds: 'last' (the final step's) or 'best' (the checkpoint with the best "
+        "held-out metric). 'best' needs held-out evaluations, like early stopping.", choices=KEEP_CHOICES))
 
     def __post_init__(self) -> None:
         check = _Checker("training", self)
@@ -350,7 +360,23 @@ class TrainingConfig:
         check.int_field("logging_steps", low=1, what="Logging steps")
         check.int_field("eval_steps", low=0, what="Eval steps")
         check.int_field("save_steps", low=1, what="Save steps")
+        check.int_field("early_stopping_patience", low=0, high=1000, what="Early stopping patience")
+        check.float_field("early_stopping_threshold", low=0, what="Early stopping threshold")
+        check.choice("keep", KEEP_CHOICES, "Saved weights")
+        if self.watches_best() and self.eval_steps == 0:
+            # Early stopping and the best checkpoint compare evaluations made during training.
+            check.fail("eval_steps", f"{self.watch_name()} needs evaluations during training: set eval steps "
+                                     "above 0 (for example 10)")
         check.raise_if_any()
+
+    def watches_best(self) -> bool:
+        """Whether the run tracks its best evaluation (early stopping on, or the best checkpoint kept)."""
+        return (isinstance(self.early_stopping_patience, int) and self.early_stopping_patience > 0) \
+            or self.keep == "best"
+
+    def watch_name(self) -> str:
+        """What asked for the held-out evaluations, for refusals that name it."""
+        return "Early stopping" if self.early_stopping_patience else "Keeping the best checkpoint"
 
 
 STAGES = ("sft", "reward", "dpo", "kto", "grpo")
@@ -437,6 +463,21 @@ class RunConfig:
             raise ConfigError({"training.batch_size": "KTO needs a batch size of at least 2"})
         if self.stage == "grpo":
             self._check_grpo()
+        if self.training.watches_best():
+            self._check_held_out()
+
+    def _check_held_out(self) -> None:
+        """Early stopping and keep='best' judge the held-out evaluations: refuse a run that will have none."""
+        what = self.training.watch_name()
+        field_name = "training.early_stopping_patience" if self.training.early_stopping_patience else "training.keep"
+        if self.stage == "grpo":
+            # GRPO samples its own answers; held-out prompts would need sampling and scoring too, so it has no
+            # validation metric to stop on.
+            raise ConfigError({field_name: f"{what} needs a held-out evaluation, and GRPO has none (it scores its "
+                                           "own samples): set early stopping patience to 0 and keep to 'last'"})
+        if self.data.validation_fraction == 0:
+            raise ConfigError({"data.validation_fraction": f"{what} needs held-out rows to evaluate on: set the "
+                                                           "validation fraction above 0 (for example 0.1)"})
 
     def _check_grpo(self) -> None:
         problems = {}

@@ -14,6 +14,7 @@ import math
 import os
 import socket
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -276,6 +277,13 @@ class MetricsCallback(TrainerCallback):
         if quiet >= HEARTBEAT_SECONDS and self._is_writer(state):
             write_status(self.run_dir, step=state.global_step)
 
+    def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+        """The best evaluation so far, for the live plot's mark: the trainer decides it after on_evaluate and
+        before this save (a run that tracks its best saves at every evaluation)."""
+        if self._is_writer(state) and state.best_global_step:
+            write_status(self.run_dir, best_step=state.best_global_step, best_metric=_finite(state.best_metric),
+                         best_metric_name=args.metric_for_best_model)
+
     def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                      **kwargs: Any) -> None:
         if self._is_writer(state):
@@ -294,6 +302,38 @@ HEADLINE_METRICS: dict[str, tuple[tuple[str, str], ...]] = {
             ("eval_loss", "eval loss"), ("loss", "train loss")),
     "grpo": (("reward", "mean reward"),),
 }
+
+
+@dataclass(frozen=True)
+class BestMetric:
+    """The held-out metric a stage's early stopping and best checkpoint go by (transformers' metric_for_best_model)."""
+
+    key: str                 # as the trainer logs it
+    greater_is_better: bool
+    label: str
+
+
+# SFT, DPO and KTO go by their held-out loss: it is the objective each one minimises, so it turns up as soon as the
+# model fits its training rows at the held-out rows' expense. For DPO/KTO the mean held-out reward margin (their
+# headline) would be the other choice, but a mean margin can keep growing while more pairs flip the wrong way
+# (a few pairs pushed far apart outweigh them); the loss, -log sigmoid(beta x margin) per pair, counts each wrong
+# pair and saturates on the easy ones. A reward model goes by held-out accuracy: what it is for, and its loss can
+# keep falling on scores that already rank the pairs right. GRPO has no held-out set (finetune.config refuses it).
+BEST_METRICS: dict[str, BestMetric] = {
+    "sft": BestMetric("eval_loss", False, "eval loss"),
+    "reward": BestMetric("eval_accuracy", True, "held-out accuracy"),
+    "dpo": BestMetric("eval_loss", False, "eval loss"),
+    "kto": BestMetric("eval_loss", False, "eval loss"),
+}
+
+
+def early_stop_note(status: dict[str, Any]) -> str:
+    """'stopped early at step k (best: step j)' for a run whose early stopping ended it, '' for any other run."""
+    stopped_at = status.get("stopped_early_at")
+    if not isinstance(stopped_at, int) or isinstance(stopped_at, bool):
+        return ""
+    best = status.get("best_step")
+    return f"stopped early at step {stopped_at}" + (f" (best: step {best})" if isinstance(best, int) else "")
 
 
 def is_summary(row: dict[str, Any]) -> bool:

@@ -9,9 +9,9 @@ from typing import Any
 
 import torch
 
-from finetune.config import RunConfig, save_config
+from finetune.config import ConfigError, RunConfig, save_config
 from finetune.hardware import HardwareProfile
-from finetune.metrics import MetricsCallback
+from finetune.metrics import BEST_METRICS, MetricsCallback
 from finetune.models import count_parameters
 from finetune.preference import PreferenceData, data_size, load_preferences, rows_per_step, size_statement, \
     size_warnings
@@ -33,7 +33,7 @@ def training_args(cfg: RunConfig, profile: HardwareProfile, run_dir: Path, has_e
     """The arguments every stage shares (SFT, reward, DPO, KTO, GRPO), with the recipe's per-hardware choices."""
     t, recipe = cfg.training, resolve_recipe(cfg, profile)
     evaluate_during = has_eval and t.eval_steps > 0
-    return dict(
+    args = dict(
         output_dir=str(run_dir / CHECKPOINT_DIR),
         learning_rate=t.learning_rate, lr_scheduler_type=t.lr_scheduler, warmup_steps=t.warmup_ratio,
         num_train_epochs=t.num_epochs, max_steps=t.max_steps,
@@ -53,6 +53,31 @@ def training_args(cfg: RunConfig, profile: HardwareProfile, run_dir: Path, has_e
         report_to=["tensorboard"], disable_tqdm=True, dataloader_num_workers=0,
         ddp_find_unused_parameters=False,  # every LoRA weight is used each step; skip DDP's extra graph walk
     )
+    args.update(best_checkpoint_args(cfg, has_eval))
+    return args
+
+
+def best_checkpoint_args(cfg: RunConfig, has_eval: bool) -> dict[str, Any]:
+    """Early stopping and keep='best' (training.early_stopping_patience, training.keep) as transformers' arguments:
+    the stage's held-out metric (finetune.metrics.BEST_METRICS) is tracked, a checkpoint is saved at every
+    evaluation (so the best one exists on disk: transformers' rotation never deletes the best or the newest), and
+    with keep='best' the trainer loads the best checkpoint back after training, so the saved adapter is it.
+    Refuses a run that tracks its best but will have no held-out evaluation (too few rows to hold any out)."""
+    t = cfg.training
+    if not t.watches_best():
+        return {}
+    if not has_eval or t.eval_steps <= 0 or cfg.stage not in BEST_METRICS:
+        raise ConfigError({"data.validation_fraction": (
+            f"{t.watch_name()} needs held-out rows, and this data left none to evaluate on (a dataset needs at "
+            "least 10 rows to hold some out): add rows or a validation split, or set early stopping patience to 0 "
+            "and keep to 'last'")})
+    metric = BEST_METRICS[cfg.stage]
+    # save_steps = eval_steps: transformers needs save_steps to be a multiple of eval_steps for
+    # load_best_model_at_end, and a best evaluation without a checkpoint of its own could not be kept.
+    return dict(save_steps=t.eval_steps, metric_for_best_model=metric.key, greater_is_better=metric.greater_is_better,
+                load_best_model_at_end=t.keep == "best",
+                # The patience counter travels in the checkpoint: a resumed run goes on counting, not from 0.
+                restore_callback_states_from_checkpoint=True)
 
 
 def to_lora_config(cfg: RunConfig, task_type: str = "CAUSAL_LM") -> Any:
