@@ -71,6 +71,8 @@ def config_from_form(stage: str, source: str, form: dict[str, Any]) -> RunConfig
         "lora": {**base["lora"], "rank": rank,
                  "alpha": 2 * rank if isinstance(rank, (int, float)) and not isinstance(rank, bool) else rank},
         "data": {**base["data"], "source": source, "split": form.get("data_split") or "train",
+                 "hub_config": form.get("data_hub_config") or None,
+                 "skip_bad_rows": form.get("data_skip_bad_rows", base["data"]["skip_bad_rows"]),
                  "max_seq_length": form.get("max_seq_length", base["data"]["max_seq_length"])},
         "preference": {**base["preference"], "beta": form.get("beta", base["preference"]["beta"]),
                        "loss_type": form.get("loss_type") or base["preference"]["loss_type"],

@@ -20,20 +20,21 @@ import pandas as pd
 
 from components.rlhf_form import (BASE_CHOICE, DATA_KINDS, MODEL_KINDS, config_from_form, data_source,
                                   model_source, preset)
-from components.shared import (bind, on_page_load, problems_markdown, progress_html, refusal, series_frame, stop_run,
-                               watched_run)
+from components.shared import (bind, list_hub_options, on_page_load, problems_markdown, progress_html, refusal,
+                               series_frame, stop_run, watched_run)
 from finetune import paths
 from finetune.chat import ChatEngine, normalize_history
 from finetune.config import (DPO_LOSSES, EMBEDDED_MODEL, KTO_LOSSES, ConfigError, RunConfig, field_help,
                              from_dict, load_config, to_dict)
-from finetune.data import DataError
+from finetune.data import DataError, hub_first_rows
 from finetune.metrics import read_metrics, read_status, write_status
 from finetune.models import ModelSourceError
 from finetune.feedback import FeedbackStore
 from finetune.evaluate import (NO_HELD_OUT, Candidate, adapter_name, compare_policy_answers, judge_accuracy,
                                model_label, start_run_dir, trained_prompts)
-from finetune.preference import (BUNDLED_PREFERENCES, MAX_EPOCHS_SMALL_DATA, PreferenceData,
-                                 data_size, default_steps, held_out_prompts,
+from finetune.preference import (BUNDLED_PREFERENCES, MAX_EPOCHS_SMALL_DATA, PreferenceData, convert_rows,
+                                 data_size, default_steps, detect_preference_format, held_out_prompts,
+                                 preference_renames,
                                  load_preferences, preview_preferences, rows_per_step, size_statement,
                                  size_warnings)
 from finetune.scoring import ScorerCache
@@ -308,6 +309,8 @@ def preview_data(manager: RunManager, feedback_db: Path | None, **form: Any) -> 
     """The data's format and first rows, and before any training: how many pairs and prompts, how many held
     out, how many passes step 4's steps make over them, and the warnings that follow."""
     stage = POLICY_METHODS.get(form.get("method") or "DPO", "dpo")
+    if (form.get("data_kind") or DATA_KINDS[0]) == "Hub dataset":
+        return hub_preference_preview(form)
     try:
         source = data_source(manager, feedback_db, stage, form)
         cfg = config_from_form(stage, source, form)
@@ -326,6 +329,42 @@ def preview_data(manager: RunManager, feedback_db: Path | None, **form: Any) -> 
              (f" · {'; '.join(notes)}" if notes else ""), f"**Step 4 ({stage.upper()}):** {statement}", steps_note,
              *(f"⚠️ {w}" for w in warnings)]
     return "\n\n".join(line for line in lines if line), pd.DataFrame(rows)
+
+
+HUB_PREVIEW_ROWS = 5
+
+
+def hub_preference_preview(form: dict[str, Any]) -> tuple[str, pd.DataFrame]:
+    """A Hub preference dataset's first rows, streamed (nothing else is downloaded), read as a run would read
+    them: the columns renamed, the format detected, each row converted or named with why it is unusable."""
+    try:
+        name = paths.hub_dataset(form.get("data_hub_name"))
+        if not name:
+            raise DataError("Type the name of a Hub preference dataset, e.g. trl-lib/ultrafeedback_binarized.")
+        config = form.get("data_hub_config") or None
+        first = hub_first_rows(name, config, form.get("data_split") or "train", HUB_PREVIEW_ROWS)
+        renames = preference_renames(first[0])
+        rows = [{renames.get(key, key): value for key, value in row.items()} for row in first]
+        fmt = detect_preference_format(rows[0])
+        converted, problems = convert_rows(rows, fmt)
+    except ConfigError as error:  # the path gate
+        return "Preview unavailable: " + "; ".join(error.problems.values()), pd.DataFrame()
+    except DataError as error:  # offline, unknown config or split, not preference columns
+        return f"**Cannot use this data:** {paths.for_visitors(str(error))}", pd.DataFrame()
+    lines = [f"**Source:** `{paths.display_name(name)}`{f' ({config})' if config else ''} · **format:** `{fmt}` · "
+             f"the first {len(first)} rows, streamed; row counts are known once a run loads the whole split"]
+    if renames:
+        lines.append("**Columns read as:** " + ", ".join(f"`{old}` → `{new}`" for old, new in renames.items()))
+    if problems:
+        lines.append(f"**Unusable ({len(problems)} of {len(first)}):** " + "; ".join(problems))
+    return "\n\n".join(lines), pd.DataFrame([_flat_row(row) for row in converted])
+
+
+def _flat_row(row: dict[str, Any]) -> dict[str, str]:
+    """A converted row for the table: each message list as its text (thumbs keep their label as 👍/👎)."""
+    return {key: ("👍" if value else "👎") if key == "label" else
+            "\n".join(m["content"] for m in value) if isinstance(value, list) else str(value)
+            for key, value in row.items()}
 
 
 def pipeline_text(manager: RunManager, **form: Any) -> str:
@@ -382,9 +421,18 @@ def _step2(form: dict[str, Any]) -> dict[str, Any]:
             form["data_kind"] = gr.Radio(list(DATA_KINDS), value=DATA_KINDS[0], label="Preferences from",
                                          elem_id="rlhf-data-kind")
             form["data_file"] = gr.File(label="Preference file", type="filepath", elem_id="rlhf-data-file",
-                                        file_types=[".jsonl", ".json", ".csv", ".parquet"])
+                                        file_types=[".jsonl", ".json", ".csv", ".tsv", ".parquet"])
             form["data_hub_name"] = gr.Textbox(label="Hub dataset", placeholder="trl-lib/ultrafeedback_binarized")
-            form["data_split"] = gr.Textbox(value="train", label="Split", info=_info("data", "split"))
+            # Dropdowns that accept typed values: the Hub's lists once listed, any name while offline.
+            form["data_hub_config"] = gr.Dropdown([], value="", label="Hub config (subset)",
+                                                  info=_info("data", "hub_config"), allow_custom_value=True)
+            form["data_split"] = gr.Dropdown(["train"], value="train", label="Split", info=_info("data", "split"),
+                                             allow_custom_value=True)
+        with gr.Row():
+            form["data_skip_bad_rows"] = gr.Checkbox(False, label="Skip malformed rows",
+                                                     info=_info("data", "skip_bad_rows"), elem_id="rlhf-skip-bad-rows")
+            view["hub_list"] = gr.Button("List configs/splits", size="sm", elem_id="rlhf-hub-list")
+            view["hub_info"] = gr.Markdown(elem_id="rlhf-hub-info")
         view["preview"] = gr.Button("Check and preview the data", size="sm", elem_id="rlhf-preview-button")
         view["info"] = gr.Markdown(elem_id="rlhf-data-info")
         view["table"] = gr.Dataframe(pd.DataFrame(), interactive=False, wrap=True, max_height=260)
@@ -520,6 +568,9 @@ def _wire(manager: RunManager, feedback_db: Path | None, form: dict[str, Any], p
                               form["model_kind"], form["model_source"], api_visibility="private")
     data_view["preview"].click(functools.partial(preview_data, manager, feedback_db), inputs_kwargs=form,
                                outputs=[data_view["info"], data_view["table"]], api_name="rlhf_preview_data")
+    data_view["hub_list"].click(list_hub_options, [form["data_hub_name"], form["data_hub_config"]],
+                                [form["data_hub_config"], form["data_split"], data_view["hub_info"]],
+                                api_name="rlhf_hub_listing")
     reward["start"].click(functools.partial(start_stage, manager, feedback_db, "reward"), inputs_kwargs=form,
                           outputs=[reward["watching"], reward["status"]], api_name="rlhf_start_reward",
                           concurrency_limit=1, concurrency_id="train-start")

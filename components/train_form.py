@@ -35,7 +35,7 @@ def _data_source(form: dict[str, Any]) -> str:
     return paths.bundled_name(form.get("data_bundled") or BUNDLED_DATASET)
 
 
-def _column_mapping(form: dict[str, Any]) -> dict[str, str]:
+def column_mapping(form: dict[str, Any]) -> dict[str, str]:
     """The simple prompt/answer fields plus the JSON override (the JSON wins on conflicts)."""
     mapping = {}
     if (form.get("prompt_column") or "").strip():
@@ -72,7 +72,7 @@ def config_from_form(form: dict[str, Any]) -> RunConfig:
     except paths.PathRefused:
         problems["model.source"], sections["model"]["source"] = paths.REFUSED, EMBEDDED_MODEL
     try:
-        data["column_mapping"] = _column_mapping(form)
+        data["column_mapping"] = column_mapping(form)
     except ConfigError as error:  # report it together with every other bad field
         problems, data["column_mapping"] = error.problems, {}
     if not data.get("max_samples"):

@@ -17,27 +17,33 @@ from typing import Any, Iterator
 import gradio as gr
 import pandas as pd
 
-from components.shared import (duration, lora_aid_markdown, on_page_load, points_frame, problems_markdown,
-                               progress_html, refusal, series_frame, stop_run, watched_run)
-from components.train_form import (CONFIGS_DIR, DATA_KINDS, MODEL_KINDS, config_from_form, form_from_config,
-                                   presets)
+from components.shared import (duration, list_hub_options, lora_aid_markdown, on_page_load, points_frame,
+                               problems_markdown, progress_html, refusal, series_frame, stop_run, watched_run)
+from components.train_form import (CONFIGS_DIR, DATA_KINDS, MODEL_KINDS, column_mapping, config_from_form,
+                                   form_from_config, presets)
 from finetune.config import (BUNDLED_DATASET, CHECKPOINTING, COMPUTE_DTYPES, DATA_FORMATS, EMBEDDED_MODEL,
                              LORA_BIAS, LORA_METHODS, OPTIMIZERS, PEFT_METHODS, SCHEDULERS, ConfigError, RunConfig,
                              field_help, load_config)
 from finetune import paths
-from finetune.data import DataError, bundled_names, preview
+from finetune.data import DataError, DataPreview, bundled_names, hub_preview, preview_report
 from finetune.estimate import estimate_run
 from finetune.recipe import resolve_recipe
 from finetune.hardware import HardwareProfile
+from finetune.models import ModelSourceError, load_tokenizer
 from finetune.metrics import headline_metric, is_summary, loss_key, read_metrics
 from finetune.runs import RunError, RunInProgressError, RunManager, check_sources
-from finetune.run_folder import ADAPTER_DIR, RUN_CONFIG, has_adapter
+from finetune.run_folder import ADAPTER_DIR, RUN_CONFIG, has_adapter, read_run_info
 
 POLL_SECONDS = 2.0
 # Each run with its stage and the number that stage is judged by (finetune.metrics.HEADLINE_METRICS): a reward
 # model's loss or a DPO policy's final loss alone would not say whether it learned anything.
 HISTORY_COLUMNS = ["run id", "stage", "headline metric", "headline value", "model", "dataset", "rank", "alpha",
-                   "lr", "bits", "steps", "final loss", "final eval loss", "status", "duration (s)", "method"]
+                   "lr", "bits", "steps", "final loss", "final eval loss", "status", "duration (s)", "method",
+                   "rows skipped"]
+# run_info.json's counts of rows a run left out of its data: malformed lines (skipped with data.skip_bad_rows), rows
+# with missing fields or unusable pairs, rows longer than max_seq_length.
+SKIPPED_FIELDS = ("malformed_rows", "skipped_rows", "dropped_too_long")
+NO_TOKENIZER = "too-long rows not counted: the tokenizer is not available"
 
 
 # --- handlers ------------------------------------------------------------------------------------------------
@@ -68,17 +74,47 @@ def update_estimate(profile: HardwareProfile, **form: Any) -> str:
 
 
 def preview_dataset(**form: Any) -> tuple[str, pd.DataFrame]:
-    empty = pd.DataFrame(columns=["row", "role", "content"])
+    """Before Start: how the source is read, its first rows, and how many rows will train, be held out and be
+    skipped (and why), counted by the same code the run uses."""
     try:
-        cfg = config_from_form(form)
-        fmt, rows, columns = preview(cfg.data)
+        if form.get("data_kind") == "Hub dataset":
+            report, cfg = _hub_report(form), None
+        else:
+            cfg = config_from_form(form)
+            tokenizer, tokenizer_note = _tokenizer_for_preview(cfg)
+            report = preview_report(cfg.data, tokenizer=tokenizer, seed=cfg.training.seed, rows=5)
+            if tokenizer_note:
+                report.notes.append(tokenizer_note)
     except ConfigError as error:
-        return "Preview unavailable: " + "; ".join(error.problems.values()), empty
-    except (DataError, RuntimeError, OSError) as error:
-        return f"**Cannot preview:** {error}", empty
-    table = pd.DataFrame([(i + 1, m["role"], m["content"]) for i, row in enumerate(rows) for m in row],
-                         columns=["row", "role", "content"])
-    return f"**Detected format:** `{fmt}` · **columns:** {', '.join(f'`{c}`' for c in columns)}", table
+        return "Preview unavailable: " + "; ".join(error.problems.values()), _preview_table([])
+    except (DataError, ModelSourceError, RuntimeError, OSError) as error:
+        return f"**Cannot preview:** {paths.for_visitors(str(error))}", _preview_table([])
+    return report.markdown(), _preview_table(report.rows)
+
+
+def _hub_report(form: dict[str, Any]) -> DataPreview:
+    """A Hub dataset's first rows, streamed; its row counts are known only once a run loads the whole split."""
+    name = paths.hub_dataset(form.get("data_hub_name"))
+    if not name:
+        raise DataError("Type a Hub dataset name first, e.g. tatsu-lab/alpaca.")
+    report = hub_preview(name, form.get("data_hub_config") or None, form.get("data_split") or "train", rows=5,
+                         fmt=form.get("data_format") or "auto", column_mapping=column_mapping(form))
+    report.notes.append("row counts (train, held out, skipped) are known once a run loads the whole split")
+    return report
+
+
+def _tokenizer_for_preview(cfg: RunConfig) -> tuple[Any, str]:
+    """The run's tokenizer, so rows over max_seq_length are counted; a Hub model offline (or any unreadable
+    model) must not stop the preview of the data itself."""
+    try:
+        return load_tokenizer(cfg.model), ""
+    except Exception:  # ModelSourceError offline, OSError for a folder without a tokenizer, ...
+        return None, NO_TOKENIZER
+
+
+def _preview_table(rows: list[list[dict[str, str]]]) -> pd.DataFrame:
+    return pd.DataFrame([(i + 1, m["role"], m["content"]) for i, row in enumerate(rows) for m in row],
+                        columns=["row", "role", "content"])
 
 
 def start_run(manager: RunManager, **form: Any) -> tuple[str, str]:
@@ -185,10 +221,18 @@ def run_history(manager: RunManager, selected: list[str] | None = None) -> tuple
                      cfg.lora.rank if cfg else None, cfg.lora.alpha if cfg else None,
                      cfg.training.learning_rate if cfg else None, cfg.model.bits if cfg else None,
                      f"{run.step}/{run.max_steps}", _round(run.final_loss), _round(run.final_eval_loss),
-                     run.state, run.duration, cfg.lora.method if cfg else "?"])
+                     run.state, run.duration, cfg.lora.method if cfg else "?",
+                     rows_skipped(manager.run_dir(run.run_id))])
     ids = [r[0] for r in rows]
     kept = [run_id for run_id in selected or [] if run_id in ids] or ids[:3]
     return pd.DataFrame(rows, columns=HISTORY_COLUMNS), gr.Dropdown(choices=ids, value=kept)
+
+
+def rows_skipped(run_dir: Any) -> int | None:
+    """Rows the run left out of its data (run_info.json); None for a run that has not recorded them yet."""
+    info = read_run_info(run_dir)
+    counts = [info[key] for key in SKIPPED_FIELDS if isinstance(info.get(key), int)]
+    return sum(counts) if counts else None
 
 
 def _round(value: float | None) -> float | None:
@@ -222,9 +266,9 @@ def compare_runs(manager: RunManager, run_ids: list[str] | None) -> Iterator[Any
                       y_title="mean reward" if key == "reward" else "loss")
 
 
-def toggle_data_kind(kind: str) -> tuple[Any, Any, Any, Any]:
+def toggle_data_kind(kind: str) -> tuple[Any, Any, Any]:
     return (gr.update(visible=kind == "Bundled"), gr.update(visible=kind == "Hub dataset"),
-            gr.update(visible=kind == "Hub dataset"), gr.update(visible=kind == "Uploaded file"))
+            gr.update(visible=kind == "Uploaded file"))
 
 
 def choose_model_kind(kind: str, current: str) -> Any:
@@ -245,30 +289,41 @@ def _number(key: str, label: str, value: Any, **kwargs: Any) -> gr.Number:
     return gr.Number(value=value, label=label, info=_info(key), **kwargs)
 
 
-def _data_controls(form: dict[str, Any], defaults: RunConfig) -> None:
+def _data_controls(form: dict[str, Any], defaults: RunConfig) -> dict[str, Any]:
+    """The data section; returns the Hub controls that are not form fields (the box, the list button, its note)."""
+    hub: dict[str, Any] = {}
     with gr.Accordion("1 · Data", open=True):
         with gr.Row():
             form["data_kind"] = gr.Radio(list(DATA_KINDS), value="Bundled", label="Dataset source",
                                          elem_id="data-kind")
             form["data_bundled"] = gr.Dropdown(bundled_names() or [BUNDLED_DATASET], value=BUNDLED_DATASET,
                                                label="Bundled dataset", info=_info("data_source"))
-            form["data_hub_name"] = gr.Textbox(value="", label="Hub dataset name", placeholder="tatsu-lab/alpaca",
-                                               visible=False)
-            form["data_hub_config"] = gr.Textbox(value="", label="Hub config (subset)", info=_info("data_hub_config"),
-                                                 visible=False)
+            with gr.Column(visible=False) as hub["box"]:
+                form["data_hub_name"] = gr.Textbox(value="", label="Hub dataset name", placeholder="tatsu-lab/alpaca",
+                                                   elem_id="hub-name")
+                # Dropdowns that accept typed values: the Hub's lists when fetched, any name when offline.
+                form["data_hub_config"] = gr.Dropdown([], value="", label="Hub config (subset)",
+                                                      info=_info("data_hub_config"), allow_custom_value=True)
+                hub["list"] = gr.Button("List configs/splits", size="sm", elem_id="hub-list")
+                hub["info"] = gr.Markdown(elem_id="hub-info")
             form["data_file"] = gr.File(label="Upload a dataset file", type="filepath", visible=False,
-                                        file_types=[".jsonl", ".json", ".csv", ".parquet", ".txt"], elem_id="data-file")
+                                        file_types=list(paths.DATA_FILE_SUFFIXES), elem_id="data-file")
         with gr.Row():
-            form["data_split"] = gr.Textbox(value=defaults.data.split, label="Split", info=_info("data_split"))
+            form["data_split"] = gr.Dropdown([defaults.data.split], value=defaults.data.split, label="Split",
+                                             info=_info("data_split"), allow_custom_value=True)
             form["data_format"] = gr.Dropdown(list(DATA_FORMATS), value="auto", label="Format",
                                               info=_info("data_format"))
             form["prompt_column"] = gr.Textbox(value="", label="Prompt column", placeholder="e.g. query",
                                                info="Your column holding the user's message (renamed to 'prompt').")
             form["answer_column"] = gr.Textbox(value="", label="Answer column", placeholder="e.g. reply",
                                                info="Your column holding the answer (renamed to 'completion').")
-        form["column_mapping_json"] = gr.Textbox(value="", label="Column mapping (JSON, optional)",
-                                                 placeholder='{"query": "prompt", "reply": "completion"}',
-                                                 info=_info("data_column_mapping"))
+        with gr.Row():
+            form["column_mapping_json"] = gr.Textbox(value="", label="Column mapping (JSON, optional)",
+                                                     placeholder='{"query": "prompt", "reply": "completion"}',
+                                                     info=_info("data_column_mapping"), scale=3)
+            form["data_skip_bad_rows"] = gr.Checkbox(value=defaults.data.skip_bad_rows, label="Skip malformed rows",
+                                                     info=_info("data_skip_bad_rows"), elem_id="skip-bad-rows")
+    return hub
 
 
 def _model_controls(form: dict[str, Any], defaults: RunConfig) -> None:
@@ -423,9 +478,9 @@ def build_train_tab(manager: RunManager, profile: HardwareProfile) -> dict[str, 
         preset = gr.Dropdown(presets(), value="cpu-quick" if "cpu-quick" in presets() else None,
                              label="Preset", info="Fill the form from configs/*.yaml", scale=1)
         estimate = gr.Markdown(elem_id="estimate")
-    _data_controls(form, defaults)
-    with gr.Accordion("Data preview", open=False):
-        preview_info = gr.Markdown()
+    hub = _data_controls(form, defaults)
+    with gr.Accordion("Data preview", open=True):
+        preview_info = gr.Markdown(elem_id="data-preview")
         preview_table = gr.Dataframe(pd.DataFrame(columns=["row", "role", "content"]), interactive=False, wrap=True)
         preview_button = gr.Button("Preview data", size="sm")
     _model_controls(form, defaults)
@@ -440,6 +495,7 @@ def build_train_tab(manager: RunManager, profile: HardwareProfile) -> dict[str, 
     view, history = _live_view(), _history_view()
     _wire(manager, profile, form, preset, estimate, preview_info, preview_table, preview_button, start, stop,
           view, history)
+    _wire_hub(form, hub)
     # Shares Start's concurrency slot: a resume and a start pressed together still give one training job.
     resume.click(functools.partial(resume_run, manager), view["watching"], [view["watching"], view["status"]],
                  api_name="resume_run", concurrency_limit=1, concurrency_id="train-start")
@@ -447,6 +503,13 @@ def build_train_tab(manager: RunManager, profile: HardwareProfile) -> dict[str, 
     return {**form, "preset": preset, "estimate": estimate, "start": start, "stop": stop, "resume": resume,
             "lora_aid": lora_aid,
             **view, **history}
+
+
+def _wire_hub(form: dict[str, Any], hub: dict[str, Any]) -> None:
+    form["data_kind"].change(toggle_data_kind, form["data_kind"], [form["data_bundled"], hub["box"], form["data_file"]],
+                             api_visibility="private")
+    hub["list"].click(list_hub_options, [form["data_hub_name"], form["data_hub_config"]],
+                      [form["data_hub_config"], form["data_split"], hub["info"]], api_name="hub_listing")
 
 
 def _wire_lora_aid(form: dict[str, Any], lora_aid: Any) -> None:
@@ -462,9 +525,6 @@ def _wire(manager: RunManager, profile: HardwareProfile, form: dict[str, Any], p
           view: dict[str, Any], history: dict[str, Any]) -> None:
     form_list = list(form.values())
     preset.change(load_preset, preset, form_list, api_name="load_preset")
-    form["data_kind"].change(toggle_data_kind, form["data_kind"],
-                             [form["data_bundled"], form["data_hub_name"], form["data_hub_config"],
-                              form["data_file"]], api_visibility="private")
     form["model_kind"].change(choose_model_kind, [form["model_kind"], form["model_source"]], form["model_source"],
                               api_visibility="private")
     form["lora_method"].change(show_method_fields, form["lora_method"], [form[k] for k in METHOD_FIELDS],
@@ -478,7 +538,7 @@ def _wire(manager: RunManager, profile: HardwareProfile, form: dict[str, Any], p
     gr.on([c.change for c in estimate_inputs], functools.partial(update_estimate, profile), inputs_kwargs=form,
           outputs=estimate, api_name="estimate", show_progress="hidden", trigger_mode="always_last")
     data_inputs = [form[k] for k in ("data_kind", "data_bundled", "data_file", "data_split", "data_format",
-                                     "column_mapping_json")]
+                                     "column_mapping_json", "data_skip_bad_rows")]
     gr.on([preview_button.click] + [c.change for c in data_inputs], preview_dataset, inputs_kwargs=form,
           outputs=[preview_info, preview_table], api_name="preview_data", trigger_mode="always_last")
     start.click(functools.partial(start_run, manager), inputs_kwargs=form,

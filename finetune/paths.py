@@ -31,7 +31,7 @@ from typing import Any
 from finetune.config import EMBEDDED_MODEL, ConfigError, RunConfig
 
 DATA_DIR = Path(__file__).resolve().parent.parent / "data"
-DATA_FILE_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet", ".txt")
+DATA_FILE_SUFFIXES = (".jsonl", ".json", ".csv", ".tsv", ".parquet", ".txt")
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 BUNDLED_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*$")
 RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")  # the run manager's ids: one folder, no separators
@@ -134,6 +134,15 @@ def hub_id(value: Any) -> str:
     if text and (not HUB_ID.match(text) or ".." in text):
         raise PathRefused()
     return text
+
+
+def hub_dataset(value: Any) -> str:
+    """A Hub dataset to list or preview: a Hub id, or, where the operator allows local paths, a folder laid out as
+    a Hub dataset repository (README with ``configs:``), which ``datasets`` reads without the Hub."""
+    text = _text(value)
+    if not text or _looks_like_hub_id(text, False, ()):
+        return text
+    return local_path(text)
 
 
 def local_path(value: Any, operator: bool = False) -> str:

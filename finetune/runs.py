@@ -189,7 +189,7 @@ def check_sources(cfg: RunConfig) -> None:
     try:
         kind = data_kind(cfg.data.source)
         if kind == "file":
-            check_file(Path(cfg.data.source).expanduser())
+            check_file(Path(cfg.data.source).expanduser(), cfg.data.skip_bad_rows)  # the form's choice
         elif kind == "hub":
             require_hub(cfg.data.source, "dataset")  # probes the Hub itself
     except (DataError, ModelSourceError) as error:

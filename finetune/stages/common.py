@@ -113,7 +113,8 @@ def record_run_info(trainer: Any, run_dir: Path, profile: HardwareProfile, **fie
 
 def preference_data_fields(data: PreferenceData) -> dict[str, Any]:
     return dict(data_format=data.source_format, train_rows=len(data.train),
-                eval_rows=len(data.eval) if data.eval is not None else 0, data_notes=data.notes)
+                eval_rows=len(data.eval) if data.eval is not None else 0, data_notes=data.notes,
+                malformed_rows=data.malformed_rows, skipped_rows=data.skipped_rows)
 
 
 def load_preference_data(cfg: RunConfig, want: str) -> PreferenceData:

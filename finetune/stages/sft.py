@@ -78,6 +78,8 @@ def build(cfg: RunConfig, run_dir: Path) -> Built:
     record_run_info(trainer, run_dir, profile, recipe=resolve_recipe(cfg, profile).as_dict(),
                     data_format=data.format, train_rows=len(data.train),
                     eval_rows=len(data.eval) if data.eval is not None else 0, data_notes=data.notes,
+                    malformed_rows=data.malformed_rows, skipped_rows=data.skipped_rows,
+                    dropped_too_long=data.dropped_too_long,
                     model_load_seconds=round(getattr(model, "load_seconds", 0.0), 2))
     return Built(trainer, callback, has_eval=data.eval is not None)
 
