@@ -404,6 +404,13 @@ def run_unit(lm_class: type, engine: Any, unit: Unit, job_dir: Path, batch_size:
     return harness_output_json(out)
 
 
+@functools.lru_cache(maxsize=32)
+def _read_result(path: str, mtime_ns: int) -> dict[str, Any]:
+    # The UI polls every few seconds and a result with per-item samples can be megabytes (mmlu): parse it once.
+    # Callers must not modify the returned dict (it is shared).
+    return json.loads(Path(path).read_text(encoding="utf-8"))
+
+
 class BenchmarkJob:
     """The files of one job folder: plan, status, STOP, one harness result per unit, the shared cache."""
 
@@ -421,7 +428,7 @@ class BenchmarkJob:
         for index in range(len(self.plan().units)):
             path = self.result_path(index)
             if path.is_file():
-                found[index] = json.loads(path.read_text(encoding="utf-8"))
+                found[index] = _read_result(str(path), path.stat().st_mtime_ns)
         return found
 
     def copy_cached(self, index: int, unit: Unit) -> bool:
