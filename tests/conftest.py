@@ -30,8 +30,11 @@ def embedded_dir() -> Path:
     return embedded_model_dir()
 
 
-def save_tiny_llama(folder: Path, tokenizer_dir: Path, hidden: int = 64, intermediate: int = 128) -> Path:
-    """A 2-layer random Llama with the embedded tokenizer, saved as a 'local folder' model."""
+def save_tiny_llama(folder: Path, tokenizer_dir: Path, hidden: int = 64, intermediate: int = 128,
+                    initializer_range: float = 0.02) -> Path:
+    """A 2-layer random Llama with the embedded tokenizer, saved as a 'local folder' model. With the default
+    initializer range its random output embeddings keep every token near-uniform (loss stays at ~10.5); a larger
+    one (0.3) spreads the logits so LoRA can learn, and overfit, within a few steps."""
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
@@ -39,7 +42,8 @@ def save_tiny_llama(folder: Path, tokenizer_dir: Path, hidden: int = 64, interme
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=intermediate,
                          num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                          max_position_embeddings=512, tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
-                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                         initializer_range=initializer_range)
     torch.manual_seed(0)
     LlamaForCausalLM(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)

@@ -1,0 +1,181 @@
+"""Early stopping on the validation set and the best checkpoint kept (issue 19 item 1).
+
+Real training on the CPU: a tiny Llama whose wider random embeddings let LoRA learn (and overfit) within a few
+steps, trained with a high constant learning rate on made-up locker codes. The held-out lockers' codes cannot be
+learned from the others, so once the shared wording is learned, fitting the training codes makes the held-out loss
+rise: the shape early stopping exists for. Every assertion is checked against what the run itself logged.
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import save_tiny_llama, tiny_run_config, write_jsonl
+from finetune.config import ConfigError, from_dict, to_dict
+from finetune.hardware import detect
+from finetune.metrics import STOP_FILE, MetricsCallback, early_stop_note, read_metrics, read_status
+from finetune.run_folder import ADAPTER_DIR, CHECKPOINT_DIR, read_run_info
+from finetune.stages.common import training_args
+from finetune.train import run
+
+PATIENCE, EVAL_STEPS, MAX_STEPS = 2, 2, 24
+WEIGHTS = "adapter_model.safetensors"
+
+
+@pytest.fixture(scope="module")
+def learning_model_dir(tmp_path_factory, embedded_dir) -> Path:
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny-learning"), embedded_dir, initializer_range=0.3)
+
+
+@pytest.fixture(scope="module")
+def locker_codes(tmp_path_factory) -> Path:
+    rng = random.Random(0)
+    rows = [{"prompt": f"What is the code word of locker {i}?",
+             "completion": f"The code word of locker {i} is {''.join(rng.choices('bcdfghjklmnpqrstvwxz', k=5))}."}
+            for i in range(24)]
+    return write_jsonl(tmp_path_factory.mktemp("lockers") / "codes.jsonl", rows)
+
+
+def overfitting_config(model_dir: Path, data: Path, **training):
+    cfg = tiny_run_config(model_dir, data, max_steps=MAX_STEPS, learning_rate=0.05, lr_scheduler="constant",
+                          eval_steps=EVAL_STEPS, early_stopping_patience=PATIENCE, **training)
+    cfg.data.validation_fraction = 0.25
+    return cfg
+
+
+def eval_losses(run_dir: Path) -> dict[int, float]:
+    return {r["step"]: r["eval_loss"] for r in read_metrics(run_dir) if isinstance(r.get("eval_loss"), float)}
+
+
+def tensors(folder: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(folder / WEIGHTS))
+
+
+def same_tensors(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def checkpoint(run_dir: Path, step: int) -> Path:
+    return run_dir / CHECKPOINT_DIR / f"checkpoint-{step}"
+
+
+def assert_stopped_at_the_right_step(run_dir: Path) -> dict:
+    """The run's record agrees with its own eval curve: the best step is the lowest eval loss, and the run
+    stopped PATIENCE evaluations after it, before its last step."""
+    status, losses = read_status(run_dir), eval_losses(run_dir)
+    best = min(losses, key=lambda step: (losses[step], step))
+    assert status["state"] == "completed", status
+    assert status["best_step"] == best and status["best_metric"] == pytest.approx(losses[best])
+    assert status["stopped_early_at"] == best + PATIENCE * EVAL_STEPS < MAX_STEPS
+    assert max(losses) == status["stopped_early_at"]  # nothing was evaluated after the stop
+    assert all(losses[step] > losses[best] for step in losses if step > best)  # the held-out loss turned up
+    assert early_stop_note(status) == f"stopped early at step {status['stopped_early_at']} (best: step {best})"
+    return status
+
+
+@pytest.mark.parametrize("keep", ["best", "last"])
+def test_rising_validation_loss_stops_early_and_saves_the_chosen_weights(learning_model_dir, locker_codes, tmp_path,
+                                                                         keep):
+    run_dir = tmp_path / "run"
+    assert run(overfitting_config(learning_model_dir, locker_codes, keep=keep), run_dir) == 0
+    status = assert_stopped_at_the_right_step(run_dir)
+    best, stop = checkpoint(run_dir, status["best_step"]), checkpoint(run_dir, status["stopped_early_at"])
+    assert best.is_dir() and stop.is_dir()  # the rotation (2 checkpoints) kept the best one
+    saved = tensors(run_dir / ADAPTER_DIR)
+    assert same_tensors(saved, tensors(best if keep == "best" else stop))
+    assert not same_tensors(saved, tensors(stop if keep == "best" else best))
+    info = read_run_info(run_dir)
+    assert (info["kept"], info["best_step"], info["stopped_early_at"]) == (keep, status["best_step"],
+                                                                          status["stopped_early_at"])
+
+
+def test_resume_after_stop_keeps_counting_and_keeps_the_best(learning_model_dir, locker_codes, tmp_path, monkeypatch):
+    """Stop (the STOP file the app writes) after a few evaluations, then resume: the run goes on from its
+    checkpoint with the best metric and patience counter it had, stops early and keeps the best."""
+    run_dir, stop_at = tmp_path / "run", 3 * EVAL_STEPS + 1
+    original = MetricsCallback.on_step_end
+
+    def press_stop_at(self, args, state, control, **kwargs):
+        if state.global_step == stop_at:
+            (self.run_dir / STOP_FILE).touch()  # what RunManager.request_stop writes
+        return original(self, args, state, control, **kwargs)
+
+    cfg = overfitting_config(learning_model_dir, locker_codes, keep="best")
+    with monkeypatch.context() as patch:
+        patch.setattr(MetricsCallback, "on_step_end", press_stop_at)
+        assert run(cfg, run_dir) == 0
+    stopped = read_status(run_dir)
+    assert stopped["state"] == "stopped" and stopped["step"] == stop_at and stopped.get("stopped_early_at") is None
+    assert same_tensors(tensors(run_dir / ADAPTER_DIR), tensors(checkpoint(run_dir, stopped["best_step"])))
+
+    (run_dir / STOP_FILE).unlink()  # RunManager.resume removes it too
+    assert run(cfg, run_dir, resume=True) == 0
+    status = assert_stopped_at_the_right_step(run_dir)
+    assert status["stopped_early_at"] > stop_at
+    assert same_tensors(tensors(run_dir / ADAPTER_DIR), tensors(checkpoint(run_dir, status["best_step"])))
+
+
+def test_too_few_rows_to_hold_out_is_refused_before_training(learning_model_dir, tmp_path):
+    rows = [{"prompt": f"Question {i}?", "completion": f"Answer {i}."} for i in range(6)]  # under 10: none held out
+    cfg = tiny_run_config(learning_model_dir, write_jsonl(tmp_path / "few.jsonl", rows), early_stopping_patience=2)
+    run_dir = tmp_path / "run"
+    assert run(cfg, run_dir) == 1
+    status = read_status(run_dir)
+    assert status["state"] == "failed" and "needs held-out rows" in status["error"]
+    assert "validation split" in status["error"] and not (run_dir / CHECKPOINT_DIR).exists()
+
+
+def config_with(**sections) -> dict:
+    raw = to_dict(from_dict({}))
+    for name, values in sections.items():
+        if isinstance(values, dict):
+            raw[name].update(values)
+        else:
+            raw[name] = values
+    return raw
+
+
+@pytest.mark.parametrize("training, data, stage, field, fragment", [
+    ({"early_stopping_patience": 2, "eval_steps": 0}, {}, "sft", "training.eval_steps", "set eval steps above 0"),
+    ({"keep": "best", "eval_steps": 0}, {}, "sft", "training.eval_steps", "Keeping the best checkpoint"),
+    ({"early_stopping_patience": 2}, {"validation_fraction": 0}, "sft", "data.validation_fraction",
+     "set the validation fraction above 0"),
+    ({"early_stopping_patience": 2}, {}, "grpo", "training.early_stopping_patience", "GRPO has none"),
+    ({"keep": "best"}, {}, "grpo", "training.keep", "GRPO has none"),
+    ({"early_stopping_patience": -1}, {}, "sft", "training.early_stopping_patience", "between 0 and 1000"),
+    ({"keep": "first"}, {}, "sft", "training.keep", "one of last, best"),
+    ({"early_stopping_threshold": -0.1}, {}, "sft", "training.early_stopping_threshold", ">= 0"),
+])
+def test_settings_without_a_held_out_evaluation_are_refused(training, data, stage, field, fragment):
+    extra = {"preference": {"reward_model": "reward-run"}} if stage == "grpo" else {}
+    with pytest.raises(ConfigError) as caught:
+        from_dict(config_with(training=training, data=data, stage=stage, **extra))
+    assert fragment in caught.value.problems[field]
+
+
+@pytest.mark.parametrize("stage, metric, greater", [("sft", "eval_loss", False), ("reward", "eval_accuracy", True),
+                                                    ("dpo", "eval_loss", False), ("kto", "eval_loss", False)])
+@pytest.mark.parametrize("keep", ["best", "last"])
+def test_training_args_watch_the_stage_metric_and_save_at_every_evaluation(tmp_path, stage, metric, greater, keep):
+    """Each stage's trainer config accepts the arguments (transformers checks save_steps against eval_steps)."""
+    from trl import DPOConfig, KTOConfig, RewardConfig, SFTConfig
+
+    cfg = from_dict(config_with(stage=stage, training={"early_stopping_patience": 3, "keep": keep, "eval_steps": 7,
+                                                       "save_steps": 50}))
+    args = training_args(cfg, detect(), tmp_path, has_eval=True)
+    assert (args["metric_for_best_model"], args["greater_is_better"]) == (metric, greater)
+    assert args["save_steps"] == args["eval_steps"] == 7 and args["load_best_model_at_end"] == (keep == "best")
+    kind = {"sft": SFTConfig, "reward": RewardConfig, "dpo": DPOConfig, "kto": KTOConfig}[stage]
+    built = kind(**args)
+    assert built.load_best_model_at_end == (keep == "best") and built.metric_for_best_model == metric
+
+
+def test_without_early_stopping_the_arguments_are_unchanged(tmp_path):
+    cfg = from_dict(config_with(training={"eval_steps": 7, "save_steps": 50}))
+    args = training_args(cfg, detect(), tmp_path, has_eval=True)
+    assert args["save_steps"] == 50 and "metric_for_best_model" not in args and "load_best_model_at_end" not in args
