@@ -52,6 +52,7 @@ ADAPTER_DIR = "adapter"
 CONFIG_COPY = "lora_lab_config.yaml"
 RUN_CONFIG = "config.yaml"
 FULL_MODEL_DIR = "model"
+CHECKPOINT_DIR = "checkpoints"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
 
@@ -255,7 +256,11 @@ def refusal(adapter_config: dict[str, Any]) -> str | None:
 
 
 def _run_config(run_dir: Path, adapter_dir: Path) -> RunConfig:
-    for path in (adapter_dir / CONFIG_COPY, run_dir / RUN_CONFIG):
+    # A checkpoint (<run>/checkpoints/checkpoint-N) has no config of its own: its run's config applies.
+    run_of_checkpoint = run_dir.parent.parent / RUN_CONFIG if run_dir.parent.name == CHECKPOINT_DIR else None
+    for path in (adapter_dir / CONFIG_COPY, run_dir / RUN_CONFIG, run_of_checkpoint):
+        if path is None:
+            continue
         if path.is_file():
             try:
                 return load_config(path)

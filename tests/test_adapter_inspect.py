@@ -287,3 +287,17 @@ def test_command_line_prints_the_summary_or_a_clear_error(known_run, tmp_path, c
     assert main([str(tmp_path / "missing")]) == 2
     assert capsys.readouterr().out == ("error: missing has no finished adapter (adapter/adapter_config.json is "
                                        "missing): wait until the run has finished, or pick another run.\n")
+
+
+def test_a_checkpoint_is_read_with_its_runs_config(tmp_path, known_run):
+    import shutil
+
+    checkpoint = tmp_path / "run" / "checkpoints" / "checkpoint-2"
+    shutil.copytree(known_run / "adapter", checkpoint)
+    (checkpoint / "lora_lab_config.yaml").rename(tmp_path / "run" / "config.yaml")  # as the trainer leaves them
+    report = inspect_run(checkpoint)
+    assert report.run == "checkpoint-2" and len(report.modules) == 2 * len(TARGETS)
+    (tmp_path / "run" / "config.yaml").unlink()
+    with pytest.raises(InspectError, match="^checkpoint-2 has no lora_lab_config.yaml beside its adapter, so its base "
+                                           "model is unknown.$"):
+        inspect_run(checkpoint)
