@@ -357,7 +357,8 @@ def test_every_source_parameter_refuses_every_vector_with_one_message(gated_app,
     assert len(NOT_UPLOADED.findall(capfd.readouterr().err)) >= file_calls > 0  # gradio refused each File value
     # The sweep found the endpoints issue 16 probed, through the API itself (not a hand-kept list).
     assert {"/preview_data", "/start_run", "/estimate", "/rlhf_preview_data", "/rlhf_start_reward", "/eval_loss",
-            "/eval_generations", "/compare_start", "/quantize_compare", "/lora_aid", "/load_preset"} <= swept
+            "/eval_generations", "/compare_start", "/quantize_compare", "/lora_aid", "/load_preset",
+            "/hub_listing", "/rlhf_hub_listing"} <= swept
     leaked = [str(p) for p in runs.rglob("*") if p.is_file() and MARKER.encode() in p.read_bytes()]
     assert not leaked, leaked  # nothing of the secret was copied in (kept uploads, exports)
     # One message per field: no vector is told apart from another (what exists, what is a folder).
