@@ -360,6 +360,35 @@ def test_cli_writes_the_file_and_explains_bad_input(trained_run):
     assert "Traceback" not in bad.stderr
 
 
+def test_cli_plan_writes_nothing_and_push_refuses_with_messages(exports, trained_run, tmp_path, capsys,
+                                                                monkeypatch):
+    """--plan prints the sizes a build would write (and, once built, that nothing new is written); --push refuses
+    a missing token and an unbuilt type before the Hub, and here, offline, says the Hub cannot be reached."""
+    from finetune.gguf_export import disk_plan, main
+
+    fresh = _fresh_copy(trained_run, tmp_path)
+    assert main([str(fresh), "--type", "q4_0", "--plan"]) == 0
+    out = capsys.readouterr().out
+    merged, gguf = disk_plan(fresh, "q4_0").landings
+    assert f"- merged model: about {merged.size_bytes / 2**20:.1f} MB" in out
+    assert f"- q4_0 GGUF: about {gguf.size_bytes / 2**20:.1f} MB" in out and "There is room for it." in out
+    assert sorted(p.name for p in fresh.iterdir()) == sorted(p.name for p in fresh.iterdir()
+                                                             if p.name not in ("merged", "export"))
+    assert main([str(trained_run), "--type", "q8_0", "--plan"]) == 0
+    assert "Nothing new is written" in capsys.readouterr().out
+
+    secret = "hf_cli_secret_token"
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    assert main([str(trained_run), "--type", "q8_0", "--push", "me/tiny-gguf"]) == 2
+    assert "error: A Hugging Face write token is needed" in capsys.readouterr().err
+    monkeypatch.setenv("HF_TOKEN", secret)
+    assert main([str(fresh), "--type", "q8_0", "--push", "me/tiny-gguf"]) == 2
+    assert "has no q8_0 GGUF yet: build it first" in capsys.readouterr().err
+    assert main([str(trained_run), "--type", "q8_0", "--push", "me/tiny-gguf"]) == 2
+    err = capsys.readouterr().err
+    assert "Cannot reach the Hugging Face Hub" in err and secret not in err
+
+
 def test_export_tab_builds_the_gguf_and_the_merged_zip_through_the_app_api(exports, trained_run):
     """The Export tab's handlers through the real app and gradio_client: the downloaded GGUF is the file the
     run wrote (read back), the Modelfile comes with it, the merged-model zip holds a loadable model folder."""
