@@ -129,7 +129,10 @@ def read_weight(files: dict[str, Path], module_name: str) -> Any:
     or None when the files do not hold it."""
     from safetensors import safe_open
 
-    for key in (f"{module_name}.weight", f"{module_name.split('.', 1)[-1]}.weight"):
+    keys = [f"{module_name}.weight", f"{module_name.split('.', 1)[-1]}.weight"]
+    if module_name.rsplit(".", 1)[-1] == "lm_head":
+        keys.append("model.embed_tokens.weight")  # tied output head: saved once, as the input embeddings
+    for key in keys:
         if key in files:
             with safe_open(str(files[key]), framework="pt") as handle:
                 return handle.get_tensor(key).float()

@@ -112,3 +112,14 @@ def test_step0_error_needs_a_4_bit_base(tiny_model_dir):
     with pytest.raises(InspectError, match="^The step-0 quantization error is measured on a 4-bit base; this config "
                                            "loads the base at 16 bits.$"):
         step0_quantization_error(ModelConfig(source=str(tiny_model_dir), bits=16), LoraSettings(), "loftq")
+
+
+def test_a_tied_output_head_is_read_from_the_input_embeddings(tiny_model_dir):
+    import torch
+
+    from finetune.lora_init import full_precision_weights, read_weight
+
+    files = full_precision_weights(tiny_model_dir)
+    assert "lm_head.weight" not in files  # the tiny Llama ties its head to the embeddings, as SmolLM2 does
+    assert torch.equal(read_weight(files, "lm_head"), read_weight(files, "model.embed_tokens"))
+    assert read_weight(files, "model.layers.0.self_attn.nowhere") is None
