@@ -22,15 +22,15 @@ from components.shared import (duration, list_hub_options, lora_aid_markdown, on
 from components.train_form import (CONFIGS_DIR, DATA_KINDS, MODEL_KINDS, column_mapping, config_from_form,
                                    form_from_config, presets)
 from finetune.config import (BUNDLED_DATASET, CHECKPOINTING, COMPUTE_DTYPES, DATA_FORMATS, EMBEDDED_MODEL,
-                             LORA_BIAS, LORA_METHODS, OPTIMIZERS, PEFT_METHODS, SCHEDULERS, ConfigError, RunConfig,
-                             field_help, load_config)
+                             KEEP_CHOICES, LORA_BIAS, LORA_METHODS, OPTIMIZERS, PEFT_METHODS, SCHEDULERS, ConfigError,
+                             RunConfig, field_help, load_config)
 from finetune import paths
 from finetune.data import DataError, DataPreview, bundled_names, hub_preview, preview_report
 from finetune.estimate import estimate_run
 from finetune.recipe import resolve_recipe
 from finetune.hardware import HardwareProfile
 from finetune.models import ModelSourceError, load_tokenizer
-from finetune.metrics import headline_metric, is_summary, loss_key, read_metrics
+from finetune.metrics import early_stop_note, headline_metric, is_summary, loss_key, read_metrics
 from finetune.runs import RunError, RunInProgressError, RunManager, check_sources
 from finetune.run_folder import ADAPTER_DIR, RUN_CONFIG, has_adapter, read_run_info
 
@@ -162,9 +162,19 @@ def restore_form(manager: RunManager) -> list[Any]:
     return [values.get(key, gr.skip()) for key in _FORM_KEYS]
 
 
-def loss_frame(rows: list[dict[str, Any]]) -> pd.DataFrame | None:
-    """Long format (step, loss, series) so one LinePlot draws train and eval loss in two colours."""
-    return series_frame(rows, (("loss", "train loss"), ("eval_loss", "eval loss")), "loss")
+def loss_frame(rows: list[dict[str, Any]], status: dict[str, Any] | None = None) -> pd.DataFrame | None:
+    """Long format (step, loss, series) so one LinePlot draws train and eval loss in two colours; a run that
+    tracks its best evaluation also gets a mark (a short dash) on the best eval point and on the early stop."""
+    marks = _best_marks(rows, status or {})
+    series = (("loss", "train loss"), ("eval_loss", "eval loss")) + tuple((key, key) for key in marks)
+    return series_frame(rows + [{"step": step, key: value} for key, (step, value) in marks.items()], series, "loss")
+
+
+def _best_marks(rows: list[dict[str, Any]], status: dict[str, Any]) -> dict[str, tuple[int, float]]:
+    """{series label: (step, eval loss there)} for the best evaluation and the early stop that status.json names."""
+    evals = {r["step"]: r["eval_loss"] for r in rows if isinstance(r.get("eval_loss"), (int, float))}
+    wanted = {"best eval": status.get("best_step"), "early stop": status.get("stopped_early_at")}
+    return {label: (step, evals[step]) for label, step in wanted.items() if step in evals}
 
 
 def lr_frame(rows: list[dict[str, Any]]) -> pd.DataFrame | None:
@@ -180,9 +190,10 @@ def status_text(run_id: str, status: dict[str, Any], adapter_saved: bool = True)
         # A full fine-tune saves a whole model (runs/<id>/model), not an adapter, so Chat has nothing to attach.
         where = ("Try it in the Chat tab." if adapter_saved else
                  "It saved a full model (the run folder's `model/`), not an adapter, so it is not offered in Chat.")
-        return f"Run `{run_id}` **completed** in {duration(status.get('duration'))}. {where}"
+        ended = early_stop_note(status).replace("stopped early", "**stopped early**") or "**completed**"
+        return f"Run `{run_id}` {ended} in {duration(status.get('duration'))}.{_kept_note(status)} {where}"
     if state in ("stopped", "interrupted"):
-        return f"Run `{run_id}` **{state}**. {paths.for_visitors(status.get('error') or '')}"
+        return f"Run `{run_id}` **{state}**.{_kept_note(status)} {paths.for_visitors(status.get('error') or '')}"
     if status.get("stop_requested_at"):
         return (f"Run `{run_id}` is **stopping**: asked {duration(time.time() - status['stop_requested_at'])} ago "
                 "to save a checkpoint and stop; a process that does not answer is ended.")
@@ -191,6 +202,17 @@ def status_text(run_id: str, status: dict[str, Any], adapter_saved: bool = True)
                 f"{status.get('step') or 0}/{status.get('max_steps') or '?'}. Its last log lines are below; Stop "
                 "asks it to save a checkpoint and ends the process if it does not answer.")
     return f"Run `{run_id}` is **{state}**."
+
+
+def _kept_note(status: dict[str, Any]) -> str:
+    """Which weights a finished run that tracked its best evaluation saved ('' for any other run)."""
+    best, kept = status.get("best_step"), status.get("kept")
+    if not isinstance(best, int) or kept not in ("best", "last"):
+        return ""
+    name, value = status.get("best_metric_name") or "metric", status.get("best_metric")
+    value_text = f", {name.replace('_', ' ')} {value:.4g}" if isinstance(value, float) else ""  # eval_loss: eval loss
+    holds = f"the best step's ({best})" if kept == "best" else "the last step's"
+    return f" Best held-out evaluation: step {best}{value_text}; the saved weights are {holds}."
 
 
 def poll_run(manager: RunManager, run_id: str) -> tuple[Any, ...]:
@@ -204,7 +226,7 @@ def poll_run(manager: RunManager, run_id: str) -> tuple[Any, ...]:
     failed = status.get("state") == "failed"
     adapter_saved = has_adapter(manager.run_dir(run_id) / ADAPTER_DIR)
     return (run_id, status_text(run_id, status, adapter_saved), progress_html("train-progress", status, rows),
-            loss_frame(rows), lr_frame(rows),
+            loss_frame(rows, status), lr_frame(rows),
             paths.for_visitors(manager.log_tail(run_id, 40)),
             gr.Accordion(open=True) if failed or stalled else gr.skip())
 
@@ -221,7 +243,8 @@ def run_history(manager: RunManager, selected: list[str] | None = None) -> tuple
                      cfg.lora.rank if cfg else None, cfg.lora.alpha if cfg else None,
                      cfg.training.learning_rate if cfg else None, cfg.model.bits if cfg else None,
                      f"{run.step}/{run.max_steps}", _round(run.final_loss), _round(run.final_eval_loss),
-                     run.state, run.duration, cfg.lora.method if cfg else "?",
+                     early_stop_note(manager.status(run.run_id)) or run.state, run.duration,
+                     cfg.lora.method if cfg else "?",
                      rows_skipped(manager.run_dir(run.run_id))])
     ids = [r[0] for r in rows]
     kept = [run_id for run_id in selected or [] if run_id in ids] or ids[:3]
@@ -432,6 +455,11 @@ def _advanced_controls(form: dict[str, Any], d: RunConfig) -> None:
             form["data_validation_fraction"] = _number("data_validation_fraction", "Validation fraction",
                                                        d.data.validation_fraction)
             form["data_max_samples"] = _number("data_max_samples", "Max samples (0 = all)", 0, precision=0)
+            form["training_early_stopping_patience"] = _number(
+                "training_early_stopping_patience", "Early stopping patience (evaluations, 0 = off)",
+                t.early_stopping_patience, precision=0, elem_id="early-stopping-patience")
+            form["training_keep"] = gr.Radio(list(KEEP_CHOICES), value=t.keep, label="Saved adapter holds",
+                                             info=_info("training_keep"), elem_id="keep-weights")
 
 
 def _default_config() -> RunConfig:
@@ -462,7 +490,8 @@ def _live_view() -> dict[str, Any]:
 def _history_view() -> dict[str, Any]:
     view: dict[str, Any] = {}
     with gr.Accordion("Run history", open=True):
-        view["history"] = gr.Dataframe(pd.DataFrame(columns=HISTORY_COLUMNS), interactive=False, wrap=True)
+        view["history"] = gr.Dataframe(pd.DataFrame(columns=HISTORY_COLUMNS), interactive=False, wrap=True,
+                                       elem_id="run-history")
         with gr.Row():
             view["compare_ids"] = gr.Dropdown([], multiselect=True, label="Compare loss curves of runs")
             view["refresh"] = gr.Button("Refresh history", size="sm")
