@@ -85,7 +85,11 @@ def config_from_form(stage: str, source: str, form: dict[str, Any]) -> RunConfig
                      "learning_rate": form.get(f"{prefix}_learning_rate", base["training"]["learning_rate"]),
                      "max_steps": form.get(f"{prefix}_max_steps", base["training"]["max_steps"]),
                      "batch_size": form.get("batch_size", base["training"]["batch_size"]),
-                     "eval_steps": form.get("eval_steps", base["training"]["eval_steps"])},
+                     "eval_steps": form.get("eval_steps", base["training"]["eval_steps"]),
+                     # GRPO has no held-out set: the config refuses these there unless they are off
+                     "early_stopping_patience": form.get("early_stopping_patience",
+                                                         base["training"]["early_stopping_patience"]),
+                     "keep": form.get("keep") or base["training"]["keep"]},
     }
     if stage == "kto" and raw["preference"]["loss_type"] not in KTO_LOSSES:
         raw["preference"]["loss_type"] = "kto"

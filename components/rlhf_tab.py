@@ -24,10 +24,10 @@ from components.shared import (bind, list_hub_options, on_page_load, problems_ma
                                series_frame, stop_run, watched_run)
 from finetune import paths
 from finetune.chat import ChatEngine, normalize_history
-from finetune.config import (DPO_LOSSES, EMBEDDED_MODEL, KTO_LOSSES, ConfigError, RunConfig, field_help,
-                             from_dict, load_config, to_dict)
+from finetune.config import (DPO_LOSSES, EMBEDDED_MODEL, KEEP_CHOICES, KTO_LOSSES, ConfigError, RunConfig,
+                             field_help, from_dict, load_config, to_dict)
 from finetune.data import DataError, hub_first_rows
-from finetune.metrics import read_metrics, read_status, write_status
+from finetune.metrics import early_stop_note, read_metrics, read_status, write_status
 from finetune.models import ModelSourceError
 from finetune.feedback import FeedbackStore
 from finetune.evaluate import (NO_HELD_OUT, Candidate, adapter_name, compare_policy_answers, judge_accuracy,
@@ -145,7 +145,8 @@ def status_text(run_id: str, status: dict[str, Any], rows: list[dict[str, Any]],
         return f"Run `{run_id}` **failed**: {status.get('error') or 'see the log'}"
     start, end = _first(rows, key), _last(rows, key)
     change = f" · {label}: {start:.3f} → {end:.3f}" if start is not None and end is not None else ""
-    return f"Run `{run_id}` is **{state}**{change}"
+    early = early_stop_note(status)  # "stopped early at step k (best: step j)"
+    return f"Run `{run_id}` is **{state}**{change}" + (f" · {early}" if early else "")
 
 
 def poll_rlhf(manager: RunManager, reward_id: str, policy_id: str) -> tuple[Any, ...]:
@@ -531,6 +532,12 @@ def _advanced(form: dict[str, Any], defaults: RunConfig) -> None:
                                            info=_info("training", "eval_steps"))
             form["max_seq_length"] = gr.Number(defaults.data.max_seq_length, label="Max sequence length",
                                                precision=0, info=_info("data", "max_seq_length"))
+        with gr.Row():
+            form["early_stopping_patience"] = gr.Number(
+                defaults.training.early_stopping_patience, label="Early stopping patience (evaluations, 0 = off)",
+                precision=0, elem_id="rlhf-early-stopping", info=_info("training", "early_stopping_patience"))
+            form["keep"] = gr.Radio(list(KEEP_CHOICES), value=defaults.training.keep, label="Saved weights",
+                                    elem_id="rlhf-keep", info=_info("training", "keep"))
 
 
 def build_rlhf_tab(manager: RunManager, feedback_db: str | Path | None = None,

@@ -363,10 +363,6 @@ class TrainingConfig:
         check.int_field("early_stopping_patience", low=0, high=1000, what="Early stopping patience")
         check.float_field("early_stopping_threshold", low=0, what="Early stopping threshold")
         check.choice("keep", KEEP_CHOICES, "Saved weights")
-        if self.watches_best() and self.eval_steps == 0:
-            # Early stopping and the best checkpoint compare evaluations made during training.
-            check.fail("eval_steps", f"{self.watch_name()} needs evaluations during training: set eval steps "
-                                     "above 0 (for example 10)")
         check.raise_if_any()
 
     def watches_best(self) -> bool:
@@ -475,6 +471,10 @@ class RunConfig:
             # validation metric to stop on.
             raise ConfigError({field_name: f"{what} needs a held-out evaluation, and GRPO has none (it scores its "
                                            "own samples): set early stopping patience to 0 and keep to 'last'"})
+        if self.training.eval_steps == 0:
+            # Early stopping and the best checkpoint compare evaluations made during training.
+            raise ConfigError({"training.eval_steps": f"{what} needs evaluations during training: set eval steps "
+                                                      "above 0 (for example 10)"})
         if self.data.validation_fraction == 0:
             raise ConfigError({"data.validation_fraction": f"{what} needs held-out rows to evaluate on: set the "
                                                            "validation fraction above 0 (for example 0.1)"})

@@ -454,14 +454,17 @@ class JudgeAccuracy:
 
 
 def judge_accuracy(reward_run_dir: Path) -> JudgeAccuracy:
-    """The last held-out accuracy a reward run logged, and how many held-out pairs it rests on."""
-    values = [r["eval_accuracy"] for r in read_metrics(reward_run_dir) if isinstance(r.get("eval_accuracy"),
-                                                                                     (int, float))]
+    """The held-out accuracy of the reward model a run saved (the last one logged, or the best step's when the run
+    kept its best checkpoint), and how many held-out pairs it rests on."""
     info_path = reward_run_dir / RUN_INFO_FILE
     try:
-        pairs = int(json.loads(info_path.read_text(encoding="utf-8")).get("eval_rows") or 0)
+        info = json.loads(info_path.read_text(encoding="utf-8"))
+        pairs = int(info.get("eval_rows") or 0)
     except (OSError, ValueError):
-        pairs = 0
+        info, pairs = {}, 0
+    kept_step = info.get("best_step") if info.get("kept") == "best" else None
+    values = [r["eval_accuracy"] for r in read_metrics(reward_run_dir) if isinstance(r.get("eval_accuracy"),
+              (int, float)) and (kept_step is None or r.get("step") == kept_step)]
     if not values or not pairs:
         return JudgeAccuracy(None, 0)
     low, high = wilson_interval(values[-1] * pairs, pairs)

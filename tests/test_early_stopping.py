@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 from conftest import save_tiny_llama, tiny_run_config, write_jsonl
 from finetune.config import ConfigError, from_dict, to_dict
 from finetune.hardware import detect
+from finetune.preference import BUNDLED_PREFERENCES
 from finetune.metrics import STOP_FILE, MetricsCallback, early_stop_note, read_metrics, read_status
 from finetune.run_folder import ADAPTER_DIR, CHECKPOINT_DIR, read_run_info
 from finetune.stages.common import training_args
@@ -92,6 +93,22 @@ def test_rising_validation_loss_stops_early_and_saves_the_chosen_weights(learnin
     info = read_run_info(run_dir)
     assert (info["kept"], info["best_step"], info["stopped_early_at"]) == (keep, status["best_step"],
                                                                           status["stopped_early_at"])
+    assert_the_train_tab_shows_it(run_dir, status)
+
+
+def assert_the_train_tab_shows_it(run_dir: Path, status: dict) -> None:
+    """The Train tab's real handlers over this run folder: the history's status and the live plot's two marks."""
+    from components.train_tab import poll_run, run_history
+    from finetune.runs import RunManager
+
+    manager, losses = RunManager(run_dir.parent), eval_losses(run_dir)
+    history, _ = run_history(manager)
+    assert history.set_index("run id").loc[run_dir.name, "status"] == early_stop_note(status)
+    run_id, text, _, plot = poll_run(manager, run_dir.name)[:4]
+    assert early_stop_note(status).replace("stopped early", "**stopped early**") in text
+    for series, step in (("best eval", status["best_step"]), ("early stop", status["stopped_early_at"])):
+        mark = plot[plot["series"] == series]
+        assert mark["step"].mean() == pytest.approx(step) and list(mark["loss"]) == pytest.approx([losses[step]] * 2)
 
 
 def test_resume_after_stop_keeps_counting_and_keeps_the_best(learning_model_dir, locker_codes, tmp_path, monkeypatch):
@@ -179,3 +196,18 @@ def test_without_early_stopping_the_arguments_are_unchanged(tmp_path):
     cfg = from_dict(config_with(training={"eval_steps": 7, "save_steps": 50}))
     args = training_args(cfg, detect(), tmp_path, has_eval=True)
     assert args["save_steps"] == 50 and "metric_for_best_model" not in args and "load_best_model_at_end" not in args
+
+
+@pytest.mark.parametrize("stage", ["dpo", "grpo"])
+def test_the_rlhf_form_carries_the_two_settings(stage):
+    """The RLHF tab's shared advanced section: DPO takes them; GRPO (no held-out set) is refused by name."""
+    from components.rlhf_form import config_from_form
+
+    form = {"early_stopping_patience": 3, "keep": "best", "reward_run": "some-reward-run"}
+    if stage == "grpo":
+        with pytest.raises(ConfigError) as caught:
+            config_from_form(stage, BUNDLED_PREFERENCES, form)
+        assert "GRPO has none" in caught.value.problems["training.early_stopping_patience"]
+        return
+    cfg = config_from_form(stage, BUNDLED_PREFERENCES, form)
+    assert (cfg.training.early_stopping_patience, cfg.training.keep) == (3, "best")
