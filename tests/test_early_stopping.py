@@ -65,14 +65,28 @@ def checkpoint(run_dir: Path, step: int) -> Path:
     return run_dir / CHECKPOINT_DIR / f"checkpoint-{step}"
 
 
+def early_stop_of(curve: dict[int, float], greater_is_better: bool, patience: int) -> tuple[int | None, int]:
+    """(step the run should stop at or None, best step) from the evaluations it logged, by the rule itself: an
+    evaluation that does not beat the best so far counts against the patience, a better one resets it."""
+    best_step, best, waited = -1, None, 0
+    for step in sorted(curve):
+        if best is None or (curve[step] > best if greater_is_better else curve[step] < best):
+            best_step, best, waited = step, curve[step], 0
+        else:
+            waited += 1
+            if waited >= patience:
+                return step, best_step
+    return None, best_step
+
+
 def assert_stopped_at_the_right_step(run_dir: Path) -> dict:
     """The run's record agrees with its own eval curve: the best step is the lowest eval loss, and the run
     stopped PATIENCE evaluations after it, before its last step."""
     status, losses = read_status(run_dir), eval_losses(run_dir)
-    best = min(losses, key=lambda step: (losses[step], step))
+    stop, best = early_stop_of(losses, greater_is_better=False, patience=PATIENCE)
     assert status["state"] == "completed", status
     assert status["best_step"] == best and status["best_metric"] == pytest.approx(losses[best])
-    assert status["stopped_early_at"] == best + PATIENCE * EVAL_STEPS < MAX_STEPS
+    assert status["stopped_early_at"] == stop == best + PATIENCE * EVAL_STEPS < MAX_STEPS
     assert max(losses) == status["stopped_early_at"]  # nothing was evaluated after the stop
     assert all(losses[step] > losses[best] for step in losses if step > best)  # the held-out loss turned up
     assert early_stop_note(status) == f"stopped early at step {status['stopped_early_at']} (best: step {best})"
@@ -135,6 +149,34 @@ def test_resume_after_stop_keeps_counting_and_keeps_the_best(learning_model_dir,
     status = assert_stopped_at_the_right_step(run_dir)
     assert status["stopped_early_at"] > stop_at
     assert same_tensors(tensors(run_dir / ADAPTER_DIR), tensors(checkpoint(run_dir, status["best_step"])))
+
+
+def test_a_reward_model_stops_on_held_out_accuracy_and_keeps_the_best(tiny_model_dir, tmp_path):
+    """A reward run goes by held-out accuracy, higher is better. At a learning rate too small to flip a pair the
+    accuracy stays level, and a level evaluation is no improvement: the run stops one evaluation after its first."""
+    from finetune.evaluate import judge_accuracy
+    from finetune.run_folder import REWARD_DIR
+
+    rows = [{"prompt": f"What does setting {i} control?", "chosen": f"Lab note: setting {i} controls the adapter.",
+             "rejected": "It depends."} for i in range(20)]
+    cfg = from_dict({"stage": "reward", "model": {"source": str(tiny_model_dir)},
+                     "lora": {"rank": 4, "alpha": 8, "dropout": 0.0},
+                     "data": {"source": str(write_jsonl(tmp_path / "pairs.jsonl", rows)), "max_seq_length": 64,
+                              "validation_fraction": 0.25},
+                     "training": {"learning_rate": 1e-7, "max_steps": 6, "batch_size": 4, "eval_steps": 1,
+                                  "logging_steps": 1, "early_stopping_patience": 1, "keep": "best"}})
+    run_dir = tmp_path / "reward"
+    assert run(cfg, run_dir) == 0
+    status = read_status(run_dir)
+    # Step 0 is the reward stage's look at the untrained head (chance level), no candidate for the best.
+    curve = {r["step"]: r["eval_accuracy"] for r in read_metrics(run_dir)
+             if isinstance(r.get("eval_accuracy"), (int, float)) and r["step"] > 0}
+    stop, best = early_stop_of(curve, greater_is_better=True, patience=1)
+    assert (status["best_metric_name"], status["best_step"], status["stopped_early_at"]) == ("eval_accuracy", best,
+                                                                                             stop)
+    assert stop is not None and stop < 6
+    assert same_tensors(tensors(run_dir / REWARD_DIR), tensors(checkpoint(run_dir, best)))
+    assert judge_accuracy(run_dir).accuracy == pytest.approx(curve[best])  # the kept model's accuracy
 
 
 def test_too_few_rows_to_hold_out_is_refused_before_training(learning_model_dir, tmp_path):
