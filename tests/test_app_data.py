@@ -43,10 +43,15 @@ configs:
 
 
 @pytest.fixture(scope="module")
-def client(tmp_path_factory):
+def runs_root(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("runs")
+
+
+@pytest.fixture(scope="module")
+def client(runs_root):
     from gradio_client import Client
 
-    with served_app(tmp_path_factory.mktemp("runs")) as url:
+    with served_app(runs_root) as url:
         yield Client(url, verbose=False)
 
 
@@ -87,7 +92,9 @@ def test_preview_without_a_tokenizer_still_counts_the_rest(client, export_csv):
     assert "too-long rows not counted: the tokenizer is not available" in text
 
 
-def test_start_refuses_a_broken_line_then_trains_on_the_good_rows(client, tiny_model_dir, export_csv):
+def test_start_refuses_a_broken_line_then_trains_on_the_good_rows(client, runs_root, tiny_model_dir, export_csv):
+    from finetune.run_folder import read_run_info
+
     _, refused = client.predict(**_form(tiny_model_dir, export_csv), api_name="/start_run")
     assert "line 5 has 1 field(s)" in refused and "skip malformed rows" in refused, refused
     assert client.predict([], api_name="/run_history")[0]["data"] == []  # nothing started
@@ -104,6 +111,9 @@ def test_start_refuses_a_broken_line_then_trains_on_the_good_rows(client, tiny_m
     history, _ = client.predict([], api_name="/run_history")
     row = dict(zip(history["headers"], history["data"][0]))
     assert row["run id"] == run_id and row["rows skipped"] == 1
+    info = read_run_info(runs_root / run_id)
+    assert (info["malformed_rows"], info["skipped_rows"], info["dropped_too_long"]) == (1, 0, 0)
+    assert info["train_rows"] + info["eval_rows"] == 24  # the 24 good rows, the broken one left out
 
 
 def test_hub_listing_offline_says_so_and_keeps_the_form(client):
@@ -166,8 +176,20 @@ def test_rlhf_form_carries_skip_and_hub_config():
     assert config_from_form("dpo", "someone/prefs", {}).data.skip_bad_rows is False
 
 
-def test_run_info_records_the_skipped_rows(tmp_path):
-    """The field the history reads; written by the SFT stage (checked in the Start test through the history)."""
+def test_preference_runs_record_their_skipped_rows():
+    from datasets import Dataset
+
+    from finetune.preference import PreferenceData
+    from finetune.stages.common import preference_data_fields
+
+    data = PreferenceData(Dataset.from_list([{"prompt": "p"}]), None, "paired", "paired", skipped_rows=2,
+                          malformed_rows=3)
+    fields = preference_data_fields(data)
+    assert (fields["skipped_rows"], fields["malformed_rows"]) == (2, 3)
+
+
+def test_history_sums_the_skipped_rows(tmp_path):
+    """What the history's "rows skipped" column reads (the SFT stage writes it: the Start test above)."""
     from components.train_tab import rows_skipped
     from finetune.run_folder import RUN_INFO_FILE
 
