@@ -17,6 +17,8 @@ import codecs
 import csv
 import io
 import json
+import re
+import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -120,7 +122,31 @@ def detect_encoding(raw: bytes) -> str | None:
     for match in matches:
         if match.chaos == least_chaos and PREFERRED_DETECTED in match.could_be_from_charset:
             return PREFERRED_DETECTED
-    return matches[0].encoding
+    guess = matches[0].encoding
+    return PREFERRED_DETECTED if _reads_better_as_preferred(raw, guess) else guess
+
+
+def _mixed_script_words(text: str) -> int:
+    """Words that hold ASCII letters and letters of another script ('trшs'): a sign of a wrong code page."""
+    mixed = 0
+    for word in re.findall(r"[^\W\d_]+", text):
+        if any(c.isascii() for c in word) and any(not c.isascii() and not unicodedata.name(c, "").startswith("LATIN")
+                                                 for c in word):
+            mixed += 1
+    return mixed
+
+
+def _reads_better_as_preferred(raw: bytes, guess: str) -> bool:
+    """The detector can rank a Cyrillic code page first for a Western export with '€' and 'è' (cp1125 read
+    'très' as 'trшs'): take cp1252 when it decodes the file and splits fewer words between two scripts."""
+    if guess == PREFERRED_DETECTED:
+        return False
+    try:
+        preferred = raw.decode(PREFERRED_DETECTED)
+    except UnicodeDecodeError:
+        return False
+    guessed = raw.decode(guess, errors="replace")
+    return _mixed_script_words(preferred) < _mixed_script_words(guessed)
 
 
 def _decode_or_refuse(raw: bytes, codec: str, name: str) -> str:

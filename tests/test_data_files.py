@@ -90,6 +90,17 @@ def test_windows_spreadsheet_csv_in_cp1252_with_semicolons(tmp_path):
     assert path.read_bytes() == original  # the user's file is read, never rewritten
 
 
+def test_cp1252_with_euro_signs_is_not_read_as_a_cyrillic_code_page(tmp_path):
+    """The detector ranks cp1125 first for such a file ('€' -> 'А', 'è' -> 'ш'): Latin words with Cyrillic
+    letters inside are a misreading, so cp1252 is taken when it reads the words as one script."""
+    rows = [(f"What does setting {i} cost?", f"It costs {i} €, très simplement.") for i in range(25)]
+    path = tmp_path / "prices.csv"
+    path.write_bytes(("question;answer\r\n" + "".join(f"{q};{a}\r\n" for q, a in rows)).encode("cp1252"))
+    report = preview_report(cfg_for(path))
+    assert report.encoding == "cp1252 (detected: the file is not UTF-8)"
+    assert report.rows[0] == user_assistant(*rows[0])
+
+
 def test_notepad_utf16_file(tmp_path):
     path = tmp_path / "notepad.csv"
     path.write_bytes(csv_text().encode("utf-16"))  # with its byte-order mark, as Notepad's "Unicode" saves
