@@ -44,14 +44,21 @@ def main() -> None:
     length = cfg.data.max_seq_length
     full = loss_of(load_model(dataclasses.replace(cfg.model, bits=32)), tokenizer, rows, length)
     print(f"full-precision base: loss {full.loss:.4f} on {full.rows} rows ({full.tokens} answer tokens)")
+    starts: dict[str, LossResult] = {}
     for init in ("default", "loftq"):
         model, seconds, folder = step0_model(cfg.model, cfg.lora, init)
         error, matrices = reconstruction_error(model, folder)  # before the first forward (bitsandbytes repacks)
-        result = loss_of(model, tokenizer, rows, length)
-        low, high = loss_difference_interval(result, full) or (float("nan"), float("nan"))
+        starts[init] = result = loss_of(model, tokenizer, rows, length)
         print(f"4-bit + {init} start: weight error {error:.3%} over {matrices} matrices, init {seconds:.1f} s; "
               f"loss {result.loss:.4f}, minus full precision {result.loss - full.loss:+.4f} "
-              f"(95% CI {low:+.4f} to {high:+.4f})")
+              f"({interval_text(result, full)})")
+    gap = starts["loftq"].loss - starts["default"].loss
+    print(f"LoftQ start minus default start: {gap:+.4f} ({interval_text(starts['loftq'], starts['default'])})")
+
+
+def interval_text(first: LossResult, second: LossResult) -> str:
+    low, high = loss_difference_interval(first, second) or (float("nan"), float("nan"))
+    return f"95% paired-bootstrap CI {low:+.4f} to {high:+.4f}"
 
 
 if __name__ == "__main__":

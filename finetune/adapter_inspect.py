@@ -194,10 +194,19 @@ class RunComparison:
             return f"{self.first} and {self.second} adapt no matrix in common, so there is nothing to compare."
         out = statistics.mean(m.output_similarity for m in self.matches)
         chance = statistics.mean(m.output_chance for m in self.matches)
+        into = statistics.mean(m.input_similarity for m in self.matches)
+        into_chance = statistics.mean(m.input_chance for m in self.matches)
         k = self.matches[0].k
         text = (f"Over {len(self.matches)} matrices both runs adapt, the top {k} directions their updates write "
                 f"into overlap {out:.2f} on average (1 = the same subspace, 0 = orthogonal; two random subspaces "
-                f"of this size would give about {chance:.3f}).")
+                f"of this size would give about {chance:.3f}). The directions they read from overlap {into:.2f} "
+                f"(chance {into_chance:.3f})")
+        if into < out / 2:
+            # Each run's A starts as its own random matrix and moves little in a short run; B starts at zero and
+            # is what training writes, so the output side is where two runs can agree.
+            text += (": each run's A starts as its own random matrix, and this side stays near chance while A has "
+                     "moved little from that start")
+        text += "."
         if self.skipped:
             text += (f" {len(self.skipped)} matrices are left out: adapted by only one run, or with an update of "
                      "zero in one of them.")
