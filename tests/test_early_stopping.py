@@ -253,3 +253,14 @@ def test_the_rlhf_form_carries_the_two_settings(stage):
         return
     cfg = config_from_form(stage, BUNDLED_PREFERENCES, form)
     assert (cfg.training.early_stopping_patience, cfg.training.keep) == (3, "best")
+
+
+def test_the_train_form_carries_the_two_settings_and_names_the_fix():
+    """The Train tab's two advanced controls map onto the config; without evaluations the form is refused."""
+    from components.train_form import config_from_form
+
+    cfg = config_from_form({"training_early_stopping_patience": 3.0, "training_keep": "best"})  # gr.Number: 3.0
+    assert (cfg.training.early_stopping_patience, cfg.training.keep) == (3, "best")
+    with pytest.raises(ConfigError) as caught:
+        config_from_form({"training_early_stopping_patience": 3, "training_eval_steps": 0})
+    assert "set eval steps above 0" in caught.value.problems["training.eval_steps"]
