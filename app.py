@@ -22,6 +22,7 @@ os.environ.update({k: v for k, v in deploy.cache_env().items() if k not in os.en
 
 import gradio as gr  # noqa: E402
 
+from components.benchmark_section import build_benchmark_section
 from components.chat_tab import adapter_choices, build_chat_tab
 from components.compare_tab import build_compare_tab
 from components.eval_tab import build_eval_tab, run_choices
@@ -31,6 +32,7 @@ from components.learn_tab import build_learn_tab
 from components.quant_tab import build_quant_tab
 from components.rlhf_tab import build_rlhf_tab
 from components.train_tab import build_train_tab
+from finetune.benchmarks import BenchmarkService, app_root
 from finetune.chat import ChatEngine
 from finetune.compare import CompareQueue
 from finetune.feedback import FeedbackStore, LangSmithSettings
@@ -52,6 +54,7 @@ def build_app(runs_root: str = "runs", profile: HardwareProfile | None = None,
     store = FeedbackStore(feedback_db or Path(runs_root) / "feedback.db", langsmith=LangSmithSettings.from_env())
     engine = ChatEngine(profile)
     scorers = ScorerCache(profile)  # the reward model in memory, for the RLHF and Evaluate tabs alike
+    benchmarks = BenchmarkService(runs_root, app_root(runs_root))  # Evaluate runs them, Learn quotes them
     with gr.Blocks(title="LoRA Lab") as demo:
         gr.Markdown(f"# LoRA Lab\nFine-tune a language model with LoRA / QLoRA and compare it with its base.  \n"
                     f"**Hardware:** {profile.summary()}")
@@ -74,14 +77,16 @@ def build_app(runs_root: str = "runs", profile: HardwareProfile | None = None,
                           api_visibility="private")
         with gr.Tab("Evaluate", id="evaluate") as eval_tab:
             evaluation = build_eval_tab(manager, engine, store.path, scorers)
+            build_benchmark_section(manager, benchmarks)
         eval_tab.select(functools.partial(run_choices, manager), evaluation["runs"],
                         [evaluation["runs"], evaluation["ckpt_run"]], api_visibility="private")
         with gr.Tab("Compare", id="compare"):
             build_compare_tab(CompareQueue(manager))
         with gr.Tab("Quantization", id="quantization"):
             build_quant_tab(profile)
-        with gr.Tab("Learn", id="learn"):
-            build_learn_tab()
+        with gr.Tab("Learn", id="learn") as learn_tab:
+            learn = build_learn_tab(benchmarks)
+        learn_tab.select(learn["refresh_forgetting"], None, learn["forgetting"], api_visibility="private")
         demo.load(functools.partial(opening_preset, manager, profile), None, train["preset"],
                   api_visibility="private")
     demo.feedback_store = store  # for whoever closes the app: close_app() stops its LangSmith sender too

@@ -153,9 +153,8 @@ def _layout() -> dict[str, Any]:
     return ui
 
 
-def build_benchmark_section(manager: RunManager, runs_root: Any) -> None:
+def build_benchmark_section(manager: RunManager, service: BenchmarkService) -> None:
     """The section, inside whatever Accordion or Tab the caller opened."""
-    service = BenchmarkService(runs_root)
     with gr.Accordion("Benchmarks: what did fine-tuning cost? (lm-evaluation-harness)", open=False):
         ui = _layout()
     _wire(manager, service, ui)

@@ -7,6 +7,9 @@ from typing import Any
 
 import gradio as gr
 
+from components.shared import on_page_load
+from finetune.benchmarks import Z_95, BenchmarkService
+
 # (competency, what to know, where the app shows it: tab label, what to do there)
 COMPETENCIES: list[tuple[str, str, str, str]] = [
     ("PEFT (parameter-efficient fine-tuning)",
@@ -54,12 +57,34 @@ def tab_link_js(tab: str) -> str:
             f".find(b => b.innerText.trim() === {tab!r}); if (tab) {{ tab.click(); window.scrollTo(0, 0); }} }}")
 
 
-def build_learn_tab() -> dict[str, Any]:
-    """The competencies as text, with one button per competency that jumps to the tab demonstrating it."""
+def forgetting_markdown(service: BenchmarkService | None) -> str:
+    """PEFT's promise that the base keeps what it knew, in the learner's own numbers: the newest benchmark job's
+    base-vs-adapter differences, or where to run the check."""
+    job = service.latest_job() if service is not None else None
+    rows = service.table(job) if job else []
+    if not rows:
+        return ("**Does PEFT keep what the base knew? Your numbers:** no forgetting check yet. Run one in the "
+                "**Evaluate** tab (Benchmarks -> Forgetting check): the base and your adapter answer the same "
+                "general questions, unrelated to your training data.")
+    lines = ["**Does PEFT keep what the base knew? Your numbers** (newest forgetting check, general questions "
+             "unrelated to your data):"]
+    for row in rows:
+        margin = f" ± {Z_95 * row.difference_stderr:.3f}" if row.difference_stderr is not None else ""
+        lines.append(f"- `{row.adapter}`, {row.task} ({row.metric}, {row.items} questions): base {row.base:.3f}, "
+                     f"adapter {row.tuned:.3f}, difference {row.difference:+.3f}{margin}: **{row.verdict}**")
+    return "\n".join(lines)
+
+
+def build_learn_tab(benchmarks: BenchmarkService | None = None) -> dict[str, Any]:
+    """The competencies as text, with one button per competency that jumps to the tab demonstrating it, and the
+    learner's own forgetting check beside PEFT's promise."""
     ui: dict[str, Any] = {"text": gr.Markdown(learn_markdown(), elem_id="learn-text")}
+    ui["forgetting"] = gr.Markdown(forgetting_markdown(None), elem_id="learn-forgetting")
     with gr.Row():
         for name, _, tab, _ in COMPETENCIES:
             short = name.split(" (")[0]
             ui[short] = gr.Button(f"{short} → {tab} tab", size="sm", elem_id=f"learn-{short.lower()}")
             ui[short].click(None, js=tab_link_js(tab))
+    ui["refresh_forgetting"] = lambda: forgetting_markdown(benchmarks)
+    on_page_load(ui["refresh_forgetting"], None, ui["forgetting"])
     return ui

@@ -619,6 +619,12 @@ def default_root() -> Path:
     return Path(os.environ.get("LORA_LAB_BENCHMARKS", cache_root() / "benchmarks"))
 
 
+def app_root(runs_root: str | Path) -> Path:
+    """Where the app keeps its benchmark jobs and results: beside its runs (a Space's persistent /data), unless
+    LORA_LAB_BENCHMARKS says otherwise."""
+    return Path(os.environ.get("LORA_LAB_BENCHMARKS") or Path(runs_root) / "benchmarks")
+
+
 class BenchmarkService:
     """Plans (every check before a child starts), starts, watches and stops benchmark jobs."""
 

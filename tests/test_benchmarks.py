@@ -125,10 +125,16 @@ def test_the_section_starts_polls_and_refuses(tiny_runs, tiny_bench_root, monkey
     assert sorted(table["metric"]) == ["acc", "acc_norm"]
     assert list(table["base"]) == pytest.approx([row.base for row in service.table(job_id)])
     assert stop_benchmark(service, job_id) == "No benchmark is running."
+    # The Learn tab quotes the learner's own newest check beside PEFT's promise.
+    from components.learn_tab import forgetting_markdown
 
-    monkeypatch.setenv("LORA_LAB_BENCHMARKS", str(tiny_bench_root))
+    learn = forgetting_markdown(service)
+    first = service.table(job_id)[0]
+    assert f"base {first.base:.3f}" in learn and first.verdict in learn and "tiny-lora" in learn
+    assert "no forgetting check yet" in forgetting_markdown(BenchmarkService(tiny_runs, tiny_runs / "empty"))
+
     with gr.Blocks() as demo:
-        build_benchmark_section(manager, tiny_runs)
+        build_benchmark_section(manager, service)
     names = {getattr(fn, "api_name", None) for fn in demo.fns.values()}
     assert {"benchmark_runs", "benchmark_preset", "benchmark_estimate", "benchmark_start", "benchmark_stop",
             "benchmark_poll"} <= names
