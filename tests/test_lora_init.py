@@ -123,3 +123,21 @@ def test_a_tied_output_head_is_read_from_the_input_embeddings(tiny_model_dir):
     assert "lm_head.weight" not in files  # the tiny Llama ties its head to the embeddings, as SmolLM2 does
     assert torch.equal(read_weight(files, "lm_head"), read_weight(files, "model.embed_tokens"))
     assert read_weight(files, "model.layers.0.self_attn.nowhere") is None
+
+
+def test_loftq_start_brings_the_4_bit_models_outputs_closer_to_full_precision(tiny_model_dir):
+    """The weights are closer (above); so is what the model computes: the step-0 logits of the 4-bit model with a
+    LoftQ start are nearer the full-precision model's than with the default start (the 4-bit base alone)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from finetune.adapter_inspect import step0_model
+
+    tokens = torch.randint(0, 1000, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        reference = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)(tokens).logits
+        model = ModelConfig(source=str(tiny_model_dir), bits=4)
+        lora = LoraSettings(rank=RANK, alpha=2 * RANK, target_modules=TARGETS)
+        distance = {init: float(torch.linalg.norm(step0_model(model, lora, init)[0](input_ids=tokens).logits
+                                                  - reference)) for init in ("default", "loftq")}
+    assert 0 < distance["loftq"] < distance["default"]
