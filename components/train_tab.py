@@ -30,7 +30,8 @@ from finetune.estimate import estimate_run
 from finetune.recipe import resolve_recipe
 from finetune.hardware import HardwareProfile
 from finetune.models import ModelSourceError, load_tokenizer
-from finetune.metrics import early_stop_note, headline_metric, is_summary, loss_key, read_metrics
+from finetune.metrics import (early_stop_note, headline_metric, is_summary, loss_key, read_metrics,
+                              rows_of_saved_model)
 from finetune.runs import RunError, RunInProgressError, RunManager, check_sources
 from finetune.run_folder import ADAPTER_DIR, RUN_CONFIG, has_adapter, read_run_info
 
@@ -237,18 +238,27 @@ def run_history(manager: RunManager, selected: list[str] | None = None) -> tuple
     for run in manager.list_runs():
         cfg = run.config
         stage = cfg.stage if cfg else "?"
-        name, value = headline_metric(stage, read_metrics(manager.run_dir(run.run_id)))
+        status = manager.status(run.run_id)
+        # A run that kept its best checkpoint is judged by that checkpoint's figures, not its last step's.
+        saved = rows_of_saved_model(read_metrics(manager.run_dir(run.run_id)), status)
+        name, value = headline_metric(stage, saved)
+        final_eval = _last_value(saved, "eval_loss") if status.get("kept") == "best" else run.final_eval_loss
         rows.append([run.run_id, stage, name, _round(value), paths.display_name(cfg.model.source) if cfg else "?",
                      paths.display_name(cfg.data.source) if cfg else "?",
                      cfg.lora.rank if cfg else None, cfg.lora.alpha if cfg else None,
                      cfg.training.learning_rate if cfg else None, cfg.model.bits if cfg else None,
-                     f"{run.step}/{run.max_steps}", _round(run.final_loss), _round(run.final_eval_loss),
-                     early_stop_note(manager.status(run.run_id)) or run.state, run.duration,
+                     f"{run.step}/{run.max_steps}", _round(run.final_loss), _round(final_eval),
+                     early_stop_note(status) or run.state, run.duration,
                      cfg.lora.method if cfg else "?",
                      rows_skipped(manager.run_dir(run.run_id))])
     ids = [r[0] for r in rows]
     kept = [run_id for run_id in selected or [] if run_id in ids] or ids[:3]
     return pd.DataFrame(rows, columns=HISTORY_COLUMNS), gr.Dropdown(choices=ids, value=kept)
+
+
+def _last_value(rows: list[dict[str, Any]], key: str) -> float | None:
+    values = [r[key] for r in rows if isinstance(r.get(key), (int, float))]
+    return values[-1] if values else None
 
 
 def rows_skipped(run_dir: Any) -> int | None:

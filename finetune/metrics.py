@@ -342,6 +342,15 @@ def is_summary(row: dict[str, Any]) -> bool:
     return "train_loss" in row
 
 
+def rows_of_saved_model(rows: list[dict[str, Any]], status: dict[str, Any]) -> list[dict[str, Any]]:
+    """The metrics up to the weights the run saved: for a run that kept its best checkpoint, the rows up to that
+    step, so the figures shown are the saved adapter's, not those of the later steps it threw away."""
+    best = status.get("best_step")
+    if status.get("kept") != "best" or not isinstance(best, int) or isinstance(best, bool):
+        return rows
+    return [r for r in rows if isinstance(r.get("step"), (int, float)) and r["step"] <= best and not is_summary(r)]
+
+
 def headline_metric(stage: str, rows: list[dict[str, Any]]) -> tuple[str, float | None]:
     """(name, last value) of the stage's headline metric; the end-of-training summary row is skipped, as are
     non-numbers. ('', None) when the run logged none of them yet."""

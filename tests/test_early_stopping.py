@@ -117,7 +117,12 @@ def assert_the_train_tab_shows_it(run_dir: Path, status: dict) -> None:
 
     manager, losses = RunManager(run_dir.parent), eval_losses(run_dir)
     history, _ = run_history(manager)
-    assert history.set_index("run id").loc[run_dir.name, "status"] == early_stop_note(status)
+    row = history.set_index("run id").loc[run_dir.name]
+    assert row["status"] == early_stop_note(status)
+    # The figures shown are those of the weights the run saved: the best step's with keep=best, the last's else.
+    shown = losses[status["best_step"]] if status["kept"] == "best" else losses[max(losses)]
+    assert row["final eval loss"] == pytest.approx(shown, rel=1e-3)
+    assert row["headline value"] == pytest.approx(shown, rel=1e-3)
     run_id, text, _, plot = poll_run(manager, run_dir.name)[:4]
     assert early_stop_note(status).replace("stopped early", "**stopped early**") in text
     for series, step in (("best eval", status["best_step"]), ("early stop", status["stopped_early_at"])):
