@@ -14,6 +14,7 @@ from typing import Any
 import gradio as gr
 import pandas as pd
 
+from components.shared import on_page_load, refusal
 from finetune.adapter_inspect import (ENERGY, AdapterReport, InspectError, RunComparison, compare_runs,
                                       energy_curve, inspect_run, random_singular_values)
 from finetune.runs import RunManager
@@ -33,11 +34,6 @@ their top-k directions is ‖U₁ᵀU₂‖² / k (1 = the same subspace, 0 = or
 degrees); two random subspaces of that size would overlap about k / d."""
 
 
-def _refusal(message: str) -> gr.Error:
-    # TODO(lead): components.shared.refusal once the shared UI module is committed.
-    return gr.Error(message, print_exception=False)
-
-
 def inspect_runs(manager: RunManager, current: str | None = None,
                  other: str | None = None) -> tuple[Any, Any]:
     """The runs with a saved adapter, for both pickers."""
@@ -49,10 +45,10 @@ def inspect_runs(manager: RunManager, current: str | None = None,
 
 def _run_dir(manager: RunManager, run_id: str | None) -> Any:
     if not run_id:
-        raise _refusal("Pick a finished run to inspect (train one in the Train tab).")
+        raise refusal("Pick a finished run to inspect (train one in the Train tab).")
     adapters = manager.finished_adapters()
     if run_id not in adapters:
-        raise _refusal(f"No saved adapter for run '{run_id}': pick a finished run from the list.")
+        raise refusal(f"No saved adapter for run '{run_id}': pick a finished run from the list.")
     return manager.run_dir(run_id)
 
 
@@ -115,7 +111,7 @@ def inspect_adapter(manager: RunManager, run_id: str | None
     try:
         report = inspect_run(_run_dir(manager, run_id))
     except InspectError as error:
-        raise _refusal(str(error)) from None
+        raise refusal(str(error)) from None
     return (_report_markdown(report), heat_frame(report), module_type_frame(report), layer_frame(report),
             energy_frame(report), top_frame(report))
 
@@ -131,13 +127,13 @@ def inspect_compare(manager: RunManager, run_id: str | None, other_id: str | Non
                     ) -> tuple[str, pd.DataFrame]:
     """Overlap of two runs' update subspaces, matrix by matrix."""
     if not other_id:
-        raise _refusal("Pick a second run to compare with.")
+        raise refusal("Pick a second run to compare with.")
     if top_k is None or not float(top_k).is_integer() or top_k < 1:
-        raise _refusal(f"Directions to compare must be a whole number of at least 1, got {top_k!r}.")
+        raise refusal(f"Directions to compare must be a whole number of at least 1, got {top_k!r}.")
     try:
         comparison = compare_runs(_run_dir(manager, run_id), _run_dir(manager, other_id), int(top_k))
     except InspectError as error:
-        raise _refusal(str(error)) from None
+        raise refusal(str(error)) from None
     return comparison.summary(), match_frame(comparison)
 
 
@@ -175,6 +171,7 @@ def build_inspect_section(manager: RunManager) -> None:
                                elem_id="inspect-matches", interactive=False, max_height=320)
     pickers = functools.partial(inspect_runs, manager)
     refresh.click(pickers, [run, other], [run, other], api_name="inspect_runs")
+    on_page_load(pickers, [run, other], [run, other])
     inspect_button.click(functools.partial(inspect_adapter, manager), run,
                          [summary, heat, by_type, by_layer, energy, table],
                          api_name="inspect_adapter", concurrency_limit=1, concurrency_id="inspect")

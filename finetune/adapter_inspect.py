@@ -46,15 +46,10 @@ from finetune.config import ConfigError, LoraSettings, ModelConfig, RunConfig, l
 from finetune.lora_init import (apply_loftq, dequantized, full_precision_weights, init_problems, lora_4bit_layers,
                                 peft_init_kwargs, read_weight)
 from finetune.models import ModelSourceError, load_model, resolve_source, source_kind
+from finetune.run_folder import (ADAPTER_CONFIG, ADAPTER_DIR, CHECKPOINT_DIR, CONFIG_COPY, FULL_MODEL_DIR,
+                                 RUN_CONFIG)
 
-# Run-folder names as the trainer writes them. TODO(lead): import these from finetune.run_folder once it exists.
-ADAPTER_DIR = "adapter"
-CONFIG_COPY = "lora_lab_config.yaml"
-RUN_CONFIG = "config.yaml"
-FULL_MODEL_DIR = "model"
-CHECKPOINT_DIR = "checkpoints"
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
-ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"  # peft's file name for the adapter's tensors
 
 ENERGY = 0.90  # effective rank = fewest singular directions holding this share of the update's energy
 PEFT_PREFIX = "base_model.model."
