@@ -24,7 +24,7 @@ PiSSA/OLoRA start changed the base weights are refused with a message that says 
     for row in report.top_changed(5): print(row)
     similarity = compare_runs(Path("runs/a"), Path("runs/b"), top_k=4)
 
-App service: imports the basic modules (config, models) only.
+App service: imports basic modules only (config, lora_init, models, run_folder).
 """
 
 from __future__ import annotations
