@@ -600,9 +600,10 @@ def reconstruction_error(peft_model: Any, folder: Path) -> tuple[float, int]:
     layers = lora_4bit_layers(peft_model)
     with torch.no_grad():
         for name, layer in layers:
-            weight, dequant = weights.get(name), dequantized(layer)
-            update = layer.scaling["default"] * (layer.lora_B["default"].weight.float()
-                                                 @ layer.lora_A["default"].weight.float())
+            dequant = dequantized(layer).cpu()
+            weight = weights.get(name)
+            update = layer.scaling["default"] * (layer.lora_B["default"].weight.float().cpu()
+                                                 @ layer.lora_A["default"].weight.float().cpu())
             error_squared += float(torch.linalg.norm(weight - dequant - update)) ** 2
             weight_squared += float(torch.linalg.norm(weight)) ** 2
     return math.sqrt(error_squared / weight_squared), len(layers)

@@ -176,7 +176,8 @@ def apply_loftq(peft_model: Any, weights_folder: Path, adapter: str = "default")
             if weight is None:
                 raise ConfigError({"lora.init": f"LoftQ needs the full-precision weight {name}.weight, which the "
                                                 "base model's safetensors do not hold."})
-            residual = weight - dequantized(layer)
+            dequant = dequantized(layer)
+            residual = weight.to(dequant.device) - dequant  # on a GPU the 4-bit weight lives there, W on the CPU
             a, b = loftq_factors(residual, layer.r[adapter], layer.scaling[adapter])
             layer.lora_A[adapter].weight.copy_(a)
             layer.lora_B[adapter].weight.copy_(b)
