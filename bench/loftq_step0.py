@@ -20,9 +20,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from finetune.adapter_inspect import reconstruction_error, step0_model  # noqa: E402
+from finetune.adapter_inspect import step0_model  # noqa: E402
 from finetune.config import BUNDLED_DATASET, DataConfig, load_config  # noqa: E402
 from finetune.evaluate import LossResult, dataset_loss, eval_rows, loss_difference_interval  # noqa: E402
+from finetune.lora_init import reconstruction_error  # noqa: E402
 from finetune.models import load_model, load_tokenizer  # noqa: E402
 
 

@@ -43,8 +43,8 @@ import torch
 from safetensors import safe_open
 
 from finetune.config import ConfigError, LoraSettings, ModelConfig, RunConfig, load_config
-from finetune.lora_init import (apply_loftq, dequantized, full_precision_weights, init_problems, lora_4bit_layers,
-                                peft_init_kwargs, read_weight)
+from finetune.lora_init import (apply_loftq, full_precision_weights, init_problems, peft_init_kwargs, read_weight,
+                                reconstruction_error)
 from finetune.models import ModelSourceError, load_model, resolve_source, source_kind
 from finetune.run_folder import (ADAPTER_CONFIG, ADAPTER_DIR, CHECKPOINT_DIR, CONFIG_COPY, FULL_MODEL_DIR,
                                  RUN_CONFIG)
@@ -590,23 +590,6 @@ def step0_model(model: ModelConfig, lora: LoraSettings, init: str) -> tuple[Any,
     if init == "loftq":
         apply_loftq(peft_model, folder)
     return peft_model, time.perf_counter() - started, folder
-
-
-def reconstruction_error(peft_model: Any, folder: Path) -> tuple[float, int]:
-    """(sqrt(Σ ||W - (deq(Q) + s·B·A)||²) / sqrt(Σ ||W||²), matrices) over the model's 4-bit LoRA layers. Call
-    before any forward pass: bitsandbytes repacks 4-bit weights for its CPU kernel at the first one."""
-    weights = BaseWeights(folder)
-    error_squared = weight_squared = 0.0
-    layers = lora_4bit_layers(peft_model)
-    with torch.no_grad():
-        for name, layer in layers:
-            dequant = dequantized(layer).cpu()
-            weight = weights.get(name)
-            update = layer.scaling["default"] * (layer.lora_B["default"].weight.float().cpu()
-                                                 @ layer.lora_A["default"].weight.float().cpu())
-            error_squared += float(torch.linalg.norm(weight - dequant - update)) ** 2
-            weight_squared += float(torch.linalg.norm(weight)) ** 2
-    return math.sqrt(error_squared / weight_squared), len(layers)
 
 
 def step0_quantization_error(model: ModelConfig, lora: LoraSettings, init: str) -> Step0Error:

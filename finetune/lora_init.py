@@ -182,3 +182,24 @@ def apply_loftq(peft_model: Any, weights_folder: Path, adapter: str = "default")
             layer.lora_A[adapter].weight.copy_(a)
             layer.lora_B[adapter].weight.copy_(b)
     return time.perf_counter() - started
+
+
+def reconstruction_error(peft_model: Any, weights_folder: Path, adapter: str = "default") -> tuple[float, int]:
+    """(sqrt(Σ ||W - (deq(Q) + s·B·A)||²) / sqrt(Σ ||W||²), matrices) over the model's 4-bit LoRA layers: how far
+    base + adapter is from the full-precision weights. Call before any forward pass (bitsandbytes repacks 4-bit
+    weights for its CPU kernel at the first one); a stage can record it at step 0 in run_info."""
+    import torch
+
+    files = full_precision_weights(weights_folder)
+    error_squared = weight_squared = 0.0
+    layers = lora_4bit_layers(peft_model, adapter)
+    with torch.no_grad():
+        for name, layer in layers:
+            weight = read_weight(files, name)
+            if weight is None:
+                raise ConfigError({"model.source": f"The base model's safetensors hold no {name}.weight."})
+            update = layer.scaling[adapter] * (layer.lora_B[adapter].weight.float().cpu()
+                                               @ layer.lora_A[adapter].weight.float().cpu())
+            error_squared += float(torch.linalg.norm(weight - dequantized(layer).cpu() - update)) ** 2
+            weight_squared += float(torch.linalg.norm(weight)) ** 2
+    return (error_squared / weight_squared) ** 0.5 if weight_squared else 0.0, len(layers)
