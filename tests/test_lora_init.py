@@ -141,3 +141,28 @@ def test_loftq_start_brings_the_4_bit_models_outputs_closer_to_full_precision(ti
         distance = {init: float(torch.linalg.norm(step0_model(model, lora, init)[0](input_ids=tokens).logits
                                                   - reference)) for init in ("default", "loftq")}
     assert 0 < distance["loftq"] < distance["default"]
+
+
+def test_loftq_on_the_sft_trainers_model_starts_closer_and_trains(tmp_path, tiny_model_dir, qa_file):
+    """The wiring the SFT stage needs: LoftQ applied to the model TRL's SFTTrainer has wrapped (4-bit base, peft
+    adapter), before the first forward; then real training steps run and the loss is finite."""
+    import math
+
+    from conftest import tiny_run_config
+    from finetune.data import prepare
+    from finetune.hardware import detect
+    from finetune.lora_init import apply_loftq, reconstruction_error
+    from finetune.models import load_model, load_tokenizer
+    from finetune.stages.sft import sft_trainer
+
+    cfg = tiny_run_config(tiny_model_dir, qa_file, max_steps=2, eval_steps=0)
+    profile, tokenizer = detect(), load_tokenizer(cfg.model)
+    data = prepare(cfg.data, tokenizer, seed=cfg.training.seed)
+    trainer = sft_trainer(cfg, profile, load_model(cfg.model, profile), tokenizer, data.train, None, tmp_path, [])
+    before, matrices = reconstruction_error(trainer.model, tiny_model_dir)
+    apply_loftq(trainer.model, tiny_model_dir)
+    after, _ = reconstruction_error(trainer.model, tiny_model_dir)
+    assert matrices == 14 and after < before
+    trainer.train()
+    losses = [row["loss"] for row in trainer.state.log_history if "loss" in row]
+    assert len(losses) == 2 and all(math.isfinite(loss) for loss in losses)
