@@ -178,11 +178,19 @@ class CompareError(RuntimeError):
 
 
 class CompareQueue:
-    """Runs the techniques of a comparison one after another; at most one comparison at a time."""
+    """Runs the techniques of a comparison one after another; at most one comparison at a time.
+
+    The queue itself is a list of named configs (``enqueue``); a subclass with its own FOLDER and PREFIX keeps
+    another kind of queue (finetune/sweeps.py: hyperparameter trials) beside the comparisons, and may watch
+    each run while it trains (``watch_run``)."""
+
+    FOLDER = COMPARE_DIR
+    PREFIX = "compare"
+    NOUN = "Comparison"
 
     def __init__(self, manager: Any, poll_seconds: float = 1.0):
         self.manager = manager
-        self.root = Path(manager.root) / COMPARE_DIR
+        self.root = Path(manager.root) / self.FOLDER
         self.root.mkdir(parents=True, exist_ok=True)
         self.poll_seconds = poll_seconds
         self._lock = threading.RLock()
@@ -244,21 +252,26 @@ class CompareQueue:
         check_model(configs[0])
 
         check_sources(configs[0])
+        items = [{"technique": cfg.run_name.removeprefix("cmp-"), "config": to_dict(cfg)} for cfg in configs]
+        return self.enqueue(items, dataclasses.asdict(request))
+
+    def enqueue(self, items: list[dict[str, Any]], request: dict[str, Any]) -> str:
+        """Persist a queue of already validated configs (each item: its label under "technique", its config as a
+        dict, anything else the caller wants kept) and start working through it; returns the queue's id."""
         with self._lock:
             if self.active():
-                raise CompareError(f"Comparison '{self.active()}' is still running; stop it or wait for it.")
+                raise CompareError(f"{self.NOUN} '{self.active()}' is still running; stop it or wait for it.")
             busy = self.manager.active_run()
             if busy:
-                raise CompareError(f"Run '{busy}' is training; a comparison starts when the device is free.")
-            comparison_id = f"compare-{time.strftime('%Y%m%d-%H%M%S')}"
+                raise CompareError(f"Run '{busy}' is training; a {self.NOUN.lower()} starts when the device is free.")
+            comparison_id = f"{self.PREFIX}-{time.strftime('%Y%m%d-%H%M%S')}"
             n = 1
             while self.path(comparison_id).exists():
                 n += 1
-                comparison_id = f"compare-{time.strftime('%Y%m%d-%H%M%S')}-{n}"
-            items = [{"technique": cfg.run_name.removeprefix("cmp-"), "run_id": None, "state": "pending",
-                      "config": to_dict(cfg)} for cfg in configs]
+                comparison_id = f"{self.PREFIX}-{time.strftime('%Y%m%d-%H%M%S')}-{n}"
+            items = [{**item, "run_id": None, "state": "pending"} for item in items]
             self._save({"id": comparison_id, "state": "running", "stop_requested": False, "created_at": time.time(),
-                        "request": dataclasses.asdict(request), "items": items})
+                        "request": request, "items": items})
             self._spawn_worker(comparison_id)
         return comparison_id
 
@@ -283,7 +296,7 @@ class CompareQueue:
         if worker is not None and worker.is_alive():
             return
         worker = threading.Thread(target=self._work, args=(comparison_id,), daemon=True,
-                                  name=f"compare-{comparison_id}")
+                                  name=f"queue-{comparison_id}")
         self._workers[comparison_id] = worker
         worker.start()
 
@@ -322,7 +335,9 @@ class CompareQueue:
             run_id = self.manager.new_run_id(cfg)
             folder = self.manager.run_dir(run_id)
             folder.mkdir(parents=True, exist_ok=True)
-            (folder / PROMPT_FILE).write_text(self.load(comparison_id)["request"]["sample_prompt"], encoding="utf-8")
+            prompt = self.load(comparison_id)["request"].get("sample_prompt")
+            if prompt:  # a sweep's trials need no sample answer
+                (folder / PROMPT_FILE).write_text(prompt, encoding="utf-8")
             while True:
                 if self.load(comparison_id).get("stop_requested"):
                     self._update_item(comparison_id, index, state="skipped")
@@ -336,8 +351,12 @@ class CompareQueue:
             if self.load(comparison_id).get("stop_requested"):  # a stop that came while the run was starting
                 self.manager.request_stop(run_id)
         while (status := self.manager.status(run_id)).get("state") not in FINAL_STATES:
+            self.watch_run(comparison_id, index, run_id)
             time.sleep(self.poll_seconds)
         self._update_item(comparison_id, index, state=status["state"], error=status.get("error"))
+
+    def watch_run(self, comparison_id: str, index: int, run_id: str) -> None:
+        """Called at every poll while an item's run trains; a comparison lets every technique run its course."""
 
 
 # --- the results ---------------------------------------------------------------------------------------------

@@ -8,7 +8,7 @@ ROOT = Path(__file__).resolve().parent.parent
 BASIC = {"config", "hardware", "paths", "models", "data", "preference", "recipe", "estimate", "attention",
          "lm_head", "metrics", "run_folder", "noise", "data_files", "lora_init"}
 SERVICES = {"runs", "chat", "feedback", "evaluate", "quantize", "export", "gguf_export", "compare", "deploy",
-            "scoring", "benchmarks", "adapter_inspect"}
+            "scoring", "benchmarks", "adapter_inspect", "sweeps"}
 
 
 def layer(module: str) -> int:
