@@ -202,3 +202,42 @@ def test_random_search_with_a_seed_is_reproducible(tiny_model_dir, qa_file):
     assert any(other != picked for other in others)  # the seed decides which trials
     grid = [params for params, _ in validate_sweep(base, SweepRequest(**{**request, "search": "grid"}))]
     assert len(grid) == 18 and all(p in grid for p in picked)  # a sample of the grid
+
+
+# --- the section on a page, through its API (the Train tab's form beside it, as the lead wires it) -------------
+
+@pytest.fixture(scope="module")
+def section_client(finished_sweep):
+    import socket
+
+    import gradio as gr
+    from gradio_client import Client
+
+    from components.sweep_section import build_sweep_section
+    from components.train_tab import build_train_tab
+    from finetune.hardware import detect
+
+    queue, _, _ = finished_sweep
+    with gr.Blocks() as page:
+        train = build_train_tab(queue.manager, detect())
+        build_sweep_section(SweepQueue(queue.manager, poll_seconds=0.2), train)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    page.queue().launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+    yield Client(f"http://127.0.0.1:{port}/", verbose=False)
+    page.close()
+
+
+def test_the_section_through_its_api(section_client, finished_sweep):
+    queue, sweep_id, _ = finished_sweep
+    polled = section_client.predict("", "", api_name="/sweep_poll")
+    assert polled[0] == sweep_id and "4/4 trials done" in polled[1]
+    best = best_config(queue.manager, queue.load(sweep_id))
+    values = section_client.predict(sweep_id, api_name="/sweep_use_best")
+    info = section_client.view_api(return_format="dict", print_info=False)["named_endpoints"]["/sweep_use_best"]
+    by_label = dict(zip([r["label"] for r in info["returns"]], values))
+    assert (by_label["LoRA rank (r)"], by_label["Learning rate"], by_label["LoRA alpha"]) == (
+        best.lora.rank, best.training.learning_rate, best.lora.alpha)
+    refused = section_client.predict(sweep_learning_rates=" ", data_file=None, api_name="/sweep_start")
+    assert "give at least one learning rate to try" in refused[1] and queue.active() is None
