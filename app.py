@@ -28,6 +28,7 @@ from components.compare_tab import build_compare_tab
 from components.eval_tab import build_eval_tab, run_choices
 from components.export_tab import build_export_tab, export_choices
 from components.feedback_tab import build_feedback_tab
+from components.inspect_section import build_inspect_section
 from components.learn_tab import build_learn_tab
 from components.quant_tab import build_quant_tab
 from components.rlhf_tab import build_rlhf_tab
@@ -77,6 +78,7 @@ def build_app(runs_root: str = "runs", profile: HardwareProfile | None = None,
                           api_visibility="private")
         with gr.Tab("Evaluate", id="evaluate") as eval_tab:
             evaluation = build_eval_tab(manager, engine, store.path, scorers)
+            build_inspect_section(manager)
             build_benchmark_section(manager, benchmarks)
         eval_tab.select(functools.partial(run_choices, manager), evaluation["runs"],
                         [evaluation["runs"], evaluation["ckpt_run"]], api_visibility="private")

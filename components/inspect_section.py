@@ -142,9 +142,9 @@ def build_inspect_section(manager: RunManager) -> None:
     with gr.Accordion("Inside the adapter: what LoRA changed", open=False):
         gr.Markdown(LEARN_INSPECT)
         with gr.Row():
-            run = gr.Dropdown([], label="Run to inspect", elem_id="inspect-run", scale=3, allow_custom_value=True)
+            run = gr.Dropdown([], label="Run to inspect", elem_id="inspect-run", scale=3)
             other = gr.Dropdown([], label="Compare with (same base model)", elem_id="inspect-other", scale=3,
-                                allow_custom_value=True)
+                                allow_custom_value=False)
             top_k = gr.Number(4, label="Directions to compare", precision=0, minimum=1, elem_id="inspect-top-k",
                               scale=1)
             refresh = gr.Button("Refresh runs", size="sm", scale=1)

@@ -22,13 +22,14 @@ from components.shared import (duration, list_hub_options, lora_aid_markdown, on
 from components.train_form import (CONFIGS_DIR, DATA_KINDS, MODEL_KINDS, column_mapping, config_from_form,
                                    form_from_config, presets)
 from finetune.config import (BUNDLED_DATASET, CHECKPOINTING, COMPUTE_DTYPES, DATA_FORMATS, EMBEDDED_MODEL,
-                             KEEP_CHOICES, LORA_BIAS, LORA_METHODS, OPTIMIZERS, PEFT_METHODS, SCHEDULERS, ConfigError,
+                             KEEP_CHOICES, LORA_BIAS, LORA_INITS, LORA_METHODS, OPTIMIZERS, PEFT_METHODS, SCHEDULERS, ConfigError,
                              RunConfig, field_help, load_config)
 from finetune import paths
 from finetune.data import DataError, DataPreview, bundled_names, hub_preview, preview_report
 from finetune.estimate import estimate_run
 from finetune.recipe import resolve_recipe
 from finetune.hardware import HardwareProfile
+from finetune.lora_init import init_problems
 from finetune.models import ModelSourceError, load_tokenizer
 from finetune.metrics import (early_stop_note, headline_metric, is_summary, loss_key, read_metrics,
                               rows_of_saved_model)
@@ -66,12 +67,13 @@ def update_estimate(profile: HardwareProfile, **form: Any) -> str:
         return "Estimate unavailable until the form is valid: " + "; ".join(error.problems.values())
     except Exception as error:  # offline Hub id, unreadable folder: say why, keep the form usable
         return f"Estimate unavailable: {error}"
+    init_note = "".join(f"  \n**LoRA initialisation:** {problem}" for problem in init_problems(cfg))
     return (f"**Trainable parameters:** {params}  \n**Memory:** {memory.verdict}  \n"
             f"<small>weights {memory.weights_gb:.2f} GB · adapters + optimizer {memory.adapter_gb:.2f} GB · "
             f"activations {memory.activations_gb:.2f} GB · logits {memory.logits_gb:.2f} GB · "
             f"overhead {memory.overhead_gb:.2f} GB</small>  \n"
             f"**Recipe on this hardware:** {'; '.join(recipe.notes)}"
-            f"{'; padding-free batches' if recipe.padding_free else ''}")
+            f"{'; padding-free batches' if recipe.padding_free else ''}{init_note}")
 
 
 def preview_dataset(**form: Any) -> tuple[str, pd.DataFrame]:
@@ -379,17 +381,20 @@ def show_method_fields(method: str) -> tuple[Any, ...]:
     lora_like, ia3, prompt = method in LORA_METHODS, method == "ia3", method == "prompt_tuning"
     return (gr.update(visible=lora_like), gr.update(visible=lora_like), gr.update(visible=lora_like),
             gr.update(visible=lora_like or ia3), gr.update(visible=ia3), gr.update(visible=prompt),
-            gr.update(visible=prompt))
+            gr.update(visible=prompt), gr.update(visible=lora_like))
 
 
 METHOD_FIELDS = ("lora_rank", "lora_alpha", "lora_dropout", "lora_target_modules", "lora_ia3_feedforward_modules",
-                 "lora_num_virtual_tokens", "lora_prompt_init_text")
+                 "lora_num_virtual_tokens", "lora_prompt_init_text", "lora_init")
 
 
 def _method_controls(form: dict[str, Any], d: RunConfig) -> None:
     with gr.Row():
         form["lora_method"] = gr.Dropdown(list(PEFT_METHODS), value=d.lora.method, label="PEFT method",
                                           info=_info("lora_method"), elem_id="peft-method")
+        form["lora_init"] = gr.Dropdown(list(LORA_INITS), value=d.lora.init, label="LoRA initialisation",
+                                        info=_info("lora_init"), elem_id="lora-init",
+                                        visible=d.lora.method in LORA_METHODS)
         form["lora_ia3_feedforward_modules"] = gr.Textbox(
             value=d.lora.ia3_feedforward_modules, label="IA3 feed-forward modules",
             info=_info("lora_ia3_feedforward_modules"), visible=d.lora.method == "ia3")
@@ -568,8 +573,8 @@ def _wire(manager: RunManager, profile: HardwareProfile, form: dict[str, Any], p
                               api_visibility="private")
     form["lora_method"].change(show_method_fields, form["lora_method"], [form[k] for k in METHOD_FIELDS],
                                api_visibility="private")
-    estimate_inputs = [form[k] for k in ("lora_method", "lora_num_virtual_tokens", "lora_ia3_feedforward_modules",
-                                         "model_source", "model_bits", "model_quant_type", "model_double_quant",
+    estimate_inputs = [form[k] for k in ("lora_method", "lora_init", "lora_num_virtual_tokens",
+                                         "lora_ia3_feedforward_modules", "model_source", "model_bits", "model_quant_type", "model_double_quant",
                                          "lora_rank", "lora_target_modules", "lora_bias", "training_batch_size",
                                          "data_max_seq_length", "training_gradient_checkpointing", "training_padding_free",
                                          "training_liger_kernels", "training_cpu_lm_head",

@@ -52,6 +52,7 @@ class Technique:
     # Learning rate relative to the comparison's LoRA rate: full fine-tuning needs a much smaller step, IA3 and
     # prompt tuning (few parameters, far from the weights) a much larger one.
     lr_factor: float = 1.0
+    init: str = "default"  # how the LoRA adapter starts (finetune/lora_init.py)
 
 
 TECHNIQUES: dict[str, Technique] = {
@@ -62,6 +63,9 @@ TECHNIQUES: dict[str, Technique] = {
     "lora8": Technique("LoRA 8-bit", "lora", 8),
     "qlora4": Technique("QLoRA 4-bit NF4", "lora", 4),
     "qlora4_dq": Technique("QLoRA 4-bit NF4 + double quant", "lora", 4, double_quant=True),
+    # The same QLoRA, its adapter started as the best rank-r fix of the 4-bit rounding error: the table's "step-0
+    # weight error" column shows how much closer the start is, "init (s)" what it cost.
+    "qlora4_loftq": Technique("QLoRA 4-bit NF4 + LoftQ init", "lora", 4, init="loftq"),
     "dora": Technique("DoRA 16-bit", "dora", 16),
     "rslora": Technique("rsLoRA 16-bit", "rslora", 16),
 }
@@ -140,6 +144,7 @@ def technique_config(base: RunConfig, key: str) -> RunConfig:
     raw = to_dict(base)
     raw["run_name"] = f"cmp-{key}"
     raw["lora"]["method"] = technique.method
+    raw["lora"]["init"] = technique.init
     raw["model"].update(bits=technique.bits, double_quant=technique.double_quant, quant_type="nf4")
     raw["training"]["learning_rate"] = min(base.training.learning_rate * technique.lr_factor, 0.5)
     return from_dict(raw)
@@ -363,7 +368,8 @@ class CompareQueue:
 
 RESULT_COLUMNS = ["technique", "state", "learning rate", "trainable params", "trainable %",
                   "peak memory (MB)", "weights (MB)", "block linears (MB)", "s/step", "tokens/s",
-                  "saved weights (MB)", "final train loss", "val loss", "perplexity", "sample answer", "run id"]
+                  "saved weights (MB)", "step-0 weight error (%)", "init (s)", "final train loss", "val loss",
+                  "perplexity", "sample answer", "run id"]
 
 
 def _last(rows: list[dict[str, Any]], key: str) -> float | None:
@@ -406,7 +412,10 @@ def item_result(manager: Any, item: dict[str, Any]) -> dict[str, Any]:
         "peak memory (MB)": info.get("peak_memory_mb"), "weights (MB)": info.get("weights_mb"),
         "block linears (MB)": info.get("linear_weights_mb"),
         "s/step": _round(_last(rows, "seconds_per_step"), 3), "tokens/s": _round(_mean(rows, "tokens_per_second"), 1),
-        "saved weights (MB)": info.get("saved_weights_mb"), "final train loss": _round(_last(rows, "loss"), 4),
+        "saved weights (MB)": info.get("saved_weights_mb"),
+        "step-0 weight error (%)": _round(100 * info["step0_weight_error"], 3)
+        if isinstance(info.get("step0_weight_error"), (int, float)) else None,
+        "init (s)": info.get("init_seconds"), "final train loss": _round(_last(rows, "loss"), 4),
         "val loss": _round(eval_loss, 4),
         "perplexity": _round(math.exp(eval_loss), 2) if eval_loss is not None and eval_loss < 700 else None,
         "sample answer": info.get("sample_answer"),

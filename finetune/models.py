@@ -236,3 +236,16 @@ def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
         if parameter.requires_grad:
             trainable += count
     return trainable, total
+
+
+def local_weights_folder(model: ModelConfig) -> Path | None:
+    """The base's folder with its safetensors on this machine (a Hub model only when already downloaded)."""
+    try:
+        folder = resolve_source(model.source)
+        if source_kind(model.source) == "hub":
+            from huggingface_hub import snapshot_download
+
+            folder = snapshot_download(model.source, local_files_only=True, allow_patterns=["*.safetensors", "*.json"])
+    except (ModelSourceError, OSError, ValueError):
+        return None
+    return Path(folder) if list(Path(folder).glob("*.safetensors")) else None

@@ -37,7 +37,8 @@ from finetune.data import DataError, check_file
 from finetune.data import source_kind as data_kind
 from finetune.metrics import (FINAL_STATES, HOSTNAME, METRICS_FILE, STOP_FILE, read_metrics, read_status,
                               write_status)
-from finetune.models import ModelSourceError, require_hub, resolve_source
+from finetune.lora_init import init_problems
+from finetune.models import ModelSourceError, local_weights_folder, require_hub, resolve_source
 from finetune.models import source_kind as model_kind
 from finetune.run_folder import ADAPTER_DIR, REWARD_DIR, RUN_CONFIG, has_adapter, last_checkpoint
 
@@ -194,6 +195,13 @@ def check_sources(cfg: RunConfig) -> None:
             require_hub(cfg.data.source, "dataset")  # probes the Hub itself
     except (DataError, ModelSourceError) as error:
         problems["data.source"] = str(error)
+    if cfg.stage == "sft" and "model.source" not in problems:
+        weights = local_weights_folder(cfg.model) if cfg.lora.init == "loftq" else None
+        if cfg.lora.init == "loftq" and weights is None:
+            problems["lora.init"] = ("LoftQ starts from the base's full-precision weights, and this base's safetensors "
+                                     "are not on this machine.")
+        else:
+            problems.update({"lora.init": " ".join(init_problems(cfg, weights))} if init_problems(cfg, weights) else {})
     if problems:
         raise ConfigError(problems)
 

@@ -63,19 +63,21 @@ def test_each_technique_gets_the_same_data_seed_and_steps(wide_model_dir, qa_row
                                               data_source=str(qa_rows_file), max_steps=3, seed=7))
     assert [c.lora.method for c in configs] == [t.method for t in TECHNIQUES.values()]
     assert [c.model.bits for c in configs] == [t.bits for t in TECHNIQUES.values()]
+    assert [c.lora.init for c in configs] == [t.init for t in TECHNIQUES.values()]
     assert {(c.data.source, c.training.seed, c.training.max_steps, c.model.source) for c in configs} == {
         (str(qa_rows_file), 7, 3, str(wide_model_dir))}
 
 
 def test_comparison_orders_parameters_and_memory(tmp_path, wide_model_dir, qa_rows_file):
     queue = CompareQueue(RunManager(tmp_path / "runs"), poll_seconds=0.3)
-    techniques = ["full", "ia3", "lora16", "lora8", "qlora4"]
+    techniques = ["full", "ia3", "lora16", "lora8", "qlora4", "qlora4_loftq"]
     comparison_id = queue.start(CompareRequest(
         techniques=techniques, model_source=str(wide_model_dir), data_source=str(qa_rows_file), max_steps=2,
         max_seq_length=64, batch_size=2, max_samples=20, learning_rate=0.01, sample_prompt="Say hi."))
     state = queue.wait(comparison_id, timeout=400)
-    rows = {TECHNIQUES[item["technique"]].method + str(TECHNIQUES[item["technique"]].bits): row
-            for item, row in zip(state["items"], results(queue.manager, state))}
+    by_technique = {item["technique"]: row for item, row in zip(state["items"], results(queue.manager, state))}
+    rows = {TECHNIQUES[key].method + str(TECHNIQUES[key].bits): row for key, row in by_technique.items()
+            if key != "qlora4_loftq"}
     assert state["state"] == "completed", json.dumps(state["items"], indent=1)[:2000]
     assert all(row["state"] == "completed" for row in rows.values()), rows
 
@@ -97,7 +99,11 @@ def test_comparison_orders_parameters_and_memory(tmp_path, wide_model_dir, qa_ro
     # Every technique is a normal run in the history, and every one of them is in the loss plot.
     assert {r["run id"] for r in rows.values()} <= set(queue.manager.list_ids())
     assert {label for _, _, label in loss_points(queue.manager, state)} == {TECHNIQUES[t].label for t in techniques}
-    assert progress(state, queue.manager)[:2] == (5, 5)
+    assert progress(state, queue.manager)[:2] == (6, 6)
+    # Same data, seed and steps: LoftQ's adapter starts closer to the full-precision weights, and says what it cost.
+    default, loftq = by_technique["qlora4"], by_technique["qlora4_loftq"]
+    assert 0 < loftq["step-0 weight error (%)"] < default["step-0 weight error (%)"]
+    assert loftq["init (s)"] is not None and default["init (s)"] is None
 
 
 def test_stop_skips_the_techniques_still_waiting(tmp_path, wide_model_dir, qa_rows_file):

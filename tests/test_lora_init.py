@@ -33,7 +33,7 @@ def test_an_unknown_init_is_a_config_error():
                                                  "got 'gaussian'"}
 
 
-@pytest.mark.parametrize("config", [run_config("default"), run_config("loftq"), run_config("olora"),
+@pytest.mark.parametrize("config", [run_config("default"), run_config("loftq"), run_config("olora", bits=16),
                                     run_config("pissa", bits=16), run_config("loftq", method="rslora")])
 def test_inits_that_apply_raise_nothing(config):
     assert init_problems(config) == []
@@ -50,7 +50,11 @@ def test_inits_that_apply_raise_nothing(config):
     (run_config("pissa", bits=4),
      "PiSSA splits the weight itself into adapter + residual, which peft does only on a 16 or 32-bit base; this run "
      "loads the base at 4 bits. Use LoftQ to start closer to the full-precision weights at 4 bits."),
-    (run_config("olora", method="dora"),
+    (run_config("olora", bits=4),
+     "OLoRA takes part of each weight into the adapter and re-quantizes the rest, so its result cannot be turned "
+     "back into a LoRA on the unchanged 4-bit base (and on the 4-bit embedded model it starts farther from the "
+     "full-precision weights than the default). Use 16 or 32 bits, or LoftQ at 4 bits."),
+    (run_config("olora", bits=16, method="dora"),
      "OLoRA initialises LoRA's A and B matrices; the method 'dora' has none to initialise (DoRA's magnitudes start "
      "from the base weights, so it keeps the default start)."),
 ])
@@ -166,3 +170,62 @@ def test_loftq_on_the_sft_trainers_model_starts_closer_and_trains(tmp_path, tiny
     trainer.train()
     losses = [row["loss"] for row in trainer.state.log_history if "loss" in row]
     assert len(losses) == 2 and all(math.isfinite(loss) for loss in losses)
+
+
+# --- through the SFT stage ------------------------------------------------------------------------------------
+
+def with_init(cfg, init: str):
+    from finetune.config import from_dict, to_dict
+
+    raw = to_dict(cfg)
+    raw["lora"]["init"] = init
+    return from_dict(raw)
+
+
+def test_a_loftq_run_starts_closer_to_the_full_weights_and_records_it(tiny_model_dir, qa_file, tmp_path):
+    """The Train tab's choice reaches the stage: a 4-bit LoftQ run's base + adapter starts closer to the
+    full-precision weights than the default run's, both measured by the stage and written to run_info."""
+    from conftest import tiny_run_config
+    from finetune.run_folder import ADAPTER_DIR, has_adapter, read_run_info
+    from finetune.train import run
+
+    infos = {}
+    for init in ("default", "loftq"):
+        cfg = with_init(tiny_run_config(tiny_model_dir, qa_file, max_steps=1, eval_steps=0), init)
+        assert run(cfg, tmp_path / init) == 0
+        assert has_adapter(tmp_path / init / ADAPTER_DIR)
+        infos[init] = read_run_info(tmp_path / init)
+    assert infos["loftq"]["lora_init"] == "loftq" and infos["loftq"]["init_seconds"] >= 0
+    assert 0 < infos["loftq"]["step0_weight_error"] < infos["default"]["step0_weight_error"]
+
+
+def test_a_pissa_run_is_saved_as_a_plain_lora_on_the_unchanged_base(tiny_model_dir, qa_file, tmp_path):
+    """PiSSA moves W's top directions into the adapter; the saved result is converted (peft's
+    path_initial_model_for_weight_conversion), so the unchanged base + saved adapter computes what the trained
+    model computed: PiSSA's changed base + its unconverted last checkpoint."""
+    import torch
+    from peft import LoraConfig, PeftModel, get_peft_model, set_peft_model_state_dict
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from conftest import tiny_run_config
+    from finetune.run_folder import ADAPTER_DIR, CHECKPOINT_DIR, adapter_config
+    from finetune.train import run
+
+    cfg = with_init(tiny_run_config(tiny_model_dir, qa_file, max_steps=2, save_steps=2, eval_steps=0, bits=32),
+                    "pissa")
+    assert run(cfg, tmp_path / "run") == 0
+    saved = tmp_path / "run" / ADAPTER_DIR
+    assert adapter_config(saved)["r"] == 2 * cfg.lora.rank  # the converted form: rank doubles
+    ids = torch.tensor([[1, 5, 9, 13, 17, 21]])
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    with torch.no_grad():
+        converted = PeftModel.from_pretrained(base, str(saved)).eval()(ids).logits
+        start = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+        trained = get_peft_model(start, LoraConfig(r=cfg.lora.rank, lora_alpha=cfg.lora.alpha, lora_dropout=0.0,
+                                                   target_modules=cfg.lora.target_module_list(),
+                                                   init_lora_weights="pissa"))
+        last = tmp_path / "run" / CHECKPOINT_DIR / "checkpoint-2" / "adapter_model.safetensors"
+        set_peft_model_state_dict(trained, load_file(last))
+        expected = trained.eval()(ids).logits
+    assert torch.allclose(converted, expected, atol=1e-4)

@@ -11,6 +11,7 @@ import torch
 
 from finetune.config import ConfigError, RunConfig, save_config
 from finetune.hardware import HardwareProfile
+from finetune.lora_init import peft_init_kwargs
 from finetune.metrics import BEST_METRICS, MetricsCallback
 from finetune.models import count_parameters
 from finetune.preference import PreferenceData, data_size, load_preferences, rows_per_step, size_statement, \
@@ -87,7 +88,8 @@ def to_lora_config(cfg: RunConfig, task_type: str = "CAUSAL_LM") -> Any:
 
     return LoraConfig(r=cfg.lora.rank, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
                       target_modules=cfg.lora.target_module_list(), bias=cfg.lora.bias, task_type=task_type,
-                      use_dora=cfg.lora.method == "dora", use_rslora=cfg.lora.method == "rslora")
+                      use_dora=cfg.lora.method == "dora", use_rslora=cfg.lora.method == "rslora",
+                      **peft_init_kwargs(cfg.lora))
 
 
 def keep_adapters_in_compute_dtype(model: torch.nn.Module, profile: HardwareProfile) -> None:

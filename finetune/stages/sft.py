@@ -12,9 +12,10 @@ from finetune.data import prepare
 from finetune.hardware import HardwareProfile, detect
 from finetune.lm_head import use_cpu_lm_head
 from finetune.metrics import MetricsCallback
-from finetune.models import load_model, load_tokenizer, resolve_source
+from finetune.lora_init import BASE_CHANGING, apply_loftq, check_init, reconstruction_error
+from finetune.models import ModelSourceError, load_model, load_tokenizer, local_weights_folder, resolve_source
 from finetune.recipe import resolve_recipe
-from finetune.run_folder import ADAPTER_DIR, FULL_MODEL_DIR
+from finetune.run_folder import ADAPTER_DIR, FULL_MODEL_DIR, INITIAL_ADAPTER_DIR
 from finetune.stages.common import (Built, keep_adapters_in_compute_dtype, record_run_info, save_beside,
                                     to_lora_config, training_args)
 
@@ -67,6 +68,26 @@ def sft_trainer(cfg: RunConfig, profile: HardwareProfile, model: Any, tokenizer:
     return trainer
 
 
+def initialise_adapter(cfg: RunConfig, trainer: Any, run_dir: Path) -> dict[str, Any]:
+    """The adapter's start (finetune/lora_init.py) before any forward pass, and what run_info records of it: the
+    seconds LoftQ took, and on a 4-bit base how far base + adapter starts from the full-precision weights."""
+    if cfg.lora.method not in ("lora", "rslora", "dora"):
+        return {}
+    info: dict[str, Any] = {"lora_init": cfg.lora.init}
+    folder = local_weights_folder(cfg.model) if cfg.model.bits == 4 or cfg.lora.init == "loftq" else None
+    check_init(cfg, folder)
+    if cfg.lora.init == "loftq":
+        if folder is None:
+            raise ModelSourceError("LoftQ starts from the base's full-precision weights, and this base's safetensors "
+                                   "are not on this machine.")
+        info["init_seconds"] = round(apply_loftq(trainer.model, folder), 2)
+    elif cfg.lora.init in BASE_CHANGING:
+        trainer.model.save_pretrained(str(run_dir / INITIAL_ADAPTER_DIR))
+    if cfg.model.bits == 4 and folder is not None and cfg.lora.method != "dora":
+        info["step0_weight_error"] = round(reconstruction_error(trainer.model, folder)[0], 6)
+    return info
+
+
 def build(cfg: RunConfig, run_dir: Path) -> Built:
     profile = detect()
     tokenizer = load_tokenizer(cfg.model)
@@ -75,7 +96,8 @@ def build(cfg: RunConfig, run_dir: Path) -> Built:
     # final_eval: the runner adds the last evaluation point after training, whatever eval_steps was
     callback = MetricsCallback(run_dir, stage="sft", final_eval=data.eval is not None)
     trainer = sft_trainer(cfg, profile, model, tokenizer, data.train, data.eval, run_dir, [callback])
-    record_run_info(trainer, run_dir, profile, recipe=resolve_recipe(cfg, profile).as_dict(),
+    start = initialise_adapter(cfg, trainer, run_dir)
+    record_run_info(trainer, run_dir, profile, recipe=resolve_recipe(cfg, profile).as_dict(), **start,
                     data_format=data.format, train_rows=len(data.train),
                     eval_rows=len(data.eval) if data.eval is not None else 0, data_notes=data.notes,
                     malformed_rows=data.malformed_rows, skipped_rows=data.skipped_rows,
@@ -88,7 +110,14 @@ def save(cfg: RunConfig, trainer: Any, run_dir: Path) -> Path:
     target = run_dir / (FULL_MODEL_DIR if cfg.lora.method == "full" else ADAPTER_DIR)
     if getattr(trainer, "is_fsdp_enabled", False):  # gather the shards: adapter/ is PEFT format under FSDP too
         trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
-    trainer.save_model(str(target))
+    initial = run_dir / INITIAL_ADAPTER_DIR
+    if cfg.lora.init in BASE_CHANGING and initial.is_dir():
+        # PiSSA/OLoRA moved part of W into the adapter: saved relative to the initial adapter, the result is a plain
+        # LoRA (of twice the rank) on the unchanged base, which Chat, Evaluate and export load like any other.
+        if trainer.is_world_process_zero():
+            trainer.model.save_pretrained(str(target), path_initial_model_for_weight_conversion=str(initial))
+    else:
+        trainer.save_model(str(target))
     if trainer.is_world_process_zero():
         save_beside(cfg, trainer, target)
     return target
