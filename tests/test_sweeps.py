@@ -241,3 +241,28 @@ def test_the_section_through_its_api(section_client, finished_sweep):
         best.lora.rank, best.training.learning_rate, best.lora.alpha)
     refused = section_client.predict(sweep_learning_rates=" ", data_file=None, api_name="/sweep_start")
     assert "give at least one learning rate to try" in refused[1] and queue.active() is None
+
+
+def test_a_real_trial_far_behind_the_best_is_stopped_early(tmp_path, tmp_path_factory, embedded_dir, sweep_data):
+    """Two trials of 30 steps, evaluated every 2: the second (a learning rate 5000x smaller, on a tiny Llama whose
+    spread logits learn fast) is compared with the first at its first evaluation and stopped there."""
+    from conftest import save_tiny_llama, wait_until
+
+    model = save_tiny_llama(tmp_path_factory.mktemp("learner"), embedded_dir, initializer_range=0.3)
+    queue = SweepQueue(RunManager(tmp_path / "runs"), poll_seconds=0.1)
+    sweep_id = queue.start_sweep(_base(model, sweep_data), SweepRequest(
+        learning_rates="0.05, 1e-5", ranks="4", alphas="2r", dropouts="0", bits="32", max_steps=30, prune_margin=0.5))
+    wait_until(lambda: queue.load(sweep_id)["state"] != "running", "the sweep finished", timeout=600)
+    state = queue.load(sweep_id)
+    good, slow = state["items"]
+    good_losses = eval_losses(read_metrics(queue.manager.run_dir(good["run_id"])))
+    slow_losses = eval_losses(read_metrics(queue.manager.run_dir(slow["run_id"])))
+    assert good["state"] == "completed" and max(good_losses) == 30
+    first = min(slow_losses)
+    assert slow_losses[first] > good_losses[first] + 0.5, (good_losses, slow_losses)  # the premise of the test
+    step = int(slow["pruned"].removeprefix("stopped at step ").split(":")[0])  # the evaluation it was judged at
+    assert slow_losses[step] > good_losses[step] + 0.5 and slow["state"] == "stopped"
+    assert queue.manager.status(slow["run_id"])["step"] < 30
+    ranked = results(queue.manager, state)
+    assert ranked[0]["run id"] == good["run_id"] and ranked[1]["state"] == "pruned"
+    assert best_config(queue.manager, state).training.learning_rate == 0.05
