@@ -150,12 +150,15 @@ def poll_sweep(queue: SweepQueue, sweep_id: str, shown: str = "") -> tuple[Any, 
     return (sweep_id, status, table, best_markdown(queue, state), *charts, key)
 
 
-def show_charts(queue: SweepQueue, sweep_id: str) -> list[Any]:
+def show_charts(queue: SweepQueue, sweep_id: str, shown: str, drawn: str) -> list[Any]:
+    """Draw the charts once per change of what they show (``shown``, set by the poll), not at every tick."""
+    if shown == drawn:
+        return [gr.skip() for _ in CHART_LABELS] + [gr.skip()]
     try:
         state = queue.load(sweep_id) if sweep_id else None
     except CompareError:
         state = None
-    return [gr.update(value=frame, visible=frame is not None) for frame in chart_frames(queue, state)]
+    return [gr.update(value=frame, visible=frame is not None) for frame in chart_frames(queue, state)] + [shown]
 
 
 def use_best(queue: SweepQueue, keys: list[str], sweep_id: str) -> list[Any]:
@@ -239,12 +242,12 @@ def _wire(queue: SweepQueue, form: dict[str, Any], train_form: dict[str, Any], s
     if train_form:
         best.click(functools.partial(use_best, queue, list(train_form)), view["sweep"], list(train_form.values()),
                    api_name="sweep_use_best")
-    shown = gr.State("")  # which points the browser's charts hold
+    shown = gr.State("")  # which points the charts should hold (the poll's key)
+    drawn = gr.State("")  # which points they do hold
     live = [view["sweep"], view["status"], view["table"], view["best"], *view["charts"], shown]
     poll, charts = functools.partial(poll_sweep, queue), functools.partial(show_charts, queue)
+    chart_io = ([view["sweep"], shown, drawn], [*view["charts"], drawn])
     timer = gr.Timer(POLL_SECONDS)
     timer.tick(poll, [view["sweep"], shown], live, api_name="sweep_poll", show_progress="hidden",
-               queue=False).then(charts, view["sweep"], view["charts"], show_progress="hidden", queue=False,
-                                 api_visibility="private")
-    on_page_load(poll, [view["sweep"], shown], live).then(charts, view["sweep"], view["charts"],
-                                                          api_visibility="private")
+               queue=False).then(charts, *chart_io, show_progress="hidden", queue=False, api_visibility="private")
+    on_page_load(poll, [view["sweep"], shown], live).then(charts, *chart_io, api_visibility="private")

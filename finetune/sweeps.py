@@ -207,6 +207,22 @@ def validate_sweep(base: RunConfig, request: SweepRequest) -> list[tuple[dict[st
     return list(zip(params, configs))
 
 
+def check_each_bit_width(trials: list[tuple[dict[str, Any], RunConfig]]) -> None:
+    """The base's LoRA initialisation at every bit width swept (LoftQ needs a 4-bit base, PiSSA and OLoRA a 16 or
+    32-bit one): the Train tab's own check (runs.check_sources), once per bit width, every refusal at once."""
+    problems: dict[str, str] = {}
+    for bits in dict.fromkeys(cfg.model.bits for _, cfg in trials):
+        cfg = next(cfg for _, cfg in trials if cfg.model.bits == bits)
+        try:
+            check_sources(cfg)
+        except ConfigError as error:
+            if "lora.init" in error.problems:
+                problems["bits"] = " ".join(filter(None, [problems.get("bits"),
+                                                          f"At {bits} bits: {error.problems['lora.init']}"]))
+    if problems:
+        raise ConfigError(problems)
+
+
 def check_held_out_rows(cfg: RunConfig) -> None:
     """A local dataset too small to hold rows out (under 10 rows) would give no validation loss to rank by. A Hub
     dataset is not loaded here (that is the run's download); its trials say so if they have no loss."""
@@ -235,8 +251,12 @@ class SweepQueue(CompareQueue):
         trials = validate_sweep(base, request)
         check_config(base)  # the path gate: the base's model and data sources
         check_sources(base)
+        check_each_bit_width(trials)
         check_held_out_rows(base)
         check_model(base)
+        comparison = CompareQueue(self.manager).active()
+        if comparison:  # its runs and the trials would take turns on the device, slowing both
+            raise SweepError(f"Comparison '{comparison}' is still running; a sweep starts when it has finished.")
         items = [{"technique": trial_label(n, params), "params": params, "config": to_dict(cfg)}
                  for n, (params, cfg) in enumerate(trials, 1)]
         return self.enqueue(items, {**dataclasses.asdict(request), "base": to_dict(base)})

@@ -191,6 +191,17 @@ def test_a_sweep_without_held_out_data_is_refused(tmp_path, tiny_model_dir, qa_f
     assert queue.list_ids() == [] and queue.manager.list_ids() == []
 
 
+def test_an_initialisation_that_does_not_fit_a_swept_bit_width_is_refused(tmp_path, tiny_model_dir, qa_file):
+    base = _base(tiny_model_dir, qa_file)
+    base.lora.init = "pissa"  # 16/32-bit only
+    queue = SweepQueue(RunManager(tmp_path / "runs"))
+    with pytest.raises(ConfigError) as error:
+        queue.start_sweep(base, SweepRequest(bits="32, 4", max_steps=2))
+    assert list(error.value.problems) == ["bits"]
+    assert error.value.problems["bits"].startswith("At 4 bits: PiSSA splits the weight itself into adapter + residual")
+    assert queue.list_ids() == [] and queue.manager.list_ids() == []
+
+
 def test_random_search_with_a_seed_is_reproducible(tiny_model_dir, qa_file):
     base = _base(tiny_model_dir, qa_file)
     request = dict(learning_rates="1e-4, 3e-4, 1e-3", ranks="2, 4, 8", alphas="8, 2r", dropouts="0",
