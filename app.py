@@ -31,6 +31,7 @@ from components.feedback_tab import build_feedback_tab
 from components.inspect_section import build_inspect_section
 from components.learn_tab import build_learn_tab
 from components.quant_tab import build_quant_tab
+from components.sweep_section import build_sweep_section
 from components.rlhf_tab import build_rlhf_tab
 from components.train_tab import build_train_tab
 from finetune.benchmarks import BenchmarkService, app_root
@@ -39,6 +40,7 @@ from finetune.compare import CompareQueue
 from finetune.feedback import FeedbackStore, LangSmithSettings
 from finetune.hardware import HardwareProfile, detect
 from finetune.scoring import ScorerCache
+from finetune.sweeps import SweepQueue
 from finetune.runs import RunManager
 
 
@@ -84,6 +86,7 @@ def build_app(runs_root: str = "runs", profile: HardwareProfile | None = None,
                         [evaluation["runs"], evaluation["ckpt_run"]], api_visibility="private")
         with gr.Tab("Compare", id="compare"):
             build_compare_tab(CompareQueue(manager))
+            build_sweep_section(SweepQueue(manager), train)  # "use the best" fills the Train form
         with gr.Tab("Quantization", id="quantization"):
             build_quant_tab(profile)
         with gr.Tab("Learn", id="learn") as learn_tab:
