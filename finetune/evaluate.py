@@ -32,10 +32,11 @@ from finetune.chat import SamplingSettings, budget_note, peft_adapter_name
 from finetune.config import ConfigError, DataConfig, ModelConfig, load_config
 from finetune.data import DataError, prepare
 from finetune.feedback import FeedbackStore
+from finetune.lora_init import BASE_CHANGING
 from finetune.metrics import read_metrics
 from finetune.preference import prompt_key, trained_prompt_keys
 from finetune import paths
-from finetune.run_folder import ADAPTER_DIR, CHECKPOINT_DIR, RUN_CONFIG, RUN_INFO_FILE, has_adapter
+from finetune.run_folder import ADAPTER_DIR, CHECKPOINT_DIR, CONFIG_COPY, RUN_CONFIG, RUN_INFO_FILE, has_adapter
 
 IGNORE = -100                       # label of a token the loss does not count (prompt and padding)
 Z_95 = 1.959963984540054            # two-sided 95% quantile of the standard normal
@@ -277,9 +278,16 @@ def adapter_name(run_id: str, suffix: str = "") -> str:
 
 
 def run_checkpoints(run_dir: Path) -> list[tuple[str, Path]]:
-    """(label, adapter folder) for each saved checkpoint of a run in step order, then the final adapter."""
+    """(label, adapter folder) for each saved checkpoint of a run in step order, then the final adapter. A PiSSA or
+    OLoRA run offers its final adapter only: its checkpoints hold the adapter relative to a base the start had
+    changed, and loaded on the plain base they would be scored as a model that never existed."""
     found = []
-    for folder in (run_dir / CHECKPOINT_DIR).glob("checkpoint-*"):
+    configs = [path for path in (run_dir / RUN_CONFIG, run_dir / ADAPTER_DIR / CONFIG_COPY) if path.is_file()]
+    try:
+        base_changed = bool(configs) and load_config(configs[0]).lora.init in BASE_CHANGING
+    except (ConfigError, OSError):
+        base_changed = False
+    for folder in [] if base_changed else (run_dir / CHECKPOINT_DIR).glob("checkpoint-*"):
         step = folder.name.rsplit("-", 1)[-1]
         if step.isdigit() and has_adapter(folder):
             found.append((int(step), folder))

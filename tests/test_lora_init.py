@@ -229,3 +229,7 @@ def test_a_pissa_run_is_saved_as_a_plain_lora_on_the_unchanged_base(tiny_model_d
         set_peft_model_state_dict(trained, load_file(last))
         expected = trained.eval()(ids).logits
     assert torch.allclose(converted, expected, atol=1e-4)
+    # Evaluate offers the converted final adapter only, not the unconverted checkpoints.
+    from finetune.evaluate import run_checkpoints
+
+    assert run_checkpoints(tmp_path / "run") == [("final adapter", saved)]
