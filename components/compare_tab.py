@@ -15,7 +15,7 @@ from typing import Any
 import gradio as gr
 import pandas as pd
 
-from components.shared import on_page_load
+from components.shared import on_page_load, stop_queue
 from finetune.compare import (DEFAULT_TECHNIQUES, QUALITATIVE, QUALITATIVE_COLUMNS, RESULT_COLUMNS, TECHNIQUES,
                               CompareError, CompareQueue, CompareRequest, base_config, loss_points, progress,
                               results)
@@ -116,20 +116,6 @@ def _int(value: Any) -> Any:
     if isinstance(value, float) and math.isfinite(value) and value.is_integer():
         return int(value)
     return value
-
-
-def stop_comparison(queue: CompareQueue, comparison_id: str) -> str:
-    if not comparison_id:
-        return "No comparison to stop."
-    try:
-        state = queue.load(comparison_id)
-        if state["state"] != "running":
-            return f"Comparison `{comparison_id}` is not running ({state['state']})."
-        queue.stop(comparison_id)
-    except CompareError as error:
-        return f"**Error:** {error}"
-    gr.Info("Stopping: the current run saves a checkpoint; the techniques still waiting are skipped.")
-    return f"Stop requested for `{comparison_id}`."
 
 
 def poll_comparison(queue: CompareQueue, comparison_id: str, shown: str = "") -> tuple[Any, ...]:
@@ -233,7 +219,7 @@ def _wire(queue: CompareQueue, form: dict[str, Any], start: Any, stop: Any, view
     start.click(functools.partial(start_comparison, queue), [form[k] for k in START_INPUTS],
                 [view["comparison"], view["message"], view["loss_plot"], view["scatter"]], api_name="compare_start",
                 concurrency_limit=1, concurrency_id="train-start")
-    stop.click(functools.partial(stop_comparison, queue), view["comparison"], view["message"],
+    stop.click(functools.partial(stop_queue, queue, waiting="techniques"), view["comparison"], view["message"],
                api_name="compare_stop")
     shown = gr.State("")  # which scatter points the browser holds
     live = [view[k] for k in ("comparison", "status", "progress", "table", "notes", "loss_plot", "scatter")] + [shown]

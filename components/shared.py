@@ -18,6 +18,7 @@ from typing import Any, Callable
 import gradio as gr
 import pandas as pd
 
+from finetune.compare import CompareError, CompareQueue
 from finetune.config import ConfigError, LoraSettings, ModelConfig
 from finetune.estimate import lora_parameter_count, model_shape, parameter_text, targeted_linears
 from finetune.metrics import is_summary
@@ -238,6 +239,22 @@ def _same_version(copy: Path, path: Path) -> bool:
 def current_download(path: Path) -> Path | None:
     """The copy of ``path`` already offered for download, if it still matches the file."""
     return next((folder / path.name for folder in _copies(path) if _same_version(folder / path.name, path)), None)
+
+
+def stop_queue(queue: CompareQueue, queue_id: str, waiting: str) -> str:
+    """Stop a comparison or a sweep: the run training now saves a checkpoint, the ``waiting`` ones are skipped."""
+    noun = queue.NOUN
+    if not queue_id:
+        return f"No {noun.lower()} to stop."
+    try:
+        state = queue.load(queue_id)
+        if state["state"] != "running":
+            return f"{noun} `{queue_id}` is not running ({state['state']})."
+        queue.stop(queue_id)
+    except CompareError as error:
+        return f"**Error:** {error}"
+    gr.Info(f"Stopping: the current run saves a checkpoint; the {waiting} still waiting are skipped.")
+    return f"Stop requested for `{queue_id}`."
 
 
 def downloadable(path: Path) -> str:

@@ -15,7 +15,7 @@ from typing import Any
 import gradio as gr
 import pandas as pd
 
-from components.shared import on_page_load, problems_markdown
+from components.shared import on_page_load, problems_markdown, stop_queue
 from components.train_form import UI_ONLY, config_from_form, form_from_config
 from finetune import paths
 from finetune.compare import CompareError, CompareRequest, base_config
@@ -84,20 +84,6 @@ def start_sweep(queue: SweepQueue, **fields: Any) -> tuple[Any, ...]:
 def _discard(queue: SweepQueue, cfg: RunConfig | None) -> None:
     if cfg is not None:
         queue.manager.discard_upload(cfg.data.source)  # a refused start leaves no copy of the upload behind
-
-
-def stop_sweep(queue: SweepQueue, sweep_id: str) -> str:
-    if not sweep_id:
-        return "No sweep to stop."
-    try:
-        state = queue.load(sweep_id)
-        if state["state"] != "running":
-            return f"Sweep `{sweep_id}` is not running ({state['state']})."
-        queue.stop(sweep_id)
-    except CompareError as error:
-        return f"**Error:** {error}"
-    gr.Info("Stopping: the current trial saves a checkpoint; the trials still waiting are skipped.")
-    return f"Stop requested for `{sweep_id}`."
 
 
 def results_frame(queue: SweepQueue, state: dict[str, Any] | None) -> pd.DataFrame:
@@ -238,7 +224,8 @@ def _wire(queue: SweepQueue, form: dict[str, Any], train_form: dict[str, Any], s
     start.click(functools.partial(start_sweep, queue), inputs_kwargs={**form, **train_form},
                 outputs=[view["sweep"], view["message"], *view["charts"]], api_name="sweep_start",
                 concurrency_limit=1, concurrency_id="train-start")
-    stop.click(functools.partial(stop_sweep, queue), view["sweep"], view["message"], api_name="sweep_stop")
+    stop.click(functools.partial(stop_queue, queue, waiting="trials"), view["sweep"], view["message"],
+               api_name="sweep_stop")
     if train_form:
         best.click(functools.partial(use_best, queue, list(train_form)), view["sweep"], list(train_form.values()),
                    api_name="sweep_use_best")

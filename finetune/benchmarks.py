@@ -51,6 +51,7 @@ from finetune.metrics import STOP_FILE, read_status, write_status
 from finetune.models import ModelSourceError, cache_root, hub_reachable, source_kind
 from finetune.run_folder import ADAPTER_CONFIG, ADAPTER_DIR, CONFIG_COPY, RUN_CONFIG, adapter_config, \
     resolve_run_folder
+from finetune.runs import pid_alive
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 BUNDLED_TASK_DIR = PROJECT_ROOT / "data" / "benchmarks"
@@ -731,7 +732,7 @@ class BenchmarkService:
         child = self._children.get(job_id)
         # Without a pid the child is still being started (or this is the CLI's own in-process job).
         ended = child.poll() is not None if child is not None else \
-            status.get("pid") is not None and not _pid_alive(status.get("pid"))
+            status.get("pid") is not None and not pid_alive(status.get("pid"))
         if status.get("state") in ("queued", "running") and ended:
             # The child died without saying so (killed, out of memory, or an app restart lost it): say that
             # instead of "running" forever.
@@ -770,21 +771,6 @@ class BenchmarkService:
     def table(self, job_id: str) -> list[TableRow]:
         job = self.job(job_id)
         return build_table(job.plan(), job.results())
-
-
-def _pid_alive(pid: Any) -> bool:
-    if not isinstance(pid, int) or pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:  # a zombie still answers kill(0)
-        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
-    except (OSError, IndexError):
-        return True
 
 
 def _adapter_label(folder: Path) -> str:

@@ -212,7 +212,7 @@ class CompareQueue:
         try:
             return json.loads(self.path(comparison_id).read_text(encoding="utf-8"))
         except (FileNotFoundError, json.JSONDecodeError):
-            raise CompareError(f"No comparison {comparison_id!r}") from None
+            raise CompareError(f"No {self.NOUN.lower()} {comparison_id!r}") from None
 
     def _save(self, state: dict[str, Any]) -> None:
         path = self.path(state["id"])

@@ -97,7 +97,7 @@ def _process_start(pid: int) -> str | None:
     return fields[19] if len(fields) > 19 else None
 
 
-def _pid_alive(pid: int | None) -> bool:
+def pid_alive(pid: int | None) -> bool:
     if not pid:
         return False
     try:
@@ -125,7 +125,7 @@ class ChildProcess:
             return self.popen.poll() is None
         if self.started is not None and _process_start(self.pid or 0) not in (None, self.started):
             return False  # the pid now belongs to a later process (the machine restarted, pids came round)
-        return _pid_alive(self.pid)
+        return pid_alive(self.pid)
 
     def exit_code(self) -> int | None:
         return self.popen.poll() if self.popen is not None else None
