@@ -92,6 +92,8 @@ def eta_text(status: dict[str, Any]) -> str:
 
 
 def phase_text(status: dict[str, Any]) -> str:
+    if status.get("state") == "running" and status.get("phase") == "initialising":
+        return f" · <b>{status.get('phase_note') or 'initialising the adapter'}</b>"
     if status.get("state") != "running" or status.get("phase") != "evaluating":
         return ""
     batch, batches = status.get("eval_batch"), status.get("eval_batches")

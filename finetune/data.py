@@ -694,7 +694,9 @@ class DataPreview:
                     else f" (rows longer than {self.max_seq_length} tokens are not counted here)")
         held = (f"{self.held_out_rows} held out for validation ({self.held_out_from})" if self.held_out_rows
                 else "none held out (no eval loss)")
-        return (f"**Rows:** {self.source_rows} in the source → **{self.train_rows} will train**, {held}, "
+        # While Start would refuse the file, the count is what ticking "Skip malformed rows" would train.
+        verb = "will train" if self.refusal is None else "would train with Skip malformed rows ticked"
+        return (f"**Rows:** {self.source_rows} in the source → **{self.train_rows} {verb}**, {held}, "
                 f"{sum([self.skipped_malformed, self.skipped_missing or 0, self.skipped_too_long or 0])} skipped"
                 f"{': ' + ', '.join(skipped) if skipped else ''}{too_long}.")
 

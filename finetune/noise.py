@@ -13,6 +13,9 @@ KNOWN_WARNINGS = (
     (FutureWarning, r"MatmulLtState\.\w+ is deprecated"),
     # transformers 5 renamed it; peft 0.21 still reads the old name at every model wrap. Nothing to change here.
     (FutureWarning, r"`is_gradient_checkpointing` is deprecated"),
+    # transformers 5 renamed the training argument; TRL 1.16's configs still pass the old name, and the warning
+    # reached the Train tab's log view on every run.
+    (FutureWarning, r"`gradient_checkpointing` is deprecated"),
 )
 # At import, bitsandbytes tries to fetch an optional CPU kernel from the Hub through the `kernels` package and
 # warns when it cannot; without it bitsandbytes uses its own CPU code, which is what this app measures and uses.

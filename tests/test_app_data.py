@@ -71,7 +71,9 @@ def test_preview_names_the_encoding_the_reading_and_the_skipped_line(client, tin
     assert "encoding cp1252" in text and "CSV separated by semicolons" in text
     assert "`Question` → `question`, `Answer` → `answer`" in text
     # 25 data lines, one malformed: 24 rows, of which 10% are held out; none longer than 128 tokens.
-    assert "**Rows:** 25 in the source → **21 will train**, 3 held out for validation" in text
+    # Not "will train" while Start would refuse: the count is what ticking the box would train.
+    assert ("**Rows:** 25 in the source → **21 would train with Skip malformed rows ticked**, 3 held out for "
+            "validation") in text
     assert "1 skipped: 1 malformed." in text
     assert "line 5 has 1 field(s); the header has 2" in text
     assert "Start will refuse this file" in text  # the box is not ticked yet
@@ -82,13 +84,14 @@ def test_preview_names_the_encoding_the_reading_and_the_skipped_line(client, tin
     ticked, _ = client.predict(**_form(tiny_model_dir, export_csv, data_skip_bad_rows=True),
                                api_name="/preview_data")
     assert "1 skipped: 1 malformed." in ticked and "Start will refuse" not in ticked
+    assert "**21 will train**" in ticked
 
 
 def test_preview_without_a_tokenizer_still_counts_the_rest(client, export_csv):
     """A Hub model offline: the rows are previewed, only the too-long count is left out (and said so)."""
     text, _ = client.predict(data_kind="Uploaded file", data_file=handle_file(str(export_csv)),
                              model_kind="Hub id", model_source="nobody/no-such-model", api_name="/preview_data")
-    assert "**21 will train**" in text
+    assert "**21 would train with Skip malformed rows ticked**" in text
     assert "too-long rows not counted: the tokenizer is not available" in text
 
 

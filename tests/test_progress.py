@@ -119,3 +119,14 @@ def test_rlhf_stages_report_the_same_measured_eta(tiny_model_dir, tmp_path):
     assert first["evals_untimed"] == 0 and first["evals_left"] == 2 and first["seconds_per_eval"] > 0
     bar = progress_html("rlhf-reward-progress", first, read_metrics(tmp_path))
     assert "ETA " in bar and "ETA –" not in bar and "2 evaluations" in bar
+
+
+def test_the_bar_says_what_a_long_adapter_start_waits_for():
+    """LoftQ's start took 144 s on the embedded model before step 1: the bar names it instead of a silent 0%."""
+    from components.shared import progress_html
+
+    status = {"state": "running", "step": 0, "phase": "initialising",
+              "phase_note": "LoftQ: fitting A and B to the 4-bit rounding error, layer by layer"}
+    bar = progress_html("bar", status, [])
+    assert "<b>LoftQ: fitting A and B to the 4-bit rounding error, layer by layer</b>" in bar
+    assert "LoftQ" not in progress_html("bar", {**status, "phase": None}, [])

@@ -11,7 +11,7 @@ from finetune.config import RunConfig
 from finetune.data import prepare
 from finetune.hardware import HardwareProfile, detect
 from finetune.lm_head import use_cpu_lm_head
-from finetune.metrics import MetricsCallback
+from finetune.metrics import MetricsCallback, write_status
 from finetune.lora_init import BASE_CHANGING, apply_loftq, check_init, reconstruction_error
 from finetune.models import ModelSourceError, load_model, load_tokenizer, local_weights_folder, resolve_source
 from finetune.recipe import resolve_recipe
@@ -80,7 +80,12 @@ def initialise_adapter(cfg: RunConfig, trainer: Any, run_dir: Path) -> dict[str,
         if folder is None:
             raise ModelSourceError("LoftQ starts from the base's full-precision weights, and this base's safetensors "
                                    "are not on this machine.")
+        if trainer.is_world_process_zero():  # minutes on a big model: the progress bar says what it waits for
+            write_status(run_dir, phase="initialising", phase_note="LoftQ: fitting A and B to the 4-bit rounding "
+                                                                   "error, layer by layer")
         info["init_seconds"] = round(apply_loftq(trainer.model, folder), 2)
+        if trainer.is_world_process_zero():
+            write_status(run_dir, phase=None, phase_note=None)
     elif cfg.lora.init in BASE_CHANGING:
         trainer.model.save_pretrained(str(run_dir / INITIAL_ADAPTER_DIR))
     if cfg.model.bits == 4 and folder is not None and cfg.lora.method != "dora":
