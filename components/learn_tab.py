@@ -69,7 +69,8 @@ def forgetting_markdown(service: BenchmarkService | None) -> str:
     lines = ["**Does PEFT keep what the base knew? Your numbers** (newest forgetting check, general questions "
              "unrelated to your data):"]
     for row in rows:
-        margin = f" ± {Z_95 * row.difference_stderr:.3f}" if row.difference_stderr is not None else ""
+        margin = (f" (95% interval ± {Z_95 * row.difference_stderr:.3f})" if row.difference_stderr is not None
+                  else "")
         lines.append(f"- `{row.adapter}`, {row.task} ({row.metric}, {row.items} questions): base {row.base:.3f}, "
                      f"adapter {row.tuned:.3f}, difference {row.difference:+.3f}{margin}: **{row.verdict}**")
     return "\n".join(lines)

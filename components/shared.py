@@ -300,9 +300,21 @@ def _fresh_copy(path: Path) -> Path:
 
 # --- the LoRA / QLoRA aid (Train tab; explained in the Learn tab) ------------------------------------------------
 
+LORA_STARTS = {  # how A and B start, per lora.init: the sentence the LoRA aid ends its first line with
+    "default": "B starting at 0, so training starts exactly at the base model.",
+    "loftq": "starting (LoftQ) as the best rank-r fix of the 4-bit rounding error W - deq(Q(W)), so B·A is not 0 at "
+             "step 0 and base + adapter starts closer to the full-precision W.",
+    "pissa": "starting (PiSSA) as W's top r singular directions, which are taken out of W; the result is saved as a "
+             "plain LoRA on the unchanged W.",
+    "olora": "starting (OLoRA) from a QR factorisation of W, taken out of W; the result is saved as a plain LoRA on "
+             "the unchanged W.",
+}
+
+
 def lora_aid_markdown(model_source: str, rank: Any, alpha: Any, target_modules: str, bits: Any, quant_type: str,
-                      double_quant: bool, optimizer: str) -> str:
-    """W + (alpha/r)·B·A with this form's numbers: the scale, one example layer, and the live trainable count."""
+                      double_quant: bool, optimizer: str, init: str = "default") -> str:
+    """W + (alpha/r)·B·A with this form's numbers: the scale, one example layer, the live trainable count, and how
+    A and B start (``init``, finetune/lora_init.py)."""
     try:
         lora = LoraSettings(rank=rank, alpha=alpha, target_modules=target_modules or "all-linear")
         model = ModelConfig(source=gated_model_source(model_source), bits=bits, quant_type=quant_type,
@@ -318,7 +330,8 @@ def lora_aid_markdown(model_source: str, rank: Any, alpha: Any, target_modules: 
     name, fan_in, fan_out, _ = targeted[0]
     lines = [
         f"**LoRA:** each targeted layer computes h = W·x + (α/r)·B·A·x = W·x + ({lora.alpha:g}/{lora.rank})·B·A·x, "
-        f"scale {lora.alpha / lora.rank:g}. W is frozen; A (r x d_in) and B (d_out x r) train, B starting at 0.",
+        f"scale {lora.alpha / lora.rank:g}. W is frozen; A (r x d_in) and B (d_out x r) train, "
+        f"{LORA_STARTS.get(init, LORA_STARTS['default'])}",
         f"Example `{name}`: W has {fan_in:,} x {fan_out:,} = {fan_in * fan_out:,} frozen weights; A and B add "
         f"r·(d_in + d_out) = {lora.rank}·({fan_in:,} + {fan_out:,}) = {lora.rank * (fan_in + fan_out):,} trainable.",
         f"Over {len(targeted)} targeted layers: **{parameter_text(*lora_parameter_count(shape, lora))}**.",

@@ -558,7 +558,7 @@ def _wire_hub(form: dict[str, Any], hub: dict[str, Any]) -> None:
 
 def _wire_lora_aid(form: dict[str, Any], lora_aid: Any) -> None:
     inputs = [form[k] for k in ("model_source", "lora_rank", "lora_alpha", "lora_target_modules", "model_bits",
-                                "model_quant_type", "model_double_quant", "training_optimizer")]
+                                "model_quant_type", "model_double_quant", "training_optimizer", "lora_init")]
     gr.on([c.change for c in inputs], lora_aid_markdown, inputs, lora_aid, api_name="lora_aid",
           show_progress="hidden", trigger_mode="always_last")
     on_page_load(lora_aid_markdown, inputs, lora_aid)

@@ -54,8 +54,8 @@ def test_app_main_serves_with_the_environment_it_is_given(served_app):
     assert (tmp_path / "votes.db").is_file()
     assert (tmp_path / "my-runs").is_dir()
     # A handler runs through the production queue and answers.
-    assert "LoRA" in client.predict("embedded:SmolLM2-135M-Instruct", 8, 16, "all-linear", 4, "nf4", True,
-                                    "paged_adamw_8bit", api_name="/lora_aid")
+    assert "Example" in client.predict("smollm2-135m-instruct", 8, 16, "all-linear", 4, "nf4", True,
+                                    "paged_adamw_8bit", "default", api_name="/lora_aid")
     # An expected refusal reaches the client as its message and the log as one line, not a traceback.
     with pytest.raises(Exception, match="Pick a finished run first"):
         client.predict(None, api_name="/export_zip")

@@ -38,6 +38,7 @@ def test_learn_links_and_lora_aid(page):
 
     expect(page.locator("#lora-aid")).to_contain_text("trainable", timeout=30_000)
     expect(page.locator("#lora-aid")).to_contain_text("(α/r)·B·A")
+    expect(page.locator("#lora-aid")).to_contain_text("B starting at 0")
     from components.learn_tab import COMPETENCIES
 
     for name, _, tab, _ in COMPETENCIES:  # every competency links to a tab that exists, and the link works
