@@ -249,6 +249,10 @@ class BenchmarkPlan:
     notes: list[str] = field(default_factory=list)
 
     def estimate_text(self) -> str:
+        return self._time_text() + (f" With {self.limit} questions per task the table gives no verdict: it needs at "
+                                    f"least {MIN_ITEMS}." if self.limit < MIN_ITEMS else "")
+
+    def _time_text(self) -> str:
         todo = [u for u in self.units if not u.cached]
         if not todo:
             return f"All {len(self.units)} results are cached: nothing to run."

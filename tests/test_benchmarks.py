@@ -97,6 +97,9 @@ def test_tiny_model_table_equals_the_harness_run_on_its_own(tiny_runs, tiny_mode
     # Asked again: every unit comes from the cache and no child starts.
     again = service.plan([BUNDLED_TASK], 20, adapters=["tiny-lora"])
     assert all(u.cached for u in again.units) and "cached" in again.estimate_text()
+    assert "no verdict" not in again.estimate_text()
+    assert "With 8 questions per task the table gives no verdict: it needs at least 10." in service.plan(
+        [BUNDLED_TASK], 8, adapters=["tiny-lora"]).estimate_text()  # said before the learner waits for nothing
     second = service.start(again)
     assert service.status(second)["state"] == "completed" and not service.running(second)
     assert [(r.base, r.tuned) for r in service.table(second)] == [(r.base, r.tuned) for r in rows.values()]
