@@ -146,7 +146,7 @@ def _layout() -> dict[str, Any]:
     ui["job"] = gr.Textbox(label="Job", interactive=False, elem_id="benchmark-job")
     ui["message"] = gr.Markdown(elem_id="benchmark-message")
     ui["progress"] = gr.Markdown(elem_id="benchmark-progress")
-    ui["table"] = gr.Dataframe(pd.DataFrame(columns=TABLE_COLUMNS), interactive=False, wrap=True,
+    ui["table"] = gr.Dataframe(pd.DataFrame(columns=TABLE_COLUMNS), interactive=False, wrap=False,
                                label="Base vs adapter", elem_id="benchmark-table")
     ui["base_table"] = gr.Dataframe(pd.DataFrame(columns=BASE_COLUMNS), interactive=False,
                                     label="Base scores", elem_id="benchmark-base-table")

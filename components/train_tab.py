@@ -251,11 +251,16 @@ def run_history(manager: RunManager, selected: list[str] | None = None) -> tuple
                      cfg.training.learning_rate if cfg else None, cfg.model.bits if cfg else None,
                      f"{run.step}/{run.max_steps}", _round(run.final_loss), _round(final_eval),
                      early_stop_note(status) or run.state, run.duration,
-                     cfg.lora.method if cfg else "?",
+                     _method_text(cfg) if cfg else "?",
                      rows_skipped(manager.run_dir(run.run_id))])
     ids = [r[0] for r in rows]
     kept = [run_id for run_id in selected or [] if run_id in ids] or ids[:3]
     return pd.DataFrame(rows, columns=HISTORY_COLUMNS), gr.Dropdown(choices=ids, value=kept)
+
+
+def _method_text(cfg: RunConfig) -> str:
+    """The PEFT method, with the LoRA initialisation when it is not the default ("lora + loftq")."""
+    return cfg.lora.method + (f" + {cfg.lora.init}" if cfg.lora.init != "default" else "")
 
 
 def _last_value(rows: list[dict[str, Any]], key: str) -> float | None:
@@ -505,7 +510,7 @@ def _live_view() -> dict[str, Any]:
 def _history_view() -> dict[str, Any]:
     view: dict[str, Any] = {}
     with gr.Accordion("Run history", open=True):
-        view["history"] = gr.Dataframe(pd.DataFrame(columns=HISTORY_COLUMNS), interactive=False, wrap=True,
+        view["history"] = gr.Dataframe(pd.DataFrame(columns=HISTORY_COLUMNS), interactive=False, wrap=False,
                                        elem_id="run-history")
         with gr.Row():
             view["compare_ids"] = gr.Dropdown([], multiselect=True, label="Compare loss curves of runs")

@@ -197,6 +197,15 @@ def test_a_loftq_run_starts_closer_to_the_full_weights_and_records_it(tiny_model
         infos[init] = read_run_info(tmp_path / init)
     assert infos["loftq"]["lora_init"] == "loftq" and infos["loftq"]["init_seconds"] >= 0
     assert 0 < infos["loftq"]["step0_weight_error"] < infos["default"]["step0_weight_error"]
+    # The run history tells the two apart.
+    from components.train_tab import run_history
+    from finetune.config import save_config
+    from finetune.runs import RunManager
+
+    for init in ("default", "loftq"):
+        save_config(with_init(tiny_run_config(tiny_model_dir, qa_file), init), tmp_path / init / "config.yaml")
+    history, _ = run_history(RunManager(tmp_path))
+    assert dict(zip(history["run id"], history["method"])) == {"default": "lora", "loftq": "lora + loftq"}
 
 
 def test_a_pissa_run_is_saved_as_a_plain_lora_on_the_unchanged_base(tiny_model_dir, qa_file, tmp_path):
