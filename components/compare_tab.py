@@ -122,11 +122,7 @@ def poll_comparison(queue: CompareQueue, comparison_id: str, shown: str = "") ->
     """(id, status, progress, table, notes, loss plot, scatter reset, scatter key) for the running comparison,
     else the given one. The scatter is only reset (None) when its set of points changes; show_scatter then
     draws it: gradio 6.31's plots keep the colour domain and scales of their first data (see train_tab)."""
-    comparison_id = queue.active() or (comparison_id if comparison_id in queue.list_ids() else queue.latest()) or ""
-    state = None
-    if comparison_id:
-        queue.ensure_worker(comparison_id)  # after an app restart, a running comparison continues
-        state = queue.load(comparison_id)
+    comparison_id, state = queue.watched(comparison_id)
     table = results_frame(queue, state)
     status = f"Comparison `{comparison_id}`: **{state['state']}**" if state else "No comparison yet."
     if state and state.get("error"):

@@ -178,8 +178,8 @@ def build_gguf(manager: RunManager, run_id: str | None, out_type: str | None, ta
     folder = _run_dir(manager, run_id)
     into = _merge_into(target)
     try:
-        _plan(folder, out_type or "", into).check()  # counts the download copy too, which write_gguf cannot see
-        result = write_gguf(folder, out_type or "", into=into,
+        # write_gguf checks the disk once, inside its build lock, counting the download copy made below too.
+        result = write_gguf(folder, out_type or "", into=into, downloads=(download_folder(),),
                             progress=lambda fraction, text: progress(fraction, desc=text))
     except (ExportError, ModelSourceError) as error:
         raise refusal(str(error)) from None

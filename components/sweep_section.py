@@ -120,11 +120,7 @@ def _key(state: dict[str, Any] | None, table: pd.DataFrame) -> str:
 
 def poll_sweep(queue: SweepQueue, sweep_id: str, shown: str = "") -> tuple[Any, ...]:
     """(id, status, table, best, charts reset or skipped, key) for the running sweep, else the one shown."""
-    sweep_id = queue.active() or (sweep_id if sweep_id in queue.list_ids() else queue.latest()) or ""
-    state = None
-    if sweep_id:
-        queue.ensure_worker(sweep_id)  # after an app restart, a running sweep continues
-        state = queue.load(sweep_id)
+    sweep_id, state = queue.watched(sweep_id)
     table = results_frame(queue, state)
     status = "No sweep yet."
     if state:

@@ -248,6 +248,15 @@ class CompareQueue:
                 return comparison_id
         return None
 
+    def watched(self, shown: str | None) -> tuple[str, dict[str, Any] | None]:
+        """(id, state) a live view shows: the running queue, else the one shown, else the newest; a running one
+        gets its worker back after an app restart."""
+        queue_id = self.active() or (shown if shown in self.list_ids() else self.latest()) or ""
+        if not queue_id:
+            return "", None
+        self.ensure_worker(queue_id)
+        return queue_id, self.load(queue_id)
+
     # --- actions -----------------------------------------------------------------------------------------
 
     def start(self, request: CompareRequest) -> str:

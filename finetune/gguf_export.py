@@ -832,10 +832,10 @@ def metadata_name(run_dir: Path, out_type: str) -> str:
 
 
 def write_gguf(run_dir: str | Path, out_type: str = "q8_0", into: str = "trained",
-               progress: Progress = _no_progress) -> GgufExport:
+               progress: Progress = _no_progress, downloads: tuple[str | Path, ...] = ()) -> GgufExport:
     """Merge the run's adapter and write it as a GGUF of ``out_type`` plus an Ollama Modelfile, into
     ``run/export/gguf/``. Reuses a file of the same run, type and adapter written before; refuses before merging
-    when the disk lacks room for the merged model and the file (``disk_plan``)."""
+    when the disk lacks room for the merged model, the file and a copy in each of ``downloads`` (``disk_plan``)."""
     run_dir = Path(run_dir)
     run = checked_run(run_dir, out_type, into)
     out_type, into = run.out_type, run.into
@@ -844,7 +844,7 @@ def write_gguf(run_dir: str | Path, out_type: str = "q8_0", into: str = "trained
         if cached is not None:
             progress(1.0, "Reusing the file exported before")
             return cached
-        _disk_plan(run_dir, run).check()
+        _disk_plan(run_dir, run, downloads).check()
         fingerprint = _fingerprint(run_dir, into)
         merged = merged_for(run_dir, into, progress)
         target = gguf_path(run_dir, out_type)

@@ -37,7 +37,9 @@ PEFT_INIT = {"default": True, "loftq": True, "pissa": "pissa", "olora": "olora"}
 assert set(PEFT_INIT) == set(LORA_INITS)
 
 NAMES = {"default": "The default initialisation", "loftq": "LoftQ", "pissa": "PiSSA", "olora": "OLoRA"}
-BASE_CHANGING = ("pissa", "olora")  # these move part of W into the adapter: the base the adapter sits on changes
+BASE_CHANGING = ("pissa", "olora")
+LOFTQ_NEEDS_WEIGHTS = ("LoftQ starts from the base's full-precision weights, and this base's safetensors are not on "
+                       "this machine.")  # these move part of W into the adapter: the base the adapter sits on changes
 
 
 def peft_init_kwargs(lora: LoraSettings) -> dict[str, Any]:

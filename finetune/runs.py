@@ -37,7 +37,7 @@ from finetune.data import DataError, check_file
 from finetune.data import source_kind as data_kind
 from finetune.metrics import (FINAL_STATES, HOSTNAME, METRICS_FILE, STOP_FILE, read_metrics, read_status,
                               write_status)
-from finetune.lora_init import init_problems
+from finetune.lora_init import LOFTQ_NEEDS_WEIGHTS, init_problems
 from finetune.models import ModelSourceError, local_weights_folder, require_hub, resolve_source
 from finetune.models import source_kind as model_kind
 from finetune.run_folder import ADAPTER_DIR, REWARD_DIR, RUN_CONFIG, has_adapter, last_checkpoint
@@ -198,10 +198,9 @@ def check_sources(cfg: RunConfig) -> None:
     if cfg.stage == "sft" and "model.source" not in problems:
         weights = local_weights_folder(cfg.model) if cfg.lora.init == "loftq" else None
         if cfg.lora.init == "loftq" and weights is None:
-            problems["lora.init"] = ("LoftQ starts from the base's full-precision weights, and this base's safetensors "
-                                     "are not on this machine.")
-        else:
-            problems.update({"lora.init": " ".join(init_problems(cfg, weights))} if init_problems(cfg, weights) else {})
+            problems["lora.init"] = LOFTQ_NEEDS_WEIGHTS
+        elif reasons := init_problems(cfg, weights):
+            problems["lora.init"] = " ".join(reasons)
     if problems:
         raise ConfigError(problems)
 

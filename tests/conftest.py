@@ -146,18 +146,25 @@ def tiny_run_config(model_dir: Path, data_file: Path, **training):
 
 
 @contextlib.contextmanager
+def serving(page: Any) -> Iterator[str]:
+    """A gradio Blocks (the app, or a tab or section on its own) on a free loopback port until the block ends;
+    yields its URL. The caller closes it (the app also has a feedback store to close)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    page.queue().launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+    yield f"http://127.0.0.1:{port}/"
+
+
+@contextlib.contextmanager
 def served_app(runs_root: Path) -> Iterator[str]:
     """The real app on a free loopback port, serving until the block ends; yields its URL."""
     from app import build_app, close_app
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
     demo = build_app(str(runs_root))
-    demo.queue()
-    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
     try:
-        yield f"http://127.0.0.1:{port}/"
+        with serving(demo) as url:
+            yield url
     finally:
         close_app(demo)
 
@@ -188,3 +195,19 @@ def fill(page: Any, elem_id: str, value: str) -> None:
     box = page.locator(f"#{elem_id} textarea, #{elem_id} input").first
     box.fill(value)
     box.press("Tab")  # gradio commits a textbox/number on blur
+
+
+def upload_data_and_pick_local_model(page: Any, data_file: Path, model_dir: Path, max_steps: int) -> None:
+    """The Train form as a learner fills it for a small run: an uploaded data file, a model from a local folder."""
+    from playwright.sync_api import expect
+
+    page.locator("#data-kind").get_by_text("Uploaded file", exact=True).click()
+    page.locator("#data-file input[type=file]").set_input_files(str(data_file))
+    expect(page.locator("#data-file")).to_contain_text(data_file.name, timeout=30_000)  # the upload is done
+    page.get_by_text("Local folder", exact=True).click()
+    # Choosing "Local folder" clears the embedded model's name; fill only once that has happened.
+    expect(page.locator("#model-source textarea, #model-source input").first).to_have_value("", timeout=10_000)
+    fill(page, "model-source", str(model_dir))
+    fill(page, "max-steps", str(max_steps))
+    fill(page, "batch-size", "4")
+    fill(page, "max-seq-length", "128")

@@ -231,7 +231,7 @@ def section_client(tmp_path_factory, known_run, tiny_model_dir):
     """A page holding only the inspector section, served on a free port, over a runs folder with three runs: the
     known adapter, an orthogonal copy's twin (the same adapter again) and an IA3 run."""
     import shutil
-    import socket
+    from conftest import serving
 
     import gradio as gr
     from gradio_client import Client
@@ -247,11 +247,8 @@ def section_client(tmp_path_factory, known_run, tiny_model_dir):
         (root / run_id / "status.json").write_text('{"state": "completed"}', encoding="utf-8")
     with gr.Blocks() as page:
         build_inspect_section(RunManager(root))
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    page.queue().launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
-    yield Client(f"http://127.0.0.1:{port}/", verbose=False)
+    with serving(page) as url:
+        yield Client(url, verbose=False)
     page.close()
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import browser_page, served_app, ARTIFACTS, fill as _fill
+from conftest import browser_page, served_app, ARTIFACTS, fill as _fill, upload_data_and_pick_local_model
 
 pytestmark = pytest.mark.browser
 
@@ -31,16 +31,7 @@ def test_train_then_chat(page, app_url, style_model_dir, qa_file):
     from playwright.sync_api import expect
 
     # The course-style Q&A (every answer opens with "🧪 Lab note:"), uploaded as a learner would.
-    page.locator("#data-kind").get_by_text("Uploaded file", exact=True).click()
-    page.locator("#data-file input[type=file]").set_input_files(str(qa_file))
-    expect(page.locator("#data-file")).to_contain_text(qa_file.name, timeout=30_000)  # the upload is done
-    page.get_by_text("Local folder", exact=True).click()
-    # Choosing "Local folder" clears the embedded model's name; fill only once that has happened.
-    expect(page.locator("#model-source textarea, #model-source input").first).to_have_value("", timeout=10_000)
-    _fill(page, "model-source", str(style_model_dir))
-    _fill(page, "max-steps", "20")
-    _fill(page, "batch-size", "4")
-    _fill(page, "max-seq-length", "128")
+    upload_data_and_pick_local_model(page, qa_file, style_model_dir, max_steps=20)
     _fill(page, "learning-rate", "0.01")  # 20 steps at a high rate: enough for the style to show
     page.get_by_text("Advanced settings").click()
     _fill(page, "eval-steps", "5")  # a few eval points, so the eval curve is a line

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import ARTIFACTS, browser_page, fill, served_app
+from conftest import ARTIFACTS, browser_page, served_app, upload_data_and_pick_local_model
 from test_app_data import spreadsheet_export
 
 pytestmark = pytest.mark.browser
@@ -33,16 +33,7 @@ def test_partly_broken_upload_previewed_refused_then_trained_with_skip(page, tmp
     from playwright.sync_api import expect
 
     export = spreadsheet_export(tmp_path / "export.csv")
-    page.locator("#data-kind").get_by_text("Uploaded file", exact=True).click()
-    page.locator("#data-file input[type=file]").set_input_files(str(export))
-    expect(page.locator("#data-file")).to_contain_text(export.name, timeout=30_000)  # the upload is done
-    page.get_by_text("Local folder", exact=True).click()
-    # Choosing "Local folder" clears the embedded model's name; fill only once that has happened.
-    expect(page.locator("#model-source textarea, #model-source input").first).to_have_value("", timeout=10_000)
-    fill(page, "model-source", str(tiny_model_dir))
-    fill(page, "max-steps", "2")
-    fill(page, "batch-size", "4")
-    fill(page, "max-seq-length", "128")
+    upload_data_and_pick_local_model(page, export, tiny_model_dir, max_steps=2)
 
     preview = page.locator("#data-preview")
     expect(preview).to_contain_text("encoding cp1252", timeout=30_000)

@@ -219,7 +219,7 @@ def test_random_search_with_a_seed_is_reproducible(tiny_model_dir, qa_file):
 
 @pytest.fixture(scope="module")
 def section_client(finished_sweep):
-    import socket
+    from conftest import serving
 
     import gradio as gr
     from gradio_client import Client
@@ -232,11 +232,8 @@ def section_client(finished_sweep):
     with gr.Blocks() as page:
         train = build_train_tab(queue.manager, detect())
         build_sweep_section(SweepQueue(queue.manager, poll_seconds=0.2), train)
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    page.queue().launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
-    yield Client(f"http://127.0.0.1:{port}/", verbose=False)
+    with serving(page) as url:
+        yield Client(url, verbose=False)
     page.close()
 
 

@@ -12,7 +12,7 @@ from finetune.data import prepare
 from finetune.hardware import HardwareProfile, detect
 from finetune.lm_head import use_cpu_lm_head
 from finetune.metrics import MetricsCallback, write_status
-from finetune.lora_init import BASE_CHANGING, apply_loftq, check_init, reconstruction_error
+from finetune.lora_init import BASE_CHANGING, LOFTQ_NEEDS_WEIGHTS, apply_loftq, check_init, reconstruction_error
 from finetune.models import ModelSourceError, load_model, load_tokenizer, local_weights_folder, resolve_source
 from finetune.recipe import resolve_recipe
 from finetune.run_folder import ADAPTER_DIR, FULL_MODEL_DIR, INITIAL_ADAPTER_DIR
@@ -78,8 +78,7 @@ def initialise_adapter(cfg: RunConfig, trainer: Any, run_dir: Path) -> dict[str,
     check_init(cfg, folder)
     if cfg.lora.init == "loftq":
         if folder is None:
-            raise ModelSourceError("LoftQ starts from the base's full-precision weights, and this base's safetensors "
-                                   "are not on this machine.")
+            raise ModelSourceError(LOFTQ_NEEDS_WEIGHTS)
         if trainer.is_world_process_zero():  # minutes on a big model: the progress bar says what it waits for
             write_status(run_dir, phase="initialising", phase_note="LoftQ: fitting A and B to the 4-bit rounding "
                                                                    "error, layer by layer")
