@@ -1,6 +1,7 @@
 """LoRA Lab: the Gradio app. It only assembles the tabs from components/ and launches.
 
     python app.py                                   # http://127.0.0.1:7860
+    LORA_LAB_SIGN_IN=dev python app.py              # two visitors on one laptop: /dev-sign-in?user=NAME
     LORA_LAB_HOST=0.0.0.0 LORA_LAB_PORT=7860 LORA_LAB_AUTH=user:pass GRADIO_SHARE=1 python app.py
 """
 
@@ -33,7 +34,10 @@ from components.learn_tab import build_learn_tab
 from components.quant_tab import build_quant_tab
 from components.sweep_section import build_sweep_section
 from components.rlhf_tab import build_rlhf_tab
+from components.shared import who_markdown
+from components.sign_in import app_kwargs, build_sign_in_row
 from components.train_tab import build_train_tab
+from finetune.access import sign_in_mode
 from finetune.benchmarks import BenchmarkService, app_root
 from finetune.chat import ChatEngine
 from finetune.compare import CompareQueue
@@ -61,6 +65,8 @@ def build_app(runs_root: str = "runs", profile: HardwareProfile | None = None,
     with gr.Blocks(title="LoRA Lab") as demo:
         gr.Markdown(f"# LoRA Lab\nFine-tune a language model with LoRA / QLoRA and compare it with its base.  \n"
                     f"**Hardware:** {profile.summary()}")
+        if sign_in_mode() != "off":  # a shared app: who you are decides which runs and feedback are yours
+            demo.load(who_markdown, None, build_sign_in_row(), api_visibility="private")
         with gr.Tab("Train", id="train"):
             train = build_train_tab(manager, profile)
         with gr.Tab("Chat", id="chat") as chat_tab:
@@ -116,7 +122,7 @@ def launch_options() -> dict[str, object]:
     gradio's size syntax such as '200mb'); a bigger upload is refused before it reaches any handler."""
     return {"server_name": deploy.server_host(), "server_port": int(os.environ.get("LORA_LAB_PORT", "7860")),
             "share": os.environ.get("GRADIO_SHARE", "").lower() in ("1", "true", "yes"), "auth": _auth(),
-            "max_file_size": os.environ.get("LORA_LAB_MAX_UPLOAD", "200mb")}
+            "max_file_size": os.environ.get("LORA_LAB_MAX_UPLOAD", "200mb"), "app_kwargs": app_kwargs()}
 
 
 def main() -> None:

@@ -15,7 +15,7 @@ from typing import Any
 import gradio as gr
 import pandas as pd
 
-from components.shared import on_page_load, stop_queue
+from components.shared import bind, on_page_load, stop_queue
 from finetune.compare import (DEFAULT_TECHNIQUES, QUALITATIVE, QUALITATIVE_COLUMNS, RESULT_COLUMNS, TECHNIQUES,
                               CompareError, CompareQueue, CompareRequest, base_config, loss_points, progress,
                               results)
@@ -215,7 +215,7 @@ def _wire(queue: CompareQueue, form: dict[str, Any], start: Any, stop: Any, view
     start.click(functools.partial(start_comparison, queue), [form[k] for k in START_INPUTS],
                 [view["comparison"], view["message"], view["loss_plot"], view["scatter"]], api_name="compare_start",
                 concurrency_limit=1, concurrency_id="train-start")
-    stop.click(functools.partial(stop_queue, queue, waiting="techniques"), view["comparison"], view["message"],
+    stop.click(bind(stop_queue, queue, "techniques"), view["comparison"], view["message"],
                api_name="compare_stop")
     shown = gr.State("")  # which scatter points the browser holds
     live = [view[k] for k in ("comparison", "status", "progress", "table", "notes", "loss_plot", "scatter")] + [shown]

@@ -21,8 +21,9 @@ import pandas as pd
 from components.rlhf_form import (BASE_CHOICE, DATA_KINDS, MODEL_KINDS, config_from_form, data_source,
                                   model_source, preset)
 from components.shared import (bind, list_hub_options, on_page_load, problems_markdown, progress_html, refusal,
-                               series_frame, stop_run, watched_run)
+                               series_frame, started_message, stop_run, visitor_of, watched_run)
 from finetune import paths
+from finetune.access import AccessDenied
 from finetune.chat import ChatEngine, normalize_history
 from finetune.config import (DPO_LOSSES, EMBEDDED_MODEL, KEEP_CHOICES, KTO_LOSSES, ConfigError, RunConfig,
                              field_help, from_dict, load_config, to_dict)
@@ -39,7 +40,7 @@ from finetune.preference import (BUNDLED_PREFERENCES, MAX_EPOCHS_SMALL_DATA, Pre
                                  size_warnings)
 from finetune.scoring import ScorerCache
 from finetune.run_folder import ADAPTER_DIR, REWARD_DIR, RUN_CONFIG, resolve_run_folder
-from finetune.runs import RunInProgressError, RunManager, check_sources
+from finetune.runs import RunError, RunManager, check_sources
 
 POLL_SECONDS = 2.0
 RLHF_COLOUR = "#7c3aed"  # the RLHF tab's progress bars, apart from the Train tab's blue
@@ -83,7 +84,8 @@ def data_report(cfg: RunConfig, data: PreferenceData) -> tuple[str, list[str]]:
                                                                                  per_step)
 
 
-def start_stage(manager: RunManager, feedback_db: Path | None, stage: str, **form: Any) -> tuple[Any, str]:
+def start_stage(manager: RunManager, feedback_db: Path | None, stage: str, request: gr.Request = None,
+                **form: Any) -> tuple[Any, str]:
     """Check the data and settings, then train the stage in a child process; returns (watched run, message)
     that states how much data there is, how many passes the steps make over it, and what that will do."""
     stage = stage if stage != "policy" else POLICY_METHODS.get(form.get("method") or "DPO", "dpo")
@@ -106,8 +108,8 @@ def start_stage(manager: RunManager, feedback_db: Path | None, stage: str, **for
         gr.Warning(str(error))
         return gr.skip(), f"**Not started:** {error}"
     try:
-        run_id = manager.start(cfg)
-    except RunInProgressError as error:
+        run_id = manager.start(cfg, visitor=visitor_of(request))
+    except (RunError, AccessDenied) as error:  # signed out, over a limit, or the disk is full
         manager.discard_upload(source)
         gr.Warning(str(error))
         return gr.skip(), f"**Not started:** {error}"
@@ -115,7 +117,7 @@ def start_stage(manager: RunManager, feedback_db: Path | None, stage: str, **for
     statement, warnings = data_report(cfg, data)
     for warning in warnings:
         gr.Warning(warning)
-    lines = [f"Started {stage} run `{run_id}`; loading the model and the preference data…", statement, steps_note,
+    lines = [started_message(manager, run_id, f"{stage} run"), statement, steps_note,
              *(f"⚠️ {w}" for w in warnings)]
     return run_id, "\n\n".join(line for line in lines if line)
 
@@ -585,7 +587,7 @@ def _wire(manager: RunManager, feedback_db: Path | None, form: dict[str, Any], p
                           outputs=[policy["watching"], policy["status"]], api_name="rlhf_start_policy",
                           concurrency_limit=1, concurrency_id="train-start")
     for view, name in ((reward, "rlhf_stop_reward"), (policy, "rlhf_stop_policy")):
-        view["stop"].click(functools.partial(stop_run, manager), view["watching"], view["status"], api_name=name)
+        view["stop"].click(bind(stop_run, manager), view["watching"], view["status"], api_name=name)
     live = [reward[k] for k in ("watching", "status", "progress", "loss_plot", "metric_plot")] + \
            [policy[k] for k in ("watching", "status", "progress", "loss_plot", "metric_plot")] + [log]
     poll = functools.partial(poll_rlhf, manager)

@@ -18,6 +18,7 @@ from typing import Any, Callable
 import gradio as gr
 import pandas as pd
 
+from finetune.access import LOCAL, AccessDenied, Visitor, sign_in_mode, visitor_from_session
 from finetune.compare import CompareError, CompareQueue
 from finetune.config import ConfigError, LoraSettings, ModelConfig
 from finetune.estimate import lora_parameter_count, model_shape, parameter_text, targeted_linears
@@ -26,7 +27,7 @@ from finetune.data import DataError, hub_configs, hub_splits
 from finetune.paths import for_visitors, hub_dataset, model_source as gated_model_source, upload_folder
 from finetune.runs import RunError, RunManager
 
-LIVE_STATES = ("running", "queued")
+LIVE_STATES = ("running", "queued", "waiting")  # waiting: in the job queue, not started yet
 logger = logging.getLogger("lora_lab")
 
 
@@ -55,6 +56,32 @@ def bind(handler: Callable[..., Any], *bound: Any) -> Callable[..., Any]:
     parameters = list(inspect.signature(handler).parameters.values())[len(bound):]
     call.__signature__ = inspect.Signature(parameters)  # type: ignore[attr-defined]
     return call
+
+
+# --- who is asking --------------------------------------------------------------------------------------------
+
+def visitor_of(request: gr.Request | None) -> Visitor:
+    """The visitor behind a request: from the session entry that Hugging Face's sign-in (or the dev stand-in)
+    leaves; the local user, with every right, where sign-in is off."""
+    if sign_in_mode() == "off":
+        return LOCAL
+    underlying = getattr(request, "request", None) or request
+    scope = getattr(underlying, "scope", None)
+    session = scope.get("session") or {} if isinstance(scope, dict) else getattr(underlying, "session", None) or {}
+    return visitor_from_session(session.get("oauth_info"))
+
+
+def who_markdown(request: gr.Request) -> str:
+    """The line under the title that says who you are signed in as, and what that lets you do."""
+    visitor = visitor_of(request)
+    if not visitor.sign_in:
+        return ""
+    if visitor.name is None:
+        sign_in = ("the **Sign in with Hugging Face** button" if sign_in_mode() == "huggingface"
+                   else "`/dev-sign-in?user=NAME` (dev sign-in)")
+        return f"Not signed in: you can look around; sign in with {sign_in} to train, chat with feedback and export."
+    role = "operator: you see and manage every run" if visitor.operator else "you see and manage your own runs"
+    return f"Signed in as **{visitor.name}** ({role})."
 
 
 # --- the progress bar of a training run ------------------------------------------------------------------------
@@ -91,6 +118,17 @@ def eta_text(status: dict[str, Any]) -> str:
     return text
 
 
+def queue_text(status: dict[str, Any]) -> str:
+    """A waiting job's place in the queue (the run manager's queue_info merged into its status)."""
+    position, starts_in = status.get("position"), status.get("starts_in")
+    place = f" · position {position}" if position else ""
+    ahead = len(status.get("ahead") or [])
+    when = (f" · starts in about {duration(starts_in)}" if isinstance(starts_in, (int, float)) else
+            f" · starts when the {_plural(ahead, 'job')} ahead finish (no time estimate for them yet)" if ahead
+            else " · starting")
+    return f"<b>waiting</b> in the queue{place}{when}"
+
+
 def phase_text(status: dict[str, Any]) -> str:
     if status.get("state") == "running" and status.get("phase") == "initialising":
         return f" · <b>{status.get('phase_note') or 'initialising the adapter'}</b>"
@@ -123,7 +161,8 @@ def progress_html(elem: str, status: dict[str, Any], rows: list[dict[str, Any]],
     percent = 100.0 if state == "completed" else (100.0 * step / total if total else 0.0)
     last = next((r for r in reversed(rows) if "tokens_per_second" in r), {})
     speed = f" · {last['tokens_per_second']} tokens/s" if last else ""
-    text = (f"<b>{state}</b>{phase_text(status)} · step {step}/{total or '?'} · {percent:.0f}% · "
+    text = (queue_text(status) if state == "waiting" else
+            f"<b>{state}</b>{phase_text(status)} · step {step}/{total or '?'} · {percent:.0f}% · "
             f"{eta_text(status)}{speed}")
     fill = EVALUATING_COLOUR if phase == "evaluating" else BAR_COLOURS.get(state, colour)
     points = sum(isinstance(r.get("loss"), (int, float)) for r in rows)
@@ -182,26 +221,50 @@ def problems_markdown(error: ConfigError) -> str:
     return "**Please fix the form:**\n" + "\n".join(f"- `{n}`: {m}" for n, m in error.problems.items())
 
 
-def watched_run(manager: RunManager, ids: list[str], current: str | None) -> str:
-    """The run a live view shows: a running one first (so a reloaded page re-attaches), else the one picked,
-    else the newest."""
-    running = [run_id for run_id in ids if manager.status(run_id).get("state") in LIVE_STATES]
-    if running:
-        return running[0]
+def watched_run(manager: RunManager, ids: list[str], current: str | None, visitor: Visitor = LOCAL) -> str:
+    """The run a live view shows: the visitor's own live run first (so a reloaded page re-attaches to their
+    training or queued job), else another live one they may see, else the one picked, else the newest."""
+    live = [run_id for run_id in ids if manager.status(run_id).get("state") in LIVE_STATES]
+    mine = [run_id for run_id in live if visitor.sign_in and manager.owner_of(run_id) == visitor.owner]
+    if current in mine or (current in live and not mine):
+        return current
+    if mine or live:
+        return (mine or live)[0]
     return current if current in ids else (ids[0] if ids else "")
 
 
-def stop_run(manager: RunManager, run_id: str) -> str:
-    """The cooperative stop every training tab offers: STOP file, then the process is ended if it does not answer."""
+def live_status(manager: RunManager, run_id: str) -> dict[str, Any]:
+    """A run's status for a live view; a job waiting in the queue also gets its position and expected start."""
+    status = manager.status(run_id)
+    return {**status, **manager.queue_info(run_id)} if status.get("state") == "waiting" else status
+
+
+def started_message(manager: RunManager, run_id: str, what: str = "run") -> str:
+    """What Start says: started now, or queued behind other jobs with its place and expected start."""
+    info = manager.queue_info(run_id)
+    if not info:
+        return f"Started {what} `{run_id}`; loading the model and data…"
+    text = queue_text({"state": "waiting", **info}).replace("<b>", "").replace("</b>", "")
+    return (f"Queued {what} `{run_id}`: the device is busy, so it {text.removeprefix('waiting ')}. It starts by "
+            "itself (also after an app restart); Stop takes it out of the queue.")
+
+
+def stop_run(manager: RunManager, run_id: str, request: gr.Request = None) -> str:
+    """The cooperative stop every training tab offers: STOP file, then the process is ended if it does not answer.
+    A job still waiting in the queue is taken out of it. Only the run's owner (or an operator) may stop it."""
+    visitor = visitor_of(request)
     if not run_id:
         return "No run to stop."
     try:
         state = manager.status(run_id).get("state")
         if state not in LIVE_STATES:
             return f"Run `{run_id}` is not running ({state})."
-        manager.request_stop(run_id)
-    except RunError as error:
+        manager.request_stop(run_id, visitor)
+    except (RunError, AccessDenied) as error:
         return f"**Error:** {error}"
+    if state == "waiting":
+        gr.Info("Cancelled: the job left the queue before it started.")
+        return f"`{run_id}` was cancelled while it waited in the queue; nothing was trained."
     gr.Info("Stopping after the current step; a checkpoint is saved.")
     return (f"Stop requested for `{run_id}`: it saves a checkpoint and stops after the current step; if it has not "
             f"stopped within {manager.stop_grace:g} s, its process is ended (resume then continues from its last "
@@ -243,17 +306,17 @@ def current_download(path: Path) -> Path | None:
     return next((folder / path.name for folder in _copies(path) if _same_version(folder / path.name, path)), None)
 
 
-def stop_queue(queue: CompareQueue, queue_id: str, waiting: str) -> str:
+def stop_queue(queue: CompareQueue, waiting: str, queue_id: str, request: gr.Request = None) -> str:
     """Stop a comparison or a sweep: the run training now saves a checkpoint, the ``waiting`` ones are skipped."""
-    noun = queue.NOUN
+    noun, visitor = queue.NOUN, visitor_of(request)
     if not queue_id:
         return f"No {noun.lower()} to stop."
     try:
         state = queue.load(queue_id)
         if state["state"] != "running":
             return f"{noun} `{queue_id}` is not running ({state['state']})."
-        queue.stop(queue_id)
-    except CompareError as error:
+        queue.stop(queue_id, visitor)
+    except (CompareError, AccessDenied) as error:
         return f"**Error:** {error}"
     gr.Info(f"Stopping: the current run saves a checkpoint; the {waiting} still waiting are skipped.")
     return f"Stop requested for `{queue_id}`."

@@ -15,7 +15,7 @@ from typing import Any
 import gradio as gr
 import pandas as pd
 
-from components.shared import on_page_load, problems_markdown, stop_queue
+from components.shared import bind, on_page_load, problems_markdown, stop_queue
 from components.train_form import UI_ONLY, config_from_form, form_from_config
 from finetune import paths
 from finetune.compare import CompareError, CompareRequest, base_config
@@ -220,7 +220,7 @@ def _wire(queue: SweepQueue, form: dict[str, Any], train_form: dict[str, Any], s
     start.click(functools.partial(start_sweep, queue), inputs_kwargs={**form, **train_form},
                 outputs=[view["sweep"], view["message"], *view["charts"]], api_name="sweep_start",
                 concurrency_limit=1, concurrency_id="train-start")
-    stop.click(functools.partial(stop_queue, queue, waiting="trials"), view["sweep"], view["message"],
+    stop.click(bind(stop_queue, queue, "trials"), view["sweep"], view["message"],
                api_name="sweep_stop")
     if train_form:
         best.click(functools.partial(use_best, queue, list(train_form)), view["sweep"], list(train_form.values()),

@@ -17,15 +17,18 @@ from typing import Any, Iterator
 import gradio as gr
 import pandas as pd
 
-from components.shared import (duration, list_hub_options, lora_aid_markdown, on_page_load, points_frame,
-                               problems_markdown, progress_html, refusal, series_frame, stop_run, watched_run)
+from components.shared import (bind, duration, list_hub_options, live_status, lora_aid_markdown, on_page_load,
+                               points_frame, problems_markdown, progress_html, refusal, series_frame, started_message,
+                               stop_run, visitor_of, watched_run)
 from components.train_form import (CONFIGS_DIR, DATA_KINDS, MODEL_KINDS, column_mapping, config_from_form,
                                    form_from_config, presets)
+from finetune.access import AccessDenied, can_act
 from finetune.config import (BUNDLED_DATASET, CHECKPOINTING, COMPUTE_DTYPES, DATA_FORMATS, EMBEDDED_MODEL,
                              KEEP_CHOICES, LORA_BIAS, LORA_INITS, LORA_METHODS, OPTIMIZERS, PEFT_METHODS, SCHEDULERS, ConfigError,
-                             RunConfig, field_help, load_config)
+                             STRATEGIES, RunConfig, field_help, load_config)
 from finetune import paths
 from finetune.data import DataError, DataPreview, bundled_names, hub_preview, preview_report
+from finetune.distributed import effective_batch, offers_processes
 from finetune.estimate import estimate_run
 from finetune.recipe import resolve_recipe
 from finetune.hardware import HardwareProfile
@@ -33,7 +36,8 @@ from finetune.lora_init import init_problems
 from finetune.models import ModelSourceError, load_tokenizer
 from finetune.metrics import (early_stop_note, headline_metric, is_summary, loss_key, read_metrics,
                               rows_of_saved_model)
-from finetune.runs import RunError, RunInProgressError, RunManager, check_sources
+from finetune.runs import RunError, RunManager, check_sources
+from finetune.storage import folder_bytes, human, usage
 from finetune.run_folder import ADAPTER_DIR, RUN_CONFIG, has_adapter, read_run_info
 
 POLL_SECONDS = 2.0
@@ -41,7 +45,7 @@ POLL_SECONDS = 2.0
 # model's loss or a DPO policy's final loss alone would not say whether it learned anything.
 HISTORY_COLUMNS = ["run id", "stage", "headline metric", "headline value", "model", "dataset", "rank", "alpha",
                    "lr", "bits", "steps", "final loss", "final eval loss", "status", "duration (s)", "method",
-                   "rows skipped"]
+                   "rows skipped", "processes", "effective batch"]
 # run_info.json's counts of rows a run left out of its data: malformed lines (skipped with data.skip_bad_rows), rows
 # with missing fields or unusable pairs, rows longer than max_seq_length.
 SKIPPED_FIELDS = ("malformed_rows", "skipped_rows", "dropped_too_long")
@@ -120,8 +124,9 @@ def _preview_table(rows: list[list[dict[str, str]]]) -> pd.DataFrame:
                         columns=["row", "role", "content"])
 
 
-def start_run(manager: RunManager, **form: Any) -> tuple[str, str]:
-    """Validate the form and start training; returns (watched run id, status message)."""
+def start_run(manager: RunManager, request: gr.Request = None, **form: Any) -> tuple[str, str]:
+    """Validate the form and queue the training job (it starts at once on a free device); returns (watched run
+    id, status message)."""
     try:
         cfg = config_from_form(form)  # the path gate: an upload must come from gradio's upload folder
         check_sources(cfg)  # an offline Hub name or a bad file is reported now, not by a failed run
@@ -130,29 +135,35 @@ def start_run(manager: RunManager, **form: Any) -> tuple[str, str]:
     if form.get("data_kind") == "Uploaded file":
         cfg.data.source = manager.keep_upload(cfg.data.source)
     try:
-        run_id = manager.start(cfg)
-    except RunInProgressError as error:
+        run_id = manager.start(cfg, visitor=visitor_of(request))
+    except (RunError, AccessDenied) as error:  # signed out, over a limit, or the disk is full
         manager.discard_upload(cfg.data.source)  # a refused start leaves no copy of the upload behind
         gr.Warning(str(error))
-        return manager.active_run() or gr.skip(), f"**Not started:** {error}"
-    return run_id, f"Started run `{run_id}`; loading the model and data…"
+        return gr.skip(), f"**Not started:** {error}"
+    return run_id, started_message(manager, run_id)
 
 
-def resume_run(manager: RunManager, run_id: str) -> tuple[Any, str]:
-    """Continue a stopped, failed or interrupted run from its last checkpoint; returns (watched id, status)."""
+def resume_run(manager: RunManager, run_id: str, request: gr.Request = None) -> tuple[Any, str]:
+    """Continue a stopped, failed or interrupted run from its last checkpoint (queued when the device is busy);
+    returns (watched id, status)."""
     if not run_id:
         return gr.skip(), "Pick the run to resume first (watch it, or select it in the run history)."
     try:
-        manager.resume(run_id)
-    except RunError as error:  # includes another run still training
+        manager.resume(run_id, visitor_of(request))
+    except (RunError, AccessDenied) as error:
         gr.Warning(str(error))
         return gr.skip(), f"**Not resumed:** {error}"
+    if manager.queue_info(run_id):
+        return run_id, started_message(manager, run_id, "the resumed run").replace("Queued the", "Queued")
     return run_id, f"Resuming run `{run_id}` from its last checkpoint…"
 
 
-def restore_form(manager: RunManager) -> list[Any]:
-    """On page load, show the settings of the run in progress (the form is otherwise back to its defaults)."""
+def restore_form(manager: RunManager, request: gr.Request = None) -> list[Any]:
+    """On page load, show the settings of the visitor's run in progress (the form is otherwise back to its
+    defaults); another visitor's run is not theirs to copy."""
     active = manager.active_run()
+    if active and not can_act(visitor_of(request), manager.owner_of(active)):
+        active = None
     try:
         cfg = load_config(manager.run_dir(active) / RUN_CONFIG) if active else None
     except ConfigError:
@@ -218,13 +229,15 @@ def _kept_note(status: dict[str, Any]) -> str:
     return f" Best held-out evaluation: step {best}{value_text}; the saved weights are {holds}."
 
 
-def poll_run(manager: RunManager, run_id: str) -> tuple[Any, ...]:
-    """Everything the live view shows, read from the run folder (cheap enough for a 2 s timer)."""
-    run_id = watched_run(manager, manager.list_ids(), run_id)
+def poll_run(manager: RunManager, run_id: str, request: gr.Request = None) -> tuple[Any, ...]:
+    """Everything the live view shows, read from the run folder (cheap enough for a 2 s timer); only runs the
+    visitor may see."""
+    visitor = visitor_of(request)
+    run_id = watched_run(manager, manager.visible_ids(visitor), run_id, visitor)
     if not run_id:
         return ("", "No runs yet: set up a run and press Start.", progress_html("train-progress", {"state": "idle"}, []),
                 loss_frame([]), lr_frame([]), "", gr.Accordion(open=False))
-    status, rows = manager.status(run_id), read_metrics(manager.run_dir(run_id))
+    status, rows = live_status(manager, run_id), read_metrics(manager.run_dir(run_id))
     stalled = status.get("stalled_seconds") is not None
     failed = status.get("state") == "failed"
     adapter_saved = has_adapter(manager.run_dir(run_id) / ADAPTER_DIR)
@@ -234,10 +247,12 @@ def poll_run(manager: RunManager, run_id: str) -> tuple[Any, ...]:
             gr.Accordion(open=True) if failed or stalled else gr.skip())
 
 
-def run_history(manager: RunManager, selected: list[str] | None = None) -> tuple[pd.DataFrame, Any]:
-    """The history table, and the compare picker (preselecting the newest runs when nothing is picked)."""
-    rows = []
-    for run in manager.list_runs():
+def run_history(manager: RunManager, selected: list[str] | None = None,
+                request: gr.Request = None) -> tuple[pd.DataFrame, Any, Any, str]:
+    """The history table (the runs the visitor may see), the compare picker (preselecting the newest runs when
+    nothing is picked), the delete picker (the runs they may delete) and the disk in use."""
+    visitor, rows = visitor_of(request), []
+    for run in (manager.summary(run_id) for run_id in manager.visible_ids(visitor)):
         cfg = run.config
         stage = cfg.stage if cfg else "?"
         status = manager.status(run.run_id)
@@ -252,10 +267,48 @@ def run_history(manager: RunManager, selected: list[str] | None = None) -> tuple
                      f"{run.step}/{run.max_steps}", _round(run.final_loss), _round(final_eval),
                      early_stop_note(status) or run.state, run.duration,
                      _method_text(cfg) if cfg else "?",
-                     rows_skipped(manager.run_dir(run.run_id))])
+                     rows_skipped(manager.run_dir(run.run_id)), *_processes_cells(cfg), status.get("owner") or ""])
     ids = [r[0] for r in rows]
     kept = [run_id for run_id in selected or [] if run_id in ids] or ids[:3]
-    return pd.DataFrame(rows, columns=HISTORY_COLUMNS), gr.Dropdown(choices=ids, value=kept)
+    deletable = [run_id for run_id in ids if can_act(visitor, manager.owner_of(run_id))]
+    table = pd.DataFrame(rows, columns=HISTORY_COLUMNS + ["owner"])
+    if not visitor.sign_in:  # one local user owns everything: no owner column to read
+        table = table.drop(columns="owner")
+    return (table, gr.Dropdown(choices=ids, value=kept), gr.Dropdown(choices=deletable, value=None),
+            usage(manager.root).text())
+
+
+def ask_delete(manager: RunManager, run_id: str | None, request: gr.Request = None) -> tuple[str, Any]:
+    """The first press of Delete: say what goes and how big it is, and show the confirming button."""
+    if not run_id:
+        return "Pick a run to delete first.", gr.Button(visible=False)
+    try:
+        manager.require_can_act(run_id, visitor_of(request), "delete this run")
+        size = folder_bytes(manager.run_dir(run_id))
+    except (RunError, AccessDenied) as error:
+        return f"**Not deleted:** {error}", gr.Button(visible=False)
+    return (f"Delete run `{run_id}` for good? Its adapter, checkpoints, merged model and exports go with it "
+            f"({human(size)}). Press **Confirm delete** to go on.", gr.Button(visible=True))
+
+
+def delete_run(manager: RunManager, run_id: str | None, request: gr.Request = None) -> tuple[str, Any]:
+    """The confirming press: remove the run's folder (owner or operator only)."""
+    if not run_id:
+        return "Pick a run to delete first.", gr.Button(visible=False)
+    try:
+        freed = manager.delete(run_id, visitor_of(request))
+    except (RunError, AccessDenied) as error:
+        return f"**Not deleted:** {error}", gr.Button(visible=False)
+    gr.Info(f"Deleted {run_id}.")
+    return f"Deleted run `{run_id}`: {human(freed)} freed.", gr.Button(visible=False)
+
+
+def _processes_cells(cfg: RunConfig | None) -> tuple[str | None, int | None]:
+    """("2 · ddp", effective batch): how many processes shared the run, and the rows of one optimizer step."""
+    if cfg is None:
+        return None, None
+    processes = "1" if cfg.training.processes == 1 else f"{cfg.training.processes} · {cfg.training.strategy}"
+    return processes, effective_batch(cfg)
 
 
 def _method_text(cfg: RunConfig) -> str:
@@ -287,11 +340,12 @@ def _stage(manager: RunManager, run_id: str) -> str:
         return "?"
 
 
-def compare_runs(manager: RunManager, run_ids: list[str] | None) -> Iterator[Any]:
+def compare_runs(manager: RunManager, run_ids: list[str] | None, request: gr.Request = None) -> Iterator[Any]:
     """Training curves of several runs, coloured by run (None first: see above). Only runs of one stage share
     the chart, the stage of the first run picked: an SFT loss, a reward model's loss and a DPO loss measure
     different things on different scales, so overlaying them would suggest a comparison that does not exist."""
-    stages = {run_id: _stage(manager, run_id) for run_id in run_ids or []}
+    visible = set(manager.visible_ids(visitor_of(request)))
+    stages = {run_id: _stage(manager, run_id) for run_id in run_ids or [] if run_id in visible}
     stage = next(iter(stages.values()), "sft")
     key, points = loss_key(stage), []
     for run_id in (r for r, s in stages.items() if s == stage and s != "?"):  # "?": no such run
@@ -434,6 +488,12 @@ def _hyper_controls(form: dict[str, Any], d: RunConfig) -> None:
                                                              d.training.gradient_accumulation, precision=0)
             form["data_max_seq_length"] = _number("data_max_seq_length", "Max sequence length",
                                                   d.data.max_seq_length, precision=0, elem_id="max-seq-length")
+        # Past one device: offered with 2+ GPUs, and on the CPU (processes over gloo) when asked.
+        with gr.Row(visible=offers_processes()):
+            form["training_processes"] = _number("training_processes", "Processes (devices)", d.training.processes,
+                                                 precision=0, minimum=1, elem_id="processes")
+            form["training_strategy"] = gr.Dropdown(list(STRATEGIES), value=d.training.strategy, label="Strategy",
+                                                    info=_info("training_strategy"), elem_id="strategy")
 
 
 def _advanced_controls(form: dict[str, Any], d: RunConfig) -> None:
@@ -517,6 +577,13 @@ def _history_view() -> dict[str, Any]:
             view["refresh"] = gr.Button("Refresh history", size="sm")
         view["compare_plot"] = gr.LinePlot(None, x="step", y="loss", color="run",
                                            title="Training loss by run", height=280)
+        view["disk"] = gr.Markdown(elem_id="disk-usage")
+        with gr.Row():
+            view["delete_id"] = gr.Dropdown([], label="Delete a run (yours)", elem_id="delete-run-id")
+            view["delete"] = gr.Button("Delete run…", size="sm", variant="stop", elem_id="delete-run")
+            view["confirm_delete"] = gr.Button("Confirm delete", size="sm", variant="stop", visible=False,
+                                               elem_id="confirm-delete")
+        view["delete_note"] = gr.Markdown(elem_id="delete-note")
     return view
 
 
@@ -546,7 +613,7 @@ def build_train_tab(manager: RunManager, profile: HardwareProfile) -> dict[str, 
           view, history)
     _wire_hub(form, hub)
     # Shares Start's concurrency slot: a resume and a start pressed together still give one training job.
-    resume.click(functools.partial(resume_run, manager), view["watching"], [view["watching"], view["status"]],
+    resume.click(bind(resume_run, manager), view["watching"], [view["watching"], view["status"]],
                  api_name="resume_run", concurrency_limit=1, concurrency_id="train-start")
     _wire_lora_aid(form, lora_aid)
     return {**form, "preset": preset, "estimate": estimate, "start": start, "stop": stop, "resume": resume,
@@ -583,29 +650,35 @@ def _wire(manager: RunManager, profile: HardwareProfile, form: dict[str, Any], p
                                          "lora_rank", "lora_target_modules", "lora_bias", "training_batch_size",
                                          "data_max_seq_length", "training_gradient_checkpointing", "training_padding_free",
                                          "training_liger_kernels", "training_cpu_lm_head",
-                                         "training_optimizer", "model_compute_dtype")]
+                                         "training_optimizer", "model_compute_dtype", "training_processes",
+                                         "training_strategy", "training_gradient_accumulation")]
     gr.on([c.change for c in estimate_inputs], functools.partial(update_estimate, profile), inputs_kwargs=form,
           outputs=estimate, api_name="estimate", show_progress="hidden", trigger_mode="always_last")
     data_inputs = [form[k] for k in ("data_kind", "data_bundled", "data_file", "data_split", "data_format",
                                      "column_mapping_json", "data_skip_bad_rows")]
     gr.on([preview_button.click] + [c.change for c in data_inputs], preview_dataset, inputs_kwargs=form,
           outputs=[preview_info, preview_table], api_name="preview_data", trigger_mode="always_last")
-    start.click(functools.partial(start_run, manager), inputs_kwargs=form,
+    start.click(bind(start_run, manager), inputs_kwargs=form,
                 outputs=[view["watching"], view["status"]], api_name="start_run",
                 concurrency_limit=1, concurrency_id="train-start")
-    stop.click(functools.partial(stop_run, manager), view["watching"], view["status"], api_name="stop_run")
+    stop.click(bind(stop_run, manager), view["watching"], view["status"], api_name="stop_run")
     live = [view[k] for k in ("watching", "status", "progress", "loss_plot", "lr_plot", "log", "log_box")]
     timer = gr.Timer(POLL_SECONDS)
-    timer.tick(functools.partial(poll_run, manager), view["watching"], live, api_name="poll_run",
+    timer.tick(bind(poll_run, manager), view["watching"], live, api_name="poll_run",
                show_progress="hidden", queue=False)
-    refresh = functools.partial(run_history, manager)
-    history_out = [history["history"], history["compare_ids"]]
+    refresh = bind(run_history, manager)
+    history_out = [history["history"], history["compare_ids"], history["delete_id"], history["disk"]]
+    history["delete"].click(bind(ask_delete, manager), history["delete_id"],
+                            [history["delete_note"], history["confirm_delete"]], api_name="ask_delete")
+    history["confirm_delete"].click(bind(delete_run, manager), history["delete_id"],
+                                    [history["delete_note"], history["confirm_delete"]], api_name="delete_run"
+                                    ).then(refresh, history["compare_ids"], history_out, api_visibility="private")
     history["refresh"].click(refresh, history["compare_ids"], history_out, api_name="run_history")
     view["status"].change(refresh, history["compare_ids"], history_out, api_visibility="private",
                           show_progress="hidden")
-    history["compare_ids"].change(functools.partial(compare_runs, manager), history["compare_ids"],
+    history["compare_ids"].change(bind(compare_runs, manager), history["compare_ids"],
                                   history["compare_plot"], api_name="compare_runs")
-    on_page_load(functools.partial(poll_run, manager), view["watching"], live)  # re-attaches to the active run
+    on_page_load(bind(poll_run, manager), view["watching"], live)  # re-attaches to the active run
     on_page_load(refresh, history["compare_ids"], history_out)
-    on_page_load(functools.partial(restore_form, manager), None, form_list)
+    on_page_load(bind(restore_form, manager), None, form_list)
     on_page_load(functools.partial(update_estimate, profile), inputs_kwargs=form, outputs=estimate)

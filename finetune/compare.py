@@ -28,13 +28,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from finetune.access import LOCAL, Visitor, can_view, owned_by, require_owner, require_signed_in
 from finetune.config import ConfigError, RunConfig, from_dict, load_config, to_dict
 from finetune.estimate import model_shape
 from finetune.metrics import FINAL_STATES, read_metrics
 from finetune.models import ModelSourceError
 from finetune.paths import check_config
 from finetune.run_folder import RUN_INFO_FILE
-from finetune.runs import RunInProgressError, check_sources
+from finetune.runs import check_sources
 from finetune.stages.measure import PROMPT_FILE
 
 COMPARE_DIR = "comparisons"
@@ -248,10 +249,16 @@ class CompareQueue:
                 return comparison_id
         return None
 
-    def watched(self, shown: str | None) -> tuple[str, dict[str, Any] | None]:
-        """(id, state) a live view shows: the running queue, else the one shown, else the newest; a running one
-        gets its worker back after an app restart."""
-        queue_id = self.active() or (shown if shown in self.list_ids() else self.latest()) or ""
+    def visible_ids(self, visitor: Visitor) -> list[str]:
+        return [queue_id for queue_id in self.list_ids() if can_view(visitor, self.load(queue_id).get("owner"))]
+
+    def watched(self, shown: str | None, visitor: Visitor = LOCAL) -> tuple[str, dict[str, Any] | None]:
+        """(id, state) a live view shows ``visitor``: their running queue, else the one shown, else their newest
+        (of those they may see); a running one gets its worker back after an app restart."""
+        visible = self.visible_ids(visitor)
+        running = [queue_id for queue_id in visible if self.load(queue_id).get("state") == "running"]
+        mine = [queue_id for queue_id in running if self.load(queue_id).get("owner") == visitor.owner]
+        queue_id = (mine or running or [shown if shown in visible else (visible[0] if visible else "")])[0]
         if not queue_id:
             return "", None
         self.ensure_worker(queue_id)
@@ -259,7 +266,7 @@ class CompareQueue:
 
     # --- actions -----------------------------------------------------------------------------------------
 
-    def start(self, request: CompareRequest) -> str:
+    def start(self, request: CompareRequest, visitor: Visitor = LOCAL) -> str:
         """Validate every technique's config, persist the queue and start working through it."""
         configs = validate_request(request)
         check_config(configs[0])  # the path gate: the request's model and data sources
@@ -267,17 +274,16 @@ class CompareQueue:
 
         check_sources(configs[0])
         items = [{"technique": cfg.run_name.removeprefix("cmp-"), "config": to_dict(cfg)} for cfg in configs]
-        return self.enqueue(items, dataclasses.asdict(request))
+        return self.enqueue(items, dataclasses.asdict(request), visitor)
 
-    def enqueue(self, items: list[dict[str, Any]], request: dict[str, Any]) -> str:
+    def enqueue(self, items: list[dict[str, Any]], request: dict[str, Any], visitor: Visitor = LOCAL) -> str:
         """Persist a queue of already validated configs (each item: its label under "technique", its config as a
-        dict, anything else the caller wants kept) and start working through it; returns the queue's id."""
+        dict, anything else the caller wants kept) and start working through it; returns the queue's id. Its
+        runs join the run manager's job queue one after another, so they take turns with everyone's runs."""
+        require_signed_in(visitor, f"start a {self.NOUN.lower()}")
+        for item in items:  # the visitor's limits (steps, minutes) and the disk, before anything is kept
+            self.manager.check_job(from_dict(item["config"]), visitor)
         with self._lock:
-            if self.active():
-                raise CompareError(f"{self.NOUN} '{self.active()}' is still running; stop it or wait for it.")
-            busy = self.manager.active_run()
-            if busy:
-                raise CompareError(f"Run '{busy}' is training; a {self.NOUN.lower()} starts when the device is free.")
             comparison_id = f"{self.PREFIX}-{time.strftime('%Y%m%d-%H%M%S')}"
             n = 1
             while self.path(comparison_id).exists():
@@ -285,16 +291,18 @@ class CompareQueue:
                 comparison_id = f"{self.PREFIX}-{time.strftime('%Y%m%d-%H%M%S')}-{n}"
             items = [{**item, "run_id": None, "state": "pending"} for item in items]
             self._save({"id": comparison_id, "state": "running", "stop_requested": False, "created_at": time.time(),
-                        "request": request, "items": items})
+                        "request": request, "items": items, "owner": visitor.owner})
             self._spawn_worker(comparison_id)
         return comparison_id
 
-    def stop(self, comparison_id: str) -> dict[str, Any]:
+    def stop(self, comparison_id: str, visitor: Visitor = LOCAL) -> dict[str, Any]:
         """Stop the run in progress (it saves a checkpoint) and skip the techniques still waiting."""
+        require_owner(visitor, self.load(comparison_id).get("owner"), f"stop this {self.NOUN.lower()}",
+                      f"{self.NOUN.lower()} {comparison_id}")
         state = self._update(comparison_id, stop_requested=True)
         for item in state["items"]:
             if item["state"] == "running" and item["run_id"]:
-                self.manager.request_stop(item["run_id"])
+                self.manager.request_stop(item["run_id"], visitor)
         return state
 
     def ensure_worker(self, comparison_id: str | None) -> None:
@@ -344,7 +352,7 @@ class CompareQueue:
     def _run_item(self, comparison_id: str, index: int, item: dict[str, Any]) -> None:
 
         run_id = item.get("run_id")
-        if not run_id:  # not started yet: start it once the device is free (a Train-tab run may hold it)
+        if not run_id:  # not started yet: it joins the job queue and starts when the jobs before it have run
             cfg = from_dict(item["config"])
             run_id = self.manager.new_run_id(cfg)
             folder = self.manager.run_dir(run_id)
@@ -352,15 +360,12 @@ class CompareQueue:
             prompt = self.load(comparison_id)["request"].get("sample_prompt")
             if prompt:  # a sweep's trials need no sample answer
                 (folder / PROMPT_FILE).write_text(prompt, encoding="utf-8")
-            while True:
-                if self.load(comparison_id).get("stop_requested"):
-                    self._update_item(comparison_id, index, state="skipped")
-                    return
-                try:
-                    self.manager.start(cfg, run_id)
-                    break
-                except RunInProgressError:
-                    time.sleep(self.poll_seconds)
+            state = self.load(comparison_id)
+            if state.get("stop_requested"):
+                self._update_item(comparison_id, index, state="skipped")
+                return
+            # Accepted as a whole when it was queued: its later runs are not held to the per-visitor job limit.
+            self.manager.start(cfg, run_id, owned_by(state.get("owner")), check_limits=False)
             self._update_item(comparison_id, index, run_id=run_id, state="running", started_at=time.time())
             if self.load(comparison_id).get("stop_requested"):  # a stop that came while the run was starting
                 self.manager.request_stop(run_id)

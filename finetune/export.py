@@ -35,9 +35,9 @@ from finetune.hardware import HardwareProfile, detect, profile_for, resolve_comp
 from finetune.metrics import read_metrics, read_status
 from finetune.models import HUB_ID, from_hub_or_cache, load_model, load_tokenizer, require_hub, weight_dtype
 from finetune.paths import display_name
-from finetune.run_folder import ADAPTER_CONFIG, ADAPTER_DIR, CONFIG_COPY, RUN_CONFIG, adapter_config, has_adapter
+from finetune.run_folder import (ADAPTER_CONFIG, ADAPTER_DIR, CONFIG_COPY, EXPORT_DIR, MERGED_DIR, RUN_CONFIG,
+                                 adapter_config, has_adapter)
 
-MERGED_DIR, EXPORT_DIR = "merged", "export"
 # The trainer's pickled arguments: server paths inside, and a pickle is nothing to hand a stranger to load.
 NOT_SHARED = ("training_args.bin",)
 SOURCE_FIELDS = (("model", "source"), ("data", "source"), ("preference", "start_adapter"),

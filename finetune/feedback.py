@@ -370,35 +370,39 @@ class FeedbackStore:
 
     # --- reading -----------------------------------------------------------------------------------------------
 
-    def counts(self) -> dict[str, int]:
-        """How many generations and events of each kind are stored."""
+    def counts(self, owner: str | None = None) -> dict[str, int]:
+        """How many generations and events of each kind are stored (only ``owner``'s when given)."""
         db = self._connection()
-        counts = {"generations": db.execute("SELECT COUNT(*) FROM generations").fetchone()[0]}
+        mine, params = _owned("user", owner)
+        counts = {"generations": db.execute(f"SELECT COUNT(*) FROM generations WHERE {mine}", params).fetchone()[0]}
         for kind, value in (("thumbs_up", "up"), ("thumbs_down", "down")):
-            counts[kind] = db.execute("SELECT COUNT(*) FROM feedback WHERE kind='thumbs' AND value=?",
-                                      (value,)).fetchone()[0]
+            counts[kind] = db.execute(f"SELECT COUNT(*) FROM feedback WHERE kind='thumbs' AND value=? AND {mine}",
+                                      (value, *params)).fetchone()[0]
         for kind in ("preference", "correction"):
-            counts[kind + "s"] = db.execute("SELECT COUNT(*) FROM feedback WHERE kind=?", (kind,)).fetchone()[0]
+            counts[kind + "s"] = db.execute(f"SELECT COUNT(*) FROM feedback WHERE kind=? AND {mine}",
+                                            (kind, *params)).fetchone()[0]
         # A comment typed with a vote, a thumb or a correction is stored on that event, not as a "comment" event.
-        counts["comments"] = db.execute("SELECT COUNT(*) FROM feedback WHERE TRIM(COALESCE(comment, '')) != ''"
-                                        ).fetchone()[0]
-        counts["events"] = db.execute("SELECT COUNT(*) FROM feedback").fetchone()[0]
+        counts["comments"] = db.execute(f"SELECT COUNT(*) FROM feedback WHERE TRIM(COALESCE(comment, '')) != '' "
+                                        f"AND {mine}", params).fetchone()[0]
+        counts["events"] = db.execute(f"SELECT COUNT(*) FROM feedback WHERE {mine}", params).fetchone()[0]
         return counts
 
-    def recent(self, limit: int = 50) -> list[dict[str, Any]]:
-        """The newest feedback events with the answer they are about, newest first."""
+    def recent(self, limit: int = 50, owner: str | None = None) -> list[dict[str, Any]]:
+        """The newest feedback events with the answer they are about, newest first (only ``owner``'s)."""
+        mine, params = _owned("f.user", owner)
         return self._rows(
             "SELECT f.created, f.kind, f.value, f.score, f.arena, f.comment, f.correction, f.user, g.model, "
             "g.adapter, g.side, g.prompt, g.response, o.side AS other_side, o.adapter AS other_adapter "
             "FROM feedback f JOIN generations g ON g.id = f.generation_id "
             "LEFT JOIN generations o ON o.id = f.other_generation_id "
-            "ORDER BY f.created DESC, f.rowid DESC LIMIT ?", (int(limit),))
+            f"WHERE {mine} ORDER BY f.created DESC, f.rowid DESC LIMIT ?", (*params, int(limit)))
 
-    def win_counts(self) -> dict[str, dict[str, int]]:
+    def win_counts(self, owner: str | None = None) -> dict[str, dict[str, int]]:
         """Per adapter: the fine-tuned model's wins/losses/ties/both_bad against the base in pairwise votes."""
+        mine, params = _owned("p.user", owner)
         rows = self._rows(f"SELECT p.value, a.adapter AS first_adapter, b.adapter AS second_adapter "
                           f"FROM ({LATEST_PREFERENCES}) p JOIN generations a ON a.id = p.generation_id "
-                          f"JOIN generations b ON b.id = p.other_generation_id")
+                          f"JOIN generations b ON b.id = p.other_generation_id WHERE {mine}", params)
         counts: dict[str, dict[str, int]] = {}
         for row in rows:
             first, second = row["first_adapter"], row["second_adapter"]
@@ -413,42 +417,47 @@ class FeedbackStore:
 
     # --- export ------------------------------------------------------------------------------------------------
 
-    def pair_rows(self) -> list[dict[str, Messages]]:
-        """TRL conversational preference rows: votes with a winner, and corrections over their originals."""
+    def pair_rows(self, owner: str | None = None) -> list[dict[str, Messages]]:
+        """TRL conversational preference rows: votes with a winner, and corrections over their originals (only
+        those ``owner`` gave, when given)."""
         rows = []
+        mine, params = _owned("p.user", owner)
         votes = self._rows(f"SELECT p.value, a.prompt AS a_prompt, a.history AS a_history, a.response AS a_text, "
                            f"b.prompt AS b_prompt, b.history AS b_history, b.response AS b_text "
                            f"FROM ({LATEST_PREFERENCES}) p JOIN generations a ON a.id = p.generation_id "
                            f"JOIN generations b ON b.id = p.other_generation_id "
-                           f"WHERE p.value IN ('first', 'second') ORDER BY p.created, p.rowid")
+                           f"WHERE p.value IN ('first', 'second') AND {mine} ORDER BY p.created, p.rowid", params)
         for vote in votes:
             win, lose = ("a", "b") if vote["value"] == "first" else ("b", "a")
             # Each side may have its own earlier turns; the prompt is the conversation the winner continued.
             rows.append(_pair(vote[f"{win}_history"], vote[f"{win}_prompt"], vote[f"{win}_text"],
                               vote[f"{lose}_text"]))
+        mine, params = _owned("f.user", owner)
         corrections = self._rows("SELECT f.correction, g.prompt, g.history, g.response FROM feedback f "
                                  "JOIN generations g ON g.id = f.generation_id WHERE f.kind = 'correction' "
-                                 "ORDER BY f.created, f.rowid")
+                                 f"AND {mine} ORDER BY f.created, f.rowid", params)
         for fix in corrections:
             if fix["correction"].strip() != fix["response"].strip():
                 rows.append(_pair(fix["history"], fix["prompt"], fix["correction"], fix["response"]))
         return rows
 
-    def thumb_rows(self) -> list[dict[str, Any]]:
+    def thumb_rows(self, owner: str | None = None) -> list[dict[str, Any]]:
         """TRL unpaired (KTO) rows: prompt, completion, label (True = thumbs up)."""
+        mine, params = _owned("t.user", owner)
         thumbs = self._rows(f"SELECT t.value, g.prompt, g.history, g.response FROM ({LATEST_THUMBS}) t "
-                            f"JOIN generations g ON g.id = t.generation_id ORDER BY t.created, t.rowid")
+                            f"JOIN generations g ON g.id = t.generation_id WHERE {mine} ORDER BY t.created, t.rowid",
+                            params)
         return [{"prompt": _prompt(t["history"], t["prompt"]),
                  "completion": [{"role": "assistant", "content": t["response"]}],
                  "label": t["value"] == "up"} for t in thumbs]
 
-    def export_pairs(self, path: str | Path) -> int:
+    def export_pairs(self, path: str | Path, owner: str | None = None) -> int:
         """Write the preference pairs as JSONL (loadable with datasets' "json" loader); returns rows written."""
-        return _write_jsonl(Path(path), self.pair_rows())
+        return _write_jsonl(Path(path), self.pair_rows(owner))
 
-    def export_thumbs(self, path: str | Path) -> int:
+    def export_thumbs(self, path: str | Path, owner: str | None = None) -> int:
         """Write the thumbs as an unpaired prompt/completion/label JSONL; returns rows written."""
-        return _write_jsonl(Path(path), self.thumb_rows())
+        return _write_jsonl(Path(path), self.thumb_rows(owner))
 
     # --- outbox ------------------------------------------------------------------------------------------------
 
@@ -514,6 +523,11 @@ class FeedbackStore:
 
 
 # --- payloads and rows ---------------------------------------------------------------------------------------
+
+def _owned(column: str, owner: str | None) -> tuple[str, tuple[str, ...]]:
+    """A WHERE condition keeping one visitor's rows (``owner``), or every row when owner is None."""
+    return (f"{column} = ?", (owner,)) if owner is not None else ("1 = 1", ())
+
 
 def _prompt(history: str | Messages, prompt: str) -> Messages:
     history = json.loads(history) if isinstance(history, str) else history
@@ -691,9 +705,10 @@ class LangSmithSender:
 
 # --- training data ---------------------------------------------------------------------------------------------
 
-def export_feedback(store_path: str | Path, out_dir: str | Path, kind: str = "pairs") -> Path:
-    """Export the collected feedback ('pairs' for DPO, 'thumbs' for KTO) to a JSONL file in ``out_dir`` and
-    return its path; PreferenceError (a message for the user) when there is nothing to export."""
+def export_feedback(store_path: str | Path, out_dir: str | Path, kind: str = "pairs",
+                    owner: str | None = None) -> Path:
+    """Export the collected feedback ('pairs' for DPO, 'thumbs' for KTO; only ``owner``'s when given) to a JSONL
+    file in ``out_dir`` and return its path; PreferenceError (a message for the user) when there is nothing."""
     store_path = Path(store_path)
     if not store_path.is_file():
         raise PreferenceError(f"No feedback collected yet ({store_path} does not exist): chat in the Chat tab and "
@@ -701,7 +716,7 @@ def export_feedback(store_path: str | Path, out_dir: str | Path, kind: str = "pa
     out = Path(out_dir) / f"feedback-{kind}.jsonl"
     out.parent.mkdir(parents=True, exist_ok=True)
     store = FeedbackStore(store_path)
-    written = (store.export_pairs if kind == "pairs" else store.export_thumbs)(out)
+    written = (store.export_pairs if kind == "pairs" else store.export_thumbs)(out, owner)
     if not written:
         raise PreferenceError(f"The feedback store has no {'A/B preferences' if kind == 'pairs' else 'thumbs'} "
                               "yet: rate some answers in the Chat tab first.")

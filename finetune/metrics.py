@@ -21,12 +21,34 @@ from typing import Any
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 METRICS_FILE, STATUS_FILE, STOP_FILE = "metrics.jsonl", "status.json", "STOP"
-FINAL_STATES = ("completed", "failed", "stopped", "interrupted")
+FINAL_STATES = ("completed", "failed", "stopped", "interrupted", "cancelled")
 # A run that logs rarely (large logging_steps, slow steps) still touches status.json this often, so the run
 # manager's stall detection (LORA_LAB_STALL_SECONDS, default 600) tells a slow run from a hung one.
 HEARTBEAT_SECONDS = 60.0
 # Recorded with every pid: a run folder synced back from another machine carries a pid that means nothing here.
 HOSTNAME = socket.gethostname()
+# Set by finetune.distributed's launcher for the ranks of a multi-process run: the pid status.json must carry is
+# the launcher's (the process the run manager watches and signals), not rank 0's.
+LAUNCHER_PID_ENV = "LORA_LAB_LAUNCHER_PID"
+
+
+def run_pid() -> int:
+    """The pid that stands for this run in status.json."""
+    return int(os.environ.get(LAUNCHER_PID_ENV) or os.getpid())
+
+
+def any_rank(flag: bool) -> bool:
+    """True on every rank when it is True on any: a decision that ends training (the STOP file) must be taken
+    at the same step by all ranks, or the ones that go on wait forever in their next collective."""
+    import torch
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
+        return flag
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+    vote = torch.tensor([int(flag)], device=device)
+    dist.all_reduce(vote, op=dist.ReduceOp.MAX)
+    return bool(vote.item())
 
 
 def write_status(run_dir: str | Path, **fields: Any) -> dict[str, Any]:
@@ -151,7 +173,7 @@ class MetricsCallback(TrainerCallback):
         self.eval_seconds_in_training = 0.0
         self.args = args
         if self._is_writer(state):
-            write_status(self.run_dir, state="running", stage=self.stage, pid=os.getpid(), hostname=HOSTNAME,
+            write_status(self.run_dir, state="running", stage=self.stage, pid=run_pid(), hostname=HOSTNAME,
                          max_steps=state.max_steps, step=state.global_step, started_at=self.started,
                          phase="training", **_for_status(self._eta(state, self.started)))
 
@@ -258,7 +280,7 @@ class MetricsCallback(TrainerCallback):
 
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                     **kwargs: Any) -> None:
-        stopping = (self.run_dir / STOP_FILE).exists()
+        stopping = any_rank((self.run_dir / STOP_FILE).exists())  # every rank stops at this same step
         if stopping:
             control.should_save = True
             control.should_training_stop = True

@@ -31,6 +31,8 @@ FULL_MODEL_DIR = "model"           # a full fine-tune saves the whole model here
 REWARD_DIR = "reward_model"        # where a reward run saves; not a chat adapter
 CONFIG_COPY = "lora_lab_config.yaml"  # the run's config, saved beside its adapter / reward model
 ADAPTER_CONFIG = "adapter_config.json"  # peft writes it into every adapter folder
+MERGED_DIR = "merged"                # the Export tab's merged model
+EXPORT_DIR = "export"                # zips and GGUF files the Export tab writes
 INITIAL_ADAPTER_DIR = "initial_adapter"  # a PiSSA/OLoRA run's start, to convert its result into a plain LoRA
 
 

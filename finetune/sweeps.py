@@ -27,6 +27,7 @@ import random
 from dataclasses import dataclass
 from typing import Any
 
+from finetune.access import LOCAL, Visitor, owned_by
 from finetune.compare import CompareError, CompareQueue, check_model
 from finetune.config import LORA_METHODS, ConfigError, RunConfig, from_dict, to_dict
 from finetune.data import DataError, prepare, source_kind
@@ -246,7 +247,7 @@ class SweepQueue(CompareQueue):
     PREFIX = "sweep"
     NOUN = "Sweep"
 
-    def start_sweep(self, base: RunConfig, request: SweepRequest) -> str:
+    def start_sweep(self, base: RunConfig, request: SweepRequest, visitor: Visitor = LOCAL) -> str:
         """Validate every trial, check the sources once, persist the sweep and start its first trial."""
         trials = validate_sweep(base, request)
         check_config(base)  # the path gate: the base's model and data sources
@@ -254,12 +255,9 @@ class SweepQueue(CompareQueue):
         check_each_bit_width(trials)
         check_held_out_rows(base)
         check_model(base)
-        comparison = CompareQueue(self.manager).active()
-        if comparison:  # its runs and the trials would take turns on the device, slowing both
-            raise SweepError(f"Comparison '{comparison}' is still running; a sweep starts when it has finished.")
         items = [{"technique": trial_label(n, params), "params": params, "config": to_dict(cfg)}
                  for n, (params, cfg) in enumerate(trials, 1)]
-        return self.enqueue(items, {**dataclasses.asdict(request), "base": to_dict(base)})
+        return self.enqueue(items, {**dataclasses.asdict(request), "base": to_dict(base)}, visitor)
 
     def watch_run(self, sweep_id: str, index: int, run_id: str) -> None:
         state = self.load(sweep_id)
@@ -269,7 +267,7 @@ class SweepQueue(CompareQueue):
         reason = prune_reason(self.manager, state, index, run_id)
         if reason:
             self._update_item(sweep_id, index, pruned=reason)
-            self.manager.request_stop(run_id)
+            self.manager.request_stop(run_id, owned_by(state.get("owner")))
 
 
 def trial_label(number: int, params: dict[str, Any]) -> str:

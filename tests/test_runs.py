@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from finetune.metrics import FINAL_STATES, read_metrics, read_status, write_status
-from finetune.runs import RunError, RunInProgressError, RunManager
+from finetune.runs import RunError, RunManager
 from finetune.run_folder import last_checkpoint
 
 from conftest import tiny_run_config, wait_until, write_jsonl
@@ -62,8 +62,10 @@ def test_stop_saves_a_checkpoint_and_resume_finishes(manager, tiny_model_dir, qa
     cfg = tiny_run_config(tiny_model_dir, qa_file, max_steps=400, save_steps=1000, eval_steps=0)
     run_id = manager.start(cfg)
     wait_for_step(manager, run_id, 3)
-    with pytest.raises(RunInProgressError, match="still training"):
-        manager.start(cfg)  # one job at a time
+    queued = manager.start(cfg)  # one job at a time: the second waits in the queue
+    assert manager.status(queued)["state"] == "waiting"
+    assert manager.queue_info(queued)["position"] == 1 and manager.queue_info(queued)["ahead"] == [run_id]
+    assert manager.request_stop(queued)["state"] == "cancelled"  # Stop on a waiting job takes it out
     status = manager.stop(run_id)
     assert status["state"] == "stopped"
     checkpoint = last_checkpoint(manager.run_dir(run_id))
@@ -208,8 +210,9 @@ def test_stop_kills_a_hung_child_group_even_across_an_app_restart(script_root, t
     patient.request_stop(run_id)  # pressed again: the deadline stays where the first press put it
     assert patient.status(run_id)["stop_requested_at"] == asked["stop_requested_at"]
     assert live_group_members(pgid) == {pgid, helper}
-    with pytest.raises(RunInProgressError):
-        patient.start(cfg)  # still training until it is stopped or killed
+    queued = patient.start(cfg)  # still training until it is stopped or killed: the next job waits
+    assert patient.status(queued)["state"] == "waiting"
+    patient.cancel(queued)
 
     # The app restarts with a short grace: the Stop begun before (STOP file, pid and hostname on disk) is carried
     # through by the new manager, which did not start the child: SIGTERM is ignored, so it ends with SIGKILL.
@@ -282,8 +285,11 @@ def test_refused_starts_remove_their_upload_copies(script_root, tiny_model_dir, 
     busy, message = start_run(manager, **form)
     assert "Started" in message, message
     assert len(list(kept.iterdir())) == 1  # the started run's copy, which its child reads
-    _, message = start_run(manager, **form)  # refused: a run is in progress
-    assert "Not started" in message and "still training" in message
+    queued, message = start_run(manager, **form)  # a run is in progress: this one waits in the queue
+    assert "Queued" in message and "position 1" in message, message
+    assert len(list(kept.iterdir())) == 2  # the queued run reads its own copy when its turn comes
+    manager.cancel(queued)
+    manager.delete(queued)  # its copy goes with it: no other run uses it
     in_use = [Path(manager.summary(busy).config.data.source).name]
     assert [p.name for p in kept.iterdir()] == in_use
 
@@ -292,8 +298,9 @@ def test_refused_starts_remove_their_upload_copies(script_root, tiny_model_dir, 
 
     pairs = upload_dir / "pairs.jsonl"
     write_jsonl(pairs, [{"prompt": f"q{i}", "chosen": "good", "rejected": "bad"} for i in range(8)])
+    monkeypatch.setenv("LORA_LAB_MIN_FREE", "100000TB")  # a disk too full to start anything
     _, message = start_stage(manager, None, "reward", data_kind="Uploaded file", data_file=str(pairs))
-    assert "Not started" in message and "still training" in message
+    assert "Not started" in message and "Not enough free disk to start a run" in message, message
     assert [p.name for p in kept.iterdir()] == in_use
     manager.stop(busy, timeout=60)
 
