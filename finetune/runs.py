@@ -5,8 +5,10 @@ and the GPU memory goes with it. The child is ``python -m finetune.train runs/<i
 runs/<id>`` (an argument list, no shell), its output goes to ``runs/<id>/train.log``.
 
     manager = RunManager("runs")
-    run_id = manager.start(cfg)          # RunInProgressError if one is already training
+    run_id = manager.start(cfg)          # queued: starts now, or after the jobs before it (persisted on disk)
+    manager.queue_info(run_id)           # a waiting job's position and expected start
     manager.request_stop(run_id)         # returns at once; the manager escalates in the background
+    manager.cancel(run_id) / delete(run_id)   # take a waiting job out of the queue / remove a finished run
     manager.stop(run_id)                 # the same, then waits for the final state (CLI and tests)
     manager.resume(run_id)               # continues from the last checkpoint
 
@@ -32,8 +34,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from finetune.access import (LOCAL, JobLimits, Visitor, can_view, require_owner, require_signed_in)
 from finetune.config import ConfigError, RunConfig, load_config, save_config
 from finetune.data import DataError, check_file
+from finetune.distributed import check_launch, is_multi_process, launch_command, launch_problems_here
 from finetune.data import source_kind as data_kind
 from finetune.metrics import (FINAL_STATES, HOSTNAME, METRICS_FILE, STOP_FILE, read_metrics, read_status,
                               write_status)
@@ -41,12 +45,15 @@ from finetune.lora_init import LOFTQ_NEEDS_WEIGHTS, init_problems
 from finetune.models import ModelSourceError, local_weights_folder, require_hub, resolve_source
 from finetune.models import source_kind as model_kind
 from finetune.run_folder import ADAPTER_DIR, REWARD_DIR, RUN_CONFIG, has_adapter, last_checkpoint
+from finetune.storage import DiskFull, enforce_budget, folder_bytes, require_free
 
 LOG_FILE = "train.log"
 RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 UPLOADS_DIR = "uploads"
 POLL_SECONDS = 0.2  # how often the stop escalation looks at the child
+DISPATCH_SECONDS = 1.0  # how often a queue waiting behind a run this process did not start looks again
+WAITING = "waiting"  # queued behind another job: nothing started yet (then "queued" while the child starts)
 KILL_WAIT_SECONDS = 30.0  # a SIGKILLed process group is gone at once; this only bounds a stuck kernel
 
 
@@ -68,8 +75,8 @@ class RunError(RuntimeError):
     """A run request that cannot be carried out; the message is meant for the user."""
 
 
-class RunInProgressError(RunError):
-    pass
+class RunLimitError(RunError):
+    """A job over the operator's per-visitor limits (jobs held, steps, minutes)."""
 
 
 @dataclass
@@ -201,6 +208,7 @@ def check_sources(cfg: RunConfig) -> None:
             problems["lora.init"] = LOFTQ_NEEDS_WEIGHTS
         elif reasons := init_problems(cfg, weights):
             problems["lora.init"] = " ".join(reasons)
+    problems.update(launch_problems_here(cfg))  # more processes than this machine has devices
     if problems:
         raise ConfigError(problems)
 
@@ -222,8 +230,11 @@ class RunManager:
         self._settle_lock = threading.RLock()  # the reaper, the stop escalation and status() may settle at once
         self._children: dict[str, subprocess.Popen] = {}
         self._stoppers: dict[str, threading.Thread] = {}
+        self._dispatcher: threading.Thread | None = None
         for run_id in self.list_ids():  # an app restarted during a Stop finishes the escalation it began
             self.status(run_id)
+        if self.waiting_ids():  # an app restarted with jobs in the queue carries on with them
+            self.dispatch()
 
     # --- paths --------------------------------------------------------------------------------------------
 
@@ -379,18 +390,28 @@ class RunManager:
 
     # --- actions ------------------------------------------------------------------------------------------
 
-    def start(self, cfg: RunConfig, run_id: str | None = None) -> str:
+    def start(self, cfg: RunConfig, run_id: str | None = None, visitor: Visitor = LOCAL,
+              check_limits: bool = True) -> str:
+        """Queue a run for ``visitor`` and return its id; it starts at once when the device is free, else when the
+        jobs queued before it have run (RunError when a limit or the disk refuses it, AccessDenied when
+        signed-out)."""
         with self._lock:
-            self._refuse_if_busy()
+            check_launch(cfg)  # more processes than devices, FSDP on the CPU: refused before it waits
+            if check_limits:
+                self.check_job(cfg, visitor)
             run_id = run_id or self.new_run_id(cfg)
             folder = self.run_dir(run_id)
             folder.mkdir(parents=True, exist_ok=True)
             save_config(cfg, folder / RUN_CONFIG)
-            write_status(folder, state="queued", created_at=time.time(), step=0, error=None)
-            self._spawn(run_id, resume=False)
+            now = time.time()
+            write_status(folder, state=WAITING, created_at=now, enqueued_at=now, step=0, error=None,
+                         owner=visitor.owner)
+        self.dispatch()
         return run_id
 
-    def resume(self, run_id: str) -> str:
+    def resume(self, run_id: str, visitor: Visitor = LOCAL) -> str:
+        """Queue a stopped, failed or interrupted run to continue from its last checkpoint."""
+        self.require_can_act(run_id, visitor, "resume this run")
         with self._lock:
             folder = self.run_dir(run_id)
             status = self.status(run_id)
@@ -399,21 +420,165 @@ class RunManager:
                                "interrupted runs can be resumed.")
             if last_checkpoint(folder) is None:
                 raise RunError(f"Run {run_id} saved no checkpoint yet, so there is nothing to resume from.")
-            self._refuse_if_busy()
+            self._check_disk("resume a run")
+            check_launch(load_config(folder / RUN_CONFIG))  # the devices may have changed since it started
             (folder / STOP_FILE).unlink(missing_ok=True)
-            write_status(folder, state="queued", error=None, stop_note=None, finished_at=None)
-            self._spawn(run_id, resume=True)
+            write_status(folder, state=WAITING, enqueued_at=time.time(), resume_requested=True, error=None,
+                         stop_note=None, finished_at=None)
+        self.dispatch()
         return run_id
 
-    def _refuse_if_busy(self) -> None:
-        busy = self.active_run()
-        if busy is not None:
-            raise RunInProgressError(f"Run '{busy}' is still training; wait for it to finish or stop it first "
-                                     "(one training job at a time per device).")
+    # --- the queue ----------------------------------------------------------------------------------------
+
+    def waiting_ids(self) -> list[str]:
+        """Queued jobs not started yet, first in line first."""
+        waiting = [(read_status(self.root / run_id), run_id) for run_id in self.list_ids()]
+        waiting = [(status.get("enqueued_at") or 0, run_id) for status, run_id in waiting
+                   if status.get("state") == WAITING]
+        return [run_id for _, run_id in sorted(waiting)]
+
+    def dispatch(self) -> str | None:
+        """Start the first queued job if the device is free; returns the run started. Called after every
+        enqueue and every end of a run, and by a background thread while jobs wait (an app restarted with a
+        queue picks it up)."""
+        with self._lock:
+            if self.active_run() is not None:
+                self._ensure_dispatcher()
+                return None
+            for run_id in self.waiting_ids():
+                folder = self.run_dir(run_id)
+                resume = bool(read_status(folder).get("resume_requested"))
+                try:
+                    self._check_disk("start a queued run")
+                except RunError as error:
+                    write_status(folder, state="failed", error=str(error), finished_at=time.time())
+                    continue
+                write_status(folder, state="queued", resume_requested=None, dequeued_at=time.time())
+                self._spawn(run_id, resume=resume)
+                return run_id
+        return None
+
+    def _ensure_dispatcher(self) -> None:
+        """While jobs wait behind a run this process did not start (the app restarted), poll for its end."""
+        if self._dispatcher is not None and self._dispatcher.is_alive():
+            return
+        self._dispatcher = threading.Thread(target=self._dispatch_while_waiting, name="run-queue", daemon=True)
+        self._dispatcher.start()
+
+    def _dispatch_while_waiting(self) -> None:
+        while self.root.is_dir() and self.waiting_ids():
+            time.sleep(DISPATCH_SECONDS)
+            try:
+                self.dispatch()
+            except (OSError, RunError):  # the folder went away (tests) or a job is broken: keep the rest going
+                continue
+
+    def queue_info(self, run_id: str) -> dict[str, Any]:
+        """A waiting job's place: position (1 = next), the jobs ahead and when it should start (seconds from
+        now; None when a job ahead has no estimate yet)."""
+        waiting = self.waiting_ids()
+        if run_id not in waiting:
+            return {}
+        ahead = waiting[:waiting.index(run_id)]
+        active = self.active_run()
+        seconds: float | None = 0.0
+        if active is not None:
+            left = self.status(active).get("eta_seconds")
+            seconds = float(left) if isinstance(left, (int, float)) else self._job_seconds(self._config(active))
+        for other in ahead:
+            estimate = self._job_seconds(self._config(other))
+            seconds = None if seconds is None or estimate is None else seconds + estimate
+        return {"position": len(ahead) + 1, "ahead": ([active] if active else []) + ahead, "starts_in": seconds}
+
+    def _config(self, run_id: str) -> RunConfig | None:
+        try:
+            return load_config(self.run_dir(run_id) / RUN_CONFIG)
+        except Exception:  # a hand-edited config has no estimate; it still runs or fails with its own message
+            return None
+
+    def _job_seconds(self, cfg: RunConfig | None) -> float | None:
+        """How long a job should take: its steps at the seconds per step that completed runs of the same model
+        and bit width took on this machine; None when it trains by epochs or nothing comparable ran yet."""
+        if cfg is None or cfg.training.max_steps <= 0:
+            return None
+        rates = []
+        for run_id in self.list_ids():
+            status = read_status(self.root / run_id)
+            other = self._config(run_id) if status.get("state") == "completed" else None
+            if other and (other.model.source, other.model.bits) == (cfg.model.source, cfg.model.bits) \
+                    and status.get("duration") and status.get("step"):
+                rates.append(float(status["duration"]) / int(status["step"]))
+        return cfg.training.max_steps * sorted(rates)[len(rates) // 2] if rates else None
+
+    def check_job(self, cfg: RunConfig, visitor: Visitor) -> None:
+        """Refuse a job before it is queued: a signed-out visitor, one over their limits, a full disk."""
+        require_signed_in(visitor, "start a training run")
+        self._check_limits(cfg, visitor)
+        self._check_disk("start a run")
+
+    def _check_limits(self, cfg: RunConfig, visitor: Visitor) -> None:
+        if visitor.operator:
+            return
+        held = sum(1 for run_id in self.list_ids() if self.owner_of(run_id) == visitor.owner
+                   and read_status(self.root / run_id).get("state") in (WAITING, "queued", "running"))
+        steps = cfg.training.max_steps if cfg.training.max_steps > 0 else None
+        seconds = self._job_seconds(cfg)
+        problems = JobLimits.from_env().problems(visitor, held, steps, seconds / 60 if seconds else None)
+        if problems:
+            raise RunLimitError(" ".join(problems))
+
+    def _check_disk(self, what: str) -> None:
+        enforce_budget(self.root)
+        try:
+            require_free(self.root, 0, what)
+        except DiskFull as error:
+            raise RunError(str(error)) from None
+
+    # --- owners -------------------------------------------------------------------------------------------
+
+    def owner_of(self, run_id: str) -> str | None:
+        return read_status(self.run_dir(run_id)).get("owner")
+
+    def visible_ids(self, visitor: Visitor) -> list[str]:
+        """The runs ``visitor`` may see: their own, or every run for an operator or when runs are public."""
+        return [run_id for run_id in self.list_ids() if can_view(visitor, self.owner_of(run_id))]
+
+    def require_can_act(self, run_id: str, visitor: Visitor, what: str) -> None:
+        require_owner(visitor, self.owner_of(run_id), what, f"run {run_id}")
+
+    def cancel(self, run_id: str, visitor: Visitor = LOCAL) -> dict[str, Any]:
+        """Take a job out of the queue before it starts (a started one is stopped instead: request_stop)."""
+        self.require_can_act(run_id, visitor, "cancel this job")
+        with self._lock:
+            status = read_status(self.run_dir(run_id))
+            if status.get("state") != WAITING:
+                return status
+            return write_status(self.run_dir(run_id), state="cancelled", finished_at=time.time(),
+                                error="Cancelled while it waited in the queue; it never started.")
+
+    def delete(self, run_id: str, visitor: Visitor = LOCAL) -> int:
+        """Remove a run's folder with its checkpoints, merges and exports (and its kept upload when no other run
+        uses it); returns the bytes freed. A run still training must be stopped first."""
+        self.require_can_act(run_id, visitor, "delete this run")
+        with self._lock:
+            folder = self.run_dir(run_id)
+            if not folder.is_dir():
+                raise RunError(f"Run {run_id} does not exist (deleted already?).")
+            if self.status(run_id).get("state") in ("running", "queued"):
+                raise RunError(f"Run {run_id} is still training: stop it first, then delete it.")
+            cfg = self._config(run_id)
+            freed = folder_bytes(folder)
+            shutil.rmtree(folder)
+        if cfg is not None:
+            self.discard_upload(cfg.data.source)
+        return freed
 
     def child_command(self, run_id: str, resume: bool) -> list[str]:
         """The child's argument list (no shell); tests substitute a child of their own here."""
         folder = self.run_dir(run_id)
+        cfg = load_config(folder / RUN_CONFIG)
+        if is_multi_process(cfg):  # several ranks through accelerate, under one launcher that Stop can signal
+            return launch_command(cfg, folder, folder / RUN_CONFIG, self.python, resume)
         command = [self.python, "-m", "finetune.train", str(folder / RUN_CONFIG), "--output-dir", str(folder)]
         return command + ["--resume"] if resume else command
 
@@ -433,12 +598,19 @@ class RunManager:
     def _reap(self, run_id: str, child: subprocess.Popen) -> None:
         child.wait()
         self._settle(run_id, ChildProcess(child, child.pid))
+        if self.root.is_dir():  # the next job in line takes the device; what can be rebuilt keeps the budget
+            enforce_budget(self.root)
+            self.dispatch()
 
-    def request_stop(self, run_id: str) -> dict[str, Any]:
+    def request_stop(self, run_id: str, visitor: Visitor = LOCAL) -> dict[str, Any]:
         """Ask the run to checkpoint and stop at its next step, and return at once; if it has not ended after
-        ``stop_grace`` seconds a background thread terminates, then kills, its process group."""
+        ``stop_grace`` seconds a background thread terminates, then kills, its process group. A job still
+        waiting in the queue is cancelled."""
+        self.require_can_act(run_id, visitor, "stop this run")
         folder = self.run_dir(run_id)
         status = self.status(run_id)
+        if status.get("state") == WAITING:
+            return self.cancel(run_id, visitor)
         if status.get("state") not in ("running", "queued"):
             return status
         if not (folder / STOP_FILE).exists():  # pressing Stop again must not push the deadline back

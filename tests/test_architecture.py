@@ -6,7 +6,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 BASIC = {"config", "hardware", "paths", "models", "data", "preference", "recipe", "estimate", "attention",
-         "lm_head", "metrics", "run_folder", "noise", "data_files", "lora_init"}
+         "lm_head", "metrics", "run_folder", "noise", "data_files", "lora_init", "access", "storage", "distributed"}
 SERVICES = {"runs", "chat", "feedback", "evaluate", "quantize", "export", "gguf_export", "compare", "deploy",
             "scoring", "benchmarks", "adapter_inspect", "sweeps"}
 
