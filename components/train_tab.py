@@ -579,7 +579,9 @@ def _history_view() -> dict[str, Any]:
                                            title="Training loss by run", height=280)
         view["disk"] = gr.Markdown(elem_id="disk-usage")
         with gr.Row():
-            view["delete_id"] = gr.Dropdown([], label="Delete a run (yours)", elem_id="delete-run-id")
+            # Custom values pass to the handler, which checks the owner itself (an API caller may name any run).
+            view["delete_id"] = gr.Dropdown([], label="Delete a run (yours)", elem_id="delete-run-id",
+                                            allow_custom_value=True)
             view["delete"] = gr.Button("Delete run…", size="sm", variant="stop", elem_id="delete-run")
             view["confirm_delete"] = gr.Button("Confirm delete", size="sm", variant="stop", visible=False,
                                                elem_id="confirm-delete")
@@ -668,12 +670,12 @@ def _wire(manager: RunManager, profile: HardwareProfile, form: dict[str, Any], p
                show_progress="hidden", queue=False)
     refresh = bind(run_history, manager)
     history_out = [history["history"], history["compare_ids"], history["delete_id"], history["disk"]]
+    history["refresh"].click(refresh, history["compare_ids"], history_out, api_name="run_history")
     history["delete"].click(bind(ask_delete, manager), history["delete_id"],
                             [history["delete_note"], history["confirm_delete"]], api_name="ask_delete")
     history["confirm_delete"].click(bind(delete_run, manager), history["delete_id"],
                                     [history["delete_note"], history["confirm_delete"]], api_name="delete_run"
                                     ).then(refresh, history["compare_ids"], history_out, api_visibility="private")
-    history["refresh"].click(refresh, history["compare_ids"], history_out, api_name="run_history")
     view["status"].change(refresh, history["compare_ids"], history_out, api_visibility="private",
                           show_progress="hidden")
     history["compare_ids"].change(bind(compare_runs, manager), history["compare_ids"],

@@ -39,6 +39,8 @@ SPACE_HARDWARE = ("cpu-basic", "cpu-upgrade", "zero-a10g", "t4-small", "t4-mediu
                   "l40sx4", "l40sx8", "a10g-small", "a10g-large", "a10g-largex2", "a10g-largex4", "a100-large",
                   "h100", "h100x8")
 STORAGE_TIERS = ("small", "medium", "large")
+# Scopes a Space may ask of its visitors on top of openid and profile (Hugging Face OAuth docs for Spaces).
+OAUTH_SCOPES = ("email", "read-repos", "write-repos", "manage-repos", "inference-api", "read-billing")
 
 
 class DeployError(RuntimeError):
@@ -72,6 +74,10 @@ class SpaceSettings:
     short_description: str = field(default="", metadata={"help": "One line under the title on the Hub."})
     license: str | None = field(default=None, metadata={"help": "License identifier shown on the Hub."})
     private: bool = field(default=False, metadata={"help": "Create the Space as private."})
+    hf_oauth: bool = field(default=True, metadata={
+        "help": "'Sign in with Hugging Face' on the Space: runs, comparisons and feedback get owners."})
+    hf_oauth_scopes: list[str] = field(default_factory=list, metadata={
+        "help": "Extra OAuth scopes beyond openid/profile (write-repos, manage-repos: a visitor's own push)."})
 
     def __post_init__(self) -> None:
         problems = []
@@ -88,6 +94,8 @@ class SpaceSettings:
             problems.append(f"default_preset {self.default_preset!r} does not exist")
         if not isinstance(self.secrets, list) or not all(isinstance(s, str) and s for s in self.secrets):
             problems.append("secrets must be a list of environment variable names")
+        if not isinstance(self.hf_oauth_scopes, list) or not set(self.hf_oauth_scopes) <= set(OAUTH_SCOPES):
+            problems.append(f"hf_oauth_scopes must be a list drawn from {', '.join(OAUTH_SCOPES)}")
         if not isinstance(self.variables, dict):
             problems.append("variables must map names to values")
         if problems:
@@ -126,6 +134,10 @@ def front_matter(settings: SpaceSettings) -> dict[str, Any]:
         meta["short_description"] = settings.short_description
     if settings.license:
         meta["license"] = settings.license
+    if settings.hf_oauth:
+        meta["hf_oauth"] = True
+        if settings.hf_oauth_scopes:
+            meta["hf_oauth_scopes"] = list(settings.hf_oauth_scopes)
     return meta
 
 

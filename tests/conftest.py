@@ -146,24 +146,27 @@ def tiny_run_config(model_dir: Path, data_file: Path, **training):
 
 
 @contextlib.contextmanager
-def serving(page: Any) -> Iterator[str]:
+def serving(page: Any, **launch: Any) -> Iterator[str]:
     """A gradio Blocks (the app, or a tab or section on its own) on a free loopback port until the block ends;
-    yields its URL. The caller closes it (the app also has a feedback store to close)."""
+    yields its URL. The caller closes it (the app also has a feedback store to close). ``launch``: more
+    demo.launch() settings (the dev sign-in's app_kwargs)."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    page.queue().launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+    page.queue().launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True, **launch)
     yield f"http://127.0.0.1:{port}/"
 
 
 @contextlib.contextmanager
 def served_app(runs_root: Path) -> Iterator[str]:
-    """The real app on a free loopback port, serving until the block ends; yields its URL."""
+    """The real app on a free loopback port, serving until the block ends; yields its URL. With
+    LORA_LAB_SIGN_IN=dev set, it has the dev sign-in (/dev-sign-in?user=NAME) as ``python app.py`` would."""
     from app import build_app, close_app
+    from components.sign_in import app_kwargs
 
     demo = build_app(str(runs_root))
     try:
-        with serving(demo) as url:
+        with serving(demo, app_kwargs=app_kwargs()) as url:
             yield url
     finally:
         close_app(demo)

@@ -49,9 +49,10 @@ def test_train_then_chat_side_by_side(client, style_model_dir, qa_file):
     run_id, message = client.predict(**{**form, "data_file": handle_file(str(qa_file))}, api_name="/start_run")
     assert run_id.startswith("api-") and "Started" in message
 
-    # Only one job at a time: a second Start while this one trains is refused with a message.
-    second_id, refusal = client.predict(**{**form, "data_file": handle_file(str(qa_file))}, api_name="/start_run")
-    assert "still training" in refusal and second_id == run_id
+    # Only one job at a time: a second Start while this one trains waits in the queue; Stop takes it out again.
+    second_id, queued = client.predict(**{**form, "data_file": handle_file(str(qa_file))}, api_name="/start_run")
+    assert second_id != run_id and "Queued" in queued and "position 1" in queued, queued
+    assert "cancelled" in client.predict(second_id, api_name="/stop_run")
 
     result = _poll_until(client, run_id, lambda r: "completed" in r[1] or "failed" in r[1], timeout=900)
     assert "completed" in result[1], result[5]
@@ -63,7 +64,7 @@ def test_train_then_chat_side_by_side(client, style_model_dir, qa_file):
     assert result[4]["data"], "learning-rate curve is empty"
     assert "step 20/20" in result[2]
 
-    history, picker = client.predict([], api_name="/run_history")
+    history, picker, *_ = client.predict([], api_name="/run_history")
     assert picker["value"] == [run_id]
     plot = client.predict([run_id], api_name="/compare_runs")  # an update: the chart's title names the stage
     assert plot["value"]["data"] and plot["title"] == "Training loss of sft runs"

@@ -111,7 +111,7 @@ def test_start_refuses_a_broken_line_then_trains_on_the_good_rows(client, runs_r
 
     status = wait_until(ended, "the run ends", timeout=600)
     assert "completed" in status, status
-    history, _ = client.predict([], api_name="/run_history")
+    history, *_ = client.predict([], api_name="/run_history")
     row = dict(zip(history["headers"], history["data"][0]))
     assert row["run id"] == run_id and row["rows skipped"] == 1
     info = read_run_info(runs_root / run_id)

@@ -180,7 +180,7 @@ def test_history_shows_each_stage_with_its_headline_and_never_overlays_stages(tm
                                          {"step": 2, "loss": 2e-7, "rewards/margins": 26.5}])
     manager = RunManager(root)
 
-    table, _ = run_history(manager)
+    table, *_ = run_history(manager)
     by_id = {row["run id"]: row for row in table.to_dict("records")}
     assert {run_id: row["stage"] for run_id, row in by_id.items()} == {
         "sft-1": "sft", "sft-2": "sft", "reward-1": "reward", "dpo-1": "dpo"}

@@ -116,7 +116,7 @@ def assert_the_train_tab_shows_it(run_dir: Path, status: dict) -> None:
     from finetune.runs import RunManager
 
     manager, losses = RunManager(run_dir.parent), eval_losses(run_dir)
-    history, _ = run_history(manager)
+    history, *_ = run_history(manager)
     row = history.set_index("run id").loc[run_dir.name]
     assert row["status"] == early_stop_note(status)
     # The figures shown are those of the weights the run saved: the best step's with keep=best, the last's else.

@@ -204,7 +204,7 @@ def test_a_loftq_run_starts_closer_to_the_full_weights_and_records_it(tiny_model
 
     for init in ("default", "loftq"):
         save_config(with_init(tiny_run_config(tiny_model_dir, qa_file), init), tmp_path / init / "config.yaml")
-    history, _ = run_history(RunManager(tmp_path))
+    history, *_ = run_history(RunManager(tmp_path))
     assert dict(zip(history["run id"], history["method"])) == {"default": "lora", "loftq": "lora + loftq"}
 
 

@@ -1,0 +1,262 @@
+"""A Space many visitors share: the job queue (order, an app restart in the middle), owners through the real app's
+API with the dev sign-in, per-visitor limits, deleting runs, the storage budget and a full disk.
+
+The queued jobs here run a stand-in child (GATED_CHILD) through the run manager's own child mechanism: it trains
+nothing and ends when the test releases it or presses Stop. The queue, the owners and the disk are what is tested;
+a real training run per queued job would cost minutes (test_app_api.py queues one behind real training)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from finetune.access import AccessDenied, Visitor
+from finetune.config import load_config, save_config
+from finetune.metrics import read_status, write_status
+from finetune.runs import RunError, RunManager
+from finetune.storage import enforce_budget, folder_bytes, prunable
+
+from conftest import served_app, tiny_run_config, wait_until
+
+TESTS = Path(__file__).resolve().parent
+GATED_CHILD = """
+import json, os, sys, time
+from pathlib import Path
+
+folder = Path(sys.argv[1])
+
+
+def write_status(**fields):  # finetune.metrics.write_status's contract, without importing transformers
+    status = json.loads((folder / "status.json").read_text())
+    status.update(fields, updated_at=time.time())
+    (folder / "status.tmp").write_text(json.dumps(status))
+    os.replace(folder / "status.tmp", folder / "status.json")
+
+
+started = time.time()
+write_status(state="running", pid=os.getpid(), started_at=started, step=0, max_steps=1)
+while not (folder / "RELEASE").exists():
+    if (folder / "STOP").exists():
+        write_status(state="stopped", finished_at=time.time())
+        sys.exit(0)
+    time.sleep(0.05)
+write_status(state="completed", step=1, finished_at=time.time(), duration=round(time.time() - started, 3))
+"""
+ALICE = Visitor(name="alice", operator=False, sign_in=True)
+BOB = Visitor(name="bob", operator=False, sign_in=True)
+
+
+class GatedManager(RunManager):
+    """The real RunManager whose child is GATED_CHILD instead of the trainer."""
+
+    def child_command(self, run_id: str, resume: bool) -> list[str]:
+        return [self.python, str(self.root.parent / "gated_child.py"), str(self.run_dir(run_id))]
+
+
+@pytest.fixture
+def root(tmp_path) -> Path:
+    (tmp_path / "gated_child.py").write_text(GATED_CHILD)
+    return tmp_path / "runs"
+
+
+@pytest.fixture
+def cfg(tiny_model_dir, qa_file):
+    return tiny_run_config(tiny_model_dir, qa_file, max_steps=1)
+
+
+def release(manager: RunManager, run_id: str) -> None:
+    (manager.run_dir(run_id) / "RELEASE").touch()
+
+
+def state_of(manager: RunManager, run_id: str) -> str:
+    return manager.status(run_id).get("state", "")
+
+
+# --- the queue ------------------------------------------------------------------------------------------------
+
+def test_three_starts_run_in_order_and_an_app_restart_loses_no_queued_job(root, cfg, tmp_path):
+    # The first app queues three jobs and exits (an app restart): its child keeps running, two jobs wait on disk.
+    config = tmp_path / "job.yaml"
+    save_config(cfg, config)
+    script = (f"import sys; sys.path[:0] = [{str(TESTS)!r}, {str(TESTS.parent)!r}]\n"
+              "from test_shared_space import GatedManager\nfrom finetune.config import load_config\n"
+              f"manager = GatedManager({str(root)!r})\ncfg = load_config({str(config)!r})\n"
+              "print(' '.join(manager.start(cfg, f'job-{n}') for n in (1, 2, 3)))\n")
+    ids = subprocess.run([sys.executable, "-c", script], check=True, capture_output=True, text=True).stdout.split()
+    assert ids == ["job-1", "job-2", "job-3"]
+
+    manager = GatedManager(root)  # the restarted app: it did not start job-1's child
+    assert wait_until(lambda: state_of(manager, "job-1") == "running", "the first job runs")
+    assert [state_of(manager, run_id) for run_id in ids[1:]] == ["waiting", "waiting"]
+    second, third = manager.queue_info("job-2"), manager.queue_info("job-3")
+    assert (second["position"], second["ahead"]) == (1, ["job-1"])
+    assert (third["position"], third["ahead"]) == (2, ["job-1", "job-2"])
+    assert third["starts_in"] is None  # nothing comparable has finished on this machine: no made-up estimate
+
+    release(manager, "job-1")
+    wait_until(lambda: state_of(manager, "job-2") == "running", "the second job starts once the first ends")
+    assert state_of(manager, "job-3") == "waiting"
+    # job-1 took a measured time per step; the same model's next jobs now get an expected start from it.
+    assert isinstance(manager.queue_info("job-3")["starts_in"], float)
+    release(manager, "job-2")
+    wait_until(lambda: state_of(manager, "job-3") == "running", "the third job starts once the second ends")
+    release(manager, "job-3")
+    wait_until(lambda: state_of(manager, "job-3") == "completed", "the third job completes")
+
+    started = [read_status(manager.run_dir(run_id))["started_at"] for run_id in ids]
+    assert started == sorted(started) and all(state_of(manager, r) == "completed" for r in ids)
+
+
+def test_a_waiting_job_is_cancelled_by_its_owner_only_and_runs_are_deleted_by_their_owner_only(root, cfg):
+    manager = GatedManager(root)
+    running = manager.start(cfg, visitor=ALICE)
+    waiting = manager.start(cfg, visitor=ALICE)
+    wait_until(lambda: state_of(manager, running) == "running", "alice's first job runs")
+
+    with pytest.raises(AccessDenied, match="alice's"):
+        manager.request_stop(waiting, BOB)
+    with pytest.raises(AccessDenied, match="alice's"):
+        manager.delete(running, BOB)
+    with pytest.raises(RunError, match="stop it first"):
+        manager.delete(running, ALICE)
+    assert manager.request_stop(waiting, ALICE)["state"] == "cancelled"  # Stop on a waiting job: out of the queue
+
+    manager.stop(running, timeout=60)
+    assert state_of(manager, running) == "stopped"
+    folder = manager.run_dir(running)
+    assert manager.delete(running, ALICE) > 0 and not folder.exists()
+    assert manager.delete(waiting, Visitor(name="carol", operator=True, sign_in=True)) >= 0  # an operator may
+
+
+def test_per_visitor_limits_refuse_with_the_setting_to_change(root, cfg, monkeypatch):
+    monkeypatch.setenv("LORA_LAB_SIGN_IN", "dev")
+    monkeypatch.setenv("LORA_LAB_MAX_JOBS", "1")
+    monkeypatch.setenv("LORA_LAB_MAX_STEPS", "5")
+    manager = GatedManager(root)
+    first = manager.start(cfg, visitor=ALICE)
+    with pytest.raises(RunError, match="You already have 1 job.*LORA_LAB_MAX_JOBS"):
+        manager.start(cfg, visitor=ALICE)
+    cfg.training.max_steps = 50
+    with pytest.raises(RunError, match="50 steps is more than the 5.*LORA_LAB_MAX_STEPS"):
+        manager.start(cfg, visitor=BOB)
+    cfg.training.max_steps = -1  # by epochs: the step count is unknown, so a step limit cannot be checked
+    with pytest.raises(RunError, match="set Max steps"):
+        manager.start(cfg, visitor=BOB)
+    with pytest.raises(AccessDenied, match="Sign in"):
+        manager.start(cfg, visitor=Visitor(name=None, operator=False, sign_in=True))
+    operator = Visitor(name="carol", operator=True, sign_in=True)
+    assert manager.start(cfg, visitor=operator)  # operators are not limited; it waits behind alice's job
+    assert [r for r in manager.list_ids() if manager.owner_of(r) == "alice"] == [first]
+    for run_id in manager.list_ids():
+        manager.request_stop(run_id)
+        (manager.run_dir(run_id) / "RELEASE").touch()
+
+
+# --- the disk ---------------------------------------------------------------------------------------------------
+
+def _finished_run(root: Path, name: str, state: str, age: float, **parts: int) -> Path:
+    """A run folder as training and the Export tab leave it: parts are subfolders with a file of that many bytes."""
+    folder = root / name
+    for part, size in parts.items():
+        (folder / part).mkdir(parents=True)
+        (folder / part / "weights.bin").write_bytes(b"\0" * size)
+    write_status(folder, state=state, owner="alice")
+    stamp = time.time() - age
+    for path in [folder, *folder.rglob("*")]:
+        os.utime(path, (stamp, stamp))
+    return folder
+
+
+def test_pruning_under_a_small_budget_keeps_adapters_resumable_runs_and_the_feedback_db(tmp_path):
+    root, mb = tmp_path / "runs", 1024 * 1024
+    old = _finished_run(root, "old", "completed", 300, checkpoints=3 * mb, merged=2 * mb, adapter=mb)
+    new = _finished_run(root, "new", "completed", 100, checkpoints=3 * mb, export=mb, adapter=mb)
+    paused = _finished_run(root, "paused", "stopped", 400, checkpoints=3 * mb, adapter=mb)
+    (root / "feedback.db").write_bytes(b"\0" * mb)
+    kinds = {(item.run_id, item.kind) for item in prunable(root)}
+    assert kinds == {("old", "checkpoints"), ("old", "merged model"), ("new", "checkpoints"),
+                     ("new", "export files")}  # the stopped run resumes from its checkpoints: not prunable
+
+    removed = enforce_budget(root, budget=12 * mb)  # 16 MB held: at least 4 MB of rebuildable things must go
+    assert [(item.run_id, item.kind) for item in removed] == [("old", "checkpoints"), ("old", "merged model")]
+    assert folder_bytes(root) <= 12 * mb
+    assert not (old / "checkpoints").exists() and not (old / "merged").exists()
+    assert (new / "checkpoints").exists() and (paused / "checkpoints").exists()
+    for kept in (old / "adapter", new / "adapter", paused / "adapter", root / "feedback.db"):
+        assert kept.exists(), kept
+
+    enforce_budget(root, budget=1)  # an impossible budget: only rebuildable things ever go
+    assert all((run / "adapter").exists() for run in (old, new, paused)) and (root / "feedback.db").exists()
+    assert (paused / "checkpoints").exists()
+
+
+def test_a_start_prunes_to_the_budget_and_a_full_disk_is_refused_before_anything_is_kept(root, cfg, monkeypatch):
+    manager = GatedManager(root)
+    old = _finished_run(root, "old", "completed", 300, checkpoints=2 * 1024 * 1024, adapter=1024)
+    monkeypatch.setenv("LORA_LAB_STORAGE_BUDGET", "1MB")
+    run_id = manager.start(cfg)
+    assert not (old / "checkpoints").exists() and (old / "adapter").exists()
+    manager.stop(run_id, timeout=60)
+
+    monkeypatch.setenv("LORA_LAB_MIN_FREE", "100000TB")  # a disk with less free than the operator's minimum
+    before = set(manager.list_ids())
+    with pytest.raises(RunError, match="Not enough free disk to start a run.*LORA_LAB_MIN_FREE"):
+        manager.start(cfg)
+    assert set(manager.list_ids()) == before
+
+
+# --- two visitors through the real app ------------------------------------------------------------------------
+
+@pytest.fixture
+def shared_app(root, monkeypatch):
+    monkeypatch.setenv("LORA_LAB_SIGN_IN", "dev")
+    monkeypatch.setenv("LORA_LAB_OPERATORS", "carol")
+    with served_app(root) as url:
+        yield url
+
+
+def signed_in(url: str, user: str | None):
+    """A gradio_client for one visitor: the session cookie the dev sign-in gives (none: signed out)."""
+    from gradio_client import Client
+
+    if user is None:
+        return Client(url, verbose=False)
+    answer = httpx.get(f"{url}dev-sign-in?user={user}", follow_redirects=False)
+    assert answer.status_code == 303
+    return Client(url, headers={"Cookie": f"session={answer.cookies['session']}"}, verbose=False)
+
+
+def test_a_visitor_cannot_stop_resume_delete_or_see_another_visitors_run(shared_app, root, cfg):
+    alice, bob, carol = (signed_in(shared_app, name) for name in ("alice", "bob", "carol"))
+    jobs = GatedManager(root)  # alice's job, started as the app would for her (a stand-in child: see the top)
+    run_id = jobs.start(cfg, visitor=ALICE)
+    wait_until(lambda: state_of(jobs, run_id) == "running", "alice's job runs")
+
+    assert "alice's" in bob.predict(run_id, api_name="/stop_run") and state_of(jobs, run_id) == "running"
+    watched, text, *_ = bob.predict(run_id, api_name="/poll_run")
+    assert watched == "" and "No runs yet" in text  # not even its progress or log
+    table, *_ = bob.predict(None, api_name="/run_history")
+    assert run_id not in str(table)
+    watched, text, *_ = alice.predict("", api_name="/poll_run")
+    assert watched == run_id and "running" in text  # her own live job re-attaches on her page
+
+    assert "Stop requested" in alice.predict(run_id, api_name="/stop_run")
+    wait_until(lambda: state_of(jobs, run_id) == "stopped", "alice's stop ends it")
+    for api in ("/resume_run", "/ask_delete", "/delete_run"):
+        answer = bob.predict(run_id, api_name=api)
+        assert "alice's" in str(answer), (api, answer)
+    assert jobs.run_dir(run_id).is_dir()
+
+    table, *_ = carol.predict(None, api_name="/run_history")  # the operator sees every run, with its owner
+    assert run_id in str(table) and "alice" in str(table)
+    signed_out = signed_in(shared_app, None)
+    _, message = signed_out.predict(data_file=None, api_name="/start_run")
+    assert "Not started" in message and "Sign in" in message
+    assert "Deleted" in str(alice.predict(run_id, api_name="/delete_run"))
+    assert not jobs.run_dir(run_id).exists()
