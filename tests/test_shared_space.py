@@ -260,3 +260,55 @@ def test_a_visitor_cannot_stop_resume_delete_or_see_another_visitors_run(shared_
     assert "Not started" in message and "Sign in" in message
     assert "Deleted" in str(alice.predict(run_id, api_name="/delete_run"))
     assert not jobs.run_dir(run_id).exists()
+
+
+# --- who is who ------------------------------------------------------------------------------------------------
+
+def test_sign_in_settings_and_sessions(monkeypatch):
+    from finetune.access import LOCAL, dev_session, sign_in_mode, visitor_from_session
+
+    for name in ("LORA_LAB_SIGN_IN", "SPACE_ID", "OAUTH_CLIENT_ID"):
+        monkeypatch.delenv(name, raising=False)
+    assert sign_in_mode() == "off" and visitor_from_session(dev_session("alice")) == LOCAL  # python app.py
+    monkeypatch.setenv("SPACE_ID", "someone/lora-lab")
+    assert sign_in_mode() == "off"  # a Space without hf_oauth: no sign-in to use
+    monkeypatch.setenv("OAUTH_CLIENT_ID", "abc")  # Spaces sets it when the front matter says hf_oauth: true
+    assert sign_in_mode() == "huggingface"
+    monkeypatch.setenv("LORA_LAB_SIGN_IN", "dev")
+    with pytest.raises(ValueError, match="refused on a Space"):  # anyone could claim any name there
+        sign_in_mode()
+    monkeypatch.delenv("SPACE_ID")
+    monkeypatch.setenv("LORA_LAB_OPERATORS", "Carol, dave")
+    carol = visitor_from_session(dev_session("carol"))
+    assert carol.name == "carol" and carol.operator and carol.token == "dev-token-carol"
+    assert "dev-token" not in repr(carol)  # a token never reaches a log line
+    expired = {**dev_session("alice"), "expires_at": time.time() - 1}
+    assert visitor_from_session(expired).name is None and visitor_from_session(None).name is None
+    with pytest.raises(ValueError):
+        dev_session("../etc")
+
+
+def test_on_a_space_the_page_gets_gradios_sign_in_with_hugging_face(tmp_path, monkeypatch):
+    """On a Space with hf_oauth: true, Spaces sets SPACE_ID and the OAuth client settings; they are set here by hand
+    (Spaces sign-in cannot run on this machine), and no sign-in is completed. The page must carry gradio's
+    LoginButton, so gradio adds its real OAuth routes, and never the dev stand-in."""
+    import gradio.oauth
+
+    from app import build_app
+    from components.sign_in import app_kwargs
+
+    monkeypatch.delenv("LORA_LAB_SIGN_IN", raising=False)
+    monkeypatch.setenv("SPACE_ID", "someone/lora-lab")
+    monkeypatch.setenv("SYSTEM", "spaces")
+    monkeypatch.setenv("OAUTH_CLIENT_ID", "client-id")
+    for name, value in (("OAUTH_CLIENT_ID", "client-id"), ("OAUTH_CLIENT_SECRET", "secret"),
+                        ("OAUTH_SCOPES", "openid profile write-repos manage-repos"),
+                        ("OPENID_PROVIDER_URL", "https://huggingface.co")):
+        monkeypatch.setattr(gradio.oauth, name, value)  # gradio read them from the environment at import
+    demo = build_app(str(tmp_path / "runs"))
+    try:
+        routes = {getattr(route, "path", "") for route in demo.app.routes}
+        assert demo.expects_oauth and {"/login/huggingface", "/login/callback"} <= routes
+        assert app_kwargs() == {} and "/dev-sign-in" not in routes
+    finally:
+        demo.feedback_store.close()
