@@ -37,6 +37,8 @@ LORA_METHODS = ("lora", "dora", "rslora")
 LORA_INITS = ("default", "loftq", "pissa", "olora")
 CHECKPOINTING = ("auto", "on", "off")
 KEEP_CHOICES = ("last", "best")  # which weights a run saves (training.keep)
+STRATEGIES = ("single", "ddp", "fsdp")  # how several processes share a run (finetune/distributed.py)
+FSDP_METHODS = ("lora", "dora", "rslora", "full")  # what FSDP can shard: whole modules, trainable or frozen
 
 
 REMOTE_CODE_ENV = "LORA_LAB_ALLOW_REMOTE_CODE"
@@ -334,6 +336,15 @@ class TrainingConfig:
     keep: str = field(default="last", metadata=_help(
         "Which weights the saved adapter holds: 'last' (the final step's) or 'best' (the checkpoint with the best "
         "held-out metric). 'best' needs held-out evaluations, like early stopping.", choices=KEEP_CHOICES))
+    processes: int = field(default=1, metadata=_help(
+        "Training processes: 1 = one device; 2 or more = one process per GPU (on a machine without a GPU, CPU "
+        "processes talking over gloo). Each process trains on its own batch: effective batch = batch size x "
+        "gradient accumulation x processes."))
+    strategy: str = field(default="single", metadata=_help(
+        "How the processes share the run: 'single' (one process), 'ddp' (data parallel: every device holds the "
+        "whole 4-bit model and trains on its own rows; the adapter's gradients are averaged), 'fsdp' "
+        "(FSDP-QLoRA: the frozen base is sharded across the GPUs, for a base too big for one GPU; 4/16/32-bit, "
+        "LoRA, DoRA, rsLoRA or full, SFT only).", choices=STRATEGIES))
 
     def __post_init__(self) -> None:
         check = _Checker("training", self)
@@ -363,7 +374,20 @@ class TrainingConfig:
         check.int_field("early_stopping_patience", low=0, high=1000, what="Early stopping patience")
         check.float_field("early_stopping_threshold", low=0, what="Early stopping threshold")
         check.choice("keep", KEEP_CHOICES, "Saved weights")
+        check.int_field("processes", low=1, high=512, what="Processes")
+        check.choice("strategy", STRATEGIES, "Strategy")
+        if not check.problems:
+            self._check_processes(check)
         check.raise_if_any()
+
+    def _check_processes(self, check: _Checker) -> None:
+        """The strategy and the number of processes must agree: one process is 'single', several are not."""
+        if self.strategy == "single" and self.processes > 1:
+            check.fail("strategy", f"Strategy 'single' runs one process: pick 'ddp' or 'fsdp' for {self.processes} "
+                                   "processes, or set processes to 1")
+        elif self.strategy != "single" and self.processes == 1:
+            check.fail("processes", f"Strategy '{self.strategy}' needs 2 or more processes (one per device): set "
+                                    "processes, or pick strategy 'single'")
 
     def watches_best(self) -> bool:
         """Whether the run tracks its best evaluation (early stopping on, or the best checkpoint kept)."""
@@ -461,6 +485,8 @@ class RunConfig:
             self._check_grpo()
         if self.training.watches_best():
             self._check_held_out()
+        if self.training.processes > 1:
+            self._check_processes()
 
     def _check_held_out(self) -> None:
         """Early stopping and keep='best' judge the held-out evaluations: refuse a run that will have none."""
@@ -478,6 +504,29 @@ class RunConfig:
         if self.data.validation_fraction == 0:
             raise ConfigError({"data.validation_fraction": f"{what} needs held-out rows to evaluate on: set the "
                                                            "validation fraction above 0 (for example 0.1)"})
+
+    def _check_processes(self) -> None:
+        """What several processes cannot do: FSDP shards whole modules of one dtype, and every process needs rows
+        of its own for each forward pass."""
+        t, problems = self.training, {}
+        if t.strategy == "fsdp":
+            if self.model.bits == 8:
+                problems["model.bits"] = ("FSDP cannot shard 8-bit (LLM.int8) weights: use 4 bits (FSDP-QLoRA), 16 "
+                                          "or 32, or strategy 'ddp'")
+            if self.lora.method not in FSDP_METHODS:
+                problems["lora.method"] = (f"FSDP cannot shard a model trained with {self.lora.method}: use lora, "
+                                           "dora, rslora or full, or strategy 'ddp'")
+            if self.stage != "sft":
+                problems["training.strategy"] = (f"FSDP is offered for SFT runs; the {self.stage} stage runs with "
+                                                 "strategy 'ddp'")
+        rows = t.batch_size * t.processes
+        if self.data.max_samples is not None and self.data.max_samples < rows:
+            problems["data.max_samples"] = (f"{t.processes} processes x batch size {t.batch_size} take {rows} training "
+                                            f"rows a forward pass, but max samples keeps {self.data.max_samples}: "
+                                            f"raise max samples to {rows} or more, or lower the batch size or the "
+                                            "processes")
+        if problems:
+            raise ConfigError(problems)
 
     def _check_grpo(self) -> None:
         problems = {}

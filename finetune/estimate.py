@@ -256,6 +256,12 @@ def memory_breakdown(shape: ModelShape, cfg: RunConfig, profile: HardwareProfile
         # (tokens x vocab) logits never exist.
         logits = min(tokens, LOGIT_TILE_TOKENS) * shape.vocab_size * 4 * 2
     overhead = (CUDA_CONTEXT_GB if profile.is_cuda else CPU_RUNTIME_GB) * 2**30 + 0.05 * activations
+    if cfg.training.strategy == "fsdp" and cfg.training.processes > 1:
+        # FSDP keeps 1/N of the weights, adapter and optimizer states per device, plus one layer gathered whole
+        # for its forward/backward at a time.
+        n = cfg.training.processes
+        weights = weights / n + weights / max(shape.num_layers, 1)
+        adapter = adapter / n
     return {"weights": weights, "adapter": adapter, "activations": activations, "logits": logits,
             "overhead": overhead}
 
@@ -287,8 +293,25 @@ def _verdict(total_gb: float, profile: HardwareProfile) -> str:
     return text
 
 
+def strategy_note(shape: ModelShape, cfg: RunConfig, profile: HardwareProfile) -> str:
+    """For several processes: memory per device with DDP (each holds the whole model) and with FSDP (the base
+    sharded across them), and which of the two fits."""
+    n = cfg.training.processes
+    per_device = {strategy: estimate_memory(shape, dataclasses.replace(
+        cfg, training=dataclasses.replace(cfg.training, strategy=strategy)), profile) for strategy in ("ddp", "fsdp")}
+    fitting = [name.upper() for name, estimate in per_device.items() if estimate.fits]
+    verdict = ("both fit; DDP is simpler and faster" if len(fitting) == 2 else
+               f"only {fitting[0]} fits" if fitting else "neither fits: fewer bits, a smaller batch or sequence length")
+    return (f"With {n} processes, per device: DDP ≈ {per_device['ddp'].total_gb:.2f} GB (each holds the whole "
+            f"model), FSDP ≈ {per_device['fsdp'].total_gb:.2f} GB (the base sharded over {n}); {verdict}.")
+
+
 def estimate_run(cfg: RunConfig, profile: HardwareProfile | None = None) -> tuple[str, MemoryEstimate]:
-    """(parameter text, memory estimate) for the Train tab; raises what ``model_shape`` raises."""
+    """(parameter text, memory estimate) for the Train tab; raises what ``model_shape`` raises. With several
+    processes the estimate is per device, and its verdict compares DDP with FSDP."""
     profile = profile or detect()
     shape = model_shape(cfg.model)
-    return parameter_text(*peft_parameter_count(shape, cfg.lora)), estimate_memory(shape, cfg, profile)
+    estimate = estimate_memory(shape, cfg, profile)
+    if cfg.training.processes > 1:
+        estimate = dataclasses.replace(estimate, verdict=f"{estimate.verdict} {strategy_note(shape, cfg, profile)}")
+    return parameter_text(*peft_parameter_count(shape, cfg.lora)), estimate

@@ -31,7 +31,8 @@ import torch  # noqa: E402
 
 from finetune.config import ConfigError, RunConfig, load_config, save_config  # noqa: E402
 from finetune.data import DataError  # noqa: E402
-from finetune.metrics import HOSTNAME, STOP_FILE, write_status  # noqa: E402
+from finetune.distributed import process_start, rank_of_process, record_rank  # noqa: E402
+from finetune.metrics import HOSTNAME, LAUNCHER_PID_ENV, STOP_FILE, run_pid, write_status  # noqa: E402
 from finetune.models import ModelSourceError  # noqa: E402
 from finetune.paths import check_config  # noqa: E402
 from finetune.run_folder import RUN_CONFIG  # noqa: E402
@@ -59,22 +60,34 @@ def _failure_message(error: BaseException) -> str:
 
 def run(cfg: RunConfig, run_dir: Path, resume: bool = False) -> int:
     """main() with the run's status kept right whatever happens; returns the process exit code."""
-    rank_zero = int(os.environ.get("RANK", "0")) == 0
+    rank, world = rank_of_process()
+    rank_zero = rank == 0
+    # Under the app's launcher a failure is settled by the launcher, which names the rank that failed first (a
+    # rank whose peer died fails too, with a broken collective); run by hand, rank 0 says it.
+    settles_failure = rank_zero and not os.environ.get(LAUNCHER_PID_ENV)
+    prefix = f"[rank {rank}] " if world > 1 else ""
     started = time.time()
     run_dir.mkdir(parents=True, exist_ok=True)
+    if world > 1:
+        record_rank(run_dir, rank, pid=os.getpid(), pid_start=process_start(os.getpid()), host=HOSTNAME,
+                    started_at=started)
     if rank_zero:
-        write_status(run_dir, state="running", stage=cfg.stage, pid=os.getpid(), hostname=HOSTNAME,
+        write_status(run_dir, state="running", stage=cfg.stage, pid=run_pid(), hostname=HOSTNAME,
                      started_at=started, error=None)
     try:
         main(cfg, run_dir, resume=resume)
     except BaseException as error:  # includes KeyboardInterrupt: the status must say what happened
-        if rank_zero:
+        if world > 1:
+            record_rank(run_dir, rank, error=_failure_message(error), failed_at=time.time())
+        if settles_failure:
             state = "stopped" if isinstance(error, KeyboardInterrupt) else "failed"
-            write_status(run_dir, state=state, error=_failure_message(error), finished_at=time.time())
+            write_status(run_dir, state=state, error=prefix + _failure_message(error), finished_at=time.time())
         if not isinstance(error, USER_ERRORS):
             traceback.print_exc()
-        print(f"error: {_failure_message(error)}", file=sys.stderr)
+        print(f"{prefix}error: {_failure_message(error)}", file=sys.stderr)
         return 1
+    if world > 1:
+        record_rank(run_dir, rank, finished_at=time.time())
     if rank_zero:
         state = "stopped" if (run_dir / STOP_FILE).exists() else "completed"
         write_status(run_dir, state=state, finished_at=time.time(), duration=round(time.time() - started, 1))

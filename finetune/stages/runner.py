@@ -14,7 +14,7 @@ from types import ModuleType
 from typing import Any
 
 from finetune.config import RunConfig
-from finetune.metrics import STOP_FILE, write_status
+from finetune.metrics import STOP_FILE, any_rank, write_status
 from finetune.run_folder import TENSORBOARD_DIR, last_checkpoint, write_run_info
 from finetune.stages import grpo, policy, reward, sft
 from finetune.stages.measure import record_measurements, reset_peak_memory
@@ -38,7 +38,7 @@ def run_stage(cfg: RunConfig, run_dir: Path, resume: bool = False) -> Path:
         write_status(run_dir, stopped_early_at=None)  # a resumed run has not stopped early (yet)
     reset_peak_memory()  # the recorded peak is the training's, not the model loading's
     trainer.train(resume_from_checkpoint=checkpoint)
-    stopped = (run_dir / STOP_FILE).exists()
+    stopped = any_rank((run_dir / STOP_FILE).exists())  # all ranks skip (or run) the final evaluation together
     # The final eval point, whatever eval_steps was; not when the trainer has loaded the best checkpoint back:
     # that point would show the best weights' loss at the last step (and the trainer evaluated the last step).
     if built.has_eval and not stopped and built.callback.last_eval_step != trainer.state.global_step \
