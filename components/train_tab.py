@@ -18,8 +18,8 @@ import gradio as gr
 import pandas as pd
 
 from components.shared import (bind, duration, list_hub_options, live_status, lora_aid_markdown, on_page_load,
-                               points_frame, problems_markdown, progress_html, refusal, series_frame, started_message,
-                               stop_run, visitor_of, watched_run)
+                               points_frame, problems_markdown, progress_html, queue_text, refusal, series_frame,
+                               started_message, stop_run, visitor_of, watched_run)
 from components.train_form import (CONFIGS_DIR, DATA_KINDS, MODEL_KINDS, column_mapping, config_from_form,
                                    form_from_config, presets)
 from finetune.access import AccessDenied, can_act
@@ -208,6 +208,11 @@ def status_text(run_id: str, status: dict[str, Any], adapter_saved: bool = True)
         return f"Run `{run_id}` {ended} in {duration(status.get('duration'))}.{_kept_note(status)} {where}"
     if state in ("stopped", "interrupted"):
         return f"Run `{run_id}` **{state}**.{_kept_note(status)} {paths.for_visitors(status.get('error') or '')}"
+    if state == "waiting":
+        place = queue_text(status).removeprefix("<b>waiting</b> in the queue · ")
+        return f"Run `{run_id}` is **waiting** in the job queue: {place}. Stop takes it out of the queue."
+    if state == "cancelled":
+        return f"Run `{run_id}` was **cancelled** while it waited in the queue; nothing was trained."
     if status.get("stop_requested_at"):
         return (f"Run `{run_id}` is **stopping**: asked {duration(time.time() - status['stop_requested_at'])} ago "
                 "to save a checkpoint and stop; a process that does not answer is ended.")
@@ -264,7 +269,7 @@ def run_history(manager: RunManager, selected: list[str] | None = None,
                      paths.display_name(cfg.data.source) if cfg else "?",
                      cfg.lora.rank if cfg else None, cfg.lora.alpha if cfg else None,
                      cfg.training.learning_rate if cfg else None, cfg.model.bits if cfg else None,
-                     f"{run.step}/{run.max_steps}", _round(run.final_loss), _round(final_eval),
+                     f"{run.step}/{run.max_steps or '?'}", _round(run.final_loss), _round(final_eval),
                      early_stop_note(status) or run.state, run.duration,
                      _method_text(cfg) if cfg else "?",
                      rows_skipped(manager.run_dir(run.run_id)), *_processes_cells(cfg), status.get("owner") or ""])

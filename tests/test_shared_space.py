@@ -312,3 +312,20 @@ def test_on_a_space_the_page_gets_gradios_sign_in_with_hugging_face(tmp_path, mo
         assert app_kwargs() == {} and "/dev-sign-in" not in routes
     finally:
         demo.feedback_store.close()
+
+
+def test_the_train_tab_shows_a_waiting_jobs_place_and_its_cancel(root, cfg):
+    from components.train_tab import poll_run
+
+    manager = GatedManager(root)
+    first, second = manager.start(cfg), manager.start(cfg)
+    wait_until(lambda: state_of(manager, first) == "running", "the first job runs")
+    watched, text, bar, *_ = poll_run(manager, second)
+    assert watched == second and "**waiting** in the job queue: position 1" in text
+    assert "data-state='waiting'" in bar and "no time estimate" in bar
+    manager.request_stop(second)
+    watched, text, *_ = poll_run(manager, second)
+    assert watched == first  # a live run is shown while there is one
+    release(manager, first)
+    wait_until(lambda: state_of(manager, first) == "completed", "the first job completes")
+    assert "was **cancelled** while it waited" in poll_run(manager, second)[1]
