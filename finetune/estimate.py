@@ -302,8 +302,11 @@ def strategy_note(shape: ModelShape, cfg: RunConfig, profile: HardwareProfile) -
     fitting = [name.upper() for name, estimate in per_device.items() if estimate.fits]
     verdict = ("both fit; DDP is simpler and faster" if len(fitting) == 2 else
                f"only {fitting[0]} fits" if fitting else "neither fits: fewer bits, a smaller batch or sequence length")
+    t = cfg.training
     return (f"With {n} processes, per device: DDP ≈ {per_device['ddp'].total_gb:.2f} GB (each holds the whole "
-            f"model), FSDP ≈ {per_device['fsdp'].total_gb:.2f} GB (the base sharded over {n}); {verdict}.")
+            f"model), FSDP ≈ {per_device['fsdp'].total_gb:.2f} GB (the base sharded over {n}); {verdict}. Effective "
+            f"batch: {t.batch_size} x {t.gradient_accumulation} accumulation x {n} processes = "
+            f"{t.batch_size * t.gradient_accumulation * n} rows a step.")
 
 
 def estimate_run(cfg: RunConfig, profile: HardwareProfile | None = None) -> tuple[str, MemoryEstimate]:

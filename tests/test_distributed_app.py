@@ -123,6 +123,8 @@ def test_stop_ends_every_rank_resume_continues_and_a_killed_rank_fails_the_run(t
     wait_until(lambda: (read_status(folder).get("step") or 0) >= 2, "the ranks train", timeout=300)
     # An app restarted now finds the run alive: status.json carries the launcher's pid, which leads the group.
     assert RunManager(tmp_path / "runs").status(run_id)["state"] == "running"
+    # ... and its stall detection reads rank 0's progress (here with a threshold any run exceeds).
+    assert "stalled_seconds" in RunManager(tmp_path / "runs", stall_after=1e-6).status(run_id)
     manager.request_stop(run_id)  # what the Stop button does
     status = manager.wait(run_id, timeout=120)
     launcher = ended(manager, run_id)
@@ -225,7 +227,7 @@ def test_the_estimate_shards_the_base_with_fsdp_and_says_which_strategy_fits():
     ddp, fsdp = estimate_memory(shape, cfg("ddp"), a100), estimate_memory(shape, cfg("fsdp"), a100)
     assert fsdp.weights_gb < ddp.weights_gb / 3 and not ddp.fits and fsdp.fits  # a 70B in 4-bit on 4 x 40 GB
     note = strategy_note(shape, cfg("ddp"), a100)
-    assert "per device" in note and "FSDP" in note and "fits" in note
+    assert "per device" in note and "only FSDP fits" in note and "= 4 rows a step" in note
 
 
 def test_a_rank_error_is_told_before_the_broken_collectives_it_caused():
