@@ -421,7 +421,10 @@ class RunManager:
             if last_checkpoint(folder) is None:
                 raise RunError(f"Run {run_id} saved no checkpoint yet, so there is nothing to resume from.")
             self._check_disk("resume a run")
-            check_launch(load_config(folder / RUN_CONFIG))  # the devices may have changed since it started
+            try:  # the devices may have changed since it started
+                check_launch(load_config(folder / RUN_CONFIG))
+            except ConfigError as error:
+                raise RunError(f"Run {run_id} cannot resume on this machine: {error}") from None
             (folder / STOP_FILE).unlink(missing_ok=True)
             write_status(folder, state=WAITING, enqueued_at=time.time(), resume_requested=True, error=None,
                          stop_note=None, finished_at=None)

@@ -259,3 +259,21 @@ def test_fsdp_qlora_trains_on_two_gpus_from_the_app(tiny_model_dir, tmp_path):
     assert [r["step"] for r in read_metrics(folder) if "loss" in r] == [1, 2, 3]
     assert adapter_format(folder / "adapter")["config"]["peft_type"] == "LORA"
     assert not group_members(ended(manager, run_id))
+
+
+def test_a_run_that_needs_more_devices_than_this_machine_has_is_not_resumed(tmp_path):
+    from finetune.config import save_config
+    from finetune.metrics import write_status
+    from finetune.runs import RunError
+
+    manager = RunManager(tmp_path / "runs")
+    folder = manager.run_dir("from-a-bigger-box")
+    (folder / "checkpoints" / "checkpoint-2").mkdir(parents=True)
+    (folder / "checkpoints" / "checkpoint-2" / "trainer_state.json").write_text("{}")
+    too_many = (torch.cuda.device_count() if torch.cuda.is_available() else os.cpu_count() or 1) + 1
+    save_config(from_dict({"model": {"source": "org/unused"}, "data": {"max_samples": None},
+                           "training": {"processes": too_many, "strategy": "ddp"}}), folder / "config.yaml")
+    write_status(folder, state="stopped", step=2)
+    with pytest.raises(RunError, match="cannot resume on this machine: training.processes"):
+        manager.resume("from-a-bigger-box")
+    assert read_status(folder)["state"] == "stopped"  # nothing queued, no child
