@@ -34,7 +34,7 @@ from components.learn_tab import build_learn_tab
 from components.quant_tab import build_quant_tab
 from components.sweep_section import build_sweep_section
 from components.rlhf_tab import build_rlhf_tab
-from components.shared import who_markdown
+from components.shared import bind, who_markdown
 from components.sign_in import app_kwargs, build_sign_in_row
 from components.train_tab import build_train_tab
 from finetune.access import sign_in_mode
@@ -72,7 +72,7 @@ def build_app(runs_root: str = "runs", profile: HardwareProfile | None = None,
         with gr.Tab("Chat", id="chat") as chat_tab:
             chat = build_chat_tab(manager, engine, store)
         # Runs finish while the user is on the Train tab: refresh the adapter list on arrival.
-        chat_tab.select(functools.partial(adapter_choices, manager), chat["run"], chat["run"],
+        chat_tab.select(bind(adapter_choices, manager), chat["run"], chat["run"],
                         api_visibility="private")
         with gr.Tab("RLHF", id="rlhf"):
             build_rlhf_tab(manager, store.path, chat, engine, scorers)
@@ -82,13 +82,13 @@ def build_app(runs_root: str = "runs", profile: HardwareProfile | None = None,
                                                       feedback["wins"]], api_visibility="private")
         with gr.Tab("Export", id="export") as export_tab:
             export = build_export_tab(manager)
-        export_tab.select(functools.partial(export_choices, manager), export["run"], export["run"],
+        export_tab.select(bind(export_choices, manager), export["run"], export["run"],
                           api_visibility="private")
         with gr.Tab("Evaluate", id="evaluate") as eval_tab:
             evaluation = build_eval_tab(manager, engine, store.path, scorers)
             build_inspect_section(manager)
             build_benchmark_section(manager, benchmarks)
-        eval_tab.select(functools.partial(run_choices, manager), evaluation["runs"],
+        eval_tab.select(bind(run_choices, manager), evaluation["runs"],
                         [evaluation["runs"], evaluation["ckpt_run"]], api_visibility="private")
         with gr.Tab("Compare", id="compare"):
             build_compare_tab(CompareQueue(manager))

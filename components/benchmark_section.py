@@ -13,7 +13,8 @@ from typing import Any
 import gradio as gr
 import pandas as pd
 
-from components.shared import bind, on_page_load, refusal
+from components.shared import bind, on_page_load, refusal, require_visible, visible_adapters, visitor_of
+from finetune.access import AccessDenied, Visitor, require_signed_in
 from finetune.benchmarks import (BUNDLED_TASK, FORGETTING_CHECK_LIMIT, FORGETTING_CHECK_ONLINE, MIN_ITEMS, Z_95,
                                  BenchmarkError, BenchmarkService, TableRow, base_only_rows,
                                  forgetting_check_tasks)
@@ -39,8 +40,8 @@ differences); "no measurable change" means the difference is within {Z_95} × th
 
 # --- handlers ------------------------------------------------------------------------------------------------------
 
-def adapter_choices(manager: RunManager, current: list[str] | None = None) -> Any:
-    ids = list(manager.finished_adapters())
+def adapter_choices(manager: RunManager, current: list[str] | None = None, request: gr.Request = None) -> Any:
+    ids = list(visible_adapters(manager, visitor_of(request)))
     return gr.Dropdown(choices=ids, value=[run_id for run_id in current or [] if run_id in ids])
 
 
@@ -50,8 +51,14 @@ def forgetting_preset() -> tuple[Any, float]:
 
 
 def _plan(manager: RunManager, service: BenchmarkService, adapters: list[str] | None, model: str, bits: Any,
-          tasks: list[str] | None, limit: Any) -> Any:
-    # Only the runs' own adapters: a typed folder path would let a visitor point the harness at any folder.
+          tasks: list[str] | None, limit: Any, visitor: Visitor) -> Any:
+    # Only the runs' own adapters (those the visitor may see): a typed folder path would let a visitor point the
+    # harness at any folder.
+    try:
+        for run_id in adapters or []:
+            require_visible(manager, run_id, visitor, "benchmark this run")
+    except AccessDenied as error:
+        raise refusal(str(error)) from None
     unknown = [a for a in adapters or [] if a not in manager.finished_adapters()]
     if unknown:
         raise refusal(f"No saved adapter for run(s): {', '.join(unknown)}; pick finished runs from the list.")
@@ -63,14 +70,19 @@ def _plan(manager: RunManager, service: BenchmarkService, adapters: list[str] | 
 
 
 def estimate_benchmark(manager: RunManager, service: BenchmarkService, adapters: list[str] | None, model: str, bits: Any,
-                       tasks: list[str] | None, limit: Any) -> str:
-    return _plan(manager, service, adapters, model, bits, tasks, limit).estimate_text()
+                       tasks: list[str] | None, limit: Any, request: gr.Request = None) -> str:
+    return _plan(manager, service, adapters, model, bits, tasks, limit, visitor_of(request)).estimate_text()
 
 
 def start_benchmark(manager: RunManager, service: BenchmarkService, adapters: list[str] | None, model: str, bits: Any,
-                    tasks: list[str] | None, limit: Any) -> tuple[str, str]:
+                    tasks: list[str] | None, limit: Any, request: gr.Request = None) -> tuple[str, str]:
     """(job id, message with the estimate); a refusal names the problem and starts nothing."""
-    plan = _plan(manager, service, adapters, model, bits, tasks, limit)
+    visitor = visitor_of(request)
+    try:
+        require_signed_in(visitor, "run a benchmark")
+    except AccessDenied as error:
+        raise refusal(str(error)) from None
+    plan = _plan(manager, service, adapters, model, bits, tasks, limit, visitor)
     try:
         job_id = service.start(plan)
     except BenchmarkError as error:

@@ -15,7 +15,6 @@ from the same base with two adapters attached.
 
 from __future__ import annotations
 
-import functools
 import random
 import sqlite3
 from pathlib import Path
@@ -23,7 +22,8 @@ from typing import Any, Iterator
 
 import gradio as gr
 
-from components.shared import refusal, bind, on_page_load
+from components.shared import refusal, bind, on_page_load, require_visible, visible_adapters, visitor_of
+from finetune.access import AccessDenied, require_signed_in
 from finetune.chat import ChatEngine, SamplingSettings, check_prompt, normalize_history
 from finetune.config import ConfigError, load_config
 from finetune.data import validation_prompts
@@ -43,10 +43,22 @@ POLICY_STAGES = ("dpo", "kto", "grpo")
 
 
 def _who(request: gr.Request | None) -> dict[str, str | None]:
-    """Who gave the feedback: the login name when the app has auth, and the browser session."""
+    """Who gave the feedback: the signed-in visitor where sign-in is on, else the login name when the app has
+    auth (LORA_LAB_AUTH); and the browser session."""
     if request is None:
         return {"user": None, "session": None}
-    return {"user": getattr(request, "username", None) or None, "session": getattr(request, "session_hash", None)}
+    visitor = visitor_of(request)
+    user = visitor.owner if visitor.sign_in else getattr(request, "username", None) or None
+    return {"user": user, "session": getattr(request, "session_hash", None)}
+
+
+def _feedback_giver(request: gr.Request | None) -> dict[str, str | None]:
+    """_who for a vote, thumb or comment: a visitor who has not signed in on a shared app may chat, not rate."""
+    try:
+        require_signed_in(visitor_of(request), "give feedback")
+    except AccessDenied as error:
+        raise refusal(str(error)) from None
+    return _who(request)
 
 
 def _model_name(side: str, run_id: str, reference: str | None = None) -> str:
@@ -103,17 +115,22 @@ def _reference_name(manager: RunManager, run_id: str | None, compare: str | None
     return reference[0] if reference else None
 
 
-def adapter_choices(manager: RunManager, current: str | None = None) -> Any:
-    """Dropdown of finished runs with an adapter, newest first; keeps the current pick when it still exists."""
-    ids = list(manager.finished_adapters())
+def adapter_choices(manager: RunManager, current: str | None = None, request: gr.Request = None) -> Any:
+    """Dropdown of finished runs with an adapter that the visitor may see, newest first; keeps the current pick
+    when it still exists."""
+    ids = list(visible_adapters(manager, visitor_of(request)))
     value = current if current in ids else (ids[0] if ids else None)
     return gr.Dropdown(choices=ids, value=value)
 
 
-def select_adapter(manager: RunManager, run_id: str | None, arena: bool = False
+def select_adapter(manager: RunManager, run_id: str | None, arena: bool = False, request: gr.Request = None
                    ) -> tuple[Any, Any, Any, Any]:
     """New labels, example prompts from the run's validation data, empty chats, and "Compare with" shown (set to
-    the base model) only for a run that started from an adapter."""
+    the base model) only for a run that started from an adapter. Another visitor's run shows nothing of its data."""
+    try:
+        require_visible(manager, run_id, visitor_of(request), "chat with this run")
+    except AccessDenied as error:
+        raise refusal(str(error)) from None
     start = starting_adapter(manager, run_id)
     compare = gr.Radio(value="base", visible=start is not None,
                        info=f"This run started from the adapter '{start[0]}': compare with it to see what the "
@@ -161,12 +178,13 @@ def chat(manager: RunManager, engine: ChatEngine, store: FeedbackStore | None, p
         settings = SamplingSettings(max_new_tokens, temperature, top_p, seed)
         if not run_id:
             raise ValueError("Pick a finished run's adapter first (train one in the Train tab).")
+        require_visible(manager, run_id, visitor_of(request), "chat with this run")
         adapters = manager.finished_adapters()
         if run_id not in adapters:
             raise ValueError(f"Run '{run_id}' has no saved adapter.")
         cfg = load_config(manager.run_dir(run_id) / RUN_CONFIG)
         reference = _reference(manager, run_id, compare)
-    except (ValueError, RunError) as error:  # ConfigError is a ValueError
+    except (ValueError, RunError, AccessDenied) as error:  # ConfigError is a ValueError
         raise refusal(str(error)) from None
     arena = bool(arena)
     # Arena turns are single questions: a shared history would tell which side is which.
@@ -187,7 +205,8 @@ def chat(manager: RunManager, engine: ChatEngine, store: FeedbackStore | None, p
             yield (*shown(), "", turn)
     except (ValueError, RuntimeError) as error:  # too long a prompt, a base model that cannot be loaded
         raise refusal(str(error)) from None
-    if store is None:
+    visitor = visitor_of(request)
+    if store is None or (visitor.sign_in and visitor.name is None):  # signed out: nobody's to keep, nor to rate
         return
     try:
         ids = store.record_turn(model=cfg.model.source, adapter=run_id, prompt=prompt,
@@ -234,6 +253,7 @@ def submit_feedback(store: FeedbackStore | None, turn: Turn | None, vote: str | 
     """Store the vote, comment and corrected answer for the last turn; in arena mode reveal the models."""
     if store is None:
         raise refusal("Feedback is not stored in this app (it was built without a feedback store).")
+    who = _feedback_giver(request)
     if not turn:
         raise refusal("Send a prompt first: there is no answer to rate yet.")
     comment, correction = (comment or "").strip(), (correction or "").strip()
@@ -241,7 +261,7 @@ def submit_feedback(store: FeedbackStore | None, turn: Turn | None, vote: str | 
         raise refusal("Choose which answer is better, or write a comment or a corrected answer.")
     if vote and vote not in ("left", "right", "tie", "both_bad"):
         raise refusal(f"Unknown vote {vote!r}.")
-    who, gen, saved = _who(request), turn["gen"], []
+    gen, saved = turn["gen"], []
     try:
         if vote:
             choice = {"left": "first", "right": "second"}.get(vote, vote)
@@ -275,6 +295,7 @@ def like_answer(store: FeedbackStore | None, side: str, turn: Turn | None, data:
     """Thumbs up/down (or taken back) on one answer, from the chatbot's own like buttons."""
     if store is None:
         raise refusal("Feedback is not stored in this app (it was built without a feedback store).")
+    who = _feedback_giver(request)
     index = data.index[0] if isinstance(data.index, (list, tuple)) else data.index
     generation = ((turn or {}).get("messages", {}).get(side, {})).get(str(index))
     if generation is None:
@@ -283,7 +304,7 @@ def like_answer(store: FeedbackStore | None, side: str, turn: Turn | None, data:
         return
     up = data.liked if isinstance(data.liked, bool) else None  # "" means the thumb was clicked off again
     try:
-        store.add_thumbs(generation, up, **_who(request))
+        store.add_thumbs(generation, up, **who)
     except (FeedbackError, sqlite3.Error) as error:
         raise gr.Error(f"Could not save the thumb: {error}") from None
     gr.Info({True: "Saved 👍", False: "Saved 👎", None: "Thumb removed"}[up])
@@ -339,9 +360,9 @@ def build_chat_tab(manager: RunManager, engine: ChatEngine, store: FeedbackStore
                                     elem_id="temperature")
             top_p = gr.Slider(0.05, 1, value=0.9, step=0.05, label="Top-p")
             seed = gr.Number(value=0, precision=0, label="Seed", minimum=0)
-    refresh_fn = functools.partial(adapter_choices, manager)
+    refresh_fn = bind(adapter_choices, manager)
     refresh.click(refresh_fn, run, run, api_name="list_adapters")
-    run.change(functools.partial(select_adapter, manager), [run, arena], [tuned_chat, examples, base_chat, compare],
+    run.change(bind(select_adapter, manager), [run, arena], [tuned_chat, examples, base_chat, compare],
                api_name="select_adapter")
     examples.click(lambda sample: sample[0], examples, prompt, api_visibility="private")
     handler = bind(chat, manager, engine, store)

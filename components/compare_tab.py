@@ -8,18 +8,19 @@ table sit the course's qualitative rows, so the words and the numbers are seen t
 
 from __future__ import annotations
 
-import functools
 import math
 from typing import Any
 
 import gradio as gr
 import pandas as pd
 
-from components.shared import bind, on_page_load, stop_queue
+from components.shared import bind, on_page_load, stop_queue, visitor_of
+from finetune.access import AccessDenied
 from finetune.compare import (DEFAULT_TECHNIQUES, QUALITATIVE, QUALITATIVE_COLUMNS, RESULT_COLUMNS, TECHNIQUES,
                               CompareError, CompareQueue, CompareRequest, base_config, loss_points, progress,
                               results)
 from finetune.config import BUNDLED_DATASET, EMBEDDED_MODEL, ConfigError
+from finetune.runs import RunError
 
 POLL_SECONDS = 2.0
 # The order of start_comparison's parameters.
@@ -91,23 +92,24 @@ def _fmt(value: float) -> str:
 
 def start_comparison(queue: CompareQueue, techniques: list[str], model_source: str, data_source: str,
                      max_steps: float, max_seq_length: float, batch_size: float, max_samples: float,
-                     learning_rate: float, seed: float, sample_prompt: str) -> tuple[Any, ...]:
+                     learning_rate: float, seed: float, sample_prompt: str, request: gr.Request = None
+                     ) -> tuple[Any, ...]:
     """Queue the chosen techniques; returns (comparison id, message, loss plot, scatter) with the plots reset."""
-    request = CompareRequest(techniques=list(techniques or []), model_source=model_source or "",
+    wanted = CompareRequest(techniques=list(techniques or []), model_source=model_source or "",
                              data_source=data_source or "", max_steps=_int(max_steps),
                              max_seq_length=_int(max_seq_length), batch_size=_int(batch_size), max_samples=_int(max_samples) or None,
                              learning_rate=learning_rate, seed=_int(seed), sample_prompt=sample_prompt or "")
     try:
-        comparison_id = queue.start(request)
+        comparison_id = queue.start(wanted, visitor_of(request))
     except ConfigError as error:
         for name, message in error.problems.items():
             gr.Warning(f"{name}: {message}")
         return gr.skip(), "**Not started:** " + "; ".join(f"`{n}`: {m}" for n, m in error.problems.items()), \
             gr.skip(), gr.skip()
-    except CompareError as error:
+    except (CompareError, RunError, AccessDenied) as error:  # signed out, over a limit, the disk full
         gr.Warning(str(error))
         return gr.skip(), f"**Not started:** {error}", gr.skip(), gr.skip()
-    names = ", ".join(TECHNIQUES[t].label for t in dict.fromkeys(request.techniques))
+    names = ", ".join(TECHNIQUES[t].label for t in dict.fromkeys(wanted.techniques))
     return comparison_id, f"Started comparison `{comparison_id}`: {names}.", None, None
 
 
@@ -118,11 +120,12 @@ def _int(value: Any) -> Any:
     return value
 
 
-def poll_comparison(queue: CompareQueue, comparison_id: str, shown: str = "") -> tuple[Any, ...]:
+def poll_comparison(queue: CompareQueue, comparison_id: str, shown: str = "", request: gr.Request = None
+                    ) -> tuple[Any, ...]:
     """(id, status, progress, table, notes, loss plot, scatter reset, scatter key) for the running comparison,
     else the given one. The scatter is only reset (None) when its set of points changes; show_scatter then
     draws it: gradio 6.31's plots keep the colour domain and scales of their first data (see train_tab)."""
-    comparison_id, state = queue.watched(comparison_id)
+    comparison_id, state = queue.watched(comparison_id, visitor_of(request))  # theirs, or one they may see
     table = results_frame(queue, state)
     status = f"Comparison `{comparison_id}`: **{state['state']}**" if state else "No comparison yet."
     if state and state.get("error"):
@@ -132,10 +135,11 @@ def poll_comparison(queue: CompareQueue, comparison_id: str, shown: str = "") ->
             loss_frame(queue, state), None if key != shown else gr.skip(), key)
 
 
-def show_scatter(queue: CompareQueue, comparison_id: str) -> pd.DataFrame | None:
-    """The memory vs validation-loss points of the comparison's finished techniques."""
+def show_scatter(queue: CompareQueue, comparison_id: str, request: gr.Request = None) -> pd.DataFrame | None:
+    """The memory vs validation-loss points of the comparison's finished techniques (one the visitor may see)."""
     try:
-        state = queue.load(comparison_id) if comparison_id else None
+        visible = comparison_id in queue.visible_ids(visitor_of(request))
+        state = queue.load(comparison_id) if comparison_id and visible else None
     except CompareError:
         state = None
     return scatter_frame(results_frame(queue, state))
@@ -212,14 +216,14 @@ def build_compare_tab(queue: CompareQueue) -> dict[str, Any]:
 
 
 def _wire(queue: CompareQueue, form: dict[str, Any], start: Any, stop: Any, view: dict[str, Any]) -> None:
-    start.click(functools.partial(start_comparison, queue), [form[k] for k in START_INPUTS],
+    start.click(bind(start_comparison, queue), [form[k] for k in START_INPUTS],
                 [view["comparison"], view["message"], view["loss_plot"], view["scatter"]], api_name="compare_start",
                 concurrency_limit=1, concurrency_id="train-start")
     stop.click(bind(stop_queue, queue, "techniques"), view["comparison"], view["message"],
                api_name="compare_stop")
     shown = gr.State("")  # which scatter points the browser holds
     live = [view[k] for k in ("comparison", "status", "progress", "table", "notes", "loss_plot", "scatter")] + [shown]
-    poll, scatter = functools.partial(poll_comparison, queue), functools.partial(show_scatter, queue)
+    poll, scatter = bind(poll_comparison, queue), bind(show_scatter, queue)
     timer = gr.Timer(POLL_SECONDS)
     timer.tick(poll, [view["comparison"], shown], live, api_name="compare_poll", show_progress="hidden",
                queue=False).then(scatter, view["comparison"], view["scatter"], show_progress="hidden", queue=False,

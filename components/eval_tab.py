@@ -10,7 +10,6 @@ handlers share the Chat tab's concurrency slot, so an evaluation never switches 
 
 from __future__ import annotations
 
-import functools
 import math
 from pathlib import Path
 from typing import Any
@@ -18,8 +17,11 @@ from typing import Any
 import gradio as gr
 import pandas as pd
 
-from components.shared import on_page_load, refusal
+from components.shared import (bind, feedback_owner, on_page_load, refusal, require_visible, visible_adapters,
+                               visible_reward_models, visitor_of)
+from finetune.access import LOCAL, AccessDenied, Visitor
 from finetune.chat import ChatEngine
+from finetune.feedback import FeedbackStore
 from finetune.config import BUNDLED_DATASET, ConfigError, load_config
 from finetune.data import first_line
 from finetune.evaluate import (Candidate, LossResult, adapter_name, candidate_answer, candidate_loss, candidates,
@@ -44,16 +46,27 @@ trained on, so the difference is the adapter's alone. ROUGE-L is the longest com
 reference answer (F1, 0-1): a crude overlap score, good at spotting a learned style, blind to meaning."""
 
 
-def run_choices(manager: RunManager, current: list[str] | None = None) -> tuple[Any, Any]:
-    """Finished runs with an adapter, for the multi-run picker and the checkpoint picker."""
-    ids = list(manager.finished_adapters())
+def run_choices(manager: RunManager, current: list[str] | None = None, request: gr.Request = None
+                ) -> tuple[Any, Any]:
+    """Finished runs with an adapter that the visitor may see, for the multi-run picker and the checkpoint
+    picker."""
+    ids = list(visible_adapters(manager, visitor_of(request)))
     kept = [run_id for run_id in current or [] if run_id in ids] or ids[:1]
     return gr.Dropdown(choices=ids, value=kept), gr.Dropdown(choices=ids, value=ids[0] if ids else None)
 
 
-def _run_dirs(manager: RunManager, run_ids: list[str] | None) -> dict[str, Path]:
+def _require_visible(manager: RunManager, run_ids: list[str], visitor: Visitor) -> None:
+    try:
+        for run_id in run_ids:
+            require_visible(manager, run_id, visitor, "evaluate this run")
+    except AccessDenied as error:
+        raise refusal(str(error)) from None
+
+
+def _run_dirs(manager: RunManager, run_ids: list[str] | None, visitor: Visitor = LOCAL) -> dict[str, Path]:
     if not run_ids:
         raise refusal("Pick at least one finished run (train one in the Train tab).")
+    _require_visible(manager, run_ids, visitor)
     adapters = manager.finished_adapters()
     missing = [run_id for run_id in run_ids if run_id not in adapters]
     if missing:
@@ -76,10 +89,10 @@ def _finite(value: float) -> float | None:
 
 
 def evaluate_loss(manager: RunManager, engine: ChatEngine, run_ids: list[str] | None, source: str, split: str,
-                  limit: float | None, batch_size: float, progress: gr.Progress = gr.Progress()
-                  ) -> tuple[pd.DataFrame, pd.DataFrame, str]:
+                  limit: float | None, batch_size: float, request: gr.Request = None,
+                  progress: gr.Progress = gr.Progress()) -> tuple[pd.DataFrame, pd.DataFrame, str]:
     """Validation loss and perplexity of each chosen run's base and adapter: table, bar-chart data, summary."""
-    run_dirs = _run_dirs(manager, run_ids)
+    run_dirs = _run_dirs(manager, run_ids, visitor_of(request))
     rows = _rows(source, split, limit)
     if not batch_size or batch_size < 1 or not float(batch_size).is_integer():
         raise refusal(f"Batch size must be a whole number of at least 1, got {batch_size!r}.")
@@ -141,11 +154,11 @@ def _difference(value: float, reference: float, what: str, interval: tuple[float
 
 
 def add_reward_scores(manager: RunManager, scorers: ScorerCache, frame: pd.DataFrame,
-                      prompts: list[list[dict[str, str]]], chosen: list[Candidate]) -> str:
-    """Add a 'reward' column from the newest reward run, if there is one, and a paired verdict of each adapter
-    against its base (and a preference-tuned one against its starting adapter) on the prompts nobody involved
-    trained on; returns a note for the summary."""
-    runs = reward_models(manager)
+                      prompts: list[list[dict[str, str]]], chosen: list[Candidate], visitor: Visitor = LOCAL) -> str:
+    """Add a 'reward' column from the newest reward run the visitor may see, if there is one, and a paired verdict
+    of each adapter against its base (and a preference-tuned one against its starting adapter) on the prompts
+    nobody involved trained on; returns a note for the summary."""
+    runs = reward_models(manager) if visitor.operator else visible_reward_models(manager, visitor)
     if not runs:
         return "No reward model yet: train one from your votes (reward stage) to score these answers."
     run_id, folder = next(iter(runs.items()))
@@ -183,9 +196,10 @@ def _reward_verdicts(manager: RunManager, frame: pd.DataFrame, chosen: list[Cand
 
 def compare_generations(manager: RunManager, engine: ChatEngine, scorers: ScorerCache, run_ids: list[str] | None,
                         source: str, split: str, prompts: float, max_new_tokens: float,
-                        progress: gr.Progress = gr.Progress()) -> tuple[pd.DataFrame, str]:
+                        request: gr.Request = None, progress: gr.Progress = gr.Progress()) -> tuple[pd.DataFrame, str]:
     """Greedy answers of each base and adapter on the first N held-out prompts, with ROUGE-L (and reward)."""
-    run_dirs = _run_dirs(manager, run_ids)
+    visitor = visitor_of(request)
+    run_dirs = _run_dirs(manager, run_ids, visitor)
     if not prompts or prompts < 1 or prompts > 50 or not float(prompts).is_integer():
         raise refusal(f"Number of prompts must be a whole number from 1 to 50, got {prompts!r}.")
     if not max_new_tokens or not 1 <= max_new_tokens <= 1024:
@@ -210,7 +224,7 @@ def compare_generations(manager: RunManager, engine: ChatEngine, scorers: Scorer
                           "repeated 3-grams": check.repeated_3grams, "degenerate": check.problem or ""})
             asked.append(prompt)
     frame = pd.DataFrame(table)
-    reward_note = add_reward_scores(manager, scorers, frame, asked, chosen)
+    reward_note = add_reward_scores(manager, scorers, frame, asked, chosen, visitor)
     means = frame.groupby("model", sort=False)["ROUGE-L"].mean()
     summary = "**Mean ROUGE-L vs reference:** " + " · ".join(
         f"`{name}` {value:.3f}" for name, value in means.items() if pd.notna(value))
@@ -231,10 +245,22 @@ def _round(value: float | None) -> float | None:
     return None if value is None else round(value, 4)
 
 
-def win_rates(db_path: Path) -> tuple[pd.DataFrame, str]:
-    """Each adapter's win rate against its base from the feedback votes, with a 95% Wilson interval."""
+def _win_counts(db_path: Path, owner: str | None) -> dict[str, dict[str, int]]:
+    """The votes of ``owner`` (everyone's for None) per adapter; empty before the database exists."""
+    if owner is None or not Path(db_path).is_file():
+        return read_win_counts(db_path)
+    store = FeedbackStore(db_path)
     try:
-        counts = read_win_counts(db_path)
+        return store.win_counts(owner=owner)
+    finally:
+        store.close()
+
+
+def win_rates(db_path: Path, request: gr.Request = None) -> tuple[pd.DataFrame, str]:
+    """Each adapter's win rate against its base from the feedback votes (the visitor's own, everyone's for an
+    operator), with a 95% Wilson interval."""
+    try:
+        counts = _win_counts(db_path, feedback_owner(visitor_of(request)))
     except Exception as error:  # a locked or damaged database: say so, keep the tab working
         return pd.DataFrame(columns=WIN_COLUMNS), f"Could not read the votes: {error}"
     rows = [win_rate(name, c) for name, c in sorted(counts.items())]
@@ -250,10 +276,12 @@ def win_rates(db_path: Path) -> tuple[pd.DataFrame, str]:
 
 
 def checkpoint_answers(manager: RunManager, engine: ChatEngine, run_id: str | None, prompt: str,
-                       max_new_tokens: float, progress: gr.Progress = gr.Progress()) -> pd.DataFrame:
+                       max_new_tokens: float, request: gr.Request = None,
+                       progress: gr.Progress = gr.Progress()) -> pd.DataFrame:
     """The same prompt answered greedily by the base, each saved checkpoint of the run, and its final adapter."""
     if not run_id:
         raise refusal("Pick a run first.")
+    _require_visible(manager, [run_id], visitor_of(request))
     if not isinstance(prompt, str) or not prompt.strip():
         raise refusal("Type a prompt first: the message is empty.")
     if not max_new_tokens or not 1 <= max_new_tokens <= 1024:
@@ -349,20 +377,20 @@ def build_eval_tab(manager: RunManager, engine: ChatEngine, feedback_db: str | P
 
 
 def _wire(manager: RunManager, engine: ChatEngine, scorers: ScorerCache, feedback_db: Path, ui: dict[str, Any]) -> None:
-    choices = functools.partial(run_choices, manager)
+    choices = bind(run_choices, manager)
     ui["refresh"].click(choices, ui["runs"], [ui["runs"], ui["ckpt_run"]], api_name="list_eval_runs")
     data = [ui["source"], ui["split"]]
-    ui["loss_button"].click(functools.partial(evaluate_loss, manager, engine),
+    ui["loss_button"].click(bind(evaluate_loss, manager, engine),
                             [ui["runs"], *data, ui["limit"], ui["batch_size"]],
                             [ui["loss_table"], ui["loss_plot"], ui["loss_summary"]], api_name="eval_loss",
                             **CONCURRENCY)
-    ui["gen_button"].click(functools.partial(compare_generations, manager, engine, scorers),
+    ui["gen_button"].click(bind(compare_generations, manager, engine, scorers),
                            [ui["runs"], *data, ui["prompts"], ui["max_new_tokens"]],
                            [ui["gen_table"], ui["gen_summary"]], api_name="eval_generations", **CONCURRENCY)
-    ui["win_button"].click(functools.partial(win_rates, feedback_db), None, [ui["win_table"], ui["win_note"]],
+    ui["win_button"].click(bind(win_rates, feedback_db), None, [ui["win_table"], ui["win_note"]],
                            api_name="win_rates")
-    ui["ckpt_button"].click(functools.partial(checkpoint_answers, manager, engine),
+    ui["ckpt_button"].click(bind(checkpoint_answers, manager, engine),
                             [ui["ckpt_run"], ui["ckpt_prompt"], ui["ckpt_tokens"]], ui["ckpt_table"],
                             api_name="checkpoint_answers", **CONCURRENCY)
     on_page_load(choices, ui["runs"], [ui["runs"], ui["ckpt_run"]])
-    on_page_load(functools.partial(win_rates, feedback_db), None, [ui["win_table"], ui["win_note"]])
+    on_page_load(bind(win_rates, feedback_db), None, [ui["win_table"], ui["win_note"]])

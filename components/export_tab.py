@@ -2,42 +2,55 @@
 
 Each action writes into the run's own folder (``export/``, ``merged/``), so nothing a visitor exports lands in
 another run. The Hub token is typed per push into a password box and used only for that call: on a shared Space
-nobody pushes with the Space owner's token, and the token is never echoed, logged or stored.
+nobody pushes with the Space owner's token, and the token is never echoed, logged or stored. Where sign-in is on,
+a visitor lists only the runs they may see, only a run's owner (or an operator) zips, merges, builds or pushes it,
+and a push uses the visitor's own sign-in token, once they tick the consent box, and nothing else.
 """
 
 from __future__ import annotations
 
-import functools
+import math
 from pathlib import Path
 from typing import Any
 
 import gradio as gr
 
-from components.shared import current_download, download_folder, downloadable, on_page_load, refusal
+from components.shared import (bind, current_download, download_folder, downloadable, on_page_load, refusal,
+                               require_visible, visible_adapters, visitor_of)
+from finetune.access import AccessDenied, Visitor, sign_in_mode
 from finetune.data import DataError, first_line
 from finetune.export import ( MERGE_TARGETS, MERGED_DIR, PLOT_FILE, ExportError, merge_adapter,
-                             merge_report, model_card, push_folder, write_model_card, zip_adapter)
-from finetune.gguf_export import (GGUF_TYPES, DiskPlan, disk_plan, gguf_path, modelfile_name, ollama_command,
-                                  push_gguf, write_gguf, zip_merged)
+                             merge_dtype, merge_report, model_card, push_folder, run_config, write_model_card,
+                             zip_adapter)
+from finetune.gguf_export import (GGUF_TYPES, DiskPlan, base_config, disk_plan, gguf_path, modelfile_name,
+                                  ollama_command, parameter_shapes, push_gguf, write_gguf, zip_merged)
+from finetune.hardware import detect
 from finetune.models import ModelSourceError
+from finetune.storage import DiskFull, folder_bytes, require_free
 from finetune.run_folder import ADAPTER_DIR
 from finetune.runs import RunError, RunManager
 
 PUSH_KINDS = ("Adapter", "Merged model")
+CONSENT = "Use my Hugging Face sign-in token to push to my account"
 
 
-def export_choices(manager: RunManager, current: str | None = None) -> Any:
-    """Finished runs with an adapter, newest first; keeps the current pick while it still exists."""
-    ids = list(manager.finished_adapters())
+def export_choices(manager: RunManager, current: str | None = None, request: gr.Request = None) -> Any:
+    """Finished runs with an adapter that the visitor may see, newest first; keeps the current pick while it
+    still exists."""
+    ids = list(visible_adapters(manager, visitor_of(request)))
     return gr.Dropdown(choices=ids, value=current if current in ids else (ids[0] if ids else None))
 
 
-def _run_dir(manager: RunManager, run_id: str | None) -> Path:
+def _run_dir(manager: RunManager, run_id: str | None, visitor: Visitor, act: str | None = None) -> Path:
+    """The run's folder, once the visitor may see it and, for ``act`` (zip, merge, build, push), act on it."""
     if not run_id:
         raise refusal("Pick a finished run first (train one in the Train tab).")
     try:
+        require_visible(manager, run_id, visitor, act or "look at this run")
         folder = manager.run_dir(run_id)
-    except RunError as error:
+        if act:
+            manager.require_can_act(run_id, visitor, act)
+    except (RunError, AccessDenied) as error:
         raise refusal(str(error)) from None
     if run_id not in manager.finished_adapters():
         raise refusal(f"Run '{run_id}' has no saved adapter to export.")
@@ -49,11 +62,43 @@ def _size(path: Path) -> str:
     return f"{total / 2**20:.1f} MB"
 
 
-def preview_card(manager: RunManager, run_id: str | None) -> tuple[str, str | None]:
+def merged_bytes(folder: Path) -> int:
+    """About what merging the run writes: every weight of its base at the merge dtype, read from the base's
+    config alone (no weights loaded); 0 when the config cannot be read (the merge then says why)."""
+    try:
+        cfg = run_config(folder)
+        shapes = parameter_shapes(base_config(cfg.model.source))
+        return sum(math.prod(shape) for _, shape in shapes) * merge_dtype(cfg, detect()).itemsize
+    except (ExportError, ModelSourceError, OSError, ValueError):
+        return 0
+
+
+def _require_free(folder: Path, needed: int, what: str) -> None:
+    try:
+        require_free(folder, needed, what)
+    except DiskFull as error:
+        raise refusal(str(error)) from None
+
+
+def push_token(visitor: Visitor, typed: str | None, consent: bool) -> str | None:
+    """The token a push uses. Without sign-in: the one typed for this push. With sign-in: the visitor's own
+    sign-in token and nothing else, only once they consent: never a typed one, never the Space's HF_TOKEN."""
+    if not visitor.sign_in:
+        return typed
+    if not consent:
+        raise refusal(f"Tick '{CONSENT}' first: a push on this app uses your own Hugging Face sign-in, with your "
+                      "consent, and nothing else.")
+    if not visitor.token:
+        raise refusal("Sign in with Hugging Face (the button at the top of the page) to push: your sign-in gives "
+                      "the token a push to your account uses.")
+    return visitor.token
+
+
+def preview_card(manager: RunManager, run_id: str | None, request: gr.Request = None) -> tuple[str, str | None]:
     """The adapter's model card as it will be pushed, and its loss plot."""
     if not run_id:
         return "Pick a run to see its model card.", None
-    folder = _run_dir(manager, run_id)
+    folder = _run_dir(manager, run_id, visitor_of(request))
     try:
         card = write_model_card(folder, folder / ADAPTER_DIR)
     except ExportError as error:
@@ -64,9 +109,10 @@ def preview_card(manager: RunManager, run_id: str | None) -> tuple[str, str | No
     return f"```yaml\n{header}```\n{body}", str(plot) if plot.is_file() else None
 
 
-def export_zip(manager: RunManager, run_id: str | None) -> tuple[str, str]:
+def export_zip(manager: RunManager, run_id: str | None, request: gr.Request = None) -> tuple[str, str]:
     """Zip the adapter for download: (zip path for the file component, message)."""
-    folder = _run_dir(manager, run_id)
+    folder = _run_dir(manager, run_id, visitor_of(request), "export this run")
+    _require_free(folder, folder_bytes(folder / ADAPTER_DIR), "zip this run's adapter")
     try:
         path = zip_adapter(folder)
     except ExportError as error:
@@ -79,14 +125,15 @@ MERGE_CHOICES = {"Weights it trained against (answers as in Chat)": "trained",
                  "Original-precision weights": "original"}
 
 
-def merge_model(manager: RunManager, run_id: str | None, target: str | None = None,
+def merge_model(manager: RunManager, run_id: str | None, target: str | None = None, request: gr.Request = None,
                 progress: gr.Progress = gr.Progress()) -> str:
     """Merge the adapter into a float copy of its base, then compare the merged model's validation loss with the
     adapter's on the same rows, so any difference from what was chatted with is visible."""
-    folder = _run_dir(manager, run_id)
+    folder = _run_dir(manager, run_id, visitor_of(request), "merge this run")
     into = MERGE_CHOICES.get(target or next(iter(MERGE_CHOICES)))
     if into is None:
         raise refusal(f"Choose what to merge into: {' or '.join(MERGE_CHOICES)}.")
+    _require_free(folder, merged_bytes(folder), "merge this run into its base model")
     try:
         output = merge_adapter(folder, into=into, progress=lambda fraction, text: progress(fraction, desc=text))
         progress(0.9, desc="Validation loss: adapter vs merged model")
@@ -103,9 +150,11 @@ def merge_model(manager: RunManager, run_id: str | None, target: str | None = No
 
 
 def push_model(manager: RunManager, run_id: str | None, what: str, repo_id: str, token: str, private: bool,
-               progress: gr.Progress = gr.Progress()) -> str:
+               consent: bool = False, request: gr.Request = None, progress: gr.Progress = gr.Progress()) -> str:
     """Push the adapter (or the merged model) with a freshly written model card; returns a link."""
-    folder = _run_dir(manager, run_id)
+    visitor = visitor_of(request)
+    folder = _run_dir(manager, run_id, visitor, "push this run")
+    token = push_token(visitor, token, consent)
     if what not in PUSH_KINDS:
         raise refusal(f"Choose what to push: {' or '.join(PUSH_KINDS)}.")
     merged = what == "Merged model"
@@ -142,13 +191,14 @@ def _plan(folder: Path, out_type: str, into: str) -> DiskPlan:
                      downloaded=_downloaded(folder, out_type))
 
 
-def gguf_plan(manager: RunManager, run_id: str | None, out_type: str | None, target: str | None = None) -> str:
+def gguf_plan(manager: RunManager, run_id: str | None, out_type: str | None, target: str | None = None,
+              request: gr.Request = None) -> str:
     """Before building: the sizes of what a build writes, the folders it lands in and the free disk there. It
     runs on every change of run, type or merge target, so a refusal is shown as text here, not as an error."""
     if not run_id:
         return "Pick a finished run to see what building its GGUF would write, and where."
     try:
-        folder, into = _run_dir(manager, run_id), _merge_into(target)
+        folder, into = _run_dir(manager, run_id, visitor_of(request)), _merge_into(target)
     except gr.Error as error:
         return str(error.message)
     try:
@@ -158,10 +208,10 @@ def gguf_plan(manager: RunManager, run_id: str | None, out_type: str | None, tar
 
 
 def plan_when_shown(manager: RunManager, shown: bool, run_id: str | None, out_type: str | None,
-                    target: str | None = None) -> Any:
+                    target: str | None = None, request: gr.Request = None) -> Any:
     """The plan, while the section is open; a closed one is planned when it opens. A plan reads the tokenizer and
     counts every metadata byte (seconds of CPU), which every page load would otherwise spend on a closed section."""
-    return gguf_plan(manager, run_id, out_type, target) if shown else gr.skip()
+    return gguf_plan(manager, run_id, out_type, target, request) if shown else gr.skip()
 
 
 def _opened() -> bool:
@@ -173,10 +223,11 @@ def _closed() -> bool:
 
 
 def build_gguf(manager: RunManager, run_id: str | None, out_type: str | None, target: str | None = None,
-               progress: gr.Progress = gr.Progress()) -> tuple[list[str], str]:
+               request: gr.Request = None, progress: gr.Progress = gr.Progress()) -> tuple[list[str], str]:
     """Merge and write the run as a GGUF file plus its Ollama Modelfile: (files to download, message)."""
-    folder = _run_dir(manager, run_id)
+    folder = _run_dir(manager, run_id, visitor_of(request), "export this run")
     into = _merge_into(target)
+    _require_free(folder, 0, "build a GGUF")  # the minimum kept free; write_gguf then checks what it writes
     try:
         # write_gguf checks the disk once, inside its build lock, counting the download copy made below too.
         result = write_gguf(folder, out_type or "", into=into, downloads=(download_folder(),),
@@ -191,9 +242,12 @@ def build_gguf(manager: RunManager, run_id: str | None, out_type: str | None, ta
 
 
 def push_gguf_file(manager: RunManager, run_id: str | None, out_type: str | None, repo_id: str, token: str,
-                   private: bool, progress: gr.Progress = gr.Progress()) -> str:
+                   private: bool, consent: bool = False, request: gr.Request = None,
+                   progress: gr.Progress = gr.Progress()) -> str:
     """Push the run's built GGUF, its Modelfile and a model card with the visitor's token; returns a link."""
-    folder = _run_dir(manager, run_id)
+    visitor = visitor_of(request)
+    folder = _run_dir(manager, run_id, visitor, "push this run")
+    token = push_token(visitor, token, consent)
     try:
         url = push_gguf(folder, out_type or "", repo_id, token, private=bool(private),
                         progress=lambda fraction, text: progress(fraction, desc=text))
@@ -206,9 +260,10 @@ def push_gguf_file(manager: RunManager, run_id: str | None, out_type: str | None
 
 
 def download_merged(manager: RunManager, run_id: str | None, target: str | None = None,
-                    progress: gr.Progress = gr.Progress()) -> tuple[str, str]:
+                    request: gr.Request = None, progress: gr.Progress = gr.Progress()) -> tuple[str, str]:
     """The merged model folder (safetensors, config, tokenizer, model card) as one zip."""
-    folder = _run_dir(manager, run_id)
+    folder = _run_dir(manager, run_id, visitor_of(request), "export this run")
+    _require_free(folder, merged_bytes(folder), "zip the merged model")
     try:
         path = zip_merged(folder, into=_merge_into(target),
                           progress=lambda fraction, text: progress(fraction, desc=text))
@@ -233,18 +288,18 @@ def _build_gguf_section(manager: RunManager, run: Any, merge_target: Any) -> dic
     shown = gr.State(False)  # whether this visitor has the section open
     section.expand(_opened, None, shown, api_visibility="private")
     section.collapse(_closed, None, shown, api_visibility="private")
-    plan, plan_inputs = functools.partial(gguf_plan, manager), [run, gguf_type, merge_target]
+    plan, plan_inputs = bind(gguf_plan, manager), [run, gguf_type, merge_target]
     gr.on([section.expand, gguf_type.change, merge_target.change], plan, plan_inputs, gguf_plan_text,
           api_name="gguf_plan")
-    run.change(functools.partial(plan_when_shown, manager), [shown, *plan_inputs], gguf_plan_text,
+    run.change(bind(plan_when_shown, manager), [shown, *plan_inputs], gguf_plan_text,
                api_visibility="private")
     # Building holds a merged float model in RAM: one at a time per app (write_gguf also refuses a second
     # build of the same run from another process). Afterwards the plan says what is now reused.
-    gguf_button.click(functools.partial(build_gguf, manager), [run, gguf_type, merge_target],
+    gguf_button.click(bind(build_gguf, manager), [run, gguf_type, merge_target],
                       [gguf_files, gguf_message], api_name="export_gguf", concurrency_limit=1,
                       concurrency_id="export-merge"
                       ).then(plan, plan_inputs, gguf_plan_text, api_visibility="private")
-    merged_button.click(functools.partial(download_merged, manager), [run, merge_target],
+    merged_button.click(bind(download_merged, manager), [run, merge_target],
                         [merged_file, gguf_message], api_name="download_merged", concurrency_limit=1,
                         concurrency_id="export-merge"
                         ).then(plan, plan_inputs, gguf_plan_text, api_visibility="private")
@@ -254,6 +309,7 @@ def _build_gguf_section(manager: RunManager, run: Any, merge_target: Any) -> dic
 
 
 def build_export_tab(manager: RunManager) -> dict[str, Any]:
+    signed_in = sign_in_mode() != "off"
     with gr.Row():
         run = gr.Dropdown([], label="Finished run", elem_id="export-run", scale=3, allow_custom_value=True,
                           info="Runs that saved an adapter.")
@@ -275,7 +331,9 @@ def build_export_tab(manager: RunManager) -> dict[str, Any]:
             what = gr.Radio(list(PUSH_KINDS), value=PUSH_KINDS[0], label="What to push")
             repo_id = gr.Textbox(label="Repo id", placeholder="your-name/my-lora", elem_id="export-repo")
             token = gr.Textbox(label="Your Hugging Face write token", type="password", elem_id="export-token",
-                               info="Used for this push only; never stored or shown.")
+                               info="Used for this push only; never stored or shown.", visible=not signed_in)
+            # With sign-in, a push uses the visitor's own sign-in token, never a typed one nor the Space's.
+            consent = gr.Checkbox(value=False, label=CONSENT, elem_id="export-consent", visible=signed_in)
             private = gr.Checkbox(value=True, label="Private repo")
         with gr.Row():
             push_button = gr.Button("Push", variant="primary", elem_id="export-push")
@@ -287,29 +345,30 @@ def build_export_tab(manager: RunManager) -> dict[str, Any]:
             card = gr.Markdown(elem_id="export-card")
             plot = gr.Image(label="Loss plot (loss.png)", type="filepath", interactive=False, elem_id="export-plot")
     merged = _wire(manager, run, refresh, zip_button, merge_button, push_button, zip_file, message, card, plot,
-                   what, repo_id, token, private, merge_target)
-    merged.then(functools.partial(plan_when_shown, manager), [gguf["gguf_shown"], run, gguf["gguf_type"],
+                   what, repo_id, token, private, merge_target, consent)
+    merged.then(bind(plan_when_shown, manager), [gguf["gguf_shown"], run, gguf["gguf_type"],
                 merge_target], gguf["gguf_plan"], api_visibility="private")  # the GGUF build reuses merged/
-    gguf_push.click(functools.partial(push_gguf_file, manager), [run, gguf["gguf_type"], repo_id, token, private],
+    gguf_push.click(bind(push_gguf_file, manager), [run, gguf["gguf_type"], repo_id, token, private, consent],
                     message, api_name="push_gguf", concurrency_limit=2)
     return {"run": run, "refresh": refresh, "zip": zip_button, "merge": merge_button, "zip_file": zip_file,
             "merge_target": merge_target,
             "message": message, "what": what, "repo_id": repo_id, "token": token, "private": private,
+            "consent": consent,
             "push": push_button, "gguf_push": gguf_push, "card": card, "plot": plot, **gguf}
 
 
 def _wire(manager: RunManager, run: Any, refresh: Any, zip_button: Any, merge_button: Any, push_button: Any,
           zip_file: Any, message: Any, card: Any, plot: Any, what: Any, repo_id: Any, token: Any,
-          private: Any, merge_target: Any) -> Any:
+          private: Any, merge_target: Any, consent: Any) -> Any:
     """Returns the merge event, so the GGUF plan can follow it."""
-    choices = functools.partial(export_choices, manager)
+    choices = bind(export_choices, manager)
     refresh.click(choices, run, run, api_name="export_runs")
-    run.change(functools.partial(preview_card, manager), run, [card, plot], api_name="model_card")
-    zip_button.click(functools.partial(export_zip, manager), run, [zip_file, message], api_name="export_zip")
+    run.change(bind(preview_card, manager), run, [card, plot], api_name="model_card")
+    zip_button.click(bind(export_zip, manager), run, [zip_file, message], api_name="export_zip")
     # Merging holds a whole unquantized base in RAM: one at a time per app.
-    merged = merge_button.click(functools.partial(merge_model, manager), [run, merge_target], message,
+    merged = merge_button.click(bind(merge_model, manager), [run, merge_target], message,
                                 api_name="merge_adapter", concurrency_limit=1, concurrency_id="export-merge")
-    push_button.click(functools.partial(push_model, manager), [run, what, repo_id, token, private], message,
+    push_button.click(bind(push_model, manager), [run, what, repo_id, token, private, consent], message,
                       api_name="push_to_hub", concurrency_limit=2)
     on_page_load(choices, run, run)
     return merged

@@ -1,12 +1,12 @@
 """The Feedback tab: what people said about the answers, how each fine-tuned run fares against its base, and the
 exports that feed the RLHF stage (preference pairs for a reward model / DPO, thumbs for KTO).
 
-Everything shown is read from the FeedbackStore (SQLite); LangSmith, when configured, only mirrors it.
+Everything shown is read from the FeedbackStore (SQLite); LangSmith, when configured, only mirrors it. On a shared
+app a visitor sees and exports only their own feedback; an operator (or the local user) sees everyone's.
 """
 
 from __future__ import annotations
 
-import functools
 import time
 from pathlib import Path
 from typing import Any
@@ -14,7 +14,8 @@ from typing import Any
 import gradio as gr
 import pandas as pd
 
-from components.shared import refusal, downloadable
+from components.shared import bind, downloadable, feedback_owner, refusal, visitor_of
+from finetune.access import AccessDenied, require_signed_in
 from finetune.evaluate import win_rate
 from finetune.feedback import FeedbackStore
 
@@ -45,35 +46,41 @@ def _about(row: dict[str, Any]) -> str:
     return f"{adapter} ({model})" if row["adapter"] else f"base ({model})"
 
 
-def recent_table(store: FeedbackStore, limit: int = 50) -> pd.DataFrame:
+def recent_table(store: FeedbackStore, limit: int = 50, owner: str | None = None) -> pd.DataFrame:
     rows = [[time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r["created"])), r["kind"], _value(r),
              None if r["kind"] == "preference" else r["score"],  # a vote's score is relative to one side
              "yes" if r["arena"] else "", _about(r), _short(r["prompt"]), _short(r["response"]),
              _short(r["comment"]), _short(r["correction"]), r["user"] or ""]
-            for r in store.recent(limit)]
+            for r in store.recent(limit, owner=owner)]
     return pd.DataFrame(rows, columns=RECENT_COLUMNS)
 
 
-def wins_table(store: FeedbackStore) -> pd.DataFrame:
+def wins_table(store: FeedbackStore, owner: str | None = None) -> pd.DataFrame:
     """Fine-tuned vs base per adapter, with the Evaluate tab's win rate (a tie or 'both bad' is half a win)."""
     rows = []
-    for adapter, c in sorted(store.win_counts().items()):
+    for adapter, c in sorted(store.win_counts(owner=owner).items()):
         rate = win_rate(adapter, c).rate
         rows.append([adapter, c["wins"], c["losses"], c["ties"], c["both_bad"],
                      c["wins"] + c["losses"] + c["ties"] + c["both_bad"], round(rate, 3) if rate is not None else None])
     return pd.DataFrame(rows, columns=WIN_COLUMNS)
 
 
-def counts_text(store: FeedbackStore) -> str:
-    c = store.counts()
+def counts_text(store: FeedbackStore, owner: str | None = None) -> str:
+    c = store.counts(owner=owner)
     return (f"**{c['generations']}** answers stored · **{c['thumbs_up']}** 👍 · **{c['thumbs_down']}** 👎 · "
             f"**{c['preferences']}** pairwise votes · **{c['corrections']}** corrected answers · "
             f"**{c['comments']}** comments")
 
 
-def feedback_summary(store: FeedbackStore) -> tuple[str, str, pd.DataFrame, pd.DataFrame]:
-    """LangSmith line, counts, recent feedback and the win/loss table, all read fresh from the store."""
-    return store.sync_summary(), counts_text(store), recent_table(store), wins_table(store)
+def feedback_summary(store: FeedbackStore, request: gr.Request = None) -> tuple[str, str, pd.DataFrame, pd.DataFrame]:
+    """LangSmith line, counts, recent feedback and the win/loss table, all read fresh from the store: the
+    visitor's own feedback, everyone's for an operator."""
+    visitor = visitor_of(request)
+    owner = feedback_owner(visitor)
+    counts = counts_text(store, owner)
+    if visitor.sign_in and visitor.name is None:
+        counts = "Sign in to see the feedback you gave. " + counts
+    return store.sync_summary(), counts, recent_table(store, owner=owner), wins_table(store, owner)
 
 
 def sync_now(store: FeedbackStore) -> str:
@@ -86,9 +93,19 @@ def sync_now(store: FeedbackStore) -> str:
     return store.sync_summary()
 
 
-def _export(store: FeedbackStore, folder: Path, kind: str) -> tuple[str | None, str]:
+def _export(store: FeedbackStore, folder: Path, kind: str, request: gr.Request = None) -> tuple[str | None, str]:
+    """One visitor's feedback (everyone's for an operator) into a folder of their own, so two visitors exporting
+    at the same second never overwrite, nor download, each other's file."""
+    visitor = visitor_of(request)
+    try:
+        require_signed_in(visitor, "export feedback")
+    except AccessDenied as error:
+        raise refusal(str(error)) from None
+    owner = feedback_owner(visitor)
+    if visitor.sign_in:
+        folder = folder / (owner or "all")
     path = folder / f"{kind}-{time.strftime('%Y%m%d-%H%M%S')}.jsonl"
-    count = store.export_pairs(path) if kind == "pairs" else store.export_thumbs(path)
+    count = store.export_pairs(path, owner) if kind == "pairs" else store.export_thumbs(path, owner)
     if count == 0:
         path.unlink(missing_ok=True)
         what = ("pairwise votes with a winner or corrected answers" if kind == "pairs" else "thumbs up/down")
@@ -99,14 +116,14 @@ def _export(store: FeedbackStore, folder: Path, kind: str) -> tuple[str | None, 
                                 "(load with datasets.load_dataset('json', data_files=...)).")
 
 
-def export_pairs(store: FeedbackStore, folder: Path) -> tuple[str | None, str]:
+def export_pairs(store: FeedbackStore, folder: Path, request: gr.Request = None) -> tuple[str | None, str]:
     """Preference pairs as JSONL: prompt (chat messages), chosen and rejected (assistant messages)."""
-    return _export(store, folder, "pairs")
+    return _export(store, folder, "pairs", request)
 
 
-def export_thumbs(store: FeedbackStore, folder: Path) -> tuple[str | None, str]:
+def export_thumbs(store: FeedbackStore, folder: Path, request: gr.Request = None) -> tuple[str | None, str]:
     """Thumbs as unpaired JSONL for KTO: prompt, completion and label (True = thumbs up)."""
-    return _export(store, folder, "thumbs")
+    return _export(store, folder, "thumbs", request)
 
 
 def build_feedback_tab(store: FeedbackStore, exports_dir: str | Path) -> dict[str, Any]:
@@ -129,12 +146,12 @@ def build_feedback_tab(store: FeedbackStore, exports_dir: str | Path) -> dict[st
         pairs_file = gr.File(label="prompt / chosen / rejected (JSONL)", elem_id="pairs-file")
         thumbs_file = gr.File(label="prompt / completion / label (JSONL)", elem_id="thumbs-file")
     export_note = gr.Markdown("", elem_id="export-note")
-    summary_fn = functools.partial(feedback_summary, store)
+    summary_fn = bind(feedback_summary, store)
     refresh.click(summary_fn, None, [sync, counts, recent, wins], api_name="feedback_summary")
-    send.click(functools.partial(sync_now, store), None, sync, api_name="sync_now")
-    pairs_button.click(functools.partial(export_pairs, store, exports_dir), None, [pairs_file, export_note],
+    send.click(bind(sync_now, store), None, sync, api_name="sync_now")
+    pairs_button.click(bind(export_pairs, store, exports_dir), None, [pairs_file, export_note],
                        api_name="export_pairs")
-    thumbs_button.click(functools.partial(export_thumbs, store, exports_dir), None, [thumbs_file, export_note],
+    thumbs_button.click(bind(export_thumbs, store, exports_dir), None, [thumbs_file, export_note],
                         api_name="export_thumbs")
     return {"sync": sync, "refresh": refresh, "send": send, "counts": counts, "wins": wins, "recent": recent,
             "export_pairs": pairs_button, "export_thumbs": thumbs_button, "pairs_file": pairs_file,

@@ -8,13 +8,13 @@ All numbers come from finetune.adapter_inspect, on the CPU, from the saved adapt
 
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 import gradio as gr
 import pandas as pd
 
-from components.shared import on_page_load, refusal
+from components.shared import bind, on_page_load, refusal, require_visible, visible_adapters, visitor_of
+from finetune.access import AccessDenied, Visitor
 from finetune.adapter_inspect import (ENERGY, AdapterReport, InspectError, RunComparison, compare_runs,
                                       energy_curve, inspect_run, random_singular_values)
 from finetune.runs import RunManager
@@ -35,17 +35,21 @@ degrees); two random subspaces of that size would overlap about k / d."""
 
 
 def inspect_runs(manager: RunManager, current: str | None = None,
-                 other: str | None = None) -> tuple[Any, Any]:
-    """The runs with a saved adapter, for both pickers."""
-    ids = list(manager.finished_adapters())
+                 other: str | None = None, request: gr.Request = None) -> tuple[Any, Any]:
+    """The runs with a saved adapter that the visitor may see, for both pickers."""
+    ids = list(visible_adapters(manager, visitor_of(request)))
     first = current if current in ids else (ids[0] if ids else None)
     second = other if other in ids else None
     return gr.Dropdown(choices=ids, value=first), gr.Dropdown(choices=ids, value=second)
 
 
-def _run_dir(manager: RunManager, run_id: str | None) -> Any:
+def _run_dir(manager: RunManager, run_id: str | None, visitor: Visitor) -> Any:
     if not run_id:
         raise refusal("Pick a finished run to inspect (train one in the Train tab).")
+    try:
+        require_visible(manager, run_id, visitor, "inspect this run")
+    except AccessDenied as error:
+        raise refusal(str(error)) from None
     adapters = manager.finished_adapters()
     if run_id not in adapters:
         raise refusal(f"No saved adapter for run '{run_id}': pick a finished run from the list.")
@@ -105,11 +109,11 @@ def _report_markdown(report: AdapterReport) -> str:
     return f"{report.summary()}\n\nMost changed:\n{captions}\n\n*Computed in {report.seconds:.1f} s.*"
 
 
-def inspect_adapter(manager: RunManager, run_id: str | None
+def inspect_adapter(manager: RunManager, run_id: str | None, request: gr.Request = None
                     ) -> tuple[str, pd.DataFrame, pd.DataFrame, pd.DataFrame, pd.DataFrame, pd.DataFrame]:
     """Inspect one run: (summary, heat map, per module type, by layer, energy by direction, matrices by change)."""
     try:
-        report = inspect_run(_run_dir(manager, run_id))
+        report = inspect_run(_run_dir(manager, run_id, visitor_of(request)))
     except InspectError as error:
         raise refusal(str(error)) from None
     return (_report_markdown(report), heat_frame(report), module_type_frame(report), layer_frame(report),
@@ -123,15 +127,16 @@ def match_frame(comparison: RunComparison) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=MATCH_COLUMNS)
 
 
-def inspect_compare(manager: RunManager, run_id: str | None, other_id: str | None, top_k: float | None
-                    ) -> tuple[str, pd.DataFrame]:
+def inspect_compare(manager: RunManager, run_id: str | None, other_id: str | None, top_k: float | None,
+                    request: gr.Request = None) -> tuple[str, pd.DataFrame]:
     """Overlap of two runs' update subspaces, matrix by matrix."""
     if not other_id:
         raise refusal("Pick a second run to compare with.")
     if top_k is None or not float(top_k).is_integer() or top_k < 1:
         raise refusal(f"Directions to compare must be a whole number of at least 1, got {top_k!r}.")
     try:
-        comparison = compare_runs(_run_dir(manager, run_id), _run_dir(manager, other_id), int(top_k))
+        visitor = visitor_of(request)
+        comparison = compare_runs(_run_dir(manager, run_id, visitor), _run_dir(manager, other_id, visitor), int(top_k))
     except InspectError as error:
         raise refusal(str(error)) from None
     return comparison.summary(), match_frame(comparison)
@@ -169,12 +174,12 @@ def build_inspect_section(manager: RunManager) -> None:
         compare_summary = gr.Markdown(elem_id="inspect-compare-summary")
         matches = gr.Dataframe(headers=MATCH_COLUMNS, label="Overlap of the two runs' update subspaces",
                                elem_id="inspect-matches", interactive=False, max_height=320)
-    pickers = functools.partial(inspect_runs, manager)
+    pickers = bind(inspect_runs, manager)
     refresh.click(pickers, [run, other], [run, other], api_name="inspect_runs")
     on_page_load(pickers, [run, other], [run, other])
-    inspect_button.click(functools.partial(inspect_adapter, manager), run,
+    inspect_button.click(bind(inspect_adapter, manager), run,
                          [summary, heat, by_type, by_layer, energy, table],
                          api_name="inspect_adapter", concurrency_limit=1, concurrency_id="inspect")
-    compare_button.click(functools.partial(inspect_compare, manager), [run, other, top_k],
+    compare_button.click(bind(inspect_compare, manager), [run, other, top_k],
                          [compare_summary, matches], api_name="inspect_compare", concurrency_limit=1,
                          concurrency_id="inspect")

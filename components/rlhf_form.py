@@ -34,14 +34,16 @@ def model_source(form: dict[str, Any]) -> str:
     return (form.get("model_source") or "").strip()
 
 
-def data_source(manager: RunManager, feedback_db: Path | None, stage: str, form: dict[str, Any]) -> str:
-    """Where step 2's preferences come from; collected feedback is exported to a file first."""
+def data_source(manager: RunManager, feedback_db: Path | None, stage: str, form: dict[str, Any],
+                owner: str | None = None) -> str:
+    """Where step 2's preferences come from; collected feedback is exported to a file first: only ``owner``'s
+    (None: everyone's, for an operator or an app without sign-in), into a folder of their own."""
     kind = form.get("data_kind") or DATA_KINDS[0]
     if kind == "Collected feedback":
         if feedback_db is None:
             raise PreferenceError("This app has no feedback store configured.")
-        folder = manager.root / "feedback-exports" / time.strftime("%Y%m%d-%H%M%S")
-        return str(export_feedback(feedback_db, folder, "thumbs" if stage == "kto" else "pairs"))
+        folder = manager.root / "feedback-exports" / (owner or "") / time.strftime("%Y%m%d-%H%M%S")
+        return str(export_feedback(feedback_db, folder, "thumbs" if stage == "kto" else "pairs", owner))
     if kind == "Uploaded file":
         path = paths.uploaded_file(form.get("data_file"))  # only a real upload; else the gate's one message
         if not path:

@@ -11,7 +11,6 @@ Handlers take the form as keyword arguments (``inputs_kwargs``), so ``gradio_cli
 
 from __future__ import annotations
 
-import functools
 from pathlib import Path
 from typing import Any
 
@@ -20,10 +19,11 @@ import pandas as pd
 
 from components.rlhf_form import (BASE_CHOICE, DATA_KINDS, MODEL_KINDS, config_from_form, data_source,
                                   model_source, preset)
-from components.shared import (bind, list_hub_options, on_page_load, problems_markdown, progress_html, refusal,
-                               series_frame, started_message, stop_run, visitor_of, watched_run)
+from components.shared import (bind, feedback_owner, list_hub_options, on_page_load, problems_markdown,
+                               progress_html, refusal, require_visible, series_frame, started_message, stop_run,
+                               visible_adapters, visible_reward_models, visitor_of, watched_run)
 from finetune import paths
-from finetune.access import AccessDenied
+from finetune.access import LOCAL, AccessDenied, Visitor
 from finetune.chat import ChatEngine, normalize_history
 from finetune.config import (DPO_LOSSES, EMBEDDED_MODEL, KEEP_CHOICES, KTO_LOSSES, ConfigError, RunConfig,
                              field_help, from_dict, load_config, to_dict)
@@ -89,9 +89,10 @@ def start_stage(manager: RunManager, feedback_db: Path | None, stage: str, reque
     """Check the data and settings, then train the stage in a child process; returns (watched run, message)
     that states how much data there is, how many passes the steps make over it, and what that will do."""
     stage = stage if stage != "policy" else POLICY_METHODS.get(form.get("method") or "DPO", "dpo")
-    source = None
+    source, visitor = None, visitor_of(request)
     try:
-        source = data_source(manager, feedback_db, stage, form)
+        _require_visible_runs(manager, visitor, form)
+        source = data_source(manager, feedback_db, stage, form, feedback_owner(visitor))
         cfg = config_from_form(stage, source, form)
         # Malformed pairs are reported now, with their row numbers, rather than from the child's log.
         data = load_preferences(cfg.data, cfg.preference.format, want="unpaired" if stage == "kto" else "paired",
@@ -103,12 +104,12 @@ def start_stage(manager: RunManager, feedback_db: Path | None, stage: str, reque
     except ConfigError as error:
         manager.discard_upload(source)  # a refused start leaves no copy of the upload behind
         return gr.skip(), problems_markdown(error)
-    except (DataError, ModelSourceError) as error:
+    except (DataError, ModelSourceError, AccessDenied) as error:
         manager.discard_upload(source)
         gr.Warning(str(error))
         return gr.skip(), f"**Not started:** {error}"
     try:
-        run_id = manager.start(cfg, visitor=visitor_of(request))
+        run_id = manager.start(cfg, visitor=visitor)
     except (RunError, AccessDenied) as error:  # signed out, over a limit, or the disk is full
         manager.discard_upload(source)
         gr.Warning(str(error))
@@ -122,11 +123,20 @@ def start_stage(manager: RunManager, feedback_db: Path | None, stage: str, reque
     return run_id, "\n\n".join(line for line in lines if line)
 
 
+def _require_visible_runs(manager: RunManager, visitor: Visitor, form: dict[str, Any]) -> None:
+    """A stage may start from, or train against, only runs the visitor may see (not another visitor's adapter)."""
+    for key, what in (("start_adapter", "start from this adapter"), ("reward_run", "use this reward model")):
+        if form.get(key) and form.get(key) != BASE_CHOICE:
+            require_visible(manager, str(form[key]), visitor, what)
+
+
 # --- watching --------------------------------------------------------------------------------------------------
 
-def runs_of_stage(manager: RunManager, stages: tuple[str, ...]) -> list[str]:
-    """Run ids of the given stages, newest first (the stage is in status.json, so no config is parsed)."""
-    return [run_id for run_id in manager.list_ids() if read_status(manager.run_dir(run_id)).get("stage") in stages]
+def runs_of_stage(manager: RunManager, stages: tuple[str, ...], visitor: Visitor = LOCAL) -> list[str]:
+    """Run ids of the given stages that ``visitor`` may see, newest first (the stage is in status.json, so no
+    config is parsed)."""
+    return [run_id for run_id in manager.visible_ids(visitor)
+            if read_status(manager.run_dir(run_id)).get("stage") in stages]
 
 
 def _last(rows: list[dict[str, Any]], key: str) -> float | None:
@@ -151,10 +161,11 @@ def status_text(run_id: str, status: dict[str, Any], rows: list[dict[str, Any]],
     return f"Run `{run_id}` is **{state}**{change}" + (f" · {early}" if early else "")
 
 
-def poll_rlhf(manager: RunManager, reward_id: str, policy_id: str) -> tuple[Any, ...]:
-    """Both watched runs, read from their folders (cheap enough for a 2 s timer)."""
-    reward_id = watched_run(manager, runs_of_stage(manager, ("reward",)), reward_id)
-    policy_id = watched_run(manager, runs_of_stage(manager, POLICY_STAGES), policy_id)
+def poll_rlhf(manager: RunManager, reward_id: str, policy_id: str, request: gr.Request = None) -> tuple[Any, ...]:
+    """Both watched runs (of those the visitor may see), read from their folders (cheap enough for a 2 s timer)."""
+    visitor = visitor_of(request)
+    reward_id = watched_run(manager, runs_of_stage(manager, ("reward",), visitor), reward_id, visitor)
+    policy_id = watched_run(manager, runs_of_stage(manager, POLICY_STAGES, visitor), policy_id, visitor)
     grpo = bool(policy_id) and read_status(manager.run_dir(policy_id)).get("stage") == "grpo"
     policy_view = (("reward", "mean reward", (POLICY_LOSS, GRPO_REWARDS)) if grpo else
                    ("eval_rewards/margins", "held-out margin", (POLICY_LOSS, POLICY_REWARDS)))
@@ -172,25 +183,30 @@ def poll_rlhf(manager: RunManager, reward_id: str, policy_id: str) -> tuple[Any,
                     + (f" (before training: {before:.3f})" if before is not None else ""))
         outputs += [run_id, text, progress_html(elem, status, rows, colour=RLHF_COLOUR),
                     series_frame(rows, charts[0], "loss"), series_frame(rows, charts[1], "value")]
-    active = manager.active_run() or policy_id or reward_id
+    active = manager.active_run()
+    active = active if active in manager.visible_ids(visitor) else policy_id or reward_id  # no one else's log
     outputs.append(paths.for_visitors(manager.log_tail(active, 25)) if active else "")
     return tuple(outputs)
 
 
 # --- the playground and the comparison ---------------------------------------------------------------------------
 
-def reward_choices(manager: RunManager, current: str | None = None) -> Any:
-    ids = list(manager.reward_models())
+def reward_choices(manager: RunManager, current: str | None = None, visitor: Visitor = LOCAL) -> Any:
+    ids = list(visible_reward_models(manager, visitor))
     return gr.Dropdown(choices=ids, value=current if current in ids else (ids[0] if ids else None))
 
 
-def start_choices(manager: RunManager, current: str | None = None) -> Any:
+def start_choices(manager: RunManager, current: str | None = None, visitor: Visitor = LOCAL) -> Any:
     """SFT adapters to start DPO/KTO from (preference-tuned ones too: the loop may go round again)."""
-    ids = [BASE_CHOICE] + list(manager.finished_adapters())
+    ids = [BASE_CHOICE] + list(visible_adapters(manager, visitor))
     return gr.Dropdown(choices=ids, value=current if current in ids else BASE_CHOICE)
 
 
-def _reward_folder(manager: RunManager, run_id: str | None) -> Path:
+def _reward_folder(manager: RunManager, run_id: str | None, visitor: Visitor) -> Path:
+    try:
+        require_visible(manager, run_id, visitor, "use this reward model")
+    except AccessDenied as error:
+        raise refusal(str(error)) from None
     models = manager.reward_models()
     if not run_id or run_id not in models:
         try:
@@ -202,14 +218,14 @@ def _reward_folder(manager: RunManager, run_id: str | None) -> Path:
 
 
 def score_answers(manager: RunManager, cache: ScorerCache, reward_run: str | None, prompt: str, answer_a: str,
-                  answer_b: str) -> str:
+                  answer_b: str, request: gr.Request = None) -> str:
     """Score one or two answers to a prompt with the reward model; with two, say which it prefers."""
     if not (prompt or "").strip():
         raise refusal("Type a prompt first.")
     answers = [a for a in (answer_a, answer_b) if (a or "").strip()]
     if not answers:
         raise refusal("Type at least one answer to score.")
-    folder = _reward_folder(manager, reward_run)  # its own clear gr.Error when none is picked
+    folder = _reward_folder(manager, reward_run, visitor_of(request))  # its own clear gr.Error when none is picked
     try:
         scorer = cache.get(folder)
         scores = scorer.score([prompt] * len(answers), answers)
@@ -262,14 +278,15 @@ def _comparison_prompts(manager: RunManager, reward_run: str, policy_dir: Path, 
 
 
 def compare_policy(manager: RunManager, cache: ScorerCache, engine: ChatEngine, reward_run: str | None,
-                   policy_run: str | None, prompts: float, max_new_tokens: float,
+                   policy_run: str | None, prompts: float, max_new_tokens: float, request: gr.Request = None,
                    progress: gr.Progress = gr.Progress()) -> tuple[str, pd.DataFrame]:
     """Greedy answers of the base model, of the adapter the policy started from and of the policy on held-out
     prompts, scored by the reward model, checked for degeneration, with a paired verdict against each."""
-    adapters = manager.finished_adapters()
+    visitor = visitor_of(request)
+    adapters = visible_adapters(manager, visitor)
     if not policy_run or policy_run not in adapters:
         raise refusal("No finished DPO/KTO/GRPO run to compare yet (step 4).")
-    folder = _reward_folder(manager, reward_run)
+    folder = _reward_folder(manager, reward_run, visitor)
     try:
         policy_dir = manager.run_dir(policy_run)
         cfg = load_config(policy_dir / RUN_CONFIG)
@@ -308,14 +325,15 @@ def _comparison_summary(result: Any, judge: Any, reward_run: str | None) -> str:
 
 # --- data preview and the pipeline summary ------------------------------------------------------------------------
 
-def preview_data(manager: RunManager, feedback_db: Path | None, **form: Any) -> tuple[str, pd.DataFrame]:
+def preview_data(manager: RunManager, feedback_db: Path | None, request: gr.Request = None,
+                 **form: Any) -> tuple[str, pd.DataFrame]:
     """The data's format and first rows, and before any training: how many pairs and prompts, how many held
     out, how many passes step 4's steps make over them, and the warnings that follow."""
     stage = POLICY_METHODS.get(form.get("method") or "DPO", "dpo")
     if (form.get("data_kind") or DATA_KINDS[0]) == "Hub dataset":
         return hub_preference_preview(form)
     try:
-        source = data_source(manager, feedback_db, stage, form)
+        source = data_source(manager, feedback_db, stage, form, feedback_owner(visitor_of(request)))
         cfg = config_from_form(stage, source, form)
         fmt, count, rows = preview_preferences(cfg.data, cfg.preference.format)
         data = load_preferences(cfg.data, cfg.preference.format, want="unpaired" if stage == "kto" else "paired",
@@ -370,7 +388,7 @@ def _flat_row(row: dict[str, Any]) -> dict[str, str]:
             for key, value in row.items()}
 
 
-def pipeline_text(manager: RunManager, **form: Any) -> str:
+def pipeline_text(manager: RunManager, request: gr.Request = None, **form: Any) -> str:
     """Which data and models each step uses, as the form and the runs folder say right now."""
     model = model_source(form) or "(no model chosen)"
     start = form.get("start_adapter") or BASE_CHOICE
@@ -378,7 +396,7 @@ def pipeline_text(manager: RunManager, **form: Any) -> str:
     data = {"Bundled pairs": BUNDLED_PREFERENCES, "Collected feedback": "the Chat tab's feedback (exported)",
             "Uploaded file": Path(str(form.get("data_file") or "(no file)")).name,
             "Hub dataset": form.get("data_hub_name") or "(no name)"}[kind]
-    rewards = list(manager.reward_models())
+    rewards = list(visible_reward_models(manager, visitor_of(request)))
     reward = form.get("reward_run") or (rewards[0] if rewards else None)
     method = form.get("method") or "DPO"
     learns = {"KTO": "learns from step 2's thumbs",
@@ -569,40 +587,41 @@ def build_rlhf_tab(manager: RunManager, feedback_db: str | Path | None = None,
 def _wire(manager: RunManager, feedback_db: Path | None, form: dict[str, Any], pipeline: Any,
           data_view: dict[str, Any], reward: dict[str, Any], policy: dict[str, Any], log: Any,
           chat: dict[str, Any] | None, engine: ChatEngine, cache: ScorerCache) -> None:
-    summary = functools.partial(pipeline_text, manager)
+    summary = bind(pipeline_text, manager)
     gr.on([form[k].change for k in ("model_kind", "model_source", "model_bits", "start_adapter", "data_kind",
                                     "data_file", "data_hub_name", "method", "reward_run")],
           summary, inputs_kwargs=form, outputs=pipeline, api_visibility="private", show_progress="hidden")
     form["model_kind"].change(lambda kind: gr.update(value=EMBEDDED_MODEL if kind == "Embedded" else ""),
                               form["model_kind"], form["model_source"], api_visibility="private")
-    data_view["preview"].click(functools.partial(preview_data, manager, feedback_db), inputs_kwargs=form,
+    data_view["preview"].click(bind(preview_data, manager, feedback_db), inputs_kwargs=form,
                                outputs=[data_view["info"], data_view["table"]], api_name="rlhf_preview_data")
     data_view["hub_list"].click(list_hub_options, [form["data_hub_name"], form["data_hub_config"]],
                                 [form["data_hub_config"], form["data_split"], data_view["hub_info"]],
                                 api_name="rlhf_hub_listing")
-    reward["start"].click(functools.partial(start_stage, manager, feedback_db, "reward"), inputs_kwargs=form,
+    reward["start"].click(bind(start_stage, manager, feedback_db, "reward"), inputs_kwargs=form,
                           outputs=[reward["watching"], reward["status"]], api_name="rlhf_start_reward",
                           concurrency_limit=1, concurrency_id="train-start")
-    policy["start"].click(functools.partial(start_stage, manager, feedback_db, "policy"), inputs_kwargs=form,
+    policy["start"].click(bind(start_stage, manager, feedback_db, "policy"), inputs_kwargs=form,
                           outputs=[policy["watching"], policy["status"]], api_name="rlhf_start_policy",
                           concurrency_limit=1, concurrency_id="train-start")
     for view, name in ((reward, "rlhf_stop_reward"), (policy, "rlhf_stop_policy")):
         view["stop"].click(bind(stop_run, manager), view["watching"], view["status"], api_name=name)
     live = [reward[k] for k in ("watching", "status", "progress", "loss_plot", "metric_plot")] + \
            [policy[k] for k in ("watching", "status", "progress", "loss_plot", "metric_plot")] + [log]
-    poll = functools.partial(poll_rlhf, manager)
+    poll = bind(poll_rlhf, manager)
     gr.Timer(POLL_SECONDS).tick(poll, [reward["watching"], policy["watching"]], live, api_name="rlhf_poll",
                                 show_progress="hidden", queue=False)
     lists = [form["reward_run"], form["start_adapter"]]
 
-    def refresh_lists(reward_run: str | None, start: str | None) -> tuple[Any, Any]:
-        return reward_choices(manager, reward_run), start_choices(manager, start)
+    def refresh_lists(reward_run: str | None, start: str | None, request: gr.Request = None) -> tuple[Any, Any]:
+        visitor = visitor_of(request)
+        return reward_choices(manager, reward_run, visitor), start_choices(manager, start, visitor)
 
     reward["refresh"].click(refresh_lists, lists, lists, api_name="rlhf_lists")
     # A finished run changes its status line: refresh the pickers so the new reward model / adapter is there.
     for view in (reward, policy):
         view["status"].change(refresh_lists, lists, lists, api_visibility="private", show_progress="hidden")
-    reward["score"].click(functools.partial(score_answers, manager, cache),
+    reward["score"].click(bind(score_answers, manager, cache),
                           [form["reward_run"], reward["prompt"], reward["answer_a"], reward["answer_b"]],
                           reward["scores"], api_name="rlhf_score", concurrency_limit=1, concurrency_id="reward")
     if chat is not None:
@@ -610,7 +629,7 @@ def _wire(manager: RunManager, feedback_db: Path | None, form: dict[str, Any], p
                                   [chat["base_chat"], chat["tuned_chat"]],
                                   [reward["prompt"], reward["answer_a"], reward["answer_b"]],
                                   api_visibility="private")
-    policy["compare"].click(functools.partial(compare_policy, manager, cache, engine),
+    policy["compare"].click(bind(compare_policy, manager, cache, engine),
                             [form["reward_run"], policy["watching"], policy["compare_prompts"],
                              policy["compare_tokens"]], [policy["compare_summary"], policy["compare_table"]],
                             api_name="rlhf_compare", concurrency_limit=1, concurrency_id="reward")

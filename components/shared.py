@@ -436,3 +436,30 @@ def list_hub_options(name: str, config: str | None) -> tuple[Any, Any, str]:
     split = "train" if "train" in splits else (splits[0] if splits else "train")
     return (gr.Dropdown(choices=configs, value=chosen), gr.Dropdown(choices=splits, value=split),
             f"{len(configs)} config(s): {', '.join(configs)} · splits of `{chosen}`: {', '.join(splits)}")
+
+
+# --- what a visitor may see (the tabs beyond Train) ---------------------------------------------------------------
+
+def visible_adapters(manager: RunManager, visitor: Visitor) -> dict[str, Path]:
+    """run id -> adapter folder of the finished runs ``visitor`` may see (all of them where sign-in is off)."""
+    visible = set(manager.visible_ids(visitor))
+    return {run_id: folder for run_id, folder in manager.finished_adapters().items() if run_id in visible}
+
+
+def visible_reward_models(manager: RunManager, visitor: Visitor) -> dict[str, Path]:
+    visible = set(manager.visible_ids(visitor))
+    return {run_id: folder for run_id, folder in manager.reward_models().items() if run_id in visible}
+
+
+def require_visible(manager: RunManager, run_id: str | None, visitor: Visitor, what: str) -> None:
+    """AccessDenied when ``visitor`` may not see run ``run_id`` (an API call naming someone else's run); a run that
+    does not exist reads the same, so names cannot be probed. Nothing is checked for the operators."""
+    if run_id and not visitor.operator and run_id not in manager.visible_ids(visitor):
+        raise AccessDenied(f"You cannot {what}: run {run_id} is not one of yours. Only its owner or an operator can "
+                           "see it.")
+
+
+def feedback_owner(visitor: Visitor) -> str | None:
+    """Whose feedback ``visitor`` reads and exports: everyone's (None) for an operator or the local user, else
+    their own. A visitor who has not signed in owns none: '' matches no stored user."""
+    return None if visitor.operator else (visitor.name or "")

@@ -8,18 +8,19 @@ sweeps the Train form's config and "Use the best" writes the best trial's settin
 
 from __future__ import annotations
 
-import functools
 import math
 from typing import Any
 
 import gradio as gr
 import pandas as pd
 
-from components.shared import bind, on_page_load, problems_markdown, stop_queue
+from components.shared import bind, on_page_load, problems_markdown, stop_queue, visitor_of
 from components.train_form import UI_ONLY, config_from_form, form_from_config
 from finetune import paths
+from finetune.access import AccessDenied, Visitor
 from finetune.compare import CompareError, CompareRequest, base_config
 from finetune.config import ConfigError, RunConfig, from_dict
+from finetune.runs import RunError
 from finetune.sweeps import (AXES, RESULT_COLUMNS, SEARCHES, SweepQueue, SweepRequest, best_trial,
                              loss_by_hyperparameter, max_trials, progress, results)
 
@@ -62,18 +63,18 @@ def base_of(manager: Any, form: dict[str, Any]) -> RunConfig:
     return cfg
 
 
-def start_sweep(queue: SweepQueue, **fields: Any) -> tuple[Any, ...]:
+def start_sweep(queue: SweepQueue, request: gr.Request = None, **fields: Any) -> tuple[Any, ...]:
     """Validate the lists on the Train form's config and queue the trials: (sweep id, message, charts reset)."""
     form = {k: v for k, v in fields.items() if k not in SWEEP_FIELDS}
     resets = tuple(None for _ in CHART_LABELS)
     cfg = None
     try:
         cfg = base_of(queue.manager, form)
-        sweep_id = queue.start_sweep(cfg, sweep_request(fields))
+        sweep_id = queue.start_sweep(cfg, sweep_request(fields), visitor_of(request))
     except ConfigError as error:
         _discard(queue, cfg)
         return (gr.skip(), "**Not started.** " + problems_markdown(error), *(gr.skip() for _ in CHART_LABELS))
-    except CompareError as error:
+    except (CompareError, RunError, AccessDenied) as error:  # signed out, over a limit, the disk full
         _discard(queue, cfg)
         gr.Warning(str(error))
         return (gr.skip(), f"**Not started:** {error}", *(gr.skip() for _ in CHART_LABELS))
@@ -118,9 +119,10 @@ def _key(state: dict[str, Any] | None, table: pd.DataFrame) -> str:
     return state["id"] + ":" + "|".join(f"{t}={v}" for t, v in zip(table["trial"], table["val loss"]))
 
 
-def poll_sweep(queue: SweepQueue, sweep_id: str, shown: str = "") -> tuple[Any, ...]:
-    """(id, status, table, best, charts reset or skipped, key) for the running sweep, else the one shown."""
-    sweep_id, state = queue.watched(sweep_id)
+def poll_sweep(queue: SweepQueue, sweep_id: str, shown: str = "", request: gr.Request = None) -> tuple[Any, ...]:
+    """(id, status, table, best, charts reset or skipped, key) for the visitor's running sweep, else the one
+    shown (of those they may see)."""
+    sweep_id, state = queue.watched(sweep_id, visitor_of(request))
     table = results_frame(queue, state)
     status = "No sweep yet."
     if state:
@@ -132,23 +134,26 @@ def poll_sweep(queue: SweepQueue, sweep_id: str, shown: str = "") -> tuple[Any, 
     return (sweep_id, status, table, best_markdown(queue, state), *charts, key)
 
 
-def show_charts(queue: SweepQueue, sweep_id: str, shown: str, drawn: str) -> list[Any]:
+def _visible_state(queue: SweepQueue, sweep_id: str | None, visitor: Visitor) -> dict[str, Any] | None:
+    """The sweep's state, when there is one the visitor may see."""
+    try:
+        return queue.load(sweep_id) if sweep_id and sweep_id in queue.visible_ids(visitor) else None
+    except CompareError:
+        return None
+
+
+def show_charts(queue: SweepQueue, sweep_id: str, shown: str, drawn: str, request: gr.Request = None) -> list[Any]:
     """Draw the charts once per change of what they show (``shown``, set by the poll), not at every tick."""
     if shown == drawn:
         return [gr.skip() for _ in CHART_LABELS] + [gr.skip()]
-    try:
-        state = queue.load(sweep_id) if sweep_id else None
-    except CompareError:
-        state = None
+    state = _visible_state(queue, sweep_id, visitor_of(request))
     return [gr.update(value=frame, visible=frame is not None) for frame in chart_frames(queue, state)] + [shown]
 
 
-def use_best(queue: SweepQueue, keys: list[str], sweep_id: str) -> list[Any]:
+def use_best(queue: SweepQueue, keys: list[str], sweep_id: str, request: gr.Request = None) -> list[Any]:
     """The best trial's settings as Train-form values, in the order of ``keys``."""
-    try:
-        item = best_trial(queue.manager, queue.load(sweep_id)) if sweep_id else None
-    except CompareError:
-        item = None
+    state = _visible_state(queue, sweep_id, visitor_of(request))
+    item = best_trial(queue.manager, state) if state else None
     if item is None:
         gr.Warning("No finished trial with a validation loss yet: nothing to copy.")
         return [gr.skip() for _ in keys]
@@ -217,18 +222,18 @@ def build_sweep_section(queue: SweepQueue, train: dict[str, Any] | None = None) 
 
 def _wire(queue: SweepQueue, form: dict[str, Any], train_form: dict[str, Any], start: Any, stop: Any, best: Any,
           view: dict[str, Any]) -> None:
-    start.click(functools.partial(start_sweep, queue), inputs_kwargs={**form, **train_form},
+    start.click(bind(start_sweep, queue), inputs_kwargs={**form, **train_form},
                 outputs=[view["sweep"], view["message"], *view["charts"]], api_name="sweep_start",
                 concurrency_limit=1, concurrency_id="train-start")
     stop.click(bind(stop_queue, queue, "trials"), view["sweep"], view["message"],
                api_name="sweep_stop")
     if train_form:
-        best.click(functools.partial(use_best, queue, list(train_form)), view["sweep"], list(train_form.values()),
+        best.click(bind(use_best, queue, list(train_form)), view["sweep"], list(train_form.values()),
                    api_name="sweep_use_best")
     shown = gr.State("")  # which points the charts should hold (the poll's key)
     drawn = gr.State("")  # which points they do hold
     live = [view["sweep"], view["status"], view["table"], view["best"], *view["charts"], shown]
-    poll, charts = functools.partial(poll_sweep, queue), functools.partial(show_charts, queue)
+    poll, charts = bind(poll_sweep, queue), bind(show_charts, queue)
     chart_io = ([view["sweep"], shown, drawn], [*view["charts"], drawn])
     timer = gr.Timer(POLL_SECONDS)
     timer.tick(poll, [view["sweep"], shown], live, api_name="sweep_poll", show_progress="hidden",
