@@ -14,7 +14,7 @@ import gradio as gr
 import pandas as pd
 
 from components.shared import bind, on_page_load, refusal, require_visible, visible_adapters, visitor_of
-from finetune.access import AccessDenied, Visitor, require_signed_in
+from finetune.access import AccessDenied, Visitor, can_view, require_owner, require_signed_in
 from finetune.benchmarks import (BUNDLED_TASK, FORGETTING_CHECK_LIMIT, FORGETTING_CHECK_ONLINE, MIN_ITEMS, Z_95,
                                  BenchmarkError, BenchmarkService, TableRow, base_only_rows,
                                  forgetting_check_tasks)
@@ -84,17 +84,36 @@ def start_benchmark(manager: RunManager, service: BenchmarkService, adapters: li
         raise refusal(str(error)) from None
     plan = _plan(manager, service, adapters, model, bits, tasks, limit, visitor)
     try:
-        job_id = service.start(plan)
+        job_id = service.start(plan, visitor.owner)
     except BenchmarkError as error:
         raise refusal(str(error)) from None
     return job_id, f"Started {job_id}: {plan.estimate_text()}"
 
 
-def stop_benchmark(service: BenchmarkService, job_id: str) -> str:
+def visible_job(service: BenchmarkService, job_id: str | None, visitor: Visitor) -> str:
+    """The job id if it names a job ``visitor`` may see, else '' (another visitor's job is not shown)."""
+    try:
+        return job_id if job_id and can_view(visitor, service.owner_of(job_id)) else ""
+    except BenchmarkError:
+        return ""
+
+
+def stop_benchmark(service: BenchmarkService, job_id: str, request: gr.Request = None) -> str:
+    visitor = visitor_of(request)
+    job_id = visible_job(service, job_id, visitor)
     if not job_id or not service.running(job_id):
         return "No benchmark is running."
+    try:
+        require_owner(visitor, service.owner_of(job_id), "stop this benchmark", f"benchmark {job_id}")
+    except AccessDenied as error:
+        return f"**Not stopped:** {error}"
     service.request_stop(job_id)
     return f"Stopping {job_id} at its next model call."
+
+
+def latest_visible_job(service: BenchmarkService, request: gr.Request = None) -> str:
+    """On a page load: the newest job the visitor may see, to re-attach to."""
+    return service.latest_job(visitor_of(request)) or ""
 
 
 def _number(value: float | None) -> float | None:
@@ -118,9 +137,12 @@ def progress_text(status: dict[str, Any]) -> str:
     return f"**{state}** {unit}{what}: about {done}/{total} answer choices scored"
 
 
-def poll_benchmark(service: BenchmarkService, job_id: str) -> tuple[str, pd.DataFrame, pd.DataFrame]:
-    """(progress, base-vs-adapter table, base scores) of the job; blank without one."""
+def poll_benchmark(service: BenchmarkService, job_id: str,
+                   request: gr.Request = None) -> tuple[str, pd.DataFrame, pd.DataFrame]:
+    """(progress, base-vs-adapter table, base scores) of the job; blank without one (or for a job the visitor
+    may not see)."""
     empty = pd.DataFrame(columns=TABLE_COLUMNS), pd.DataFrame(columns=BASE_COLUMNS)
+    job_id = visible_job(service, job_id, visitor_of(request))
     if not job_id or not (service.job(job_id).folder / "plan.json").is_file():
         return "", *empty
     job = service.job(job_id)
@@ -184,4 +206,4 @@ def _wire(manager: RunManager, service: BenchmarkService, ui: dict[str, Any]) ->
     gr.Timer(POLL_SECONDS).tick(bind(poll_benchmark, service), ui["job"], live, api_name="benchmark_poll",
                                 show_progress="hidden", queue=False)
     on_page_load(bind(adapter_choices, manager), ui["adapters"], ui["adapters"])
-    on_page_load(lambda: service.latest_job() or "", None, ui["job"])
+    on_page_load(bind(latest_visible_job, service), None, ui["job"])

@@ -7,7 +7,7 @@ from typing import Any
 
 import gradio as gr
 
-from components.shared import on_page_load
+from components.shared import bind, on_page_load, visitor_of
 from finetune.benchmarks import Z_95, BenchmarkService
 
 # (competency, what to know, where the app shows it: tab label, what to do there)
@@ -57,10 +57,10 @@ def tab_link_js(tab: str) -> str:
             f".find(b => b.innerText.trim() === {tab!r}); if (tab) {{ tab.click(); window.scrollTo(0, 0); }} }}")
 
 
-def forgetting_markdown(service: BenchmarkService | None) -> str:
+def forgetting_markdown(service: BenchmarkService | None, request: gr.Request = None) -> str:
     """PEFT's promise that the base keeps what it knew, in the learner's own numbers: the newest benchmark job's
-    base-vs-adapter differences, or where to run the check."""
-    job = service.latest_job() if service is not None else None
+    (of those the visitor may see) base-vs-adapter differences, or where to run the check."""
+    job = service.latest_job(visitor_of(request)) if service is not None else None
     rows = service.table(job) if job else []
     if not rows:
         return ("**Does PEFT keep what the base knew? Your numbers:** no forgetting check yet. Run one in the "
@@ -86,6 +86,6 @@ def build_learn_tab(benchmarks: BenchmarkService | None = None) -> dict[str, Any
             short = name.split(" (")[0]
             ui[short] = gr.Button(f"{short} → {tab} tab", size="sm", elem_id=f"learn-{short.lower()}")
             ui[short].click(None, js=tab_link_js(tab))
-    ui["refresh_forgetting"] = lambda: forgetting_markdown(benchmarks)
+    ui["refresh_forgetting"] = bind(forgetting_markdown, benchmarks)
     on_page_load(ui["refresh_forgetting"], None, ui["forgetting"])
     return ui

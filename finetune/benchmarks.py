@@ -33,6 +33,7 @@ import argparse
 import functools
 import hashlib
 import json
+import re
 import math
 import os
 import signal
@@ -46,6 +47,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from finetune.access import LOCAL, Visitor, can_view
 from finetune.config import EMBEDDED_MODEL, ConfigError, ModelConfig, load_config
 from finetune.metrics import STOP_FILE, read_status, write_status
 from finetune.models import ModelSourceError, cache_root, hub_reachable, source_kind
@@ -630,6 +632,9 @@ def app_root(runs_root: str | Path) -> Path:
     return Path(os.environ.get("LORA_LAB_BENCHMARKS") or Path(runs_root) / "benchmarks")
 
 
+JOB_ID = re.compile(r"^bench-\d{8}-\d{6}-[0-9a-f]{6}$")
+
+
 class BenchmarkService:
     """Plans (every check before a child starts), starts, watches and stops benchmark jobs."""
 
@@ -690,23 +695,25 @@ class BenchmarkService:
 
     # running --------------------------------------------------------------------------------------------------
     def job(self, job_id: str) -> BenchmarkJob:
+        if not JOB_ID.match(job_id or ""):  # the id comes from the page: never a path of its own
+            raise BenchmarkError(f"No benchmark job {job_id!r}.")
         return BenchmarkJob(self.root / "jobs" / job_id, self.cache_dir)
 
-    def create(self, plan: BenchmarkPlan) -> BenchmarkJob:
+    def create(self, plan: BenchmarkPlan, owner: str | None = None) -> BenchmarkJob:
         job_id = time.strftime("bench-%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6]
         job = self.job(job_id)
         job.folder.mkdir(parents=True)
         (job.folder / PLAN_FILE).write_text(json.dumps(plan.to_json(), indent=1), encoding="utf-8")
-        write_status(job.folder, state="queued", units=len(plan.units), unit=0)
+        write_status(job.folder, state="queued", units=len(plan.units), unit=0, owner=owner)
         return job
 
-    def start(self, plan: BenchmarkPlan) -> str:
+    def start(self, plan: BenchmarkPlan, owner: str | None = None) -> str:
         """A job folder, and a child process for the uncached units (none when everything is cached). One job at a
         time: two would share the CPU (or GPU) and each take twice as long."""
         busy = [job_id for job_id in self._children if self.running(job_id)]
         if busy and not all(u.cached for u in plan.units):
             raise BenchmarkError(f"A benchmark is already running ({busy[0]}); stop it or wait until it ends.")
-        job = self.create(plan)
+        job = self.create(plan, owner)
         if all(u.cached for u in plan.units) and all(job.copy_cached(i, u) for i, u in enumerate(plan.units)):
             write_status(job.folder, state="completed", unit=len(plan.units), finished_at=time.time())
             return job.folder.name
@@ -720,11 +727,15 @@ class BenchmarkService:
         write_status(job.folder, pid=child.pid)
         return job.folder.name
 
-    def latest_job(self) -> str | None:
-        """The newest job (the UI re-attaches to it after a page reload)."""
+    def latest_job(self, visitor: Visitor = LOCAL) -> str | None:
+        """The newest job ``visitor`` may see (the UI re-attaches to it after a page reload)."""
         folder = self.root / "jobs"
         jobs = sorted(p.name for p in folder.iterdir() if (p / PLAN_FILE).is_file()) if folder.is_dir() else []
-        return jobs[-1] if jobs else None
+        visible = [job_id for job_id in jobs if can_view(visitor, self.owner_of(job_id))]
+        return visible[-1] if visible else None
+
+    def owner_of(self, job_id: str) -> str | None:
+        return read_status(self.job(job_id).folder).get("owner")
 
     def running(self, job_id: str) -> bool:
         child = self._children.get(job_id)

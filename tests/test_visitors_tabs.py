@@ -215,3 +215,31 @@ def test_without_sign_in_everything_is_visible_as_before(monkeypatch, tmp_path):
         assert "123-45-6789" in feedback_summary(store, None)[2].to_csv()
     finally:
         store.close()
+
+
+def test_benchmark_jobs_belong_to_the_visitor_who_started_them(shared_app, tmp_path):
+    from components.benchmark_section import poll_benchmark, stop_benchmark
+    from components.learn_tab import forgetting_markdown
+    from finetune.benchmarks import BenchmarkService
+    from finetune.metrics import write_status
+
+    service = BenchmarkService(shared_app.root, tmp_path / "benchmarks")
+    job_id = "bench-20261130-010203-abcdef"  # Alice's job as start() lays it out (no model is loaded here)
+    folder = tmp_path / "benchmarks" / "jobs" / job_id
+    folder.mkdir(parents=True)
+    (folder / "plan.json").write_text(json.dumps({"tasks": [], "limit": 5, "units": [], "seconds": 0,
+                                                  "batch_size": 8}), encoding="utf-8")
+    write_status(folder, state="completed", owner="alice")
+
+    assert service.latest_job(visitor_of_name("alice")) == job_id
+    assert service.latest_job(visitor_of_name("bob")) is None  # Bob's page does not re-attach to it
+    assert poll_benchmark(service, job_id, visiting("bob"))[0] == ""
+    assert stop_benchmark(service, job_id, visiting("bob")) == "No benchmark is running."
+    assert "no forgetting check yet" in forgetting_markdown(service, visiting("bob"))
+    assert poll_benchmark(service, "../../etc", visiting("carol"))[0] == ""  # an id is never a path
+
+
+def visitor_of_name(name: str) -> Any:
+    from components.shared import visitor_of
+
+    return visitor_of(visiting(name))
