@@ -42,7 +42,7 @@ differences); "no measurable change" means the difference is within {Z_95} × th
 
 def adapter_choices(manager: RunManager, current: list[str] | None = None, request: gr.Request = None) -> Any:
     ids = list(visible_adapters(manager, visitor_of(request)))
-    return gr.Dropdown(choices=ids, value=[run_id for run_id in current or [] if run_id in ids])
+    return gr.Dropdown(choices=ids, value=[run_id for run_id in current or [] if run_id in ids], multiselect=True)
 
 
 def forgetting_preset() -> tuple[Any, float]:

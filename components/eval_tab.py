@@ -52,7 +52,8 @@ def run_choices(manager: RunManager, current: list[str] | None = None, request: 
     picker."""
     ids = list(visible_adapters(manager, visitor_of(request)))
     kept = [run_id for run_id in current or [] if run_id in ids] or ids[:1]
-    return gr.Dropdown(choices=ids, value=kept), gr.Dropdown(choices=ids, value=ids[0] if ids else None)
+    return (gr.Dropdown(choices=ids, value=kept, multiselect=True),  # multiselect: else gradio warns on a list
+            gr.Dropdown(choices=ids, value=ids[0] if ids else None))
 
 
 def _require_visible(manager: RunManager, run_ids: list[str], visitor: Visitor) -> None:

@@ -279,7 +279,7 @@ def run_history(manager: RunManager, selected: list[str] | None = None,
     table = pd.DataFrame(rows, columns=HISTORY_COLUMNS + ["owner"])
     if not visitor.sign_in:  # one local user owns everything: no owner column to read
         table = table.drop(columns="owner")
-    return (table, gr.Dropdown(choices=ids, value=kept), gr.Dropdown(choices=deletable, value=None),
+    return (table, gr.Dropdown(choices=ids, value=kept, multiselect=True), gr.Dropdown(choices=deletable, value=None),
             usage(manager.root).text())
 
 
