@@ -57,6 +57,11 @@ def data_source(manager: RunManager, feedback_db: Path | None, stage: str, form:
     return BUNDLED_PREFERENCES
 
 
+def _whole(value: Any) -> int:
+    """A form number as a whole number (a bad value is left to the config's own check: 0 here)."""
+    return int(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else 0
+
+
 def config_from_form(stage: str, source: str, form: dict[str, Any]) -> RunConfig:
     """The RunConfig of one stage from the shared form; ConfigError lists every bad field."""
     prefix = "reward" if stage == "reward" else "policy"
@@ -91,7 +96,10 @@ def config_from_form(stage: str, source: str, form: dict[str, Any]) -> RunConfig
                      # GRPO has no held-out set: the config refuses these there unless they are off
                      "early_stopping_patience": form.get("early_stopping_patience",
                                                          base["training"]["early_stopping_patience"]),
-                     "keep": form.get("keep") or base["training"]["keep"]},
+                     "keep": form.get("keep") or base["training"]["keep"],
+                     # Past one device: data parallel only (FSDP shards an SFT run's base, not these stages').
+                     "processes": form.get("processes") or 1,
+                     "strategy": "ddp" if _whole(form.get("processes")) > 1 else "single"},
     }
     if stage == "kto" and raw["preference"]["loss_type"] not in KTO_LOSSES:
         raw["preference"]["loss_type"] = "kto"

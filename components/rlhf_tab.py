@@ -28,6 +28,7 @@ from finetune.chat import ChatEngine, normalize_history
 from finetune.config import (DPO_LOSSES, EMBEDDED_MODEL, KEEP_CHOICES, KTO_LOSSES, ConfigError, RunConfig,
                              field_help, from_dict, load_config, to_dict)
 from finetune.data import DataError, hub_first_rows
+from finetune.distributed import offers_processes
 from finetune.metrics import early_stop_note, read_metrics, read_status, write_status
 from finetune.models import ModelSourceError
 from finetune.feedback import FeedbackStore
@@ -558,6 +559,11 @@ def _advanced(form: dict[str, Any], defaults: RunConfig) -> None:
                 precision=0, elem_id="rlhf-early-stopping", info=_info("training", "early_stopping_patience"))
             form["keep"] = gr.Radio(list(KEEP_CHOICES), value=defaults.training.keep, label="Saved weights",
                                     elem_id="rlhf-keep", info=_info("training", "keep"))
+        with gr.Row(visible=offers_processes()):  # past one device: 2+ GPUs, or CPU processes over gloo
+            form["processes"] = gr.Number(1, label="Processes (data parallel)", precision=0,
+                                          elem_id="rlhf-processes",
+                                          info="Each process trains on its share of every batch (DDP; effective "
+                                               "batch = batch size x processes). One per GPU; on the CPU, over gloo.")
 
 
 def build_rlhf_tab(manager: RunManager, feedback_db: str | Path | None = None,
