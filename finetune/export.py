@@ -33,7 +33,8 @@ from finetune.data import prepare
 from finetune.evaluate import dataset_loss
 from finetune.hardware import HardwareProfile, detect, profile_for, resolve_compute_dtype
 from finetune.metrics import read_metrics, read_status
-from finetune.models import HUB_ID, from_hub_or_cache, load_model, load_tokenizer, require_hub, weight_dtype
+from finetune.models import (HUB_ID, from_hub_or_cache, load_model, load_tokenizer, require_hub_to_push,
+                             weight_dtype)
 from finetune.paths import display_name
 from finetune.run_folder import (ADAPTER_CONFIG, ADAPTER_DIR, CONFIG_COPY, EXPORT_DIR, MERGED_DIR, RUN_CONFIG,
                                  adapter_config, has_adapter)
@@ -429,7 +430,7 @@ def push_folder(folder: str | Path, repo_id: str, token: str | None, private: bo
     if not (folder / "config.json").is_file() and not has_adapter(folder):
         raise ExportError(f"{folder} holds neither an adapter nor a model.")
     if api is None:
-        require_hub(repo_id, "model repo")
+        require_hub_to_push(repo_id)
         from huggingface_hub import HfApi
 
         api = HfApi()

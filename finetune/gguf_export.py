@@ -52,7 +52,7 @@ from finetune.export import (CARD_FILE, EXPORT_DIR, MERGE_TARGETS, MERGED_DIR, M
 from finetune.hardware import detect
 from finetune.metrics import read_status
 from finetune.models import (ModelSourceError, embedded_model_dir, from_hub_or_cache, load_tokenizer,
-                             require_hub)
+                             require_hub_to_push)
 from finetune.paths import display_name, for_visitors, local_paths_mode
 
 GGUF_DIR = "gguf"
@@ -968,7 +968,7 @@ def push_gguf(run_dir: str | Path, out_type: str, repo_id: str, token: str | Non
         raise ExportError("A Hugging Face write token is needed to push (huggingface.co/settings/tokens).")
     result, into = built_gguf(run_dir, out_type)
     if api is None:
-        require_hub(repo_id, "model repo")
+        require_hub_to_push(repo_id)
         from huggingface_hub import HfApi
 
         api = HfApi()

@@ -77,6 +77,13 @@ def require_hub(name: str, what: str = "model") -> None:
             f"{suggestion}.")
 
 
+def require_hub_to_push(repo_id: str) -> None:
+    """A push needs the Hub: say so, as a push (not a download), with what works offline instead."""
+    if not hub_reachable():
+        raise ModelSourceError(f"Cannot reach the Hugging Face Hub to push to '{repo_id}' (this machine is "
+                               "offline); download the file from this tab instead, or push once it is online.")
+
+
 def embedded_gguf_path(name: str = EMBEDDED_MODEL) -> Path:
     package, filename = EMBEDDED_GGUF[name]
     # find_spec, not import: the wheel's __init__ imports llama_cpp, which we neither need nor install.

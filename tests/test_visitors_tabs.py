@@ -123,6 +123,18 @@ def test_a_push_with_sign_in_uses_only_the_visitors_own_token_after_consent(shar
     assert push_token(visitor_of(alice), HF_SENTINEL, True) == "dev-token-alice"
 
 
+
+def test_a_push_from_an_offline_machine_says_it_cannot_push(shared_app, monkeypatch):
+    from components.export_tab import push_model
+
+    from finetune.config import RunConfig, save_config
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # as this machine is: the Hub cannot be reached
+    save_config(RunConfig(), shared_app.root / "alice-run" / "config.yaml")  # the card is written from it
+    with pytest.raises(gr.Error, match="Cannot reach the Hugging Face Hub to push to 'alice/x'.*download the file"):
+        push_model(shared_app, "alice-run", "Adapter", "alice/x", "", True, True, visiting("alice"))
+
+
 def feedback_of_two(store: FeedbackStore, manager: RunManager) -> None:
     """Alice and Bob each chat once; Alice votes with a private comment, Bob thumbs his answer (chat_tab's own
     handlers record who gave the feedback)."""
