@@ -28,7 +28,7 @@ from finetune.config import (BUNDLED_DATASET, CHECKPOINTING, COMPUTE_DTYPES, DAT
                              STRATEGIES, RunConfig, field_help, load_config)
 from finetune import paths
 from finetune.data import DataError, DataPreview, bundled_names, hub_preview, preview_report
-from finetune.distributed import effective_batch, offers_processes
+from finetune.distributed import check_launch, effective_batch, offers_processes
 from finetune.estimate import estimate_run
 from finetune.recipe import resolve_recipe
 from finetune.hardware import HardwareProfile
@@ -65,6 +65,7 @@ def load_preset(name: str) -> list[Any]:
 def update_estimate(profile: HardwareProfile, **form: Any) -> str:
     try:
         cfg = config_from_form(form)
+        check_launch(cfg)  # processes this machine cannot run: the same refusal Start would give
         params, memory = estimate_run(cfg, profile)
         recipe = resolve_recipe(cfg, profile)
     except ConfigError as error:

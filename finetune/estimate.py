@@ -302,6 +302,9 @@ def strategy_note(shape: ModelShape, cfg: RunConfig, profile: HardwareProfile) -
     fitting = [name.upper() for name, estimate in per_device.items() if estimate.fits]
     verdict = ("both fit; DDP is simpler and faster" if len(fitting) == 2 else
                f"only {fitting[0]} fits" if fitting else "neither fits: fewer bits, a smaller batch or sequence length")
+    if not profile.is_cuda:  # processes on the CPU share one memory, and FSDP needs GPUs to shard across
+        verdict = (f"on the CPU only DDP runs (FSDP needs GPUs), and its {n} processes share this machine's "
+                   f"{profile.memory_gb:.1f} GB: about {n * per_device['ddp'].total_gb:.2f} GB in all")
     t = cfg.training
     return (f"With {n} processes, per device: DDP ≈ {per_device['ddp'].total_gb:.2f} GB (each holds the whole "
             f"model), FSDP ≈ {per_device['fsdp'].total_gb:.2f} GB (the base sharded over {n}); {verdict}. Effective "

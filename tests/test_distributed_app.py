@@ -245,6 +245,20 @@ def test_the_estimate_shards_the_base_with_fsdp_and_says_which_strategy_fits():
     assert fsdp.weights_gb < ddp.weights_gb / 3 and not ddp.fits and fsdp.fits  # a 70B in 4-bit on 4 x 40 GB
     note = strategy_note(shape, cfg("ddp"), a100)
     assert "per device" in note and "only FSDP fits" in note and "= 4 rows a step" in note
+    cpu = profile_for("cpu", "CPU (2 cores)", 16.0, None)
+    on_cpu = strategy_note(shape, cfg("ddp"), cpu)  # no "both fit" where FSDP cannot run at all
+    assert "only DDP runs (FSDP needs GPUs)" in on_cpu and "share this machine's 16.0 GB" in on_cpu
+
+
+def test_the_estimate_gives_starts_refusal_for_processes_this_machine_cannot_run():
+    from components.train_tab import update_estimate
+    from finetune.hardware import detect
+
+    too_many = (torch.cuda.device_count() if torch.cuda.is_available() else os.cpu_count() or 1) + 1
+    form = {"data_kind": "Bundled", "model_kind": "Embedded", "training_processes": too_many,
+            "training_strategy": "ddp", "training_batch_size": 1}
+    text = update_estimate(detect(), **form)
+    assert text.startswith("Estimate unavailable until the form is valid") and "set processes to" in text, text
 
 
 def test_a_rank_error_is_told_before_the_broken_collectives_it_caused():
