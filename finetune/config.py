@@ -383,8 +383,8 @@ class TrainingConfig:
     def _check_processes(self, check: _Checker) -> None:
         """The strategy and the number of processes must agree: one process is 'single', several are not."""
         if self.strategy == "single" and self.processes > 1:
-            check.fail("strategy", f"Strategy 'single' runs one process: pick 'ddp' or 'fsdp' for {self.processes} "
-                                   "processes, or set processes to 1")
+            check.fail("strategy", f"Strategy 'single' runs one process: set processes to 1, or pick 'ddp' to run "
+                                   f"{self.processes} (one per GPU, or CPU processes over gloo; 'fsdp' needs GPUs)")
         elif self.strategy != "single" and self.processes == 1:
             check.fail("processes", f"Strategy '{self.strategy}' needs 2 or more processes (one per device): set "
                                     "processes, or pick strategy 'single'")

@@ -149,7 +149,7 @@ def test_stop_ends_every_rank_resume_continues_and_a_killed_rank_fails_the_run(t
 # --- refusals, before any child starts ----------------------------------------------------------------------------
 
 @pytest.mark.parametrize("fields, field, fix", [
-    ({"training": {"processes": 2}}, "training.strategy", "pick 'ddp' or 'fsdp'"),
+    ({"training": {"processes": 2}}, "training.strategy", "set processes to 1, or pick 'ddp'"),
     ({"training": {"strategy": "ddp"}}, "training.processes", "needs 2 or more processes"),
     ({"model": {"bits": 8}, "training": {"processes": 2, "strategy": "fsdp"}}, "model.bits", "use 4 bits"),
     ({"lora": {"method": "ia3"}, "training": {"processes": 2, "strategy": "fsdp"}}, "lora.method", "strategy 'ddp'"),
