@@ -23,7 +23,7 @@ from typing import Any, Iterator
 import gradio as gr
 
 from components.shared import refusal, bind, on_page_load, require_visible, visible_adapters, visitor_of
-from finetune.access import AccessDenied, require_signed_in
+from finetune.access import AccessDenied, require_signed_in, sign_in_hint
 from finetune.chat import ChatEngine, SamplingSettings, check_prompt, normalize_history
 from finetune.config import ConfigError, load_config
 from finetune.data import validation_prompts
@@ -176,9 +176,12 @@ def chat(manager: RunManager, engine: ChatEngine, store: FeedbackStore | None, p
     try:
         prompt = check_prompt(prompt)
         settings = SamplingSettings(max_new_tokens, temperature, top_p, seed)
+        visitor = visitor_of(request)
         if not run_id:
-            raise ValueError("Pick a finished run's adapter first (train one in the Train tab).")
-        require_visible(manager, run_id, visitor_of(request), "chat with this run")
+            how = (f"{sign_in_hint()} to train one in the Train tab" if visitor.sign_in and visitor.name is None
+                   else "train one in the Train tab")
+            raise ValueError(f"Pick a finished run's adapter first ({how}).")
+        require_visible(manager, run_id, visitor, "chat with this run")
         adapters = manager.finished_adapters()
         if run_id not in adapters:
             raise ValueError(f"Run '{run_id}' has no saved adapter.")
@@ -205,7 +208,6 @@ def chat(manager: RunManager, engine: ChatEngine, store: FeedbackStore | None, p
             yield (*shown(), "", turn)
     except (ValueError, RuntimeError) as error:  # too long a prompt, a base model that cannot be loaded
         raise refusal(str(error)) from None
-    visitor = visitor_of(request)
     if store is None or (visitor.sign_in and visitor.name is None):  # signed out: nobody's to keep, nor to rate
         return
     try:

@@ -17,7 +17,7 @@ import gradio as gr
 
 from components.shared import (bind, current_download, download_folder, downloadable, on_page_load, refusal,
                                require_visible, visible_adapters, visitor_of)
-from finetune.access import AccessDenied, Visitor, sign_in_mode
+from finetune.access import AccessDenied, Visitor, sign_in_hint, sign_in_mode
 from finetune.data import DataError, first_line
 from finetune.export import ( MERGE_TARGETS, MERGED_DIR, PLOT_FILE, ExportError, merge_adapter,
                              merge_dtype, merge_report, model_card, push_folder, run_config, write_model_card,
@@ -89,8 +89,7 @@ def push_token(visitor: Visitor, typed: str | None, consent: bool) -> str | None
         raise refusal(f"Tick '{CONSENT}' first: a push on this app uses your own Hugging Face sign-in, with your "
                       "consent, and nothing else.")
     if not visitor.token:
-        raise refusal("Sign in with Hugging Face (the button at the top of the page) to push: your sign-in gives "
-                      "the token a push to your account uses.")
+        raise refusal(f"{sign_in_hint()} to push: your sign-in gives the token a push to your account uses.")
     return visitor.token
 
 

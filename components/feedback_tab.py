@@ -136,8 +136,11 @@ def build_feedback_tab(store: FeedbackStore, exports_dir: str | Path) -> dict[st
     gr.Markdown("### Fine-tuned vs base (pairwise and arena votes; the latest vote per pair and session counts)")
     wins = gr.Dataframe(pd.DataFrame(columns=WIN_COLUMNS), interactive=False, elem_id="win-table")
     gr.Markdown("### Recent feedback")
+    # Long prompts and answers wrap; the short columns get room for their headers (else one letter per line).
     recent = gr.Dataframe(pd.DataFrame(columns=RECENT_COLUMNS), interactive=False, wrap=True,
-                          elem_id="recent-feedback")
+                          elem_id="recent-feedback",
+                          column_widths=["150px", "90px", "80px", "70px", "70px", "160px", "220px", "260px", "160px",
+                                         "160px", "80px"])
     gr.Markdown("### Export as training data (the inputs of the RLHF stage)")
     with gr.Row():
         pairs_button = gr.Button("Export preference pairs", elem_id="export-pairs")

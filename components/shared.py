@@ -123,9 +123,9 @@ def queue_text(status: dict[str, Any]) -> str:
     position, starts_in = status.get("position"), status.get("starts_in")
     place = f" · position {position}" if position else ""
     ahead = len(status.get("ahead") or [])
+    jobs_ahead = "the job ahead finishes" if ahead == 1 else f"the {ahead} jobs ahead finish"
     when = (f" · starts in about {duration(starts_in)}" if isinstance(starts_in, (int, float)) else
-            f" · starts when the {_plural(ahead, 'job')} ahead finish (no time estimate for them yet)" if ahead
-            else " · starting")
+            f" · starts when {jobs_ahead} (no time estimate yet)" if ahead else " · starting")
     return f"<b>waiting</b> in the queue{place}{when}"
 
 
@@ -162,6 +162,7 @@ def progress_html(elem: str, status: dict[str, Any], rows: list[dict[str, Any]],
     last = next((r for r in reversed(rows) if "tokens_per_second" in r), {})
     speed = f" · {last['tokens_per_second']} tokens/s" if last else ""
     text = (queue_text(status) if state == "waiting" else
+            "<b>starting</b> · loading the model and data (nothing is ahead of it)" if state == "queued" else
             f"<b>{state}</b>{phase_text(status)} · step {step}/{total or '?'} · {percent:.0f}% · "
             f"{eta_text(status)}{speed}")
     fill = EVALUATING_COLOUR if phase == "evaluating" else BAR_COLOURS.get(state, colour)

@@ -212,6 +212,8 @@ def status_text(run_id: str, status: dict[str, Any], adapter_saved: bool = True)
     if state == "waiting":
         place = queue_text(status).removeprefix("<b>waiting</b> in the queue · ")
         return f"Run `{run_id}` is **waiting** in the job queue: {place}. Stop takes it out of the queue."
+    if state == "queued":  # the child is starting: not waiting behind anyone
+        return f"Run `{run_id}` is **starting**: loading the model and data…"
     if state == "cancelled":
         return f"Run `{run_id}` was **cancelled** while it waited in the queue; nothing was trained."
     if status.get("stop_requested_at"):
@@ -276,10 +278,13 @@ def run_history(manager: RunManager, selected: list[str] | None = None,
                      rows_skipped(manager.run_dir(run.run_id)), *_processes_cells(cfg), status.get("owner") or ""])
     ids = [r[0] for r in rows]
     kept = [run_id for run_id in selected or [] if run_id in ids] or ids[:3]
-    deletable = [run_id for run_id in ids if can_act(visitor, manager.owner_of(run_id))]
+    owners = {run_id: manager.owner_of(run_id) for run_id in ids}
+    # An operator may delete anyone's run: the choice names whose it is.
+    deletable = [(f"{run_id} ({owners[run_id] or 'no owner'})" if visitor.sign_in else run_id, run_id)
+                 for run_id in ids if can_act(visitor, owners[run_id])]
     table = pd.DataFrame(rows, columns=HISTORY_COLUMNS + ["owner"])
-    if not visitor.sign_in:  # one local user owns everything: no owner column to read
-        table = table.drop(columns="owner")
+    # Beside the run id, where it is read first; one local user owns everything: no owner column then.
+    table = table[["run id", "owner", *HISTORY_COLUMNS[1:]]] if visitor.sign_in else table.drop(columns="owner")
     return (table, gr.Dropdown(choices=ids, value=kept, multiselect=True), gr.Dropdown(choices=deletable, value=None),
             usage(manager.root).text())
 
@@ -586,8 +591,9 @@ def _history_view() -> dict[str, Any]:
         view["disk"] = gr.Markdown(elem_id="disk-usage")
         with gr.Row():
             # Custom values pass to the handler, which checks the owner itself (an API caller may name any run).
-            view["delete_id"] = gr.Dropdown([], label="Delete a run (yours)", elem_id="delete-run-id",
-                                            allow_custom_value=True)
+            view["delete_id"] = gr.Dropdown([], label="Delete a run", elem_id="delete-run-id",
+                                            allow_custom_value=True,
+                                            info="Runs you may delete: your own (an operator: any run).")
             view["delete"] = gr.Button("Delete run…", size="sm", variant="stop", elem_id="delete-run")
             view["confirm_delete"] = gr.Button("Confirm delete", size="sm", variant="stop", visible=False,
                                                elem_id="confirm-delete")

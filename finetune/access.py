@@ -41,7 +41,6 @@ MAX_STEPS_ENV = "LORA_LAB_MAX_STEPS"
 MAX_MINUTES_ENV = "LORA_LAB_MAX_JOB_MINUTES"
 SIGN_IN_MODES = ("off", "huggingface", "dev")
 USERNAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
-SIGN_IN_FIRST = "Sign in with Hugging Face (the button at the top of the page) to {what}."
 
 
 class AccessDenied(PermissionError):
@@ -144,9 +143,16 @@ def can_act(visitor: Visitor, owner: str | None) -> bool:
     return visitor.name is not None and owner is not None and owner.lower() == visitor.name.lower()
 
 
+def sign_in_hint() -> str:
+    """How to sign in on this app: the button on a Space, the dev stand-in's address elsewhere."""
+    if sign_in_mode() == "dev":
+        return "Sign in (dev sign-in: open /dev-sign-in?user=YOUR-NAME)"
+    return "Sign in with Hugging Face (the button at the top of the page)"
+
+
 def require_signed_in(visitor: Visitor, what: str) -> None:
     if not visitor.operator and visitor.name is None:
-        raise AccessDenied(SIGN_IN_FIRST.format(what=what))
+        raise AccessDenied(f"{sign_in_hint()} to {what}.")
 
 
 def require_owner(visitor: Visitor, owner: str | None, what: str, thing: str) -> None:

@@ -4,6 +4,7 @@ Each is named with why; call ``quiet_known_noise()`` first thing in an entry poi
 from __future__ import annotations
 
 import logging
+import os
 import warnings
 
 KNOWN_WARNINGS = (
@@ -41,6 +42,11 @@ class OncePerMessage(logging.Filter):
 
 
 def quiet_known_noise() -> None:
+    # Terminal progress bars (transformers' "Loading weights", datasets' maps, Hub downloads) redraw with carriage
+    # returns: in a log file each becomes one line of many kilobytes. The app and the Train tab show their own
+    # progress. Read by huggingface_hub when the libraries load; an operator's own setting wins.
+    for setting in ("HF_HUB_DISABLE_PROGRESS_BARS", "HF_DATASETS_DISABLE_PROGRESS_BARS"):
+        os.environ.setdefault(setting, "1")
     for category, message in KNOWN_WARNINGS:
         warnings.filterwarnings("ignore", message=message, category=category)
     for name in QUIET_LOGGERS:

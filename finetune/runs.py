@@ -486,12 +486,20 @@ class RunManager:
         active = self.active_run()
         seconds: float | None = 0.0
         if active is not None:
-            left = self.status(active).get("eta_seconds")
-            seconds = float(left) if isinstance(left, (int, float)) else self._job_seconds(self._config(active))
+            seconds = self._seconds_left(active)
         for other in ahead:
             estimate = self._job_seconds(self._config(other))
             seconds = None if seconds is None or estimate is None else seconds + estimate
         return {"position": len(ahead) + 1, "ahead": ([active] if active else []) + ahead, "starts_in": seconds}
+
+    def _seconds_left(self, run_id: str) -> float | None:
+        """The running job's own ETA, while it is a whole one: None while an evaluation it still has to run has
+        not been timed (its ETA leaves it out), the job's estimate before it has an ETA at all."""
+        status = self.status(run_id)
+        if status.get("evals_untimed"):
+            return None
+        left = status.get("eta_seconds")
+        return float(left) if isinstance(left, (int, float)) else self._job_seconds(self._config(run_id))
 
     def _config(self, run_id: str) -> RunConfig | None:
         try:

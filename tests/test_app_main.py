@@ -88,3 +88,15 @@ def test_known_library_noise_is_dropped_or_said_once(caplog):
         warnings.warn("MatmulLtState.CxB is deprecated and will be removed in the next release.", FutureWarning)
         warnings.warn("something else changed", FutureWarning)
     assert [str(w.message) for w in caught] == ["something else changed"]
+
+
+def test_library_progress_bars_stay_out_of_the_logs():
+    """A terminal progress bar redraws with carriage returns; in app.log or train.log it became one line of many
+    kilobytes ("Loading weights: ...%|"). The entry points turn them off before the libraries load."""
+    env = {k: v for k, v in os.environ.items() if not k.endswith("DISABLE_PROGRESS_BARS")}
+    code = ("from finetune.noise import quiet_known_noise; quiet_known_noise(); import datasets, transformers; "
+            "print(transformers.utils.logging.is_progress_bar_enabled(), "
+            "datasets.utils.logging.is_progress_bar_enabled())")
+    shown = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True,
+                           cwd=Path(__file__).resolve().parent.parent).stdout.split()
+    assert shown == ["False", "False"]

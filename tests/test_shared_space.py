@@ -329,3 +329,17 @@ def test_the_train_tab_shows_a_waiting_jobs_place_and_its_cancel(root, cfg):
     release(manager, first)
     wait_until(lambda: state_of(manager, first) == "completed", "the first job completes")
     assert "was **cancelled** while it waited" in poll_run(manager, second)[1]
+
+
+def test_the_expected_start_is_the_running_jobs_eta_and_none_while_an_evaluation_is_untimed(root, cfg):
+    manager = GatedManager(root)
+    first, second = manager.start(cfg), manager.start(cfg)
+    wait_until(lambda: state_of(manager, first) == "running", "the first job runs")
+    folder = manager.run_dir(first)
+    write_status(folder, eta_seconds=42.0, evals_untimed=1)  # as the trainer writes it before its first evaluation
+    assert manager.queue_info(second)["starts_in"] is None  # its ETA leaves the evaluation out: no number
+    write_status(folder, eta_seconds=42.0, evals_untimed=0)
+    assert manager.queue_info(second)["starts_in"] == 42.0
+    release(manager, first)
+    wait_until(lambda: state_of(manager, second) == "running", "the second job starts")
+    release(manager, second)
