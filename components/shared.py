@@ -118,15 +118,19 @@ def eta_text(status: dict[str, Any]) -> str:
     return text
 
 
-def queue_text(status: dict[str, Any]) -> str:
-    """A waiting job's place in the queue (the run manager's queue_info merged into its status)."""
+def queue_place(status: dict[str, Any]) -> str:
+    """A waiting job's place, "position 2 · starts in about 3m 10s" (the run manager's queue_info merged into its
+    status)."""
     position, starts_in = status.get("position"), status.get("starts_in")
-    place = f" · position {position}" if position else ""
     ahead = len(status.get("ahead") or [])
     jobs_ahead = "the job ahead finishes" if ahead == 1 else f"the {ahead} jobs ahead finish"
-    when = (f" · starts in about {duration(starts_in)}" if isinstance(starts_in, (int, float)) else
-            f" · starts when {jobs_ahead} (no time estimate yet)" if ahead else " · starting")
-    return f"<b>waiting</b> in the queue{place}{when}"
+    when = (f"starts in about {duration(starts_in)}" if isinstance(starts_in, (int, float)) else
+            f"starts when {jobs_ahead} (no time estimate yet)" if ahead else "starting")
+    return f"position {position} · {when}" if position else when
+
+
+def queue_text(status: dict[str, Any]) -> str:
+    return f"<b>waiting</b> in the queue · {queue_place(status)}"
 
 
 def phase_text(status: dict[str, Any]) -> str:
@@ -245,9 +249,8 @@ def started_message(manager: RunManager, run_id: str, what: str = "run") -> str:
     info = manager.queue_info(run_id)
     if not info:
         return f"Started {what} `{run_id}`; loading the model and data…"
-    text = queue_text({"state": "waiting", **info}).replace("<b>", "").replace("</b>", "")
-    return (f"Queued {what} `{run_id}`: the device is busy, so it {text.removeprefix('waiting ')}. It starts by "
-            "itself (also after an app restart); Stop takes it out of the queue.")
+    return (f"Queued {what} `{run_id}`: the device is busy, so it waits in the queue ({queue_place(info)}). It "
+            "starts by itself (also after an app restart); Stop takes it out of the queue.")
 
 
 def stop_run(manager: RunManager, run_id: str, request: gr.Request = None) -> str:

@@ -18,7 +18,7 @@ import gradio as gr
 import pandas as pd
 
 from components.shared import (bind, duration, list_hub_options, live_status, lora_aid_markdown, on_page_load,
-                               points_frame, problems_markdown, progress_html, queue_text, refusal, series_frame,
+                               points_frame, problems_markdown, progress_html, queue_place, refusal, series_frame,
                                started_message, stop_run, visitor_of, watched_run)
 from components.train_form import (CONFIGS_DIR, DATA_KINDS, MODEL_KINDS, column_mapping, config_from_form,
                                    form_from_config, presets)
@@ -155,7 +155,7 @@ def resume_run(manager: RunManager, run_id: str, request: gr.Request = None) -> 
         gr.Warning(str(error))
         return gr.skip(), f"**Not resumed:** {error}"
     if manager.queue_info(run_id):
-        return run_id, started_message(manager, run_id, "the resumed run").replace("Queued the", "Queued")
+        return run_id, started_message(manager, run_id)
     return run_id, f"Resuming run `{run_id}` from its last checkpoint…"
 
 
@@ -210,8 +210,7 @@ def status_text(run_id: str, status: dict[str, Any], adapter_saved: bool = True)
     if state in ("stopped", "interrupted"):
         return f"Run `{run_id}` **{state}**.{_kept_note(status)} {paths.for_visitors(status.get('error') or '')}"
     if state == "waiting":
-        place = queue_text(status).removeprefix("<b>waiting</b> in the queue · ")
-        return f"Run `{run_id}` is **waiting** in the job queue: {place}. Stop takes it out of the queue."
+        return f"Run `{run_id}` is **waiting** in the job queue: {queue_place(status)}. Stop takes it out of the queue."
     if state == "queued":  # the child is starting: not waiting behind anyone
         return f"Run `{run_id}` is **starting**: loading the model and data…"
     if state == "cancelled":

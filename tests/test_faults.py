@@ -77,7 +77,7 @@ def test_killed_child_fails_with_log_tail_and_the_app_keeps_serving(tmp_path, ti
         assert "training process ended unexpectedly (exit code -9)" in result[1]
         assert result[5].strip(), "the log tail is shown for a failed run"
         # The app keeps serving: history lists the failed run, and a new start is allowed (the device is free).
-        history, _ = client.predict([], api_name="/run_history")
+        history, *_ = client.predict([], api_name="/run_history")
         state = history["headers"].index("status")
         assert [row[state] for row in history["data"] if row[0] == run_id] == ["failed"]
         assert (checkpoint / "trainer_state.json").is_file()
@@ -108,7 +108,7 @@ def test_app_restart_finds_runs_and_resumes_an_interrupted_one(tmp_path, tiny_mo
         client = Client(url, verbose=False)
         result = _poll(client, run_id, "interrupted")
         assert "no longer running (app restarted or process killed)" in result[1]
-        history, _ = client.predict([], api_name="/run_history")
+        history, *_ = client.predict([], api_name="/run_history")
         assert run_id in [row[0] for row in history["data"]]
         rows_before = len(read_metrics(root / run_id))
         manager = RunManager(root)
