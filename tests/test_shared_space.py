@@ -17,7 +17,7 @@ import httpx
 import pytest
 
 from finetune.access import AccessDenied, Visitor
-from finetune.config import load_config, save_config
+from finetune.config import save_config
 from finetune.metrics import read_status, write_status
 from finetune.runs import RunError, RunManager
 from finetune.storage import enforce_budget, folder_bytes, prunable
