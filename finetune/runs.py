@@ -456,8 +456,11 @@ class RunManager:
                 except RunError as error:
                     write_status(folder, state="failed", error=str(error), finished_at=time.time())
                     continue
-                write_status(folder, state="queued", resume_requested=None, dequeued_at=time.time())
-                self._spawn(run_id, resume=resume)
+                # A status() between 'queued' on disk and the child being known would settle the job as gone
+                # (and free the device for the next one): settling waits for the start.
+                with self._settle_lock:
+                    write_status(folder, state="queued", resume_requested=None, dequeued_at=time.time())
+                    self._spawn(run_id, resume=resume)
                 return run_id
         return None
 

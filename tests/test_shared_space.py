@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -111,6 +112,49 @@ def test_three_starts_run_in_order_and_an_app_restart_loses_no_queued_job(root, 
 
     started = [read_status(manager.run_dir(run_id))["started_at"] for run_id in ids]
     assert started == sorted(started) and all(state_of(manager, r) == "completed" for r in ids)
+
+
+class ContendedLock:
+    """The run manager's settle lock, telling the test when another thread has to wait for it."""
+
+    def __init__(self) -> None:
+        self.lock, self.contended = threading.RLock(), threading.Event()
+
+    def __enter__(self) -> None:
+        if not self.lock.acquire(blocking=False):
+            self.contended.set()
+            self.lock.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.lock.release()
+
+
+class PolledWhileSpawning(GatedManager):
+    """A page polls the job's status while the manager is starting its child (after 'queued' is on disk, before
+    the child is known): the poll must wait for the start, not settle a child that does not exist yet."""
+
+    polls: list[dict]
+
+    def child_command(self, run_id: str, resume: bool) -> list[str]:
+        poll = threading.Thread(target=lambda: self.polls.append(self.status(run_id)))
+        poll.start()
+        wait_until(lambda: self.polls or self._settle_lock.contended.is_set(), "the poll ran or waits for the start")
+        return super().child_command(run_id, resume)
+
+
+def test_a_page_polling_while_a_job_starts_neither_fails_it_nor_lets_the_next_job_start(root, cfg):
+    manager = PolledWhileSpawning(root)
+    manager._settle_lock, manager.polls = ContendedLock(), []
+    first = manager.start(cfg, "first")
+    wait_until(lambda: manager.polls, "the poll made during the start answered")
+    assert manager.polls[0]["state"] in ("queued", "running"), manager.polls[0]
+    second = manager.start(cfg, "second")
+    assert state_of(manager, second) == "waiting"  # the first job holds the device
+    release(manager, first)
+    wait_until(lambda: state_of(manager, first) == "completed", "the first job completes")
+    assert read_status(manager.run_dir(first)).get("error") is None
+    manager.request_stop(second)
+    wait_until(lambda: state_of(manager, second) in ("stopped", "cancelled", "completed"), "the second job ends")
 
 
 def test_a_waiting_job_is_cancelled_by_its_owner_only_and_runs_are_deleted_by_their_owner_only(root, cfg):
