@@ -370,6 +370,9 @@ class CompareQueue:
             if self.load(comparison_id).get("stop_requested"):  # a stop that came while the run was starting
                 self.manager.request_stop(run_id)
         while (status := self.manager.status(run_id)).get("state") not in FINAL_STATES:
+            if not self.manager.run_dir(run_id).is_dir():  # its owner deleted it while it waited: it never ends
+                status = {"state": "cancelled", "error": "Its run was deleted before it finished."}
+                break
             self.watch_run(comparison_id, index, run_id)
             time.sleep(self.poll_seconds)
         self._update_item(comparison_id, index, state=status["state"], error=status.get("error"))

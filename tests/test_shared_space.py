@@ -18,7 +18,8 @@ import httpx
 import pytest
 
 from finetune.access import AccessDenied, Visitor
-from finetune.config import save_config
+from finetune.compare import CompareQueue
+from finetune.config import save_config, to_dict
 from finetune.metrics import read_status, write_status
 from finetune.runs import RunError, RunManager
 from finetune.storage import enforce_budget, folder_bytes, prunable
@@ -176,6 +177,19 @@ def test_a_waiting_job_is_cancelled_by_its_owner_only_and_runs_are_deleted_by_th
     folder = manager.run_dir(running)
     assert manager.delete(running, ALICE) > 0 and not folder.exists()
     assert manager.delete(waiting, Visitor(name="carol", operator=True, sign_in=True)) >= 0  # an operator may
+
+
+def test_a_comparison_whose_waiting_run_is_deleted_ends_instead_of_waiting_forever(root, cfg):
+    manager = GatedManager(root)
+    busy = manager.start(cfg, "busy", visitor=ALICE)
+    queue = CompareQueue(manager, poll_seconds=0.05)
+    comparison = queue.enqueue([{"technique": "lora", "config": to_dict(cfg)}], {}, ALICE)
+    waiting = wait_until(lambda: queue.load(comparison)["items"][0]["run_id"], "the comparison's run is queued")
+    assert state_of(manager, waiting) == "waiting"
+    manager.delete(waiting, ALICE)  # the Train tab's Delete offers every run of hers, a waiting one too
+    ended = wait_until(lambda: (s := queue.load(comparison))["state"] != "running" and s, "the comparison ended")
+    assert ended["items"][0]["state"] == "cancelled" and "deleted" in ended["items"][0]["error"]
+    release(manager, busy)
 
 
 def test_per_visitor_limits_refuse_with_the_setting_to_change(root, cfg, monkeypatch):
