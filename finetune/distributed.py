@@ -2,8 +2,8 @@
 
 A run whose config asks ``training.processes > 1`` is started by the run manager as
 ``python -m finetune.distributed runs/<id> runs/<id>/config.yaml [--resume]``. That small launcher (the process
-the manager watches, leading its own session so Stop's SIGTERM/SIGKILL reach every rank) picks a free rendezvous
-port and runs
+the manager watches, leading its own session; the ranks accelerate starts lead sessions of their own, so Stop's
+SIGKILL reaches them through their records in ``ranks/``) picks a free rendezvous port and runs
 
     python -m accelerate.commands.launch --config_file runs/<id>/accelerate.yaml --main_process_port PORT \\
         -m finetune.train runs/<id>/config.yaml --output-dir runs/<id> [--resume]

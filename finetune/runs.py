@@ -37,7 +37,8 @@ from typing import Any
 from finetune.access import (LOCAL, JobLimits, Visitor, can_view, require_owner, require_signed_in)
 from finetune.config import ConfigError, RunConfig, load_config, save_config
 from finetune.data import DataError, check_file
-from finetune.distributed import check_launch, is_multi_process, launch_command, launch_problems_here
+from finetune.distributed import (check_launch, end_leftover_ranks, is_multi_process, launch_command,
+                                  launch_problems_here)
 from finetune.data import source_kind as data_kind
 from finetune.metrics import (FINAL_STATES, HOSTNAME, METRICS_FILE, STOP_FILE, read_metrics, read_status,
                               write_status)
@@ -674,6 +675,9 @@ class RunManager:
                                       "SIGTERM, so it was killed (SIGKILL); resume continues from its last "
                                       "complete checkpoint.")
             process.signal_group(signal.SIGKILL)
+            # accelerate (torch elastic) starts each rank in a session of its own, out of the group's reach,
+            # and the launcher that would end them was just killed: a rank left running holds the device.
+            end_leftover_ranks(folder)
             process.wait_for_exit(time.time() + KILL_WAIT_SECONDS)
         self._settle(run_id, process)
 

@@ -1,6 +1,7 @@
 """The run manager with real child processes: the tiny model training, and a small script started through the
 manager's own child mechanism that plays a hung child (it ignores the STOP file and SIGTERM)."""
 
+import json
 import os
 import signal
 import time
@@ -377,3 +378,53 @@ def test_the_train_form_is_not_filled_from_a_running_rlhf_stage(script_root):
     finally:
         manager.request_stop(run_id)
         wait_until(lambda: manager.status(run_id)["state"] != "running", "the run ended")
+
+
+HUNG_RANKS_CHILD = """
+import json, os, signal, subprocess, sys, time
+from pathlib import Path
+
+folder = Path(sys.argv[1])
+# Like accelerate's launch (torch elastic): each rank leads its own session, outside the launcher's process group,
+# and records itself in ranks/rank-N.json; here every process is hung and ignores SIGTERM.
+signal.signal(signal.SIGTERM, signal.SIG_IGN)
+(folder / "ranks").mkdir(exist_ok=True)
+for rank in (0, 1):
+    hung = subprocess.Popen([sys.executable, "-c", "import signal, time; signal.signal(signal.SIGTERM, "
+                             "signal.SIG_IGN); time.sleep(3600)"], start_new_session=True)
+    stat = Path(f"/proc/{hung.pid}/stat").read_text()
+    started = stat[stat.rfind(")") + 2:].split()[19]
+    (folder / "ranks" / f"rank-{rank}.json").write_text(json.dumps({"rank": rank, "pid": hung.pid,
+                                                                     "pid_start": started}))
+status = json.loads((folder / "status.json").read_text())
+status.update(state="running", pid=os.getpid(), ranks_started=True)
+(folder / "status.tmp").write_text(json.dumps(status))
+os.replace(folder / "status.tmp", folder / "status.json")
+while True:
+    time.sleep(1)
+"""
+
+
+class HungRanksManager(RunManager):
+    def child_command(self, run_id: str, resume: bool) -> list[str]:
+        return [self.python, str(self.root.parent / "hung_ranks.py"), str(self.run_dir(run_id))]
+
+
+def test_a_stop_that_ends_in_sigkill_also_ends_ranks_in_sessions_of_their_own(tmp_path, tiny_model_dir, qa_file):
+    (tmp_path / "hung_ranks.py").write_text(HUNG_RANKS_CHILD)
+    manager = HungRanksManager(tmp_path / "runs", stop_grace=0.2, term_grace=0.2)
+    run_id = manager.start(tiny_run_config(tiny_model_dir, qa_file))
+    wait_until(lambda: manager.status(run_id).get("ranks_started"), "the hung ranks started")
+    ranks = [json.loads(p.read_text())["pid"] for p in (manager.run_dir(run_id) / "ranks").glob("rank-*.json")]
+    try:
+        manager.request_stop(run_id)
+        final = wait_until(lambda: (s := manager.status(run_id))["state"] in FINAL_STATES and s, "the run ended")
+        assert final["state"] == "stopped" and "SIGKILL" in final["error"]
+        wait_until(lambda: not any(_proc_stat(pid) and not is_zombie(pid) for pid in ranks),
+                   "no rank outlives the killed launcher (it would hold the device for the next job)", timeout=30)
+    finally:
+        for pid in ranks:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
