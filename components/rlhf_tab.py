@@ -19,7 +19,7 @@ import pandas as pd
 
 from components.rlhf_form import (BASE_CHOICE, DATA_KINDS, MODEL_KINDS, config_from_form, data_source,
                                   model_source, preset)
-from components.shared import (bind, feedback_owner, list_hub_options, on_page_load, problems_markdown,
+from components.shared import (bind, feedback_owner, list_hub_options, live_status, on_page_load, problems_markdown,
                                progress_html, refusal, require_visible, series_frame, started_message, stop_run,
                                visible_adapters, visible_reward_models, visitor_of, watched_run)
 from finetune import paths
@@ -174,7 +174,7 @@ def poll_rlhf(manager: RunManager, reward_id: str, policy_id: str, request: gr.R
     for run_id, elem, key, label, charts in (
             (reward_id, "rlhf-reward-progress", "eval_accuracy", "held-out accuracy", (REWARD_LOSS, REWARD_ACCURACY)),
             (policy_id, "rlhf-policy-progress", *policy_view)):
-        status = manager.status(run_id) if run_id else {"state": "idle"}
+        status = live_status(manager, run_id) if run_id else {"state": "idle"}  # a waiting one: its place
         rows = read_metrics(manager.run_dir(run_id)) if run_id else []
         text = status_text(run_id, status, rows, key, label)
         if run_id and elem == "rlhf-reward-progress" and status.get("state") == "completed":

@@ -389,6 +389,21 @@ def test_the_train_tab_shows_a_waiting_jobs_place_and_its_cancel(root, cfg):
     assert "was **cancelled** while it waited" in poll_run(manager, second)[1]
 
 
+def test_the_rlhf_tab_shows_a_waiting_stages_place_in_the_queue(root, cfg):
+    from components.rlhf_tab import poll_rlhf
+
+    manager = GatedManager(root)
+    first, second = manager.start(cfg), manager.start(cfg)
+    write_status(manager.run_dir(second), stage="reward")  # what the RLHF tab's start records at once
+    wait_until(lambda: state_of(manager, first) == "running", "the first job runs")
+    watched, _, bar, *_ = poll_rlhf(manager, "", "")
+    assert watched == second and "data-state='waiting'" in bar
+    assert "position 1" in bar and "starts when the job ahead finishes" in bar, bar  # not "starting"
+    manager.request_stop(second)
+    release(manager, first)
+    wait_until(lambda: state_of(manager, first) == "completed", "the first job completes")
+
+
 def test_the_expected_start_is_the_running_jobs_eta_and_none_while_an_evaluation_is_untimed(root, cfg):
     manager = GatedManager(root)
     first, second = manager.start(cfg), manager.start(cfg)
