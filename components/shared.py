@@ -263,11 +263,14 @@ def stop_run(manager: RunManager, run_id: str, request: gr.Request = None) -> st
         state = manager.status(run_id).get("state")
         if state not in LIVE_STATES:
             return f"Run `{run_id}` is not running ({state})."
-        manager.request_stop(run_id, visitor)
+        after = manager.request_stop(run_id, visitor)
     except (RunError, AccessDenied) as error:
         return f"**Error:** {error}"
     if state == "waiting":
         gr.Info("Cancelled: the job left the queue before it started.")
+        if after.get("state") == "stopped":  # a waiting resume: the run keeps what it trained before
+            return (f"`{run_id}`'s resume was cancelled while it waited in the queue; it stays stopped and can be "
+                    "resumed again.")
         return f"`{run_id}` was cancelled while it waited in the queue; nothing was trained."
     gr.Info("Stopping after the current step; a checkpoint is saved.")
     return (f"Stop requested for `{run_id}`: it saves a checkpoint and stops after the current step; if it has not "

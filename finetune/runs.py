@@ -568,6 +568,10 @@ class RunManager:
             status = read_status(self.run_dir(run_id))
             if status.get("state") != WAITING:
                 return status
+            if status.get("resume_requested"):  # it trained before: it stays resumable from its checkpoints
+                return write_status(self.run_dir(run_id), state="stopped", resume_requested=None,
+                                    finished_at=time.time(), error="Its resume was cancelled while it waited in "
+                                    "the queue; resume it again to continue from its last checkpoint.")
             return write_status(self.run_dir(run_id), state="cancelled", finished_at=time.time(),
                                 error="Cancelled while it waited in the queue; it never started.")
 

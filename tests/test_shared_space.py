@@ -192,6 +192,27 @@ def test_a_comparison_whose_waiting_run_is_deleted_ends_instead_of_waiting_forev
     release(manager, busy)
 
 
+def test_stop_on_a_waiting_resume_leaves_the_run_stopped_and_resumable(root, cfg):
+    from components.shared import stop_run
+
+    manager = GatedManager(root)
+    busy = manager.start(cfg, "busy", visitor=ALICE)
+    trained = manager.run_dir("trained")
+    (trained / "checkpoints" / "checkpoint-3").mkdir(parents=True)
+    (trained / "checkpoints" / "checkpoint-3" / "trainer_state.json").write_text("{}")
+    save_config(cfg, trained / "config.yaml")
+    write_status(trained, state="stopped", step=3, owner="alice")
+    manager.resume("trained", ALICE)
+    assert state_of(manager, "trained") == "waiting"
+    after = manager.request_stop("trained", ALICE)  # Stop on the waiting resume: it leaves the queue
+    assert after["state"] == "stopped" and "resume" in after["error"] and "never started" not in after["error"]
+    manager.resume("trained", ALICE)  # its checkpoints are still there: it can be resumed again
+    assert state_of(manager, "trained") == "waiting"
+    assert "resume was cancelled" in stop_run(manager, "trained")  # what the Stop button says (sign-in off)
+    assert state_of(manager, "trained") == "stopped"
+    release(manager, busy)
+
+
 def test_per_visitor_limits_refuse_with_the_setting_to_change(root, cfg, monkeypatch):
     monkeypatch.setenv("LORA_LAB_SIGN_IN", "dev")
     monkeypatch.setenv("LORA_LAB_MAX_JOBS", "1")
