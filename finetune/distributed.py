@@ -258,6 +258,8 @@ def _stat_fields(pid: int) -> list[str]:
 
 
 def process_start(pid: int) -> str | None:
+    """The process's start time in clock ticks since boot (Linux), which tells it apart from a later process that
+    got the same pid; None where /proc cannot say."""
     fields = _stat_fields(pid)
     return fields[19] if len(fields) > 19 else None
 

@@ -13,6 +13,7 @@ import json
 import math
 import os
 import socket
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,14 +52,20 @@ def any_rank(flag: bool) -> bool:
     return bool(vote.item())
 
 
+_STATUS_WRITES = threading.RLock()
+
+
 def write_status(run_dir: str | Path, **fields: Any) -> dict[str, Any]:
-    """Merge ``fields`` into status.json and write it atomically; returns the new status."""
+    """Merge ``fields`` into status.json and write it atomically; returns the new status. Threads of one process
+    (the stop escalation, a page's poll settling the run, the queue) take turns, so neither loses the other's
+    fields nor its temporary file."""
     path = Path(run_dir) / STATUS_FILE
-    status = read_status(run_dir)
-    status.update(fields, updated_at=time.time())
-    temporary = path.with_suffix(f".tmp{os.getpid()}")
-    temporary.write_text(json.dumps(status, indent=1), encoding="utf-8")
-    os.replace(temporary, path)
+    with _STATUS_WRITES:
+        status = read_status(run_dir)
+        status.update(fields, updated_at=time.time())
+        temporary = path.with_suffix(f".tmp{os.getpid()}-{threading.get_ident()}")
+        temporary.write_text(json.dumps(status, indent=1), encoding="utf-8")
+        os.replace(temporary, path)
     return status
 
 

@@ -21,6 +21,8 @@ checkpoint. A running run with no progress on disk for ``LORA_LAB_STALL_SECONDS`
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import re
 import shutil
@@ -32,13 +34,13 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from finetune.access import (LOCAL, JobLimits, Visitor, can_view, require_owner, require_signed_in)
 from finetune.config import ConfigError, RunConfig, load_config, save_config
 from finetune.data import DataError, check_file
 from finetune.distributed import (check_launch, end_leftover_ranks, is_multi_process, launch_command,
-                                  launch_problems_here)
+                                  launch_problems_here, process_start)
 from finetune.data import source_kind as data_kind
 from finetune.metrics import (FINAL_STATES, HOSTNAME, METRICS_FILE, STOP_FILE, read_metrics, read_status,
                               write_status)
@@ -54,6 +56,8 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 UPLOADS_DIR = "uploads"
 POLL_SECONDS = 0.2  # how often the stop escalation looks at the child
 DISPATCH_SECONDS = 1.0  # how often a queue waiting behind a run this process did not start looks again
+QUEUE_LOCK_FILE = ".queue.lock"
+STARTING_SECONDS = 60.0  # a job dequeued this recently without a pid on disk is still having its child started
 WAITING = "waiting"  # queued behind another job: nothing started yet (then "queued" while the child starts)
 KILL_WAIT_SECONDS = 30.0  # a SIGKILLed process group is gone at once; this only bounds a stuck kernel
 
@@ -94,17 +98,6 @@ class RunSummary:
     has_adapter: bool
 
 
-def _process_start(pid: int) -> str | None:
-    """The process's start time in clock ticks since boot (Linux), which tells it apart from a later process
-    that got the same pid; None where /proc cannot say."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    fields = stat[stat.rfind(")") + 2:].split()  # the name in brackets may hold spaces
-    return fields[19] if len(fields) > 19 else None
-
-
 def pid_alive(pid: int | None) -> bool:
     if not pid:
         return False
@@ -131,7 +124,7 @@ class ChildProcess:
     def alive(self) -> bool:
         if self.popen is not None:
             return self.popen.poll() is None
-        if self.started is not None and _process_start(self.pid or 0) not in (None, self.started):
+        if self.started is not None and process_start(self.pid or 0) not in (None, self.started):
             return False  # the pid now belongs to a later process (the machine restarted, pids came round)
         return pid_alive(self.pid)
 
@@ -144,7 +137,7 @@ class ChildProcess:
         if not self.pid:
             return
         if self.popen is None:
-            if self.started is not None and _process_start(self.pid) != self.started:
+            if self.started is not None and process_start(self.pid) != self.started:
                 return
             try:
                 if os.getpgid(self.pid) != self.pid:  # not a group leader: not a child we started
@@ -295,6 +288,9 @@ class RunManager:
             return status
         if status.get("state") not in ("running", "queued"):
             return status
+        if status.get("state") == "queued" and not status.get("pid") and \
+                time.time() - float(status.get("dequeued_at") or 0) < STARTING_SECONDS:
+            return status  # being started (maybe by another process on this folder): no pid to judge it by yet
         process = self._process(run_id, status)
         if not process.alive():
             return self._settle(run_id, process)
@@ -445,25 +441,43 @@ class RunManager:
         """Start the first queued job if the device is free; returns the run started. Called after every
         enqueue and every end of a run, and by a background thread while jobs wait (an app restarted with a
         queue picks it up)."""
-        with self._lock:
+        with self._lock, self._queue_file_lock():
             if self.active_run() is not None:
                 self._ensure_dispatcher()
                 return None
             for run_id in self.waiting_ids():
-                folder = self.run_dir(run_id)
-                resume = bool(read_status(folder).get("resume_requested"))
-                try:
-                    self._check_disk("start a queued run")
-                except RunError as error:
-                    write_status(folder, state="failed", error=str(error), finished_at=time.time())
-                    continue
-                # A status() between 'queued' on disk and the child being known would settle the job as gone
-                # (and free the device for the next one): settling waits for the start.
-                with self._settle_lock:
-                    write_status(folder, state="queued", resume_requested=None, dequeued_at=time.time())
-                    self._spawn(run_id, resume=resume)
-                return run_id
+                if self._start_waiting(run_id):
+                    return run_id
         return None
+
+    def _start_waiting(self, run_id: str) -> bool:
+        """Start one waiting job; a job that cannot start (full disk, a config that no longer loads, a child
+        that cannot be spawned) fails with its reason, and the caller goes on to the next in line."""
+        folder = self.run_dir(run_id)
+        resume = bool(read_status(folder).get("resume_requested"))
+        try:
+            self._check_disk("start a queued run")
+            # A status() between 'queued' on disk and the child being known would settle the job as gone
+            # (and free the device for the next one): settling waits for the start.
+            with self._settle_lock:
+                write_status(folder, state="queued", resume_requested=None, dequeued_at=time.time())
+                self._spawn(run_id, resume=resume)
+            return True
+        except Exception as error:  # whatever it is, it is this job's, not the queue's
+            message = str(error) if isinstance(error, RunError) else f"could not start: {type(error).__name__}: {error}"
+            write_status(folder, state="failed", error=message, finished_at=time.time())
+            return False
+
+    @contextlib.contextmanager
+    def _queue_file_lock(self) -> Iterator[None]:
+        """Across processes (an app and the CLI, or an old app still shutting down, on one runs folder): one
+        dispatch at a time, so a waiting job is never started twice."""
+        with open(self.root / QUEUE_LOCK_FILE, "a") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
 
     def _ensure_dispatcher(self) -> None:
         """While jobs wait behind a run this process did not start (the app restarted), poll for its end."""
@@ -610,7 +624,7 @@ class RunManager:
             child = subprocess.Popen(self.child_command(run_id, resume), stdout=log, stderr=subprocess.STDOUT,
                                      stdin=subprocess.DEVNULL, cwd=PROJECT_ROOT, env=env, start_new_session=True)
         self._children[run_id] = child
-        write_status(folder, pid=child.pid, pid_start=_process_start(child.pid), hostname=HOSTNAME)
+        write_status(folder, pid=child.pid, pid_start=process_start(child.pid), hostname=HOSTNAME)
         # Reap it the moment it ends (no zombie left until the app exits) and record how it ended.
         threading.Thread(target=self._reap, args=(run_id, child), name=f"reap-{run_id}", daemon=True).start()
 

@@ -60,6 +60,14 @@ def port_is_free(port: int) -> bool:
     return True
 
 
+def live_ranks(folder: Path) -> list[int]:
+    """The ranks of the run (from their records) still running: torch elastic starts each in a session of its
+    own, so the launcher's process group does not hold them."""
+    from finetune.distributed import _same_process
+
+    return [r["pid"] for r in read_ranks(folder) if _same_process(r["pid"], r.get("pid_start"))]
+
+
 def ended(manager: RunManager, run_id: str) -> int:
     """Wait for the run's launcher (status.json's pid, the leader of every rank's process group) to be gone;
     returns its pid."""
@@ -131,7 +139,7 @@ def test_stop_ends_every_rank_resume_continues_and_a_killed_rank_fails_the_run(t
     assert status["state"] == "stopped", manager.log_tail(run_id, 60)
     stopped_at = status["step"]
     assert (folder / "checkpoints" / f"checkpoint-{stopped_at}").is_dir()  # both ranks stopped at that step
-    assert not group_members(launcher), "a rank survived Stop"
+    assert not group_members(launcher) and not live_ranks(folder), "a rank survived Stop"
     assert port_is_free(rendezvous_port(folder))
 
     manager.resume(run_id)  # the same launcher, with --resume
@@ -142,7 +150,7 @@ def test_stop_ends_every_rank_resume_continues_and_a_killed_rank_fails_the_run(t
     launcher = ended(manager, run_id)
     assert status["state"] == "failed"
     assert status["error"].startswith("[rank 1]") and "SIGKILL" in status["error"], status["error"]
-    assert not group_members(launcher), "a rank survived its peer's death"
+    assert not group_members(launcher) and not live_ranks(folder), "a rank survived its peer's death"
     assert port_is_free(rendezvous_port(folder))
 
 

@@ -437,3 +437,59 @@ def test_the_expected_start_is_the_running_jobs_eta_and_none_while_an_evaluation
     release(manager, first)
     wait_until(lambda: state_of(manager, second) == "running", "the second job starts")
     release(manager, second)
+
+
+class BrokenJobManager(GatedManager):
+    """A job named 'broken' cannot be started (its child cannot be spawned); every other one runs GATED_CHILD."""
+
+    def child_command(self, run_id: str, resume: bool) -> list[str]:
+        if run_id.startswith("broken"):
+            raise OSError("no such interpreter")
+        return super().child_command(run_id, resume)
+
+
+def test_a_job_that_cannot_start_fails_with_its_reason_and_the_next_one_starts(root, cfg):
+    manager = BrokenJobManager(root)
+    first = manager.start(cfg, "first")
+    manager.start(cfg, "broken")
+    manager.start(cfg, "third")
+    wait_until(lambda: state_of(manager, first) == "running", "the first job runs")
+    release(manager, first)
+    wait_until(lambda: state_of(manager, "third") == "running", "the job after the broken one starts")
+    broken = manager.status("broken")
+    assert broken["state"] == "failed" and "could not start: OSError: no such interpreter" in broken["error"]
+    release(manager, "third")
+
+
+def test_two_managers_on_one_folder_start_a_waiting_job_once(root, cfg):
+    """Two app processes (or the app and the CLI) on one runs folder: the queue's file lock lets one start it."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    managers = [GatedManager(root) for _ in range(2)]  # both up before the job is queued, as two processes
+    folder = root / "job"
+    folder.mkdir(parents=True)
+    save_config(cfg, folder / "config.yaml")
+    write_status(folder, state="waiting", enqueued_at=time.time(), step=0)
+    with ThreadPoolExecutor(2) as pool:
+        started = list(pool.map(lambda m: m.dispatch(), managers))
+    assert started.count("job") == 1 and read_status(folder)["state"] in ("queued", "running")
+    release(managers[0], "job")
+    wait_until(lambda: read_status(folder)["state"] == "completed", "the one job completes")
+
+
+def test_a_job_being_started_is_not_taken_for_dead_before_its_pid_is_on_disk(root, cfg):
+    manager = GatedManager(root)
+    folder = root / "starting"
+    folder.mkdir(parents=True)
+    write_status(folder, state="queued", dequeued_at=time.time())  # another process is spawning its child
+    assert manager.status("starting")["state"] == "queued" and manager.active_run() == "starting"
+    write_status(folder, dequeued_at=time.time() - 3600)  # an hour later still no pid: that start died
+    assert manager.status("starting")["state"] == "interrupted"
+
+
+def test_pruning_leaves_what_an_export_is_still_writing(tmp_path):
+    root, mb = tmp_path / "runs", 1024 * 1024
+    run = _finished_run(root, "run", "completed", 300, merged=2 * mb, export=2 * mb, adapter=mb)
+    (run / "merged.partial").mkdir()  # a merge replacing merged/ is under way
+    (run / "export" / "run-adapter.zip.partial").write_bytes(b"\0")  # and a zip is being written
+    assert enforce_budget(root, budget=1) == [] and (run / "merged").exists() and (run / "export").exists()
