@@ -7,9 +7,11 @@ checkpoints, merged models and export files behind. Two operator settings keep i
                              none elsewhere; "0" = none)
     LORA_LAB_MIN_FREE        free space a run, merge or export must leave on the disk (default "1GB")
 
-Pruning removes only what can be rebuilt, oldest first: the checkpoints of completed runs (their adapter is
-saved apart), merged models and export files. Adapters, reward models, full fine-tunes, the feedback database and
-anything of a run still training or resumable are never pruned: only their owner's Delete removes them.
+Pruning removes only what a run does not need to be used, oldest first: the checkpoints of completed runs (their
+adapter is saved apart; the Evaluate tab's answers per checkpoint are then gone for that run), merged models and
+export files (the Export tab makes them again), never one an export is still writing. Adapters, reward models,
+full fine-tunes, the feedback database and anything of a run still training or resumable are never pruned: only
+their owner's Delete removes them.
 
 Basic module: it imports only basic modules.
 """
@@ -119,10 +121,18 @@ def prunable(root: Path) -> list[Prunable]:
             # A stopped or failed run resumes from its checkpoints; a live one is writing them.
             if not path.exists() or (name == CHECKPOINT_DIR and state != "completed"):
                 continue
-            if name != CHECKPOINT_DIR and state in ("running", "queued"):
+            if name != CHECKPOINT_DIR and (state in ("running", "queued") or _being_written(path)):
                 continue
             found.append(Prunable(path, kind, run.name, folder_bytes(path), path.stat().st_mtime))
     return sorted(found, key=lambda item: item.modified)
+
+
+def _being_written(path: Path) -> bool:
+    """A merge writes ``merged.partial`` beside its folder, a zip a ``.partial`` file, a GGUF build holds a
+    ``.building`` lock: pruning leaves such a folder to the export still writing it."""
+    if path.with_name(path.name + ".partial").exists():
+        return True
+    return any(part.name == ".building" or part.suffix == ".partial" for part in path.rglob("*"))
 
 
 @dataclass(frozen=True)
