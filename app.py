@@ -8,7 +8,6 @@
 from __future__ import annotations
 
 import atexit
-import functools
 import os
 from pathlib import Path
 
@@ -34,10 +33,10 @@ from components.learn_tab import build_learn_tab
 from components.quant_tab import build_quant_tab
 from components.sweep_section import build_sweep_section
 from components.rlhf_tab import build_rlhf_tab
-from components.shared import bind, who_markdown
+from components.shared import bind, visitor_of, who_markdown
 from components.sign_in import app_kwargs, build_sign_in_row
 from components.train_tab import build_train_tab
-from finetune.access import sign_in_mode
+from finetune.access import can_act, sign_in_mode
 from finetune.benchmarks import BenchmarkService, app_root
 from finetune.chat import ChatEngine
 from finetune.compare import CompareQueue
@@ -48,10 +47,12 @@ from finetune.sweeps import SweepQueue
 from finetune.runs import RunManager
 
 
-def opening_preset(manager: RunManager, profile: HardwareProfile) -> object:
-    """On a page load, the preset for this hardware (t4-qlora on a T4), unless a running job fills the form."""
-    preset = deploy.default_preset(profile)
-    return gr.skip() if manager.active_run() or preset == "cpu-quick" else preset
+def opening_preset(manager: RunManager, profile: HardwareProfile, request: gr.Request = None) -> object:
+    """On a page load, the preset for this hardware (t4-qlora on a T4), unless the visitor's own running job fills
+    the form (another visitor's run does not)."""
+    preset, active = deploy.default_preset(profile), manager.active_run()
+    mine = active is not None and can_act(visitor_of(request), manager.owner_of(active))
+    return gr.skip() if mine or preset == "cpu-quick" else preset
 
 
 def build_app(runs_root: str = "runs", profile: HardwareProfile | None = None,
@@ -98,7 +99,7 @@ def build_app(runs_root: str = "runs", profile: HardwareProfile | None = None,
         with gr.Tab("Learn", id="learn") as learn_tab:
             learn = build_learn_tab(benchmarks)
         learn_tab.select(learn["refresh_forgetting"], None, learn["forgetting"], api_visibility="private")
-        demo.load(functools.partial(opening_preset, manager, profile), None, train["preset"],
+        demo.load(bind(opening_preset, manager, profile), None, train["preset"],
                   api_visibility="private")
     demo.feedback_store = store  # for whoever closes the app: close_app() stops its LangSmith sender too
     return demo

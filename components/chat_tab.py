@@ -23,7 +23,7 @@ from typing import Any, Iterator
 import gradio as gr
 
 from components.shared import refusal, bind, on_page_load, require_visible, visible_adapters, visitor_of
-from finetune.access import AccessDenied, require_signed_in, sign_in_hint
+from finetune.access import AccessDenied, can_view, require_signed_in, sign_in_hint
 from finetune.chat import ChatEngine, SamplingSettings, check_prompt, normalize_history
 from finetune.config import ConfigError, load_config
 from finetune.data import validation_prompts
@@ -110,8 +110,12 @@ def _reference(manager: RunManager, run_id: str, compare: str | None) -> tuple[s
     return reference
 
 
-def _reference_name(manager: RunManager, run_id: str | None, compare: str | None) -> str | None:
-    reference = starting_adapter(manager, run_id) if compare == "start" else None
+def _reference_name(manager: RunManager, run_id: str | None, compare: str | None,
+                    request: gr.Request = None) -> str | None:
+    """The adapter a run started from, named on the left chat; nothing about a run the visitor may not see."""
+    if compare != "start" or not run_id or not can_view(visitor_of(request), manager.owner_of(run_id)):
+        return None
+    reference = starting_adapter(manager, run_id)
     return reference[0] if reference else None
 
 
@@ -147,19 +151,19 @@ def select_adapter(manager: RunManager, run_id: str | None, arena: bool = False,
             gr.Chatbot(label=left, value=[]), compare)
 
 
-def toggle_arena(manager: RunManager, arena: bool, run_id: str | None, compare: str | None = "base"
-                 ) -> tuple[Any, Any, Any, Any]:
+def toggle_arena(manager: RunManager, arena: bool, run_id: str | None, compare: str | None = "base",
+                 request: gr.Request = None) -> tuple[Any, Any, Any, Any]:
     """Arena on/off, or another "Compare with", starts afresh: empty chats, A/B (or model) labels, no open vote."""
-    left, right = side_labels(bool(arena), run_id, _reference_name(manager, run_id, compare))
+    left, right = side_labels(bool(arena), run_id, _reference_name(manager, run_id, compare, request))
     return gr.Chatbot(label=left, value=[]), gr.Chatbot(label=right, value=[]), gr.Column(visible=False), None
 
 
 # --- one turn --------------------------------------------------------------------------------------------------
 
-def begin_turn(manager: RunManager, arena: bool, run_id: str | None, compare: str | None = "base"
-               ) -> tuple[Any, Any, Any, str]:
+def begin_turn(manager: RunManager, arena: bool, run_id: str | None, compare: str | None = "base",
+               request: gr.Request = None) -> tuple[Any, Any, Any, str]:
     """Before the answers stream: hide the last turn's vote and, in arena mode, hide the models' names again."""
-    left, right = side_labels(bool(arena), run_id, _reference_name(manager, run_id, compare))
+    left, right = side_labels(bool(arena), run_id, _reference_name(manager, run_id, compare, request))
     return gr.Chatbot(label=left), gr.Chatbot(label=right), gr.Column(visible=False), ""
 
 

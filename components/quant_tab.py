@@ -7,14 +7,14 @@ Formats load one at a time and each row appears as soon as it is measured.
 
 from __future__ import annotations
 
-import functools
 import math
 from typing import Any, Iterator
 
 import gradio as gr
 import pandas as pd
 
-from components.shared import refusal
+from components.shared import bind, refusal, visitor_of
+from finetune.access import AccessDenied, require_signed_in
 from finetune import paths
 from finetune.chat import MAX_PROMPT_CHARS
 from finetune.config import BUNDLED_DATASET, EMBEDDED_MODEL
@@ -91,9 +91,14 @@ def _check(source: str, keys: list[str] | None, limit: float | None, max_new_tok
 
 
 def run_comparison(profile: HardwareProfile, source: str, keys: list[str] | None, data_source: str, split: str,
-                   limit: float, prompt: str, max_new_tokens: float
+                   limit: float, prompt: str, max_new_tokens: float, request: gr.Request = None
                    ) -> Iterator[tuple[pd.DataFrame, pd.DataFrame | None, pd.DataFrame, str]]:
-    """Measure each chosen format in turn; yields (table, memory-vs-perplexity points, answers, status)."""
+    """Measure each chosen format in turn; yields (table, memory-vs-perplexity points, answers, status). On a
+    shared app only a signed-in visitor loads models onto the shared device."""
+    try:
+        require_signed_in(visitor_of(request), "run a quantization comparison")
+    except AccessDenied as error:
+        raise refusal(str(error)) from None
     _check(source, keys, limit, max_new_tokens, prompt)
     try:
         source = paths.model_source(source)  # the gated (in listed roots: resolved) path is the one read
@@ -182,7 +187,7 @@ def build_quant_tab(profile: HardwareProfile) -> dict[str, Any]:
                                 height=320)
     ui["answers"] = gr.Dataframe(pd.DataFrame(columns=ANSWER_COLUMNS), interactive=False, wrap=True,
                                  label="The same prompt, greedy, in each format", elem_id="quant-answers")
-    ui["run"].click(functools.partial(run_comparison, profile),
+    ui["run"].click(bind(run_comparison, profile),
                     [ui[k] for k in ("source", "formats", "data_source", "split", "limit", "prompt",
                                      "max_new_tokens")],
                     [ui["table"], ui["plot"], ui["answers"], ui["status"]], api_name="quantize_compare",

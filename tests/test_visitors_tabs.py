@@ -255,3 +255,17 @@ def visitor_of_name(name: str) -> Any:
     from components.shared import visitor_of
 
     return visitor_of(visiting(name))
+
+
+def test_the_quantization_comparison_and_the_chat_labels_keep_to_the_visitors_rights(shared_app):
+    from components.chat_tab import _reference_name
+    from components.quant_tab import run_comparison
+    from finetune.hardware import detect
+
+    with pytest.raises(gr.Error, match="Sign in .* to run a quantization comparison"):  # models on the shared GPU
+        next(run_comparison(detect(), "smollm2-135m-instruct", ["fp32"], "bundled:course_qa", "train", 2, "Hi", 4,
+                            visiting(None)))
+    (shared_app.root / "alice-run" / "config.yaml").write_text(
+        "stage: dpo\npreference:\n  start_adapter: bob-run\n", encoding="utf-8")  # Alice's DPO started from a run
+    assert _reference_name(shared_app, "alice-run", "start", visiting("carol")) == "bob-run"
+    assert _reference_name(shared_app, "alice-run", "start", visiting("bob")) is None  # nothing of Alice's run
