@@ -200,8 +200,11 @@ def build_compare_tab(queue: CompareQueue) -> dict[str, Any]:
     view["message"] = gr.Markdown(elem_id="compare-message")  # what Start / Stop said; the timer leaves it
     view["status"] = gr.Markdown(elem_id="compare-status")
     view["progress"] = gr.HTML(comparison_progress_html(None, queue))
+    # The sample answer wraps; the number columns get room for their headers (else one letter per line).
+    widths = {"technique": "170px", "state": "110px", "sample answer": "320px", "run id": "220px"}
     view["table"] = gr.Dataframe(pd.DataFrame(columns=RESULT_COLUMNS), interactive=False, wrap=True,
-                                 label="Measured", elem_id="compare-table")
+                                 label="Measured", elem_id="compare-table",
+                                 column_widths=[widths.get(name, "110px") for name in RESULT_COLUMNS])
     view["notes"] = gr.Markdown(elem_id="compare-notes")
     with gr.Row():
         view["loss_plot"] = gr.LinePlot(None, x="step", y="loss", color="technique", title="Training loss",

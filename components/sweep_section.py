@@ -207,8 +207,10 @@ def build_sweep_section(queue: SweepQueue, train: dict[str, Any] | None = None) 
     view: dict[str, Any] = {"sweep": gr.Textbox(label="Watching sweep", interactive=False, elem_id="sweep-id"),
                             "message": gr.Markdown(elem_id="sweep-message"),
                             "status": gr.Markdown(elem_id="sweep-status")}
+    widths = {"trial": "200px", "note": "260px", "run id": "220px"}  # the rest: room for their headers
     view["table"] = gr.Dataframe(pd.DataFrame(columns=RESULT_COLUMNS), interactive=False, wrap=True,
-                                 label="Trials (lowest validation loss first)", elem_id="sweep-table")
+                                 label="Trials (lowest validation loss first)", elem_id="sweep-table",
+                                 column_widths=[widths.get(name, "100px") for name in RESULT_COLUMNS])
     view["best"] = gr.Markdown(elem_id="sweep-best")
     with gr.Row():
         view["charts"] = [gr.ScatterPlot(None, x="value", y="val_loss", color="trial", height=240, visible=False,
