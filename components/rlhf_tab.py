@@ -185,7 +185,7 @@ def poll_rlhf(manager: RunManager, reward_id: str, policy_id: str, request: gr.R
         outputs += [run_id, text, progress_html(elem, status, rows, colour=RLHF_COLOUR),
                     series_frame(rows, charts[0], "loss"), series_frame(rows, charts[1], "value")]
     active = manager.active_run()
-    active = active if active in manager.visible_ids(visitor) else policy_id or reward_id  # no one else's log
+    active = active if active and manager.can_see(active, visitor) else policy_id or reward_id  # no one else's log
     outputs.append(paths.for_visitors(manager.log_tail(active, 25)) if active else "")
     return tuple(outputs)
 

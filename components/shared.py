@@ -461,7 +461,7 @@ def visible_reward_models(manager: RunManager, visitor: Visitor) -> dict[str, Pa
 def require_visible(manager: RunManager, run_id: str | None, visitor: Visitor, what: str) -> None:
     """AccessDenied when ``visitor`` may not see run ``run_id`` (an API call naming someone else's run); a run that
     does not exist reads the same, so names cannot be probed. Nothing is checked for the operators."""
-    if run_id and not visitor.operator and run_id not in manager.visible_ids(visitor):
+    if run_id and not visitor.operator and not manager.can_see(run_id, visitor):
         raise AccessDenied(f"You cannot {what}: run {run_id} is not one of yours. Only its owner or an operator can "
                            "see it.")
 

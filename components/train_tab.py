@@ -277,7 +277,7 @@ def run_history(manager: RunManager, selected: list[str] | None = None,
                      rows_skipped(manager.run_dir(run.run_id)), *_processes_cells(cfg), status.get("owner") or ""])
     ids = [r[0] for r in rows]
     kept = [run_id for run_id in selected or [] if run_id in ids] or ids[:3]
-    owners = {run_id: manager.owner_of(run_id) for run_id in ids}
+    owners = {row[0]: row[-1] or None for row in rows}  # the owner column, read with each run's status above
     # An operator may delete anyone's run: the choice names whose it is.
     deletable = [(f"{run_id} ({owners[run_id] or 'no owner'})" if visitor.sign_in else run_id, run_id)
                  for run_id in ids if can_act(visitor, owners[run_id])]

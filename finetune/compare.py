@@ -184,7 +184,8 @@ class CompareError(RuntimeError):
 
 
 class CompareQueue:
-    """Runs the techniques of a comparison one after another; at most one comparison at a time.
+    """Runs the techniques of a comparison one after another, each run joining the run manager's job queue when the
+    one before it ends (several visitors' comparisons take turns on the device).
 
     The queue itself is a list of named configs (``enqueue``); a subclass with its own FOLDER and PREFIX keeps
     another kind of queue (finetune/sweeps.py: hyperparameter trials) beside the comparisons, and may watch
@@ -238,16 +239,6 @@ class CompareQueue:
     def list_ids(self) -> list[str]:
         files = sorted(self.root.glob("*.json"), key=lambda p: p.stat().st_mtime, reverse=True)
         return [p.stem for p in files]
-
-    def latest(self) -> str | None:
-        ids = self.list_ids()
-        return ids[0] if ids else None
-
-    def active(self) -> str | None:
-        for comparison_id in self.list_ids():
-            if self.load(comparison_id).get("state") == "running":
-                return comparison_id
-        return None
 
     def visible_ids(self, visitor: Visitor) -> list[str]:
         return [queue_id for queue_id in self.list_ids() if can_view(visitor, self.load(queue_id).get("owner"))]

@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-from finetune.access import (LOCAL, JobLimits, Visitor, can_view, require_owner, require_signed_in)
+from finetune.access import LOCAL, JobLimits, Visitor, can_view, public_runs, require_owner, require_signed_in
 from finetune.config import ConfigError, RunConfig, load_config, save_config
 from finetune.data import DataError, check_file
 from finetune.distributed import (check_launch, end_leftover_ranks, is_multi_process, launch_command,
@@ -225,6 +225,7 @@ class RunManager:
         self._children: dict[str, subprocess.Popen] = {}
         self._stoppers: dict[str, threading.Thread] = {}
         self._dispatcher: threading.Thread | None = None
+        self._step_rates: dict[str, tuple[tuple[str, int] | None, float]] = {}  # completed runs, read once
         for run_id in self.list_ids():  # an app restarted during a Stop finishes the escalation it began
             self.status(run_id)
         if self.waiting_ids():  # an app restarted with jobs in the queue carries on with them
@@ -456,6 +457,7 @@ class RunManager:
         folder = self.run_dir(run_id)
         resume = bool(read_status(folder).get("resume_requested"))
         try:
+            enforce_budget(self.root)  # the budget is kept whenever a job takes the device
             self._check_disk("start a queued run")
             # A status() between 'queued' on disk and the child being known would settle the job as gone
             # (and free the device for the next one): settling waits for the start.
@@ -530,14 +532,23 @@ class RunManager:
         and bit width took on this machine; None when it trains by epochs or nothing comparable ran yet."""
         if cfg is None or cfg.training.max_steps <= 0:
             return None
-        rates = []
-        for run_id in self.list_ids():
-            status = read_status(self.root / run_id)
-            other = self._config(run_id) if status.get("state") == "completed" else None
-            if other and (other.model.source, other.model.bits) == (cfg.model.source, cfg.model.bits) \
-                    and status.get("duration") and status.get("step"):
-                rates.append(float(status["duration"]) / int(status["step"]))
-        return cfg.training.max_steps * sorted(rates)[len(rates) // 2] if rates else None
+        key = (cfg.model.source, cfg.model.bits)
+        rates = sorted(rate for other, rate in map(self._step_rate, self.list_ids()) if other == key)
+        return cfg.training.max_steps * rates[len(rates) // 2] if rates else None
+
+    def _step_rate(self, run_id: str) -> tuple[tuple[str, int] | None, float]:
+        """((model source, bits), seconds per step) of a completed run, else (None, 0). A completed run never
+        changes, so it is read once: the queue's expected start is polled every few seconds per waiting job."""
+        if run_id in self._step_rates:
+            return self._step_rates[run_id]
+        status = read_status(self.root / run_id)
+        if status.get("state") != "completed":
+            return None, 0.0  # not final yet (or failed): not kept, it may still complete
+        cfg = self._config(run_id)
+        rate = ((cfg.model.source, cfg.model.bits), float(status["duration"]) / int(status["step"])) \
+            if cfg and status.get("duration") and status.get("step") else (None, 0.0)
+        self._step_rates[run_id] = rate
+        return rate
 
     def check_job(self, cfg: RunConfig, visitor: Visitor) -> None:
         """Refuse a job before it is queued: a signed-out visitor, one over their limits, a full disk."""
@@ -548,8 +559,9 @@ class RunManager:
     def _check_limits(self, cfg: RunConfig, visitor: Visitor) -> None:
         if visitor.operator:
             return
-        held = sum(1 for run_id in self.list_ids() if self.owner_of(run_id) == visitor.owner
-                   and read_status(self.root / run_id).get("state") in (WAITING, "queued", "running"))
+        statuses = (read_status(self.root / run_id) for run_id in self.list_ids())
+        held = sum(1 for status in statuses
+                   if status.get("owner") == visitor.owner and status.get("state") in (WAITING, "queued", "running"))
         steps = cfg.training.max_steps if cfg.training.max_steps > 0 else None
         seconds = self._job_seconds(cfg)
         problems = JobLimits.from_env().problems(visitor, held, steps, seconds / 60 if seconds else None)
@@ -557,11 +569,16 @@ class RunManager:
             raise RunLimitError(" ".join(problems))
 
     def _check_disk(self, what: str) -> None:
-        enforce_budget(self.root)
+        """RunError unless the disk keeps its minimum free; pruning to the budget is tried first only when it is
+        short (walking the whole runs folder on every check would be work done for nothing)."""
         try:
             require_free(self.root, 0, what)
-        except DiskFull as error:
-            raise RunError(str(error)) from None
+        except DiskFull:
+            enforce_budget(self.root)
+            try:
+                require_free(self.root, 0, what)
+            except DiskFull as error:
+                raise RunError(str(error)) from None
 
     # --- owners -------------------------------------------------------------------------------------------
 
@@ -569,8 +586,19 @@ class RunManager:
         return read_status(self.run_dir(run_id)).get("owner")
 
     def visible_ids(self, visitor: Visitor) -> list[str]:
-        """The runs ``visitor`` may see: their own, or every run for an operator or when runs are public."""
+        """The runs ``visitor`` may see: their own, or every run for an operator (the local user) or when runs
+        are public; only then are owners read (a page polls this every few seconds)."""
+        if visitor.operator or public_runs():
+            return self.list_ids()
         return [run_id for run_id in self.list_ids() if can_view(visitor, self.owner_of(run_id))]
+
+    def can_see(self, run_id: str, visitor: Visitor) -> bool:
+        """Whether run ``run_id`` exists and ``visitor`` may see it (one status read, not every run's)."""
+        try:
+            folder = self.run_dir(run_id)
+        except RunError:
+            return False
+        return folder.is_dir() and can_view(visitor, read_status(folder).get("owner"))
 
     def require_can_act(self, run_id: str, visitor: Visitor, what: str) -> None:
         require_owner(visitor, self.owner_of(run_id), what, f"run {run_id}")
@@ -631,9 +659,9 @@ class RunManager:
     def _reap(self, run_id: str, child: subprocess.Popen) -> None:
         child.wait()
         self._settle(run_id, ChildProcess(child, child.pid))
-        if self.root.is_dir():  # the next job in line takes the device; what can be rebuilt keeps the budget
+        # The next job in line takes the device (its start keeps the budget); with none waiting, prune now.
+        if self.root.is_dir() and self.dispatch() is None:
             enforce_budget(self.root)
-            self.dispatch()
 
     def request_stop(self, run_id: str, visitor: Visitor = LOCAL) -> dict[str, Any]:
         """Ask the run to checkpoint and stop at its next step, and return at once; if it has not ended after
