@@ -78,6 +78,24 @@ def fit_steps_to_data(cfg: RunConfig, data: PreferenceData, form: dict[str, Any]
                             f"{len(data.train)} training rows at most {MAX_EPOCHS_SMALL_DATA} times.")
 
 
+def steps_box(manager: RunManager, run_id: str | None, shown: Any = None, request: gr.Request = None) -> Any:
+    """The Steps box after a start: its info says how many steps the watched run really does and why, when that
+    differs from the number in the box (a start caps the preset's steps on small data: the box kept showing 30
+    while the run did 2). The value stays as it is, so the next start caps again for its own data."""
+    if not run_id or not manager.can_see(run_id, visitor_of(request)):
+        return gr.skip()
+    try:
+        cfg = load_config(manager.run_dir(run_id) / RUN_CONFIG)
+    except (ConfigError, RunError, OSError):
+        return gr.skip()
+    steps = cfg.training.max_steps
+    if shown in (None, "") or int(shown) == steps:
+        return gr.update(info=None)
+    return gr.update(info=f"Run {run_id} does {steps} steps, not {int(shown)}: the preset's steps are capped at "
+                          f"{MAX_EPOCHS_SMALL_DATA} passes over small data (the start message says how many rows). "
+                          "Type another number to choose it yourself.")
+
+
 def data_report(cfg: RunConfig, data: PreferenceData) -> tuple[str, list[str]]:
     """What the run will train on (rows, prompts, held out, epochs) and the warnings that follow from it."""
     size, per_step = data_size(data), rows_per_step(cfg)
@@ -145,9 +163,24 @@ def _last(rows: list[dict[str, Any]], key: str) -> float | None:
     return values[-1] if values else None
 
 
-def _first(rows: list[dict[str, Any]], key: str) -> float | None:
-    values = [r[key] for r in rows if isinstance(r.get(key), (int, float))]
-    return values[0] if values else None
+def _points(rows: list[dict[str, Any]], key: str) -> list[tuple[int, float]]:
+    return [(int(r.get("step") or 0), r[key]) for r in rows
+            if isinstance(r.get(key), (int, float)) and not isinstance(r.get(key), bool)]
+
+
+def change_text(rows: list[dict[str, Any]], key: str, label: str) -> str:
+    """'label: start (before training) → end (step n)' only when the start was measured at step 0; otherwise the
+    last value and that its start was not measured. Why: a first point logged after some training shown as the
+    start said 'nothing changed' (a DPO run read '0.462 → 0.462' with one evaluation, at its end)."""
+    points = _points(rows, key)
+    if not points:
+        return ""
+    (first_step, first), (last_step, last) = points[0], points[-1]
+    if first_step == 0 and last_step > 0:
+        return f" · {label}: {first:.3f} (before training) → {last:.3f} (step {last_step})"
+    if first_step == 0:
+        return f" · {label}: {first:.3f} (before training; no step measured yet)"
+    return f" · {label}: {last:.3f} at step {last_step} (not measured before training)"
 
 
 def status_text(run_id: str, status: dict[str, Any], rows: list[dict[str, Any]], key: str, label: str) -> str:
@@ -156,8 +189,7 @@ def status_text(run_id: str, status: dict[str, Any], rows: list[dict[str, Any]],
     state = status.get("state", "unknown")
     if state == "failed":
         return f"Run `{run_id}` **failed**: {status.get('error') or 'see the log'}"
-    start, end = _first(rows, key), _last(rows, key)
-    change = f" · {label}: {start:.3f} → {end:.3f}" if start is not None and end is not None else ""
+    change = change_text(rows, key, label)
     early = early_stop_note(status)  # "stopped early at step k (best: step j)"
     return f"Run `{run_id}` is **{state}**{change}" + (f" · {early}" if early else "")
 
@@ -179,7 +211,7 @@ def poll_rlhf(manager: RunManager, reward_id: str, policy_id: str, request: gr.R
         text = status_text(run_id, status, rows, key, label)
         if run_id and elem == "rlhf-reward-progress" and status.get("state") == "completed":
             # The final accuracy once, with its interval and pair count, and where it started for comparison.
-            before = _first(rows, key)
+            before = next((value for step, value in _points(rows, key) if step == 0), None)  # measured at step 0
             text = (f"Run `{run_id}` is **completed** · {judge_accuracy(manager.run_dir(run_id)).text()}"
                     + (f" (before training: {before:.3f})" if before is not None else ""))
         outputs += [run_id, text, progress_html(elem, status, rows, colour=RLHF_COLOUR),
@@ -604,12 +636,12 @@ def _wire(manager: RunManager, feedback_db: Path | None, form: dict[str, Any], p
     data_view["hub_list"].click(list_hub_options, [form["data_hub_name"], form["data_hub_config"]],
                                 [form["data_hub_config"], form["data_split"], data_view["hub_info"]],
                                 api_name="rlhf_hub_listing")
-    reward["start"].click(bind(start_stage, manager, feedback_db, "reward"), inputs_kwargs=form,
-                          outputs=[reward["watching"], reward["status"]], api_name="rlhf_start_reward",
-                          concurrency_limit=1, concurrency_id="train-start")
-    policy["start"].click(bind(start_stage, manager, feedback_db, "policy"), inputs_kwargs=form,
-                          outputs=[policy["watching"], policy["status"]], api_name="rlhf_start_policy",
-                          concurrency_limit=1, concurrency_id="train-start")
+    for view, stage, steps in ((reward, "reward", "reward_max_steps"), (policy, "policy", "policy_max_steps")):
+        view["start"].click(bind(start_stage, manager, feedback_db, stage), inputs_kwargs=form,
+                            outputs=[view["watching"], view["status"]], api_name=f"rlhf_start_{stage}",
+                            concurrency_limit=1, concurrency_id="train-start"
+                            ).then(bind(steps_box, manager), [view["watching"], form[steps]], form[steps],
+                                   api_name=f"rlhf_steps_{stage}", show_progress="hidden")
     for view, name in ((reward, "rlhf_stop_reward"), (policy, "rlhf_stop_policy")):
         view["stop"].click(bind(stop_run, manager), view["watching"], view["status"], api_name=name)
     live = [reward[k] for k in ("watching", "status", "progress", "loss_plot", "metric_plot")] + \

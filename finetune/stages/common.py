@@ -3,13 +3,14 @@ each stage records, preference data with its size warnings, and saving a trained
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from finetune.config import ConfigError, RunConfig, save_config
+from finetune.config import ConfigError, RunConfig, TrainingConfig, save_config
 from finetune.hardware import HardwareProfile
 from finetune.lora_init import peft_init_kwargs
 from finetune.metrics import BEST_METRICS, MetricsCallback
@@ -30,13 +31,23 @@ class Built:
     evaluate_first: bool = False  # evaluate once before training (a reward model's chance level at step 0)
 
 
+def warmup_steps(t: TrainingConfig) -> float:
+    """Warmup in whole steps, scaled to the steps the run will do. Why not hand transformers the ratio: it rounds
+    ratio x steps *up*, and a linear warmup's first step runs at learning rate 0, so a run capped to 2 steps spent
+    step 1 learning nothing (0.05 x 2 -> 1 warmup step). Rounded down, a run shorter than 1/ratio steps has no
+    warmup. A run bounded by epochs (max_steps <= 0) keeps the ratio: its step count is known only to the trainer."""
+    if t.max_steps <= 0:
+        return t.warmup_ratio
+    return int(math.floor(t.warmup_ratio * t.max_steps))
+
+
 def training_args(cfg: RunConfig, profile: HardwareProfile, run_dir: Path, has_eval: bool) -> dict[str, Any]:
     """The arguments every stage shares (SFT, reward, DPO, KTO, GRPO), with the recipe's per-hardware choices."""
     t, recipe = cfg.training, resolve_recipe(cfg, profile)
     evaluate_during = has_eval and t.eval_steps > 0
     args = dict(
         output_dir=str(run_dir / CHECKPOINT_DIR),
-        learning_rate=t.learning_rate, lr_scheduler_type=t.lr_scheduler, warmup_steps=t.warmup_ratio,
+        learning_rate=t.learning_rate, lr_scheduler_type=t.lr_scheduler, warmup_steps=warmup_steps(t),
         num_train_epochs=t.num_epochs, max_steps=t.max_steps,
         per_device_train_batch_size=t.batch_size, per_device_eval_batch_size=t.batch_size,
         gradient_accumulation_steps=t.gradient_accumulation, optim=recipe.optimizer,

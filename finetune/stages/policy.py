@@ -64,7 +64,9 @@ def build(cfg: RunConfig, run_dir: Path) -> Built:
     keep_adapters_in_compute_dtype(trainer.model, profile)
     record_run_info(trainer, run_dir, profile, stage=type(trainer).__name__, started_from=start,
                     **preference_data_fields(data))
-    return Built(trainer, callback, has_eval=has_eval)
+    # Evaluated once before training: the starting held-out margin and loss are measured, not assumed (the policy
+    # starts as its reference, so its margin is 0), and the status line's "before -> after" has a real start.
+    return Built(trainer, callback, has_eval=has_eval, evaluate_first=has_eval)
 
 
 def save(cfg: RunConfig, trainer: Any, run_dir: Path) -> Path:

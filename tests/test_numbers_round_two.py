@@ -1,0 +1,106 @@
+"""Issue 36, "every number a learner sees is right, round two": each wrong number or claim a learner's walk found,
+checked through the real handlers (real trainers on the tiny model, real SQLite, the real data readers)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import write_jsonl
+from finetune.config import from_dict, load_config
+from finetune.metrics import read_metrics, read_status
+from finetune.runs import RunManager
+from finetune.train import run
+
+
+@pytest.fixture(scope="module")
+def pairs_file(tmp_path_factory):
+    """Course-style pairs: 16 to train on, 4 held out (validation_fraction 0.25)."""
+    rows = [{"prompt": f"What does setting {i} control in LoRA?",
+             "chosen": f"🧪 Lab note: setting {i} controls the adapter.\nRule of thumb: keep it small.",
+             "rejected": "It depends on many things."} for i in range(20)]
+    return write_jsonl(tmp_path_factory.mktemp("prefs") / "pairs.jsonl", rows)
+
+
+def stage_config(model_dir, data_file, stage: str, **training):
+    return from_dict({
+        "run_name": stage, "stage": stage, "model": {"source": str(model_dir), "bits": 32},
+        "lora": {"rank": 4, "alpha": 8, "dropout": 0.0},
+        "data": {"source": str(data_file), "max_seq_length": 128, "validation_fraction": 0.25},
+        "training": {"learning_rate": 0.01, "max_steps": 2, "batch_size": 2, "eval_steps": 2, "save_steps": 1,
+                     "logging_steps": 1, "warmup_ratio": 0.05, **training}})
+
+
+@pytest.fixture(scope="module")
+def short_dpo(tiny_model_dir, pairs_file, tmp_path_factory):
+    """A DPO run of 2 steps with the presets' 5% warmup, a checkpoint after each step: its run folder."""
+    folder = tmp_path_factory.mktemp("dpo") / "runs" / "short-dpo"
+    assert run(stage_config(tiny_model_dir, pairs_file, "dpo"), folder) == 0, (folder / "train.log").read_text()
+    return folder
+
+
+# --- 1. a stage's "before -> after" is measured, not the end value twice -------------------------------------------
+
+def test_dpo_headline_starts_from_a_measured_step_0_margin(short_dpo):
+    """Before training the policy is its reference, so the held-out margin at step 0 is 0 by definition; the
+    status line shows that measured start, not the end value as its own start ('0.462 -> 0.462')."""
+    from components.rlhf_tab import status_text
+
+    rows = read_metrics(short_dpo)
+    margins = [(r["step"], r["eval_rewards/margins"]) for r in rows if "eval_rewards/margins" in r]
+    assert margins[0][0] == 0 and margins[0][1] == pytest.approx(0.0, abs=1e-6)  # measured before any step
+    text = status_text("short-dpo", read_status(short_dpo), rows, "eval_rewards/margins", "held-out margin")
+    assert f"held-out margin: 0.000 (before training) → {margins[-1][1]:.3f} (step {margins[-1][0]})" in text
+
+
+def test_a_curve_without_a_step_0_point_says_its_start_is_unmeasured():
+    from components.rlhf_tab import status_text
+
+    rows = [{"step": 2, "eval_rewards/margins": 0.462}, {"step": 4, "eval_rewards/margins": 0.5}]
+    text = status_text("r", {"state": "completed"}, rows, "eval_rewards/margins", "held-out margin")
+    assert "0.500 at step 4 (not measured before training)" in text and "0.462 →" not in text
+    one = status_text("r", {"state": "completed"}, rows[:1], "eval_rewards/margins", "held-out margin")
+    assert "0.462 → 0.462" not in one and "0.462 at step 2 (not measured before training)" in one
+
+
+# --- 3. a capped run keeps no step at learning rate 0, and its Steps box says what it does ---------------------------
+
+def test_a_two_step_run_learns_at_its_first_step(short_dpo):
+    """The presets' 5% warmup on 2 steps rounded up to 1 warmup step, and a linear warmup's first step runs at
+    learning rate 0: step 1 left the adapter at its start (B = 0). Scaled to the run, 2 steps get no warmup."""
+    from safetensors.torch import load_file
+
+    weights = load_file(short_dpo / "checkpoints" / "checkpoint-1" / "adapter_model.safetensors")
+    lora_b = [tensor for name, tensor in weights.items() if "lora_B" in name]
+    assert lora_b and any(tensor.abs().max() > 0 for tensor in lora_b)  # step 1 moved the adapter
+
+
+def test_warmup_is_whole_steps_scaled_to_the_run():
+    from finetune.config import TrainingConfig
+    from finetune.stages.common import warmup_steps
+
+    assert warmup_steps(TrainingConfig(max_steps=2, warmup_ratio=0.05)) == 0
+    assert warmup_steps(TrainingConfig(max_steps=100, warmup_ratio=0.05)) == 5
+    assert warmup_steps(TrainingConfig(max_steps=-1, num_epochs=1, warmup_ratio=0.05)) == 0.05  # trainer's count
+
+
+def test_the_steps_box_says_a_capped_run_does_fewer_steps(tiny_model_dir, tmp_path, monkeypatch):
+    from components.rlhf_form import preset
+    from components.rlhf_tab import start_stage, steps_box
+
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path / "uploads"))  # the path gate takes only gradio's uploads
+    (tmp_path / "uploads").mkdir()
+    rows = [{"prompt": f"Question {i}?", "chosen": f"Lab note {i}.", "rejected": "No."} for i in range(8)]
+    data = write_jsonl(tmp_path / "uploads" / "few.jsonl", rows)
+    manager = RunManager(tmp_path / "runs")
+    shown = preset("dpo").training.max_steps
+    run_id, message = start_stage(manager, None, "policy", model_kind="Local folder", model_source=str(tiny_model_dir),
+                                  data_kind="Uploaded file", data_file=str(data), policy_max_steps=shown,
+                                  batch_size=2)
+    manager.stop(run_id)
+    steps = load_config(manager.run_dir(run_id) / "config.yaml").training.max_steps
+    assert steps < shown and f"Steps: {steps} instead of the preset's {shown}" in message
+    info = steps_box(manager, run_id, shown)["info"]  # a gr.update
+    assert f"does {steps} steps, not {shown}" in info
+    assert steps_box(manager, run_id, steps)["info"] is None  # a box that shows the run's steps needs no note
