@@ -393,25 +393,36 @@ def _number(key: str, label: str, value: Any, **kwargs: Any) -> gr.Number:
     return gr.Number(value=value, label=label, info=_info(key), **kwargs)
 
 
-def _data_controls(form: dict[str, Any], defaults: RunConfig) -> dict[str, Any]:
-    """The data section; returns the Hub controls that are not form fields (the box, the list button, its note)."""
-    hub: dict[str, Any] = {}
-    with gr.Accordion("1 · Data", open=True):
-        with gr.Row():
-            form["data_kind"] = gr.Radio(list(DATA_KINDS), value="Bundled", label="Dataset source",
-                                         elem_id="data-kind")
-            form["data_bundled"] = gr.Dropdown(bundled_names() or [BUNDLED_DATASET], value=BUNDLED_DATASET,
-                                               label="Bundled dataset", info=_info("data_source"))
-            with gr.Column(visible=False) as hub["box"]:
-                form["data_hub_name"] = gr.Textbox(value="", label="Hub dataset name", placeholder="tatsu-lab/alpaca",
-                                                   elem_id="hub-name")
-                # Dropdowns that accept typed values: the Hub's lists when fetched, any name when offline.
-                form["data_hub_config"] = gr.Dropdown([], value="", label="Hub config (subset)",
-                                                      info=_info("data_hub_config"), allow_custom_value=True)
-                hub["list"] = gr.Button("List configs/splits", size="sm", elem_id="hub-list")
-                hub["info"] = gr.Markdown(elem_id="hub-info")
-            form["data_file"] = gr.File(label="Upload a dataset file", type="filepath", visible=False,
-                                        file_types=list(paths.DATA_FILE_SUFFIXES), elem_id="data-file")
+def _short_info(key: str) -> str:
+    """The first sentence of a field's help: the first screen keeps one line per control (the whole help is the
+    config's, shown in the full form below)."""
+    text = _info(key)
+    head, dot, _ = text.partition(". ")
+    return head + "." if dot else text
+
+
+def _data_source_controls(form: dict[str, Any], hub: dict[str, Any]) -> None:
+    """Where the data comes from (first screen): a bundled set, a Hub dataset or an uploaded file."""
+    form["data_kind"] = gr.Radio(list(DATA_KINDS), value="Bundled", label="Dataset source", elem_id="data-kind",
+                                 scale=2)
+    form["data_bundled"] = gr.Dropdown(bundled_names() or [BUNDLED_DATASET], value=BUNDLED_DATASET,
+                                       label="Bundled dataset", info=_short_info("data_source"), scale=2)
+    with gr.Column(visible=False, scale=2) as hub["box"]:
+        form["data_hub_name"] = gr.Textbox(value="", label="Hub dataset name", placeholder="tatsu-lab/alpaca",
+                                           elem_id="hub-name")
+        # Dropdowns that accept typed values: the Hub's lists when fetched, any name when offline.
+        form["data_hub_config"] = gr.Dropdown([], value="", label="Hub config (subset)",
+                                              info=_info("data_hub_config"), allow_custom_value=True)
+        hub["list"] = gr.Button("List configs/splits", size="sm", elem_id="hub-list")
+        hub["info"] = gr.Markdown(elem_id="hub-info")
+    form["data_file"] = gr.File(label="Upload a dataset file", type="filepath", visible=False, scale=2,
+                                file_types=list(paths.DATA_FILE_SUFFIXES), elem_id="data-file")
+
+
+def _data_details(form: dict[str, Any], defaults: RunConfig) -> None:
+    """How the rows are read: split, format, columns, malformed rows (collapsed: the defaults read the bundled
+    data and most files)."""
+    with gr.Accordion("Data details: split, format, columns", open=False, elem_id="data-details"):
         with gr.Row():
             form["data_split"] = gr.Dropdown([defaults.data.split], value=defaults.data.split, label="Split",
                                              info=_info("data_split"), allow_custom_value=True)
@@ -427,18 +438,21 @@ def _data_controls(form: dict[str, Any], defaults: RunConfig) -> dict[str, Any]:
                                                      info=_info("data_column_mapping"), scale=3)
             form["data_skip_bad_rows"] = gr.Checkbox(value=defaults.data.skip_bad_rows, label="Skip malformed rows",
                                                      info=_info("data_skip_bad_rows"), elem_id="skip-bad-rows")
-    return hub
 
 
 def _model_controls(form: dict[str, Any], defaults: RunConfig) -> None:
-    with gr.Accordion("2 · Model", open=True):
+    """Which model (first screen)."""
+    with gr.Row():
+        form["model_kind"] = gr.Radio(list(MODEL_KINDS), value="Embedded", label="Model source", scale=2)
+        form["model_source"] = gr.Textbox(value=defaults.model.source, label="Model", elem_id="model-source",
+                                          info=_short_info("model_source"), scale=3)
+        form["model_bits"] = gr.Radio([4, 8, 16, 32], value=defaults.model.bits, label="Bit width",
+                                      info=_short_info("model_bits"), elem_id="bit-width", scale=2)
+
+
+def _quant_details(form: dict[str, Any], defaults: RunConfig) -> None:
+    with gr.Accordion("Quantization details: 4-bit type, double quantization", open=False):
         with gr.Row():
-            form["model_kind"] = gr.Radio(list(MODEL_KINDS), value="Embedded", label="Model source")
-            form["model_source"] = gr.Textbox(value=defaults.model.source, label="Model", elem_id="model-source",
-                                              info=_info("model_source"))
-        with gr.Row():
-            form["model_bits"] = gr.Radio([4, 8, 16, 32], value=defaults.model.bits, label="Bit width",
-                                          info=_info("model_bits"))
             form["model_quant_type"] = gr.Radio(["nf4", "fp4"], value=defaults.model.quant_type,
                                                 label="4-bit type", info=_info("model_quant_type"))
             form["model_double_quant"] = gr.Checkbox(value=defaults.model.double_quant, label="Double quant",
@@ -475,22 +489,36 @@ def _method_controls(form: dict[str, Any], d: RunConfig) -> None:
                                                    visible=d.lora.method == "prompt_tuning")
 
 
-def _hyper_controls(form: dict[str, Any], d: RunConfig) -> None:
-    with gr.Accordion("3 · Hyperparameters", open=True):
+def _card_hyperparameters(form: dict[str, Any], d: RunConfig) -> None:
+    """Four of the product card's five hyperparameters (the fifth, the bit width, sits beside the model) and how
+    long to train, on the first screen."""
+    with gr.Row(elem_id="card-hyperparameters"):
+        form["training_learning_rate"] = gr.Number(d.training.learning_rate, label="Learning rate",
+                                                   info=_short_info("training_learning_rate"),
+                                                   elem_id="learning-rate", min_width=120)
+        form["lora_rank"] = gr.Number(d.lora.rank, label="LoRA rank (r)", precision=0,
+                                      info=_short_info("lora_rank"), elem_id="lora-rank",
+                                      min_width=120)
+        form["lora_alpha"] = gr.Number(d.lora.alpha, label="LoRA alpha", info=_short_info("lora_alpha"),
+                                       elem_id="lora-alpha", min_width=120)
+        form["lora_dropout"] = gr.Number(d.lora.dropout, label="LoRA dropout", info=_short_info("lora_dropout"),
+                                         elem_id="lora-dropout", min_width=120)
+        form["training_max_steps"] = gr.Number(d.training.max_steps, label="Max steps", precision=0,
+                                               info=_short_info("training_max_steps"), elem_id="max-steps",
+                                               min_width=120)
+
+
+def _method_details(form: dict[str, Any], d: RunConfig) -> None:
+    with gr.Accordion("PEFT method and target modules", open=False, elem_id="peft-details"):
         _method_controls(form, d)
+        form["lora_target_modules"] = gr.Textbox(value=d.lora.target_modules, label="Target modules",
+                                                 info=_info("lora_target_modules"))
+
+
+def _length_controls(form: dict[str, Any], d: RunConfig) -> None:
+    with gr.Accordion("Batch, epochs and sequence length", open=False, elem_id="length-details"):
         with gr.Row():
-            form["training_learning_rate"] = _number("training_learning_rate", "Learning rate",
-                                                     d.training.learning_rate, elem_id="learning-rate")
-            form["lora_rank"] = _number("lora_rank", "LoRA rank (r)", d.lora.rank, precision=0)
-            form["lora_alpha"] = _number("lora_alpha", "LoRA alpha", d.lora.alpha)
-            form["lora_dropout"] = _number("lora_dropout", "LoRA dropout", d.lora.dropout)
-        with gr.Row():
-            form["lora_target_modules"] = gr.Textbox(value=d.lora.target_modules, label="Target modules",
-                                                     info=_info("lora_target_modules"))
             form["training_num_epochs"] = _number("training_num_epochs", "Epochs", d.training.num_epochs)
-            form["training_max_steps"] = _number("training_max_steps", "Max steps", d.training.max_steps,
-                                                 precision=0, elem_id="max-steps")
-        with gr.Row():
             form["training_batch_size"] = _number("training_batch_size", "Batch size", d.training.batch_size,
                                                   precision=0, elem_id="batch-size")
             form["training_gradient_accumulation"] = _number("training_gradient_accumulation",
@@ -562,11 +590,14 @@ def _default_config() -> RunConfig:
 _FORM_KEYS: list[str] = []  # filled by build_train_tab: the order load_preset returns values in
 
 
-def _live_view() -> dict[str, Any]:
-    view: dict[str, Any] = {}
-    view["watching"] = gr.Textbox(label="Watching run", interactive=False, elem_id="watching-run")
+def _run_state(view: dict[str, Any]) -> None:
+    """The run's status line and progress bar, right under Start."""
     view["status"] = gr.Markdown(elem_id="run-status")
     view["progress"] = gr.HTML(progress_html("train-progress", {"state": "idle"}, []))
+
+
+def _live_view(view: dict[str, Any]) -> dict[str, Any]:
+    view["watching"] = gr.Textbox(label="Watching run", interactive=False, elem_id="watching-run")
     with gr.Row():
         view["loss_plot"] = gr.LinePlot(None, x="step", y="loss", color="series", title="Loss",
                                         elem_id="loss-plot", height=300)
@@ -601,27 +632,39 @@ def _history_view() -> dict[str, Any]:
 
 
 def build_train_tab(manager: RunManager, profile: HardwareProfile) -> dict[str, Any]:
-    """Lay out the tab and wire its handlers; returns its components by name."""
-    defaults, form = _default_config(), {}
-    with gr.Row():
-        preset = gr.Dropdown(presets(), value="cpu-quick" if "cpu-quick" in presets() else None,
-                             label="Preset", info="Fill the form from configs/*.yaml", scale=1)
-        estimate = gr.Markdown(elem_id="estimate")
-    hub = _data_controls(form, defaults)
+    """Lay out the tab and wire its handlers; returns its components by name. The first screen holds what a
+    learner chooses (preset, data, model, the card's five hyperparameters) and Start, with the estimate beside
+    them; every other setting is one click away in a collapsed group."""
+    defaults, form, hub = _default_config(), {}, {}
+    with gr.Row(equal_height=False):
+        with gr.Column(scale=2):
+            with gr.Row():
+                preset = gr.Dropdown(presets(), value="cpu-quick" if "cpu-quick" in presets() else None,
+                                     label="Preset", info="Fill the form from configs/*.yaml", scale=1,
+                                     elem_id="preset")
+                _data_source_controls(form, hub)
+            _model_controls(form, defaults)
+            _card_hyperparameters(form, defaults)
+            with gr.Row():
+                start = gr.Button("Start training", variant="primary", elem_id="start-button", scale=2)
+                stop = gr.Button("Stop", variant="stop", elem_id="stop-button", scale=1)
+                resume = gr.Button("Resume from last checkpoint", elem_id="resume-button", scale=1)
+            view: dict[str, Any] = {}
+            _run_state(view)
+        with gr.Column(scale=1):
+            estimate = gr.Markdown(elem_id="estimate")
+            lora_aid = gr.Markdown(elem_id="lora-aid")  # learning aid: W + (alpha/r)·B·A with this form's numbers
+    _data_details(form, defaults)
     with gr.Accordion("Data preview", open=True):
         preview_info = gr.Markdown(elem_id="data-preview")
         preview_table = gr.Dataframe(pd.DataFrame(columns=["row", "role", "content"]), interactive=False, wrap=True)
         preview_button = gr.Button("Preview data", size="sm")
-    _model_controls(form, defaults)
-    _hyper_controls(form, defaults)
-    lora_aid = gr.Markdown(elem_id="lora-aid")  # learning aid: W + (alpha/r)·B·A with this form's live numbers
+    _quant_details(form, defaults)
+    _method_details(form, defaults)
+    _length_controls(form, defaults)
     _advanced_controls(form, defaults)
     _FORM_KEYS[:] = list(form)
-    with gr.Row():
-        start = gr.Button("Start training", variant="primary", elem_id="start-button")
-        stop = gr.Button("Stop", variant="stop", elem_id="stop-button")
-        resume = gr.Button("Resume from last checkpoint", elem_id="resume-button")
-    view, history = _live_view(), _history_view()
+    view, history = _live_view(view), _history_view()
     _wire(manager, profile, form, preset, estimate, preview_info, preview_table, preview_button, start, stop,
           view, history)
     _wire_hub(form, hub)

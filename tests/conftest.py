@@ -204,6 +204,7 @@ def upload_data_and_pick_local_model(page: Any, data_file: Path, model_dir: Path
     """The Train form as a learner fills it for a small run: an uploaded data file, a model from a local folder."""
     from playwright.sync_api import expect
 
+    page.get_by_role("tab", name="Train").click()  # the app opens on the course ("Start here")
     page.locator("#data-kind").get_by_text("Uploaded file", exact=True).click()
     page.locator("#data-file input[type=file]").set_input_files(str(data_file))
     expect(page.locator("#data-file")).to_contain_text(data_file.name, timeout=30_000)  # the upload is done
@@ -212,5 +213,6 @@ def upload_data_and_pick_local_model(page: Any, data_file: Path, model_dir: Path
     expect(page.locator("#model-source textarea, #model-source input").first).to_have_value("", timeout=10_000)
     fill(page, "model-source", str(model_dir))
     fill(page, "max-steps", str(max_steps))
+    page.get_by_text("Batch, epochs and sequence length").click()  # a collapsed group: opened to be filled
     fill(page, "batch-size", "4")
     fill(page, "max-seq-length", "128")

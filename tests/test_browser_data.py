@@ -48,6 +48,7 @@ def test_partly_broken_upload_previewed_refused_then_trained_with_skip(page, tmp
     page.locator("#start-button").click()
     expect(page.locator("#run-status")).to_contain_text("line 5 has 1 field(s)", timeout=30_000)
 
+    page.get_by_text("Data details: split, format, columns").click()  # a collapsed group on the Train tab
     page.locator("#skip-bad-rows input[type=checkbox]").check()
     expect(preview).not_to_contain_text("Start will refuse this file", timeout=30_000)
     expect(preview).to_contain_text("1 skipped: 1 malformed")

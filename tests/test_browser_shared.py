@@ -39,6 +39,7 @@ def test_each_visitor_sees_and_deletes_only_their_own_runs(tmp_path, monkeypatch
         for page, name in ((alice, "alice"), (bob, "bob")):
             page.goto(f"{url}dev-sign-in?user={name}")  # back on the app's page, signed in
             expect(page.locator("#who")).to_contain_text(f"Signed in as {name}", timeout=30_000)
+            page.get_by_role("tab", name="Train").click()  # the app opens on the course ("Start here")
             expect(page.locator("#disk-usage")).to_contain_text("Runs use", timeout=30_000)
 
         expect(alice.locator("#run-history")).to_contain_text(run_id, timeout=30_000)

@@ -1,0 +1,40 @@
+"""Issue 31 in a real headless Chromium at 1440x900: the Train tab's first screen holds what a learner chooses
+(preset, data source, model, the product card's five hyperparameters) and Start, without scrolling; the rest of the
+form is one click away in collapsed groups. A screenshot goes to tests/artifacts/train-first-screen.png."""
+
+from __future__ import annotations
+
+import pytest
+
+from conftest import ARTIFACTS, browser_page, served_app
+
+pytestmark = pytest.mark.browser
+
+WIDTH, HEIGHT = 1440, 900
+FIRST_SCREEN = ("preset", "data-kind", "model-source", "learning-rate", "lora-rank", "lora-alpha", "lora-dropout",
+                "bit-width", "start-button")
+
+
+def test_start_and_the_five_hyperparameters_fit_the_first_viewport(tmp_path):
+    from playwright.sync_api import expect
+
+    with served_app(tmp_path / "runs") as url, browser_page(url, width=WIDTH, height=HEIGHT) as page:
+        page.get_by_role("tab", name="Train").click()
+        expect(page.locator("#estimate")).to_contain_text("trainable", timeout=30_000)  # the page has settled
+        assert page.evaluate("window.scrollY") == 0
+        boxes = {elem: page.locator(f"#{elem}").bounding_box() for elem in FIRST_SCREEN}
+        outside = {elem: box for elem, box in boxes.items()
+                   if box is None or box["y"] < 0 or box["y"] + box["height"] > HEIGHT or box["x"] + box["width"] > WIDTH}
+        ARTIFACTS.mkdir(exist_ok=True)
+        page.screenshot(path=str(ARTIFACTS / "train-first-screen.png"))
+        assert not outside, f"not inside the first {WIDTH}x{HEIGHT} viewport: {outside}"
+        start = boxes["start-button"]
+        print(f"Start button: top {start['y']:.0f} px, bottom {start['y'] + start['height']:.0f} px of {HEIGHT}")
+        # The estimate sits beside the form, not below it.
+        estimate = page.locator("#estimate").bounding_box()
+        assert estimate["x"] > boxes["learning-rate"]["x"] + boxes["learning-rate"]["width"]
+        assert estimate["y"] < start["y"]
+        # The rest of the form is collapsed: batch size is one click away, then there.
+        expect(page.locator("#batch-size")).to_have_count(0)
+        page.get_by_text("Batch, epochs and sequence length").click()
+        expect(page.locator("#batch-size")).to_be_visible()
