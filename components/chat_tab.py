@@ -22,9 +22,11 @@ from typing import Any, Iterator
 
 import gradio as gr
 
-from components.shared import refusal, bind, on_page_load, require_visible, visible_adapters, visitor_of
+from components.shared import (bind, duration, on_page_load, refusal, require_visible, visible_adapters,
+                               visitor_of)
 from finetune.access import AccessDenied, can_view, require_signed_in, sign_in_hint
-from finetune.chat import ChatEngine, SamplingSettings, check_prompt, normalize_history
+from finetune.chat import (DEFAULT_NEW_TOKENS, ChatEngine, SamplingSettings, check_prompt, normalize_history,
+                           split_budget_note)
 from finetune.config import ConfigError, load_config
 from finetune.data import validation_prompts
 from finetune.feedback import FeedbackError, FeedbackStore
@@ -40,6 +42,7 @@ TARGETS = [("Both answers", "both"), ("Left / A", "left"), ("Right / B", "right"
 ARENA_LABELS = ("A", "B")
 COMPARE = [("Base model", "base"), ("Starting adapter", "start")]
 POLICY_STAGES = ("dpo", "kto", "grpo")
+LONG_WAIT_SECONDS = 60  # an expected answer this long gets a reminder that Stop exists
 
 
 def _who(request: gr.Request | None) -> dict[str, str | None]:
@@ -214,13 +217,16 @@ def chat(manager: RunManager, engine: ChatEngine, store: FeedbackStore | None, p
         raise refusal(str(error)) from None
     if store is None or (visitor.sign_in and visitor.name is None):  # signed out: nobody's to keep, nor to rate
         return
+    # Stored: what each model wrote; the time-limit notice the chat showed after an answer goes beside it, so
+    # neither the reward model nor DPO ever trains on it.
+    (base_text, base_notice), (tuned_text, tuned_notice) = (split_budget_note(texts[s]) for s in ("base", "tuned"))
     try:
         ids = store.record_turn(model=cfg.model.source, adapter=run_id, prompt=prompt,
                                 base_history=histories[SIDES[order.index("base")]],
                                 tuned_history=histories[SIDES[order.index("tuned")]],
-                                settings=vars(settings).copy(), base_response=texts["base"],
-                                tuned_response=texts["tuned"], base_adapter=reference and reference[0],
-                                **_who(request))
+                                settings=vars(settings).copy(), base_response=base_text, tuned_response=tuned_text,
+                                base_notice=base_notice, tuned_notice=tuned_notice,
+                                base_adapter=reference and reference[0], **_who(request))
     except sqlite3.Error as error:
         raise gr.Error(f"The answers are shown but could not be saved for feedback: {error}") from None
     yield (*shown(), "", _next_turn(turn, ids, order, arena, run_id, histories, reference and reference[0]))
@@ -320,6 +326,30 @@ def clear_chats() -> tuple[Chat, Chat]:
     return [], []
 
 
+def default_new_tokens(engine: ChatEngine) -> int:
+    """A default answer length this device writes in reasonable time (128 tokens on a busy CPU ran into the
+    server's 600 s limit)."""
+    return DEFAULT_NEW_TOKENS["gpu" if engine.profile.is_cuda else "cpu"]
+
+
+def expected_time(engine: ChatEngine, max_new_tokens: float | None) -> str:
+    """Before sending: about how long an answer of this length takes at the pace measured on the latest answers
+    (re-measured on every answer, so a busier machine shows), and whether the server's time limit would cut it."""
+    tokens = int(max_new_tokens or 0)
+    seconds = engine.expected_seconds(tokens)
+    if seconds is None:
+        return (f"Up to {tokens} new tokens per answer; the first answer measures how fast this machine writes "
+                "them. Stop ends an answer early.")
+    pace = f"{engine.seconds_per_token:.2f} s per token for both answers, measured on the latest answers"
+    text = f"Up to {tokens} new tokens: about **{duration(seconds)}** at {pace}."
+    if engine.max_seconds and seconds > engine.max_seconds:
+        text += (f" ⚠️ That is longer than the server's limit of {duration(engine.max_seconds)} per answer: "
+                 "fewer tokens, or the answer is cut there.")
+    elif seconds > LONG_WAIT_SECONDS:
+        text += " Stop ends an answer early."
+    return text
+
+
 # --- layout ----------------------------------------------------------------------------------------------------
 
 def _feedback_panel() -> dict[str, Any]:
@@ -355,13 +385,16 @@ def build_chat_tab(manager: RunManager, engine: ChatEngine, store: FeedbackStore
         prompt = gr.Textbox(placeholder="Ask both models the same question…", show_label=False, scale=5,
                             elem_id="chat-prompt")
         send = gr.Button("Send", variant="primary", scale=1, elem_id="chat-send")
+        stop = gr.Button("Stop", variant="stop", scale=1, elem_id="chat-stop")
         clear = gr.Button("Clear", scale=1)
+    expected = gr.Markdown(expected_time(engine, default_new_tokens(engine)), elem_id="chat-expected")
     examples = gr.Dataset(components=[prompt], samples=[], label="Example prompts from the run's validation data")
     turn = gr.State(None)  # the last stored turn: its answers' ids and, in arena mode, the hidden order
     feedback = _feedback_panel()
     with gr.Accordion("Sampling (shared by both sides)", open=False):
         with gr.Row():
-            max_new = gr.Slider(1, 512, value=128, step=1, label="Max new tokens", elem_id="max-new-tokens")
+            max_new = gr.Slider(1, 512, value=default_new_tokens(engine), step=1, label="Max new tokens",
+                                elem_id="max-new-tokens")
             temperature = gr.Slider(0, 2, value=0.7, step=0.05, label="Temperature", info="0 = greedy",
                                     elem_id="temperature")
             top_p = gr.Slider(0.05, 1, value=0.9, step=0.05, label="Top-p")
@@ -374,12 +407,20 @@ def build_chat_tab(manager: RunManager, engine: ChatEngine, store: FeedbackStore
     handler = bind(chat, manager, engine, store)
     inputs = [prompt, run, base_chat, tuned_chat, max_new, temperature, top_p, seed, arena, turn, compare]
     outputs = [base_chat, tuned_chat, prompt, turn]
+    timing = bind(expected_time, engine)
+    answers = []
     for trigger, api in ((send.click, {"api_name": "chat"}), (prompt.submit, {"api_visibility": "private"})):
         started = trigger(bind(begin_turn, manager), [arena, run, compare],
                           [base_chat, tuned_chat, feedback["panel"], feedback["status"]], api_visibility="private")
         answered = started.then(handler, inputs, outputs, concurrency_limit=1, concurrency_id="chat", **api)
         answered.success(show_vote, turn, [feedback["panel"], feedback["vote"], feedback["hint"]],
                          api_visibility="private")
+        answered.then(timing, max_new, expected, api_visibility="private", show_progress="hidden")
+        answers.append(answered)
+    # Stop cancels the answer being generated: gradio closes the handler's generator, which ends generate() at
+    # its next token and frees the model; what was written so far stays on screen (and is not stored).
+    stop.click(None, None, None, cancels=answers, api_visibility="private")
+    max_new.change(timing, max_new, expected, api_name="chat_expected_time", show_progress="hidden")
     clear.click(clear_chats, None, [base_chat, tuned_chat], api_name="clear_chat")
     _wire_feedback(store, feedback, turn, base_chat, tuned_chat)
     restart = bind(toggle_arena, manager)
@@ -387,8 +428,9 @@ def build_chat_tab(manager: RunManager, engine: ChatEngine, store: FeedbackStore
     compare.input(restart, [arena, run, compare], [base_chat, tuned_chat, feedback["panel"], turn],
                   api_name="set_compare")
     on_page_load(refresh_fn, run, run)  # a page load picks the newest finished run
+    on_page_load(timing, max_new, expected)  # the pace measured since the app started, not at build time
     return {"run": run, "refresh": refresh, "base_chat": base_chat, "tuned_chat": tuned_chat, "prompt": prompt,
-            "send": send, "clear": clear, "examples": examples, "max_new_tokens": max_new,
+            "send": send, "stop": stop, "expected": expected, "clear": clear, "examples": examples, "max_new_tokens": max_new,
             "temperature": temperature, "top_p": top_p, "seed": seed, "arena": arena, "compare": compare,
             "turn": turn, **feedback}
 

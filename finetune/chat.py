@@ -32,6 +32,7 @@ import gc
 import math
 import os
 import queue
+import re
 import threading
 import time
 from collections import OrderedDict
@@ -66,11 +67,27 @@ MAX_NEW_TOKENS = int(_operator_setting("LORA_LAB_MAX_NEW_TOKENS", "1024", "512")
 # answer (plus the prompt's first forward pass, which cannot be interrupted).
 MAX_SECONDS = _operator_setting("LORA_LAB_MAX_SECONDS", "600", "60")
 LOCK_TIMEOUT_SECONDS = 600.0
+# The Chat tab's default answer length: on a CPU a long default ran into the time limit on a busy machine.
+DEFAULT_NEW_TOKENS = {"cpu": 64, "gpu": 128}
+PACE_WEIGHT = 0.5  # the latest answer's share of the measured pace (older answers fade out in a few turns)
 
 
 def budget_note(seconds: float) -> str:
     """Appended to an answer that the time budget cut short, so nobody mistakes it for the model's whole answer."""
     return f"\n\n[cut: this answer reached the server's time limit of {seconds:g} s per request]"
+
+
+# The note as shown, whatever the limit was (an earlier server may have had another): what split_budget_note finds.
+BUDGET_NOTE = re.compile(r"\n\n\[cut: this answer reached the server's time limit of [^\]\n]* s per request\]\Z")
+
+
+def split_budget_note(text: str) -> tuple[str, str | None]:
+    """(what the model wrote, the time-limit notice shown after it or None). The notice is the UI's, not the
+    model's: stored answers, histories fed back to the model and exported pairs must not carry it."""
+    found = BUDGET_NOTE.search(text or "")
+    if found is None:
+        return text, None
+    return text[:found.start()], found.group(0).strip()
 
 
 @dataclass
@@ -210,6 +227,8 @@ def normalize_history(history: Any) -> Messages:
         if isinstance(content, list):
             content = "".join(part.get("text", "") for part in content
                               if isinstance(part, dict) and part.get("type", "text") == "text")
+        if message.get("role") == "assistant" and isinstance(content, str):
+            content = split_budget_note(content)[0]  # the model never said the UI's time-limit notice
         if message.get("role") in ("system", "user", "assistant") and isinstance(content, str):
             messages.append({"role": message["role"], "content": content})
     return messages
@@ -280,6 +299,20 @@ class ChatEngine:
         # so the thread that releases it is not always the one that acquired it.
         self._generation_lock = threading.Lock()
         self.base_loads = 0  # how many times a base model was loaded from disk (tests check reuse)
+        # Seconds per generated token (both sides of a pair together), measured on every answer and weighted
+        # towards the latest: what the Chat tab's expected time uses, re-measured as the machine's load changes.
+        self.seconds_per_token: float | None = None
+
+    def _record_pace(self, seconds: float, tokens: int) -> None:
+        if tokens <= 0 or seconds <= 0:
+            return
+        latest = seconds / tokens
+        last = self.seconds_per_token
+        self.seconds_per_token = latest if last is None else PACE_WEIGHT * latest + (1 - PACE_WEIGHT) * last
+
+    def expected_seconds(self, max_new_tokens: int) -> float | None:
+        """About how long an answer of ``max_new_tokens`` takes at the recent pace; None before any answer."""
+        return None if self.seconds_per_token is None else self.seconds_per_token * max_new_tokens
 
     # --- models and adapters ------------------------------------------------------------------------------
 
@@ -508,16 +541,17 @@ class ChatEngine:
         eos, stop, budget = self._eos(entry), threading.Event(), self._budget()
         streamer = _PairStreamer(entry.tokenizer, eos)
         kwargs = self._generate_kwargs(entry, conversations, settings, streamer, stop, budget)
-        texts = ("", "")
+        texts, steps, started = ("", ""), 0, time.monotonic()
         with self._adapters_on_rows(entry, layers, row_adapters):
             thread, errors = self._run(entry.model.generate, kwargs, settings.seed)
             try:
                 while (item := streamer.queue.get(timeout=LOCK_TIMEOUT_SECONDS)) is not None:
-                    texts = item
+                    texts, steps = item, steps + 1
                     yield texts
             finally:
                 stop.set()  # a closed stream (client gone, request cancelled) ends generate at its next token
                 thread.join()
+        self._record_pace(time.monotonic() - started, steps)
         self._raise_failure(errors)
         if budget.ran_out.is_set():
             yield tuple(text if done else budget.mark(text)  # type: ignore[misc]

@@ -210,6 +210,30 @@ class FeedbackStore:
         for statement in SCHEMA.split(";"):
             if statement.strip():
                 db.execute(statement)
+        columns = {row[1] for row in db.execute("PRAGMA table_info(generations)")}
+        if "notice" not in columns:  # a store written before notices were kept beside the answers
+            try:
+                db.execute("ALTER TABLE generations ADD COLUMN notice TEXT")
+            except sqlite3.OperationalError as error:  # another process added it first
+                if "duplicate column" not in str(error):
+                    raise
+        self._move_notices_out_of_answers()
+
+    def _move_notices_out_of_answers(self) -> None:
+        """Answers stored before notices had a column of their own carry the chat's time-limit notice at their
+        end: move it into ``notice``, so exports and the reward model see only what the model wrote."""
+        rows = self._rows("SELECT id, response FROM generations WHERE notice IS NULL AND response LIKE ?",
+                          ("%[cut: %",))
+        if not rows:
+            return
+        from finetune.chat import split_budget_note  # only for such old rows: it loads torch
+
+        with self._write() as db:
+            for row in rows:
+                text, notice = split_budget_note(row["response"])
+                if notice is not None:
+                    db.execute("UPDATE generations SET response = ?, notice = ? WHERE id = ?",
+                               (text, notice, row["id"]))
 
     class _Transaction:
         def __init__(self, db: sqlite3.Connection):
@@ -247,14 +271,19 @@ class FeedbackStore:
     def record_turn(self, *, model: str, adapter: str, prompt: str, base_history: Messages,
                     tuned_history: Messages, settings: dict[str, Any], base_response: str, tuned_response: str,
                     user: str | None = None, session: str | None = None,
-                    base_adapter: str | None = None) -> dict[str, str]:
+                    base_adapter: str | None = None, base_notice: str | None = None,
+                    tuned_notice: str | None = None) -> dict[str, str]:
         """Both answers of one side-by-side turn in one transaction: {'turn', 'base', 'tuned'} ids. The 'base' side
-        is the base model, or the adapter named by ``base_adapter`` (a policy compared with its starting adapter)."""
+        is the base model, or the adapter named by ``base_adapter`` (a policy compared with its starting adapter).
+        A response is what the model wrote; a notice the app showed with it (the time limit cut it) is kept
+        beside it, never in it."""
         turn = str(uuid.uuid4())
         common = dict(model=model, prompt=prompt, settings=settings, turn_id=turn, user=user, session=session)
         base, tuned = self._record_generations([
-            dict(common, adapter=base_adapter, history=base_history, response=base_response, side="base"),
-            dict(common, adapter=adapter, history=tuned_history, response=tuned_response, side="tuned")])
+            dict(common, adapter=base_adapter, history=base_history, response=base_response, side="base",
+                 notice=base_notice),
+            dict(common, adapter=adapter, history=tuned_history, response=tuned_response, side="tuned",
+                 notice=tuned_notice)])
         return {"turn": turn, "base": base, "tuned": tuned}
 
     def _record_generations(self, items: list[dict[str, Any]]) -> list[str]:
@@ -263,11 +292,11 @@ class FeedbackStore:
             for item in items:
                 gen_id = str(uuid.uuid4())
                 db.execute("INSERT INTO generations (id, created, turn_id, side, model, adapter, prompt, history, "
-                           "settings, response, user, session) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+                           "settings, response, notice, user, session) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
                            (gen_id, created, item["turn_id"], item["side"], str(item["model"]), item["adapter"],
                             item["prompt"], json.dumps(item["history"], ensure_ascii=False),
-                            json.dumps(item["settings"], ensure_ascii=False), item["response"], item["user"],
-                            item["session"]))
+                            json.dumps(item["settings"], ensure_ascii=False), item["response"], item.get("notice"),
+                            item["user"], item["session"]))
                 self._enqueue(db, gen_id, "run", _run_payload(gen_id, created, item))
                 ids.append(gen_id)
         self._wake_sender()
@@ -556,6 +585,7 @@ def _run_payload(gen_id: str, created: float, item: dict[str, Any]) -> dict[str,
             "outputs": {"response": item["response"]}, "start_time": _iso(created), "end_time": _iso(created),
             "extra": {"metadata": {"model": str(item["model"]), "adapter": item["adapter"], "side": item["side"],
                                    "turn_id": item["turn_id"], "settings": item["settings"],
+                                   "notice": item.get("notice"),
                                    "user": item["user"]}}}
 
 

@@ -104,3 +104,87 @@ def test_the_steps_box_says_a_capped_run_does_fewer_steps(tiny_model_dir, tmp_pa
     info = steps_box(manager, run_id, shown)["info"]  # a gr.update
     assert f"does {steps} steps, not {shown}" in info
     assert steps_box(manager, run_id, steps)["info"] is None  # a box that shows the run's steps needs no note
+
+
+# --- 2. the chat's time-limit notice is shown, stored beside the answer, and never exported ---------------------------
+
+from test_chat import _StepClock, adapters, model_cfg, policy_runs  # noqa: E402,F401  (the Chat tab's fixtures)
+
+
+def test_a_cut_answer_is_stored_as_the_model_wrote_it_and_exported_without_the_notice(policy_runs, tmp_path):
+    from components.chat_tab import chat
+    from finetune.chat import ChatEngine, budget_note, normalize_history
+    from finetune.feedback import FeedbackStore
+
+    engine = ChatEngine(max_seconds=6, clock=_StepClock())  # about 6 tokens, then the time limit cuts
+    store = FeedbackStore(tmp_path / "feedback.db")
+    left, right, _, turn = list(chat(policy_runs, engine, store, "Tell me a story", "sft-run", [], [], 400, 0.0,
+                                     0.9, 0, False, None, "base"))[-1]
+    assert right[-1]["content"].endswith(budget_note(6))  # the learner sees why the answer stops
+    stored = store._rows("SELECT side, response, notice FROM generations", ())
+    assert {row["side"] for row in stored} == {"base", "tuned"}
+    for row in stored:
+        assert "[cut:" not in row["response"] and row["response"]
+        assert row["notice"] == budget_note(6).strip()
+    store.add_preference(turn["gen"]["left"], turn["gen"]["right"], "second")
+    store.add_correction(turn["gen"]["right"], "A corrected answer.")
+    exported = (tmp_path / "pairs.jsonl")
+    assert store.export_pairs(exported) == 2 and "[cut:" not in exported.read_text(encoding="utf-8")
+    assert store.export_thumbs(tmp_path / "thumbs.jsonl") == 0
+    # A follow-up turn feeds the history back to the model: without the notice, which the model never said.
+    assert all("[cut:" not in m["content"] for m in normalize_history(right))
+    store.close()
+
+
+def test_answers_stored_before_the_notice_column_get_their_notice_moved_out(tmp_path):
+    from finetune.chat import budget_note
+    from finetune.feedback import FeedbackStore
+
+    old = FeedbackStore(tmp_path / "feedback.db")
+    ids = old.record_turn(model="m", adapter="a", prompt="Q?", base_history=[], tuned_history=[], settings={},
+                          base_response="Short." + budget_note(600), tuned_response="Lab note." + budget_note(600))
+    old.add_preference(ids["tuned"], ids["base"], "first")
+    old.close()
+    store = FeedbackStore(tmp_path / "feedback.db")  # reopened: the notices move to their own column
+    pair = store.pair_rows()[0]
+    assert (pair["chosen"][0]["content"], pair["rejected"][0]["content"]) == ("Lab note.", "Short.")
+    assert {row["notice"] for row in store._rows("SELECT notice FROM generations", ())} == {budget_note(600).strip()}
+    store.close()
+
+
+# --- 10. chat: a CPU-sized default and the expected time before sending ---------------------------------------------
+
+def test_chat_defaults_to_a_cpu_sized_answer_and_says_how_long_one_takes(policy_runs):
+    import gradio as gr
+
+    from components.chat_tab import build_chat_tab, expected_time
+    from finetune.chat import ChatEngine
+
+    engine = ChatEngine()
+    assert not engine.profile.is_cuda
+    with gr.Blocks():
+        ui = build_chat_tab(policy_runs, engine)
+    assert ui["max_new_tokens"].value == 64  # 128 on a busy CPU ran into the 600 s limit
+    assert "the first answer measures" in expected_time(engine, 64)  # nothing measured yet: no guess
+    from components.chat_tab import chat
+
+    list(chat(policy_runs, engine, None, "Hello there", "sft-run", [], [], 12, 0.0, 0.9, 0, False, None, "base"))
+    pace = engine.seconds_per_token
+    assert pace is not None and pace > 0
+    text = expected_time(engine, 400)
+    from components.shared import duration
+
+    assert f"about **{duration(400 * pace)}**" in text and f"{pace:.2f} s per token" in text
+    engine.max_seconds = 200 * pace  # a limit the 400-token answer would pass: said before sending
+    assert "longer than the server's limit" in expected_time(engine, 400)
+    assert "longer than the server's limit" not in expected_time(engine, 100)
+
+
+def test_the_pace_follows_the_latest_answers():
+    from finetune.chat import ChatEngine
+
+    engine = ChatEngine()
+    engine._record_pace(10.0, 100)  # 0.1 s a token on a quiet machine
+    for _ in range(4):
+        engine._record_pace(100.0, 100)  # then the machine got busy: 1 s a token
+    assert engine.seconds_per_token > 0.9  # a lifetime average would still say 0.82
