@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import random
 import sqlite3
+import uuid
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -285,9 +286,11 @@ def submit_feedback(store: FeedbackStore | None, turn: Turn | None, vote: str | 
         if comment:
             saved.append("comment")
         if correction:
-            for side in (SIDES if (target or "both") == "both" else (target,)):
-                store.add_correction(gen[side], correction, **who)
-            saved.append("corrected answer")
+            sides = SIDES if (target or "both") == "both" else (target,)
+            group = str(uuid.uuid4())  # one correction, stored once per answer it replaces, counted once
+            for side in sides:
+                store.add_correction(gen[side], correction, group_id=group, **who)
+            saved.append("corrected answer" + (" (for both answers: 2 preference pairs)" if len(sides) > 1 else ""))
     except FeedbackError as error:
         raise refusal(str(error)) from None
     except sqlite3.Error as error:

@@ -67,9 +67,12 @@ def wins_table(store: FeedbackStore, owner: str | None = None) -> pd.DataFrame:
 
 def counts_text(store: FeedbackStore, owner: str | None = None) -> str:
     c = store.counts(owner=owner)
+    # A correction for both answers of a turn is one correction (exported as one pair per answer it replaces).
+    replaced = (f" (replacing {c['corrected_answers']} answers)" if c["corrected_answers"] != c["corrections"]
+                else "")
     return (f"**{c['generations']}** answers stored · **{c['thumbs_up']}** 👍 · **{c['thumbs_down']}** 👎 · "
-            f"**{c['preferences']}** pairwise votes · **{c['corrections']}** corrected answers · "
-            f"**{c['comments']}** comments")
+            f"**{c['preferences']}** pairwise votes · **{c['corrections']}** "
+            f"{'correction' if c['corrections'] == 1 else 'corrections'}{replaced} · **{c['comments']}** comments")
 
 
 def feedback_summary(store: FeedbackStore, request: gr.Request = None) -> tuple[str, str, pd.DataFrame, pd.DataFrame]:

@@ -354,18 +354,23 @@ class FeedbackStore:
                                session=session)
 
     def add_correction(self, generation_id: str, correction: str, *, comment: str | None = None,
-                       user: str | None = None, session: str | None = None) -> str:
-        """The answer the model should have given; exported as a pair (correction chosen over the original)."""
+                       user: str | None = None, session: str | None = None, group_id: str | None = None) -> str:
+        """The answer the model should have given; exported as a pair (correction chosen over the original).
+        One correction typed for several answers (both sides of a turn) shares a ``group_id``: it is stored once
+        per answer (one pair each) but counted once, as the one thing the person did."""
         text = _clean_text(correction, "corrected answer")
         if not text:
             raise FeedbackError("The corrected answer is empty.")
         return self._add_event("correction", generation_id, value="corrected", correction=text,
-                               comment=_clean_text(comment, "comment"), user=user, session=session)
+                               comment=_clean_text(comment, "comment"), user=user, session=session,
+                               group_id=group_id)
 
     def _add_event(self, kind: str, generation_id: str, *, other_id: str | None = None, value: str | None = None,
                    score: float | None = None, comment: str | None = None, correction: str | None = None,
-                   arena: bool = False, user: str | None = None, session: str | None = None) -> str:
-        event_id, group_id, created = str(uuid.uuid4()), str(uuid.uuid4()) if other_id else None, _now()
+                   arena: bool = False, user: str | None = None, session: str | None = None,
+                   group_id: str | None = None) -> str:
+        event_id, created = str(uuid.uuid4()), _now()
+        group_id = group_id or (str(uuid.uuid4()) if other_id else None)
         event = dict(id=event_id, created=created, kind=kind, generation_id=generation_id,
                      other_generation_id=other_id, value=value, score=score, comment=comment,
                      correction=correction, arena=int(bool(arena)), group_id=group_id, user=user, session=session)
@@ -407,12 +412,18 @@ class FeedbackStore:
         for kind, value in (("thumbs_up", "up"), ("thumbs_down", "down")):
             counts[kind] = db.execute(f"SELECT COUNT(*) FROM feedback WHERE kind='thumbs' AND value=? AND {mine}",
                                       (value, *params)).fetchone()[0]
-        for kind in ("preference", "correction"):
-            counts[kind + "s"] = db.execute(f"SELECT COUNT(*) FROM feedback WHERE kind=? AND {mine}",
-                                            (kind, *params)).fetchone()[0]
-        # A comment typed with a vote, a thumb or a correction is stored on that event, not as a "comment" event.
-        counts["comments"] = db.execute(f"SELECT COUNT(*) FROM feedback WHERE TRIM(COALESCE(comment, '')) != '' "
-                                        f"AND {mine}", params).fetchone()[0]
+        counts["preferences"] = db.execute(f"SELECT COUNT(*) FROM feedback WHERE kind='preference' AND {mine}",
+                                           params).fetchone()[0]
+        # What the person did, not the rows it stored: one correction for both answers is one act (one group).
+        counts["corrections"] = db.execute(f"SELECT COUNT(DISTINCT COALESCE(group_id, id)) FROM feedback WHERE "
+                                           f"kind='correction' AND {mine}", params).fetchone()[0]
+        counts["corrected_answers"] = db.execute(f"SELECT COUNT(*) FROM feedback WHERE kind='correction' AND {mine}",
+                                                 params).fetchone()[0]
+        # A comment typed with a vote, a thumb or a correction is stored on that event, not as a "comment" event;
+        # one typed with a correction for both answers is on each of its rows: counted once per act.
+        counts["comments"] = db.execute(f"SELECT COUNT(DISTINCT CASE WHEN kind='correction' THEN "
+                                        f"COALESCE(group_id, id) ELSE id END) FROM feedback WHERE "
+                                        f"TRIM(COALESCE(comment, '')) != '' AND {mine}", params).fetchone()[0]
         counts["events"] = db.execute(f"SELECT COUNT(*) FROM feedback WHERE {mine}", params).fetchone()[0]
         return counts
 

@@ -188,3 +188,24 @@ def test_the_pace_follows_the_latest_answers():
     for _ in range(4):
         engine._record_pace(100.0, 100)  # then the machine got busy: 1 s a token
     assert engine.seconds_per_token > 0.9  # a lifetime average would still say 0.82
+
+
+# --- 4. a correction counts once per thing the person did -----------------------------------------------------------
+
+def test_one_correction_for_both_answers_counts_once(tmp_path):
+    from components.chat_tab import submit_feedback
+    from components.feedback_tab import counts_text
+    from finetune.feedback import FeedbackStore
+
+    store = FeedbackStore(tmp_path / "feedback.db")
+    ids = store.record_turn(model="m", adapter="a", prompt="Q?", base_history=[], tuned_history=[], settings={},
+                            base_response="No idea.", tuned_response="Maybe.")
+    turn = {"gen": {"left": ids["base"], "right": ids["tuned"]}, "arena": False}
+    message = submit_feedback(store, turn, None, "both miss it", "🧪 Lab note: the answer.", "both")[0]
+    assert "corrected answer" in message
+    text = counts_text(store)
+    assert "**1** correction (replacing 2 answers)" in text and "**1** comments" in text  # not "2 corrected answers"
+    assert len(store.pair_rows()) == 2  # still one pair per replaced answer for the RLHF step
+    submit_feedback(store, turn, None, None, "Another fix.", "right")
+    assert "**2** corrections (replacing 3 answers)" in counts_text(store)
+    store.close()
