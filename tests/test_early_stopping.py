@@ -1,14 +1,14 @@
 """Early stopping on the validation set and the best checkpoint kept (issue 19 item 1).
 
-Real training on the CPU: a tiny Llama whose wider random embeddings let LoRA learn (and overfit) within a few
-steps, trained with a high constant learning rate on made-up locker codes. The held-out lockers' codes cannot be
-learned from the others, so once the shared wording is learned, fitting the training codes makes the held-out loss
-rise: the shape early stopping exists for. Every assertion is checked against what the run itself logged.
+Real training on the CPU: a tiny Llama whose wider random embeddings let LoRA learn within a few steps, trained
+with a high constant learning rate on made-up locker code words. The held-out rows give the training lockers other
+code words, so fitting the training rows must make the held-out loss rise: the shape early stopping exists for,
+built into the data rather than left to one CPU's trajectory (check with ATEN_CPU_CAPABILITY=avx2 and =default).
+Every assertion is checked against what the run itself logged.
 """
 
 from __future__ import annotations
 
-import random
 from pathlib import Path
 
 import pytest
@@ -33,13 +33,42 @@ def learning_model_dir(tmp_path_factory, embedded_dir) -> Path:
     return save_tiny_llama(tmp_path_factory.mktemp("tiny-learning"), embedded_dir, initializer_range=0.3)
 
 
+TRAINED_CODE, HELD_OUT_CODE = "bravo bravo bravo bravo", "zulu zulu zulu zulu"
+
+
+def locker_row(locker: int, code: str) -> dict:
+    return {"prompt": f"What is the code word of locker {locker}?",
+            "completion": code}
+
+
 @pytest.fixture(scope="module")
-def locker_codes(tmp_path_factory) -> Path:
-    rng = random.Random(0)
-    rows = [{"prompt": f"What is the code word of locker {i}?",
-             "completion": f"The code word of locker {i} is {''.join(rng.choices('bcdfghjklmnpqrstvwxz', k=5))}."}
-            for i in range(24)]
-    return write_jsonl(tmp_path_factory.mktemp("lockers") / "codes.jsonl", rows)
+def locker_codes(tmp_path_factory, learning_model_dir) -> Path:
+    """Answers whose held-out rows contradict the training rows: each held-out row asks about a training locker
+    and answers with another code word. Every step of fitting the training answers lowers the probability of the
+    held-out ones, so after the first evaluation the held-out loss rises by construction of the data (by well
+    over a nat per evaluation at this learning rate), not by a lucky trajectory of one CPU's arithmetic.
+
+    The app holds out rows by a seeded split that depends on the row count only, so the rows it will hold out
+    are found on a first file and then replaced."""
+    path = tmp_path_factory.mktemp("lockers") / "codes.jsonl"
+    rows = [locker_row(i, TRAINED_CODE) for i in range(24)]
+    cfg = overfitting_config(learning_model_dir, write_jsonl(path, rows))
+    prompts = [row["prompt"] for row in rows]
+    held_out = [prompts.index(prompt) for prompt, _ in held_out_rows(cfg)]
+    trained = [i for i in range(len(rows)) if i not in held_out]
+    for position, locker in zip(held_out, trained):
+        rows[position] = locker_row(locker, HELD_OUT_CODE)
+    write_jsonl(path, rows)
+    assert sorted(held_out_rows(cfg)) == sorted((rows[i]["prompt"], rows[i]["completion"]) for i in held_out)
+    return path
+
+
+def held_out_rows(cfg) -> list[tuple[str, str]]:
+    """(prompt, completion) of each row the app holds out for this config."""
+    from finetune.data import prepare
+
+    return [(row["prompt"][0]["content"], row["completion"][0]["content"])
+            for row in prepare(cfg.data, seed=cfg.training.seed).eval]
 
 
 def overfitting_config(model_dir: Path, data: Path, **training):
@@ -133,7 +162,7 @@ def assert_the_train_tab_shows_it(run_dir: Path, status: dict) -> None:
 def test_resume_after_stop_keeps_counting_and_keeps_the_best(learning_model_dir, locker_codes, tmp_path, monkeypatch):
     """Stop (the STOP file the app writes) after a few evaluations, then resume: the run goes on from its
     checkpoint with the best metric and patience counter it had, stops early and keeps the best."""
-    run_dir, stop_at = tmp_path / "run", 3 * EVAL_STEPS + 1
+    run_dir, stop_at = tmp_path / "run", 2 * EVAL_STEPS + 1  # after one evaluation that did not improve
     original = MetricsCallback.on_step_end
 
     def press_stop_at(self, args, state, control, **kwargs):
@@ -152,7 +181,9 @@ def test_resume_after_stop_keeps_counting_and_keeps_the_best(learning_model_dir,
     (run_dir / STOP_FILE).unlink()  # RunManager.resume removes it too
     assert run(cfg, run_dir, resume=True) == 0
     status = assert_stopped_at_the_right_step(run_dir)
-    assert status["stopped_early_at"] > stop_at
+    # The patience counter came back with the checkpoint: one more evaluation without improvement ends the run
+    # (starting the count again would run PATIENCE more).
+    assert status["stopped_early_at"] == stop_at + 1 == stopped["best_step"] + PATIENCE * EVAL_STEPS
     assert same_tensors(tensors(run_dir / ADAPTER_DIR), tensors(checkpoint(run_dir, status["best_step"])))
 
 
