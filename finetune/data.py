@@ -17,7 +17,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import pyarrow as pa
 from datasets import Dataset, DatasetDict, Features, Json, load_dataset
@@ -152,12 +152,16 @@ def _read_in_memory(path: Path, loader: str) -> bool:
     return loader != "parquet" and path.stat().st_size <= IN_MEMORY_LIMIT
 
 
-def check_file(path: Path, skip_bad_rows: bool = False) -> str:
+UsableCount = Callable[[list[dict[str, Any]]], int]  # readable rows -> how many a run of its kind can train on
+
+
+def check_file(path: Path, skip_bad_rows: bool = False, count_usable: UsableCount | None = None) -> str:
     """The checks on a local data file before a run starts (exists, type, size, text, shape, malformed lines,
-    refused unless ``skip_bad_rows``); returns its loader name. Reads the whole file if it is under 64 MB."""
+    refused unless ``skip_bad_rows``); returns its loader name. Reads the whole file if it is under 64 MB.
+    ``count_usable`` lets a refusal quote how many rows skipping the malformed ones would train on."""
     loader = _check_file_type_and_size(path)
     if _read_in_memory(path, loader):
-        check_bad_lines(read_text_file(path), path.name, skip_bad_rows)
+        _check_bad_lines(read_text_file(path), path.name, skip_bad_rows, count_usable)
     elif loader != "parquet":
         _check_is_text(path, loader)
         if loader == "json":
@@ -165,11 +169,36 @@ def check_file(path: Path, skip_bad_rows: bool = False) -> str:
     return loader
 
 
-def _load_file(path: Path, skip_bad_rows: bool = False) -> tuple[Dataset, FileRows | None]:
+def _check_bad_lines(read: FileRows, name: str, skip_bad_rows: bool, count_usable: UsableCount | None) -> None:
+    """check_bad_lines, counting the usable rows only when it will refuse (counting reads every row)."""
+    refusing = bool(read.bad_lines) and not skip_bad_rows
+    check_bad_lines(read, name, skip_bad_rows, count_usable(read.rows) if count_usable and refusing else None)
+
+
+def mapped_rows(rows: list[dict[str, Any]], cfg: DataConfig) -> Dataset:
+    """A file's readable rows as a dataset with the user's column mapping applied, as load_source gives them."""
+    return _rename(rows_to_dataset(rows, Path(cfg.source).name), cfg.column_mapping)
+
+
+def usable_row_count(cfg: DataConfig) -> UsableCount:
+    """For a supervised run on ``cfg``: how many readable rows have the fields its format needs (the rows
+    ``prepare`` keeps before any is held out), with the user's column mapping applied."""
+    def count(rows: list[dict[str, Any]]) -> int:
+        dataset = mapped_rows(rows, cfg)
+        try:
+            reading = read_columns(dataset.column_names, cfg.format)
+        except DataError:
+            return 0
+        return len(convert(_apply_reading(dataset, reading), reading.format)[0])
+    return count
+
+
+def _load_file(path: Path, skip_bad_rows: bool = False,
+               count_usable: UsableCount | None = None) -> tuple[Dataset, FileRows | None]:
     loader = _check_file_type_and_size(path)
     if _read_in_memory(path, loader):
         read = read_text_file(path)
-        check_bad_lines(read, path.name, skip_bad_rows)
+        _check_bad_lines(read, path.name, skip_bad_rows, count_usable)
         if not read.rows:
             raise DataError(f"Data file {path.name} has no rows.")
         return rows_to_dataset(read.rows, path.name), read
@@ -265,14 +294,15 @@ def _load_hub(cfg: DataConfig) -> DatasetDict:
         raise DataError(f"Could not load Hub dataset '{cfg.source}': {first_line(error)}") from None
 
 
-def load_source(cfg: DataConfig, skip_bad_rows: bool | None = None) -> RawData:
+def load_source(cfg: DataConfig, skip_bad_rows: bool | None = None,
+                count_usable: UsableCount | None = None) -> RawData:
     """The source's training rows (and validation rows if it has that split) with the user's column mapping
-    applied, and for a local file what was assumed to read it."""
+    applied, and for a local file what was assumed to read it. ``count_usable``: see check_file."""
     skip = cfg.skip_bad_rows if skip_bad_rows is None else skip_bad_rows
     kind = source_kind(cfg.source)
     read = None
     if kind == "file":
-        (train, read), validation = _load_file(Path(cfg.source).expanduser(), skip), None
+        (train, read), validation = _load_file(Path(cfg.source).expanduser(), skip, count_usable), None
     else:
         splits = _load_bundled(cfg.source) if kind == "bundled" else _load_hub(cfg)
         if cfg.split not in splits:
@@ -561,7 +591,7 @@ def token_length(row: dict[str, Any], tokenizer: Any) -> int:
 
 
 def prepare(cfg: DataConfig, tokenizer: Any = None, seed: int = 42) -> PreparedData:
-    return _prepare(load_source(cfg), cfg, tokenizer, seed)
+    return _prepare(load_source(cfg, count_usable=usable_row_count(cfg)), cfg, tokenizer, seed)
 
 
 def _prepare(raw: RawData, cfg: DataConfig, tokenizer: Any, seed: int) -> PreparedData:
@@ -709,7 +739,7 @@ def preview_report(cfg: DataConfig, tokenizer: Any = None, seed: int = 42, rows:
     refusal = None
     if raw.file is not None and not cfg.skip_bad_rows:
         try:
-            check_bad_lines(raw.file, Path(cfg.source).name, skip_bad_rows=False)
+            _check_bad_lines(raw.file, Path(cfg.source).name, False, usable_row_count(cfg))
         except MalformedRowsError as error:
             refusal = str(error)
     reading = read_columns(raw.train.column_names, cfg.format)

@@ -397,9 +397,22 @@ def numbers_text(bad: list[BadLine]) -> str:
     return f"{bad[0].unit}s {numbers}{more}" if len(bad) > 1 else f"{bad[0].unit} {numbers}"
 
 
-def check_bad_lines(read: FileRows, name: str, skip_bad_rows: bool) -> None:
+def _what_skipping_trains(read: FileRows, usable: int | None) -> str:
+    """What ticking 'skip malformed rows' leaves, in the preview's own count."""
+    readable = len(read.rows)
+    if usable is None:
+        return f"train on the usable rows among the {readable} readable ones (the preview counts them)"
+    if usable == readable:
+        return f"train on the {usable} usable rows"
+    return (f"train on the {usable} usable rows (of the {readable} readable ones; the other {readable - usable} "
+            "lack a field a row needs, and the preview lists them)")
+
+
+def check_bad_lines(read: FileRows, name: str, skip_bad_rows: bool, usable: int | None = None) -> None:
     """Refuse a file with malformed lines unless the user chose to skip them; refuse it anyway when more than
-    half its lines are bad (then it is probably not the format its name says)."""
+    half its lines are bad (then it is probably not the format its name says). ``usable``: how many of the
+    readable rows a run could train on (rows with missing or empty fields are skipped too), when the caller
+    knows the format; the refusal quotes it, the number the preview counts."""
     bad = read.bad_lines
     if not bad:
         return
@@ -412,7 +425,7 @@ def check_bad_lines(read: FileRows, name: str, skip_bad_rows: bool) -> None:
     if refused_anyway:
         advice = "More than half the file is unreadable, so it is refused even with skip malformed rows: fix it."
     else:
-        advice = (f"Fix them, or turn on skip malformed rows (data.skip_bad_rows) to train on the "
-                  f"{len(read.rows)} good rows.")
+        advice = (f"Fix them, or turn on skip malformed rows (data.skip_bad_rows) to "
+                  f"{_what_skipping_trains(read, usable)}.")
     raise MalformedRowsError(f"Could not read {name} as {read.shape}: {what}: {listed}{rest}. {advice}",
                              bad, len(read.rows), refused_anyway)

@@ -29,7 +29,7 @@ from typing import Any, Iterable
 from datasets import Dataset
 
 from finetune.config import DataConfig, RunConfig
-from finetune.data import DataError, column_key, load_source
+from finetune.data import DataError, UsableCount, column_key, load_source, mapped_rows
 
 BUNDLED_PREFERENCES = "bundled:course_prefs"
 FORMAT_COLUMNS = {"paired": ("prompt", "chosen", "rejected"), "unpaired": ("prompt", "completion", "label"),
@@ -341,6 +341,17 @@ def _validation_rows(cfg: DataConfig, fmt: str, want: str, validation_raw: Any) 
     return _reshape(held_rows, held_format, want)
 
 
+def usable_preference_count(cfg: DataConfig, fmt: str = "auto", want: str = "paired") -> UsableCount:
+    """How many readable rows of a file are usable preferences (a refusal for malformed lines quotes it)."""
+    def count(rows: list[dict[str, Any]]) -> int:
+        try:
+            dataset, source_format, _ = _read_columns(mapped_rows(rows, cfg), fmt)
+        except (PreferenceError, DataError):
+            return 0
+        return len(convert_rows(dataset, source_format)[0])
+    return count
+
+
 def load_preferences(cfg: DataConfig, fmt: str = "auto", want: str = "paired", seed: int = 42) -> PreferenceData:
     """Load, validate and convert preference data to ``want`` ('paired' or 'unpaired'), with a held-out split
     by prompt (the source's validation split if it has one).
@@ -348,7 +359,7 @@ def load_preferences(cfg: DataConfig, fmt: str = "auto", want: str = "paired", s
     The split is drawn on the source's rows, before thumbs become pairs or pairs thumbs, so a reward model
     (pairs) and KTO (thumbs) trained on the same file hold out the same prompts.
     """
-    raw = load_source(cfg)
+    raw = load_source(cfg, count_usable=usable_preference_count(cfg, fmt, want))
     validation_raw = raw.validation
     train_raw, source_format, renames = _read_columns(raw.train, fmt)
     train_rows, problems = convert_rows(train_raw, source_format, raw.file.row_lines if raw.file else None)

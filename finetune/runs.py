@@ -38,7 +38,7 @@ from typing import Any, Iterator
 
 from finetune.access import LOCAL, JobLimits, Visitor, can_view, public_runs, require_owner, require_signed_in
 from finetune.config import ConfigError, RunConfig, load_config, save_config
-from finetune.data import DataError, check_file
+from finetune.data import DataError, check_file, usable_row_count
 from finetune.distributed import (check_launch, end_leftover_ranks, is_multi_process, launch_command,
                                   launch_problems_here, process_start)
 from finetune.data import source_kind as data_kind
@@ -46,6 +46,7 @@ from finetune.metrics import (FINAL_STATES, HOSTNAME, METRICS_FILE, STOP_FILE, r
                               write_status)
 from finetune.lora_init import LOFTQ_NEEDS_WEIGHTS, init_problems
 from finetune.models import ModelSourceError, local_weights_folder, require_hub, resolve_source
+from finetune.preference import usable_preference_count
 from finetune.models import source_kind as model_kind
 from finetune.run_folder import ADAPTER_DIR, REWARD_DIR, RUN_CONFIG, has_adapter, last_checkpoint
 from finetune.storage import DiskFull, enforce_budget, folder_bytes, require_free
@@ -174,6 +175,14 @@ def tail(path: Path, lines: int = 30) -> str:
     return "\n".join(line.split("\r")[-1] for line in text.splitlines()[-lines:])
 
 
+def usable_rows_counter(cfg: RunConfig) -> Any:
+    """How a refusal counts the rows a run of this stage could train on: pairs or thumbs for the preference
+    stages, the supervised format's rows for SFT."""
+    if cfg.stage == "sft":
+        return usable_row_count(cfg.data)
+    return usable_preference_count(cfg.data, cfg.preference.format, "unpaired" if cfg.stage == "kto" else "paired")
+
+
 def check_sources(cfg: RunConfig) -> None:
     """Fail before a child starts when the model or data cannot be had (offline Hub, missing or bad file):
     ConfigError names the field, so the form shows the reason at once instead of a failed run later."""
@@ -191,7 +200,8 @@ def check_sources(cfg: RunConfig) -> None:
     try:
         kind = data_kind(cfg.data.source)
         if kind == "file":
-            check_file(Path(cfg.data.source).expanduser(), cfg.data.skip_bad_rows)  # the form's choice
+            check_file(Path(cfg.data.source).expanduser(), cfg.data.skip_bad_rows,  # the form's choice
+                       usable_rows_counter(cfg))
         elif kind == "hub":
             require_hub(cfg.data.source, "dataset")  # probes the Hub itself
     except (DataError, ModelSourceError) as error:

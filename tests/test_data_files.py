@@ -16,7 +16,7 @@ import pytest
 
 from finetune.config import DataConfig, RunConfig
 from finetune.data import (DataError, check_file, hub_configs, hub_first_rows, hub_preview, hub_splits, prepare,
-                           preview, preview_report)
+                           preview, preview_report, usable_row_count)
 from finetune.paths import check_config
 from finetune.preference import PreferenceError, load_preferences
 
@@ -41,7 +41,7 @@ def user_assistant(question: str, answer: str) -> list[dict[str, str]]:
 def passes_run_checks(path: Path, skip_bad_rows: bool = False) -> str:
     """What happens before a run starts (CLI and Start): the path gate, then the file checks."""
     check_config(RunConfig(data=cfg_for(path, skip_bad_rows=skip_bad_rows)), operator=True)
-    return check_file(path, skip_bad_rows)
+    return check_file(path, skip_bad_rows, usable_row_count(cfg_for(path)))  # as runs.check_sources counts
 
 
 # --- 1. text files as people save them -------------------------------------------------------------------------
@@ -324,7 +324,7 @@ BROKEN_MESSAGE = (
     "Could not read broken.jsonl as JSON Lines: 3 of 10 rows are malformed: line 2 is not valid JSON (Expecting "
     "value at column 31); line 5 holds a list, not an object (JSON Lines need one JSON object per line); line 9 is "
     "not valid JSON (Expecting ',' delimiter at column 15). Fix them, or turn on skip malformed rows "
-    "(data.skip_bad_rows) to train on the 7 good rows.")
+    "(data.skip_bad_rows) to train on the 7 usable rows.")
 
 
 def test_every_bad_line_is_listed_and_the_file_refused_by_default(tmp_path):
@@ -390,7 +390,7 @@ def test_csv_rows_with_the_wrong_number_of_fields(tmp_path):
         "Could not read ragged.csv as CSV separated by commas: 2 of 5 rows are malformed: line 3 has 3 field(s); the "
         "header has 2 (a missing or extra separator, or an unclosed quote); line 4 has 1 field(s); the header has 2 "
         "(a missing or extra separator, or an unclosed quote). Fix them, or turn on skip malformed rows "
-        "(data.skip_bad_rows) to train on the 3 good rows.")
+        "(data.skip_bad_rows) to train on the 3 usable rows.")
     prepared = prepare(cfg_for(path, skip_bad_rows=True))
     assert [m[0]["content"] for m in prepared.train["prompt"]] == ["q1", "q4\nstill q4", "q5"]
 

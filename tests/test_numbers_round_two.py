@@ -209,3 +209,46 @@ def test_one_correction_for_both_answers_counts_once(tmp_path):
     submit_feedback(store, turn, None, None, "Another fix.", "right")
     assert "**2** corrections (replacing 3 answers)" in counts_text(store)
     store.close()
+
+
+# --- 6. a refusal for malformed lines quotes the rows a run could really use -----------------------------------------
+
+def _file_with_bad_and_incomplete_rows(folder) -> object:
+    """40 lines: 4 not JSON, 4 without an answer, 32 usable (the walk's file: 'the 36 good rows', 32 usable)."""
+    lines = [json.dumps({"prompt": f"question {i}", "completion": f"answer {i}"}) for i in range(32)]
+    lines += [json.dumps({"prompt": f"question {i}", "completion": ""}) for i in range(32, 36)]
+    lines += ['{"prompt": "broken"'] * 4
+    path = folder / "partly.jsonl"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def test_the_malformed_lines_refusal_quotes_the_usable_rows_the_preview_counts(tmp_path):
+    from finetune.config import DataConfig, RunConfig
+    from finetune.data import preview_report
+    from finetune.runs import check_sources
+
+    path = _file_with_bad_and_incomplete_rows(tmp_path)
+    data = DataConfig(source=str(path), validation_fraction=0.1)
+    report = preview_report(data)
+    usable = report.train_rows + report.held_out_rows
+    assert usable == 32
+    expected = "to train on the 32 usable rows (of the 36 readable ones; the other 4 lack a field a row needs"
+    assert expected in report.refusal
+    with pytest.raises(Exception) as caught:  # what Start answers (a ConfigError on data.source)
+        check_sources(RunConfig(data=data))
+    assert expected in str(caught.value) and "36 good rows" not in str(caught.value)
+
+
+def test_a_preference_file_refusal_counts_usable_pairs(tmp_path):
+    from finetune.config import DataConfig
+    from finetune.data import DataError
+    from finetune.preference import load_preferences
+
+    rows = [json.dumps({"prompt": f"q{i}", "chosen": "good", "rejected": "bad"}) for i in range(8)]
+    rows += [json.dumps({"prompt": "q8", "chosen": "same", "rejected": "same"}), '{"prompt": ']
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("\n".join(rows) + "\n", encoding="utf-8")
+    with pytest.raises(DataError) as caught:
+        load_preferences(DataConfig(source=str(path)))
+    assert "to train on the 8 usable rows (of the 9 readable ones; the other 1 lack" in str(caught.value)
