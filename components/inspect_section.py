@@ -147,9 +147,11 @@ def build_inspect_section(manager: RunManager) -> None:
     with gr.Accordion("Inside the adapter: what LoRA changed", open=False):
         gr.Markdown(LEARN_INSPECT)
         with gr.Row():
-            run = gr.Dropdown([], label="Run to inspect", elem_id="inspect-run", scale=3)
+            # allow_custom_value: an API client names a run it may see without loading this page's list first
+            # (the handlers check the visitor's right to it).
+            run = gr.Dropdown([], label="Run to inspect", elem_id="inspect-run", scale=3, allow_custom_value=True)
             other = gr.Dropdown([], label="Compare with (same base model)", elem_id="inspect-other", scale=3,
-                                allow_custom_value=False)
+                                allow_custom_value=True)
             top_k = gr.Number(4, label="Directions to compare", precision=0, minimum=1, elem_id="inspect-top-k",
                               scale=1)
             refresh = gr.Button("Refresh runs", size="sm", scale=1)

@@ -614,7 +614,8 @@ def _history_view() -> dict[str, Any]:
         view["history"] = gr.Dataframe(pd.DataFrame(columns=HISTORY_COLUMNS), interactive=False, wrap=False,
                                        elem_id="run-history")
         with gr.Row():
-            view["compare_ids"] = gr.Dropdown([], multiselect=True, label="Compare loss curves of runs")
+            view["compare_ids"] = gr.Dropdown([], multiselect=True, label="Compare loss curves of runs",
+                                              allow_custom_value=True)  # API clients: see inspect_section
             view["refresh"] = gr.Button("Refresh history", size="sm")
         view["compare_plot"] = gr.LinePlot(None, x="step", y="loss", color="run",
                                            title="Training loss by run", height=280)
