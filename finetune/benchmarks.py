@@ -522,6 +522,20 @@ class TableRow:
     items: int
     verdict: str
 
+    def interval_text(self) -> str:
+        """The difference's 95% interval, or why there is none: a zero spread is not "± 0.000" (which reads as
+        a certainty) but items that all scored alike, from which no uncertainty can be estimated."""
+        se = self.difference_stderr
+        if se is None:
+            return "no interval: the harness gave no standard error"
+        if not math.isfinite(se):
+            return f"no interval: {self.items} paired item(s) are too few to estimate one"
+        if se == 0:
+            alike = "the same" if self.difference == 0 else "by the same amount"
+            return (f"no interval: every one of the {self.items} items scored {alike} for base and adapter, so "
+                    "their spread gives no uncertainty to estimate")
+        return f"95% interval ± {Z_95 * se:.3f}"
+
 
 def _metric_values(result: dict[str, Any], task: str) -> dict[str, tuple[float, float | None]]:
     """{"acc": (value, stderr), "exact_match (flexible-extract)": ...} for one task of a harness result."""
@@ -611,12 +625,12 @@ def format_table(rows: list[TableRow]) -> str:
     def number(value: float | None) -> str:
         return "n/a" if value is None or not math.isfinite(value) else f"{value:.3f}"
 
-    lines = ["| task | metric | adapter | base ± se | adapter ± se | difference ± se (kind) | items | verdict |",
+    lines = ["| task | metric | adapter | base ± se | adapter ± se | difference, 95% interval (kind) | items | verdict |",
              "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r.task} | {r.metric} | {r.adapter} | {number(r.base)} ± {number(r.base_stderr)} | "
-                     f"{number(r.tuned)} ± {number(r.tuned_stderr)} | {r.difference:+.3f} ± "
-                     f"{number(r.difference_stderr)} ({r.stderr_kind}) | {r.items} | {r.verdict} |")
+                     f"{number(r.tuned)} ± {number(r.tuned_stderr)} | {r.difference:+.3f}, {r.interval_text()} "
+                     f"({r.stderr_kind}) | {r.items} | {r.verdict} |")
     return "\n".join(lines)
 
 

@@ -252,3 +252,50 @@ def test_a_preference_file_refusal_counts_usable_pairs(tmp_path):
     with pytest.raises(DataError) as caught:
         load_preferences(DataConfig(source=str(path)))
     assert "to train on the 8 usable rows (of the 9 readable ones; the other 1 lack" in str(caught.value)
+
+
+# --- 9. no "± 0.000": an interval, or why there is none -------------------------------------------------------------
+
+def _harness_result(task: str, scores: list[float]) -> dict:
+    """A result as lm-evaluation-harness writes it: the metric, its standard error and per-item samples."""
+    import statistics
+
+    se = statistics.stdev(scores) / len(scores) ** 0.5
+    return {"results": {task: {"acc_norm,none": sum(scores) / len(scores), "acc_norm_stderr,none": se}},
+            "samples": {task: [{"doc_id": i, "filter": "none", "acc_norm": s} for i, s in enumerate(scores)]},
+            "higher_is_better": {task: {"acc_norm": True}}}
+
+
+def test_a_difference_with_no_spread_says_no_interval_can_be_estimated():
+    from finetune.benchmarks import BenchmarkPlan, Unit, build_table, format_table
+
+    scores = [1.0, 0.0, 1.0, 1.0, 0.0, 1.0, 0.0, 1.0, 1.0, 0.0, 1.0, 1.0]
+    units = [Unit("base: m", {"source": "m", "bits": 32}, None, "t", 12, 48),
+             Unit("adapter: run", {"source": "m", "bits": 32}, "/runs/run/adapter", "t", 12, 48)]
+    plan = BenchmarkPlan(["t"], 12, units, 0.0)
+    same = build_table(plan, {0: _harness_result("t", scores), 1: _harness_result("t", scores)})[0]
+    assert same.difference_stderr == 0
+    assert "± 0.000" not in same.interval_text() and "every one of the 12 items scored the same" in same.interval_text()
+    assert "± 0.000" not in format_table([same])
+    moved = build_table(plan, {0: _harness_result("t", scores),
+                               1: _harness_result("t", [1.0 - s if i < 4 else s for i, s in enumerate(scores)])})[0]
+    assert moved.interval_text().startswith("95% interval ± ") and moved.difference_stderr > 0
+
+
+# --- 7. the Quantization tab says what the learner's numbers show --------------------------------------------------
+
+def test_the_quantization_tab_states_its_measured_4_bit_cost_instead_of_a_claim(style_model_dir):
+    """Real SmolLM2 layers (4 of them): 4-bit rounding moves their perplexity; the tab says by how much, in the
+    learner's numbers, and claims nothing about matching 16-bit LoRA."""
+    from components.quant_tab import LEARN_QUANT, run_comparison
+    from finetune.hardware import detect
+
+    assert "matches 16-bit" not in LEARN_QUANT
+    steps = list(run_comparison(detect(), str(style_model_dir), ["fp32", "nf4-dq"], "bundled:course_qa",
+                                "validation", 3, "Hi", 4))
+    table, _, _, summary = steps[-1]
+    rows = table.set_index("format")
+    fp32, nf4 = rows.iloc[0]["perplexity"], rows.iloc[1]["perplexity"]
+    change = f"{100 * (nf4 / fp32 - 1):+.1f}%"
+    assert change in summary and "vs fp32" in summary and "matches" not in summary
+    assert "fp32 memory" in summary and "Evaluate tab" in summary
