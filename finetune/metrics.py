@@ -15,6 +15,7 @@ import os
 import socket
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,10 @@ FINAL_STATES = ("completed", "failed", "stopped", "interrupted", "cancelled")
 # A run that logs rarely (large logging_steps, slow steps) still touches status.json this often, so the run
 # manager's stall detection (LORA_LAB_STALL_SECONDS, default 600) tells a slow run from a hung one.
 HEARTBEAT_SECONDS = 60.0
+# The ETA's pace: the mean of the latest training steps, not of the whole run, so a machine that gets busier (or
+# quieter) shows within a few steps (the walk saw an ETA say 10:12 for a run that ended at 10:27).
+RECENT_STEPS = 5
+ETA_WRITE_SECONDS = 2.0  # status.json gets the re-measured ETA at most this often between log rows
 # Recorded with every pid: a run folder synced back from another machine carries a pid that means nothing here.
 HOSTNAME = socket.gethostname()
 # Set by finetune.distributed's launcher for the ranks of a multi-process run: the pid status.json must carry is
@@ -167,6 +172,9 @@ class MetricsCallback(TrainerCallback):
         self.eval_seconds_in_training = 0.0  # the part of them that fell between on_train_begin and now
         self.last_batch_write = 0.0
         self.first_step_seconds: float | None = None  # the first step's one-off costs, kept out of the pace
+        self.recent_steps: deque[float] = deque(maxlen=RECENT_STEPS)  # seconds of the latest training steps
+        self.last_step_end: float | None = None
+        self.last_eta_write = 0.0
 
     # Only the main process writes: under `accelerate launch` every rank runs the callback.
     def _is_writer(self, state: TrainerState) -> bool:
@@ -175,6 +183,7 @@ class MetricsCallback(TrainerCallback):
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                        **kwargs: Any) -> None:
         self.started = self.last_log_time = time.time()
+        self.last_step_end = None
         self.last_log_tokens = state.num_input_tokens_seen
         self.start_step = state.global_step
         self.eval_seconds_in_training = 0.0
@@ -225,7 +234,7 @@ class MetricsCallback(TrainerCallback):
         left = 0 if finished else evaluations_left(eval_interval(self.args, state), state.global_step,
                                                    state.max_steps, self.final_eval)
         timed = bool(self.eval_seconds)
-        per_eval = sum(self.eval_seconds) / len(self.eval_seconds) if timed else 0.0
+        per_eval = self.eval_seconds[-1] if timed else 0.0  # the latest measure: the machine as it is now
         fields: dict[str, Any] = {"evals_left": left, "evals_untimed": 0 if timed else left,
                                   "seconds_per_eval": round(per_eval, 3) if timed else None}
         done = state.global_step - self.start_step
@@ -238,12 +247,25 @@ class MetricsCallback(TrainerCallback):
         training_seconds = max(now - self.started - self.eval_seconds_in_training, 0.0)
         # The first step also pays for one-off setup (allocations, kernel choice, data workers): measured on the
         # tiny model it took 3x a later step, which doubled the ETA shown at step 1. Pace from the later steps.
-        if done >= 2 and self.first_step_seconds is not None:
+        if self.recent_steps:
+            per_step = sum(self.recent_steps) / len(self.recent_steps)
+        elif done >= 2 and self.first_step_seconds is not None:
             per_step = max(training_seconds - self.first_step_seconds, 0.0) / (done - 1)
         else:
             per_step = training_seconds / done
         eta = per_step * max(state.max_steps - state.global_step, 0) + per_eval * left + left_now
         return {**fields, "seconds_per_step": round(per_step, 3), "eta": round(eta, 1)}
+
+    def _time_step(self, state: TrainerState) -> None:
+        """Measure the step that just ended (the first is left out: it pays one-off costs) and put the
+        re-measured ETA into status.json, so the bar's ETA follows the machine between log rows."""
+        now = time.time()
+        if self.last_step_end is not None:
+            self.recent_steps.append(max(now - self.last_step_end, 0.0))
+        self.last_step_end = now
+        if self._is_writer(state) and now - self.last_eta_write >= ETA_WRITE_SECONDS:
+            self.last_eta_write = now
+            write_status(self.run_dir, step=state.global_step, **_for_status(self._eta(state, now)))
 
     def _begin_evaluation(self, state: TrainerState, batches: int | None = None) -> None:
         if self.eval_started is not None:
@@ -262,6 +284,8 @@ class MetricsCallback(TrainerCallback):
         self.eval_seconds.append(seconds)
         if self.args is not None:  # the training clock (self.started) was running during this evaluation
             self.eval_seconds_in_training += seconds
+        if self.last_step_end is not None:  # the next step's duration must not include this evaluation
+            self.last_step_end += seconds
         self.eval_started = None
 
     def on_prediction_step(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
@@ -293,6 +317,7 @@ class MetricsCallback(TrainerCallback):
             control.should_training_stop = True
         if self.first_step_seconds is None and state.global_step > self.start_step:
             self.first_step_seconds = time.time() - self.started
+        self._time_step(state)
         # DefaultFlowCallback ran before this one and set should_evaluate: an evaluation starts right after.
         if control.should_evaluate and not stopping:
             self._begin_evaluation(state, _length(kwargs.get("eval_dataloader")))

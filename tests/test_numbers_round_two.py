@@ -299,3 +299,54 @@ def test_the_quantization_tab_states_its_measured_4_bit_cost_instead_of_a_claim(
     change = f"{100 * (nf4 / fp32 - 1):+.1f}%"
     assert change in summary and "vs fp32" in summary and "matches" not in summary
     assert "fp32 memory" in summary and "Evaluate tab" in summary
+
+
+# --- 12. the ETA is re-measured as the run goes ---------------------------------------------------------------------
+
+class _Clock:
+    """time.time for finetune.metrics, moved by the test: step durations are chosen, not measured."""
+
+    def __init__(self) -> None:
+        self.now = 1_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_the_eta_follows_the_latest_steps_and_evaluation_not_the_runs_average(tmp_path, monkeypatch):
+    """Ten quiet steps of 1 s, then the machine gets busy and steps take 4 s: the ETA charges the remaining steps
+    at 4 s (a whole-run average said 2.1), the next evaluation at the latest one's duration, and status.json has
+    it at the step end, not only at the next log row."""
+    from transformers import TrainerControl, TrainerState, TrainingArguments
+
+    import finetune.metrics as metrics
+
+    clock = _Clock()
+    monkeypatch.setattr(metrics.time, "time", clock)
+    callback = metrics.MetricsCallback(tmp_path, final_eval=False)
+    args = TrainingArguments(output_dir=str(tmp_path / "out"), eval_strategy="steps", eval_steps=10,
+                             logging_steps=1000, report_to=[])
+    state, control = TrainerState(max_steps=40, global_step=0), TrainerControl()
+    callback.on_train_begin(args, state, control)
+
+    def steps(count: int, seconds: float) -> None:
+        for _ in range(count):
+            clock.now += seconds
+            state.global_step += 1
+            callback.on_step_end(args, state, control)
+
+    def evaluation(seconds: float) -> None:
+        callback._begin_evaluation(state)
+        clock.now += seconds
+        callback.on_log(args, state, control, logs={"eval_loss": 1.0})
+
+    steps(10, 1.0)
+    evaluation(150.0)
+    steps(10, 4.0)
+    evaluation(433.0)  # the busy machine's evaluation took far longer than the quiet one's
+    steps(5, 4.0)
+    eta = callback._eta(state, clock.now)
+    assert eta["seconds_per_step"] == 4.0 and eta["seconds_per_eval"] == 433.0
+    assert eta["eta"] == 4.0 * 15 + 433.0 * 1  # 15 steps left and the evaluation at step 30 (40 is the end)
+    status = read_status(tmp_path)
+    assert status["step"] == 25 and status["eta_seconds"] == eta["eta"]  # written at the step end
