@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import time
+from pathlib import Path
 from typing import Any, Iterator
 
 import gradio as gr
@@ -29,7 +30,7 @@ from finetune.config import (BUNDLED_DATASET, CHECKPOINTING, COMPUTE_DTYPES, DAT
 from finetune import paths
 from finetune.data import DataError, DataPreview, bundled_names, hub_preview, preview_report
 from finetune.distributed import check_launch, effective_batch, offers_processes
-from finetune.estimate import estimate_run
+from finetune.estimate import estimate_run, memory_check_text
 from finetune.recipe import resolve_recipe
 from finetune.hardware import HardwareProfile
 from finetune.lora_init import init_problems
@@ -38,7 +39,7 @@ from finetune.metrics import (early_stop_note, headline_metric, is_summary, loss
                               rows_of_saved_model)
 from finetune.runs import RunError, RunManager, check_sources
 from finetune.storage import folder_bytes, human, usage
-from finetune.run_folder import ADAPTER_DIR, RUN_CONFIG, has_adapter, read_run_info
+from finetune.run_folder import ADAPTER_DIR, RUN_CONFIG, has_adapter, memory_records, read_run_info
 
 POLL_SECONDS = 2.0
 # Each run with its stage and the number that stage is judged by (finetune.metrics.HEADLINE_METRICS): a reward
@@ -62,11 +63,12 @@ def load_preset(name: str) -> list[Any]:
     return [values.get(key, gr.skip()) for key in _FORM_KEYS]
 
 
-def update_estimate(profile: HardwareProfile, **form: Any) -> str:
+def update_estimate(profile: HardwareProfile, runs_root: Path | None = None, **form: Any) -> str:
+    """The estimate beside the form; on the CPU calibrated on the peaks this machine's finished runs measured."""
     try:
         cfg = config_from_form(form)
         check_launch(cfg)  # processes this machine cannot run: the same refusal Start would give
-        params, memory = estimate_run(cfg, profile)
+        params, memory = estimate_run(cfg, profile, memory_records(runs_root) if runs_root else None)
         recipe = resolve_recipe(cfg, profile)
     except ConfigError as error:
         return "Estimate unavailable until the form is valid: " + "; ".join(error.problems.values())
@@ -248,7 +250,10 @@ def poll_run(manager: RunManager, run_id: str, request: gr.Request = None) -> tu
     stalled = status.get("stalled_seconds") is not None
     failed = status.get("state") == "failed"
     adapter_saved = has_adapter(manager.run_dir(run_id) / ADAPTER_DIR)
-    return (run_id, status_text(run_id, status, adapter_saved), progress_html("train-progress", status, rows),
+    text = status_text(run_id, status, adapter_saved)
+    if status.get("state") == "completed":  # the estimate beside the measured peak: a drift is seen
+        text += " " + memory_check_text(read_run_info(manager.run_dir(run_id)))
+    return (run_id, text.rstrip(), progress_html("train-progress", status, rows),
             loss_frame(rows, status), lr_frame(rows),
             paths.for_visitors(manager.log_tail(run_id, 40)),
             gr.Accordion(open=True) if failed or stalled else gr.skip())
@@ -709,7 +714,8 @@ def _wire(manager: RunManager, profile: HardwareProfile, form: dict[str, Any], p
                                          "training_liger_kernels", "training_cpu_lm_head",
                                          "training_optimizer", "model_compute_dtype", "training_processes",
                                          "training_strategy", "training_gradient_accumulation")]
-    gr.on([c.change for c in estimate_inputs], functools.partial(update_estimate, profile), inputs_kwargs=form,
+    estimate_fn = functools.partial(update_estimate, profile, manager.root)  # calibrated on this folder's runs
+    gr.on([c.change for c in estimate_inputs], estimate_fn, inputs_kwargs=form,
           outputs=estimate, api_name="estimate", show_progress="hidden", trigger_mode="always_last")
     data_inputs = [form[k] for k in ("data_kind", "data_bundled", "data_file", "data_split", "data_format",
                                      "column_mapping_json", "data_skip_bad_rows")]
@@ -738,4 +744,4 @@ def _wire(manager: RunManager, profile: HardwareProfile, form: dict[str, Any], p
     on_page_load(bind(poll_run, manager), view["watching"], live)  # re-attaches to the active run
     on_page_load(refresh, history["compare_ids"], history_out)
     on_page_load(bind(restore_form, manager), None, form_list)
-    on_page_load(functools.partial(update_estimate, profile), inputs_kwargs=form, outputs=estimate)
+    on_page_load(estimate_fn, inputs_kwargs=form, outputs=estimate)

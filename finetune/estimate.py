@@ -312,12 +312,59 @@ def strategy_note(shape: ModelShape, cfg: RunConfig, profile: HardwareProfile) -
             f"{t.batch_size * t.gradient_accumulation * n} rows a step.")
 
 
-def estimate_run(cfg: RunConfig, profile: HardwareProfile | None = None) -> tuple[str, MemoryEstimate]:
+def estimate_run(cfg: RunConfig, profile: HardwareProfile | None = None,
+                 measured: list[tuple[float, float]] | None = None) -> tuple[str, MemoryEstimate]:
     """(parameter text, memory estimate) for the Train tab; raises what ``model_shape`` raises. With several
-    processes the estimate is per device, and its verdict compares DDP with FSDP."""
+    processes the estimate is per device, and its verdict compares DDP with FSDP. On the CPU, ``measured``
+    (formula GB, measured peak GB) pairs of this machine's finished runs calibrate it (``memory_records``)."""
     profile = profile or detect()
     shape = model_shape(cfg.model)
     estimate = estimate_memory(shape, cfg, profile)
+    if not profile.is_cuda:
+        estimate = calibrated_on_cpu(estimate, profile, measured or [])
     if cfg.training.processes > 1:
         estimate = dataclasses.replace(estimate, verdict=f"{estimate.verdict} {strategy_note(shape, cfg, profile)}")
     return parameter_text(*peft_parameter_count(shape, cfg.lora)), estimate
+
+
+# --- the CPU: the formula against the peaks runs measured here -----------------------------------------------------
+# The formula counts tensors; it was fitted to CUDA peaks on an H100 (within 9% there, docs/benchmarks.md). On the
+# CPU a run's peak is the process's resident memory: the Python runtime and libraries, and memory the allocator
+# keeps after loading, come on top (the cpu-quick run measured 2.47 GB against a formula of 1.37 GB). Each finished
+# run records both numbers (run_info.json: memory_formula_gb, peak_memory_mb), and later estimates scale by them.
+
+def memory_ratio(measured: list[tuple[float, float]]) -> float | None:
+    """The median of measured peak / formula over this machine's finished runs; None without any."""
+    ratios = sorted(peak / formula for formula, peak in measured if formula > 0 and peak > 0)
+    if not ratios:
+        return None
+    middle = len(ratios) // 2
+    return ratios[middle] if len(ratios) % 2 else (ratios[middle - 1] + ratios[middle]) / 2
+
+
+def calibrated_on_cpu(estimate: MemoryEstimate, profile: HardwareProfile,
+                      measured: list[tuple[float, float]]) -> MemoryEstimate:
+    """The CPU estimate scaled by what this machine's runs measured, or said to leave the process out."""
+    ratio = memory_ratio(measured)
+    if ratio is None:
+        note = (" On the CPU this counts tensors only: the process's peak memory also holds the Python runtime, the "
+                "libraries and memory kept after loading the model, so expect more. After a run, its status shows "
+                "this estimate beside the peak it measured, and later estimates are calibrated on it.")
+        return dataclasses.replace(estimate, verdict=estimate.verdict + note)
+    total = estimate.total_gb * ratio
+    fits = total <= profile.memory_gb * 0.95
+    calibration = (f" (the formula's {estimate.total_gb:.2f} GB × {ratio:.2f}, the median measured peak / formula of "
+                   f"{len(measured)} finished run{'s' if len(measured) != 1 else ''} on this machine)")
+    verdict = _verdict(total, profile).replace(f"{total:.2f} GB", f"{total:.2f} GB{calibration}", 1)
+    return dataclasses.replace(estimate, total_gb=total, fits=fits, verdict=verdict)
+
+
+def memory_check_text(info: dict[str, Any]) -> str:
+    """After a run: its estimate beside its measured peak, so a drift between the two is seen."""
+    formula, peak_mb = info.get("memory_formula_gb"), info.get("peak_memory_mb")
+    if not isinstance(formula, (int, float)) or not isinstance(peak_mb, (int, float)) or formula <= 0:
+        return ""
+    peak = peak_mb / 1024
+    what = "peak resident memory of the process" if info.get("memory_device") == "cpu" else "peak GPU memory"
+    return (f"Memory: the formula estimated {formula:.2f} GB; the run measured {peak:.2f} GB ({what}), "
+            f"{peak / formula:.2f}x the formula.")

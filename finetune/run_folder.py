@@ -63,6 +63,25 @@ def read_run_info(run_dir: Path) -> dict[str, Any]:
     return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
 
 
+def memory_records(runs_root: Path, device: str = "cpu", limit: int = 20) -> list[tuple[float, float]]:
+    """(formula GB, measured peak GB) of the newest finished runs on ``device`` under ``runs_root`` that recorded
+    both: what the Train tab's memory estimate is calibrated on."""
+    infos = sorted(Path(runs_root).glob(f"*/{RUN_INFO_FILE}"), key=lambda p: p.stat().st_mtime, reverse=True)
+    records = []
+    for path in infos:
+        try:
+            info = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        formula, peak = info.get("memory_formula_gb"), info.get("peak_memory_mb")
+        if info.get("memory_device") == device and isinstance(formula, (int, float)) \
+                and isinstance(peak, (int, float)) and info.get("world_size", 1) == 1:
+            records.append((float(formula), float(peak) / 1024))
+        if len(records) >= limit:
+            break
+    return records
+
+
 def write_run_info(run_dir: Path, **info: Any) -> None:
     """Merge ``info`` into run_info.json (each stage adds what it knows when it knows it)."""
     current = read_run_info(run_dir)

@@ -350,3 +350,33 @@ def test_the_eta_follows_the_latest_steps_and_evaluation_not_the_runs_average(tm
     assert eta["eta"] == 4.0 * 15 + 433.0 * 1  # 15 steps left and the evaluation at step 30 (40 is the end)
     status = read_status(tmp_path)
     assert status["step"] == 25 and status["eta_seconds"] == eta["eta"]  # written at the step end
+
+
+# --- 13. the CPU memory estimate against the peak a run measured -------------------------------------------------------
+
+def test_a_finished_run_shows_its_estimate_beside_its_measured_peak_and_calibrates_the_next(tiny_model_dir, qa_file,
+                                                                                            tmp_path):
+    from components.train_tab import poll_run, update_estimate
+    from conftest import tiny_run_config
+    from finetune.config import to_dict
+    from finetune.estimate import estimate_run
+    from finetune.hardware import detect
+
+    manager = RunManager(tmp_path / "runs")
+    cfg = tiny_run_config(tiny_model_dir, qa_file, bits=32, max_steps=2)
+    assert run(cfg, manager.run_dir("tiny-memory")) == 0
+    info = json.loads((manager.run_dir("tiny-memory") / "run_info.json").read_text())
+    formula, peak = info["memory_formula_gb"], info["peak_memory_mb"] / 1024
+    assert info["memory_device"] == "cpu" and formula > 0 and peak > 0
+    text = poll_run(manager, "tiny-memory")[1]
+    assert f"the formula estimated {formula:.2f} GB; the run measured {peak:.2f} GB" in text
+    assert f"{peak / formula:.2f}x the formula" in text
+    # Before any run the CPU estimate says what it leaves out; after one it is scaled by what was measured.
+    _, alone = estimate_run(cfg, detect())
+    assert "counts tensors only" in alone.verdict
+    _, calibrated = estimate_run(cfg, detect(), [(formula, peak)])
+    assert calibrated.total_gb == pytest.approx(alone.total_gb * peak / formula)
+    form = {f"{section}_{key}": value for section, fields in to_dict(cfg).items() if isinstance(fields, dict)
+            for key, value in fields.items()}
+    shown = update_estimate(detect(), manager.root, **form)
+    assert "the median measured peak / formula of 1 finished run on this machine" in shown, shown

@@ -88,10 +88,25 @@ def sample_answer(model: Any, tokenizer: Any, prompt: str, max_new_tokens: int =
     return tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True).strip()
 
 
+def formula_memory(cfg: RunConfig) -> dict[str, Any]:
+    """The Train tab's uncalibrated memory formula for this run, recorded beside the measured peak so later
+    estimates on this machine can be calibrated against it (and a drift between the two is seen)."""
+    from finetune.estimate import estimate_memory, model_shape
+    from finetune.hardware import detect
+
+    profile = detect()
+    try:
+        formula = estimate_memory(model_shape(cfg.model), cfg, profile).total_gb
+    except Exception:  # noqa: BLE001 - a model whose shape cannot be read has no formula; the run is still fine
+        return {}
+    return {"memory_formula_gb": round(formula, 3), "memory_device": "cuda" if profile.is_cuda else "cpu"}
+
+
 def record_measurements(trainer: Any, cfg: RunConfig, run_dir: Path, saved_dir: Path) -> dict[str, Any]:
     """What the comparison table needs beyond metrics.jsonl; the stage runner writes it into run_info.json."""
     total, linear = weight_bytes(trainer.model)
     info: dict[str, Any] = {"peft_method": cfg.lora.method, "peak_memory_mb": round(peak_memory_mb(), 1),
+                            **formula_memory(cfg),
                             "weights_mb": round(total / 2**20, 2), "linear_weights_mb": round(linear / 2**20, 3),
                             "saved_weights_mb": round(folder_weight_mb(saved_dir), 3)}
     prompt_file = run_dir / PROMPT_FILE
