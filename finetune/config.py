@@ -172,6 +172,7 @@ class ModelConfig:
             check.fail("bits", f"Bit width must be 4, 8, 16 or 32, got {self.bits}")
         check.choice("quant_type", ("nf4", "fp4"), "4-bit quant type")
         check.choice("compute_dtype", COMPUTE_DTYPES, "Compute dtype")
+        check.flag("double_quant", "Double quantization")
         check.flag("trust_remote_code", "Trust remote code")
         if self.trust_remote_code is True and not remote_code_allowed():
             # A public Space must not run code from any Hub repo a visitor names; the operator decides.
