@@ -8,12 +8,14 @@ hands the job to ``finetune.benchmarks.BenchmarkService``, which runs the harnes
 from __future__ import annotations
 
 import math
+import time
 from typing import Any
 
 import gradio as gr
 import pandas as pd
 
-from components.shared import bind, on_page_load, refusal, require_visible, visible_adapters, visitor_of
+from components.shared import (bind, duration, on_page_load, refusal, require_visible, visible_adapters,
+                               visitor_of)
 from finetune.access import AccessDenied, Visitor, can_view, require_owner, require_signed_in
 from finetune.benchmarks import (BUNDLED_TASK, FORGETTING_CHECK_LIMIT, FORGETTING_CHECK_ONLINE, MIN_ITEMS, Z_95,
                                  BenchmarkError, BenchmarkService, TableRow, base_only_rows,
@@ -126,7 +128,7 @@ def table_frame(rows: list[TableRow]) -> pd.DataFrame:
                           r.stderr_kind, r.items, r.verdict] for r in rows], columns=TABLE_COLUMNS)
 
 
-def progress_text(status: dict[str, Any]) -> str:
+def progress_text(status: dict[str, Any], plan: Any = None, now: float | None = None) -> str:
     state = status.get("state", "unknown")
     if state not in LIVE_STATES:
         error = f": {status['error']}" if status.get("error") else ""
@@ -134,7 +136,20 @@ def progress_text(status: dict[str, Any]) -> str:
     done, total = status.get("requests_done", 0), status.get("requests_total", 0)
     unit = f"run {status.get('unit', 0) + 1} of {status.get('units', '?')}"
     what = f" — {status['unit_label']} on {status['task']}" if status.get("unit_label") else ""
-    return f"**{state}** {unit}{what}: about {done}/{total} answer choices scored"
+    return f"**{state}** {unit}{what}: about {done}/{total} answer choices scored{remaining_text(status, plan, now)}"
+
+
+def remaining_text(status: dict[str, Any], plan: Any, now: float | None = None) -> str:
+    """The time left at the pace measured in this job so far (this run's elapsed time over what it scored, its
+    model loading included), re-measured at every poll; the plan's estimate came from an earlier job's pace."""
+    started, done = status.get("unit_started_at"), status.get("requests_done") or 0
+    if not isinstance(started, (int, float)) or done <= 0 or plan is None:
+        return ""
+    pace = max((now if now is not None else time.time()) - started, 0.0) / done
+    index = int(status.get("unit") or 0)
+    later = sum(u.requests for u in plan.units[index + 1:] if not u.cached)
+    left = pace * (max(int(status.get("requests_total") or 0) - done, 0) + later)
+    return f" · about {duration(left)} left at {pace:.2f} s per answer choice, measured in this job"
 
 
 def poll_benchmark(service: BenchmarkService, job_id: str,
@@ -149,7 +164,7 @@ def poll_benchmark(service: BenchmarkService, job_id: str,
     plan, results = job.plan(), job.results()
     base = pd.DataFrame([[r["model"], r["task"], r["metric"], _number(r["score"]), _number(r["stderr"])]
                          for r in base_only_rows(plan, results)], columns=BASE_COLUMNS)
-    return progress_text(service.status(job_id)), table_frame(service.table(job_id)), base
+    return progress_text(service.status(job_id), plan), table_frame(service.table(job_id)), base
 
 
 # --- layout -----------------------------------------------------------------------------------------------------------

@@ -71,9 +71,13 @@ LOG_FILE, PLAN_FILE, RESULTS_DIR = "benchmark.log", "plan.json", "results"
 STOP_GRACE_SECONDS = 20.0          # after STOP, the child gets this long to end at a model call before SIGTERM
 TERM_SECONDS = 5.0                 # and this long after SIGTERM before SIGKILL
 STATUS_EVERY_SECONDS = 1.0         # progress writes are throttled: a model call can take milliseconds
-# Rough speed before this machine has measured its own (then rates.json holds seconds per request per base):
-# the embedded 135M model scored about 0.3 s per answer choice on a busy 2-core CPU, fp32, batch 8.
-CPU_SECONDS_PER_REQUEST_PER_100M = 0.2
+# Rough speed before this machine has measured its own (then rates.json holds, per base, the seconds per answer
+# choice and the seconds its loading took). Measured on a busy 2-core CPU (2026-12, other jobs running): the
+# embedded 135M model in 4-bit took 49 s to load and 1.24 s per answer choice (80 choices, batch 8), 156 s in all,
+# where the old defaults (0.2 s per choice per 100M weights, no loading) promised 32 s.
+CPU_SECONDS_PER_REQUEST_PER_100M = 0.6
+CPU_LOAD_SECONDS = 45.0            # a base loaded (and quantized) on the CPU, once per base in a job
+GPU_LOAD_SECONDS = 15.0
 GPU_SECONDS_PER_REQUEST_PER_1B = 0.004
 ASSUMED_CHOICES = 4                # per item, for tasks whose data we cannot see before they download
 QUANTIZED_SLOWDOWN = 1.5           # bitsandbytes dequantizes every weight at every forward pass
@@ -249,10 +253,20 @@ class BenchmarkPlan:
     seconds: float             # rough estimate of the uncached units
     batch_size: int = 8
     notes: list[str] = field(default_factory=list)
+    measured_rate: bool = False        # the estimate's pace was measured here (rates.json), not the default
+    seconds_per_request: float = 0.0   # that pace (the first uncached unit's)
 
     def estimate_text(self) -> str:
-        return self._time_text() + (f" With {self.limit} questions per task the table gives no verdict: it needs at "
-                                    f"least {MIN_ITEMS}." if self.limit < MIN_ITEMS else "")
+        return self._scope_text() + self._time_text() + (
+            f" With {self.limit} questions per task the table gives no verdict: it needs at least {MIN_ITEMS}."
+            if self.limit < MIN_ITEMS else "")
+
+    def _scope_text(self) -> str:
+        """Said first: with no adapter picked the job scores the base alone, and compares nothing."""
+        if any(u.adapter_dir for u in self.units):
+            return ""
+        return ("**No adapter picked: this scores the base model only** (no base-vs-adapter comparison; pick "
+                "adapters above for that). ")
 
     def _time_text(self) -> str:
         todo = [u for u in self.units if not u.cached]
@@ -262,8 +276,11 @@ class BenchmarkPlan:
         span = f"about {self.seconds:.0f} s" if minutes < 2 else f"about {minutes:.0f} min"
         cached = f", {len(self.units) - len(todo)} cached" if len(todo) < len(self.units) else ""
         runs = f"{len(todo)} harness run{'s' if len(todo) > 1 else ''}"
+        pace = (f"at the {self.seconds_per_request:.2f} s per answer choice this machine's last benchmark of "
+                "this base measured" if self.measured_rate else "at a rough default speed (no benchmark has been "
+                "timed on this machine yet)")
         return (f"{runs} ({sum(u.requests for u in todo)} answer choices to score{cached}): "
-                f"{span} on this machine (rough; generation tasks such as gsm8k take several times longer).")
+                f"{span} {pace}; re-measured while it runs (generation tasks such as gsm8k take several times longer).")
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -306,6 +323,12 @@ def _requests(info: TaskInfo, limit: int) -> int:
     return limit * info.subtasks * ASSUMED_CHOICES
 
 
+def _default_load_seconds() -> float:
+    import torch
+
+    return GPU_LOAD_SECONDS if torch.cuda.is_available() else CPU_LOAD_SECONDS
+
+
 def _default_seconds_per_request(cfg: ModelConfig) -> float:
     import torch
 
@@ -335,6 +358,7 @@ def _watched_lm_class() -> type:
 
         def _start(self, requests: list[Any]) -> None:
             self.done, self.total = 0, len(requests)
+            write_status(self.job_dir, scoring_started_at=time.time())  # the model is loaded: its time is known
             self._report(force=True)
 
         def _step(self, rows: int) -> None:
@@ -458,13 +482,18 @@ class BenchmarkJob:
         os.replace(temporary, path)  # a reader never sees half a result; a killed child leaves none
 
 
-def record_rate(cache_dir: Path, unit: Unit, seconds: float, requests: int) -> None:
-    """Seconds per answer choice for this base on this machine: the next estimate uses it."""
+def record_rate(cache_dir: Path, unit: Unit, seconds: float, requests: int, load_seconds: float | None = None
+                ) -> None:
+    """Seconds per answer choice (scoring only) and, for a base unit, its loading seconds, for this base on this
+    machine: the next estimate uses them."""
     if requests <= 0:
         return
     path = cache_dir / "rates.json"
     rates = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
-    rates[json.dumps(list(unit.base_key))] = seconds / requests
+    key = json.dumps(list(unit.base_key))
+    old = rates.get(key) if isinstance(rates.get(key), dict) else {}
+    rates[key] = {"per_request": seconds / requests,
+                  "load": load_seconds if load_seconds is not None else old.get("load")}
     cache_dir.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(rates, indent=1), encoding="utf-8")
 
@@ -477,7 +506,7 @@ def run_job(job: BenchmarkJob) -> int:
     try:
         for index, unit in enumerate(plan.units):
             write_status(job.folder, unit=index, unit_label=unit.label, task=unit.task, requests_done=0,
-                         requests_total=unit.requests)
+                         requests_total=unit.requests, unit_started_at=time.time())
             if job.copy_cached(index, unit):
                 continue
             if (job.folder / STOP_FILE).exists():
@@ -488,10 +517,13 @@ def run_job(job: BenchmarkJob) -> int:
             started = time.time()
             result = run_unit(lm_class, engine, unit, job.folder, plan.batch_size)
             job.store(index, unit, result)
-            total = read_status(job.folder).get("requests_total", 0)
+            status = read_status(job.folder)
+            total = status.get("requests_total", 0)
             # The count is rough while it runs (the harness scores choices that share a context in one row).
             write_status(job.folder, requests_done=total)
-            record_rate(job.cache_dir, unit, time.time() - started, total)
+            scoring = status.get("scoring_started_at") or started  # loading ends where scoring starts
+            record_rate(job.cache_dir, unit, time.time() - scoring, total,
+                        scoring - started if unit.adapter_dir is None else None)
     except BenchmarkStopped:
         write_status(job.folder, state="stopped", finished_at=time.time())
         return 0
@@ -685,7 +717,9 @@ class BenchmarkService:
         for unit in units:
             unit.cache_key = unit_cache_key(unit)
             unit.cached = (self.cache_dir / f"{unit.cache_key}.json").is_file()
-        return BenchmarkPlan([i.name for i in infos], limit, units, self._seconds(units), batch_size)
+        seconds, measured, pace = self._seconds(units)
+        return BenchmarkPlan([i.name for i in infos], limit, units, seconds, batch_size, measured_rate=measured,
+                             seconds_per_request=pace)
 
     @staticmethod
     def _check_model(model: str, hub: bool | None) -> None:
@@ -697,15 +731,23 @@ class BenchmarkService:
             raise BenchmarkError(f"Cannot reach the Hugging Face Hub to download the model '{model}'; use the "
                                  f"embedded model '{EMBEDDED_MODEL}' or a local folder.")
 
-    def _seconds(self, units: list[Unit]) -> float:
+    def _seconds(self, units: list[Unit]) -> tuple[float, bool, float]:
+        """(seconds for the uncached units, whether the pace was measured here, the first unit's pace)."""
         path = self.cache_dir / "rates.json"
         rates = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
-        total = 0.0
+        total, measured, first, loaded = 0.0, False, 0.0, set()
         for unit in units:
-            if not unit.cached:
-                rate = rates.get(json.dumps(list(unit.base_key)))
-                total += unit.requests * (rate if rate else _default_seconds_per_request(ModelConfig(**unit.model)))
-        return total
+            if unit.cached:
+                continue
+            rate = rates.get(json.dumps(list(unit.base_key)))
+            rate = rate if isinstance(rate, dict) else {"per_request": rate}  # older files: the pace alone
+            pace = rate.get("per_request") or _default_seconds_per_request(ModelConfig(**unit.model))
+            if unit.base_key not in loaded:  # the child loads each base once
+                loaded.add(unit.base_key)
+                total += rate.get("load") or _default_load_seconds()
+            measured, first = (bool(rate.get("per_request")), pace) if not first else (measured, first)
+            total += unit.requests * pace
+        return total, measured, first
 
     # running --------------------------------------------------------------------------------------------------
     def job(self, job_id: str) -> BenchmarkJob:

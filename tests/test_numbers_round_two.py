@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from conftest import write_jsonl
+from helpers import write_jsonl
 from finetune.config import from_dict, load_config
 from finetune.metrics import read_metrics, read_status
 from finetune.runs import RunManager
@@ -357,7 +357,7 @@ def test_the_eta_follows_the_latest_steps_and_evaluation_not_the_runs_average(tm
 def test_a_finished_run_shows_its_estimate_beside_its_measured_peak_and_calibrates_the_next(tiny_model_dir, qa_file,
                                                                                             tmp_path):
     from components.train_tab import poll_run, update_estimate
-    from conftest import tiny_run_config
+    from helpers import tiny_run_config
     from finetune.config import to_dict
     from finetune.estimate import estimate_run
     from finetune.hardware import detect
@@ -380,3 +380,39 @@ def test_a_finished_run_shows_its_estimate_beside_its_measured_peak_and_calibrat
             for key, value in fields.items()}
     shown = update_estimate(detect(), manager.root, **form)
     assert "the median measured peak / formula of 1 finished run on this machine" in shown, shown
+
+
+# --- 5. a benchmark with no adapter says it scores the base only; its time is re-measured as it runs ----------------
+
+def test_a_benchmark_without_an_adapter_says_it_scores_the_base_only(tmp_path):
+    from components.benchmark_section import estimate_benchmark
+    from finetune.benchmarks import BUNDLED_TASK, BenchmarkService
+
+    service = BenchmarkService(tmp_path / "runs", tmp_path / "bench")
+    text = estimate_benchmark(RunManager(tmp_path / "runs"), service, [], "", 4, [BUNDLED_TASK], 12)
+    assert "No adapter picked: this scores the base model only" in text
+    assert "rough default speed (no benchmark has been timed on this machine yet)" in text
+    # Once a job has run here, the estimate is its measured loading plus its measured seconds per answer choice
+    # (the walk's 60-question job was promised 32 s and took about 3.5 min: loading was not counted at all).
+    from finetune.benchmarks import record_rate
+
+    plan = service.plan([BUNDLED_TASK], 60)
+    record_rate(service.cache_dir, plan.units[0], 99.0, 80, load_seconds=49.0)  # this machine, measured
+    again = service.plan([BUNDLED_TASK], 60)
+    assert again.seconds == pytest.approx(49.0 + 240 * 99.0 / 80)
+    assert "1.24 s per answer choice this machine's last benchmark of this base measured" in again.estimate_text()
+
+
+def test_a_running_benchmark_re_measures_its_time_left():
+    """The plan's estimate came from an earlier job; while this one runs, the time left is its own pace."""
+    from components.benchmark_section import progress_text
+    from finetune.benchmarks import BenchmarkPlan, Unit
+
+    units = [Unit("base: m", {"source": "m", "bits": 4}, None, "t", 60, 240),
+             Unit("adapter: r", {"source": "m", "bits": 4}, "/runs/r/adapter", "t", 60, 240)]
+    plan = BenchmarkPlan(["t"], 60, units, seconds=32.0)  # what a quiet machine's rate promised
+    status = {"state": "running", "unit": 0, "units": 2, "unit_label": "base: m", "task": "t",
+              "requests_done": 60, "requests_total": 240, "unit_started_at": 1000.0}
+    text = progress_text(status, plan, now=1052.5)  # 60 choices in 52.5 s: 0.875 s each
+    assert "0.88 s per answer choice, measured in this job" in text
+    assert "about 6m 08s left" in text  # (180 + 240) x 0.875 s = 367.5 s, not the plan's 32 s
