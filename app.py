@@ -25,11 +25,11 @@ import gradio as gr  # noqa: E402
 from components.benchmark_section import build_benchmark_section
 from components.chat_tab import adapter_choices, build_chat_tab
 from components.compare_tab import build_compare_tab
+from components.course_tab import build_course_tab
 from components.eval_tab import build_eval_tab, run_choices
 from components.export_tab import build_export_tab, export_choices
 from components.feedback_tab import build_feedback_tab
 from components.inspect_section import build_inspect_section
-from components.learn_tab import build_learn_tab
 from components.quant_tab import build_quant_tab
 from components.sweep_section import build_sweep_section
 from components.rlhf_tab import build_rlhf_tab
@@ -62,12 +62,15 @@ def build_app(runs_root: str = "runs", profile: HardwareProfile | None = None,
     store = FeedbackStore(feedback_db or Path(runs_root) / "feedback.db", langsmith=LangSmithSettings.from_env())
     engine = ChatEngine(profile)
     scorers = ScorerCache(profile)  # the reward model in memory, for the RLHF and Evaluate tabs alike
-    benchmarks = BenchmarkService(runs_root, app_root(runs_root))  # Evaluate runs them, Learn quotes them
+    benchmarks = BenchmarkService(runs_root, app_root(runs_root))  # Evaluate runs them, the course quotes them
     with gr.Blocks(title="LoRA Lab") as demo:
         gr.Markdown(f"# LoRA Lab\nFine-tune a language model with LoRA / QLoRA and compare it with its base.  \n"
                     f"**Hardware:** {profile.summary()}")
         if sign_in_mode() != "off":  # a shared app: who you are decides which runs and feedback are yours
             demo.load(who_markdown, None, build_sign_in_row(), api_visibility="private")
+        with gr.Tab("Start here", id="course") as course_tab:
+            course = build_course_tab(manager, profile, engine, store, benchmarks)
+        course_tab.select(course["refresh_forgetting"], None, course["forgetting"], api_visibility="private")
         with gr.Tab("Train", id="train"):
             train = build_train_tab(manager, profile)
         with gr.Tab("Chat", id="chat") as chat_tab:
@@ -96,9 +99,6 @@ def build_app(runs_root: str = "runs", profile: HardwareProfile | None = None,
             build_sweep_section(SweepQueue(manager), train)  # "use the best" fills the Train form
         with gr.Tab("Quantization", id="quantization"):
             build_quant_tab(profile)
-        with gr.Tab("Learn", id="learn") as learn_tab:
-            learn = build_learn_tab(benchmarks)
-        learn_tab.select(learn["refresh_forgetting"], None, learn["forgetting"], api_visibility="private")
         demo.load(bind(opening_preset, manager, profile), None, train["preset"],
                   api_visibility="private")
     demo.feedback_store = store  # for whoever closes the app: close_app() stops its LangSmith sender too

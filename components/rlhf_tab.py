@@ -451,8 +451,30 @@ def _info(section: str, name: str) -> str:
     return field_help(section, name)
 
 
-def _step1(form: dict[str, Any]) -> None:
-    with gr.Accordion("Step 1 · The pretrained model", open=True):
+STEP_TITLES = {1: "Step 1 · The pretrained model", 2: "Step 2 · Human feedback: preference data",
+               3: "Step 3 · A reward model trained on the feedback", 4: "Step 4 · Fine-tuning guided by the preferences"}
+
+
+def _step_box(number: int, boxes: list[Any]) -> Any:
+    """A step's accordion, closed to its title (the pipeline above sums up every step) except the current one:
+    step 3 until a reward model exists, then step 4 (``open_current_step`` says which on each page load)."""
+    box = gr.Accordion(STEP_TITLES[number], open=number == 3, elem_id=f"rlhf-step-{number}")
+    boxes.append(box)
+    return box
+
+
+def current_step(manager: RunManager, visitor: Visitor) -> int:
+    """The step a visitor is at: 3 (train a reward model) until one of theirs exists, then 4."""
+    return 4 if visible_reward_models(manager, visitor) else 3
+
+
+def open_current_step(manager: RunManager, request: gr.Request = None) -> tuple[Any, ...]:
+    current = current_step(manager, visitor_of(request))
+    return tuple(gr.Accordion(open=number == current) for number in STEP_TITLES)
+
+
+def _step1(form: dict[str, Any], boxes: list[Any]) -> None:
+    with _step_box(1, boxes):
         gr.Markdown("The model whose answers people rated. DPO/KTO/GRPO can start from an SFT adapter of it.")
         with gr.Row():
             form["model_kind"] = gr.Radio(list(MODEL_KINDS), value="Embedded", label="Model source",
@@ -466,9 +488,9 @@ def _step1(form: dict[str, Any]) -> None:
                                                 allow_custom_value=True)
 
 
-def _step2(form: dict[str, Any]) -> dict[str, Any]:
+def _step2(form: dict[str, Any], boxes: list[Any]) -> dict[str, Any]:
     view: dict[str, Any] = {}
-    with gr.Accordion("Step 2 · Human feedback: preference data", open=True):
+    with _step_box(2, boxes):
         gr.Markdown("Pairs (prompt, chosen, rejected) teach the reward model and DPO; thumbs (prompt, completion, "
                     "label) teach KTO. The bundled set has 150 course-style pairs and 24 held-out ones.")
         with gr.Row():
@@ -506,8 +528,8 @@ def _plots(prefix: str, first_title: str, second_title: str) -> dict[str, Any]:
     return view
 
 
-def _step3(form: dict[str, Any], defaults: RunConfig, with_chat: bool) -> dict[str, Any]:
-    with gr.Accordion("Step 3 · A reward model trained on the feedback", open=True):
+def _step3(form: dict[str, Any], defaults: RunConfig, with_chat: bool, boxes: list[Any]) -> dict[str, Any]:
+    with _step_box(3, boxes):
         gr.Markdown("TRL `RewardTrainer`: LoRA plus a one-output score head on the base model, trained so the "
                     "chosen answer scores above the rejected one. Watch the held-out accuracy rise above 50%.")
         with gr.Row():
@@ -535,8 +557,8 @@ def _step3(form: dict[str, Any], defaults: RunConfig, with_chat: bool) -> dict[s
     return {**view, "start": start, "stop": stop}
 
 
-def _step4(form: dict[str, Any], defaults: RunConfig) -> dict[str, Any]:
-    with gr.Accordion("Step 4 · Fine-tuning guided by the preferences", open=True):
+def _step4(form: dict[str, Any], defaults: RunConfig, boxes: list[Any]) -> dict[str, Any]:
+    with _step_box(4, boxes):
         gr.Markdown("TRL `DPOTrainer` on the pairs (or `KTOTrainer` on thumbs) makes a new LoRA adapter. Watch "
                     "rewards/margins rise: the tuned model prefers the chosen answers more than the reference does. "
                     "`GRPOTrainer` is the online way: it samples several answers per prompt, the reward model "
@@ -609,15 +631,17 @@ def build_rlhf_tab(manager: RunManager, feedback_db: str | Path | None = None,
     form: dict[str, Any] = {}
     gr.Markdown("## RLHF in four steps\nEach step below uses what the step before produced.")
     pipeline = gr.Markdown(elem_id="rlhf-pipeline")
-    _step1(form)
-    data_view = _step2(form)
-    reward = _step3(form, preset("reward"), chat is not None)
-    policy = _step4(form, preset("dpo"))
+    boxes: list[Any] = []  # the four steps' accordions: the current one open, the others closed to a line
+    _step1(form, boxes)
+    data_view = _step2(form, boxes)
+    reward = _step3(form, preset("reward"), chat is not None, boxes)
+    policy = _step4(form, preset("dpo"), boxes)
     _advanced(form, preset("dpo"))
     log = gr.Textbox(label="Training log (last lines)", lines=8, max_lines=8, interactive=False,
                      elem_id="rlhf-log")
     _wire(manager, feedback_db, form, pipeline, data_view, reward, policy, log, chat, engine or ChatEngine(),
           scorers or ScorerCache())
+    on_page_load(bind(open_current_step, manager), None, boxes)
     return {**form, "pipeline": pipeline, "log": log, **{f"data_{k}": v for k, v in data_view.items()},
             **{f"reward_{k}": v for k, v in reward.items()}, **{f"policy_{k}": v for k, v in policy.items()}}
 

@@ -368,7 +368,7 @@ def _fresh_copy(path: Path) -> Path:
     return folder / path.name
 
 
-# --- the LoRA / QLoRA aid (Train tab; explained in the Learn tab) ------------------------------------------------
+# --- the LoRA / QLoRA aid (Train tab; explained in the course) ----------------------------------------------------
 
 LORA_STARTS = {  # how A and B start, per lora.init: the sentence the LoRA aid ends its first line with
     "default": "B starting at 0, so training starts exactly at the base model.",

@@ -537,6 +537,11 @@ class RunManager:
         except Exception:  # a hand-edited config has no estimate; it still runs or fails with its own message
             return None
 
+    def expected_seconds(self, cfg: RunConfig) -> float | None:
+        """How long ``cfg`` should train here, from completed runs of its model and bit width (the queue's own
+        estimate); None before any such run was timed. The course says it before a step starts."""
+        return self._job_seconds(cfg)
+
     def _job_seconds(self, cfg: RunConfig | None) -> float | None:
         """How long a job should take: its steps at the seconds per step that completed runs of the same model
         and bit width took on this machine; None when it trains by epochs or nothing comparable ran yet."""

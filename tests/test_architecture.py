@@ -6,9 +6,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 BASIC = {"config", "hardware", "paths", "models", "data", "preference", "recipe", "estimate", "attention",
-         "lm_head", "metrics", "run_folder", "noise", "data_files", "lora_init", "access", "storage", "distributed"}
+         "lm_head", "metrics", "run_folder", "noise", "data_files", "lora_init", "access", "storage", "distributed",
+         "course_progress"}
 SERVICES = {"runs", "chat", "feedback", "evaluate", "quantize", "export", "gguf_export", "compare", "deploy",
-            "scoring", "benchmarks", "adapter_inspect", "sweeps"}
+            "scoring", "benchmarks", "adapter_inspect", "sweeps", "course", "lab_report"}
 
 
 def layer(module: str) -> int:

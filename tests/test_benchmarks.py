@@ -128,8 +128,8 @@ def test_the_section_starts_polls_and_refuses(tiny_runs, tiny_bench_root, monkey
     assert sorted(table["metric"]) == ["acc", "acc_norm"]
     assert list(table["base"]) == pytest.approx([row.base for row in service.table(job_id)])
     assert stop_benchmark(service, job_id) == "No benchmark is running."
-    # The Learn tab quotes the learner's own newest check beside PEFT's promise.
-    from components.learn_tab import forgetting_markdown
+    # The course's evaluation step quotes the learner's own newest check beside PEFT's promise.
+    from components.course_tab import forgetting_markdown
 
     learn = forgetting_markdown(service)
     first = service.table(job_id)[0]

@@ -1,8 +1,8 @@
-"""The Evaluate, Quantization and Learn tabs in a real headless Chromium, on the tiny model.
+"""The Evaluate and Quantization tabs and the course's links in a real headless Chromium, on the tiny model.
 
 A tiny LoRA run is trained in-process before the app starts (a real TRL run into the runs folder the app serves).
 Evaluate: the run is preselected, validation loss fills the table (base and adapter, adapter lower) and the bar
-chart. Quantization: all seven formats fill the table and the memory/perplexity chart. Learn: a competency link
+chart. Quantization: all seven formats fill the table and the memory/perplexity chart. The course: each step's link
 jumps to its tab. Train: the LoRA aid shows the live trainable count. Screenshots go to tests/artifacts/.
 """
 
@@ -33,21 +33,22 @@ def _table_rows(page, elem_id: str) -> list[str]:
     return page.locator(f"#{elem_id} [role=row]").all_inner_texts()[1:]
 
 
-def test_learn_links_and_lora_aid(page):
+def test_course_links_and_lora_aid(page):
     from playwright.sync_api import expect
 
+    from finetune.course import STEPS
+
+    page.get_by_role("tab", name="Train").click()  # the app opens on the course ("Start here")
     expect(page.locator("#lora-aid")).to_contain_text("trainable", timeout=30_000)
     expect(page.locator("#lora-aid")).to_contain_text("(α/r)·B·A")
     expect(page.locator("#lora-aid")).to_contain_text("B starting at 0")
-    from components.learn_tab import COMPETENCIES
-
-    for name, _, tab, _ in COMPETENCIES:  # every competency links to a tab that exists, and the link works
-        page.get_by_role("tab", name="Learn").click()
-        expect(page.locator("#learn-text")).to_contain_text(name)
-        page.locator(f"#learn-{name.split(' (')[0].lower()}").click()
-        expect(page.locator("button[role=tab][aria-selected=true]")).to_have_text(tab, timeout=10_000)
-    page.get_by_role("tab", name="Learn").click()
-    page.locator("#learn-quantization").click()
+    for step in STEPS:  # every course step links to a tab that exists, and the link works
+        page.get_by_role("tab", name="Start here").click()
+        expect(page.locator(f"#course-{step.key}-text")).to_contain_text(step.title)
+        page.locator(f"#course-{step.key}-tab").click()
+        expect(page.locator("button[role=tab][aria-selected=true]")).to_have_text(step.tab, timeout=10_000)
+    page.get_by_role("tab", name="Start here").click()
+    page.locator("#course-quantization-tab").click()
     expect(page.locator("#quant-run")).to_be_visible(timeout=10_000)
 
 

@@ -29,13 +29,18 @@ def test_the_four_steps_in_order(page, tiny_model_dir, tmp_path):
     page.get_by_role("tab", name="RLHF").click()
     expect(page.locator("#rlhf-pipeline")).to_contain_text("Reward model", timeout=15_000)
 
+    # Steps 1, 2 and 4 start closed to their titles on a fresh app; step 3 (train a reward model) is the current one.
+    expect(page.locator("#rlhf-start-reward")).to_be_visible()
+    expect(page.locator("#rlhf-start-policy")).to_have_count(0)
     # Step 1: the pretrained model.
+    page.get_by_text("Step 1 · The pretrained model").click()
     page.locator("#rlhf-model-kind").get_by_text("Local folder", exact=True).click()
     expect(page.locator("#rlhf-model textarea, #rlhf-model input").first).to_have_value("", timeout=10_000)
     _fill(page, "rlhf-model", str(tiny_model_dir))
     expect(page.locator("#rlhf-pipeline")).to_contain_text(str(tiny_model_dir), timeout=10_000)
 
     # Step 2: preferences. A malformed file is refused with its rows named; a good one is previewed.
+    page.get_by_text("Step 2 · Human feedback: preference data").click()
     page.locator("#rlhf-data-kind").get_by_text("Uploaded file", exact=True).click()
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"prompt": "q", "chosen": "a"}) + "\n" +
@@ -59,7 +64,8 @@ def test_the_four_steps_in_order(page, tiny_model_dir, tmp_path):
     expect(info).to_contain_text("18 pairs on 18 prompts to train on, 2 held out on 2 other prompts")
     expect(info).to_contain_text("expect memorisation")
 
-    # Short runs for the tiny model.
+    # Short runs for the tiny model (step 4's steps too: its box opened to set them).
+    page.get_by_text("Step 4 · Fine-tuning guided by the preferences").click()
     page.get_by_text("Settings shared by steps 3 and 4").click()
     _fill(page, "rlhf-batch", "2")
     _fill(page, "rlhf-eval-steps", "1")

@@ -231,7 +231,7 @@ def test_without_sign_in_everything_is_visible_as_before(monkeypatch, tmp_path):
 
 def test_benchmark_jobs_belong_to_the_visitor_who_started_them(shared_app, tmp_path):
     from components.benchmark_section import poll_benchmark, stop_benchmark
-    from components.learn_tab import forgetting_markdown
+    from components.course_tab import forgetting_markdown
     from finetune.benchmarks import BenchmarkService
     from finetune.metrics import write_status
 

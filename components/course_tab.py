@@ -1,0 +1,508 @@
+"""The "Start here" tab: the course as a path of steps, each with a few sentences, ONE primary button that does
+the step with sensible defaults through the same services the full tabs call (the estimate, the quantization
+measurement, the run manager, the chat engine and feedback store, the reward model's judge, the held-out loss),
+the learner's own result with a "what to notice" sentence computed from their numbers (finetune/course.py), the
+expected time before it starts, and a link to the full tab.
+
+Progress is kept per visitor on disk (finetune/course_progress.py), so a reload or an app restart finds it. The
+training steps run as ordinary jobs in the queue: their runs appear in the Train, Chat, RLHF and Evaluate tabs.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import gradio as gr
+import pandas as pd
+
+from components.rlhf_form import config_from_form as preference_config
+from components.shared import (bind, downloadable, live_status, on_page_load, progress_html, refusal, visitor_of)
+from components.train_form import CONFIGS_DIR
+from finetune import course, paths
+from finetune.access import AccessDenied, Visitor, require_signed_in
+from finetune.benchmarks import BenchmarkService
+from finetune.chat import ChatEngine, SamplingSettings
+from finetune.config import BUNDLED_DATASET, ConfigError, LoraSettings, RunConfig, from_dict, load_config, to_dict
+from finetune.course_progress import CourseProgress
+from finetune.deploy import default_preset
+from finetune.estimate import lora_parameter_count, model_shape, targeted_linears
+from finetune.evaluate import (candidate_loss, candidates, judge_accuracy, load_eval_rows,
+                               loss_difference_interval, model_label)
+from finetune.feedback import FeedbackError, FeedbackStore
+from finetune.hardware import HardwareProfile
+from finetune.lab_report import collect, write_report
+from finetune.metrics import is_summary, read_metrics, write_status
+from finetune.models import ModelSourceError
+from finetune.preference import BUNDLED_PREFERENCES, load_preferences
+from finetune.quantize import FORMATS, MB, measure
+from finetune.run_folder import ADAPTER_DIR
+from finetune.runs import RunError, RunManager, check_sources
+
+POLL_SECONDS = 2.0
+RUN_STEPS = ("qlora", "reward", "dpo")
+VOTES = [("Tuned is better", "second"), ("Base is better", "first"), ("No difference", "tie")]
+VOTE_WORDS = {"second": "tuned", "first": "base", "tie": "no difference"}
+QUANT_KEYS = ("16bit", "nf4-dq")
+
+
+def notice(sentence: str) -> str:
+    return f"**What to notice:** {sentence}"
+
+
+def _progress(manager: RunManager, request: gr.Request | None) -> CourseProgress:
+    return CourseProgress(manager.root, visitor_of(request))
+
+
+def _acting(request: gr.Request | None, what: str) -> Visitor:
+    visitor = visitor_of(request)
+    try:
+        require_signed_in(visitor, what)
+    except AccessDenied as error:
+        raise refusal(str(error)) from None
+    return visitor
+
+
+# --- the configs the course trains ----------------------------------------------------------------------------
+
+def qlora_config(profile: HardwareProfile, rank: int) -> RunConfig:
+    """This hardware's QLoRA preset at the learner's rank (alpha = 2 x rank), at the course's size."""
+    raw, size = to_dict(load_config(CONFIGS_DIR / f"{default_preset(profile)}.yaml")), course.CourseSize.from_env()
+    raw["run_name"] = "course-qlora"
+    raw["lora"].update(rank=int(rank), alpha=2 * int(rank))
+    if size.train_steps:
+        raw["training"].update(max_steps=size.train_steps, save_steps=size.train_steps)
+    if size.batch_size:
+        raw["training"]["batch_size"] = size.batch_size
+    if size.max_seq_length:
+        raw["data"]["max_seq_length"] = size.max_seq_length
+    return from_dict(raw)
+
+
+def preference_step_config(stage: str, base: RunConfig, start_adapter: str = "") -> RunConfig:
+    """A reward or DPO config as the RLHF tab builds it (components/rlhf_form.py), on the QLoRA run's model, the
+    bundled pairs, at the course's size."""
+    size = course.CourseSize.from_env()
+    embedded = base.model.source == load_config(CONFIGS_DIR / "cpu-quick.yaml").model.source
+    form = {"model_kind": "Embedded" if embedded else "Local folder", "model_source": base.model.source,
+            "model_bits": base.model.bits, "lora_rank": base.lora.rank, "reward_max_steps": size.preference_steps,
+            "policy_max_steps": size.preference_steps, "start_adapter": start_adapter}
+    if size.batch_size:
+        form["batch_size"] = size.batch_size
+    if size.max_seq_length:
+        form["max_seq_length"] = size.max_seq_length + 64  # a pair's prompt and answer
+    return preference_config(stage, BUNDLED_PREFERENCES, form)
+
+
+def _start(manager: RunManager, cfg: RunConfig, visitor: Visitor, stage: str) -> str:
+    """Queue a course job like the full tabs do: sources checked first, then the run manager's admission."""
+    try:
+        check_sources(cfg)
+        if stage in ("reward", "dpo"):  # malformed pairs are reported now, not by a failed child
+            load_preferences(cfg.data, cfg.preference.format, want="paired", seed=cfg.training.seed)
+        run_id = manager.start(cfg, visitor=visitor)
+    except (ConfigError, RunError, AccessDenied, ModelSourceError, ValueError) as error:
+        raise refusal(f"Not started: {error}") from None
+    write_status(manager.run_dir(run_id), stage=cfg.stage)
+    return run_id
+
+
+# --- expected times -------------------------------------------------------------------------------------------
+
+def _train_time(manager: RunManager, profile: HardwareProfile, cfg: RunConfig, pairs: bool) -> str:
+    measured = manager.expected_seconds(cfg)
+    if measured is not None:
+        return course.expected_time_text(measured, True)
+    guess = course.guess_train_seconds(cfg.training.max_steps, cfg.training.batch_size, cfg.data.max_seq_length,
+                                       pairs, profile.is_cuda)
+    return course.expected_time_text(guess, False)
+
+
+def _other_time(step: str, profile: HardwareProfile, last: dict[str, Any]) -> str:
+    if isinstance(last.get("seconds"), (int, float)):
+        return course.expected_time_text(last["seconds"], True)
+    size = course.CourseSize.from_env()
+    return course.expected_time_text(course.guess_seconds(step, size, profile.is_cuda), False)
+
+
+def expected_times(manager: RunManager, profile: HardwareProfile, progress: CourseProgress, rank: int
+                   ) -> dict[str, str]:
+    """Every step's expected time on this hardware, said before it starts."""
+    qlora = qlora_config(profile, rank)
+    times = {step.key: _other_time(step.key, profile, progress.result(step.key)) for step in course.STEPS}
+    times["qlora"] = _train_time(manager, profile, qlora, False)
+    for stage in ("reward", "dpo"):
+        times[stage] = _train_time(manager, profile, preference_step_config(stage, qlora), True)
+    return times
+
+
+# --- step 1: count ----------------------------------------------------------------------------------------------
+
+def count_weights(manager: RunManager, profile: HardwareProfile, rank: float | None,
+                  request: gr.Request = None) -> str:
+    """LoRA's trainable weights at ``rank`` on the course's model, counted like the Train tab's estimate."""
+    if not isinstance(rank, (int, float)) or rank < 1 or not float(rank).is_integer():
+        raise refusal(f"The rank is a whole number of at least 1, got {rank!r}.")
+    cfg = qlora_config(profile, int(rank))
+    try:
+        shape = model_shape(cfg.model)
+        lora = LoraSettings(rank=int(rank), alpha=2 * int(rank), target_modules=cfg.lora.target_modules)
+    except (ConfigError, ModelSourceError, OSError) as error:
+        raise refusal(f"Cannot count: {error}") from None
+    trainable, total = lora_parameter_count(shape, lora)
+    sentence = course.lora_sentence(int(rank), trainable, total, len(targeted_linears(shape, lora)))
+    _progress(manager, request).record("lora", rank=int(rank), trainable=trainable, total=total, sentence=sentence)
+    return notice(sentence)
+
+
+# --- step 2: quantization ---------------------------------------------------------------------------------------
+
+def compare_bits(manager: RunManager, profile: HardwareProfile, request: gr.Request = None,
+                 progress: gr.Progress = gr.Progress()) -> tuple[str, pd.DataFrame]:
+    """The course's model at 16-bit and in 4-bit NF4 (double quant), measured like the Quantization tab does."""
+    _acting(request, "run a quantization comparison")
+    size, source = course.CourseSize.from_env(), qlora_config(profile, 16).model.source
+    started = course.now()
+    try:
+        rows = load_eval_rows(BUNDLED_DATASET, "validation", size.quant_rows)
+        results = {}
+        for index, key in enumerate(QUANT_KEYS):
+            progress(index / len(QUANT_KEYS), desc=f"loading and measuring {FORMATS[key].label(profile)}")
+            results[key] = measure(FORMATS[key], source, rows, "What does LoRA train?", 8, profile=profile)
+    except (ModelSourceError, ValueError, RuntimeError, OSError, ImportError) as error:
+        raise refusal(f"Could not measure: {error}") from None
+    half, four = results["16bit"], results["nf4-dq"]
+    sentence = course.quant_sentence(half.label, half.layer_bytes, four.layer_bytes, half.perplexity,
+                                     four.perplexity, len(rows))
+    # Rounded as the sentence quotes them, so the table and the sentence read the same numbers.
+    table = [[r.label, round(r.layer_bytes / MB, 1), round(r.perplexity, 2)] for r in results.values()]
+    _progress(manager, request).record("quantization", table=table, sentence=sentence,
+                                       seconds=round(course.now() - started, 1))
+    return notice(sentence), pd.DataFrame(table, columns=["format", "quantized layers (MB)", "perplexity"])
+
+
+# --- steps 3, 5, 6: the runs --------------------------------------------------------------------------------------
+
+def start_qlora(manager: RunManager, profile: HardwareProfile, rank: float | None, request: gr.Request = None) -> str:
+    visitor = _acting(request, "start a training run")
+    rank = int(rank) if isinstance(rank, (int, float)) and rank >= 1 else 16
+    run_id = _start(manager, qlora_config(profile, rank), visitor, "sft")
+    CourseProgress(manager.root, visitor).record("qlora", done=False, run_id=run_id, sentence=None)
+    return f"Started `{run_id}`; its loss curve is also in the **Train** tab."
+
+
+def _finished_run(manager: RunManager, progress: CourseProgress, step: str, before: str) -> str:
+    """The run a step builds on, once it completed; a clear refusal otherwise."""
+    run_id = progress.result(step).get("run_id")
+    if not run_id or manager.status(run_id).get("state") != "completed":
+        raise refusal(f"Finish step {before} first: its run has not completed yet.")
+    return run_id
+
+
+def start_reward(manager: RunManager, profile: HardwareProfile, request: gr.Request = None) -> str:
+    visitor = _acting(request, "start a training run")
+    progress = CourseProgress(manager.root, visitor)
+    qlora = load_config(manager.run_dir(_finished_run(manager, progress, "qlora", "3 (QLoRA)")) / "config.yaml")
+    run_id = _start(manager, preference_step_config("reward", qlora), visitor, "reward")
+    progress.record("reward", done=False, run_id=run_id, sentence=None)
+    return f"Started `{run_id}` on the bundled course pairs; the full view is in the **RLHF** tab."
+
+
+def start_dpo(manager: RunManager, profile: HardwareProfile, request: gr.Request = None) -> str:
+    visitor = _acting(request, "start a training run")
+    progress = CourseProgress(manager.root, visitor)
+    start = _finished_run(manager, progress, "qlora", "3 (QLoRA)")
+    qlora = load_config(manager.run_dir(start) / "config.yaml")
+    run_id = _start(manager, preference_step_config("dpo", qlora, start), visitor, "dpo")
+    progress.record("dpo", done=False, run_id=run_id, sentence=None)
+    return f"Started `{run_id}` from your adapter `{start}`; the full view is in the **RLHF** tab."
+
+
+def _values(rows: list[dict[str, Any]], key: str) -> list[float]:
+    return [r[key] for r in rows if isinstance(r.get(key), (int, float)) and not is_summary(r)]
+
+
+def run_sentence(manager: RunManager, step: str, run_id: str) -> str:
+    """The step's sentence from a completed run's own folder."""
+    folder, status = manager.run_dir(run_id), manager.status(run_id)
+    rows, cfg = read_metrics(folder), load_config(folder / "config.yaml")
+    if step == "reward":
+        judge = judge_accuracy(folder)
+        return course.reward_sentence(judge.accuracy, judge.pairs)
+    if step == "dpo":
+        accuracies = _values(rows, "eval_rewards/accuracies")
+        return course.dpo_sentence(int(status.get("step") or 0), _values(rows, "eval_rewards/margins"),
+                                   accuracies[-1] if accuracies else None, cfg.preference.beta)
+    losses = _values(rows, "loss")
+    if not losses:
+        return "The run completed without logging a training loss."
+    return course.run_sentence(int(status.get("step") or 0), status.get("duration"), losses[0], losses[-1],
+                               _values(rows, "eval_loss"), cfg.model.bits)
+
+
+def _run_view(manager: RunManager, progress: CourseProgress, step: str) -> tuple[str, str]:
+    """(progress bar, notice) of one run step, read from its folder; a completed run's sentence is kept."""
+    entry = progress.result(step)
+    run_id, elem = entry.get("run_id"), f"course-{step}-progress"
+    if not run_id:
+        return progress_html(elem, {"state": "idle"}, []), ""
+    try:
+        status = live_status(manager, run_id)
+        rows = read_metrics(manager.run_dir(run_id))
+    except RunError:  # deleted from the Train tab's history
+        return progress_html(elem, {"state": "idle"}, []), f"Run `{run_id}` no longer exists: start the step again."
+    if status.get("state") == "failed":
+        return (progress_html(elem, status, rows),
+                f"Run `{run_id}` **failed**: {paths.for_visitors(status.get('error') or 'see its log in the Train tab')}")
+    if status.get("state") != "completed":
+        return progress_html(elem, status, rows), ""
+    sentence = entry.get("sentence")
+    if not sentence:
+        sentence = run_sentence(manager, step, run_id)
+        progress.record(step, sentence=sentence, seconds=status.get("duration"))
+    return progress_html(elem, status, rows), notice(sentence)
+
+
+def poll_course(manager: RunManager, request: gr.Request = None) -> tuple[str, ...]:
+    """The three run steps' bars and sentences, and the path line (cheap enough for a 2 s timer)."""
+    progress = _progress(manager, request)
+    views = [part for step in RUN_STEPS for part in _run_view(manager, progress, step)]
+    return (*views, path_markdown(progress))
+
+
+# --- step 4: chat and vote ----------------------------------------------------------------------------------------
+
+def ask_both(manager: RunManager, engine: ChatEngine, store: FeedbackStore | None, prompt: str | None,
+             request: gr.Request = None) -> tuple[str, str, str]:
+    """The base model and the course's adapter answer ``prompt`` greedily; the turn is stored for a vote."""
+    visitor = _acting(request, "chat with feedback")
+    progress = CourseProgress(manager.root, visitor)
+    if not (prompt or "").strip():
+        raise refusal("Type a question first.")
+    run_id = _finished_run(manager, progress, "qlora", "3 (QLoRA)")
+    cfg = load_config(manager.run_dir(run_id) / "config.yaml")
+    settings = SamplingSettings(max_new_tokens=course.CourseSize.from_env().answer_tokens, temperature=0.0)
+    started = course.now()
+    try:
+        base, tuned = engine.answer_pair(prompt.strip(), [], [], cfg.model, run_id,
+                                         manager.run_dir(run_id) / ADAPTER_DIR, settings)
+    except (ValueError, RuntimeError) as error:
+        raise refusal(str(error)) from None
+    ids = store.record_turn(model=cfg.model.source, adapter=run_id, prompt=prompt.strip(), base_history=[],
+                            tuned_history=[], settings=vars(settings).copy(), base_response=base,
+                            tuned_response=tuned, user=visitor.owner,
+                            session=getattr(request, "session_hash", None)) if store is not None else {}
+    progress.record("chat", done="chat" in progress.done(), seconds=round(course.now() - started, 1),
+                    pending={"ids": ids, "prompt": prompt.strip(), "base": base, "tuned": tuned, "adapter": run_id})
+    return base, tuned, "Which answer is better? Pick one and save your vote."
+
+
+def save_vote(manager: RunManager, store: FeedbackStore | None, choice: str | None,
+              request: gr.Request = None) -> str:
+    """Store the vote on the last course answer pair (base first, tuned second) and read all the learner's votes
+    on that adapter back as a win rate."""
+    visitor = _acting(request, "give feedback")
+    progress = CourseProgress(manager.root, visitor)
+    pending = progress.result("chat").get("pending")
+    if not pending:
+        raise refusal("Ask both models a question first.")
+    if choice not in VOTE_WORDS:
+        raise refusal("Pick which answer is better first.")
+    if store is None:
+        raise refusal("This app keeps no feedback store.")
+    try:
+        store.add_preference(pending["ids"]["base"], pending["ids"]["tuned"], choice, user=visitor.owner,
+                             session=getattr(request, "session_hash", None))
+    except (FeedbackError, KeyError) as error:
+        raise refusal(f"Could not save the vote: {error}") from None
+    counts = store.win_counts(visitor.owner if visitor.sign_in else None).get(pending["adapter"], {})
+    sentence = course.vote_sentence(pending["adapter"], counts)
+    turns = progress.result("chat").get("turns") or []
+    turn = {key: pending[key] for key in ("prompt", "base", "tuned", "adapter")}
+    progress.record("chat", turns=turns + [{**turn, "vote": VOTE_WORDS[choice]}], pending=None, sentence=sentence)
+    return notice(sentence)
+
+
+# --- step 7: evaluate ---------------------------------------------------------------------------------------------
+
+def evaluate_course(manager: RunManager, engine: ChatEngine, request: gr.Request = None,
+                    progress: gr.Progress = gr.Progress()) -> str:
+    """Held-out loss of the base, the QLoRA adapter and (when trained) the DPO adapter on the same rows, each
+    adapter against its baseline with a 95% paired-bootstrap interval (as the Evaluate tab computes it)."""
+    visitor = _acting(request, "evaluate")
+    record = CourseProgress(manager.root, visitor)
+    run_dirs = {run_id: manager.run_dir(run_id) for run_id in
+                [_finished_run(manager, record, "qlora", "3 (QLoRA)")] + _finished_or_none(manager, record, "dpo")}
+    started, size = course.now(), course.CourseSize.from_env()
+    try:
+        rows = load_eval_rows(BUNDLED_DATASET, "validation", size.eval_rows)
+        chosen = candidates(run_dirs)
+        results = {}
+        for index, candidate in enumerate(chosen):
+            progress(index / len(chosen), desc=f"held-out loss of {candidate.name}")
+            results[candidate.name] = candidate_loss(engine, candidate, rows)
+    except (ValueError, RuntimeError, OSError) as error:
+        raise refusal(f"Could not evaluate: {error}") from None
+    verdicts = [_verdict(results, c.name, against, len(rows)) for c in chosen if c.adapter_dir is not None
+                for against in (model_label(c.model), c.start_name) if against in results]
+    sentence = " ".join(verdicts)
+    record.record("evaluate", verdicts=verdicts, sentence=sentence, seconds=round(course.now() - started, 1))
+    return notice(sentence)
+
+
+def _finished_or_none(manager: RunManager, progress: CourseProgress, step: str) -> list[str]:
+    run_id = progress.result(step).get("run_id")
+    return [run_id] if run_id and manager.status(run_id).get("state") == "completed" else []
+
+
+def _verdict(results: dict[str, Any], name: str, against: str, rows: int) -> str:
+    return course.loss_verdict_sentence(name, against, results[name].loss, results[against].loss, rows,
+                                        loss_difference_interval(results[name], results[against]))
+
+
+def forgetting_markdown(service: BenchmarkService | None, request: gr.Request = None) -> str:
+    """PEFT's promise that the base keeps what it knew, in the learner's own numbers: the newest benchmark job's
+    (of those the visitor may see) base-vs-adapter differences, or where to run the check."""
+    job = service.latest_job(visitor_of(request)) if service is not None else None
+    rows = service.table(job) if job else []
+    if not rows:
+        return ("**Does PEFT keep what the base knew? Your numbers:** no forgetting check yet. Run one in the "
+                "**Evaluate** tab (Benchmarks -> Forgetting check): the base and your adapter answer the same "
+                "general questions, unrelated to your training data.")
+    lines = ["**Does PEFT keep what the base knew? Your numbers** (newest forgetting check, general questions "
+             "unrelated to your data):"]
+    for row in rows:
+        lines.append(f"- `{row.adapter}`, {row.task} ({row.metric}, {row.items} questions): base {row.base:.3f}, "
+                     f"adapter {row.tuned:.3f}, difference {row.difference:+.3f} ({row.interval_text()}): "
+                     f"**{row.verdict}**")
+    return "\n".join(lines)
+
+
+# --- step 8: the report -------------------------------------------------------------------------------------------
+
+def lab_report(manager: RunManager, feedback_db: Path | None, benchmarks: BenchmarkService | None,
+               request: gr.Request = None) -> tuple[list[str], str]:
+    """The visitor's lab report, as HTML and Markdown downloads, and what it holds."""
+    visitor = _acting(request, "download a lab report")
+    progress = CourseProgress(manager.root, visitor)
+    data = collect(manager, visitor, progress.load(), feedback_db, benchmarks)
+    votes = sum(1 for _ in data.turns)
+    sentence = course.report_sentence(len(data.runs), votes, len(progress.done()) + ("report" not in progress.done()))
+    progress.record("report", sentence=sentence)
+    data = collect(manager, visitor, progress.load(), feedback_db, benchmarks)  # with this step's sentence
+    assert progress.path is not None  # _acting: a visitor who may act has a record
+    page, text = write_report(data, progress.folder / progress.path.stem)
+    return [downloadable(page), downloadable(text)], notice(sentence)
+
+
+# --- page load -----------------------------------------------------------------------------------------------------
+
+def path_markdown(progress: CourseProgress) -> str:
+    done = set(progress.done())
+    marks = [f"**✓ {number}. {step.title}**" if step.key in done else f"{number}. {step.title}"
+             for number, step in enumerate(course.STEPS, start=1)]
+    kept = "" if progress.kept else " (sign in to keep your progress)"
+    return f"**Your path** ({len(done)} of {len(course.STEPS)} done{kept}): " + " · ".join(marks)
+
+
+def restore_course(manager: RunManager, profile: HardwareProfile, request: gr.Request = None) -> tuple[Any, ...]:
+    """Everything the course shows, from the visitor's record: sentences, times, the last answers and tables."""
+    progress = _progress(manager, request)
+    record = progress.load()
+    rank = (record.get("lora", {}).get("result") or {}).get("rank") or 16
+    times = expected_times(manager, profile, progress, rank)
+    sentences = {step.key: notice(s) if (s := (record.get(step.key, {}).get("result") or {}).get("sentence"))
+                 else "" for step in course.STEPS}
+    quant = (record.get("quantization", {}).get("result") or {}).get("table") or []
+    return (rank, *(times[step.key] for step in course.STEPS), *(sentences[step.key] for step in course.STEPS),
+            pd.DataFrame(quant, columns=["format", "quantized layers (MB)", "perplexity"]), path_markdown(progress))
+
+
+# --- layout ----------------------------------------------------------------------------------------------------------
+
+INTRO = ("# Start here\nThe course in eight steps, on your own runs: PEFT and LoRA, quantization, QLoRA, RLHF "
+         "(feedback → reward model → DPO) and evaluation. Each step has one button that does it with sensible "
+         "settings and says what to notice in **your** numbers; **Open the … tab** shows every control.")
+
+
+def tab_link_js(tab: str) -> str:
+    """Client-side jump to a tab by its label (no server round trip, no dependency on how app.py nests tabs)."""
+    return ("() => { const tab = [...document.querySelectorAll('button[role=tab]')]"
+            f".find(b => b.innerText.trim() === {tab!r}); if (tab) {{ tab.click(); window.scrollTo(0, 0); }} }}")
+
+
+def _step_box(number: int, step: course.CourseStep, ui: dict[str, Any]) -> None:
+    """One step: its words, its inputs (by step), its button, expected time, result and the full tab's link."""
+    key = step.key
+    gr.Markdown(f"### {number}. {step.title} · *{step.competency}*\n{step.text}", elem_id=f"course-{key}-text")
+    if key == "lora":
+        ui["rank"] = gr.Number(16, label="LoRA rank (r)", precision=0, minimum=1, elem_id="course-rank")
+    if key == "chat":
+        ui["prompt"] = gr.Textbox(label="Your question", placeholder="e.g. What does a LoRA adapter change?",
+                                  elem_id="course-prompt")
+    with gr.Row():
+        ui[f"{key}_go"] = gr.Button(step.button, variant="primary", elem_id=f"course-{key}-go", scale=3)
+        ui[f"{key}_tab"] = gr.Button(f"Open the {step.tab} tab →", size="sm", elem_id=f"course-{key}-tab", scale=1)
+        ui[f"{key}_tab"].click(None, js=tab_link_js(step.tab))
+    ui[f"{key}_time"] = gr.Markdown(elem_id=f"course-{key}-time")
+    if key in RUN_STEPS:
+        ui[f"{key}_started"] = gr.Markdown(elem_id=f"course-{key}-started")
+        ui[f"{key}_progress"] = gr.HTML(progress_html(f"course-{key}-progress", {"state": "idle"}, []))
+    if key == "chat":
+        with gr.Row():
+            ui["base_answer"] = gr.Textbox(label="Base model", lines=4, interactive=False, elem_id="course-base")
+            ui["tuned_answer"] = gr.Textbox(label="Your adapter", lines=4, interactive=False, elem_id="course-tuned")
+        with gr.Row():
+            ui["vote"] = gr.Radio(VOTES, label="Which answer is better?", elem_id="course-vote", scale=3)
+            ui["save_vote"] = gr.Button("Save my vote", elem_id="course-save-vote", scale=1)
+        ui["vote_hint"] = gr.Markdown(elem_id="course-vote-hint")
+    ui[f"{key}_notice"] = gr.Markdown(elem_id=f"course-{key}-notice")
+    if key == "quantization":
+        ui["quant_table"] = gr.Dataframe(pd.DataFrame(columns=["format", "quantized layers (MB)", "perplexity"]),
+                                         interactive=False, elem_id="course-quant-table")
+    if key == "evaluate":
+        ui["forgetting"] = gr.Markdown(elem_id="course-forgetting")
+    if key == "report":
+        ui["report_files"] = gr.File(label="Your lab report", file_count="multiple", interactive=False,
+                                     elem_id="course-report-files")
+
+
+def build_course_tab(manager: RunManager, profile: HardwareProfile, engine: ChatEngine,
+                     store: FeedbackStore | None = None, benchmarks: BenchmarkService | None = None
+                     ) -> dict[str, Any]:
+    ui: dict[str, Any] = {"intro": gr.Markdown(INTRO), "path": gr.Markdown(elem_id="course-path")}
+    for number, step in enumerate(course.STEPS, start=1):
+        with gr.Group(elem_id=f"course-{step.key}"):
+            _step_box(number, step, ui)
+    _wire(manager, profile, engine, store, benchmarks, ui)
+    return ui
+
+
+def _wire(manager: RunManager, profile: HardwareProfile, engine: ChatEngine, store: FeedbackStore | None,
+          benchmarks: BenchmarkService | None, ui: dict[str, Any]) -> None:
+    ui["lora_go"].click(bind(count_weights, manager, profile), ui["rank"], ui["lora_notice"], api_name="course_count")
+    ui["quantization_go"].click(bind(compare_bits, manager, profile), None, [ui["quantization_notice"],
+                                ui["quant_table"]], api_name="course_quantize", concurrency_limit=1,
+                                concurrency_id="quantize")
+    for key, handler, inputs in (("qlora", start_qlora, [ui["rank"]]), ("reward", start_reward, None),
+                                 ("dpo", start_dpo, None)):
+        ui[f"{key}_go"].click(bind(handler, manager, profile), inputs, ui[f"{key}_started"],
+                              api_name=f"course_{key}", concurrency_limit=1, concurrency_id="train-start")
+    ui["chat_go"].click(bind(ask_both, manager, engine, store), ui["prompt"],
+                        [ui["base_answer"], ui["tuned_answer"], ui["vote_hint"]], api_name="course_ask",
+                        concurrency_limit=1, concurrency_id="chat")
+    ui["save_vote"].click(bind(save_vote, manager, store), ui["vote"], ui["chat_notice"], api_name="course_vote")
+    ui["evaluate_go"].click(bind(evaluate_course, manager, engine), None, ui["evaluate_notice"],
+                            api_name="course_evaluate", concurrency_limit=1, concurrency_id="chat"
+                            ).then(bind(forgetting_markdown, benchmarks), None, ui["forgetting"],
+                                   api_visibility="private")
+    ui["report_go"].click(bind(lab_report, manager, store.path if store else None, benchmarks), None,
+                          [ui["report_files"], ui["report_notice"]], api_name="course_report")
+    live = [ui[f"{key}_{part}"] for key in RUN_STEPS for part in ("progress", "notice")] + [ui["path"]]
+    poll = bind(poll_course, manager)
+    gr.Timer(POLL_SECONDS).tick(poll, None, live, api_name="course_poll", show_progress="hidden", queue=False)
+    restored = ([ui["rank"]] + [ui[f"{s.key}_time"] for s in course.STEPS] + [ui[f"{s.key}_notice"] for s in course.STEPS]
+                + [ui["quant_table"], ui["path"]])
+    on_page_load(bind(restore_course, manager, profile), None, restored)
+    on_page_load(bind(forgetting_markdown, benchmarks), None, ui["forgetting"])
+    ui["refresh_forgetting"] = bind(forgetting_markdown, benchmarks)

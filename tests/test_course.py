@@ -1,0 +1,153 @@
+"""The course's "what to notice" sentences, its per-visitor progress store and the lab report (issue 31).
+
+Every sentence is a pure function of the numbers a step measured: changing a number changes the sentence, and
+nothing in it is a template's example. The report holds only the visitor's own runs and votes, and no server path.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+
+from finetune import course
+from finetune.access import LOCAL, Visitor
+from finetune.course_progress import CourseProgress, visitor_key
+
+
+def _numbers(text: str) -> list[str]:
+    return re.findall(r"\d[\d,.]*", text)
+
+
+@pytest.mark.parametrize("rank", [1, 4, 16, 64])
+def test_the_lora_sentence_is_the_learners_count(rank):
+    trainable, total = rank * 305_280, 134_515_008 + rank * 305_280
+    text = course.lora_sentence(rank, trainable, total, 210)
+    assert text.startswith(f"Rank {rank} trains {course.millions(trainable)} of {course.millions(total)} weights")
+    assert f"({100 * trainable / total:.2f}%)" in text and "210 targeted layers" in text
+    assert f"rank {2 * rank} would train {course.millions(2 * trainable)}" in text
+    assert text != course.lora_sentence(rank + 1, trainable + 305_280, total + 305_280, 210)
+
+
+def test_the_quantization_sentence_follows_the_measurements():
+    mb = 2**20
+    first = course.quant_sentence("bfloat16", 202.5 * mb, 52.45 * mb, 54.98, 74.24, 3)
+    assert "3.9x less memory than bfloat16 (52.5 MB vs 202.5 MB)" in first
+    assert "on 3 rows rose 35.0% (54.98 → 74.24)" in first
+    better = course.quant_sentence("float16", 100 * mb, 50 * mb, 10.0, 9.0, 12)
+    assert "2.0x less memory than float16" in better and "fell 10.0% (10.00 → 9.00)" in better
+
+
+def test_the_run_sentence_quotes_first_and_last_losses():
+    text = course.run_sentence(30, 151.2, 2.3141, 1.4199, [2.2, 1.6], 4)
+    assert "30 steps on a 4-bit base in 2m 31s" in text
+    assert "from 2.314 to 1.420 (-38.6%)" in text and "from 2.200 to 1.600 (-27.3%)" in text
+    one_eval = course.run_sentence(2, 9.0, 3.0, 2.5, [2.7], 16)
+    assert "held-out loss at the end is 2.700" in one_eval and "16-bit base in 9s" in one_eval
+
+
+def test_the_vote_sentence_is_a_win_rate_with_its_interval():
+    assert "No votes" in course.vote_sentence("run-a", {})
+    one = course.vote_sentence("run-a", {"wins": 1})
+    assert "You voted 1 time on `run-a`: tuned 1, base 0" in one and "cannot tell from chance" in one
+    even = course.vote_sentence("run-a", {"wins": 1, "losses": 1})
+    assert "You voted 2 times" in even and "Win rate 0.50" in even and even != one
+    many = course.vote_sentence("run-a", {"wins": 40, "losses": 2})
+    assert "better than the base beyond chance" in many
+    assert "worse than the base beyond chance" in course.vote_sentence("run-a", {"wins": 2, "losses": 40})
+
+
+def test_the_reward_sentence_says_when_the_data_cannot_tell():
+    small = course.reward_sentence(0.75, 4)
+    assert "3 of 4 held-out pairs (0.75, 95% interval 0.30-0.95)" in small and "cannot tell from chance" in small
+    large = course.reward_sentence(0.9, 100)
+    assert "90 of 100" in large and "better than chance" in large
+    assert "no held-out pairs" in course.reward_sentence(None, 0)
+
+
+def test_the_dpo_and_loss_verdict_sentences():
+    dpo = course.dpo_sentence(20, [0.0, 0.134], 0.667, 0.1)
+    assert "After 20 DPO steps (β = 0.1)" in dpo and "from 0.000 to 0.134" in dpo and "0.67 of held-out" in dpo
+    assert "does not prefer" in course.dpo_sentence(2, [0.0, -0.01], None, 0.1)
+    lower = course.loss_verdict_sentence("a", "the base", 1.42, 2.31, 12, (-1.05, -0.71))
+    assert "loss 1.420 against 2.310" in lower and "lower by 0.890" in lower and "never saw" in lower
+    unsure = course.loss_verdict_sentence("a", "the base", 2.30, 2.31, 4, (-0.05, 0.03))
+    assert "includes 0: these questions cannot tell them apart" in unsure
+
+
+def test_expected_time_text_and_guesses():
+    assert course.expected_time_text(75, True) == "Expected time: about 1m 15s (from runs timed on this machine)."
+    assert "first guess" in course.expected_time_text(9, False)
+    cpu = course.guess_train_seconds(30, 2, 256, False, gpu=False)
+    assert cpu > course.guess_train_seconds(2, 2, 256, False, gpu=False)
+    assert course.guess_train_seconds(30, 2, 256, True, gpu=False) > cpu > course.guess_train_seconds(
+        30, 2, 256, False, gpu=True)
+    tiny = course.CourseSize(quant_rows=3)
+    assert course.guess_seconds("quantization", tiny, False) < course.guess_seconds(
+        "quantization", course.CourseSize(quant_rows=30), False)
+
+
+def test_tiny_course_size_from_the_environment(monkeypatch):
+    monkeypatch.setenv(course.COURSE_ENV, "tiny")
+    assert course.CourseSize.from_env().train_steps == 2
+    monkeypatch.delenv(course.COURSE_ENV)
+    assert course.CourseSize.from_env().train_steps is None  # the preset's own steps
+
+
+def test_progress_is_kept_per_visitor_and_survives_a_new_store(tmp_path):
+    alice, bob = (Visitor(name=n, operator=False, sign_in=True) for n in ("alice", "bob"))
+    CourseProgress(tmp_path, alice).record("lora", rank=8, sentence="Rank 8 ...")
+    CourseProgress(tmp_path, alice).record("qlora", done=False, run_id="r1")
+    again = CourseProgress(tmp_path, alice)  # a reload, or an app restart
+    assert again.result("lora") == {"rank": 8, "sentence": "Rank 8 ..."}
+    assert again.done() == ["lora"] and again.result("qlora")["run_id"] == "r1"
+    assert CourseProgress(tmp_path, bob).load() == {}
+    assert CourseProgress(tmp_path, Visitor(name="ALICE", operator=False, sign_in=True)).done() == ["lora"]
+    signed_out = CourseProgress(tmp_path, Visitor(name=None, operator=False, sign_in=True))
+    assert not signed_out.kept and signed_out.record("lora", rank=1)["result"] == {"rank": 1}
+    assert signed_out.load() == {}
+    assert "alice" not in str(again.path) and visitor_key(LOCAL) == "local"
+    again.path.write_text("{broken", encoding="utf-8")
+    assert again.load() == {}  # a damaged file starts the course afresh, it does not break the page
+
+
+def test_the_report_holds_only_the_visitors_runs_and_no_server_path(tmp_path, monkeypatch):
+    from finetune.config import RunConfig, save_config
+    from finetune.lab_report import collect, render_html, render_markdown, write_report
+    from finetune.metrics import write_status
+    from finetune.runs import RunManager
+
+    monkeypatch.setenv("LORA_LAB_SIGN_IN", "dev")
+    root = tmp_path / "runs"
+    manager = RunManager(root)
+    upload = tmp_path / "uploads" / "secret-data.jsonl"
+    for run_id, owner, first, last in (("alice-run", "alice", 2.5, 1.25), ("bob-run", "bob", 9.0, 8.5)):
+        folder = root / run_id
+        cfg = RunConfig()
+        cfg.data.source = str(upload)
+        save_config(cfg, folder / "config.yaml")
+        write_status(folder, state="completed", owner=owner, step=2, max_steps=2, duration=12.0, stage="sft")
+        (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in (
+            {"step": 1, "loss": first}, {"step": 2, "loss": last}, {"step": 2, "eval_loss": last + 0.1})))
+    alice = Visitor(name="alice", operator=False, sign_in=True)
+    progress = CourseProgress(root, alice)
+    progress.record("qlora", sentence="the training loss went from 2.500 to 1.250 (-50.0%)", run_id="alice-run")
+    progress.record("chat", turns=[{"prompt": "What is r?", "base": "No idea", "tuned": "The rank", "adapter":
+                                    "alice-run", "vote": "tuned"}])
+    progress.record("quantization", table=[["bfloat16", 202.5, 54.98], ["NF4 + double quant", 52.5, 74.24]])
+    data = collect(manager, alice, progress.load())
+    page, markdown = render_html(data), render_markdown(data)
+    for text in (page, markdown):
+        assert "alice-run" in text and "bob-run" not in text and "9.0" not in text
+        assert "2.500 to 1.250" in text and "What is r?" in text and "The rank" in text and "74.24" in text
+        assert str(tmp_path) not in text and "secret-data" not in text and "/tmp" not in text
+    assert "<img" in page and "data:image/png;base64," in page and "(data:image/png;base64," in markdown
+    html_file, md_file = write_report(data, tmp_path / "out")
+    assert html_file.read_text(encoding="utf-8") == page and md_file.name == "lab-report.md"
+    # Another learner's report: their run, none of Alice's.
+    bob_data = collect(manager, Visitor(name="bob", operator=False, sign_in=True), {})
+    assert [r.cells[0] for r in bob_data.runs] == ["bob-run"] and not bob_data.turns
+    # HTML in a learner's text is shown, never run.
+    progress.record("chat", turns=[{"prompt": "<script>alert(1)</script>", "base": "", "tuned": "", "vote": "base"}])
+    assert "<script>alert" not in render_html(collect(manager, alice, progress.load()))
