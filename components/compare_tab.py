@@ -14,11 +14,11 @@ from typing import Any
 import gradio as gr
 import pandas as pd
 
-from components.shared import bind, on_page_load, stop_queue, visitor_of
+from components.shared import bind, duration, on_page_load, stop_queue, visitor_of
 from finetune.access import AccessDenied
 from finetune.compare import (DEFAULT_TECHNIQUES, QUALITATIVE, QUALITATIVE_COLUMNS, RESULT_COLUMNS, TECHNIQUES,
-                              CompareError, CompareQueue, CompareRequest, base_config, loss_points, progress,
-                              results)
+                              CompareError, CompareQueue, CompareRequest, base_config, expected_seconds,
+                              loss_points, progress, results, seconds_left, validate_request)
 from finetune.config import BUNDLED_DATASET, EMBEDDED_MODEL, ConfigError
 from finetune.runs import RunError
 
@@ -63,11 +63,22 @@ def comparison_progress_html(state: dict[str, Any] | None, queue: CompareQueue) 
     current = next((i for i in state["items"] if i["state"] == "running"), None)
     label = TECHNIQUES[current["technique"]].label if current and current["technique"] in TECHNIQUES else ""
     text = (f"<b>{state['state']}</b> · {done}/{total} techniques done · {100 * fraction:.0f}%"
-            + (f" · training <b>{label}</b>" if label else ""))
+            + (f" · training <b>{label}</b>" if label else "") + _left_text(state, queue))
     return (f"<div id='compare-progress' data-state='{state['state']}' data-done='{done}'>{text}"
             f"<div style='background:#e5e7eb;border-radius:6px;height:12px;margin-top:6px'>"
             f"<div style='width:{100 * fraction:.1f}%;background:#2563eb;height:12px;border-radius:6px'></div>"
             f"</div></div>")
+
+
+def _left_text(state: dict[str, Any], queue: CompareQueue) -> str:
+    """The time left, re-measured on every poll from this comparison's own steps."""
+    if state.get("state") != "running":
+        return ""
+    left, pace = seconds_left(state, queue.manager)
+    if left is None:
+        return " · time left: not measured yet (the first steps measure it)"
+    return f" · about {duration(left)} left" + (f" at {pace:.1f} s per step, measured in this comparison" if pace
+                                                 else "")
 
 
 def ordering_notes(table: pd.DataFrame) -> str:
@@ -110,7 +121,20 @@ def start_comparison(queue: CompareQueue, techniques: list[str], model_source: s
         gr.Warning(str(error))
         return gr.skip(), f"**Not started:** {error}", gr.skip(), gr.skip()
     names = ", ".join(TECHNIQUES[t].label for t in dict.fromkeys(wanted.techniques))
-    return comparison_id, f"Started comparison `{comparison_id}`: {names}.", None, None
+    return comparison_id, f"Started comparison `{comparison_id}`: {names}. {estimate_text(queue, wanted)}", None, None
+
+
+def estimate_text(queue: CompareQueue, wanted: CompareRequest) -> str:
+    """Before the wait: how long the techniques should take here, or that nothing measured yet can say."""
+    try:
+        seconds = expected_seconds(validate_request(wanted), queue.manager)
+    except (ConfigError, CompareError):
+        return ""
+    if seconds is None:
+        return ("No time estimate yet: no run of this model and bit width has completed on this machine; the "
+                "progress line gives one once the first steps are measured.")
+    return (f"Expected to take about **{duration(seconds)}** here (each technique's steps at the seconds per step "
+            "this machine's completed runs of this model took; re-measured while it runs).")
 
 
 def _int(value: Any) -> Any:

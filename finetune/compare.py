@@ -447,6 +447,32 @@ def loss_points(manager: Any, state: dict[str, Any]) -> list[tuple[int, float | 
     return points
 
 
+def expected_seconds(configs: list[RunConfig], manager: Any) -> float | None:
+    """Before a start: the techniques' steps at the seconds per step that this machine's completed runs of the
+    same model and bit width took (the job queue's own measure); None when none has been timed yet."""
+    times = [manager._job_seconds(cfg) for cfg in configs]
+    return sum(times) if times and all(t is not None for t in times) else None
+
+
+def seconds_left(state: dict[str, Any], manager: Any) -> tuple[float | None, float | None]:
+    """(seconds left, the pace used) while a comparison runs: the running technique's own ETA (re-measured on
+    its latest steps) plus the waiting techniques' steps at the latest pace this comparison measured."""
+    left, pace, waiting_steps = 0.0, None, 0
+    for item in state.get("items", []):
+        status = manager.status(item["run_id"]) if item.get("run_id") else {}
+        if item["state"] in FINAL_STATES or item["state"] == "skipped":
+            if status.get("duration") and status.get("step"):
+                pace = float(status["duration"]) / int(status["step"])
+        elif status.get("state") == "running":
+            pace = status.get("seconds_per_step") or pace
+            left += float(status.get("eta_seconds") or 0.0)
+        else:  # not started yet (or waiting in the job queue)
+            waiting_steps += int(item["config"]["training"]["max_steps"])
+    if waiting_steps and pace is None:
+        return None, None
+    return left + waiting_steps * (pace or 0.0), pace
+
+
 def progress(state: dict[str, Any], manager: Any) -> tuple[int, int, float]:
     """(techniques finished, techniques queued, overall fraction counting the current run's steps)."""
     items = state.get("items", [])

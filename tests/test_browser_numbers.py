@@ -9,7 +9,7 @@ from typing import Any, Iterator
 
 import pytest
 
-from conftest import browser_page, fill, serving
+from helpers import browser_page, fill, serving
 from test_chat import _SlowClock, _generation_threads, adapters, model_cfg, policy_runs  # noqa: F401
 
 pytestmark = pytest.mark.browser
@@ -34,7 +34,7 @@ def chat_page(manager: Any, engine: Any) -> Iterator[str]:
 def test_stop_ends_an_answer_being_generated_and_frees_the_model(policy_runs):
     from playwright.sync_api import expect
 
-    from conftest import wait_until
+    from helpers import wait_until
     from finetune.chat import ChatEngine
 
     clock = _SlowClock(slow_from=4)  # 50 ms per token from the 4th on: a 400-token answer would take 20 s

@@ -416,3 +416,43 @@ def test_a_running_benchmark_re_measures_its_time_left():
     text = progress_text(status, plan, now=1052.5)  # 60 choices in 52.5 s: 0.875 s each
     assert "0.88 s per answer choice, measured in this job" in text
     assert "about 6m 08s left" in text  # (180 + 240) x 0.875 s = 367.5 s, not the plan's 32 s
+
+
+# --- 11. the Compare tab: a time estimate before and during; a second session finds the running comparison ----------
+
+def test_a_comparison_says_its_time_before_and_while_it_runs_and_a_second_session_finds_it(tiny_model_dir, qa_file,
+                                                                                            tmp_path):
+    from components.compare_tab import estimate_text, poll_comparison, start_comparison
+    from finetune.compare import CompareQueue, CompareRequest, seconds_left
+    from helpers import tiny_run_config, wait_until
+
+    manager = RunManager(tmp_path / "runs")
+    queue = CompareQueue(manager, poll_seconds=0.2)
+    wanted = dict(techniques=["lora16", "lora8"], model_source=str(tiny_model_dir), data_source=str(qa_file),
+                  max_steps=3, max_seq_length=64, batch_size=2, max_samples=20, learning_rate=0.01, seed=0,
+                  sample_prompt="Say hi.")
+    assert "No time estimate yet" in estimate_text(queue, CompareRequest(**wanted))  # nothing timed: no guess
+    from finetune.config import save_config
+
+    timed = tiny_run_config(tiny_model_dir, qa_file, bits=16, max_steps=2)  # one run of this model and bit width
+    save_config(timed, manager.run_dir("timed-16") / "config.yaml")  # as the run manager keeps it
+    assert run(timed, manager.run_dir("timed-16")) == 0
+    status = read_status(manager.run_dir("timed-16"))
+    pace = status["duration"] / status["step"]
+    from components.shared import duration
+
+    assert f"about **{duration(3 * pace)}**" in estimate_text(queue, CompareRequest(**{**wanted,
+                                                                                        "techniques": ["lora16"]}))
+    comparison_id, message, _, _ = start_comparison(queue, **wanted)
+    assert comparison_id and "Started comparison" in message
+    # A second browser session opens the tab: its first poll names no comparison, and finds the running one.
+    watched, status_line, progress_html = poll_comparison(queue, "")[:3]
+    assert watched == comparison_id and "running" in status_line
+    running = wait_until(lambda: (s := queue.load(comparison_id))["items"][0].get("run_id") and
+                         manager.status(s["items"][0]["run_id"]).get("eta_seconds") is not None and s,
+                         "the first technique to measure its steps")
+    left, measured = seconds_left(running, manager)
+    assert left is not None and measured is not None
+    assert "left at" in poll_comparison(queue, "")[2] or queue.load(comparison_id)["state"] != "running"
+    queue.wait(comparison_id, timeout=600)
+    assert pace > 0
