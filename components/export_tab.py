@@ -22,8 +22,9 @@ from finetune.data import DataError, first_line
 from finetune.export import ( MERGE_TARGETS, MERGED_DIR, PLOT_FILE, ExportError, merge_adapter,
                              merge_dtype, merge_report, model_card, push_folder, run_config, write_model_card,
                              zip_adapter)
-from finetune.gguf_export import (GGUF_TYPES, DiskPlan, base_config, disk_plan, gguf_path, modelfile_name,
-                                  ollama_command, parameter_shapes, push_gguf, write_gguf, zip_merged)
+from finetune.gguf_export import (GGUF_TYPES, DiskPlan, base_config, disk_plan, drift_text, gguf_path,
+                                  modelfile_name, ollama_command, parameter_shapes, push_gguf, write_gguf,
+                                  zip_merged)
 from finetune.hardware import detect
 from finetune.models import ModelSourceError
 from finetune.storage import DiskFull, folder_bytes, require_free
@@ -236,7 +237,12 @@ def build_gguf(manager: RunManager, run_id: str | None, out_type: str | None, ta
     except (MemoryError, RuntimeError) as error:  # a base too large for this machine's RAM
         raise gr.Error(f"GGUF export failed: {first_line(error)}") from None
     files = [downloadable(result.path), downloadable(result.modelfile)]
-    return files, (f"{result.summary()}\n\nRun it with llama.cpp (`llama-cli -m {result.path.name} -cnv`) or "
+    progress(0.95, desc="How far the file drifts from the adapter")
+    try:
+        drift = drift_text(folder, result)
+    except (DataError, ValueError, ExportError) as error:  # the run's data is gone: the file itself is fine
+        drift = f"No drift measurement: {first_line(error)}"
+    return files, (f"{result.summary()}\n\n{drift}\n\nRun it with llama.cpp (`llama-cli -m {result.path.name} -cnv`) or "
                    f"create an Ollama model from the Modelfile beside it:\n\n```\n{ollama_command(result)}\n```")
 
 
@@ -319,9 +325,11 @@ def build_export_tab(manager: RunManager) -> dict[str, Any]:
     merge_target = gr.Radio(list(MERGE_CHOICES), value=next(iter(MERGE_CHOICES)), label="Merge into",
                             elem_id="export-merge-target",
                             info="A 4/8-bit base cannot absorb the update: the adapter is added to a float copy. "
-                                 "The weights it trained against are the dequantized 4/8-bit ones, so that merge "
-                                 "answers as the Chat tab did; the original weights differ by the quantization "
-                                 "error, which the adapter never saw. The message compares their validation loss.")
+                                 "The weights it trained against are the dequantized 4/8-bit ones, so that merged "
+                                 "model is the one that answers exactly as the Chat tab does (its loss differs by "
+                                 "rounding only: the message shows it); the original weights differ by the "
+                                 "quantization error, which the adapter never saw. A GGUF built from the merge "
+                                 "rounds it again to its type: the build measures how far it drifts.")
     zip_file = gr.File(label="Adapter zip", elem_id="export-zip-file", interactive=False)
     message = gr.Markdown(elem_id="export-message")
     gguf = _build_gguf_section(manager, run, merge_target)

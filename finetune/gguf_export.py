@@ -1062,6 +1062,96 @@ def _layer_bytes(path: Path, names: set[str]) -> tuple[int, int]:
     return sum(int(t.n_bytes) for t in tensors), sum(int(t.n_elements) for t in tensors)
 
 
+# --- how far a built file drifts from the adapter the Chat tab answers with -----------------------------------------
+# The merged model (merged into the weights the adapter trained against) is the artefact that answers as the Chat
+# tab does: its loss differs from the adapter's by float rounding only (the merge's own report). A GGUF rounds those
+# merged weights again to its block type; this measures by how much, on the run's held-out rows and prompts.
+
+DRIFT_PROMPTS = 3        # held-out prompts whose greedy answers are compared token by token
+DRIFT_TOKENS = 24        # tokens generated per prompt
+
+
+@dataclass(frozen=True)
+class GgufDrift:
+    out_type: str
+    adapter_loss: float
+    gguf_loss: float
+    rows: int
+    held_out: bool
+    agreement: tuple[int, ...]  # per prompt: how many leading greedy tokens the file and the adapter share
+    tokens: int
+
+    def summary(self) -> str:
+        where = "held-out rows" if self.held_out else "training rows (the run kept no validation rows)"
+        agree = ", ".join(str(n) for n in self.agreement)
+        same = sum(n == self.tokens for n in self.agreement)
+        return (f"How far the {self.out_type} file drifts from the adapter as the Chat tab runs it: loss on the same "
+                f"{self.rows} {where} {self.adapter_loss:.4f} (adapter) vs {self.gguf_loss:.4f} (GGUF), difference "
+                f"{self.gguf_loss - self.adapter_loss:+.4f}; greedy answers to {len(self.agreement)} held-out prompts "
+                f"agree for the first {agree} of {self.tokens} tokens ({same} of {len(self.agreement)} identical). "
+                "The merged model is the one that answers exactly as the Chat tab; a GGUF rounds it again.")
+
+
+def _greedy_tokens(model: Any, tokenizer: Any, prompt: list[dict[str, str]], tokens: int) -> list[int]:
+    import torch
+
+    text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+    batch = tokenizer(text, return_tensors="pt", add_special_tokens=False)
+    with torch.inference_mode():
+        out = model.generate(**batch, max_new_tokens=tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    return out[0, batch["input_ids"].shape[1]:].tolist()
+
+
+def _leading_agreement(first: list[int], second: list[int]) -> int:
+    count = 0
+    for a, b in zip(first, second):
+        if a != b:
+            break
+        count += 1
+    return count
+
+
+def gguf_drift(run_dir: str | Path, gguf_file: str | Path, out_type: str, limit: int = 8) -> GgufDrift:
+    """The built file against the adapter on its trained (quantized) base, as merge_report does for the merge:
+    loss on the same rows and the greedy answers' agreement on the first held-out prompts (CPU, fp32)."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from finetune.evaluate import dataset_loss
+    from finetune.export import comparison_rows
+    from finetune.hardware import profile_for
+    from finetune.models import load_model
+
+    run_dir, gguf_file = Path(run_dir), Path(gguf_file)
+    cfg = run_config(run_dir)
+    tokenizer = load_tokenizer(cfg.model)
+    rows, held_out = comparison_rows(cfg, tokenizer, limit)
+    prompts = [row["prompt"] for row in rows.select(range(min(DRIFT_PROMPTS, len(rows))))]
+    length = cfg.data.max_seq_length
+    adapter = PeftModel.from_pretrained(load_model(cfg.model, profile_for("cpu", "CPU", 0.0)), adapter_dir(run_dir))
+    adapter.eval()
+    adapter_loss = dataset_loss(adapter, tokenizer, rows, max_length=length).loss
+    adapter_answers = [_greedy_tokens(adapter, tokenizer, p, DRIFT_TOKENS) for p in prompts]
+    del adapter
+    model = AutoModelForCausalLM.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name, dtype=torch.float32)
+    model.eval()
+    gguf_loss = dataset_loss(model, tokenizer, rows, max_length=length).loss
+    agreement = tuple(_leading_agreement(_greedy_tokens(model, tokenizer, p, DRIFT_TOKENS), answer)
+                      for p, answer in zip(prompts, adapter_answers))
+    return GgufDrift(out_type, adapter_loss, gguf_loss, len(rows), held_out, agreement, DRIFT_TOKENS)
+
+
+def drift_text(run_dir: str | Path, result: GgufExport) -> str:
+    """The drift of a built file, measured once per build and kept beside it (a reused file reuses its text)."""
+    kept = result.path.with_name(result.path.name + ".drift.txt")
+    if kept.is_file() and kept.stat().st_mtime >= result.path.stat().st_mtime:
+        return kept.read_text(encoding="utf-8")
+    text = gguf_drift(run_dir, result.path, result.out_type).summary()
+    kept.write_text(text, encoding="utf-8")
+    return text
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m finetune.gguf_export",
                                      description="Write a finished run as a GGUF file for llama.cpp / Ollama.")

@@ -456,3 +456,25 @@ def test_a_comparison_says_its_time_before_and_while_it_runs_and_a_second_sessio
     assert "left at" in poll_comparison(queue, "")[2] or queue.load(comparison_id)["state"] != "running"
     queue.wait(comparison_id, timeout=600)
     assert pace > 0
+
+
+# --- 8. the Export tab says which artefact answers as the chat, and how far each GGUF drifts -------------------------
+
+def test_a_built_gguf_says_how_far_it_drifts_from_the_adapter(lab_note_run, tmp_path):
+    from components.export_tab import build_gguf
+    from finetune.export import merge_adapter, merge_report
+    from finetune.gguf_export import gguf_drift, gguf_path
+    from helpers import copy_run
+
+    run_dir = copy_run(lab_note_run, tmp_path / "runs")
+    manager = RunManager(tmp_path / "runs")
+    _, message = build_gguf(manager, run_dir.name, "q4_0")
+    drift = gguf_drift(run_dir, gguf_path(run_dir, "q4_0"), "q4_0")
+    assert drift.summary() in message  # what the handler showed is what was measured on the file
+    assert "The merged model is the one that answers exactly as the Chat tab" in message
+    assert len(drift.agreement) == 3 and all(0 <= n <= drift.tokens for n in drift.agreement)
+    # The same adapter loss as the merge's own report, on the same rows: one yardstick for both artefacts.
+    report = merge_report(run_dir, merge_adapter(run_dir))
+    assert drift.adapter_loss == pytest.approx(report.adapter_loss) and drift.rows == report.rows
+    again = build_gguf(manager, run_dir.name, "q4_0")[1]  # a reused file reuses its measurement
+    assert drift.summary() in again
