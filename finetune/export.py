@@ -38,6 +38,7 @@ from finetune.models import (HUB_ID, from_hub_or_cache, load_model, load_tokeniz
 from finetune.paths import display_name
 from finetune.run_folder import (ADAPTER_CONFIG, ADAPTER_DIR, CONFIG_COPY, EXPORT_DIR, MERGED_DIR, RUN_CONFIG,
                                  adapter_config, has_adapter)
+from finetune.storage import disk_full_message, is_disk_full
 
 # The trainer's pickled arguments: server paths inside, and a pickle is nothing to hand a stranger to load.
 NOT_SHARED = ("training_args.bin",)
@@ -109,13 +110,19 @@ def zip_adapter(run_dir: str | Path) -> Path:
     target = run_dir / EXPORT_DIR / f"{run_dir.name}-adapter.zip"
     target.parent.mkdir(parents=True, exist_ok=True)
     partial = target.with_suffix(".zip.partial")  # a download never sees half a zip
-    with zipfile.ZipFile(partial, "w", compression=zipfile.ZIP_DEFLATED) as archive:
-        for path in sorted(source.rglob("*")):
-            if path.is_file() and path.name not in NOT_SHARED:
-                name = path.relative_to(source).as_posix()
-                shared = shareable_text(run_dir, path)
-                archive.writestr(name, shared) if shared is not None else archive.write(path, name)
-    os.replace(partial, target)
+    try:
+        with zipfile.ZipFile(partial, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+            for path in sorted(source.rglob("*")):
+                if path.is_file() and path.name not in NOT_SHARED:
+                    name = path.relative_to(source).as_posix()
+                    shared = shareable_text(run_dir, path)
+                    archive.writestr(name, shared) if shared is not None else archive.write(path, name)
+        os.replace(partial, target)
+    except OSError as error:
+        partial.unlink(missing_ok=True)
+        if is_disk_full(error):
+            raise ExportError(disk_full_message("zipping the adapter (the partial zip was removed)")) from None
+        raise
     return target
 
 
@@ -199,10 +206,17 @@ def merge_adapter(run_dir: str | Path, output_dir: str | Path | None = None,
     progress(0.75, "Saving the merged model")
     staging = output.with_name(output.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)
-    merged.save_pretrained(staging)
-    load_tokenizer(cfg.model).save_pretrained(staging)
-    (staging / MERGE_INFO).write_text(json.dumps({"into": into, "bits": cfg.model.bits}), encoding="utf-8")
-    write_model_card(run_dir, staging, merged=True)
+    try:
+        merged.save_pretrained(staging)
+        load_tokenizer(cfg.model).save_pretrained(staging)
+        (staging / MERGE_INFO).write_text(json.dumps({"into": into, "bits": cfg.model.bits}), encoding="utf-8")
+        write_model_card(run_dir, staging, merged=True)
+    except OSError as error:
+        shutil.rmtree(staging, ignore_errors=True)  # half a model must not pass for a merge
+        if is_disk_full(error):
+            raise ExportError(disk_full_message("saving the merged model (the partial folder was removed)")) \
+                from None
+        raise
     shutil.rmtree(output, ignore_errors=True)
     os.replace(staging, output)
     progress(1.0, "Merged")

@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import socket
@@ -58,6 +59,7 @@ def any_rank(flag: bool) -> bool:
 
 
 _STATUS_WRITES = threading.RLock()
+_log = logging.getLogger(__name__)
 
 
 def write_status(run_dir: str | Path, **fields: Any) -> dict[str, Any]:
@@ -69,16 +71,30 @@ def write_status(run_dir: str | Path, **fields: Any) -> dict[str, Any]:
         status = read_status(run_dir)
         status.update(fields, updated_at=time.time())
         temporary = path.with_suffix(f".tmp{os.getpid()}-{threading.get_ident()}")
-        temporary.write_text(json.dumps(status, indent=1), encoding="utf-8")
-        os.replace(temporary, path)
+        try:
+            temporary.write_text(json.dumps(status, indent=1), encoding="utf-8")
+            os.replace(temporary, path)
+        except OSError as error:  # a full disk (or a removed folder) must not raise into a view or a watcher
+            _unlink_quietly(temporary)
+            _log.warning("Could not write %s (%s); the previous status stays on disk.", path,
+                         error.strerror or error)
+            status["unsaved"] = error.strerror or str(error)
     return status
+
+
+def _unlink_quietly(path: Path) -> None:
+    try:
+        path.unlink(missing_ok=True)
+    except OSError:
+        pass
 
 
 def read_status(run_dir: str | Path) -> dict[str, Any]:
     try:
-        return json.loads((Path(run_dir) / STATUS_FILE).read_text(encoding="utf-8"))
-    except (FileNotFoundError, json.JSONDecodeError):
+        status = json.loads((Path(run_dir) / STATUS_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):  # missing, unreadable, half-written or not UTF-8: no state to report
         return {}
+    return status if isinstance(status, dict) else {}
 
 
 def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:

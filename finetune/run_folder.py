@@ -16,9 +16,13 @@ A basic module: it imports nothing of the project but the path rule for run ids,
 from __future__ import annotations
 
 import json
+import logging
+import os
+import stat
 from pathlib import Path
 from typing import Any
 
+from finetune.metrics import STATUS_FILE  # its presence is what makes a folder a run
 from finetune.models import ModelSourceError
 from finetune.paths import RUN_ID
 
@@ -34,6 +38,60 @@ ADAPTER_CONFIG = "adapter_config.json"  # peft writes it into every adapter fold
 MERGED_DIR = "merged"                # the Export tab's merged model
 EXPORT_DIR = "export"                # zips and GGUF files the Export tab writes
 INITIAL_ADAPTER_DIR = "initial_adapter"  # a PiSSA/OLoRA run's start, to convert its result into a plain LoRA
+
+
+_log = logging.getLogger(__name__)
+_ODD_ENTRIES_LOGGED: set[tuple[str, str]] = set()
+
+
+def run_folders(runs_root: Path) -> list[Path]:
+    """The run folders directly under ``runs_root``: real folders (not symlinks) with a run id for a name and a
+    readable status.json. Anything else there (a symlink, a stray file, a folder the app cannot read, a name
+    that is no run id) is skipped and logged once, so one odd entry never breaks a listing for everyone."""
+    root = Path(runs_root)
+    try:
+        entries = list(os.scandir(root))
+    except FileNotFoundError:
+        return []
+    except OSError as error:
+        _log_once(root, f"the runs folder cannot be listed ({error.strerror or error})")
+        return []
+    folders = []
+    for entry in entries:
+        why = _not_a_run(entry)
+        if why is None:
+            folders.append(Path(entry.path))
+        elif why:
+            _log_once(Path(entry.path), why)
+    return folders
+
+
+def _not_a_run(entry: os.DirEntry) -> str | None:
+    """Why ``entry`` is skipped ('' for the app's own files and folders, which say nothing odd), or None."""
+    try:
+        if entry.is_symlink():
+            return "a symbolic link, not a run folder"
+        if not entry.is_dir(follow_symlinks=False):
+            return "" if entry.name.startswith(".") or entry.is_file(follow_symlinks=False) else "not a folder"
+        if not RUN_ID.match(entry.name) or ".." in entry.name:
+            return "" if entry.name.startswith(".") else "its name is not a run id"
+        status = os.stat(os.path.join(entry.path, STATUS_FILE), follow_symlinks=False)
+    except FileNotFoundError:
+        return ""  # uploads/, a comparison's folder, a run being created: not a run (yet)
+    except OSError as error:
+        return f"it cannot be read ({error.strerror or error})"
+    if not stat.S_ISREG(status.st_mode):
+        return "its status.json is not a plain file"
+    if not os.access(entry.path, os.R_OK | os.X_OK) or not os.access(os.path.join(entry.path, STATUS_FILE), os.R_OK):
+        return "it cannot be read (permission denied)"
+    return None
+
+
+def _log_once(path: Path, why: str) -> None:
+    key = (str(path), why)
+    if key not in _ODD_ENTRIES_LOGGED:
+        _ODD_ENTRIES_LOGGED.add(key)
+        _log.warning("Skipping %s in the runs folder: %s.", path.name, why)
 
 
 def has_adapter(folder: Path) -> bool:
@@ -66,9 +124,9 @@ def read_run_info(run_dir: Path) -> dict[str, Any]:
 def memory_records(runs_root: Path, device: str = "cpu", limit: int = 20) -> list[tuple[float, float]]:
     """(formula GB, measured peak GB) of the newest finished runs on ``device`` under ``runs_root`` that recorded
     both: what the Train tab's memory estimate is calibrated on."""
-    infos = sorted(Path(runs_root).glob(f"*/{RUN_INFO_FILE}"), key=lambda p: p.stat().st_mtime, reverse=True)
+    infos = [folder / RUN_INFO_FILE for folder in run_folders(runs_root) if (folder / RUN_INFO_FILE).is_file()]
     records = []
-    for path in infos:
+    for path in sorted(infos, key=modified_time, reverse=True):
         try:
             info = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, ValueError):
@@ -80,6 +138,13 @@ def memory_records(runs_root: Path, device: str = "cpu", limit: int = 20) -> lis
         if len(records) >= limit:
             break
     return records
+
+
+def modified_time(path: Path) -> float:
+    try:
+        return path.stat().st_mtime
+    except OSError:  # removed meanwhile: last
+        return 0.0
 
 
 def write_run_info(run_dir: Path, **info: Any) -> None:

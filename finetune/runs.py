@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import logging
 import os
 import re
 import shutil
@@ -48,8 +49,9 @@ from finetune.lora_init import LOFTQ_NEEDS_WEIGHTS, init_problems
 from finetune.models import ModelSourceError, local_weights_folder, require_hub, resolve_source
 from finetune.preference import usable_preference_count
 from finetune.models import source_kind as model_kind
-from finetune.run_folder import ADAPTER_DIR, REWARD_DIR, RUN_CONFIG, has_adapter, last_checkpoint
-from finetune.storage import DiskFull, enforce_budget, folder_bytes, require_free
+from finetune.run_folder import (ADAPTER_DIR, REWARD_DIR, RUN_CONFIG, has_adapter, last_checkpoint, modified_time,
+                                 run_folders)
+from finetune.storage import DISK_FULL_EXIT, DiskFull, disk_full_message, enforce_budget, folder_bytes, require_free
 
 LOG_FILE = "train.log"
 RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
@@ -60,6 +62,7 @@ DISPATCH_SECONDS = 1.0  # how often a queue waiting behind a run this process di
 QUEUE_LOCK_FILE = ".queue.lock"
 STARTING_SECONDS = 60.0  # a job dequeued this recently without a pid on disk is still having its child started
 WAITING = "waiting"  # queued behind another job: nothing started yet (then "queued" while the child starts)
+_log = logging.getLogger(__name__)
 KILL_WAIT_SECONDS = 30.0  # a SIGKILLed process group is gone at once; this only bounds a stuck kernel
 
 
@@ -340,6 +343,9 @@ class RunManager:
                                     error=status.get("stop_note") or status.get("error"))
             message = (f"training process ended unexpectedly (exit code {code})" if code is not None
                        else "training process is no longer running (app restarted or process killed)")
+            if code == DISK_FULL_EXIT:  # the child may not have had room to write its own reason
+                message = disk_full_message("saving (a checkpoint, the metrics or the status)",
+                                            "resume: the previous checkpoint is kept")
             state = "failed" if code is not None else "interrupted"
             return write_status(folder, state=state, error=status.get("error") or message, finished_at=time.time())
 
@@ -358,8 +364,8 @@ class RunManager:
         return None
 
     def list_ids(self) -> list[str]:
-        folders = [p for p in self.root.iterdir() if p.is_dir() and (p / "status.json").is_file()]
-        return [p.name for p in sorted(folders, key=lambda p: p.stat().st_mtime, reverse=True)]
+        """The runs, newest first; odd entries of the runs folder (symlinks, files, unreadable folders) are skipped."""
+        return [p.name for p in sorted(run_folders(self.root), key=modified_time, reverse=True)]
 
     def summary(self, run_id: str) -> RunSummary:
         folder = self.run_dir(run_id)
@@ -673,10 +679,13 @@ class RunManager:
 
     def _reap(self, run_id: str, child: subprocess.Popen) -> None:
         child.wait()
-        self._settle(run_id, ChildProcess(child, child.pid))
-        # The next job in line takes the device (its start keeps the budget); with none waiting, prune now.
-        if self.root.is_dir() and self.dispatch() is None:
-            enforce_budget(self.root)
+        try:
+            self._settle(run_id, ChildProcess(child, child.pid))
+            # The next job in line takes the device (its start keeps the budget); with none waiting, prune now.
+            if self.root.is_dir() and self.dispatch() is None:
+                enforce_budget(self.root)
+        except Exception:  # a full disk, a folder deleted meanwhile: the next poll settles it; log it, never die
+            _log.exception("Settling run %s after its process ended failed", run_id)
 
     def request_stop(self, run_id: str, visitor: Visitor = LOCAL) -> dict[str, Any]:
         """Ask the run to checkpoint and stop at its next step, and return at once; if it has not ended after

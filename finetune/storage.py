@@ -18,6 +18,7 @@ Basic module: it imports only basic modules.
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import shutil
@@ -25,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from finetune.metrics import read_status
-from finetune.run_folder import CHECKPOINT_DIR, EXPORT_DIR, MERGED_DIR
+from finetune.run_folder import CHECKPOINT_DIR, EXPORT_DIR, MERGED_DIR, run_folders
 
 BUDGET_ENV = "LORA_LAB_STORAGE_BUDGET"
 MIN_FREE_ENV = "LORA_LAB_MIN_FREE"
@@ -38,6 +39,23 @@ UNITS = {"": 1, "b": 1, "k": 1024, "kb": 1024, "m": 1024 ** 2, "mb": 1024 ** 2, 
 
 class DiskFull(RuntimeError):
     """Not enough free disk for what was asked; the message says how much and what to do."""
+
+
+# The training child's exit code when the disk filled up (errno ENOSPC): the run manager reads the cause from it,
+# since a full disk may also have kept the child from writing its own status.
+DISK_FULL_EXIT = errno.ENOSPC
+WHAT_TO_DELETE = ("delete runs you no longer need (Train tab, run history: Delete), or the merged models and "
+                  "export files of old runs (Export tab builds them again)")
+
+
+def is_disk_full(error: BaseException) -> bool:
+    """An OSError of a full disk (or a full quota), wherever it was raised."""
+    return isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
+def disk_full_message(what: str, then: str = "try again") -> str:
+    """The one sentence every disk-full failure gives: what was being written and what to delete."""
+    return f"Disk full while {what}: {WHAT_TO_DELETE}, then {then}."
 
 
 def parse_size(text: str, setting: str) -> int:
@@ -114,7 +132,7 @@ class Prunable:
 def prunable(root: Path) -> list[Prunable]:
     """What can be rebuilt, oldest first: checkpoints of completed runs, merged models, export files."""
     found = []
-    for run in (p for p in Path(root).iterdir() if p.is_dir() and (p / "status.json").is_file()):
+    for run in run_folders(Path(root)):
         state = read_status(run).get("state")
         for name, kind in REBUILDABLE:
             path = run / name

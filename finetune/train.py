@@ -16,7 +16,6 @@ the stages themselves live in finetune/stages/. The run folder's layout: finetun
 from __future__ import annotations
 
 import argparse
-import errno
 import os
 import sys
 import time
@@ -37,6 +36,7 @@ from finetune.models import ModelSourceError  # noqa: E402
 from finetune.paths import check_config  # noqa: E402
 from finetune.run_folder import RUN_CONFIG  # noqa: E402
 from finetune.stages.runner import run_stage  # noqa: E402
+from finetune.storage import DISK_FULL_EXIT, disk_full_message, is_disk_full  # noqa: E402
 
 USER_ERRORS = (ConfigError, DataError, ModelSourceError)
 
@@ -49,9 +49,9 @@ def main(cfg: RunConfig, run_dir: str | Path, resume: bool = False) -> Path:
 def _failure_message(error: BaseException) -> str:
     if isinstance(error, USER_ERRORS):
         return str(error)
-    if isinstance(error, OSError) and error.errno == errno.ENOSPC:
-        return ("Disk full while saving: free some space (old runs, checkpoints) and resume; the previous "
-                "checkpoint is kept.")
+    if is_disk_full(error):
+        return disk_full_message("saving (a checkpoint, the metrics or the status)",
+                                 "resume: the previous checkpoint is kept")
     if isinstance(error, torch.cuda.OutOfMemoryError):
         return ("Out of GPU memory. Try a smaller batch size, a shorter max sequence length, gradient "
                 "checkpointing, or fewer bits (4-bit).")
@@ -85,7 +85,7 @@ def run(cfg: RunConfig, run_dir: Path, resume: bool = False) -> int:
         if not isinstance(error, USER_ERRORS):
             traceback.print_exc()
         print(f"{prefix}error: {_failure_message(error)}", file=sys.stderr)
-        return 1
+        return DISK_FULL_EXIT if is_disk_full(error) else 1
     if world > 1:
         record_rank(run_dir, rank, finished_at=time.time())
     if rank_zero:

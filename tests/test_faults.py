@@ -238,7 +238,7 @@ def test_disk_full_while_saving_keeps_the_previous_checkpoint(tmp_path, tiny_mod
 
     trainer_patch("_save_checkpoint", make)
     cfg = tiny_run_config(tiny_model_dir, qa_file, bits=32, max_steps=4, save_steps=2, eval_steps=0)
-    assert run(cfg, run_dir) == 1
+    assert run(cfg, run_dir) == errno.ENOSPC  # the exit code tells the run manager why, even if no status was written
     status = read_status(run_dir)
     assert status["state"] == "failed" and status["error"].startswith("Disk full while saving")
     # The half-written checkpoint-4 is passed over: resume would start from the intact checkpoint-2.
