@@ -18,7 +18,7 @@ from typing import Any, Callable
 import gradio as gr
 import pandas as pd
 
-from finetune.access import LOCAL, AccessDenied, Visitor, sign_in_mode, visitor_from_session
+from finetune.access import LOCAL, AccessDenied, Visitor, not_yours, sign_in_mode, visitor_from_session
 from finetune.compare import CompareError, CompareQueue
 from finetune.config import ConfigError, LoraSettings, ModelConfig
 from finetune.estimate import lora_parameter_count, model_shape, parameter_text, targeted_linears
@@ -260,6 +260,7 @@ def stop_run(manager: RunManager, run_id: str, request: gr.Request = None) -> st
     if not run_id:
         return "No run to stop."
     try:
+        manager.require_can_act(run_id, visitor, "stop this run")  # first: a state is news about what exists
         state = manager.status(run_id).get("state")
         if state not in LIVE_STATES:
             return f"Run `{run_id}` is not running ({state})."
@@ -319,6 +320,7 @@ def stop_queue(queue: CompareQueue, waiting: str, queue_id: str, request: gr.Req
     if not queue_id:
         return f"No {noun.lower()} to stop."
     try:
+        queue.require_can_act(queue_id, visitor, f"stop this {noun.lower()}")  # first: its state is news
         state = queue.load(queue_id)
         if state["state"] != "running":
             return f"{noun} `{queue_id}` is not running ({state['state']})."
@@ -462,8 +464,7 @@ def require_visible(manager: RunManager, run_id: str | None, visitor: Visitor, w
     """AccessDenied when ``visitor`` may not see run ``run_id`` (an API call naming someone else's run); a run that
     does not exist reads the same, so names cannot be probed. Nothing is checked for the operators."""
     if run_id and not visitor.operator and not manager.can_see(run_id, visitor):
-        raise AccessDenied(f"You cannot {what}: run {run_id} is not one of yours. Only its owner or an operator can "
-                           "see it.")
+        raise AccessDenied(not_yours(what, f"run {run_id}"))
 
 
 def feedback_owner(visitor: Visitor) -> str | None:

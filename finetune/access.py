@@ -155,12 +155,18 @@ def require_signed_in(visitor: Visitor, what: str) -> None:
         raise AccessDenied(f"{sign_in_hint()} to {what}.")
 
 
+def not_yours(what: str, thing: str) -> str:
+    """The one refusal for a thing the visitor may not act on and for one that does not exist: both read the same
+    and no owner is named, so a guessed id tells nothing about what exists or whose it is."""
+    return f"You cannot {what}: {thing} is not one of yours. Only its owner or an operator can."
+
+
 def require_owner(visitor: Visitor, owner: str | None, what: str, thing: str) -> None:
-    """AccessDenied naming the owner when ``visitor`` may not act on ``thing``."""
+    """AccessDenied (``not_yours``) when ``visitor`` may not act on ``thing``; a thing that does not exist has no
+    owner, so it is refused with the same words."""
     require_signed_in(visitor, what)
     if not can_act(visitor, owner):
-        whose = f"{owner}'s" if owner else "the operator's"
-        raise AccessDenied(f"You cannot {what}: {thing} is {whose}. Only its owner or an operator can.")
+        raise AccessDenied(not_yours(what, thing))
 
 
 # --- per-visitor limits ----------------------------------------------------------------------------------------

@@ -288,13 +288,22 @@ class CompareQueue:
 
     def stop(self, comparison_id: str, visitor: Visitor = LOCAL) -> dict[str, Any]:
         """Stop the run in progress (it saves a checkpoint) and skip the techniques still waiting."""
-        require_owner(visitor, self.load(comparison_id).get("owner"), f"stop this {self.NOUN.lower()}",
-                      f"{self.NOUN.lower()} {comparison_id}")
+        self.require_can_act(comparison_id, visitor, f"stop this {self.NOUN.lower()}")
         state = self._update(comparison_id, stop_requested=True)
         for item in state["items"]:
             if item["state"] == "running" and item["run_id"]:
                 self.manager.request_stop(item["run_id"], visitor)
         return state
+
+    def require_can_act(self, comparison_id: str, visitor: Visitor, what: str) -> None:
+        """AccessDenied unless ``visitor`` owns it (or is an operator); one that does not exist reads the same."""
+        try:
+            owner = self.load(comparison_id).get("owner")
+        except CompareError:
+            if visitor.operator:
+                raise
+            owner = None
+        require_owner(visitor, owner, what, f"{self.NOUN.lower()} {comparison_id}")
 
     def ensure_worker(self, comparison_id: str | None) -> None:
         """Re-attach: a running comparison with no worker in this process (the app restarted) continues."""

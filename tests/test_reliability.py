@@ -107,3 +107,35 @@ def test_odd_entries_in_the_runs_folder_are_skipped_and_logged_once(tmp_path, ca
         assert sum(message.startswith(f"Skipping {name} ") for message in skipped) == 1, skipped
     assert not any("stray.txt" in message for message in skipped)  # a plain file is simply not a run
     assert os.path.isdir(elsewhere)  # nothing was followed or removed
+
+
+def _visiting(name: str):
+    """A stand-in for gr.Request: what components.shared.visitor_of reads (the dev sign-in's session)."""
+    from types import SimpleNamespace
+
+    from finetune.access import dev_session
+
+    return SimpleNamespace(scope={"session": {"oauth_info": dev_session(name)}}, session_hash=f"s-{name}",
+                           username=None)
+
+
+def test_stopping_a_comparison_reads_the_same_whether_it_is_someone_elses_or_not_there(tmp_path, monkeypatch):
+    """A running comparison of alice's: bob's Stop learns neither its state nor its owner, only what a made-up id
+    gets; the operator's Stop gets through."""
+    from components.shared import stop_queue
+    from finetune.compare import CompareQueue
+    from finetune.runs import RunManager
+
+    monkeypatch.setenv("LORA_LAB_SIGN_IN", "dev")
+    monkeypatch.setenv("LORA_LAB_OPERATORS", "carol")
+    queue = CompareQueue(RunManager(tmp_path / "runs"))
+    queue._save({"id": "compare-alice", "state": "running", "stop_requested": False, "items": [], "owner": "alice"})
+
+    refused = stop_queue(queue, "techniques", "compare-alice", _visiting("bob"))
+    assert "not one of yours" in refused and "alice" not in refused.replace("compare-alice", "") and \
+        "running" not in refused, refused
+    assert stop_queue(queue, "techniques", "compare-nobody", _visiting("bob")) == \
+        refused.replace("compare-alice", "compare-nobody")
+    assert not queue.load("compare-alice")["stop_requested"]
+    assert "Stop requested" in stop_queue(queue, "techniques", "compare-alice", _visiting("carol"))
+    assert queue.load("compare-alice")["stop_requested"]

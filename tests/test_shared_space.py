@@ -164,10 +164,12 @@ def test_a_waiting_job_is_cancelled_by_its_owner_only_and_runs_are_deleted_by_th
     waiting = manager.start(cfg, visitor=ALICE)
     wait_until(lambda: state_of(manager, running) == "running", "alice's first job runs")
 
-    with pytest.raises(AccessDenied, match="alice's"):
+    with pytest.raises(AccessDenied, match=f"run {waiting} is not one of yours"):  # no owner named
         manager.request_stop(waiting, BOB)
-    with pytest.raises(AccessDenied, match="alice's"):
+    with pytest.raises(AccessDenied, match=f"run {running} is not one of yours"):
         manager.delete(running, BOB)
+    with pytest.raises(AccessDenied, match="run no-such-run is not one of yours"):  # the same words: nothing to probe
+        manager.delete("no-such-run", BOB)
     with pytest.raises(RunError, match="stop it first"):
         manager.delete(running, ALICE)
     assert manager.request_stop(waiting, ALICE)["state"] == "cancelled"  # Stop on a waiting job: out of the queue
@@ -317,7 +319,9 @@ def test_a_visitor_cannot_stop_resume_delete_or_see_another_visitors_run(shared_
     run_id = jobs.start(cfg, visitor=ALICE)
     wait_until(lambda: state_of(jobs, run_id) == "running", "alice's job runs")
 
-    assert "alice's" in bob.predict(run_id, api_name="/stop_run") and state_of(jobs, run_id) == "running"
+    refused = bob.predict(run_id, api_name="/stop_run")
+    assert "not one of yours" in refused and "alice" not in refused and state_of(jobs, run_id) == "running"
+    assert bob.predict("no-such-run", api_name="/stop_run") == refused.replace(run_id, "no-such-run")
     watched, text, *_ = bob.predict(run_id, api_name="/poll_run")
     assert watched == "" and "No runs yet" in text  # not even its progress or log
     table, *_ = bob.predict(None, api_name="/run_history")
@@ -329,7 +333,8 @@ def test_a_visitor_cannot_stop_resume_delete_or_see_another_visitors_run(shared_
     wait_until(lambda: state_of(jobs, run_id) == "stopped", "alice's stop ends it")
     for api in ("/resume_run", "/ask_delete", "/delete_run"):
         answer = bob.predict(run_id, api_name=api)
-        assert "alice's" in str(answer), (api, answer)
+        assert "not one of yours" in str(answer) and "alice" not in str(answer), (api, answer)
+        assert str(bob.predict("no-such-run", api_name=api)) == str(answer).replace(run_id, "no-such-run"), api
     assert jobs.run_dir(run_id).is_dir()
 
     table, *_ = carol.predict(None, api_name="/run_history")  # the operator sees every run, with its owner

@@ -104,9 +104,9 @@ def test_public_runs_are_seen_but_only_their_owner_acts_on_them(shared_app, monk
     monkeypatch.setenv("LORA_LAB_PUBLIC_RUNS", "1")
     bob = visiting("bob")
     assert "alice-run" in listed(export_choices(shared_app, None, bob))
-    with pytest.raises(gr.Error, match="You cannot export this run: run alice-run is alice's"):
+    with pytest.raises(gr.Error, match="You cannot export this run: run alice-run is not one of yours"):
         export_zip(shared_app, "alice-run", bob)
-    with pytest.raises(gr.Error, match="You cannot merge this run: run alice-run is alice's"):
+    with pytest.raises(gr.Error, match="You cannot merge this run: run alice-run is not one of yours"):
         merge_model(shared_app, "alice-run", None, bob)
 
 
