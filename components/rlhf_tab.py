@@ -19,8 +19,8 @@ import pandas as pd
 
 from components.rlhf_form import (BASE_CHOICE, DATA_KINDS, MODEL_KINDS, config_from_form, data_source,
                                   model_source, preset)
-from components.shared import (bind, feedback_owner, list_hub_options, live_status, on_page_load, problems_markdown,
-                               progress_html, refusal, require_visible, series_frame, started_message, stop_run,
+from components.shared import (PREVIEW_SLOT, bind, feedback_owner, list_hub_options, live_status, on_page_load,
+                               problems_markdown, progress_html, refusal, require_visible, series_frame, started_message, stop_run,
                                visible_adapters, visible_reward_models, visitor_of, watched_run)
 from finetune import paths
 from finetune.access import LOCAL, AccessDenied, Visitor
@@ -115,7 +115,7 @@ def start_stage(manager: RunManager, feedback_db: Path | None, stage: str, reque
         cfg = config_from_form(stage, source, form)
         # Malformed pairs are reported now, with their row numbers, rather than from the child's log.
         data = load_preferences(cfg.data, cfg.preference.format, want="unpaired" if stage == "kto" else "paired",
-                                seed=cfg.training.seed)
+                                seed=cfg.training.seed, sample=True)
         cfg, steps_note = fit_steps_to_data(cfg, data, form)
         check_sources(cfg)  # an offline Hub model id is reported now, not by a failed run
         if stage == "grpo":  # the reward model it trains against must exist before a child starts
@@ -379,8 +379,11 @@ def preview_data(manager: RunManager, feedback_db: Path | None, request: gr.Requ
         return f"**Cannot use this data:** {error}", pd.DataFrame()
     statement, warnings = data_report(cfg, data)
     notes = [n for n in data.notes if n not in warnings]
-    lines = [f"**Source:** `{source}` · **format:** `{fmt}` · {count} rows to train on (after the held-out split)" +
-             (f" · {'; '.join(notes)}" if notes else ""), f"**Step 4 ({stage.upper()}):** {statement}", steps_note,
+    sampled = (f" in a sample, the {data.sample.text()}: the run reads and checks the whole file when it starts, "
+               "and the figures below are of the sample" if data.sample else "")
+    lines = [f"**Source:** `{source}` · **format:** `{fmt}` · {count} rows to train on (after the held-out split)"
+             f"{sampled}" + (f" · {'; '.join(notes)}" if notes else ""),
+             f"**Step 4 ({stage.upper()}):** {statement}", steps_note,
              *(f"⚠️ {w}" for w in warnings)]
     return "\n\n".join(line for line in lines if line), pd.DataFrame(rows)
 
@@ -656,7 +659,8 @@ def _wire(manager: RunManager, feedback_db: Path | None, form: dict[str, Any], p
     form["model_kind"].change(lambda kind: gr.update(value=EMBEDDED_MODEL if kind == "Embedded" else ""),
                               form["model_kind"], form["model_source"], api_visibility="private")
     data_view["preview"].click(bind(preview_data, manager, feedback_db), inputs_kwargs=form,
-                               outputs=[data_view["info"], data_view["table"]], api_name="rlhf_preview_data")
+                               outputs=[data_view["info"], data_view["table"]], api_name="rlhf_preview_data",
+                               **PREVIEW_SLOT)
     data_view["hub_list"].click(list_hub_options, [form["data_hub_name"], form["data_hub_config"]],
                                 [form["data_hub_config"], form["data_split"], data_view["hub_info"]],
                                 api_name="rlhf_hub_listing")

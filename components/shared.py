@@ -314,6 +314,13 @@ def current_download(path: Path) -> Path | None:
     return next((folder / path.name for folder in _copies(path) if _same_version(folder / path.name, path)), None)
 
 
+# The heavy read-only handlers get slots of their own (gradio concurrency ids), apart from each other and from the
+# queue's other events: a visitor's data preview or estimate can wait only behind another preview or estimate, and
+# each of those reads a bounded sample (finetune.data.SAMPLE_BYTES), so the wait is short. Chat has its own slot.
+PREVIEW_SLOT: dict[str, Any] = {"concurrency_limit": 2, "concurrency_id": "data-preview"}
+ESTIMATE_SLOT: dict[str, Any] = {"concurrency_limit": 2, "concurrency_id": "estimate"}
+
+
 def stop_queue(queue: CompareQueue, waiting: str, queue_id: str, request: gr.Request = None) -> str:
     """Stop a comparison or a sweep: the run training now saves a checkpoint, the ``waiting`` ones are skipped."""
     noun, visitor = queue.NOUN, visitor_of(request)

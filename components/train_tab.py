@@ -18,9 +18,9 @@ from typing import Any, Iterator
 import gradio as gr
 import pandas as pd
 
-from components.shared import (bind, duration, list_hub_options, live_status, lora_aid_markdown, on_page_load,
-                               points_frame, problems_markdown, progress_html, queue_place, refusal, series_frame,
-                               started_message, stop_run, visitor_of, watched_run)
+from components.shared import (ESTIMATE_SLOT, PREVIEW_SLOT, bind, duration, list_hub_options, live_status,
+                               lora_aid_markdown, on_page_load, points_frame, problems_markdown, progress_html,
+                               queue_place, refusal, series_frame, started_message, stop_run, visitor_of, watched_run)
 from components.train_form import (CONFIGS_DIR, DATA_KINDS, MODEL_KINDS, column_mapping, config_from_form,
                                    form_from_config, presets)
 from finetune.access import AccessDenied, can_act
@@ -716,11 +716,11 @@ def _wire(manager: RunManager, profile: HardwareProfile, form: dict[str, Any], p
                                          "training_strategy", "training_gradient_accumulation")]
     estimate_fn = functools.partial(update_estimate, profile, manager.root)  # calibrated on this folder's runs
     gr.on([c.change for c in estimate_inputs], estimate_fn, inputs_kwargs=form,
-          outputs=estimate, api_name="estimate", show_progress="hidden", trigger_mode="always_last")
+          outputs=estimate, api_name="estimate", show_progress="hidden", trigger_mode="always_last", **ESTIMATE_SLOT)
     data_inputs = [form[k] for k in ("data_kind", "data_bundled", "data_file", "data_split", "data_format",
                                      "column_mapping_json", "data_skip_bad_rows")]
     gr.on([preview_button.click] + [c.change for c in data_inputs], preview_dataset, inputs_kwargs=form,
-          outputs=[preview_info, preview_table], api_name="preview_data", trigger_mode="always_last")
+          outputs=[preview_info, preview_table], api_name="preview_data", trigger_mode="always_last", **PREVIEW_SLOT)
     start.click(bind(start_run, manager), inputs_kwargs=form,
                 outputs=[view["watching"], view["status"]], api_name="start_run",
                 concurrency_limit=1, concurrency_id="train-start")

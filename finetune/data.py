@@ -23,8 +23,8 @@ import pyarrow as pa
 from datasets import Dataset, DatasetDict, Features, Json, load_dataset
 
 from finetune.config import DataConfig
-from finetune.data_files import (IN_MEMORY_LIMIT, TEXT_LOADERS, DataError, FileRows, MalformedRowsError,
-                                 check_bad_lines, read_text_file)
+from finetune.data_files import (IN_MEMORY_LIMIT, TEXT_LOADERS, DataError, FileRows, MalformedRowsError, Sample,
+                                 check_bad_lines, read_text_file, read_text_sample)
 from finetune.paths import DATA_DIR, PathRefused, bundled_name
 
 __all__ = ["DataError", "MalformedRowsError"]  # re-exported: callers catch them from here
@@ -35,6 +35,10 @@ FILE_LOADERS = {**TEXT_LOADERS, ".parquet": "parquet"}
 # one step in every spreadsheet program. The message says so.
 SPREADSHEET_SUFFIXES = (".xlsx", ".xlsm", ".xls", ".ods", ".numbers")
 PREVIEW_REASONS = 20  # malformed lines the preview explains one by one; the others it numbers
+# A request reads at most this much of a data file (the preview, Start's checks): its work must not grow with an
+# upload of up to hundreds of MB while other visitors wait. The training child reads and checks the whole file.
+SAMPLE_BYTES = 2**20
+SAMPLE_ROWS = 2000
 VALIDATION_SPLITS = ("validation", "valid", "val", "test")
 
 # Detection order matters: the most specific column sets first.
@@ -86,6 +90,7 @@ class RawData:
     train: Dataset
     validation: Dataset | None
     file: FileRows | None = None
+    sample: Sample | None = None  # only the file's beginning was read (a preview)
 
     @property
     def malformed(self) -> int:
@@ -157,12 +162,16 @@ UsableCount = Callable[[list[dict[str, Any]]], int]  # readable rows -> how many
 
 def check_file(path: Path, skip_bad_rows: bool = False, count_usable: UsableCount | None = None) -> str:
     """The checks on a local data file before a run starts (exists, type, size, text, shape, malformed lines,
-    refused unless ``skip_bad_rows``); returns its loader name. Reads the whole file if it is under 64 MB.
+    refused unless ``skip_bad_rows``); returns its loader name. Reads at most SAMPLE_BYTES of it.
     ``count_usable`` lets a refusal quote how many rows skipping the malformed ones would train on."""
     loader = _check_file_type_and_size(path)
-    if _read_in_memory(path, loader):
+    if loader != "parquet" and path.stat().st_size > SAMPLE_BYTES:
+        # A request checks the beginning only; the training child reads the whole file and fails with the same
+        # message if a later line is malformed.
+        _check_bad_lines(read_text_sample(path, SAMPLE_BYTES, SAMPLE_ROWS), path.name, skip_bad_rows, count_usable)
+    elif _read_in_memory(path, loader):
         _check_bad_lines(read_text_file(path), path.name, skip_bad_rows, count_usable)
-    elif loader != "parquet":
+    if loader != "parquet" and not _read_in_memory(path, loader):  # datasets' loaders will read it: UTF-8 only
         _check_is_text(path, loader)
         if loader == "json":
             _check_json_rows_are_objects(path)
@@ -215,6 +224,35 @@ def _load_file(path: Path, skip_bad_rows: bool = False,
     if len(dataset) == 0:
         raise DataError(f"Data file {path.name} has no rows.")
     return dataset, None
+
+
+def _load_file_sample(path: Path, skip_bad_rows: bool, count_usable: UsableCount | None
+                      ) -> tuple[Dataset, FileRows | None, Sample | None]:
+    """A file's first rows (see load_source's ``sample``): the whole file when it is small."""
+    loader = _check_file_type_and_size(path)
+    if loader == "parquet":
+        return _parquet_sample(path)
+    read = read_text_sample(path, SAMPLE_BYTES, SAMPLE_ROWS)
+    _check_bad_lines(read, path.name, skip_bad_rows, count_usable)
+    if not read.rows:
+        raise DataError(f"Data file {path.name} has no rows" + (" in its first part." if read.sample else "."))
+    return rows_to_dataset(read.rows, path.name), read, read.sample
+
+
+def _parquet_sample(path: Path) -> tuple[Dataset, None, Sample | None]:
+    """A Parquet file's first SAMPLE_ROWS rows, one record batch; its metadata gives the exact row count."""
+    import pyarrow.parquet as pq
+
+    try:
+        parquet = pq.ParquetFile(path)
+        total = parquet.metadata.num_rows
+        batch = next(parquet.iter_batches(batch_size=SAMPLE_ROWS), None)
+    except Exception as error:  # pyarrow's many refusals of a damaged file all mean "unreadable"
+        raise DataError(f"Could not read {path.name} as PARQUET: {first_line(error)}") from None
+    if batch is None or total == 0:
+        raise DataError(f"Data file {path.name} has no rows.")
+    seen = Sample(batch.num_rows, 0, path.stat().st_size, exact_rows=total) if batch.num_rows < total else None
+    return Dataset(pa.Table.from_batches([batch])), None, seen
 
 
 def rows_to_dataset(rows: list[dict[str, Any]], name: str) -> Dataset:
@@ -295,12 +333,17 @@ def _load_hub(cfg: DataConfig) -> DatasetDict:
 
 
 def load_source(cfg: DataConfig, skip_bad_rows: bool | None = None,
-                count_usable: UsableCount | None = None) -> RawData:
+                count_usable: UsableCount | None = None, sample: bool = False) -> RawData:
     """The source's training rows (and validation rows if it has that split) with the user's column mapping
-    applied, and for a local file what was assumed to read it. ``count_usable``: see check_file."""
+    applied, and for a local file what was assumed to read it. ``count_usable``: see check_file. ``sample``: of
+    a local file, read only its first SAMPLE_ROWS rows (at most SAMPLE_BYTES), for a preview."""
     skip = cfg.skip_bad_rows if skip_bad_rows is None else skip_bad_rows
     kind = source_kind(cfg.source)
     read = None
+    if kind == "file" and sample:
+        train, read, seen = _load_file_sample(Path(cfg.source).expanduser(), skip, count_usable)
+        mapping = cfg.column_mapping
+        return RawData(_rename(train, mapping), None, read, seen)
     if kind == "file":
         (train, read), validation = _load_file(Path(cfg.source).expanduser(), skip, count_usable), None
     else:
@@ -690,6 +733,7 @@ class DataPreview:
     skipped_too_long: int | None = None   # None: not counted (no tokenizer given)
     max_seq_length: int = 0
     refusal: str | None = None            # what Start will answer, when it will refuse this source
+    sample: Sample | None = None          # the counts are of the file's first rows only
 
     def markdown(self) -> str:
         lines = [f"**Detected format:** `{self.format}` · **columns:** "
@@ -726,16 +770,21 @@ class DataPreview:
                 else "none held out (no eval loss)")
         # While Start would refuse the file, the count is what ticking "Skip malformed rows" would train.
         verb = "will train" if self.refusal is None else "would train with Skip malformed rows ticked"
-        return (f"**Rows:** {self.source_rows} in the source → **{self.train_rows} {verb}**, {held}, "
+        source = (f"a sample, the {self.sample.text()}; of these" if self.sample
+                  else f"{self.source_rows} in the source")
+        counted = (" The rest of the file is not read here: the run reads and checks all of it when it starts "
+                   "(malformed lines, rows too long)." if self.sample else "")
+        return (f"**Rows:** {source} → **{self.train_rows} {verb}**, {held}, "
                 f"{sum([self.skipped_malformed, self.skipped_missing or 0, self.skipped_too_long or 0])} skipped"
-                f"{': ' + ', '.join(skipped) if skipped else ''}{too_long}.")
+                f"{': ' + ', '.join(skipped) if skipped else ''}{too_long}.{counted}")
 
 
 def preview_report(cfg: DataConfig, tokenizer: Any = None, seed: int = 42, rows: int = 5) -> DataPreview:
     """The Train tab's preview: ``prepare``'s own counts for this config (with the run's tokenizer, rows longer
-    than max_seq_length are counted too). A partly broken file is still previewed, with every malformed line
+    than max_seq_length are counted too), of a big file's first SAMPLE_ROWS rows only (the report says so). A partly broken file is still previewed, with every malformed line
     and the refusal Start will give unless skip_bad_rows is on. Raises DataError when nothing can be read."""
-    raw = load_source(cfg, skip_bad_rows=True)  # past the bad lines, to list them all; over half bad still raises
+    # Past the bad lines, to list them all (over half bad still raises); of a big file its first rows only.
+    raw = load_source(cfg, skip_bad_rows=True, sample=True)
     refusal = None
     if raw.file is not None and not cfg.skip_bad_rows:
         try:
@@ -756,6 +805,7 @@ def preview_report(cfg: DataConfig, tokenizer: Any = None, seed: int = 42, rows:
     report.train_rows = len(prepared.train)
     report.held_out_rows = len(prepared.eval) if prepared.eval is not None else 0
     report.held_out_from = held_from
+    report.sample = raw.sample
     report.skipped_malformed = raw.malformed
     report.skipped_missing = prepared.skipped_rows
     too_long = prepared.dropped_too_long + prepared.eval_dropped_too_long

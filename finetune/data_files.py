@@ -60,6 +60,7 @@ class FileRows:
     shape: str                         # how the rows were found: 'JSON Lines', "CSV separated by ';'", ...
     bad_lines: list[BadLine] = field(default_factory=list)
     row_lines: list[int] | None = None  # the line each row starts on (JSON Lines, CSV, TXT; not JSON documents)
+    sample: Sample | None = None        # set when only the file's beginning was read (a preview)
 
     @property
     def total(self) -> int:
@@ -73,6 +74,33 @@ class FileRows:
             notes.append(f"{len(self.bad_lines)} malformed {self.bad_lines[0].unit}(s) skipped: "
                          f"{numbers_text(self.bad_lines)}")
         return notes
+
+
+@dataclass(frozen=True)
+class Sample:
+    """What a bounded read of a big file saw: its first ``rows`` rows (and malformed lines) in ``bytes_read`` of its
+    ``file_bytes``; ``about_rows`` estimates the whole file's rows at the same bytes per row (None: exact count
+    known, e.g. a Parquet file's metadata gives it as ``exact_rows``)."""
+    rows: int
+    bytes_read: int
+    file_bytes: int
+    exact_rows: int | None = None
+
+    @property
+    def about_rows(self) -> int:
+        if self.exact_rows is not None:
+            return self.exact_rows
+        return max(self.rows, round(self.rows * self.file_bytes / max(self.bytes_read, 1)))
+
+    def text(self) -> str:
+        if self.exact_rows is not None:
+            return f"first {self.rows:,} of {self.exact_rows:,} rows"
+        return (f"first {self.rows:,} of about {self.about_rows:,} rows ({_size(self.bytes_read)} of "
+                f"{_size(self.file_bytes)} read)")
+
+
+def _size(count: int) -> str:
+    return f"{count / 2**20:.1f} MB" if count >= 2**20 else f"{max(count / 2**10, 0.1):.1f} KB"
 
 
 class MalformedRowsError(DataError):
@@ -389,6 +417,89 @@ def read_text_file(path: Path) -> FileRows:
         parsed = [{"text": line} for _, line in numbered], "text lines", [], [n for n, _ in numbered]
     rows, shape, bad, row_lines = parsed
     return FileRows(rows, encoding, shape, bad, row_lines)
+
+
+def read_text_sample(path: Path, max_bytes: int, max_rows: int) -> FileRows:
+    """The first rows of a text file, reading at most ``max_bytes`` and parsing at most about ``max_rows`` rows, so a
+    preview's work does not grow with the file; the whole file when it is that small. The result's ``sample`` says
+    how much was read. A cut JSON list is read item by item; a cut record at the end is left out."""
+    size = path.stat().st_size
+    if size <= max_bytes:
+        return read_text_file(path)
+    suffix, kind = path.suffix.lower(), TEXT_LOADERS[path.suffix.lower()].upper()
+    with path.open("rb") as handle:
+        head = _whole_lines(handle.read(max_bytes), max_rows + 2)
+    text, encoding = decode_text(head, path.name, kind)
+    read_bytes = len(head)
+    if suffix in (".json", ".jsonl") and text.lstrip("\ufeff \t\r\n").startswith("["):
+        rows, used = _json_list_items(text, max_rows)
+        shape, bad, row_lines = "a JSON list of objects", [], None
+        read_bytes = round(len(head) * used / max(len(text), 1))  # the items read, not the whole block
+    elif suffix in (".json", ".jsonl"):
+        if not _some_line_is_an_object(text):
+            return _first_rows_of_document(path, size, max_rows)
+        rows, shape, bad, row_lines = _read_json_lines(text)
+    elif suffix in (".csv", ".tsv"):
+        rows, shape, bad, row_lines = _read_csv(text, path.name, suffix)
+        if rows and row_lines:  # a quoted field may go on past the cut: the last record is left out
+            rows, bad = rows[:-1], [b for b in bad if b.number < row_lines[-1]]
+            row_lines = row_lines[:-1]
+    else:
+        numbered = [(n, line) for n, line in enumerate(physical_lines(text), 1) if line.strip()]
+        rows, shape, bad, row_lines = [{"text": line} for _, line in numbered], "text lines", [], [n for n, _ in numbered]
+    if len(rows) > max_rows:
+        last = row_lines[max_rows - 1] if row_lines else None
+        rows, row_lines = rows[:max_rows], row_lines[:max_rows] if row_lines else row_lines
+        bad = [b for b in bad if last is None or b.number <= last]
+    return FileRows(rows, encoding, shape, bad, row_lines, Sample(len(rows) + len(bad), read_bytes, size))
+
+
+def _first_rows_of_document(path: Path, size: int, max_rows: int) -> FileRows:
+    """A JSON document holding its rows under a key ({"data": [...]}) cannot be read in part: up to IN_MEMORY_LIMIT
+    it is parsed whole (C-speed parsing; only the first rows are kept), past it the preview refuses."""
+    if size > IN_MEMORY_LIMIT:
+        raise DataError(f"{path.name} is one JSON document of {size / 2**20:.0f} MB, too big to preview; save it as "
+                        "JSON Lines (one object per line) to see its first rows. Start reads it as it is.")
+    read = read_text_file(path)
+    kept = read.rows[:max_rows]
+    return FileRows(kept, read.encoding, read.shape, read.bad_lines, None,
+                    Sample(len(kept), size, size, exact_rows=read.total) if read.total > len(kept) else None)
+
+
+def _whole_lines(head: bytes, max_lines: int) -> bytes:
+    """``head`` cut after its last complete line, and after ``max_lines`` lines at most (UTF-16/32 newlines are
+    wider than one byte: the cut keeps whole code units)."""
+    newline = next((("\n".encode(codec), len(bom)) for bom, codec in
+                    ((codecs.BOM_UTF32_LE, "utf-32-le"), (codecs.BOM_UTF32_BE, "utf-32-be"),
+                     (codecs.BOM_UTF16_LE, "utf-16-le"), (codecs.BOM_UTF16_BE, "utf-16-be")) if head.startswith(bom)),
+                   (b"\n", 0))
+    mark, start = newline
+    end, count, position = -1, 0, start
+    while count < max_lines:
+        found = head.find(mark, position)
+        while found != -1 and (found - start) % len(mark):  # not on a code unit boundary
+            found = head.find(mark, found + 1)
+        if found == -1:
+            break
+        end, count, position = found + len(mark), count + 1, found + len(mark)
+    return head[:end] if end > 0 else head
+
+
+def _json_list_items(text: str, max_rows: int) -> tuple[list[dict[str, Any]], int]:
+    """The objects at the start of a JSON list that is cut off, read one item at a time, and how many characters
+    they took."""
+    decoder, rows = json.JSONDecoder(), []
+    position = text.index("[") + 1
+    while len(rows) < max_rows:
+        while position < len(text) and text[position] in " \t\r\n,":
+            position += 1
+        try:
+            value, position = decoder.raw_decode(text, position)
+        except json.JSONDecodeError:
+            break  # the cut item, or the list's end
+        if isinstance(value, dict):
+            rows.append(value)
+    return rows, position
 
 
 def numbers_text(bad: list[BadLine]) -> str:

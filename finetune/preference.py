@@ -30,6 +30,7 @@ from datasets import Dataset
 
 from finetune.config import DataConfig, RunConfig
 from finetune.data import DataError, UsableCount, column_key, load_source, mapped_rows
+from finetune.data_files import Sample
 
 BUNDLED_PREFERENCES = "bundled:course_prefs"
 FORMAT_COLUMNS = {"paired": ("prompt", "chosen", "rejected"), "unpaired": ("prompt", "completion", "label"),
@@ -70,6 +71,7 @@ class PreferenceData:
     notes: list[str] = field(default_factory=list)
     skipped_rows: int = 0      # unusable pairs/thumbs left out (data.skip_bad_rows)
     malformed_rows: int = 0    # lines of the file that could not be read (data.skip_bad_rows)
+    sample: Sample | None = None  # read from the file's first rows only (a preview)
 
 
 # --- format detection ----------------------------------------------------------------------------------------
@@ -352,14 +354,15 @@ def usable_preference_count(cfg: DataConfig, fmt: str = "auto", want: str = "pai
     return count
 
 
-def load_preferences(cfg: DataConfig, fmt: str = "auto", want: str = "paired", seed: int = 42) -> PreferenceData:
+def load_preferences(cfg: DataConfig, fmt: str = "auto", want: str = "paired", seed: int = 42,
+                     sample: bool = False) -> PreferenceData:
     """Load, validate and convert preference data to ``want`` ('paired' or 'unpaired'), with a held-out split
     by prompt (the source's validation split if it has one).
 
     The split is drawn on the source's rows, before thumbs become pairs or pairs thumbs, so a reward model
     (pairs) and KTO (thumbs) trained on the same file hold out the same prompts.
     """
-    raw = load_source(cfg, count_usable=usable_preference_count(cfg, fmt, want))
+    raw = load_source(cfg, count_usable=usable_preference_count(cfg, fmt, want), sample=sample)
     validation_raw = raw.validation
     train_raw, source_format, renames = _read_columns(raw.train, fmt)
     train_rows, problems = convert_rows(train_raw, source_format, raw.file.row_lines if raw.file else None)
@@ -391,12 +394,13 @@ def load_preferences(cfg: DataConfig, fmt: str = "auto", want: str = "paired", s
                      "so no verdict")
     evaluation = Dataset.from_list(held_rows) if held_rows else None
     return PreferenceData(Dataset.from_list(train_rows), evaluation, want, source_format, notes, len(problems),
-                          raw.malformed)
+                          raw.malformed, raw.sample)
 
 
 def preview_preferences(cfg: DataConfig, fmt: str = "auto", rows: int = 5) -> tuple[str, int, list[dict[str, str]]]:
-    """(detected format, number of training rows, first rows flattened to text) for the RLHF tab."""
-    data = load_preferences(cfg, fmt, want="paired" if fmt != "unpaired" else "unpaired")
+    """(detected format, number of training rows, first rows flattened to text) for the RLHF tab; of a big file
+    its first rows only (a request's work must not grow with the upload)."""
+    data = load_preferences(cfg, fmt, want="paired" if fmt != "unpaired" else "unpaired", sample=True)
     table = []
     for row in data.train.select(range(min(rows, len(data.train)))):
         flat = {"prompt": _flatten(row["prompt"])}

@@ -139,3 +139,53 @@ def test_stopping_a_comparison_reads_the_same_whether_it_is_someone_elses_or_not
     assert not queue.load("compare-alice")["stop_requested"]
     assert "Stop requested" in stop_queue(queue, "techniques", "compare-alice", _visiting("carol"))
     assert queue.load("compare-alice")["stop_requested"]
+
+
+def _tiny_rows_csv(path: Path, rows: int, bad_line_at: int | None = None) -> Path:
+    """A CSV of short two-column rows (the shape that kept the old preview busy for minutes), optionally with one
+    malformed line (three fields) at a given row."""
+    lines = ["prompt,completion\n"] + [f"q{i},a{i}\n" for i in range(rows)]
+    if bad_line_at is not None:
+        lines[bad_line_at] = "x,y,z\n"
+    path.write_text("".join(lines), encoding="utf-8")
+    return path
+
+
+def test_a_big_uploads_preview_reads_a_bounded_sample_while_another_visitor_is_answered(tmp_path):
+    """Two visitors: one previews a 6 MB upload of 700,000 tiny rows, the other the bundled data at the same time.
+    Both are answered; the big one says it read a sample and how many rows the file has about."""
+    from gradio_client import Client, handle_file
+
+    from helpers import served_app
+
+    big = _tiny_rows_csv(tmp_path / "tiny-rows.csv", 700_000)
+    with served_app(tmp_path / "runs") as url:
+        uploader, other = Client(url, verbose=False), Client(url, verbose=False)
+        big_job = uploader.submit(data_kind="Uploaded file", data_file=handle_file(str(big)), model_kind="Local folder",
+                                  model_source=str(tmp_path / "no-model"), api_name="/preview_data")
+        bundled_job = other.submit(data_kind="Bundled", data_file=None, api_name="/preview_data")
+        bundled_text, bundled_table = bundled_job.result()
+        big_text, big_table = big_job.result()
+    assert "in the source" in bundled_text and len(bundled_table["data"]) > 0, bundled_text
+    assert "**Rows:** a sample, the first 2,000 of about " in big_text, big_text
+    about = int(big_text.split("of about ")[1].split(" rows")[0].replace(",", ""))
+    assert 350_000 < about < 1_400_000  # an estimate from the sample's bytes per row, within a factor of two
+    assert "the run reads and checks all of it when it starts" in big_text
+    assert [row[1:] for row in big_table["data"][:2]] == [["user", "q0"], ["assistant", "a0"]]
+
+
+def test_starts_checks_read_the_files_beginning_and_the_training_child_checks_the_rest(tmp_path):
+    """A malformed line past the part a request reads: Start's check lets the file through, the full read (what
+    the training child does) refuses it with the line's number; one in the first part is refused at once."""
+    import pytest
+
+    from finetune.config import DataConfig
+    from finetune.data import SAMPLE_ROWS, MalformedRowsError, check_file, prepare
+
+    late = _tiny_rows_csv(tmp_path / "late.csv", 300_000, bad_line_at=250_000)
+    assert check_file(late) == "csv"
+    with pytest.raises(MalformedRowsError, match="line 250001 has 3 field"):
+        prepare(DataConfig(source=str(late)))
+    early = _tiny_rows_csv(tmp_path / "early.csv", 300_000, bad_line_at=SAMPLE_ROWS // 2)
+    with pytest.raises(MalformedRowsError, match=f"line {SAMPLE_ROWS // 2 + 1} has 3 field"):
+        check_file(early)
