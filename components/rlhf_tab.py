@@ -20,8 +20,9 @@ import pandas as pd
 from components.rlhf_form import (BASE_CHOICE, DATA_KINDS, MODEL_KINDS, config_from_form, data_source,
                                   model_source, preset)
 from components.shared import (PREVIEW_SLOT, bind, feedback_owner, list_hub_options, live_status, on_page_load,
-                               problems_markdown, progress_html, refusal, require_visible, series_frame, started_message, stop_run,
-                               visible_adapters, visible_reward_models, visitor_of, watched_run)
+                               problems_markdown, progress_html, refusal, require_visible, series_frame,
+                               started_message, stop_run, visible_adapters, visible_reward_models, visitor_of,
+                               watched_run)
 from finetune import paths
 from finetune.access import LOCAL, AccessDenied, Visitor
 from finetune.chat import ChatEngine, normalize_history
