@@ -33,10 +33,10 @@ from components.inspect_section import build_inspect_section
 from components.quant_tab import build_quant_tab
 from components.sweep_section import build_sweep_section
 from components.rlhf_tab import build_rlhf_tab
-from components.shared import bind, visitor_of, who_markdown
+from components.shared import bind, check_number_inputs, visitor_of, who_markdown
 from components.sign_in import app_kwargs, build_sign_in_row
 from components.train_tab import build_train_tab
-from finetune.access import can_act, sign_in_mode
+from finetune.access import JobLimits, can_act, sign_in_mode
 from finetune.benchmarks import BenchmarkService, app_root
 from finetune.chat import ChatEngine
 from finetune.compare import CompareQueue
@@ -101,6 +101,7 @@ def build_app(runs_root: str = "runs", profile: HardwareProfile | None = None,
             build_quant_tab(profile)
         demo.load(bind(opening_preset, manager, profile), None, train["preset"],
                   api_visibility="private")
+    check_number_inputs(demo)  # NaN, ±inf, text or a list in any number field: refused by its name
     demo.feedback_store = store  # for whoever closes the app: close_app() stops its LangSmith sender too
     return demo
 
@@ -126,7 +127,19 @@ def launch_options() -> dict[str, object]:
             "max_file_size": os.environ.get("LORA_LAB_MAX_UPLOAD", "200mb"), "app_kwargs": app_kwargs()}
 
 
+def check_settings() -> str | None:
+    """The operator's settings that would stop the app at its first request, as one sentence (None: all fine)."""
+    try:
+        sign_in_mode()  # the dev sign-in on a Space, an unknown mode
+        JobLimits.from_env()
+    except ValueError as error:
+        return str(error)
+    return None
+
+
 def main() -> None:
+    if problem := check_settings():
+        raise SystemExit(f"LoRA Lab did not start: {problem}")
     # LORA_LAB_RUNS, else /data/runs on a Space with persistent storage, else ./runs (feedback DB goes beside).
     demo = build_app(deploy.runs_root(), feedback_db=os.environ.get("LORA_LAB_FEEDBACK_DB") or None)
     # One training start at a time is enforced per event (concurrency_limit=1); the rest may run side by side.

@@ -305,11 +305,13 @@ def submit_feedback(store: FeedbackStore | None, turn: Turn | None, vote: str | 
     return message, labels[0], labels[1], "", "", turn
 
 
-def like_answer(store: FeedbackStore | None, side: str, turn: Turn | None, data: gr.LikeData,
+def like_answer(store: FeedbackStore | None, side: str, turn: Turn | None, data: gr.EventData,
                 request: gr.Request = None) -> None:
-    """Thumbs up/down (or taken back) on one answer, from the chatbot's own like buttons."""
+    """Thumbs up/down (or taken back) on one answer, from the chatbot's own like buttons. Typed as EventData, not
+    LikeData: an API call carries no like event, and LikeData would fail inside gradio with a bare error."""
     if store is None:
         raise refusal("Feedback is not stored in this app (it was built without a feedback store).")
+    data = _like_event(data)
     who = _feedback_giver(request)
     index = data.index[0] if isinstance(data.index, (list, tuple)) else data.index
     generation = ((turn or {}).get("messages", {}).get(side, {})).get(str(index))
@@ -323,6 +325,17 @@ def like_answer(store: FeedbackStore | None, side: str, turn: Turn | None, data:
     except (FeedbackError, sqlite3.Error) as error:
         raise gr.Error(f"Could not save the thumb: {error}") from None
     gr.Info({True: "Saved 👍", False: "Saved 👎", None: "Thumb removed"}[up])
+
+
+def _like_event(data: Any) -> Any:
+    """The like event's index and thumb (a LikeData as is); a call without one is refused in words."""
+    if not isinstance(data, gr.EventData):  # a LikeData-like object (a direct call)
+        return data
+    event = data.__dict__.get("_data")  # EventData's own __getattr__ fails when an API call carries no event
+    if not isinstance(event, dict) or not {"index", "value"} <= set(event):
+        raise refusal("A thumb rates an answer shown in the chat: press 👍 or 👎 under it. Through the API, rate the "
+                      "last answer with /submit_feedback.")
+    return gr.LikeData(data.__dict__.get("target"), event)
 
 
 def clear_chats() -> tuple[Chat, Chat]:

@@ -9,6 +9,7 @@ import functools
 import hashlib
 import inspect
 import logging
+import math
 import os
 import secrets
 import shutil
@@ -312,6 +313,37 @@ def _same_version(copy: Path, path: Path) -> bool:
 def current_download(path: Path) -> Path | None:
     """The copy of ``path`` already offered for download, if it still matches the file."""
     return next((folder / path.name for folder in _copies(path) if _same_version(folder / path.name, path)), None)
+
+
+def check_number_inputs(demo: gr.Blocks) -> None:
+    """Every number box and slider of the app refuses what is not a finite number (NaN, ±inf, text, a list: an API
+    client can send any JSON) with the field named, before gradio's own rounding fails with a bare error; its
+    range refusal names the field too."""
+    for block in demo.blocks.values():
+        if isinstance(block, (gr.Number, gr.Slider)):
+            block.preprocess = _checked_number(block, block.preprocess)
+
+
+def _checked_number(block: Any, preprocess: Any) -> Any:
+    name = block.label or block.elem_id or "a number field"
+
+    def checked(payload: Any) -> Any:
+        if payload is None:
+            return preprocess(payload)
+        if isinstance(payload, str):
+            try:
+                payload = float(payload)
+            except ValueError:
+                raise refusal(f"{name}: type a number, got {payload[:40]!r}.") from None
+        if isinstance(payload, bool) or not isinstance(payload, (int, float)) or not math.isfinite(payload):
+            raise refusal(f"{name}: type a finite number, got {str(payload)[:40]!r}.")
+        try:
+            return preprocess(payload)
+        except gr.Error as error:  # gradio's "Value 9 is greater than maximum value 5."
+            raise refusal(f"{name}: {error.message}") from None
+        except (ValueError, OverflowError, TypeError):
+            raise refusal(f"{name}: type a number, got {str(payload)[:40]!r}.") from None
+    return checked
 
 
 # The heavy read-only handlers get slots of their own (gradio concurrency ids), apart from each other and from the

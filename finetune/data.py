@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -217,7 +218,7 @@ def _load_file(path: Path, skip_bad_rows: bool = False,
             _check_json_rows_are_objects(path)
     options = {"delimiter": "\t"} if path.suffix.lower() == ".tsv" else {}
     try:
-        dataset = load_dataset(loader, data_files=str(path), split="train", **options)
+        dataset = _load_dataset(loader, data_files=str(path), split="train", **options)
     except Exception as error:  # datasets raises many types for a malformed file; all mean "unreadable"
         raise DataError(f"Could not read {path.name} as {loader.upper()}: {first_line(error)} (files over "
                         f"{IN_MEMORY_LIMIT // 2**20} MB must be clean UTF-8)") from None
@@ -253,6 +254,17 @@ def _parquet_sample(path: Path) -> tuple[Dataset, None, Sample | None]:
         raise DataError(f"Data file {path.name} has no rows.")
     seen = Sample(batch.num_rows, 0, path.stat().st_size, exact_rows=total) if batch.num_rows < total else None
     return Dataset(pa.Table.from_batches([batch])), None, seen
+
+
+# datasets resolves data files with tqdm's thread_map, whose shared lock one thread can delete while another uses
+# it ("type object 'tqdm' has no attribute '_lock'") when two visitors load at once: loads take turns.
+_DATASETS_LOADS = threading.Lock()
+
+
+def _load_dataset(*args: Any, **kwargs: Any) -> Any:
+    """datasets.load_dataset, one call at a time in this process."""
+    with _DATASETS_LOADS:
+        return load_dataset(*args, **kwargs)
 
 
 def rows_to_dataset(rows: list[dict[str, Any]], name: str) -> Dataset:
@@ -316,7 +328,7 @@ def _load_bundled(name: str) -> DatasetDict:
     if not (folder / "train.jsonl").is_file():
         raise DataError(f"No bundled dataset '{name}'; available: {', '.join(bundled_names())}.")
     splits = {split.stem: str(split) for split in folder.glob("*.jsonl")}
-    return load_dataset("json", data_files=splits)
+    return _load_dataset("json", data_files=splits)
 
 
 def _load_hub(cfg: DataConfig) -> DatasetDict:
@@ -327,7 +339,7 @@ def _load_hub(cfg: DataConfig) -> DatasetDict:
     except ModelSourceError as error:
         raise DataError(str(error)) from None
     try:
-        return load_dataset(cfg.source, cfg.hub_config)
+        return _load_dataset(cfg.source, cfg.hub_config)
     except Exception as error:  # DatasetNotFoundError, ValueError for a bad config, connection errors
         raise DataError(f"Could not load Hub dataset '{cfg.source}': {first_line(error)}") from None
 
@@ -856,7 +868,7 @@ def hub_first_rows(name: str, config: str | None = None, split: str = "train", r
     reads preference columns from them; hub_preview reads chat columns."""
     _require_hub_or_folder(name)
     try:
-        stream = load_dataset(name, config or None, split=split, streaming=True)
+        stream = _load_dataset(name, config or None, split=split, streaming=True)
         first = [dict(row) for _, row in zip(range(max(rows, 1)), stream)]
     except Exception as error:  # unknown split or config, connection errors
         raise DataError(f"Could not preview '{name}'{f' ({config})' if config else ''}, split '{split}': "

@@ -189,3 +189,78 @@ def test_starts_checks_read_the_files_beginning_and_the_training_child_checks_th
     early = _tiny_rows_csv(tmp_path / "early.csv", 300_000, bad_line_at=SAMPLE_ROWS // 2)
     with pytest.raises(MalformedRowsError, match=f"line {SAMPLE_ROWS // 2 + 1} has 3 field"):
         check_file(early)
+
+
+NOT_NUMBERS = (float("nan"), float("inf"), float("-inf"), "abc", [1, 2])
+
+
+def _call_raw(url: str, api_name: str, data: list) -> tuple[str, str]:
+    """One call of gradio's HTTP API with a body gradio_client cannot send (JSON's NaN and Infinity): the last
+    server-sent event's kind ('complete', 'error') and data."""
+    import json
+
+    import httpx
+
+    body = json.dumps({"data": data}, allow_nan=True)
+    posted = httpx.post(f"{url}gradio_api/call{api_name}", content=body,
+                        headers={"Content-Type": "application/json"}, timeout=600)
+    posted.raise_for_status()
+    answer = httpx.get(f"{url}gradio_api/call{api_name}/{posted.json()['event_id']}", timeout=600)
+    events = [line.split(": ", 1) for line in answer.text.splitlines() if line.startswith(("event:", "data:"))]
+    kinds = [value for key, value in events if key == "event"]
+    payloads = [value for key, value in events if key == "data"]
+    return kinds[-1], payloads[-1]
+
+
+def test_every_number_field_of_every_endpoint_refuses_what_is_not_a_number_by_name(tmp_path, capfd):
+    """Through the API, each named endpoint's number and slider inputs get NaN, ±inf, text and a list (the other
+    inputs keep their defaults): each call is refused with the field's label (never gradio's bare 'Error'), and
+    the app logs no traceback. /like_left and /like_right without a like event refuse clearly."""
+    from gradio_client import Client
+    from gradio_client.exceptions import AppError
+
+    from helpers import served_app
+
+    with served_app(tmp_path / "runs") as url:
+        client = Client(url, verbose=False)
+        endpoints = client.view_api(return_format="dict", print_info=False)["named_endpoints"]
+        tried = 0
+        for api_name, info in endpoints.items():
+            parameters = info["parameters"]
+            if any(not p.get("parameter_has_default") for p in parameters):
+                continue  # only endpoints whose every input has a default: the others keep theirs
+            defaults = [p.get("parameter_default") for p in parameters]
+            for index, parameter in enumerate(parameters):
+                if parameter["component"] not in ("Number", "Slider"):
+                    continue
+                for value in NOT_NUMBERS:
+                    kind, message = _call_raw(url, api_name, defaults[:index] + [value] + defaults[index + 1:])
+                    assert kind == "error" and ": type a" in message and "number" in message, \
+                        (api_name, parameter["label"], value, kind, message)
+                    tried += 1
+        like = [name for name in ("/like_left", "/like_right") if name in endpoints]
+        for api_name in like:
+            try:
+                client.predict(api_name=api_name)
+            except AppError as error:
+                assert "press 👍 or 👎 under it" in str(error), error
+            else:
+                raise AssertionError(f"{api_name} accepted a call without a like event")
+    assert tried >= 50, tried  # the number fields of the endpoints whose inputs all have defaults
+    assert like == ["/like_left", "/like_right"]
+    assert "Traceback" not in capfd.readouterr().err
+
+
+def test_the_dev_sign_in_on_a_space_refuses_to_start_in_one_sentence(tmp_path):
+    import subprocess
+    import sys
+
+    from helpers import ROOT
+
+    env = {**os.environ, "SPACE_ID": "someone/lora-lab", "LORA_LAB_SIGN_IN": "dev", "LORA_LAB_RUNS": str(tmp_path)}
+    done = subprocess.run([sys.executable, "app.py"], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=600)
+    lines = [line for line in done.stderr.splitlines() if "LoRA Lab" in line or "Traceback" in line]
+    assert done.returncode != 0 and lines == [
+        "LoRA Lab did not start: LORA_LAB_SIGN_IN=dev lets anyone claim any name; it is refused on a Space. Use "
+        "'huggingface' (hf_oauth: true in spaces_config.yaml)."], done.stderr
