@@ -4,13 +4,33 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: run test install browser clean
+# The suite runs in a shuffled order, seeded by the commit (a failure replays with `--randomly-seed=N`, printed at
+# the top), in two workers; then the tests whose verdict follows a training trajectory run again under another CPU
+# kernel level than the machine's own (AVX-512 -> AVX2, the other common x86 kind; AVX2 -> the plain 'default'),
+# so that an instruction-set dependence fails here rather than on someone else's machine.
+SEED ?= $(shell printf '%d' 0x$$(git rev-parse --short=7 HEAD 2>/dev/null || echo 0))
+WORKERS ?= 2
+PYTEST_ARGS ?=
+
+.PHONY: run test test-trajectories fuzz install browser clean
 
 run: install
 	$(PY) app.py
 
 test: install browser
-	$(PY) -m pytest
+	$(PY) -m pytest -n $(WORKERS) --dist loadfile --randomly-seed=$(SEED) $(PYTEST_ARGS)
+	$(MAKE) --no-print-directory test-trajectories
+
+test-trajectories: install
+	@own=$$($(PY) -c "import torch; print(torch.backends.cpu.get_cpu_capability().lower())"); \
+	case $$own in avx512) other=avx2 ;; default) other=avx2 ;; *) other=default ;; esac; \
+	echo "--- trajectory tests again under ATEN_CPU_CAPABILITY=$$other (this machine: $$own)"; \
+	ATEN_CPU_CAPABILITY=$$other $(PY) -m pytest -m trajectory -n $(WORKERS) --dist loadfile --randomly-seed=$(SEED) \
+		-p no:cacheprovider
+
+# Property-based tests with many more generated inputs than CI's bounded run, from a random seed.
+fuzz: install
+	HYPOTHESIS_PROFILE=fuzz $(PY) -m pytest tests/test_properties.py -p no:randomly
 
 install: $(STAMP)
 

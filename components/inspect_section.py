@@ -14,6 +14,7 @@ import gradio as gr
 import pandas as pd
 
 from components.shared import bind, on_page_load, refusal, require_visible, visible_adapters, visitor_of
+from finetune import paths
 from finetune.access import AccessDenied, Visitor
 from finetune.adapter_inspect import (ENERGY, AdapterReport, InspectError, RunComparison, compare_runs,
                                       energy_curve, inspect_run, random_singular_values)
@@ -52,6 +53,10 @@ def _run_dir(manager: RunManager, run_id: str | None, visitor: Visitor) -> Any:
         raise refusal(str(error)) from None
     adapters = manager.finished_adapters()
     if run_id not in adapters:
+        try:
+            paths.run_id_or_folder(run_id)  # a path gets the gate's one message, never echoed back
+        except paths.PathRefused as error:
+            raise refusal(str(error)) from None
         raise refusal(f"No saved adapter for run '{run_id}': pick a finished run from the list.")
     return manager.run_dir(run_id)
 

@@ -1,19 +1,14 @@
-"""Shared fixtures: a tiny random Llama with the embedded model's tokenizer, and small data files.
+"""Shared fixtures: a tiny random Llama with the embedded model's tokenizer, small data files, runs trained once.
 
 The tiny model is real transformers code with random weights, so training steps take a fraction of a second;
-tests where language matters use the embedded SmolLM2 itself.
+tests where language matters use the embedded SmolLM2 itself. Helper functions live in tests/helpers.py.
 """
 
 from __future__ import annotations
 
-import contextlib
-import json
 import os
-import shutil
-import socket
 import sys
 from pathlib import Path
-from typing import Any, Iterator
 
 import pytest
 
@@ -22,32 +17,14 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+from helpers import save_tiny_llama, tiny_run_config, train_lab_note_run, write_jsonl  # noqa: E402
+
 
 @pytest.fixture(scope="session")
 def embedded_dir() -> Path:
     from finetune.models import embedded_model_dir
 
     return embedded_model_dir()
-
-
-def save_tiny_llama(folder: Path, tokenizer_dir: Path, hidden: int = 64, intermediate: int = 128,
-                    initializer_range: float = 0.02) -> Path:
-    """A 2-layer random Llama with the embedded tokenizer, saved as a 'local folder' model. With the default
-    initializer range its random output embeddings keep every token near-uniform (loss stays at ~10.5); a larger
-    one (0.3) spreads the logits so LoRA can learn, and overfit, within a few steps."""
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=intermediate,
-                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                         max_position_embeddings=512, tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
-                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-                         initializer_range=initializer_range)
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
 
 
 @pytest.fixture(scope="session")
@@ -92,37 +69,6 @@ def style_run(tmp_path_factory, tiny_model_dir) -> tuple[Path, Path]:
     return run_dir, data
 
 
-def train_lab_note_run(folder: Path, model_dir: Path) -> Path:
-    """A real 4-step QLoRA run of ``model_dir`` (4-bit base) on 24 'Lab note' rows, in ``folder / "run"``: what the
-    export tests (zip, merge, GGUF) take away."""
-    from finetune.train import run
-
-    rows = [{"prompt": f"What does setting {i} control?", "completion": f"🧪 Lab note: setting {i}."}
-            for i in range(24)]
-    data = write_jsonl(folder / "qa.jsonl", rows)
-    cfg = tiny_run_config(model_dir, data, max_steps=4, learning_rate=0.05, eval_steps=2)
-    assert run(cfg, folder / "run") == 0
-    return folder / "run"
-
-
-def wait_until(check: Any, what: str, timeout: float = 180.0) -> Any:
-    """Poll until check() is truthy and return its value; a generous bound fails the test instead of hanging."""
-    import time
-
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"never happened: {what}")
-
-
-def write_jsonl(path: Path, rows: list[dict]) -> Path:
-    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
-    return path
-
-
 @pytest.fixture
 def qa_file(tmp_path) -> Path:
     rows = [{"prompt": f"What does setting {i} control in LoRA?",
@@ -131,88 +77,9 @@ def qa_file(tmp_path) -> Path:
     return write_jsonl(tmp_path / "qa.jsonl", rows)
 
 
-def tiny_run_config(model_dir: Path, data_file: Path, **training):
-    """A RunConfig for the tiny model: short sequences, a few steps."""
-    from finetune.config import from_dict
+@pytest.fixture(scope="session")
+def lab_note_run(tmp_path_factory, tiny_model_dir) -> Path:
+    """One real 4-step QLoRA run of the tiny model, trained once per session; a test that writes into a run
+    folder takes its own copy (helpers.copy_run)."""
+    return train_lab_note_run(tmp_path_factory.mktemp("lab-note"), tiny_model_dir)
 
-    return from_dict({
-        "run_name": "tiny",
-        "model": {"source": str(model_dir), "bits": training.pop("bits", 4)},
-        "lora": {"rank": 4, "alpha": 8, "dropout": 0.0},
-        "data": {"source": str(data_file), "max_seq_length": 128, "validation_fraction": 0.1},
-        "training": {"learning_rate": 0.01, "max_steps": 3, "batch_size": 4, "eval_steps": 2,
-                     "save_steps": 2, "logging_steps": 1, "warmup_ratio": 0.0, **training},
-    })
-
-
-@contextlib.contextmanager
-def serving(page: Any, **launch: Any) -> Iterator[str]:
-    """A gradio Blocks (the app, or a tab or section on its own) on a free loopback port until the block ends;
-    yields its URL. The caller closes it (the app also has a feedback store to close). ``launch``: more
-    demo.launch() settings (the dev sign-in's app_kwargs)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    page.queue().launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True, **launch)
-    yield f"http://127.0.0.1:{port}/"
-
-
-@contextlib.contextmanager
-def served_app(runs_root: Path) -> Iterator[str]:
-    """The real app on a free loopback port, serving until the block ends; yields its URL. With
-    LORA_LAB_SIGN_IN=dev set, it has the dev sign-in (/dev-sign-in?user=NAME) as ``python app.py`` would."""
-    from app import build_app, close_app
-    from components.sign_in import app_kwargs
-
-    demo = build_app(str(runs_root))
-    try:
-        with serving(demo, app_kwargs=app_kwargs()) as url:
-            yield url
-    finally:
-        close_app(demo)
-
-
-# --- browser tests: Debian's Chromium driven by Playwright (which never downloads a browser of its own here) ---
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-ARTIFACTS = ROOT / "tests" / "artifacts"
-ARGS = ["--no-sandbox", "--headless=new", "--disable-gpu", "--disable-background-networking",
-        "--disable-component-update", "--no-first-run"]
-
-
-@contextlib.contextmanager
-def browser_page(url: str, width: int = 1400, height: int = 1000) -> Iterator[Any]:
-    """A page of a fresh headless Chromium, opened at ``url``; skips the test where chromium is not installed."""
-    if not Path(CHROMIUM).is_file():
-        pytest.skip("Debian's chromium is not installed (apt-get install -y chromium)")
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
-        page = browser.new_page(viewport={"width": width, "height": height})
-        page.goto(url)
-        yield page
-        browser.close()
-
-
-def fill(page: Any, elem_id: str, value: str) -> None:
-    box = page.locator(f"#{elem_id} textarea, #{elem_id} input").first
-    box.fill(value)
-    box.press("Tab")  # gradio commits a textbox/number on blur
-
-
-def upload_data_and_pick_local_model(page: Any, data_file: Path, model_dir: Path, max_steps: int) -> None:
-    """The Train form as a learner fills it for a small run: an uploaded data file, a model from a local folder."""
-    from playwright.sync_api import expect
-
-    page.get_by_role("tab", name="Train").click()  # the app opens on the course ("Start here")
-    page.locator("#data-kind").get_by_text("Uploaded file", exact=True).click()
-    page.locator("#data-file input[type=file]").set_input_files(str(data_file))
-    expect(page.locator("#data-file")).to_contain_text(data_file.name, timeout=30_000)  # the upload is done
-    page.get_by_text("Local folder", exact=True).click()
-    # Choosing "Local folder" clears the embedded model's name; fill only once that has happened.
-    expect(page.locator("#model-source textarea, #model-source input").first).to_have_value("", timeout=10_000)
-    fill(page, "model-source", str(model_dir))
-    fill(page, "max-steps", str(max_steps))
-    page.get_by_text("Batch, epochs and sequence length").click()  # a collapsed group: opened to be filled
-    fill(page, "batch-size", "4")
-    fill(page, "max-seq-length", "128")

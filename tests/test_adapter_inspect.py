@@ -231,7 +231,7 @@ def section_client(tmp_path_factory, known_run, tiny_model_dir):
     """A page holding only the inspector section, served on a free port, over a runs folder with three runs: the
     known adapter, an orthogonal copy's twin (the same adapter again) and an IA3 run."""
     import shutil
-    from conftest import serving
+    from helpers import serving
 
     import gradio as gr
     from gradio_client import Client

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from gradio_client import handle_file
 
-from conftest import served_app, wait_until, write_jsonl
+from helpers import served_app, wait_until, write_jsonl
 
 
 def spreadsheet_export(path: Path, rows: int = 24) -> Path:

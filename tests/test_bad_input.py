@@ -21,7 +21,7 @@ import yaml
 from gradio_client import handle_file
 from gradio_client.exceptions import AppError
 
-from conftest import ROOT, served_app, tiny_run_config, write_jsonl
+from helpers import ROOT, served_app, tiny_run_config, write_jsonl
 
 # name -> (file content, words the message must contain)
 BAD_FILES: dict[str, tuple[bytes, str]] = {

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import wait_until
+from helpers import wait_until
 from finetune.benchmarks import (BUNDLED_ITEMS, BUNDLED_TASK, MIN_ITEMS, BenchmarkError, BenchmarkService,
                                  check_limit, main, paired_difference, verdict)
 from finetune.config import EMBEDDED_MODEL, from_dict, save_config

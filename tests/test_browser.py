@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import browser_page, served_app, ARTIFACTS, fill as _fill, upload_data_and_pick_local_model
+from helpers import browser_page, served_app, ARTIFACTS, fill as _fill, upload_data_and_pick_local_model
 
 pytestmark = pytest.mark.browser
 

@@ -12,7 +12,7 @@ import sqlite3
 
 import pytest
 
-from conftest import browser_page, fill, served_app, tiny_run_config, write_jsonl
+from helpers import browser_page, fill, served_app, tiny_run_config, write_jsonl
 from test_chat import GREEDY, _make_adapter
 
 pytestmark = pytest.mark.browser

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import ARTIFACTS, browser_page, served_app, upload_data_and_pick_local_model
+from helpers import ARTIFACTS, browser_page, served_app, upload_data_and_pick_local_model
 from test_app_data import spreadsheet_export
 
 pytestmark = pytest.mark.browser

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import browser_page, served_app, ARTIFACTS, fill as _fill
+from helpers import browser_page, served_app, ARTIFACTS, fill as _fill
 
 pytestmark = pytest.mark.browser
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ARGS, ARTIFACTS, CHROMIUM, fill as _fill, served_app, tiny_run_config, write_jsonl
+from helpers import ARGS, ARTIFACTS, CHROMIUM, fill as _fill, served_app, tiny_run_config, write_jsonl
 
 pytestmark = pytest.mark.browser
 

@@ -8,13 +8,12 @@ from __future__ import annotations
 
 import json
 import os
-import time
 import sqlite3
 from pathlib import Path
 
 import pytest
 
-from conftest import browser_page, served_app, tiny_run_config, ARTIFACTS
+from helpers import ARTIFACTS, browser_page, served_app, tiny_run_config, wait_until
 
 RUN_ID = "feedback-run"
 SECRET = "lsv2_pt_app_test_key_0042"
@@ -105,9 +104,7 @@ def test_api_stores_answers_and_feedback(app, langsmith):
 
     # The answers and the feedback reached LangSmith; the key appears in no page the app serves.
     tuned_id = _feedback_rows(root, "SELECT id FROM generations WHERE side = 'tuned'")[0][0]
-    deadline = time.monotonic() + 20
-    while len(langsmith.feedback) < 3 and time.monotonic() < deadline:  # 2 vote items + 1 correction
-        time.sleep(0.1)
+    wait_until(lambda: len(langsmith.feedback) >= 3, "2 vote items and 1 correction reaching LangSmith")
     assert tuned_id in langsmith.runs
     assert sorted(f["key"] for f in langsmith.feedback.values()) == ["correction", "preference", "preference"]
     for path in ("", "config", "gradio_api/info"):

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import ARTIFACTS, browser_page, served_app
+from helpers import ARTIFACTS, browser_page, served_app
 
 pytestmark = pytest.mark.browser
 

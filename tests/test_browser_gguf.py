@@ -13,15 +13,15 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ARTIFACTS, browser_page, served_app, train_lab_note_run
+from helpers import ARTIFACTS, browser_page, copy_run, served_app
 
 pytestmark = pytest.mark.browser
 
 
 @pytest.fixture(scope="module")
-def app_with_a_run(tmp_path_factory, tiny_model_dir):
+def app_with_a_run(tmp_path_factory, lab_note_run):
     root = tmp_path_factory.mktemp("gguf-runs")
-    run_dir = train_lab_note_run(root, tiny_model_dir)
+    run_dir = copy_run(lab_note_run, root)
     with served_app(root) as url:
         yield url, run_dir
 

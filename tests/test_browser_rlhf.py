@@ -11,7 +11,7 @@ import json
 
 import pytest
 
-from conftest import browser_page, served_app, write_jsonl, ARTIFACTS, fill as _fill
+from helpers import browser_page, served_app, write_jsonl, ARTIFACTS, fill as _fill
 
 pytestmark = pytest.mark.browser
 

@@ -12,7 +12,7 @@ import pytest
 from finetune.config import save_config
 from finetune.metrics import write_status
 
-from conftest import ARGS, ARTIFACTS, CHROMIUM, served_app, tiny_run_config
+from helpers import ARGS, ARTIFACTS, CHROMIUM, served_app, tiny_run_config
 
 
 def _alices_run(root: Path, tiny_model_dir: Path, qa_file: Path) -> str:

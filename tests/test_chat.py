@@ -12,6 +12,8 @@ import torch
 from finetune.chat import ChatEngine, SamplingSettings, normalize_history
 from finetune.config import ModelConfig
 
+from helpers import wait_until
+
 GREEDY = SamplingSettings(max_new_tokens=12, temperature=0.0)
 
 
@@ -38,8 +40,10 @@ def adapters(tiny_model_dir, tmp_path_factory) -> dict[str, Path]:
             "run-b": _make_adapter(tiny_model_dir, root / "b", 2, ["o_proj", "down_proj"])}
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def engine() -> ChatEngine:
+    """A fresh engine per test: its counts and attached adapters must not depend on which tests ran before (the
+    base is the tiny model, loaded in well under a second)."""
     return ChatEngine()
 
 
@@ -414,7 +418,7 @@ def policy_runs(tmp_path_factory, tiny_model_dir, adapters):
     import json
     import shutil
 
-    from conftest import tiny_run_config, write_jsonl
+    from helpers import tiny_run_config, write_jsonl
     from finetune.config import save_config
     from finetune.runs import RunManager
 
@@ -510,11 +514,7 @@ def _served_chat_tab(manager, engine):
 
 def _wait_for(condition) -> Any:
     """Poll until ``condition()`` is truthy (a wait on a condition, not a timed sleep); returns its value."""
-    import time
-
-    while not (value := condition()):
-        time.sleep(0.05)
-    return value
+    return wait_until(condition, "the chat condition", every=0.05)
 
 
 def test_a_waiting_visitor_sees_their_place_and_a_cancelled_request_frees_the_model(policy_runs, model_cfg):

@@ -18,20 +18,20 @@ from finetune.compare import (CompareError, CompareQueue, CompareRequest, TECHNI
 from finetune.config import ConfigError
 from finetune.runs import RunManager
 
-from conftest import wait_until
+from helpers import wait_until
 
 
 @pytest.fixture(scope="module")
 def wide_model_dir(tmp_path_factory, embedded_dir):
     # Hidden 128: wide enough that bitsandbytes really quantizes every block Linear at 8 and 4 bits.
-    from conftest import save_tiny_llama
+    from helpers import save_tiny_llama
 
     return save_tiny_llama(tmp_path_factory.mktemp("wide-llama"), embedded_dir, hidden=128, intermediate=256)
 
 
 @pytest.fixture
 def qa_rows_file(tmp_path):
-    from conftest import write_jsonl
+    from helpers import write_jsonl
 
     rows = [{"prompt": f"What does knob {i} do?", "completion": f"Lab note: knob {i} scales the adapter."}
             for i in range(30)]
@@ -70,6 +70,7 @@ def test_each_technique_gets_the_same_data_seed_and_steps(wide_model_dir, qa_row
         (str(qa_rows_file), 7, 3, str(wide_model_dir))}
 
 
+@pytest.mark.trajectory
 def test_comparison_orders_parameters_and_memory(tmp_path, wide_model_dir, qa_rows_file):
     queue = CompareQueue(RunManager(tmp_path / "runs"), poll_seconds=0.3)
     techniques = ["full", "ia3", "lora16", "lora8", "qlora4", "qlora4_loftq"]
@@ -113,11 +114,7 @@ def test_stop_skips_the_techniques_still_waiting(tmp_path, wide_model_dir, qa_ro
     comparison_id = queue.start(CompareRequest(
         techniques=["lora16", "ia3"], model_source=str(wide_model_dir), data_source=str(qa_rows_file),
         max_steps=500, max_seq_length=64, max_samples=20))
-    import time
-
-    deadline = time.time() + 60
-    while not queue.load(comparison_id)["items"][0]["run_id"] and time.time() < deadline:
-        time.sleep(0.2)
+    wait_until(lambda: queue.load(comparison_id)["items"][0]["run_id"], "the first comparison started its run")
     # A second comparison meanwhile: accepted, its first run waits in the job queue behind the one training.
     second = queue.start(CompareRequest(techniques=["ia3"], model_source=str(wide_model_dir),
                                         data_source=str(qa_rows_file), max_steps=1, max_seq_length=64))

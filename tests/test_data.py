@@ -6,7 +6,7 @@ import pytest
 from finetune.config import DataConfig
 from finetune.data import DataError, bundled_names, detect_format, prepare, preview, validation_prompts
 
-from conftest import write_jsonl
+from helpers import write_jsonl
 
 QA = [("What is LoRA?", "Low-rank adapters."), ("Why quantize?", "To save memory.")] * 6
 

@@ -20,7 +20,7 @@ from finetune.data import (DataError, check_file, hub_configs, hub_first_rows, h
 from finetune.paths import check_config
 from finetune.preference import PreferenceError, load_preferences
 
-from conftest import write_jsonl
+from helpers import write_jsonl
 
 QA = [("What is LoRA?", "Low-rank adapters."), ("Why quantize?", "To save memory."),
       ("Qu'est-ce qu'un café ?", "Une boisson très chaude.")]
@@ -531,7 +531,7 @@ def test_cli_trains_on_the_good_rows_of_a_spreadsheet_export(tmp_path, tiny_mode
 
     from finetune.config import to_dict
     from finetune.train import cli
-    from conftest import tiny_run_config
+    from helpers import tiny_run_config
 
     rows = [f"What does setting {i} do?;It sets {i}, très simplement." for i in range(12)]
     rows.insert(3, "a line without its separator")

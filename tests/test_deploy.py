@@ -21,7 +21,7 @@ from finetune.hardware import profile_for
 from finetune.metrics import HOSTNAME, read_status, write_status
 from finetune.runs import RunManager
 
-from conftest import ROOT
+from helpers import ROOT
 
 T4 = profile_for("cuda", "Tesla T4", 15.6, (7, 5))
 CPU = profile_for("cpu", "CPU (2 cores)", 8.0)
@@ -225,7 +225,7 @@ def test_a_run_synced_from_another_machine_shows_as_it_was_there(tmp_path):
 
 
 def test_cli_runs_record_their_host(tiny_model_dir, qa_file, tmp_path):
-    from conftest import tiny_run_config
+    from helpers import tiny_run_config
     from finetune.train import run
 
     assert run(tiny_run_config(tiny_model_dir, qa_file, max_steps=1, eval_steps=0), tmp_path / "r") == 0

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import tiny_run_config, wait_until, write_jsonl
+from helpers import tiny_run_config, wait_until, write_jsonl
 from finetune.config import ConfigError, from_dict
 from finetune.distributed import (ACCELERATE_CONFIG, LAUNCH_NOTE, accelerate_config, effective_batch,
                                   first_rank_failure, launch_problems, read_ranks, write_accelerate_config)

@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import save_tiny_llama, tiny_run_config, write_jsonl
+from helpers import save_tiny_llama, tiny_run_config, write_jsonl
 from finetune.config import ConfigError, from_dict, to_dict
 from finetune.hardware import detect
 from finetune.preference import BUNDLED_PREFERENCES
@@ -122,6 +122,7 @@ def assert_stopped_at_the_right_step(run_dir: Path) -> dict:
     return status
 
 
+@pytest.mark.trajectory
 @pytest.mark.parametrize("keep", ["best", "last"])
 def test_rising_validation_loss_stops_early_and_saves_the_chosen_weights(learning_model_dir, locker_codes, tmp_path,
                                                                          keep):
@@ -159,6 +160,7 @@ def assert_the_train_tab_shows_it(run_dir: Path, status: dict) -> None:
         assert mark["step"].mean() == pytest.approx(step) and list(mark["loss"]) == pytest.approx([losses[step]] * 2)
 
 
+@pytest.mark.trajectory
 def test_resume_after_stop_keeps_counting_and_keeps_the_best(learning_model_dir, locker_codes, tmp_path, monkeypatch):
     """Stop (the STOP file the app writes) after a few evaluations, then resume: the run goes on from its
     checkpoint with the best metric and patience counter it had, stops early and keeps the best."""
@@ -187,6 +189,7 @@ def test_resume_after_stop_keeps_counting_and_keeps_the_best(learning_model_dir,
     assert same_tensors(tensors(run_dir / ADAPTER_DIR), tensors(checkpoint(run_dir, status["best_step"])))
 
 
+@pytest.mark.trajectory
 def test_a_reward_model_stops_on_held_out_accuracy_and_keeps_the_best(tiny_model_dir, tmp_path):
     """A reward run goes by held-out accuracy, higher is better. At a learning rate too small to flip a pair the
     accuracy stays level, and a level evaluation is no improvement: the run stops one evaluation after its first."""

@@ -24,7 +24,7 @@ def tiny(tiny_model_dir):
 def qa_rows(tmp_path_factory):
     from finetune.config import DataConfig
     from finetune.evaluate import eval_rows
-    from conftest import write_jsonl
+    from helpers import write_jsonl
 
     rows = [{"prompt": f"Question {i}: what does rank {i} change in LoRA?",
              "completion": f"🧪 Lab note: rank {i} sets the adapter size.\nRule of thumb: start with {i * 2}."}
@@ -168,6 +168,7 @@ def trained_run(style_run):
     return style_run
 
 
+@pytest.mark.trajectory
 def test_adapter_has_lower_validation_loss_than_its_base(trained_run):
     from finetune.chat import ChatEngine
     from finetune.config import DataConfig
@@ -272,7 +273,7 @@ def test_side_by_side_generations_with_rouge_and_reward(trained_run, tiny_model_
     import shutil
 
     from components.eval_tab import add_reward_scores, compare_generations
-    from conftest import write_jsonl
+    from helpers import write_jsonl
     from finetune.chat import ChatEngine
     from finetune.config import from_dict, save_config
     from finetune.scoring import ScorerCache
@@ -347,7 +348,7 @@ def test_a_collapsed_answer_is_flagged_and_a_normal_one_is_not():
 def test_no_bundled_answer_counts_as_degenerate():
     import json
 
-    from conftest import ROOT
+    from helpers import ROOT
     from finetune.evaluate import degeneration
 
     answers = []

@@ -19,14 +19,14 @@ from finetune.export import (ExportError, adapter_format, draw_loss_plot, losses
                              push_folder, write_model_card, zip_adapter)
 from finetune.config import save_config
 
-from conftest import tiny_run_config, train_lab_note_run
+from helpers import copy_run, tiny_run_config
 
 IDS = torch.tensor([[1, 20, 300, 4000, 50, 600, 7000, 80]])
 
 
 @pytest.fixture(scope="module")
-def trained_run(tiny_model_dir, tmp_path_factory) -> Path:
-    return train_lab_note_run(tmp_path_factory.mktemp("export"), tiny_model_dir)
+def trained_run(lab_note_run, tmp_path_factory) -> Path:
+    return copy_run(lab_note_run, tmp_path_factory.mktemp("export"))
 
 
 def _logits(model) -> torch.Tensor:

@@ -14,13 +14,12 @@ import errno
 import hashlib
 import os
 import signal
-import time
 from pathlib import Path
 
 import pytest
 from gradio_client import handle_file
 
-from conftest import served_app, tiny_run_config, wait_until
+from helpers import served_app, tiny_run_config, wait_until
 
 STEPS, SAVE_EVERY = 12, 3
 
@@ -33,16 +32,13 @@ def _form(model_dir: Path, data_file: Path, name: str) -> dict:
             "training_warmup_ratio": 0.0, "training_learning_rate": 0.01}
 
 
-def _wait_for_checkpoint(run_dir: Path, timeout: float = 180.0) -> Path:
+def _wait_for_checkpoint(run_dir: Path) -> Path:
     from finetune.run_folder import last_checkpoint
 
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        found = last_checkpoint(run_dir)
-        if found:
-            return Path(found)
-        time.sleep(0.05)
-    raise AssertionError(f"no checkpoint in {run_dir}; log:\n{(run_dir / 'train.log').read_text()[-2000:]}")
+    try:
+        return Path(wait_until(lambda: last_checkpoint(run_dir), f"a checkpoint in {run_dir}", every=0.05))
+    except AssertionError as error:
+        raise AssertionError(f"{error}; log:\n{(run_dir / 'train.log').read_text()[-2000:]}") from None
 
 
 def _kill(run_dir: Path) -> int:
@@ -53,14 +49,12 @@ def _kill(run_dir: Path) -> int:
     return pid
 
 
-def _poll(client, run_id: str, words: str, timeout: float = 30.0):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
+def _poll(client, run_id: str, words: str):
+    def shown():
         result = client.predict(run_id, api_name="/poll_run")
-        if words in result[1]:
-            return result
-        time.sleep(0.3)
-    raise AssertionError(f"run {run_id} never showed {words!r}: {result[1]}")
+        return result if words in result[1] else None
+
+    return wait_until(shown, f"run {run_id} showing {words!r}", every=0.3)
 
 
 def test_killed_child_fails_with_log_tail_and_the_app_keeps_serving(tmp_path, tiny_model_dir, qa_file):

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import logging
 import threading
-import time
 import uuid
 from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -19,6 +18,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from finetune.feedback import FeedbackStore, LangSmithSettings
+from helpers import wait_until
 
 SECRET = "lsv2_pt_0123456789abcdef_SECRET"
 
@@ -135,11 +135,8 @@ def _turn(store: FeedbackStore, n: int) -> dict[str, str]:
                              tuned_response=f"tuned {n}", user="ann", session="s1")
 
 
-def _wait(condition, timeout: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.05)
+def _wait(condition) -> None:
+    wait_until(condition, "the LangSmith condition", every=0.05)
 
 
 def test_runs_and_feedback_arrive_and_an_outage_loses_nothing(tmp_path, fake, caplog):

@@ -23,7 +23,7 @@ from finetune.gguf_export import (CHAT_TEMPERATURE, CHAT_TOP_P, GGUF_TYPES, Buil
                                   chatml_default_system, convert_folder, gguf_path, modelfile_text, tensor_type,
                                   write_gguf)
 
-from conftest import ROOT, save_tiny_llama, tiny_run_config, train_lab_note_run
+from helpers import ROOT, copy_run, save_tiny_llama, tiny_run_config
 
 MULTILINGUAL = ("Hello, world! Ça va? Größe straße. Привет, мир. 你好，世界。 こんにちは 안녕하세요 "
                 "مرحبا بالعالم 🧪🚀 x² ≤ 3.14159 — tabs\tand  double  spaces\n")
@@ -33,8 +33,8 @@ PROMPTS = ["What does setting 3 control?", "Hello there, how are you today?"]
 
 
 @pytest.fixture(scope="module")
-def trained_run(tiny_model_dir, tmp_path_factory) -> Path:
-    return train_lab_note_run(tmp_path_factory.mktemp("gguf"), tiny_model_dir)
+def trained_run(lab_note_run, tmp_path_factory) -> Path:
+    return copy_run(lab_note_run, tmp_path_factory.mktemp("gguf"))
 
 
 @pytest.fixture(scope="module")
@@ -398,7 +398,7 @@ def test_export_tab_builds_the_gguf_and_the_merged_zip_through_the_app_api(expor
     from gradio_client import Client
     from gradio_client.exceptions import AppError
 
-    from conftest import served_app
+    from helpers import served_app
 
     with served_app(trained_run.parent) as url:
         client = Client(url, verbose=False)

@@ -15,7 +15,7 @@ from finetune.lm_head import answer_log_probs, use_cpu_lm_head
 from finetune.recipe import resolve_recipe
 from finetune.stages.sft import build
 
-from conftest import tiny_run_config
+from helpers import tiny_run_config
 
 OUTPUTS = ("log_probs", "entropy", "log_sum_sq_probs", "mean_logits", "is_top1")
 

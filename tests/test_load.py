@@ -17,7 +17,7 @@ from pathlib import Path
 
 from gradio_client import Client, handle_file
 
-from conftest import ROOT, served_app
+from helpers import ROOT, served_app, wait_for_completion
 from finetune.metrics import read_status
 
 SESSIONS = 20
@@ -67,10 +67,7 @@ def test_start_race_then_twenty_concurrent_chats(tmp_path, tiny_model_dir, qa_fi
         assert "cancelled" in clients[1].predict(queued[0][0], api_name="/stop_run")
         states = {p.name: read_status(p)["state"] for p in root.iterdir() if (p / "status.json").is_file()}
         assert states[queued[0][0]] == "cancelled" and set(states) == {run_id, queued[0][0]}
-        deadline = time.time() + 240
-        while "completed" not in (poll := clients[0].predict(run_id, api_name="/poll_run"))[1]:
-            assert "failed" not in poll[1] and time.time() < deadline, poll[1] + poll[5]
-            time.sleep(0.5)
+        wait_for_completion(clients[0], run_id)
 
         # 20 sessions at once, each its own gradio session: one question, then a vote on its answers. The
         # clients connect first (opening the page is not what is measured; a slow /info under load would be).

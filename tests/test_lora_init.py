@@ -100,6 +100,7 @@ def numpy_step0_errors(model_dir, rank: int) -> tuple[float, float]:
     return float(np.sqrt(residual_sq / total_sq)), float(np.sqrt(best_sq / total_sq))
 
 
+@pytest.mark.trajectory
 def test_loftq_starts_closer_to_the_full_precision_weights_than_the_default(tiny_model_dir):
     model = ModelConfig(source=str(tiny_model_dir), bits=4, quant_type="nf4", double_quant=True)
     # alpha = 2r, the usual choice: a LoftQ that forgot to divide by alpha/r would start exactly as far as the default.
@@ -129,6 +130,7 @@ def test_a_tied_output_head_is_read_from_the_input_embeddings(tiny_model_dir):
     assert read_weight(files, "model.layers.0.self_attn.nowhere") is None
 
 
+@pytest.mark.trajectory
 def test_loftq_start_brings_the_4_bit_models_outputs_closer_to_full_precision(tiny_model_dir):
     """The weights are closer (above); so is what the model computes: the step-0 logits of the 4-bit model with a
     LoftQ start are nearer the full-precision model's than with the default start (the 4-bit base alone)."""
@@ -147,12 +149,13 @@ def test_loftq_start_brings_the_4_bit_models_outputs_closer_to_full_precision(ti
     assert 0 < distance["loftq"] < distance["default"]
 
 
+@pytest.mark.trajectory
 def test_loftq_on_the_sft_trainers_model_starts_closer_and_trains(tmp_path, tiny_model_dir, qa_file):
     """The wiring the SFT stage needs: LoftQ applied to the model TRL's SFTTrainer has wrapped (4-bit base, peft
     adapter), before the first forward; then real training steps run and the loss is finite."""
     import math
 
-    from conftest import tiny_run_config
+    from helpers import tiny_run_config
     from finetune.data import prepare
     from finetune.hardware import detect
     from finetune.lora_init import apply_loftq, reconstruction_error
@@ -182,10 +185,11 @@ def with_init(cfg, init: str):
     return from_dict(raw)
 
 
+@pytest.mark.trajectory
 def test_a_loftq_run_starts_closer_to_the_full_weights_and_records_it(tiny_model_dir, qa_file, tmp_path):
     """The Train tab's choice reaches the stage: a 4-bit LoftQ run's base + adapter starts closer to the
     full-precision weights than the default run's, both measured by the stage and written to run_info."""
-    from conftest import tiny_run_config
+    from helpers import tiny_run_config
     from finetune.run_folder import ADAPTER_DIR, has_adapter, read_run_info
     from finetune.train import run
 
@@ -217,7 +221,7 @@ def test_a_pissa_run_is_saved_as_a_plain_lora_on_the_unchanged_base(tiny_model_d
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
-    from conftest import tiny_run_config
+    from helpers import tiny_run_config
     from finetune.run_folder import ADAPTER_DIR, CHECKPOINT_DIR, adapter_config
     from finetune.train import run
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import tiny_run_config
+from helpers import tiny_run_config
 from finetune.config import PEFT_METHODS, ConfigError, LoraSettings, ModelConfig, RunConfig, from_dict, load_config
 from finetune.stages.sft import to_peft_config
 

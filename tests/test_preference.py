@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from conftest import ROOT, write_jsonl
+from helpers import ROOT, write_jsonl
 from finetune.config import ConfigError, DataConfig, from_dict, load_config
 from finetune.data import DataError
 from finetune.preference import (BUNDLED_PREFERENCES, PreferenceError, convert_rows, detect_preference_format,

@@ -7,7 +7,7 @@ from typing import Any
 
 from transformers import TrainerCallback
 
-from conftest import tiny_run_config
+from helpers import tiny_run_config
 from finetune.metrics import read_metrics, read_status
 
 
@@ -97,7 +97,7 @@ def test_rlhf_stages_report_the_same_measured_eta(tiny_model_dir, tmp_path):
     """A reward model run (real TRL RewardTrainer) keeps the same progress fields as SFT, so the RLHF tab's bar
     shows an ETA and "evaluating": its step-0 evaluation is timed before the first step."""
     from components.shared import progress_html
-    from conftest import write_jsonl
+    from helpers import write_jsonl
     from finetune.stages.reward import build as build_reward
     from test_rlhf import stage_config
 

@@ -10,7 +10,7 @@ import pytest
 
 @pytest.fixture(scope="module")
 def rows(tmp_path_factory):
-    from conftest import write_jsonl
+    from helpers import write_jsonl
     from finetune.config import DataConfig
     from finetune.evaluate import eval_rows
 

@@ -15,7 +15,7 @@ from finetune.hardware import profile_for
 from finetune.recipe import resolve_recipe
 from finetune.stages.sft import build
 
-from conftest import ROOT, tiny_run_config
+from helpers import ROOT, tiny_run_config
 
 CPU = profile_for("cpu", "CPU (2 cores)", 24.0)
 T4 = profile_for("cuda", "Tesla T4", 15.0, (7, 5))

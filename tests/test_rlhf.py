@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 
-from conftest import tiny_run_config, write_jsonl
+from helpers import tiny_run_config, write_jsonl
 from finetune.config import from_dict
 from finetune.metrics import read_metrics, read_status
 from finetune.runs import RunManager
@@ -91,6 +91,7 @@ def test_reward_model_through_the_run_manager(reward_run):
     assert a != b
 
 
+@pytest.mark.trajectory
 def test_dpo_logs_rising_margins_and_saves_a_chat_adapter(tiny_model_dir, dpo_run):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -114,6 +115,7 @@ def test_dpo_logs_rising_margins_and_saves_a_chat_adapter(tiny_model_dir, dpo_ru
     assert not torch.allclose(before, PeftModel.from_pretrained(base, adapter)(ids).logits)
 
 
+@pytest.mark.trajectory
 def test_reward_model_scores_base_and_dpo_answers(reward_run, dpo_run):
     """The comparison behind step 4's button: greedy answers of the base model (adapter disabled) and of the DPO
     adapter from the Chat tab's engine (its one base, no second copy), each scored by the reward model, with
@@ -181,6 +183,7 @@ def test_dpo_resumes_from_its_last_checkpoint(tiny_model_dir, pairs_file, tmp_pa
     assert (tmp_path / "adapter" / "adapter_config.json").is_file()
 
 
+@pytest.mark.trajectory
 def test_grpo_samples_answers_and_learns_from_the_reward_model(tiny_model_dir, pairs_file, reward_run, tmp_path):
     """The online stage: GRPO samples answers to the pairs' prompts, the trained reward model scores them, and a
     chat adapter comes out; the RLHF tab charts its mean reward. (On random weights the reward need not rise in

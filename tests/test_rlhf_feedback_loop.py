@@ -97,6 +97,7 @@ def test_no_held_out_prompt_was_trained_on(loop):
         assert len(exported) == VOTED
 
 
+@pytest.mark.trajectory
 def test_step_4_compares_with_base_and_start_on_held_out_prompts_without_a_false_verdict(loop):
     from components.rlhf_tab import compare_policy
     from finetune.scoring import ScorerCache

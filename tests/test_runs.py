@@ -14,7 +14,7 @@ from finetune.metrics import FINAL_STATES, read_metrics, read_status, write_stat
 from finetune.runs import RunError, RunManager
 from finetune.run_folder import last_checkpoint
 
-from conftest import tiny_run_config, wait_until, write_jsonl
+from helpers import tiny_run_config, wait_until, write_jsonl
 
 HUNG_CHILD = """
 import json, os, signal, subprocess, sys, time
@@ -44,14 +44,14 @@ while True:
 """
 
 
-def wait_for_step(manager: RunManager, run_id: str, step: int, timeout: float = 180) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
+def wait_for_step(manager: RunManager, run_id: str, step: int) -> None:
+    def reached() -> bool:
         if any(r.get("step", 0) >= step and "loss" in r for r in read_metrics(manager.run_dir(run_id))):
-            return
+            return True
         assert manager.status(run_id).get("state") in ("queued", "running"), manager.log_tail(run_id)
-        time.sleep(0.2)
-    raise AssertionError(f"run never reached step {step}: {manager.log_tail(run_id)}")
+        return False
+
+    wait_until(reached, f"run {run_id} reaching step {step}", every=0.2)
 
 
 @pytest.fixture

@@ -15,7 +15,6 @@ import os
 import re
 import shutil
 import socket
-import time
 import urllib.request
 import zipfile
 from pathlib import Path
@@ -25,7 +24,7 @@ import pytest
 import yaml
 from gradio_client import Client, handle_file
 
-from conftest import served_app, write_jsonl
+from helpers import served_app, wait_for_completion, wait_until, write_jsonl
 
 HF_SECRET = "hf_SECRETsecretSECRET0123456789"
 LS_SECRET = "lsv2_pt_SECRETsecret0123456789abcdef"
@@ -162,10 +161,7 @@ def test_tokens_never_reach_logs_run_folders_exports_or_the_page(tmp_path, monke
         client = Client(url, verbose=False)
         run_id, message = client.predict(**form, api_name="/start_run")
         assert "Started" in message, message
-        deadline = time.time() + 240
-        while "completed" not in (poll := client.predict(run_id, api_name="/poll_run"))[1]:
-            assert "failed" not in poll[1] and time.time() < deadline, poll[1] + poll[5]
-            time.sleep(0.5)
+        wait_for_completion(client, run_id)
         client.predict("What is LoRA?", run_id, [], [], 4, 0.8, 0.9, 0, api_name="/chat")
         client.predict("left", "a comment", "", "both", api_name="/submit_feedback")
         zip_path, _ = client.predict(run_id, api_name="/export_zip")
@@ -173,10 +169,8 @@ def test_tokens_never_reach_logs_run_folders_exports_or_the_page(tmp_path, monke
             client.predict(run_id, "Adapter", "someone/lora", PUSH_SECRET, True, api_name="/push_to_hub")
         sync = client.predict(api_name="/feedback_summary")
         page = urllib.request.urlopen(url).read() + urllib.request.urlopen(url + "config").read()
-        deadline = time.time() + 60  # the LangSmith sender fails at least once against the closed port
-        while not _outbox_errors(root):
-            assert time.time() < deadline, "the LangSmith sender never tried"
-            time.sleep(0.1)
+        # the LangSmith sender fails at least once against the closed port
+        wait_until(lambda: _outbox_errors(root), "the LangSmith sender trying")
 
     errors = _outbox_errors(root)  # the LangSmith client really ran and failed
     assert errors and "waiting" in repr(sync)
@@ -211,7 +205,7 @@ SOURCE_NAMES = re.compile(r"source|file|folder|path|adapter")  # parameter names
 RUN_PICKER = re.compile(r"(?i)\bruns?\b|comparison")
 FOLDER_TOO = re.compile(r"(?i)model|from")
 # Endpoints that only compare a value with the list of runs to pre-select it, and never open anything.
-ONLY_LIST_LOOKUPS = {"/rlhf_lists"}
+ONLY_LIST_LOOKUPS = {"/rlhf_lists", "/inspect_runs"}
 CHOICE_REFUSAL = "not in the list of choices"  # gradio's own check of a fixed-choice dropdown
 # A File value naming a server path never reaches a handler: gradio accepts only its upload folder there (its error
 # reaches the client without details). The handlers' own check of the same is test_uploads_only_from_gradio_folder.
@@ -301,9 +295,11 @@ def _raw_answer(client: Client, endpoint: str, parameters: list[dict], fields: d
     return httpx.get(f"{client.src}gradio_api/call{endpoint}/{event['event_id']}", timeout=120).text
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def gated_app(tmp_path_factory, style_run):
-    """The app with local paths confined to one root, a finished run to evaluate, and the secret beside."""
+    """The app with local paths confined to one root, a finished run to evaluate, and the secret beside. Per test:
+    the confinement is an environment setting, and a module-wide one reached whichever tests of this file a
+    shuffled order ran while it was up (a local model folder elsewhere was refused)."""
     from finetune import paths
 
     base = tmp_path_factory.mktemp("gate")

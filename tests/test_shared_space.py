@@ -24,7 +24,7 @@ from finetune.metrics import read_status, write_status
 from finetune.runs import RunError, RunManager
 from finetune.storage import enforce_budget, folder_bytes, prunable
 
-from conftest import served_app, tiny_run_config, wait_until
+from helpers import served_app, tiny_run_config, wait_until
 
 TESTS = Path(__file__).resolve().parent
 GATED_CHILD = """

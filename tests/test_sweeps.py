@@ -20,14 +20,14 @@ from finetune.sweeps import (SweepQueue, SweepRequest, best_config, eval_losses,
 
 
 def _base(model_dir, data_file, **training):
-    from conftest import tiny_run_config
+    from helpers import tiny_run_config
 
     return tiny_run_config(model_dir, data_file, bits=32, max_steps=2, eval_steps=2, **training)
 
 
 @pytest.fixture(scope="module")
 def sweep_data(tmp_path_factory):
-    from conftest import write_jsonl
+    from helpers import write_jsonl
 
     rows = [{"prompt": f"What does setting {i} control in LoRA?", "completion": f"Lab note: setting {i}."}
             for i in range(30)]
@@ -37,7 +37,7 @@ def sweep_data(tmp_path_factory):
 @pytest.fixture(scope="module")
 def finished_sweep(tmp_path_factory, tiny_model_dir, sweep_data):
     """(queue, sweep id, id of the run the 'dead' app had started) of a finished 2x2 sweep."""
-    from conftest import wait_until
+    from helpers import wait_until
 
     root = tmp_path_factory.mktemp("sweep") / "runs"
     manager = RunManager(root)
@@ -56,6 +56,7 @@ def finished_sweep(tmp_path_factory, tiny_model_dir, sweep_data):
     return restarted, sweep_id, run_id
 
 
+@pytest.mark.trajectory
 def test_a_2x2_grid_gives_four_runs_and_picks_the_lowest_validation_loss(finished_sweep):
     queue, sweep_id, _ = finished_sweep
     state = queue.load(sweep_id)
@@ -176,7 +177,7 @@ def test_refusals_name_every_problem_at_once(tiny_model_dir, qa_file, monkeypatc
 
 
 def test_a_sweep_without_held_out_data_is_refused(tmp_path, tiny_model_dir, qa_file):
-    from conftest import write_jsonl
+    from helpers import write_jsonl
 
     no_eval = _base(tiny_model_dir, qa_file)
     no_eval.data.validation_fraction = 0
@@ -219,7 +220,7 @@ def test_random_search_with_a_seed_is_reproducible(tiny_model_dir, qa_file):
 
 @pytest.fixture(scope="module")
 def section_client(finished_sweep):
-    from conftest import serving
+    from helpers import serving
 
     import gradio as gr
     from gradio_client import Client
@@ -252,10 +253,11 @@ def test_the_section_through_its_api(section_client, finished_sweep):
     assert not [i for i in queue.list_ids() if queue.load(i)["state"] == "running"]  # nothing started
 
 
+@pytest.mark.trajectory
 def test_a_real_trial_far_behind_the_best_is_stopped_early(tmp_path, tmp_path_factory, embedded_dir, sweep_data):
     """Two trials of 30 steps, evaluated every 2: the second (a learning rate 5000x smaller, on a tiny Llama whose
     spread logits learn fast) is compared with the first at its first evaluation and stopped there."""
-    from conftest import save_tiny_llama, wait_until
+    from helpers import save_tiny_llama, wait_until
 
     model = save_tiny_llama(tmp_path_factory.mktemp("learner"), embedded_dir, initializer_range=0.3)
     queue = SweepQueue(RunManager(tmp_path / "runs"), poll_seconds=0.1)

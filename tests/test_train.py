@@ -13,7 +13,7 @@ from finetune.metrics import read_metrics, read_status
 from finetune.stages.sft import build
 from finetune.train import cli, run
 
-from conftest import ROOT, tiny_run_config
+from helpers import ROOT, tiny_run_config
 
 
 def dequantized_base_weights(model) -> dict[str, torch.Tensor]:
@@ -119,6 +119,7 @@ def test_accelerate_launch_two_cpu_processes(tiny_model_dir, qa_file, tmp_path):
     assert adapter_format(tmp_path / "run" / "adapter") == adapter_format(tmp_path / "single" / "adapter")
 
 
+@pytest.mark.trajectory
 def test_embedded_model_learns_the_course_style(tmp_path):
     """The real thing, shortened: the embedded SmolLM2 in 4-bit on the bundled data, on the CPU."""
     from peft import PeftModel
