@@ -76,6 +76,8 @@ def qlora_config(profile: HardwareProfile, rank: int) -> RunConfig:
         raw["training"]["batch_size"] = size.batch_size
     if size.max_seq_length:
         raw["data"]["max_seq_length"] = size.max_seq_length
+    if size.validation_fraction:
+        raw["data"]["validation_fraction"] = size.validation_fraction
     return from_dict(raw)
 
 
@@ -252,8 +254,8 @@ def _run_view(manager: RunManager, progress: CourseProgress, step: str) -> tuple
     except RunError:  # deleted from the Train tab's history
         return progress_html(elem, {"state": "idle"}, []), f"Run `{run_id}` no longer exists: start the step again."
     if status.get("state") == "failed":
-        return (progress_html(elem, status, rows),
-                f"Run `{run_id}` **failed**: {paths.for_visitors(status.get('error') or 'see its log in the Train tab')}")
+        why = paths.for_visitors(status.get("error") or "see its log in the Train tab")
+        return progress_html(elem, status, rows), f"Run `{run_id}` **failed**: {why}"
     if status.get("state") != "completed":
         return progress_html(elem, status, rows), ""
     sentence = entry.get("sentence")
@@ -294,11 +296,11 @@ def ask_both(manager: RunManager, engine: ChatEngine, store: FeedbackStore | Non
                             session=getattr(request, "session_hash", None)) if store is not None else {}
     progress.record("chat", done="chat" in progress.done(), seconds=round(course.now() - started, 1),
                     pending={"ids": ids, "prompt": prompt.strip(), "base": base, "tuned": tuned, "adapter": run_id})
-    return base, tuned, "Which answer is better? Pick one and save your vote."
+    return base, tuned, f"Which answer to “{prompt.strip()}” is better? Pick one and save your vote."
 
 
 def save_vote(manager: RunManager, store: FeedbackStore | None, choice: str | None,
-              request: gr.Request = None) -> str:
+              request: gr.Request = None) -> tuple[str, str]:
     """Store the vote on the last course answer pair (base first, tuned second) and read all the learner's votes
     on that adapter back as a win rate."""
     visitor = _acting(request, "give feedback")
@@ -320,7 +322,8 @@ def save_vote(manager: RunManager, store: FeedbackStore | None, choice: str | No
     turns = progress.result("chat").get("turns") or []
     turn = {key: pending[key] for key in ("prompt", "base", "tuned", "adapter")}
     progress.record("chat", turns=turns + [{**turn, "vote": VOTE_WORDS[choice]}], pending=None, sentence=sentence)
-    return notice(sentence)
+    return notice(sentence), (f"Saved your vote ({VOTE_WORDS[choice]}) on “{pending['prompt']}”. Ask another "
+                              "question to vote again.")
 
 
 # --- step 7: evaluate ---------------------------------------------------------------------------------------------
@@ -491,7 +494,8 @@ def _wire(manager: RunManager, profile: HardwareProfile, engine: ChatEngine, sto
     ui["chat_go"].click(bind(ask_both, manager, engine, store), ui["prompt"],
                         [ui["base_answer"], ui["tuned_answer"], ui["vote_hint"]], api_name="course_ask",
                         concurrency_limit=1, concurrency_id="chat")
-    ui["save_vote"].click(bind(save_vote, manager, store), ui["vote"], ui["chat_notice"], api_name="course_vote")
+    ui["save_vote"].click(bind(save_vote, manager, store), ui["vote"], [ui["chat_notice"], ui["vote_hint"]],
+                          api_name="course_vote")
     ui["evaluate_go"].click(bind(evaluate_course, manager, engine), None, ui["evaluate_notice"],
                             api_name="course_evaluate", concurrency_limit=1, concurrency_id="chat"
                             ).then(bind(forgetting_markdown, benchmarks), None, ui["forgetting"],
@@ -501,8 +505,8 @@ def _wire(manager: RunManager, profile: HardwareProfile, engine: ChatEngine, sto
     live = [ui[f"{key}_{part}"] for key in RUN_STEPS for part in ("progress", "notice")] + [ui["path"]]
     poll = bind(poll_course, manager)
     gr.Timer(POLL_SECONDS).tick(poll, None, live, api_name="course_poll", show_progress="hidden", queue=False)
-    restored = ([ui["rank"]] + [ui[f"{s.key}_time"] for s in course.STEPS] + [ui[f"{s.key}_notice"] for s in course.STEPS]
-                + [ui["quant_table"], ui["path"]])
+    restored = ([ui["rank"]] + [ui[f"{s.key}_time"] for s in course.STEPS]
+                + [ui[f"{s.key}_notice"] for s in course.STEPS] + [ui["quant_table"], ui["path"]])
     on_page_load(bind(restore_course, manager, profile), None, restored)
     on_page_load(bind(forgetting_markdown, benchmarks), None, ui["forgetting"])
     ui["refresh_forgetting"] = bind(forgetting_markdown, benchmarks)

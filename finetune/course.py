@@ -99,12 +99,13 @@ class CourseSize:
     eval_rows: int = 12
     quant_rows: int = 12
     answer_tokens: int = 64
+    validation_fraction: float | None = None  # None: the preset's share of rows held out
 
     @classmethod
     def from_env(cls) -> CourseSize:
         if os.environ.get(COURSE_ENV, "").strip().lower() == "tiny":
             return cls(train_steps=2, preference_steps=2, batch_size=2, max_seq_length=160, eval_rows=4,
-                       quant_rows=3, answer_tokens=12)
+                       quant_rows=3, answer_tokens=12, validation_fraction=0.02)
         return cls()
 
 

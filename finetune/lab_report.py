@@ -178,8 +178,8 @@ def render_html(data: ReportData) -> str:
                          f"src='{_data_uri(run.curve_png)}'>")
     parts.append("<h2>The answers you voted on</h2>")
     for turn in data.turns:
-        parts.append(f"<p><b>Prompt:</b> {e(turn.get('prompt', ''))} · <b>your vote:</b> {e(turn.get('vote') or '–')}"
-                     f"</p><div class='pair'><div><b>Base</b>\n{e(turn.get('base', ''))}</div>"
+        parts.append(f"<p><b>Prompt:</b> {e(turn.get('prompt', ''))} · <b>your vote:</b> "
+                     f"{e(turn.get('vote') or '–')}</p><div class='pair'><div><b>Base</b>\n{e(turn.get('base', ''))}</div>"
                      f"<div><b>Tuned ({e(turn.get('adapter', ''))})</b>\n{e(turn.get('tuned', ''))}</div></div>")
     if not data.turns:
         parts.append("<p>No votes in the course yet.</p>")
@@ -196,7 +196,8 @@ def render_html(data: ReportData) -> str:
 def render_markdown(data: ReportData) -> str:
     parts = [f"# LoRA Lab: lab report\n\n{data.who} · {data.made}", "## What to notice"]
     parts.append("\n".join(f"- **{t}:** {s}" for t, s in data.sentences) or "No course step done yet.")
-    parts.append("## Runs\n\n" + (_md_table(RUN_COLUMNS, [r.cells for r in data.runs]) if data.runs else "No runs yet."))
+    runs = _md_table(RUN_COLUMNS, [r.cells for r in data.runs]) if data.runs else "No runs yet."
+    parts.append("## Runs\n\n" + runs)
     parts += [f"![loss of {r.cells[0]}]({_data_uri(r.curve_png)})" for r in data.runs if r.curve_png]
     parts.append("## The answers you voted on")
     parts += [f"**Prompt:** {t.get('prompt', '')} · **your vote:** {t.get('vote') or '–'}\n\n"
