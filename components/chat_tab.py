@@ -23,8 +23,8 @@ from typing import Any, Iterator
 
 import gradio as gr
 
-from components.shared import (bind, duration, on_page_load, refusal, require_visible, visible_adapters,
-                               visitor_of)
+from components.shared import (CHAT_SLOT, bind, duration, on_page_load, refusal, require_visible,
+                               visible_adapters, visitor_of)
 from finetune.access import AccessDenied, can_view, require_signed_in, sign_in_hint
 from finetune.chat import (DEFAULT_NEW_TOKENS, ChatEngine, SamplingSettings, check_prompt, normalize_history,
                            split_budget_note)
@@ -428,7 +428,7 @@ def build_chat_tab(manager: RunManager, engine: ChatEngine, store: FeedbackStore
     for trigger, api in ((send.click, {"api_name": "chat"}), (prompt.submit, {"api_visibility": "private"})):
         started = trigger(bind(begin_turn, manager), [arena, run, compare],
                           [base_chat, tuned_chat, feedback["panel"], feedback["status"]], api_visibility="private")
-        answered = started.then(handler, inputs, outputs, concurrency_limit=1, concurrency_id="chat", **api)
+        answered = started.then(handler, inputs, outputs, **CHAT_SLOT, **api)
         answered.success(show_vote, turn, [feedback["panel"], feedback["vote"], feedback["hint"]],
                          api_visibility="private")
         answered.then(timing, max_new, expected, api_visibility="private", show_progress="hidden")

@@ -5,7 +5,8 @@ greedy answers on held-out prompts with ROUGE-L against the reference (and a rew
 run exists), win rate against the base from the Chat votes, and one prompt answered by every checkpoint of a run.
 
 Models come from the same ChatEngine as the Chat tab (one base in memory, adapters attached by name); the
-handlers share the Chat tab's concurrency slot, so an evaluation never switches adapters under a chat answer.
+handlers run one at a time (a slot of their own), and each answer or loss pass takes its turn on the engine, so an
+evaluation never switches adapters under a chat answer.
 """
 
 from __future__ import annotations
@@ -37,7 +38,8 @@ LOSS_COLUMNS = ["model", "validation loss", "perplexity", "tokens", "rows"]
 WIN_COLUMNS = ["adapter", "votes", "wins", "losses", "ties (incl. both bad)", "win rate", "95% CI low",
                "95% CI high"]
 CHECKPOINT_COLUMNS = ["checkpoint", "answer"]
-CONCURRENCY = {"concurrency_limit": 1, "concurrency_id": "chat"}  # the Chat tab's slot: one model user at a time
+# One evaluation at a time; chat answers have their own slot and take turns with it on the engine (ChatEngine).
+CONCURRENCY = {"concurrency_limit": 1, "concurrency_id": "chat"}
 
 LEARN_EVAL = """**How to read these numbers.** The validation loss is the average negative log-likelihood per answer
 token on rows the model never trained on (lower is better); perplexity = e<sup>loss</sup> is "how many tokens the

@@ -16,9 +16,14 @@ next to the SFT adapter it started from): then each row has its own adapter swit
 The base stays the base: attaching, replacing or removing an adapter never changes the frozen base weights
 (``_base_kept``), so the base answer does not depend on which adapters were loaded before it.
 
-Fair use of the one model: each request gets a time budget (``LORA_LAB_MAX_SECONDS``) as well as a token budget;
-an answer cut by it says so (``budget_note``). A closed stream (a client that left, a cancelled request) stops
-its generation at the next token and frees the model.
+Fair use of the one model: requests take turns. While another request waits, an answer generates in slices of
+``slice_tokens`` tokens and then hands the model to the request that has waited longest (first come, first served,
+so several answers go round-robin); it continues from its own KV cache when its turn comes back, so a greedy answer
+is token for token the one an unbroken ``generate`` call writes, and a sampled one draws from its own seeded random
+stream. A one-word question is answered in a few slices even while a long answer runs. Each request also gets a
+time budget (``LORA_LAB_MAX_SECONDS``, counted only while it holds the model) as well as a token budget; an answer
+cut by it says so (``budget_note``). A closed stream (a client that left, a cancelled request) stops its
+generation at the next token and frees the model.
 
     engine = ChatEngine()
     for base_text, tuned_text in engine.stream_pair("What is LoRA?", [], [], cfg.model, run_id, adapter_dir):
@@ -35,13 +40,13 @@ import queue
 import re
 import threading
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, TypeVar
 
 import torch
-from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
+from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
 from finetune.config import ModelConfig
@@ -67,6 +72,10 @@ MAX_NEW_TOKENS = int(_operator_setting("LORA_LAB_MAX_NEW_TOKENS", "1024", "512")
 # answer (plus the prompt's first forward pass, which cannot be interrupted).
 MAX_SECONDS = _operator_setting("LORA_LAB_MAX_SECONDS", "600", "60")
 LOCK_TIMEOUT_SECONDS = 600.0
+# Tokens an answer writes per turn while another request waits for the model: small enough that a waiting
+# one-word question starts within a few seconds, large enough that handing over (one generate call per slice)
+# costs little.
+SLICE_TOKENS = 16
 # The Chat tab's default answer length: on a CPU a long default ran into the time limit on a busy machine.
 DEFAULT_NEW_TOKENS = {"cpu": 64, "gpu": 128}
 PACE_WEIGHT = 0.5  # the latest answer's share of the measured pace (older answers fade out in a few turns)
@@ -162,28 +171,148 @@ class _TimeBudget(StoppingCriteria):
     def mark(self, text: str) -> str:
         return text + budget_note(self.seconds) if self.ran_out.is_set() else text
 
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """Time spent waiting for the model while other requests have their turn is not this request's time."""
+        waiting_since = self.clock()
+        try:
+            yield
+        finally:
+            self.ends += self.clock() - waiting_since
 
-class _PairStreamer(BaseStreamer):
-    """TextIteratorStreamer for a batch of two: queues (text row 0, text row 1) after every new token."""
 
-    def __init__(self, tokenizer: Any, eos: list[int]):
-        self.tokenizer, self.eos = tokenizer, set(eos)
-        self.tokens: list[list[int]] = [[], []]
-        self.finished = [False, False]
+class _Turns:
+    """The model, held by one request at a time, handed over in the order requests asked for it (a FIFO of
+    tickets): a request that gives its turn back and asks again queues behind everyone already waiting, which
+    makes the slices of several answers go round-robin. Not tied to threads: gradio advances a streaming
+    generator from different worker threads, so the thread that gives a turn back is not always the one that
+    took it."""
+
+    def __init__(self) -> None:
+        self._changed = threading.Condition()
+        self._waiting: deque[object] = deque()
+        self._held = False
+
+    def take(self, timeout: float = LOCK_TIMEOUT_SECONDS) -> None:
+        ticket = object()
+        with self._changed:
+            self._waiting.append(ticket)
+            if not self._changed.wait_for(lambda: not self._held and self._waiting[0] is ticket, timeout):
+                self._waiting.remove(ticket)
+                self._changed.notify_all()
+                raise RuntimeError("The model is busy with other answers; try again in a moment.")
+            self._waiting.popleft()
+            self._held = True
+
+    def give_back(self) -> None:
+        with self._changed:
+            self._held = False
+            self._changed.notify_all()
+
+    def others_waiting(self) -> bool:
+        return bool(self._waiting)
+
+    def idle(self) -> bool:
+        with self._changed:
+            return not self._held and not self._waiting
+
+
+class _Turn:
+    """One request's hold on the model: taken when it starts, passed on between slices while others wait."""
+
+    def __init__(self, turns: _Turns) -> None:
+        self.turns, self.held = turns, False
+
+    def take(self) -> None:
+        self.turns.take()
+        self.held = True
+
+    def pass_on(self, budget: _TimeBudget) -> None:
+        """Let every request already waiting have a turn, then continue; the wait is not charged to the budget."""
+        if not self.turns.others_waiting():
+            return
+        with budget.paused():
+            self.leave()
+            self.take()
+
+    def leave(self) -> None:
+        if self.held:
+            self.held = False
+            self.turns.give_back()
+
+
+class _SliceEnd(StoppingCriteria):
+    """Ends a slice once it wrote ``tokens`` tokens and another request is waiting for the model (never while the
+    request is alone: then the answer is one unbroken generate call, as fast as before)."""
+
+    def __init__(self, turns: _Turns, tokens: int):
+        self.turns, self.tokens, self.written, self.fired = turns, max(1, tokens), 0, False
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs: Any) -> bool:
+        self.written += 1
+        self.fired = self.fired or (self.written >= self.tokens and self.turns.others_waiting())
+        return self.fired
+
+
+class _RowsDone(StoppingCriteria):
+    """Rows that ended (end-of-answer token) in an earlier slice stay ended: a new generate call starts with every
+    row open, and would otherwise write past a finished answer until the longest row ends."""
+
+    def __init__(self, finished: list[bool]):
+        self.finished = finished
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs: Any) -> torch.Tensor:
+        return torch.tensor(self.finished, dtype=torch.bool, device=input_ids.device)
+
+
+class _RandomStream:
+    """One request's random numbers across its slices: seeded at its first slice, and put back before each later
+    one (another request's sampling in between moves torch's global generator), so a sampled answer is the same
+    whether or not others took turns in the middle of it."""
+
+    def __init__(self, seed: int):
+        self.seed, self.state = seed, None
+
+    def resume(self) -> None:
+        if self.state is None:
+            torch.manual_seed(self.seed)
+            return
+        cpu, cuda = self.state
+        torch.set_rng_state(cpu)
+        if cuda is not None:
+            torch.cuda.set_rng_state_all(cuda)
+
+    def keep(self) -> None:
+        cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+        self.state = (torch.get_rng_state(), cuda)
+
+
+class _RowStreamer(BaseStreamer):
+    """A streamer for a batch of ``rows`` that lasts across slices: queues each row's text so far after every new
+    token, and None at the end of each generate call (a slice); a row's end-of-answer token ends that row."""
+
+    def __init__(self, tokenizer: Any, eos: list[int], rows: int):
+        self.tokenizer, self.eos, self.rows = tokenizer, set(eos), rows
+        self.tokens: list[list[int]] = [[] for _ in range(rows)]
+        self.finished = [False] * rows
+        self.steps = 0
         self.prompt_seen = False
-        self.queue: queue.Queue[tuple[str, str] | None] = queue.Queue()
+        self.queue: queue.Queue[tuple[str, ...] | None] = queue.Queue()
+
+    def begin_slice(self) -> None:
+        self.prompt_seen = False  # each generate() call first hands over its input ids: the prompt and more
 
     def put(self, value: torch.Tensor) -> None:
-        if not self.prompt_seen:  # generate() first hands over the prompt ids
+        if not self.prompt_seen:
             self.prompt_seen = True
             return
-        for row, token in enumerate(value.reshape(2, -1)[:, -1].tolist()):
+        self.steps += 1
+        for row, token in enumerate(value.reshape(self.rows, -1)[:, -1].tolist()):
             if self.finished[row] or token in self.eos:
                 self.finished[row] = True
                 continue
             self.tokens[row].append(token)
-        texts = [self.tokenizer.decode(t, skip_special_tokens=True) for t in self.tokens]
-        self.queue.put((texts[0], texts[1]))
+        self.queue.put(tuple(self.tokenizer.decode(t, skip_special_tokens=True) for t in self.tokens))
 
     def end(self) -> None:
         self.queue.put(None)
@@ -286,18 +415,18 @@ def _base_kept(model: Any) -> Iterator[None]:
 
 
 class ChatEngine:
-    """Keeps base models and their adapters in memory; one generation at a time (the CPU has no room for two)."""
+    """Keeps base models and their adapters in memory; one generation at a time (the CPU has no room for two),
+    several answers taking turns in slices."""
 
     def __init__(self, profile: HardwareProfile | None = None, max_bases: int = 1, max_seconds: float = MAX_SECONDS,
-                 clock: Callable[[], float] = time.monotonic):
+                 clock: Callable[[], float] = time.monotonic, slice_tokens: int = SLICE_TOKENS):
         self.profile = profile or detect()
         self.max_bases = max(1, max_bases)
         self.max_seconds, self.clock = max_seconds, clock  # the time budget of one request (0 = none)
+        self.slice_tokens = slice_tokens  # tokens per turn while another request waits
         self._bases: OrderedDict[tuple[Any, ...], _LoadedBase] = OrderedDict()
         self._load_lock = threading.RLock()
-        # A plain Lock, not an RLock: gradio advances a streaming generator from different worker threads,
-        # so the thread that releases it is not always the one that acquired it.
-        self._generation_lock = threading.Lock()
+        self._turns = _Turns()
         self.base_loads = 0  # how many times a base model was loaded from disk (tests check reuse)
         # Seconds per generated token (both sides of a pair together), measured on every answer and weighted
         # towards the latest: what the Chat tab's expected time uses, re-measured as the machine's load changes.
@@ -456,52 +585,93 @@ class ChatEngine:
         eos = eos if isinstance(eos, list) else [eos]
         return [e for e in eos if e is not None]
 
+    def idle(self) -> bool:
+        """No request holds the model or waits for it."""
+        return self._turns.idle()
+
     @contextlib.contextmanager
-    def _generating(self) -> Iterator[None]:
-        """The model, for one request at a time. Visitors queue in gradio's queue (the Chat and Evaluate events
-        share one concurrency slot, so each waiting visitor sees their position); this lock only keeps other
-        callers of the engine (RLHF's comparison, the CLI, tests) from generating at the same time."""
-        if not self._generation_lock.acquire(timeout=LOCK_TIMEOUT_SECONDS):
-            raise RuntimeError("The model is busy with another answer; try again in a moment.")
+    def exclusive(self) -> Iterator[None]:
+        """The model for a whole block of work that is not sliced (a held-out loss pass): it waits for its turn
+        like an answer, and answers wait for it. Visitors queue in gradio first (each event's concurrency slot);
+        the turns decide who runs among the requests gradio let in."""
+        turn = _Turn(self._turns)
+        turn.take()
         try:
             yield
         finally:
-            self._generation_lock.release()
+            turn.leave()
 
     def _budget(self) -> _TimeBudget:
         return _TimeBudget(self.max_seconds, self.clock)
 
-    def _generate_kwargs(self, entry: _LoadedBase, conversations: list[Messages], settings: SamplingSettings,
-                         streamer: Any, stop: threading.Event, budget: _TimeBudget) -> dict[str, Any]:
-        """generate()'s arguments: the batch, the streamer, and both ways to end early (a closed stream, the
-        request's time budget)."""
-        return {**self._inputs(entry, conversations, settings), "streamer": streamer,
-                "generation_config": settings.generation_config(entry.tokenizer, self._eos(entry)),
-                "stopping_criteria": StoppingCriteriaList([_StopFlag(stop), budget])}
-
-    def _run(self, target: Any, kwargs: dict[str, Any], seed: int) -> tuple[threading.Thread, list[BaseException]]:
+    def _run(self, target: Any, kwargs: dict[str, Any], randomness: _RandomStream
+             ) -> tuple[threading.Thread, dict[str, Any]]:
         """generate() in a thread; an error there ends the stream (instead of leaving the reader waiting for the
-        lock timeout) and is handed back in the list, for the reader to raise."""
-        errors: list[BaseException] = []
+        lock timeout) and is handed back under "error", for the reader to raise; the result under "output"."""
+        outcome: dict[str, Any] = {}
 
         def work() -> None:
-            torch.manual_seed(seed)
+            randomness.resume()
             try:
                 with torch.inference_mode():
-                    target(**kwargs)
+                    outcome["output"] = target(**kwargs)
+                randomness.keep()
             except Exception as error:  # noqa: BLE001 - reported to the reader by _raise_failure
-                errors.append(error)
+                outcome["error"] = error
                 kwargs["streamer"].end()
 
         thread = threading.Thread(target=work, daemon=True, name="chat-generate")
         thread.start()
-        return thread, errors
+        return thread, outcome
 
     @staticmethod
-    def _raise_failure(errors: list[BaseException]) -> None:
-        if errors:
-            error = errors[0]
+    def _raise_failure(outcome: dict[str, Any]) -> None:
+        if "error" in outcome:
+            error = outcome["error"]
             raise RuntimeError(f"Generation failed: {first_line(error)}") from error
+
+    def _generate_in_turns(self, entry: _LoadedBase, conversations: list[Messages], settings: SamplingSettings,
+                           budget: _TimeBudget, turn: _Turn, streamer: _RowStreamer, generate: Callable[..., Any],
+                           switched: Callable[[], Any]) -> Iterator[tuple[str, ...]]:
+        """Each row's answer so far, after every new token, from ``generate`` called within ``switched()`` (the
+        rows' adapters switched on). While another request waits, a call ends after ``slice_tokens`` tokens, the
+        turn passes on, and the next call continues from this request's KV cache: the same forward passes as one
+        unbroken call, so greedy answers are the same tokens. Entered and left holding the turn."""
+        inputs = self._inputs(entry, conversations, settings)
+        prompt_mask, prompt_length = inputs["attention_mask"], inputs["input_ids"].shape[1]
+        config = settings.generation_config(entry.tokenizer, self._eos(entry))
+        config.return_dict_in_generate = True  # the KV cache comes back for the next slice
+        stop, randomness, cache, written, spent = threading.Event(), _RandomStream(settings.seed), None, 0, 0.0
+        while True:
+            slice_end = _SliceEnd(self._turns, self.slice_tokens)
+            config.max_new_tokens = settings.max_new_tokens - written
+            kwargs = {**inputs, "past_key_values": cache, "streamer": streamer, "generation_config": config,
+                      "stopping_criteria": StoppingCriteriaList(
+                          [_StopFlag(stop), budget, _RowsDone(list(streamer.finished)), slice_end])}
+            streamer.begin_slice()
+            started = time.monotonic()
+            with switched():
+                thread, outcome = self._run(generate, kwargs, randomness)
+                try:
+                    while (texts := streamer.queue.get(timeout=LOCK_TIMEOUT_SECONDS)) is not None:
+                        yield texts
+                except BaseException:
+                    stop.set()  # a closed stream (client gone, request cancelled) ends generate at its next token
+                    raise
+                finally:
+                    thread.join()
+            spent += time.monotonic() - started
+            self._raise_failure(outcome)
+            sequences = outcome["output"].sequences
+            written = sequences.shape[1] - prompt_length
+            if (not slice_end.fired or budget.ran_out.is_set() or all(streamer.finished)
+                    or written >= settings.max_new_tokens):
+                break
+            ones = prompt_mask.new_ones((prompt_mask.shape[0], written))
+            inputs = {"input_ids": sequences, "attention_mask": torch.cat([prompt_mask, ones], dim=1)}
+            cache = outcome["output"].past_key_values
+            turn.pass_on(budget)
+        self._record_pace(spent, streamer.steps)
 
     def stream_pair(self, prompt: str, base_history: Any, tuned_history: Any, cfg: ModelConfig,
                     adapter_name: str, adapter_dir: str | Path, settings: SamplingSettings | None = None,
@@ -515,14 +685,18 @@ class ChatEngine:
             (peft_adapter_name(adapter_name), Path(adapter_dir))]
         conversations = [normalize_history(h) + [{"role": "user", "content": prompt}]
                          for h in (base_history, tuned_history)]
-        with self._generating():
+        turn = _Turn(self._turns)
+        turn.take()
+        try:
             layers = self._batchable(cfg, [side for side in sides if side])
             if layers is not None:
                 entry = self.loaded(cfg)
                 yield from self._stream_batched(entry, layers, [side and side[0] for side in sides],
-                                                conversations, settings)
+                                                conversations, settings, turn)
             else:
-                yield from self._stream_one_then_other(conversations, cfg, sides, settings)
+                yield from self._stream_one_then_other(conversations, cfg, sides, settings, turn)
+        finally:
+            turn.leave()
 
     def _batchable(self, cfg: ModelConfig, adapters: list[tuple[str, Path]]) -> dict[str, list[Any]] | None:
         """Each adapter's LoRA layers (all attached to one base), or None when a per-row scale cannot give each
@@ -536,23 +710,16 @@ class ChatEngine:
         return None if any(found is None for found in layers.values()) else layers  # type: ignore[return-value]
 
     def _stream_batched(self, entry: _LoadedBase, layers: dict[str, list[Any]], row_adapters: list[str | None],
-                        conversations: list[Messages], settings: SamplingSettings) -> Iterator[tuple[str, str]]:
-        """Both rows in one generate call, each with its own adapter (or none) switched on."""
-        eos, stop, budget = self._eos(entry), threading.Event(), self._budget()
-        streamer = _PairStreamer(entry.tokenizer, eos)
-        kwargs = self._generate_kwargs(entry, conversations, settings, streamer, stop, budget)
-        texts, steps, started = ("", ""), 0, time.monotonic()
-        with self._adapters_on_rows(entry, layers, row_adapters):
-            thread, errors = self._run(entry.model.generate, kwargs, settings.seed)
-            try:
-                while (item := streamer.queue.get(timeout=LOCK_TIMEOUT_SECONDS)) is not None:
-                    texts, steps = item, steps + 1
-                    yield texts
-            finally:
-                stop.set()  # a closed stream (client gone, request cancelled) ends generate at its next token
-                thread.join()
-        self._record_pace(time.monotonic() - started, steps)
-        self._raise_failure(errors)
+                        conversations: list[Messages], settings: SamplingSettings, turn: _Turn
+                        ) -> Iterator[tuple[str, str]]:
+        """Both rows in one generate call per slice, each with its own adapter (or none) switched on: switched on
+        again at every slice, since another request's slice in between may have switched others on."""
+        budget, texts = self._budget(), ("", "")
+        streamer = _RowStreamer(entry.tokenizer, self._eos(entry), 2)
+        for texts in self._generate_in_turns(entry, conversations, settings, budget, turn, streamer,
+                                             entry.model.generate,
+                                             lambda: self._adapters_on_rows(entry, layers, row_adapters)):
+            yield texts  # type: ignore[misc]
         if budget.ran_out.is_set():
             yield tuple(text if done else budget.mark(text)  # type: ignore[misc]
                         for text, done in zip(texts, streamer.finished))
@@ -560,7 +727,7 @@ class ChatEngine:
             yield texts
 
     def _stream_one_then_other(self, conversations: list[Messages], cfg: ModelConfig,
-                               sides: list[tuple[str, Path] | None], settings: SamplingSettings
+                               sides: list[tuple[str, Path] | None], settings: SamplingSettings, turn: _Turn
                                ) -> Iterator[tuple[str, str]]:
         """Mixed-adapter batches exist for LoRA-type adapters only: IA3, prompt tuning and DoRA answer one side
         after the other, within the same time budget."""
@@ -568,7 +735,8 @@ class ChatEngine:
         budget, texts = self._budget(), ["", ""]
         for index, side in enumerate(sides):
             entry = self.attach(cfg, *side) if side else self.loaded(cfg)
-            for texts[index] in self._stream_side(entry, side and side[0], conversations[index], settings, budget):
+            for texts[index] in self._stream_side(entry, side and side[0], conversations[index], settings, budget,
+                                                  turn):
                 yield texts[0], texts[1]
         if not any(texts):
             yield "", ""
@@ -579,36 +747,32 @@ class ChatEngine:
         prompt, settings = check_prompt(prompt), settings or SamplingSettings()
         adapter_name = peft_adapter_name(adapter_name) if adapter_name else None
         messages = normalize_history(history) + [{"role": "user", "content": prompt}]
-        with self._generating():
+        turn = _Turn(self._turns)
+        turn.take()
+        try:
             entry = self.attach(cfg, adapter_name, adapter_dir) if adapter_name else self.loaded(cfg)
-            yield from self._stream_side(entry, adapter_name, messages, settings, self._budget())
+            yield from self._stream_side(entry, adapter_name, messages, settings, self._budget(), turn)
+        finally:
+            turn.leave()
 
     def _stream_side(self, entry: _LoadedBase, adapter_name: str | None, messages: Messages,
-                     settings: SamplingSettings, budget: _TimeBudget) -> Iterator[str]:
+                     settings: SamplingSettings, budget: _TimeBudget, turn: _Turn) -> Iterator[str]:
         """One answer from an attached model, within what is left of the request's time budget."""
         if budget.ran_out.is_set():  # the other side spent it all: do not start a prompt pass for nothing
             yield budget.mark("")
             return
-        stop = threading.Event()
-        streamer = TextIteratorStreamer(entry.tokenizer, skip_prompt=True, skip_special_tokens=True,
-                                        timeout=LOCK_TIMEOUT_SECONDS)
-        kwargs = self._generate_kwargs(entry, [messages], settings, streamer, stop, budget)
-        thread, errors = self._run(self._side(entry, adapter_name), kwargs, settings.seed)
+        streamer = _RowStreamer(entry.tokenizer, self._eos(entry), 1)
         text = ""
-        try:
-            for piece in streamer:
-                text += piece
-                yield text
-        finally:
-            stop.set()  # a closed stream (client gone, request cancelled) ends generate at its next token
-            thread.join()
-        self._raise_failure(errors)
+        for (text,) in self._generate_in_turns(entry, [messages], settings, budget, turn, streamer,
+                                               self._side(entry, adapter_name), contextlib.nullcontext):
+            yield text
         if budget.ran_out.is_set():
             yield budget.mark(text)
 
     @staticmethod
     def _side(entry: _LoadedBase, adapter_name: str | None) -> Any:
-        """generate() with the adapter switched on, or with every adapter disabled for the base answer."""
+        """generate() with the adapter switched on, or with every adapter disabled for the base answer (switched
+        at every slice: another request's slice in between may have switched another adapter on)."""
         def generate(**kwargs: Any) -> Any:
             if adapter_name:
                 entry.model.set_adapter(adapter_name)

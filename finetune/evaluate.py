@@ -255,9 +255,12 @@ def candidate_model(engine: Any, candidate: Candidate) -> tuple[Any, Any, Any]:
 
 def candidate_loss(engine: Any, candidate: Candidate, rows: Any, batch_size: int = 4,
                    on_batch: Progress | None = None) -> LossResult:
-    model, tokenizer, context = candidate_model(engine, candidate)
-    with context:
-        return dataset_loss(model, tokenizer, rows, batch_size=batch_size, on_batch=on_batch)
+    """The held-out loss, holding the engine's model for the whole pass (chat answers wait for their turn, so none
+    switches adapters under it)."""
+    with engine.exclusive():
+        model, tokenizer, context = candidate_model(engine, candidate)
+        with context:
+            return dataset_loss(model, tokenizer, rows, batch_size=batch_size, on_batch=on_batch)
 
 
 def candidate_answer(engine: Any, candidate: Candidate, prompt: list[dict[str, str]], max_new_tokens: int) -> str:

@@ -52,6 +52,5 @@ def test_stop_ends_an_answer_being_generated_and_frees_the_model(policy_runs):
         wait_until(lambda: not _generation_threads(), "generation to end after Stop")
         reads = clock.reads
         assert reads < 300  # ended long before its 400 tokens...
-        assert engine._generation_lock.acquire(blocking=False)  # ...and the model is free for the next visitor
-        engine._generation_lock.release()
+        assert engine.idle()  # ...and the model is free for the next visitor
         assert not page.locator("#feedback-panel").is_visible()  # a stopped answer is not stored for a vote

@@ -170,8 +170,7 @@ def test_a_failing_generation_ends_the_stream_with_its_error(engine, model_cfg, 
             list(engine.stream("Hello", [], model_cfg, settings=settings))
     assert failure.value.__cause__ is not None and "queue" not in type(failure.value.__cause__).__module__
     assert not _generation_threads()  # the worker ended with its error, nothing left running
-    assert engine._generation_lock.acquire(blocking=False)  # and the model is free for the next request
-    engine._generation_lock.release()
+    assert engine.idle()  # and the model is free for the next request
     assert engine.answer_pair("Hello", [], [], model_cfg, "run-a", adapters["run-a"], GREEDY)[1]  # still serves
 
 
@@ -392,6 +391,74 @@ def test_a_long_request_holds_a_short_one_up_no_longer_than_its_budget(model_cfg
     assert short[-1][1][1] and budget_note(10) not in "".join(short[-1][1])  # ...and then answered in full
 
 
+class _GateClock:
+    """A clock (the engine reads it once per token) whose ``opens_at``-th read waits until another request is
+    queued for the model, then never waits again: the other request certainly arrives while the long answer is
+    generating, on any machine (a condition, not a timed race)."""
+
+    def __init__(self, engine: ChatEngine, opens_at: int = 3) -> None:
+        import threading
+
+        self.engine, self.opens_at, self.reads, self._lock = engine, opens_at, 0, threading.Lock()
+
+    def __call__(self) -> float:
+        import time
+
+        with self._lock:
+            self.reads += 1
+            gate = self.reads == self.opens_at
+        if gate:
+            wait_until(self.engine._turns.others_waiting, "another request to queue for the model", every=0.01)
+        return time.monotonic()
+
+
+# Long enough for several 16-token slices, short enough for a busy 2-core machine.
+FAIR_LONG = SamplingSettings(max_new_tokens=100, temperature=0.0)
+SAMPLED_LONG = SamplingSettings(max_new_tokens=100, temperature=0.9, top_p=0.9, seed=3)
+
+
+@pytest.mark.parametrize("side, settings", [("pair", FAIR_LONG), ("one", FAIR_LONG), ("pair", SAMPLED_LONG)],
+                         ids=["pair-greedy", "one-greedy", "pair-sampled"])
+def test_a_short_question_is_answered_while_a_long_answer_is_still_generating(model_cfg, adapters, side, settings):
+    """Issue 32: a visitor's long answer must not make another visitor's 'hi' wait for all of it. The answers
+    take turns in slices of 16 tokens: 'hi' (with another adapter, so the slices switch adapters in between)
+    finishes while the long answer is still writing, and the long answer, continued from its own KV cache, is token
+    for token the one it writes alone (greedy), or the same draw from its seed (sampled)."""
+    import threading
+
+    engine = ChatEngine(max_seconds=0)
+    short_settings = SamplingSettings(max_new_tokens=4, temperature=0.0)
+
+    def long_stream():
+        return (engine.stream_pair("Tell me a story", [], [], model_cfg, "run-a", adapters["run-a"], settings)
+                if side == "pair" else engine.stream("Tell me a story", [], model_cfg, "run-a", adapters["run-a"],
+                                                     settings))
+
+    alone = list(long_stream())  # unsliced: nobody else waits
+    short_alone = list(engine.stream("hi", [], model_cfg, "run-b", adapters["run-b"], short_settings))[-1]
+    engine.clock = _GateClock(engine)
+    frames: list[Any] = []
+    started = threading.Event()
+
+    def long_request() -> None:
+        for texts in long_stream():
+            frames.append(texts)
+            started.set()
+
+    thread = threading.Thread(target=long_request)
+    thread.start()
+    started.wait()
+    short = list(engine.stream("hi", [], model_cfg, "run-b", adapters["run-b"], short_settings))
+    long_frames_when_short_ended = len(frames)
+    thread.join()
+    assert len(alone) > 2 * engine.slice_tokens  # long enough to be sliced
+    assert long_frames_when_short_ended < len(frames)  # the short answer ended while the long one was generating
+    assert long_frames_when_short_ended <= 2 * engine.slice_tokens  # ...within its first slices, not at its end
+    assert short[-1] == short_alone  # and in full
+    assert frames[-1] == alone[-1]  # the long answer is the same as when nobody interrupted it
+    assert engine.idle()
+
+
 @pytest.mark.parametrize("side", ["pair", "one"])
 def test_a_closed_stream_stops_generating_and_frees_the_model(model_cfg, adapters, side):
     """gradio closes the generator when the client disconnects or the request is cancelled: generation must stop
@@ -404,8 +471,7 @@ def test_a_closed_stream_stops_generating_and_frees_the_model(model_cfg, adapter
     next(stream)
     stream.close()
     assert not _generation_threads()
-    assert engine._generation_lock.acquire(blocking=False)
-    engine._generation_lock.release()
+    assert engine.idle()
     assert clock.reads < LONG.max_new_tokens // 4  # generation stopped within a few tokens of the close
 
 
@@ -517,26 +583,27 @@ def _wait_for(condition) -> Any:
     return wait_until(condition, "the chat condition", every=0.05)
 
 
-def test_a_waiting_visitor_sees_their_place_and_a_cancelled_request_frees_the_model(policy_runs, model_cfg):
+def test_through_gradio_a_short_chat_is_answered_during_a_long_one_and_stop_frees_the_model(policy_runs,
+                                                                                          model_cfg):
+    """The Chat tab behind gradio's queue: a second visitor's 'hi' streams its answer while the first visitor's
+    400-token answer is still generating (the chat slot lets both in and the engine gives them turns); then the
+    long one is cancelled (what Stop and a closed tab do), its generation ends and the model is free."""
     from gradio_client import Client
-    from gradio_client.utils import Status
 
     clock = _SlowClock(slow_from=4)
     engine = ChatEngine(max_seconds=0, clock=clock)  # no time budget: only the cancel can end the long answer
     with _served_chat_tab(policy_runs, engine) as url:
-        busy, waiting = Client(url, verbose=False), Client(url, verbose=False)
+        busy, other = Client(url, verbose=False), Client(url, verbose=False)
         long_job = busy.submit("Tell me a story", "sft-run", [], [], 400, 0.0, 0.9, 0, api_name="/chat")
         _wait_for(lambda: clock.generating.is_set() or long_job.done())
         assert not long_job.done(), long_job.exception()  # the long answer is generating
-        short_job = waiting.submit("hi", "sft-run", [], [], 4, 0.0, 0.9, 0, api_name="/chat")
-        queued = _wait_for(lambda: (s := short_job.status()).code == Status.IN_QUEUE and s.rank is not None and s)
-        assert queued.rank == 0 and queued.queue_size >= 1  # gradio's queue tells the visitor their place
-        long_job.cancel()  # what gradio does when a client goes away, too: it closes the handler's generator
-        left, right, _ = short_job.result()  # the waiting visitor is served...
+        short_job = other.submit("hi", "sft-run", [], [], 4, 0.0, 0.9, 0, api_name="/chat")
+        left, right, _ = short_job.result()  # the other visitor is served...
         assert right[-1]["role"] == "assistant" and right[-1]["content"]
-    assert not _generation_threads()
-    assert engine._generation_lock.acquire(blocking=False)  # ...and nothing holds the model any more
-    engine._generation_lock.release()
+        assert not long_job.done()  # ...while the long answer still runs
+        long_job.cancel()  # what gradio does when a client goes away, too: it closes the handler's generator
+        _wait_for(lambda: not _generation_threads())
+    assert engine.idle()  # nothing holds the model any more
     assert clock.reads < 300  # the cancelled answer stopped long before its 400 tokens
 
 
