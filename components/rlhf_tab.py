@@ -657,8 +657,8 @@ def _wire(manager: RunManager, feedback_db: Path | None, form: dict[str, Any], p
     gr.on([form[k].change for k in ("model_kind", "model_source", "model_bits", "start_adapter", "data_kind",
                                     "data_file", "data_hub_name", "method", "reward_run")],
           summary, inputs_kwargs=form, outputs=pipeline, api_visibility="private", show_progress="hidden")
-    form["model_kind"].change(lambda kind: gr.update(value=EMBEDDED_MODEL if kind == "Embedded" else ""),
-                              form["model_kind"], form["model_source"], api_visibility="private")
+    form["model_kind"].input(lambda kind: gr.update(value=EMBEDDED_MODEL if kind == "Embedded" else ""),
+                             form["model_kind"], form["model_source"], api_visibility="private")  # see train_tab
     data_view["preview"].click(bind(preview_data, manager, feedback_db), inputs_kwargs=form,
                                outputs=[data_view["info"], data_view["table"]], api_name="rlhf_preview_data",
                                **PREVIEW_SLOT)

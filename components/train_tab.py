@@ -703,8 +703,10 @@ def _wire(manager: RunManager, profile: HardwareProfile, form: dict[str, Any], p
           view: dict[str, Any], history: dict[str, Any]) -> None:
     form_list = list(form.values())
     preset.change(load_preset, preset, form_list, api_name="load_preset")
-    form["model_kind"].change(choose_model_kind, [form["model_kind"], form["model_source"]], form["model_source"],
-                              api_visibility="private")
+    # .input, not .change: only a person's pick clears the source; a preset or a reload that restores a run's form
+    # sets the kind and the source together, and a .change raced that and emptied the restored source.
+    form["model_kind"].input(choose_model_kind, [form["model_kind"], form["model_source"]], form["model_source"],
+                             api_visibility="private")
     form["lora_method"].change(show_method_fields, form["lora_method"], [form[k] for k in METHOD_FIELDS],
                                api_visibility="private")
     estimate_inputs = [form[k] for k in ("lora_method", "lora_init", "lora_num_virtual_tokens",

@@ -42,8 +42,9 @@ def test_train_then_chat(page, app_url, style_model_dir, qa_file):
     page.locator("#train-progress[data-state='running']:not([data-points='0'])").wait_for(timeout=300_000)
     page.locator("#loss-plot canvas, #loss-plot svg").first.wait_for(timeout=10_000)
 
-    # A reload mid-training re-attaches to the running job.
+    # A reload mid-training re-attaches to the running job (the page opens on the course: back to the Train tab).
     page.reload()
+    page.get_by_role("tab", name="Train").click()
     expect(page.locator("#train-progress[data-state='running']")).to_be_visible(timeout=15_000)
     expect(page.locator("#watching-run textarea, #watching-run input").first).not_to_have_value("")
     # ...and the form shows the settings of the run in progress again.
