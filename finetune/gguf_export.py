@@ -27,7 +27,6 @@ size, Llama 3); Llama 2's SentencePiece tokenizer and anything else is refused b
 from __future__ import annotations
 
 import argparse
-import errno
 import hashlib
 import json
 import os
@@ -54,6 +53,7 @@ from finetune.metrics import read_status
 from finetune.models import (ModelSourceError, embedded_model_dir, from_hub_or_cache, load_tokenizer,
                              require_hub_to_push)
 from finetune.paths import display_name, for_visitors, local_paths_mode
+from finetune.storage import disk_full_message, is_disk_full
 
 GGUF_DIR = "gguf"
 MODELFILE_SUFFIX = ".Modelfile"  # one per type: run-q8_0.gguf + run-q8_0.Modelfile
@@ -622,9 +622,9 @@ def convert_folder(model_dir: Path, target: Path, out_type: str, tokenizer: Any,
 
 
 def _disk_message(error: OSError, needed: int) -> str:
-    if error.errno == errno.ENOSPC:
-        return (f"The disk filled up while writing the GGUF (about {needed / 2**20:.0f} MB needed); the partial "
-                "file was removed. Free some space and export again.")
+    if is_disk_full(error):
+        return disk_full_message(f"writing the GGUF (about {needed / 2**20:.0f} MB; the partial file was removed)",
+                                 "build it again")
     return f"Writing the GGUF failed ({first_line(error)}); the partial file was removed."
 
 
@@ -850,12 +850,26 @@ def write_gguf(run_dir: str | Path, out_type: str = "q8_0", into: str = "trained
         target = gguf_path(run_dir, out_type)
         result = convert_folder(merged, target, out_type, run.tokenizer, metadata_name(run_dir, out_type),
                                 progress=lambda f, m: progress(0.3 + 0.68 * f, m))
-        result.modelfile.write_text(modelfile_text(target.name, run.tokenizer), encoding="utf-8")
-        _info_path(target).write_text(json.dumps({
-            "fingerprint": fingerprint, "into": into, "weights": result.weights,
-            "tensor_types": result.tensor_types, "kept": result.kept}), encoding="utf-8")
+        _finish(result, target, {"fingerprint": fingerprint, "into": into, "weights": result.weights,
+                                 "tensor_types": result.tensor_types, "kept": result.kept}, run.tokenizer)
         progress(1.0, "GGUF written")
         return result
+
+
+def _finish(result: GgufExport, target: Path, info: dict[str, Any], tokenizer: Any) -> None:
+    """The Modelfile and the build record beside the GGUF. If either cannot be written (a full disk), the GGUF goes
+    too: a file without its record would be built again anyway, and its space is what the visitor needs back."""
+    try:
+        result.modelfile.write_text(modelfile_text(target.name, tokenizer), encoding="utf-8")
+        _info_path(target).write_text(json.dumps(info), encoding="utf-8")
+    except OSError as error:
+        for path in (target, result.modelfile, _info_path(target)):
+            path.unlink(missing_ok=True)
+        if is_disk_full(error):
+            raise ExportError(disk_full_message("writing the GGUF's Modelfile (the GGUF was removed)",
+                                                "build it again")) from None
+        raise ExportError(f"Writing the GGUF's Modelfile failed ({first_line(error)}); the GGUF was removed.") \
+            from None
 
 
 def zip_merged(run_dir: str | Path, into: str = "trained", progress: Progress = _no_progress) -> Path:
@@ -873,6 +887,8 @@ def zip_merged(run_dir: str | Path, into: str = "trained", progress: Progress = 
                     archive.write(path, f"{run_dir.name}-merged/{path.relative_to(merged).as_posix()}")
         os.replace(partial, target)
     except OSError as error:
+        if is_disk_full(error):
+            raise ExportError(disk_full_message("zipping the merged model (the partial zip was removed)")) from None
         raise ExportError(f"Zipping the merged model failed ({first_line(error)}); nothing was left behind.") \
             from None
     finally:

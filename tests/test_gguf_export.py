@@ -298,13 +298,59 @@ def test_a_full_disk_leaves_nothing_half_written(exports, trained_run, monkeypat
         return real(data, qtype)
 
     monkeypatch.setattr(gguf_export, "encode_tensor", disk_fills_up)
-    with pytest.raises(ExportError, match="disk filled up.*partial file was removed"):
+    with pytest.raises(ExportError, match=r"Disk full while writing the GGUF .*partial file was removed.*Delete"):
         convert_folder(merged, target, "q8_0", tokenizer, "x")
     assert len(calls) == 5 and list(tmp_path.iterdir()) == []
     monkeypatch.setattr(gguf_export, "_free_bytes", lambda folder: 1 << 20)
     with pytest.raises(ExportError, match=r"Not enough disk space .* MB are free"):
         convert_folder(merged, target, "q8_0", tokenizer, "x")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_build_that_fills_the_disk_says_disk_full_and_what_to_delete(exports, trained_run, monkeypatch, tmp_path):
+    """Issue 32: a GGUF build that hits a full disk ends like the other exports: 'Disk full while ...' and what to
+    delete, with nothing of the build left. The disk is simulated: gguf's writer (the real one, writing the real
+    file) raises OSError(ENOSPC) on its third tensor; then the Modelfile's write does. A build after that works."""
+    import gguf
+
+    from finetune.gguf_export import MODELFILE_SUFFIX
+
+    trained_run = copy_run(trained_run, tmp_path)  # its merged model is reused; the module's GGUFs stay as they are
+    folder = gguf_path(trained_run, "q4_0").parent
+    for path in folder.glob("*q4_0*"):  # the copy's q4_0 build goes: this test builds it afresh
+        path.unlink()
+    real_write, written = gguf.GGUFWriter.write_tensor_data, []
+
+    def disk_fills_up(writer, *args, **kwargs):
+        written.append(1)
+        if len(written) == 3:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write(writer, *args, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(gguf.GGUFWriter, "write_tensor_data", disk_fills_up)
+        with pytest.raises(ExportError) as full:
+            write_gguf(trained_run, "q4_0")
+    assert len(written) == 3
+    assert str(full.value).startswith("Disk full while writing the GGUF (about ")
+    assert "partial file was removed" in str(full.value) and "Delete" in str(full.value)
+    assert not list(folder.glob("*q4_0*")) and not (folder / ".building").exists()
+
+    real_text = Path.write_text
+
+    def modelfile_fills_up(path, *args, **kwargs):
+        if path.name.endswith(MODELFILE_SUFFIX):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_text(path, *args, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(Path, "write_text", modelfile_fills_up)
+        with pytest.raises(ExportError, match=r"^Disk full while writing the GGUF's Modelfile \(the GGUF was "
+                                              r"removed\): delete runs"):
+            write_gguf(trained_run, "q4_0")
+    assert not list(folder.glob("*q4_0*"))  # no GGUF without its Modelfile and record
+    rebuilt = write_gguf(trained_run, "q4_0")  # with room again, the build works
+    assert rebuilt.path.is_file() and rebuilt.modelfile.is_file() and not rebuilt.cached
 
 
 def test_bad_input_is_refused_before_any_work(trained_run, tmp_path, tiny_model_dir, qa_file):
