@@ -44,6 +44,8 @@ ARENA_LABELS = ("A", "B")
 COMPARE = [("Base model", "base"), ("Starting adapter", "start")]
 POLICY_STAGES = ("dpo", "kto", "grpo")
 LONG_WAIT_SECONDS = 60  # an expected answer this long gets a reminder that Stop exists
+# One refusal for an answer that is someone else's and one that was never recorded: no visitor learns which exist.
+NOT_YOUR_ANSWER = "You can rate only answers given to you: send a prompt, then rate its answers."
 
 
 def _who(request: gr.Request | None) -> dict[str, str | None]:
@@ -274,7 +276,9 @@ def submit_feedback(store: FeedbackStore | None, turn: Turn | None, vote: str | 
         raise refusal("Choose which answer is better, or write a comment or a corrected answer.")
     if vote and vote not in ("left", "right", "tie", "both_bad"):
         raise refusal(f"Unknown vote {vote!r}.")
-    gen, saved = turn["gen"], []
+    gen, saved = turn.get("gen") or {}, []
+    if not store.given_to([gen.get(side) for side in SIDES], **who):
+        raise refusal(NOT_YOUR_ANSWER)
     try:
         if vote:
             choice = {"left": "first", "right": "second"}.get(vote, vote)
@@ -319,6 +323,8 @@ def like_answer(store: FeedbackStore | None, side: str, turn: Turn | None, data:
         gr.Warning("That answer was not stored (it came before this session's feedback started); "
                    "ask again to rate it.")
         return
+    if not store.given_to([generation], **who):
+        raise refusal(NOT_YOUR_ANSWER)
     up = data.liked if isinstance(data.liked, bool) else None  # "" means the thumb was clicked off again
     try:
         store.add_thumbs(generation, up, **who)

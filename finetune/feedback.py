@@ -310,6 +310,18 @@ class FeedbackStore:
         row["history"], row["settings"] = json.loads(row["history"]), json.loads(row["settings"])
         return row
 
+    def given_to(self, generation_ids: list[Any], user: str | None, session: str | None) -> bool:
+        """Whether every one of these answers was recorded for this visitor: the same signed-in (or logged-in)
+        user, or, with nobody signed in, the same browser session. Feedback names only such answers, and the app
+        gives one refusal whether an id is someone else's or was never recorded."""
+        ids = {g for g in generation_ids if isinstance(g, str) and g}
+        if not ids or len(ids) != len([g for g in generation_ids if g]):
+            return False
+        rows = self._rows(f"SELECT user, session FROM generations WHERE id IN ({', '.join('?' * len(ids))})",
+                          tuple(ids))
+        return len(rows) == len(ids) and all(row["user"] == user and (user is not None or row["session"] == session)
+                                             for row in rows)
+
     def last_turn(self, session: str | None) -> dict[str, str] | None:
         """The newest side-by-side turn of one browser session as {'prompt', 'base', 'tuned'} (the sides as
         stored, whatever order an arena showed them in); None when the session has none. Other sessions' turns

@@ -154,6 +154,43 @@ def feedback_of_two(store: FeedbackStore, manager: RunManager) -> None:
             like_answer(store, "right", turn, SimpleNamespace(index=1, liked=True), visiting(name))
 
 
+def test_a_vote_or_thumb_on_someone_elses_answer_is_refused_as_one_never_given(shared_app, tmp_path):
+    """Issue 32: a turn naming Alice's stored answers gets Bob the same refusal as a turn naming made-up ids, for a
+    vote, a comment, a correction and a thumb, so feedback cannot probe which answers exist; nothing is stored on
+    Alice's answers. (In the app the turn is server-side session state that the API cannot set: see
+    test_reliability's sweep; the handlers check again for any other caller.)"""
+    from components.chat_tab import _who, like_answer, submit_feedback
+
+    store = FeedbackStore(tmp_path / "feedback.db")
+    try:
+        ids = store.record_turn(model="m", adapter="alice-run", prompt=ALICE_PROMPT, base_history=[],
+                                tuned_history=[], settings={}, base_response="base", tuned_response="tuned",
+                                **_who(visiting("alice")))
+        turns = {"alice's": {"gen": {"left": ids["base"], "right": ids["tuned"]}, "arena": False,
+                             "messages": {"left": {}, "right": {"1": ids["tuned"]}}},
+                 "made-up": {"gen": {"left": "made-up-1", "right": "made-up-2"}, "arena": False,
+                             "messages": {"left": {}, "right": {"1": "made-up-2"}}}}
+        answers: dict[str, list[str]] = {}
+        for label, turn in turns.items():
+            for action in (lambda: submit_feedback(store, turn, "left", "", "", "both", visiting("bob")),
+                           lambda: submit_feedback(store, turn, None, "a comment", "", "both", visiting("bob")),
+                           lambda: submit_feedback(store, turn, None, "", "A fix.", "right", visiting("bob")),
+                           lambda: like_answer(store, "right", turn, SimpleNamespace(index=1, liked=True),
+                                               visiting("bob"))):
+                with pytest.raises(gr.Error) as refused:
+                    action()
+                answers.setdefault(label, []).append(str(refused.value))
+        assert answers["alice's"] == answers["made-up"], answers
+        assert all("only answers given to you" in message for message in answers["alice's"])
+        assert not any(ids[side] in message or "alice" in message for message in answers["alice's"]
+                       for side in ("base", "tuned"))
+        assert store._rows("SELECT COUNT(*) AS n FROM feedback", ())[0]["n"] == 0  # nothing stored on hers
+        # Alice herself rates her answers as before.
+        assert "Saved: vote" in submit_feedback(store, turns["alice's"], "left", "", "", "both", visiting("alice"))[0]
+    finally:
+        store.close()
+
+
 def test_feedback_is_the_visitors_own_and_the_operator_sees_everyones(shared_app, tmp_path):
     from components.chat_tab import like_answer, submit_feedback
     from components.feedback_tab import export_pairs, feedback_summary
