@@ -251,6 +251,56 @@ def test_every_number_field_of_every_endpoint_refuses_what_is_not_a_number_by_na
     assert "Traceback" not in capfd.readouterr().err
 
 
+# Endpoints whose valid defaults start long work (training, a comparison or sweep, measuring quantization, a
+# benchmark): their starts are tested where that work is (test_train_tab, test_compare, test_quant, ...).
+STARTS_LONG_WORK = {"/start_run", "/sweep_start", "/compare_start", "/quantize_compare", "/course_quantize",
+                    "/course_qlora", "/course_reward", "/course_dpo", "/benchmark_start", "/rlhf_start_reward",
+                    "/rlhf_start_policy"}
+TEXT_TO_ASK = {"prompt", "answer_a", "answer_b", "comment"}  # text boxes that take a question or an answer
+
+
+def _valid_value(parameter: dict) -> object:
+    """The parameter's documented default, else a valid value a visitor could send with nothing trained yet: the
+    first of a fixed choice, 'hi' for a question or an answer, nothing for a pick or a file, '' for other text."""
+    import ast
+
+    if parameter.get("parameter_has_default"):
+        return parameter.get("parameter_default")
+    kind = parameter["python_type"]["type"]
+    if kind.startswith("Literal[") and kind != "Literal[]":
+        return ast.literal_eval(f"[{kind[len('Literal['):-1]}]")[0]
+    if parameter["component"] == "Textbox":
+        return "hi" if parameter["parameter_name"] in TEXT_TO_ASK else ""
+    return None
+
+
+def test_every_named_endpoint_with_valid_values_answers_or_refuses_in_words(tmp_path, capfd):
+    """Issue 32: every named endpoint of the app, found from its API (so a new one is swept without editing the
+    test), called through gradio's HTTP API with its documented defaults and valid values for the rest, on an app
+    with no run yet: each answers, or refuses with a message (never gradio's bare error, whose data is null), and
+    the app logs no traceback. Endpoints whose valid defaults would start long work are left out (STARTS_LONG_WORK)."""
+    import json
+
+    from gradio_client import Client
+
+    from helpers import served_app
+
+    with served_app(tmp_path / "runs") as url:
+        endpoints = Client(url, verbose=False).view_api(return_format="dict", print_info=False)["named_endpoints"]
+        answers = {}
+        for api_name, info in endpoints.items():
+            if api_name in STARTS_LONG_WORK:
+                continue
+            kind, data = _call_raw(url, api_name, [_valid_value(p) for p in info["parameters"]])
+            answers[api_name] = kind
+            error = json.loads(data)  # gradio's error_payload: {"error": message}, None for a bare error
+            message = error.get("error") if isinstance(error, dict) else error
+            assert kind == "complete" or (kind == "error" and message and message != "Error"), (api_name, kind, data)
+    assert len(answers) >= 60 and set(STARTS_LONG_WORK) <= set(endpoints), (len(answers), sorted(endpoints))
+    assert "complete" in answers.values() and "error" in answers.values()  # both ways were exercised
+    assert "Traceback" not in capfd.readouterr().err
+
+
 def test_the_dev_sign_in_on_a_space_refuses_to_start_in_one_sentence(tmp_path):
     import subprocess
     import sys
