@@ -13,6 +13,7 @@ import math
 import os
 import secrets
 import shutil
+import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -105,13 +106,28 @@ def _plural(count: int, word: str) -> str:
     return f"{count} {word}{'' if count == 1 else 's'}"
 
 
-def eta_text(status: dict[str, Any]) -> str:
+def evaluation_left(status: dict[str, Any], now: float | None = None) -> float | None:
+    """Seconds left of the evaluation running now, from its own pace: elapsed / batches done x batches left
+    (None before its first batch). A walk saw "ETA 0s" for the 170 s of a first, not yet timed evaluation."""
+    batch, batches, started = status.get("eval_batch"), status.get("eval_batches"), status.get("eval_started_at")
+    if status.get("phase") != "evaluating" or not batch or not batches or not isinstance(started, (int, float)):
+        return None
+    elapsed = max((time.time() if now is None else now) - started, 0.0)
+    return elapsed / batch * max(batches - batch, 0)
+
+
+def eta_text(status: dict[str, Any], now: float | None = None) -> str:
     """The ETA and what it is made of. Before the first evaluation has been timed its duration is unknown, and
     the text says so rather than guessing it from the training steps (an evaluation can cost many steps)."""
     if status.get("state") != "running":
         return "ETA –"
     text = f"ETA {duration(status.get('eta_seconds'))}"
     untimed, left = int(status.get("evals_untimed") or 0), int(status.get("evals_left") or 0)
+    running_left = evaluation_left(status, now)
+    if untimed and running_left is not None:  # the first evaluation, running now, is paced by its own batches
+        eta = (status.get("eta_seconds") or 0.0) + running_left
+        more = f" + {_plural(untimed - 1, 'evaluation')} not yet timed" if untimed > 1 else ""
+        return f"ETA {duration(eta)} (this evaluation paced by its batches){more}"
     if untimed:
         return f"{text} + {_plural(untimed, 'evaluation')} not yet timed"
     if left and status.get("seconds_per_eval") is not None:

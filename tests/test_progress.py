@@ -130,3 +130,22 @@ def test_the_bar_says_what_a_long_adapter_start_waits_for():
     bar = progress_html("bar", status, [])
     assert "<b>LoftQ: fitting A and B to the 4-bit rounding error, layer by layer</b>" in bar
     assert "LoftQ" not in progress_html("bar", {**status, "phase": None}, [])
+
+
+def test_a_first_evaluation_running_now_is_paced_by_its_own_batches():
+    """A walk saw "ETA 0s + 1 evaluation not yet timed" for the 170 s of a run's only evaluation (12 batches): the
+    evaluation running now has a pace of its own, elapsed time per batch done."""
+    import time
+
+    from components.shared import eta_text, evaluation_left
+
+    started = time.time() - 30.0  # 3 of 12 batches took 30 s: 9 more take about 90 s
+    status = {"state": "running", "phase": "evaluating", "step": 2, "max_steps": 2, "eta_seconds": 0,
+              "evals_untimed": 1, "evals_left": 1, "eval_batch": 3, "eval_batches": 12, "eval_started_at": started}
+    assert evaluation_left(status, now=started + 30.0) == 90.0
+    text = eta_text(status, now=started + 30.0)
+    assert text.startswith("ETA 1m 30s (this evaluation paced by its batches)") and "not yet timed" not in text
+    later = eta_text({**status, "evals_untimed": 3, "eta_seconds": 20}, now=started + 30.0)  # two more to come
+    assert later.startswith("ETA 1m 50s") and later.endswith("+ 2 evaluations not yet timed")
+    assert evaluation_left({**status, "eval_batch": 0}) is None  # before its first batch: no pace yet
+    assert eta_text({**status, "eval_batch": 0}) == "ETA 0s + 1 evaluation not yet timed"
