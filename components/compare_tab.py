@@ -106,10 +106,8 @@ def start_comparison(queue: CompareQueue, techniques: list[str], model_source: s
                      learning_rate: float, seed: float, sample_prompt: str, request: gr.Request = None
                      ) -> tuple[Any, ...]:
     """Queue the chosen techniques; returns (comparison id, message, loss plot, scatter) with the plots reset."""
-    wanted = CompareRequest(techniques=list(techniques or []), model_source=model_source or "",
-                             data_source=data_source or "", max_steps=_int(max_steps),
-                             max_seq_length=_int(max_seq_length), batch_size=_int(batch_size), max_samples=_int(max_samples) or None,
-                             learning_rate=learning_rate, seed=_int(seed), sample_prompt=sample_prompt or "")
+    wanted = _request(techniques, model_source, data_source, max_steps, max_seq_length, batch_size, max_samples,
+                      learning_rate, seed, sample_prompt)
     try:
         comparison_id = queue.start(wanted, visitor_of(request))
     except ConfigError as error:
@@ -122,6 +120,27 @@ def start_comparison(queue: CompareQueue, techniques: list[str], model_source: s
         return gr.skip(), f"**Not started:** {error}", gr.skip(), gr.skip()
     names = ", ".join(TECHNIQUES[t].label for t in dict.fromkeys(wanted.techniques))
     return comparison_id, f"Started comparison `{comparison_id}`: {names}. {estimate_text(queue, wanted)}", None, None
+
+
+def _request(techniques: list[str], model_source: str, data_source: str, max_steps: float, max_seq_length: float,
+             batch_size: float, max_samples: float, learning_rate: float, seed: float, sample_prompt: str
+             ) -> CompareRequest:
+    return CompareRequest(techniques=list(techniques or []), model_source=model_source or "",
+                          data_source=data_source or "", max_steps=_int(max_steps),
+                          max_seq_length=_int(max_seq_length), batch_size=_int(batch_size),
+                          max_samples=_int(max_samples) or None, learning_rate=learning_rate, seed=_int(seed),
+                          sample_prompt=sample_prompt or "")
+
+
+def estimate_before_start(queue: CompareQueue, techniques: list[str], model_source: str, data_source: str,
+                          max_steps: float, max_seq_length: float, batch_size: float, max_samples: float,
+                          learning_rate: float, seed: float, sample_prompt: str) -> str:
+    """The form's expected time, shown before Start (a walk found the tab silent about it until a comparison ran)."""
+    wanted = _request(techniques, model_source, data_source, max_steps, max_seq_length, batch_size, max_samples,
+                      learning_rate, seed, sample_prompt)
+    if not wanted.techniques:
+        return "Tick at least one technique to see how long the comparison should take."
+    return estimate_text(queue, wanted) or "No time estimate for these settings: Start names what is wrong."
 
 
 def estimate_text(queue: CompareQueue, wanted: CompareRequest) -> str:
@@ -219,7 +238,7 @@ def build_compare_tab(queue: CompareQueue) -> dict[str, Any]:
     with gr.Row():
         start = gr.Button("Run comparison", variant="primary", elem_id="compare-start")
         stop = gr.Button("Stop comparison", variant="stop", elem_id="compare-stop")
-    view: dict[str, Any] = {}
+    view: dict[str, Any] = {"estimate": gr.Markdown(elem_id="compare-estimate")}
     view["comparison"] = gr.Textbox(label="Watching comparison", interactive=False, elem_id="compare-id")
     view["message"] = gr.Markdown(elem_id="compare-message")  # what Start / Stop said; the timer leaves it
     view["status"] = gr.Markdown(elem_id="compare-status")
@@ -248,6 +267,11 @@ def _wire(queue: CompareQueue, form: dict[str, Any], start: Any, stop: Any, view
                 concurrency_limit=1, concurrency_id="train-start")
     stop.click(bind(stop_queue, queue, "techniques"), view["comparison"], view["message"],
                api_name="compare_stop")
+    inputs, estimate = [form[k] for k in START_INPUTS], bind(estimate_before_start, queue)
+    for key in ("techniques", "model_source", "data_source", "max_steps", "max_seq_length", "batch_size",
+                "max_samples"):
+        form[key].change(estimate, inputs, view["estimate"], api_visibility="private", show_progress="hidden")
+    on_page_load(estimate, inputs, view["estimate"])
     shown = gr.State("")  # which scatter points the browser holds
     live = [view[k] for k in ("comparison", "status", "progress", "table", "notes", "loss_plot", "scatter")] + [shown]
     poll, scatter = bind(poll_comparison, queue), bind(show_scatter, queue)

@@ -208,3 +208,27 @@ def _plotted_runs(value) -> set[str]:
         return set(value["run"])
     column = value["columns"].index("run")  # a LinePlot's value: {"columns": [...], "data": [[...], ...]}
     return {row[column] for row in value["data"]}
+
+
+def test_the_expected_time_shows_before_start(tmp_path, tiny_model_dir, qa_rows_file):
+    """A walk found the tab silent about time until a comparison ran: the form's estimate shows on page load and
+    follows the form (the same text Start gives)."""
+    import gradio as gr
+
+    from components.compare_tab import build_compare_tab, estimate_before_start, estimate_text
+
+    queue = CompareQueue(RunManager(tmp_path / "runs"))
+    form = dict(techniques=["lora16", "ia3"], model_source=str(tiny_model_dir), data_source=str(qa_rows_file),
+                max_steps=3, max_seq_length=64, batch_size=2, max_samples=20, learning_rate=0.01, seed=0,
+                sample_prompt="Say hi.")
+    shown = estimate_before_start(queue, **form)
+    assert shown == estimate_text(queue, CompareRequest(**{**form, "max_samples": 20}))
+    assert shown.startswith("No time estimate yet")  # nothing of this model has run here
+    assert "Tick at least one technique" in estimate_before_start(queue, **{**form, "techniques": []})
+    with gr.Blocks() as page:
+        tab = build_compare_tab(queue)
+    estimate_id = tab["estimate"]._id
+    triggers = {trigger[1] for dep in page.config["dependencies"] if estimate_id in dep["outputs"]
+                for trigger in dep["targets"]}
+    assert {"load", "change"} <= triggers
+    page.close()
