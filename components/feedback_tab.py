@@ -16,12 +16,12 @@ import pandas as pd
 
 from components.shared import bind, downloadable, feedback_owner, refusal, visitor_of
 from finetune.access import AccessDenied, require_signed_in
-from finetune.evaluate import win_rate
+from finetune.evaluate import WinRate, win_rate
 from finetune.feedback import FeedbackStore
 
 RECENT_COLUMNS = ["time", "kind", "value", "score", "arena", "model / adapter", "prompt", "answer", "comment",
                   "corrected answer", "user"]
-WIN_COLUMNS = ["adapter", "wins", "losses", "ties", "both bad", "votes", "win rate"]
+WIN_COLUMNS = ["adapter", "wins", "losses", "ties", "both bad", "votes", "win rate", "95% CI", "verdict"]
 
 
 def _short(text: Any, limit: int = 120) -> str:
@@ -59,10 +59,24 @@ def wins_table(store: FeedbackStore, owner: str | None = None) -> pd.DataFrame:
     """Fine-tuned vs base per adapter, with the Evaluate tab's win rate (a tie or 'both bad' is half a win)."""
     rows = []
     for adapter, c in sorted(store.win_counts(owner=owner).items()):
-        rate = win_rate(adapter, c).rate
-        rows.append([adapter, c["wins"], c["losses"], c["ties"], c["both_bad"],
-                     c["wins"] + c["losses"] + c["ties"] + c["both_bad"], round(rate, 3) if rate is not None else None])
+        result = win_rate(adapter, c)
+        rate = round(result.rate, 3) if result.rate is not None else None
+        interval = f"{result.low:.2f}-{result.high:.2f}" if result.low is not None else "–"
+        rows.append([adapter, c["wins"], c["losses"], c["ties"], c["both_bad"], result.votes, rate, interval,
+                     win_verdict(result)])
     return pd.DataFrame(rows, columns=WIN_COLUMNS)
+
+
+def win_verdict(result: WinRate) -> str:
+    """'better' or 'worse' only when the 95% interval leaves out 0.5; else how little the votes can tell (a walk
+    saw a bare win rate of 0 from a single vote)."""
+    if result.low is None or result.high is None:
+        return "no votes yet"
+    if result.low > 0.5:
+        return "tuned better"
+    if result.high < 0.5:
+        return "base better"
+    return f"cannot tell yet ({result.votes} {'vote' if result.votes == 1 else 'votes'}: the interval holds 0.5)"
 
 
 def counts_text(store: FeedbackStore, owner: str | None = None) -> str:

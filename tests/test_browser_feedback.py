@@ -100,7 +100,8 @@ def test_api_stores_answers_and_feedback(app, langsmith):
                                                                    "The ideal answer.")]
     sync, counts, recent, wins = client.predict(api_name="/feedback_summary")
     assert "1** pairwise votes" in counts and sync.startswith("LangSmith: on")
-    assert wins["data"] == [[RUN_ID, 1, 0, 0, 0, 1, 1.0]]
+    assert wins["data"] == [[RUN_ID, 1, 0, 0, 0, 1, 1.0, "0.21-1.00",
+                             "cannot tell yet (1 vote: the interval holds 0.5)"]]
 
     # The answers and the feedback reached LangSmith; the key appears in no page the app serves.
     tuned_id = _feedback_rows(root, "SELECT id FROM generations WHERE side = 'tuned'")[0][0]

@@ -176,7 +176,9 @@ def test_feedback_tab_exports_and_tables(store, tmp_path):
     assert export_thumbs(store, tmp_path / "exports")[1].startswith("Wrote 1 rows")
     recent = recent_table(store)
     assert list(recent["kind"]) == ["thumbs", "preference"] and recent["value"][1] == "tuned better"
-    assert wins_table(store).values.tolist() == [["run-a", 1, 0, 0, 0, 1, 1.0]]
+    # One vote is a win rate of 1.0 whose interval holds 0.5: no verdict.
+    assert wins_table(store).values.tolist() == [["run-a", 1, 0, 0, 0, 1, 1.0, "0.21-1.00",
+                                                  "cannot tell yet (1 vote: the interval holds 0.5)"]]
 
 
 def test_closing_the_app_stops_the_sender_and_closes_the_database(tmp_path, monkeypatch):
@@ -269,3 +271,13 @@ def test_a_vote_on_a_follow_up_says_the_conversation_is_its_prompt():
     follow_up = _next_turn(first, ids, ("base", "tuned"), False, "run", {"left": earlier, "right": earlier})
     assert "whole conversation" not in show_vote(first)[2]
     assert "whole conversation as its prompt" in show_vote(follow_up)[2]
+
+
+@pytest.mark.parametrize("counts, verdict", [
+    ({"wins": 9}, "tuned better"), ({"losses": 9}, "base better"),
+    ({"wins": 6, "losses": 3}, "cannot tell yet (9 votes: the interval holds 0.5)")])
+def test_the_win_table_gives_a_verdict_only_where_the_votes_support_one(counts, verdict):
+    from components.feedback_tab import win_verdict
+    from finetune.evaluate import win_rate
+
+    assert win_verdict(win_rate("run-a", counts)) == verdict
