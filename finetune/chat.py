@@ -17,13 +17,13 @@ The base stays the base: attaching, replacing or removing an adapter never chang
 (``_base_kept``), so the base answer does not depend on which adapters were loaded before it.
 
 Fair use of the one model: requests take turns. While another request waits, an answer generates in slices of
-``slice_tokens`` tokens and then hands the model to the request that has waited longest (first come, first served,
-so several answers go round-robin); it continues from its own KV cache when its turn comes back, so a greedy answer
-is token for token the one an unbroken ``generate`` call writes, and a sampled one draws from its own seeded random
-stream. A one-word question is answered in a few slices even while a long answer runs. Each request also gets a
-time budget (``LORA_LAB_MAX_SECONDS``, counted only while it holds the model) as well as a token budget; an answer
-cut by it says so (``budget_note``). A closed stream (a client that left, a cancelled request) stops its
-generation at the next token and frees the model.
+``slice_tokens`` tokens or ``slice_seconds``, whichever comes first, and then hands the model to the request that
+has waited longest (first come, first served, so several answers go round-robin); it continues from its own KV
+cache when its turn comes back, so a greedy answer is token for token the one an unbroken ``generate`` call writes,
+and a sampled one draws from its own seeded random stream. A one-word question is answered in a few slices even
+while a long answer runs. Each request also gets a time budget (``LORA_LAB_MAX_SECONDS``, counted only while it
+holds the model) as well as a token budget; an answer cut by it says so (``budget_note``). A closed stream (a
+client that left, a cancelled request) stops its generation at the next token and frees the model.
 
     engine = ChatEngine()
     for base_text, tuned_text in engine.stream_pair("What is LoRA?", [], [], cfg.model, run_id, adapter_dir):
@@ -72,10 +72,12 @@ MAX_NEW_TOKENS = int(_operator_setting("LORA_LAB_MAX_NEW_TOKENS", "1024", "512")
 # answer (plus the prompt's first forward pass, which cannot be interrupted).
 MAX_SECONDS = _operator_setting("LORA_LAB_MAX_SECONDS", "600", "60")
 LOCK_TIMEOUT_SECONDS = 600.0
-# Tokens an answer writes per turn while another request waits for the model: small enough that a waiting
-# one-word question starts within a few seconds, large enough that handing over (one generate call per slice)
-# costs little.
+# An answer's turn while another request waits for the model: at most 16 tokens or 1 second, whichever comes first
+# (a token of a long prompt costs several times one of a short question, so a bound in tokens alone let a long
+# answer hold the model far longer per turn); small enough that a waiting question starts at once, large enough
+# that handing over (one generate call per slice) costs little.
 SLICE_TOKENS = 16
+SLICE_SECONDS = 1.0
 # The Chat tab's default answer length: on a CPU a long default ran into the time limit on a busy machine.
 DEFAULT_NEW_TOKENS = {"cpu": 64, "gpu": 128}
 PACE_WEIGHT = 0.5  # the latest answer's share of the measured pace (older answers fade out in a few turns)
@@ -242,15 +244,18 @@ class _Turn:
 
 
 class _SliceEnd(StoppingCriteria):
-    """Ends a slice once it wrote ``tokens`` tokens and another request is waiting for the model (never while the
-    request is alone: then the answer is one unbroken generate call, as fast as before)."""
+    """Ends a slice once it wrote ``tokens`` tokens or held the model ``seconds`` (at least one token) while another
+    request is waiting for the model (never while the request is alone: then the answer is one unbroken generate
+    call, as fast as before)."""
 
-    def __init__(self, turns: _Turns, tokens: int):
+    def __init__(self, turns: _Turns, tokens: int, seconds: float):
         self.turns, self.tokens, self.written, self.fired = turns, max(1, tokens), 0, False
+        self.ends = time.monotonic() + seconds
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs: Any) -> bool:
         self.written += 1
-        self.fired = self.fired or (self.written >= self.tokens and self.turns.others_waiting())
+        turn_over = self.written >= self.tokens or time.monotonic() >= self.ends
+        self.fired = self.fired or (turn_over and self.turns.others_waiting())
         return self.fired
 
 
@@ -419,11 +424,12 @@ class ChatEngine:
     several answers taking turns in slices."""
 
     def __init__(self, profile: HardwareProfile | None = None, max_bases: int = 1, max_seconds: float = MAX_SECONDS,
-                 clock: Callable[[], float] = time.monotonic, slice_tokens: int = SLICE_TOKENS):
+                 clock: Callable[[], float] = time.monotonic, slice_tokens: int = SLICE_TOKENS,
+                 slice_seconds: float = SLICE_SECONDS):
         self.profile = profile or detect()
         self.max_bases = max(1, max_bases)
         self.max_seconds, self.clock = max_seconds, clock  # the time budget of one request (0 = none)
-        self.slice_tokens = slice_tokens  # tokens per turn while another request waits
+        self.slice_tokens, self.slice_seconds = slice_tokens, slice_seconds  # a turn while another request waits
         self._bases: OrderedDict[tuple[Any, ...], _LoadedBase] = OrderedDict()
         self._load_lock = threading.RLock()
         self._turns = _Turns()
@@ -634,16 +640,17 @@ class ChatEngine:
                            budget: _TimeBudget, turn: _Turn, streamer: _RowStreamer, generate: Callable[..., Any],
                            switched: Callable[[], Any]) -> Iterator[tuple[str, ...]]:
         """Each row's answer so far, after every new token, from ``generate`` called within ``switched()`` (the
-        rows' adapters switched on). While another request waits, a call ends after ``slice_tokens`` tokens, the
-        turn passes on, and the next call continues from this request's KV cache: the same forward passes as one
-        unbroken call, so greedy answers are the same tokens. Entered and left holding the turn."""
+        rows' adapters switched on). While another request waits, a call ends after ``slice_tokens`` tokens or
+        ``slice_seconds`` (a slice), the turn passes on, and the next call continues from this request's KV cache:
+        the same forward passes as one unbroken call, so greedy answers are the same tokens. Entered and left
+        holding the turn."""
         inputs = self._inputs(entry, conversations, settings)
         prompt_mask, prompt_length = inputs["attention_mask"], inputs["input_ids"].shape[1]
         config = settings.generation_config(entry.tokenizer, self._eos(entry))
         config.return_dict_in_generate = True  # the KV cache comes back for the next slice
         stop, randomness, cache, written, spent = threading.Event(), _RandomStream(settings.seed), None, 0, 0.0
         while True:
-            slice_end = _SliceEnd(self._turns, self.slice_tokens)
+            slice_end = _SliceEnd(self._turns, self.slice_tokens, self.slice_seconds)
             config.max_new_tokens = settings.max_new_tokens - written
             kwargs = {**inputs, "past_key_values": cache, "streamer": streamer, "generation_config": config,
                       "stopping_criteria": StoppingCriteriaList(

@@ -361,9 +361,9 @@ def test_an_answer_cut_by_the_time_budget_says_so(tiny_model_dir, model_cfg, ada
         assert 0 < len(tokenizer(answer.removesuffix(budget_note(6)))["input_ids"]) <= 8  # not LONG's 400
 
 
-def test_a_long_request_holds_a_short_one_up_no_longer_than_its_budget(model_cfg, adapters):
-    """A visitor asking for 400 tokens while another waits with 'hi': the long answer ends at the time budget, then
-    the short one runs, whole."""
+def test_a_long_request_is_cut_by_its_budget_while_a_short_one_is_answered_in_full(model_cfg, adapters):
+    """A visitor asking for 400 tokens while another waits with 'hi': the answers take turns (in whichever order
+    the slices fall on this machine), the long answer ends at its time budget and says so, the short one is whole."""
     import threading
 
     from finetune.chat import budget_note
@@ -387,8 +387,7 @@ def test_a_long_request_holds_a_short_one_up_no_longer_than_its_budget(model_cfg
         short.append((long_done.is_set(), texts))
     thread.join()
     assert all(text.endswith(budget_note(10)) for text in results["long"])  # cut by the budget, and says so
-    assert all(done for done, _ in short)  # the short one waited for the long one to end...
-    assert short[-1][1][1] and budget_note(10) not in "".join(short[-1][1])  # ...and then answered in full
+    assert short[-1][1][1] and budget_note(10) not in "".join(short[-1][1])  # the short one answered in full
 
 
 class _GateClock:
