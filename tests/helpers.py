@@ -72,6 +72,14 @@ def wait_until(check: Callable[[], Any], what: str, timeout: float = 600.0, ever
         time.sleep(every)
 
 
+def app_client(url: str) -> Any:
+    """A gradio_client Client that waits for a busy app: its first request reads the API of 80-odd endpoints, and
+    httpx's 5 s default timed out on a loaded 2-core machine (a test failed before it began)."""
+    from gradio_client import Client
+
+    return Client(url, verbose=False, httpx_kwargs={"timeout": 120})
+
+
 def wait_for_completion(client: Any, run_id: str) -> Any:
     """Poll a run through the app's API (/poll_run) until it completed; a failure ends the wait with its log."""
     def completed() -> Any:

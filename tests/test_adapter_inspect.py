@@ -12,6 +12,8 @@ from typing import Callable
 
 import numpy as np
 import pytest
+
+from helpers import app_client
 import torch
 from safetensors.numpy import load_file
 
@@ -234,7 +236,6 @@ def section_client(tmp_path_factory, known_run, tiny_model_dir):
     from helpers import serving
 
     import gradio as gr
-    from gradio_client import Client
 
     from components.inspect_section import build_inspect_section
     from finetune.runs import RunManager
@@ -248,7 +249,7 @@ def section_client(tmp_path_factory, known_run, tiny_model_dir):
     with gr.Blocks() as page:
         build_inspect_section(RunManager(root))
     with serving(page) as url:
-        yield Client(url, verbose=False)
+        yield app_client(url)
     page.close()
 
 

@@ -6,15 +6,14 @@ from __future__ import annotations
 import pytest
 from gradio_client import handle_file
 
-from helpers import served_app, wait_until
+from helpers import app_client, served_app, wait_until
 
 
 @pytest.fixture(scope="module")
 def client(tmp_path_factory):
-    from gradio_client import Client
 
     with served_app(tmp_path_factory.mktemp("runs")) as url:
-        yield Client(url, verbose=False)
+        yield app_client(url)
 
 
 def _poll_until(client, run_id: str, done):

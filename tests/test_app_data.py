@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from gradio_client import handle_file
 
-from helpers import served_app, wait_until, write_jsonl
+from helpers import app_client, served_app, wait_until, write_jsonl
 
 
 def spreadsheet_export(path: Path, rows: int = 24) -> Path:
@@ -49,10 +49,9 @@ def runs_root(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def client(runs_root):
-    from gradio_client import Client
 
     with served_app(runs_root) as url:
-        yield Client(url, verbose=False)
+        yield app_client(url)
 
 
 @pytest.fixture

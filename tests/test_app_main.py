@@ -9,9 +9,8 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from gradio_client import Client
 
-from helpers import wait_until
+from helpers import app_client, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -52,7 +51,7 @@ def served_app(tmp_path):
 
 def test_app_main_serves_with_the_environment_it_is_given(served_app):
     url, tmp_path, log = served_app
-    client = Client(url, verbose=False)
+    client = app_client(url)
     # The runs folder and the feedback database are where the environment said, not ./runs.
     assert (tmp_path / "votes.db").is_file()
     assert (tmp_path / "my-runs").is_dir()

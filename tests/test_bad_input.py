@@ -21,7 +21,7 @@ import yaml
 from gradio_client import handle_file
 from gradio_client.exceptions import AppError
 
-from helpers import ROOT, served_app, tiny_run_config, write_jsonl
+from helpers import ROOT, app_client, served_app, tiny_run_config, write_jsonl
 
 # name -> (file content, words the message must contain)
 BAD_FILES: dict[str, tuple[bytes, str]] = {
@@ -39,11 +39,10 @@ BAD_FILES: dict[str, tuple[bytes, str]] = {
 
 @pytest.fixture(scope="module")
 def app(tmp_path_factory):
-    from gradio_client import Client
 
     root = tmp_path_factory.mktemp("runs")
     with served_app(root) as url:
-        yield Client(url, verbose=False), root
+        yield app_client(url), root
 
 
 def _still_serving(client) -> None:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import ARTIFACTS, browser_page, served_app, tiny_run_config, wait_until
+from helpers import ARTIFACTS, app_client, browser_page, served_app, tiny_run_config, wait_until
 
 RUN_ID = "feedback-run"
 SECRET = "lsv2_pt_app_test_key_0042"
@@ -77,11 +77,10 @@ def _feedback_rows(root: Path, sql: str) -> list[tuple]:
 def test_api_stores_answers_and_feedback(app, langsmith):
     import urllib.request
 
-    from gradio_client import Client
     from gradio_client.exceptions import AppError
 
     url, root = app
-    client = Client(url, verbose=False)
+    client = app_client(url)
     with pytest.raises(AppError, match="Send a prompt first"):
         client.predict("left", "", "", "both", api_name="/submit_feedback")
     left, right, box = client.predict("What is LoRA?", RUN_ID, [], [], 12, 1.0, 0.9, 0, api_name="/chat")

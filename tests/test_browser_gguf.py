@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import ARTIFACTS, browser_page, copy_run, served_app
+from helpers import ARTIFACTS, app_client, browser_page, copy_run, served_app
 
 pytestmark = pytest.mark.browser
 
@@ -78,11 +78,10 @@ def test_take_it_home_builds_a_q8_0_gguf_and_its_downloads_work(app_with_a_run):
 
 def test_the_push_endpoint_refuses_an_unbuilt_type_and_an_empty_token(app_with_a_run):
     """No Hub here: the refusals made before any upload, through the app's own API (the 'Push GGUF file' button)."""
-    from gradio_client import Client
     from gradio_client.exceptions import AppError
 
     url, run_dir = app_with_a_run
-    client = Client(url, verbose=False)
+    client = app_client(url)
     with pytest.raises(AppError, match="has no f16 GGUF yet: build it first"):
         client.predict(run_dir.name, "f16", "me/tiny-gguf", "hf_not_a_real_token", True, api_name="/push_gguf")
     with pytest.raises(AppError, match="write token is needed"):

@@ -12,7 +12,7 @@ import torch
 from finetune.chat import ChatEngine, SamplingSettings, normalize_history
 from finetune.config import ModelConfig
 
-from helpers import wait_until
+from helpers import app_client, wait_until
 
 GREEDY = SamplingSettings(max_new_tokens=12, temperature=0.0)
 
@@ -587,12 +587,11 @@ def test_through_gradio_a_short_chat_is_answered_during_a_long_one_and_stop_free
     """The Chat tab behind gradio's queue: a second visitor's 'hi' streams its answer while the first visitor's
     400-token answer is still generating (the chat slot lets both in and the engine gives them turns); then the
     long one is cancelled (what Stop and a closed tab do), its generation ends and the model is free."""
-    from gradio_client import Client
 
     clock = _SlowClock(slow_from=4)
     engine = ChatEngine(max_seconds=0, clock=clock)  # no time budget: only the cancel can end the long answer
     with _served_chat_tab(policy_runs, engine) as url:
-        busy, other = Client(url, verbose=False), Client(url, verbose=False)
+        busy, other = app_client(url), app_client(url)
         long_job = busy.submit("Tell me a story", "sft-run", [], [], 400, 0.0, 0.9, 0, api_name="/chat")
         _wait_for(lambda: clock.generating.is_set() or long_job.done())
         assert not long_job.done(), long_job.exception()  # the long answer is generating

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 from gradio_client import handle_file
 
-from helpers import served_app, tiny_run_config, wait_until
+from helpers import app_client, served_app, tiny_run_config, wait_until
 
 STEPS, SAVE_EVERY = 12, 3
 
@@ -58,10 +58,9 @@ def _poll(client, run_id: str, words: str):
 
 
 def test_killed_child_fails_with_log_tail_and_the_app_keeps_serving(tmp_path, tiny_model_dir, qa_file):
-    from gradio_client import Client
 
     with served_app(tmp_path / "runs") as url:
-        client = Client(url, verbose=False)
+        client = app_client(url)
         run_id, message = client.predict(**_form(tiny_model_dir, qa_file, "kill-me"), api_name="/start_run")
         assert "Started" in message, message
         run_dir = tmp_path / "runs" / run_id
@@ -80,14 +79,13 @@ def test_killed_child_fails_with_log_tail_and_the_app_keeps_serving(tmp_path, ti
 def test_app_restart_finds_runs_and_resumes_an_interrupted_one(tmp_path, tiny_model_dir, qa_file):
     """The app goes down mid-run and the child with it (a machine restart); the next app marks the run
     interrupted, and it resumes from its last checkpoint to the end."""
-    from gradio_client import Client
 
     from finetune.metrics import read_metrics, read_status, write_status
     from finetune.runs import RunManager
 
     root = tmp_path / "runs"
     with served_app(root) as url:
-        run_id, message = Client(url, verbose=False).predict(**_form(tiny_model_dir, qa_file, "restart"),
+        run_id, message = app_client(url).predict(**_form(tiny_model_dir, qa_file, "restart"),
                                                              api_name="/start_run")
         assert "Started" in message, message
         _wait_for_checkpoint(root / run_id)
@@ -99,7 +97,7 @@ def test_app_restart_finds_runs_and_resumes_an_interrupted_one(tmp_path, tiny_mo
     resumed_from = int(_wait_for_checkpoint(root / run_id).name.split("-")[-1])
 
     with served_app(root) as url:  # the restarted app
-        client = Client(url, verbose=False)
+        client = app_client(url)
         result = _poll(client, run_id, "interrupted")
         assert "no longer running (app restarted or process killed)" in result[1]
         history, *_ = client.predict([], api_name="/run_history")

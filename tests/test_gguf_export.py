@@ -23,7 +23,7 @@ from finetune.gguf_export import (CHAT_TEMPERATURE, CHAT_TOP_P, GGUF_TYPES, Buil
                                   chatml_default_system, convert_folder, gguf_path, modelfile_text, tensor_type,
                                   write_gguf)
 
-from helpers import ROOT, copy_run, save_tiny_llama, tiny_run_config
+from helpers import ROOT, app_client, copy_run, save_tiny_llama, tiny_run_config
 
 MULTILINGUAL = ("Hello, world! Ça va? Größe straße. Привет, мир. 你好，世界。 こんにちは 안녕하세요 "
                 "مرحبا بالعالم 🧪🚀 x² ≤ 3.14159 — tabs\tand  double  spaces\n")
@@ -441,13 +441,12 @@ def test_export_tab_builds_the_gguf_and_the_merged_zip_through_the_app_api(expor
     import zipfile
 
     from gguf import GGUFReader
-    from gradio_client import Client
     from gradio_client.exceptions import AppError
 
     from helpers import served_app
 
     with served_app(trained_run.parent) as url:
-        client = Client(url, verbose=False)
+        client = app_client(url)
         files, message = client.predict(trained_run.name, "q4_1", "Weights it trained against (answers as in Chat)",
                                         api_name="/export_gguf")
         by_name = {Path(f["path"] if isinstance(f, dict) else f).name: Path(f["path"] if isinstance(f, dict) else f)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from gradio_client import Client, handle_file
 
-from helpers import ROOT, served_app, wait_for_completion
+from helpers import ROOT, app_client, served_app, wait_for_completion
 from finetune.metrics import read_status
 
 SESSIONS = 20
@@ -55,7 +55,7 @@ def test_start_race_then_twenty_concurrent_chats(tmp_path, tiny_model_dir, qa_fi
     with served_app(root) as url:
         # Two users press Start at the same moment: exactly one run starts, the other waits in the queue behind it
         # (and is taken out again here, so the chats below have the device to themselves).
-        clients = [Client(url, verbose=False) for _ in range(2)]
+        clients = [app_client(url) for _ in range(2)]
         with ThreadPoolExecutor(2) as pool:
             answers = list(pool.map(lambda c: c.predict(**_start_form(tiny_model_dir, qa_file),
                                                         api_name="/start_run"), clients))

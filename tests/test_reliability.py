@@ -17,7 +17,7 @@ import pathlib
 import threading
 from pathlib import Path
 
-from helpers import tiny_run_config, wait_until
+from helpers import app_client, tiny_run_config, wait_until
 
 FULL_DISK_CHILD = '''
 import errno, os, pathlib
@@ -154,13 +154,13 @@ def _tiny_rows_csv(path: Path, rows: int, bad_line_at: int | None = None) -> Pat
 def test_a_big_uploads_preview_reads_a_bounded_sample_while_another_visitor_is_answered(tmp_path):
     """Two visitors: one previews a 6 MB upload of 700,000 tiny rows, the other the bundled data at the same time.
     Both are answered; the big one says it read a sample and how many rows the file has about."""
-    from gradio_client import Client, handle_file
+    from gradio_client import handle_file
 
     from helpers import served_app
 
     big = _tiny_rows_csv(tmp_path / "tiny-rows.csv", 700_000)
     with served_app(tmp_path / "runs") as url:
-        uploader, other = Client(url, verbose=False), Client(url, verbose=False)
+        uploader, other = app_client(url), app_client(url)
         big_job = uploader.submit(data_kind="Uploaded file", data_file=handle_file(str(big)), model_kind="Local folder",
                                   model_source=str(tmp_path / "no-model"), api_name="/preview_data")
         bundled_job = other.submit(data_kind="Bundled", data_file=None, api_name="/preview_data")
@@ -216,13 +216,12 @@ def test_every_number_field_of_every_endpoint_refuses_what_is_not_a_number_by_na
     """Through the API, each named endpoint's number and slider inputs get NaN, ±inf, text and a list (the other
     inputs keep their defaults): each call is refused with the field's label (never gradio's bare 'Error'), and
     the app logs no traceback. /like_left and /like_right without a like event refuse clearly."""
-    from gradio_client import Client
     from gradio_client.exceptions import AppError
 
     from helpers import served_app
 
     with served_app(tmp_path / "runs") as url:
-        client = Client(url, verbose=False)
+        client = app_client(url)
         endpoints = client.view_api(return_format="dict", print_info=False)["named_endpoints"]
         tried = 0
         for api_name, info in endpoints.items():
@@ -281,12 +280,11 @@ def test_every_named_endpoint_with_valid_values_answers_or_refuses_in_words(tmp_
     the app logs no traceback. Endpoints whose valid defaults would start long work are left out (STARTS_LONG_WORK)."""
     import json
 
-    from gradio_client import Client
 
     from helpers import served_app
 
     with served_app(tmp_path / "runs") as url:
-        endpoints = Client(url, verbose=False).view_api(return_format="dict", print_info=False)["named_endpoints"]
+        endpoints = app_client(url).view_api(return_format="dict", print_info=False)["named_endpoints"]
         answers = {}
         for api_name, info in endpoints.items():
             if api_name in STARTS_LONG_WORK:

@@ -24,7 +24,7 @@ import pytest
 import yaml
 from gradio_client import Client, handle_file
 
-from helpers import served_app, wait_for_completion, wait_until, write_jsonl
+from helpers import app_client, served_app, wait_for_completion, wait_until, write_jsonl
 
 HF_SECRET = "hf_SECRETsecretSECRET0123456789"
 LS_SECRET = "lsv2_pt_SECRETsecret0123456789abcdef"
@@ -52,7 +52,7 @@ def test_login_and_upload_limits(tmp_path, monkeypatch):
     url = f"http://127.0.0.1:{port}/"
     try:
         with pytest.raises(Exception, match="(?i)login|auth|401|credentials"):
-            Client(url, verbose=False)
+            app_client(url)
         with pytest.raises(Exception):
             Client(url, verbose=False, auth=("teacher", "wrong"))
         client = Client(url, verbose=False, auth=("teacher", "s3cret-pass"))
@@ -158,7 +158,7 @@ def test_tokens_never_reach_logs_run_folders_exports_or_the_page(tmp_path, monke
             "training_save_steps": 1, "training_batch_size": 2, "data_max_seq_length": 128,
             "training_eval_steps": 1, "lora_rank": 4, "lora_alpha": 8}
     with served_app(root) as url:
-        client = Client(url, verbose=False)
+        client = app_client(url)
         run_id, message = client.predict(**form, api_name="/start_run")
         assert "Started" in message, message
         wait_for_completion(client, run_id)
@@ -311,7 +311,7 @@ def gated_app(tmp_path_factory, style_run):
         env.setenv(paths.LOCAL_ROOTS_ENV, str(allowed))
         env.delenv("SPACE_ID", raising=False)
         with served_app(runs) as url:
-            yield Client(url, verbose=False), secret, allowed, runs
+            yield app_client(url), secret, allowed, runs
 
 
 def test_every_source_parameter_refuses_every_vector_with_one_message(gated_app, capfd):
@@ -441,7 +441,7 @@ def test_space_mode_refuses_local_folders_through_the_app(tmp_path, monkeypatch,
     monkeypatch.setenv("SPACE_ID", "someone/lora-lab")
     monkeypatch.delenv(paths.LOCAL_ROOTS_ENV, raising=False)
     with served_app(tmp_path / "runs") as url:
-        client = Client(url, verbose=False)
+        client = app_client(url)
         aid = client.predict(model_source=str(tiny_model_dir), api_name="/lora_aid")
         assert paths.REFUSED in aid, aid
         _, message = client.predict(model_kind="Local folder", model_source=str(tiny_model_dir), data_file=None,

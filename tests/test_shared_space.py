@@ -24,7 +24,7 @@ from finetune.metrics import read_status, write_status
 from finetune.runs import RunError, RunManager
 from finetune.storage import enforce_budget, folder_bytes, prunable
 
-from helpers import served_app, tiny_run_config, wait_until
+from helpers import app_client, served_app, tiny_run_config, wait_until
 
 TESTS = Path(__file__).resolve().parent
 GATED_CHILD = """
@@ -307,7 +307,7 @@ def signed_in(url: str, user: str | None):
     from gradio_client import Client
 
     if user is None:
-        return Client(url, verbose=False)
+        return app_client(url)
     answer = httpx.get(f"{url}dev-sign-in?user={user}", follow_redirects=False)
     assert answer.status_code == 303
     return Client(url, headers={"Cookie": f"session={answer.cookies['session']}"}, verbose=False)

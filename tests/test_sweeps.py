@@ -12,6 +12,8 @@ import json
 
 import pytest
 
+from helpers import app_client
+
 from finetune.config import ConfigError, from_dict
 from finetune.metrics import read_metrics
 from finetune.runs import RunManager
@@ -223,7 +225,6 @@ def section_client(finished_sweep):
     from helpers import serving
 
     import gradio as gr
-    from gradio_client import Client
 
     from components.sweep_section import build_sweep_section
     from components.train_tab import build_train_tab
@@ -234,7 +235,7 @@ def section_client(finished_sweep):
         train = build_train_tab(queue.manager, detect())
         build_sweep_section(SweepQueue(queue.manager, poll_seconds=0.2), train)
     with serving(page) as url:
-        yield Client(url, verbose=False)
+        yield app_client(url)
     page.close()
 
 
