@@ -164,16 +164,24 @@ def fill(page: Any, elem_id: str, value: str) -> None:
     box.press("Tab")  # gradio commits a textbox/number on blur
 
 
+def upload_file(page: Any, elem_id: str, path: Path) -> None:
+    """Upload a file into a gradio File box and wait until the upload is done (its name shows in the box).
+
+    A narrow column may break the name before its extension ("pairs .jsonl"), so spaces are allowed there."""
+    from playwright.sync_api import expect
+
+    page.locator(f"#{elem_id} input[type=file]").set_input_files(str(path))
+    shown = re.compile(re.escape(path.stem) + r"\s*" + re.escape(path.suffix))
+    expect(page.locator(f"#{elem_id}")).to_contain_text(shown, timeout=30_000)
+
+
 def upload_data_and_pick_local_model(page: Any, data_file: Path, model_dir: Path, max_steps: int) -> None:
     """The Train form as a learner fills it for a small run: an uploaded data file, a model from a local folder."""
     from playwright.sync_api import expect
 
     page.get_by_role("tab", name="Train").click()  # the app opens on the course ("Start here")
     page.locator("#data-kind").get_by_text("Uploaded file", exact=True).click()
-    page.locator("#data-file input[type=file]").set_input_files(str(data_file))
-    # The upload is done once its name shows; a narrow column may break the name before its extension.
-    shown = re.compile(re.escape(data_file.stem) + r"\s*" + re.escape(data_file.suffix))
-    expect(page.locator("#data-file")).to_contain_text(shown, timeout=30_000)
+    upload_file(page, "data-file", data_file)
     page.get_by_text("Local folder", exact=True).click()
     # Choosing "Local folder" clears the embedded model's name; fill only once that has happened.
     expect(page.locator("#model-source textarea, #model-source input").first).to_have_value("", timeout=10_000)

@@ -11,7 +11,7 @@ import json
 
 import pytest
 
-from helpers import browser_page, served_app, write_jsonl, ARTIFACTS, fill as _fill
+from helpers import browser_page, served_app, upload_file, write_jsonl, ARTIFACTS, fill as _fill
 
 pytestmark = pytest.mark.browser
 
@@ -45,8 +45,7 @@ def test_the_four_steps_in_order(page, tiny_model_dir, tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"prompt": "q", "chosen": "a"}) + "\n" +
                    json.dumps({"prompt": "q", "chosen": "same", "rejected": "same"}) + "\n")
-    page.locator("#rlhf-data-file input[type=file]").set_input_files(str(bad))
-    expect(page.locator("#rlhf-data-file")).to_contain_text("bad.jsonl", timeout=30_000)  # the upload is done
+    upload_file(page, "rlhf-data-file", bad)
     page.locator("#rlhf-preview-button").click()
     info = page.locator("#rlhf-data-info")
     expect(info).to_contain_text("row 1: 'rejected' is missing", timeout=30_000)
@@ -56,8 +55,7 @@ def test_the_four_steps_in_order(page, tiny_model_dir, tmp_path):
          "chosen": f"🧪 Lab note: setting {i} controls the adapter.\nRule of thumb: keep it small.",
          "rejected": "It depends on many things."} for i in range(20)])
     page.locator("#rlhf-data-file button[aria-label='Clear'], #rlhf-data-file button[title='Clear']").first.click()
-    page.locator("#rlhf-data-file input[type=file]").set_input_files(str(good))
-    expect(page.locator("#rlhf-data-file")).to_contain_text("pairs.jsonl", timeout=30_000)
+    upload_file(page, "rlhf-data-file", good)
     page.locator("#rlhf-preview-button").click()
     expect(info).to_contain_text("format: paired", timeout=30_000)
     # Before anything trains: pairs, prompts, held out, epochs, and what so little data will do.
