@@ -12,6 +12,11 @@ SEED ?= $(shell printf '%d' 0x$$(git rev-parse --short=7 HEAD 2>/dev/null || ech
 WORKERS ?= 2
 PYTEST_ARGS ?=
 
+# Each test worker computes on one thread (so do the training children it starts): two workers with torch's thread
+# per core each oversubscribe 2 cores, and the heavy tests ran 4-5x slower than alone. `make run` keeps all cores.
+test test-trajectories: export OMP_NUM_THREADS = 1
+test test-trajectories: export MKL_NUM_THREADS = 1
+
 .PHONY: run test test-trajectories test-course fuzz install browser clean
 
 run: install

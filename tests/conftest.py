@@ -16,6 +16,12 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Test workers (pytest-xdist) share the machine's cores: each computes on one thread, and so do the training
+# children the app starts (they inherit it). Two workers each running torch's default of one thread per core
+# oversubscribe a 2-core machine, and their spinning thread pools made the heavy tests 4-5x slower than alone.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    os.environ.setdefault("MKL_NUM_THREADS", "1")
 
 from helpers import save_tiny_llama, tiny_run_config, train_lab_note_run, write_jsonl  # noqa: E402
 

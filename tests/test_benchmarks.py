@@ -48,12 +48,6 @@ def tiny_runs(tmp_path_factory, tiny_model_dir) -> Path:
     return root
 
 
-@pytest.fixture(scope="module")
-def tiny_bench_root(tmp_path_factory) -> Path:
-    """One benchmark folder (jobs + cache) for the tiny-model tests: the UI test reuses the table test's cache."""
-    return tmp_path_factory.mktemp("bench")
-
-
 def harness_scores(model_args: dict, limit: int) -> dict:
     """The bundled task run by the harness on its own (its HF model loads from the folder, adapter via peft=)."""
     from lm_eval import simple_evaluate
@@ -74,8 +68,8 @@ def wait_for_end(service: BenchmarkService, job_id: str) -> dict:
     return status
 
 
-def test_tiny_model_table_equals_the_harness_run_on_its_own(tiny_runs, tiny_model_dir, tiny_bench_root):
-    service = BenchmarkService(tiny_runs, tiny_bench_root)
+def test_tiny_model_table_equals_the_harness_run_on_its_own(tiny_runs, tiny_model_dir, tmp_path):
+    service = BenchmarkService(tiny_runs, tmp_path / "bench")  # its own cache: the first plan finds nothing cached
     plan = service.plan([BUNDLED_TASK], 20, adapters=["tiny-lora"])
     assert [u.adapter_dir is None for u in plan.units] == [True, False]   # the base first, at the adapter's bits
     assert plan.units[0].model["bits"] == 32 and not any(u.cached for u in plan.units)
@@ -107,14 +101,14 @@ def test_tiny_model_table_equals_the_harness_run_on_its_own(tiny_runs, tiny_mode
     assert not any(u.cached for u in service.plan([BUNDLED_TASK], 21, adapters=["tiny-lora"]).units)
 
 
-def test_the_section_starts_polls_and_refuses(tiny_runs, tiny_bench_root, monkeypatch):
+def test_the_section_starts_polls_and_refuses(tiny_runs, tmp_path, monkeypatch):
     import gradio as gr
 
     from components.benchmark_section import (TABLE_COLUMNS, build_benchmark_section, poll_benchmark,
                                               start_benchmark, stop_benchmark)
     from finetune.runs import RunManager
 
-    manager, service = RunManager(tiny_runs), BenchmarkService(tiny_runs, tiny_bench_root)
+    manager, service = RunManager(tiny_runs), BenchmarkService(tiny_runs, tmp_path / "bench")
     with pytest.raises(gr.Error, match="No saved adapter for run"):   # a typed folder is not a run
         start_benchmark(manager, service, [str(tiny_runs / "tiny-lora")], "", 4, [BUNDLED_TASK], 20)
     with pytest.raises(gr.Error, match="Limit must be at least 1"):
@@ -122,7 +116,7 @@ def test_the_section_starts_polls_and_refuses(tiny_runs, tiny_bench_root, monkey
     job_id, message = start_benchmark(manager, service, ["tiny-lora"], "", 4, [BUNDLED_TASK], 20.0)
     assert job_id in message
     wait_until(lambda: not service.running(job_id) and service.status(job_id)["state"] == "completed", "the job",
-               timeout=900)   # instant when the table test filled the cache; a child run of its own otherwise
+               timeout=900)
     progress, table, _ = poll_benchmark(service, job_id)
     assert "completed" in progress and list(table.columns) == TABLE_COLUMNS
     assert sorted(table["metric"]) == ["acc", "acc_norm"]
