@@ -78,6 +78,7 @@ def qlora_config(profile: HardwareProfile, rank: int) -> RunConfig:
         raw["data"]["max_seq_length"] = size.max_seq_length
     if size.validation_fraction:
         raw["data"]["validation_fraction"] = size.validation_fraction
+    raw["data"]["max_eval_samples"] = size.eval_samples
     return from_dict(raw)
 
 
@@ -93,7 +94,9 @@ def preference_step_config(stage: str, base: RunConfig, start_adapter: str = "")
         form["batch_size"] = size.batch_size
     if size.max_seq_length:
         form["max_seq_length"] = size.max_seq_length + 64  # a pair's prompt and answer
-    return preference_config(stage, BUNDLED_PREFERENCES, form)
+    cfg = preference_config(stage, BUNDLED_PREFERENCES, form)
+    cfg.data.max_eval_samples = size.eval_samples
+    return cfg
 
 
 def _start(manager: RunManager, cfg: RunConfig, visitor: Visitor, stage: str) -> str:
@@ -115,9 +118,19 @@ def _train_time(manager: RunManager, profile: HardwareProfile, cfg: RunConfig, p
     measured = manager.expected_seconds(cfg)
     if measured is not None:
         return course.expected_time_text(measured, True)
+    evaluations = course.evaluations(cfg.training.max_steps, cfg.training.eval_steps, at_start=pairs) \
+        if cfg.data.validation_fraction > 0 else 0
     guess = course.guess_train_seconds(cfg.training.max_steps, cfg.training.batch_size, cfg.data.max_seq_length,
-                                       pairs, profile.is_cuda)
+                                       pairs, profile.is_cuda, evaluations, _held_out_rows(cfg),
+                                       reference=cfg.stage == "dpo")
     return course.expected_time_text(guess, False)
+
+
+def _held_out_rows(cfg: RunConfig) -> int:
+    """The rows each evaluation of a course run reads: the bundled set's validation split, at most the cap."""
+    split = paths.DATA_DIR / cfg.data.source.removeprefix("bundled:") / "validation.jsonl"
+    rows = sum(1 for line in split.read_text(encoding="utf-8").splitlines() if line.strip()) if split.is_file() else 0
+    return min(rows, cfg.data.max_eval_samples or rows)
 
 
 def _other_time(step: str, profile: HardwareProfile, last: dict[str, Any]) -> str:

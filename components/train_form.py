@@ -75,8 +75,9 @@ def config_from_form(form: dict[str, Any]) -> RunConfig:
         data["column_mapping"] = column_mapping(form)
     except ConfigError as error:  # report it together with every other bad field
         problems, data["column_mapping"] = error.problems, {}
-    if not data.get("max_samples"):
-        data["max_samples"] = None  # 0 / empty in the form means "all rows"
+    for cap in ("max_samples", "max_eval_samples"):
+        if not data.get(cap):
+            data[cap] = None  # 0 / empty in the form means "all rows"
     try:
         cfg = from_dict({**sections, "run_name": (form.get("run_name") or "").strip() or "run"})
     except ConfigError as error:
@@ -102,4 +103,5 @@ def form_from_config(cfg: RunConfig) -> dict[str, Any]:
                   "Local folder" if Path(cfg.model.source).expanduser().is_dir() else "Hub id")
     values["data_hub_config"] = cfg.data.hub_config or ""
     values["data_max_samples"] = cfg.data.max_samples or 0
+    values["data_max_eval_samples"] = cfg.data.max_eval_samples or 0
     return values

@@ -578,6 +578,8 @@ def _advanced_controls(form: dict[str, Any], d: RunConfig) -> None:
             form["data_validation_fraction"] = _number("data_validation_fraction", "Validation fraction",
                                                        d.data.validation_fraction)
             form["data_max_samples"] = _number("data_max_samples", "Max samples (0 = all)", 0, precision=0)
+            form["data_max_eval_samples"] = _number("data_max_eval_samples", "Max held-out rows (0 = all)", 0,
+                                                    precision=0)
             form["training_early_stopping_patience"] = _number(
                 "training_early_stopping_patience", "Early stopping patience (evaluations, 0 = off)",
                 t.early_stopping_patience, precision=0, elem_id="early-stopping-patience")

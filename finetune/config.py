@@ -266,6 +266,9 @@ class DataConfig:
         "Share of rows held out for eval loss when the dataset has no validation split. 0 disables eval."))
     max_samples: int | None = field(default=None, metadata=_help(
         "Use at most this many training rows (handy for quick experiments). Empty = all."))
+    max_eval_samples: int | None = field(default=None, metadata=_help(
+        "Evaluate on at most this many held-out rows (preference pairs for the RLHF stages), a fixed seeded sample: "
+        "every evaluation's time grows with them. Fewer rows widen the intervals the app shows. Empty = all."))
     skip_bad_rows: bool = field(default=False, metadata=_help(
         "Train on the readable rows of a partly broken JSON Lines or CSV file: the malformed lines are listed and "
         "skipped. Off, such a file is refused so it can be fixed first. A file with more than half its lines "
@@ -281,6 +284,8 @@ class DataConfig:
         check.float_field("validation_fraction", low=0, high=0.5, what="Validation fraction")
         if self.max_samples is not None:
             check.int_field("max_samples", low=1, what="Max samples")
+        if self.max_eval_samples is not None:
+            check.int_field("max_eval_samples", low=1, what="Max held-out rows")
         if self.hub_config is not None and not str(self.hub_config).strip():
             self.hub_config = None
         if not isinstance(self.column_mapping, dict) or not all(

@@ -100,12 +100,13 @@ class CourseSize:
     quant_rows: int = 12
     answer_tokens: int = 64
     validation_fraction: float | None = None  # None: the preset's share of rows held out
+    eval_samples: int | None = None  # held-out rows (pairs) each evaluation reads; None: all of them
 
     @classmethod
     def from_env(cls) -> CourseSize:
         if os.environ.get(COURSE_ENV, "").strip().lower() == "tiny":
             return cls(train_steps=2, preference_steps=2, batch_size=2, max_seq_length=160, eval_rows=4,
-                       quant_rows=3, answer_tokens=12, validation_fraction=0.02)
+                       quant_rows=3, answer_tokens=12, validation_fraction=0.02, eval_samples=4)
         return cls()
 
 
@@ -127,10 +128,23 @@ def _per_token(gpu: bool) -> float:
     return CPU_SECONDS_PER_TOKEN / (GPU_SPEEDUP if gpu else 1.0)
 
 
-def guess_train_seconds(steps: int, batch_size: int, max_seq_length: int, pairs: bool, gpu: bool) -> float:
-    """A training step's tokens (two answers per row for a preference pair) at the measured rate, plus a load."""
-    tokens = batch_size * min(max_seq_length, TYPICAL_ROW_TOKENS) * (2 if pairs else 1)
-    return LOAD_SECONDS + max(steps, 1) * tokens * _per_token(gpu)
+def guess_train_seconds(steps: int, batch_size: int, max_seq_length: int, pairs: bool, gpu: bool,
+                        evaluations: int = 0, held_out_rows: int = 0, reference: bool = False) -> float:
+    """A training step's tokens (two answers per row for a preference pair) at the measured rate, plus a load,
+    plus the held-out evaluations: forward passes only (a third of a training step's cost per token), twice for a
+    method that also scores each answer with its frozen reference model (DPO)."""
+    row_tokens = min(max_seq_length, TYPICAL_ROW_TOKENS) * (2 if pairs else 1)
+    training = max(steps, 1) * batch_size * row_tokens * _per_token(gpu)
+    held_out = evaluations * held_out_rows * row_tokens * (2 if reference else 1) * _per_token(gpu) / 3
+    return LOAD_SECONDS + training + held_out
+
+
+def evaluations(max_steps: int, eval_steps: int, at_start: bool) -> int:
+    """How many held-out evaluations a run of ``max_steps`` makes: every ``eval_steps`` and at the end, and the
+    RLHF stages once more before the first step (``at_start``)."""
+    if eval_steps <= 0:
+        return 0
+    return -(-max_steps // eval_steps) + (1 if at_start else 0)
 
 
 def guess_seconds(step: str, size: CourseSize, gpu: bool) -> float | None:

@@ -671,6 +671,9 @@ def _prepare(raw: RawData, cfg: DataConfig, tokenizer: Any, seed: int) -> Prepar
         train, evaluation = parts["train"], parts["test"]
     elif cfg.validation_fraction > 0:
         notes.append("too few rows to hold out a validation split; eval loss is off")
+    if evaluation is not None and cfg.max_eval_samples is not None and len(evaluation) > cfg.max_eval_samples:
+        notes.append(f"max held-out rows: {cfg.max_eval_samples} of the {len(evaluation)} evaluated")
+        evaluation = evaluation.shuffle(seed=seed).select(range(cfg.max_eval_samples))
     prepared = PreparedData(train, evaluation if evaluation is not None and len(evaluation) else None,
                             fmt, skipped, 0, notes, raw.malformed,
                             [str(b) for b in raw.file.bad_lines] if raw.file else [], dict(reading.renames),

@@ -389,6 +389,9 @@ def load_preferences(cfg: DataConfig, fmt: str = "auto", want: str = "paired", s
         notes.append(f"{len(train_rows)} pair(s) made from thumbs on the same prompt")
     if cfg.max_samples is not None and len(train_rows) > cfg.max_samples:
         train_rows = random.Random(seed).sample(train_rows, cfg.max_samples)
+    if cfg.max_eval_samples is not None and len(held_rows) > cfg.max_eval_samples:
+        notes.append(f"max held-out pairs: {cfg.max_eval_samples} of the {len(held_rows)} evaluated")
+        held_rows = random.Random(seed).sample(held_rows, cfg.max_eval_samples)
     if cfg.validation_fraction > 0 and not held_rows:
         notes.append(f"too few prompts to hold any out (fewer than {MIN_PROMPTS_TO_HOLD_OUT}): no held-out data, "
                      "so no verdict")

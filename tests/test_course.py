@@ -11,7 +11,7 @@ import re
 
 import pytest
 
-from finetune import course
+from finetune import course, paths
 from finetune.access import LOCAL, Visitor
 from finetune.course_progress import CourseProgress, visitor_key
 
@@ -86,6 +86,37 @@ def test_expected_time_text_and_guesses():
     tiny = course.CourseSize(quant_rows=3)
     assert course.guess_seconds("quantization", tiny, False) < course.guess_seconds(
         "quantization", course.CourseSize(quant_rows=30), False)
+
+
+def test_first_guesses_count_the_held_out_evaluations():
+    assert course.evaluations(30, 10, at_start=False) == 3 and course.evaluations(30, 10, at_start=True) == 4
+    assert course.evaluations(25, 10, at_start=False) == 3  # the last one at the end
+    assert course.evaluations(30, 0, at_start=True) == 0
+    without = course.guess_train_seconds(2, 2, 160, True, gpu=False)
+    evaluated = course.guess_train_seconds(2, 2, 160, True, gpu=False, evaluations=2, held_out_rows=24)
+    assert evaluated > without
+    # DPO scores every answer with the policy and its frozen reference: its evaluations cost twice the reward
+    # model's, and 4 held-out pairs cost a sixth of 24.
+    dpo = course.guess_train_seconds(2, 2, 160, True, gpu=False, evaluations=2, held_out_rows=24, reference=True)
+    assert dpo - without == pytest.approx(2 * (evaluated - without))
+    capped = course.guess_train_seconds(2, 2, 160, True, gpu=False, evaluations=2, held_out_rows=4)
+    assert capped - without == pytest.approx((evaluated - without) / 6)
+
+
+def test_the_course_guess_reads_the_bundled_held_out_rows_and_the_cap(monkeypatch):
+    from components.course_tab import preference_step_config, qlora_config
+    from finetune.hardware import detect
+
+    profile = detect()
+    full = preference_step_config("dpo", qlora_config(profile, 16))
+    assert full.data.max_eval_samples is None
+    monkeypatch.setenv(course.COURSE_ENV, "tiny")
+    tiny = preference_step_config("dpo", qlora_config(profile, 16))
+    assert tiny.data.max_eval_samples == 4 and qlora_config(profile, 16).data.max_eval_samples == 4
+    from components.course_tab import _held_out_rows
+
+    bundled = sum(1 for line in (paths.DATA_DIR / "course_prefs" / "validation.jsonl").open(encoding="utf-8") if line.strip())
+    assert _held_out_rows(full) == bundled and _held_out_rows(tiny) == 4
 
 
 def test_tiny_course_size_from_the_environment(monkeypatch):

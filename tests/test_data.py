@@ -195,3 +195,30 @@ def test_unknown_bundled_name():
 
 def test_detect_format_prefers_specific_columns():
     assert detect_format(["instruction", "input", "output", "text"]) == "alpaca"
+
+
+def test_max_eval_samples_caps_the_held_out_rows_with_a_fixed_sample():
+    """The bundled course Q&A has its own validation split; the cap keeps a seeded sample of it and says so."""
+    full = prepare(DataConfig(source="bundled:course_qa"))
+    capped = prepare(DataConfig(source="bundled:course_qa", max_eval_samples=5))
+    assert len(full.eval) > 5 and len(capped.eval) == 5 and len(capped.train) == len(full.train)
+    assert {json.dumps(r, sort_keys=True) for r in capped.eval} <= {json.dumps(r, sort_keys=True) for r in full.eval}
+    assert capped.eval[:] == prepare(DataConfig(source="bundled:course_qa", max_eval_samples=5)).eval[:]  # fixed
+    assert f"max held-out rows: 5 of the {len(full.eval)} evaluated" in capped.notes
+
+
+def test_max_eval_samples_caps_the_held_out_pairs():
+    from finetune.preference import BUNDLED_PREFERENCES, load_preferences
+
+    full = load_preferences(DataConfig(source=BUNDLED_PREFERENCES))
+    capped = load_preferences(DataConfig(source=BUNDLED_PREFERENCES, max_eval_samples=4))
+    assert len(full.eval) > 4 and len(capped.eval) == 4 and len(capped.train) == len(full.train)
+    assert all(row in list(full.eval) for row in capped.eval)
+    assert f"max held-out pairs: 4 of the {len(full.eval)} evaluated" in capped.notes
+
+
+def test_max_eval_samples_refuses_zero_by_name():
+    from finetune.config import ConfigError
+
+    with pytest.raises(ConfigError, match="data.max_eval_samples"):
+        DataConfig(max_eval_samples=0)
