@@ -23,7 +23,9 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     os.environ.setdefault("MKL_NUM_THREADS", "1")
 
-from helpers import save_tiny_llama, tiny_run_config, train_lab_note_run, write_jsonl  # noqa: E402
+from finetune.config import ModelConfig  # noqa: E402
+from helpers import (make_random_adapter, save_tiny_llama, tiny_run_config, train_lab_note_run,  # noqa: E402
+                     write_jsonl)
 
 
 @pytest.fixture(scope="session")
@@ -89,3 +91,44 @@ def lab_note_run(tmp_path_factory, tiny_model_dir) -> Path:
     folder takes its own copy (helpers.copy_run)."""
     return train_lab_note_run(tmp_path_factory.mktemp("lab-note"), tiny_model_dir)
 
+
+@pytest.fixture(scope="module")
+def adapters(tiny_model_dir, tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("adapters")
+    return {"run-a": make_random_adapter(tiny_model_dir, root / "a", 1, ["q_proj", "v_proj"]),
+            "run-b": make_random_adapter(tiny_model_dir, root / "b", 2, ["o_proj", "down_proj"])}
+
+
+@pytest.fixture(scope="module")
+def model_cfg(tiny_model_dir) -> ModelConfig:
+    return ModelConfig(source=str(tiny_model_dir), bits=32)
+
+
+@pytest.fixture(scope="module")
+def policy_runs(tmp_path_factory, tiny_model_dir, adapters):
+    """A run folder with an SFT run and a DPO run that started from it (stage and start_adapter in its config,
+    as the RLHF tab writes them); their adapters are the test adapters."""
+    import json
+    import shutil
+
+    from finetune.config import save_config
+    from finetune.runs import RunManager
+
+    root = tmp_path_factory.mktemp("policy-runs")
+    data = write_jsonl(root / "qa.jsonl", [{"prompt": f"Question {i}?", "completion": "Answer."} for i in range(10)])
+    for run_id, adapter, stage, start in (("sft-run", "run-a", "sft", ""), ("dpo-run", "run-b", "dpo", "sft-run")):
+        cfg = tiny_run_config(tiny_model_dir, data, bits=32)
+        cfg.stage, cfg.preference.start_adapter = stage, start
+        save_config(cfg, root / run_id / "config.yaml")
+        shutil.copytree(adapters[adapter], root / run_id / "adapter")
+        (root / run_id / "status.json").write_text(json.dumps({"state": "finished"}))
+    return RunManager(root)
+
+
+@pytest.fixture(scope="module")
+def pairs_file(tmp_path_factory):
+    """Short course-style pairs: 16 train rows and (validation_fraction 0.25) 4 held out."""
+    rows = [{"prompt": f"What does setting {i} control in LoRA?",
+             "chosen": f"🧪 Lab note: setting {i} controls the adapter.\nRule of thumb: keep it small.",
+             "rejected": "It depends on many things."} for i in range(20)]
+    return write_jsonl(tmp_path_factory.mktemp("prefs") / "pairs.jsonl", rows)

@@ -14,6 +14,8 @@ from typing import Any, Callable, Iterator
 
 import pytest
 
+from finetune.chat import SamplingSettings
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -117,8 +119,23 @@ def serving(page: Any, **launch: Any) -> Iterator[str]:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    page.queue().launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True, **launch)
-    yield f"http://127.0.0.1:{port}/"
+    # gradio's own start check gives the page one 3-second try and fails the launch ("localhost is not
+    # accessible") on a loaded machine: it is turned off (_frontend=False skips only that check), and the test
+    # waits for the page itself.
+    page.queue().launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True,
+                        _frontend=False, **launch)
+    url = f"http://127.0.0.1:{port}/"
+    wait_until(lambda: _answers(url), f"the app at {url} to answer")
+    yield url
+
+
+def _answers(url: str) -> bool:
+    import httpx
+
+    try:
+        return httpx.head(url, timeout=30).status_code == 200
+    except httpx.HTTPError:
+        return False
 
 
 @contextlib.contextmanager
@@ -139,8 +156,19 @@ def served_app(runs_root: Path) -> Iterator[str]:
 # --- browser tests: Debian's Chromium driven by Playwright (which never downloads a browser of its own here) ---
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 ARTIFACTS = ROOT / "tests" / "artifacts"
+# How long a browser test waits for the page to answer an action: a bound that fails instead of hanging, far above
+# the usual second or two, since a loaded 2-core CI machine (two test workers, training children, Chromium) has
+# answered a click after more than 30 s. Playwright's own defaults (5 s for expect, 30 s for actions) are raised to it.
+UI_WAIT = 120_000  # ms
 ARGS = ["--no-sandbox", "--headless=new", "--disable-gpu", "--disable-background-networking",
         "--disable-component-update", "--no-first-run"]
+
+
+def patient_expect() -> None:
+    """Playwright's expect() waits up to UI_WAIT, not its default 5 s (a setting of the module, for every page)."""
+    from playwright.sync_api import expect
+
+    expect.set_options(timeout=UI_WAIT)
 
 
 @contextlib.contextmanager
@@ -150,9 +178,11 @@ def browser_page(url: str, width: int = 1400, height: int = 1000) -> Iterator[An
         pytest.skip("Debian's chromium is not installed (apt-get install -y chromium)")
     from playwright.sync_api import sync_playwright
 
+    patient_expect()
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
         page = browser.new_page(viewport={"width": width, "height": height})
+        page.set_default_timeout(UI_WAIT)
         page.goto(url)
         yield page
         browser.close()
@@ -190,3 +220,110 @@ def upload_data_and_pick_local_model(page: Any, data_file: Path, model_dir: Path
     page.get_by_text("Batch, epochs and sequence length").click()  # a collapsed group: opened to be filled
     fill(page, "batch-size", "4")
     fill(page, "max-seq-length", "128")
+
+
+# --- shared by several test files -----------------------------------------------------------------------------
+
+GREEDY = SamplingSettings(max_new_tokens=12, temperature=0.0)
+
+
+def make_random_adapter(model_dir: Path, folder: Path, seed: int, targets: list[str]) -> Path:
+    """A LoRA adapter with random, non-zero B matrices, so it really changes the output."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=targets, task_type="CAUSAL_LM"))
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, parameter in peft_model.named_parameters():
+            if "lora_" in name:
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.5)
+    peft_model.save_pretrained(folder)
+    return folder
+
+
+class StepClock:
+    """A clock that moves one second each time it is read: generation reads it once per token, so a budget of
+    N seconds allows about N tokens whatever this machine's speed (no wall-clock timing in the test)."""
+
+    def __init__(self) -> None:
+        import threading
+
+        self.now, self.reads, self._lock = 0.0, 0, threading.Lock()
+
+    def __call__(self) -> float:
+        with self._lock:
+            self.now += 1.0
+            self.reads += 1
+            return self.now
+
+
+class SlowClock(StepClock):
+    """A step clock that, from its ``slow_from``-th read on, makes each token take 50 ms of real time: a 400-token
+    answer then lasts 20 s, long enough to be seen generating, queued behind and cancelled on a busy machine
+    (the test waits on conditions, it never times anything)."""
+
+    def __init__(self, slow_from: int) -> None:
+        import threading
+
+        super().__init__()
+        self.slow_from, self.generating = slow_from, threading.Event()
+
+    def __call__(self) -> float:
+        import time
+
+        now = super().__call__()
+        if self.reads >= self.slow_from:
+            self.generating.set()
+            time.sleep(0.05)
+        return now
+
+
+def generation_threads() -> list:
+    import threading
+
+    return [t for t in threading.enumerate() if t.name == "chat-generate" and t.is_alive()]
+
+
+def spreadsheet_export(path: Path, rows: int = 24) -> Path:
+    """What a European spreadsheet program writes: Windows-1252, semicolons, CRLF, capitalised headers; line 5
+    lost its separator."""
+    lines = [f"What does setting {i} do?;It sets {i}, très simplement." for i in range(rows)]
+    lines.insert(3, "a line without its separator")
+    path.write_bytes(("Question;Answer\r\n" + "\r\n".join(lines) + "\r\n").encode("cp1252"))
+    return path
+
+
+def connection_attempts(monkeypatch) -> list[Any]:
+    """Every address a socket tries to connect to from now on (refused at once: the test machine is offline).
+    "Fails fast" offline means exactly this list stays empty: no try, so no timeout and no retry to wait for."""
+    import socket
+
+    attempts: list[Any] = []
+
+    def refuse(sock: socket.socket, address: Any) -> None:
+        attempts.append(address)
+        raise OSError("the test refuses every connection")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket.socket, "connect_ex", refuse)
+    return attempts
+
+
+def preference_stage_config(model_dir, data_file, stage: str, validation_fraction: float = 0.25, **training):
+    """A reward/DPO/KTO/GRPO config on ``model_dir`` and ``data_file`` for short CPU runs (4-bit, rank 4, 4 steps by
+    default; any training field, ``bits`` and ``preference`` can be given)."""
+    from finetune.config import from_dict
+
+    preference = training.pop("preference", {})
+    return from_dict({
+        "run_name": stage, "stage": stage,
+        "model": {"source": str(model_dir), "bits": training.pop("bits", 4)},
+        "lora": {"rank": 4, "alpha": 8, "dropout": 0.0},
+        "data": {"source": str(data_file), "max_seq_length": 128, "validation_fraction": validation_fraction},
+        "preference": preference,
+        "training": {"learning_rate": 0.01, "max_steps": 4, "batch_size": 2, "eval_steps": 2, "save_steps": 100,
+                     "logging_steps": 1, "warmup_ratio": 0.0, **training},
+    })

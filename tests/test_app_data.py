@@ -13,16 +13,7 @@ from pathlib import Path
 import pytest
 from gradio_client import handle_file
 
-from helpers import app_client, served_app, wait_until, write_jsonl
-
-
-def spreadsheet_export(path: Path, rows: int = 24) -> Path:
-    """What a European spreadsheet program writes: Windows-1252, semicolons, CRLF, capitalised headers; line 5
-    lost its separator."""
-    lines = [f"What does setting {i} do?;It sets {i}, très simplement." for i in range(rows)]
-    lines.insert(3, "a line without its separator")
-    path.write_bytes(("Question;Answer\r\n" + "\r\n".join(lines) + "\r\n").encode("cp1252"))
-    return path
+from helpers import app_client, served_app, spreadsheet_export, wait_until, write_jsonl
 
 
 HUB_README = """---

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -12,32 +11,7 @@ import torch
 from finetune.chat import ChatEngine, SamplingSettings, normalize_history
 from finetune.config import ModelConfig
 
-from helpers import app_client, wait_until
-
-GREEDY = SamplingSettings(max_new_tokens=12, temperature=0.0)
-
-
-def _make_adapter(model_dir: Path, folder: Path, seed: int, targets: list[str]) -> Path:
-    """A LoRA adapter with random, non-zero B matrices, so it really changes the output."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(model_dir)
-    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=targets, task_type="CAUSAL_LM"))
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, parameter in peft_model.named_parameters():
-            if "lora_" in name:
-                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.5)
-    peft_model.save_pretrained(folder)
-    return folder
-
-
-@pytest.fixture(scope="module")
-def adapters(tiny_model_dir, tmp_path_factory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("adapters")
-    return {"run-a": _make_adapter(tiny_model_dir, root / "a", 1, ["q_proj", "v_proj"]),
-            "run-b": _make_adapter(tiny_model_dir, root / "b", 2, ["o_proj", "down_proj"])}
+from helpers import GREEDY, SlowClock, StepClock, app_client, generation_threads, wait_until
 
 
 @pytest.fixture
@@ -45,11 +19,6 @@ def engine() -> ChatEngine:
     """A fresh engine per test: its counts and attached adapters must not depend on which tests ran before (the
     base is the tiny model, loaded in well under a second)."""
     return ChatEngine()
-
-
-@pytest.fixture(scope="module")
-def model_cfg(tiny_model_dir) -> ModelConfig:
-    return ModelConfig(source=str(tiny_model_dir), bits=32)
 
 
 def test_adapters_attach_to_one_base(engine, model_cfg, adapters):
@@ -169,7 +138,7 @@ def test_a_failing_generation_ends_the_stream_with_its_error(engine, model_cfg, 
         else:
             list(engine.stream("Hello", [], model_cfg, settings=settings))
     assert failure.value.__cause__ is not None and "queue" not in type(failure.value.__cause__).__module__
-    assert not _generation_threads()  # the worker ended with its error, nothing left running
+    assert not generation_threads()  # the worker ended with its error, nothing left running
     assert engine.idle()  # and the model is free for the next request
     assert engine.answer_pair("Hello", [], [], model_cfg, "run-a", adapters["run-a"], GREEDY)[1]  # still serves
 
@@ -213,11 +182,6 @@ def test_on_a_gpu_the_adapter_is_kept_in_the_models_dtype(tiny_model_dir, adapte
 
 
 # --- the base stays the base ----------------------------------------------------------------------------------
-
-def _generation_threads() -> list:
-    import threading
-
-    return [t for t in threading.enumerate() if t.name == "chat-generate" and t.is_alive()]
 
 
 def _logits(engine: ChatEngine, cfg: ModelConfig, adapter: str | None = None, prompt: str = "Hello there"):
@@ -327,21 +291,6 @@ def test_a_dora_policy_next_to_its_reference_answers_one_side_after_the_other(en
 
 # --- fair use: a time budget per request, and a closed stream frees the model ----------------------------------
 
-class _StepClock:
-    """A clock that moves one second each time it is read: generation reads it once per token, so a budget of
-    N seconds allows about N tokens whatever this machine's speed (no wall-clock timing in the test)."""
-
-    def __init__(self) -> None:
-        import threading
-
-        self.now, self.reads, self._lock = 0.0, 0, threading.Lock()
-
-    def __call__(self) -> float:
-        with self._lock:
-            self.now += 1.0
-            self.reads += 1
-            return self.now
-
 
 LONG = SamplingSettings(max_new_tokens=400, temperature=0.0)
 
@@ -350,7 +299,7 @@ LONG = SamplingSettings(max_new_tokens=400, temperature=0.0)
 def test_an_answer_cut_by_the_time_budget_says_so(tiny_model_dir, model_cfg, adapters, side):
     from finetune.chat import budget_note
 
-    engine = ChatEngine(max_seconds=6, clock=_StepClock())
+    engine = ChatEngine(max_seconds=6, clock=StepClock())
     if side == "pair":
         answers = engine.answer_pair("Tell me a story", [], [], model_cfg, "run-a", adapters["run-a"], LONG)
     else:
@@ -368,7 +317,7 @@ def test_a_long_request_is_cut_by_its_budget_while_a_short_one_is_answered_in_fu
 
     from finetune.chat import budget_note
 
-    engine = ChatEngine(max_seconds=10, clock=_StepClock())
+    engine = ChatEngine(max_seconds=10, clock=StepClock())
     engine.answer_pair("warm up", [], [], model_cfg, "run-a", adapters["run-a"], GREEDY)  # loaded before the race
     long_started, long_done, results = threading.Event(), threading.Event(), {}
 
@@ -462,40 +411,19 @@ def test_a_short_question_is_answered_while_a_long_answer_is_still_generating(mo
 def test_a_closed_stream_stops_generating_and_frees_the_model(model_cfg, adapters, side):
     """gradio closes the generator when the client disconnects or the request is cancelled: generation must stop
     at its next token (not run on to 400 tokens) and the lock must be free once close() returns."""
-    clock = _StepClock()
+    clock = StepClock()
     engine = ChatEngine(max_seconds=0, clock=clock)  # no time budget: only the close can stop it
     stream = (engine.stream_pair("Tell me a story", [], [], model_cfg, "run-a", adapters["run-a"], LONG)
               if side == "pair" else engine.stream("Tell me a story", [], model_cfg, settings=LONG))
     next(stream)
     next(stream)
     stream.close()
-    assert not _generation_threads()
+    assert not generation_threads()
     assert engine.idle()
     assert clock.reads < LONG.max_new_tokens // 4  # generation stopped within a few tokens of the close
 
 
 # --- the Chat tab: a policy against its starting adapter ------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def policy_runs(tmp_path_factory, tiny_model_dir, adapters):
-    """A run folder with an SFT run and a DPO run that started from it (stage and start_adapter in its config,
-    as the RLHF tab writes them); their adapters are the test adapters."""
-    import json
-    import shutil
-
-    from helpers import tiny_run_config, write_jsonl
-    from finetune.config import save_config
-    from finetune.runs import RunManager
-
-    root = tmp_path_factory.mktemp("policy-runs")
-    data = write_jsonl(root / "qa.jsonl", [{"prompt": f"Question {i}?", "completion": "Answer."} for i in range(10)])
-    for run_id, adapter, stage, start in (("sft-run", "run-a", "sft", ""), ("dpo-run", "run-b", "dpo", "sft-run")):
-        cfg = tiny_run_config(tiny_model_dir, data, bits=32)
-        cfg.stage, cfg.preference.start_adapter = stage, start
-        save_config(cfg, root / run_id / "config.yaml")
-        shutil.copytree(adapters[adapter], root / run_id / "adapter")
-        (root / run_id / "status.json").write_text(json.dumps({"state": "finished"}))
-    return RunManager(root)
 
 
 def _tab_answers(manager, engine, run_id: str, compare: str, store=None) -> tuple[str, str]:
@@ -533,26 +461,6 @@ def test_the_chat_tab_compares_a_policy_with_its_starting_adapter(policy_runs, e
 
 # --- fair use through gradio's own queue: a visible position, and a cancelled request stops -------------------
 
-class _SlowClock(_StepClock):
-    """A step clock that, from its ``slow_from``-th read on, makes each token take 50 ms of real time: a 400-token
-    answer then lasts 20 s, long enough to be seen generating, queued behind and cancelled on a busy machine
-    (the test waits on conditions, it never times anything)."""
-
-    def __init__(self, slow_from: int) -> None:
-        import threading
-
-        super().__init__()
-        self.slow_from, self.generating = slow_from, threading.Event()
-
-    def __call__(self) -> float:
-        import time
-
-        now = super().__call__()
-        if self.reads >= self.slow_from:
-            self.generating.set()
-            time.sleep(0.05)
-        return now
-
 
 @contextlib.contextmanager
 def _served_chat_tab(manager, engine):
@@ -588,7 +496,7 @@ def test_through_gradio_a_short_chat_is_answered_during_a_long_one_and_stop_free
     400-token answer is still generating (the chat slot lets both in and the engine gives them turns); then the
     long one is cancelled (what Stop and a closed tab do), its generation ends and the model is free."""
 
-    clock = _SlowClock(slow_from=4)
+    clock = SlowClock(slow_from=4)
     engine = ChatEngine(max_seconds=0, clock=clock)  # no time budget: only the cancel can end the long answer
     with _served_chat_tab(policy_runs, engine) as url:
         busy, other = app_client(url), app_client(url)
@@ -600,7 +508,7 @@ def test_through_gradio_a_short_chat_is_answered_during_a_long_one_and_stop_free
         assert right[-1]["role"] == "assistant" and right[-1]["content"]
         assert not long_job.done()  # ...while the long answer still runs
         long_job.cancel()  # what gradio does when a client goes away, too: it closes the handler's generator
-        _wait_for(lambda: not _generation_threads())
+        _wait_for(lambda: not generation_threads())
     assert engine.idle()  # nothing holds the model any more
     assert clock.reads < 300  # the cancelled answer stopped long before its 400 tokens
 

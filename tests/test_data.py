@@ -155,7 +155,7 @@ def test_too_long_rows_are_dropped_not_cut(tmp_path, embedded_dir):
 
 
 def test_hub_dataset_offline_fails_fast(monkeypatch):
-    from test_models import connection_attempts
+    from helpers import connection_attempts
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     attempts = connection_attempts(monkeypatch)

@@ -1,8 +1,7 @@
-from typing import Any
-
 import pytest
 import torch
 
+from helpers import connection_attempts
 from finetune.config import ModelConfig
 from finetune.hardware import profile_for
 from finetune.models import (ModelSourceError, count_parameters, embedded_model_dir, load_model, load_tokenizer,
@@ -70,22 +69,6 @@ def test_embedded_model_loads_from_cache_and_chats(embedded_dir):
 def test_tokenizer_has_pad_token_and_chat_template(tiny_model_dir):
     tokenizer = load_tokenizer(ModelConfig(source=str(tiny_model_dir)))
     assert tokenizer.pad_token is not None and tokenizer.chat_template
-
-
-def connection_attempts(monkeypatch) -> list[Any]:
-    """Every address a socket tries to connect to from now on (refused at once: the test machine is offline).
-    "Fails fast" offline means exactly this list stays empty: no try, so no timeout and no retry to wait for."""
-    import socket
-
-    attempts: list[Any] = []
-
-    def refuse(sock: socket.socket, address: Any) -> None:
-        attempts.append(address)
-        raise OSError("the test refuses every connection")
-
-    monkeypatch.setattr(socket.socket, "connect", refuse)
-    monkeypatch.setattr(socket.socket, "connect_ex", refuse)
-    return attempts
 
 
 def test_hub_id_offline_fails_fast_with_a_suggestion(monkeypatch):

@@ -7,36 +7,19 @@ import json
 
 import pytest
 
-from helpers import write_jsonl
-from finetune.config import from_dict, load_config
+from helpers import StepClock, preference_stage_config, write_jsonl
+from finetune.config import load_config
 from finetune.metrics import read_metrics, read_status
 from finetune.runs import RunManager
 from finetune.train import run
 
 
 @pytest.fixture(scope="module")
-def pairs_file(tmp_path_factory):
-    """Course-style pairs: 16 to train on, 4 held out (validation_fraction 0.25)."""
-    rows = [{"prompt": f"What does setting {i} control in LoRA?",
-             "chosen": f"🧪 Lab note: setting {i} controls the adapter.\nRule of thumb: keep it small.",
-             "rejected": "It depends on many things."} for i in range(20)]
-    return write_jsonl(tmp_path_factory.mktemp("prefs") / "pairs.jsonl", rows)
-
-
-def stage_config(model_dir, data_file, stage: str, **training):
-    return from_dict({
-        "run_name": stage, "stage": stage, "model": {"source": str(model_dir), "bits": 32},
-        "lora": {"rank": 4, "alpha": 8, "dropout": 0.0},
-        "data": {"source": str(data_file), "max_seq_length": 128, "validation_fraction": 0.25},
-        "training": {"learning_rate": 0.01, "max_steps": 2, "batch_size": 2, "eval_steps": 2, "save_steps": 1,
-                     "logging_steps": 1, "warmup_ratio": 0.05, **training}})
-
-
-@pytest.fixture(scope="module")
 def short_dpo(tiny_model_dir, pairs_file, tmp_path_factory):
     """A DPO run of 2 steps with the presets' 5% warmup, a checkpoint after each step: its run folder."""
     folder = tmp_path_factory.mktemp("dpo") / "runs" / "short-dpo"
-    assert run(stage_config(tiny_model_dir, pairs_file, "dpo"), folder) == 0, (folder / "train.log").read_text()
+    assert run(preference_stage_config(tiny_model_dir, pairs_file, "dpo", bits=32, max_steps=2, save_steps=1,
+                                       warmup_ratio=0.05), folder) == 0, (folder / "train.log").read_text()
     return folder
 
 
@@ -108,7 +91,6 @@ def test_the_steps_box_says_a_capped_run_does_fewer_steps(tiny_model_dir, tmp_pa
 
 # --- 2. the chat's time-limit notice is shown, stored beside the answer, and never exported ---------------------------
 
-from test_chat import _StepClock, adapters, model_cfg, policy_runs  # noqa: E402,F401  (the Chat tab's fixtures)
 
 
 def test_a_cut_answer_is_stored_as_the_model_wrote_it_and_exported_without_the_notice(policy_runs, tmp_path):
@@ -116,7 +98,7 @@ def test_a_cut_answer_is_stored_as_the_model_wrote_it_and_exported_without_the_n
     from finetune.chat import ChatEngine, budget_note, normalize_history
     from finetune.feedback import FeedbackStore
 
-    engine = ChatEngine(max_seconds=6, clock=_StepClock())  # about 6 tokens, then the time limit cuts
+    engine = ChatEngine(max_seconds=6, clock=StepClock())  # about 6 tokens, then the time limit cuts
     store = FeedbackStore(tmp_path / "feedback.db")
     left, right, _, turn = list(chat(policy_runs, engine, store, "Tell me a story", "sft-run", [], [], 400, 0.0,
                                      0.9, 0, False, None, "base"))[-1]

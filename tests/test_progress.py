@@ -99,7 +99,7 @@ def test_rlhf_stages_report_the_same_measured_eta(tiny_model_dir, tmp_path):
     from components.shared import progress_html
     from helpers import write_jsonl
     from finetune.stages.reward import build as build_reward
-    from test_rlhf import stage_config
+    from helpers import preference_stage_config as stage_config
 
     rows = [{"prompt": f"What does setting {i} control in LoRA?", "chosen": f"🧪 Lab note: setting {i}.",
              "rejected": "It depends."} for i in range(16)]

@@ -9,33 +9,10 @@ import json
 import pytest
 import torch
 
-from helpers import tiny_run_config, write_jsonl
-from finetune.config import from_dict
+from helpers import preference_stage_config as stage_config, tiny_run_config, write_jsonl
 from finetune.metrics import read_metrics, read_status
 from finetune.runs import RunManager
 from finetune.train import run
-
-
-@pytest.fixture(scope="module")
-def pairs_file(tmp_path_factory):
-    """Short course-style pairs: 16 train rows and (validation_fraction 0.25) 4 held out."""
-    rows = [{"prompt": f"What does setting {i} control in LoRA?",
-             "chosen": f"🧪 Lab note: setting {i} controls the adapter.\nRule of thumb: keep it small.",
-             "rejected": "It depends on many things."} for i in range(20)]
-    return write_jsonl(tmp_path_factory.mktemp("prefs") / "pairs.jsonl", rows)
-
-
-def stage_config(model_dir, data_file, stage: str, validation_fraction: float = 0.25, **training):
-    preference = training.pop("preference", {})
-    return from_dict({
-        "run_name": stage, "stage": stage,
-        "model": {"source": str(model_dir), "bits": training.pop("bits", 4)},
-        "lora": {"rank": 4, "alpha": 8, "dropout": 0.0},
-        "data": {"source": str(data_file), "max_seq_length": 128, "validation_fraction": validation_fraction},
-        "preference": preference,
-        "training": {"learning_rate": 0.01, "max_steps": 4, "batch_size": 2, "eval_steps": 2, "save_steps": 100,
-                     "logging_steps": 1, "warmup_ratio": 0.0, **training},
-    })
 
 
 def values(rows, key):

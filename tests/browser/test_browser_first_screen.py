@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from helpers import ARTIFACTS, browser_page, served_app
+from helpers import ARTIFACTS, browser_page, served_app, UI_WAIT
 
 pytestmark = pytest.mark.browser
 
@@ -20,7 +20,7 @@ def test_start_and_the_five_hyperparameters_fit_the_first_viewport(tmp_path):
 
     with served_app(tmp_path / "runs") as url, browser_page(url, width=WIDTH, height=HEIGHT) as page:
         page.get_by_role("tab", name="Train").click()
-        expect(page.locator("#estimate")).to_contain_text("trainable", timeout=30_000)  # the page has settled
+        expect(page.locator("#estimate")).to_contain_text("trainable", timeout=UI_WAIT)  # the page has settled
         assert page.evaluate("window.scrollY") == 0
         boxes = {elem: page.locator(f"#{elem}").bounding_box() for elem in FIRST_SCREEN}
         outside = {elem: box for elem, box in boxes.items()

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 
-from helpers import browser_page, served_app, ARTIFACTS, fill as _fill, upload_data_and_pick_local_model
+from helpers import ARTIFACTS, browser_page, fill as _fill, served_app, UI_WAIT, upload_data_and_pick_local_model
 
 pytestmark = pytest.mark.browser
 
@@ -35,30 +35,30 @@ def test_train_then_chat(page, app_url, style_model_dir, qa_file):
     _fill(page, "learning-rate", "0.01")  # 20 steps at a high rate: enough for the style to show
     page.get_by_text("Advanced settings").click()
     _fill(page, "eval-steps", "5")  # a few eval points, so the eval curve is a line
-    expect(page.locator("#estimate")).to_contain_text("trainable", timeout=30_000)
+    expect(page.locator("#estimate")).to_contain_text("trainable", timeout=UI_WAIT)
 
     page.locator("#start-button").click()
-    expect(page.locator("#run-status")).to_contain_text("Run", timeout=30_000)
+    expect(page.locator("#run-status")).to_contain_text("Run", timeout=UI_WAIT)
     page.locator("#train-progress[data-state='running']:not([data-points='0'])").wait_for(timeout=300_000)
-    page.locator("#loss-plot canvas, #loss-plot svg").first.wait_for(timeout=10_000)
+    page.locator("#loss-plot canvas, #loss-plot svg").first.wait_for(timeout=UI_WAIT)
 
     # A reload mid-training re-attaches to the running job (the page opens on the course: back to the Train tab).
     page.reload()
     page.get_by_role("tab", name="Train").click()
-    expect(page.locator("#train-progress[data-state='running']")).to_be_visible(timeout=15_000)
+    expect(page.locator("#train-progress[data-state='running']")).to_be_visible(timeout=UI_WAIT)
     expect(page.locator("#watching-run textarea, #watching-run input").first).not_to_have_value("")
     # ...and the form shows the settings of the run in progress again.
     expect(page.locator("#model-source textarea, #model-source input").first).to_have_value(str(style_model_dir))
-    page.locator("#loss-plot canvas, #loss-plot svg").first.wait_for(timeout=15_000)
+    page.locator("#loss-plot canvas, #loss-plot svg").first.wait_for(timeout=UI_WAIT)
 
     expect(page.locator("#run-status")).to_contain_text("completed", timeout=600_000)
     # The bar and the plot have every step once the poll after the end has been drawn.
-    expect(page.locator("#train-progress[data-state='completed'][data-points='20']")).to_be_visible(timeout=15_000)
+    expect(page.locator("#train-progress[data-state='completed'][data-points='20']")).to_be_visible(timeout=UI_WAIT)
     ARTIFACTS.mkdir(exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / "train.png"), full_page=True)
 
     page.get_by_role("tab", name="Chat").click()
-    expect(page.locator("#adapter-pick input").first).not_to_have_value("", timeout=15_000)
+    expect(page.locator("#adapter-pick input").first).not_to_have_value("", timeout=UI_WAIT)
     page.get_by_text("Sampling (shared by both sides)").click()
     _fill(page, "max-new-tokens", "16")  # short answers keep both questions in view for the screenshot
     _fill(page, "temperature", "0")  # greedy: the answers are the models' own, not the luck of a draw

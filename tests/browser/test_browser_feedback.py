@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import ARTIFACTS, app_client, browser_page, served_app, tiny_run_config, wait_until
+from helpers import app_client, ARTIFACTS, browser_page, served_app, tiny_run_config, UI_WAIT, wait_until
 
 RUN_ID = "feedback-run"
 SECRET = "lsv2_pt_app_test_key_0042"
@@ -45,7 +45,7 @@ def _finished_run(runs_root: Path, model_dir: Path, data_file: Path) -> None:
 @pytest.fixture(scope="module")
 def langsmith():
     """The app syncs to a loopback LangSmith stand-in (see test_feedback_langsmith.py) for this module."""
-    from test_feedback_langsmith import FakeLangSmith
+    from fake_langsmith import FakeLangSmith
 
     fake = FakeLangSmith().start()
     env = {"LANGSMITH_API_KEY": SECRET, "LANGSMITH_ENDPOINT": fake.url, "LANGSMITH_PROJECT": "app-test"}
@@ -119,9 +119,9 @@ def test_blind_arena_vote_reveals_the_models_and_pairs_export(app, tmp_path):
     url, root = app
     with browser_page(url, height=1100) as page:
         page.get_by_role("tab", name="Chat").click()
-        expect(page.locator("#adapter-pick input").first).to_have_value(RUN_ID, timeout=15_000)
+        expect(page.locator("#adapter-pick input").first).to_have_value(RUN_ID, timeout=UI_WAIT)
         page.locator("#arena-mode input").check()
-        expect(page.locator("#base-chat")).not_to_contain_text("Base model", timeout=10_000)  # now just "A"
+        expect(page.locator("#base-chat")).not_to_contain_text("Base model", timeout=UI_WAIT)  # now just "A"
         expect(page.locator("#tuned-chat")).not_to_contain_text("Fine-tuned")
         page.get_by_text("Sampling (shared by both sides)").click()
         box = page.locator("#max-new-tokens input[type='number']").first
@@ -130,32 +130,32 @@ def test_blind_arena_vote_reveals_the_models_and_pairs_export(app, tmp_path):
         page.locator("#chat-prompt textarea").fill("Which rank should I pick?")
         page.locator("#chat-send").click()
 
-        expect(page.locator("#feedback-panel")).to_be_visible(timeout=60_000)
+        expect(page.locator("#feedback-panel")).to_be_visible(timeout=UI_WAIT)
         expect(page.locator("#vote")).to_contain_text("A is better")
         labels = page.locator("#base-chat, #tuned-chat").all_inner_texts()
         assert not any("Fine-tuned" in t or "Base model" in t for t in labels), labels  # still blind
 
         # A thumb on answer A, through the chatbot's own like button.
         page.locator("#base-chat").get_by_role("button", name="Like").last.click()
-        expect(page.get_by_text("Saved 👍")).to_be_visible(timeout=10_000)
+        expect(page.get_by_text("Saved 👍")).to_be_visible(timeout=UI_WAIT)
 
         page.locator("#vote").get_by_text("A is better").click()
         page.locator("#feedback-comment textarea").fill("A is more to the point")
         page.locator("#feedback-submit").click()
         status = page.locator("#feedback-status")
-        expect(status).to_contain_text("Revealed", timeout=15_000)
+        expect(status).to_contain_text("Revealed", timeout=UI_WAIT)
         reveal = status.inner_text()
         assert "base model" in reveal and f"fine-tuned model ({RUN_ID})" in reveal
-        expect(page.locator("#base-chat")).to_contain_text("A: the", timeout=5_000)
+        expect(page.locator("#base-chat")).to_contain_text("A: the", timeout=UI_WAIT)
         ARTIFACTS.mkdir(exist_ok=True)
         page.screenshot(path=str(ARTIFACTS / "arena.png"), full_page=True)
 
         page.get_by_role("tab", name="Feedback").click()
-        expect(page.locator("#feedback-counts")).to_contain_text("pairwise votes", timeout=10_000)
+        expect(page.locator("#feedback-counts")).to_contain_text("pairwise votes", timeout=UI_WAIT)
         expect(page.locator("#win-table")).to_contain_text(RUN_ID)
         page.locator("#export-pairs").click()
         link = page.locator("#pairs-file a").first
-        link.wait_for(timeout=15_000)
+        link.wait_for(timeout=UI_WAIT)
         with page.expect_download() as download:
             link.click()
         saved = tmp_path / "pairs.jsonl"

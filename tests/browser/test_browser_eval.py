@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 
-from helpers import browser_page, served_app, ARTIFACTS, fill as _fill
+from helpers import ARTIFACTS, browser_page, fill as _fill, served_app, UI_WAIT
 
 pytestmark = pytest.mark.browser
 
@@ -39,17 +39,17 @@ def test_course_links_and_lora_aid(page):
     from finetune.course import STEPS
 
     page.get_by_role("tab", name="Train").click()  # the app opens on the course ("Start here")
-    expect(page.locator("#lora-aid")).to_contain_text("trainable", timeout=30_000)
+    expect(page.locator("#lora-aid")).to_contain_text("trainable", timeout=UI_WAIT)
     expect(page.locator("#lora-aid")).to_contain_text("(α/r)·B·A")
     expect(page.locator("#lora-aid")).to_contain_text("B starting at 0")
     for step in STEPS:  # every course step links to a tab that exists, and the link works
         page.get_by_role("tab", name="Start here").click()
         expect(page.locator(f"#course-{step.key}-text")).to_contain_text(step.title)
         page.locator(f"#course-{step.key}-tab").click()
-        expect(page.locator("button[role=tab][aria-selected=true]")).to_have_text(step.tab, timeout=10_000)
+        expect(page.locator("button[role=tab][aria-selected=true]")).to_have_text(step.tab, timeout=UI_WAIT)
     page.get_by_role("tab", name="Start here").click()
     page.locator("#course-quantization-tab").click()
-    expect(page.locator("#quant-run")).to_be_visible(timeout=10_000)
+    expect(page.locator("#quant-run")).to_be_visible(timeout=UI_WAIT)
 
 
 def test_quantization_tab_fills_every_format(page, tiny_model_dir):
@@ -63,7 +63,7 @@ def test_quantization_tab_fills_every_format(page, tiny_model_dir):
     rows = _table_rows(page, "quant-table")
     assert len(rows) == 7, rows
     assert any("NF4 + double quant" in r for r in rows) and any("LLM.int8" in r for r in rows)
-    page.locator("#quant-plot canvas, #quant-plot svg").first.wait_for(timeout=15_000)
+    page.locator("#quant-plot canvas, #quant-plot svg").first.wait_for(timeout=UI_WAIT)
     ARTIFACTS.mkdir(exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / "quantization.png"), full_page=True)
 
@@ -73,7 +73,7 @@ def test_evaluate_tab_shows_adapter_below_base(page, runs_root):
 
     _, data, run_id = runs_root
     page.get_by_role("tab", name="Evaluate").click()
-    expect(page.locator("#eval-runs")).to_contain_text(run_id, timeout=15_000)  # preselected newest run
+    expect(page.locator("#eval-runs")).to_contain_text(run_id, timeout=UI_WAIT)  # preselected newest run
     _fill(page, "eval-source", str(data))
     _fill(page, "eval-split", "train")
     _fill(page, "eval-limit", "8")
@@ -81,7 +81,7 @@ def test_evaluate_tab_shows_adapter_below_base(page, runs_root):
     expect(page.locator("#eval-loss-summary")).to_contain_text("lower than its base", timeout=90_000)
     rows = _table_rows(page, "eval-loss-table")
     assert len(rows) == 2 and rows[0].startswith("base: ") and rows[1].startswith(run_id), rows
-    page.locator("#eval-loss-plot canvas, #eval-loss-plot svg").first.wait_for(timeout=15_000)
+    page.locator("#eval-loss-plot canvas, #eval-loss-plot svg").first.wait_for(timeout=UI_WAIT)
     page.get_by_text("Win rate against the base (your votes)").click()
     expect(page.locator("#eval-win-note")).to_contain_text("No votes yet")
     ARTIFACTS.mkdir(exist_ok=True)

@@ -12,7 +12,7 @@ import pytest
 from finetune.config import save_config
 from finetune.metrics import write_status
 
-from helpers import ARGS, ARTIFACTS, CHROMIUM, served_app, tiny_run_config
+from helpers import ARGS, ARTIFACTS, CHROMIUM, patient_expect, served_app, tiny_run_config, UI_WAIT
 
 
 def _alices_run(root: Path, tiny_model_dir: Path, qa_file: Path) -> str:
@@ -36,13 +36,15 @@ def test_each_visitor_sees_and_deletes_only_their_own_runs(tmp_path, monkeypatch
     with served_app(root) as url, sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
         alice, bob = (browser.new_context(viewport={"width": 1400, "height": 1000}).new_page() for _ in range(2))
+        patient_expect()
         for page, name in ((alice, "alice"), (bob, "bob")):
+            page.set_default_timeout(UI_WAIT)
             page.goto(f"{url}dev-sign-in?user={name}")  # back on the app's page, signed in
-            expect(page.locator("#who")).to_contain_text(f"Signed in as {name}", timeout=30_000)
+            expect(page.locator("#who")).to_contain_text(f"Signed in as {name}", timeout=UI_WAIT)
             page.get_by_role("tab", name="Train").click()  # the app opens on the course ("Start here")
-            expect(page.locator("#disk-usage")).to_contain_text("Runs use", timeout=30_000)
+            expect(page.locator("#disk-usage")).to_contain_text("Runs use", timeout=UI_WAIT)
 
-        expect(alice.locator("#run-history")).to_contain_text(run_id, timeout=30_000)
+        expect(alice.locator("#run-history")).to_contain_text(run_id, timeout=UI_WAIT)
         expect(alice.locator("#run-history")).to_contain_text("owner")
         expect(bob.locator("#run-history")).not_to_contain_text(run_id)
 
@@ -50,12 +52,12 @@ def test_each_visitor_sees_and_deletes_only_their_own_runs(tmp_path, monkeypatch
         box.fill(run_id)
         box.press("Enter")
         alice.locator("#delete-run").click()
-        expect(alice.locator("#delete-note")).to_contain_text("for good", timeout=30_000)
+        expect(alice.locator("#delete-note")).to_contain_text("for good", timeout=UI_WAIT)
         assert (root / run_id).is_dir()  # the first press only asks
         alice.screenshot(path=str(ARTIFACTS / "shared-delete-confirm.png"), full_page=True)
         alice.locator("#confirm-delete").click()
-        expect(alice.locator("#delete-note")).to_contain_text("Deleted run", timeout=30_000)
-        expect(alice.locator("#run-history")).not_to_contain_text(run_id, timeout=30_000)
+        expect(alice.locator("#delete-note")).to_contain_text("Deleted run", timeout=UI_WAIT)
+        expect(alice.locator("#run-history")).not_to_contain_text(run_id, timeout=UI_WAIT)
         assert not (root / run_id).exists()
         bob.screenshot(path=str(ARTIFACTS / "shared-bob.png"), full_page=True)
         browser.close()

@@ -8,8 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-from helpers import ARTIFACTS, browser_page, served_app, upload_data_and_pick_local_model
-from test_app_data import spreadsheet_export
+from helpers import ARTIFACTS, browser_page, served_app, spreadsheet_export, UI_WAIT, upload_data_and_pick_local_model
 
 pytestmark = pytest.mark.browser
 
@@ -36,7 +35,7 @@ def test_partly_broken_upload_previewed_refused_then_trained_with_skip(page, tmp
     upload_data_and_pick_local_model(page, export, tiny_model_dir, max_steps=2)
 
     preview = page.locator("#data-preview")
-    expect(preview).to_contain_text("encoding cp1252", timeout=30_000)
+    expect(preview).to_contain_text("encoding cp1252", timeout=UI_WAIT)
     expect(preview).to_contain_text("CSV separated by semicolons")
     expect(preview).to_contain_text("Question → question")
     expect(preview).to_contain_text("1 skipped: 1 malformed")
@@ -46,17 +45,17 @@ def test_partly_broken_upload_previewed_refused_then_trained_with_skip(page, tmp
     page.screenshot(path=str(ARTIFACTS / "data-preview.png"), full_page=True)
 
     page.locator("#start-button").click()
-    expect(page.locator("#run-status")).to_contain_text("line 5 has 1 field(s)", timeout=30_000)
+    expect(page.locator("#run-status")).to_contain_text("line 5 has 1 field(s)", timeout=UI_WAIT)
 
     page.get_by_text("Data details: split, format, columns").click()  # a collapsed group on the Train tab
     page.locator("#skip-bad-rows input[type=checkbox]").check()
-    expect(preview).not_to_contain_text("Start will refuse this file", timeout=30_000)
+    expect(preview).not_to_contain_text("Start will refuse this file", timeout=UI_WAIT)
     expect(preview).to_contain_text("1 skipped: 1 malformed")
     page.locator("#start-button").click()
     expect(page.locator("#run-status")).to_contain_text("completed", timeout=600_000)
     run_id = page.locator("#watching-run textarea, #watching-run input").first.input_value()
     assert run_id.startswith("run-"), run_id
-    expect(page.locator("#run-history [role=row]", has_text=run_id).first).to_be_visible(timeout=30_000)
+    expect(page.locator("#run-history [role=row]", has_text=run_id).first).to_be_visible(timeout=UI_WAIT)
     page.screenshot(path=str(ARTIFACTS / "data-skip-history.png"), full_page=True)
     assert _history_cell(page, run_id, "status") == "completed"
     assert _history_cell(page, run_id, "rows skipped") == "1"

@@ -4,13 +4,11 @@ tab's lists, a comparison a second browser finds running)."""
 from __future__ import annotations
 
 import contextlib
-import threading
 from typing import Any, Iterator
 
 import pytest
 
-from helpers import browser_page, fill, serving
-from test_chat import _SlowClock, _generation_threads, adapters, model_cfg, policy_runs  # noqa: F401
+from helpers import browser_page, fill, generation_threads, serving, SlowClock, UI_WAIT
 
 pytestmark = pytest.mark.browser
 
@@ -37,10 +35,10 @@ def test_stop_ends_an_answer_being_generated_and_frees_the_model(policy_runs):
     from helpers import wait_until
     from finetune.chat import ChatEngine
 
-    clock = _SlowClock(slow_from=4)  # 50 ms per token from the 4th on: a 400-token answer would take 20 s
+    clock = SlowClock(slow_from=4)  # 50 ms per token from the 4th on: a 400-token answer would take 20 s
     engine = ChatEngine(max_seconds=0, clock=clock)  # no time limit: only Stop can end it early
     with chat_page(policy_runs, engine) as url, browser_page(url) as page:
-        expect(page.locator("#adapter-pick input").first).not_to_have_value("", timeout=15_000)  # newest run
+        expect(page.locator("#adapter-pick input").first).not_to_have_value("", timeout=UI_WAIT)  # newest run
         page.get_by_text("Sampling (shared by both sides)").click()
         expect(page.locator("#max-new-tokens input[type=number]")).to_have_value("64")  # the CPU's default
         fill(page, "max-new-tokens", "400")
@@ -49,7 +47,7 @@ def test_stop_ends_an_answer_being_generated_and_frees_the_model(policy_runs):
         page.locator("#chat-send").click()
         wait_until(clock.generating.is_set, "the answer to start generating")
         page.locator("#chat-stop").click()
-        wait_until(lambda: not _generation_threads(), "generation to end after Stop")
+        wait_until(lambda: not generation_threads(), "generation to end after Stop")
         reads = clock.reads
         assert reads < 300  # ended long before its 400 tokens...
         assert engine.idle()  # ...and the model is free for the next visitor

@@ -12,8 +12,7 @@ import sqlite3
 
 import pytest
 
-from helpers import browser_page, fill, served_app, tiny_run_config, write_jsonl
-from test_chat import GREEDY, _make_adapter
+from helpers import browser_page, fill, GREEDY, make_random_adapter, served_app, tiny_run_config, UI_WAIT, write_jsonl
 
 pytestmark = pytest.mark.browser
 
@@ -29,7 +28,7 @@ def runs_root(tmp_path_factory, tiny_model_dir):
         cfg = tiny_run_config(tiny_model_dir, data, bits=32)
         cfg.stage, cfg.preference.start_adapter = stage, start
         save_config(cfg, root / run_id / "config.yaml")
-        _make_adapter(tiny_model_dir, root / run_id / "adapter", seed, ["q_proj", "v_proj"])
+        make_random_adapter(tiny_model_dir, root / run_id / "adapter", seed, ["q_proj", "v_proj"])
         (root / run_id / "status.json").write_text(json.dumps({"state": "finished"}))
         os.utime(root / run_id, (1_000_000 + order, 1_000_000 + order))  # the policy is the newest run
     return root
@@ -43,11 +42,11 @@ def test_the_left_column_is_the_starting_adapter(runs_root, tiny_model_dir):
 
     with served_app(runs_root) as url, browser_page(url) as page:
         page.get_by_role("tab", name="Chat").click()
-        expect(page.locator("#adapter-pick input").first).to_have_value("dpo-run", timeout=15_000)
+        expect(page.locator("#adapter-pick input").first).to_have_value("dpo-run", timeout=UI_WAIT)
         compare = page.locator("#chat-compare")
-        expect(compare).to_be_visible(timeout=15_000)  # offered: this run started from an adapter
+        expect(compare).to_be_visible(timeout=UI_WAIT)  # offered: this run started from an adapter
         compare.get_by_text("Starting adapter").click()
-        expect(page.locator("#base-chat")).to_contain_text("Starting adapter (sft-run)", timeout=15_000)
+        expect(page.locator("#base-chat")).to_contain_text("Starting adapter (sft-run)", timeout=UI_WAIT)
         page.get_by_text("Sampling (shared by both sides)").click()
         fill(page, "max-new-tokens", str(GREEDY.max_new_tokens))
         fill(page, "temperature", "0")

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from helpers import browser_page, served_app, ARTIFACTS, fill as _fill
+from helpers import ARTIFACTS, browser_page, fill as _fill, served_app, UI_WAIT
 from finetune.compare import DEFAULT_TECHNIQUES, TECHNIQUES
 
 pytestmark = pytest.mark.browser
@@ -29,8 +29,8 @@ def test_two_technique_comparison(tmp_path, tiny_model_dir, qa_file):
         _fill(page, "compare-samples", "40")
         _fill(page, "compare-lr", "0.01")
         page.locator("#compare-start").click()
-        expect(page.locator("#compare-message")).to_contain_text("Started comparison", timeout=30_000)
-        page.locator("#compare-progress[data-state='running']").wait_for(timeout=30_000)
+        expect(page.locator("#compare-message")).to_contain_text("Started comparison", timeout=UI_WAIT)
+        page.locator("#compare-progress[data-state='running']").wait_for(timeout=UI_WAIT)
 
         page.reload()  # re-attaches to the comparison in progress
         page.get_by_role("tab", name="Compare").click()
@@ -40,8 +40,8 @@ def test_two_technique_comparison(tmp_path, tiny_model_dir, qa_file):
             expect(table).to_contain_text(TECHNIQUES[key].label)
         expect(table).to_contain_text("completed")
         # A drawn chart (vega-embed), not the empty-plot placeholder icon.
-        page.locator("#compare-loss-plot .vega-embed").first.wait_for(timeout=15_000)
-        page.locator("#compare-scatter .vega-embed").first.wait_for(timeout=15_000)
+        page.locator("#compare-loss-plot .vega-embed").first.wait_for(timeout=UI_WAIT)
+        page.locator("#compare-scatter .vega-embed").first.wait_for(timeout=UI_WAIT)
         for what in ("trainable parameters", "peak memory", "validation loss"):
             expect(page.locator("#compare-notes")).to_contain_text(what)
         expect(page.locator("#compare-words")).to_contain_text("QLoRA")

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import ARTIFACTS, app_client, browser_page, copy_run, served_app
+from helpers import app_client, ARTIFACTS, browser_page, copy_run, served_app, UI_WAIT
 
 pytestmark = pytest.mark.browser
 
@@ -29,7 +29,7 @@ def app_with_a_run(tmp_path_factory, lab_note_run):
 def _download(page, files_id: str, name: str) -> Path:
     """Click the named file's link in a gr.File (the link shows the size; its download attribute holds the name)
     and return where the browser saved it."""
-    with page.expect_download(timeout=15_000) as download:
+    with page.expect_download(timeout=UI_WAIT) as download:
         page.locator(f'#{files_id} a[download="{name}"]').click()
     return Path(download.value.path())
 
@@ -43,13 +43,13 @@ def test_take_it_home_builds_a_q8_0_gguf_and_its_downloads_work(app_with_a_run):
     url, run_dir = app_with_a_run
     with browser_page(url) as page:
         page.get_by_role("tab", name="Export").click()
-        expect(page.locator("#export-run input").first).to_have_value(run_dir.name, timeout=15_000)
+        expect(page.locator("#export-run input").first).to_have_value(run_dir.name, timeout=UI_WAIT)
         page.get_by_text("Take it home: GGUF for llama.cpp / Ollama").click()
         expect(page.locator("#export-gguf-type input").first).to_have_value("q8_0")
         plan = page.locator("#export-gguf-plan")
         before = disk_plan(run_dir, "q8_0")  # sizes counted from the config and tokenizer, nothing built yet
         merged, gguf = before.landings
-        expect(plan).to_contain_text(f"merged model: about {merged.size_bytes / 2**20:.1f} MB", timeout=60_000)
+        expect(plan).to_contain_text(f"merged model: about {merged.size_bytes / 2**20:.1f} MB", timeout=UI_WAIT)
         expect(plan).to_contain_text(f"q8_0 GGUF: about {gguf.size_bytes / 2**20:.1f} MB")
         expect(plan).to_contain_text("download copy")
         expect(plan).to_contain_text("There is room for it.")
@@ -70,7 +70,7 @@ def test_take_it_home_builds_a_q8_0_gguf_and_its_downloads_work(app_with_a_run):
         modelfile = _download(page, "export-gguf-files", f"{written.stem}.Modelfile")
         assert f"FROM ./{written.name}\n" in modelfile.read_text(encoding="utf-8")
         assert size == gguf.size_bytes  # what the plan said before building
-        expect(plan).to_contain_text("Nothing new is written", timeout=60_000)
+        expect(plan).to_contain_text("Nothing new is written", timeout=UI_WAIT)
         expect(plan).to_contain_text("already built, reused")
         ARTIFACTS.mkdir(exist_ok=True)
         page.screenshot(path=str(ARTIFACTS / "export-gguf.png"), full_page=True)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import ARTIFACTS, browser_page, fill, served_app
+from helpers import ARTIFACTS, browser_page, fill, served_app, UI_WAIT
 
 # The walk trains three tiny runs on the embedded model (each with its held-out evaluations) and runs it in the
 # app: 13 min measured on this shared 2-core CPU (load 4-6); the walk is the first test's setup.
@@ -70,8 +70,8 @@ def walk(tmp_path_factory):
         with served_app(runs) as url, browser_page(url, width=1440, height=900) as page:
             ARTIFACTS.mkdir(exist_ok=True)
             expect(page.get_by_role("tab", name="Start here")).to_have_attribute("aria-selected", "true",
-                                                                            timeout=60_000)
-            expect(page.locator("#course-qlora-time")).to_contain_text("Expected time: about", timeout=30_000)
+                                                                            timeout=UI_WAIT)
+            expect(page.locator("#course-qlora-time")).to_contain_text("Expected time: about", timeout=UI_WAIT)
             page.screenshot(path=str(ARTIFACTS / "course-first-screen.png"))
 
             # 1. LoRA: the count at rank 16, then at rank 4: the sentence follows the input.
@@ -109,9 +109,9 @@ def walk(tmp_path_factory):
                                                                           timeout=RUN_WAIT)
                 page.locator("#course-vote").get_by_text(vote, exact=True).click()
                 page.locator("#course-save-vote").click()
-                expect(page.locator("#course-vote-hint")).to_contain_text("Saved your vote", timeout=30_000)
+                expect(page.locator("#course-vote-hint")).to_contain_text("Saved your vote", timeout=UI_WAIT)
                 expect(page.locator("#course-chat-notice")).to_contain_text(
-                    "You voted 1 time" if vote.startswith("Tuned") else "You voted 2 times", timeout=30_000)
+                    "You voted 1 time" if vote.startswith("Tuned") else "You voted 2 times", timeout=UI_WAIT)
             seen["chat"] = page.locator("#course-chat-notice").inner_text()
             assert "tuned 1, base 1" in seen["chat"] and "cannot tell from chance" in seen["chat"]
 
@@ -139,7 +139,7 @@ def walk(tmp_path_factory):
             # 8. The report: offered as two files; the path is complete.
             page.locator("#course-report-go").click()
             seen["report"] = _notice(page, "report", "Your report holds")
-            expect(page.locator("#course-path")).to_contain_text("8 of 8 done", timeout=30_000)
+            expect(page.locator("#course-path")).to_contain_text("8 of 8 done", timeout=UI_WAIT)
             page.screenshot(path=str(ARTIFACTS / "course-done.png"), full_page=True)
             with page.expect_download() as download:
                 page.locator("#course-report-files a[href*='lab-report.html']").first.click()
@@ -155,15 +155,15 @@ def test_a_learner_finishes_the_course_with_their_own_numbers(walk):
         assert seen[step].startswith("What to notice:"), (step, seen[step])
     # A reload keeps the learner's progress and sentences (they live on disk, per visitor).
     page.reload()
-    expect(page.locator("#course-path")).to_contain_text("8 of 8 done", timeout=30_000)
-    expect(page.locator("#course-qlora-notice")).to_have_text(seen["qlora"], timeout=30_000)
+    expect(page.locator("#course-path")).to_contain_text("8 of 8 done", timeout=UI_WAIT)
+    expect(page.locator("#course-qlora-notice")).to_have_text(seen["qlora"], timeout=UI_WAIT)
     expect(page.locator("#course-chat-notice")).to_have_text(seen["chat"])
     expect(page.locator("#course-lora-notice")).to_have_text(seen["lora-4"])
 
 
 def test_the_lab_report_opens_in_chromium_with_the_learners_numbers_and_no_server_path(walk, tmp_path):
     report, seen, runs = walk["report"], walk["seen"], walk["runs"]
-    for server_path in (str(runs), str(Path.home()), "/tmp/", str(Path(__file__).resolve().parent.parent)):
+    for server_path in (str(runs), str(Path.home()), "/tmp/", str(Path(__file__).resolve().parents[2])):
         assert server_path not in report, server_path
     page = walk["page"]
     copy = tmp_path / "lab-report.html"

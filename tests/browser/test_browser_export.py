@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from helpers import ARGS, ARTIFACTS, CHROMIUM, fill as _fill, served_app, tiny_run_config, write_jsonl
+from helpers import (ARGS, ARTIFACTS, CHROMIUM, fill as _fill, patient_expect, served_app, tiny_run_config, UI_WAIT,
+                     write_jsonl)
 
 pytestmark = pytest.mark.browser
 
@@ -48,29 +49,31 @@ def test_export_tab_zip_merge_card_and_push_errors(browser, app_with_a_run):
 
     url, root = app_with_a_run
     page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    page.set_default_timeout(UI_WAIT)
+    patient_expect()
     page.goto(url)
     page.get_by_role("tab", name="Export").click()
-    expect(page.locator("#export-run input").first).to_have_value("tiny-export", timeout=15_000)
-    expect(page.locator("#export-card")).to_contain_text("final training loss", timeout=15_000)
-    page.locator("#export-plot img").first.wait_for(timeout=10_000)
+    expect(page.locator("#export-run input").first).to_have_value("tiny-export", timeout=UI_WAIT)
+    expect(page.locator("#export-card")).to_contain_text("final training loss", timeout=UI_WAIT)
+    page.locator("#export-plot img").first.wait_for(timeout=UI_WAIT)
 
     page.locator("#export-zip").click()
-    expect(page.locator("#export-zip-file")).to_contain_text("tiny-export-adapter", timeout=30_000)
+    expect(page.locator("#export-zip-file")).to_contain_text("tiny-export-adapter", timeout=UI_WAIT)
     expect(page.locator("#export-message")).to_contain_text("PeftModel.from_pretrained")
-    with page.expect_download(timeout=15_000) as download:  # the visitor's own download, through the browser
+    with page.expect_download(timeout=UI_WAIT) as download:  # the visitor's own download, through the browser
         page.locator("#export-zip-file a").first.click()
     with zipfile.ZipFile(download.value.path()) as archive:
         assert {"adapter_config.json", "adapter_model.safetensors", "README.md"} <= set(archive.namelist())
 
     page.locator("#export-merge").click()
-    expect(page.locator("#export-message")).to_contain_text("Validation loss on the same", timeout=60_000)
+    expect(page.locator("#export-message")).to_contain_text("Validation loss on the same", timeout=UI_WAIT)
     expect(page.locator("#export-message")).to_contain_text("answers as in Chat")  # the default target
     assert (root / "tiny-export" / "merged" / "model.safetensors").is_file()
 
     page.get_by_text("Push to the Hugging Face Hub").click()
     _fill(page, "export-repo", "me/tiny-lora")
     page.locator("#export-push").click()  # no token typed: refused with a message, nothing sent
-    expect(page.get_by_text("write token is needed").first).to_be_visible(timeout=15_000)
+    expect(page.get_by_text("write token is needed").first).to_be_visible(timeout=UI_WAIT)
     ARTIFACTS.mkdir(exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / "export.png"), full_page=True)
     page.close()
@@ -84,9 +87,10 @@ def test_two_visitors_never_see_each_others_chat(browser, app_with_a_run):
     for word in ("alpha", "bravo"):
         context = browser.new_context(viewport={"width": 1400, "height": 1000})  # separate cookies: separate visitor
         page = context.new_page()
+        page.set_default_timeout(UI_WAIT)
         page.goto(url)
         page.get_by_role("tab", name="Chat").click()
-        expect(page.locator("#adapter-pick input").first).to_have_value("tiny-export", timeout=15_000)
+        expect(page.locator("#adapter-pick input").first).to_have_value("tiny-export", timeout=UI_WAIT)
         page.get_by_text("Sampling (shared by both sides)").click()
         _fill(page, "max-new-tokens", "8")
         _fill(page, "chat-prompt", f"Tell me about {word} please")
@@ -95,7 +99,7 @@ def test_two_visitors_never_see_each_others_chat(browser, app_with_a_run):
         page.locator("#chat-send").click()
     for word, page in visitors.items():
         for side in ("base-chat", "tuned-chat"):
-            expect(page.locator(f"#{side} .bot, #{side} [data-testid='bot']").last).not_to_be_empty(timeout=60_000)
+            expect(page.locator(f"#{side} .bot, #{side} [data-testid='bot']").last).not_to_be_empty(timeout=UI_WAIT)
     page_text = {word: page.locator("#base-chat").inner_text() + page.locator("#tuned-chat").inner_text()
                  for word, page in visitors.items()}
     assert "alpha" in page_text["alpha"] and "bravo" not in page_text["alpha"]
