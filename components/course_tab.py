@@ -17,7 +17,8 @@ import gradio as gr
 import pandas as pd
 
 from components.rlhf_form import config_from_form as preference_config
-from components.shared import (bind, downloadable, live_status, on_page_load, progress_html, refusal, visitor_of)
+from components.shared import (CHAT_SLOT, bind, downloadable, live_status, on_page_load, progress_html, refusal,
+                               visitor_of)
 from components.train_form import CONFIGS_DIR
 from finetune import course, paths
 from finetune.access import AccessDenied, Visitor, require_signed_in
@@ -506,7 +507,7 @@ def _wire(manager: RunManager, profile: HardwareProfile, engine: ChatEngine, sto
                               api_name=f"course_{key}", concurrency_limit=1, concurrency_id="train-start")
     ui["chat_go"].click(bind(ask_both, manager, engine, store), ui["prompt"],
                         [ui["base_answer"], ui["tuned_answer"], ui["vote_hint"]], api_name="course_ask",
-                        concurrency_limit=1, concurrency_id="chat")
+                        **CHAT_SLOT)  # the Chat tab's slot: answers take turns on the one model
     ui["save_vote"].click(bind(save_vote, manager, store), ui["vote"], [ui["chat_notice"], ui["vote_hint"]],
                           api_name="course_vote")
     ui["evaluate_go"].click(bind(evaluate_course, manager, engine), None, ui["evaluate_notice"],
