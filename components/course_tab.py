@@ -80,6 +80,8 @@ def qlora_config(profile: HardwareProfile, rank: int) -> RunConfig:
     if size.validation_fraction:
         raw["data"]["validation_fraction"] = size.validation_fraction
     raw["data"]["max_eval_samples"] = size.eval_samples
+    if size.bits:
+        raw["model"]["bits"] = size.bits
     return from_dict(raw)
 
 

@@ -90,7 +90,9 @@ STEP_KEYS = tuple(step.key for step in STEPS)
 
 @dataclass(frozen=True)
 class CourseSize:
-    """The course's run sizes: the CPU presets' own by default; ``LORA_LAB_COURSE=tiny`` for a smoke run."""
+    """The course's run sizes: the CPU presets' own by default; ``LORA_LAB_COURSE=tiny`` for a smoke run (the
+    browser test's walk). The smoke run trains at 32 bits: bitsandbytes has no fast 4-bit kernel for the CPU, so
+    one held-out evaluation of 4 pairs took 20-28 s in 4-bit on 2 cores; the 4-bit path has tests of its own."""
 
     train_steps: int | None = None   # None: the preset's
     preference_steps: int = 20
@@ -101,12 +103,14 @@ class CourseSize:
     answer_tokens: int = 64
     validation_fraction: float | None = None  # None: the preset's share of rows held out
     eval_samples: int | None = None  # held-out rows (pairs) each evaluation reads; None: all of them
+    bits: int | None = None  # None: the preset's (4 on every preset: QLoRA)
 
     @classmethod
     def from_env(cls) -> CourseSize:
         if os.environ.get(COURSE_ENV, "").strip().lower() == "tiny":
             return cls(train_steps=2, preference_steps=2, batch_size=2, max_seq_length=160, eval_rows=4,
-                       quant_rows=3, answer_tokens=12, validation_fraction=0.02, eval_samples=4)
+                       quant_rows=3, answer_tokens=12, validation_fraction=0.02, eval_samples=4,
+                       bits=32)
         return cls()
 
 
@@ -260,10 +264,20 @@ def loss_verdict_sentence(model: str, against: str, loss: float, other: float, r
     if interval is None:
         return text + " (no interval: the two were not scored on the same rows)."
     low, high = interval
+    shown = f"95% interval {_bound(low)} to {_bound(high)}"
     if low <= 0 <= high:
-        return text + f" (95% interval {low:+.3f} to {high:+.3f} includes 0: these questions cannot tell them apart)."
+        return text + f" ({shown} includes 0: these questions cannot tell them apart)."
     meaning = "it does better on questions it never saw" if high < 0 else "it does worse on questions it never saw"
-    return text + f" (95% interval {low:+.3f} to {high:+.3f}): {meaning}."
+    return text + f" ({shown}): {meaning}."
+
+
+def _bound(value: float) -> str:
+    """An interval bound with its sign and three decimals, more where three would print a nonzero bound as
+    -0.000 (which reads as if the interval touched 0)."""
+    digits = 3
+    while value and round(value, digits) == 0 and digits < 8:
+        digits += 1
+    return f"{value:+.{digits}f}"
 
 
 def report_sentence(runs: int, votes: int, steps_done: int) -> str:

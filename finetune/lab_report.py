@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import base64
 import html
+import re
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -163,12 +164,17 @@ STYLE = ("body{font-family:system-ui,sans-serif;max-width:980px;margin:2em auto;
          "border:1px solid #e5e7eb;white-space:pre-wrap}li{margin:.3em 0}")
 
 
+def _code_spans(escaped: str) -> str:
+    """The sentences are written for Markdown (run names in `backticks`): in HTML they become <code>."""
+    return re.sub(r"`([^`]+)`", r"<code>\1</code>", escaped)
+
+
 def render_html(data: ReportData) -> str:
     e = html.escape
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>LoRA Lab report</title>"
              f"<style>{STYLE}</style></head><body><h1>LoRA Lab: lab report</h1>"
              f"<p>{e(data.who)} · {e(data.made)}</p>", "<h2>What to notice</h2>"]
-    parts.append("<ul>" + "".join(f"<li><b>{e(t)}:</b> {e(s)}</li>" for t, s in data.sentences) + "</ul>"
+    parts.append("<ul>" + "".join(f"<li><b>{e(t)}:</b> {_code_spans(e(s))}</li>" for t, s in data.sentences) + "</ul>"
                  if data.sentences else "<p>No course step done yet.</p>")
     parts.append("<h2>Runs</h2>" + (_html_table(RUN_COLUMNS, [r.cells for r in data.runs]) if data.runs
                                     else "<p>No runs yet.</p>"))

@@ -74,6 +74,8 @@ def test_the_dpo_and_loss_verdict_sentences():
     assert "loss 1.420 against 2.310" in lower and "lower by 0.890" in lower and "never saw" in lower
     unsure = course.loss_verdict_sentence("a", "the base", 2.30, 2.31, 4, (-0.05, 0.03))
     assert "includes 0: these questions cannot tell them apart" in unsure
+    barely = course.loss_verdict_sentence("a", "b", 4.451, 4.455, 4, (-0.0081, -0.0002))
+    assert "95% interval -0.008 to -0.0002): it does better" in barely  # never "-0.000", as if it touched 0
 
 
 def test_expected_time_text_and_guesses():
@@ -113,6 +115,7 @@ def test_the_course_guess_reads_the_bundled_held_out_rows_and_the_cap(monkeypatc
     monkeypatch.setenv(course.COURSE_ENV, "tiny")
     tiny = preference_step_config("dpo", qlora_config(profile, 16))
     assert tiny.data.max_eval_samples == 4 and qlora_config(profile, 16).data.max_eval_samples == 4
+    assert full.model.bits == 4 and tiny.model.bits == 32  # the smoke run skips the CPU's slow 4-bit matmul
     from components.course_tab import _held_out_rows
 
     bundled = sum(1 for line in (paths.DATA_DIR / "course_prefs" / "validation.jsonl").open(encoding="utf-8") if line.strip())
@@ -163,7 +166,8 @@ def test_the_report_holds_only_the_visitors_runs_and_no_server_path(tmp_path, mo
             {"step": 1, "loss": first}, {"step": 2, "loss": last}, {"step": 2, "eval_loss": last + 0.1})))
     alice = Visitor(name="alice", operator=False, sign_in=True)
     progress = CourseProgress(root, alice)
-    progress.record("qlora", sentence="the training loss went from 2.500 to 1.250 (-50.0%)", run_id="alice-run")
+    progress.record("qlora", sentence="`alice-run`: the training loss went from 2.500 to 1.250 (-50.0%)",
+                    run_id="alice-run")
     progress.record("chat", turns=[{"prompt": "What is r?", "base": "No idea", "tuned": "The rank", "adapter":
                                     "alice-run", "vote": "tuned"}])
     progress.record("quantization", table=[["bfloat16", 202.5, 54.98], ["NF4 + double quant", 52.5, 74.24]])
@@ -174,6 +178,7 @@ def test_the_report_holds_only_the_visitors_runs_and_no_server_path(tmp_path, mo
         assert "2.500 to 1.250" in text and "What is r?" in text and "The rank" in text and "74.24" in text
         assert str(tmp_path) not in text and "secret-data" not in text and "/tmp" not in text
     assert "<img" in page and "data:image/png;base64," in page and "(data:image/png;base64," in markdown
+    assert "<code>alice-run</code>: the training loss" in page and "`alice-run`: the training loss" in markdown
     html_file, md_file = write_report(data, tmp_path / "out")
     assert html_file.read_text(encoding="utf-8") == page and md_file.name == "lab-report.md"
     # Another learner's report: their run, none of Alice's.
