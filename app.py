@@ -11,11 +11,11 @@ import atexit
 import os
 from pathlib import Path
 
-from finetune.noise import quiet_known_noise
+from finetune.core.noise import quiet_known_noise
 
 quiet_known_noise()  # before the libraries load: their known, harmless messages stay out of the app log
 
-from finetune import deploy  # noqa: E402
+from finetune.services import deploy  # noqa: E402
 
 # Before gradio/huggingface_hub are imported (they read HF_HOME once): model caches on a Space's /data.
 os.environ.update({k: v for k, v in deploy.cache_env().items() if k not in os.environ})
@@ -31,20 +31,20 @@ from components.export_tab import build_export_tab, export_choices
 from components.feedback_tab import build_feedback_tab
 from components.inspect_section import build_inspect_section
 from components.quant_tab import build_quant_tab
-from components.sweep_section import build_sweep_section
 from components.rlhf_tab import build_rlhf_tab
 from components.shared import bind, check_number_inputs, visitor_of, who_markdown
 from components.sign_in import app_kwargs, build_sign_in_row
+from components.sweep_section import build_sweep_section
 from components.train_tab import build_train_tab
-from finetune.access import JobLimits, can_act, sign_in_mode
-from finetune.benchmarks import BenchmarkService, app_root
-from finetune.chat import ChatEngine
-from finetune.compare import CompareQueue
-from finetune.feedback import FeedbackStore, LangSmithSettings
-from finetune.hardware import HardwareProfile, detect
-from finetune.scoring import ScorerCache
-from finetune.sweeps import SweepQueue
-from finetune.runs import RunManager
+from finetune.core.access import JobLimits, can_act, sign_in_mode
+from finetune.core.hardware import HardwareProfile, detect
+from finetune.services.benchmarks import BenchmarkService, app_root
+from finetune.services.chat import ChatEngine
+from finetune.services.compare import CompareQueue
+from finetune.services.feedback import FeedbackStore, LangSmithSettings
+from finetune.services.runs import RunManager
+from finetune.services.scoring import ScorerCache
+from finetune.services.sweeps import SweepQueue
 
 
 def opening_preset(manager: RunManager, profile: HardwareProfile, request: gr.Request = None) -> object:

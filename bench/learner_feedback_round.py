@@ -24,13 +24,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from components.eval_tab import _loss_summary  # noqa: E402
 from components.rlhf_tab import compare_policy, start_stage  # noqa: E402
-from finetune.chat import ChatEngine, SamplingSettings  # noqa: E402
-from finetune.config import DataConfig, load_config  # noqa: E402
-from finetune.evaluate import candidate_loss, candidates, eval_rows  # noqa: E402
-from finetune.feedback import FeedbackStore  # noqa: E402
-from finetune.metrics import read_metrics  # noqa: E402
-from finetune.scoring import ScorerCache  # noqa: E402
-from finetune.runs import RunManager  # noqa: E402
+from finetune.services.chat import ChatEngine, SamplingSettings  # noqa: E402
+from finetune.core.config import DataConfig, load_config  # noqa: E402
+from finetune.services.evaluate import candidate_loss, candidates, eval_rows  # noqa: E402
+from finetune.services.feedback import FeedbackStore  # noqa: E402
+from finetune.core.metrics import read_metrics  # noqa: E402
+from finetune.services.scoring import ScorerCache  # noqa: E402
+from finetune.services.runs import RunManager  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 

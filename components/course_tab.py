@@ -1,10 +1,10 @@
 """The "Start here" tab: the course as a path of steps, each with a few sentences, ONE primary button that does
 the step with sensible defaults through the same services the full tabs call (the estimate, the quantization
 measurement, the run manager, the chat engine and feedback store, the reward model's judge, the held-out loss),
-the learner's own result with a "what to notice" sentence computed from their numbers (finetune/course.py), the
+the learner's own result with a "what to notice" sentence computed from their numbers (finetune/services/course.py), the
 expected time before it starts, and a link to the full tab.
 
-Progress is kept per visitor on disk (finetune/course_progress.py), so a reload or an app restart finds it. The
+Progress is kept per visitor on disk (finetune/core/course_progress.py), so a reload or an app restart finds it. The
 training steps run as ordinary jobs in the queue: their runs appear in the Train, Chat, RLHF and Evaluate tabs.
 """
 
@@ -17,27 +17,28 @@ import gradio as gr
 import pandas as pd
 
 from components.rlhf_form import config_from_form as preference_config
-from components.shared import (bind, downloadable, live_status, on_page_load, progress_html, refusal, visitor_of)
-from components.train_form import CONFIGS_DIR
-from finetune import course, paths
-from finetune.access import AccessDenied, Visitor, require_signed_in
-from finetune.benchmarks import BenchmarkService
-from finetune.chat import ChatEngine, SamplingSettings
-from finetune.config import BUNDLED_DATASET, ConfigError, LoraSettings, RunConfig, from_dict, load_config, to_dict
-from finetune.course_progress import CourseProgress
-from finetune.deploy import default_preset
-from finetune.estimate import lora_parameter_count, model_shape, targeted_linears
-from finetune.evaluate import (candidate_loss, candidates, judge_accuracy, load_eval_rows,
-                               loss_difference_interval, model_label)
-from finetune.feedback import FeedbackError, FeedbackStore
-from finetune.hardware import HardwareProfile
-from finetune.lab_report import collect, write_report
-from finetune.metrics import is_summary, read_metrics, write_status
-from finetune.models import ModelSourceError
-from finetune.preference import BUNDLED_PREFERENCES, load_preferences
-from finetune.quantize import FORMATS, MB, measure
-from finetune.run_folder import ADAPTER_DIR
-from finetune.runs import RunError, RunManager, check_sources
+from components.shared import bind, downloadable, live_status, on_page_load, progress_html, refusal, visitor_of
+from finetune.core import paths
+from finetune.core.access import AccessDenied, Visitor, require_signed_in
+from finetune.core.config import BUNDLED_DATASET, ConfigError, LoraSettings, RunConfig, from_dict, load_config, to_dict
+from finetune.core.course_progress import CourseProgress
+from finetune.core.estimate import lora_parameter_count, model_shape, targeted_linears
+from finetune.core.hardware import HardwareProfile
+from finetune.core.metrics import is_summary, read_metrics, write_status
+from finetune.core.models import ModelSourceError
+from finetune.core.paths import CONFIGS_DIR
+from finetune.core.preference import BUNDLED_PREFERENCES, load_preferences
+from finetune.core.run_folder import ADAPTER_DIR
+from finetune.services import course
+from finetune.services.benchmarks import BenchmarkService
+from finetune.services.chat import ChatEngine, SamplingSettings
+from finetune.services.deploy import default_preset
+from finetune.services.evaluate import (candidate_loss, candidates, judge_accuracy, load_eval_rows,
+                                        loss_difference_interval, model_label)
+from finetune.services.feedback import FeedbackError, FeedbackStore
+from finetune.services.lab_report import collect, write_report
+from finetune.services.quantize import FORMATS, MB, measure
+from finetune.services.runs import RunError, RunManager, check_sources
 
 POLL_SECONDS = 2.0
 RUN_STEPS = ("qlora", "reward", "dpo")

@@ -17,19 +17,18 @@ import gradio as gr
 
 from components.shared import (bind, current_download, download_folder, downloadable, on_page_load, refusal,
                                require_visible, visible_adapters, visitor_of)
-from finetune.access import AccessDenied, Visitor, sign_in_hint, sign_in_mode
-from finetune.data import DataError, first_line
-from finetune.export import ( MERGE_TARGETS, MERGED_DIR, PLOT_FILE, ExportError, merge_adapter,
-                             merge_dtype, merge_report, model_card, push_folder, run_config, write_model_card,
-                             zip_adapter)
-from finetune.gguf_export import (GGUF_TYPES, DiskPlan, base_config, disk_plan, drift_text, gguf_path,
-                                  modelfile_name, ollama_command, parameter_shapes, push_gguf, write_gguf,
-                                  zip_merged)
-from finetune.hardware import detect
-from finetune.models import ModelSourceError
-from finetune.storage import DiskFull, folder_bytes, require_free
-from finetune.run_folder import ADAPTER_DIR
-from finetune.runs import RunError, RunManager
+from finetune.core.access import AccessDenied, Visitor, sign_in_hint, sign_in_mode
+from finetune.core.data import DataError, first_line
+from finetune.core.hardware import detect
+from finetune.core.models import ModelSourceError
+from finetune.core.run_folder import ADAPTER_DIR
+from finetune.core.storage import DiskFull, folder_bytes, require_free
+from finetune.services.export import (MERGE_TARGETS, MERGED_DIR, PLOT_FILE, ExportError, merge_adapter, merge_dtype,
+                                      merge_report, model_card, push_folder, run_config, write_model_card, zip_adapter)
+from finetune.services.gguf_export import (GGUF_TYPES, DiskPlan, base_config, disk_plan, drift_text, gguf_path,
+                                           modelfile_name, ollama_command, parameter_shapes, push_gguf, write_gguf,
+                                           zip_merged)
+from finetune.services.runs import RunError, RunManager
 
 PUSH_KINDS = ("Adapter", "Merged model")
 CONSENT = "Use my Hugging Face sign-in token to push to my account"

@@ -15,9 +15,9 @@ import gradio as gr
 import pandas as pd
 
 from components.shared import bind, downloadable, feedback_owner, refusal, visitor_of
-from finetune.access import AccessDenied, require_signed_in
-from finetune.evaluate import WinRate, win_rate
-from finetune.feedback import FeedbackStore
+from finetune.core.access import AccessDenied, require_signed_in
+from finetune.services.evaluate import WinRate, win_rate
+from finetune.services.feedback import FeedbackStore
 
 RECENT_COLUMNS = ["time", "kind", "value", "score", "arena", "model / adapter", "prompt", "answer", "comment",
                   "corrected answer", "user"]

@@ -7,14 +7,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-from finetune import paths
-from finetune.config import DPO_LOSSES, EMBEDDED_MODEL, KTO_LOSSES, ConfigError, RunConfig, from_dict, load_config, \
-    to_dict
-from finetune.feedback import export_feedback
-from finetune.preference import BUNDLED_PREFERENCES, PreferenceError
-from finetune.runs import RunManager
+from finetune.core import paths
+from finetune.core.config import (DPO_LOSSES, EMBEDDED_MODEL, KTO_LOSSES, ConfigError, RunConfig, from_dict,
+                                  load_config, to_dict)
+from finetune.core.preference import BUNDLED_PREFERENCES, PreferenceError
+from finetune.services.feedback import export_feedback
+from finetune.services.runs import RunManager
 
-CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
 BASE_CHOICE = "(base model: fresh LoRA)"
 MODEL_KINDS = ("Embedded", "Local folder", "Hub id")
 DATA_KINDS = ("Bundled pairs", "Collected feedback", "Uploaded file", "Hub dataset")
@@ -23,7 +22,7 @@ DATA_KINDS = ("Bundled pairs", "Collected feedback", "Uploaded file", "Hub datas
 def preset(stage: str) -> RunConfig:
     """The stage's CPU preset (configs/<stage>-cpu.yaml), or the defaults when it cannot be read."""
     try:
-        return load_config(CONFIGS_DIR / f"{'reward' if stage == 'reward' else stage}-cpu.yaml")
+        return load_config(paths.CONFIGS_DIR / f"{'reward' if stage == 'reward' else stage}-cpu.yaml")
     except ConfigError:
         return RunConfig(stage=stage)
 

@@ -17,32 +17,31 @@ from typing import Any
 import gradio as gr
 import pandas as pd
 
-from components.rlhf_form import (BASE_CHOICE, DATA_KINDS, MODEL_KINDS, config_from_form, data_source,
-                                  model_source, preset)
+from components.rlhf_form import (BASE_CHOICE, DATA_KINDS, MODEL_KINDS, config_from_form, data_source, model_source,
+                                  preset)
 from components.shared import (PREVIEW_SLOT, bind, feedback_owner, list_hub_options, live_status, on_page_load,
                                problems_markdown, progress_html, refusal, require_visible, series_frame,
                                started_message, stop_run, visible_adapters, visible_reward_models, visitor_of,
                                watched_run)
-from finetune import paths
-from finetune.access import LOCAL, AccessDenied, Visitor
-from finetune.chat import ChatEngine, normalize_history
-from finetune.config import (DPO_LOSSES, EMBEDDED_MODEL, KEEP_CHOICES, KTO_LOSSES, ConfigError, RunConfig,
-                             field_help, from_dict, load_config, to_dict)
-from finetune.data import DataError, hub_first_rows
-from finetune.distributed import offers_processes
-from finetune.metrics import early_stop_note, read_metrics, read_status, write_status
-from finetune.models import ModelSourceError
-from finetune.feedback import FeedbackStore
-from finetune.evaluate import (NO_HELD_OUT, Candidate, adapter_name, compare_policy_answers, judge_accuracy,
-                               model_label, start_run_dir, trained_prompts)
-from finetune.preference import (BUNDLED_PREFERENCES, MAX_EPOCHS_SMALL_DATA, PreferenceData, convert_rows,
-                                 data_size, default_steps, detect_preference_format, held_out_prompts,
-                                 preference_renames,
-                                 load_preferences, preview_preferences, rows_per_step, size_statement,
-                                 size_warnings)
-from finetune.scoring import ScorerCache
-from finetune.run_folder import ADAPTER_DIR, REWARD_DIR, RUN_CONFIG, resolve_run_folder
-from finetune.runs import RunError, RunManager, check_sources
+from finetune.core import paths
+from finetune.core.access import LOCAL, AccessDenied, Visitor
+from finetune.core.config import (DPO_LOSSES, EMBEDDED_MODEL, KEEP_CHOICES, KTO_LOSSES, ConfigError, RunConfig,
+                                  field_help, from_dict, load_config, to_dict)
+from finetune.core.data import DataError, hub_first_rows
+from finetune.core.distributed import offers_processes
+from finetune.core.metrics import early_stop_note, read_metrics, read_status, write_status
+from finetune.core.models import ModelSourceError
+from finetune.core.preference import (BUNDLED_PREFERENCES, MAX_EPOCHS_SMALL_DATA, PreferenceData, convert_rows,
+                                      data_size, default_steps, detect_preference_format, held_out_prompts,
+                                      preference_renames, load_preferences, preview_preferences, rows_per_step,
+                                      size_statement, size_warnings)
+from finetune.core.run_folder import ADAPTER_DIR, REWARD_DIR, RUN_CONFIG, resolve_run_folder
+from finetune.services.chat import ChatEngine, normalize_history
+from finetune.services.evaluate import (NO_HELD_OUT, Candidate, adapter_name, compare_policy_answers, judge_accuracy,
+                                        model_label, start_run_dir, trained_prompts)
+from finetune.services.feedback import FeedbackStore
+from finetune.services.runs import RunError, RunManager, check_sources
+from finetune.services.scoring import ScorerCache
 
 POLL_SECONDS = 2.0
 RLHF_COLOUR = "#7c3aed"  # the RLHF tab's progress bars, apart from the Train tab's blue

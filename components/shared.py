@@ -20,14 +20,14 @@ from typing import Any, Callable
 import gradio as gr
 import pandas as pd
 
-from finetune.access import LOCAL, AccessDenied, Visitor, not_yours, sign_in_mode, visitor_from_session
-from finetune.compare import CompareError, CompareQueue
-from finetune.config import ConfigError, LoraSettings, ModelConfig
-from finetune.estimate import lora_parameter_count, model_shape, parameter_text, targeted_linears
-from finetune.metrics import is_summary
-from finetune.data import DataError, hub_configs, hub_splits
-from finetune.paths import for_visitors, hub_dataset, model_source as gated_model_source, upload_folder
-from finetune.runs import RunError, RunManager
+from finetune.core.access import LOCAL, AccessDenied, Visitor, not_yours, sign_in_mode, visitor_from_session
+from finetune.core.config import ConfigError, LoraSettings, ModelConfig
+from finetune.core.data import DataError, hub_configs, hub_splits
+from finetune.core.estimate import lora_parameter_count, model_shape, parameter_text, targeted_linears
+from finetune.core.metrics import is_summary
+from finetune.core.paths import for_visitors, hub_dataset, model_source as gated_model_source, upload_folder
+from finetune.services.compare import CompareError, CompareQueue
+from finetune.services.runs import RunError, RunManager
 
 LIVE_STATES = ("running", "queued", "waiting")  # waiting: in the job queue, not started yet
 logger = logging.getLogger("lora_lab")
@@ -364,8 +364,8 @@ def _checked_number(block: Any, preprocess: Any) -> Any:
 
 # The heavy read-only handlers get slots of their own (gradio concurrency ids), apart from each other and from the
 # queue's other events: a visitor's data preview or estimate can wait only behind another preview or estimate, and
-# each of those reads a bounded sample (finetune.data.SAMPLE_BYTES), so the wait is short. Chat has its own slot:
-# up to 4 answers at once, which take turns on the one model in slices (finetune.chat), so a short question is
+# each of those reads a bounded sample (finetune.core.data.SAMPLE_BYTES), so the wait is short. Chat has its own slot:
+# up to 4 answers at once, which take turns on the one model in slices (finetune.services.chat), so a short question is
 # answered while a long answer runs; a fifth visitor waits in gradio's queue and sees their place.
 PREVIEW_SLOT: dict[str, Any] = {"concurrency_limit": 2, "concurrency_id": "data-preview"}
 ESTIMATE_SLOT: dict[str, Any] = {"concurrency_limit": 2, "concurrency_id": "estimate"}
@@ -444,7 +444,7 @@ LORA_STARTS = {  # how A and B start, per lora.init: the sentence the LoRA aid e
 def lora_aid_markdown(model_source: str, rank: Any, alpha: Any, target_modules: str, bits: Any, quant_type: str,
                       double_quant: bool, optimizer: str, init: str = "default") -> str:
     """W + (alpha/r)·B·A with this form's numbers: the scale, one example layer, the live trainable count, and how
-    A and B start (``init``, finetune/lora_init.py)."""
+    A and B start (``init``, finetune/core/lora_init.py)."""
     try:
         lora = LoraSettings(rank=rank, alpha=alpha, target_modules=target_modules or "all-linear")
         model = ModelConfig(source=gated_model_source(model_source), bits=bits, quant_type=quant_type,

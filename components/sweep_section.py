@@ -1,5 +1,5 @@
 """The Compare tab's sweep section: try lists of learning rates, ranks, alphas, dropouts and bit widths on the Train
-form's settings, each trial a normal run (finetune/sweeps.py), ranked by validation loss.
+form's settings, each trial a normal run (finetune/services/sweeps.py), ranked by validation loss.
 
 The lead places it: ``build_sweep_section(SweepQueue(manager), train)`` with the Train tab's components, so Start
 sweeps the Train form's config and "Use the best" writes the best trial's settings back into that form. A
@@ -16,13 +16,13 @@ import pandas as pd
 
 from components.shared import bind, on_page_load, problems_markdown, stop_queue, visitor_of
 from components.train_form import UI_ONLY, config_from_form, form_from_config
-from finetune import paths
-from finetune.access import AccessDenied, Visitor
-from finetune.compare import CompareError, CompareRequest, base_config
-from finetune.config import ConfigError, RunConfig, from_dict
-from finetune.runs import RunError
-from finetune.sweeps import (AXES, RESULT_COLUMNS, SEARCHES, SweepQueue, SweepRequest, best_trial,
-                             loss_by_hyperparameter, max_trials, progress, results)
+from finetune.core import paths
+from finetune.core.access import AccessDenied, Visitor
+from finetune.core.config import ConfigError, RunConfig, from_dict
+from finetune.services.compare import CompareError, CompareRequest, base_config
+from finetune.services.runs import RunError
+from finetune.services.sweeps import (AXES, RESULT_COLUMNS, SEARCHES, SweepQueue, SweepRequest, best_trial,
+                                      loss_by_hyperparameter, max_trials, progress, results)
 
 POLL_SECONDS = 2.0
 CHART_LABELS = [label for _, _, label in AXES.values()]

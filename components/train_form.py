@@ -9,10 +9,9 @@ from typing import Any
 
 import yaml
 
-from finetune import paths
-from finetune.config import BUNDLED_DATASET, EMBEDDED_MODEL, ConfigError, RunConfig, from_dict
+from finetune.core import paths
+from finetune.core.config import BUNDLED_DATASET, EMBEDDED_MODEL, ConfigError, RunConfig, from_dict
 
-CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
 DATA_KINDS = ("Bundled", "Hub dataset", "Uploaded file")
 MODEL_KINDS = ("Embedded", "Hub id", "Local folder")
 UI_ONLY = ("data_kind", "data_bundled", "data_hub_name", "data_file", "prompt_column", "answer_column",
@@ -21,7 +20,7 @@ UI_ONLY = ("data_kind", "data_bundled", "data_hub_name", "data_file", "prompt_co
 
 def presets() -> list[str]:
     """The SFT presets: the RLHF stages (``stage:``) have their own tab, and compare-cpu is the Compare tab's base."""
-    return sorted(p.stem for p in CONFIGS_DIR.glob("*.yaml")
+    return sorted(p.stem for p in paths.CONFIGS_DIR.glob("*.yaml")
                   if p.stem != "compare-cpu" and (yaml.safe_load(p.read_text()) or {}).get("stage", "sft") == "sft")
 
 

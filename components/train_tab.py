@@ -21,28 +21,27 @@ import pandas as pd
 from components.shared import (ESTIMATE_SLOT, PREVIEW_SLOT, bind, duration, list_hub_options, live_status,
                                lora_aid_markdown, on_page_load, points_frame, problems_markdown, progress_html,
                                queue_place, refusal, series_frame, started_message, stop_run, visitor_of, watched_run)
-from components.train_form import (CONFIGS_DIR, DATA_KINDS, MODEL_KINDS, column_mapping, config_from_form,
-                                   form_from_config, presets)
-from finetune.access import AccessDenied, can_act
-from finetune.config import (BUNDLED_DATASET, CHECKPOINTING, COMPUTE_DTYPES, DATA_FORMATS, EMBEDDED_MODEL,
-                             KEEP_CHOICES, LORA_BIAS, LORA_INITS, LORA_METHODS, OPTIMIZERS, PEFT_METHODS, SCHEDULERS, ConfigError,
-                             STRATEGIES, RunConfig, field_help, load_config)
-from finetune import paths
-from finetune.data import DataError, DataPreview, bundled_names, hub_preview, preview_report
-from finetune.distributed import check_launch, effective_batch, offers_processes
-from finetune.estimate import estimate_run, memory_check_text
-from finetune.recipe import resolve_recipe
-from finetune.hardware import HardwareProfile
-from finetune.lora_init import init_problems
-from finetune.models import ModelSourceError, load_tokenizer
-from finetune.metrics import (early_stop_note, headline_metric, is_summary, loss_key, read_metrics,
-                              rows_of_saved_model)
-from finetune.runs import RunError, RunManager, check_sources
-from finetune.storage import folder_bytes, human, usage
-from finetune.run_folder import ADAPTER_DIR, RUN_CONFIG, has_adapter, memory_records, read_run_info
+from components.train_form import DATA_KINDS, MODEL_KINDS, column_mapping, config_from_form, form_from_config, presets
+from finetune.core import paths
+from finetune.core.access import AccessDenied, can_act
+from finetune.core.config import (BUNDLED_DATASET, CHECKPOINTING, COMPUTE_DTYPES, DATA_FORMATS, EMBEDDED_MODEL,
+                                  KEEP_CHOICES, LORA_BIAS, LORA_INITS, LORA_METHODS, OPTIMIZERS, PEFT_METHODS,
+                                  SCHEDULERS, ConfigError, STRATEGIES, RunConfig, field_help, load_config)
+from finetune.core.data import DataError, DataPreview, bundled_names, hub_preview, preview_report
+from finetune.core.distributed import check_launch, effective_batch, offers_processes
+from finetune.core.estimate import estimate_run, memory_check_text
+from finetune.core.hardware import HardwareProfile
+from finetune.core.lora_init import init_problems
+from finetune.core.metrics import (early_stop_note, headline_metric, is_summary, loss_key, read_metrics,
+                                   rows_of_saved_model)
+from finetune.core.models import ModelSourceError, load_tokenizer
+from finetune.core.recipe import resolve_recipe
+from finetune.core.run_folder import ADAPTER_DIR, RUN_CONFIG, has_adapter, memory_records, read_run_info
+from finetune.core.storage import folder_bytes, human, usage
+from finetune.services.runs import RunError, RunManager, check_sources
 
 POLL_SECONDS = 2.0
-# Each run with its stage and the number that stage is judged by (finetune.metrics.HEADLINE_METRICS): a reward
+# Each run with its stage and the number that stage is judged by (finetune.core.metrics.HEADLINE_METRICS): a reward
 # model's loss or a DPO policy's final loss alone would not say whether it learned anything.
 HISTORY_COLUMNS = ["run id", "stage", "headline metric", "headline value", "model", "dataset", "rank", "alpha",
                    "lr", "bits", "steps", "final loss", "final eval loss", "status", "duration (s)", "method",
@@ -59,7 +58,7 @@ def load_preset(name: str) -> list[Any]:
     """Fill the form from configs/<name>.yaml (values in FORM order); only a listed preset's name is read."""
     if name not in presets():
         raise refusal(paths.REFUSED)
-    values = form_from_config(load_config(CONFIGS_DIR / f"{name}.yaml"))
+    values = form_from_config(load_config(paths.CONFIGS_DIR / f"{name}.yaml"))
     return [values.get(key, gr.skip()) for key in _FORM_KEYS]
 
 
@@ -587,7 +586,7 @@ def _advanced_controls(form: dict[str, Any], d: RunConfig) -> None:
 
 def _default_config() -> RunConfig:
     try:
-        return load_config(CONFIGS_DIR / "cpu-quick.yaml")
+        return load_config(paths.CONFIGS_DIR / "cpu-quick.yaml")
     except ConfigError:
         return RunConfig()
 

@@ -22,7 +22,7 @@ from helpers import save_tiny_llama, tiny_run_config, train_lab_note_run, write_
 
 @pytest.fixture(scope="session")
 def embedded_dir() -> Path:
-    from finetune.models import embedded_model_dir
+    from finetune.core.models import embedded_model_dir
 
     return embedded_model_dir()
 
@@ -54,7 +54,7 @@ def style_model_dir(tmp_path_factory, embedded_dir) -> Path:
 def style_run(tmp_path_factory, tiny_model_dir) -> tuple[Path, Path]:
     """(run folder, data file) of one real tiny LoRA run (4-bit base, checkpoints every 4 of 8 steps) trained on
     the course style; the Evaluate tests and its browser test share it instead of training twice."""
-    from finetune.config import save_config
+    from finetune.core.config import save_config
     from finetune.train import run
 
     folder = tmp_path_factory.mktemp("style-run")

@@ -97,7 +97,7 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
 
 def tiny_run_config(model_dir: Path, data_file: Path, **training):
     """A RunConfig for the tiny model: short sequences, a few steps."""
-    from finetune.config import from_dict
+    from finetune.core.config import from_dict
 
     return from_dict({
         "run_name": "tiny",

@@ -17,9 +17,9 @@ from helpers import app_client
 import torch
 from safetensors.numpy import load_file
 
-from finetune.adapter_inspect import (ENERGY, InspectError, compare_runs, effective_rank, inspect_run,
-                                      principal_angles)
-from finetune.config import from_dict, save_config
+from finetune.core.config import from_dict, save_config
+from finetune.services.adapter_inspect import (ENERGY, InspectError, compare_runs, effective_rank, inspect_run,
+                                               principal_angles)
 
 RANK, ALPHA = 4, 8.0
 TARGETS = ["q_proj", "v_proj", "down_proj"]
@@ -238,7 +238,7 @@ def section_client(tmp_path_factory, known_run, tiny_model_dir):
     import gradio as gr
 
     from components.inspect_section import build_inspect_section
-    from finetune.runs import RunManager
+    from finetune.services.runs import RunManager
 
     root = tmp_path_factory.mktemp("runs")
     for run_id in ("known", "twin"):
@@ -277,7 +277,7 @@ def test_section_compares_two_runs_and_refuses_ia3(section_client):
 
 
 def test_command_line_prints_the_summary_or_a_clear_error(known_run, tmp_path, capsys):
-    from finetune.adapter_inspect import main
+    from finetune.services.adapter_inspect import main
 
     assert main([str(known_run), "--compare", str(known_run), "--top-k", "2", "--show", "1"]) == 0
     printed = capsys.readouterr().out

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 
 from helpers import browser_page, served_app, ARTIFACTS, fill as _fill
-from finetune.compare import DEFAULT_TECHNIQUES, TECHNIQUES
+from finetune.services.compare import DEFAULT_TECHNIQUES, TECHNIQUES
 
 pytestmark = pytest.mark.browser
 CHOSEN = ("ia3", "qlora4")

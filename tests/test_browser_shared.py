@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from finetune.config import save_config
-from finetune.metrics import write_status
+from finetune.core.config import save_config
+from finetune.core.metrics import write_status
 
 from helpers import ARGS, ARTIFACTS, CHROMIUM, served_app, tiny_run_config
 

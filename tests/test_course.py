@@ -11,9 +11,9 @@ import re
 
 import pytest
 
-from finetune import course
-from finetune.access import LOCAL, Visitor
-from finetune.course_progress import CourseProgress, visitor_key
+from finetune.core.access import LOCAL, Visitor
+from finetune.core.course_progress import CourseProgress, visitor_key
+from finetune.services import course
 
 
 def _numbers(text: str) -> list[str]:
@@ -113,10 +113,10 @@ def test_progress_is_kept_per_visitor_and_survives_a_new_store(tmp_path):
 
 
 def test_the_report_holds_only_the_visitors_runs_and_no_server_path(tmp_path, monkeypatch):
-    from finetune.config import RunConfig, save_config
-    from finetune.lab_report import collect, render_html, render_markdown, write_report
-    from finetune.metrics import write_status
-    from finetune.runs import RunManager
+    from finetune.core.config import RunConfig, save_config
+    from finetune.services.lab_report import collect, render_html, render_markdown, write_report
+    from finetune.core.metrics import write_status
+    from finetune.services.runs import RunManager
 
     monkeypatch.setenv("LORA_LAB_SIGN_IN", "dev")
     root = tmp_path / "runs"

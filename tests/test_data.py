@@ -3,8 +3,8 @@ from pathlib import Path
 
 import pytest
 
-from finetune.config import DataConfig
-from finetune.data import DataError, bundled_names, detect_format, prepare, preview, validation_prompts
+from finetune.core.config import DataConfig
+from finetune.core.data import DataError, bundled_names, detect_format, prepare, preview, validation_prompts
 
 from helpers import write_jsonl
 

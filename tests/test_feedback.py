@@ -8,7 +8,7 @@ import threading
 
 import pytest
 
-from finetune.feedback import FeedbackError, FeedbackStore, LangSmithSettings
+from finetune.services.feedback import FeedbackError, FeedbackStore, LangSmithSettings
 
 SETTINGS = {"max_new_tokens": 32, "temperature": 0.7, "top_p": 0.9, "seed": 0}
 HISTORY = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]
@@ -278,6 +278,6 @@ def test_a_vote_on_a_follow_up_says_the_conversation_is_its_prompt():
     ({"wins": 6, "losses": 3}, "cannot tell yet (9 votes: the interval holds 0.5)")])
 def test_the_win_table_gives_a_verdict_only_where_the_votes_support_one(counts, verdict):
     from components.feedback_tab import win_verdict
-    from finetune.evaluate import win_rate
+    from finetune.services.evaluate import win_rate
 
     assert win_verdict(win_rate("run-a", counts)) == verdict

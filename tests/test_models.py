@@ -3,10 +3,10 @@ from typing import Any
 import pytest
 import torch
 
-from finetune.config import ModelConfig
-from finetune.hardware import profile_for
-from finetune.models import (ModelSourceError, count_parameters, embedded_model_dir, load_model, load_tokenizer,
-                             source_kind, to_bnb_config)
+from finetune.core.config import ModelConfig
+from finetune.core.hardware import profile_for
+from finetune.core.models import (ModelSourceError, count_parameters, embedded_model_dir, load_model, load_tokenizer,
+                                  source_kind, to_bnb_config)
 
 CPU = profile_for("cpu", "CPU", 24.0)
 

@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from helpers import tiny_run_config, write_jsonl
-from finetune.config import from_dict
-from finetune.metrics import read_metrics, read_status
-from finetune.runs import RunManager
+from finetune.core.config import from_dict
+from finetune.core.metrics import read_metrics, read_status
+from finetune.services.runs import RunManager
 from finetune.train import run
 
 
@@ -63,7 +63,7 @@ def dpo_run(tiny_model_dir, pairs_file, tmp_path_factory):
 def test_reward_model_through_the_run_manager(reward_run):
     """The child process (`python -m finetune.train`), metrics with held-out accuracy from step 0, a reward
     model that reloads to the same scores, and no chat adapter."""
-    from finetune.scoring import RewardScorer
+    from finetune.services.scoring import RewardScorer
 
     manager, run_id = reward_run
     status = manager.status(run_id)
@@ -77,7 +77,7 @@ def test_reward_model_through_the_run_manager(reward_run):
     assert run_id in manager.reward_models() and run_id not in manager.finished_adapters()
     # Reloaded, the reward model ranks the held-out pairs exactly as the trainer's last evaluation did.
     scorer = RewardScorer(folder)
-    from finetune.preference import load_preferences
+    from finetune.core.preference import load_preferences
 
     held = load_preferences(scorer.cfg.data).eval
     chosen = scorer.score([r["prompt"] for r in held], [r["chosen"] for r in held])
@@ -120,9 +120,9 @@ def test_reward_model_scores_base_and_dpo_answers(reward_run, dpo_run):
     """The comparison behind step 4's button: greedy answers of the base model (adapter disabled) and of the DPO
     adapter from the Chat tab's engine (its one base, no second copy), each scored by the reward model, with
     the degeneration check and a paired verdict; the same answers the Chat tab gives."""
-    from finetune.chat import ChatEngine, SamplingSettings
-    from finetune.evaluate import Candidate, compare_policy_answers
-    from finetune.scoring import RewardScorer
+    from finetune.services.chat import ChatEngine, SamplingSettings
+    from finetune.services.evaluate import Candidate, compare_policy_answers
+    from finetune.services.scoring import RewardScorer
 
     reward_manager, reward_id = reward_run
     _, cfg, run_dir = dpo_run
@@ -169,7 +169,7 @@ def test_dpo_continues_an_sft_adapter(tiny_model_dir, pairs_file, qa_file, tmp_p
 def test_dpo_resumes_from_its_last_checkpoint(tiny_model_dir, pairs_file, tmp_path):
     """Resume (the Train/RLHF tabs' button, ``run(..., resume=True)``) carries a DPO run on from its checkpoint:
     the steps already done are not trained again, and the adapter is saved at the end."""
-    from finetune.run_folder import last_checkpoint
+    from finetune.core.run_folder import last_checkpoint
 
     first = stage_config(tiny_model_dir, pairs_file, "dpo", validation_fraction=0.0, max_steps=2, save_steps=2)
     assert run(first, tmp_path) == 0, read_status(tmp_path)
@@ -212,7 +212,7 @@ def test_grpo_samples_answers_and_learns_from_the_reward_model(tiny_model_dir, p
 
 
 def test_grpo_without_a_reward_model_is_a_config_error(tiny_model_dir, pairs_file):
-    from finetune.config import ConfigError
+    from finetune.core.config import ConfigError
 
     with pytest.raises(ConfigError) as error:
         stage_config(tiny_model_dir, pairs_file, "grpo", batch_size=3, preference={"num_generations": 2})
@@ -304,10 +304,10 @@ def test_step_4_comparison_uses_the_chat_models_engine(reward_run, dpo_run):
     import shutil
 
     from components.rlhf_tab import compare_policy
-    from finetune.chat import ChatEngine
-    from finetune.config import save_config
-    from finetune.preference import held_out_prompts, trained_prompt_keys
-    from finetune.scoring import ScorerCache
+    from finetune.services.chat import ChatEngine
+    from finetune.core.config import save_config
+    from finetune.core.preference import held_out_prompts, trained_prompt_keys
+    from finetune.services.scoring import ScorerCache
 
     reward_manager, reward_id = reward_run
     manager, cfg, run_dir = dpo_run

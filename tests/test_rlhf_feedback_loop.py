@@ -15,11 +15,11 @@ import shutil
 
 import pytest
 
-from finetune.chat import ChatEngine, SamplingSettings
-from finetune.config import load_config
-from finetune.feedback import FeedbackStore
-from finetune.preference import held_out_prompts, prompt_key, trained_prompt_keys
-from finetune.runs import RunManager
+from finetune.core.config import load_config
+from finetune.core.preference import held_out_prompts, prompt_key, trained_prompt_keys
+from finetune.services.chat import ChatEngine, SamplingSettings
+from finetune.services.feedback import FeedbackStore
+from finetune.services.runs import RunManager
 
 VOTED = 10  # about what a learner collects in a few minutes of chatting
 
@@ -100,7 +100,7 @@ def test_no_held_out_prompt_was_trained_on(loop):
 @pytest.mark.trajectory
 def test_step_4_compares_with_base_and_start_on_held_out_prompts_without_a_false_verdict(loop):
     from components.rlhf_tab import compare_policy
-    from finetune.scoring import ScorerCache
+    from finetune.services.scoring import ScorerCache
 
     manager, engine, _, (reward_id, _), (policy_id, _) = loop
     cfg = load_config(manager.run_dir(policy_id) / "config.yaml")

@@ -17,12 +17,12 @@ from pathlib import Path
 import httpx
 import pytest
 
-from finetune.access import AccessDenied, Visitor
-from finetune.compare import CompareQueue
-from finetune.config import save_config, to_dict
-from finetune.metrics import read_status, write_status
-from finetune.runs import RunError, RunManager
-from finetune.storage import enforce_budget, folder_bytes, prunable
+from finetune.core.access import AccessDenied, Visitor
+from finetune.core.config import save_config, to_dict
+from finetune.core.metrics import read_status, write_status
+from finetune.core.storage import enforce_budget, folder_bytes, prunable
+from finetune.services.compare import CompareQueue
+from finetune.services.runs import RunError, RunManager
 
 from helpers import app_client, served_app, tiny_run_config, wait_until
 
@@ -34,7 +34,7 @@ from pathlib import Path
 folder = Path(sys.argv[1])
 
 
-def write_status(**fields):  # finetune.metrics.write_status's contract, without importing transformers
+def write_status(**fields):  # finetune.core.metrics.write_status's contract, without importing transformers
     status = json.loads((folder / "status.json").read_text())
     status.update(fields, updated_at=time.time())
     (folder / "status.tmp").write_text(json.dumps(status))
@@ -87,7 +87,7 @@ def test_three_starts_run_in_order_and_an_app_restart_loses_no_queued_job(root, 
     config = tmp_path / "job.yaml"
     save_config(cfg, config)
     script = (f"import sys; sys.path[:0] = [{str(TESTS)!r}, {str(TESTS.parent)!r}]\n"
-              "from test_shared_space import GatedManager\nfrom finetune.config import load_config\n"
+              "from test_shared_space import GatedManager\nfrom finetune.core.config import load_config\n"
               f"manager = GatedManager({str(root)!r})\ncfg = load_config({str(config)!r})\n"
               "print(' '.join(manager.start(cfg, f'job-{n}') for n in (1, 2, 3)))\n")
     ids = subprocess.run([sys.executable, "-c", script], check=True, capture_output=True, text=True).stdout.split()
@@ -349,7 +349,7 @@ def test_a_visitor_cannot_stop_resume_delete_or_see_another_visitors_run(shared_
 # --- who is who ------------------------------------------------------------------------------------------------
 
 def test_sign_in_settings_and_sessions(monkeypatch):
-    from finetune.access import LOCAL, dev_session, sign_in_mode, visitor_from_session
+    from finetune.core.access import LOCAL, dev_session, sign_in_mode, visitor_from_session
 
     for name in ("LORA_LAB_SIGN_IN", "SPACE_ID", "OAUTH_CLIENT_ID"):
         monkeypatch.delenv(name, raising=False)

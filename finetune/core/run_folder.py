@@ -2,7 +2,7 @@
 run_info.json, and "does this folder hold a trained adapter".
 
     runs/<id>/config.yaml            the run's config (the child process reads it)
-             status.json, metrics.jsonl, STOP   (finetune/metrics.py)
+             status.json, metrics.jsonl, STOP   (finetune/core/metrics.py)
              run_info.json           what the run measured and chose (hardware, recipe, rows, peak memory ...)
              tensorboard/            TensorBoard event files
              checkpoints/checkpoint-N/
@@ -22,9 +22,9 @@ import stat
 from pathlib import Path
 from typing import Any
 
-from finetune.metrics import STATUS_FILE  # its presence is what makes a folder a run
-from finetune.models import ModelSourceError
-from finetune.paths import RUN_ID
+from finetune.core.metrics import STATUS_FILE  # its presence is what makes a folder a run
+from finetune.core.models import ModelSourceError
+from finetune.core.paths import RUN_ID
 
 RUN_CONFIG = "config.yaml"
 RUN_INFO_FILE = "run_info.json"
@@ -157,7 +157,7 @@ def write_run_info(run_dir: Path, **info: Any) -> None:
 def resolve_run_folder(value: str, runs_root: Path, sub: str) -> Path:
     """A run id (looked up under runs_root) or a folder -> the folder holding the adapter (``sub`` of a run)."""
     # A run id is looked up among the runs only: 'data' must not reach ./data of whatever folder the app runs in.
-    # A folder has passed the path gate (finetune.paths) in the tab, or is the operator's own in the CLI.
+    # A folder has passed the path gate (finetune.core.paths) in the tab, or is the operator's own in the CLI.
     folder = Path(value).expanduser()
     candidates = (runs_root / value / sub,) if RUN_ID.match(value) and ".." not in value else (folder / sub, folder)
     for candidate in candidates:

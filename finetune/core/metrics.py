@@ -34,7 +34,7 @@ RECENT_STEPS = 5
 ETA_WRITE_SECONDS = 2.0  # status.json gets the re-measured ETA at most this often between log rows
 # Recorded with every pid: a run folder synced back from another machine carries a pid that means nothing here.
 HOSTNAME = socket.gethostname()
-# Set by finetune.distributed's launcher for the ranks of a multi-process run: the pid status.json must carry is
+# Set by finetune.core.distributed's launcher for the ranks of a multi-process run: the pid status.json must carry is
 # the launcher's (the process the run manager watches and signals), not rank 0's.
 LAUNCHER_PID_ENV = "LORA_LAB_LAUNCHER_PID"
 
@@ -388,7 +388,7 @@ class BestMetric:
 # headline) would be the other choice, but a mean margin can keep growing while more pairs flip the wrong way
 # (a few pairs pushed far apart outweigh them); the loss, -log sigmoid(beta x margin) per pair, counts each wrong
 # pair and saturates on the easy ones. A reward model goes by held-out accuracy: what it is for, and its loss can
-# keep falling on scores that already rank the pairs right. GRPO has no held-out set (finetune.config refuses it).
+# keep falling on scores that already rank the pairs right. GRPO has no held-out set (finetune.core.config refuses it).
 BEST_METRICS: dict[str, BestMetric] = {
     "sft": BestMetric("eval_loss", False, "eval loss"),
     "reward": BestMetric("eval_accuracy", True, "held-out accuracy"),

@@ -28,9 +28,9 @@ from typing import Any, Iterable
 
 from datasets import Dataset
 
-from finetune.config import DataConfig, RunConfig
-from finetune.data import DataError, UsableCount, column_key, load_source, mapped_rows
-from finetune.data_files import Sample
+from finetune.core.config import DataConfig, RunConfig
+from finetune.core.data import DataError, UsableCount, column_key, load_source, mapped_rows
+from finetune.core.data_files import Sample
 
 BUNDLED_PREFERENCES = "bundled:course_prefs"
 FORMAT_COLUMNS = {"paired": ("prompt", "chosen", "rejected"), "unpaired": ("prompt", "completion", "label"),
@@ -452,7 +452,7 @@ MAX_EPOCHS_SMALL_DATA = 3
 MIN_TRAIN_ROWS = 64
 # Held-out rows a verdict needs: the fewest n for which a reward model right on 3 of 4 held-out pairs has a 95%
 # Wilson interval above 0.5 (n = 16 gives [0.505, 0.90]; n = 12 gives [0.47, 0.91]). tests check it with
-# finetune.evaluate.wilson_interval.
+# finetune.services.evaluate.wilson_interval.
 MIN_HELD_OUT_FOR_VERDICT = 16
 
 

@@ -28,17 +28,17 @@ from typing import Any, Callable
 import torch
 import yaml
 
-from finetune.config import BUNDLED_DATASET, EMBEDDED_MODEL, ConfigError, RunConfig, load_config
-from finetune.data import prepare
-from finetune.evaluate import dataset_loss
-from finetune.hardware import HardwareProfile, detect, profile_for, resolve_compute_dtype
-from finetune.metrics import read_metrics, read_status
-from finetune.models import (HUB_ID, from_hub_or_cache, load_model, load_tokenizer, require_hub_to_push,
-                             weight_dtype)
-from finetune.paths import display_name
-from finetune.run_folder import (ADAPTER_CONFIG, ADAPTER_DIR, CONFIG_COPY, EXPORT_DIR, MERGED_DIR, RUN_CONFIG,
-                                 adapter_config, has_adapter)
-from finetune.storage import disk_full_message, is_disk_full
+from finetune.core.config import BUNDLED_DATASET, EMBEDDED_MODEL, ConfigError, RunConfig, load_config
+from finetune.core.data import prepare
+from finetune.core.hardware import HardwareProfile, detect, profile_for, resolve_compute_dtype
+from finetune.core.metrics import read_metrics, read_status
+from finetune.core.models import (HUB_ID, from_hub_or_cache, load_model, load_tokenizer, require_hub_to_push,
+                                  weight_dtype)
+from finetune.core.paths import display_name
+from finetune.core.run_folder import (ADAPTER_CONFIG, ADAPTER_DIR, CONFIG_COPY, EXPORT_DIR, MERGED_DIR, RUN_CONFIG,
+                                      adapter_config, has_adapter)
+from finetune.core.storage import disk_full_message, is_disk_full
+from finetune.services.evaluate import dataset_loss
 
 # The trainer's pickled arguments: server paths inside, and a pickle is nothing to hand a stranger to load.
 NOT_SHARED = ("training_args.bin",)

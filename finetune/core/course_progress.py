@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from finetune.access import Visitor
+from finetune.core.access import Visitor
 
 COURSE_DIR = "course"
 _lock = threading.Lock()  # two handlers of one visitor (a poll and a click) write one file in turn

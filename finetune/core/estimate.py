@@ -19,10 +19,10 @@ from typing import Any
 
 import torch
 
-from finetune.config import LoraSettings, ModelConfig, RunConfig
-from finetune.hardware import HardwareProfile, detect, resolve_compute_dtype
-from finetune.lm_head import WHOLE_LOGITS_LIMIT
-from finetune.models import ModelSourceError, from_hub_or_cache, weight_dtype
+from finetune.core.config import LoraSettings, ModelConfig, RunConfig
+from finetune.core.hardware import HardwareProfile, detect, resolve_compute_dtype
+from finetune.core.lm_head import WHOLE_LOGITS_LIMIT
+from finetune.core.models import ModelSourceError, from_hub_or_cache, weight_dtype
 
 # Start checkpointing when the estimate without it would take more than this share of the device's memory.
 CHECKPOINT_ABOVE_MEMORY_SHARE = 0.85
@@ -200,7 +200,7 @@ def _dtype_bytes(dtype: torch.dtype) -> int:
 
 
 def uses_cpu_lm_head(cfg: RunConfig, profile: HardwareProfile) -> bool:
-    """finetune/lm_head.py's path: on the CPU, unless switched off (the recipe and the estimate ask)."""
+    """finetune/core/lm_head.py's path: on the CPU, unless switched off (the recipe and the estimate ask)."""
     return cfg.training.cpu_lm_head and not profile.is_cuda
 
 
@@ -249,7 +249,7 @@ def memory_breakdown(shape: ModelShape, cfg: RunConfig, profile: HardwareProfile
         activations = tokens * act_bytes * per_layer * shape.num_layers
     whole_logits = tokens * shape.vocab_size
     if uses_cpu_lm_head(cfg, profile) and whole_logits <= WHOLE_LOGITS_LIMIT:
-        # finetune/lm_head.py: the answer tokens' fp32 logits, their log-softmax and its gradient
+        # finetune/core/lm_head.py: the answer tokens' fp32 logits, their log-softmax and its gradient
         logits = whole_logits * 4 * 3
     else:
         # TRL's fused LM head scores the answer tokens in tiles (so does lm_head.py above its limit): full

@@ -23,10 +23,10 @@ from typing import Any, Callable, Iterable
 import pyarrow as pa
 from datasets import Dataset, DatasetDict, Features, Json, load_dataset
 
-from finetune.config import DataConfig
-from finetune.data_files import (IN_MEMORY_LIMIT, TEXT_LOADERS, DataError, FileRows, MalformedRowsError, Sample,
-                                 check_bad_lines, read_text_file, read_text_sample)
-from finetune.paths import DATA_DIR, PathRefused, bundled_name
+from finetune.core.config import DataConfig
+from finetune.core.data_files import (IN_MEMORY_LIMIT, TEXT_LOADERS, DataError, FileRows, MalformedRowsError, Sample,
+                                      check_bad_lines, read_text_file, read_text_sample)
+from finetune.core.paths import DATA_DIR, PathRefused, bundled_name
 
 __all__ = ["DataError", "MalformedRowsError"]  # re-exported: callers catch them from here
 
@@ -332,7 +332,7 @@ def _load_bundled(name: str) -> DatasetDict:
 
 
 def _load_hub(cfg: DataConfig) -> DatasetDict:
-    from finetune.models import ModelSourceError, require_hub
+    from finetune.core.models import ModelSourceError, require_hub
 
     try:
         require_hub(cfg.source, "dataset")
@@ -832,7 +832,7 @@ def _require_hub_or_folder(name: str) -> None:
     Callers pass a name that went through paths.data_source first."""
     if Path(name).expanduser().is_dir():
         return
-    from finetune.models import ModelSourceError, require_hub
+    from finetune.core.models import ModelSourceError, require_hub
 
     try:
         require_hub(name, "dataset")

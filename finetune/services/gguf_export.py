@@ -1,12 +1,12 @@
 """A finished run as one GGUF file for llama.cpp, Ollama and LM Studio, with an Ollama Modelfile beside it.
 
-    python -m finetune.gguf_export runs/demo --type q8_0      # runs/demo/export/gguf/demo-q8_0.gguf + .Modelfile
-    python -m finetune.gguf_export runs/demo --plan           # sizes, folders and free disk, before building
-    HF_TOKEN=... python -m finetune.gguf_export runs/demo --push me/demo-gguf   # the built file + model card
-    result = write_gguf("runs/demo", "q4_0")                  # the same from Python; result.summary() says what
+    python -m finetune.services.gguf_export runs/demo --type q8_0   # runs/demo/export/gguf/demo-q8_0.gguf + .Modelfile
+    python -m finetune.services.gguf_export runs/demo --plan        # sizes, folders and free disk, before building
+    HF_TOKEN=... python -m finetune.services.gguf_export runs/demo --push me/demo-gguf   # the file + model card
+    result = write_gguf("runs/demo", "q4_0")                        # the same from Python; result.summary() says what
 
-The adapter is first merged (``finetune.export.merge_adapter``; by default into the weights it trained against,
-so the file answers like the Chat tab), then every tensor of the merged model is renamed to llama.cpp's names,
+The adapter is first merged (``finetune.services.export.merge_adapter``; by default into the weights it trained
+against, so the file answers like the Chat tab), then every tensor of the merged model is renamed to llama.cpp's names,
 Llama's q/k projections are permuted into llama.cpp's RoPE layout, and the weights are written at the chosen
 type with the ``gguf`` package's NumPy quantizers. Metadata carries what llama.cpp needs to run the file alone:
 architecture, sizes, context length, RoPE settings, the tokenizer (vocabulary, merges, token types, special ids,
@@ -43,17 +43,17 @@ from typing import Any, Iterator
 import numpy as np
 import yaml
 
-from finetune.config import BUNDLED_DATASET, EMBEDDED_MODEL
-from finetune.data import first_line
-from finetune.export import (CARD_FILE, EXPORT_DIR, MERGE_TARGETS, MERGED_DIR, METHOD_NAMES, STAGE_TRAINERS,
-                             ExportError, Progress, adapter_dir, check_merge_target, check_repo_id, hub_base, losses,
-                             merge_adapter, merge_dtype, merged_into, run_config)
-from finetune.hardware import detect
-from finetune.metrics import read_status
-from finetune.models import (ModelSourceError, embedded_model_dir, from_hub_or_cache, load_tokenizer,
-                             require_hub_to_push)
-from finetune.paths import display_name, for_visitors, local_paths_mode
-from finetune.storage import disk_full_message, is_disk_full
+from finetune.core.config import BUNDLED_DATASET, EMBEDDED_MODEL
+from finetune.core.data import first_line
+from finetune.core.hardware import detect
+from finetune.core.metrics import read_status
+from finetune.core.models import (ModelSourceError, embedded_model_dir, from_hub_or_cache, load_tokenizer,
+                                  require_hub_to_push)
+from finetune.core.paths import display_name, for_visitors, local_paths_mode
+from finetune.core.storage import disk_full_message, is_disk_full
+from finetune.services.export import (CARD_FILE, EXPORT_DIR, MERGE_TARGETS, MERGED_DIR, METHOD_NAMES, STAGE_TRAINERS,
+                                      ExportError, Progress, adapter_dir, check_merge_target, check_repo_id, hub_base,
+                                      losses, merge_adapter, merge_dtype, merged_into, run_config)
 
 GGUF_DIR = "gguf"
 MODELFILE_SUFFIX = ".Modelfile"  # one per type: run-q8_0.gguf + run-q8_0.Modelfile
@@ -75,7 +75,7 @@ PRE_TOKENIZERS = {"gpt-2": "GPT-2's split (ByteLevel with its regex)",
                   "llama-bpe": "Llama 3's split"}
 _LLAMA3_SPLIT_START = "(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}{1,3}"
 BLOCK = 32  # values per block of every Q type written here
-# The Chat tab's sampling defaults (finetune.chat.SamplingSettings; a test keeps the two equal).
+# The Chat tab's sampling defaults (finetune.services.chat.SamplingSettings; a test keeps the two equal).
 CHAT_TEMPERATURE, CHAT_TOP_P = 0.7, 0.9
 
 
@@ -1026,7 +1026,7 @@ def saved_model_dir(source: str, scratch: Path) -> Path:
     a copy saved into ``scratch``."""
     from transformers import AutoModelForCausalLM
 
-    from finetune.models import resolve_source
+    from finetune.core.models import resolve_source
 
     folder = Path(resolve_source(source))
     if folder.is_dir() and any(folder.glob("*.safetensors")):
@@ -1046,8 +1046,8 @@ def measure_gguf(source: str, out_type: str, rows: Any, prompt: str, max_new_tok
     import torch
     from transformers import AutoModelForCausalLM
 
-    from finetune.config import ModelConfig
-    from finetune.evaluate import dataset_loss
+    from finetune.core.config import ModelConfig
+    from finetune.services.evaluate import dataset_loss
 
     out_type = check_type(out_type)
     tokenizer = load_tokenizer(ModelConfig(source=source))
@@ -1134,10 +1134,10 @@ def gguf_drift(run_dir: str | Path, gguf_file: str | Path, out_type: str, limit:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from finetune.evaluate import dataset_loss
-    from finetune.export import comparison_rows
-    from finetune.hardware import profile_for
-    from finetune.models import load_model
+    from finetune.services.evaluate import dataset_loss
+    from finetune.services.export import comparison_rows
+    from finetune.core.hardware import profile_for
+    from finetune.core.models import load_model
 
     run_dir, gguf_file = Path(run_dir), Path(gguf_file)
     cfg = run_config(run_dir)
@@ -1169,7 +1169,7 @@ def drift_text(run_dir: str | Path, result: GgufExport) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m finetune.gguf_export",
+    parser = argparse.ArgumentParser(prog="python -m finetune.services.gguf_export",
                                      description="Write a finished run as a GGUF file for llama.cpp / Ollama.")
     parser.add_argument("run_dir", help="the run folder (runs/<id>)")
     parser.add_argument("--type", default="q8_0", help=f"one of {', '.join(GGUF_TYPES)} (default q8_0)")

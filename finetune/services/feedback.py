@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
-from finetune.preference import PreferenceError
+from finetune.core.preference import PreferenceError
 
 logger = logging.getLogger(__name__)
 
@@ -226,7 +226,7 @@ class FeedbackStore:
                           ("%[cut: %",))
         if not rows:
             return
-        from finetune.chat import split_budget_note  # only for such old rows: it loads torch
+        from finetune.services.chat import split_budget_note  # only for such old rows: it loads torch
 
         with self._write() as db:
             for row in rows:

@@ -28,15 +28,15 @@ from typing import Any, Callable, Iterable
 
 import torch
 
-from finetune.chat import SamplingSettings, budget_note, peft_adapter_name
-from finetune.config import ConfigError, DataConfig, ModelConfig, load_config
-from finetune.data import DataError, prepare
-from finetune.feedback import FeedbackStore
-from finetune.lora_init import BASE_CHANGING
-from finetune.metrics import read_metrics
-from finetune.preference import prompt_key, trained_prompt_keys
-from finetune import paths
-from finetune.run_folder import ADAPTER_DIR, CHECKPOINT_DIR, CONFIG_COPY, RUN_CONFIG, RUN_INFO_FILE, has_adapter
+from finetune.core import paths
+from finetune.core.config import ConfigError, DataConfig, ModelConfig, load_config
+from finetune.core.data import DataError, prepare
+from finetune.core.lora_init import BASE_CHANGING
+from finetune.core.metrics import read_metrics
+from finetune.core.preference import prompt_key, trained_prompt_keys
+from finetune.core.run_folder import ADAPTER_DIR, CHECKPOINT_DIR, CONFIG_COPY, RUN_CONFIG, RUN_INFO_FILE, has_adapter
+from finetune.services.chat import SamplingSettings, budget_note, peft_adapter_name
+from finetune.services.feedback import FeedbackStore
 
 IGNORE = -100                       # label of a token the loss does not count (prompt and padding)
 Z_95 = 1.959963984540054            # two-sided 95% quantile of the standard normal

@@ -1,9 +1,9 @@
 """Hosting LoRA Lab on a Hugging Face Space, and the app's hosting defaults (storage, preset, host).
 
-    python -m finetune.deploy --space USER/NAME --dry-run     # print the plan; sends nothing, needs no network
-    python -m finetune.deploy --space USER/NAME               # create or update the Space (token: HF_TOKEN or login)
-    python -m finetune.deploy --write-readme-header           # README.md front matter from spaces_config.yaml
-    python -m finetune.deploy --check-readme                  # exit 1 if the README's front matter is stale
+    python -m finetune.services.deploy --space USER/NAME --dry-run  # print the plan; sends nothing, needs no network
+    python -m finetune.services.deploy --space USER/NAME            # create or update the Space (HF_TOKEN or login)
+    python -m finetune.services.deploy --write-readme-header        # README.md front matter from spaces_config.yaml
+    python -m finetune.services.deploy --check-readme               # exit 1 if the README's front matter is stale
 
 ``spaces_config.yaml`` is the one source of the Space's settings. Spaces read their settings from the YAML
 front matter of README.md, so that header is generated from it; secrets and variables are set through the API.
@@ -24,13 +24,14 @@ from typing import Any
 
 import yaml
 
-from finetune.hardware import HardwareProfile
+from finetune.core.hardware import HardwareProfile
+from finetune.core.paths import PROJECT_ROOT
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
 SETTINGS_FILE = PROJECT_ROOT / "spaces_config.yaml"
 README_FILE = PROJECT_ROOT / "README.md"
 PERSISTENT_ROOT = Path("/data")  # where a Space mounts its persistent storage
-HEADER_NOTE = "# Generated from spaces_config.yaml by `python -m finetune.deploy --write-readme-header`; edit that."
+HEADER_NOTE = ("# Generated from spaces_config.yaml by `python -m finetune.services.deploy --write-readme-header`; "
+               "edit that.")
 # What a Space needs to run the app; everything else (tests, runs, the virtualenv) stays home.
 UPLOAD_PATTERNS = ("app.py", "requirements.txt", "README.md", "spaces_config.yaml", "finetune/*", "components/*",
                    "configs/*", "data/*")
@@ -240,7 +241,7 @@ def upload_files(root: Path = PROJECT_ROOT) -> list[str]:
 
 
 def _check_space_id(space_id: str) -> str:
-    from finetune.models import HUB_ID
+    from finetune.core.models import HUB_ID
 
     if not HUB_ID.match(space_id or ""):
         raise DeployError(f"--space must look like USER/NAME, got {space_id!r}")
@@ -329,7 +330,7 @@ def apply(steps: list[Step], api: Any, log: Any = print) -> None:
 # --- CLI ----------------------------------------------------------------------------------------------------
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m finetune.deploy", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m finetune.services.deploy", description=__doc__.split("\n")[0])
     parser.add_argument("--space", help="the Space to create or update, USER/NAME")
     parser.add_argument("--dry-run", action="store_true", help="print the plan and send nothing")
     parser.add_argument("--settings", default=str(SETTINGS_FILE), help="spaces_config.yaml to use")
@@ -349,7 +350,7 @@ def cli(argv: list[str] | None = None) -> int:
             for problem in problems:
                 print(f"error: README front matter: {problem}", file=sys.stderr)
             if problems:
-                print("error: run `python -m finetune.deploy --write-readme-header`", file=sys.stderr)
+                print("error: run `python -m finetune.services.deploy --write-readme-header`", file=sys.stderr)
                 return 1
         if args.space:
             return _deploy(args.space, settings, args.dry_run)
@@ -367,12 +368,12 @@ def _deploy(space_id: str, settings: SpaceSettings, dry_run: bool) -> int:
     problems = readme_problems(README_FILE, settings)
     if problems:
         raise DeployError("README.md's front matter disagrees with spaces_config.yaml ("
-                          f"{problems[0]}); run `python -m finetune.deploy --write-readme-header` first")
+                          f"{problems[0]}); run `python -m finetune.services.deploy --write-readme-header` first")
     steps = plan(space_id, settings)
     print(describe(steps, space_id, dry_run))
     if dry_run:
         return 0
-    from finetune.models import hub_reachable
+    from finetune.core.models import hub_reachable
 
     if not hub_reachable():
         raise DeployError("cannot reach the Hugging Face Hub from this machine (offline or HF_HUB_OFFLINE=1); "
@@ -382,7 +383,7 @@ def _deploy(space_id: str, settings: SpaceSettings, dry_run: bool) -> int:
     try:
         apply(steps, HfApi())
     except Exception as error:  # the Hub's refusals (no token, no rights) as one line
-        from finetune.data import first_line  # here only: finetune.data imports `datasets`, slow for this CLI
+        from finetune.core.data import first_line  # here only: finetune.core.data imports `datasets`, slow for this CLI
 
         raise DeployError(f"the Hub refused: {type(error).__name__}: {first_line(error)}") from None
     print(f"done: https://huggingface.co/spaces/{space_id}")

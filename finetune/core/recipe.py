@@ -13,7 +13,7 @@ LoRA Lab's default avoids each of those waste sources with maintained libraries 
 | Liger kernels          | Triton RMSNorm, RoPE, SwiGLU                                     | CUDA + package |
 | checkpointing "auto"   | recompute activations only when the estimate says they won't fit | switchable    |
 | fused AdamW            | one kernel for all adapter tensors instead of a loop             | CUDA          |
-| CPU LM head            | answer tokens only, one log-softmax (finetune/lm_head.py)        | CPU           |
+| CPU LM head            | answer tokens only, one log-softmax (finetune/core/lm_head.py)        | CPU           |
 | quant storage          | 4-bit weights packed in the compute dtype (FSDP can shard them)  | CUDA          |
 
 ``resolve_recipe`` is pure and cheap: the trainer, the Train tab and the benchmark call it, and the run records
@@ -26,10 +26,10 @@ import dataclasses
 import importlib.util
 from dataclasses import dataclass, field
 
-from finetune.attention import packed_attention_supported
-from finetune.config import RunConfig
-from finetune.estimate import checkpointing_choice, uses_cpu_lm_head
-from finetune.hardware import HardwareProfile
+from finetune.core.attention import packed_attention_supported
+from finetune.core.config import RunConfig
+from finetune.core.estimate import checkpointing_choice, uses_cpu_lm_head
+from finetune.core.hardware import HardwareProfile
 
 @dataclass(frozen=True)
 class Recipe:

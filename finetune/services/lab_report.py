@@ -19,14 +19,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from finetune.access import Visitor
-from finetune.benchmarks import BenchmarkService, TableRow
-from finetune.course import STEPS
-from finetune.evaluate import judge_accuracy, win_rate
-from finetune.export import draw_loss_plot, losses
-from finetune.feedback import FeedbackStore
-from finetune.paths import display_name
-from finetune.runs import RunManager
+from finetune.core.access import Visitor
+from finetune.core.paths import display_name
+from finetune.services.benchmarks import BenchmarkService, TableRow
+from finetune.services.course import STEPS
+from finetune.services.evaluate import judge_accuracy, win_rate
+from finetune.services.export import draw_loss_plot, losses
+from finetune.services.feedback import FeedbackStore
+from finetune.services.runs import RunManager
 
 RUN_COLUMNS = ["run", "stage", "model", "data", "bits", "rank", "alpha", "dropout", "learning rate", "steps",
                "final loss", "final held-out loss", "time (s)", "state"]

@@ -13,7 +13,7 @@ import os
 import time
 from dataclasses import dataclass
 
-from finetune.evaluate import win_rate, wilson_interval
+from finetune.services.evaluate import win_rate, wilson_interval
 
 COURSE_ENV = "LORA_LAB_COURSE"  # "tiny": the smallest runs that still go through every step (tests, a quick demo)
 

@@ -21,11 +21,11 @@ from typing import Any, Iterator
 
 import torch
 
-from finetune.config import ModelConfig
-from finetune.estimate import bytes_per_quantized_weight
-from finetune.evaluate import dataset_loss
-from finetune.hardware import HardwareProfile, detect
-from finetune.models import load_model, load_tokenizer, weight_dtype
+from finetune.core.config import ModelConfig
+from finetune.core.estimate import bytes_per_quantized_weight
+from finetune.core.hardware import HardwareProfile, detect
+from finetune.core.models import load_model, load_tokenizer, weight_dtype
+from finetune.services.evaluate import dataset_loss
 
 MB = 2**20
 

@@ -1,8 +1,8 @@
 """Hyperparameter sweeps: lists of learning rates, ranks, alphas, dropouts and bit widths on a base SFT config, tried
 as a grid or as a seeded random sample of that grid, each trial a normal run with the same step budget.
 
-The trials go through the comparison's queue (finetune/compare.py): ``SweepQueue`` is a CompareQueue persisted as
-``runs/sweeps/<id>.json``, so a reloaded page re-attaches and a restarted app continues (``ensure_worker``). It
+The trials go through the comparison's queue (finetune/services/compare.py): ``SweepQueue`` is a CompareQueue
+persisted as ``runs/sweeps/<id>.json``, so a reloaded page re-attaches and a restarted app continues (``ensure_worker``). It
 adds one thing: a trial that is clearly bad is stopped early. At each evaluation the trial's held-out loss is
 compared with the best loss any finished trial had *at the same step*; worse by more than ``prune_margin`` nats
 (e^0.5 = 1.65x the perplexity by default) and the trial is stopped (its checkpoint and adapter are kept, marked
@@ -27,14 +27,14 @@ import random
 from dataclasses import dataclass
 from typing import Any
 
-from finetune.access import LOCAL, Visitor, owned_by
-from finetune.compare import CompareError, CompareQueue, check_model
-from finetune.config import LORA_METHODS, ConfigError, RunConfig, from_dict, to_dict
-from finetune.data import DataError, prepare, source_kind
-from finetune.metrics import FINAL_STATES, read_metrics, read_status
-from finetune.models import ModelSourceError
-from finetune.paths import check_config
-from finetune.runs import check_sources
+from finetune.core.access import LOCAL, Visitor, owned_by
+from finetune.core.config import LORA_METHODS, ConfigError, RunConfig, from_dict, to_dict
+from finetune.core.data import DataError, prepare, source_kind
+from finetune.core.metrics import FINAL_STATES, read_metrics, read_status
+from finetune.core.models import ModelSourceError
+from finetune.core.paths import check_config
+from finetune.services.compare import CompareError, CompareQueue, check_model
+from finetune.services.runs import check_sources
 
 SWEEP_DIR = "sweeps"
 MAX_TRIALS_ENV = "LORA_LAB_MAX_TRIALS"

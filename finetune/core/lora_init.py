@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from finetune.config import LORA_INITS, ConfigError, LoraSettings, RunConfig
+from finetune.core.config import LORA_INITS, ConfigError, LoraSettings, RunConfig
 
 # lora.init -> peft's init_lora_weights. LoftQ builds the default adapter first; apply_loftq then replaces A and B.
 PEFT_INIT = {"default": True, "loftq": True, "pissa": "pissa", "olora": "olora"}

@@ -49,11 +49,11 @@ import torch
 from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
-from finetune.config import ModelConfig
-from finetune.data import first_line
-from finetune.hardware import HardwareProfile, detect
-from finetune.models import load_model, load_tokenizer
-from finetune.run_folder import adapter_config, has_adapter
+from finetune.core.config import ModelConfig
+from finetune.core.data import first_line
+from finetune.core.hardware import HardwareProfile, detect
+from finetune.core.models import load_model, load_tokenizer
+from finetune.core.run_folder import adapter_config, has_adapter
 
 Messages = list[dict[str, str]]
 T = TypeVar("T")

@@ -25,8 +25,8 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from finetune.metrics import read_status
-from finetune.run_folder import CHECKPOINT_DIR, EXPORT_DIR, MERGED_DIR, run_folders
+from finetune.core.metrics import read_status
+from finetune.core.run_folder import CHECKPOINT_DIR, EXPORT_DIR, MERGED_DIR, run_folders
 
 BUDGET_ENV = "LORA_LAB_STORAGE_BUDGET"
 MIN_FREE_ENV = "LORA_LAB_MIN_FREE"

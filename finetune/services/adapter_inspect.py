@@ -42,12 +42,12 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
-from finetune.config import ConfigError, LoraSettings, ModelConfig, RunConfig, load_config
-from finetune.lora_init import (apply_loftq, full_precision_weights, init_problems, peft_init_kwargs, read_weight,
-                                reconstruction_error)
-from finetune.models import ModelSourceError, load_model, resolve_source, source_kind
-from finetune.run_folder import (ADAPTER_CONFIG, ADAPTER_DIR, CHECKPOINT_DIR, CONFIG_COPY, FULL_MODEL_DIR,
-                                 RUN_CONFIG)
+from finetune.core.config import ConfigError, LoraSettings, ModelConfig, RunConfig, load_config
+from finetune.core.lora_init import (apply_loftq, full_precision_weights, init_problems, peft_init_kwargs, read_weight,
+                                     reconstruction_error)
+from finetune.core.models import ModelSourceError, load_model, resolve_source, source_kind
+from finetune.core.run_folder import (ADAPTER_CONFIG, ADAPTER_DIR, CHECKPOINT_DIR, CONFIG_COPY, FULL_MODEL_DIR,
+                                      RUN_CONFIG)
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"  # peft's file name for the adapter's tensors
 
@@ -603,7 +603,7 @@ def step0_quantization_error(model: ModelConfig, lora: LoraSettings, init: str) 
 # --- command line --------------------------------------------------------------------------------------------
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m finetune.adapter_inspect RUN [--compare OTHER] [--top-k 4] [--show 10]``"""
+    """``python -m finetune.services.adapter_inspect RUN [--compare OTHER] [--top-k 4] [--show 10]``"""
     import argparse
 
     parser = argparse.ArgumentParser(description="What a LoRA run's adapter changed, matrix by matrix.")

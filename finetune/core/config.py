@@ -33,11 +33,11 @@ LORA_BIAS = ("none", "all", "lora_only")
 # PEFT methods (finetune/train.py to_peft_config): LoRA and its variants, IA3, prompt tuning, or none at all.
 PEFT_METHODS = ("lora", "dora", "rslora", "ia3", "prompt_tuning", "full")
 LORA_METHODS = ("lora", "dora", "rslora")
-# How LoRA's A and B start (finetune/lora_init.py maps them to peft and says where each does not apply).
+# How LoRA's A and B start (finetune/core/lora_init.py maps them to peft and says where each does not apply).
 LORA_INITS = ("default", "loftq", "pissa", "olora")
 CHECKPOINTING = ("auto", "on", "off")
 KEEP_CHOICES = ("last", "best")  # which weights a run saves (training.keep)
-STRATEGIES = ("single", "ddp", "fsdp")  # how several processes share a run (finetune/distributed.py)
+STRATEGIES = ("single", "ddp", "fsdp")  # how several processes share a run (finetune/core/distributed.py)
 FSDP_METHODS = ("lora", "dora", "rslora", "full")  # what FSDP can shard: whole modules, trainable or frozen
 
 

@@ -1,7 +1,7 @@
 """Past one device from the app: one run, several processes, one story.
 
 A run whose config asks ``training.processes > 1`` is started by the run manager as
-``python -m finetune.distributed runs/<id> runs/<id>/config.yaml [--resume]``. That small launcher (the process
+``python -m finetune.core.distributed runs/<id> runs/<id>/config.yaml [--resume]``. That small launcher (the process
 the manager watches, leading its own session; the ranks accelerate starts lead sessions of their own, so Stop's
 SIGKILL reaches them through their records in ``ranks/``) picks a free rendezvous port and runs
 
@@ -31,11 +31,12 @@ from typing import Any
 
 import yaml
 
-from finetune.config import ConfigError, RunConfig, load_config
+from finetune.core.config import ConfigError, RunConfig, load_config
+from finetune.core.paths import CONFIGS_DIR
 
 ACCELERATE_CONFIG = "accelerate.yaml"  # the generated launch config, recorded in the run folder
 RANKS_DIR = "ranks"                    # ranks/rank-N.json: each process's pid and, if it failed, its error
-TEMPLATES = Path(__file__).resolve().parent.parent / "configs" / "accelerate"
+TEMPLATES = CONFIGS_DIR / "accelerate"
 TEMPLATE_FOR = {"ddp": "2gpu-ddp.yaml", "fsdp": "fsdp-qlora-2gpu.yaml"}
 STRATEGY_NAMES = {"single": "one process", "ddp": "data parallel (DDP)", "fsdp": "FSDP-QLoRA (sharded base)"}
 # torchrun's failure summary: "exitcode  : -9 (pid: 1234)"; a negative code is the signal that ended the rank.
@@ -123,7 +124,8 @@ def write_accelerate_config(cfg: RunConfig, run_dir: Path) -> Path:
 def launch_command(cfg: RunConfig, run_dir: Path, config_path: Path, python: str, resume: bool) -> list[str]:
     """The run manager's child for a multi-process run; writes the accelerate config it will use."""
     write_accelerate_config(cfg, run_dir)
-    return [python, "-m", "finetune.distributed", str(run_dir), str(config_path)] + (["--resume"] if resume else [])
+    return ([python, "-m", "finetune.core.distributed", str(run_dir), str(config_path)]
+            + (["--resume"] if resume else []))
 
 
 def free_port() -> int:
@@ -143,7 +145,7 @@ def accelerate_command(run_dir: Path, config_path: Path, python: str, port: int,
 def launch(run_dir: Path, config_path: Path, resume: bool = False, python: str = sys.executable) -> int:
     """Run the ranks through accelerate and wait; on failure, name the first rank that failed. Returns the
     launcher's exit code."""
-    from finetune.metrics import LAUNCHER_PID_ENV
+    from finetune.core.metrics import LAUNCHER_PID_ENV
 
     for old in (run_dir / RANKS_DIR).glob("rank-*.json"):  # an earlier attempt's ranks say nothing about this one
         old.unlink()
@@ -164,7 +166,7 @@ def launch(run_dir: Path, config_path: Path, resume: bool = False, python: str =
 
 def settle_failure(run_dir: Path, code: int) -> None:
     """A failed launch that no Stop explains: status.json says failed, with the first failing rank's error."""
-    from finetune.metrics import STOP_FILE, read_status, write_status
+    from finetune.core.metrics import STOP_FILE, read_status, write_status
 
     if (run_dir / STOP_FILE).exists():
         return  # asked to stop: the run manager records it as stopped
@@ -290,7 +292,7 @@ def main(argv: list[str] | None = None) -> int:
     resume = "--resume" in args
     paths = [a for a in args if a != "--resume"]
     if len(paths) != 2:
-        print("usage: python -m finetune.distributed RUN_FOLDER CONFIG.yaml [--resume]", file=sys.stderr)
+        print("usage: python -m finetune.core.distributed RUN_FOLDER CONFIG.yaml [--resume]", file=sys.stderr)
         return 2
     run_dir, config_path = Path(paths[0]).resolve(), Path(paths[1]).resolve()
     try:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 from pathlib import Path
 
-from finetune.hardware import HardwareProfile
+from finetune.core.hardware import HardwareProfile
 from finetune.stages.reward import RewardScorer
 
 __all__ = ["RewardScorer", "ScorerCache"]

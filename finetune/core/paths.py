@@ -28,9 +28,12 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from finetune.config import EMBEDDED_MODEL, ConfigError, RunConfig
+from finetune.core.config import EMBEDDED_MODEL, ConfigError, RunConfig
 
-DATA_DIR = Path(__file__).resolve().parent.parent / "data"
+# The checkout: finetune/core/paths.py is two folders below it.
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+DATA_DIR = PROJECT_ROOT / "data"
+CONFIGS_DIR = PROJECT_ROOT / "configs"  # the YAML presets every form offers
 DATA_FILE_SUFFIXES = (".jsonl", ".json", ".csv", ".tsv", ".parquet", ".txt")
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 BUNDLED_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*$")

@@ -28,18 +28,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from finetune.access import LOCAL, Visitor, can_view, owned_by, require_owner, require_signed_in
-from finetune.config import ConfigError, RunConfig, from_dict, load_config, to_dict
-from finetune.estimate import model_shape
-from finetune.metrics import FINAL_STATES, read_metrics
-from finetune.models import ModelSourceError
-from finetune.paths import check_config
-from finetune.run_folder import RUN_INFO_FILE
-from finetune.runs import check_sources
+from finetune.core.access import LOCAL, Visitor, can_view, owned_by, require_owner, require_signed_in
+from finetune.core.config import ConfigError, RunConfig, from_dict, load_config, to_dict
+from finetune.core.estimate import model_shape
+from finetune.core.metrics import FINAL_STATES, read_metrics
+from finetune.core.models import ModelSourceError
+from finetune.core.paths import CONFIGS_DIR, check_config
+from finetune.core.run_folder import RUN_INFO_FILE
+from finetune.services.runs import check_sources
 from finetune.stages.measure import PROMPT_FILE
 
 COMPARE_DIR = "comparisons"
-PRESET = Path(__file__).resolve().parent.parent / "configs" / "compare-cpu.yaml"
+PRESET = CONFIGS_DIR / "compare-cpu.yaml"
 
 
 # --- the techniques -------------------------------------------------------------------------------------------
@@ -53,7 +53,7 @@ class Technique:
     # Learning rate relative to the comparison's LoRA rate: full fine-tuning needs a much smaller step, IA3 and
     # prompt tuning (few parameters, far from the weights) a much larger one.
     lr_factor: float = 1.0
-    init: str = "default"  # how the LoRA adapter starts (finetune/lora_init.py)
+    init: str = "default"  # how the LoRA adapter starts (finetune/core/lora_init.py)
 
 
 TECHNIQUES: dict[str, Technique] = {
@@ -188,7 +188,7 @@ class CompareQueue:
     one before it ends (several visitors' comparisons take turns on the device).
 
     The queue itself is a list of named configs (``enqueue``); a subclass with its own FOLDER and PREFIX keeps
-    another kind of queue (finetune/sweeps.py: hyperparameter trials) beside the comparisons, and may watch
+    another kind of queue (finetune/services/sweeps.py: hyperparameter trials) beside the comparisons, and may watch
     each run while it trains (``watch_run``)."""
 
     FOLDER = COMPARE_DIR

@@ -20,11 +20,11 @@ uncertainty of a paired difference (the table says which one it used). "no measu
     service = BenchmarkService("runs")
     plan = service.plan(adapters=["my-run"], tasks=["lora_lab_basics"], limit=60)   # BenchmarkError if refused
     print(plan.estimate_text())
-    job = service.start(plan)             # child process: python -m finetune.benchmarks --job <folder>
+    job = service.start(plan)             # child process: python -m finetune.services.benchmarks --job <folder>
     service.status(job); service.request_stop(job); service.table(job)
 
-    python -m finetune.benchmarks --adapter runs/my-run --task lora_lab_basics --limit 60     # CLI, same checks
-    python -m finetune.benchmarks --forgetting-check --adapter my-run --estimate-only
+    python -m finetune.services.benchmarks --adapter runs/my-run --task lora_lab_basics --limit 60  # CLI, same checks
+    python -m finetune.services.benchmarks --forgetting-check --adapter my-run --estimate-only
 """
 
 from __future__ import annotations
@@ -47,15 +47,15 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from finetune.access import LOCAL, Visitor, can_view
-from finetune.config import EMBEDDED_MODEL, ConfigError, ModelConfig, load_config
-from finetune.metrics import STOP_FILE, read_status, write_status
-from finetune.models import ModelSourceError, cache_root, hub_reachable, source_kind
-from finetune.run_folder import ADAPTER_CONFIG, ADAPTER_DIR, CONFIG_COPY, RUN_CONFIG, adapter_config, \
-    resolve_run_folder
-from finetune.runs import pid_alive
+from finetune.core.access import LOCAL, Visitor, can_view
+from finetune.core.config import EMBEDDED_MODEL, ConfigError, ModelConfig, load_config
+from finetune.core.metrics import STOP_FILE, read_status, write_status
+from finetune.core.models import ModelSourceError, cache_root, hub_reachable, source_kind
+from finetune.core.paths import PROJECT_ROOT
+from finetune.core.run_folder import (ADAPTER_CONFIG, ADAPTER_DIR, CONFIG_COPY, RUN_CONFIG, adapter_config,
+                                      resolve_run_folder)
+from finetune.services.runs import pid_alive
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
 BUNDLED_TASK_DIR = PROJECT_ROOT / "data" / "benchmarks"
 BUNDLED_TASK = "lora_lab_basics"
 BUNDLED_ITEMS = 60                 # items in data/benchmarks/lora_lab_basics.json
@@ -332,7 +332,7 @@ def _default_load_seconds() -> float:
 def _default_seconds_per_request(cfg: ModelConfig) -> float:
     import torch
 
-    from finetune.estimate import model_shape
+    from finetune.core.estimate import model_shape
 
     try:
         params = model_shape(cfg).total_params
@@ -512,7 +512,7 @@ def run_job(job: BenchmarkJob) -> int:
             if (job.folder / STOP_FILE).exists():
                 raise BenchmarkStopped()
             if engine is None:
-                from finetune.chat import ChatEngine
+                from finetune.services.chat import ChatEngine
                 engine, lm_class = ChatEngine(max_bases=1, max_seconds=0), _watched_lm_class()
             started = time.time()
             result = run_unit(lm_class, engine, unit, job.folder, plan.batch_size)
@@ -776,7 +776,7 @@ class BenchmarkService:
         env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "LORA_LAB_BENCHMARKS": str(self.root)}
         with open(job.folder / LOG_FILE, "ab") as log:
             # Its own session, so Stop can end the child and anything it started with one killpg.
-            child = subprocess.Popen([sys.executable, "-m", "finetune.benchmarks", "--job", str(job.folder)],
+            child = subprocess.Popen([sys.executable, "-m", "finetune.services.benchmarks", "--job", str(job.folder)],
                                      stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                      cwd=PROJECT_ROOT, env=env, start_new_session=True)
         self._children[job.folder.name] = child
@@ -852,7 +852,8 @@ def _adapter_label(folder: Path) -> str:
 # --- CLI --------------------------------------------------------------------------------------------------------------
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m finetune.benchmarks", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m finetune.services.benchmarks",
+                                     description=__doc__.split("\n\n")[0])
     parser.add_argument("--task", action="append", default=[], help=f"harness task (repeatable); offline: "
                                                                      f"{BUNDLED_TASK}")
     parser.add_argument("--forgetting-check", action="store_true", help="the general-knowledge preset")

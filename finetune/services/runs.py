@@ -37,25 +37,26 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-from finetune.access import LOCAL, JobLimits, Visitor, can_view, public_runs, require_owner, require_signed_in
-from finetune.config import ConfigError, RunConfig, load_config, save_config
-from finetune.data import DataError, check_file, usable_row_count
-from finetune.distributed import (check_launch, end_leftover_ranks, is_multi_process, launch_command,
-                                  launch_problems_here, process_start)
-from finetune.data import source_kind as data_kind
-from finetune.metrics import (FINAL_STATES, HOSTNAME, METRICS_FILE, STOP_FILE, read_metrics, read_status,
-                              write_status)
-from finetune.lora_init import LOFTQ_NEEDS_WEIGHTS, init_problems
-from finetune.models import ModelSourceError, local_weights_folder, require_hub, resolve_source
-from finetune.preference import usable_preference_count
-from finetune.models import source_kind as model_kind
-from finetune.run_folder import (ADAPTER_DIR, REWARD_DIR, RUN_CONFIG, has_adapter, last_checkpoint, modified_time,
-                                 run_folders)
-from finetune.storage import DISK_FULL_EXIT, DiskFull, disk_full_message, enforce_budget, folder_bytes, require_free
+from finetune.core.access import LOCAL, JobLimits, Visitor, can_view, public_runs, require_owner, require_signed_in
+from finetune.core.config import ConfigError, RunConfig, load_config, save_config
+from finetune.core.data import DataError, check_file, usable_row_count
+from finetune.core.data import source_kind as data_kind
+from finetune.core.distributed import (check_launch, end_leftover_ranks, is_multi_process, launch_command,
+                                       launch_problems_here, process_start)
+from finetune.core.lora_init import LOFTQ_NEEDS_WEIGHTS, init_problems
+from finetune.core.metrics import (FINAL_STATES, HOSTNAME, METRICS_FILE, STOP_FILE, read_metrics, read_status,
+                                   write_status)
+from finetune.core.models import ModelSourceError, local_weights_folder, require_hub, resolve_source
+from finetune.core.models import source_kind as model_kind
+from finetune.core.paths import PROJECT_ROOT
+from finetune.core.preference import usable_preference_count
+from finetune.core.run_folder import (ADAPTER_DIR, REWARD_DIR, RUN_CONFIG, has_adapter, last_checkpoint, modified_time,
+                                      run_folders)
+from finetune.core.storage import (DISK_FULL_EXIT, DiskFull, disk_full_message, enforce_budget, folder_bytes,
+                                   require_free)
 
 LOG_FILE = "train.log"
 RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
 UPLOADS_DIR = "uploads"
 POLL_SECONDS = 0.2  # how often the stop escalation looks at the child
 DISPATCH_SECONDS = 1.0  # how often a queue waiting behind a run this process did not start looks again
