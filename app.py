@@ -38,6 +38,7 @@ from components.sweep_section import build_sweep_section
 from components.train_tab import build_train_tab
 from finetune.core.access import JobLimits, can_act, sign_in_mode
 from finetune.core.hardware import HardwareProfile, detect
+from finetune.core.run_folder import FEEDBACK_DB, FEEDBACK_EXPORTS_DIR
 from finetune.services.benchmarks import BenchmarkService, app_root
 from finetune.services.chat import ChatEngine
 from finetune.services.compare import CompareQueue
@@ -59,7 +60,7 @@ def build_app(runs_root: str = "runs", profile: HardwareProfile | None = None,
               feedback_db: str | None = None) -> gr.Blocks:
     profile, manager = profile or detect(), RunManager(runs_root)
     # Feedback lives beside the runs unless told otherwise; LangSmith sync only when LANGSMITH_API_KEY is set.
-    store = FeedbackStore(feedback_db or Path(runs_root) / "feedback.db", langsmith=LangSmithSettings.from_env())
+    store = FeedbackStore(feedback_db or Path(runs_root) / FEEDBACK_DB, langsmith=LangSmithSettings.from_env())
     engine = ChatEngine(profile)
     scorers = ScorerCache(profile)  # the reward model in memory, for the RLHF and Evaluate tabs alike
     benchmarks = BenchmarkService(runs_root, app_root(runs_root))  # Evaluate runs them, the course quotes them
@@ -81,7 +82,7 @@ def build_app(runs_root: str = "runs", profile: HardwareProfile | None = None,
         with gr.Tab("RLHF", id="rlhf"):
             build_rlhf_tab(manager, store.path, chat, engine, scorers)
         with gr.Tab("Feedback", id="feedback") as feedback_tab:
-            feedback = build_feedback_tab(store, Path(runs_root) / "feedback-exports")
+            feedback = build_feedback_tab(store, Path(runs_root) / FEEDBACK_EXPORTS_DIR)
         feedback_tab.select(feedback["summary_fn"], None, [feedback["sync"], feedback["counts"], feedback["recent"],
                                                       feedback["wins"]], api_visibility="private")
         with gr.Tab("Export", id="export") as export_tab:

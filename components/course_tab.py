@@ -28,7 +28,7 @@ from finetune.core.metrics import is_summary, read_metrics, write_status
 from finetune.core.models import ModelSourceError
 from finetune.core.paths import CONFIGS_DIR
 from finetune.core.preference import BUNDLED_PREFERENCES, load_preferences
-from finetune.core.run_folder import ADAPTER_DIR
+from finetune.core.run_folder import ADAPTER_DIR, RUN_CONFIG
 from finetune.services import course
 from finetune.services.benchmarks import BenchmarkService
 from finetune.services.chat import ChatEngine, SamplingSettings
@@ -205,7 +205,7 @@ def _finished_run(manager: RunManager, progress: CourseProgress, step: str, befo
 def start_reward(manager: RunManager, profile: HardwareProfile, request: gr.Request = None) -> str:
     visitor = _acting(request, "start a training run")
     progress = CourseProgress(manager.root, visitor)
-    qlora = load_config(manager.run_dir(_finished_run(manager, progress, "qlora", "3 (QLoRA)")) / "config.yaml")
+    qlora = load_config(manager.run_dir(_finished_run(manager, progress, "qlora", "3 (QLoRA)")) / RUN_CONFIG)
     run_id = _start(manager, preference_step_config("reward", qlora), visitor, "reward")
     progress.record("reward", done=False, run_id=run_id, sentence=None)
     return f"Started `{run_id}` on the bundled course pairs; the full view is in the **RLHF** tab."
@@ -215,7 +215,7 @@ def start_dpo(manager: RunManager, profile: HardwareProfile, request: gr.Request
     visitor = _acting(request, "start a training run")
     progress = CourseProgress(manager.root, visitor)
     start = _finished_run(manager, progress, "qlora", "3 (QLoRA)")
-    qlora = load_config(manager.run_dir(start) / "config.yaml")
+    qlora = load_config(manager.run_dir(start) / RUN_CONFIG)
     run_id = _start(manager, preference_step_config("dpo", qlora, start), visitor, "dpo")
     progress.record("dpo", done=False, run_id=run_id, sentence=None)
     return f"Started `{run_id}` from your adapter `{start}`; the full view is in the **RLHF** tab."
@@ -228,7 +228,7 @@ def _values(rows: list[dict[str, Any]], key: str) -> list[float]:
 def run_sentence(manager: RunManager, step: str, run_id: str) -> str:
     """The step's sentence from a completed run's own folder."""
     folder, status = manager.run_dir(run_id), manager.status(run_id)
-    rows, cfg = read_metrics(folder), load_config(folder / "config.yaml")
+    rows, cfg = read_metrics(folder), load_config(folder / RUN_CONFIG)
     if step == "reward":
         judge = judge_accuracy(folder)
         return course.reward_sentence(judge.accuracy, judge.pairs)
@@ -283,7 +283,7 @@ def ask_both(manager: RunManager, engine: ChatEngine, store: FeedbackStore | Non
     if not (prompt or "").strip():
         raise refusal("Type a question first.")
     run_id = _finished_run(manager, progress, "qlora", "3 (QLoRA)")
-    cfg = load_config(manager.run_dir(run_id) / "config.yaml")
+    cfg = load_config(manager.run_dir(run_id) / RUN_CONFIG)
     settings = SamplingSettings(max_new_tokens=course.CourseSize.from_env().answer_tokens, temperature=0.0)
     started = course.now()
     try:

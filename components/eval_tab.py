@@ -24,7 +24,7 @@ from finetune.core.access import LOCAL, AccessDenied, Visitor
 from finetune.core.config import BUNDLED_DATASET, ConfigError, load_config
 from finetune.core.data import first_line
 from finetune.core.preference import prompt_key
-from finetune.core.run_folder import RUN_CONFIG
+from finetune.core.run_folder import FEEDBACK_DB, RUN_CONFIG
 from finetune.services.chat import ChatEngine
 from finetune.services.evaluate import (Candidate, LossResult, adapter_name, candidate_answer, candidate_loss,
                                         candidates, degeneration, judge_accuracy, load_eval_rows,
@@ -376,7 +376,7 @@ def build_eval_tab(manager: RunManager, engine: ChatEngine, feedback_db: str | P
         refresh = gr.Button("Refresh runs", size="sm", scale=1)
     ui = {"runs": runs, "refresh": refresh, **_loss_section(), **_generation_section(), **_votes_section(),
           **_checkpoint_section()}
-    _wire(manager, engine, scorers or ScorerCache(), Path(feedback_db or manager.root / "feedback.db"), ui)
+    _wire(manager, engine, scorers or ScorerCache(), Path(feedback_db or manager.root / FEEDBACK_DB), ui)
     return ui
 
 

@@ -21,10 +21,10 @@ from finetune.core.access import AccessDenied, Visitor, sign_in_hint, sign_in_mo
 from finetune.core.data import DataError, first_line
 from finetune.core.hardware import detect
 from finetune.core.models import ModelSourceError
-from finetune.core.run_folder import ADAPTER_DIR
+from finetune.core.run_folder import ADAPTER_DIR, MERGED_DIR, MODEL_CONFIG
 from finetune.core.storage import DiskFull, folder_bytes, require_free
-from finetune.services.export import (MERGE_TARGETS, MERGED_DIR, PLOT_FILE, ExportError, merge_adapter, merge_dtype,
-                                      merge_report, model_card, push_folder, run_config, write_model_card, zip_adapter)
+from finetune.services.export import (MERGE_TARGETS, PLOT_FILE, ExportError, merge_adapter, merge_dtype, merge_report,
+                                      model_card, push_folder, run_config, write_model_card, zip_adapter)
 from finetune.services.gguf_export import (GGUF_TYPES, DiskPlan, base_config, disk_plan, drift_text, gguf_path,
                                            modelfile_name, ollama_command, parameter_shapes, push_gguf, write_gguf,
                                            zip_merged)
@@ -158,7 +158,7 @@ def push_model(manager: RunManager, run_id: str | None, what: str, repo_id: str,
         raise refusal(f"Choose what to push: {' or '.join(PUSH_KINDS)}.")
     merged = what == "Merged model"
     target = folder / (MERGED_DIR if merged else ADAPTER_DIR)
-    if merged and not (target / "config.json").is_file():
+    if merged and not (target / MODEL_CONFIG).is_file():
         raise refusal("There is no merged model for this run yet: click 'Merge into base model' first.")
     try:
         write_model_card(folder, target, merged=merged)

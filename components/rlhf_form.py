@@ -11,6 +11,7 @@ from finetune.core import paths
 from finetune.core.config import (DPO_LOSSES, EMBEDDED_MODEL, KTO_LOSSES, ConfigError, RunConfig, from_dict,
                                   load_config, to_dict)
 from finetune.core.preference import BUNDLED_PREFERENCES, PreferenceError
+from finetune.core.run_folder import FEEDBACK_EXPORTS_DIR
 from finetune.services.feedback import export_feedback
 from finetune.services.runs import RunManager
 
@@ -41,7 +42,7 @@ def data_source(manager: RunManager, feedback_db: Path | None, stage: str, form:
     if kind == "Collected feedback":
         if feedback_db is None:
             raise PreferenceError("This app has no feedback store configured.")
-        folder = manager.root / "feedback-exports" / (owner or "") / time.strftime("%Y%m%d-%H%M%S")
+        folder = manager.root / FEEDBACK_EXPORTS_DIR / (owner or "") / time.strftime("%Y%m%d-%H%M%S")
         return str(export_feedback(feedback_db, folder, "thumbs" if stage == "kto" else "pairs", owner))
     if kind == "Uploaded file":
         path = paths.uploaded_file(form.get("data_file"))  # only a real upload; else the gate's one message

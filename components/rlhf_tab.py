@@ -30,12 +30,12 @@ from finetune.core.config import (DPO_LOSSES, EMBEDDED_MODEL, KEEP_CHOICES, KTO_
 from finetune.core.data import DataError, hub_first_rows
 from finetune.core.distributed import offers_processes
 from finetune.core.metrics import early_stop_note, read_metrics, read_status, write_status
-from finetune.core.models import ModelSourceError
+from finetune.core.models import ModelSourceError, resolve_run_folder
 from finetune.core.preference import (BUNDLED_PREFERENCES, MAX_EPOCHS_SMALL_DATA, PreferenceData, convert_rows,
                                       data_size, default_steps, detect_preference_format, held_out_prompts,
                                       preference_renames, load_preferences, preview_preferences, rows_per_step,
                                       size_statement, size_warnings)
-from finetune.core.run_folder import ADAPTER_DIR, REWARD_DIR, RUN_CONFIG, resolve_run_folder
+from finetune.core.run_folder import ADAPTER_DIR, REWARD_DIR, RUN_CONFIG
 from finetune.services.chat import ChatEngine, normalize_history
 from finetune.services.evaluate import (NO_HELD_OUT, Candidate, adapter_name, compare_policy_answers, judge_accuracy,
                                         model_label, start_run_dir, trained_prompts)

@@ -14,9 +14,10 @@ import torch
 
 from helpers import tiny_run_config, wait_until, write_jsonl
 from finetune.core.config import ConfigError, from_dict
-from finetune.core.distributed import (ACCELERATE_CONFIG, LAUNCH_NOTE, accelerate_config, effective_batch,
-                                       first_rank_failure, launch_problems, read_ranks, write_accelerate_config)
+from finetune.core.distributed import (LAUNCH_NOTE, accelerate_config, effective_batch, first_rank_failure,
+                                       launch_problems, read_ranks, write_accelerate_config)
 from finetune.core.metrics import read_metrics, read_status
+from finetune.core.run_folder import ACCELERATE_CONFIG
 from finetune.services.runs import RunManager
 
 ROWS = [{"prompt": f"What does setting {i} control in LoRA?", "completion": f"Lab note: setting {i}."}

@@ -313,7 +313,8 @@ def test_a_run_that_logs_rarely_still_shows_life_between_logs(tmp_path, monkeypa
     from transformers import TrainerControl, TrainerState, TrainingArguments
 
     from finetune.core import metrics
-    from finetune.core.metrics import HEARTBEAT_SECONDS, STATUS_FILE, MetricsCallback, write_status
+    from finetune.core.metrics import HEARTBEAT_SECONDS, MetricsCallback, write_status
+    from finetune.core.run_folder import STATUS_FILE
 
     monkeypatch.setattr(metrics, "ETA_WRITE_SECONDS", float("inf"))
 

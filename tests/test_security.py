@@ -491,8 +491,7 @@ def test_uploads_only_from_gradio_folder(tmp_path, monkeypatch, qa_file):
 def test_a_run_id_is_looked_up_among_the_runs_only(tmp_path, monkeypatch):
     """A start adapter or reward model named like a run id never reaches a folder of the app's working directory;
     a folder must be written as a path, which the tab's path gate then judges (the CLI's operator may use any)."""
-    from finetune.core.models import ModelSourceError
-    from finetune.core.run_folder import resolve_run_folder
+    from finetune.core.models import ModelSourceError, resolve_run_folder
 
     (tmp_path / "elsewhere" / "adapter").mkdir(parents=True)
     (tmp_path / "elsewhere" / "adapter" / "adapter_config.json").write_text("{}")

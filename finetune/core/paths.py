@@ -17,7 +17,7 @@ Every refusal carries the same text (``REFUSED``): a message that differed for a
 would tell a visitor what exists outside the allowed roots. Tables and messages name a source through
 ``display_name``, which shows no server path and no other visitor's upload name.
 
-Basic module: it imports nothing of the project but the config.
+Basic module: it imports nothing of the project but the config and the run folder's names.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from finetune.core.config import EMBEDDED_MODEL, ConfigError, RunConfig
+from finetune.core.run_folder import UPLOADS_DIR, is_run_id
 
 # The checkout: finetune/core/paths.py is two folders below it.
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
@@ -37,7 +38,6 @@ CONFIGS_DIR = PROJECT_ROOT / "configs"  # the YAML presets every form offers
 DATA_FILE_SUFFIXES = (".jsonl", ".json", ".csv", ".tsv", ".parquet", ".txt")
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 BUNDLED_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*$")
-RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")  # the run manager's ids: one folder, no separators
 LOCAL_ROOTS_ENV = "LORA_LAB_LOCAL_ROOTS"
 LOCAL_PATHS_ENV = "LORA_LAB_LOCAL_PATHS"
 UPLOADED = "uploaded file"
@@ -197,7 +197,7 @@ def model_source(value: Any, operator: bool = False) -> str:
 def run_id_or_folder(value: Any, operator: bool = False) -> str:
     """An earlier run named by its id (looked up under the runs folder only), or else an allowed local folder."""
     text = _text(value)
-    if not text or (RUN_ID.match(text) and ".." not in text):
+    if not text or is_run_id(text):
         return text
     return local_path(text, operator)
 
@@ -232,7 +232,7 @@ def display_name(source: str) -> str:
             and Path(source).suffix.lower() not in DATA_FILE_SUFFIXES:
         return source
     path = Path(source)
-    if "uploads" in path.parts or _inside(_resolve_quietly(path), upload_folder()):
+    if UPLOADS_DIR in path.parts or _inside(_resolve_quietly(path), upload_folder()):
         return UPLOADED
     return path.name or source
 

@@ -1,16 +1,24 @@
-"""The run folder's layout, spelled in one place: file and sub-folder names, the last complete checkpoint,
-run_info.json, and "does this folder hold a trained adapter".
+"""The run folder's layout, spelled in one place: every file and sub-folder name of a run and of the runs folder,
+the run-id pattern, the last complete checkpoint, run_info.json, and "does this folder hold a trained adapter".
 
     runs/<id>/config.yaml            the run's config (the child process reads it)
-             status.json, metrics.jsonl, STOP   (finetune/core/metrics.py)
+             status.json             the run's state (written by finetune/core/metrics.py); it makes a folder a run
+             metrics.jsonl           one JSON line per log or evaluation event
+             STOP                    written by Stop: the training callback saves and ends at the next step
+             train.log               the child's stdout and stderr
              run_info.json           what the run measured and chose (hardware, recipe, rows, peak memory ...)
+             compare_prompt.txt      a comparison trial's prompt: the run ends with a greedy sample answer to it
+             accelerate.yaml, ranks/rank-N.json   a multi-process run's launch config and its ranks' records
              tensorboard/            TensorBoard event files
              checkpoints/checkpoint-N/
              adapter/                the result of SFT, DPO, KTO and GRPO (PEFT format, plus CONFIG_COPY)
              model/                  the result of a full fine-tune (every weight)
              reward_model/           the result of a reward run (scores answers; never a chat adapter)
+             initial_adapter/        a PiSSA/OLoRA run's start
+             merged/, export/ (export/gguf/)   what the Export tab writes
+    runs/uploads/, comparisons/, sweeps/, feedback.db, feedback-exports/, .queue.lock   beside the runs
 
-A basic module: it imports nothing of the project but the path rule for run ids, so every layer may use it.
+A basic module: it imports nothing of the project, so every layer may use it.
 """
 
 from __future__ import annotations
@@ -18,26 +26,54 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import stat
 from pathlib import Path
 from typing import Any
 
-from finetune.core.metrics import STATUS_FILE  # its presence is what makes a folder a run
-from finetune.core.models import ModelSourceError
-from finetune.core.paths import RUN_ID
+# The run manager's ids: one folder name, no separators (a run id never reaches outside the runs folder).
+RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
 
+# In a run folder.
 RUN_CONFIG = "config.yaml"
+STATUS_FILE = "status.json"        # its presence is what makes a folder a run
+METRICS_FILE = "metrics.jsonl"
+STOP_FILE = "STOP"
+LOG_FILE = "train.log"
 RUN_INFO_FILE = "run_info.json"
+PROMPT_FILE = "compare_prompt.txt"  # a run folder holding it gets a greedy sample answer at the end of training
+ACCELERATE_CONFIG = "accelerate.yaml"  # a multi-process run's generated launch config
+RANKS_DIR = "ranks"                # ranks/rank-N.json: each process's pid and, if it failed, its error
 TENSORBOARD_DIR = "tensorboard"
 CHECKPOINT_DIR = "checkpoints"
+TRAINER_STATE = "trainer_state.json"  # the Trainer writes it last into a checkpoint
 ADAPTER_DIR = "adapter"
 FULL_MODEL_DIR = "model"           # a full fine-tune saves the whole model here instead of an adapter
 REWARD_DIR = "reward_model"        # where a reward run saves; not a chat adapter
 CONFIG_COPY = "lora_lab_config.yaml"  # the run's config, saved beside its adapter / reward model
 ADAPTER_CONFIG = "adapter_config.json"  # peft writes it into every adapter folder
-MERGED_DIR = "merged"                # the Export tab's merged model
-EXPORT_DIR = "export"                # zips and GGUF files the Export tab writes
+ADAPTER_WEIGHTS = "adapter_model.safetensors"  # and the adapter's weights beside it
+MODEL_CONFIG = "config.json"         # transformers' config of a saved (merged or full) model
 INITIAL_ADAPTER_DIR = "initial_adapter"  # a PiSSA/OLoRA run's start, to convert its result into a plain LoRA
+MERGED_DIR = "merged"                # the Export tab's merged model
+MERGE_INFO = "lora_lab_merge.json"   # in a merged folder: what it was merged into
+EXPORT_DIR = "export"                # zips and GGUF files the Export tab writes
+GGUF_DIR = "gguf"                    # export/gguf/: the GGUF files and their Modelfiles
+BUILDING_MARKER = ".building"        # held in a folder an export is still writing: pruning leaves it alone
+PARTIAL_SUFFIX = ".partial"          # a file (or folder) being written, renamed when complete
+
+# Beside the runs, in the runs folder.
+UPLOADS_DIR = "uploads"            # visitors' uploaded data files, copied in before a run starts
+QUEUE_LOCK_FILE = ".queue.lock"    # the device queue's cross-process lock
+COMPARE_DIR = "comparisons"
+SWEEP_DIR = "sweeps"
+FEEDBACK_DB = "feedback.db"
+FEEDBACK_EXPORTS_DIR = "feedback-exports"
+
+
+def is_run_id(text: str) -> bool:
+    """Whether ``text`` names a run folder directly under the runs folder (and nothing outside it)."""
+    return isinstance(text, str) and bool(RUN_ID.match(text)) and ".." not in text
 
 
 _log = logging.getLogger(__name__)
@@ -73,7 +109,7 @@ def _not_a_run(entry: os.DirEntry) -> str | None:
             return "a symbolic link, not a run folder"
         if not entry.is_dir(follow_symlinks=False):
             return "" if entry.name.startswith(".") or entry.is_file(follow_symlinks=False) else "not a folder"
-        if not RUN_ID.match(entry.name) or ".." in entry.name:
+        if not is_run_id(entry.name):
             return "" if entry.name.startswith(".") else "its name is not a run id"
         status = os.stat(os.path.join(entry.path, STATUS_FILE), follow_symlinks=False)
     except FileNotFoundError:
@@ -112,7 +148,7 @@ def last_checkpoint(run_dir: Path) -> str | None:
     # The Trainer writes trainer_state.json last: a checkpoint without it was cut short (disk full, kill
     # mid-save) and must not be resumed from; fall back to the newest complete one.
     complete = [p for p in folder.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()
-                and (p / "trainer_state.json").is_file()]
+                and (p / TRAINER_STATE).is_file()]
     return str(max(complete, key=lambda p: int(p.name.split("-")[-1]))) if complete else None
 
 
@@ -152,17 +188,3 @@ def write_run_info(run_dir: Path, **info: Any) -> None:
     current = read_run_info(run_dir)
     current.update(info)
     (Path(run_dir) / RUN_INFO_FILE).write_text(json.dumps(current, indent=1, default=str), encoding="utf-8")
-
-
-def resolve_run_folder(value: str, runs_root: Path, sub: str) -> Path:
-    """A run id (looked up under runs_root) or a folder -> the folder holding the adapter (``sub`` of a run)."""
-    # A run id is looked up among the runs only: 'data' must not reach ./data of whatever folder the app runs in.
-    # A folder has passed the path gate (finetune.core.paths) in the tab, or is the operator's own in the CLI.
-    folder = Path(value).expanduser()
-    candidates = (runs_root / value / sub,) if RUN_ID.match(value) and ".." not in value else (folder / sub, folder)
-    for candidate in candidates:
-        if has_adapter(candidate):
-            return candidate
-    what = "reward model" if sub == REWARD_DIR else "adapter"
-    raise ModelSourceError(f"No {what} found for '{value}': give the id of a finished run or a folder with "
-                           f"{ADAPTER_CONFIG}.")

@@ -26,7 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from finetune.core.metrics import read_status
-from finetune.core.run_folder import CHECKPOINT_DIR, EXPORT_DIR, MERGED_DIR, run_folders
+from finetune.core.run_folder import (BUILDING_MARKER, CHECKPOINT_DIR, EXPORT_DIR, MERGED_DIR, PARTIAL_SUFFIX,
+                                      run_folders)
 
 BUDGET_ENV = "LORA_LAB_STORAGE_BUDGET"
 MIN_FREE_ENV = "LORA_LAB_MIN_FREE"
@@ -148,9 +149,9 @@ def prunable(root: Path) -> list[Prunable]:
 def _being_written(path: Path) -> bool:
     """A merge writes ``merged.partial`` beside its folder, a zip a ``.partial`` file, a GGUF build holds a
     ``.building`` lock: pruning leaves such a folder to the export still writing it."""
-    if path.with_name(path.name + ".partial").exists():
+    if path.with_name(path.name + PARTIAL_SUFFIX).exists():
         return True
-    return any(part.name == ".building" or part.suffix == ".partial" for part in path.rglob("*"))
+    return any(part.name == BUILDING_MARKER or part.suffix == PARTIAL_SUFFIX for part in path.rglob("*"))
 
 
 @dataclass(frozen=True)

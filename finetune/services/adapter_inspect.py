@@ -46,10 +46,9 @@ from finetune.core.config import ConfigError, LoraSettings, ModelConfig, RunConf
 from finetune.core.lora_init import (apply_loftq, full_precision_weights, init_problems, peft_init_kwargs, read_weight,
                                      reconstruction_error)
 from finetune.core.models import ModelSourceError, load_model, resolve_source, source_kind
-from finetune.core.run_folder import (ADAPTER_CONFIG, ADAPTER_DIR, CHECKPOINT_DIR, CONFIG_COPY, FULL_MODEL_DIR,
-                                      RUN_CONFIG)
+from finetune.core.run_folder import (ADAPTER_CONFIG, ADAPTER_DIR, ADAPTER_WEIGHTS, MODEL_CONFIG, CHECKPOINT_DIR,
+                                      CONFIG_COPY, FULL_MODEL_DIR, RUN_CONFIG)
 
-ADAPTER_WEIGHTS = "adapter_model.safetensors"  # peft's file name for the adapter's tensors
 
 ENERGY = 0.90  # effective rank = fewest singular directions holding this share of the update's energy
 PEFT_PREFIX = "base_model.model."
@@ -226,7 +225,7 @@ def adapter_folder(run_dir: Path) -> Path:
     folder = run_dir / ADAPTER_DIR
     if (folder / ADAPTER_CONFIG).is_file():
         return folder
-    if (run_dir / FULL_MODEL_DIR / "config.json").is_file():
+    if (run_dir / FULL_MODEL_DIR / MODEL_CONFIG).is_file():
         raise InspectError(f"{run_dir.name} is a full fine-tune: every weight changed and there is no low-rank "
                            "update to inspect. The inspector reads LoRA, rsLoRA and DoRA adapters.")
     raise InspectError(f"{run_dir.name} has no finished adapter ({ADAPTER_DIR}/{ADAPTER_CONFIG} is missing): "

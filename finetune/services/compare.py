@@ -34,11 +34,9 @@ from finetune.core.estimate import model_shape
 from finetune.core.metrics import FINAL_STATES, read_metrics
 from finetune.core.models import ModelSourceError
 from finetune.core.paths import CONFIGS_DIR, check_config
-from finetune.core.run_folder import RUN_INFO_FILE
+from finetune.core.run_folder import COMPARE_DIR, PROMPT_FILE, RUN_INFO_FILE
 from finetune.services.runs import check_sources
-from finetune.stages.measure import PROMPT_FILE
 
-COMPARE_DIR = "comparisons"
 PRESET = CONFIGS_DIR / "compare-cpu.yaml"
 
 

@@ -35,8 +35,8 @@ from finetune.core.metrics import read_metrics, read_status
 from finetune.core.models import (HUB_ID, from_hub_or_cache, load_model, load_tokenizer, require_hub_to_push,
                                   weight_dtype)
 from finetune.core.paths import display_name
-from finetune.core.run_folder import (ADAPTER_CONFIG, ADAPTER_DIR, CONFIG_COPY, EXPORT_DIR, MERGED_DIR, RUN_CONFIG,
-                                      adapter_config, has_adapter)
+from finetune.core.run_folder import (ADAPTER_CONFIG, ADAPTER_DIR, ADAPTER_WEIGHTS, CONFIG_COPY, EXPORT_DIR, MERGE_INFO,
+                                      MERGED_DIR, MODEL_CONFIG, PARTIAL_SUFFIX, RUN_CONFIG, adapter_config, has_adapter)
 from finetune.core.storage import disk_full_message, is_disk_full
 from finetune.services.evaluate import dataset_loss
 
@@ -46,7 +46,7 @@ SOURCE_FIELDS = (("model", "source"), ("data", "source"), ("preference", "start_
                  ("preference", "reward_model"))
 MERGE_TARGETS = {"trained": "into the base dequantized from the bits it trained at, so it answers as in Chat",
                  "original": "into the original-precision base, not the weights the adapter trained against"}
-CARD_FILE, PLOT_FILE, MERGE_INFO = "README.md", "loss.png", "lora_lab_merge.json"
+CARD_FILE, PLOT_FILE = "README.md", "loss.png"  # the model card and its loss plot, in a shared folder
 # The embedded model is a GGUF copy of this Hub model; cards name the original so the Hub links it.
 EMBEDDED_HUB_ID = {EMBEDDED_MODEL: "HuggingFaceTB/SmolLM2-135M-Instruct"}
 Progress = Callable[[float, str], None]
@@ -88,7 +88,7 @@ def adapter_format(folder: str | Path) -> dict[str, Any]:
 
     folder = Path(folder)
     config = adapter_config(folder)
-    with safe_open(str(folder / "adapter_model.safetensors"), "pt") as weights:
+    with safe_open(str(folder / ADAPTER_WEIGHTS), "pt") as weights:
         tensors = {name: (tuple(weights.get_slice(name).get_shape()), weights.get_slice(name).get_dtype())
                    for name in weights.keys()}
     keys = ("peft_type", "task_type", "r", "lora_alpha", "target_modules", "bias", "base_model_name_or_path")
@@ -109,7 +109,7 @@ def zip_adapter(run_dir: str | Path) -> Path:
     write_model_card(run_dir, source)
     target = run_dir / EXPORT_DIR / f"{run_dir.name}-adapter.zip"
     target.parent.mkdir(parents=True, exist_ok=True)
-    partial = target.with_suffix(".zip.partial")  # a download never sees half a zip
+    partial = target.with_suffix(".zip" + PARTIAL_SUFFIX)  # a download never sees half a zip
     try:
         with zipfile.ZipFile(partial, "w", compression=zipfile.ZIP_DEFLATED) as archive:
             for path in sorted(source.rglob("*")):
@@ -151,7 +151,7 @@ def shareable_copy(run_dir: str | Path, folder: str | Path) -> Path:
     """A temporary copy of ``folder`` whose files name no server path (see shareable_text), for a Hub push."""
     folder = Path(folder)
     copy = Path(tempfile.mkdtemp(prefix="lora-lab-share-")) / folder.name
-    shutil.copytree(folder, copy, ignore=shutil.ignore_patterns("*.partial", "__pycache__", *NOT_SHARED))
+    shutil.copytree(folder, copy, ignore=shutil.ignore_patterns("*" + PARTIAL_SUFFIX, "__pycache__", *NOT_SHARED))
     for path in copy.rglob("*"):
         shared = shareable_text(run_dir, path) if path.is_file() else None
         if shared is not None:
@@ -204,7 +204,7 @@ def merge_adapter(run_dir: str | Path, output_dir: str | Path | None = None,
     merged = PeftModel.from_pretrained(base, source).merge_and_unload()
     merged.config.use_cache = True  # load_model turns the cache off for training; generation wants it
     progress(0.75, "Saving the merged model")
-    staging = output.with_name(output.name + ".partial")
+    staging = output.with_name(output.name + PARTIAL_SUFFIX)
     shutil.rmtree(staging, ignore_errors=True)
     try:
         merged.save_pretrained(staging)
@@ -441,7 +441,7 @@ def push_folder(folder: str | Path, repo_id: str, token: str | None, private: bo
     folder, repo_id = Path(folder), check_repo_id(repo_id)
     if not token or not token.strip():
         raise ExportError("A Hugging Face write token is needed to push (huggingface.co/settings/tokens).")
-    if not (folder / "config.json").is_file() and not has_adapter(folder):
+    if not (folder / MODEL_CONFIG).is_file() and not has_adapter(folder):
         raise ExportError(f"{folder} holds neither an adapter nor a model.")
     if api is None:
         require_hub_to_push(repo_id)
@@ -454,7 +454,8 @@ def push_folder(folder: str | Path, repo_id: str, token: str | None, private: bo
     shared = shareable_copy(run_dir, folder) if run_dir is not None else folder
     try:
         api.upload_folder(repo_id=repo_id, folder_path=str(shared), repo_type="model", token=token.strip(),
-                          commit_message="Upload from LoRA Lab", ignore_patterns=["*.partial", "__pycache__/*"])
+                          commit_message="Upload from LoRA Lab",
+                          ignore_patterns=["*" + PARTIAL_SUFFIX, "__pycache__/*"])
     finally:
         if shared is not folder:
             shutil.rmtree(shared.parent, ignore_errors=True)

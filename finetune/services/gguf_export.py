@@ -50,12 +50,13 @@ from finetune.core.metrics import read_status
 from finetune.core.models import (ModelSourceError, embedded_model_dir, from_hub_or_cache, load_tokenizer,
                                   require_hub_to_push)
 from finetune.core.paths import display_name, for_visitors, local_paths_mode
+from finetune.core.run_folder import (ADAPTER_WEIGHTS, BUILDING_MARKER, EXPORT_DIR, GGUF_DIR, MERGED_DIR, MODEL_CONFIG,
+                                      PARTIAL_SUFFIX)
 from finetune.core.storage import disk_full_message, is_disk_full
-from finetune.services.export import (CARD_FILE, EXPORT_DIR, MERGE_TARGETS, MERGED_DIR, METHOD_NAMES, STAGE_TRAINERS,
-                                      ExportError, Progress, adapter_dir, check_merge_target, check_repo_id, hub_base,
-                                      losses, merge_adapter, merge_dtype, merged_into, run_config)
+from finetune.services.export import (CARD_FILE, MERGE_TARGETS, METHOD_NAMES, STAGE_TRAINERS, ExportError, Progress,
+                                      adapter_dir, check_merge_target, check_repo_id, hub_base, losses, merge_adapter,
+                                      merge_dtype, merged_into, run_config)
 
-GGUF_DIR = "gguf"
 MODELFILE_SUFFIX = ".Modelfile"  # one per type: run-q8_0.gguf + run-q8_0.Modelfile
 # Output types: what a learner picks, the gguf package's type for the big matrices, and llama.cpp's file type.
 GGUF_TYPES = {
@@ -165,7 +166,7 @@ class BuildLock:
 
     def __init__(self, run_dir: Path, out_type: str) -> None:
         self.key = str(run_dir.resolve())
-        self.path = run_dir / EXPORT_DIR / GGUF_DIR / ".building"
+        self.path = run_dir / EXPORT_DIR / GGUF_DIR / BUILDING_MARKER
         self.out_type = out_type
 
     def __enter__(self) -> "BuildLock":
@@ -535,7 +536,7 @@ def gguf_path(run_dir: str | Path, out_type: str) -> Path:
 
 def _fingerprint(run_dir: Path, into: str) -> str:
     digest = hashlib.sha256(into.encode())
-    with open(adapter_dir(run_dir) / "adapter_model.safetensors", "rb") as weights:
+    with open(adapter_dir(run_dir) / ADAPTER_WEIGHTS, "rb") as weights:
         for chunk in iter(lambda: weights.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
@@ -561,8 +562,8 @@ def _merged_reusable(run_dir: Path, into: str) -> bool:
     """run/merged was merged into the same target after the adapter was last saved."""
     folder = run_dir / MERGED_DIR
     try:
-        adapter_time = (adapter_dir(run_dir) / "adapter_model.safetensors").stat().st_mtime
-        return merged_into(folder) == into and (folder / "config.json").stat().st_mtime >= adapter_time
+        adapter_time = (adapter_dir(run_dir) / ADAPTER_WEIGHTS).stat().st_mtime
+        return merged_into(folder) == into and (folder / MODEL_CONFIG).stat().st_mtime >= adapter_time
     except OSError:
         return False
 
@@ -595,7 +596,7 @@ def convert_folder(model_dir: Path, target: Path, out_type: str, tokenizer: Any,
     if free < needed + (16 << 20):
         raise ExportError(f"Not enough disk space for the {out_type} GGUF: it needs about {needed / 2**20:.0f} MB "
                           f"and {free / 2**20:.0f} MB are free where it is written ({target.parent}).")
-    partial = target.with_name(target.name + ".partial")
+    partial = target.with_name(target.name + PARTIAL_SUFFIX)
     writer = GGUFWriter(partial, "llama")
     try:
         add_model_metadata(writer, config, out_type, name)
@@ -878,7 +879,7 @@ def zip_merged(run_dir: str | Path, into: str = "trained", progress: Progress = 
     run_dir = Path(run_dir)
     merged = merged_for(run_dir, check_merge_target(into), lambda f, m: progress(0.7 * f / 0.3, m))
     target = run_dir / EXPORT_DIR / f"{run_dir.name}-merged.zip"
-    partial = target.with_name(target.name + ".partial")  # a download never sees half a zip
+    partial = target.with_name(target.name + PARTIAL_SUFFIX)  # a download never sees half a zip
     progress(0.75, "Zipping the merged model")
     try:
         with zipfile.ZipFile(partial, "w", compression=zipfile.ZIP_STORED) as archive:  # weights do not compress

@@ -44,23 +44,19 @@ from finetune.core.data import source_kind as data_kind
 from finetune.core.distributed import (check_launch, end_leftover_ranks, is_multi_process, launch_command,
                                        launch_problems_here, process_start)
 from finetune.core.lora_init import LOFTQ_NEEDS_WEIGHTS, init_problems
-from finetune.core.metrics import (FINAL_STATES, HOSTNAME, METRICS_FILE, STOP_FILE, read_metrics, read_status,
-                                   write_status)
+from finetune.core.metrics import FINAL_STATES, HOSTNAME, read_metrics, read_status, write_status
 from finetune.core.models import ModelSourceError, local_weights_folder, require_hub, resolve_source
 from finetune.core.models import source_kind as model_kind
 from finetune.core.paths import PROJECT_ROOT
 from finetune.core.preference import usable_preference_count
-from finetune.core.run_folder import (ADAPTER_DIR, REWARD_DIR, RUN_CONFIG, has_adapter, last_checkpoint, modified_time,
+from finetune.core.run_folder import (ADAPTER_DIR, LOG_FILE, METRICS_FILE, QUEUE_LOCK_FILE, REWARD_DIR, RUN_CONFIG,
+                                      STOP_FILE, UPLOADS_DIR, has_adapter, is_run_id, last_checkpoint, modified_time,
                                       run_folders)
 from finetune.core.storage import (DISK_FULL_EXIT, DiskFull, disk_full_message, enforce_budget, folder_bytes,
                                    require_free)
 
-LOG_FILE = "train.log"
-RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
-UPLOADS_DIR = "uploads"
 POLL_SECONDS = 0.2  # how often the stop escalation looks at the child
 DISPATCH_SECONDS = 1.0  # how often a queue waiting behind a run this process did not start looks again
-QUEUE_LOCK_FILE = ".queue.lock"
 STARTING_SECONDS = 60.0  # a job dequeued this recently without a pid on disk is still having its child started
 WAITING = "waiting"  # queued behind another job: nothing started yet (then "queued" while the child starts)
 _log = logging.getLogger(__name__)
@@ -275,7 +271,7 @@ class RunManager:
 
     def run_dir(self, run_id: str) -> Path:
         """The run's folder; refuses ids that could point outside the runs folder."""
-        if not isinstance(run_id, str) or not RUN_ID.match(run_id) or ".." in run_id:
+        if not is_run_id(run_id):
             raise RunError(f"Invalid run id {run_id!r}: use letters, digits, '.', '_' and '-'.")
         folder = (self.root / run_id).resolve()
         if folder.parent != self.root:

@@ -33,10 +33,10 @@ from finetune.core.data import DataError, prepare, source_kind
 from finetune.core.metrics import FINAL_STATES, read_metrics, read_status
 from finetune.core.models import ModelSourceError
 from finetune.core.paths import check_config
+from finetune.core.run_folder import SWEEP_DIR
 from finetune.services.compare import CompareError, CompareQueue, check_model
 from finetune.services.runs import check_sources
 
-SWEEP_DIR = "sweeps"
 MAX_TRIALS_ENV = "LORA_LAB_MAX_TRIALS"
 DEFAULT_MAX_TRIALS = 24
 SEARCHES = ("grid", "random")

@@ -10,8 +10,8 @@ from pathlib import Path
 from typing import Any
 
 from finetune.core.config import RunConfig
+from finetune.core.run_folder import PROMPT_FILE
 
-PROMPT_FILE = "compare_prompt.txt"  # a run folder holding it gets a greedy sample answer at the end of training
 SAMPLE_TOKENS = 40
 
 
