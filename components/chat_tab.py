@@ -29,10 +29,11 @@ from finetune.core.access import AccessDenied, can_view, require_signed_in, sign
 from finetune.core.config import ConfigError, load_config
 from finetune.core.data import validation_prompts
 from finetune.core.run_folder import ADAPTER_DIR, RUN_CONFIG, has_adapter
+from finetune.services.admission import RunError
 from finetune.services.chat import (DEFAULT_NEW_TOKENS, ChatEngine, SamplingSettings, check_prompt, normalize_history,
                                     split_budget_note)
 from finetune.services.feedback import FeedbackError, FeedbackStore
-from finetune.services.runs import RunError, RunManager
+from finetune.services.runs import RunManager
 
 Chat = list[dict[str, str]]
 Turn = dict[str, Any]

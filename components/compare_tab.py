@@ -17,10 +17,10 @@ import pandas as pd
 from components.shared import bind, duration, on_page_load, stop_queue, visitor_of
 from finetune.core.access import AccessDenied
 from finetune.core.config import BUNDLED_DATASET, EMBEDDED_MODEL, ConfigError
+from finetune.services.admission import RunError
 from finetune.services.compare import (DEFAULT_TECHNIQUES, QUALITATIVE, QUALITATIVE_COLUMNS, RESULT_COLUMNS, TECHNIQUES,
                                        CompareError, CompareQueue, CompareRequest, base_config, expected_seconds,
                                        loss_points, progress, results, seconds_left, validate_request)
-from finetune.services.runs import RunError
 
 POLL_SECONDS = 2.0
 # The order of start_comparison's parameters.

@@ -30,6 +30,7 @@ from finetune.core.paths import CONFIGS_DIR
 from finetune.core.preference import BUNDLED_PREFERENCES, load_preferences
 from finetune.core.run_folder import ADAPTER_DIR, RUN_CONFIG
 from finetune.services import course
+from finetune.services.admission import RunError, check_sources
 from finetune.services.benchmarks import BenchmarkService
 from finetune.services.chat import ChatEngine, SamplingSettings
 from finetune.services.deploy import default_preset
@@ -38,7 +39,7 @@ from finetune.services.evaluate import (candidate_loss, candidates, judge_accura
 from finetune.services.feedback import FeedbackError, FeedbackStore
 from finetune.services.lab_report import collect, write_report
 from finetune.services.quantize import FORMATS, MB, measure
-from finetune.services.runs import RunError, RunManager, check_sources
+from finetune.services.runs import RunManager
 
 POLL_SECONDS = 2.0
 RUN_STEPS = ("qlora", "reward", "dpo")

@@ -25,6 +25,7 @@ from finetune.core.config import BUNDLED_DATASET, ConfigError, load_config
 from finetune.core.data import first_line
 from finetune.core.preference import prompt_key
 from finetune.core.run_folder import FEEDBACK_DB, RUN_CONFIG
+from finetune.services.admission import RunError
 from finetune.services.chat import ChatEngine
 from finetune.services.evaluate import (Candidate, LossResult, adapter_name, candidate_answer, candidate_loss,
                                         candidates, degeneration, judge_accuracy, load_eval_rows,
@@ -32,7 +33,7 @@ from finetune.services.evaluate import (Candidate, LossResult, adapter_name, can
                                         reference_pairs, reward_models, rouge_l, run_checkpoints, start_run_dir,
                                         trained_prompts, win_rate)
 from finetune.services.feedback import FeedbackStore
-from finetune.services.runs import RunError, RunManager
+from finetune.services.runs import RunManager
 from finetune.services.scoring import ScorerCache
 
 LOSS_COLUMNS = ["model", "validation loss", "perplexity", "tokens", "rows"]

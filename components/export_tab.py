@@ -23,12 +23,13 @@ from finetune.core.hardware import detect
 from finetune.core.models import ModelSourceError
 from finetune.core.run_folder import ADAPTER_DIR, MERGED_DIR, MODEL_CONFIG
 from finetune.core.storage import DiskFull, folder_bytes, require_free
+from finetune.services.admission import RunError
 from finetune.services.export import (MERGE_TARGETS, PLOT_FILE, ExportError, merge_adapter, merge_dtype, merge_report,
                                       model_card, push_folder, run_config, write_model_card, zip_adapter)
 from finetune.services.gguf_export import (GGUF_TYPES, DiskPlan, base_config, disk_plan, drift_text, gguf_path,
                                            modelfile_name, ollama_command, parameter_shapes, push_gguf, write_gguf,
                                            zip_merged)
-from finetune.services.runs import RunError, RunManager
+from finetune.services.runs import RunManager
 
 PUSH_KINDS = ("Adapter", "Merged model")
 CONSENT = "Use my Hugging Face sign-in token to push to my account"

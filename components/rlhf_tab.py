@@ -36,11 +36,12 @@ from finetune.core.preference import (BUNDLED_PREFERENCES, MAX_EPOCHS_SMALL_DATA
                                       preference_renames, load_preferences, preview_preferences, rows_per_step,
                                       size_statement, size_warnings)
 from finetune.core.run_folder import ADAPTER_DIR, REWARD_DIR, RUN_CONFIG
+from finetune.services.admission import RunError, check_sources
 from finetune.services.chat import ChatEngine, normalize_history
 from finetune.services.evaluate import (NO_HELD_OUT, Candidate, adapter_name, compare_policy_answers, judge_accuracy,
                                         model_label, start_run_dir, trained_prompts)
 from finetune.services.feedback import FeedbackStore
-from finetune.services.runs import RunError, RunManager, check_sources
+from finetune.services.runs import RunManager
 from finetune.services.scoring import ScorerCache
 
 POLL_SECONDS = 2.0

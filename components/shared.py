@@ -26,8 +26,9 @@ from finetune.core.data import DataError, hub_configs, hub_splits
 from finetune.core.estimate import lora_parameter_count, model_shape, parameter_text, targeted_linears
 from finetune.core.metrics import is_summary
 from finetune.core.paths import for_visitors, hub_dataset, model_source as gated_model_source, upload_folder
+from finetune.services.admission import RunError
 from finetune.services.compare import CompareError, CompareQueue
-from finetune.services.runs import RunError, RunManager
+from finetune.services.runs import RunManager
 
 LIVE_STATES = ("running", "queued", "waiting")  # waiting: in the job queue, not started yet
 logger = logging.getLogger("lora_lab")

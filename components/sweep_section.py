@@ -19,8 +19,8 @@ from components.train_form import UI_ONLY, config_from_form, form_from_config
 from finetune.core import paths
 from finetune.core.access import AccessDenied, Visitor
 from finetune.core.config import ConfigError, RunConfig, from_dict
+from finetune.services.admission import RunError
 from finetune.services.compare import CompareError, CompareRequest, base_config
-from finetune.services.runs import RunError
 from finetune.services.sweeps import (AXES, RESULT_COLUMNS, SEARCHES, SweepQueue, SweepRequest, best_trial,
                                       loss_by_hyperparameter, max_trials, progress, results)
 

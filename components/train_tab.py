@@ -38,7 +38,8 @@ from finetune.core.models import ModelSourceError, load_tokenizer
 from finetune.core.recipe import resolve_recipe
 from finetune.core.run_folder import ADAPTER_DIR, RUN_CONFIG, has_adapter, memory_records, read_run_info
 from finetune.core.storage import folder_bytes, human, usage
-from finetune.services.runs import RunError, RunManager, check_sources
+from finetune.services.admission import RunError, check_sources
+from finetune.services.runs import RunManager
 
 POLL_SECONDS = 2.0
 # Each run with its stage and the number that stage is judged by (finetune.core.metrics.HEADLINE_METRICS): a reward

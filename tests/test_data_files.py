@@ -41,7 +41,7 @@ def user_assistant(question: str, answer: str) -> list[dict[str, str]]:
 def passes_run_checks(path: Path, skip_bad_rows: bool = False) -> str:
     """What happens before a run starts (CLI and Start): the path gate, then the file checks."""
     check_config(RunConfig(data=cfg_for(path, skip_bad_rows=skip_bad_rows)), operator=True)
-    return check_file(path, skip_bad_rows, usable_row_count(cfg_for(path)))  # as runs.check_sources counts
+    return check_file(path, skip_bad_rows, usable_row_count(cfg_for(path)))  # as admission.check_sources counts
 
 
 # --- 1. text files as people save them -------------------------------------------------------------------------

@@ -304,7 +304,7 @@ def test_fsdp_qlora_trains_on_two_gpus_from_the_app(tiny_model_dir, tmp_path):
 def test_a_run_that_needs_more_devices_than_this_machine_has_is_not_resumed(tmp_path):
     from finetune.core.config import save_config
     from finetune.core.metrics import write_status
-    from finetune.services.runs import RunError
+    from finetune.services.admission import RunError
 
     manager = RunManager(tmp_path / "runs")
     folder = manager.run_dir("from-a-bigger-box")

@@ -226,7 +226,7 @@ def _file_with_bad_and_incomplete_rows(folder) -> object:
 def test_the_malformed_lines_refusal_quotes_the_usable_rows_the_preview_counts(tmp_path):
     from finetune.core.config import DataConfig, RunConfig
     from finetune.core.data import preview_report
-    from finetune.services.runs import check_sources
+    from finetune.services.admission import check_sources
 
     path = _file_with_bad_and_incomplete_rows(tmp_path)
     data = DataConfig(source=str(path), validation_fraction=0.1)

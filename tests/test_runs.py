@@ -12,7 +12,8 @@ import pytest
 
 from finetune.core.metrics import FINAL_STATES, read_metrics, read_status, write_status
 from finetune.core.run_folder import last_checkpoint
-from finetune.services.runs import RunError, RunManager
+from finetune.services.admission import RunError
+from finetune.services.runs import RunManager
 
 from helpers import tiny_run_config, wait_until, write_jsonl
 

@@ -95,7 +95,8 @@ def test_login_is_optional_and_upload_cap_has_a_default(monkeypatch):
 @pytest.mark.parametrize("run_id", ["..", ".", "../x", "a/../../b", "/etc", "x/y", "a\\..\\b", "a\0b", "~root",
                                     "-rf", "%2e%2e", " ", ""])
 def test_run_ids_cannot_escape_the_runs_folder(tmp_path, run_id):
-    from finetune.services.runs import RunError, RunManager
+    from finetune.services.runs import RunManager
+    from finetune.services.admission import RunError
 
     manager = RunManager(tmp_path / "runs")
     with pytest.raises(RunError, match="Invalid run id"):

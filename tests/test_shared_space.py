@@ -21,8 +21,9 @@ from finetune.core.access import AccessDenied, Visitor
 from finetune.core.config import save_config, to_dict
 from finetune.core.metrics import read_status, write_status
 from finetune.core.storage import enforce_budget, folder_bytes, prunable
+from finetune.services.admission import RunError
 from finetune.services.compare import CompareQueue
-from finetune.services.runs import RunError, RunManager
+from finetune.services.runs import RunManager
 
 from helpers import app_client, served_app, tiny_run_config, wait_until
 

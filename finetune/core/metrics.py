@@ -26,6 +26,7 @@ from transformers import TrainerCallback, TrainerControl, TrainerState, Training
 from finetune.core.run_folder import METRICS_FILE, STATUS_FILE, STOP_FILE
 
 FINAL_STATES = ("completed", "failed", "stopped", "interrupted", "cancelled")
+WAITING = "waiting"  # in the device queue behind another job: nothing started yet ("queued" while it starts)
 # A run that logs rarely (large logging_steps, slow steps) still touches status.json this often, so the run
 # manager's stall detection (LORA_LAB_STALL_SECONDS, default 600) tells a slow run from a hung one.
 HEARTBEAT_SECONDS = 60.0

@@ -53,7 +53,7 @@ from finetune.core.metrics import read_status, write_status
 from finetune.core.models import ModelSourceError, cache_root, hub_reachable, source_kind, resolve_run_folder
 from finetune.core.paths import PROJECT_ROOT
 from finetune.core.run_folder import ADAPTER_CONFIG, ADAPTER_DIR, CONFIG_COPY, RUN_CONFIG, adapter_config, STOP_FILE
-from finetune.services.runs import pid_alive
+from finetune.services.processes import pid_alive, spawn
 
 BUNDLED_TASK_DIR = PROJECT_ROOT / "data" / "benchmarks"
 BUNDLED_TASK = "lora_lab_basics"
@@ -772,12 +772,9 @@ class BenchmarkService:
         if all(u.cached for u in plan.units) and all(job.copy_cached(i, u) for i, u in enumerate(plan.units)):
             write_status(job.folder, state="completed", unit=len(plan.units), finished_at=time.time())
             return job.folder.name
-        env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "LORA_LAB_BENCHMARKS": str(self.root)}
-        with open(job.folder / LOG_FILE, "ab") as log:
-            # Its own session, so Stop can end the child and anything it started with one killpg.
-            child = subprocess.Popen([sys.executable, "-m", "finetune.services.benchmarks", "--job", str(job.folder)],
-                                     stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                     cwd=PROJECT_ROOT, env=env, start_new_session=True)
+        # Its own session, so Stop can end the child and anything it started with one killpg.
+        child = spawn([sys.executable, "-m", "finetune.services.benchmarks", "--job", str(job.folder)],
+                      job.folder / LOG_FILE, env={"LORA_LAB_BENCHMARKS": str(self.root)})
         self._children[job.folder.name] = child
         write_status(job.folder, pid=child.pid)
         return job.folder.name

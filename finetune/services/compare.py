@@ -35,7 +35,7 @@ from finetune.core.metrics import FINAL_STATES, read_metrics
 from finetune.core.models import ModelSourceError
 from finetune.core.paths import CONFIGS_DIR, check_config
 from finetune.core.run_folder import COMPARE_DIR, PROMPT_FILE, RUN_INFO_FILE
-from finetune.services.runs import check_sources
+from finetune.services.admission import check_sources
 
 PRESET = CONFIGS_DIR / "compare-cpu.yaml"
 

@@ -1,4 +1,4 @@
-"""Run folders on disk and the run manager that trains in a child process.
+"""The run manager: training runs in child processes, one at a time on the device, their state on disk.
 
 Training never runs inside the app's process: a crash, an out-of-memory error or a kill ends the child only,
 and the GPU memory goes with it. The child is ``python -m finetune.train runs/<id>/config.yaml --output-dir
@@ -17,12 +17,13 @@ Stop escalates: the STOP file asks the child to checkpoint and stop at its next 
 ``LORA_LAB_STOP_TERM_SECONDS`` (default 10) later. The deadline counts from the STOP file's time on disk, so an app
 restarted meanwhile finishes the escalation. A killed run ends ``stopped`` and resumes from its last complete
 checkpoint. A running run with no progress on disk for ``LORA_LAB_STALL_SECONDS`` (default 600) is reported stalled.
+
+Its parts, each a module: the device queue (run_queue.py), the admission rules (admission.py: limits, disk,
+owners, source pre-checks) and the child processes themselves (processes.py: spawn, reap, escalation).
 """
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import logging
 import os
 import re
@@ -35,32 +36,21 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
-from finetune.core.access import LOCAL, JobLimits, Visitor, can_view, public_runs, require_owner, require_signed_in
+from finetune.core.access import LOCAL, Visitor
 from finetune.core.config import ConfigError, RunConfig, load_config, save_config
-from finetune.core.data import DataError, check_file, usable_row_count
-from finetune.core.data import source_kind as data_kind
-from finetune.core.distributed import (check_launch, end_leftover_ranks, is_multi_process, launch_command,
-                                       launch_problems_here, process_start)
-from finetune.core.lora_init import LOFTQ_NEEDS_WEIGHTS, init_problems
-from finetune.core.metrics import FINAL_STATES, HOSTNAME, read_metrics, read_status, write_status
-from finetune.core.models import ModelSourceError, local_weights_folder, require_hub, resolve_source
-from finetune.core.models import source_kind as model_kind
-from finetune.core.paths import PROJECT_ROOT
-from finetune.core.preference import usable_preference_count
-from finetune.core.run_folder import (ADAPTER_DIR, LOG_FILE, METRICS_FILE, QUEUE_LOCK_FILE, REWARD_DIR, RUN_CONFIG,
-                                      STOP_FILE, UPLOADS_DIR, has_adapter, is_run_id, last_checkpoint, modified_time,
-                                      run_folders)
-from finetune.core.storage import (DISK_FULL_EXIT, DiskFull, disk_full_message, enforce_budget, folder_bytes,
-                                   require_free)
+from finetune.core.distributed import check_launch, end_leftover_ranks, is_multi_process, launch_command, process_start
+from finetune.core.metrics import FINAL_STATES, HOSTNAME, WAITING, read_metrics, read_status, write_status
+from finetune.core.run_folder import (ADAPTER_DIR, LOG_FILE, METRICS_FILE, REWARD_DIR, RUN_CONFIG, STOP_FILE,
+                                      UPLOADS_DIR, has_adapter, is_run_id, last_checkpoint, modified_time, run_folders)
+from finetune.core.storage import DISK_FULL_EXIT, disk_full_message, enforce_budget, folder_bytes
+from finetune.services.admission import RunAdmission, RunError
+from finetune.services.processes import ChildProcess, escalate_stop, reap_in_background, spawn, tail
+from finetune.services.run_queue import RunQueue
 
-POLL_SECONDS = 0.2  # how often the stop escalation looks at the child
-DISPATCH_SECONDS = 1.0  # how often a queue waiting behind a run this process did not start looks again
 STARTING_SECONDS = 60.0  # a job dequeued this recently without a pid on disk is still having its child started
-WAITING = "waiting"  # queued behind another job: nothing started yet (then "queued" while the child starts)
 _log = logging.getLogger(__name__)
-KILL_WAIT_SECONDS = 30.0  # a SIGKILLed process group is gone at once; this only bounds a stuck kernel
 
 
 def _seconds_setting(name: str, default: float) -> float:
@@ -77,14 +67,6 @@ def _seconds_setting(name: str, default: float) -> float:
     return value
 
 
-class RunError(RuntimeError):
-    """A run request that cannot be carried out; the message is meant for the user."""
-
-
-class RunLimitError(RunError):
-    """A job over the operator's per-visitor limits (jobs held, steps, minutes)."""
-
-
 @dataclass
 class RunSummary:
     run_id: str
@@ -99,125 +81,12 @@ class RunSummary:
     has_adapter: bool
 
 
-def pid_alive(pid: int | None) -> bool:
-    if not pid:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    # A zombie child still answers kill(0); it is gone for our purposes.
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
-    except (OSError, IndexError):
-        return True
-
-
-@dataclass
-class ChildProcess:
-    """One training child: the Popen when this app started it, else only its pid and start time from disk."""
-    popen: subprocess.Popen | None
-    pid: int | None
-    started: str | None = None
-
-    def alive(self) -> bool:
-        if self.popen is not None:
-            return self.popen.poll() is None
-        if self.started is not None and process_start(self.pid or 0) not in (None, self.started):
-            return False  # the pid now belongs to a later process (the machine restarted, pids came round)
-        return pid_alive(self.pid)
-
-    def exit_code(self) -> int | None:
-        return self.popen.poll() if self.popen is not None else None
-
-    def signal_group(self, sig: signal.Signals) -> None:
-        """Send ``sig`` to the child's process group, but only while that group is still the child's: after an
-        app restart the pid on disk could by now belong to an unrelated process."""
-        if not self.pid:
-            return
-        if self.popen is None:
-            if self.started is not None and process_start(self.pid) != self.started:
-                return
-            try:
-                if os.getpgid(self.pid) != self.pid:  # not a group leader: not a child we started
-                    return
-            except ProcessLookupError:
-                return
-        try:
-            os.killpg(self.pid, sig)  # the child leads its own session, so its group id is its pid
-        except (ProcessLookupError, PermissionError):
-            pass
-
-    def wait_for_exit(self, deadline: float) -> bool:
-        """True once the process has ended; False if it is still there at the deadline."""
-        while self.alive():
-            if time.time() >= deadline:
-                return False
-            time.sleep(POLL_SECONDS)
-        return True
-
-
 def is_remote(status: dict[str, Any]) -> bool:
     """True for a run whose status was written on another machine (its folder was synced back here)."""
     return bool(status.get("hostname")) and status["hostname"] != HOSTNAME
 
 
-def tail(path: Path, lines: int = 30) -> str:
-    if not path.is_file():
-        return ""
-    with path.open("rb") as handle:
-        handle.seek(0, os.SEEK_END)
-        handle.seek(max(0, handle.tell() - 64 * 1024))
-        text = handle.read().decode("utf-8", errors="replace")
-    # Progress bars redraw with carriage returns; keep only what a terminal would finally show.
-    return "\n".join(line.split("\r")[-1] for line in text.splitlines()[-lines:])
-
-
-def usable_rows_counter(cfg: RunConfig) -> Any:
-    """How a refusal counts the rows a run of this stage could train on: pairs or thumbs for the preference
-    stages, the supervised format's rows for SFT."""
-    if cfg.stage == "sft":
-        return usable_row_count(cfg.data)
-    return usable_preference_count(cfg.data, cfg.preference.format, "unpaired" if cfg.stage == "kto" else "paired")
-
-
-def check_sources(cfg: RunConfig) -> None:
-    """Fail before a child starts when the model or data cannot be had (offline Hub, missing or bad file):
-    ConfigError names the field, so the form shows the reason at once instead of a failed run later."""
-    problems: dict[str, str] = {}
-    try:
-        if model_kind(cfg.model.source) == "hub":
-            from huggingface_hub import try_to_load_from_cache
-
-            if not isinstance(try_to_load_from_cache(cfg.model.source, "config.json"), str):
-                require_hub(cfg.model.source, "model")
-        elif model_kind(cfg.model.source) == "local":
-            resolve_source(cfg.model.source)
-    except ModelSourceError as error:
-        problems["model.source"] = str(error)
-    try:
-        kind = data_kind(cfg.data.source)
-        if kind == "file":
-            check_file(Path(cfg.data.source).expanduser(), cfg.data.skip_bad_rows,  # the form's choice
-                       usable_rows_counter(cfg))
-        elif kind == "hub":
-            require_hub(cfg.data.source, "dataset")  # probes the Hub itself
-    except (DataError, ModelSourceError) as error:
-        problems["data.source"] = str(error)
-    if cfg.stage == "sft" and "model.source" not in problems:
-        weights = local_weights_folder(cfg.model) if cfg.lora.init == "loftq" else None
-        if cfg.lora.init == "loftq" and weights is None:
-            problems["lora.init"] = LOFTQ_NEEDS_WEIGHTS
-        elif reasons := init_problems(cfg, weights):
-            problems["lora.init"] = " ".join(reasons)
-    problems.update(launch_problems_here(cfg))  # more processes than this machine has devices
-    if problems:
-        raise ConfigError(problems)
-
-
-class RunManager:
+class RunManager(RunQueue, RunAdmission):
     """Starts, stops, resumes and lists runs under one folder; at most one trains at a time."""
 
     def __init__(self, root: str | Path = "runs", python: str = sys.executable, stop_grace: float | None = None,
@@ -442,184 +311,11 @@ class RunManager:
         self.dispatch()
         return run_id
 
-    # --- the queue ----------------------------------------------------------------------------------------
-
-    def waiting_ids(self) -> list[str]:
-        """Queued jobs not started yet, first in line first."""
-        waiting = [(read_status(self.root / run_id), run_id) for run_id in self.list_ids()]
-        waiting = [(status.get("enqueued_at") or 0, run_id) for status, run_id in waiting
-                   if status.get("state") == WAITING]
-        return [run_id for _, run_id in sorted(waiting)]
-
-    def dispatch(self) -> str | None:
-        """Start the first queued job if the device is free; returns the run started. Called after every
-        enqueue and every end of a run, and by a background thread while jobs wait (an app restarted with a
-        queue picks it up)."""
-        with self._lock, self._queue_file_lock():
-            if self.active_run() is not None:
-                self._ensure_dispatcher()
-                return None
-            for run_id in self.waiting_ids():
-                if self._start_waiting(run_id):
-                    return run_id
-        return None
-
-    def _start_waiting(self, run_id: str) -> bool:
-        """Start one waiting job; a job that cannot start (full disk, a config that no longer loads, a child
-        that cannot be spawned) fails with its reason, and the caller goes on to the next in line."""
-        folder = self.run_dir(run_id)
-        resume = bool(read_status(folder).get("resume_requested"))
-        try:
-            enforce_budget(self.root)  # the budget is kept whenever a job takes the device
-            self._check_disk("start a queued run")
-            # A status() between 'queued' on disk and the child being known would settle the job as gone
-            # (and free the device for the next one): settling waits for the start.
-            with self._settle_lock:
-                write_status(folder, state="queued", resume_requested=None, dequeued_at=time.time())
-                self._spawn(run_id, resume=resume)
-            return True
-        except Exception as error:  # whatever it is, it is this job's, not the queue's
-            message = str(error) if isinstance(error, RunError) else f"could not start: {type(error).__name__}: {error}"
-            write_status(folder, state="failed", error=message, finished_at=time.time())
-            return False
-
-    @contextlib.contextmanager
-    def _queue_file_lock(self) -> Iterator[None]:
-        """Across processes (an app and the CLI, or an old app still shutting down, on one runs folder): one
-        dispatch at a time, so a waiting job is never started twice."""
-        with open(self.root / QUEUE_LOCK_FILE, "a") as handle:
-            fcntl.flock(handle, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(handle, fcntl.LOCK_UN)
-
-    def _ensure_dispatcher(self) -> None:
-        """While jobs wait behind a run this process did not start (the app restarted), poll for its end."""
-        if self._dispatcher is not None and self._dispatcher.is_alive():
-            return
-        self._dispatcher = threading.Thread(target=self._dispatch_while_waiting, name="run-queue", daemon=True)
-        self._dispatcher.start()
-
-    def _dispatch_while_waiting(self) -> None:
-        while self.root.is_dir() and self.waiting_ids():
-            time.sleep(DISPATCH_SECONDS)
-            try:
-                self.dispatch()
-            except (OSError, RunError):  # the folder went away (tests) or a job is broken: keep the rest going
-                continue
-
-    def queue_info(self, run_id: str) -> dict[str, Any]:
-        """A waiting job's place: position (1 = next), the jobs ahead and when it should start (seconds from
-        now; None when a job ahead has no estimate yet)."""
-        waiting = self.waiting_ids()
-        if run_id not in waiting:
-            return {}
-        ahead = waiting[:waiting.index(run_id)]
-        active = self.active_run()
-        seconds: float | None = 0.0
-        if active is not None:
-            seconds = self._seconds_left(active)
-        for other in ahead:
-            estimate = self._job_seconds(self._config(other))
-            seconds = None if seconds is None or estimate is None else seconds + estimate
-        return {"position": len(ahead) + 1, "ahead": ([active] if active else []) + ahead, "starts_in": seconds}
-
-    def _seconds_left(self, run_id: str) -> float | None:
-        """The running job's own ETA, while it is a whole one: None while an evaluation it still has to run has
-        not been timed (its ETA leaves it out), the job's estimate before it has an ETA at all."""
-        status = self.status(run_id)
-        if status.get("evals_untimed"):
-            return None
-        left = status.get("eta_seconds")
-        return float(left) if isinstance(left, (int, float)) else self._job_seconds(self._config(run_id))
-
     def _config(self, run_id: str) -> RunConfig | None:
         try:
             return load_config(self.run_dir(run_id) / RUN_CONFIG)
         except Exception:  # a hand-edited config has no estimate; it still runs or fails with its own message
             return None
-
-    def expected_seconds(self, cfg: RunConfig) -> float | None:
-        """How long ``cfg`` should train here, from completed runs of its model and bit width (the queue's own
-        estimate); None before any such run was timed. The course says it before a step starts."""
-        return self._job_seconds(cfg)
-
-    def _job_seconds(self, cfg: RunConfig | None) -> float | None:
-        """How long a job should take: its steps at the seconds per step that completed runs of the same model
-        and bit width took on this machine; None when it trains by epochs or nothing comparable ran yet."""
-        if cfg is None or cfg.training.max_steps <= 0:
-            return None
-        key = (cfg.model.source, cfg.model.bits)
-        rates = sorted(rate for other, rate in map(self._step_rate, self.list_ids()) if other == key)
-        return cfg.training.max_steps * rates[len(rates) // 2] if rates else None
-
-    def _step_rate(self, run_id: str) -> tuple[tuple[str, int] | None, float]:
-        """((model source, bits), seconds per step) of a completed run, else (None, 0). A completed run never
-        changes, so it is read once: the queue's expected start is polled every few seconds per waiting job."""
-        if run_id in self._step_rates:
-            return self._step_rates[run_id]
-        status = read_status(self.root / run_id)
-        if status.get("state") != "completed":
-            return None, 0.0  # not final yet (or failed): not kept, it may still complete
-        cfg = self._config(run_id)
-        rate = ((cfg.model.source, cfg.model.bits), float(status["duration"]) / int(status["step"])) \
-            if cfg and status.get("duration") and status.get("step") else (None, 0.0)
-        self._step_rates[run_id] = rate
-        return rate
-
-    def check_job(self, cfg: RunConfig, visitor: Visitor) -> None:
-        """Refuse a job before it is queued: a signed-out visitor, one over their limits, a full disk."""
-        require_signed_in(visitor, "start a training run")
-        self._check_limits(cfg, visitor)
-        self._check_disk("start a run")
-
-    def _check_limits(self, cfg: RunConfig, visitor: Visitor) -> None:
-        if visitor.operator:
-            return
-        statuses = (read_status(self.root / run_id) for run_id in self.list_ids())
-        held = sum(1 for status in statuses
-                   if status.get("owner") == visitor.owner and status.get("state") in (WAITING, "queued", "running"))
-        steps = cfg.training.max_steps if cfg.training.max_steps > 0 else None
-        seconds = self._job_seconds(cfg)
-        problems = JobLimits.from_env().problems(visitor, held, steps, seconds / 60 if seconds else None)
-        if problems:
-            raise RunLimitError(" ".join(problems))
-
-    def _check_disk(self, what: str) -> None:
-        """RunError unless the disk keeps its minimum free; pruning to the budget is tried first only when it is
-        short (walking the whole runs folder on every check would be work done for nothing)."""
-        try:
-            require_free(self.root, 0, what)
-        except DiskFull:
-            enforce_budget(self.root)
-            try:
-                require_free(self.root, 0, what)
-            except DiskFull as error:
-                raise RunError(str(error)) from None
-
-    # --- owners -------------------------------------------------------------------------------------------
-
-    def owner_of(self, run_id: str) -> str | None:
-        return read_status(self.run_dir(run_id)).get("owner")
-
-    def visible_ids(self, visitor: Visitor) -> list[str]:
-        """The runs ``visitor`` may see: their own, or every run for an operator (the local user) or when runs
-        are public; only then are owners read (a page polls this every few seconds)."""
-        if visitor.operator or public_runs():
-            return self.list_ids()
-        return [run_id for run_id in self.list_ids() if can_view(visitor, self.owner_of(run_id))]
-
-    def can_see(self, run_id: str, visitor: Visitor) -> bool:
-        """Whether run ``run_id`` exists and ``visitor`` may see it (one status read, not every run's)."""
-        try:
-            folder = self.run_dir(run_id)
-        except RunError:
-            return False
-        return folder.is_dir() and can_view(visitor, read_status(folder).get("owner"))
-
-    def require_can_act(self, run_id: str, visitor: Visitor, what: str) -> None:
-        require_owner(visitor, self.owner_of(run_id), what, f"run {run_id}")
 
     def cancel(self, run_id: str, visitor: Visitor = LOCAL) -> dict[str, Any]:
         """Take a job out of the queue before it starts (a started one is stopped instead: request_stop)."""
@@ -663,19 +359,13 @@ class RunManager:
 
     def _spawn(self, run_id: str, resume: bool) -> None:
         folder = self.run_dir(run_id)
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PROJECT_ROOT), env.get("PYTHONPATH")]))
-        # Its own session makes the child lead a process group: Stop can end it and everything it started.
-        with (folder / LOG_FILE).open("ab") as log:
-            child = subprocess.Popen(self.child_command(run_id, resume), stdout=log, stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL, cwd=PROJECT_ROOT, env=env, start_new_session=True)
+        child = spawn(self.child_command(run_id, resume), folder / LOG_FILE)
         self._children[run_id] = child
         write_status(folder, pid=child.pid, pid_start=process_start(child.pid), hostname=HOSTNAME)
-        # Reap it the moment it ends (no zombie left until the app exits) and record how it ended.
-        threading.Thread(target=self._reap, args=(run_id, child), name=f"reap-{run_id}", daemon=True).start()
+        reap_in_background(child, f"reap-{run_id}", lambda: self._reap(run_id, child))
 
     def _reap(self, run_id: str, child: subprocess.Popen) -> None:
-        child.wait()
+        """Record how an ended child's run ended, and hand the device to the next job in line."""
         try:
             self._settle(run_id, ChildProcess(child, child.pid))
             # The next job in line takes the device (its start keeps the budget); with none waiting, prune now.
@@ -726,35 +416,26 @@ class RunManager:
             asked = (folder / STOP_FILE).stat().st_mtime
         except OSError:
             return  # resumed meanwhile: nothing to stop
-        if process.wait_for_exit(asked + self.stop_grace):
+        # accelerate (torch elastic) starts each rank in a session of its own, out of the group's reach, and the
+        # launcher that would end them is killed: a rank left running would hold the device (end_leftover_ranks).
+        if escalate_stop(process, asked, self.stop_grace, self.term_grace,
+                         still_stopping=lambda: self._still_stopping(run_id, process),
+                         forced=lambda sig: self._note_forced(folder, sig),
+                         after_kill=lambda: end_leftover_ranks(folder)):
             self._settle(run_id, process)
-            return
-        grace = f"{self.stop_grace:g} s"
-        if not self._still_stopping(run_id, process):
-            return
-        self._note_forced(folder, f"It did not stop at a step end within {grace} of Stop, so it was terminated "
-                                  "(SIGTERM); resume continues from its last complete checkpoint.")
-        # SIGCONT after SIGTERM: a stopped (SIGSTOP) process only acts on the termination once it runs again.
-        process.signal_group(signal.SIGTERM)
-        process.signal_group(signal.SIGCONT)
-        if not process.wait_for_exit(time.time() + self.term_grace) and self._still_stopping(run_id, process):
-            self._note_forced(folder, f"It did not stop within {grace} of Stop, nor {self.term_grace:g} s after "
-                                      "SIGTERM, so it was killed (SIGKILL); resume continues from its last "
-                                      "complete checkpoint.")
-            process.signal_group(signal.SIGKILL)
-            # accelerate (torch elastic) starts each rank in a session of its own, out of the group's reach,
-            # and the launcher that would end them was just killed: a rank left running holds the device.
-            end_leftover_ranks(folder)
-            process.wait_for_exit(time.time() + KILL_WAIT_SECONDS)
-        self._settle(run_id, process)
 
     def _still_stopping(self, run_id: str, process: ChildProcess) -> bool:
         """The Stop still applies to this process: not resumed meanwhile (new child, STOP file removed)."""
         return self._children.get(run_id) is process.popen and (self.run_dir(run_id) / STOP_FILE).exists()
 
-    def _note_forced(self, folder: Path, note: str) -> None:
+    def _note_forced(self, folder: Path, sig: signal.Signals) -> None:
         # The child is hung, so nothing else writes status.json now; the note explains the stop to the user.
-        write_status(folder, stop_note=note)
+        grace = f"{self.stop_grace:g} s"
+        note = (f"It did not stop at a step end within {grace} of Stop, so it was terminated (SIGTERM); "
+                if sig == signal.SIGTERM else
+                f"It did not stop within {grace} of Stop, nor {self.term_grace:g} s after SIGTERM, so it was killed "
+                "(SIGKILL); ")
+        write_status(folder, stop_note=note + "resume continues from its last complete checkpoint.")
 
     def wait(self, run_id: str, timeout: float = 600.0) -> dict[str, Any]:
         """Block until the run reaches a final state (for the CLI and tests)."""

@@ -34,8 +34,8 @@ from finetune.core.metrics import FINAL_STATES, read_metrics, read_status
 from finetune.core.models import ModelSourceError
 from finetune.core.paths import check_config
 from finetune.core.run_folder import SWEEP_DIR
+from finetune.services.admission import check_sources
 from finetune.services.compare import CompareError, CompareQueue, check_model
-from finetune.services.runs import check_sources
 
 MAX_TRIALS_ENV = "LORA_LAB_MAX_TRIALS"
 DEFAULT_MAX_TRIALS = 24
@@ -210,7 +210,7 @@ def validate_sweep(base: RunConfig, request: SweepRequest) -> list[tuple[dict[st
 
 def check_each_bit_width(trials: list[tuple[dict[str, Any], RunConfig]]) -> None:
     """The base's LoRA initialisation at every bit width swept (LoftQ needs a 4-bit base, PiSSA and OLoRA a 16 or
-    32-bit one): the Train tab's own check (runs.check_sources), once per bit width, every refusal at once."""
+    32-bit one): the Train tab's own check (admission.check_sources), once per bit width, every refusal at once."""
     problems: dict[str, str] = {}
     for bits in dict.fromkeys(cfg.model.bits for _, cfg in trials):
         cfg = next(cfg for _, cfg in trials if cfg.model.bits == bits)
