@@ -42,7 +42,8 @@ from finetune.core.run_folder import FEEDBACK_DB, FEEDBACK_EXPORTS_DIR
 from finetune.services.benchmarks import BenchmarkService, app_root
 from finetune.services.chat import ChatEngine
 from finetune.services.compare import CompareQueue
-from finetune.services.feedback import FeedbackStore, LangSmithSettings
+from finetune.services.feedback import FeedbackStore
+from finetune.services.langsmith_sync import LangSmithSettings
 from finetune.services.runs import RunManager
 from finetune.services.scoring import ScorerCache
 from finetune.services.sweeps import SweepQueue

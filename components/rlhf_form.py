@@ -12,7 +12,7 @@ from finetune.core.config import (DPO_LOSSES, EMBEDDED_MODEL, KTO_LOSSES, Config
                                   load_config, to_dict)
 from finetune.core.preference import BUNDLED_PREFERENCES, PreferenceError
 from finetune.core.run_folder import FEEDBACK_EXPORTS_DIR
-from finetune.services.feedback import export_feedback
+from finetune.services.feedback_export import export_feedback
 from finetune.services.runs import RunManager
 
 BASE_CHOICE = "(base model: fresh LoRA)"

@@ -17,7 +17,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from finetune.services.feedback import FeedbackStore, LangSmithSettings
+from finetune.services.feedback import FeedbackStore
+from finetune.services.langsmith_sync import LangSmithSettings
 from helpers import wait_until
 
 SECRET = "lsv2_pt_0123456789abcdef_SECRET"

@@ -115,6 +115,7 @@ def test_a_cut_answer_is_stored_as_the_model_wrote_it_and_exported_without_the_n
     from components.chat_tab import chat
     from finetune.services.chat import ChatEngine, budget_note, normalize_history
     from finetune.services.feedback import FeedbackStore
+    from finetune.services.feedback_export import write_pairs, write_thumbs
 
     engine = ChatEngine(max_seconds=6, clock=_StepClock())  # about 6 tokens, then the time limit cuts
     store = FeedbackStore(tmp_path / "feedback.db")
@@ -129,8 +130,8 @@ def test_a_cut_answer_is_stored_as_the_model_wrote_it_and_exported_without_the_n
     store.add_preference(turn["gen"]["left"], turn["gen"]["right"], "second")
     store.add_correction(turn["gen"]["right"], "A corrected answer.")
     exported = (tmp_path / "pairs.jsonl")
-    assert store.export_pairs(exported) == 2 and "[cut:" not in exported.read_text(encoding="utf-8")
-    assert store.export_thumbs(tmp_path / "thumbs.jsonl") == 0
+    assert write_pairs(store, exported) == 2 and "[cut:" not in exported.read_text(encoding="utf-8")
+    assert write_thumbs(store, tmp_path / "thumbs.jsonl") == 0
     # A follow-up turn feeds the history back to the model: without the notice, which the model never said.
     assert all("[cut:" not in m["content"] for m in normalize_history(right))
     store.close()
@@ -139,6 +140,7 @@ def test_a_cut_answer_is_stored_as_the_model_wrote_it_and_exported_without_the_n
 def test_answers_stored_before_the_notice_column_get_their_notice_moved_out(tmp_path):
     from finetune.services.chat import budget_note
     from finetune.services.feedback import FeedbackStore
+    from finetune.services.feedback_export import pair_rows
 
     old = FeedbackStore(tmp_path / "feedback.db")
     ids = old.record_turn(model="m", adapter="a", prompt="Q?", base_history=[], tuned_history=[], settings={},
@@ -146,7 +148,7 @@ def test_answers_stored_before_the_notice_column_get_their_notice_moved_out(tmp_
     old.add_preference(ids["tuned"], ids["base"], "first")
     old.close()
     store = FeedbackStore(tmp_path / "feedback.db")  # reopened: the notices move to their own column
-    pair = store.pair_rows()[0]
+    pair = pair_rows(store)[0]
     assert (pair["chosen"][0]["content"], pair["rejected"][0]["content"]) == ("Lab note.", "Short.")
     assert {row["notice"] for row in store._rows("SELECT notice FROM generations", ())} == {budget_note(600).strip()}
     store.close()
@@ -196,6 +198,7 @@ def test_one_correction_for_both_answers_counts_once(tmp_path):
     from components.chat_tab import submit_feedback
     from components.feedback_tab import counts_text
     from finetune.services.feedback import FeedbackStore
+    from finetune.services.feedback_export import pair_rows
 
     store = FeedbackStore(tmp_path / "feedback.db")
     ids = store.record_turn(model="m", adapter="a", prompt="Q?", base_history=[], tuned_history=[], settings={},
@@ -205,7 +208,7 @@ def test_one_correction_for_both_answers_counts_once(tmp_path):
     assert "corrected answer" in message
     text = counts_text(store)
     assert "**1** correction (replacing 2 answers)" in text and "**1** comments" in text  # not "2 corrected answers"
-    assert len(store.pair_rows()) == 2  # still one pair per replaced answer for the RLHF step
+    assert len(pair_rows(store)) == 2  # still one pair per replaced answer for the RLHF step
     submit_feedback(store, turn, None, None, "Another fix.", "right")
     assert "**2** corrections (replacing 3 answers)" in counts_text(store)
     store.close()

@@ -51,7 +51,7 @@ def test_text_pairs_become_conversations(tmp_path):
 
 
 def test_feedback_store_exports_are_accepted(tmp_path):
-    """The shapes FeedbackStore.export_pairs / export_thumbs write (message lists on every side)."""
+    """The shapes feedback_export.write_pairs / write_thumbs write (message lists on every side)."""
     history = {"role": "assistant", "content": "Earlier answer."}
     pairs = write_jsonl(tmp_path / "pairs.jsonl", [
         {"prompt": [USER, history, USER], "chosen": [GOOD], "rejected": [BAD]}])

@@ -1,4 +1,4 @@
-"""Human feedback: a SQLite store (the source of truth), LangSmith sync through an outbox, training-data export.
+"""Human feedback: the SQLite store, the source of truth.
 
 Every answer the Chat tab shows is a *generation* (id, time, model, adapter, prompt and history, sampling
 settings, response). Every thumb, pairwise vote, comment and corrected answer is a *feedback event* pointing at
@@ -6,45 +6,33 @@ one generation (a vote also at the other side of the turn). Writes are one trans
 the call returns; the database runs in WAL mode with a connection per thread, so concurrent users never lose a
 write and readers never block writers.
 
-When LangSmith is configured (``LANGSMITH_API_KEY``, optionally ``LANGSMITH_ENDPOINT`` and
-``LANGSMITH_PROJECT``), the same transaction that stores a generation or an event also queues the LangSmith
-calls for it in an ``outbox`` table. A background thread sends the queue in order with the real ``langsmith``
-client, marks an item sent only after the server accepted it, and backs off while the server is unreachable.
-Items carry the ids they will have in LangSmith (run id = generation id, a fixed feedback id), so a retry after
-an ambiguous failure is answered "already exists" (409) and counts as delivered: each arrives exactly once.
+When LangSmith is configured, the same transaction that stores a generation or an event also queues the
+LangSmith calls for it in an ``outbox`` table, which finetune/services/langsmith_sync.py sends. The training
+data made from the feedback (preference pairs, thumbs) is finetune/services/feedback_export.py's.
 
     store = FeedbackStore("runs/feedback.db", langsmith=LangSmithSettings.from_env())
     ids = store.record_turn(model="SmolLM2", adapter="run-1", prompt="What is LoRA?", base_history=[],
                             tuned_history=[], settings={"temperature": 0.7}, base_response="…",
                             tuned_response="…")
     store.add_preference(ids["tuned"], ids["base"], "first")           # the fine-tuned answer won
-    store.export_pairs("pairs.jsonl"); store.export_thumbs("thumbs.jsonl")
 """
 
 from __future__ import annotations
 
-import datetime as dt
 import json
-import logging
-import os
-import re
 import sqlite3
 import threading
 import time
 import uuid
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
-from finetune.core.preference import PreferenceError
+from finetune.core.preference import Messages
+from finetune.services.langsmith_sync import (LangSmithSender, LangSmithSettings, feedback_payloads, install_redaction,
+                                              run_payload)
 
-logger = logging.getLogger(__name__)
-
-Messages = list[dict[str, str]]
 CHOICES = ("first", "second", "tie", "both_bad")      # pairwise vote, relative to (first_id, second_id)
 MAX_TEXT_CHARS = 20_000                                # comments and corrected answers
-DEFAULT_PROJECT = "lora-lab"
-DEFAULT_ENDPOINT = "https://api.smith.langchain.com"
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS generations (
@@ -87,72 +75,10 @@ class FeedbackError(ValueError):
     """Bad feedback input (unknown generation, empty comment, ...); the message says what to fix."""
 
 
-# --- LangSmith settings and message hygiene ----------------------------------------------------------------
-
-@dataclass(frozen=True)
-class LangSmithSettings:
-    """Where feedback goes. The key is kept out of repr() so it never reaches a log line or the UI."""
-
-    api_key: str = field(repr=False)
-    endpoint: str = DEFAULT_ENDPOINT
-    project: str = DEFAULT_PROJECT
-
-    @classmethod
-    def from_env(cls, env: dict[str, str] | None = None) -> LangSmithSettings | None:
-        """Settings from LANGSMITH_API_KEY / LANGSMITH_ENDPOINT / LANGSMITH_PROJECT, or None when no key is set."""
-        env = os.environ if env is None else env
-        key = (env.get("LANGSMITH_API_KEY") or "").strip()
-        if not key:
-            return None
-        return cls(key, (env.get("LANGSMITH_ENDPOINT") or DEFAULT_ENDPOINT).strip().rstrip("/"),
-                   (env.get("LANGSMITH_PROJECT") or DEFAULT_PROJECT).strip())
-
-
-def redact(text: str, secret: str | None) -> str:
-    """``text`` without the secret, its masked form (langsmith prints 'API Key: abcde***yz') or auth headers."""
-    text = re.sub(r"(?im)^\s*API Key:.*$", "", text)
-    text = re.sub(r"(?i)(x-api-key|authorization)(['\"]?\s*[:=]\s*['\"]?)[^\s'\",}]+", r"\1\2***", text)
-    if secret:
-        text = text.replace(secret, "***")
-    return text.strip()
-
-
-def describe_error(error: BaseException, secret: str | None) -> str:
-    """One safe line for the UI and the log: the error's kind and the first line of its message."""
-    first = (str(error).strip().splitlines() or [""])[0]
-    return redact(f"{type(error).__name__}: {first}", secret)[:300]
-
-
-class _RedactFilter(logging.Filter):
-    """langsmith logs failed requests with tracebacks that include a masked key; keep only a redacted line."""
-
-    def __init__(self, secret: str):
-        super().__init__()
-        self.secret = secret
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        message = record.getMessage()
-        if record.exc_info and record.exc_info[1] is not None:
-            message += " " + describe_error(record.exc_info[1], self.secret)
-        record.msg, record.args, record.exc_info, record.exc_text = redact(message, self.secret), None, None, None
-        return True
-
-
-def _install_redaction(secret: str) -> None:
-    for name in ("langsmith", "langsmith.client", "langsmith._internal"):
-        log = logging.getLogger(name)
-        if not any(isinstance(f, _RedactFilter) and f.secret == secret for f in log.filters):
-            log.addFilter(_RedactFilter(secret))
-
-
 # --- the store -----------------------------------------------------------------------------------------------
 
 def _now() -> float:
     return time.time()
-
-
-def _iso(timestamp: float) -> str:
-    return dt.datetime.fromtimestamp(timestamp, dt.timezone.utc).isoformat()
 
 
 def _clean_text(text: Any, what: str) -> str | None:
@@ -181,7 +107,7 @@ class FeedbackStore:
         self._create_schema()
         self.sender: LangSmithSender | None = None
         if langsmith is not None:
-            _install_redaction(langsmith.api_key)
+            install_redaction(langsmith.api_key)
             self.sender = LangSmithSender(self, langsmith, retry_base=retry_base, retry_max=retry_max)
             self.sender.start()
 
@@ -297,7 +223,8 @@ class FeedbackStore:
                             item["prompt"], json.dumps(item["history"], ensure_ascii=False),
                             json.dumps(item["settings"], ensure_ascii=False), item["response"], item.get("notice"),
                             item["user"], item["session"]))
-                self._enqueue(db, gen_id, "run", _run_payload(gen_id, created, item))
+                self._enqueue(db, gen_id, "run", run_payload(gen_id, created, item,
+                                                              conversation(item["history"], item["prompt"])))
                 ids.append(gen_id)
         self._wake_sender()
         return ids
@@ -390,7 +317,7 @@ class FeedbackStore:
             with self._write() as db:
                 db.execute(f"INSERT INTO feedback ({', '.join(event)}) VALUES ({', '.join('?' * len(event))})",
                            tuple(event.values()))
-                for item_id, payload in _feedback_payloads(event):
+                for item_id, payload in feedback_payloads(event):
                     self._enqueue(db, item_id, "feedback", payload)
         except sqlite3.IntegrityError as error:
             if "FOREIGN KEY" in str(error):
@@ -467,49 +394,31 @@ class FeedbackStore:
             tally[outcome] += 1
         return counts
 
-    # --- export ------------------------------------------------------------------------------------------------
+    # --- rows for the training data (finetune/services/feedback_export.py shapes them) ---------------------
 
-    def pair_rows(self, owner: str | None = None) -> list[dict[str, Messages]]:
-        """TRL conversational preference rows: votes with a winner, and corrections over their originals (only
-        those ``owner`` gave, when given)."""
-        rows = []
+    def decided_votes(self, owner: str | None = None) -> list[dict[str, Any]]:
+        """The latest vote of each pair that has a winner ('first' or 'second'), oldest first, with both answers:
+        a_prompt, a_history, a_text for the first and b_* for the second (only ``owner``'s when given)."""
         mine, params = _owned("p.user", owner)
-        votes = self._rows(f"SELECT p.value, a.prompt AS a_prompt, a.history AS a_history, a.response AS a_text, "
-                           f"b.prompt AS b_prompt, b.history AS b_history, b.response AS b_text "
-                           f"FROM ({LATEST_PREFERENCES}) p JOIN generations a ON a.id = p.generation_id "
-                           f"JOIN generations b ON b.id = p.other_generation_id "
-                           f"WHERE p.value IN ('first', 'second') AND {mine} ORDER BY p.created, p.rowid", params)
-        for vote in votes:
-            win, lose = ("a", "b") if vote["value"] == "first" else ("b", "a")
-            # Each side may have its own earlier turns; the prompt is the conversation the winner continued.
-            rows.append(_pair(vote[f"{win}_history"], vote[f"{win}_prompt"], vote[f"{win}_text"],
-                              vote[f"{lose}_text"]))
+        return self._rows(f"SELECT p.value, a.prompt AS a_prompt, a.history AS a_history, a.response AS a_text, "
+                          f"b.prompt AS b_prompt, b.history AS b_history, b.response AS b_text "
+                          f"FROM ({LATEST_PREFERENCES}) p JOIN generations a ON a.id = p.generation_id "
+                          f"JOIN generations b ON b.id = p.other_generation_id "
+                          f"WHERE p.value IN ('first', 'second') AND {mine} ORDER BY p.created, p.rowid", params)
+
+    def corrections(self, owner: str | None = None) -> list[dict[str, Any]]:
+        """Each corrected answer with the answer it corrects (correction, prompt, history, response), oldest first."""
         mine, params = _owned("f.user", owner)
-        corrections = self._rows("SELECT f.correction, g.prompt, g.history, g.response FROM feedback f "
-                                 "JOIN generations g ON g.id = f.generation_id WHERE f.kind = 'correction' "
-                                 f"AND {mine} ORDER BY f.created, f.rowid", params)
-        for fix in corrections:
-            if fix["correction"].strip() != fix["response"].strip():
-                rows.append(_pair(fix["history"], fix["prompt"], fix["correction"], fix["response"]))
-        return rows
+        return self._rows("SELECT f.correction, g.prompt, g.history, g.response FROM feedback f "
+                          "JOIN generations g ON g.id = f.generation_id WHERE f.kind = 'correction' "
+                          f"AND {mine} ORDER BY f.created, f.rowid", params)
 
-    def thumb_rows(self, owner: str | None = None) -> list[dict[str, Any]]:
-        """TRL unpaired (KTO) rows: prompt, completion, label (True = thumbs up)."""
+    def latest_thumbs(self, owner: str | None = None) -> list[dict[str, Any]]:
+        """The latest thumb up or down of each answer and session (value, prompt, history, response), oldest first."""
         mine, params = _owned("t.user", owner)
-        thumbs = self._rows(f"SELECT t.value, g.prompt, g.history, g.response FROM ({LATEST_THUMBS}) t "
-                            f"JOIN generations g ON g.id = t.generation_id WHERE {mine} ORDER BY t.created, t.rowid",
-                            params)
-        return [{"prompt": _prompt(t["history"], t["prompt"]),
-                 "completion": [{"role": "assistant", "content": t["response"]}],
-                 "label": t["value"] == "up"} for t in thumbs]
-
-    def export_pairs(self, path: str | Path, owner: str | None = None) -> int:
-        """Write the preference pairs as JSONL (loadable with datasets' "json" loader); returns rows written."""
-        return _write_jsonl(Path(path), self.pair_rows(owner))
-
-    def export_thumbs(self, path: str | Path, owner: str | None = None) -> int:
-        """Write the thumbs as an unpaired prompt/completion/label JSONL; returns rows written."""
-        return _write_jsonl(Path(path), self.thumb_rows(owner))
+        return self._rows(f"SELECT t.value, g.prompt, g.history, g.response FROM ({LATEST_THUMBS}) t "
+                          f"JOIN generations g ON g.id = t.generation_id WHERE {mine} ORDER BY t.created, t.rowid",
+                          params)
 
     # --- outbox ------------------------------------------------------------------------------------------------
 
@@ -574,203 +483,14 @@ class FeedbackStore:
         return self.outbox_counts()["waiting"] == 0
 
 
-# --- payloads and rows ---------------------------------------------------------------------------------------
+# --- rows -----------------------------------------------------------------------------------------------------
 
 def _owned(column: str, owner: str | None) -> tuple[str, tuple[str, ...]]:
     """A WHERE condition keeping one visitor's rows (``owner``), or every row when owner is None."""
     return (f"{column} = ?", (owner,)) if owner is not None else ("1 = 1", ())
 
 
-def _prompt(history: str | Messages, prompt: str) -> Messages:
+def conversation(history: str | Messages, prompt: str) -> Messages:
+    """What an answer replied to: its history (as stored, JSON, or as messages) and then the prompt."""
     history = json.loads(history) if isinstance(history, str) else history
     return [*history, {"role": "user", "content": prompt}]
-
-
-def _pair(history: str | Messages, prompt: str, chosen: str, rejected: str) -> dict[str, Messages]:
-    return {"prompt": _prompt(history, prompt), "chosen": [{"role": "assistant", "content": chosen}],
-            "rejected": [{"role": "assistant", "content": rejected}]}
-
-
-def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> int:
-    """Write to a temporary name and rename, so a reader never sees half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".partial")
-    with partial.open("w", encoding="utf-8") as out:
-        for row in rows:
-            out.write(json.dumps(row, ensure_ascii=False) + "\n")
-    os.replace(partial, path)
-    return len(rows)
-
-
-def _run_payload(gen_id: str, created: float, item: dict[str, Any]) -> dict[str, Any]:
-    return {"id": gen_id, "name": "chat-" + (item["side"] or "answer"), "run_type": "llm",
-            "inputs": {"messages": _prompt(item["history"], item["prompt"])},
-            "outputs": {"response": item["response"]}, "start_time": _iso(created), "end_time": _iso(created),
-            "extra": {"metadata": {"model": str(item["model"]), "adapter": item["adapter"], "side": item["side"],
-                                   "turn_id": item["turn_id"], "settings": item["settings"],
-                                   "notice": item.get("notice"),
-                                   "user": item["user"]}}}
-
-
-def _feedback_payloads(event: dict[str, Any]) -> Iterator[tuple[str, dict[str, Any]]]:
-    """LangSmith feedback items for one event; a vote becomes one item per answer, sharing a group id."""
-    base = {"comment": event["comment"], "source_info": {"user": event["user"], "event_id": event["id"]}}
-    kind = event["kind"]
-    if kind == "preference":
-        first_score, second_score, first_value, second_value = {
-            "first": (1.0, 0.0, "chosen", "rejected"), "second": (0.0, 1.0, "rejected", "chosen"),
-            "tie": (0.5, 0.5, "tie", "tie"), "both_bad": (0.0, 0.0, "both_bad", "both_bad")}[event["value"]]
-        for index, (run_id, score, value) in enumerate(((event["generation_id"], first_score, first_value),
-                                                        (event["other_generation_id"], second_score, second_value))):
-            item_id = str(uuid.uuid5(uuid.UUID(event["id"]), str(index)))
-            yield item_id, {**base, "feedback_id": item_id, "run_id": run_id, "key": "preference", "score": score,
-                            "value": value, "feedback_group_id": event["group_id"]}
-        return
-    payload = {**base, "feedback_id": event["id"], "run_id": event["generation_id"], "key": kind}
-    if kind == "thumbs":
-        payload.update(score=event["score"], value=event["value"])
-    elif kind == "correction":
-        payload.update(value=event["value"], correction={"response": event["correction"]})
-    if event["other_generation_id"]:
-        payload["feedback_group_id"] = event["group_id"]
-    yield event["id"], payload
-    if kind == "comment" and event["other_generation_id"]:  # a comment on a whole turn reaches both runs
-        item_id = str(uuid.uuid5(uuid.UUID(event["id"]), "1"))
-        yield item_id, {**payload, "feedback_id": item_id, "run_id": event["other_generation_id"]}
-
-
-# --- the sender ----------------------------------------------------------------------------------------------
-
-def _langsmith_client(settings: LangSmithSettings) -> Any:
-    """The real client, sending each call synchronously so that success means the server accepted it."""
-    from langsmith import Client
-    from urllib3.util.retry import Retry
-
-    return Client(api_url=settings.endpoint, api_key=settings.api_key, auto_batch_tracing=False,
-                  retry_config=Retry(total=0, raise_on_status=False), timeout_ms=(3_000, 15_000))
-
-
-def _is_transient(error: BaseException) -> bool:
-    """Unreachable, overloaded or rate-limited: wait and retry forever. Anything else is retried a few times."""
-    from langsmith import utils as ls_utils
-
-    return isinstance(error, (ls_utils.LangSmithConnectionError, ls_utils.LangSmithAPIError,
-                              ls_utils.LangSmithRequestTimeout, ls_utils.LangSmithRateLimitError,
-                              ConnectionError, TimeoutError, OSError))
-
-
-class LangSmithSender:
-    """Drains the outbox in order on a background thread; backs off while LangSmith is unreachable."""
-
-    MAX_REJECTIONS = 5  # a request the server refuses (400, 422, ...) this many times is set aside as failed
-
-    def __init__(self, store: FeedbackStore, settings: LangSmithSettings, *, retry_base: float = 1.0,
-                 retry_max: float = 60.0):
-        self.store, self.settings = store, settings
-        self.retry_base, self.retry_max = retry_base, retry_max
-        self._client: Any = None
-        self._project_id: str | None = None
-        self._wake, self._stop = threading.Event(), threading.Event()
-        self._thread: threading.Thread | None = None
-
-    def start(self) -> None:
-        self._thread = threading.Thread(target=self._loop, name="langsmith-outbox", daemon=True)
-        self._thread.start()
-
-    def stop(self, timeout: float = 10.0) -> None:
-        self._stop.set()
-        self._wake.set()
-        if self._thread is not None:
-            self._thread.join(timeout)
-
-    def wake(self) -> None:
-        self._wake.set()
-
-    def _loop(self) -> None:
-        while not self._stop.is_set():
-            try:
-                wait = self.send_due()
-            except Exception as error:  # the sender must never die: a bad row or a closed database
-                logger.warning("LangSmith outbox: %s", describe_error(error, self.settings.api_key))
-                wait = self.retry_max
-            self._wake.wait(wait)
-            self._wake.clear()
-
-    def send_due(self) -> float:
-        """Send the due items in order; returns how long to sleep before looking again."""
-        for item in self.store.pending_items():
-            if self._stop.is_set():
-                return 0.0
-            delay = item["next_attempt"] - _now()
-            if delay > 0:  # the head of the queue is backing off; later items wait behind it (runs first)
-                return min(delay, self.retry_max)
-            try:
-                self._send(item["kind"], json.loads(item["payload"]))
-            except Exception as error:
-                if self._already_there(error):
-                    self.store.mark_sent(item["seq"])
-                    continue
-                transient = _is_transient(error)
-                give_up = not transient and item["attempts"] + 1 >= self.MAX_REJECTIONS
-                delay = min(self.retry_max, self.retry_base * 2 ** min(item["attempts"], 16))
-                message = describe_error(error, self.settings.api_key)
-                self.store.mark_retry(item["seq"], delay, message, give_up)
-                # One warning per item, not one per retry: an outage would otherwise flood the log.
-                logger.log(logging.WARNING if item["attempts"] == 0 else logging.DEBUG,
-                           "LangSmith %s %s not sent (attempt %d): %s", item["kind"], item["item_id"],
-                           item["attempts"] + 1, message)
-                if transient:
-                    return delay
-                continue
-            self.store.mark_sent(item["seq"])
-        return self.retry_max if not self.store.pending_items(1) else 0.0
-
-    @staticmethod
-    def _already_there(error: BaseException) -> bool:
-        """409: an earlier attempt reached the server even though its answer was lost."""
-        from langsmith import utils as ls_utils
-
-        return isinstance(error, ls_utils.LangSmithConflictError)
-
-    def client(self) -> Any:
-        if self._client is None:
-            self._client = _langsmith_client(self.settings)
-        return self._client
-
-    def project_id(self) -> str:
-        """Feedback names its run's project; upsert makes asking again harmless."""
-        if self._project_id is None:
-            self._project_id = str(self.client().create_project(self.settings.project, upsert=True).id)
-        return self._project_id
-
-    def _send(self, kind: str, payload: dict[str, Any]) -> None:
-        client = self.client()
-        if kind == "run":
-            payload = dict(payload, start_time=dt.datetime.fromisoformat(payload["start_time"]),
-                           end_time=dt.datetime.fromisoformat(payload["end_time"]))
-            client.create_run(project_name=self.settings.project, **payload)
-        elif kind == "feedback":
-            client.create_feedback(session_id=self.project_id(), stop_after_attempt=1,
-                                   **{k: v for k, v in payload.items() if v is not None})
-        else:
-            raise FeedbackError(f"unknown outbox item kind {kind!r}")
-
-
-# --- training data ---------------------------------------------------------------------------------------------
-
-def export_feedback(store_path: str | Path, out_dir: str | Path, kind: str = "pairs",
-                    owner: str | None = None) -> Path:
-    """Export the collected feedback ('pairs' for DPO, 'thumbs' for KTO; only ``owner``'s when given) to a JSONL
-    file in ``out_dir`` and return its path; PreferenceError (a message for the user) when there is nothing."""
-    store_path = Path(store_path)
-    if not store_path.is_file():
-        raise PreferenceError(f"No feedback collected yet ({store_path} does not exist): chat in the Chat tab and "
-                              "rate answers first.")
-    out = Path(out_dir) / f"feedback-{kind}.jsonl"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    store = FeedbackStore(store_path)
-    written = (store.export_pairs if kind == "pairs" else store.export_thumbs)(out, owner)
-    if not written:
-        raise PreferenceError(f"The feedback store has no {'A/B preferences' if kind == 'pairs' else 'thumbs'} "
-                              "yet: rate some answers in the Chat tab first.")
-    return out
