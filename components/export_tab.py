@@ -26,9 +26,11 @@ from finetune.core.storage import DiskFull, folder_bytes, require_free
 from finetune.services.admission import RunError
 from finetune.services.export import (MERGE_TARGETS, PLOT_FILE, ExportError, merge_adapter, merge_dtype, merge_report,
                                       model_card, push_folder, run_config, write_model_card, zip_adapter)
-from finetune.services.gguf_export import (GGUF_TYPES, DiskPlan, base_config, disk_plan, drift_text, gguf_path,
-                                           modelfile_name, ollama_command, parameter_shapes, push_gguf, write_gguf,
-                                           zip_merged)
+from finetune.services.gguf_convert import GGUF_TYPES, base_config, modelfile_name, ollama_command
+from finetune.services.gguf_export import write_gguf, zip_merged
+from finetune.services.gguf_hub import push_gguf
+from finetune.services.gguf_measure import drift_text
+from finetune.services.gguf_plan import DiskPlan, disk_plan, gguf_path, parameter_shapes
 from finetune.services.runs import RunManager
 
 PUSH_KINDS = ("Adapter", "Merged model")

@@ -19,9 +19,10 @@ import pytest
 import torch
 
 from finetune.services.export import ExportError
-from finetune.services.gguf_export import (CHAT_TEMPERATURE, CHAT_TOP_P, GGUF_TYPES, BuildLock, check_type,
-                                           chatml_default_system, convert_folder, gguf_path, modelfile_text,
-                                           tensor_type, write_gguf)
+from finetune.services.gguf_convert import (CHAT_TEMPERATURE, CHAT_TOP_P, GGUF_TYPES, check_type, chatml_default_system,
+                                            convert_folder, modelfile_text, tensor_type)
+from finetune.services.gguf_export import BuildLock, write_gguf
+from finetune.services.gguf_plan import gguf_path
 
 from helpers import ROOT, app_client, copy_run, save_tiny_llama, tiny_run_config
 
@@ -285,11 +286,11 @@ def test_a_second_export_is_reused_and_one_being_built_is_refused(exports, train
 
 
 def test_a_full_disk_leaves_nothing_half_written(exports, trained_run, monkeypatch, tmp_path):
-    import finetune.services.gguf_export as gguf_export
+    import finetune.services.gguf_convert as gguf_convert
 
     tokenizer, merged = _tokenizer(trained_run / "merged"), trained_run / "merged"
     target = tmp_path / "full.gguf"
-    real, calls = gguf_export.encode_tensor, []
+    real, calls = gguf_convert.encode_tensor, []
 
     def disk_fills_up(data, qtype):
         calls.append(1)
@@ -297,11 +298,11 @@ def test_a_full_disk_leaves_nothing_half_written(exports, trained_run, monkeypat
             raise OSError(errno.ENOSPC, "No space left on device")
         return real(data, qtype)
 
-    monkeypatch.setattr(gguf_export, "encode_tensor", disk_fills_up)
+    monkeypatch.setattr(gguf_convert, "encode_tensor", disk_fills_up)
     with pytest.raises(ExportError, match=r"Disk full while writing the GGUF .*partial file was removed.*Delete"):
         convert_folder(merged, target, "q8_0", tokenizer, "x")
     assert len(calls) == 5 and list(tmp_path.iterdir()) == []
-    monkeypatch.setattr(gguf_export, "_free_bytes", lambda folder: 1 << 20)
+    monkeypatch.setattr(gguf_convert, "free_bytes", lambda folder: 1 << 20)
     with pytest.raises(ExportError, match=r"Not enough disk space .* MB are free"):
         convert_folder(merged, target, "q8_0", tokenizer, "x")
     assert list(tmp_path.iterdir()) == []
@@ -313,7 +314,7 @@ def test_a_build_that_fills_the_disk_says_disk_full_and_what_to_delete(exports, 
     file) raises OSError(ENOSPC) on its third tensor; then the Modelfile's write does. A build after that works."""
     import gguf
 
-    from finetune.services.gguf_export import MODELFILE_SUFFIX
+    from finetune.services.gguf_convert import MODELFILE_SUFFIX
 
     trained_run = copy_run(trained_run, tmp_path)  # its merged model is reused; the module's GGUFs stay as they are
     folder = gguf_path(trained_run, "q4_0").parent
@@ -410,7 +411,8 @@ def test_cli_plan_writes_nothing_and_push_refuses_with_messages(exports, trained
                                                                 monkeypatch):
     """--plan prints the sizes a build would write (and, once built, that nothing new is written); --push refuses
     a missing token and an unbuilt type before the Hub, and here, offline, says the Hub cannot be reached."""
-    from finetune.services.gguf_export import disk_plan, main
+    from finetune.services.gguf_export import main
+    from finetune.services.gguf_plan import disk_plan
 
     fresh = _fresh_copy(trained_run, tmp_path)
     assert main([str(fresh), "--type", "q4_0", "--plan"]) == 0
@@ -492,7 +494,7 @@ def test_tokenizers_llama_cpp_cannot_name_are_refused(tiny_model_dir):
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    from finetune.services.gguf_export import pre_tokenizer_name
+    from finetune.services.gguf_convert import pre_tokenizer_name
 
     assert pre_tokenizer_name(_tokenizer(tiny_model_dir)) == "gpt-2"
     backend = Tokenizer(models.BPE(vocab={"a": 0, "▁": 1}, merges=[]))
@@ -517,7 +519,7 @@ def test_the_disk_plan_counts_the_files_before_they_are_written(exports, trained
     """Before building, the GGUF's size is counted from the config and tokenizer alone: every metadata byte, tensor
     description and padded block, so it equals the written file (tolerance: 0 bytes). The merged model's size
     (weights at the merge dtype, tokenizer, small files) is within 2% of the folder the merge wrote."""
-    from finetune.services.gguf_export import disk_plan
+    from finetune.services.gguf_plan import disk_plan
 
     fresh = _fresh_copy(trained_run, tmp_path)
     merged, gguf = disk_plan(fresh, out_type).landings
@@ -535,13 +537,13 @@ def test_the_disk_plan_counts_the_files_before_they_are_written(exports, trained
 def test_a_build_that_would_not_fit_is_refused_before_merging(exports, trained_run, tmp_path, monkeypatch):
     """Free space for the merged model or the GGUF alone, but not for both on the one disk: refused with the
     sizes, before anything is merged or written."""
-    import finetune.services.gguf_export as gguf_export
-    from finetune.services.gguf_export import DISK_MARGIN, disk_plan
+    import finetune.services.gguf_plan as gguf_plan
+    from finetune.services.gguf_plan import DISK_MARGIN, disk_plan
 
     fresh = _fresh_copy(trained_run, tmp_path)
     merged, gguf = disk_plan(fresh, "q8_0").landings
     free = merged.size_bytes + gguf.size_bytes + DISK_MARGIN - (1 << 20)
-    monkeypatch.setattr(gguf_export, "_free_bytes", lambda folder: free)
+    monkeypatch.setattr(gguf_plan, "free_bytes", lambda folder: free)
     plan = disk_plan(fresh, "q8_0")
     assert plan.shortages() and "Not enough disk space" in plan.summary()
     with pytest.raises(ExportError, match=rf"Not enough disk space to build the q8_0 GGUF of run 'run': the merged "
@@ -549,7 +551,7 @@ def test_a_build_that_would_not_fit_is_refused_before_merging(exports, trained_r
                                           rf"\(about {gguf.size_bytes / 2**20:.1f} MB.*{free / 2**20:.1f} MB free"):
         write_gguf(fresh, "q8_0")
     assert not (fresh / "merged").exists() and not list((fresh / "export").rglob("*.gguf*"))
-    monkeypatch.setattr(gguf_export, "_free_bytes", lambda folder: free + (2 << 20))
+    monkeypatch.setattr(gguf_plan, "free_bytes", lambda folder: free + (2 << 20))
     assert not disk_plan(fresh, "q8_0").shortages()
 
 
@@ -577,7 +579,7 @@ def test_push_sends_the_built_file_its_modelfile_and_a_card(exports, trained_run
     from markdown_it import MarkdownIt
 
     from finetune.services.export import run_config
-    from finetune.services.gguf_export import push_gguf
+    from finetune.services.gguf_hub import push_gguf
 
     result = exports["q8_0"]
     api = RecordingHfApi()
@@ -609,8 +611,8 @@ def test_push_sends_the_built_file_its_modelfile_and_a_card(exports, trained_run
 def test_push_refuses_bad_input_and_unbuilt_files_before_touching_the_hub(exports, trained_run, tmp_path):
     import shutil
 
-    from finetune.services.gguf_export import push_gguf
     from finetune.core.models import ModelSourceError
+    from finetune.services.gguf_hub import push_gguf
 
     api = RecordingHfApi()
     with pytest.raises(ExportError, match="user/name"):
@@ -636,7 +638,7 @@ def test_push_refuses_bad_input_and_unbuilt_files_before_touching_the_hub(export
 def test_the_ollama_command_names_the_server_folder_only_where_pages_may_show_it(exports, monkeypatch):
     """On a Space (SPACE_ID set, local paths off for visitors) the visitor runs the command where their downloads
     landed: no cd into a server folder, no server path on the page."""
-    from finetune.services.gguf_export import ollama_command
+    from finetune.services.gguf_convert import ollama_command
 
     result = exports["q8_0"]
     monkeypatch.delenv("SPACE_ID", raising=False)

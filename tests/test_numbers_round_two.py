@@ -466,7 +466,8 @@ def test_a_comparison_says_its_time_before_and_while_it_runs_and_a_second_sessio
 def test_a_built_gguf_says_how_far_it_drifts_from_the_adapter(lab_note_run, tmp_path):
     from components.export_tab import build_gguf
     from finetune.services.export import merge_adapter, merge_report
-    from finetune.services.gguf_export import gguf_drift, gguf_path
+    from finetune.services.gguf_measure import gguf_drift
+    from finetune.services.gguf_plan import gguf_path
     from helpers import copy_run
 
     run_dir = copy_run(lab_note_run, tmp_path / "runs")

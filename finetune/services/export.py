@@ -56,7 +56,7 @@ class ExportError(RuntimeError):
     """An export that cannot be done; the message says why and what to do."""
 
 
-def _no_progress(fraction: float, message: str) -> None:
+def no_progress(fraction: float, message: str) -> None:
     pass
 
 
@@ -189,7 +189,7 @@ def merge_base(cfg: RunConfig, profile: HardwareProfile, into: str = "trained") 
 
 
 def merge_adapter(run_dir: str | Path, output_dir: str | Path | None = None,
-                  profile: HardwareProfile | None = None, progress: Progress = _no_progress,
+                  profile: HardwareProfile | None = None, progress: Progress = no_progress,
                   into: str = "trained") -> Path:
     """Fold the adapter into a float copy of the base (see MERGE_TARGETS) and save a standalone model."""
     from peft import PeftModel
@@ -435,7 +435,7 @@ def check_repo_id(repo_id: str) -> str:
 
 
 def push_folder(folder: str | Path, repo_id: str, token: str | None, private: bool = True,
-                api: Any = None, progress: Progress = _no_progress, run_dir: str | Path | None = None) -> str:
+                api: Any = None, progress: Progress = no_progress, run_dir: str | Path | None = None) -> str:
     """Create (or reuse) the model repo and upload the folder; returns the repo URL. ``api`` is an HfApi.
     With ``run_dir``, what is uploaded is a copy naming no server path (``shareable_copy``)."""
     folder, repo_id = Path(folder), check_repo_id(repo_id)
