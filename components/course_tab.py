@@ -16,8 +16,9 @@ from typing import Any
 import gradio as gr
 import pandas as pd
 
+from components.downloads import downloadable
 from components.rlhf_form import config_from_form as preference_config
-from components.shared import bind, downloadable, live_status, on_page_load, progress_html, refusal, visitor_of
+from components.shared import bind, live_status, on_page_load, progress_html, refusal, visitor_of
 from finetune.core import paths
 from finetune.core.access import AccessDenied, Visitor, require_signed_in
 from finetune.core.config import BUNDLED_DATASET, ConfigError, LoraSettings, RunConfig, from_dict, load_config, to_dict

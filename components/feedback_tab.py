@@ -14,7 +14,8 @@ from typing import Any
 import gradio as gr
 import pandas as pd
 
-from components.shared import bind, downloadable, feedback_owner, refusal, visitor_of
+from components.downloads import downloadable
+from components.shared import bind, feedback_owner, refusal, visitor_of
 from finetune.core.access import AccessDenied, require_signed_in
 from finetune.services.evaluate import WinRate, win_rate
 from finetune.services.feedback import FeedbackStore

@@ -18,9 +18,10 @@ from typing import Any, Iterator
 import gradio as gr
 import pandas as pd
 
-from components.shared import (ESTIMATE_SLOT, PREVIEW_SLOT, bind, duration, list_hub_options, live_status,
-                               lora_aid_markdown, on_page_load, points_frame, problems_markdown, progress_html,
-                               queue_place, refusal, series_frame, started_message, stop_run, visitor_of, watched_run)
+from components.lora_aid import lora_aid_markdown
+from components.shared import (ESTIMATE_SLOT, PREVIEW_SLOT, bind, duration, list_hub_options, live_status, on_page_load,
+                               points_frame, problems_markdown, progress_html, queue_place, refusal, series_frame,
+                               started_message, stop_run, visitor_of, watched_run)
 from components.train_form import DATA_KINDS, MODEL_KINDS, column_mapping, config_from_form, form_from_config, presets
 from finetune.core import paths
 from finetune.core.access import AccessDenied, can_act

@@ -250,7 +250,7 @@ def test_a_pissa_run_is_saved_as_a_plain_lora_on_the_unchanged_base(tiny_model_d
 
 def test_the_lora_aid_says_how_the_adapter_starts():
     """The Train tab's LoRA aid: "B starting at 0" is the default's start only; LoftQ's B·A is not 0 at step 0."""
-    from components.shared import lora_aid_markdown
+    from components.lora_aid import lora_aid_markdown
 
     form = ("smollm2-135m-instruct", 8, 16, "all-linear", 4, "nf4", True, "paged_adamw_8bit")
     assert "B starting at 0" in lora_aid_markdown(*form)
