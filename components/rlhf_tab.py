@@ -184,7 +184,7 @@ def change_text(rows: list[dict[str, Any]], key: str, label: str) -> str:
     return f" · {label}: {last:.3f} at step {last_step} (not measured before training)"
 
 
-def status_text(run_id: str, status: dict[str, Any], rows: list[dict[str, Any]], key: str, label: str) -> str:
+def stage_status_text(run_id: str, status: dict[str, Any], rows: list[dict[str, Any]], key: str, label: str) -> str:
     if not run_id:
         return "No run of this step yet."
     state = status.get("state", "unknown")
@@ -209,7 +209,7 @@ def poll_rlhf(manager: RunManager, reward_id: str, policy_id: str, request: gr.R
             (policy_id, "rlhf-policy-progress", *policy_view)):
         status = live_status(manager, run_id) if run_id else {"state": "idle"}  # a waiting one: its place
         rows = read_metrics(manager.run_dir(run_id)) if run_id else []
-        text = status_text(run_id, status, rows, key, label)
+        text = stage_status_text(run_id, status, rows, key, label)
         if run_id and elem == "rlhf-reward-progress" and status.get("state") == "completed":
             # The final accuracy once, with its interval and pair count, and where it started for comparison.
             before = next((value for step, value in _points(rows, key) if step == 0), None)  # measured at step 0

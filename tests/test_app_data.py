@@ -192,7 +192,7 @@ def test_preference_runs_record_their_skipped_rows():
 
 def test_history_sums_the_skipped_rows(tmp_path):
     """What the history's "rows skipped" column reads (the SFT stage writes it: the Start test above)."""
-    from components.train_tab import rows_skipped
+    from components.train_runs import rows_skipped
     from finetune.core.run_folder import RUN_INFO_FILE
 
     assert rows_skipped(tmp_path) is None  # a run that recorded nothing shows no number, not 0

@@ -169,7 +169,7 @@ def _finished_run(root, run_id: str, stage: str, rows: list[dict]) -> None:
 
 
 def test_history_shows_each_stage_with_its_headline_and_never_overlays_stages(tmp_path):
-    from components.train_tab import compare_runs, run_history
+    from components.train_runs import compare_runs, run_history
 
     root = tmp_path / "runs"
     _finished_run(root, "sft-1", "sft", [{"step": 1, "loss": 2.5}, {"step": 2, "loss": 2.0},

@@ -105,7 +105,7 @@ def test_a_two_process_run_completes_with_one_curve_and_its_launch_recorded(ddp_
 
 
 def test_the_history_shows_processes_and_effective_batch(ddp_run):
-    from components.train_tab import run_history
+    from components.train_runs import run_history
 
     manager, run_id, _ = ddp_run
     table = run_history(manager)[0]
@@ -187,7 +187,7 @@ def test_the_machine_refuses_more_processes_than_devices():
 
 
 def test_the_manager_and_the_train_tab_refuse_it_before_a_child_starts(tiny_model_dir, tmp_path):
-    from components.train_tab import start_run
+    from components.train_runs import start_run
 
     too_many = (torch.cuda.device_count() if torch.cuda.is_available() else os.cpu_count() or 1) + 1
     cfg = tiny_run_config(tiny_model_dir, write_jsonl(tmp_path / "qa.jsonl", ROWS), processes=too_many,
@@ -260,7 +260,7 @@ def test_the_estimate_shards_the_base_with_fsdp_and_says_which_strategy_fits():
 
 
 def test_the_estimate_gives_starts_refusal_for_processes_this_machine_cannot_run():
-    from components.train_tab import update_estimate
+    from components.train_preview import update_estimate
     from finetune.core.hardware import detect
 
     too_many = (torch.cuda.device_count() if torch.cuda.is_available() else os.cpu_count() or 1) + 1

@@ -142,7 +142,7 @@ def test_rising_validation_loss_stops_early_and_saves_the_chosen_weights(learnin
 
 def assert_the_train_tab_shows_it(run_dir: Path, status: dict) -> None:
     """The Train tab's real handlers over this run folder: the history's status and the live plot's two marks."""
-    from components.train_tab import poll_run, run_history
+    from components.train_runs import poll_run, run_history
     from finetune.services.runs import RunManager
 
     manager, losses = RunManager(run_dir.parent), eval_losses(run_dir)

@@ -133,7 +133,7 @@ def test_sigstopped_child_is_shown_stalled_then_stop_ends_it_and_resume_finishes
     """A training child frozen by SIGSTOP (as a hung driver or a debugger would leave it) never reads the STOP
     file: the Train tab shows it stalled with its log, Stop terminates its process group after the grace, the run
     ends `stopped`, a new start is accepted, and resume continues from the last complete checkpoint."""
-    from components.train_tab import poll_run
+    from components.train_runs import poll_run
     from finetune.core.config import save_config
     from finetune.core.metrics import read_metrics
     from finetune.services.runs import RunManager
@@ -184,7 +184,7 @@ def test_out_of_gpu_memory_suggests_smaller_settings(tmp_path, tiny_model_dir, q
     """Simulated OOM (no GPU here): the training step raises torch.cuda.OutOfMemoryError."""
     import torch
 
-    from components.train_tab import status_text
+    from components.train_runs import run_status_text
     from finetune.core.metrics import read_status
     from finetune.train import run
 
@@ -200,7 +200,7 @@ def test_out_of_gpu_memory_suggests_smaller_settings(tmp_path, tiny_model_dir, q
     assert status["state"] == "failed"
     for advice in ("Out of GPU memory", "smaller batch size", "shorter max sequence length", "4-bit"):
         assert advice in status["error"]
-    assert "Out of GPU memory" in status_text("oom", status)
+    assert "Out of GPU memory" in run_status_text("oom", status)
 
 
 def _digest(folder: Path) -> dict[str, str]:

@@ -202,7 +202,7 @@ def test_a_loftq_run_starts_closer_to_the_full_weights_and_records_it(tiny_model
     assert infos["loftq"]["lora_init"] == "loftq" and infos["loftq"]["init_seconds"] >= 0
     assert 0 < infos["loftq"]["step0_weight_error"] < infos["default"]["step0_weight_error"]
     # The run history tells the two apart.
-    from components.train_tab import run_history
+    from components.train_runs import run_history
     from finetune.core.config import save_config
     from finetune.services.runs import RunManager
 

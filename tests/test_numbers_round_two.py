@@ -45,22 +45,22 @@ def short_dpo(tiny_model_dir, pairs_file, tmp_path_factory):
 def test_dpo_headline_starts_from_a_measured_step_0_margin(short_dpo):
     """Before training the policy is its reference, so the held-out margin at step 0 is 0 by definition; the
     status line shows that measured start, not the end value as its own start ('0.462 -> 0.462')."""
-    from components.rlhf_tab import status_text
+    from components.rlhf_tab import stage_status_text
 
     rows = read_metrics(short_dpo)
     margins = [(r["step"], r["eval_rewards/margins"]) for r in rows if "eval_rewards/margins" in r]
     assert margins[0][0] == 0 and margins[0][1] == pytest.approx(0.0, abs=1e-6)  # measured before any step
-    text = status_text("short-dpo", read_status(short_dpo), rows, "eval_rewards/margins", "held-out margin")
+    text = stage_status_text("short-dpo", read_status(short_dpo), rows, "eval_rewards/margins", "held-out margin")
     assert f"held-out margin: 0.000 (before training) → {margins[-1][1]:.3f} (step {margins[-1][0]})" in text
 
 
 def test_a_curve_without_a_step_0_point_says_its_start_is_unmeasured():
-    from components.rlhf_tab import status_text
+    from components.rlhf_tab import stage_status_text
 
     rows = [{"step": 2, "eval_rewards/margins": 0.462}, {"step": 4, "eval_rewards/margins": 0.5}]
-    text = status_text("r", {"state": "completed"}, rows, "eval_rewards/margins", "held-out margin")
+    text = stage_status_text("r", {"state": "completed"}, rows, "eval_rewards/margins", "held-out margin")
     assert "0.500 at step 4 (not measured before training)" in text and "0.462 →" not in text
-    one = status_text("r", {"state": "completed"}, rows[:1], "eval_rewards/margins", "held-out margin")
+    one = stage_status_text("r", {"state": "completed"}, rows[:1], "eval_rewards/margins", "held-out margin")
     assert "0.462 → 0.462" not in one and "0.462 at step 2 (not measured before training)" in one
 
 
@@ -359,7 +359,8 @@ def test_the_eta_follows_the_latest_steps_and_evaluation_not_the_runs_average(tm
 
 def test_a_finished_run_shows_its_estimate_beside_its_measured_peak_and_calibrates_the_next(tiny_model_dir, qa_file,
                                                                                             tmp_path):
-    from components.train_tab import poll_run, update_estimate
+    from components.train_preview import update_estimate
+    from components.train_runs import poll_run
     from helpers import tiny_run_config
     from finetune.core.config import to_dict
     from finetune.core.estimate import estimate_run

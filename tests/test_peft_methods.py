@@ -168,8 +168,8 @@ def test_train_tab_form_carries_the_method_and_shows_its_fields():
 
 
 def test_a_finished_full_fine_tune_is_not_sent_to_the_chat_tab():
-    from components.train_tab import status_text
+    from components.train_runs import run_status_text
 
     done = {"state": "completed", "duration": 12}
-    assert "Chat tab" in status_text("lora-run", done, adapter_saved=True)
-    assert "not offered in Chat" in status_text("full-run", done, adapter_saved=False)
+    assert "Chat tab" in run_status_text("lora-run", done, adapter_saved=True)
+    assert "not offered in Chat" in run_status_text("full-run", done, adapter_saved=False)

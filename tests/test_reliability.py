@@ -47,7 +47,7 @@ def _full_disk_for_status_writes(monkeypatch, root: Path) -> None:
 
 
 def test_disk_full_ends_the_run_failed_and_the_views_keep_answering(tmp_path, tiny_model_dir, qa_file, monkeypatch):
-    from components.train_tab import poll_run, run_history
+    from components.train_runs import poll_run, run_history
     from finetune.core.metrics import read_status
     from finetune.services.runs import RunManager
 
@@ -79,7 +79,7 @@ def test_disk_full_ends_the_run_failed_and_the_views_keep_answering(tmp_path, ti
 
 
 def test_odd_entries_in_the_runs_folder_are_skipped_and_logged_once(tmp_path, caplog):
-    from components.train_tab import poll_run, run_history
+    from components.train_runs import poll_run, run_history
     from finetune.core.metrics import write_status
     from finetune.services.runs import RunManager
 

@@ -244,7 +244,7 @@ def test_a_finished_child_is_reaped(script_root, tiny_model_dir, qa_file):
 
 def test_a_run_without_progress_is_shown_stalled_with_its_log_and_a_stop_that_works(script_root, tiny_model_dir,
                                                                                    qa_file):
-    from components.train_tab import poll_run
+    from components.train_runs import poll_run
 
     manager = ScriptManager(script_root, stop_grace=0.2, term_grace=0.2, stall_after=1.0)
     run_id = manager.start(tiny_run_config(tiny_model_dir, qa_file))
@@ -268,7 +268,7 @@ def test_a_run_without_progress_is_shown_stalled_with_its_log_and_a_stop_that_wo
 
 
 def test_refused_starts_remove_their_upload_copies(script_root, tiny_model_dir, qa_file, monkeypatch):
-    from components.train_tab import start_run
+    from components.train_runs import start_run
 
     upload_dir = script_root.parent / "gradio-uploads" / "abc123"  # gradio's upload folder for this server
     monkeypatch.setenv("GRADIO_TEMP_DIR", str(upload_dir.parent))

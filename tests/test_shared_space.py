@@ -400,7 +400,7 @@ def test_on_a_space_the_page_gets_gradios_sign_in_with_hugging_face(tmp_path, mo
 
 
 def test_the_train_tab_shows_a_waiting_jobs_place_and_its_cancel(root, cfg):
-    from components.train_tab import poll_run
+    from components.train_runs import poll_run
 
     manager = GatedManager(root)
     first, second = manager.start(cfg), manager.start(cfg)
