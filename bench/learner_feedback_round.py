@@ -23,7 +23,8 @@ import pandas as pd
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from components.eval_tab import _loss_summary  # noqa: E402
-from components.rlhf_tab import compare_policy, start_stage  # noqa: E402
+from components.rlhf_playground import compare_policy  # noqa: E402
+from components.rlhf_runs import start_stage  # noqa: E402
 from finetune.services.chat import ChatEngine, SamplingSettings  # noqa: E402
 from finetune.core.config import DataConfig, load_config  # noqa: E402
 from finetune.services.evaluate import candidate_loss, candidates, eval_rows  # noqa: E402

@@ -210,7 +210,7 @@ def test_the_rlhf_stages_take_the_processes_choice_as_data_parallel(tmp_path):
     completed through the same launcher; the stage runner is the one every stage shares). FSDP is SFT-only,
     so the form never asks for it; too many processes are refused before anything starts."""
     from components.rlhf_form import config_from_form
-    from components.rlhf_tab import start_stage
+    from components.rlhf_runs import start_stage
 
     for stage in ("reward", "dpo", "kto"):
         cfg = config_from_form(stage, "bundled:course_prefs", {"processes": 2, "batch_size": 2})

@@ -220,7 +220,7 @@ def test_last_chat_turn_survives_an_arena_toggle(store):
 
     import gradio as gr
 
-    from components.rlhf_tab import last_chat_turn
+    from components.rlhf_playground import last_chat_turn
 
     _turn(store, 1)  # session s1
     store.record_turn(model="tiny", adapter="run-a", prompt="Someone else's question?", base_history=[],

@@ -45,7 +45,7 @@ def short_dpo(tiny_model_dir, pairs_file, tmp_path_factory):
 def test_dpo_headline_starts_from_a_measured_step_0_margin(short_dpo):
     """Before training the policy is its reference, so the held-out margin at step 0 is 0 by definition; the
     status line shows that measured start, not the end value as its own start ('0.462 -> 0.462')."""
-    from components.rlhf_tab import stage_status_text
+    from components.rlhf_runs import stage_status_text
 
     rows = read_metrics(short_dpo)
     margins = [(r["step"], r["eval_rewards/margins"]) for r in rows if "eval_rewards/margins" in r]
@@ -55,7 +55,7 @@ def test_dpo_headline_starts_from_a_measured_step_0_margin(short_dpo):
 
 
 def test_a_curve_without_a_step_0_point_says_its_start_is_unmeasured():
-    from components.rlhf_tab import stage_status_text
+    from components.rlhf_runs import stage_status_text
 
     rows = [{"step": 2, "eval_rewards/margins": 0.462}, {"step": 4, "eval_rewards/margins": 0.5}]
     text = stage_status_text("r", {"state": "completed"}, rows, "eval_rewards/margins", "held-out margin")
@@ -87,7 +87,7 @@ def test_warmup_is_whole_steps_scaled_to_the_run():
 
 def test_the_steps_box_says_a_capped_run_does_fewer_steps(tiny_model_dir, tmp_path, monkeypatch):
     from components.rlhf_form import preset
-    from components.rlhf_tab import start_stage, steps_box
+    from components.rlhf_runs import start_stage, steps_box
 
     monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path / "uploads"))  # the path gate takes only gradio's uploads
     (tmp_path / "uploads").mkdir()

@@ -188,7 +188,7 @@ def test_grpo_samples_answers_and_learns_from_the_reward_model(tiny_model_dir, p
     """The online stage: GRPO samples answers to the pairs' prompts, the trained reward model scores them, and a
     chat adapter comes out; the RLHF tab charts its mean reward. (On random weights the reward need not rise in
     2 steps; the CPU measurement on the embedded model is in docs/benchmarks.md.)"""
-    from components.rlhf_tab import poll_rlhf
+    from components.rlhf_runs import poll_rlhf
 
     reward_manager, reward_id = reward_run
     cfg = stage_config(tiny_model_dir, pairs_file, "grpo", validation_fraction=0.0, max_steps=2, batch_size=4,
@@ -267,7 +267,7 @@ def test_tab_form_builds_each_stage(tiny_model_dir):
 
 
 def test_tab_refuses_grpo_without_a_reward_model_and_starts_nothing(tiny_model_dir, tmp_path):
-    from components.rlhf_tab import start_stage
+    from components.rlhf_runs import start_stage
 
     manager = RunManager(tmp_path / "runs")
     form = {"model_kind": "Local folder", "model_source": str(tiny_model_dir), "method": "GRPO", "reward_run": "",
@@ -281,7 +281,7 @@ def test_tab_refuses_grpo_without_a_reward_model_and_starts_nothing(tiny_model_d
 
 
 def test_tab_refuses_malformed_pairs_before_starting_anything(tiny_model_dir, tmp_path, monkeypatch):
-    from components.rlhf_tab import start_stage
+    from components.rlhf_runs import start_stage
 
     monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path / "uploads"))  # the path gate takes only gradio's uploads
     (tmp_path / "uploads").mkdir()
@@ -303,7 +303,7 @@ def test_step_4_comparison_uses_the_chat_models_engine(reward_run, dpo_run):
     (none of which the reward model or the policy trained on), each named in the summary."""
     import shutil
 
-    from components.rlhf_tab import compare_policy
+    from components.rlhf_playground import compare_policy
     from finetune.services.chat import ChatEngine
     from finetune.core.config import save_config
     from finetune.core.preference import held_out_prompts, trained_prompt_keys

@@ -259,7 +259,7 @@ def test_a_run_without_progress_is_shown_stalled_with_its_log_and_a_stop_that_wo
     _, text, bar, *_, log_tail, accordion = poll_run(manager, run_id)
     assert "**stalled**: no progress for" in text and "data-state='stalled'" in bar
     assert "last words of the hung child" in log_tail and accordion.open is True
-    from components.rlhf_tab import poll_rlhf
+    from components.rlhf_runs import poll_rlhf
 
     assert "data-state='stalled'" in poll_rlhf(manager, "", "")[2]  # the RLHF tab's reward-run bar
     manager.request_stop(run_id)
@@ -296,7 +296,7 @@ def test_refused_starts_remove_their_upload_copies(script_root, tiny_model_dir, 
     assert [p.name for p in kept.iterdir()] == in_use
 
     # The RLHF tab's Start keeps its preference upload the same way, and removes it when refused.
-    from components.rlhf_tab import start_stage
+    from components.rlhf_runs import start_stage
 
     pairs = upload_dir / "pairs.jsonl"
     write_jsonl(pairs, [{"prompt": f"q{i}", "chosen": "good", "rejected": "bad"} for i in range(8)])

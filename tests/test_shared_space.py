@@ -417,7 +417,7 @@ def test_the_train_tab_shows_a_waiting_jobs_place_and_its_cancel(root, cfg):
 
 
 def test_the_rlhf_tab_shows_a_waiting_stages_place_in_the_queue(root, cfg):
-    from components.rlhf_tab import poll_rlhf
+    from components.rlhf_runs import poll_rlhf
 
     manager = GatedManager(root)
     first, second = manager.start(cfg), manager.start(cfg)

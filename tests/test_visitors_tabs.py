@@ -65,7 +65,7 @@ def test_pickers_list_only_the_runs_a_visitor_may_see(shared_app):
     from components.eval_tab import run_choices
     from components.export_tab import export_choices
     from components.inspect_section import inspect_runs
-    from components.rlhf_tab import start_choices
+    from components.rlhf_playground import start_choices
 
     bob, carol = visiting("bob"), visiting("carol")
     pickers = [lambda r: adapter_choices(shared_app, None, r), lambda r: export_choices(shared_app, None, r),
