@@ -35,7 +35,7 @@ def results_frame(queue: CompareQueue, state: dict[str, Any] | None) -> pd.DataF
     return pd.DataFrame([[row[c] for c in RESULT_COLUMNS] for row in rows], columns=RESULT_COLUMNS)
 
 
-def loss_frame(queue: CompareQueue, state: dict[str, Any] | None) -> pd.DataFrame | None:
+def techniques_loss_frame(queue: CompareQueue, state: dict[str, Any] | None) -> pd.DataFrame | None:
     """Training loss of every technique in one long frame (None, not an empty frame: see train_tab's notes on
     gradio 6.31's LinePlot colour domain)."""
     points = loss_points(queue.manager, state) if state else []
@@ -175,7 +175,7 @@ def poll_comparison(queue: CompareQueue, comparison_id: str, shown: str = "", re
         status += f" ({state['error']})"
     key = f"{comparison_id}:{scatter_key(scatter_frame(table))}"
     return (comparison_id, status, comparison_progress_html(state, queue), table, ordering_notes(table),
-            loss_frame(queue, state), None if key != shown else gr.skip(), key)
+            techniques_loss_frame(queue, state), None if key != shown else gr.skip(), key)
 
 
 def show_scatter(queue: CompareQueue, comparison_id: str, request: gr.Request = None) -> pd.DataFrame | None:

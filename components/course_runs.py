@@ -9,7 +9,7 @@ from typing import Any
 
 import gradio as gr
 
-from components.rlhf_form import config_from_form as preference_config
+from components.rlhf_form import stage_config_from_form
 from components.shared import live_status, progress_html, refusal, visitor_of
 from finetune.core import paths
 from finetune.core.access import AccessDenied, Visitor, require_signed_in
@@ -75,7 +75,7 @@ def preference_step_config(stage: str, base: RunConfig, start_adapter: str = "")
         form["batch_size"] = size.batch_size
     if size.max_seq_length:
         form["max_seq_length"] = size.max_seq_length + 64  # a pair's prompt and answer
-    return preference_config(stage, BUNDLED_PREFERENCES, form)
+    return stage_config_from_form(stage, BUNDLED_PREFERENCES, form)
 
 
 def _start(manager: RunManager, cfg: RunConfig, visitor: Visitor, stage: str) -> str:
@@ -157,7 +157,7 @@ def _values(rows: list[dict[str, Any]], key: str) -> list[float]:
     return [r[key] for r in rows if isinstance(r.get(key), (int, float)) and not is_summary(r)]
 
 
-def run_sentence(manager: RunManager, step: str, run_id: str) -> str:
+def completed_run_sentence(manager: RunManager, step: str, run_id: str) -> str:
     """The step's sentence from a completed run's own folder."""
     folder, status = manager.run_dir(run_id), manager.status(run_id)
     rows, cfg = read_metrics(folder), load_config(folder / RUN_CONFIG)
@@ -193,7 +193,7 @@ def _run_view(manager: RunManager, progress: CourseProgress, step: str) -> tuple
         return progress_html(elem, status, rows), ""
     sentence = entry.get("sentence")
     if not sentence:
-        sentence = run_sentence(manager, step, run_id)
+        sentence = completed_run_sentence(manager, step, run_id)
         progress.record(step, sentence=sentence, seconds=status.get("duration"))
     return progress_html(elem, status, rows), notice(sentence)
 

@@ -26,7 +26,7 @@ from finetune.core.storage import DiskFull, folder_bytes, require_free
 from finetune.services.admission import RunError
 from finetune.services.export import (MERGE_TARGETS, PLOT_FILE, ExportError, merge_adapter, merge_dtype, merge_report,
                                       model_card, push_folder, run_config, write_model_card, zip_adapter)
-from finetune.services.gguf_convert import GGUF_TYPES, base_config, modelfile_name, ollama_command
+from finetune.services.gguf_convert import GGUF_TYPES, base_model_config, modelfile_name, ollama_command
 from finetune.services.gguf_export import write_gguf, zip_merged
 from finetune.services.gguf_hub import push_gguf
 from finetune.services.gguf_measure import drift_text
@@ -70,7 +70,7 @@ def merged_bytes(folder: Path) -> int:
     config alone (no weights loaded); 0 when the config cannot be read (the merge then says why)."""
     try:
         cfg = run_config(folder)
-        shapes = parameter_shapes(base_config(cfg.model.source))
+        shapes = parameter_shapes(base_model_config(cfg.model.source))
         return sum(math.prod(shape) for _, shape in shapes) * merge_dtype(cfg, detect()).itemsize
     except (ExportError, ModelSourceError, OSError, ValueError):
         return 0

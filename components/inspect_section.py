@@ -16,7 +16,7 @@ import pandas as pd
 from components.shared import bind, on_page_load, refusal, require_visible, visible_adapters, visitor_of
 from finetune.core import paths
 from finetune.core.access import AccessDenied, Visitor
-from finetune.services.adapter_inspect import (ENERGY, AdapterReport, InspectError, RunComparison, compare_runs,
+from finetune.services.adapter_inspect import (ENERGY, AdapterReport, InspectError, RunComparison, compare_updates,
                                                energy_curve, inspect_run, random_singular_values)
 from finetune.services.runs import RunManager
 
@@ -141,7 +141,8 @@ def inspect_compare(manager: RunManager, run_id: str | None, other_id: str | Non
         raise refusal(f"Directions to compare must be a whole number of at least 1, got {top_k!r}.")
     try:
         visitor = visitor_of(request)
-        comparison = compare_runs(_run_dir(manager, run_id, visitor), _run_dir(manager, other_id, visitor), int(top_k))
+        comparison = compare_updates(_run_dir(manager, run_id, visitor), _run_dir(manager, other_id, visitor),
+                                     int(top_k))
     except InspectError as error:
         raise refusal(str(error)) from None
     return comparison.summary(), match_frame(comparison)

@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from components.forms import MODEL_KINDS, PREFERENCE_DATA_KINDS
 from finetune.core import paths
 from finetune.core.config import (DPO_LOSSES, EMBEDDED_MODEL, KTO_LOSSES, ConfigError, RunConfig, from_dict,
                                   load_config, to_dict)
@@ -16,8 +17,6 @@ from finetune.services.feedback_export import export_feedback
 from finetune.services.runs import RunManager
 
 BASE_CHOICE = "(base model: fresh LoRA)"
-MODEL_KINDS = ("Embedded", "Local folder", "Hub id")
-DATA_KINDS = ("Bundled pairs", "Collected feedback", "Uploaded file", "Hub dataset")
 
 
 def preset(stage: str) -> RunConfig:
@@ -28,17 +27,18 @@ def preset(stage: str) -> RunConfig:
         return RunConfig(stage=stage)
 
 
-def model_source(form: dict[str, Any]) -> str:
+def form_model_source(form: dict[str, Any]) -> str:
+    """The model the form names: the embedded one, or the typed Hub id or folder (gated with the rest)."""
     if (form.get("model_kind") or MODEL_KINDS[0]) == "Embedded":
         return EMBEDDED_MODEL
     return (form.get("model_source") or "").strip()
 
 
-def data_source(manager: RunManager, feedback_db: Path | None, stage: str, form: dict[str, Any],
+def form_data_source(manager: RunManager, feedback_db: Path | None, stage: str, form: dict[str, Any],
                 owner: str | None = None) -> str:
     """Where step 2's preferences come from; collected feedback is exported to a file first: only ``owner``'s
     (None: everyone's, for an operator or an app without sign-in), into a folder of their own."""
-    kind = form.get("data_kind") or DATA_KINDS[0]
+    kind = form.get("data_kind") or PREFERENCE_DATA_KINDS[0]
     if kind == "Collected feedback":
         if feedback_db is None:
             raise PreferenceError("This app has no feedback store configured.")
@@ -62,7 +62,7 @@ def _whole(value: Any) -> int:
     return int(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else 0
 
 
-def config_from_form(stage: str, source: str, form: dict[str, Any]) -> RunConfig:
+def stage_config_from_form(stage: str, source: str, form: dict[str, Any]) -> RunConfig:
     """The RunConfig of one stage from the shared form; ConfigError lists every bad field."""
     prefix = "reward" if stage == "reward" else "policy"
     base = to_dict(preset(stage))
@@ -74,7 +74,7 @@ def config_from_form(stage: str, source: str, form: dict[str, Any]) -> RunConfig
             paths.run_id_or_folder(value)
     raw = {
         "run_name": stage, "stage": stage,
-        "model": {**base["model"], "source": model_source(form), "bits": form.get("model_bits", 4)},
+        "model": {**base["model"], "source": form_model_source(form), "bits": form.get("model_bits", 4)},
         "lora": {**base["lora"], "rank": rank,
                  "alpha": 2 * rank if isinstance(rank, (int, float)) and not isinstance(rank, bool) else rank},
         "data": {**base["data"], "source": source, "split": form.get("data_split") or "train",
@@ -106,5 +106,6 @@ def config_from_form(stage: str, source: str, form: dict[str, Any]) -> RunConfig
     if stage == "dpo" and raw["preference"]["loss_type"] not in DPO_LOSSES:
         raw["preference"]["loss_type"] = "sigmoid"
     cfg = from_dict(raw)
-    paths.check_config(cfg, data=False)  # model, start adapter and reward model folders; data_source gated the data
+    # The model, start adapter and reward model folders; form_data_source gated the data.
+    paths.check_config(cfg, data=False)
     return cfg

@@ -11,7 +11,8 @@ from typing import Any
 import gradio as gr
 import pandas as pd
 
-from components.rlhf_form import BASE_CHOICE, DATA_KINDS, config_from_form, data_source, model_source, preset
+from components.forms import PREFERENCE_DATA_KINDS
+from components.rlhf_form import BASE_CHOICE, form_data_source, form_model_source, preset, stage_config_from_form
 from components.shared import (feedback_owner, live_status, problems_markdown, progress_html, require_visible,
                                series_frame, started_message, visible_reward_models, visitor_of, watched_run)
 from finetune.core import paths
@@ -96,8 +97,8 @@ def start_stage(manager: RunManager, feedback_db: Path | None, stage: str, reque
     source, visitor = None, visitor_of(request)
     try:
         _require_visible_runs(manager, visitor, form)
-        source = data_source(manager, feedback_db, stage, form, feedback_owner(visitor))
-        cfg = config_from_form(stage, source, form)
+        source = form_data_source(manager, feedback_db, stage, form, feedback_owner(visitor))
+        cfg = stage_config_from_form(stage, source, form)
         # Malformed pairs are reported now, with their row numbers, rather than from the child's log.
         data = load_preferences(cfg.data, cfg.preference.format, want="unpaired" if stage == "kto" else "paired",
                                 seed=cfg.training.seed, sample=True)
@@ -214,11 +215,11 @@ def preview_data(manager: RunManager, feedback_db: Path | None, request: gr.Requ
     """The data's format and first rows, and before any training: how many pairs and prompts, how many held
     out, how many passes step 4's steps make over them, and the warnings that follow."""
     stage = POLICY_METHODS.get(form.get("method") or "DPO", "dpo")
-    if (form.get("data_kind") or DATA_KINDS[0]) == "Hub dataset":
+    if (form.get("data_kind") or PREFERENCE_DATA_KINDS[0]) == "Hub dataset":
         return hub_preference_preview(form)
     try:
-        source = data_source(manager, feedback_db, stage, form, feedback_owner(visitor_of(request)))
-        cfg = config_from_form(stage, source, form)
+        source = form_data_source(manager, feedback_db, stage, form, feedback_owner(visitor_of(request)))
+        cfg = stage_config_from_form(stage, source, form)
         fmt, count, rows = preview_preferences(cfg.data, cfg.preference.format)
         data = load_preferences(cfg.data, cfg.preference.format, want="unpaired" if stage == "kto" else "paired",
                                 seed=cfg.training.seed)
@@ -277,9 +278,9 @@ def _flat_row(row: dict[str, Any]) -> dict[str, str]:
 
 def pipeline_text(manager: RunManager, request: gr.Request = None, **form: Any) -> str:
     """Which data and models each step uses, as the form and the runs folder say right now."""
-    model = model_source(form) or "(no model chosen)"
+    model = form_model_source(form) or "(no model chosen)"
     start = form.get("start_adapter") or BASE_CHOICE
-    kind = form.get("data_kind") or DATA_KINDS[0]
+    kind = form.get("data_kind") or PREFERENCE_DATA_KINDS[0]
     data = {"Bundled pairs": BUNDLED_PREFERENCES, "Collected feedback": "the Chat tab's feedback (exported)",
             "Uploaded file": Path(str(form.get("data_file") or "(no file)")).name,
             "Hub dataset": form.get("data_hub_name") or "(no name)"}[kind]

@@ -17,7 +17,8 @@ from typing import Any
 import gradio as gr
 import pandas as pd
 
-from components.rlhf_form import BASE_CHOICE, DATA_KINDS, MODEL_KINDS, preset
+from components.forms import MODEL_KINDS, PREFERENCE_DATA_KINDS
+from components.rlhf_form import BASE_CHOICE, preset
 from components.rlhf_playground import compare_policy, last_chat_turn, reward_choices, score_answers, start_choices
 from components.rlhf_runs import (POLICY_METHODS, RLHF_COLOUR, pipeline_text, poll_rlhf, preview_data, start_stage,
                                   steps_box)
@@ -82,8 +83,8 @@ def _step2(form: dict[str, Any], boxes: list[Any]) -> dict[str, Any]:
         gr.Markdown("Pairs (prompt, chosen, rejected) teach the reward model and DPO; thumbs (prompt, completion, "
                     "label) teach KTO. The bundled set has 150 course-style pairs and 24 held-out ones.")
         with gr.Row():
-            form["data_kind"] = gr.Radio(list(DATA_KINDS), value=DATA_KINDS[0], label="Preferences from",
-                                         elem_id="rlhf-data-kind")
+            form["data_kind"] = gr.Radio(list(PREFERENCE_DATA_KINDS), value=PREFERENCE_DATA_KINDS[0],
+                                         label="Preferences from", elem_id="rlhf-data-kind")
             form["data_file"] = gr.File(label="Preference file", type="filepath", elem_id="rlhf-data-file",
                                         file_types=[".jsonl", ".json", ".csv", ".tsv", ".parquet"])
             form["data_hub_name"] = gr.Textbox(label="Hub dataset", placeholder="trl-lib/ultrafeedback_binarized")

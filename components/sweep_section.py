@@ -87,7 +87,7 @@ def _discard(queue: SweepQueue, cfg: RunConfig | None) -> None:
         queue.manager.discard_upload(cfg.data.source)  # a refused start leaves no copy of the upload behind
 
 
-def results_frame(queue: SweepQueue, state: dict[str, Any] | None) -> pd.DataFrame:
+def trials_frame(queue: SweepQueue, state: dict[str, Any] | None) -> pd.DataFrame:
     rows = results(queue.manager, state) if state else []
     return pd.DataFrame([[row[c] for c in RESULT_COLUMNS] for row in rows], columns=RESULT_COLUMNS)
 
@@ -123,7 +123,7 @@ def poll_sweep(queue: SweepQueue, sweep_id: str, shown: str = "", request: gr.Re
     """(id, status, table, best, charts reset or skipped, key) for the visitor's running sweep, else the one
     shown (of those they may see)."""
     sweep_id, state = queue.watched(sweep_id, visitor_of(request))
-    table = results_frame(queue, state)
+    table = trials_frame(queue, state)
     status = "No sweep yet."
     if state:
         done, total = progress(state)

@@ -9,11 +9,10 @@ from typing import Any
 
 import yaml
 
+from components.forms import SFT_DATA_KINDS
 from finetune.core import paths
 from finetune.core.config import BUNDLED_DATASET, EMBEDDED_MODEL, ConfigError, RunConfig, from_dict
 
-DATA_KINDS = ("Bundled", "Hub dataset", "Uploaded file")
-MODEL_KINDS = ("Embedded", "Hub id", "Local folder")
 UI_ONLY = ("data_kind", "data_bundled", "data_hub_name", "data_file", "prompt_column", "answer_column",
            "column_mapping_json", "model_kind")
 
@@ -26,7 +25,7 @@ def presets() -> list[str]:
 
 def _data_source(form: dict[str, Any]) -> str:
     """The data source the form names, through the path gate: each kind accepts only its own kind of name."""
-    kind = form.get("data_kind") or DATA_KINDS[0]
+    kind = form.get("data_kind") or SFT_DATA_KINDS[0]
     if kind == "Hub dataset":
         return paths.hub_id(form.get("data_hub_name"))
     if kind == "Uploaded file":

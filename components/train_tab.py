@@ -16,10 +16,11 @@ from typing import Any
 import gradio as gr
 import pandas as pd
 
+from components.forms import MODEL_KINDS, SFT_DATA_KINDS
 from components.lora_aid import lora_aid_markdown
 from components.shared import (ESTIMATE_SLOT, PREVIEW_SLOT, bind, list_hub_options, on_page_load, progress_html,
                                refusal, stop_run, visitor_of)
-from components.train_form import DATA_KINDS, MODEL_KINDS, form_from_config, presets
+from components.train_form import form_from_config, presets
 from components.train_preview import preview_dataset, update_estimate
 from components.train_runs import (HISTORY_COLUMNS, ask_delete, compare_runs, delete_run, poll_run, resume_run,
                                    run_history, start_run)
@@ -98,7 +99,7 @@ def _short_info(key: str) -> str:
 
 def _data_source_controls(form: dict[str, Any], hub: dict[str, Any]) -> None:
     """Where the data comes from (first screen): a bundled set, a Hub dataset or an uploaded file."""
-    form["data_kind"] = gr.Radio(list(DATA_KINDS), value="Bundled", label="Dataset source", elem_id="data-kind",
+    form["data_kind"] = gr.Radio(list(SFT_DATA_KINDS), value="Bundled", label="Dataset source", elem_id="data-kind",
                                  scale=2)
     form["data_bundled"] = gr.Dropdown(bundled_names() or [BUNDLED_DATASET], value=BUNDLED_DATASET,
                                        label="Bundled dataset", info=_short_info("data_source"), scale=2)

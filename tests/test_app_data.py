@@ -171,11 +171,11 @@ def test_rlhf_tab_previews_a_hub_style_folders_pairs(client, hub_folder):
 
 
 def test_rlhf_form_carries_skip_and_hub_config():
-    from components.rlhf_form import config_from_form
+    from components.rlhf_form import stage_config_from_form
 
-    cfg = config_from_form("dpo", "someone/prefs", {"data_skip_bad_rows": True, "data_hub_config": "pairs"})
+    cfg = stage_config_from_form("dpo", "someone/prefs", {"data_skip_bad_rows": True, "data_hub_config": "pairs"})
     assert cfg.data.skip_bad_rows is True and cfg.data.hub_config == "pairs"
-    assert config_from_form("dpo", "someone/prefs", {}).data.skip_bad_rows is False
+    assert stage_config_from_form("dpo", "someone/prefs", {}).data.skip_bad_rows is False
 
 
 def test_preference_runs_record_their_skipped_rows():

@@ -209,13 +209,13 @@ def test_the_rlhf_stages_take_the_processes_choice_as_data_parallel(tmp_path):
     """The RLHF tab's processes number makes a stage's run data parallel (a 2-process DPO run on this CPU
     completed through the same launcher; the stage runner is the one every stage shares). FSDP is SFT-only,
     so the form never asks for it; too many processes are refused before anything starts."""
-    from components.rlhf_form import config_from_form
+    from components.rlhf_form import stage_config_from_form
     from components.rlhf_runs import start_stage
 
     for stage in ("reward", "dpo", "kto"):
-        cfg = config_from_form(stage, "bundled:course_prefs", {"processes": 2, "batch_size": 2})
+        cfg = stage_config_from_form(stage, "bundled:course_prefs", {"processes": 2, "batch_size": 2})
         assert (cfg.training.processes, cfg.training.strategy, effective_batch(cfg)) == (2, "ddp", 4)
-    assert config_from_form("dpo", "bundled:course_prefs", {}).training.strategy == "single"
+    assert stage_config_from_form("dpo", "bundled:course_prefs", {}).training.strategy == "single"
     too_many = (torch.cuda.device_count() if torch.cuda.is_available() else os.cpu_count() or 1) + 1
     manager = RunManager(tmp_path / "runs")
     _, message = start_stage(manager, None, "dpo", data_kind="Bundled", processes=too_many, batch_size=1)

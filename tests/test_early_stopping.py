@@ -282,15 +282,15 @@ def test_without_early_stopping_the_arguments_are_unchanged(tmp_path):
 @pytest.mark.parametrize("stage", ["dpo", "grpo"])
 def test_the_rlhf_form_carries_the_two_settings(stage):
     """The RLHF tab's shared advanced section: DPO takes them; GRPO (no held-out set) is refused by name."""
-    from components.rlhf_form import config_from_form
+    from components.rlhf_form import stage_config_from_form
 
     form = {"early_stopping_patience": 3, "keep": "best", "reward_run": "some-reward-run"}
     if stage == "grpo":
         with pytest.raises(ConfigError) as caught:
-            config_from_form(stage, BUNDLED_PREFERENCES, form)
+            stage_config_from_form(stage, BUNDLED_PREFERENCES, form)
         assert "GRPO has none" in caught.value.problems["training.early_stopping_patience"]
         return
-    cfg = config_from_form(stage, BUNDLED_PREFERENCES, form)
+    cfg = stage_config_from_form(stage, BUNDLED_PREFERENCES, form)
     assert (cfg.training.early_stopping_patience, cfg.training.keep) == (3, "best")
 
 

@@ -247,20 +247,20 @@ def test_dpo_from_a_missing_adapter_says_so(tiny_model_dir, pairs_file, tmp_path
 # --- the tab's form -> config, without a model -------------------------------------------------------------------
 
 def test_tab_form_builds_each_stage(tiny_model_dir):
-    from components.rlhf_form import BASE_CHOICE, config_from_form
+    from components.rlhf_form import BASE_CHOICE, stage_config_from_form
 
     form = {"model_kind": "Local folder", "model_source": str(tiny_model_dir), "model_bits": 8, "lora_rank": 6,
             "start_adapter": "sft-run", "method": "KTO", "beta": 0.3, "loss_type": "sigmoid",
             "reward_max_steps": 7, "policy_max_steps": 9, "batch_size": 2, "eval_steps": 3}
-    reward = config_from_form("reward", "bundled:course_prefs", form)
+    reward = stage_config_from_form("reward", "bundled:course_prefs", form)
     assert (reward.stage, reward.training.max_steps, reward.preference.start_adapter) == ("reward", 7, "")
     assert (reward.model.bits, reward.lora.rank, reward.lora.alpha) == (8, 6, 12)
-    kto = config_from_form("kto", "bundled:course_prefs", form)
+    kto = stage_config_from_form("kto", "bundled:course_prefs", form)
     assert (kto.stage, kto.training.max_steps, kto.preference.loss_type, kto.preference.beta) == ("kto", 9, "kto", 0.3)
     assert kto.preference.start_adapter == "sft-run"
-    dpo = config_from_form("dpo", "bundled:course_prefs", {**form, "start_adapter": BASE_CHOICE})
+    dpo = stage_config_from_form("dpo", "bundled:course_prefs", {**form, "start_adapter": BASE_CHOICE})
     assert dpo.preference.start_adapter == "" and dpo.preference.loss_type == "sigmoid"
-    grpo = config_from_form("grpo", "bundled:course_prefs", {**form, "method": "GRPO", "reward_run": "rm-run",
+    grpo = stage_config_from_form("grpo", "bundled:course_prefs", {**form, "method": "GRPO", "reward_run": "rm-run",
                                                               "num_generations": 2, "max_completion_length": 16})
     assert (grpo.stage, grpo.preference.reward_model, grpo.preference.num_generations,
             grpo.preference.max_completion_length, grpo.training.max_steps) == ("grpo", "rm-run", 2, 16, 9)

@@ -464,7 +464,7 @@ def test_cli_config_goes_through_the_gate(tmp_path, capsys):
 def test_uploads_only_from_gradio_folder(tmp_path, monkeypatch, qa_file):
     """The handlers' own check of an upload, for a caller that skips gradio's (a direct call, another frontend):
     only a file inside gradio's upload folder, after symlinks are resolved, counts as uploaded."""
-    from components.rlhf_form import data_source
+    from components.rlhf_form import form_data_source
     from components.train_form import config_from_form
     from finetune.core import paths
     from finetune.core.config import ConfigError
@@ -485,7 +485,7 @@ def test_uploads_only_from_gradio_folder(tmp_path, monkeypatch, qa_file):
             config_from_form({**form, "data_file": outside})
         assert refused.value.problems == {"data.source": paths.REFUSED}
         with pytest.raises(paths.PathRefused):
-            data_source(manager, None, "dpo", {"data_kind": "Uploaded file", "data_file": outside})
+            form_data_source(manager, None, "dpo", {"data_kind": "Uploaded file", "data_file": outside})
     assert not (manager.root / "uploads").exists()  # nothing refused was copied in
 
 

@@ -98,11 +98,11 @@ def test_a_restarted_app_continues_the_sweep(finished_sweep):
 
 
 def test_the_section_shows_the_ranking_charts_and_fills_the_train_form(finished_sweep):
-    from components.sweep_section import chart_frames, poll_sweep, results_frame, use_best
+    from components.sweep_section import chart_frames, poll_sweep, trials_frame, use_best
 
     queue, sweep_id, _ = finished_sweep
     state = queue.load(sweep_id)
-    table = results_frame(queue, state)
+    table = trials_frame(queue, state)
     losses = list(table["val loss"])
     assert losses == sorted(losses) and len(losses) == 4
     charts = dict(zip(["learning rate", "rank", "alpha", "dropout", "bits"], chart_frames(queue, state)))

@@ -115,7 +115,7 @@ def bundled_names(preference: bool = False) -> list[str]:
                   if (p / "train.jsonl").is_file() and _is_preference_set(p) == preference)
 
 
-def source_kind(source: str) -> str:
+def data_source_kind(source: str) -> str:
     if source.startswith("bundled:"):
         return "bundled"
     path = Path(source).expanduser()
@@ -350,7 +350,7 @@ def load_source(cfg: DataConfig, skip_bad_rows: bool | None = None,
     applied, and for a local file what was assumed to read it. ``count_usable``: see check_file. ``sample``: of
     a local file, read only its first SAMPLE_ROWS rows (at most SAMPLE_BYTES), for a preview."""
     skip = cfg.skip_bad_rows if skip_bad_rows is None else skip_bad_rows
-    kind = source_kind(cfg.source)
+    kind = data_source_kind(cfg.source)
     read = None
     if kind == "file" and sample:
         train, read, seen = _load_file_sample(Path(cfg.source).expanduser(), skip, count_usable)

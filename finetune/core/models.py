@@ -45,7 +45,7 @@ def cache_root() -> Path:
 
 # --- resolving a source to a folder ------------------------------------------------------------------------
 
-def source_kind(source: str) -> str:
+def model_source_kind(source: str) -> str:
     """'embedded', 'local' or 'hub'; raises ModelSourceError for anything else."""
     if source in EMBEDDED_GGUF:
         return "embedded"
@@ -129,7 +129,7 @@ def embedded_model_dir(name: str = EMBEDDED_MODEL) -> Path:
 
 def resolve_source(source: str) -> str:
     """A path or Hub id that ``from_pretrained`` accepts."""
-    kind = source_kind(source)
+    kind = model_source_kind(source)
     if kind == "embedded":
         return str(embedded_model_dir(source))
     if kind == "local":
@@ -142,7 +142,7 @@ def resolve_source(source: str) -> str:
 
 def from_hub_or_cache(loader: Any, source: str, **kwargs: Any) -> Any:
     """Use a cached Hub snapshot when there is one; otherwise download, if the Hub can be reached."""
-    if source_kind(source) != "hub":
+    if model_source_kind(source) != "hub":
         return loader(resolve_source(source), **kwargs)
     try:
         return loader(source, local_files_only=True, **kwargs)
@@ -250,7 +250,7 @@ def local_weights_folder(model: ModelConfig) -> Path | None:
     """The base's folder with its safetensors on this machine (a Hub model only when already downloaded)."""
     try:
         folder = resolve_source(model.source)
-        if source_kind(model.source) == "hub":
+        if model_source_kind(model.source) == "hub":
             from huggingface_hub import snapshot_download
 
             folder = snapshot_download(model.source, local_files_only=True, allow_patterns=["*.safetensors", "*.json"])

@@ -22,7 +22,7 @@ PiSSA/OLoRA start changed the base weights are refused with a message that says 
     report = inspect_run(Path("runs/cpu-quick"))
     print(report.summary())
     for row in report.top_changed(5): print(row)
-    similarity = compare_runs(Path("runs/a"), Path("runs/b"), top_k=4)
+    similarity = compare_updates(Path("runs/a"), Path("runs/b"), top_k=4)
 
 App service: imports basic modules only (config, lora_init, models, run_folder).
 """
@@ -45,7 +45,7 @@ from safetensors import safe_open
 from finetune.core.config import ConfigError, LoraSettings, ModelConfig, RunConfig, load_config
 from finetune.core.lora_init import (apply_loftq, full_precision_weights, init_problems, peft_init_kwargs, read_weight,
                                      reconstruction_error)
-from finetune.core.models import ModelSourceError, load_model, resolve_source, source_kind
+from finetune.core.models import ModelSourceError, load_model, resolve_source, model_source_kind
 from finetune.core.run_folder import (ADAPTER_CONFIG, ADAPTER_DIR, ADAPTER_WEIGHTS, MODEL_CONFIG, CHECKPOINT_DIR,
                                       CONFIG_COPY, FULL_MODEL_DIR, RUN_CONFIG)
 
@@ -239,7 +239,7 @@ def _read_adapter_config(folder: Path) -> dict[str, Any]:
         raise InspectError(f"{folder.parent.name}'s {ADAPTER_CONFIG} cannot be read: {error}") from None
 
 
-def refusal(adapter_config: dict[str, Any]) -> str | None:
+def unreadable_reason(adapter_config: dict[str, Any]) -> str | None:
     """Why this adapter cannot be read as a low-rank update of the original base, or None when it can."""
     peft_type = str(adapter_config.get("peft_type", "")).upper()
     if peft_type == "IA3":
@@ -272,7 +272,7 @@ def _run_config(run_dir: Path, adapter_dir: Path) -> RunConfig:
     raise InspectError(f"{run_dir.name} has no {CONFIG_COPY} beside its adapter, so its base model is unknown.")
 
 
-def scaling(adapter_config: dict[str, Any], rank: int, alpha: float) -> float:
+def adapter_scaling(adapter_config: dict[str, Any], rank: int, alpha: float) -> float:
     """s in ΔW = s·B·A: alpha / r, or alpha / sqrt(r) for rsLoRA (peft's use_rslora)."""
     return alpha / math.sqrt(rank) if adapter_config.get("use_rslora") else alpha / rank
 
@@ -294,7 +294,7 @@ def base_weights_folder(model: ModelConfig) -> Path:
     snapshot already downloaded); an InspectError when the weights are not on this machine."""
     try:
         resolved = resolve_source(model.source)
-        if source_kind(model.source) == "hub":
+        if model_source_kind(model.source) == "hub":
             from huggingface_hub import snapshot_download
 
             resolved = snapshot_download(model.source, local_files_only=True,
@@ -432,7 +432,7 @@ def _open_run(run_dir: Path) -> _OpenedRun:
     run_dir = Path(run_dir)
     folder = adapter_folder(run_dir)
     adapter_config = _read_adapter_config(folder)
-    reason = refusal(adapter_config)
+    reason = unreadable_reason(adapter_config)
     if reason:
         raise InspectError(reason)
     owner = folder.parent if folder.name == ADAPTER_DIR else folder
@@ -453,11 +453,11 @@ def inspect_run(run_dir: Path) -> AdapterReport:
         rank, alpha = _module_rank_alpha(opened.adapter_config, name)
         weight = weights.get(name)
         _check_shapes(name, parts, weight)
-        modules.append(_module_update(name, parts, weight, rank, scaling(opened.adapter_config, rank, alpha)))
+        modules.append(_module_update(name, parts, weight, rank, adapter_scaling(opened.adapter_config, rank, alpha)))
     rank = int(opened.adapter_config["r"])
     alpha = float(opened.adapter_config.get("lora_alpha", rank))
     report = AdapterReport(run=opened.name, base=opened.model.source, method=opened.method, rank=rank, alpha=alpha,
-                           scaling=scaling(opened.adapter_config, rank, alpha), modules=modules)
+                           scaling=adapter_scaling(opened.adapter_config, rank, alpha), modules=modules)
     if opened.method == "dora":
         report.notes.append("DoRA: each update is the real weight change, magnitude rescaling included, so its "
                             "effective rank can exceed the rank set.")
@@ -491,7 +491,7 @@ def _top_vectors(parts: dict[str, torch.Tensor], scale: float, k: int) -> tuple[
     return u[:, :k], v[:, :k]
 
 
-def compare_runs(first_dir: Path, second_dir: Path, top_k: int = 4) -> RunComparison:
+def compare_updates(first_dir: Path, second_dir: Path, top_k: int = 4) -> RunComparison:
     """Principal angles between the top-k singular subspaces of two runs' updates, matrix by matrix."""
     if top_k < 1:
         raise InspectError(f"Compare at least 1 direction, got {top_k}.")
@@ -520,7 +520,7 @@ def _match(name: str, first: _OpenedRun, second: _OpenedRun, top_k: int) -> Subs
     vectors = []
     for opened in (first, second):
         rank, alpha = _module_rank_alpha(opened.adapter_config, name)
-        vectors.append(_top_vectors(opened.tensors[name], scaling(opened.adapter_config, rank, alpha), top_k))
+        vectors.append(_top_vectors(opened.tensors[name], adapter_scaling(opened.adapter_config, rank, alpha), top_k))
     (u1, v1), (u2, v2) = vectors
     if u1.shape[0] != u2.shape[0] or v1.shape[0] != v2.shape[0]:
         raise InspectError(f"{name} has different shapes in the two runs: they adapt different base models.")
@@ -618,7 +618,7 @@ def main(argv: list[str] | None = None) -> int:
             print(" ", module.caption())
         print(f"Computed in {report.seconds:.1f} s.")
         if args.compare:
-            print(compare_runs(args.run, args.compare, args.top_k).summary())
+            print(compare_updates(args.run, args.compare, args.top_k).summary())
     except InspectError as error:
         print(f"error: {error}")
         return 2

@@ -14,13 +14,11 @@ from typing import Any
 
 from finetune.core.access import JobLimits, Visitor, can_view, public_runs, require_owner, require_signed_in
 from finetune.core.config import ConfigError, RunConfig
-from finetune.core.data import DataError, check_file, usable_row_count
-from finetune.core.data import source_kind as data_kind
+from finetune.core.data import DataError, check_file, data_source_kind, usable_row_count
 from finetune.core.distributed import launch_problems_here
 from finetune.core.lora_init import LOFTQ_NEEDS_WEIGHTS, init_problems
 from finetune.core.metrics import WAITING, read_status
-from finetune.core.models import ModelSourceError, local_weights_folder, require_hub, resolve_source
-from finetune.core.models import source_kind as model_kind
+from finetune.core.models import ModelSourceError, local_weights_folder, model_source_kind, require_hub, resolve_source
 from finetune.core.preference import usable_preference_count
 from finetune.core.run_folder import MODEL_CONFIG
 from finetune.core.storage import DiskFull, enforce_budget, require_free
@@ -47,17 +45,17 @@ def check_sources(cfg: RunConfig) -> None:
     ConfigError names the field, so the form shows the reason at once instead of a failed run later."""
     problems: dict[str, str] = {}
     try:
-        if model_kind(cfg.model.source) == "hub":
+        if model_source_kind(cfg.model.source) == "hub":
             from huggingface_hub import try_to_load_from_cache
 
             if not isinstance(try_to_load_from_cache(cfg.model.source, MODEL_CONFIG), str):
                 require_hub(cfg.model.source, "model")
-        elif model_kind(cfg.model.source) == "local":
+        elif model_source_kind(cfg.model.source) == "local":
             resolve_source(cfg.model.source)
     except ModelSourceError as error:
         problems["model.source"] = str(error)
     try:
-        kind = data_kind(cfg.data.source)
+        kind = data_source_kind(cfg.data.source)
         if kind == "file":
             check_file(Path(cfg.data.source).expanduser(), cfg.data.skip_bad_rows,  # the form's choice
                        usable_rows_counter(cfg))

@@ -50,9 +50,9 @@ from typing import Any
 from finetune.core.access import LOCAL, Visitor, can_view
 from finetune.core.config import EMBEDDED_MODEL, ConfigError, ModelConfig, load_config
 from finetune.core.metrics import read_status, write_status
-from finetune.core.models import ModelSourceError, cache_root, hub_reachable, source_kind, resolve_run_folder
+from finetune.core.models import ModelSourceError, cache_root, hub_reachable, model_source_kind, resolve_run_folder
 from finetune.core.paths import PROJECT_ROOT
-from finetune.core.run_folder import ADAPTER_CONFIG, ADAPTER_DIR, CONFIG_COPY, RUN_CONFIG, adapter_config, STOP_FILE
+from finetune.core.run_folder import ADAPTER_CONFIG, ADAPTER_DIR, CONFIG_COPY, RUN_CONFIG, STOP_FILE, adapter_config
 from finetune.services.processes import pid_alive, spawn
 
 BUNDLED_TASK_DIR = PROJECT_ROOT / "data" / "benchmarks"
@@ -186,7 +186,7 @@ def _base_key(cfg: ModelConfig) -> tuple[Any, ...]:
 
 
 def base_label(cfg: ModelConfig) -> str:
-    name = Path(cfg.source).name if source_kind(cfg.source) == "local" else cfg.source
+    name = Path(cfg.source).name if model_source_kind(cfg.source) == "local" else cfg.source
     bits = f"4-bit {cfg.quant_type}{' + dq' if cfg.double_quant else ''}" if cfg.bits == 4 else f"{cfg.bits}-bit"
     return f"base: {name} ({bits})"
 
@@ -309,7 +309,7 @@ def unit_cache_key(unit: Unit) -> str:
     task = _file_digest([p for p in BUNDLED_TASK_DIR.iterdir() if p.suffix in (".yaml", ".json", ".py")]) \
         if unit.task == BUNDLED_TASK else unit.task
     source = unit.model["source"]
-    if source_kind(source) == "local":
+    if model_source_kind(source) == "local":
         source = _file_digest([Path(source) / "config.json"]) + str(Path(source).resolve())
     key = {"model": {**unit.model, "source": source}, "adapter": adapter, "task": [unit.task, task],
            "limit": unit.limit, "lm_eval": importlib.metadata.version("lm_eval")}
@@ -723,7 +723,7 @@ class BenchmarkService:
     @staticmethod
     def _check_model(model: str, hub: bool | None) -> None:
         try:
-            kind = source_kind(model)
+            kind = model_source_kind(model)
         except ModelSourceError as error:
             raise BenchmarkError(str(error)) from None
         if kind == "hub" and not (hub_reachable() if hub is None else hub):

@@ -73,7 +73,7 @@ def _supported() -> str:
     return "; ".join(f"{kind} ({text})" for kind, text in SUPPORTED_MODEL_TYPES.items())
 
 
-def base_config(source: str) -> Any:
+def base_model_config(source: str) -> Any:
     """The base model's transformers config, read without loading weights."""
     from transformers import AutoConfig
 

@@ -23,8 +23,8 @@ from finetune.core.run_folder import ADAPTER_WEIGHTS, EXPORT_DIR, GGUF_DIR, MERG
 from finetune.core.storage import free_bytes
 from finetune.services.export import ExportError, adapter_dir, check_merge_target, merge_dtype, merged_into, run_config
 from finetune.services.gguf_convert import (GgufExport, TensorPlan, add_model_metadata, add_tokenizer_metadata,
-                                            base_config, check_architecture, check_type, modelfile_name, plan_shapes,
-                                            pre_tokenizer_name, tensor_nbytes)
+                                            base_model_config, check_architecture, check_type, modelfile_name,
+                                            plan_shapes, pre_tokenizer_name, tensor_nbytes)
 
 
 # --- the run and its files ----------------------------------------------------------------------------------------
@@ -52,7 +52,7 @@ def checked_run(run_dir: str | Path, out_type: str, into: str = "trained") -> Ru
     if cfg.stage == "reward":
         raise ExportError("This run trained a reward model (it scores answers, it does not write them); export "
                           "an SFT, DPO, KTO or GRPO run as GGUF instead.")
-    config = base_config(cfg.model.source)
+    config = base_model_config(cfg.model.source)
     check_architecture(config)
     tokenizer = load_tokenizer(cfg.model)
     pre_tokenizer_name(tokenizer)

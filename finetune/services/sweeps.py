@@ -2,11 +2,11 @@
 as a grid or as a seeded random sample of that grid, each trial a normal run with the same step budget.
 
 The trials go through the comparison's queue (finetune/services/compare.py): ``SweepQueue`` is a CompareQueue
-persisted as ``runs/sweeps/<id>.json``, so a reloaded page re-attaches and a restarted app continues (``ensure_worker``). It
-adds one thing: a trial that is clearly bad is stopped early. At each evaluation the trial's held-out loss is
-compared with the best loss any finished trial had *at the same step*; worse by more than ``prune_margin`` nats
-(e^0.5 = 1.65x the perplexity by default) and the trial is stopped (its checkpoint and adapter are kept, marked
-"pruned"). Comparing at the same step keeps it fair: an early loss is not held against a final one.
+persisted as ``runs/sweeps/<id>.json``, so a reloaded page re-attaches and a restarted app continues
+(``ensure_worker``). It adds one thing: a trial that is clearly bad is stopped early. At each evaluation the trial's
+held-out loss is compared with the best loss any finished trial had *at the same step*; worse by more than
+``prune_margin`` nats (e^0.5 = 1.65x the perplexity by default) and the trial is stopped (its checkpoint and adapter
+are kept, marked "pruned"). Comparing at the same step keeps it fair: an early loss is not held against a final one.
 
 Trials are ranked by validation loss: the held-out loss of the saved adapter (the run's last evaluation; for a
 run that keeps its best checkpoint, status.json's best_metric). A sweep without held-out data is refused.
@@ -29,7 +29,7 @@ from typing import Any
 
 from finetune.core.access import LOCAL, Visitor, owned_by
 from finetune.core.config import LORA_METHODS, ConfigError, RunConfig, from_dict, to_dict
-from finetune.core.data import DataError, prepare, source_kind
+from finetune.core.data import DataError, prepare, data_source_kind
 from finetune.core.metrics import FINAL_STATES, read_metrics, read_status
 from finetune.core.models import ModelSourceError
 from finetune.core.paths import check_config
@@ -227,7 +227,7 @@ def check_each_bit_width(trials: list[tuple[dict[str, Any], RunConfig]]) -> None
 def check_held_out_rows(cfg: RunConfig) -> None:
     """A local dataset too small to hold rows out (under 10 rows) would give no validation loss to rank by. A Hub
     dataset is not loaded here (that is the run's download); its trials say so if they have no loss."""
-    if source_kind(cfg.data.source) == "hub":
+    if data_source_kind(cfg.data.source) == "hub":
         return
     try:
         prepared = prepare(cfg.data, seed=cfg.training.seed)
