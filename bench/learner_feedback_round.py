@@ -30,7 +30,7 @@ from finetune.core.config import DataConfig, load_config  # noqa: E402
 from finetune.services.evaluate import candidate_loss, candidates, eval_rows  # noqa: E402
 from finetune.services.feedback import FeedbackStore  # noqa: E402
 from finetune.services.feedback_export import pair_rows  # noqa: E402
-from finetune.core.metrics import read_metrics  # noqa: E402
+from finetune.core.run_status import read_metrics  # noqa: E402
 from finetune.services.scoring import ScorerCache  # noqa: E402
 from finetune.services.runs import RunManager  # noqa: E402
 

@@ -16,11 +16,12 @@ from finetune.core.access import AccessDenied, Visitor, require_signed_in
 from finetune.core.config import ConfigError, RunConfig, from_dict, load_config, to_dict
 from finetune.core.course_progress import CourseProgress
 from finetune.core.hardware import HardwareProfile
-from finetune.core.metrics import is_summary, read_metrics, write_status
+from finetune.core.metrics import is_summary
 from finetune.core.models import ModelSourceError
 from finetune.core.paths import CONFIGS_DIR
 from finetune.core.preference import BUNDLED_PREFERENCES, load_preferences
 from finetune.core.run_folder import RUN_CONFIG
+from finetune.core.run_status import read_metrics, write_status
 from finetune.services import course
 from finetune.services.admission import RunError, check_sources
 from finetune.services.deploy import default_preset

@@ -19,13 +19,14 @@ from finetune.core import paths
 from finetune.core.access import LOCAL, AccessDenied, Visitor
 from finetune.core.config import ConfigError, RunConfig, from_dict, load_config, to_dict
 from finetune.core.data import DataError, hub_first_rows
-from finetune.core.metrics import early_stop_note, read_metrics, read_status, write_status
+from finetune.core.metrics import early_stop_note
 from finetune.core.models import ModelSourceError, resolve_run_folder
 from finetune.core.preference import (BUNDLED_PREFERENCES, MAX_EPOCHS_SMALL_DATA, PreferenceData, convert_rows,
                                       data_size, default_steps, detect_preference_format, preference_renames,
                                       load_preferences, preview_preferences, rows_per_step, size_statement,
                                       size_warnings)
 from finetune.core.run_folder import REWARD_DIR, RUN_CONFIG
+from finetune.core.run_status import read_metrics, read_status, write_status
 from finetune.services.admission import RunError, check_sources
 from finetune.services.evaluate import judge_accuracy
 from finetune.services.runs import RunManager

@@ -18,9 +18,9 @@ from finetune.core.access import AccessDenied, can_act
 from finetune.core.config import ConfigError, RunConfig, load_config
 from finetune.core.distributed import effective_batch
 from finetune.core.estimate import memory_check_text
-from finetune.core.metrics import (early_stop_note, headline_metric, is_summary, loss_key, read_metrics,
-                                   rows_of_saved_model)
+from finetune.core.metrics import early_stop_note, headline_metric, is_summary, loss_key, rows_of_saved_model
 from finetune.core.run_folder import ADAPTER_DIR, RUN_CONFIG, has_adapter, read_run_info
+from finetune.core.run_status import read_metrics
 from finetune.core.storage import folder_bytes, human, usage
 from finetune.services.admission import RunError, check_sources
 from finetune.services.runs import RunManager

@@ -31,12 +31,12 @@ import torch  # noqa: E402
 from finetune.core.config import ConfigError, RunConfig, load_config, save_config  # noqa: E402
 from finetune.core.data import DataError  # noqa: E402
 from finetune.core.distributed import process_start, rank_of_process, record_rank  # noqa: E402
-from finetune.core.metrics import HOSTNAME, LAUNCHER_PID_ENV, run_pid, write_status  # noqa: E402
 from finetune.core.models import ModelSourceError  # noqa: E402
 from finetune.core.paths import check_config  # noqa: E402
 from finetune.core.run_folder import RUN_CONFIG, STOP_FILE  # noqa: E402
-from finetune.stages.runner import run_stage  # noqa: E402
+from finetune.core.run_status import HOSTNAME, LAUNCHER_PID_ENV, run_pid, write_status  # noqa: E402
 from finetune.core.storage import DISK_FULL_EXIT, disk_full_message, is_disk_full  # noqa: E402
+from finetune.stages.runner import run_stage  # noqa: E402
 
 USER_ERRORS = (ConfigError, DataError, ModelSourceError)
 

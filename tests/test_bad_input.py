@@ -257,7 +257,7 @@ def _adapter_run(runs_root: Path, run_id: str, adapter_base: Path, config_base: 
     from transformers import AutoModelForCausalLM
 
     from finetune.core.config import save_config
-    from finetune.core.metrics import write_status
+    from finetune.core.run_status import write_status
 
     folder = runs_root / run_id
     model = get_peft_model(AutoModelForCausalLM.from_pretrained(adapter_base),
@@ -363,7 +363,7 @@ def _mock_hub_404(monkeypatch) -> None:
 ])
 def test_cli_data_and_model_errors_are_one_line(tmp_path, tiny_model_dir, qa_file, capsys, monkeypatch, case,
                                                  expected):
-    from finetune.core.metrics import read_status
+    from finetune.core.run_status import read_status
     from finetune.train import cli
 
     raw = _base_dict(tiny_model_dir, qa_file)
@@ -412,7 +412,7 @@ def test_cli_missing_config_file(tmp_path, capsys):
 
 def test_one_row_dataset_trains(tmp_path, tiny_model_dir):
     """A 1-row dataset is not an error: it trains, with a note that eval loss is off."""
-    from finetune.core.metrics import read_status
+    from finetune.core.run_status import read_status
     from finetune.train import cli
 
     raw = _base_dict(tiny_model_dir, write_jsonl(tmp_path / "one.jsonl", [{"prompt": "Hi?", "completion": "Hello."}]))

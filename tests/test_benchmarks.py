@@ -40,7 +40,7 @@ def save_random_lora(base_dir: Path | str, run_dir: Path, model_cfg: dict, seed:
 @pytest.fixture(scope="module")
 def tiny_runs(tmp_path_factory, tiny_model_dir) -> Path:
     """runs/tiny-lora: a random LoRA on the tiny Llama at 32 bits (as if trained there), a finished run."""
-    from finetune.core.metrics import write_status
+    from finetune.core.run_status import write_status
 
     root = tmp_path_factory.mktemp("bench-runs")
     save_random_lora(tiny_model_dir, root / "tiny-lora", {"source": str(tiny_model_dir), "bits": 32})

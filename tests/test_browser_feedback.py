@@ -26,7 +26,7 @@ def _finished_run(runs_root: Path, model_dir: Path, data_file: Path) -> None:
     from transformers import AutoModelForCausalLM
 
     from finetune.core.config import save_config
-    from finetune.core.metrics import write_status
+    from finetune.core.run_status import write_status
 
     folder = runs_root / RUN_ID
     folder.mkdir(parents=True)

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from finetune.core.config import save_config
-from finetune.core.metrics import write_status
+from finetune.core.run_status import write_status
 
 from helpers import ARGS, ARTIFACTS, CHROMIUM, served_app, tiny_run_config
 

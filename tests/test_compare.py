@@ -158,7 +158,7 @@ def test_a_restarted_app_picks_the_queue_up_again(tmp_path, wide_model_dir, qa_r
 def _finished_run(root, run_id: str, stage: str, rows: list[dict]) -> None:
     """A run folder as a finished run leaves it: its config, its metrics as the callback writes them, status."""
     from finetune.core.config import RunConfig, save_config
-    from finetune.core.metrics import write_status
+    from finetune.core.run_status import write_status
     from finetune.core.run_folder import METRICS_FILE
 
     folder = root / run_id

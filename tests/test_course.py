@@ -115,7 +115,7 @@ def test_progress_is_kept_per_visitor_and_survives_a_new_store(tmp_path):
 def test_the_report_holds_only_the_visitors_runs_and_no_server_path(tmp_path, monkeypatch):
     from finetune.core.config import RunConfig, save_config
     from finetune.services.lab_report import collect, render_html, render_markdown, write_report
-    from finetune.core.metrics import write_status
+    from finetune.core.run_status import write_status
     from finetune.services.runs import RunManager
 
     monkeypatch.setenv("LORA_LAB_SIGN_IN", "dev")

@@ -17,7 +17,7 @@ import torch
 
 from finetune.core.config import load_config
 from finetune.core.hardware import profile_for
-from finetune.core.metrics import HOSTNAME, read_status, write_status
+from finetune.core.run_status import HOSTNAME, read_status, write_status
 from finetune.services import deploy
 from finetune.services.runs import RunManager
 

@@ -16,8 +16,8 @@ from helpers import tiny_run_config, wait_until, write_jsonl
 from finetune.core.config import ConfigError, from_dict
 from finetune.core.distributed import (LAUNCH_NOTE, accelerate_config, effective_batch, first_rank_failure,
                                        launch_problems, read_ranks, write_accelerate_config)
-from finetune.core.metrics import read_metrics, read_status
 from finetune.core.run_folder import ACCELERATE_CONFIG
+from finetune.core.run_status import read_metrics, read_status
 from finetune.services.runs import RunManager
 
 ROWS = [{"prompt": f"What does setting {i} control in LoRA?", "completion": f"Lab note: setting {i}."}
@@ -303,7 +303,7 @@ def test_fsdp_qlora_trains_on_two_gpus_from_the_app(tiny_model_dir, tmp_path):
 
 def test_a_run_that_needs_more_devices_than_this_machine_has_is_not_resumed(tmp_path):
     from finetune.core.config import save_config
-    from finetune.core.metrics import write_status
+    from finetune.core.run_status import write_status
     from finetune.services.admission import RunError
 
     manager = RunManager(tmp_path / "runs")

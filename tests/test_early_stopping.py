@@ -18,9 +18,10 @@ from safetensors.torch import load_file
 from helpers import save_tiny_llama, tiny_run_config, write_jsonl
 from finetune.core.config import ConfigError, from_dict, to_dict
 from finetune.core.hardware import detect
-from finetune.core.metrics import MetricsCallback, early_stop_note, read_metrics, read_status
+from finetune.core.metrics import MetricsCallback, early_stop_note
 from finetune.core.preference import BUNDLED_PREFERENCES
 from finetune.core.run_folder import ADAPTER_DIR, CHECKPOINT_DIR, read_run_info, STOP_FILE
+from finetune.core.run_status import read_metrics, read_status
 from finetune.stages.common import training_args
 from finetune.train import run
 

@@ -42,7 +42,7 @@ def _wait_for_checkpoint(run_dir: Path) -> Path:
 
 
 def _kill(run_dir: Path) -> int:
-    from finetune.core.metrics import read_status
+    from finetune.core.run_status import read_status
 
     pid = read_status(run_dir)["pid"]
     os.killpg(pid, signal.SIGKILL)  # the child leads its own session: this kills it and nothing else
@@ -80,7 +80,7 @@ def test_app_restart_finds_runs_and_resumes_an_interrupted_one(tmp_path, tiny_mo
     """The app goes down mid-run and the child with it (a machine restart); the next app marks the run
     interrupted, and it resumes from its last checkpoint to the end."""
 
-    from finetune.core.metrics import read_metrics, read_status, write_status
+    from finetune.core.run_status import read_metrics, read_status, write_status
     from finetune.services.runs import RunManager
 
     root = tmp_path / "runs"
@@ -135,7 +135,7 @@ def test_sigstopped_child_is_shown_stalled_then_stop_ends_it_and_resume_finishes
     ends `stopped`, a new start is accepted, and resume continues from the last complete checkpoint."""
     from components.train_runs import poll_run
     from finetune.core.config import save_config
-    from finetune.core.metrics import read_metrics
+    from finetune.core.run_status import read_metrics
     from finetune.services.runs import RunManager
     from finetune.core.run_folder import last_checkpoint
 
@@ -185,7 +185,7 @@ def test_out_of_gpu_memory_suggests_smaller_settings(tmp_path, tiny_model_dir, q
     import torch
 
     from components.train_runs import run_status_text
-    from finetune.core.metrics import read_status
+    from finetune.core.run_status import read_status
     from finetune.train import run
 
     def make(original):
@@ -209,7 +209,7 @@ def _digest(folder: Path) -> dict[str, str]:
 
 def test_disk_full_while_saving_keeps_the_previous_checkpoint(tmp_path, tiny_model_dir, qa_file, trainer_patch):
     """Simulated ENOSPC: the second checkpoint save writes part of its folder, then the disk is 'full'."""
-    from finetune.core.metrics import read_status
+    from finetune.core.run_status import read_status
     from finetune.core.run_folder import CHECKPOINT_DIR, last_checkpoint
     from finetune.train import run
 

@@ -9,7 +9,7 @@ import pytest
 
 from helpers import write_jsonl
 from finetune.core.config import from_dict, load_config
-from finetune.core.metrics import read_metrics, read_status
+from finetune.core.run_status import read_metrics, read_status
 from finetune.services.runs import RunManager
 from finetune.train import run
 

@@ -95,7 +95,7 @@ def test_every_method_has_help_text():
 @pytest.mark.parametrize("method", ["prompt_tuning", "dora"])
 def test_methods_train_and_save_their_adapter(tmp_path, tiny_model_dir, qa_file, method):
     """Methods the comparison test does not run (it runs full, IA3 and LoRA at 4/8/16 bits) train here."""
-    from finetune.core.metrics import read_metrics
+    from finetune.core.run_status import read_metrics
     from finetune.train import run
 
     cfg = tiny_run_config(tiny_model_dir, qa_file, bits=4 if method == "dora" else 32, max_steps=3,

@@ -8,7 +8,7 @@ from typing import Any
 from transformers import TrainerCallback
 
 from helpers import tiny_run_config
-from finetune.core.metrics import read_metrics, read_status
+from finetune.core.run_status import read_metrics, read_status
 
 
 class StatusProbe(TrainerCallback):

@@ -48,7 +48,7 @@ def _full_disk_for_status_writes(monkeypatch, root: Path) -> None:
 
 def test_disk_full_ends_the_run_failed_and_the_views_keep_answering(tmp_path, tiny_model_dir, qa_file, monkeypatch):
     from components.train_runs import poll_run, run_history
-    from finetune.core.metrics import read_status
+    from finetune.core.run_status import read_status
     from finetune.services.runs import RunManager
 
     child_site = tmp_path / "site"
@@ -80,7 +80,7 @@ def test_disk_full_ends_the_run_failed_and_the_views_keep_answering(tmp_path, ti
 
 def test_odd_entries_in_the_runs_folder_are_skipped_and_logged_once(tmp_path, caplog):
     from components.train_runs import poll_run, run_history
-    from finetune.core.metrics import write_status
+    from finetune.core.run_status import write_status
     from finetune.services.runs import RunManager
 
     root, elsewhere = tmp_path / "runs", tmp_path / "elsewhere"

@@ -11,7 +11,7 @@ import torch
 
 from helpers import tiny_run_config, write_jsonl
 from finetune.core.config import from_dict
-from finetune.core.metrics import read_metrics, read_status
+from finetune.core.run_status import read_metrics, read_status
 from finetune.services.runs import RunManager
 from finetune.train import run
 

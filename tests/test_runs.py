@@ -10,8 +10,8 @@ from typing import Any
 
 import pytest
 
-from finetune.core.metrics import FINAL_STATES, read_metrics, read_status, write_status
 from finetune.core.run_folder import last_checkpoint
+from finetune.core.run_status import FINAL_STATES, read_metrics, read_status, write_status
 from finetune.services.admission import RunError
 from finetune.services.runs import RunManager
 
@@ -24,7 +24,7 @@ from pathlib import Path
 folder, mode = Path(sys.argv[1]), sys.argv[2]
 
 
-def write_status(folder, **fields):  # finetune.core.metrics.write_status's contract, without importing transformers
+def write_status(folder, **fields):  # finetune.core.run_status.write_status's contract
     status = json.loads((folder / "status.json").read_text())
     status.update(fields, updated_at=time.time())
     (folder / "status.tmp").write_text(json.dumps(status))
@@ -105,7 +105,7 @@ def test_a_run_whose_process_vanished_is_marked_interrupted(manager, tiny_model_
     folder = manager.run_dir("ghost-run")
     folder.mkdir()
     from finetune.core.config import save_config
-    from finetune.core.metrics import write_status
+    from finetune.core.run_status import write_status
 
     save_config(cfg, folder / "config.yaml")
     write_status(folder, state="running", pid=2**22 + 12345)  # no such process: the app was restarted
@@ -120,7 +120,7 @@ def test_a_pid_that_now_belongs_to_another_process_is_not_taken_for_the_run(mana
     """After a machine restart a recorded pid can come round to an unrelated process (here: this test's own):
     the process start time recorded beside it tells them apart, so the run is marked interrupted, not running."""
     from finetune.core.config import save_config
-    from finetune.core.metrics import write_status
+    from finetune.core.run_status import write_status
 
     folder = manager.run_dir("reused-pid")
     folder.mkdir()
@@ -137,7 +137,7 @@ def test_run_ids_cannot_escape_the_runs_folder(manager, bad):
 
 def test_resume_refuses_runs_without_checkpoint(manager, tiny_model_dir, qa_file):
     from finetune.core.config import save_config
-    from finetune.core.metrics import write_status
+    from finetune.core.run_status import write_status
 
     folder = manager.run_dir("no-ckpt")
     folder.mkdir()
@@ -314,7 +314,8 @@ def test_a_run_that_logs_rarely_still_shows_life_between_logs(tmp_path, monkeypa
     from transformers import TrainerControl, TrainerState, TrainingArguments
 
     from finetune.core import metrics
-    from finetune.core.metrics import HEARTBEAT_SECONDS, MetricsCallback, write_status
+    from finetune.core.metrics import HEARTBEAT_SECONDS, MetricsCallback
+    from finetune.core.run_status import write_status
     from finetune.core.run_folder import STATUS_FILE
 
     monkeypatch.setattr(metrics, "ETA_WRITE_SECONDS", float("inf"))

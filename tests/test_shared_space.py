@@ -19,7 +19,7 @@ import pytest
 
 from finetune.core.access import AccessDenied, Visitor
 from finetune.core.config import save_config, to_dict
-from finetune.core.metrics import read_status, write_status
+from finetune.core.run_status import read_status, write_status
 from finetune.core.storage import enforce_budget, folder_bytes, prunable
 from finetune.services.admission import RunError
 from finetune.services.compare import CompareQueue
@@ -35,7 +35,7 @@ from pathlib import Path
 folder = Path(sys.argv[1])
 
 
-def write_status(**fields):  # finetune.core.metrics.write_status's contract, without importing transformers
+def write_status(**fields):  # finetune.core.run_status.write_status's contract
     status = json.loads((folder / "status.json").read_text())
     status.update(fields, updated_at=time.time())
     (folder / "status.tmp").write_text(json.dumps(status))

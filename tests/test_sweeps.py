@@ -15,7 +15,7 @@ import pytest
 from helpers import app_client
 
 from finetune.core.config import ConfigError, from_dict
-from finetune.core.metrics import read_metrics
+from finetune.core.run_status import read_metrics
 from finetune.services.runs import RunManager
 from finetune.services.sweeps import (SweepQueue, SweepRequest, best_config, eval_losses, prune_reason, results,
                                       validate_sweep, validation_loss)
@@ -117,7 +117,7 @@ def test_the_section_shows_the_ranking_charts_and_fills_the_train_form(finished_
 
 
 def test_validation_loss_of_a_run_that_kept_its_best_checkpoint_is_its_best_metric(tmp_path):
-    from finetune.core.metrics import write_status
+    from finetune.core.run_status import write_status
     from finetune.core.run_folder import METRICS_FILE
 
     manager = RunManager(tmp_path / "runs")

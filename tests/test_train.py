@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from finetune.core.config import load_config, save_config
-from finetune.core.metrics import read_metrics, read_status
+from finetune.core.run_status import read_metrics, read_status
 from finetune.stages.sft import build
 from finetune.train import cli, run
 

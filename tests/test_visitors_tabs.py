@@ -270,7 +270,7 @@ def test_benchmark_jobs_belong_to_the_visitor_who_started_them(shared_app, tmp_p
     from components.benchmark_section import poll_benchmark, stop_benchmark
     from components.course_tab import forgetting_markdown
     from finetune.services.benchmarks import BenchmarkService
-    from finetune.core.metrics import write_status
+    from finetune.core.run_status import write_status
 
     service = BenchmarkService(shared_app.root, tmp_path / "benchmarks")
     job_id = "bench-20261130-010203-abcdef"  # Alice's job as start() lays it out (no model is loaded here)

@@ -144,7 +144,7 @@ def accelerate_command(run_dir: Path, config_path: Path, python: str, port: int,
 def launch(run_dir: Path, config_path: Path, resume: bool = False, python: str = sys.executable) -> int:
     """Run the ranks through accelerate and wait; on failure, name the first rank that failed. Returns the
     launcher's exit code."""
-    from finetune.core.metrics import LAUNCHER_PID_ENV
+    from finetune.core.run_status import LAUNCHER_PID_ENV
 
     for old in (run_dir / RANKS_DIR).glob("rank-*.json"):  # an earlier attempt's ranks say nothing about this one
         old.unlink()
@@ -165,7 +165,7 @@ def launch(run_dir: Path, config_path: Path, resume: bool = False, python: str =
 
 def settle_failure(run_dir: Path, code: int) -> None:
     """A failed launch that no Stop explains: status.json says failed, with the first failing rank's error."""
-    from finetune.core.metrics import read_status, write_status
+    from finetune.core.run_status import read_status, write_status
     from finetune.core.run_folder import STOP_FILE
 
     if (run_dir / STOP_FILE).exists():

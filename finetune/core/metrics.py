@@ -5,16 +5,14 @@
 - ``status.json``: the run's state (queued, running, completed, failed, stopped, interrupted), replaced
   atomically so a reader never sees half a file.
 - ``STOP``: a flag file the UI creates; the callback honours it at the next step end (checkpoint, then stop).
+
+The status.json protocol itself (reading, writing, the states) is finetune/core/run_status.py's.
 """
 
 from __future__ import annotations
 
 import json
-import logging
 import math
-import os
-import socket
-import threading
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -24,9 +22,8 @@ from typing import Any
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from finetune.core.run_folder import METRICS_FILE, STATUS_FILE, STOP_FILE
+from finetune.core.run_status import HOSTNAME, run_pid, write_status
 
-FINAL_STATES = ("completed", "failed", "stopped", "interrupted", "cancelled")
-WAITING = "waiting"  # in the device queue behind another job: nothing started yet ("queued" while it starts)
 # A run that logs rarely (large logging_steps, slow steps) still touches status.json this often, so the run
 # manager's stall detection (LORA_LAB_STALL_SECONDS, default 600) tells a slow run from a hung one.
 HEARTBEAT_SECONDS = 60.0
@@ -34,16 +31,6 @@ HEARTBEAT_SECONDS = 60.0
 # quieter) shows within a few steps (the walk saw an ETA say 10:12 for a run that ended at 10:27).
 RECENT_STEPS = 5
 ETA_WRITE_SECONDS = 2.0  # status.json gets the re-measured ETA at most this often between log rows
-# Recorded with every pid: a run folder synced back from another machine carries a pid that means nothing here.
-HOSTNAME = socket.gethostname()
-# Set by finetune.core.distributed's launcher for the ranks of a multi-process run: the pid status.json must
-# carry is the launcher's (the process the run manager watches and signals), not rank 0's.
-LAUNCHER_PID_ENV = "LORA_LAB_LAUNCHER_PID"
-
-
-def run_pid() -> int:
-    """The pid that stands for this run in status.json."""
-    return int(os.environ.get(LAUNCHER_PID_ENV) or os.getpid())
 
 
 def any_rank(flag: bool) -> bool:
@@ -58,59 +45,6 @@ def any_rank(flag: bool) -> bool:
     vote = torch.tensor([int(flag)], device=device)
     dist.all_reduce(vote, op=dist.ReduceOp.MAX)
     return bool(vote.item())
-
-
-_STATUS_WRITES = threading.RLock()
-_log = logging.getLogger(__name__)
-
-
-def write_status(run_dir: str | Path, **fields: Any) -> dict[str, Any]:
-    """Merge ``fields`` into status.json and write it atomically; returns the new status. Threads of one process
-    (the stop escalation, a page's poll settling the run, the queue) take turns, so neither loses the other's
-    fields nor its temporary file."""
-    path = Path(run_dir) / STATUS_FILE
-    with _STATUS_WRITES:
-        status = read_status(run_dir)
-        status.update(fields, updated_at=time.time())
-        temporary = path.with_suffix(f".tmp{os.getpid()}-{threading.get_ident()}")
-        try:
-            temporary.write_text(json.dumps(status, indent=1), encoding="utf-8")
-            os.replace(temporary, path)
-        except OSError as error:  # a full disk (or a removed folder) must not raise into a view or a watcher
-            _unlink_quietly(temporary)
-            _log.warning("Could not write %s (%s); the previous status stays on disk.", path,
-                         error.strerror or error)
-            status["unsaved"] = error.strerror or str(error)
-    return status
-
-
-def _unlink_quietly(path: Path) -> None:
-    try:
-        path.unlink(missing_ok=True)
-    except OSError:
-        pass
-
-
-def read_status(run_dir: str | Path) -> dict[str, Any]:
-    try:
-        status = json.loads((Path(run_dir) / STATUS_FILE).read_text(encoding="utf-8"))
-    except (OSError, ValueError):  # missing, unreadable, half-written or not UTF-8: no state to report
-        return {}
-    return status if isinstance(status, dict) else {}
-
-
-def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
-    """All complete JSON lines of metrics.jsonl; a line still being written is skipped."""
-    path = Path(run_dir) / METRICS_FILE
-    if not path.is_file():
-        return []
-    rows = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return rows
 
 
 def _finite(value: Any) -> Any:

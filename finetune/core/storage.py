@@ -25,9 +25,9 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from finetune.core.metrics import read_status
 from finetune.core.run_folder import (BUILDING_MARKER, CHECKPOINT_DIR, EXPORT_DIR, MERGED_DIR, PARTIAL_SUFFIX,
                                       run_folders)
+from finetune.core.run_status import read_status
 
 BUDGET_ENV = "LORA_LAB_STORAGE_BUDGET"
 MIN_FREE_ENV = "LORA_LAB_MIN_FREE"

@@ -17,10 +17,10 @@ from finetune.core.config import ConfigError, RunConfig
 from finetune.core.data import DataError, check_file, data_source_kind, usable_row_count
 from finetune.core.distributed import launch_problems_here
 from finetune.core.lora_init import LOFTQ_NEEDS_WEIGHTS, init_problems
-from finetune.core.metrics import WAITING, read_status
 from finetune.core.models import ModelSourceError, local_weights_folder, model_source_kind, require_hub, resolve_source
 from finetune.core.preference import usable_preference_count
 from finetune.core.run_folder import MODEL_CONFIG
+from finetune.core.run_status import WAITING, read_status
 from finetune.core.storage import DiskFull, enforce_budget, require_free
 
 

@@ -49,10 +49,10 @@ from typing import Any
 
 from finetune.core.access import LOCAL, Visitor, can_view
 from finetune.core.config import EMBEDDED_MODEL, ConfigError, ModelConfig, load_config
-from finetune.core.metrics import read_status, write_status
 from finetune.core.models import ModelSourceError, cache_root, hub_reachable, model_source_kind, resolve_run_folder
 from finetune.core.paths import PROJECT_ROOT
 from finetune.core.run_folder import ADAPTER_CONFIG, ADAPTER_DIR, CONFIG_COPY, RUN_CONFIG, STOP_FILE, adapter_config
+from finetune.core.run_status import read_status, write_status
 from finetune.services.processes import pid_alive, spawn
 
 BUNDLED_TASK_DIR = PROJECT_ROOT / "data" / "benchmarks"

@@ -31,10 +31,10 @@ from typing import Any
 from finetune.core.access import LOCAL, Visitor, can_view, owned_by, require_owner, require_signed_in
 from finetune.core.config import ConfigError, RunConfig, from_dict, load_config, to_dict
 from finetune.core.estimate import model_shape
-from finetune.core.metrics import FINAL_STATES, read_metrics
 from finetune.core.models import ModelSourceError
 from finetune.core.paths import CONFIGS_DIR, check_config
 from finetune.core.run_folder import COMPARE_DIR, PROMPT_FILE, RUN_INFO_FILE
+from finetune.core.run_status import FINAL_STATES, read_metrics
 from finetune.services.admission import check_sources
 
 PRESET = CONFIGS_DIR / "compare-cpu.yaml"

@@ -32,9 +32,9 @@ from finetune.core import paths
 from finetune.core.config import ConfigError, DataConfig, ModelConfig, load_config
 from finetune.core.data import DataError, prepare
 from finetune.core.lora_init import BASE_CHANGING
-from finetune.core.metrics import read_metrics
 from finetune.core.preference import prompt_key, trained_prompt_keys
 from finetune.core.run_folder import ADAPTER_DIR, CHECKPOINT_DIR, CONFIG_COPY, RUN_CONFIG, RUN_INFO_FILE, has_adapter
+from finetune.core.run_status import read_metrics
 from finetune.services.chat import SamplingSettings, budget_note, peft_adapter_name
 from finetune.services.feedback import FeedbackStore
 

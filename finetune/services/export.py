@@ -31,12 +31,12 @@ import yaml
 from finetune.core.config import BUNDLED_DATASET, EMBEDDED_MODEL, ConfigError, RunConfig, load_config
 from finetune.core.data import prepare
 from finetune.core.hardware import HardwareProfile, detect, profile_for, resolve_compute_dtype
-from finetune.core.metrics import read_metrics, read_status
 from finetune.core.models import (HUB_ID, from_hub_or_cache, load_model, load_tokenizer, require_hub_to_push,
                                   weight_dtype)
 from finetune.core.paths import display_name
 from finetune.core.run_folder import (ADAPTER_CONFIG, ADAPTER_DIR, ADAPTER_WEIGHTS, CONFIG_COPY, EXPORT_DIR, MERGE_INFO,
                                       MERGED_DIR, MODEL_CONFIG, PARTIAL_SUFFIX, RUN_CONFIG, adapter_config, has_adapter)
+from finetune.core.run_status import read_metrics, read_status
 from finetune.core.storage import disk_full_message, is_disk_full
 from finetune.services.evaluate import dataset_loss
 

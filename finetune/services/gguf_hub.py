@@ -13,9 +13,9 @@ from typing import Any
 import yaml
 
 from finetune.core.config import BUNDLED_DATASET
-from finetune.core.metrics import read_status
 from finetune.core.models import require_hub_to_push
 from finetune.core.paths import display_name
+from finetune.core.run_status import read_status
 from finetune.services.export import (CARD_FILE, MERGE_TARGETS, METHOD_NAMES, STAGE_TRAINERS, ExportError, Progress,
                                       check_repo_id, hub_base, losses, no_progress, run_config)
 from finetune.services.gguf_convert import GGUF_TYPES, GgufExport, check_type, ollama_name

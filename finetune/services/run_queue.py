@@ -19,8 +19,8 @@ import time
 from typing import Any, Iterator
 
 from finetune.core.config import RunConfig
-from finetune.core.metrics import WAITING, read_status, write_status
 from finetune.core.run_folder import QUEUE_LOCK_FILE
+from finetune.core.run_status import WAITING, read_status, write_status
 from finetune.core.storage import enforce_budget
 from finetune.services.admission import RunError
 

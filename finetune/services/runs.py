@@ -41,9 +41,9 @@ from typing import Any
 from finetune.core.access import LOCAL, Visitor
 from finetune.core.config import ConfigError, RunConfig, load_config, save_config
 from finetune.core.distributed import check_launch, end_leftover_ranks, is_multi_process, launch_command, process_start
-from finetune.core.metrics import FINAL_STATES, HOSTNAME, WAITING, read_metrics, read_status, write_status
 from finetune.core.run_folder import (ADAPTER_DIR, LOG_FILE, METRICS_FILE, REWARD_DIR, RUN_CONFIG, STOP_FILE,
                                       UPLOADS_DIR, has_adapter, is_run_id, last_checkpoint, modified_time, run_folders)
+from finetune.core.run_status import FINAL_STATES, HOSTNAME, WAITING, read_metrics, read_status, write_status
 from finetune.core.storage import DISK_FULL_EXIT, disk_full_message, enforce_budget, folder_bytes
 from finetune.services.admission import RunAdmission, RunError
 from finetune.services.processes import ChildProcess, escalate_stop, reap_in_background, spawn, tail

@@ -30,10 +30,10 @@ from typing import Any
 from finetune.core.access import LOCAL, Visitor, owned_by
 from finetune.core.config import LORA_METHODS, ConfigError, RunConfig, from_dict, to_dict
 from finetune.core.data import DataError, prepare, data_source_kind
-from finetune.core.metrics import FINAL_STATES, read_metrics, read_status
 from finetune.core.models import ModelSourceError
 from finetune.core.paths import check_config
 from finetune.core.run_folder import SWEEP_DIR
+from finetune.core.run_status import FINAL_STATES, read_metrics, read_status
 from finetune.services.admission import check_sources
 from finetune.services.compare import CompareError, CompareQueue, check_model
 

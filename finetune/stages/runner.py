@@ -14,8 +14,9 @@ from types import ModuleType
 from typing import Any
 
 from finetune.core.config import RunConfig
-from finetune.core.metrics import any_rank, write_status
+from finetune.core.metrics import any_rank
 from finetune.core.run_folder import TENSORBOARD_DIR, last_checkpoint, write_run_info, STOP_FILE
+from finetune.core.run_status import write_status
 from finetune.stages import grpo, policy, reward, sft
 from finetune.stages.measure import record_measurements, reset_peak_memory
 

@@ -12,10 +12,11 @@ from finetune.core.data import prepare
 from finetune.core.hardware import HardwareProfile, detect
 from finetune.core.lm_head import use_cpu_lm_head
 from finetune.core.lora_init import BASE_CHANGING, LOFTQ_NEEDS_WEIGHTS, apply_loftq, check_init, reconstruction_error
-from finetune.core.metrics import MetricsCallback, write_status
+from finetune.core.metrics import MetricsCallback
 from finetune.core.models import ModelSourceError, load_model, load_tokenizer, local_weights_folder, resolve_source
 from finetune.core.recipe import resolve_recipe
 from finetune.core.run_folder import ADAPTER_DIR, FULL_MODEL_DIR, INITIAL_ADAPTER_DIR
+from finetune.core.run_status import write_status
 from finetune.stages.common import (Built, keep_adapters_in_compute_dtype, record_run_info, save_beside, to_lora_config,
                                     training_args)
 
