@@ -41,7 +41,7 @@ differences); "no measurable change" means the difference is within {Z_95} × th
 
 # --- handlers ------------------------------------------------------------------------------------------------------
 
-def benchmark_adapter_choices(manager: RunManager, current: list[str] | None = None, request: gr.Request = None) -> Any:
+def adapter_choices(manager: RunManager, current: list[str] | None = None, request: gr.Request = None) -> Any:
     ids = list(visible_adapters(manager, visitor_of(request)))
     return gr.Dropdown(choices=ids, value=[run_id for run_id in current or [] if run_id in ids], multiselect=True)
 
@@ -211,7 +211,7 @@ def build_benchmark_section(manager: RunManager, service: BenchmarkService) -> N
 def _wire(manager: RunManager, service: BenchmarkService, ui: dict[str, Any]) -> None:
     form = [ui["adapters"], ui["model"], ui["bits"], ui["tasks"], ui["limit"]]
     live = [ui["progress"], ui["table"], ui["base_table"]]
-    ui["refresh"].click(bind(benchmark_adapter_choices, manager), ui["adapters"], ui["adapters"],
+    ui["refresh"].click(bind(adapter_choices, manager), ui["adapters"], ui["adapters"],
                         api_name="benchmark_runs")
     ui["preset"].click(forgetting_preset, None, [ui["tasks"], ui["limit"]], api_name="benchmark_preset")
     ui["estimate"].click(bind(estimate_benchmark, manager, service), form, ui["message"], api_name="benchmark_estimate")
@@ -220,5 +220,5 @@ def _wire(manager: RunManager, service: BenchmarkService, ui: dict[str, Any]) ->
     ui["stop"].click(bind(stop_benchmark, service), ui["job"], ui["message"], api_name="benchmark_stop")
     gr.Timer(POLL_SECONDS).tick(bind(poll_benchmark, service), ui["job"], live, api_name="benchmark_poll",
                                 show_progress="hidden", queue=False)
-    on_page_load(bind(benchmark_adapter_choices, manager), ui["adapters"], ui["adapters"])
+    on_page_load(bind(adapter_choices, manager), ui["adapters"], ui["adapters"])
     on_page_load(bind(latest_visible_job, service), None, ui["job"])

@@ -60,7 +60,7 @@ def listed(dropdown: Any) -> list[str]:
 
 
 def test_pickers_list_only_the_runs_a_visitor_may_see(shared_app):
-    from components.benchmark_section import benchmark_adapter_choices as benchmark_choices
+    from components.benchmark_section import adapter_choices as benchmark_choices
     from components.chat_tab import adapter_choices
     from components.eval_tab import run_choices
     from components.export_tab import export_choices
