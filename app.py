@@ -11,11 +11,11 @@ import atexit
 import os
 from pathlib import Path
 
-from finetune.noise import quiet_known_noise
+from finetune.core.noise import quiet_known_noise
 
 quiet_known_noise()  # before the libraries load: their known, harmless messages stay out of the app log
 
-from finetune import deploy  # noqa: E402
+from finetune.services import deploy  # noqa: E402
 
 # Before gradio/huggingface_hub are imported (they read HF_HOME once): model caches on a Space's /data.
 os.environ.update({k: v for k, v in deploy.cache_env().items() if k not in os.environ})
@@ -31,20 +31,22 @@ from components.export_tab import build_export_tab, export_choices
 from components.feedback_tab import build_feedback_tab
 from components.inspect_section import build_inspect_section
 from components.quant_tab import build_quant_tab
-from components.sweep_section import build_sweep_section
 from components.rlhf_tab import build_rlhf_tab
 from components.shared import bind, check_number_inputs, visitor_of, who_markdown
 from components.sign_in import app_kwargs, build_sign_in_row
+from components.sweep_section import build_sweep_section
 from components.train_tab import build_train_tab
-from finetune.access import JobLimits, can_act, sign_in_mode
-from finetune.benchmarks import BenchmarkService, app_root
-from finetune.chat import ChatEngine
-from finetune.compare import CompareQueue
-from finetune.feedback import FeedbackStore, LangSmithSettings
-from finetune.hardware import HardwareProfile, detect
-from finetune.scoring import ScorerCache
-from finetune.sweeps import SweepQueue
-from finetune.runs import RunManager
+from finetune.core.access import JobLimits, can_act, sign_in_mode
+from finetune.core.hardware import HardwareProfile, detect
+from finetune.core.run_folder import FEEDBACK_DB, FEEDBACK_EXPORTS_DIR
+from finetune.services.benchmarks import BenchmarkService, app_root
+from finetune.services.chat import ChatEngine
+from finetune.services.compare import CompareQueue
+from finetune.services.feedback import FeedbackStore
+from finetune.services.langsmith_sync import LangSmithSettings
+from finetune.services.runs import RunManager
+from finetune.services.scoring import ScorerCache
+from finetune.services.sweeps import SweepQueue
 
 
 def opening_preset(manager: RunManager, profile: HardwareProfile, request: gr.Request = None) -> object:
@@ -59,7 +61,7 @@ def build_app(runs_root: str = "runs", profile: HardwareProfile | None = None,
               feedback_db: str | None = None) -> gr.Blocks:
     profile, manager = profile or detect(), RunManager(runs_root)
     # Feedback lives beside the runs unless told otherwise; LangSmith sync only when LANGSMITH_API_KEY is set.
-    store = FeedbackStore(feedback_db or Path(runs_root) / "feedback.db", langsmith=LangSmithSettings.from_env())
+    store = FeedbackStore(feedback_db or Path(runs_root) / FEEDBACK_DB, langsmith=LangSmithSettings.from_env())
     engine = ChatEngine(profile)
     scorers = ScorerCache(profile)  # the reward model in memory, for the RLHF and Evaluate tabs alike
     benchmarks = BenchmarkService(runs_root, app_root(runs_root))  # Evaluate runs them, the course quotes them
@@ -81,7 +83,7 @@ def build_app(runs_root: str = "runs", profile: HardwareProfile | None = None,
         with gr.Tab("RLHF", id="rlhf"):
             build_rlhf_tab(manager, store.path, chat, engine, scorers)
         with gr.Tab("Feedback", id="feedback") as feedback_tab:
-            feedback = build_feedback_tab(store, Path(runs_root) / "feedback-exports")
+            feedback = build_feedback_tab(store, Path(runs_root) / FEEDBACK_EXPORTS_DIR)
         feedback_tab.select(feedback["summary_fn"], None, [feedback["sync"], feedback["counts"], feedback["recent"],
                                                       feedback["wins"]], api_visibility="private")
         with gr.Tab("Export", id="export") as export_tab:

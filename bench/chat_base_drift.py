@@ -4,7 +4,7 @@
 
 One engine answers a greedy pair with adapter "a", then three more adapters load (peft's load_adapter each
 time); after each load the base's next-token logits (adapters disabled) are compared with those before. "without
-the fix" swaps ``finetune.chat._base_kept`` for a no-op, which is the engine as it was: peft's ``state_dict()``
+the fix" swaps ``finetune.services.chat._base_kept`` for a no-op, which is the engine as it was: peft's ``state_dict()``
 call unpacks bitsandbytes' CPU-repacked 4-bit weights through a lossy inverse. The adapters are random LoRA r=8
 (B ~ N(0, 0.02)), which is all the test needs: what matters is that loading them must not move the base.
 """
@@ -20,9 +20,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import finetune.chat as chat  # noqa: E402
-from finetune.config import ModelConfig  # noqa: E402
-from finetune.models import embedded_model_dir  # noqa: E402
+import finetune.services.chat as chat  # noqa: E402
+from finetune.core.config import ModelConfig  # noqa: E402
+from finetune.core.models import embedded_model_dir  # noqa: E402
 
 PROMPT = "What is LoRA in machine learning?"
 GREEDY = chat.SamplingSettings(max_new_tokens=40, temperature=0.0)

@@ -24,9 +24,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from finetune.chat import SLICE_SECONDS, SLICE_TOKENS, ChatEngine, SamplingSettings  # noqa: E402
-from finetune.config import ModelConfig  # noqa: E402
-from finetune.models import embedded_model_dir  # noqa: E402
+from finetune.services.chat import SLICE_SECONDS, SLICE_TOKENS, ChatEngine, SamplingSettings  # noqa: E402
+from finetune.core.config import ModelConfig  # noqa: E402
+from finetune.core.models import embedded_model_dir  # noqa: E402
 
 LONG_PROMPT_CHARS = 8000
 LONG_TOKENS = 128
@@ -45,7 +45,7 @@ class FullLength(SamplingSettings):
 def random_adapter(cfg: ModelConfig) -> Path:
     from peft import LoraConfig, get_peft_model
 
-    from finetune.models import load_model
+    from finetune.core.models import load_model
 
     lora = LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", init_lora_weights=False,
                       task_type="CAUSAL_LM")

@@ -29,8 +29,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from finetune.chat import ChatEngine, SamplingSettings, in_own_thread  # noqa: E402
-from finetune.config import ModelConfig  # noqa: E402
+from finetune.services.chat import ChatEngine, SamplingSettings, in_own_thread  # noqa: E402
+from finetune.core.config import ModelConfig  # noqa: E402
 
 PROMPT = "Explain in a few sentences what LoRA changes in a transformer layer and why it saves memory."
 
@@ -48,7 +48,7 @@ class FixedLength(SamplingSettings):
 def random_adapter(model_dir: str, bits: int) -> Path:
     from peft import LoraConfig, get_peft_model
 
-    from finetune.models import load_model
+    from finetune.core.models import load_model
 
     model = load_model(ModelConfig(source=model_dir, bits=bits))
     lora = LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", init_lora_weights=False,
@@ -117,7 +117,7 @@ def measure_model_only(engine: ChatEngine, cfg: ModelConfig, adapter: Path, sett
             call()
             return time.perf_counter() - started
 
-    # Each call in a thread that ends with it, as the app does (see finetune.chat.in_own_thread).
+    # Each call in a thread that ends with it, as the app does (see finetune.services.chat.in_own_thread).
     results = {}
     for name, call in paths.items():
         in_own_thread(lambda: seconds(call))  # warm-up
@@ -159,7 +159,7 @@ def main(argv: list[str] | None = None) -> None:
     from train_throughput import SHAPES, bench_tokenizer, random_model_dir
 
     if args.model == "embedded":
-        from finetune.models import embedded_model_dir
+        from finetune.core.models import embedded_model_dir
 
         model_dir = str(embedded_model_dir())
     elif args.model in SHAPES:

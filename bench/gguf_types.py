@@ -21,18 +21,19 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from finetune.config import load_config  # noqa: E402
-from finetune.evaluate import dataset_loss, loss_difference_interval  # noqa: E402
-from finetune.export import comparison_rows, run_config  # noqa: E402
-from finetune.gguf_export import GGUF_TYPES, write_gguf  # noqa: E402
-from finetune.hardware import profile_for  # noqa: E402
-from finetune.models import load_model, load_tokenizer  # noqa: E402
+from finetune.core.config import load_config  # noqa: E402
+from finetune.services.evaluate import dataset_loss, loss_difference_interval  # noqa: E402
+from finetune.services.export import comparison_rows, run_config  # noqa: E402
+from finetune.core.hardware import profile_for  # noqa: E402
+from finetune.core.models import load_model, load_tokenizer  # noqa: E402
+from finetune.services.gguf_convert import GGUF_TYPES  # noqa: E402
+from finetune.services.gguf_export import write_gguf  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def trained_run(folder: Path) -> Path:
-    from finetune.config import save_config
+    from finetune.core.config import save_config
     from finetune.train import run
 
     cfg = load_config(ROOT / "configs" / "cpu-quick.yaml")

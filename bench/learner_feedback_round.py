@@ -23,14 +23,16 @@ import pandas as pd
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from components.eval_tab import _loss_summary  # noqa: E402
-from components.rlhf_tab import compare_policy, start_stage  # noqa: E402
-from finetune.chat import ChatEngine, SamplingSettings  # noqa: E402
-from finetune.config import DataConfig, load_config  # noqa: E402
-from finetune.evaluate import candidate_loss, candidates, eval_rows  # noqa: E402
-from finetune.feedback import FeedbackStore  # noqa: E402
-from finetune.metrics import read_metrics  # noqa: E402
-from finetune.scoring import ScorerCache  # noqa: E402
-from finetune.runs import RunManager  # noqa: E402
+from components.rlhf_playground import compare_policy  # noqa: E402
+from components.rlhf_runs import start_stage  # noqa: E402
+from finetune.services.chat import ChatEngine, SamplingSettings  # noqa: E402
+from finetune.core.config import DataConfig, load_config  # noqa: E402
+from finetune.services.evaluate import candidate_loss, candidates, eval_rows  # noqa: E402
+from finetune.services.feedback import FeedbackStore  # noqa: E402
+from finetune.services.feedback_export import pair_rows  # noqa: E402
+from finetune.core.run_status import read_metrics  # noqa: E402
+from finetune.services.scoring import ScorerCache  # noqa: E402
+from finetune.services.runs import RunManager  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -56,7 +58,7 @@ def chat_and_vote(engine: ChatEngine, store: FeedbackStore, manager: RunManager,
                   max_new_tokens: int) -> list[dict]:
     """Chat turns and votes until ``count`` questions are voted on (an interrupted round goes on where it was)."""
     cfg = load_config(manager.run_dir(sft_id) / "config.yaml")
-    done = {row["prompt"][-1]["content"] for row in store.pair_rows()}
+    done = {row["prompt"][-1]["content"] for row in pair_rows(store)}
     votes = [{"prompt": prompt, "earlier": True} for prompt in questions(count) if prompt in done]
     for seed, prompt in enumerate(questions(count)):
         if prompt in done:

@@ -18,7 +18,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from finetune.gguf_export import write_gguf  # noqa: E402
+from finetune.services.gguf_export import write_gguf  # noqa: E402
 
 SAMPLE = ("Hello, world! Ça va? Größe straße. Привет, мир. 你好，世界。 🧪🚀 x² ≤ 3.14159 — tabs\tand  double  "
           "spaces\n")

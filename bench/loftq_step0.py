@@ -20,11 +20,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from finetune.adapter_inspect import step0_model  # noqa: E402
-from finetune.config import BUNDLED_DATASET, DataConfig, load_config  # noqa: E402
-from finetune.evaluate import LossResult, dataset_loss, eval_rows, loss_difference_interval  # noqa: E402
-from finetune.lora_init import reconstruction_error  # noqa: E402
-from finetune.models import load_model, load_tokenizer  # noqa: E402
+from finetune.services.adapter_inspect import step0_model  # noqa: E402
+from finetune.core.config import BUNDLED_DATASET, DataConfig, load_config  # noqa: E402
+from finetune.services.evaluate import LossResult, dataset_loss, eval_rows, loss_difference_interval  # noqa: E402
+from finetune.core.lora_init import reconstruction_error  # noqa: E402
+from finetune.core.models import load_model, load_tokenizer  # noqa: E402
 
 
 def loss_of(model: object, tokenizer: object, rows: object, max_length: int) -> LossResult:

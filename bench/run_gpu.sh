@@ -4,7 +4,7 @@
 # where .gpu/tokenizer is the embedded model's saved tokenizer). Results land in $OUT (default: bench-out/).
 # Make them here with the project's pins: bash ../shared/gpu/fetch_wheels.sh transformers==5.23.0 peft==0.21.2
 #   accelerate==1.15.0 huggingface-hub==2.4.0 httpx2==2.16.2 httpcore2==2.16.2 truststore   (the hub client needs
-#   the last three), and: .venv/bin/python -c "from finetune.models import embedded_model_dir as d;
+#   the last three), and: .venv/bin/python -c "from finetune.core.models import embedded_model_dir as d;
 #   from transformers import AutoTokenizer as T; T.from_pretrained(str(d())).save_pretrained('.gpu/tokenizer')"
 #   bash bench/run_gpu.sh          # training (1.2 B), T4 fit (8 B), chat latency
 #   bash bench/run_gpu.sh train    # training only, plus the run without Liger

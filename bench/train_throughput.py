@@ -10,9 +10,9 @@ pre-tokenized rows in the same order (same seed), so their per-step losses are c
 
 (a) baseline = the usual recipe: ``prepare_model_for_kbit_training`` (fp32 upcast of every non-quantized weight),
     gradient checkpointing, each batch padded to its longest row, paged AdamW 32-bit, a plain ``Trainer``.
-(b) default  = ``finetune.stages.sft.sft_trainer`` with the recipe ``finetune.recipe.resolve_recipe`` picks for this
-    hardware (no upcast, TRL's fused LM head, padding-free batches, Liger on CUDA, checkpointing only if needed;
-    on the CPU, answer tokens only through one log-softmax, ``finetune/lm_head.py``).
+(b) default  = ``finetune.stages.sft.sft_trainer`` with the recipe ``finetune.core.recipe.resolve_recipe`` picks
+    for this hardware (no upcast, TRL's fused LM head, padding-free batches, Liger on CUDA, checkpointing only if needed;
+    on the CPU, answer tokens only through one log-softmax, ``finetune/core/lm_head.py``).
 
 Prints for each: useful (non-padding) tokens/s over the timed steps, peak memory (GPU allocator, or process RSS on
 the CPU), the final loss, and the memory estimate the Train tab would show; then the ratios default/baseline.
@@ -40,8 +40,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from finetune.config import BUNDLED_DATASET, from_dict  # noqa: E402
-from finetune.hardware import detect  # noqa: E402
+from finetune.core.config import BUNDLED_DATASET, from_dict  # noqa: E402
+from finetune.core.hardware import detect  # noqa: E402
 
 # Llama shapes: 1.2 B is the shape of ../shared/gpu's baseline probe; 8 B is Llama-3-8B's.
 SHAPES = {
@@ -71,8 +71,8 @@ class Result:
 
 def bundled_rows(tokenizer: Any, max_len: int) -> list[dict[str, list[int]]]:
     """The bundled course data through the chat template; the mask marks the answer tokens (the loss)."""
-    from finetune.config import DataConfig
-    from finetune.data import prepare
+    from finetune.core.config import DataConfig
+    from finetune.core.data import prepare
 
     data = prepare(DataConfig(source=BUNDLED_DATASET, max_seq_length=max_len, validation_fraction=0.0),
                    tokenizer, seed=0)
@@ -139,7 +139,7 @@ def bench_tokenizer() -> Any:
 
     folder = os.environ.get("LORA_LAB_BENCH_TOKENIZER")
     if not folder:
-        from finetune.models import embedded_model_dir
+        from finetune.core.models import embedded_model_dir
 
         folder = str(embedded_model_dir())
     tokenizer = AutoTokenizer.from_pretrained(folder)
@@ -287,7 +287,7 @@ def train_baseline(source: str, dataset: Any, tokenizer: Any, args: argparse.Nam
 
 
 def train_default(source: str, dataset: Any, tokenizer: Any, args: argparse.Namespace, timer: Any) -> None:
-    from finetune.models import load_model
+    from finetune.core.models import load_model
     from finetune.stages.sft import sft_trainer
 
     cfg, profile = run_config(source, args), detect()
@@ -299,9 +299,9 @@ def train_default(source: str, dataset: Any, tokenizer: Any, args: argparse.Name
 
 
 def estimate_gb(source: str, args: argparse.Namespace) -> float | None:
-    from finetune.estimate import estimate_memory, model_shape
+    from finetune.core.estimate import estimate_memory, model_shape
 
-    from finetune.estimate import CPU_RUNTIME_GB, CUDA_CONTEXT_GB
+    from finetune.core.estimate import CPU_RUNTIME_GB, CUDA_CONTEXT_GB
 
     cfg, profile = run_config(source, args), detect()
     try:
@@ -393,7 +393,7 @@ def main(argv: list[str] | None = None) -> list[Result]:
 
     tokenizer = bench_tokenizer()
     if args.model == "embedded":
-        from finetune.models import embedded_model_dir
+        from finetune.core.models import embedded_model_dir
 
         source, rows = str(embedded_model_dir()), bundled_rows(tokenizer, args.max_len)
     else:

@@ -1,7 +1,7 @@
 """The Evaluate tab's benchmark section: standard tasks through lm-evaluation-harness, base vs adapter.
 
 Start plans the job (every refusal, with its reason, before a child starts), shows the rough time estimate and
-hands the job to ``finetune.benchmarks.BenchmarkService``, which runs the harness in a child process. A
+hands the job to ``finetune.services.benchmarks.BenchmarkService``, which runs the harness in a child process. A
 ``gr.Timer`` reads the job folder: progress, then the table. Stop ends the child at its next model call.
 """
 
@@ -14,15 +14,14 @@ from typing import Any
 import gradio as gr
 import pandas as pd
 
-from components.shared import (bind, duration, on_page_load, refusal, require_visible, visible_adapters,
-                               visitor_of)
-from finetune.access import AccessDenied, Visitor, can_view, require_owner, require_signed_in
-from finetune.benchmarks import (BUNDLED_TASK, FORGETTING_CHECK_LIMIT, FORGETTING_CHECK_ONLINE, MIN_ITEMS, Z_95,
-                                 BenchmarkError, BenchmarkService, TableRow, base_only_rows,
-                                 forgetting_check_tasks)
-from finetune.config import ConfigError
-from finetune.paths import model_source as gated_model_source
-from finetune.runs import RunManager
+from components.shared import bind, duration, on_page_load, refusal, require_visible, visible_adapters, visitor_of
+from finetune.core.access import AccessDenied, Visitor, can_view, require_owner, require_signed_in
+from finetune.core.config import ConfigError
+from finetune.core.paths import model_source as gated_model_source
+from finetune.services.benchmarks import (BUNDLED_TASK, FORGETTING_CHECK_LIMIT, FORGETTING_CHECK_ONLINE, MIN_ITEMS,
+                                          Z_95, BenchmarkError, BenchmarkService, TableRow, base_only_rows,
+                                          forgetting_check_tasks)
+from finetune.services.runs import RunManager
 
 POLL_SECONDS = 2.0
 TABLE_COLUMNS = ["task", "metric", "adapter", "base", "base ± se", "adapter score", "adapter ± se", "difference",
@@ -212,7 +211,8 @@ def build_benchmark_section(manager: RunManager, service: BenchmarkService) -> N
 def _wire(manager: RunManager, service: BenchmarkService, ui: dict[str, Any]) -> None:
     form = [ui["adapters"], ui["model"], ui["bits"], ui["tasks"], ui["limit"]]
     live = [ui["progress"], ui["table"], ui["base_table"]]
-    ui["refresh"].click(bind(adapter_choices, manager), ui["adapters"], ui["adapters"], api_name="benchmark_runs")
+    ui["refresh"].click(bind(adapter_choices, manager), ui["adapters"], ui["adapters"],
+                        api_name="benchmark_runs")
     ui["preset"].click(forgetting_preset, None, [ui["tasks"], ui["limit"]], api_name="benchmark_preset")
     ui["estimate"].click(bind(estimate_benchmark, manager, service), form, ui["message"], api_name="benchmark_estimate")
     ui["start"].click(bind(start_benchmark, manager, service), form, [ui["job"], ui["message"]], api_name="benchmark_start",

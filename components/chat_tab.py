@@ -23,16 +23,17 @@ from typing import Any, Iterator
 
 import gradio as gr
 
-from components.shared import (CHAT_SLOT, bind, duration, on_page_load, refusal, require_visible,
-                               visible_adapters, visitor_of)
-from finetune.access import AccessDenied, can_view, require_signed_in, sign_in_hint
-from finetune.chat import (DEFAULT_NEW_TOKENS, ChatEngine, SamplingSettings, check_prompt, normalize_history,
-                           split_budget_note)
-from finetune.config import ConfigError, load_config
-from finetune.data import validation_prompts
-from finetune.feedback import FeedbackError, FeedbackStore
-from finetune.runs import RunError, RunManager
-from finetune.run_folder import ADAPTER_DIR, RUN_CONFIG, has_adapter
+from components.shared import (CHAT_SLOT, bind, duration, on_page_load, refusal, require_visible, visible_adapters,
+                               visitor_of)
+from finetune.core.access import AccessDenied, can_view, require_signed_in, sign_in_hint
+from finetune.core.config import ConfigError, load_config
+from finetune.core.data import validation_prompts
+from finetune.core.run_folder import ADAPTER_DIR, RUN_CONFIG, has_adapter
+from finetune.services.admission import RunError
+from finetune.services.chat import (DEFAULT_NEW_TOKENS, ChatEngine, SamplingSettings, check_prompt, normalize_history,
+                                    split_budget_note)
+from finetune.services.feedback import FeedbackError, FeedbackStore
+from finetune.services.runs import RunManager
 
 Chat = list[dict[str, str]]
 Turn = dict[str, Any]

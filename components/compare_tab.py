@@ -1,6 +1,6 @@
 """The Compare tab: PEFT vs LoRA vs QLoRA, measured on the learner's own data and hardware.
 
-One button queues the same dataset, seed and step budget for the chosen techniques (finetune/compare.py); they
+One button queues the same dataset, seed and step budget for the chosen techniques (finetune/services/compare.py); they
 train one after another as normal runs (they also appear in the Train tab's history). A ``gr.Timer`` reads the
 queue file and the run folders, so a reloaded page re-attaches to a comparison in progress. Beside the measured
 table sit the course's qualitative rows, so the words and the numbers are seen together.
@@ -15,12 +15,12 @@ import gradio as gr
 import pandas as pd
 
 from components.shared import bind, duration, on_page_load, stop_queue, visitor_of
-from finetune.access import AccessDenied
-from finetune.compare import (DEFAULT_TECHNIQUES, QUALITATIVE, QUALITATIVE_COLUMNS, RESULT_COLUMNS, TECHNIQUES,
-                              CompareError, CompareQueue, CompareRequest, base_config, expected_seconds,
-                              loss_points, progress, results, seconds_left, validate_request)
-from finetune.config import BUNDLED_DATASET, EMBEDDED_MODEL, ConfigError
-from finetune.runs import RunError
+from finetune.core.access import AccessDenied
+from finetune.core.config import BUNDLED_DATASET, EMBEDDED_MODEL, ConfigError
+from finetune.services.admission import RunError
+from finetune.services.compare import (DEFAULT_TECHNIQUES, QUALITATIVE, QUALITATIVE_COLUMNS, RESULT_COLUMNS, TECHNIQUES,
+                                       CompareError, CompareQueue, CompareRequest, base_config, expected_seconds,
+                                       loss_points, progress, results, seconds_left, validate_request)
 
 POLL_SECONDS = 2.0
 # The order of start_comparison's parameters.
@@ -35,7 +35,7 @@ def results_frame(queue: CompareQueue, state: dict[str, Any] | None) -> pd.DataF
     return pd.DataFrame([[row[c] for c in RESULT_COLUMNS] for row in rows], columns=RESULT_COLUMNS)
 
 
-def loss_frame(queue: CompareQueue, state: dict[str, Any] | None) -> pd.DataFrame | None:
+def techniques_loss_frame(queue: CompareQueue, state: dict[str, Any] | None) -> pd.DataFrame | None:
     """Training loss of every technique in one long frame (None, not an empty frame: see train_tab's notes on
     gradio 6.31's LinePlot colour domain)."""
     points = loss_points(queue.manager, state) if state else []
@@ -175,7 +175,7 @@ def poll_comparison(queue: CompareQueue, comparison_id: str, shown: str = "", re
         status += f" ({state['error']})"
     key = f"{comparison_id}:{scatter_key(scatter_frame(table))}"
     return (comparison_id, status, comparison_progress_html(state, queue), table, ordering_notes(table),
-            loss_frame(queue, state), None if key != shown else gr.skip(), key)
+            techniques_loss_frame(queue, state), None if key != shown else gr.skip(), key)
 
 
 def show_scatter(queue: CompareQueue, comparison_id: str, request: gr.Request = None) -> pd.DataFrame | None:

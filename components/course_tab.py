@@ -1,10 +1,10 @@
 """The "Start here" tab: the course as a path of steps, each with a few sentences, ONE primary button that does
 the step with sensible defaults through the same services the full tabs call (the estimate, the quantization
 measurement, the run manager, the chat engine and feedback store, the reward model's judge, the held-out loss),
-the learner's own result with a "what to notice" sentence computed from their numbers (finetune/course.py), the
+the learner's own result with a "what to notice" sentence computed from their numbers (finetune/services/course.py), the
 expected time before it starts, and a link to the full tab.
 
-Progress is kept per visitor on disk (finetune/course_progress.py), so a reload or an app restart finds it. The
+Progress is kept per visitor on disk (finetune/core/course_progress.py), so a reload or an app restart finds it. The
 training steps run as ordinary jobs in the queue: their runs appear in the Train, Chat, RLHF and Evaluate tabs.
 """
 
@@ -16,142 +16,29 @@ from typing import Any
 import gradio as gr
 import pandas as pd
 
-from components.rlhf_form import config_from_form as preference_config
-from components.shared import (CHAT_SLOT, bind, downloadable, live_status, on_page_load, progress_html, refusal,
-                               visitor_of)
-from components.train_form import CONFIGS_DIR
-from finetune import course, paths
-from finetune.access import AccessDenied, Visitor, require_signed_in
-from finetune.benchmarks import BenchmarkService
-from finetune.chat import ChatEngine, SamplingSettings
-from finetune.config import BUNDLED_DATASET, ConfigError, LoraSettings, RunConfig, from_dict, load_config, to_dict
-from finetune.course_progress import CourseProgress
-from finetune.deploy import default_preset
-from finetune.estimate import lora_parameter_count, model_shape, targeted_linears
-from finetune.evaluate import (candidate_loss, candidates, judge_accuracy, load_eval_rows,
-                               loss_difference_interval, model_label)
-from finetune.feedback import FeedbackError, FeedbackStore
-from finetune.hardware import HardwareProfile
-from finetune.lab_report import collect, write_report
-from finetune.metrics import is_summary, read_metrics, write_status
-from finetune.models import ModelSourceError
-from finetune.preference import BUNDLED_PREFERENCES, load_preferences
-from finetune.quantize import FORMATS, MB, measure
-from finetune.run_folder import ADAPTER_DIR
-from finetune.runs import RunError, RunManager, check_sources
+from components.course_runs import (RUN_STEPS, acting_visitor, expected_times, finished_run, notice, path_markdown,
+                                    poll_course, progress_of, qlora_config, start_dpo, start_qlora, start_reward)
+from components.downloads import downloadable
+from components.shared import CHAT_SLOT, bind, on_page_load, progress_html, refusal, visitor_of
+from finetune.core.config import BUNDLED_DATASET, ConfigError, LoraSettings, load_config
+from finetune.core.course_progress import CourseProgress
+from finetune.core.estimate import lora_parameter_count, model_shape, targeted_linears
+from finetune.core.hardware import HardwareProfile
+from finetune.core.models import ModelSourceError
+from finetune.core.run_folder import ADAPTER_DIR, RUN_CONFIG
+from finetune.services import course
+from finetune.services.benchmarks import BenchmarkService
+from finetune.services.chat import ChatEngine, SamplingSettings
+from finetune.services.evaluate import candidate_loss, candidates, load_eval_rows, loss_difference_interval, model_label
+from finetune.services.feedback import FeedbackError, FeedbackStore
+from finetune.services.lab_report import collect, write_report
+from finetune.services.quantize import FORMATS, MB, measure
+from finetune.services.runs import RunManager
 
 POLL_SECONDS = 2.0
-RUN_STEPS = ("qlora", "reward", "dpo")
 VOTES = [("Tuned is better", "second"), ("Base is better", "first"), ("No difference", "tie")]
 VOTE_WORDS = {"second": "tuned", "first": "base", "tie": "no difference"}
 QUANT_KEYS = ("16bit", "nf4-dq")
-
-
-def notice(sentence: str) -> str:
-    return f"**What to notice:** {sentence}"
-
-
-def _progress(manager: RunManager, request: gr.Request | None) -> CourseProgress:
-    return CourseProgress(manager.root, visitor_of(request))
-
-
-def _acting(request: gr.Request | None, what: str) -> Visitor:
-    visitor = visitor_of(request)
-    try:
-        require_signed_in(visitor, what)
-    except AccessDenied as error:
-        raise refusal(str(error)) from None
-    return visitor
-
-
-# --- the configs the course trains ----------------------------------------------------------------------------
-
-def qlora_config(profile: HardwareProfile, rank: int) -> RunConfig:
-    """This hardware's QLoRA preset at the learner's rank (alpha = 2 x rank), at the course's size."""
-    raw, size = to_dict(load_config(CONFIGS_DIR / f"{default_preset(profile)}.yaml")), course.CourseSize.from_env()
-    raw["run_name"] = "course-qlora"
-    raw["lora"].update(rank=int(rank), alpha=2 * int(rank))
-    if size.train_steps:
-        raw["training"].update(max_steps=size.train_steps, save_steps=size.train_steps)
-    if size.batch_size:
-        raw["training"]["batch_size"] = size.batch_size
-    if size.max_seq_length:
-        raw["data"]["max_seq_length"] = size.max_seq_length
-    if size.validation_fraction:
-        raw["data"]["validation_fraction"] = size.validation_fraction
-    raw["data"]["max_eval_samples"] = size.eval_samples
-    if size.bits:
-        raw["model"]["bits"] = size.bits
-    return from_dict(raw)
-
-
-def preference_step_config(stage: str, base: RunConfig, start_adapter: str = "") -> RunConfig:
-    """A reward or DPO config as the RLHF tab builds it (components/rlhf_form.py), on the QLoRA run's model, the
-    bundled pairs, at the course's size."""
-    size = course.CourseSize.from_env()
-    embedded = base.model.source == load_config(CONFIGS_DIR / "cpu-quick.yaml").model.source
-    form = {"model_kind": "Embedded" if embedded else "Local folder", "model_source": base.model.source,
-            "model_bits": base.model.bits, "lora_rank": base.lora.rank, "reward_max_steps": size.preference_steps,
-            "policy_max_steps": size.preference_steps, "start_adapter": start_adapter}
-    if size.batch_size:
-        form["batch_size"] = size.batch_size
-    if size.max_seq_length:
-        form["max_seq_length"] = size.max_seq_length + 64  # a pair's prompt and answer
-    cfg = preference_config(stage, BUNDLED_PREFERENCES, form)
-    cfg.data.max_eval_samples = size.eval_samples
-    return cfg
-
-
-def _start(manager: RunManager, cfg: RunConfig, visitor: Visitor, stage: str) -> str:
-    """Queue a course job like the full tabs do: sources checked first, then the run manager's admission."""
-    try:
-        check_sources(cfg)
-        if stage in ("reward", "dpo"):  # malformed pairs are reported now, not by a failed child
-            load_preferences(cfg.data, cfg.preference.format, want="paired", seed=cfg.training.seed)
-        run_id = manager.start(cfg, visitor=visitor)
-    except (ConfigError, RunError, AccessDenied, ModelSourceError, ValueError) as error:
-        raise refusal(f"Not started: {error}") from None
-    write_status(manager.run_dir(run_id), stage=cfg.stage)
-    return run_id
-
-
-# --- expected times -------------------------------------------------------------------------------------------
-
-def _train_time(manager: RunManager, profile: HardwareProfile, cfg: RunConfig, pairs: bool) -> str:
-    measured = manager.expected_seconds(cfg)
-    if measured is not None:
-        return course.expected_time_text(measured, True)
-    evaluations = course.evaluations(cfg.training.max_steps, cfg.training.eval_steps, at_start=pairs) \
-        if cfg.data.validation_fraction > 0 else 0
-    guess = course.guess_train_seconds(cfg.training.max_steps, cfg.training.batch_size, cfg.data.max_seq_length,
-                                       pairs, profile.is_cuda, evaluations, _held_out_rows(cfg),
-                                       reference=cfg.stage == "dpo")
-    return course.expected_time_text(guess, False)
-
-
-def _held_out_rows(cfg: RunConfig) -> int:
-    """The rows each evaluation of a course run reads: the bundled set's validation split, at most the cap."""
-    split = paths.DATA_DIR / cfg.data.source.removeprefix("bundled:") / "validation.jsonl"
-    rows = sum(1 for line in split.read_text(encoding="utf-8").splitlines() if line.strip()) if split.is_file() else 0
-    return min(rows, cfg.data.max_eval_samples or rows)
-
-
-def _other_time(step: str, profile: HardwareProfile, last: dict[str, Any]) -> str:
-    if isinstance(last.get("seconds"), (int, float)):
-        return course.expected_time_text(last["seconds"], True)
-    size = course.CourseSize.from_env()
-    return course.expected_time_text(course.guess_seconds(step, size, profile.is_cuda), False)
-
-
-def expected_times(manager: RunManager, profile: HardwareProfile, progress: CourseProgress, rank: int
-                   ) -> dict[str, str]:
-    """Every step's expected time on this hardware, said before it starts."""
-    qlora = qlora_config(profile, rank)
-    times = {step.key: _other_time(step.key, profile, progress.result(step.key)) for step in course.STEPS}
-    times["qlora"] = _train_time(manager, profile, qlora, False)
-    for stage in ("reward", "dpo"):
-        times[stage] = _train_time(manager, profile, preference_step_config(stage, qlora), True)
-    return times
 
 
 # --- step 1: count ----------------------------------------------------------------------------------------------
@@ -169,7 +56,7 @@ def count_weights(manager: RunManager, profile: HardwareProfile, rank: float | N
         raise refusal(f"Cannot count: {error}") from None
     trainable, total = lora_parameter_count(shape, lora)
     sentence = course.lora_sentence(int(rank), trainable, total, len(targeted_linears(shape, lora)))
-    _progress(manager, request).record("lora", rank=int(rank), trainable=trainable, total=total, sentence=sentence)
+    progress_of(manager, request).record("lora", rank=int(rank), trainable=trainable, total=total, sentence=sentence)
     return notice(sentence)
 
 
@@ -178,7 +65,7 @@ def count_weights(manager: RunManager, profile: HardwareProfile, rank: float | N
 def compare_bits(manager: RunManager, profile: HardwareProfile, request: gr.Request = None,
                  progress: gr.Progress = gr.Progress()) -> tuple[str, pd.DataFrame]:
     """The course's model at 16-bit and in 4-bit NF4 (double quant), measured like the Quantization tab does."""
-    _acting(request, "run a quantization comparison")
+    acting_visitor(request, "run a quantization comparison")
     size, source = course.CourseSize.from_env(), qlora_config(profile, 16).model.source
     started = course.now()
     try:
@@ -194,98 +81,9 @@ def compare_bits(manager: RunManager, profile: HardwareProfile, request: gr.Requ
                                      four.perplexity, len(rows))
     # Rounded as the sentence quotes them, so the table and the sentence read the same numbers.
     table = [[r.label, round(r.layer_bytes / MB, 1), round(r.perplexity, 2)] for r in results.values()]
-    _progress(manager, request).record("quantization", table=table, sentence=sentence,
+    progress_of(manager, request).record("quantization", table=table, sentence=sentence,
                                        seconds=round(course.now() - started, 1))
     return notice(sentence), pd.DataFrame(table, columns=["format", "quantized layers (MB)", "perplexity"])
-
-
-# --- steps 3, 5, 6: the runs --------------------------------------------------------------------------------------
-
-def start_qlora(manager: RunManager, profile: HardwareProfile, rank: float | None, request: gr.Request = None) -> str:
-    visitor = _acting(request, "start a training run")
-    rank = int(rank) if isinstance(rank, (int, float)) and rank >= 1 else 16
-    run_id = _start(manager, qlora_config(profile, rank), visitor, "sft")
-    CourseProgress(manager.root, visitor).record("qlora", done=False, run_id=run_id, sentence=None)
-    return f"Started `{run_id}`; its loss curve is also in the **Train** tab."
-
-
-def _finished_run(manager: RunManager, progress: CourseProgress, step: str, before: str) -> str:
-    """The run a step builds on, once it completed; a clear refusal otherwise."""
-    run_id = progress.result(step).get("run_id")
-    if not run_id or manager.status(run_id).get("state") != "completed":
-        raise refusal(f"Finish step {before} first: its run has not completed yet.")
-    return run_id
-
-
-def start_reward(manager: RunManager, profile: HardwareProfile, request: gr.Request = None) -> str:
-    visitor = _acting(request, "start a training run")
-    progress = CourseProgress(manager.root, visitor)
-    qlora = load_config(manager.run_dir(_finished_run(manager, progress, "qlora", "3 (QLoRA)")) / "config.yaml")
-    run_id = _start(manager, preference_step_config("reward", qlora), visitor, "reward")
-    progress.record("reward", done=False, run_id=run_id, sentence=None)
-    return f"Started `{run_id}` on the bundled course pairs; the full view is in the **RLHF** tab."
-
-
-def start_dpo(manager: RunManager, profile: HardwareProfile, request: gr.Request = None) -> str:
-    visitor = _acting(request, "start a training run")
-    progress = CourseProgress(manager.root, visitor)
-    start = _finished_run(manager, progress, "qlora", "3 (QLoRA)")
-    qlora = load_config(manager.run_dir(start) / "config.yaml")
-    run_id = _start(manager, preference_step_config("dpo", qlora, start), visitor, "dpo")
-    progress.record("dpo", done=False, run_id=run_id, sentence=None)
-    return f"Started `{run_id}` from your adapter `{start}`; the full view is in the **RLHF** tab."
-
-
-def _values(rows: list[dict[str, Any]], key: str) -> list[float]:
-    return [r[key] for r in rows if isinstance(r.get(key), (int, float)) and not is_summary(r)]
-
-
-def run_sentence(manager: RunManager, step: str, run_id: str) -> str:
-    """The step's sentence from a completed run's own folder."""
-    folder, status = manager.run_dir(run_id), manager.status(run_id)
-    rows, cfg = read_metrics(folder), load_config(folder / "config.yaml")
-    if step == "reward":
-        judge = judge_accuracy(folder)
-        return course.reward_sentence(judge.accuracy, judge.pairs)
-    if step == "dpo":
-        accuracies = _values(rows, "eval_rewards/accuracies")
-        return course.dpo_sentence(int(status.get("step") or 0), _values(rows, "eval_rewards/margins"),
-                                   accuracies[-1] if accuracies else None, cfg.preference.beta)
-    losses = _values(rows, "loss")
-    if not losses:
-        return "The run completed without logging a training loss."
-    return course.run_sentence(int(status.get("step") or 0), status.get("duration"), losses[0], losses[-1],
-                               _values(rows, "eval_loss"), cfg.model.bits)
-
-
-def _run_view(manager: RunManager, progress: CourseProgress, step: str) -> tuple[str, str]:
-    """(progress bar, notice) of one run step, read from its folder; a completed run's sentence is kept."""
-    entry = progress.result(step)
-    run_id, elem = entry.get("run_id"), f"course-{step}-progress"
-    if not run_id:
-        return progress_html(elem, {"state": "idle"}, []), ""
-    try:
-        status = live_status(manager, run_id)
-        rows = read_metrics(manager.run_dir(run_id))
-    except RunError:  # deleted from the Train tab's history
-        return progress_html(elem, {"state": "idle"}, []), f"Run `{run_id}` no longer exists: start the step again."
-    if status.get("state") == "failed":
-        why = paths.for_visitors(status.get("error") or "see its log in the Train tab")
-        return progress_html(elem, status, rows), f"Run `{run_id}` **failed**: {why}"
-    if status.get("state") != "completed":
-        return progress_html(elem, status, rows), ""
-    sentence = entry.get("sentence")
-    if not sentence:
-        sentence = run_sentence(manager, step, run_id)
-        progress.record(step, sentence=sentence, seconds=status.get("duration"))
-    return progress_html(elem, status, rows), notice(sentence)
-
-
-def poll_course(manager: RunManager, request: gr.Request = None) -> tuple[str, ...]:
-    """The three run steps' bars and sentences, and the path line (cheap enough for a 2 s timer)."""
-    progress = _progress(manager, request)
-    views = [part for step in RUN_STEPS for part in _run_view(manager, progress, step)]
-    return (*views, path_markdown(progress))
 
 
 # --- step 4: chat and vote ----------------------------------------------------------------------------------------
@@ -293,12 +91,12 @@ def poll_course(manager: RunManager, request: gr.Request = None) -> tuple[str, .
 def ask_both(manager: RunManager, engine: ChatEngine, store: FeedbackStore | None, prompt: str | None,
              request: gr.Request = None) -> tuple[str, str, str]:
     """The base model and the course's adapter answer ``prompt`` greedily; the turn is stored for a vote."""
-    visitor = _acting(request, "chat with feedback")
+    visitor = acting_visitor(request, "chat with feedback")
     progress = CourseProgress(manager.root, visitor)
     if not (prompt or "").strip():
         raise refusal("Type a question first.")
-    run_id = _finished_run(manager, progress, "qlora", "3 (QLoRA)")
-    cfg = load_config(manager.run_dir(run_id) / "config.yaml")
+    run_id = finished_run(manager, progress, "qlora", "3 (QLoRA)")
+    cfg = load_config(manager.run_dir(run_id) / RUN_CONFIG)
     settings = SamplingSettings(max_new_tokens=course.CourseSize.from_env().answer_tokens, temperature=0.0)
     started = course.now()
     try:
@@ -319,7 +117,7 @@ def save_vote(manager: RunManager, store: FeedbackStore | None, choice: str | No
               request: gr.Request = None) -> tuple[str, str]:
     """Store the vote on the last course answer pair (base first, tuned second) and read all the learner's votes
     on that adapter back as a win rate."""
-    visitor = _acting(request, "give feedback")
+    visitor = acting_visitor(request, "give feedback")
     progress = CourseProgress(manager.root, visitor)
     pending = progress.result("chat").get("pending")
     if not pending:
@@ -348,10 +146,10 @@ def evaluate_course(manager: RunManager, engine: ChatEngine, request: gr.Request
                     progress: gr.Progress = gr.Progress()) -> str:
     """Held-out loss of the base, the QLoRA adapter and (when trained) the DPO adapter on the same rows, each
     adapter against its baseline with a 95% paired-bootstrap interval (as the Evaluate tab computes it)."""
-    visitor = _acting(request, "evaluate")
+    visitor = acting_visitor(request, "evaluate")
     record = CourseProgress(manager.root, visitor)
     run_dirs = {run_id: manager.run_dir(run_id) for run_id in
-                [_finished_run(manager, record, "qlora", "3 (QLoRA)")] + _finished_or_none(manager, record, "dpo")}
+                [finished_run(manager, record, "qlora", "3 (QLoRA)")] + _finished_or_none(manager, record, "dpo")}
     started, size = course.now(), course.CourseSize.from_env()
     try:
         rows = load_eval_rows(BUNDLED_DATASET, "validation", size.eval_rows)
@@ -402,7 +200,7 @@ def forgetting_markdown(service: BenchmarkService | None, request: gr.Request = 
 def lab_report(manager: RunManager, feedback_db: Path | None, benchmarks: BenchmarkService | None,
                request: gr.Request = None) -> tuple[list[str], str]:
     """The visitor's lab report, as HTML and Markdown downloads, and what it holds."""
-    visitor = _acting(request, "download a lab report")
+    visitor = acting_visitor(request, "download a lab report")
     progress = CourseProgress(manager.root, visitor)
     data = collect(manager, visitor, progress.load(), feedback_db, benchmarks)
     votes = sum(1 for _ in data.turns)
@@ -416,17 +214,10 @@ def lab_report(manager: RunManager, feedback_db: Path | None, benchmarks: Benchm
 
 # --- page load -----------------------------------------------------------------------------------------------------
 
-def path_markdown(progress: CourseProgress) -> str:
-    done = set(progress.done())
-    marks = [f"**✓ {number}. {step.title}**" if step.key in done else f"{number}. {step.title}"
-             for number, step in enumerate(course.STEPS, start=1)]
-    kept = "" if progress.kept else " (sign in to keep your progress)"
-    return f"**Your path** ({len(done)} of {len(course.STEPS)} done{kept}): " + " · ".join(marks)
-
 
 def restore_course(manager: RunManager, profile: HardwareProfile, request: gr.Request = None) -> tuple[Any, ...]:
     """Everything the course shows, from the visitor's record: sentences, times, the last answers and tables."""
-    progress = _progress(manager, request)
+    progress = progress_of(manager, request)
     record = progress.load()
     rank = (record.get("lora", {}).get("result") or {}).get("rank") or 16
     times = expected_times(manager, profile, progress, rank)

@@ -20,19 +20,21 @@ import pandas as pd
 
 from components.shared import (bind, feedback_owner, on_page_load, refusal, require_visible, visible_adapters,
                                visible_reward_models, visitor_of)
-from finetune.access import LOCAL, AccessDenied, Visitor
-from finetune.chat import ChatEngine
-from finetune.feedback import FeedbackStore
-from finetune.config import BUNDLED_DATASET, ConfigError, load_config
-from finetune.data import first_line
-from finetune.evaluate import (Candidate, LossResult, adapter_name, candidate_answer, candidate_loss, candidates,
-                               degeneration, judge_accuracy, load_eval_rows, loss_difference_interval, model_label,
-                               paired_verdict, read_win_counts, reference_pairs, reward_models, rouge_l,
-                               run_checkpoints, start_run_dir, trained_prompts, win_rate)
-from finetune.preference import prompt_key
-from finetune.scoring import ScorerCache
-from finetune.run_folder import RUN_CONFIG
-from finetune.runs import RunError, RunManager
+from finetune.core.access import LOCAL, AccessDenied, Visitor
+from finetune.core.config import BUNDLED_DATASET, ConfigError, load_config
+from finetune.core.data import first_line
+from finetune.core.preference import prompt_key
+from finetune.core.run_folder import FEEDBACK_DB, RUN_CONFIG
+from finetune.services.admission import RunError
+from finetune.services.chat import ChatEngine
+from finetune.services.evaluate import (Candidate, LossResult, adapter_name, candidate_answer, candidate_loss,
+                                        candidates, degeneration, judge_accuracy, load_eval_rows,
+                                        loss_difference_interval, model_label, paired_verdict, read_win_counts,
+                                        reference_pairs, reward_models, rouge_l, run_checkpoints, start_run_dir,
+                                        trained_prompts, win_rate)
+from finetune.services.feedback import FeedbackStore
+from finetune.services.runs import RunManager
+from finetune.services.scoring import ScorerCache
 
 LOSS_COLUMNS = ["model", "validation loss", "perplexity", "tokens", "rows"]
 WIN_COLUMNS = ["adapter", "votes", "wins", "losses", "ties (incl. both bad)", "win rate", "95% CI low",
@@ -375,7 +377,7 @@ def build_eval_tab(manager: RunManager, engine: ChatEngine, feedback_db: str | P
         refresh = gr.Button("Refresh runs", size="sm", scale=1)
     ui = {"runs": runs, "refresh": refresh, **_loss_section(), **_generation_section(), **_votes_section(),
           **_checkpoint_section()}
-    _wire(manager, engine, scorers or ScorerCache(), Path(feedback_db or manager.root / "feedback.db"), ui)
+    _wire(manager, engine, scorers or ScorerCache(), Path(feedback_db or manager.root / FEEDBACK_DB), ui)
     return ui
 
 

@@ -15,21 +15,23 @@ from typing import Any
 
 import gradio as gr
 
-from components.shared import (bind, current_download, download_folder, downloadable, on_page_load, refusal,
-                               require_visible, visible_adapters, visitor_of)
-from finetune.access import AccessDenied, Visitor, sign_in_hint, sign_in_mode
-from finetune.data import DataError, first_line
-from finetune.export import ( MERGE_TARGETS, MERGED_DIR, PLOT_FILE, ExportError, merge_adapter,
-                             merge_dtype, merge_report, model_card, push_folder, run_config, write_model_card,
-                             zip_adapter)
-from finetune.gguf_export import (GGUF_TYPES, DiskPlan, base_config, disk_plan, drift_text, gguf_path,
-                                  modelfile_name, ollama_command, parameter_shapes, push_gguf, write_gguf,
-                                  zip_merged)
-from finetune.hardware import detect
-from finetune.models import ModelSourceError
-from finetune.storage import DiskFull, folder_bytes, require_free
-from finetune.run_folder import ADAPTER_DIR
-from finetune.runs import RunError, RunManager
+from components.downloads import current_download, download_folder, downloadable
+from components.shared import bind, on_page_load, refusal, require_visible, visible_adapters, visitor_of
+from finetune.core.access import AccessDenied, Visitor, sign_in_hint, sign_in_mode
+from finetune.core.data import DataError, first_line
+from finetune.core.hardware import detect
+from finetune.core.models import ModelSourceError
+from finetune.core.run_folder import ADAPTER_DIR, MERGED_DIR, MODEL_CONFIG
+from finetune.core.storage import DiskFull, folder_bytes, require_free
+from finetune.services.admission import RunError
+from finetune.services.export import (MERGE_TARGETS, PLOT_FILE, ExportError, merge_adapter, merge_dtype, merge_report,
+                                      model_card, push_folder, run_config, write_model_card, zip_adapter)
+from finetune.services.gguf_convert import GGUF_TYPES, base_model_config, modelfile_name, ollama_command
+from finetune.services.gguf_export import write_gguf, zip_merged
+from finetune.services.gguf_hub import push_gguf
+from finetune.services.gguf_measure import drift_text
+from finetune.services.gguf_plan import DiskPlan, disk_plan, gguf_path, parameter_shapes
+from finetune.services.runs import RunManager
 
 PUSH_KINDS = ("Adapter", "Merged model")
 CONSENT = "Use my Hugging Face sign-in token to push to my account"
@@ -68,7 +70,7 @@ def merged_bytes(folder: Path) -> int:
     config alone (no weights loaded); 0 when the config cannot be read (the merge then says why)."""
     try:
         cfg = run_config(folder)
-        shapes = parameter_shapes(base_config(cfg.model.source))
+        shapes = parameter_shapes(base_model_config(cfg.model.source))
         return sum(math.prod(shape) for _, shape in shapes) * merge_dtype(cfg, detect()).itemsize
     except (ExportError, ModelSourceError, OSError, ValueError):
         return 0
@@ -159,7 +161,7 @@ def push_model(manager: RunManager, run_id: str | None, what: str, repo_id: str,
         raise refusal(f"Choose what to push: {' or '.join(PUSH_KINDS)}.")
     merged = what == "Merged model"
     target = folder / (MERGED_DIR if merged else ADAPTER_DIR)
-    if merged and not (target / "config.json").is_file():
+    if merged and not (target / MODEL_CONFIG).is_file():
         raise refusal("There is no merged model for this run yet: click 'Merge into base model' first.")
     try:
         write_model_card(folder, target, merged=merged)

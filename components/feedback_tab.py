@@ -14,10 +14,12 @@ from typing import Any
 import gradio as gr
 import pandas as pd
 
-from components.shared import bind, downloadable, feedback_owner, refusal, visitor_of
-from finetune.access import AccessDenied, require_signed_in
-from finetune.evaluate import WinRate, win_rate
-from finetune.feedback import FeedbackStore
+from components.downloads import downloadable
+from components.shared import bind, feedback_owner, refusal, visitor_of
+from finetune.core.access import AccessDenied, require_signed_in
+from finetune.services.evaluate import WinRate, win_rate
+from finetune.services.feedback import FeedbackStore
+from finetune.services.feedback_export import write_pairs, write_thumbs
 
 RECENT_COLUMNS = ["time", "kind", "value", "score", "arena", "model / adapter", "prompt", "answer", "comment",
                   "corrected answer", "user"]
@@ -122,7 +124,7 @@ def _export(store: FeedbackStore, folder: Path, kind: str, request: gr.Request =
     if visitor.sign_in:
         folder = folder / (owner or "all")
     path = folder / f"{kind}-{time.strftime('%Y%m%d-%H%M%S')}.jsonl"
-    count = store.export_pairs(path, owner) if kind == "pairs" else store.export_thumbs(path, owner)
+    count = (write_pairs if kind == "pairs" else write_thumbs)(store, path, owner)
     if count == 0:
         path.unlink(missing_ok=True)
         what = ("pairwise votes with a winner or corrected answers" if kind == "pairs" else "thumbs up/down")

@@ -3,7 +3,7 @@
 One run: a heat map over layers x module types of the update's size relative to the frozen weight, the mean per
 module type, how the update's energy spreads over its directions (against random B·A of the same shapes), and the
 most changed matrices. Two runs on the same base: how much the directions their updates write into overlap.
-All numbers come from finetune.adapter_inspect, on the CPU, from the saved adapter and the base's safetensors.
+All numbers come from finetune.services.adapter_inspect, on the CPU, from the saved adapter and the base's safetensors.
 """
 
 from __future__ import annotations
@@ -14,11 +14,11 @@ import gradio as gr
 import pandas as pd
 
 from components.shared import bind, on_page_load, refusal, require_visible, visible_adapters, visitor_of
-from finetune import paths
-from finetune.access import AccessDenied, Visitor
-from finetune.adapter_inspect import (ENERGY, AdapterReport, InspectError, RunComparison, compare_runs,
-                                      energy_curve, inspect_run, random_singular_values)
-from finetune.runs import RunManager
+from finetune.core import paths
+from finetune.core.access import AccessDenied, Visitor
+from finetune.services.adapter_inspect import (ENERGY, AdapterReport, InspectError, RunComparison, compare_updates,
+                                               energy_curve, inspect_run, random_singular_values)
+from finetune.services.runs import RunManager
 
 TOP_MATRICES = 5            # matrices drawn in the energy chart and listed first in the table
 TOP_COLUMNS = ["matrix", "layer", "module", "rank set", "effective rank", "update / weight (%)"]
@@ -141,7 +141,8 @@ def inspect_compare(manager: RunManager, run_id: str | None, other_id: str | Non
         raise refusal(f"Directions to compare must be a whole number of at least 1, got {top_k!r}.")
     try:
         visitor = visitor_of(request)
-        comparison = compare_runs(_run_dir(manager, run_id, visitor), _run_dir(manager, other_id, visitor), int(top_k))
+        comparison = compare_updates(_run_dir(manager, run_id, visitor), _run_dir(manager, other_id, visitor),
+                                     int(top_k))
     except InspectError as error:
         raise refusal(str(error)) from None
     return comparison.summary(), match_frame(comparison)

@@ -14,22 +14,24 @@ import gradio as gr
 import pandas as pd
 
 from components.shared import bind, refusal, visitor_of
-from finetune.access import AccessDenied, require_signed_in
-from finetune import paths
-from finetune.chat import MAX_PROMPT_CHARS
-from finetune.config import BUNDLED_DATASET, EMBEDDED_MODEL
-from finetune.data import first_line
-from finetune.evaluate import load_eval_rows
-from finetune.gguf_export import ExportError, GgufMeasurement, measure_gguf
-from finetune.hardware import HardwareProfile
-from finetune.models import ModelSourceError
-from finetune.quantize import FORMATS, MB, QuantResult, measure
+from finetune.core import paths
+from finetune.core.access import AccessDenied, require_signed_in
+from finetune.core.config import BUNDLED_DATASET, EMBEDDED_MODEL
+from finetune.core.data import first_line
+from finetune.core.hardware import HardwareProfile
+from finetune.core.models import ModelSourceError
+from finetune.services.chat import MAX_PROMPT_CHARS
+from finetune.services.evaluate import load_eval_rows
+from finetune.services.export import ExportError
+from finetune.services.gguf_measure import GgufMeasurement, measure_gguf
+from finetune.services.quantize import FORMATS, MB, QuantResult, measure
 
 COLUMNS = ["format", "quantized layers (MB, measured)", "theoretical (MB)", "bits / weight", "vs 16-bit",
            "whole model (MB)", "perplexity", "vs fp32", "tokens/s"]
 ANSWER_COLUMNS = ["format", "answer"]
-# llama.cpp's block formats beside bitsandbytes' (finetune/gguf_export.py writes them): blocks of 32 weights with
-# one fp16 scale (and a minimum in the _1 types), against NF4's 64-weight blocks of normal-distributed levels.
+# llama.cpp's block formats beside bitsandbytes' (finetune/services/gguf_convert.py writes them): blocks of 32
+# weights with one fp16 scale (and a minimum in the _1 types), against NF4's 64-weight blocks of normal-distributed
+# levels.
 GGUF_FORMATS = {"gguf-q8_0": ("q8_0", "GGUF Q8_0: 8-bit integers in blocks of 32, one fp16 scale each (8.5 bits "
                                       "per weight). llama.cpp's near-lossless type."),
                 "gguf-q5_1": ("q5_1", "GGUF Q5_1: 5-bit integers in blocks of 32 with an fp16 scale and minimum "

@@ -7,42 +7,42 @@ import time
 from pathlib import Path
 from typing import Any
 
-from finetune import paths
-from finetune.config import DPO_LOSSES, EMBEDDED_MODEL, KTO_LOSSES, ConfigError, RunConfig, from_dict, load_config, \
-    to_dict
-from finetune.feedback import export_feedback
-from finetune.preference import BUNDLED_PREFERENCES, PreferenceError
-from finetune.runs import RunManager
+from components.forms import MODEL_KINDS, PREFERENCE_DATA_KINDS
+from finetune.core import paths
+from finetune.core.config import (DPO_LOSSES, EMBEDDED_MODEL, KTO_LOSSES, ConfigError, RunConfig, from_dict,
+                                  load_config, to_dict)
+from finetune.core.preference import BUNDLED_PREFERENCES, PreferenceError
+from finetune.core.run_folder import FEEDBACK_EXPORTS_DIR
+from finetune.services.feedback_export import export_feedback
+from finetune.services.runs import RunManager
 
-CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
 BASE_CHOICE = "(base model: fresh LoRA)"
-MODEL_KINDS = ("Embedded", "Local folder", "Hub id")
-DATA_KINDS = ("Bundled pairs", "Collected feedback", "Uploaded file", "Hub dataset")
 
 
 def preset(stage: str) -> RunConfig:
     """The stage's CPU preset (configs/<stage>-cpu.yaml), or the defaults when it cannot be read."""
     try:
-        return load_config(CONFIGS_DIR / f"{'reward' if stage == 'reward' else stage}-cpu.yaml")
+        return load_config(paths.CONFIGS_DIR / f"{'reward' if stage == 'reward' else stage}-cpu.yaml")
     except ConfigError:
         return RunConfig(stage=stage)
 
 
-def model_source(form: dict[str, Any]) -> str:
+def form_model_source(form: dict[str, Any]) -> str:
+    """The model the form names: the embedded one, or the typed Hub id or folder (gated with the rest)."""
     if (form.get("model_kind") or MODEL_KINDS[0]) == "Embedded":
         return EMBEDDED_MODEL
     return (form.get("model_source") or "").strip()
 
 
-def data_source(manager: RunManager, feedback_db: Path | None, stage: str, form: dict[str, Any],
+def form_data_source(manager: RunManager, feedback_db: Path | None, stage: str, form: dict[str, Any],
                 owner: str | None = None) -> str:
     """Where step 2's preferences come from; collected feedback is exported to a file first: only ``owner``'s
     (None: everyone's, for an operator or an app without sign-in), into a folder of their own."""
-    kind = form.get("data_kind") or DATA_KINDS[0]
+    kind = form.get("data_kind") or PREFERENCE_DATA_KINDS[0]
     if kind == "Collected feedback":
         if feedback_db is None:
             raise PreferenceError("This app has no feedback store configured.")
-        folder = manager.root / "feedback-exports" / (owner or "") / time.strftime("%Y%m%d-%H%M%S")
+        folder = manager.root / FEEDBACK_EXPORTS_DIR / (owner or "") / time.strftime("%Y%m%d-%H%M%S")
         return str(export_feedback(feedback_db, folder, "thumbs" if stage == "kto" else "pairs", owner))
     if kind == "Uploaded file":
         path = paths.uploaded_file(form.get("data_file"))  # only a real upload; else the gate's one message
@@ -62,7 +62,7 @@ def _whole(value: Any) -> int:
     return int(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else 0
 
 
-def config_from_form(stage: str, source: str, form: dict[str, Any]) -> RunConfig:
+def stage_config_from_form(stage: str, source: str, form: dict[str, Any]) -> RunConfig:
     """The RunConfig of one stage from the shared form; ConfigError lists every bad field."""
     prefix = "reward" if stage == "reward" else "policy"
     base = to_dict(preset(stage))
@@ -74,7 +74,7 @@ def config_from_form(stage: str, source: str, form: dict[str, Any]) -> RunConfig
             paths.run_id_or_folder(value)
     raw = {
         "run_name": stage, "stage": stage,
-        "model": {**base["model"], "source": model_source(form), "bits": form.get("model_bits", 4)},
+        "model": {**base["model"], "source": form_model_source(form), "bits": form.get("model_bits", 4)},
         "lora": {**base["lora"], "rank": rank,
                  "alpha": 2 * rank if isinstance(rank, (int, float)) and not isinstance(rank, bool) else rank},
         "data": {**base["data"], "source": source, "split": form.get("data_split") or "train",
@@ -106,5 +106,6 @@ def config_from_form(stage: str, source: str, form: dict[str, Any]) -> RunConfig
     if stage == "dpo" and raw["preference"]["loss_type"] not in DPO_LOSSES:
         raw["preference"]["loss_type"] = "sigmoid"
     cfg = from_dict(raw)
-    paths.check_config(cfg, data=False)  # model, start adapter and reward model folders; data_source gated the data
+    # The model, start adapter and reward model folders; form_data_source gated the data.
+    paths.check_config(cfg, data=False)
     return cfg

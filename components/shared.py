@@ -1,18 +1,15 @@
 """The UI parts every tab shares (not a tab: tabs import this, never each other): the progress bar of a training
-run, plot frames for live curves, the config-problem list, picking the run to watch, Stop, downloads, the LoRA
-aid, event-handler binding and page-load events.
+run, plot frames for live curves, the config-problem list, picking the run to watch, Stop, event-handler binding,
+page-load events, number checks, refusals and what a visitor may see. Downloads are components/downloads.py's,
+the LoRA aid components/lora_aid.py's.
 """
 
 from __future__ import annotations
 
 import functools
-import hashlib
 import inspect
 import logging
 import math
-import os
-import secrets
-import shutil
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -20,14 +17,14 @@ from typing import Any, Callable
 import gradio as gr
 import pandas as pd
 
-from finetune.access import LOCAL, AccessDenied, Visitor, not_yours, sign_in_mode, visitor_from_session
-from finetune.compare import CompareError, CompareQueue
-from finetune.config import ConfigError, LoraSettings, ModelConfig
-from finetune.estimate import lora_parameter_count, model_shape, parameter_text, targeted_linears
-from finetune.metrics import is_summary
-from finetune.data import DataError, hub_configs, hub_splits
-from finetune.paths import for_visitors, hub_dataset, model_source as gated_model_source, upload_folder
-from finetune.runs import RunError, RunManager
+from finetune.core.access import LOCAL, AccessDenied, Visitor, not_yours, sign_in_mode, visitor_from_session
+from finetune.core.config import ConfigError
+from finetune.core.data import DataError, hub_configs, hub_splits
+from finetune.core.metrics import is_summary
+from finetune.core.paths import for_visitors, hub_dataset
+from finetune.services.admission import RunError
+from finetune.services.compare import CompareError, CompareQueue
+from finetune.services.runs import RunManager
 
 LIVE_STATES = ("running", "queued", "waiting")  # waiting: in the job queue, not started yet
 logger = logging.getLogger("lora_lab")
@@ -296,41 +293,6 @@ def stop_run(manager: RunManager, run_id: str, request: gr.Request = None) -> st
             "complete checkpoint).")
 
 
-DOWNLOAD_FOLDER = "lora-lab-download"
-
-
-def download_folder() -> Path:
-    """Where downloads are copied: a folder inside gradio's own cache (its upload folder). gradio copies a file it
-    is handed into that cache unless the file is already inside it (``Block.move_resource_to_block_cache``), so a
-    copy made here is the only one."""
-    return upload_folder() / DOWNLOAD_FOLDER
-
-
-def _download_key(path: Path) -> str:
-    """The same for every copy of one server file, so older copies can be found and removed."""
-    return hashlib.sha256(str(path.resolve()).encode("utf-8")).hexdigest()[:16]
-
-
-def _copies(path: Path) -> list[Path]:
-    """The folders holding copies of ``path`` (one file each, possibly gone or of an older version)."""
-    root = download_folder()
-    return sorted(root.glob(f"{_download_key(path)}-*")) if root.is_dir() else []
-
-
-def _same_version(copy: Path, path: Path) -> bool:
-    """A copy keeps its source's size and modification time (copy2), so a rewritten source no longer matches."""
-    try:
-        mine, source = copy.stat(), path.stat()
-    except OSError:
-        return False
-    return (mine.st_size, mine.st_mtime_ns) == (source.st_size, source.st_mtime_ns)
-
-
-def current_download(path: Path) -> Path | None:
-    """The copy of ``path`` already offered for download, if it still matches the file."""
-    return next((folder / path.name for folder in _copies(path) if _same_version(folder / path.name, path)), None)
-
-
 def check_number_inputs(demo: gr.Blocks) -> None:
     """Every number box and slider of the app refuses what is not a finite number (NaN, ±inf, text, a list: an API
     client can send any JSON) with the field named, before gradio's own rounding fails with a bare error; its
@@ -364,8 +326,8 @@ def _checked_number(block: Any, preprocess: Any) -> Any:
 
 # The heavy read-only handlers get slots of their own (gradio concurrency ids), apart from each other and from the
 # queue's other events: a visitor's data preview or estimate can wait only behind another preview or estimate, and
-# each of those reads a bounded sample (finetune.data.SAMPLE_BYTES), so the wait is short. Chat has its own slot:
-# up to 4 answers at once, which take turns on the one model in slices (finetune.chat), so a short question is
+# each of those reads a bounded sample (finetune.core.data.SAMPLE_BYTES), so the wait is short. Chat has its own slot:
+# up to 4 answers at once, which take turns on the one model in slices (finetune.services.chat), so a short question is
 # answered while a long answer runs; a fifth visitor waits in gradio's queue and sees their place.
 PREVIEW_SLOT: dict[str, Any] = {"concurrency_limit": 2, "concurrency_id": "data-preview"}
 ESTIMATE_SLOT: dict[str, Any] = {"concurrency_limit": 2, "concurrency_id": "estimate"}
@@ -387,91 +349,6 @@ def stop_queue(queue: CompareQueue, waiting: str, queue_id: str, request: gr.Req
         return f"**Error:** {error}"
     gr.Info(f"Stopping: the current run saves a checkpoint; the {waiting} still waiting are skipped.")
     return f"Stop requested for `{queue_id}`."
-
-
-def downloadable(path: Path) -> str:
-    """A copy of ``path`` for a gr.File: gradio serves files only from its cache, the temp folder or the working
-    directory, and the runs folder may be elsewhere (a Space's /data). A second click on an unchanged file reuses
-    its copy; a new version replaces the old copies. The folder name carries a random part, so a copy's address
-    cannot be guessed from the file's path."""
-    path = Path(path)
-    copy = current_download(path) or _fresh_copy(path)
-    for folder in _copies(path):
-        if folder != copy.parent and _stale(folder, path):
-            shutil.rmtree(folder, ignore_errors=True)
-    return str(copy)
-
-
-def _stale(folder: Path, path: Path) -> bool:
-    """A copy of an older version, or an emptied folder (gradio's cache cleaning); not a copy another request is
-    still writing, nor a second copy of this version made by a request at the same time."""
-    copy = folder / path.name
-    if copy.exists():
-        return not _same_version(copy, path)
-    return not _staging(folder, path).exists()
-
-
-def _staging(folder: Path, path: Path) -> Path:
-    return folder / f".{path.name}.partial"  # never offered: a copy is complete once it has its name
-
-
-def _fresh_copy(path: Path) -> Path:
-    folder = download_folder() / f"{_download_key(path)}-{secrets.token_hex(16)}"
-    folder.mkdir(parents=True)
-    staging = _staging(folder, path)
-    try:
-        shutil.copy2(path, staging)
-        os.replace(staging, folder / path.name)
-    except BaseException:
-        shutil.rmtree(folder, ignore_errors=True)
-        raise
-    return folder / path.name
-
-
-# --- the LoRA / QLoRA aid (Train tab; explained in the course) ----------------------------------------------------
-
-LORA_STARTS = {  # how A and B start, per lora.init: the sentence the LoRA aid ends its first line with
-    "default": "B starting at 0, so training starts exactly at the base model.",
-    "loftq": "starting (LoftQ) as the best rank-r fix of the 4-bit rounding error W - deq(Q(W)), so B·A is not 0 at "
-             "step 0 and base + adapter starts closer to the full-precision W.",
-    "pissa": "starting (PiSSA) as W's top r singular directions, which are taken out of W; the result is saved as a "
-             "plain LoRA on the unchanged W.",
-    "olora": "starting (OLoRA) from a QR factorisation of W, taken out of W; the result is saved as a plain LoRA on "
-             "the unchanged W.",
-}
-
-
-def lora_aid_markdown(model_source: str, rank: Any, alpha: Any, target_modules: str, bits: Any, quant_type: str,
-                      double_quant: bool, optimizer: str, init: str = "default") -> str:
-    """W + (alpha/r)·B·A with this form's numbers: the scale, one example layer, the live trainable count, and how
-    A and B start (``init``, finetune/lora_init.py)."""
-    try:
-        lora = LoraSettings(rank=rank, alpha=alpha, target_modules=target_modules or "all-linear")
-        model = ModelConfig(source=gated_model_source(model_source), bits=bits, quant_type=quant_type,
-                            double_quant=double_quant)
-        shape = model_shape(model)
-    except ConfigError as error:
-        return "LoRA aid unavailable until the form is valid: " + "; ".join(error.problems.values())
-    except Exception as error:  # offline Hub id, unreadable folder: say why, keep the tab usable
-        return f"LoRA aid unavailable: {error}"
-    targeted = targeted_linears(shape, lora)
-    if not targeted:
-        return f"No Linear layer matches target modules '{lora.target_modules}'."
-    name, fan_in, fan_out, _ = targeted[0]
-    lines = [
-        f"**LoRA:** each targeted layer computes h = W·x + (α/r)·B·A·x = W·x + ({lora.alpha:g}/{lora.rank})·B·A·x, "
-        f"scale {lora.alpha / lora.rank:g}. W is frozen; A (r x d_in) and B (d_out x r) train, "
-        f"{LORA_STARTS.get(init, LORA_STARTS['default'])}",
-        f"Example `{name}`: W has {fan_in:,} x {fan_out:,} = {fan_in * fan_out:,} frozen weights; A and B add "
-        f"r·(d_in + d_out) = {lora.rank}·({fan_in:,} + {fan_out:,}) = {lora.rank * (fan_in + fan_out):,} trainable.",
-        f"Over {len(targeted)} targeted layers: **{parameter_text(*lora_parameter_count(shape, lora))}**.",
-    ]
-    if model.bits == 4:
-        paged = "a paged optimizer" if optimizer.startswith("paged") else f"`{optimizer}` (QLoRA uses a paged one)"
-        lines.append(f"**QLoRA:** the frozen W is stored in 4-bit {model.quant_type.upper()}"
-                     f"{' with double quantization' if model.double_quant else ''} and dequantized per matmul; "
-                     f"A and B train in 16/32-bit, with {paged}.")
-    return "  \n".join(lines)
 
 
 # --- refusals --------------------------------------------------------------------------------------------------

@@ -23,7 +23,7 @@ from starlette.requests import Request
 from starlette.responses import PlainTextResponse, RedirectResponse, Response
 from starlette.routing import Route
 
-from finetune.access import dev_session, sign_in_mode
+from finetune.core.access import dev_session, sign_in_mode
 
 SESSION_COOKIE = "session"  # the cookie name gradio's own OAuth session uses too
 

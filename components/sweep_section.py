@@ -1,5 +1,5 @@
 """The Compare tab's sweep section: try lists of learning rates, ranks, alphas, dropouts and bit widths on the Train
-form's settings, each trial a normal run (finetune/sweeps.py), ranked by validation loss.
+form's settings, each trial a normal run (finetune/services/sweeps.py), ranked by validation loss.
 
 The lead places it: ``build_sweep_section(SweepQueue(manager), train)`` with the Train tab's components, so Start
 sweeps the Train form's config and "Use the best" writes the best trial's settings back into that form. A
@@ -16,13 +16,13 @@ import pandas as pd
 
 from components.shared import bind, on_page_load, problems_markdown, stop_queue, visitor_of
 from components.train_form import UI_ONLY, config_from_form, form_from_config
-from finetune import paths
-from finetune.access import AccessDenied, Visitor
-from finetune.compare import CompareError, CompareRequest, base_config
-from finetune.config import ConfigError, RunConfig, from_dict
-from finetune.runs import RunError
-from finetune.sweeps import (AXES, RESULT_COLUMNS, SEARCHES, SweepQueue, SweepRequest, best_trial,
-                             loss_by_hyperparameter, max_trials, progress, results)
+from finetune.core import paths
+from finetune.core.access import AccessDenied, Visitor
+from finetune.core.config import ConfigError, RunConfig, from_dict
+from finetune.services.admission import RunError
+from finetune.services.compare import CompareError, CompareRequest, base_config
+from finetune.services.sweeps import (AXES, RESULT_COLUMNS, SEARCHES, SweepQueue, SweepRequest, best_trial,
+                                      loss_by_hyperparameter, max_trials, progress, results)
 
 POLL_SECONDS = 2.0
 CHART_LABELS = [label for _, _, label in AXES.values()]
@@ -87,7 +87,7 @@ def _discard(queue: SweepQueue, cfg: RunConfig | None) -> None:
         queue.manager.discard_upload(cfg.data.source)  # a refused start leaves no copy of the upload behind
 
 
-def results_frame(queue: SweepQueue, state: dict[str, Any] | None) -> pd.DataFrame:
+def trials_frame(queue: SweepQueue, state: dict[str, Any] | None) -> pd.DataFrame:
     rows = results(queue.manager, state) if state else []
     return pd.DataFrame([[row[c] for c in RESULT_COLUMNS] for row in rows], columns=RESULT_COLUMNS)
 
@@ -123,7 +123,7 @@ def poll_sweep(queue: SweepQueue, sweep_id: str, shown: str = "", request: gr.Re
     """(id, status, table, best, charts reset or skipped, key) for the visitor's running sweep, else the one
     shown (of those they may see)."""
     sweep_id, state = queue.watched(sweep_id, visitor_of(request))
-    table = results_frame(queue, state)
+    table = trials_frame(queue, state)
     status = "No sweep yet."
     if state:
         done, total = progress(state)

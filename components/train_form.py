@@ -9,25 +9,23 @@ from typing import Any
 
 import yaml
 
-from finetune import paths
-from finetune.config import BUNDLED_DATASET, EMBEDDED_MODEL, ConfigError, RunConfig, from_dict
+from components.forms import SFT_DATA_KINDS
+from finetune.core import paths
+from finetune.core.config import BUNDLED_DATASET, EMBEDDED_MODEL, ConfigError, RunConfig, from_dict
 
-CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
-DATA_KINDS = ("Bundled", "Hub dataset", "Uploaded file")
-MODEL_KINDS = ("Embedded", "Hub id", "Local folder")
 UI_ONLY = ("data_kind", "data_bundled", "data_hub_name", "data_file", "prompt_column", "answer_column",
            "column_mapping_json", "model_kind")
 
 
 def presets() -> list[str]:
     """The SFT presets: the RLHF stages (``stage:``) have their own tab, and compare-cpu is the Compare tab's base."""
-    return sorted(p.stem for p in CONFIGS_DIR.glob("*.yaml")
+    return sorted(p.stem for p in paths.CONFIGS_DIR.glob("*.yaml")
                   if p.stem != "compare-cpu" and (yaml.safe_load(p.read_text()) or {}).get("stage", "sft") == "sft")
 
 
 def _data_source(form: dict[str, Any]) -> str:
     """The data source the form names, through the path gate: each kind accepts only its own kind of name."""
-    kind = form.get("data_kind") or DATA_KINDS[0]
+    kind = form.get("data_kind") or SFT_DATA_KINDS[0]
     if kind == "Hub dataset":
         return paths.hub_id(form.get("data_hub_name"))
     if kind == "Uploaded file":

@@ -10,7 +10,7 @@ Run it:
       always starts a single process.)
 
 This module only checks the config, keeps status.json right whatever happens and turns failures into messages;
-the stages themselves live in finetune/stages/. The run folder's layout: finetune/run_folder.py.
+the stages themselves live in finetune/stages/. The run folder's layout: finetune/core/run_folder.py.
 """
 
 from __future__ import annotations
@@ -22,21 +22,21 @@ import time
 import traceback
 from pathlib import Path
 
-from finetune.noise import quiet_known_noise
+from finetune.core.noise import quiet_known_noise
 
 quiet_known_noise()  # before the libraries load: the training log shows what a user can act on
 
 import torch  # noqa: E402
 
-from finetune.config import ConfigError, RunConfig, load_config, save_config  # noqa: E402
-from finetune.data import DataError  # noqa: E402
-from finetune.distributed import process_start, rank_of_process, record_rank  # noqa: E402
-from finetune.metrics import HOSTNAME, LAUNCHER_PID_ENV, STOP_FILE, run_pid, write_status  # noqa: E402
-from finetune.models import ModelSourceError  # noqa: E402
-from finetune.paths import check_config  # noqa: E402
-from finetune.run_folder import RUN_CONFIG  # noqa: E402
+from finetune.core.config import ConfigError, RunConfig, load_config, save_config  # noqa: E402
+from finetune.core.data import DataError  # noqa: E402
+from finetune.core.distributed import process_start, rank_of_process, record_rank  # noqa: E402
+from finetune.core.models import ModelSourceError  # noqa: E402
+from finetune.core.paths import check_config  # noqa: E402
+from finetune.core.run_folder import RUN_CONFIG, STOP_FILE  # noqa: E402
+from finetune.core.run_status import HOSTNAME, LAUNCHER_PID_ENV, run_pid, write_status  # noqa: E402
+from finetune.core.storage import DISK_FULL_EXIT, disk_full_message, is_disk_full  # noqa: E402
 from finetune.stages.runner import run_stage  # noqa: E402
-from finetune.storage import DISK_FULL_EXIT, disk_full_message, is_disk_full  # noqa: E402
 
 USER_ERRORS = (ConfigError, DataError, ModelSourceError)
 

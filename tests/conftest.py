@@ -23,14 +23,14 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     os.environ.setdefault("MKL_NUM_THREADS", "1")
 
-from finetune.config import ModelConfig  # noqa: E402
+from finetune.core.config import ModelConfig  # noqa: E402
 from helpers import (make_random_adapter, save_tiny_llama, tiny_run_config, train_lab_note_run,  # noqa: E402
                      write_jsonl)
 
 
 @pytest.fixture(scope="session")
 def embedded_dir() -> Path:
-    from finetune.models import embedded_model_dir
+    from finetune.core.models import embedded_model_dir
 
     return embedded_model_dir()
 
@@ -62,7 +62,7 @@ def style_model_dir(tmp_path_factory, embedded_dir) -> Path:
 def style_run(tmp_path_factory, tiny_model_dir) -> tuple[Path, Path]:
     """(run folder, data file) of one real tiny LoRA run (4-bit base, checkpoints every 4 of 8 steps) trained on
     the course style; the Evaluate tests and its browser test share it instead of training twice."""
-    from finetune.config import save_config
+    from finetune.core.config import save_config
     from finetune.train import run
 
     folder = tmp_path_factory.mktemp("style-run")
@@ -111,8 +111,8 @@ def policy_runs(tmp_path_factory, tiny_model_dir, adapters):
     import json
     import shutil
 
-    from finetune.config import save_config
-    from finetune.runs import RunManager
+    from finetune.core.config import save_config
+    from finetune.services.runs import RunManager
 
     root = tmp_path_factory.mktemp("policy-runs")
     data = write_jsonl(root / "qa.jsonl", [{"prompt": f"Question {i}?", "completion": "Answer."} for i in range(10)])

@@ -14,7 +14,7 @@ from typing import Any, Callable, Iterator
 
 import pytest
 
-from finetune.chat import SamplingSettings
+from finetune.services.chat import SamplingSettings
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -99,7 +99,7 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
 
 def tiny_run_config(model_dir: Path, data_file: Path, **training):
     """A RunConfig for the tiny model: short sequences, a few steps."""
-    from finetune.config import from_dict
+    from finetune.core.config import from_dict
 
     return from_dict({
         "run_name": "tiny",
@@ -315,7 +315,7 @@ def connection_attempts(monkeypatch) -> list[Any]:
 def preference_stage_config(model_dir, data_file, stage: str, validation_fraction: float = 0.25, **training):
     """A reward/DPO/KTO/GRPO config on ``model_dir`` and ``data_file`` for short CPU runs (4-bit, rank 4, 4 steps by
     default; any training field, ``bits`` and ``preference`` can be given)."""
-    from finetune.config import from_dict
+    from finetune.core.config import from_dict
 
     preference = training.pop("preference", {})
     return from_dict({

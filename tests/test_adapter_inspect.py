@@ -17,9 +17,9 @@ from helpers import app_client
 import torch
 from safetensors.numpy import load_file
 
-from finetune.adapter_inspect import (ENERGY, InspectError, compare_runs, effective_rank, inspect_run,
-                                      principal_angles)
-from finetune.config import from_dict, save_config
+from finetune.core.config import from_dict, save_config
+from finetune.services.adapter_inspect import (ENERGY, InspectError, compare_updates, effective_rank, inspect_run,
+                                               principal_angles)
 
 RANK, ALPHA = 4, 8.0
 TARGETS = ["q_proj", "v_proj", "down_proj"]
@@ -140,7 +140,7 @@ def test_dora_update_includes_the_magnitude_rescaling(tmp_path, tiny_model_dir):
 # --- two runs ------------------------------------------------------------------------------------------------
 
 def test_identical_adapters_share_their_subspaces(known_run):
-    comparison = compare_runs(known_run, known_run, top_k=2)
+    comparison = compare_updates(known_run, known_run, top_k=2)
     assert comparison.matches and not comparison.skipped
     for match in comparison.matches:
         np.testing.assert_allclose(match.output_angles, 0.0, atol=1e-3)
@@ -159,7 +159,7 @@ def test_orthogonal_adapters_are_at_ninety_degrees(tmp_path, tiny_model_dir):
 
     first = make_run(tmp_path / "a", tiny_model_dir, halves(False), seed=1)
     second = make_run(tmp_path / "b", tiny_model_dir, halves(True), seed=1)
-    comparison = compare_runs(first, second, top_k=RANK)
+    comparison = compare_updates(first, second, top_k=RANK)
     for match in comparison.matches:
         np.testing.assert_allclose(match.output_angles, 90.0, atol=1e-3)
         np.testing.assert_allclose(match.input_angles, 90.0, atol=1e-3)
@@ -221,7 +221,7 @@ def test_runs_on_different_bases_are_not_compared(tmp_path, known_run, tiny_mode
     shutil.copytree(tiny_model_dir, other_base)
     other = make_run(tmp_path / "other", other_base, known_factors)
     with pytest.raises(InspectError) as error:
-        compare_runs(known_run, other)
+        compare_updates(known_run, other)
     assert str(error.value).endswith("updates of different base models live in different weight spaces and cannot "
                                      "be compared.")
 
@@ -238,7 +238,7 @@ def section_client(tmp_path_factory, known_run, tiny_model_dir):
     import gradio as gr
 
     from components.inspect_section import build_inspect_section
-    from finetune.runs import RunManager
+    from finetune.services.runs import RunManager
 
     root = tmp_path_factory.mktemp("runs")
     for run_id in ("known", "twin"):
@@ -277,7 +277,7 @@ def test_section_compares_two_runs_and_refuses_ia3(section_client):
 
 
 def test_command_line_prints_the_summary_or_a_clear_error(known_run, tmp_path, capsys):
-    from finetune.adapter_inspect import main
+    from finetune.services.adapter_inspect import main
 
     assert main([str(known_run), "--compare", str(known_run), "--top-k", "2", "--show", "1"]) == 0
     printed = capsys.readouterr().out

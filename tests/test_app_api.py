@@ -123,8 +123,9 @@ def test_stop_from_the_ui_keeps_a_checkpoint(client, tiny_model_dir, qa_file):
 
 @pytest.mark.parametrize("preset", ["cpu-quick", "t4-qlora", "llama2-7b-colab"])
 def test_presets_round_trip_through_the_form(preset):
-    from components.train_form import CONFIGS_DIR, config_from_form, form_from_config
-    from finetune.config import load_config, to_dict
+    from components.train_form import config_from_form, form_from_config
+    from finetune.core.paths import CONFIGS_DIR
+    from finetune.core.config import load_config, to_dict
 
     cfg = load_config(CONFIGS_DIR / f"{preset}.yaml")
     assert to_dict(config_from_form(form_from_config(cfg))) == to_dict(cfg)
@@ -132,7 +133,7 @@ def test_presets_round_trip_through_the_form(preset):
 
 def test_form_errors_name_every_bad_field():
     from components.train_form import config_from_form, form_from_config
-    from finetune.config import ConfigError, RunConfig
+    from finetune.core.config import ConfigError, RunConfig
 
     form = {**form_from_config(RunConfig()), "lora_rank": 0, "column_mapping_json": "{not json"}
     with pytest.raises(ConfigError) as error:

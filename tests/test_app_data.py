@@ -86,7 +86,7 @@ def test_preview_without_a_tokenizer_still_counts_the_rest(client, export_csv):
 
 
 def test_start_refuses_a_broken_line_then_trains_on_the_good_rows(client, runs_root, tiny_model_dir, export_csv):
-    from finetune.run_folder import read_run_info
+    from finetune.core.run_folder import read_run_info
 
     _, refused = client.predict(**_form(tiny_model_dir, export_csv), api_name="/start_run")
     assert "line 5 has 1 field(s)" in refused and "skip malformed rows" in refused, refused
@@ -121,7 +121,7 @@ def test_hub_listing_offline_says_so_and_keeps_the_form(client):
 @pytest.fixture
 def hub_folder(tmp_path, monkeypatch) -> Path:
     """A dataset repository laid out as on the Hub, under a root the operator allows."""
-    from finetune import paths
+    from finetune.core import paths
 
     folder = tmp_path / "someone--prefs"
     for sub in ("pairs", "qa"):
@@ -162,17 +162,17 @@ def test_rlhf_tab_previews_a_hub_style_folders_pairs(client, hub_folder):
 
 
 def test_rlhf_form_carries_skip_and_hub_config():
-    from components.rlhf_form import config_from_form
+    from components.rlhf_form import stage_config_from_form
 
-    cfg = config_from_form("dpo", "someone/prefs", {"data_skip_bad_rows": True, "data_hub_config": "pairs"})
+    cfg = stage_config_from_form("dpo", "someone/prefs", {"data_skip_bad_rows": True, "data_hub_config": "pairs"})
     assert cfg.data.skip_bad_rows is True and cfg.data.hub_config == "pairs"
-    assert config_from_form("dpo", "someone/prefs", {}).data.skip_bad_rows is False
+    assert stage_config_from_form("dpo", "someone/prefs", {}).data.skip_bad_rows is False
 
 
 def test_preference_runs_record_their_skipped_rows():
     from datasets import Dataset
 
-    from finetune.preference import PreferenceData
+    from finetune.core.preference import PreferenceData
     from finetune.stages.common import preference_data_fields
 
     data = PreferenceData(Dataset.from_list([{"prompt": "p"}]), None, "paired", "paired", skipped_rows=2,
@@ -183,8 +183,8 @@ def test_preference_runs_record_their_skipped_rows():
 
 def test_history_sums_the_skipped_rows(tmp_path):
     """What the history's "rows skipped" column reads (the SFT stage writes it: the Start test above)."""
-    from components.train_tab import rows_skipped
-    from finetune.run_folder import RUN_INFO_FILE
+    from components.train_runs import rows_skipped
+    from finetune.core.run_folder import RUN_INFO_FILE
 
     assert rows_skipped(tmp_path) is None  # a run that recorded nothing shows no number, not 0
     (tmp_path / RUN_INFO_FILE).write_text(json.dumps({"malformed_rows": 2, "skipped_rows": 1,

@@ -67,12 +67,12 @@ def test_app_main_serves_with_the_environment_it_is_given(served_app):
 
 
 def test_known_library_noise_is_dropped_or_said_once(caplog):
-    """The messages finetune.noise names: the int8 cast note once (it came 4,200 times from one measurement),
+    """The messages finetune.core.noise names: the int8 cast note once (it came 4,200 times from one measurement),
     the deprecation warnings peft triggers on every forward not at all; anything else still gets through."""
     import logging
     import warnings
 
-    from finetune.noise import OncePerMessage, quiet_known_noise
+    from finetune.core.noise import OncePerMessage, quiet_known_noise
 
     quiet_known_noise()
     quiet_known_noise()  # entry points may call it twice: still one filter
@@ -99,7 +99,7 @@ def test_library_progress_bars_stay_out_of_the_logs():
     """A terminal progress bar redraws with carriage returns; in app.log or train.log it became one line of many
     kilobytes ("Loading weights: ...%|"). The entry points turn them off before the libraries load."""
     env = {k: v for k, v in os.environ.items() if not k.endswith("DISABLE_PROGRESS_BARS")}
-    code = ("from finetune.noise import quiet_known_noise; quiet_known_noise(); import datasets, transformers; "
+    code = ("from finetune.core.noise import quiet_known_noise; quiet_known_noise(); import datasets, transformers; "
             "print(transformers.utils.logging.is_progress_bar_enabled(), "
             "datasets.utils.logging.is_progress_bar_enabled())")
     shown = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True,

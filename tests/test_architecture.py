@@ -1,31 +1,38 @@
-"""The layering rule, checked on the source: imports point down only and never in a circle, counting imports
-inside functions; no tab imports another tab; the stage table matches the config's stage names."""
+"""The layering rule, checked on the source: each module of finetune/ sits in the folder of its layer, imports
+point down only and never in a circle, counting imports inside functions; no tab imports another tab; the stage
+table matches the config's stage names."""
 
 import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-BASIC = {"config", "hardware", "paths", "models", "data", "preference", "recipe", "estimate", "attention",
-         "lm_head", "metrics", "run_folder", "noise", "data_files", "lora_init", "access", "storage", "distributed",
-         "course_progress"}
-SERVICES = {"runs", "chat", "feedback", "evaluate", "quantize", "export", "gguf_export", "compare", "deploy",
-            "scoring", "benchmarks", "adapter_inspect", "sweeps", "course", "lab_report"}
+# The folders of finetune/, lowest layer first; the train entry point sits between the stages and the services.
+LAYERS = {"core": 0, "stages": 1, "services": 3}
+ENTRY_POINT = "finetune.train"
 
 
 def layer(module: str) -> int:
-    """0 basic modules, 1 stages, 2 the training entry point, 3 app services, 4 the screen (app and components)."""
+    """0 basic modules (finetune/core), 1 stages (finetune/stages), 2 the training entry point (finetune/train.py),
+    3 app services (finetune/services), 4 the screen (app and components)."""
     parts = module.split(".")
     if parts[0] in ("app", "components"):
         return 4
-    if parts[:2] == ["finetune", "stages"]:
-        return 1
-    name = parts[1] if len(parts) > 1 else ""
-    if name == "train":
+    if module == ENTRY_POINT:
         return 2
-    if name in SERVICES:
-        return 3
-    assert name in BASIC or name == "", f"{module}: put it in a layer (BASIC or SERVICES in this test)"
-    return 0
+    if module == "finetune":
+        return 0
+    assert parts[1] in LAYERS, f"{module}: put it in a layer's folder (finetune/{'|'.join(LAYERS)}/)"
+    return LAYERS[parts[1]]
+
+
+def test_every_module_of_finetune_sits_in_a_layer_folder():
+    loose = [str(f.relative_to(ROOT)) for f in sorted((ROOT / "finetune").rglob("*.py"))
+             if f.relative_to(ROOT / "finetune").parts[0] not in LAYERS and f.name not in ("train.py", "__init__.py")]
+    nested = [str(f.relative_to(ROOT)) for f in sorted((ROOT / "finetune").glob("*/*/*.py"))]
+    assert not loose, f"modules outside finetune/{{{','.join(LAYERS)}}}/: {loose}"
+    assert not nested, f"one folder per layer, no deeper: {nested}"
+    for folder in LAYERS:
+        assert (ROOT / "finetune" / folder / "__init__.py").is_file(), f"finetune/{folder}/__init__.py is missing"
 
 
 def project_imports() -> dict[str, set[str]]:
@@ -75,7 +82,7 @@ def test_no_import_cycles():
 
 
 def test_the_stage_table_matches_the_config():
-    from finetune.config import STAGES as CONFIG_STAGES
+    from finetune.core.config import STAGES as CONFIG_STAGES
     from finetune.stages.runner import STAGES
 
     assert set(STAGES) == set(CONFIG_STAGES)

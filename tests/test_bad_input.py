@@ -82,7 +82,7 @@ def test_upload_of_a_disallowed_type_is_refused(app, tmp_path):
 
 def test_huge_file_is_refused_before_parsing(tmp_path, monkeypatch):
     """A sparse 3 GB file: the size check answers without reading it."""
-    from finetune.data import DataError, check_file
+    from finetune.core.data import DataError, check_file
 
     path = tmp_path / "huge.jsonl"
     with path.open("wb") as handle:
@@ -138,7 +138,7 @@ def test_values_the_widgets_cannot_hold_are_refused_by_gradio(app):
 def test_nan_and_text_in_numbers_are_config_errors():
     """NaN cannot travel in JSON, but YAML and the library accept it: the config refuses it by name."""
     from components.train_form import config_from_form, form_from_config
-    from finetune.config import ConfigError, RunConfig
+    from finetune.core.config import ConfigError, RunConfig
 
     form = {**form_from_config(RunConfig()), "training_learning_rate": float("nan"), "lora_alpha": float("inf"),
             "model_bits": 3, "lora_rank": "8"}
@@ -187,8 +187,8 @@ def test_bad_generation_settings_through_the_api(app, settings, expected):
 
 
 def test_generation_limits_hold_in_the_library_too():
-    """The server-side limits, for callers that skip the UI's sliders (finetune/chat.py)."""
-    from finetune.chat import MAX_NEW_TOKENS, SamplingSettings, check_prompt
+    """The server-side limits, for callers that skip the UI's sliders (finetune/services/chat.py)."""
+    from finetune.services.chat import MAX_NEW_TOKENS, SamplingSettings, check_prompt
 
     for bad, field in [((MAX_NEW_TOKENS + 1, 0.7, 0.9, 0), "max new tokens"), (("a", 0.7, 0.9, 0), "max new tokens"),
                        ((16, float("nan"), 0.9, 0), "temperature"), ((16, 0.7, None, 0), "top-p"),
@@ -212,7 +212,7 @@ def test_bad_feedback(app):
 
 
 def test_bad_feedback_in_the_store(tmp_path):
-    from finetune.feedback import FeedbackError, FeedbackStore
+    from finetune.services.feedback import FeedbackError, FeedbackStore
 
     store = FeedbackStore(tmp_path / "fb.db")
     ids = store.record_turn(model="m", adapter="a", prompt="p", base_history=[], tuned_history=[], settings={},
@@ -240,7 +240,7 @@ def test_bad_export_requests(app, api, args, expected):
 
 
 def test_push_with_a_bad_repo_name_is_refused(tmp_path):
-    from finetune.export import ExportError, push_folder
+    from finetune.services.export import ExportError, push_folder
 
     (tmp_path / "adapter_config.json").write_text("{}")
     for repo in ("../../x", "no slash", "a/b/c", "", "user/name; rm -rf /"):
@@ -256,8 +256,8 @@ def _adapter_run(runs_root: Path, run_id: str, adapter_base: Path, config_base: 
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from finetune.config import save_config
-    from finetune.metrics import write_status
+    from finetune.core.config import save_config
+    from finetune.core.run_status import write_status
 
     folder = runs_root / run_id
     model = get_peft_model(AutoModelForCausalLM.from_pretrained(adapter_base),
@@ -272,9 +272,9 @@ def test_adapter_of_another_base_model_is_explained(tmp_path, tiny_model_dir, qa
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from finetune.chat import ChatEngine, SamplingSettings
-    from finetune.config import load_config
-    from finetune.hardware import detect
+    from finetune.services.chat import ChatEngine, SamplingSettings
+    from finetune.core.config import load_config
+    from finetune.core.hardware import detect
 
     other = tmp_path / "other-base"
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
@@ -301,7 +301,7 @@ def _yaml(path: Path, cfg_dict: dict) -> Path:
 
 
 def _base_dict(model_dir: Path, data_file: Path) -> dict:
-    from finetune.config import to_dict
+    from finetune.core.config import to_dict
 
     return to_dict(tiny_run_config(model_dir, data_file, bits=32, max_steps=1))
 
@@ -332,8 +332,8 @@ def _mock_hub_404(monkeypatch) -> None:
     import transformers
     from datasets.exceptions import DatasetNotFoundError
 
-    import finetune.data
-    import finetune.models
+    import finetune.core.data
+    import finetune.core.models
 
     def missing_dataset(name, *args, **kwargs):
         raise DatasetNotFoundError(f"Dataset '{name}' doesn't exist on the Hub or cannot be accessed.")
@@ -346,8 +346,8 @@ def _mock_hub_404(monkeypatch) -> None:
         raise OSError(f"{name} is not a local folder and is not a valid model identifier listed on "
                       "'https://huggingface.co/models'")
 
-    monkeypatch.setattr(finetune.models, "hub_reachable", lambda timeout=3.0: True)
-    monkeypatch.setattr(finetune.data, "load_dataset", missing_dataset)
+    monkeypatch.setattr(finetune.core.models, "hub_reachable", lambda timeout=3.0: True)
+    monkeypatch.setattr(finetune.core.data, "load_dataset", missing_dataset)
     monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", missing_model)
 
 
@@ -363,7 +363,7 @@ def _mock_hub_404(monkeypatch) -> None:
 ])
 def test_cli_data_and_model_errors_are_one_line(tmp_path, tiny_model_dir, qa_file, capsys, monkeypatch, case,
                                                  expected):
-    from finetune.metrics import read_status
+    from finetune.core.run_status import read_status
     from finetune.train import cli
 
     raw = _base_dict(tiny_model_dir, qa_file)
@@ -412,7 +412,7 @@ def test_cli_missing_config_file(tmp_path, capsys):
 
 def test_one_row_dataset_trains(tmp_path, tiny_model_dir):
     """A 1-row dataset is not an error: it trains, with a note that eval loss is off."""
-    from finetune.metrics import read_status
+    from finetune.core.run_status import read_status
     from finetune.train import cli
 
     raw = _base_dict(tiny_model_dir, write_jsonl(tmp_path / "one.jsonl", [{"prompt": "Hi?", "completion": "Hello."}]))

@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 
 from helpers import wait_until
-from finetune.benchmarks import (BUNDLED_ITEMS, BUNDLED_TASK, MIN_ITEMS, BenchmarkError, BenchmarkService,
-                                 check_limit, main, paired_difference, verdict)
-from finetune.config import EMBEDDED_MODEL, from_dict, save_config
-from finetune.run_folder import ADAPTER_DIR, CONFIG_COPY
+from finetune.core.config import EMBEDDED_MODEL, from_dict, save_config
+from finetune.core.run_folder import ADAPTER_DIR, CONFIG_COPY
+from finetune.services.benchmarks import (BUNDLED_ITEMS, BUNDLED_TASK, MIN_ITEMS, BenchmarkError, BenchmarkService,
+                                          check_limit, main, paired_difference, verdict)
 
 
 def save_random_lora(base_dir: Path | str, run_dir: Path, model_cfg: dict, seed: int = 0) -> Path:
@@ -40,7 +40,7 @@ def save_random_lora(base_dir: Path | str, run_dir: Path, model_cfg: dict, seed:
 @pytest.fixture(scope="module")
 def tiny_runs(tmp_path_factory, tiny_model_dir) -> Path:
     """runs/tiny-lora: a random LoRA on the tiny Llama at 32 bits (as if trained there), a finished run."""
-    from finetune.metrics import write_status
+    from finetune.core.run_status import write_status
 
     root = tmp_path_factory.mktemp("bench-runs")
     save_random_lora(tiny_model_dir, root / "tiny-lora", {"source": str(tiny_model_dir), "bits": 32})
@@ -52,7 +52,7 @@ def harness_scores(model_args: dict, limit: int) -> dict:
     """The bundled task run by the harness on its own (its HF model loads from the folder, adapter via peft=)."""
     from lm_eval import simple_evaluate
 
-    from finetune.benchmarks import task_manager
+    from finetune.services.benchmarks import task_manager
 
     out = simple_evaluate(model="hf", model_args={"device": "cpu", "dtype": "float32", **model_args},
                           tasks=[BUNDLED_TASK], limit=limit, batch_size=8, task_manager=task_manager([BUNDLED_TASK]),
@@ -104,9 +104,9 @@ def test_tiny_model_table_equals_the_harness_run_on_its_own(tiny_runs, tiny_mode
 def test_the_section_starts_polls_and_refuses(tiny_runs, tmp_path, monkeypatch):
     import gradio as gr
 
-    from components.benchmark_section import (TABLE_COLUMNS, build_benchmark_section, poll_benchmark,
-                                              start_benchmark, stop_benchmark)
-    from finetune.runs import RunManager
+    from components.benchmark_section import (TABLE_COLUMNS, build_benchmark_section, poll_benchmark, start_benchmark,
+                                              stop_benchmark)
+    from finetune.services.runs import RunManager
 
     manager, service = RunManager(tiny_runs), BenchmarkService(tiny_runs, tmp_path / "bench")
     with pytest.raises(gr.Error, match="No saved adapter for run"):   # a typed folder is not a run

@@ -8,8 +8,8 @@ from typing import Any
 import pytest
 import torch
 
-from finetune.chat import ChatEngine, SamplingSettings, normalize_history
-from finetune.config import ModelConfig
+from finetune.core.config import ModelConfig
+from finetune.services.chat import ChatEngine, SamplingSettings, normalize_history
 
 from helpers import GREEDY, SlowClock, StepClock, app_client, generation_threads, wait_until
 
@@ -146,7 +146,7 @@ def test_a_failing_generation_ends_the_stream_with_its_error(engine, model_cfg, 
 def test_in_own_thread_returns_and_raises_in_the_caller():
     import threading
 
-    from finetune.chat import in_own_thread
+    from finetune.services.chat import in_own_thread
 
     assert in_own_thread(lambda: threading.current_thread().name) == "chat-load"
     with pytest.raises(ZeroDivisionError):
@@ -164,7 +164,7 @@ def test_a_run_id_with_dots_chats_like_any_other(engine, model_cfg, adapters):
 def test_on_a_gpu_the_adapter_is_kept_in_the_models_dtype(tiny_model_dir, adapters):
     """peft loads LoRA weights in fp32; on a GPU each layer would then cast its input and output every token.
     No GPU here: the rule runs with a CUDA hardware profile on CPU tensors (the speed is bench/chat_latency.py's)."""
-    from finetune.hardware import profile_for
+    from finetune.core.hardware import profile_for
 
     engine, cfg = ChatEngine(), ModelConfig(source=str(tiny_model_dir), bits=16)
     entry = engine.attach(cfg, "run-a", adapters["run-a"])
@@ -235,7 +235,7 @@ def test_the_base_row_of_a_pair_equals_the_base_model_alone(tiny_model_dir, adap
 def test_a_checkpoint_and_the_final_adapter_of_its_step_answer_alike(style_run):
     """The run saved a checkpoint at its last step (8) and its final adapter from the same weights: in one engine,
     loaded one after the other, they give the same answer and the same logits."""
-    from finetune.config import load_config
+    from finetune.core.config import load_config
 
     run_dir, _ = style_run
     cfg = load_config(run_dir / "config.yaml").model
@@ -297,7 +297,7 @@ LONG = SamplingSettings(max_new_tokens=400, temperature=0.0)
 
 @pytest.mark.parametrize("side", ["pair", "one"])
 def test_an_answer_cut_by_the_time_budget_says_so(tiny_model_dir, model_cfg, adapters, side):
-    from finetune.chat import budget_note
+    from finetune.services.chat import budget_note
 
     engine = ChatEngine(max_seconds=6, clock=StepClock())
     if side == "pair":
@@ -315,7 +315,7 @@ def test_a_long_request_is_cut_by_its_budget_while_a_short_one_is_answered_in_fu
     the slices fall on this machine), the long answer ends at its time budget and says so, the short one is whole."""
     import threading
 
-    from finetune.chat import budget_note
+    from finetune.services.chat import budget_note
 
     engine = ChatEngine(max_seconds=10, clock=StepClock())
     engine.answer_pair("warm up", [], [], model_cfg, "run-a", adapters["run-a"], GREEDY)  # loaded before the race
@@ -438,7 +438,7 @@ def _tab_answers(manager, engine, run_id: str, compare: str, store=None) -> tupl
 def test_the_chat_tab_compares_a_policy_with_its_starting_adapter(policy_runs, engine, model_cfg, adapters,
                                                                   tmp_path):
     from components.chat_tab import select_adapter
-    from finetune.feedback import FeedbackStore
+    from finetune.services.feedback import FeedbackStore
 
     store = FeedbackStore(tmp_path / "feedback.db")
     left, right = _tab_answers(policy_runs, engine, "dpo-run", "start", store)
@@ -514,7 +514,7 @@ def test_through_gradio_a_short_chat_is_answered_during_a_long_one_and_stop_free
 
 
 def test_operator_limits_are_stricter_on_a_space_and_the_operator_decides(monkeypatch):
-    from finetune.chat import _operator_setting
+    from finetune.services.chat import _operator_setting
 
     monkeypatch.delenv("SPACE_ID", raising=False)
     monkeypatch.delenv("LORA_LAB_MAX_SECONDS", raising=False)

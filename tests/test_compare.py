@@ -13,10 +13,10 @@ import math
 
 import pytest
 
-from finetune.compare import (CompareError, CompareQueue, CompareRequest, TECHNIQUES, loss_points, progress, results,
-                              validate_request)
-from finetune.config import ConfigError
-from finetune.runs import RunManager
+from finetune.core.config import ConfigError
+from finetune.services.compare import (CompareError, CompareQueue, CompareRequest, TECHNIQUES, loss_points, progress,
+                                       results, validate_request)
+from finetune.services.runs import RunManager
 
 from helpers import wait_until
 
@@ -138,7 +138,7 @@ def test_a_restarted_app_picks_the_queue_up_again(tmp_path, wide_model_dir, qa_r
     comparison_id = first.start(CompareRequest(techniques=["ia3", "lora16"], model_source=str(wide_model_dir),
                                                data_source=str(qa_rows_file), max_steps=1, max_seq_length=64,
                                                max_samples=20))
-    from finetune.config import from_dict
+    from finetune.core.config import from_dict
 
     state = first.load(comparison_id)
     run_id = manager.start(from_dict(state["items"][0]["config"]))  # the run it had started before dying
@@ -157,8 +157,9 @@ def test_a_restarted_app_picks_the_queue_up_again(tmp_path, wide_model_dir, qa_r
 
 def _finished_run(root, run_id: str, stage: str, rows: list[dict]) -> None:
     """A run folder as a finished run leaves it: its config, its metrics as the callback writes them, status."""
-    from finetune.config import RunConfig, save_config
-    from finetune.metrics import METRICS_FILE, write_status
+    from finetune.core.config import RunConfig, save_config
+    from finetune.core.run_status import write_status
+    from finetune.core.run_folder import METRICS_FILE
 
     folder = root / run_id
     folder.mkdir(parents=True)
@@ -168,7 +169,7 @@ def _finished_run(root, run_id: str, stage: str, rows: list[dict]) -> None:
 
 
 def test_history_shows_each_stage_with_its_headline_and_never_overlays_stages(tmp_path):
-    from components.train_tab import compare_runs, run_history
+    from components.train_runs import compare_runs, run_history
 
     root = tmp_path / "runs"
     _finished_run(root, "sft-1", "sft", [{"step": 1, "loss": 2.5}, {"step": 2, "loss": 2.0},

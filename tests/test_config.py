@@ -2,8 +2,8 @@ from pathlib import Path
 
 import pytest
 
-from finetune.config import (ConfigError, DataConfig, LoraSettings, ModelConfig, RunConfig, TrainingConfig,
-                             field_help, from_dict, load_config, save_config)
+from finetune.core.config import (ConfigError, DataConfig, LoraSettings, ModelConfig, RunConfig, TrainingConfig,
+                                  field_help, from_dict, load_config, save_config)
 
 ROOT = Path(__file__).resolve().parent.parent
 

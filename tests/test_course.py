@@ -11,9 +11,10 @@ import re
 
 import pytest
 
-from finetune import course, paths
-from finetune.access import LOCAL, Visitor
-from finetune.course_progress import CourseProgress, visitor_key
+from finetune.core import paths
+from finetune.core.access import LOCAL, Visitor
+from finetune.core.course_progress import CourseProgress, visitor_key
+from finetune.services import course
 
 
 def _numbers(text: str) -> list[str]:
@@ -106,8 +107,8 @@ def test_first_guesses_count_the_held_out_evaluations():
 
 
 def test_the_course_guess_reads_the_bundled_held_out_rows_and_the_cap(monkeypatch):
-    from components.course_tab import preference_step_config, qlora_config
-    from finetune.hardware import detect
+    from components.course_runs import held_out_rows, preference_step_config, qlora_config
+    from finetune.core.hardware import detect
 
     profile = detect()
     full = preference_step_config("dpo", qlora_config(profile, 16))
@@ -116,10 +117,10 @@ def test_the_course_guess_reads_the_bundled_held_out_rows_and_the_cap(monkeypatc
     tiny = preference_step_config("dpo", qlora_config(profile, 16))
     assert tiny.data.max_eval_samples == 4 and qlora_config(profile, 16).data.max_eval_samples == 4
     assert full.model.bits == 4 and tiny.model.bits == 32  # the smoke run skips the CPU's slow 4-bit matmul
-    from components.course_tab import _held_out_rows
 
-    bundled = sum(1 for line in (paths.DATA_DIR / "course_prefs" / "validation.jsonl").open(encoding="utf-8") if line.strip())
-    assert _held_out_rows(full) == bundled and _held_out_rows(tiny) == 4
+    pairs = paths.DATA_DIR / "course_prefs" / "validation.jsonl"
+    bundled = sum(1 for line in pairs.read_text(encoding="utf-8").splitlines() if line.strip())
+    assert held_out_rows(full) == bundled and held_out_rows(tiny) == 4
 
 
 def test_tiny_course_size_from_the_environment(monkeypatch):
@@ -147,10 +148,10 @@ def test_progress_is_kept_per_visitor_and_survives_a_new_store(tmp_path):
 
 
 def test_the_report_holds_only_the_visitors_runs_and_no_server_path(tmp_path, monkeypatch):
-    from finetune.config import RunConfig, save_config
-    from finetune.lab_report import collect, render_html, render_markdown, write_report
-    from finetune.metrics import write_status
-    from finetune.runs import RunManager
+    from finetune.core.config import RunConfig, save_config
+    from finetune.services.lab_report import collect, render_html, render_markdown, write_report
+    from finetune.core.run_status import write_status
+    from finetune.services.runs import RunManager
 
     monkeypatch.setenv("LORA_LAB_SIGN_IN", "dev")
     root = tmp_path / "runs"

@@ -3,8 +3,8 @@ from pathlib import Path
 
 import pytest
 
-from finetune.config import DataConfig
-from finetune.data import DataError, bundled_names, detect_format, prepare, preview, validation_prompts
+from finetune.core.config import DataConfig
+from finetune.core.data import DataError, bundled_names, detect_format, prepare, preview, validation_prompts
 
 from helpers import write_jsonl
 
@@ -208,7 +208,7 @@ def test_max_eval_samples_caps_the_held_out_rows_with_a_fixed_sample():
 
 
 def test_max_eval_samples_caps_the_held_out_pairs():
-    from finetune.preference import BUNDLED_PREFERENCES, load_preferences
+    from finetune.core.preference import BUNDLED_PREFERENCES, load_preferences
 
     full = load_preferences(DataConfig(source=BUNDLED_PREFERENCES))
     capped = load_preferences(DataConfig(source=BUNDLED_PREFERENCES, max_eval_samples=4))
@@ -218,7 +218,7 @@ def test_max_eval_samples_caps_the_held_out_pairs():
 
 
 def test_max_eval_samples_refuses_zero_by_name():
-    from finetune.config import ConfigError
+    from finetune.core.config import ConfigError
 
     with pytest.raises(ConfigError, match="data.max_eval_samples"):
         DataConfig(max_eval_samples=0)

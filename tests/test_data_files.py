@@ -14,11 +14,11 @@ from pathlib import Path
 
 import pytest
 
-from finetune.config import DataConfig, RunConfig
-from finetune.data import (DataError, check_file, hub_configs, hub_first_rows, hub_preview, hub_splits, prepare,
-                           preview, preview_report, usable_row_count)
-from finetune.paths import check_config
-from finetune.preference import PreferenceError, load_preferences
+from finetune.core.config import DataConfig, RunConfig
+from finetune.core.data import (DataError, check_file, hub_configs, hub_first_rows, hub_preview, hub_splits, prepare,
+                                preview, preview_report, usable_row_count)
+from finetune.core.paths import check_config
+from finetune.core.preference import PreferenceError, load_preferences
 
 from helpers import write_jsonl
 
@@ -41,7 +41,7 @@ def user_assistant(question: str, answer: str) -> list[dict[str, str]]:
 def passes_run_checks(path: Path, skip_bad_rows: bool = False) -> str:
     """What happens before a run starts (CLI and Start): the path gate, then the file checks."""
     check_config(RunConfig(data=cfg_for(path, skip_bad_rows=skip_bad_rows)), operator=True)
-    return check_file(path, skip_bad_rows, usable_row_count(cfg_for(path)))  # as runs.check_sources counts
+    return check_file(path, skip_bad_rows, usable_row_count(cfg_for(path)))  # as admission.check_sources counts
 
 
 # --- 1. text files as people save them -------------------------------------------------------------------------
@@ -275,9 +275,9 @@ def test_deeply_nested_json_is_refused_not_a_traceback(tmp_path):
 
 def test_big_files_go_to_datasets_loaders_bom_and_tabs_included(tmp_path, monkeypatch):
     """Over IN_MEMORY_LIMIT a file is read by datasets (flat memory), which needs UTF-8; a BOM still works."""
-    import finetune.data
+    import finetune.core.data
 
-    monkeypatch.setattr(finetune.data, "IN_MEMORY_LIMIT", 10)
+    monkeypatch.setattr(finetune.core.data, "IN_MEMORY_LIMIT", 10)
     for name, text in (("big.jsonl", "".join(json.dumps({"Prompt": q, "Completion": a}) + "\n" for q, a in QA)),
                        ("big.tsv", csv_text("\t"))):
         path = tmp_path / name
@@ -529,7 +529,7 @@ def test_cli_trains_on_the_good_rows_of_a_spreadsheet_export(tmp_path, tiny_mode
     line named, then trained with skip_bad_rows, the skip and the encoding recorded in run_info.json."""
     import yaml
 
-    from finetune.config import to_dict
+    from finetune.core.config import to_dict
     from finetune.train import cli
     from helpers import tiny_run_config
 

@@ -15,11 +15,11 @@ import time
 
 import torch
 
-from finetune import deploy
-from finetune.config import load_config
-from finetune.hardware import profile_for
-from finetune.metrics import HOSTNAME, read_status, write_status
-from finetune.runs import RunManager
+from finetune.core.config import load_config
+from finetune.core.hardware import profile_for
+from finetune.core.run_status import HOSTNAME, read_status, write_status
+from finetune.services import deploy
+from finetune.services.runs import RunManager
 
 from helpers import ROOT
 
@@ -110,7 +110,7 @@ def test_deploy_calls_the_hub_api_with_space_hardware_secrets_and_files(monkeypa
     upload = api.calls[-1][1]
     assert api.calls[-1][0] == "upload_folder" and upload["repo_type"] == "space"
     uploaded = deploy.upload_files(ROOT)
-    assert {"app.py", "requirements.txt", "README.md", "finetune/deploy.py", "components/export_tab.py",
+    assert {"app.py", "requirements.txt", "README.md", "finetune/services/deploy.py", "components/export_tab.py",
             "configs/t4-qlora.yaml"} <= set(uploaded)
     assert not [f for f in uploaded if f.startswith(("tests/", "runs/", ".venv/")) or "__pycache__" in f]
 
@@ -193,8 +193,8 @@ def test_accelerate_configs_load_for_1_2_8_gpus_and_fsdp():
 
 
 def test_fsdp_qlora_needs_quant_storage_in_the_compute_dtype_and_one_gpu_per_rank(monkeypatch):
-    from finetune.config import ModelConfig
-    from finetune.models import model_load_kwargs, to_bnb_config
+    from finetune.core.config import ModelConfig
+    from finetune.core.models import model_load_kwargs, to_bnb_config
 
     for profile, dtype in ((T4, torch.float16), (profile_for("cuda", "A100", 80.0, (8, 0)), torch.bfloat16)):
         bnb = to_bnb_config(ModelConfig(bits=4), profile)

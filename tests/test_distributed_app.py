@@ -13,11 +13,12 @@ import pytest
 import torch
 
 from helpers import tiny_run_config, wait_until, write_jsonl
-from finetune.config import ConfigError, from_dict
-from finetune.distributed import (ACCELERATE_CONFIG, LAUNCH_NOTE, accelerate_config, effective_batch,
-                                  first_rank_failure, launch_problems, read_ranks, write_accelerate_config)
-from finetune.metrics import read_metrics, read_status
-from finetune.runs import RunManager
+from finetune.core.config import ConfigError, from_dict
+from finetune.core.distributed import (LAUNCH_NOTE, accelerate_config, effective_batch, first_rank_failure,
+                                       launch_problems, read_ranks, write_accelerate_config)
+from finetune.core.run_folder import ACCELERATE_CONFIG
+from finetune.core.run_status import read_metrics, read_status
+from finetune.services.runs import RunManager
 
 ROWS = [{"prompt": f"What does setting {i} control in LoRA?", "completion": f"Lab note: setting {i}."}
         for i in range(20)]
@@ -63,7 +64,7 @@ def port_is_free(port: int) -> bool:
 def live_ranks(folder: Path) -> list[int]:
     """The ranks of the run (from their records) still running: torch elastic starts each in a session of its
     own, so the launcher's process group does not hold them."""
-    from finetune.distributed import _same_process
+    from finetune.core.distributed import _same_process
 
     return [r["pid"] for r in read_ranks(folder) if _same_process(r["pid"], r.get("pid_start"))]
 
@@ -104,7 +105,7 @@ def test_a_two_process_run_completes_with_one_curve_and_its_launch_recorded(ddp_
 
 
 def test_the_history_shows_processes_and_effective_batch(ddp_run):
-    from components.train_tab import run_history
+    from components.train_runs import run_history
 
     manager, run_id, _ = ddp_run
     table = run_history(manager)[0]
@@ -113,7 +114,7 @@ def test_the_history_shows_processes_and_effective_batch(ddp_run):
 
 
 def test_the_adapter_has_the_format_of_a_one_process_run(ddp_run, tiny_model_dir, tmp_path):
-    from finetune.export import adapter_format
+    from finetune.services.export import adapter_format
     from finetune.train import run
 
     manager, run_id, _ = ddp_run
@@ -186,7 +187,7 @@ def test_the_machine_refuses_more_processes_than_devices():
 
 
 def test_the_manager_and_the_train_tab_refuse_it_before_a_child_starts(tiny_model_dir, tmp_path):
-    from components.train_tab import start_run
+    from components.train_runs import start_run
 
     too_many = (torch.cuda.device_count() if torch.cuda.is_available() else os.cpu_count() or 1) + 1
     cfg = tiny_run_config(tiny_model_dir, write_jsonl(tmp_path / "qa.jsonl", ROWS), processes=too_many,
@@ -208,13 +209,13 @@ def test_the_rlhf_stages_take_the_processes_choice_as_data_parallel(tmp_path):
     """The RLHF tab's processes number makes a stage's run data parallel (a 2-process DPO run on this CPU
     completed through the same launcher; the stage runner is the one every stage shares). FSDP is SFT-only,
     so the form never asks for it; too many processes are refused before anything starts."""
-    from components.rlhf_form import config_from_form
-    from components.rlhf_tab import start_stage
+    from components.rlhf_form import stage_config_from_form
+    from components.rlhf_runs import start_stage
 
     for stage in ("reward", "dpo", "kto"):
-        cfg = config_from_form(stage, "bundled:course_prefs", {"processes": 2, "batch_size": 2})
+        cfg = stage_config_from_form(stage, "bundled:course_prefs", {"processes": 2, "batch_size": 2})
         assert (cfg.training.processes, cfg.training.strategy, effective_batch(cfg)) == (2, "ddp", 4)
-    assert config_from_form("dpo", "bundled:course_prefs", {}).training.strategy == "single"
+    assert stage_config_from_form("dpo", "bundled:course_prefs", {}).training.strategy == "single"
     too_many = (torch.cuda.device_count() if torch.cuda.is_available() else os.cpu_count() or 1) + 1
     manager = RunManager(tmp_path / "runs")
     _, message = start_stage(manager, None, "dpo", data_kind="Bundled", processes=too_many, batch_size=1)
@@ -238,8 +239,8 @@ def test_the_fsdp_launch_config_is_generated_valid_and_recorded(tmp_path):
 def test_the_estimate_shards_the_base_with_fsdp_and_says_which_strategy_fits():
     from transformers import LlamaConfig
 
-    from finetune.estimate import estimate_memory, shape_from_config, strategy_note
-    from finetune.hardware import profile_for
+    from finetune.core.estimate import estimate_memory, shape_from_config, strategy_note
+    from finetune.core.hardware import profile_for
 
     shape = shape_from_config(LlamaConfig(vocab_size=128256, hidden_size=8192, intermediate_size=28672,
                                           num_hidden_layers=80, num_attention_heads=64, num_key_value_heads=8))
@@ -259,8 +260,8 @@ def test_the_estimate_shards_the_base_with_fsdp_and_says_which_strategy_fits():
 
 
 def test_the_estimate_gives_starts_refusal_for_processes_this_machine_cannot_run():
-    from components.train_tab import update_estimate
-    from finetune.hardware import detect
+    from components.train_preview import update_estimate
+    from finetune.core.hardware import detect
 
     too_many = (torch.cuda.device_count() if torch.cuda.is_available() else os.cpu_count() or 1) + 1
     form = {"data_kind": "Bundled", "model_kind": "Embedded", "training_processes": too_many,
@@ -285,7 +286,7 @@ def test_a_rank_error_is_told_before_the_broken_collectives_it_caused():
 @pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 2,
                     reason="FSDP-QLoRA needs 2 CUDA GPUs")
 def test_fsdp_qlora_trains_on_two_gpus_from_the_app(tiny_model_dir, tmp_path):
-    from finetune.export import adapter_format
+    from finetune.services.export import adapter_format
 
     data = write_jsonl(tmp_path / "qa.jsonl", ROWS)
     cfg = tiny_run_config(tiny_model_dir, data, max_steps=3, batch_size=2, bits=4, eval_steps=0,
@@ -301,9 +302,9 @@ def test_fsdp_qlora_trains_on_two_gpus_from_the_app(tiny_model_dir, tmp_path):
 
 
 def test_a_run_that_needs_more_devices_than_this_machine_has_is_not_resumed(tmp_path):
-    from finetune.config import save_config
-    from finetune.metrics import write_status
-    from finetune.runs import RunError
+    from finetune.core.config import save_config
+    from finetune.core.run_status import write_status
+    from finetune.services.admission import RunError
 
     manager = RunManager(tmp_path / "runs")
     folder = manager.run_dir("from-a-bigger-box")

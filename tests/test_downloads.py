@@ -23,7 +23,7 @@ def _files(folder: Path) -> list[Path]:
 def test_a_download_is_copied_once_and_gradio_serves_that_copy(gradio_cache, tmp_path):
     import gradio as gr
 
-    from components.shared import download_folder, downloadable
+    from components.downloads import download_folder, downloadable
 
     source = tmp_path / "runs" / "demo" / "demo-q8_0.gguf"
     source.parent.mkdir(parents=True)
@@ -39,7 +39,7 @@ def test_a_download_is_copied_once_and_gradio_serves_that_copy(gradio_cache, tmp
 
 
 def test_a_new_version_replaces_the_old_copy_and_other_files_keep_theirs(gradio_cache, tmp_path):
-    from components.shared import downloadable
+    from components.downloads import downloadable
 
     source = tmp_path / "a" / "pairs.jsonl"
     same_name = tmp_path / "b" / "pairs.jsonl"  # another run's file of the same name: its own copy
@@ -56,7 +56,7 @@ def test_a_new_version_replaces_the_old_copy_and_other_files_keep_theirs(gradio_
 
 def test_a_copy_still_being_written_is_left_alone(gradio_cache, tmp_path):
     """Another request copying the same file at this moment has a folder without the finished file: not removed."""
-    from components.shared import _download_key, download_folder, downloadable
+    from components.downloads import _download_key, download_folder, downloadable
 
     source = tmp_path / "demo.Modelfile"
     source.write_text("FROM ./demo.gguf\n")

@@ -16,11 +16,12 @@ import torch
 from safetensors.torch import load_file
 
 from helpers import save_tiny_llama, tiny_run_config, write_jsonl
-from finetune.config import ConfigError, from_dict, to_dict
-from finetune.hardware import detect
-from finetune.preference import BUNDLED_PREFERENCES
-from finetune.metrics import STOP_FILE, MetricsCallback, early_stop_note, read_metrics, read_status
-from finetune.run_folder import ADAPTER_DIR, CHECKPOINT_DIR, read_run_info
+from finetune.core.config import ConfigError, from_dict, to_dict
+from finetune.core.hardware import detect
+from finetune.core.metrics import MetricsCallback, early_stop_note
+from finetune.core.preference import BUNDLED_PREFERENCES
+from finetune.core.run_folder import ADAPTER_DIR, CHECKPOINT_DIR, read_run_info, STOP_FILE
+from finetune.core.run_status import read_metrics, read_status
 from finetune.stages.common import training_args
 from finetune.train import run
 
@@ -65,7 +66,7 @@ def locker_codes(tmp_path_factory, learning_model_dir) -> Path:
 
 def held_out_rows(cfg) -> list[tuple[str, str]]:
     """(prompt, completion) of each row the app holds out for this config."""
-    from finetune.data import prepare
+    from finetune.core.data import prepare
 
     return [(row["prompt"][0]["content"], row["completion"][0]["content"])
             for row in prepare(cfg.data, seed=cfg.training.seed).eval]
@@ -142,8 +143,8 @@ def test_rising_validation_loss_stops_early_and_saves_the_chosen_weights(learnin
 
 def assert_the_train_tab_shows_it(run_dir: Path, status: dict) -> None:
     """The Train tab's real handlers over this run folder: the history's status and the live plot's two marks."""
-    from components.train_tab import poll_run, run_history
-    from finetune.runs import RunManager
+    from components.train_runs import poll_run, run_history
+    from finetune.services.runs import RunManager
 
     manager, losses = RunManager(run_dir.parent), eval_losses(run_dir)
     history, *_ = run_history(manager)
@@ -193,8 +194,8 @@ def test_resume_after_stop_keeps_counting_and_keeps_the_best(learning_model_dir,
 def test_a_reward_model_stops_on_held_out_accuracy_and_keeps_the_best(tiny_model_dir, tmp_path):
     """A reward run goes by held-out accuracy, higher is better. At a learning rate too small to flip a pair the
     accuracy stays level, and a level evaluation is no improvement: the run stops one evaluation after its first."""
-    from finetune.evaluate import judge_accuracy
-    from finetune.run_folder import REWARD_DIR
+    from finetune.services.evaluate import judge_accuracy
+    from finetune.core.run_folder import REWARD_DIR
 
     rows = [{"prompt": f"What does setting {i} control?", "chosen": f"Lab note: setting {i} controls the adapter.",
              "rejected": "It depends."} for i in range(20)]
@@ -282,15 +283,15 @@ def test_without_early_stopping_the_arguments_are_unchanged(tmp_path):
 @pytest.mark.parametrize("stage", ["dpo", "grpo"])
 def test_the_rlhf_form_carries_the_two_settings(stage):
     """The RLHF tab's shared advanced section: DPO takes them; GRPO (no held-out set) is refused by name."""
-    from components.rlhf_form import config_from_form
+    from components.rlhf_form import stage_config_from_form
 
     form = {"early_stopping_patience": 3, "keep": "best", "reward_run": "some-reward-run"}
     if stage == "grpo":
         with pytest.raises(ConfigError) as caught:
-            config_from_form(stage, BUNDLED_PREFERENCES, form)
+            stage_config_from_form(stage, BUNDLED_PREFERENCES, form)
         assert "GRPO has none" in caught.value.problems["training.early_stopping_patience"]
         return
-    cfg = config_from_form(stage, BUNDLED_PREFERENCES, form)
+    cfg = stage_config_from_form(stage, BUNDLED_PREFERENCES, form)
     assert (cfg.training.early_stopping_patience, cfg.training.keep) == (3, "best")
 
 

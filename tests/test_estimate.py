@@ -6,10 +6,9 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from finetune.config import LoraSettings, from_dict
-from finetune.estimate import (T4_MEMORY_GB, estimate_memory, lora_parameter_count, model_shape,
-                               shape_from_config)
-from finetune.hardware import profile_for
+from finetune.core.config import LoraSettings, from_dict
+from finetune.core.estimate import T4_MEMORY_GB, estimate_memory, lora_parameter_count, model_shape, shape_from_config
+from finetune.core.hardware import profile_for
 
 TINY = LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                    num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
@@ -64,9 +63,9 @@ def test_memory_grows_with_batch_and_sequence():
 
 
 def test_cpu_logits_are_counted_whole_only_below_the_lm_heads_limit():
-    """finetune/lm_head.py holds the answer tokens' logits whole on the CPU; above its limit it hands the batch to
+    """finetune/core/lm_head.py holds the answer tokens' logits whole on the CPU; above its limit it hands the batch to
     TRL's tiles, and so does the GPU: the estimate must follow it, not charge the limit itself."""
-    from finetune.lm_head import WHOLE_LOGITS_LIMIT
+    from finetune.core.lm_head import WHOLE_LOGITS_LIMIT
 
     shape = shape_from_config(LlamaConfig(vocab_size=128256, hidden_size=2048, intermediate_size=8192,
                                           num_hidden_layers=2, num_attention_heads=16))

@@ -22,8 +22,8 @@ def tiny(tiny_model_dir):
 
 @pytest.fixture(scope="module")
 def qa_rows(tmp_path_factory):
-    from finetune.config import DataConfig
-    from finetune.evaluate import eval_rows
+    from finetune.core.config import DataConfig
+    from finetune.services.evaluate import eval_rows
     from helpers import write_jsonl
 
     rows = [{"prompt": f"Question {i}: what does rank {i} change in LoRA?",
@@ -36,7 +36,7 @@ def qa_rows(tmp_path_factory):
 # --- loss and perplexity math --------------------------------------------------------------------------------
 
 def test_prompt_tokens_are_not_counted(tiny, qa_rows):
-    from finetune.evaluate import IGNORE, encode_row
+    from finetune.services.evaluate import IGNORE, encode_row
 
     _, tokenizer = tiny
     ids, labels = encode_row(qa_rows[0], tokenizer, 512)
@@ -48,7 +48,7 @@ def test_prompt_tokens_are_not_counted(tiny, qa_rows):
 
 def test_dataset_loss_matches_transformers_own_loss(tiny, qa_rows):
     """Token-weighted mean NLL = HF's per-row mean loss re-weighted by each row's counted tokens."""
-    from finetune.evaluate import IGNORE, dataset_loss, encode_row
+    from finetune.services.evaluate import IGNORE, dataset_loss, encode_row
 
     model, tokenizer = tiny
     result = dataset_loss(model, tokenizer, qa_rows, batch_size=4)
@@ -65,7 +65,7 @@ def test_dataset_loss_matches_transformers_own_loss(tiny, qa_rows):
 
 
 def test_padding_and_batch_size_do_not_change_the_loss(tiny, qa_rows):
-    from finetune.evaluate import dataset_loss
+    from finetune.services.evaluate import dataset_loss
 
     model, tokenizer = tiny
     seen = []
@@ -79,7 +79,7 @@ def test_a_uniform_model_has_perplexity_equal_to_its_vocabulary(tiny_model_dir, 
     """All-zero (tied) embeddings make every logit 0: each token has probability 1/V, so perplexity is exactly V."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from finetune.evaluate import dataset_loss
+    from finetune.services.evaluate import dataset_loss
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
     with torch.no_grad():
@@ -91,7 +91,7 @@ def test_a_uniform_model_has_perplexity_equal_to_its_vocabulary(tiny_model_dir, 
 
 
 def test_empty_rows_give_a_clear_error(tiny):
-    from finetune.evaluate import dataset_loss
+    from finetune.services.evaluate import dataset_loss
 
     with pytest.raises(ValueError, match="No evaluation rows"):
         dataset_loss(*tiny, [])
@@ -100,7 +100,7 @@ def test_empty_rows_give_a_clear_error(tiny):
 # --- win rate and its interval -----------------------------------------------------------------------------
 
 def test_wilson_interval_matches_the_textbook_example():
-    from finetune.evaluate import wilson_interval
+    from finetune.services.evaluate import wilson_interval
 
     # 8 of 10 successes: the Wilson 95% interval is 0.490 to 0.943 (Newcombe 1998, a standard worked example).
     low, high = wilson_interval(8, 10)
@@ -110,7 +110,7 @@ def test_wilson_interval_matches_the_textbook_example():
 
 
 def test_win_rate_counts_ties_and_both_bad_as_half():
-    from finetune.evaluate import win_rate, wilson_interval
+    from finetune.services.evaluate import win_rate, wilson_interval
 
     rate = win_rate("run-a", {"wins": 6, "losses": 2, "ties": 1, "both_bad": 1})
     assert (rate.votes, rate.wins, rate.losses, rate.ties) == (10, 6, 2, 2)
@@ -122,7 +122,7 @@ def test_win_rate_counts_ties_and_both_bad_as_half():
 
 
 def test_more_votes_narrow_the_interval():
-    from finetune.evaluate import win_rate
+    from finetune.services.evaluate import win_rate
 
     few = win_rate("a", {"wins": 7, "losses": 3})
     many = win_rate("a", {"wins": 70, "losses": 30})
@@ -133,7 +133,7 @@ def test_more_votes_narrow_the_interval():
 
 def test_win_rates_read_from_the_real_feedback_store(tmp_path):
     from components.eval_tab import win_rates
-    from finetune.feedback import FeedbackStore
+    from finetune.services.feedback import FeedbackStore
 
     db = tmp_path / "feedback.db"
     table, note = win_rates(db)
@@ -152,7 +152,7 @@ def test_win_rates_read_from_the_real_feedback_store(tmp_path):
 
 
 def test_rouge_l_scores_overlap():
-    from finetune.evaluate import rouge_l
+    from finetune.services.evaluate import rouge_l
 
     assert rouge_l("the adapter learns the style", "the adapter learns the style") == pytest.approx(1.0)
     assert rouge_l("completely unrelated words", "the adapter learns the style") == 0.0
@@ -170,9 +170,9 @@ def trained_run(style_run):
 
 @pytest.mark.trajectory
 def test_adapter_has_lower_validation_loss_than_its_base(trained_run):
-    from finetune.chat import ChatEngine
-    from finetune.config import DataConfig
-    from finetune.evaluate import candidate_loss, candidates, eval_rows
+    from finetune.services.chat import ChatEngine
+    from finetune.core.config import DataConfig
+    from finetune.services.evaluate import candidate_loss, candidates, eval_rows
 
     run_dir, data = trained_run
     rows = eval_rows(DataConfig(source=str(data)), limit=8)
@@ -193,10 +193,10 @@ def test_runs_on_different_bases_load_each_base_once(trained_run, tmp_path):
     import shutil
 
     from components.eval_tab import compare_generations, evaluate_loss
-    from finetune.chat import ChatEngine
-    from finetune.config import load_config, save_config
-    from finetune.scoring import ScorerCache
-    from finetune.runs import RunManager
+    from finetune.services.chat import ChatEngine
+    from finetune.core.config import load_config, save_config
+    from finetune.services.scoring import ScorerCache
+    from finetune.services.runs import RunManager
 
     run_dir, data = trained_run
     manager = RunManager(tmp_path / "runs")
@@ -217,9 +217,9 @@ def test_runs_on_different_bases_load_each_base_once(trained_run, tmp_path):
 
 
 def test_checkpoints_are_listed_and_answer(trained_run):
-    from finetune.chat import ChatEngine
-    from finetune.config import load_config
-    from finetune.evaluate import Candidate, adapter_name, candidate_answer, run_checkpoints
+    from finetune.services.chat import ChatEngine
+    from finetune.core.config import load_config
+    from finetune.services.evaluate import Candidate, adapter_name, candidate_answer, run_checkpoints
 
     run_dir, _ = trained_run
     saved = run_checkpoints(run_dir)
@@ -236,9 +236,9 @@ def test_an_answer_cut_by_the_time_budget_is_scored_without_the_chat_note(traine
     """Evaluate scores what the model wrote: the Chat tab's '[cut: ...]' note is not part of the answer."""
     import itertools
 
-    from finetune.chat import ChatEngine, budget_note
-    from finetune.config import load_config
-    from finetune.evaluate import Candidate, candidate_answer
+    from finetune.services.chat import ChatEngine, budget_note
+    from finetune.core.config import load_config
+    from finetune.services.evaluate import Candidate, candidate_answer
 
     run_dir, _ = trained_run
     cfg = load_config(run_dir / "config.yaml").model
@@ -255,8 +255,8 @@ def test_eval_tab_handlers_report_bad_input(trained_run, tmp_path):
     import gradio as gr
 
     from components.eval_tab import checkpoint_answers, evaluate_loss
-    from finetune.chat import ChatEngine
-    from finetune.runs import RunManager
+    from finetune.services.chat import ChatEngine
+    from finetune.services.runs import RunManager
 
     manager, engine = RunManager(tmp_path / "runs"), ChatEngine()
     with pytest.raises(gr.Error, match="Pick at least one finished run"):
@@ -274,10 +274,10 @@ def test_side_by_side_generations_with_rouge_and_reward(trained_run, tiny_model_
 
     from components.eval_tab import add_reward_scores, compare_generations
     from helpers import write_jsonl
-    from finetune.chat import ChatEngine
-    from finetune.config import from_dict, save_config
-    from finetune.scoring import ScorerCache
-    from finetune.runs import RunManager
+    from finetune.services.chat import ChatEngine
+    from finetune.core.config import from_dict, save_config
+    from finetune.services.scoring import ScorerCache
+    from finetune.services.runs import RunManager
     from finetune.train import run
 
     run_dir, data = trained_run
@@ -314,8 +314,8 @@ def test_loss_summary_compares_each_adapter_with_its_own_base(tmp_path):
     import pandas as pd
 
     from components.eval_tab import LOSS_COLUMNS, _loss_summary
-    from finetune.config import ModelConfig
-    from finetune.evaluate import Candidate, model_label
+    from finetune.core.config import ModelConfig
+    from finetune.services.evaluate import Candidate, model_label
 
     four, sixteen = ModelConfig(bits=4), ModelConfig(bits=16)
     chosen = [Candidate(model_label(four), four), Candidate(model_label(sixteen), sixteen),
@@ -330,7 +330,7 @@ def test_loss_summary_compares_each_adapter_with_its_own_base(tmp_path):
 # --- degenerate answers and honest verdicts ---------------------------------------------------------------------
 
 def test_a_collapsed_answer_is_flagged_and_a_normal_one_is_not():
-    from finetune.evaluate import degeneration
+    from finetune.services.evaluate import degeneration
 
     collapsed = degeneration("Rule of thumb: Rule of thumb: Rule of thumb: Rule of thumb: Rule of thumb:")
     assert collapsed.degenerate and "rule of thumb" in collapsed.problem
@@ -349,7 +349,7 @@ def test_no_bundled_answer_counts_as_degenerate():
     import json
 
     from helpers import ROOT
-    from finetune.evaluate import degeneration
+    from finetune.services.evaluate import degeneration
 
     answers = []
     for name in ("course_prefs/train.jsonl", "course_prefs/validation.jsonl", "course_qa/train.jsonl"):
@@ -361,7 +361,7 @@ def test_no_bundled_answer_counts_as_degenerate():
 
 
 def test_verdict_needs_an_interval_clear_of_one_half():
-    from finetune.evaluate import paired_verdict
+    from finetune.services.evaluate import paired_verdict
 
     fine = ["🧪 Lab note: a clear answer with several different words in it."] * 8
     close = paired_verdict("dpo", "base", [1.0, 0.0, 1.0, 0.0, 1.0, 1.0], [0.0, 1.0, 0.0, 1.0, 0.0, 0.0], fine[:6])
@@ -376,7 +376,7 @@ def test_verdict_needs_an_interval_clear_of_one_half():
 
 
 def test_degenerate_answers_or_an_unproven_judge_never_earn_better():
-    from finetune.evaluate import NO_HELD_OUT, JudgeAccuracy, paired_verdict, wilson_interval
+    from finetune.services.evaluate import NO_HELD_OUT, JudgeAccuracy, paired_verdict, wilson_interval
 
     collapsed = ["Rule of thumb: Rule of thumb: Rule of thumb:"] + ["🧪 Lab note: a clear and varied answer."] * 7
     verdict = paired_verdict("dpo", "sft", [2.0] * 8, [1.0] * 8, collapsed)
@@ -393,8 +393,8 @@ def test_degenerate_answers_or_an_unproven_judge_never_earn_better():
 
 
 def test_the_held_out_minimum_is_where_three_in_four_beats_chance():
-    from finetune.evaluate import wilson_interval
-    from finetune.preference import MIN_HELD_OUT_FOR_VERDICT as n
+    from finetune.services.evaluate import wilson_interval
+    from finetune.core.preference import MIN_HELD_OUT_FOR_VERDICT as n
 
     assert wilson_interval(0.75 * n, n)[0] > 0.5
     assert all(wilson_interval(0.75 * m, m)[0] <= 0.5 for m in range(4, n, 4))
@@ -405,8 +405,8 @@ def test_loss_summary_compares_a_policy_with_its_start_as_well_as_its_base(tmp_p
     import pandas as pd
 
     from components.eval_tab import LOSS_COLUMNS, _loss_summary
-    from finetune.config import ModelConfig
-    from finetune.evaluate import Candidate, model_label
+    from finetune.core.config import ModelConfig
+    from finetune.services.evaluate import Candidate, model_label
 
     four = ModelConfig(bits=4)
     chosen = [Candidate(model_label(four), four), Candidate("sft", four, tmp_path),
@@ -421,7 +421,7 @@ def test_candidates_put_a_policys_start_adapter_beside_it(style_run, tmp_path):
     import json
     import shutil
 
-    from finetune.evaluate import candidates
+    from finetune.services.evaluate import candidates
 
     run_dir, _ = style_run
     policy = tmp_path / "dpo"
@@ -438,7 +438,7 @@ def test_loss_differences_carry_a_paired_bootstrap_interval(tiny, qa_rows):
     interval that holds the observed difference and excludes 0 when every row got worse."""
     import copy
 
-    from finetune.evaluate import dataset_loss, loss_difference_interval
+    from finetune.services.evaluate import dataset_loss, loss_difference_interval
 
     model, tokenizer = tiny
     first = dataset_loss(model, tokenizer, qa_rows, batch_size=4)
@@ -455,7 +455,7 @@ def test_loss_differences_carry_a_paired_bootstrap_interval(tiny, qa_rows):
 
 
 def test_the_loss_interval_excludes_zero_only_when_the_rows_agree():
-    from finetune.evaluate import LossResult, loss_difference_interval
+    from finetune.services.evaluate import LossResult, loss_difference_interval
 
     def result(row_nll):
         tokens = sum(t for _, t in row_nll)

@@ -15,9 +15,9 @@ import pytest
 import torch
 import yaml
 
-from finetune.export import (ExportError, adapter_format, draw_loss_plot, losses, merge_adapter, model_card,
-                             push_folder, write_model_card, zip_adapter)
-from finetune.config import save_config
+from finetune.core.config import save_config
+from finetune.services.export import (ExportError, adapter_format, draw_loss_plot, losses, merge_adapter, model_card,
+                                      push_folder, write_model_card, zip_adapter)
 
 from helpers import copy_run, tiny_run_config
 
@@ -88,8 +88,8 @@ def test_default_merge_is_the_model_chatted_with(trained_run, tmp_path):
     original-precision weights is measurably further away on the run's own held-out rows."""
     from transformers import AutoModelForCausalLM
 
-    from finetune.chat import ChatEngine, SamplingSettings
-    from finetune.export import merge_report, run_config
+    from finetune.services.chat import ChatEngine, SamplingSettings
+    from finetune.services.export import merge_report, run_config
 
     merged_dir = merge_adapter(trained_run, tmp_path / "merged")
     assert "dequantized" in (merged_dir / "README.md").read_text(encoding="utf-8")
@@ -132,7 +132,7 @@ def test_model_card_renders_with_losses_and_plot(trained_run):
     header = yaml.safe_load(text.split("---\n")[1])
     assert header["library_name"] == "peft" and "lora" in header["tags"]
     assert "base_model" not in header  # a local folder is not a Hub id: no broken link on the Hub
-    from finetune.export import run_config
+    from finetune.services.export import run_config
 
     cfg = run_config(trained_run)  # the card is shown and published: no server path in it (issue 16)
     assert cfg.model.source not in text and cfg.data.source not in text
@@ -150,7 +150,7 @@ def test_model_card_renders_with_losses_and_plot(trained_run):
 
 
 def test_card_names_hub_base_and_dataset(tmp_path, tiny_model_dir):
-    from finetune.config import from_dict
+    from finetune.core.config import from_dict
 
     run_dir = tmp_path / "hub-run"
     run_dir.mkdir()
@@ -198,7 +198,7 @@ def test_push_refuses_bad_input_before_touching_the_hub(trained_run, tmp_path):
     with pytest.raises(ExportError, match="neither an adapter nor a model"):
         push_folder(tmp_path, "me/x", "hf_x", api=api)
     assert api.calls == []
-    from finetune.models import ModelSourceError
+    from finetune.core.models import ModelSourceError
 
     with pytest.raises(ModelSourceError, match="Cannot reach the Hugging Face Hub"):  # HF_HUB_OFFLINE=1 here
         push_folder(trained_run / "adapter", "me/x", "hf_x")
@@ -210,7 +210,7 @@ def test_export_of_a_run_without_adapter_says_so(tmp_path, tiny_model_dir, qa_fi
         zip_adapter(tmp_path)
     with pytest.raises(ExportError, match="no saved adapter"):
         merge_adapter(tmp_path)
-    from finetune.export import run_config
+    from finetune.services.export import run_config
 
     with pytest.raises(ExportError, match="not a LoRA Lab run folder"):
         run_config(tmp_path / "missing")
@@ -230,8 +230,8 @@ def test_model_card_names_the_stage_and_method_that_trained_it(trained_run, tmp_
     """A DPO run and an IA3 SFT run must not both be described as 'SFTTrainer, PEFT LoRA'."""
     import shutil
 
-    from finetune.config import save_config
-    from finetune.export import run_config
+    from finetune.core.config import save_config
+    from finetune.services.export import run_config
 
     for stage, method, trainer, rank_row in (("dpo", "lora", "DPOTrainer", True), ("sft", "ia3", "SFTTrainer", False)):
         run_dir = tmp_path / f"{stage}-{method}"
@@ -262,7 +262,7 @@ class SnapshotHfApi(RecordingHfApi):
 
 def test_zip_and_push_name_no_server_path(trained_run):
     """A shared Space lets anyone download any run's zip: the sources inside are names, never server paths."""
-    from finetune.export import run_config
+    from finetune.services.export import run_config
 
     cfg = run_config(trained_run)
     server_paths = [cfg.data.source, cfg.model.source, str(Path(cfg.model.source).parent)]

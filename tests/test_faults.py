@@ -33,7 +33,7 @@ def _form(model_dir: Path, data_file: Path, name: str) -> dict:
 
 
 def _wait_for_checkpoint(run_dir: Path) -> Path:
-    from finetune.run_folder import last_checkpoint
+    from finetune.core.run_folder import last_checkpoint
 
     try:
         return Path(wait_until(lambda: last_checkpoint(run_dir), f"a checkpoint in {run_dir}", every=0.05))
@@ -42,7 +42,7 @@ def _wait_for_checkpoint(run_dir: Path) -> Path:
 
 
 def _kill(run_dir: Path) -> int:
-    from finetune.metrics import read_status
+    from finetune.core.run_status import read_status
 
     pid = read_status(run_dir)["pid"]
     os.killpg(pid, signal.SIGKILL)  # the child leads its own session: this kills it and nothing else
@@ -80,8 +80,8 @@ def test_app_restart_finds_runs_and_resumes_an_interrupted_one(tmp_path, tiny_mo
     """The app goes down mid-run and the child with it (a machine restart); the next app marks the run
     interrupted, and it resumes from its last checkpoint to the end."""
 
-    from finetune.metrics import read_metrics, read_status, write_status
-    from finetune.runs import RunManager
+    from finetune.core.run_status import read_metrics, read_status, write_status
+    from finetune.services.runs import RunManager
 
     root = tmp_path / "runs"
     with served_app(root) as url:
@@ -133,11 +133,11 @@ def test_sigstopped_child_is_shown_stalled_then_stop_ends_it_and_resume_finishes
     """A training child frozen by SIGSTOP (as a hung driver or a debugger would leave it) never reads the STOP
     file: the Train tab shows it stalled with its log, Stop terminates its process group after the grace, the run
     ends `stopped`, a new start is accepted, and resume continues from the last complete checkpoint."""
-    from components.train_tab import poll_run
-    from finetune.config import save_config
-    from finetune.metrics import read_metrics
-    from finetune.runs import RunManager
-    from finetune.run_folder import last_checkpoint
+    from components.train_runs import poll_run
+    from finetune.core.config import save_config
+    from finetune.core.run_status import read_metrics
+    from finetune.services.runs import RunManager
+    from finetune.core.run_folder import last_checkpoint
 
     manager = RunManager(tmp_path / "runs", stop_grace=1.0, term_grace=60.0, stall_after=2.0)
     cfg = tiny_run_config(tiny_model_dir, qa_file, bits=32, max_steps=400, save_steps=2, eval_steps=0)
@@ -184,8 +184,8 @@ def test_out_of_gpu_memory_suggests_smaller_settings(tmp_path, tiny_model_dir, q
     """Simulated OOM (no GPU here): the training step raises torch.cuda.OutOfMemoryError."""
     import torch
 
-    from components.train_tab import status_text
-    from finetune.metrics import read_status
+    from components.train_runs import run_status_text
+    from finetune.core.run_status import read_status
     from finetune.train import run
 
     def make(original):
@@ -200,7 +200,7 @@ def test_out_of_gpu_memory_suggests_smaller_settings(tmp_path, tiny_model_dir, q
     assert status["state"] == "failed"
     for advice in ("Out of GPU memory", "smaller batch size", "shorter max sequence length", "4-bit"):
         assert advice in status["error"]
-    assert "Out of GPU memory" in status_text("oom", status)
+    assert "Out of GPU memory" in run_status_text("oom", status)
 
 
 def _digest(folder: Path) -> dict[str, str]:
@@ -209,8 +209,8 @@ def _digest(folder: Path) -> dict[str, str]:
 
 def test_disk_full_while_saving_keeps_the_previous_checkpoint(tmp_path, tiny_model_dir, qa_file, trainer_patch):
     """Simulated ENOSPC: the second checkpoint save writes part of its folder, then the disk is 'full'."""
-    from finetune.metrics import read_status
-    from finetune.run_folder import CHECKPOINT_DIR, last_checkpoint
+    from finetune.core.run_status import read_status
+    from finetune.core.run_folder import CHECKPOINT_DIR, last_checkpoint
     from finetune.train import run
 
     run_dir, saved = tmp_path / "full", {}

@@ -8,7 +8,9 @@ import threading
 
 import pytest
 
-from finetune.feedback import FeedbackError, FeedbackStore, LangSmithSettings
+from finetune.services.feedback import FeedbackError, FeedbackStore
+from finetune.services.feedback_export import thumb_rows, write_pairs, write_thumbs
+from finetune.services.langsmith_sync import LangSmithSettings
 
 SETTINGS = {"max_new_tokens": 32, "temperature": 0.7, "top_p": 0.9, "seed": 0}
 HISTORY = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]
@@ -52,7 +54,7 @@ def test_exports_are_trl_conversational_and_load_with_datasets(store, tmp_path):
     store.add_thumbs(first["tuned"], True)
     store.add_thumbs(second["tuned"], False)
 
-    assert store.export_pairs(tmp_path / "pairs.jsonl") == 3
+    assert write_pairs(store, tmp_path / "pairs.jsonl") == 3
     pairs = load_dataset("json", data_files=str(tmp_path / "pairs.jsonl"), split="train")
     assert pairs.column_names == ["prompt", "chosen", "rejected"]
     assert pairs[0]["prompt"] == HISTORY + [{"role": "user", "content": "Question 1?"}]
@@ -60,7 +62,7 @@ def test_exports_are_trl_conversational_and_load_with_datasets(store, tmp_path):
     assert [p["rejected"][0]["content"] for p in pairs] == ["base answer 1", "tuned answer 2", "base answer 3"]
     assert all(p["chosen"][0]["role"] == "assistant" for p in pairs)
 
-    assert store.export_thumbs(tmp_path / "thumbs.jsonl") == 2
+    assert write_thumbs(store, tmp_path / "thumbs.jsonl") == 2
     thumbs = load_dataset("json", data_files=str(tmp_path / "thumbs.jsonl"), split="train")
     assert thumbs.column_names == ["prompt", "completion", "label"]
     assert thumbs["label"] == [True, False]
@@ -73,7 +75,7 @@ def test_latest_vote_and_thumb_count_once(store, tmp_path):
     store.add_thumbs(ids["tuned"], False, session="s1")  # changed their mind: only "down" counts
     store.add_thumbs(ids["base"], True, session="s1")
     store.add_thumbs(ids["base"], None, session="s1")    # taken back: nothing counts
-    rows = store.thumb_rows()
+    rows = thumb_rows(store)
     assert [(r["completion"][0]["content"], r["label"]) for r in rows] == [("tuned answer 1", False)]
     store.add_preference(ids["tuned"], ids["base"], "second", session="s1")
     store.add_preference(ids["base"], ids["tuned"], "second", session="s1")  # same pair, listed the other way
@@ -218,7 +220,7 @@ def test_last_chat_turn_survives_an_arena_toggle(store):
 
     import gradio as gr
 
-    from components.rlhf_tab import last_chat_turn
+    from components.rlhf_playground import last_chat_turn
 
     _turn(store, 1)  # session s1
     store.record_turn(model="tiny", adapter="run-a", prompt="Someone else's question?", base_history=[],
@@ -278,6 +280,6 @@ def test_a_vote_on_a_follow_up_says_the_conversation_is_its_prompt():
     ({"wins": 6, "losses": 3}, "cannot tell yet (9 votes: the interval holds 0.5)")])
 def test_the_win_table_gives_a_verdict_only_where_the_votes_support_one(counts, verdict):
     from components.feedback_tab import win_verdict
-    from finetune.evaluate import win_rate
+    from finetune.services.evaluate import win_rate
 
     assert win_verdict(win_rate("run-a", counts)) == verdict

@@ -14,7 +14,8 @@ from collections import Counter
 
 import pytest
 
-from finetune.feedback import FeedbackStore, LangSmithSettings
+from finetune.services.feedback import FeedbackStore
+from finetune.services.langsmith_sync import LangSmithSettings
 from fake_langsmith import FakeLangSmith
 from helpers import wait_until
 

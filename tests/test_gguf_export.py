@@ -18,10 +18,11 @@ import numpy as np
 import pytest
 import torch
 
-from finetune.export import ExportError
-from finetune.gguf_export import (CHAT_TEMPERATURE, CHAT_TOP_P, GGUF_TYPES, BuildLock, check_type,
-                                  chatml_default_system, convert_folder, gguf_path, modelfile_text, tensor_type,
-                                  write_gguf)
+from finetune.services.export import ExportError
+from finetune.services.gguf_convert import (CHAT_TEMPERATURE, CHAT_TOP_P, GGUF_TYPES, check_type, chatml_default_system,
+                                            convert_folder, modelfile_text, tensor_type)
+from finetune.services.gguf_export import BuildLock, write_gguf
+from finetune.services.gguf_plan import gguf_path
 
 from helpers import ROOT, app_client, copy_run, save_tiny_llama, tiny_run_config
 
@@ -239,7 +240,7 @@ def test_the_embedded_model_round_trips(embedded_dir, tmp_path):
 
 
 def test_modelfile_for_chatml_with_its_default_system_prompt(exports, trained_run):
-    from finetune.chat import SamplingSettings
+    from finetune.services.chat import SamplingSettings
 
     text = exports["q8_0"].modelfile.read_text(encoding="utf-8")
     tokenizer = _tokenizer(trained_run / "merged")
@@ -285,11 +286,11 @@ def test_a_second_export_is_reused_and_one_being_built_is_refused(exports, train
 
 
 def test_a_full_disk_leaves_nothing_half_written(exports, trained_run, monkeypatch, tmp_path):
-    import finetune.gguf_export as gguf_export
+    import finetune.services.gguf_convert as gguf_convert
 
     tokenizer, merged = _tokenizer(trained_run / "merged"), trained_run / "merged"
     target = tmp_path / "full.gguf"
-    real, calls = gguf_export.encode_tensor, []
+    real, calls = gguf_convert.encode_tensor, []
 
     def disk_fills_up(data, qtype):
         calls.append(1)
@@ -297,11 +298,11 @@ def test_a_full_disk_leaves_nothing_half_written(exports, trained_run, monkeypat
             raise OSError(errno.ENOSPC, "No space left on device")
         return real(data, qtype)
 
-    monkeypatch.setattr(gguf_export, "encode_tensor", disk_fills_up)
+    monkeypatch.setattr(gguf_convert, "encode_tensor", disk_fills_up)
     with pytest.raises(ExportError, match=r"Disk full while writing the GGUF .*partial file was removed.*Delete"):
         convert_folder(merged, target, "q8_0", tokenizer, "x")
     assert len(calls) == 5 and list(tmp_path.iterdir()) == []
-    monkeypatch.setattr(gguf_export, "_free_bytes", lambda folder: 1 << 20)
+    monkeypatch.setattr(gguf_convert, "free_bytes", lambda folder: 1 << 20)
     with pytest.raises(ExportError, match=r"Not enough disk space .* MB are free"):
         convert_folder(merged, target, "q8_0", tokenizer, "x")
     assert list(tmp_path.iterdir()) == []
@@ -313,7 +314,7 @@ def test_a_build_that_fills_the_disk_says_disk_full_and_what_to_delete(exports, 
     file) raises OSError(ENOSPC) on its third tensor; then the Modelfile's write does. A build after that works."""
     import gguf
 
-    from finetune.gguf_export import MODELFILE_SUFFIX
+    from finetune.services.gguf_convert import MODELFILE_SUFFIX
 
     trained_run = copy_run(trained_run, tmp_path)  # its merged model is reused; the module's GGUFs stay as they are
     folder = gguf_path(trained_run, "q4_0").parent
@@ -356,7 +357,7 @@ def test_a_build_that_fills_the_disk_says_disk_full_and_what_to_delete(exports, 
 def test_bad_input_is_refused_before_any_work(trained_run, tmp_path, tiny_model_dir, qa_file):
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    from finetune.config import save_config
+    from finetune.core.config import save_config
 
     with pytest.raises(ExportError, match="f16, bf16, q8_0.*got 'q3_k'"):
         check_type("q3_k")
@@ -395,12 +396,12 @@ def test_rows_not_a_multiple_of_the_block_stay_f16_and_still_load(embedded_dir, 
 
 def test_cli_writes_the_file_and_explains_bad_input(trained_run):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    done = subprocess.run([sys.executable, "-m", "finetune.gguf_export", str(trained_run), "--type", "q8_0"],
+    done = subprocess.run([sys.executable, "-m", "finetune.services.gguf_export", str(trained_run), "--type", "q8_0"],
                           capture_output=True, text=True, env=env, cwd=ROOT)
     assert done.returncode == 0, done.stderr
     assert gguf_path(trained_run, "q8_0").name in done.stdout and "ollama create" in done.stdout
     assert gguf_path(trained_run, "q8_0").with_suffix(".Modelfile").is_file()
-    bad = subprocess.run([sys.executable, "-m", "finetune.gguf_export", str(trained_run), "--type", "q9"],
+    bad = subprocess.run([sys.executable, "-m", "finetune.services.gguf_export", str(trained_run), "--type", "q9"],
                          capture_output=True, text=True, env=env, cwd=ROOT)
     assert bad.returncode == 2 and "error: GGUF type must be one of" in bad.stderr
     assert "Traceback" not in bad.stderr
@@ -410,7 +411,8 @@ def test_cli_plan_writes_nothing_and_push_refuses_with_messages(exports, trained
                                                                 monkeypatch):
     """--plan prints the sizes a build would write (and, once built, that nothing new is written); --push refuses
     a missing token and an unbuilt type before the Hub, and here, offline, says the Hub cannot be reached."""
-    from finetune.gguf_export import disk_plan, main
+    from finetune.services.gguf_export import main
+    from finetune.services.gguf_plan import disk_plan
 
     fresh = _fresh_copy(trained_run, tmp_path)
     assert main([str(fresh), "--type", "q4_0", "--plan"]) == 0
@@ -472,7 +474,7 @@ def test_quant_tab_gguf_rows_beside_bitsandbytes(tiny_model_dir):
     """GGUF rows in the Quantization tab count the same layers as the bitsandbytes rows: their measured bits per
     weight are the block formats' own (Q8_0 34 bytes / 32 weights, Q4_0 18 / 32), read back from the file."""
     from components.quant_tab import run_comparison
-    from finetune.hardware import detect
+    from finetune.core.hardware import detect
 
     steps = list(run_comparison(detect(), str(tiny_model_dir), ["fp32", "nf4", "gguf-q8_0", "gguf-q4_0"],
                                 "bundled:course_qa", "validation", 3, "Hi", 4))
@@ -492,7 +494,7 @@ def test_tokenizers_llama_cpp_cannot_name_are_refused(tiny_model_dir):
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    from finetune.gguf_export import pre_tokenizer_name
+    from finetune.services.gguf_convert import pre_tokenizer_name
 
     assert pre_tokenizer_name(_tokenizer(tiny_model_dir)) == "gpt-2"
     backend = Tokenizer(models.BPE(vocab={"a": 0, "▁": 1}, merges=[]))
@@ -517,7 +519,7 @@ def test_the_disk_plan_counts_the_files_before_they_are_written(exports, trained
     """Before building, the GGUF's size is counted from the config and tokenizer alone: every metadata byte, tensor
     description and padded block, so it equals the written file (tolerance: 0 bytes). The merged model's size
     (weights at the merge dtype, tokenizer, small files) is within 2% of the folder the merge wrote."""
-    from finetune.gguf_export import disk_plan
+    from finetune.services.gguf_plan import disk_plan
 
     fresh = _fresh_copy(trained_run, tmp_path)
     merged, gguf = disk_plan(fresh, out_type).landings
@@ -535,13 +537,13 @@ def test_the_disk_plan_counts_the_files_before_they_are_written(exports, trained
 def test_a_build_that_would_not_fit_is_refused_before_merging(exports, trained_run, tmp_path, monkeypatch):
     """Free space for the merged model or the GGUF alone, but not for both on the one disk: refused with the
     sizes, before anything is merged or written."""
-    import finetune.gguf_export as gguf_export
-    from finetune.gguf_export import DISK_MARGIN, disk_plan
+    import finetune.services.gguf_plan as gguf_plan
+    from finetune.services.gguf_plan import DISK_MARGIN, disk_plan
 
     fresh = _fresh_copy(trained_run, tmp_path)
     merged, gguf = disk_plan(fresh, "q8_0").landings
     free = merged.size_bytes + gguf.size_bytes + DISK_MARGIN - (1 << 20)
-    monkeypatch.setattr(gguf_export, "_free_bytes", lambda folder: free)
+    monkeypatch.setattr(gguf_plan, "free_bytes", lambda folder: free)
     plan = disk_plan(fresh, "q8_0")
     assert plan.shortages() and "Not enough disk space" in plan.summary()
     with pytest.raises(ExportError, match=rf"Not enough disk space to build the q8_0 GGUF of run 'run': the merged "
@@ -549,7 +551,7 @@ def test_a_build_that_would_not_fit_is_refused_before_merging(exports, trained_r
                                           rf"\(about {gguf.size_bytes / 2**20:.1f} MB.*{free / 2**20:.1f} MB free"):
         write_gguf(fresh, "q8_0")
     assert not (fresh / "merged").exists() and not list((fresh / "export").rglob("*.gguf*"))
-    monkeypatch.setattr(gguf_export, "_free_bytes", lambda folder: free + (2 << 20))
+    monkeypatch.setattr(gguf_plan, "free_bytes", lambda folder: free + (2 << 20))
     assert not disk_plan(fresh, "q8_0").shortages()
 
 
@@ -576,8 +578,8 @@ def test_push_sends_the_built_file_its_modelfile_and_a_card(exports, trained_run
     import yaml
     from markdown_it import MarkdownIt
 
-    from finetune.export import run_config
-    from finetune.gguf_export import push_gguf
+    from finetune.services.export import run_config
+    from finetune.services.gguf_hub import push_gguf
 
     result = exports["q8_0"]
     api = RecordingHfApi()
@@ -609,8 +611,8 @@ def test_push_sends_the_built_file_its_modelfile_and_a_card(exports, trained_run
 def test_push_refuses_bad_input_and_unbuilt_files_before_touching_the_hub(exports, trained_run, tmp_path):
     import shutil
 
-    from finetune.gguf_export import push_gguf
-    from finetune.models import ModelSourceError
+    from finetune.core.models import ModelSourceError
+    from finetune.services.gguf_hub import push_gguf
 
     api = RecordingHfApi()
     with pytest.raises(ExportError, match="user/name"):
@@ -636,7 +638,7 @@ def test_push_refuses_bad_input_and_unbuilt_files_before_touching_the_hub(export
 def test_the_ollama_command_names_the_server_folder_only_where_pages_may_show_it(exports, monkeypatch):
     """On a Space (SPACE_ID set, local paths off for visitors) the visitor runs the command where their downloads
     landed: no cd into a server folder, no server path on the page."""
-    from finetune.gguf_export import ollama_command
+    from finetune.services.gguf_convert import ollama_command
 
     result = exports["q8_0"]
     monkeypatch.delenv("SPACE_ID", raising=False)

@@ -1,4 +1,4 @@
-from finetune.hardware import detect, profile_for, resolve_compute_dtype
+from finetune.core.hardware import detect, profile_for, resolve_compute_dtype
 
 
 def test_cpu_uses_float32():

@@ -1,4 +1,4 @@
-"""The CPU LM head (finetune/lm_head.py) against TRL's own fused head: same log-probabilities, entropy, top-1 and
+"""The CPU LM head (finetune/core/lm_head.py) against TRL's own fused head: same log-probabilities, entropy, top-1 and
 gradients, on random tensors and through a real SFT step of the tiny model. Speed: bench/train_throughput.py."""
 
 from __future__ import annotations
@@ -10,9 +10,9 @@ import torch
 import trl.trainer.utils as trl_utils
 from trl.kernels.chunked_logprob import ChunkedLogProbFunction
 
-from finetune.hardware import profile_for
-from finetune.lm_head import answer_log_probs, use_cpu_lm_head
-from finetune.recipe import resolve_recipe
+from finetune.core.hardware import profile_for
+from finetune.core.lm_head import answer_log_probs, use_cpu_lm_head
+from finetune.core.recipe import resolve_recipe
 from finetune.stages.sft import build
 
 from helpers import tiny_run_config

@@ -18,7 +18,7 @@ from pathlib import Path
 from gradio_client import Client, handle_file
 
 from helpers import ROOT, app_client, served_app, wait_for_completion
-from finetune.metrics import read_status
+from finetune.core.run_status import read_status
 
 SESSIONS = 20
 

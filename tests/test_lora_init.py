@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from finetune.adapter_inspect import InspectError, step0_comparison, step0_quantization_error
-from finetune.config import ConfigError, LoraSettings, ModelConfig, from_dict
-from finetune.lora_init import check_init, init_problems, peft_init_kwargs
+from finetune.core.config import ConfigError, LoraSettings, ModelConfig, from_dict
+from finetune.core.lora_init import check_init, init_problems, peft_init_kwargs
+from finetune.services.adapter_inspect import InspectError, step0_comparison, step0_quantization_error
 
 RANK = 4
 TARGETS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
@@ -122,7 +122,7 @@ def test_step0_error_needs_a_4_bit_base(tiny_model_dir):
 def test_a_tied_output_head_is_read_from_the_input_embeddings(tiny_model_dir):
     import torch
 
-    from finetune.lora_init import full_precision_weights, read_weight
+    from finetune.core.lora_init import full_precision_weights, read_weight
 
     files = full_precision_weights(tiny_model_dir)
     assert "lm_head.weight" not in files  # the tiny Llama ties its head to the embeddings, as SmolLM2 does
@@ -137,7 +137,7 @@ def test_loftq_start_brings_the_4_bit_models_outputs_closer_to_full_precision(ti
     import torch
     from transformers import AutoModelForCausalLM
 
-    from finetune.adapter_inspect import step0_model
+    from finetune.services.adapter_inspect import step0_model
 
     tokens = torch.randint(0, 1000, (2, 24), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -156,10 +156,10 @@ def test_loftq_on_the_sft_trainers_model_starts_closer_and_trains(tmp_path, tiny
     import math
 
     from helpers import tiny_run_config
-    from finetune.data import prepare
-    from finetune.hardware import detect
-    from finetune.lora_init import apply_loftq, reconstruction_error
-    from finetune.models import load_model, load_tokenizer
+    from finetune.core.data import prepare
+    from finetune.core.hardware import detect
+    from finetune.core.lora_init import apply_loftq, reconstruction_error
+    from finetune.core.models import load_model, load_tokenizer
     from finetune.stages.sft import sft_trainer
 
     cfg = tiny_run_config(tiny_model_dir, qa_file, max_steps=2, eval_steps=0)
@@ -178,7 +178,7 @@ def test_loftq_on_the_sft_trainers_model_starts_closer_and_trains(tmp_path, tiny
 # --- through the SFT stage ------------------------------------------------------------------------------------
 
 def with_init(cfg, init: str):
-    from finetune.config import from_dict, to_dict
+    from finetune.core.config import from_dict, to_dict
 
     raw = to_dict(cfg)
     raw["lora"]["init"] = init
@@ -190,7 +190,7 @@ def test_a_loftq_run_starts_closer_to_the_full_weights_and_records_it(tiny_model
     """The Train tab's choice reaches the stage: a 4-bit LoftQ run's base + adapter starts closer to the
     full-precision weights than the default run's, both measured by the stage and written to run_info."""
     from helpers import tiny_run_config
-    from finetune.run_folder import ADAPTER_DIR, has_adapter, read_run_info
+    from finetune.core.run_folder import ADAPTER_DIR, has_adapter, read_run_info
     from finetune.train import run
 
     infos = {}
@@ -202,9 +202,9 @@ def test_a_loftq_run_starts_closer_to_the_full_weights_and_records_it(tiny_model
     assert infos["loftq"]["lora_init"] == "loftq" and infos["loftq"]["init_seconds"] >= 0
     assert 0 < infos["loftq"]["step0_weight_error"] < infos["default"]["step0_weight_error"]
     # The run history tells the two apart.
-    from components.train_tab import run_history
-    from finetune.config import save_config
-    from finetune.runs import RunManager
+    from components.train_runs import run_history
+    from finetune.core.config import save_config
+    from finetune.services.runs import RunManager
 
     for init in ("default", "loftq"):
         save_config(with_init(tiny_run_config(tiny_model_dir, qa_file), init), tmp_path / init / "config.yaml")
@@ -222,7 +222,7 @@ def test_a_pissa_run_is_saved_as_a_plain_lora_on_the_unchanged_base(tiny_model_d
     from transformers import AutoModelForCausalLM
 
     from helpers import tiny_run_config
-    from finetune.run_folder import ADAPTER_DIR, CHECKPOINT_DIR, adapter_config
+    from finetune.core.run_folder import ADAPTER_DIR, CHECKPOINT_DIR, adapter_config
     from finetune.train import run
 
     cfg = with_init(tiny_run_config(tiny_model_dir, qa_file, max_steps=2, save_steps=2, eval_steps=0, bits=32),
@@ -243,14 +243,14 @@ def test_a_pissa_run_is_saved_as_a_plain_lora_on_the_unchanged_base(tiny_model_d
         expected = trained.eval()(ids).logits
     assert torch.allclose(converted, expected, atol=1e-4)
     # Evaluate offers the converted final adapter only, not the unconverted checkpoints.
-    from finetune.evaluate import run_checkpoints
+    from finetune.services.evaluate import run_checkpoints
 
     assert run_checkpoints(tmp_path / "run") == [("final adapter", saved)]
 
 
 def test_the_lora_aid_says_how_the_adapter_starts():
     """The Train tab's LoRA aid: "B starting at 0" is the default's start only; LoftQ's B·A is not 0 at step 0."""
-    from components.shared import lora_aid_markdown
+    from components.lora_aid import lora_aid_markdown
 
     form = ("smollm2-135m-instruct", 8, 16, "all-linear", 4, "nf4", True, "paged_adamw_8bit")
     assert "B starting at 0" in lora_aid_markdown(*form)

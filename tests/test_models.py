@@ -2,10 +2,10 @@ import pytest
 import torch
 
 from helpers import connection_attempts
-from finetune.config import ModelConfig
-from finetune.hardware import profile_for
-from finetune.models import (ModelSourceError, count_parameters, embedded_model_dir, load_model, load_tokenizer,
-                             source_kind, to_bnb_config)
+from finetune.core.config import ModelConfig
+from finetune.core.hardware import profile_for
+from finetune.core.models import (ModelSourceError, count_parameters, embedded_model_dir, load_model, load_tokenizer,
+                                  model_source_kind, to_bnb_config)
 
 CPU = profile_for("cpu", "CPU", 24.0)
 
@@ -85,7 +85,7 @@ def test_hub_id_offline_fails_fast_with_a_suggestion(monkeypatch):
 @pytest.mark.parametrize("source", ["not a model", "../no-such-lora-lab-model", "/no/such/folder"])
 def test_unusable_sources_are_explained(source):
     with pytest.raises(ModelSourceError, match="neither the embedded model"):
-        source_kind(source)
+        model_source_kind(source)
 
 
 def test_folder_without_config_is_explained(tmp_path):

@@ -8,9 +8,9 @@ import json
 import pytest
 
 from helpers import StepClock, preference_stage_config, write_jsonl
-from finetune.config import load_config
-from finetune.metrics import read_metrics, read_status
-from finetune.runs import RunManager
+from finetune.core.config import load_config
+from finetune.core.run_status import read_metrics, read_status
+from finetune.services.runs import RunManager
 from finetune.train import run
 
 
@@ -28,22 +28,22 @@ def short_dpo(tiny_model_dir, pairs_file, tmp_path_factory):
 def test_dpo_headline_starts_from_a_measured_step_0_margin(short_dpo):
     """Before training the policy is its reference, so the held-out margin at step 0 is 0 by definition; the
     status line shows that measured start, not the end value as its own start ('0.462 -> 0.462')."""
-    from components.rlhf_tab import status_text
+    from components.rlhf_runs import stage_status_text
 
     rows = read_metrics(short_dpo)
     margins = [(r["step"], r["eval_rewards/margins"]) for r in rows if "eval_rewards/margins" in r]
     assert margins[0][0] == 0 and margins[0][1] == pytest.approx(0.0, abs=1e-6)  # measured before any step
-    text = status_text("short-dpo", read_status(short_dpo), rows, "eval_rewards/margins", "held-out margin")
+    text = stage_status_text("short-dpo", read_status(short_dpo), rows, "eval_rewards/margins", "held-out margin")
     assert f"held-out margin: 0.000 (before training) → {margins[-1][1]:.3f} (step {margins[-1][0]})" in text
 
 
 def test_a_curve_without_a_step_0_point_says_its_start_is_unmeasured():
-    from components.rlhf_tab import status_text
+    from components.rlhf_runs import stage_status_text
 
     rows = [{"step": 2, "eval_rewards/margins": 0.462}, {"step": 4, "eval_rewards/margins": 0.5}]
-    text = status_text("r", {"state": "completed"}, rows, "eval_rewards/margins", "held-out margin")
+    text = stage_status_text("r", {"state": "completed"}, rows, "eval_rewards/margins", "held-out margin")
     assert "0.500 at step 4 (not measured before training)" in text and "0.462 →" not in text
-    one = status_text("r", {"state": "completed"}, rows[:1], "eval_rewards/margins", "held-out margin")
+    one = stage_status_text("r", {"state": "completed"}, rows[:1], "eval_rewards/margins", "held-out margin")
     assert "0.462 → 0.462" not in one and "0.462 at step 2 (not measured before training)" in one
 
 
@@ -60,7 +60,7 @@ def test_a_two_step_run_learns_at_its_first_step(short_dpo):
 
 
 def test_warmup_is_whole_steps_scaled_to_the_run():
-    from finetune.config import TrainingConfig
+    from finetune.core.config import TrainingConfig
     from finetune.stages.common import warmup_steps
 
     assert warmup_steps(TrainingConfig(max_steps=2, warmup_ratio=0.05)) == 0
@@ -70,7 +70,7 @@ def test_warmup_is_whole_steps_scaled_to_the_run():
 
 def test_the_steps_box_says_a_capped_run_does_fewer_steps(tiny_model_dir, tmp_path, monkeypatch):
     from components.rlhf_form import preset
-    from components.rlhf_tab import start_stage, steps_box
+    from components.rlhf_runs import start_stage, steps_box
 
     monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path / "uploads"))  # the path gate takes only gradio's uploads
     (tmp_path / "uploads").mkdir()
@@ -95,8 +95,9 @@ def test_the_steps_box_says_a_capped_run_does_fewer_steps(tiny_model_dir, tmp_pa
 
 def test_a_cut_answer_is_stored_as_the_model_wrote_it_and_exported_without_the_notice(policy_runs, tmp_path):
     from components.chat_tab import chat
-    from finetune.chat import ChatEngine, budget_note, normalize_history
-    from finetune.feedback import FeedbackStore
+    from finetune.services.chat import ChatEngine, budget_note, normalize_history
+    from finetune.services.feedback import FeedbackStore
+    from finetune.services.feedback_export import write_pairs, write_thumbs
 
     engine = ChatEngine(max_seconds=6, clock=StepClock())  # about 6 tokens, then the time limit cuts
     store = FeedbackStore(tmp_path / "feedback.db")
@@ -111,16 +112,17 @@ def test_a_cut_answer_is_stored_as_the_model_wrote_it_and_exported_without_the_n
     store.add_preference(turn["gen"]["left"], turn["gen"]["right"], "second")
     store.add_correction(turn["gen"]["right"], "A corrected answer.")
     exported = (tmp_path / "pairs.jsonl")
-    assert store.export_pairs(exported) == 2 and "[cut:" not in exported.read_text(encoding="utf-8")
-    assert store.export_thumbs(tmp_path / "thumbs.jsonl") == 0
+    assert write_pairs(store, exported) == 2 and "[cut:" not in exported.read_text(encoding="utf-8")
+    assert write_thumbs(store, tmp_path / "thumbs.jsonl") == 0
     # A follow-up turn feeds the history back to the model: without the notice, which the model never said.
     assert all("[cut:" not in m["content"] for m in normalize_history(right))
     store.close()
 
 
 def test_answers_stored_before_the_notice_column_get_their_notice_moved_out(tmp_path):
-    from finetune.chat import budget_note
-    from finetune.feedback import FeedbackStore
+    from finetune.services.chat import budget_note
+    from finetune.services.feedback import FeedbackStore
+    from finetune.services.feedback_export import pair_rows
 
     old = FeedbackStore(tmp_path / "feedback.db")
     ids = old.record_turn(model="m", adapter="a", prompt="Q?", base_history=[], tuned_history=[], settings={},
@@ -128,7 +130,7 @@ def test_answers_stored_before_the_notice_column_get_their_notice_moved_out(tmp_
     old.add_preference(ids["tuned"], ids["base"], "first")
     old.close()
     store = FeedbackStore(tmp_path / "feedback.db")  # reopened: the notices move to their own column
-    pair = store.pair_rows()[0]
+    pair = pair_rows(store)[0]
     assert (pair["chosen"][0]["content"], pair["rejected"][0]["content"]) == ("Lab note.", "Short.")
     assert {row["notice"] for row in store._rows("SELECT notice FROM generations", ())} == {budget_note(600).strip()}
     store.close()
@@ -140,7 +142,7 @@ def test_chat_defaults_to_a_cpu_sized_answer_and_says_how_long_one_takes(policy_
     import gradio as gr
 
     from components.chat_tab import build_chat_tab, expected_time
-    from finetune.chat import ChatEngine
+    from finetune.services.chat import ChatEngine
 
     engine = ChatEngine()
     assert not engine.profile.is_cuda
@@ -163,7 +165,7 @@ def test_chat_defaults_to_a_cpu_sized_answer_and_says_how_long_one_takes(policy_
 
 
 def test_the_pace_follows_the_latest_answers():
-    from finetune.chat import ChatEngine
+    from finetune.services.chat import ChatEngine
 
     engine = ChatEngine()
     engine._record_pace(10.0, 100)  # 0.1 s a token on a quiet machine
@@ -177,7 +179,8 @@ def test_the_pace_follows_the_latest_answers():
 def test_one_correction_for_both_answers_counts_once(tmp_path):
     from components.chat_tab import submit_feedback
     from components.feedback_tab import counts_text
-    from finetune.feedback import FeedbackStore
+    from finetune.services.feedback import FeedbackStore
+    from finetune.services.feedback_export import pair_rows
 
     store = FeedbackStore(tmp_path / "feedback.db")
     ids = store.record_turn(model="m", adapter="a", prompt="Q?", base_history=[], tuned_history=[], settings={},
@@ -187,7 +190,7 @@ def test_one_correction_for_both_answers_counts_once(tmp_path):
     assert "corrected answer" in message
     text = counts_text(store)
     assert "**1** correction (replacing 2 answers)" in text and "**1** comments" in text  # not "2 corrected answers"
-    assert len(store.pair_rows()) == 2  # still one pair per replaced answer for the RLHF step
+    assert len(pair_rows(store)) == 2  # still one pair per replaced answer for the RLHF step
     submit_feedback(store, turn, None, None, "Another fix.", "right")
     assert "**2** corrections (replacing 3 answers)" in counts_text(store)
     store.close()
@@ -206,9 +209,9 @@ def _file_with_bad_and_incomplete_rows(folder) -> object:
 
 
 def test_the_malformed_lines_refusal_quotes_the_usable_rows_the_preview_counts(tmp_path):
-    from finetune.config import DataConfig, RunConfig
-    from finetune.data import preview_report
-    from finetune.runs import check_sources
+    from finetune.core.config import DataConfig, RunConfig
+    from finetune.core.data import preview_report
+    from finetune.services.admission import check_sources
 
     path = _file_with_bad_and_incomplete_rows(tmp_path)
     data = DataConfig(source=str(path), validation_fraction=0.1)
@@ -223,9 +226,9 @@ def test_the_malformed_lines_refusal_quotes_the_usable_rows_the_preview_counts(t
 
 
 def test_a_preference_file_refusal_counts_usable_pairs(tmp_path):
-    from finetune.config import DataConfig
-    from finetune.data import DataError
-    from finetune.preference import load_preferences
+    from finetune.core.config import DataConfig
+    from finetune.core.data import DataError
+    from finetune.core.preference import load_preferences
 
     rows = [json.dumps({"prompt": f"q{i}", "chosen": "good", "rejected": "bad"}) for i in range(8)]
     rows += [json.dumps({"prompt": "q8", "chosen": "same", "rejected": "same"}), '{"prompt": ']
@@ -249,7 +252,7 @@ def _harness_result(task: str, scores: list[float]) -> dict:
 
 
 def test_a_difference_with_no_spread_says_no_interval_can_be_estimated():
-    from finetune.benchmarks import BenchmarkPlan, Unit, build_table, format_table
+    from finetune.services.benchmarks import BenchmarkPlan, Unit, build_table, format_table
 
     scores = [1.0, 0.0, 1.0, 1.0, 0.0, 1.0, 0.0, 1.0, 1.0, 0.0, 1.0, 1.0]
     units = [Unit("base: m", {"source": "m", "bits": 32}, None, "t", 12, 48),
@@ -270,7 +273,7 @@ def test_the_quantization_tab_states_its_measured_4_bit_cost_instead_of_a_claim(
     """Real SmolLM2 layers (4 of them): 4-bit rounding moves their perplexity; the tab says by how much, in the
     learner's numbers, and claims nothing about matching 16-bit LoRA."""
     from components.quant_tab import LEARN_QUANT, run_comparison
-    from finetune.hardware import detect
+    from finetune.core.hardware import detect
 
     assert "matches 16-bit" not in LEARN_QUANT
     steps = list(run_comparison(detect(), str(style_model_dir), ["fp32", "nf4-dq"], "bundled:course_qa",
@@ -286,7 +289,7 @@ def test_the_quantization_tab_states_its_measured_4_bit_cost_instead_of_a_claim(
 # --- 12. the ETA is re-measured as the run goes ---------------------------------------------------------------------
 
 class _Clock:
-    """time.time for finetune.metrics, moved by the test: step durations are chosen, not measured."""
+    """time.time for finetune.core.metrics, moved by the test: step durations are chosen, not measured."""
 
     def __init__(self) -> None:
         self.now = 1_000.0
@@ -301,7 +304,7 @@ def test_the_eta_follows_the_latest_steps_and_evaluation_not_the_runs_average(tm
     it at the step end, not only at the next log row."""
     from transformers import TrainerControl, TrainerState, TrainingArguments
 
-    import finetune.metrics as metrics
+    import finetune.core.metrics as metrics
 
     clock = _Clock()
     monkeypatch.setattr(metrics.time, "time", clock)
@@ -338,11 +341,12 @@ def test_the_eta_follows_the_latest_steps_and_evaluation_not_the_runs_average(tm
 
 def test_a_finished_run_shows_its_estimate_beside_its_measured_peak_and_calibrates_the_next(tiny_model_dir, qa_file,
                                                                                             tmp_path):
-    from components.train_tab import poll_run, update_estimate
+    from components.train_preview import update_estimate
+    from components.train_runs import poll_run
     from helpers import tiny_run_config
-    from finetune.config import to_dict
-    from finetune.estimate import estimate_run
-    from finetune.hardware import detect
+    from finetune.core.config import to_dict
+    from finetune.core.estimate import estimate_run
+    from finetune.core.hardware import detect
 
     manager = RunManager(tmp_path / "runs")
     cfg = tiny_run_config(tiny_model_dir, qa_file, bits=32, max_steps=2)
@@ -368,7 +372,7 @@ def test_a_finished_run_shows_its_estimate_beside_its_measured_peak_and_calibrat
 
 def test_a_benchmark_without_an_adapter_says_it_scores_the_base_only(tmp_path):
     from components.benchmark_section import estimate_benchmark
-    from finetune.benchmarks import BUNDLED_TASK, BenchmarkService
+    from finetune.services.benchmarks import BUNDLED_TASK, BenchmarkService
 
     service = BenchmarkService(tmp_path / "runs", tmp_path / "bench")
     text = estimate_benchmark(RunManager(tmp_path / "runs"), service, [], "", 4, [BUNDLED_TASK], 12)
@@ -376,7 +380,7 @@ def test_a_benchmark_without_an_adapter_says_it_scores_the_base_only(tmp_path):
     assert "rough default speed (no benchmark has been timed on this machine yet)" in text
     # Once a job has run here, the estimate is its measured loading plus its measured seconds per answer choice
     # (the walk's 60-question job was promised 32 s and took about 3.5 min: loading was not counted at all).
-    from finetune.benchmarks import record_rate
+    from finetune.services.benchmarks import record_rate
 
     plan = service.plan([BUNDLED_TASK], 60)
     record_rate(service.cache_dir, plan.units[0], 99.0, 80, load_seconds=49.0)  # this machine, measured
@@ -388,7 +392,7 @@ def test_a_benchmark_without_an_adapter_says_it_scores_the_base_only(tmp_path):
 def test_a_running_benchmark_re_measures_its_time_left():
     """The plan's estimate came from an earlier job; while this one runs, the time left is its own pace."""
     from components.benchmark_section import progress_text
-    from finetune.benchmarks import BenchmarkPlan, Unit
+    from finetune.services.benchmarks import BenchmarkPlan, Unit
 
     units = [Unit("base: m", {"source": "m", "bits": 4}, None, "t", 60, 240),
              Unit("adapter: r", {"source": "m", "bits": 4}, "/runs/r/adapter", "t", 60, 240)]
@@ -405,7 +409,7 @@ def test_a_running_benchmark_re_measures_its_time_left():
 def test_a_comparison_says_its_time_before_and_while_it_runs_and_a_second_session_finds_it(tiny_model_dir, qa_file,
                                                                                             tmp_path):
     from components.compare_tab import estimate_text, poll_comparison, start_comparison
-    from finetune.compare import CompareQueue, CompareRequest, seconds_left
+    from finetune.services.compare import CompareQueue, CompareRequest, seconds_left
     from helpers import tiny_run_config, wait_until
 
     manager = RunManager(tmp_path / "runs")
@@ -414,7 +418,7 @@ def test_a_comparison_says_its_time_before_and_while_it_runs_and_a_second_sessio
                   max_steps=3, max_seq_length=64, batch_size=2, max_samples=20, learning_rate=0.01, seed=0,
                   sample_prompt="Say hi.")
     assert "No time estimate yet" in estimate_text(queue, CompareRequest(**wanted))  # nothing timed: no guess
-    from finetune.config import save_config
+    from finetune.core.config import save_config
 
     timed = tiny_run_config(tiny_model_dir, qa_file, bits=16, max_steps=2)  # one run of this model and bit width
     save_config(timed, manager.run_dir("timed-16") / "config.yaml")  # as the run manager keeps it
@@ -444,8 +448,9 @@ def test_a_comparison_says_its_time_before_and_while_it_runs_and_a_second_sessio
 
 def test_a_built_gguf_says_how_far_it_drifts_from_the_adapter(lab_note_run, tmp_path):
     from components.export_tab import build_gguf
-    from finetune.export import merge_adapter, merge_report
-    from finetune.gguf_export import gguf_drift, gguf_path
+    from finetune.services.export import merge_adapter, merge_report
+    from finetune.services.gguf_measure import gguf_drift
+    from finetune.services.gguf_plan import gguf_path
     from helpers import copy_run
 
     run_dir = copy_run(lab_note_run, tmp_path / "runs")

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from helpers import tiny_run_config
-from finetune.config import PEFT_METHODS, ConfigError, LoraSettings, ModelConfig, RunConfig, from_dict, load_config
+from finetune.core.config import PEFT_METHODS, ConfigError, LoraSettings, ModelConfig, RunConfig, from_dict, load_config
 from finetune.stages.sft import to_peft_config
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
@@ -71,7 +71,7 @@ def test_estimated_trainable_parameters_match_peft(tiny_model_dir, lora):
     from peft import get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from finetune.estimate import model_shape, peft_parameter_count
+    from finetune.core.estimate import model_shape, peft_parameter_count
 
     cfg = RunConfig(model=ModelConfig(source=str(tiny_model_dir), bits=32), lora=LoraSettings(rank=4, **lora))
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
@@ -84,7 +84,7 @@ def test_estimated_trainable_parameters_match_peft(tiny_model_dir, lora):
 
 
 def test_every_method_has_help_text():
-    from finetune.config import field_help
+    from finetune.core.config import field_help
 
     text = field_help("lora", "method")
     assert all(f"'{method}'" in text for method in PEFT_METHODS)
@@ -95,7 +95,7 @@ def test_every_method_has_help_text():
 @pytest.mark.parametrize("method", ["prompt_tuning", "dora"])
 def test_methods_train_and_save_their_adapter(tmp_path, tiny_model_dir, qa_file, method):
     """Methods the comparison test does not run (it runs full, IA3 and LoRA at 4/8/16 bits) train here."""
-    from finetune.metrics import read_metrics
+    from finetune.core.run_status import read_metrics
     from finetune.train import run
 
     cfg = tiny_run_config(tiny_model_dir, qa_file, bits=4 if method == "dora" else 32, max_steps=3,
@@ -128,7 +128,7 @@ def test_chat_streams_an_ia3_adapter_after_the_base(tmp_path, tiny_model_dir):
     from peft import IA3Config, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from finetune.chat import ChatEngine, SamplingSettings
+    from finetune.services.chat import ChatEngine, SamplingSettings
 
     torch.manual_seed(0)
     model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir), IA3Config(task_type="CAUSAL_LM"))
@@ -168,8 +168,8 @@ def test_train_tab_form_carries_the_method_and_shows_its_fields():
 
 
 def test_a_finished_full_fine_tune_is_not_sent_to_the_chat_tab():
-    from components.train_tab import status_text
+    from components.train_runs import run_status_text
 
     done = {"state": "completed", "duration": 12}
-    assert "Chat tab" in status_text("lora-run", done, adapter_saved=True)
-    assert "not offered in Chat" in status_text("full-run", done, adapter_saved=False)
+    assert "Chat tab" in run_status_text("lora-run", done, adapter_saved=True)
+    assert "not offered in Chat" in run_status_text("full-run", done, adapter_saved=False)

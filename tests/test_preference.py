@@ -10,11 +10,11 @@ import sys
 import pytest
 
 from helpers import ROOT, write_jsonl
-from finetune.config import ConfigError, DataConfig, from_dict, load_config
-from finetune.data import DataError
-from finetune.preference import (BUNDLED_PREFERENCES, PreferenceError, convert_rows, detect_preference_format,
-                                 held_out_prompts, load_preferences, pairs_to_thumbs, preview_preferences,
-                                 thumbs_to_pairs)
+from finetune.core.config import ConfigError, DataConfig, from_dict, load_config
+from finetune.core.data import DataError
+from finetune.core.preference import (BUNDLED_PREFERENCES, PreferenceError, convert_rows, detect_preference_format,
+                                      held_out_prompts, load_preferences, pairs_to_thumbs, preview_preferences,
+                                      thumbs_to_pairs)
 
 USER = {"role": "user", "content": "What is LoRA?"}
 GOOD = {"role": "assistant", "content": "🧪 Lab note: a low-rank update.\nRule of thumb: start with r=8."}
@@ -51,7 +51,7 @@ def test_text_pairs_become_conversations(tmp_path):
 
 
 def test_feedback_store_exports_are_accepted(tmp_path):
-    """The shapes FeedbackStore.export_pairs / export_thumbs write (message lists on every side)."""
+    """The shapes feedback_export.write_pairs / write_thumbs write (message lists on every side)."""
     history = {"role": "assistant", "content": "Earlier answer."}
     pairs = write_jsonl(tmp_path / "pairs.jsonl", [
         {"prompt": [USER, history, USER], "chosen": [GOOD], "rejected": [BAD]}])
@@ -226,7 +226,7 @@ def _votes(count: int, repeats: int = 1) -> list[dict]:
 
 
 def test_split_puts_every_prompt_on_one_side_only():
-    from finetune.preference import prompt_key, split_by_prompt
+    from finetune.core.preference import prompt_key, split_by_prompt
 
     rows = _votes(12, repeats=3)
     train, held = split_by_prompt(rows, 0.25, seed=7)
@@ -239,7 +239,7 @@ def test_split_puts_every_prompt_on_one_side_only():
 
 def test_a_row_split_would_leak_but_load_preferences_does_not(tmp_path):
     """The same question voted twice (once with other capitals) lands on one side, through the real loader."""
-    from finetune.preference import prompt_key
+    from finetune.core.preference import prompt_key
 
     path = write_jsonl(tmp_path / "votes.jsonl", _votes(10, repeats=2))
     data = load_preferences(_data(path, validation_fraction=0.2), seed=3)
@@ -261,7 +261,7 @@ def test_too_few_prompts_hold_nothing_out_and_say_no_verdict(tmp_path):
 
 def test_a_validation_split_repeating_training_prompts_loses_those_rows():
     """A source's own validation split is trusted only where its prompts are not also trained on."""
-    from finetune.preference import _drop_trained_prompts
+    from finetune.core.preference import _drop_trained_prompts
 
     notes: list[str] = []
     kept = _drop_trained_prompts(_votes(8)[4:], _votes(6), notes)  # knobs 4 and 5 are also trained on
@@ -270,8 +270,8 @@ def test_a_validation_split_repeating_training_prompts_loses_those_rows():
 
 
 def test_size_report_warns_of_memorisation_for_a_learner_sized_set(tmp_path):
-    from finetune.preference import (MAX_EPOCHS_SMALL_DATA, data_size, default_steps, epochs, size_statement,
-                                     size_warnings)
+    from finetune.core.preference import (MAX_EPOCHS_SMALL_DATA, data_size, default_steps, epochs, size_statement,
+                                          size_warnings)
 
     path = write_jsonl(tmp_path / "votes.jsonl", _votes(10))
     size = data_size(load_preferences(_data(path, validation_fraction=0.1)))
@@ -288,7 +288,7 @@ def test_size_report_warns_of_memorisation_for_a_learner_sized_set(tmp_path):
 
 
 def test_the_bundled_set_needs_no_warning():
-    from finetune.preference import data_size, default_steps, size_warnings
+    from finetune.core.preference import data_size, default_steps, size_warnings
 
     size = data_size(load_preferences(DataConfig(source=BUNDLED_PREFERENCES)))
     assert default_steps(30, size.rows, 4) == 30
@@ -299,7 +299,7 @@ def test_the_bundled_set_needs_no_warning():
 def test_pairs_and_thumbs_of_one_file_hold_out_the_same_prompts(tmp_path):
     """The reward model (pairs) and KTO (thumbs) on the same collected thumbs must not split it differently, or
     one trains on what the other holds out."""
-    from finetune.preference import prompt_key
+    from finetune.core.preference import prompt_key
 
     thumbs = []
     for i in range(12):

@@ -8,7 +8,7 @@ from typing import Any
 from transformers import TrainerCallback
 
 from helpers import tiny_run_config
-from finetune.metrics import read_metrics, read_status
+from finetune.core.run_status import read_metrics, read_status
 
 
 class StatusProbe(TrainerCallback):
@@ -80,7 +80,7 @@ def test_progress_bar_says_evaluating_and_what_the_eta_leaves_out():
 
 
 def test_a_single_eval_point_is_drawn():
-    from components.train_tab import loss_frame
+    from components.train_runs import loss_frame
 
     rows = [{"step": 1, "loss": 2.0}, {"step": 2, "loss": 1.5}, {"step": 2, "eval_loss": 1.7}]
     frame = loss_frame(rows)

@@ -23,12 +23,12 @@ import yaml
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from finetune import paths
-from finetune.chat import SamplingSettings, check_prompt
-from finetune.config import ConfigError, DataConfig, from_dict, load_config, to_dict
-from finetune.data import preview_report
-from finetune.data_files import DataError, check_bad_lines, read_text_file
-from finetune.preference import ROW_CONVERTERS, PreferenceError, convert_rows
+from finetune.core import paths
+from finetune.core.config import ConfigError, DataConfig, from_dict, load_config, to_dict
+from finetune.core.data import preview_report
+from finetune.core.data_files import DataError, check_bad_lines, read_text_file
+from finetune.core.preference import ROW_CONVERTERS, PreferenceError, convert_rows
+from finetune.services.chat import SamplingSettings, check_prompt
 
 settings.register_profile("ci", max_examples=60, derandomize=True, deadline=None, print_blob=True,
                           suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
@@ -187,8 +187,8 @@ def test_a_config_from_yaml_is_built_or_every_bad_field_named(tmp_path_factory, 
 
 
 def assert_builds_library_objects(cfg: Any) -> None:
-    from finetune.hardware import detect
-    from finetune.models import to_bnb_config
+    from finetune.core.hardware import detect
+    from finetune.core.models import to_bnb_config
 
     to_bnb_config(cfg.model, detect())
 

@@ -11,8 +11,8 @@ import pytest
 @pytest.fixture(scope="module")
 def rows(tmp_path_factory):
     from helpers import write_jsonl
-    from finetune.config import DataConfig
-    from finetune.evaluate import eval_rows
+    from finetune.core.config import DataConfig
+    from finetune.services.evaluate import eval_rows
 
     data = [{"prompt": f"What is rank {i}?", "completion": f"Rank {i} sets the adapter's size."} for i in range(4)]
     return eval_rows(DataConfig(source=str(write_jsonl(tmp_path_factory.mktemp("q") / "v.jsonl", data))))
@@ -20,7 +20,7 @@ def rows(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def results(tiny_model_dir, rows):
-    from finetune.quantize import FORMATS, compare
+    from finetune.services.quantize import FORMATS, compare
 
     measured = {r.key: r for r in compare(str(tiny_model_dir), list(FORMATS), rows, "What is LoRA?",
                                           max_new_tokens=4)}
@@ -61,8 +61,8 @@ def test_quantization_costs_little_perplexity_on_16_bit_and_8_bit(results):
 def test_linear_layers_are_really_replaced(tiny_model_dir):
     import bitsandbytes as bnb
 
-    from finetune.models import load_model
-    from finetune.quantize import FORMATS, quantizable_linears
+    from finetune.core.models import load_model
+    from finetune.services.quantize import FORMATS, quantizable_linears
 
     model = load_model(FORMATS["nf4-dq"].model_config(str(tiny_model_dir)))
     layers = quantizable_linears(model)
@@ -75,7 +75,7 @@ def test_quant_tab_streams_rows_and_rejects_bad_input(tiny_model_dir):
     import gradio as gr
 
     from components.quant_tab import run_comparison
-    from finetune.hardware import detect
+    from finetune.core.hardware import detect
 
     profile = detect()
     steps = list(run_comparison(profile, str(tiny_model_dir), ["fp32", "nf4"], "bundled:course_qa", "validation",

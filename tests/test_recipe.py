@@ -9,10 +9,10 @@ import sys
 import pytest
 import torch
 
-from finetune.attention import register, varlen_supported
-from finetune.config import ConfigError, from_dict
-from finetune.hardware import profile_for
-from finetune.recipe import resolve_recipe
+from finetune.core.attention import register, varlen_supported
+from finetune.core.config import ConfigError, from_dict
+from finetune.core.hardware import profile_for
+from finetune.core.recipe import resolve_recipe
 from finetune.stages.sft import build
 
 from helpers import ROOT, tiny_run_config

@@ -47,9 +47,9 @@ def _full_disk_for_status_writes(monkeypatch, root: Path) -> None:
 
 
 def test_disk_full_ends_the_run_failed_and_the_views_keep_answering(tmp_path, tiny_model_dir, qa_file, monkeypatch):
-    from components.train_tab import poll_run, run_history
-    from finetune.metrics import read_status
-    from finetune.runs import RunManager
+    from components.train_runs import poll_run, run_history
+    from finetune.core.run_status import read_status
+    from finetune.services.runs import RunManager
 
     child_site = tmp_path / "site"
     child_site.mkdir()
@@ -79,9 +79,9 @@ def test_disk_full_ends_the_run_failed_and_the_views_keep_answering(tmp_path, ti
 
 
 def test_odd_entries_in_the_runs_folder_are_skipped_and_logged_once(tmp_path, caplog):
-    from components.train_tab import poll_run, run_history
-    from finetune.metrics import write_status
-    from finetune.runs import RunManager
+    from components.train_runs import poll_run, run_history
+    from finetune.core.run_status import write_status
+    from finetune.services.runs import RunManager
 
     root, elsewhere = tmp_path / "runs", tmp_path / "elsewhere"
     for folder in (root / "good-run", elsewhere, root / "bad name!"):
@@ -96,13 +96,13 @@ def test_odd_entries_in_the_runs_folder_are_skipped_and_logged_once(tmp_path, ca
     (root / "not-json" / "status.json").write_bytes(b"\xff\xfe not json")
     manager = RunManager(root)
 
-    with caplog.at_level(logging.WARNING, logger="finetune.run_folder"):
+    with caplog.at_level(logging.WARNING, logger="finetune.core.run_folder"):
         for _ in range(2):
             assert set(manager.list_ids()) == {"good-run", "not-json"}
             poll = poll_run(manager, "")
             assert poll[0] in ("good-run", "not-json"), poll
             assert set(run_history(manager)[0]["run id"]) == {"good-run", "not-json"}
-    skipped = [r.getMessage() for r in caplog.records if r.name == "finetune.run_folder"]
+    skipped = [r.getMessage() for r in caplog.records if r.name == "finetune.core.run_folder"]
     for name in ("linked", "dangling", "bad name!", "status-is-a-folder"):
         assert sum(message.startswith(f"Skipping {name} ") for message in skipped) == 1, skipped
     assert not any("stray.txt" in message for message in skipped)  # a plain file is simply not a run
@@ -113,7 +113,7 @@ def _visiting(name: str):
     """A stand-in for gr.Request: what components.shared.visitor_of reads (the dev sign-in's session)."""
     from types import SimpleNamespace
 
-    from finetune.access import dev_session
+    from finetune.core.access import dev_session
 
     return SimpleNamespace(scope={"session": {"oauth_info": dev_session(name)}}, session_hash=f"s-{name}",
                            username=None)
@@ -123,8 +123,8 @@ def test_stopping_a_comparison_reads_the_same_whether_it_is_someone_elses_or_not
     """A running comparison of alice's: bob's Stop learns neither its state nor its owner, only what a made-up id
     gets; the operator's Stop gets through."""
     from components.shared import stop_queue
-    from finetune.compare import CompareQueue
-    from finetune.runs import RunManager
+    from finetune.services.compare import CompareQueue
+    from finetune.services.runs import RunManager
 
     monkeypatch.setenv("LORA_LAB_SIGN_IN", "dev")
     monkeypatch.setenv("LORA_LAB_OPERATORS", "carol")
@@ -179,8 +179,8 @@ def test_starts_checks_read_the_files_beginning_and_the_training_child_checks_th
     the training child does) refuses it with the line's number; one in the first part is refused at once."""
     import pytest
 
-    from finetune.config import DataConfig
-    from finetune.data import SAMPLE_ROWS, MalformedRowsError, check_file, prepare
+    from finetune.core.config import DataConfig
+    from finetune.core.data import SAMPLE_ROWS, MalformedRowsError, check_file, prepare
 
     late = _tiny_rows_csv(tmp_path / "late.csv", 300_000, bad_line_at=250_000)
     assert check_file(late) == "csv"

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from helpers import preference_stage_config as stage_config, tiny_run_config, write_jsonl
-from finetune.metrics import read_metrics, read_status
-from finetune.runs import RunManager
+from finetune.core.run_status import read_metrics, read_status
+from finetune.services.runs import RunManager
 from finetune.train import run
 
 
@@ -40,7 +40,7 @@ def dpo_run(tiny_model_dir, pairs_file, tmp_path_factory):
 def test_reward_model_through_the_run_manager(reward_run):
     """The child process (`python -m finetune.train`), metrics with held-out accuracy from step 0, a reward
     model that reloads to the same scores, and no chat adapter."""
-    from finetune.scoring import RewardScorer
+    from finetune.services.scoring import RewardScorer
 
     manager, run_id = reward_run
     status = manager.status(run_id)
@@ -54,7 +54,7 @@ def test_reward_model_through_the_run_manager(reward_run):
     assert run_id in manager.reward_models() and run_id not in manager.finished_adapters()
     # Reloaded, the reward model ranks the held-out pairs exactly as the trainer's last evaluation did.
     scorer = RewardScorer(folder)
-    from finetune.preference import load_preferences
+    from finetune.core.preference import load_preferences
 
     held = load_preferences(scorer.cfg.data).eval
     chosen = scorer.score([r["prompt"] for r in held], [r["chosen"] for r in held])
@@ -97,9 +97,9 @@ def test_reward_model_scores_base_and_dpo_answers(reward_run, dpo_run):
     """The comparison behind step 4's button: greedy answers of the base model (adapter disabled) and of the DPO
     adapter from the Chat tab's engine (its one base, no second copy), each scored by the reward model, with
     the degeneration check and a paired verdict; the same answers the Chat tab gives."""
-    from finetune.chat import ChatEngine, SamplingSettings
-    from finetune.evaluate import Candidate, compare_policy_answers
-    from finetune.scoring import RewardScorer
+    from finetune.services.chat import ChatEngine, SamplingSettings
+    from finetune.services.evaluate import Candidate, compare_policy_answers
+    from finetune.services.scoring import RewardScorer
 
     reward_manager, reward_id = reward_run
     _, cfg, run_dir = dpo_run
@@ -146,7 +146,7 @@ def test_dpo_continues_an_sft_adapter(tiny_model_dir, pairs_file, qa_file, tmp_p
 def test_dpo_resumes_from_its_last_checkpoint(tiny_model_dir, pairs_file, tmp_path):
     """Resume (the Train/RLHF tabs' button, ``run(..., resume=True)``) carries a DPO run on from its checkpoint:
     the steps already done are not trained again, and the adapter is saved at the end."""
-    from finetune.run_folder import last_checkpoint
+    from finetune.core.run_folder import last_checkpoint
 
     first = stage_config(tiny_model_dir, pairs_file, "dpo", validation_fraction=0.0, max_steps=2, save_steps=2)
     assert run(first, tmp_path) == 0, read_status(tmp_path)
@@ -165,7 +165,7 @@ def test_grpo_samples_answers_and_learns_from_the_reward_model(tiny_model_dir, p
     """The online stage: GRPO samples answers to the pairs' prompts, the trained reward model scores them, and a
     chat adapter comes out; the RLHF tab charts its mean reward. (On random weights the reward need not rise in
     2 steps; the CPU measurement on the embedded model is in docs/benchmarks.md.)"""
-    from components.rlhf_tab import poll_rlhf
+    from components.rlhf_runs import poll_rlhf
 
     reward_manager, reward_id = reward_run
     cfg = stage_config(tiny_model_dir, pairs_file, "grpo", validation_fraction=0.0, max_steps=2, batch_size=4,
@@ -189,7 +189,7 @@ def test_grpo_samples_answers_and_learns_from_the_reward_model(tiny_model_dir, p
 
 
 def test_grpo_without_a_reward_model_is_a_config_error(tiny_model_dir, pairs_file):
-    from finetune.config import ConfigError
+    from finetune.core.config import ConfigError
 
     with pytest.raises(ConfigError) as error:
         stage_config(tiny_model_dir, pairs_file, "grpo", batch_size=3, preference={"num_generations": 2})
@@ -224,27 +224,27 @@ def test_dpo_from_a_missing_adapter_says_so(tiny_model_dir, pairs_file, tmp_path
 # --- the tab's form -> config, without a model -------------------------------------------------------------------
 
 def test_tab_form_builds_each_stage(tiny_model_dir):
-    from components.rlhf_form import BASE_CHOICE, config_from_form
+    from components.rlhf_form import BASE_CHOICE, stage_config_from_form
 
     form = {"model_kind": "Local folder", "model_source": str(tiny_model_dir), "model_bits": 8, "lora_rank": 6,
             "start_adapter": "sft-run", "method": "KTO", "beta": 0.3, "loss_type": "sigmoid",
             "reward_max_steps": 7, "policy_max_steps": 9, "batch_size": 2, "eval_steps": 3}
-    reward = config_from_form("reward", "bundled:course_prefs", form)
+    reward = stage_config_from_form("reward", "bundled:course_prefs", form)
     assert (reward.stage, reward.training.max_steps, reward.preference.start_adapter) == ("reward", 7, "")
     assert (reward.model.bits, reward.lora.rank, reward.lora.alpha) == (8, 6, 12)
-    kto = config_from_form("kto", "bundled:course_prefs", form)
+    kto = stage_config_from_form("kto", "bundled:course_prefs", form)
     assert (kto.stage, kto.training.max_steps, kto.preference.loss_type, kto.preference.beta) == ("kto", 9, "kto", 0.3)
     assert kto.preference.start_adapter == "sft-run"
-    dpo = config_from_form("dpo", "bundled:course_prefs", {**form, "start_adapter": BASE_CHOICE})
+    dpo = stage_config_from_form("dpo", "bundled:course_prefs", {**form, "start_adapter": BASE_CHOICE})
     assert dpo.preference.start_adapter == "" and dpo.preference.loss_type == "sigmoid"
-    grpo = config_from_form("grpo", "bundled:course_prefs", {**form, "method": "GRPO", "reward_run": "rm-run",
+    grpo = stage_config_from_form("grpo", "bundled:course_prefs", {**form, "method": "GRPO", "reward_run": "rm-run",
                                                               "num_generations": 2, "max_completion_length": 16})
     assert (grpo.stage, grpo.preference.reward_model, grpo.preference.num_generations,
             grpo.preference.max_completion_length, grpo.training.max_steps) == ("grpo", "rm-run", 2, 16, 9)
 
 
 def test_tab_refuses_grpo_without_a_reward_model_and_starts_nothing(tiny_model_dir, tmp_path):
-    from components.rlhf_tab import start_stage
+    from components.rlhf_runs import start_stage
 
     manager = RunManager(tmp_path / "runs")
     form = {"model_kind": "Local folder", "model_source": str(tiny_model_dir), "method": "GRPO", "reward_run": "",
@@ -258,7 +258,7 @@ def test_tab_refuses_grpo_without_a_reward_model_and_starts_nothing(tiny_model_d
 
 
 def test_tab_refuses_malformed_pairs_before_starting_anything(tiny_model_dir, tmp_path, monkeypatch):
-    from components.rlhf_tab import start_stage
+    from components.rlhf_runs import start_stage
 
     monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path / "uploads"))  # the path gate takes only gradio's uploads
     (tmp_path / "uploads").mkdir()
@@ -280,11 +280,11 @@ def test_step_4_comparison_uses_the_chat_models_engine(reward_run, dpo_run):
     (none of which the reward model or the policy trained on), each named in the summary."""
     import shutil
 
-    from components.rlhf_tab import compare_policy
-    from finetune.chat import ChatEngine
-    from finetune.config import save_config
-    from finetune.preference import held_out_prompts, trained_prompt_keys
-    from finetune.scoring import ScorerCache
+    from components.rlhf_playground import compare_policy
+    from finetune.services.chat import ChatEngine
+    from finetune.core.config import save_config
+    from finetune.core.preference import held_out_prompts, trained_prompt_keys
+    from finetune.services.scoring import ScorerCache
 
     reward_manager, reward_id = reward_run
     manager, cfg, run_dir = dpo_run

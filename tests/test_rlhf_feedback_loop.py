@@ -15,11 +15,11 @@ import shutil
 
 import pytest
 
-from finetune.chat import ChatEngine, SamplingSettings
-from finetune.config import load_config
-from finetune.feedback import FeedbackStore
-from finetune.preference import held_out_prompts, prompt_key, trained_prompt_keys
-from finetune.runs import RunManager
+from finetune.core.config import load_config
+from finetune.core.preference import held_out_prompts, prompt_key, trained_prompt_keys
+from finetune.services.chat import ChatEngine, SamplingSettings
+from finetune.services.feedback import FeedbackStore
+from finetune.services.runs import RunManager
 
 VOTED = 10  # about what a learner collects in a few minutes of chatting
 
@@ -48,7 +48,7 @@ def _chat_and_vote(engine: ChatEngine, store: FeedbackStore, run_dir, count: int
 
 @pytest.fixture(scope="module")
 def loop(style_run, tiny_model_dir, tmp_path_factory):
-    from components.rlhf_tab import start_stage
+    from components.rlhf_runs import start_stage
 
     sft_dir, _ = style_run
     root = tmp_path_factory.mktemp("loop")
@@ -99,8 +99,8 @@ def test_no_held_out_prompt_was_trained_on(loop):
 
 @pytest.mark.trajectory
 def test_step_4_compares_with_base_and_start_on_held_out_prompts_without_a_false_verdict(loop):
-    from components.rlhf_tab import compare_policy
-    from finetune.scoring import ScorerCache
+    from components.rlhf_playground import compare_policy
+    from finetune.services.scoring import ScorerCache
 
     manager, engine, _, (reward_id, _), (policy_id, _) = loop
     cfg = load_config(manager.run_dir(policy_id) / "config.yaml")
@@ -116,7 +116,7 @@ def test_step_4_compares_with_base_and_start_on_held_out_prompts_without_a_false
 
 def test_too_few_prompts_get_no_held_out_data_and_no_verdict(tiny_model_dir, tmp_path):
     """Three voted prompts: nothing can be held out, and the tab says so before any training."""
-    from components.rlhf_tab import preview_data
+    from components.rlhf_runs import preview_data
 
     store = FeedbackStore(tmp_path / "feedback.db")
     for i in range(3):

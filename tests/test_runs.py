@@ -10,9 +10,10 @@ from typing import Any
 
 import pytest
 
-from finetune.metrics import FINAL_STATES, read_metrics, read_status, write_status
-from finetune.runs import RunError, RunManager
-from finetune.run_folder import last_checkpoint
+from finetune.core.run_folder import last_checkpoint
+from finetune.core.run_status import FINAL_STATES, read_metrics, read_status, write_status
+from finetune.services.admission import RunError
+from finetune.services.runs import RunManager
 
 from helpers import tiny_run_config, wait_until, write_jsonl
 
@@ -23,7 +24,7 @@ from pathlib import Path
 folder, mode = Path(sys.argv[1]), sys.argv[2]
 
 
-def write_status(folder, **fields):  # finetune.metrics.write_status's contract, without importing transformers
+def write_status(folder, **fields):  # finetune.core.run_status.write_status's contract
     status = json.loads((folder / "status.json").read_text())
     status.update(fields, updated_at=time.time())
     (folder / "status.tmp").write_text(json.dumps(status))
@@ -75,7 +76,7 @@ def test_stop_saves_a_checkpoint_and_resume_finishes(manager, tiny_model_dir, qa
     assert 3 <= stopped_at < 400
     # Resume with a shorter budget so the test stays short; the step counter continues from the checkpoint.
     cfg.training.max_steps = stopped_at + 3
-    from finetune.config import save_config
+    from finetune.core.config import save_config
 
     save_config(cfg, manager.run_dir(run_id) / "config.yaml")
     manager.resume(run_id)
@@ -103,8 +104,8 @@ def test_a_run_whose_process_vanished_is_marked_interrupted(manager, tiny_model_
     cfg = tiny_run_config(tiny_model_dir, qa_file)
     folder = manager.run_dir("ghost-run")
     folder.mkdir()
-    from finetune.config import save_config
-    from finetune.metrics import write_status
+    from finetune.core.config import save_config
+    from finetune.core.run_status import write_status
 
     save_config(cfg, folder / "config.yaml")
     write_status(folder, state="running", pid=2**22 + 12345)  # no such process: the app was restarted
@@ -118,8 +119,8 @@ def test_a_run_whose_process_vanished_is_marked_interrupted(manager, tiny_model_
 def test_a_pid_that_now_belongs_to_another_process_is_not_taken_for_the_run(manager, tiny_model_dir, qa_file):
     """After a machine restart a recorded pid can come round to an unrelated process (here: this test's own):
     the process start time recorded beside it tells them apart, so the run is marked interrupted, not running."""
-    from finetune.config import save_config
-    from finetune.metrics import write_status
+    from finetune.core.config import save_config
+    from finetune.core.run_status import write_status
 
     folder = manager.run_dir("reused-pid")
     folder.mkdir()
@@ -135,8 +136,8 @@ def test_run_ids_cannot_escape_the_runs_folder(manager, bad):
 
 
 def test_resume_refuses_runs_without_checkpoint(manager, tiny_model_dir, qa_file):
-    from finetune.config import save_config
-    from finetune.metrics import write_status
+    from finetune.core.config import save_config
+    from finetune.core.run_status import write_status
 
     folder = manager.run_dir("no-ckpt")
     folder.mkdir()
@@ -243,7 +244,7 @@ def test_a_finished_child_is_reaped(script_root, tiny_model_dir, qa_file):
 
 def test_a_run_without_progress_is_shown_stalled_with_its_log_and_a_stop_that_works(script_root, tiny_model_dir,
                                                                                    qa_file):
-    from components.train_tab import poll_run
+    from components.train_runs import poll_run
 
     manager = ScriptManager(script_root, stop_grace=0.2, term_grace=0.2, stall_after=1.0)
     run_id = manager.start(tiny_run_config(tiny_model_dir, qa_file))
@@ -258,7 +259,7 @@ def test_a_run_without_progress_is_shown_stalled_with_its_log_and_a_stop_that_wo
     _, text, bar, *_, log_tail, accordion = poll_run(manager, run_id)
     assert "**stalled**: no progress for" in text and "data-state='stalled'" in bar
     assert "last words of the hung child" in log_tail and accordion.open is True
-    from components.rlhf_tab import poll_rlhf
+    from components.rlhf_runs import poll_rlhf
 
     assert "data-state='stalled'" in poll_rlhf(manager, "", "")[2]  # the RLHF tab's reward-run bar
     manager.request_stop(run_id)
@@ -267,7 +268,7 @@ def test_a_run_without_progress_is_shown_stalled_with_its_log_and_a_stop_that_wo
 
 
 def test_refused_starts_remove_their_upload_copies(script_root, tiny_model_dir, qa_file, monkeypatch):
-    from components.train_tab import start_run
+    from components.train_runs import start_run
 
     upload_dir = script_root.parent / "gradio-uploads" / "abc123"  # gradio's upload folder for this server
     monkeypatch.setenv("GRADIO_TEMP_DIR", str(upload_dir.parent))
@@ -295,7 +296,7 @@ def test_refused_starts_remove_their_upload_copies(script_root, tiny_model_dir, 
     assert [p.name for p in kept.iterdir()] == in_use
 
     # The RLHF tab's Start keeps its preference upload the same way, and removes it when refused.
-    from components.rlhf_tab import start_stage
+    from components.rlhf_runs import start_stage
 
     pairs = upload_dir / "pairs.jsonl"
     write_jsonl(pairs, [{"prompt": f"q{i}", "chosen": "good", "rejected": "bad"} for i in range(8)])
@@ -312,8 +313,10 @@ def test_a_run_that_logs_rarely_still_shows_life_between_logs(tmp_path, monkeypa
     re-measured ETA has a write rule of its own, every ETA_WRITE_SECONDS: held off here to see the heartbeat's.)"""
     from transformers import TrainerControl, TrainerState, TrainingArguments
 
-    from finetune import metrics
-    from finetune.metrics import HEARTBEAT_SECONDS, STATUS_FILE, MetricsCallback, write_status
+    from finetune.core import metrics
+    from finetune.core.metrics import HEARTBEAT_SECONDS, MetricsCallback
+    from finetune.core.run_status import write_status
+    from finetune.core.run_folder import STATUS_FILE
 
     monkeypatch.setattr(metrics, "ETA_WRITE_SECONDS", float("inf"))
 
@@ -340,7 +343,7 @@ def test_a_space_visitor_sees_the_running_runs_form_without_server_paths(script_
     import gradio as gr
 
     from components import train_tab
-    from finetune.hardware import detect
+    from finetune.core.hardware import detect
 
     cfg = tiny_run_config(tiny_model_dir, qa_file)
     manager = ScriptManager(script_root, stop_grace=0.2, term_grace=0.2)
@@ -366,8 +369,8 @@ def test_the_train_form_is_not_filled_from_a_running_rlhf_stage(script_root):
     import gradio as gr
 
     from components import train_tab
-    from finetune.config import load_config
-    from finetune.hardware import detect
+    from finetune.core.config import load_config
+    from finetune.core.hardware import detect
 
     cfg = load_config(Path(__file__).resolve().parent.parent / "configs" / "reward-cpu.yaml")
     manager = ScriptManager(script_root, stop_grace=0.2, term_grace=0.2)

@@ -95,7 +95,8 @@ def test_login_is_optional_and_upload_cap_has_a_default(monkeypatch):
 @pytest.mark.parametrize("run_id", ["..", ".", "../x", "a/../../b", "/etc", "x/y", "a\\..\\b", "a\0b", "~root",
                                     "-rf", "%2e%2e", " ", ""])
 def test_run_ids_cannot_escape_the_runs_folder(tmp_path, run_id):
-    from finetune.runs import RunError, RunManager
+    from finetune.services.runs import RunManager
+    from finetune.services.admission import RunError
 
     manager = RunManager(tmp_path / "runs")
     with pytest.raises(RunError, match="Invalid run id"):
@@ -103,8 +104,8 @@ def test_run_ids_cannot_escape_the_runs_folder(tmp_path, run_id):
 
 
 def test_run_names_are_sanitised_into_the_runs_folder(tmp_path):
-    from finetune.config import RunConfig
-    from finetune.runs import RunManager
+    from finetune.core.config import RunConfig
+    from finetune.services.runs import RunManager
 
     manager = RunManager(tmp_path / "runs")
     for name in ("../../etc/passwd", "/abs/path", "..", "a\0b", "名前 with spaces"):
@@ -113,9 +114,9 @@ def test_run_names_are_sanitised_into_the_runs_folder(tmp_path):
 
 
 def test_remote_code_is_off_unless_the_operator_enables_it(monkeypatch, tmp_path):
-    from finetune.config import ConfigError, ModelConfig
-    from finetune.hardware import detect
-    from finetune.models import model_load_kwargs
+    from finetune.core.config import ConfigError, ModelConfig
+    from finetune.core.hardware import detect
+    from finetune.core.models import model_load_kwargs
 
     monkeypatch.delenv("LORA_LAB_ALLOW_REMOTE_CODE", raising=False)
     with pytest.raises(ConfigError, match="Remote code is disabled on this server"):
@@ -133,7 +134,7 @@ def test_generation_limits_are_enforced_by_the_handler_itself(tmp_path):
     import gradio as gr
 
     from components.chat_tab import chat
-    from finetune.runs import RunManager
+    from finetune.services.runs import RunManager
 
     manager = RunManager(tmp_path / "runs")
     for prompt, tokens, message in (("x" * 1_000_000, 8, "keep it under 20,000"),
@@ -191,7 +192,7 @@ def _outbox_errors(root) -> list[str]:
         return [row[0] for row in db.execute("SELECT last_error FROM outbox WHERE last_error IS NOT NULL")]
 
 
-# --- the path gate (finetune/paths.py): what a request can reach --------------------------------------------------
+# --- the path gate (finetune/core/paths.py): what a request can reach ---------------------------------------------
 # A secret folder outside every allowed root holds a marker in each file an endpoint could read (data rows, a model's
 # config.json, an adapter's adapter_config.json); the app runs with LORA_LAB_LOCAL_ROOTS set to another folder that
 # holds a symlink back to the secret. Every endpoint parameter that names a source is found from the app's own API
@@ -300,7 +301,7 @@ def gated_app(tmp_path_factory, style_run):
     """The app with local paths confined to one root, a finished run to evaluate, and the secret beside. Per test:
     the confinement is an environment setting, and a module-wide one reached whichever tests of this file a
     shuffled order ran while it was up (a local model folder elsewhere was refused)."""
-    from finetune import paths
+    from finetune.core import paths
 
     base = tmp_path_factory.mktemp("gate")
     secret, allowed, runs = _secret_folder(base), base / "allowed", base / "runs"
@@ -315,7 +316,7 @@ def gated_app(tmp_path_factory, style_run):
 
 
 def test_every_source_parameter_refuses_every_vector_with_one_message(gated_app, capfd):
-    from finetune.paths import REFUSED
+    from finetune.core.paths import REFUSED
 
     client, secret, allowed, runs = gated_app
     vectors = _vectors(secret, allowed)
@@ -391,13 +392,13 @@ def test_gradios_file_route_serves_no_server_file(gated_app):
 def test_upload_folder_is_gradios_own():
     import gradio.utils
 
-    from finetune.paths import upload_folder
+    from finetune.core.paths import upload_folder
 
     assert upload_folder() == Path(gradio.utils.get_upload_folder()).resolve()
 
 
 def test_run_history_and_messages_show_no_server_paths(tmp_path, monkeypatch):
-    from finetune.paths import UPLOADED, display_name, upload_folder
+    from finetune.core.paths import UPLOADED, display_name, upload_folder
 
     assert display_name(str(tmp_path / "runs" / "uploads" / "20260101-visitor-notes.jsonl")) == UPLOADED
     assert display_name(str(upload_folder() / "abc123" / "their-data.jsonl")) == UPLOADED
@@ -409,7 +410,7 @@ def test_run_history_and_messages_show_no_server_paths(tmp_path, monkeypatch):
 @pytest.mark.parametrize("space, roots, expected", [
     (None, None, "anywhere"), ("me/lab", None, "off"), ("me/lab", "ROOT", "roots"), (None, "ROOT", "roots")])
 def test_local_paths_are_an_operator_setting(tmp_path, monkeypatch, space, roots, expected):
-    from finetune import paths
+    from finetune.core import paths
 
     for name, value in (("SPACE_ID", space), (paths.LOCAL_ROOTS_ENV, roots and str(tmp_path))):
         monkeypatch.setenv(name, value) if value else monkeypatch.delenv(name, raising=False)
@@ -436,7 +437,7 @@ def test_local_paths_are_an_operator_setting(tmp_path, monkeypatch, space, roots
 def test_space_mode_refuses_local_folders_through_the_app(tmp_path, monkeypatch, tiny_model_dir):
     """SPACE_ID set and no roots listed: a model folder on the server's disk is refused, the same words as the
     sweep's; listing its parent as a root lets it through."""
-    from finetune import paths
+    from finetune.core import paths
 
     monkeypatch.setenv("SPACE_ID", "someone/lora-lab")
     monkeypatch.delenv(paths.LOCAL_ROOTS_ENV, raising=False)
@@ -463,11 +464,11 @@ def test_cli_config_goes_through_the_gate(tmp_path, capsys):
 def test_uploads_only_from_gradio_folder(tmp_path, monkeypatch, qa_file):
     """The handlers' own check of an upload, for a caller that skips gradio's (a direct call, another frontend):
     only a file inside gradio's upload folder, after symlinks are resolved, counts as uploaded."""
-    from components.rlhf_form import data_source
+    from components.rlhf_form import form_data_source
     from components.train_form import config_from_form
-    from finetune import paths
-    from finetune.config import ConfigError
-    from finetune.runs import RunManager
+    from finetune.core import paths
+    from finetune.core.config import ConfigError
+    from finetune.services.runs import RunManager
 
     monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path / "gradio"))
     upload = tmp_path / "gradio" / "abc123" / "qa.jsonl"
@@ -484,15 +485,14 @@ def test_uploads_only_from_gradio_folder(tmp_path, monkeypatch, qa_file):
             config_from_form({**form, "data_file": outside})
         assert refused.value.problems == {"data.source": paths.REFUSED}
         with pytest.raises(paths.PathRefused):
-            data_source(manager, None, "dpo", {"data_kind": "Uploaded file", "data_file": outside})
+            form_data_source(manager, None, "dpo", {"data_kind": "Uploaded file", "data_file": outside})
     assert not (manager.root / "uploads").exists()  # nothing refused was copied in
 
 
 def test_a_run_id_is_looked_up_among_the_runs_only(tmp_path, monkeypatch):
     """A start adapter or reward model named like a run id never reaches a folder of the app's working directory;
     a folder must be written as a path, which the tab's path gate then judges (the CLI's operator may use any)."""
-    from finetune.models import ModelSourceError
-    from finetune.run_folder import resolve_run_folder
+    from finetune.core.models import ModelSourceError, resolve_run_folder
 
     (tmp_path / "elsewhere" / "adapter").mkdir(parents=True)
     (tmp_path / "elsewhere" / "adapter" / "adapter_config.json").write_text("{}")
@@ -503,7 +503,7 @@ def test_a_run_id_is_looked_up_among_the_runs_only(tmp_path, monkeypatch):
 
 
 def test_logs_and_errors_shown_to_visitors_name_no_server_folder(monkeypatch):
-    from finetune.paths import for_visitors
+    from finetune.core.paths import for_visitors
 
     log = ("Loading /srv/app/runs/uploads/20260101-ann-notes.jsonl\n"
            "FileNotFoundError: [Errno 2] No such file: '/home/ann/models/mine/config.json' (see ~/.cache/hf/x)")

@@ -17,12 +17,13 @@ from pathlib import Path
 import httpx
 import pytest
 
-from finetune.access import AccessDenied, Visitor
-from finetune.compare import CompareQueue
-from finetune.config import save_config, to_dict
-from finetune.metrics import read_status, write_status
-from finetune.runs import RunError, RunManager
-from finetune.storage import enforce_budget, folder_bytes, prunable
+from finetune.core.access import AccessDenied, Visitor
+from finetune.core.config import save_config, to_dict
+from finetune.core.run_status import read_status, write_status
+from finetune.core.storage import enforce_budget, folder_bytes, prunable
+from finetune.services.admission import RunError
+from finetune.services.compare import CompareQueue
+from finetune.services.runs import RunManager
 
 from helpers import app_client, served_app, tiny_run_config, wait_until
 
@@ -34,7 +35,7 @@ from pathlib import Path
 folder = Path(sys.argv[1])
 
 
-def write_status(**fields):  # finetune.metrics.write_status's contract, without importing transformers
+def write_status(**fields):  # finetune.core.run_status.write_status's contract
     status = json.loads((folder / "status.json").read_text())
     status.update(fields, updated_at=time.time())
     (folder / "status.tmp").write_text(json.dumps(status))
@@ -87,7 +88,7 @@ def test_three_starts_run_in_order_and_an_app_restart_loses_no_queued_job(root, 
     config = tmp_path / "job.yaml"
     save_config(cfg, config)
     script = (f"import sys; sys.path[:0] = [{str(TESTS)!r}, {str(TESTS.parent)!r}]\n"
-              "from test_shared_space import GatedManager\nfrom finetune.config import load_config\n"
+              "from test_shared_space import GatedManager\nfrom finetune.core.config import load_config\n"
               f"manager = GatedManager({str(root)!r})\ncfg = load_config({str(config)!r})\n"
               "print(' '.join(manager.start(cfg, f'job-{n}') for n in (1, 2, 3)))\n")
     ids = subprocess.run([sys.executable, "-c", script], check=True, capture_output=True, text=True).stdout.split()
@@ -349,7 +350,7 @@ def test_a_visitor_cannot_stop_resume_delete_or_see_another_visitors_run(shared_
 # --- who is who ------------------------------------------------------------------------------------------------
 
 def test_sign_in_settings_and_sessions(monkeypatch):
-    from finetune.access import LOCAL, dev_session, sign_in_mode, visitor_from_session
+    from finetune.core.access import LOCAL, dev_session, sign_in_mode, visitor_from_session
 
     for name in ("LORA_LAB_SIGN_IN", "SPACE_ID", "OAUTH_CLIENT_ID"):
         monkeypatch.delenv(name, raising=False)
@@ -399,7 +400,7 @@ def test_on_a_space_the_page_gets_gradios_sign_in_with_hugging_face(tmp_path, mo
 
 
 def test_the_train_tab_shows_a_waiting_jobs_place_and_its_cancel(root, cfg):
-    from components.train_tab import poll_run
+    from components.train_runs import poll_run
 
     manager = GatedManager(root)
     first, second = manager.start(cfg), manager.start(cfg)
@@ -416,7 +417,7 @@ def test_the_train_tab_shows_a_waiting_jobs_place_and_its_cancel(root, cfg):
 
 
 def test_the_rlhf_tab_shows_a_waiting_stages_place_in_the_queue(root, cfg):
-    from components.rlhf_tab import poll_rlhf
+    from components.rlhf_runs import poll_rlhf
 
     manager = GatedManager(root)
     first, second = manager.start(cfg), manager.start(cfg)

@@ -14,11 +14,11 @@ import pytest
 
 from helpers import app_client
 
-from finetune.config import ConfigError, from_dict
-from finetune.metrics import read_metrics
-from finetune.runs import RunManager
-from finetune.sweeps import (SweepQueue, SweepRequest, best_config, eval_losses, prune_reason, results,
-                             validate_sweep, validation_loss)
+from finetune.core.config import ConfigError, from_dict
+from finetune.core.run_status import read_metrics
+from finetune.services.runs import RunManager
+from finetune.services.sweeps import (SweepQueue, SweepRequest, best_config, eval_losses, prune_reason, results,
+                                      validate_sweep, validation_loss)
 
 
 def _base(model_dir, data_file, **training):
@@ -98,11 +98,11 @@ def test_a_restarted_app_continues_the_sweep(finished_sweep):
 
 
 def test_the_section_shows_the_ranking_charts_and_fills_the_train_form(finished_sweep):
-    from components.sweep_section import chart_frames, poll_sweep, results_frame, use_best
+    from components.sweep_section import chart_frames, poll_sweep, trials_frame, use_best
 
     queue, sweep_id, _ = finished_sweep
     state = queue.load(sweep_id)
-    table = results_frame(queue, state)
+    table = trials_frame(queue, state)
     losses = list(table["val loss"])
     assert losses == sorted(losses) and len(losses) == 4
     charts = dict(zip(["learning rate", "rank", "alpha", "dropout", "bits"], chart_frames(queue, state)))
@@ -117,7 +117,8 @@ def test_the_section_shows_the_ranking_charts_and_fills_the_train_form(finished_
 
 
 def test_validation_loss_of_a_run_that_kept_its_best_checkpoint_is_its_best_metric(tmp_path):
-    from finetune.metrics import METRICS_FILE, write_status
+    from finetune.core.run_status import write_status
+    from finetune.core.run_folder import METRICS_FILE
 
     manager = RunManager(tmp_path / "runs")
     folder = manager.run_dir("kept-best")
@@ -130,7 +131,7 @@ def test_validation_loss_of_a_run_that_kept_its_best_checkpoint_is_its_best_metr
 
 
 def test_a_clearly_bad_trial_is_stopped_against_the_best_at_the_same_step(tmp_path):
-    from finetune.metrics import METRICS_FILE
+    from finetune.core.run_folder import METRICS_FILE
 
     manager = RunManager(tmp_path / "runs")
     for run_id, rows in {"good": [(2, 3.0), (4, 2.0)], "bad": [(2, 3.8)], "close": [(2, 3.4)]}.items():
@@ -228,7 +229,7 @@ def section_client(finished_sweep):
 
     from components.sweep_section import build_sweep_section
     from components.train_tab import build_train_tab
-    from finetune.hardware import detect
+    from finetune.core.hardware import detect
 
     queue, _, _ = finished_sweep
     with gr.Blocks() as page:

@@ -8,8 +8,8 @@ import sys
 import pytest
 import torch
 
-from finetune.config import load_config, save_config
-from finetune.metrics import read_metrics, read_status
+from finetune.core.config import load_config, save_config
+from finetune.core.run_status import read_metrics, read_status
 from finetune.stages.sft import build
 from finetune.train import cli, run
 
@@ -113,7 +113,7 @@ def test_accelerate_launch_two_cpu_processes(tiny_model_dir, qa_file, tmp_path):
     assert rows[-1]["epoch"] == pytest.approx(3 * 4 / 36, abs=0.02)
     assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").is_file()
     # The same files, PEFT config and tensor names/shapes/dtypes as a 1-process run of the same config.
-    from finetune.export import adapter_format
+    from finetune.services.export import adapter_format
 
     assert run(cfg, tmp_path / "single") == 0
     assert adapter_format(tmp_path / "run" / "adapter") == adapter_format(tmp_path / "single" / "adapter")
@@ -124,7 +124,7 @@ def test_embedded_model_learns_the_course_style(tmp_path):
     """The real thing, shortened: the embedded SmolLM2 in 4-bit on the bundled data, on the CPU."""
     from peft import PeftModel
 
-    from finetune.models import load_model, load_tokenizer
+    from finetune.core.models import load_model, load_tokenizer
 
     cfg = load_config(ROOT / "configs" / "cpu-quick.yaml")
     cfg.training.max_steps, cfg.training.eval_steps, cfg.training.learning_rate = 6, 3, 1e-3

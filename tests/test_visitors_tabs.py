@@ -15,10 +15,10 @@ from typing import Any
 import gradio as gr
 import pytest
 
-from finetune.access import dev_session
-from finetune.feedback import FeedbackStore
-from finetune.runs import RunManager
-from finetune.run_folder import ADAPTER_CONFIG, ADAPTER_DIR
+from finetune.core.access import dev_session
+from finetune.core.run_folder import ADAPTER_CONFIG, ADAPTER_DIR
+from finetune.services.feedback import FeedbackStore
+from finetune.services.runs import RunManager
 
 ALICE_PROMPT = "My ID number is 123-45-6789, what does LoRA rank do?"
 ALICE_COMMENT = "private note from alice"
@@ -65,7 +65,7 @@ def test_pickers_list_only_the_runs_a_visitor_may_see(shared_app):
     from components.eval_tab import run_choices
     from components.export_tab import export_choices
     from components.inspect_section import inspect_runs
-    from components.rlhf_tab import start_choices
+    from components.rlhf_playground import start_choices
 
     bob, carol = visiting("bob"), visiting("carol")
     pickers = [lambda r: adapter_choices(shared_app, None, r), lambda r: export_choices(shared_app, None, r),
@@ -127,7 +127,7 @@ def test_a_push_with_sign_in_uses_only_the_visitors_own_token_after_consent(shar
 def test_a_push_from_an_offline_machine_says_it_cannot_push(shared_app, monkeypatch):
     from components.export_tab import push_model
 
-    from finetune.config import RunConfig, save_config
+    from finetune.core.config import RunConfig, save_config
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # as this machine is: the Hub cannot be reached
     save_config(RunConfig(), shared_app.root / "alice-run" / "config.yaml")  # the card is written from it
@@ -229,7 +229,7 @@ def test_feedback_is_the_visitors_own_and_the_operator_sees_everyones(shared_app
 
 def test_comparisons_show_only_the_visitors_own(shared_app):
     from components.compare_tab import poll_comparison, show_scatter
-    from finetune.compare import CompareQueue
+    from finetune.services.compare import CompareQueue
 
     queue = CompareQueue(shared_app)
     state = {"id": "compare-alice", "state": "completed", "stop_requested": False, "created_at": 0, "request": {},
@@ -269,8 +269,8 @@ def test_without_sign_in_everything_is_visible_as_before(monkeypatch, tmp_path):
 def test_benchmark_jobs_belong_to_the_visitor_who_started_them(shared_app, tmp_path):
     from components.benchmark_section import poll_benchmark, stop_benchmark
     from components.course_tab import forgetting_markdown
-    from finetune.benchmarks import BenchmarkService
-    from finetune.metrics import write_status
+    from finetune.services.benchmarks import BenchmarkService
+    from finetune.core.run_status import write_status
 
     service = BenchmarkService(shared_app.root, tmp_path / "benchmarks")
     job_id = "bench-20261130-010203-abcdef"  # Alice's job as start() lays it out (no model is loaded here)
@@ -297,7 +297,7 @@ def visitor_of_name(name: str) -> Any:
 def test_the_quantization_comparison_and_the_chat_labels_keep_to_the_visitors_rights(shared_app):
     from components.chat_tab import _reference_name
     from components.quant_tab import run_comparison
-    from finetune.hardware import detect
+    from finetune.core.hardware import detect
 
     with pytest.raises(gr.Error, match="Sign in .* to run a quantization comparison"):  # models on the shared GPU
         next(run_comparison(detect(), "smollm2-135m-instruct", ["fp32"], "bundled:course_qa", "train", 2, "Hi", 4,

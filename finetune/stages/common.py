@@ -10,15 +10,15 @@ from typing import Any
 
 import torch
 
-from finetune.config import ConfigError, RunConfig, TrainingConfig, save_config
-from finetune.hardware import HardwareProfile
-from finetune.lora_init import peft_init_kwargs
-from finetune.metrics import BEST_METRICS, MetricsCallback
-from finetune.models import count_parameters
-from finetune.preference import PreferenceData, data_size, load_preferences, rows_per_step, size_statement, \
-    size_warnings
-from finetune.recipe import resolve_recipe
-from finetune.run_folder import CHECKPOINT_DIR, CONFIG_COPY, write_run_info
+from finetune.core.config import ConfigError, RunConfig, TrainingConfig, save_config
+from finetune.core.hardware import HardwareProfile
+from finetune.core.lora_init import peft_init_kwargs
+from finetune.core.metrics import BEST_METRICS, MetricsCallback
+from finetune.core.models import count_parameters
+from finetune.core.preference import (PreferenceData, data_size, load_preferences, rows_per_step, size_statement,
+                                      size_warnings)
+from finetune.core.recipe import resolve_recipe
+from finetune.core.run_folder import CHECKPOINT_DIR, CONFIG_COPY, write_run_info
 
 
 @dataclass
@@ -71,7 +71,7 @@ def training_args(cfg: RunConfig, profile: HardwareProfile, run_dir: Path, has_e
 
 def best_checkpoint_args(cfg: RunConfig, has_eval: bool) -> dict[str, Any]:
     """Early stopping and keep='best' (training.early_stopping_patience, training.keep) as transformers' arguments:
-    the stage's held-out metric (finetune.metrics.BEST_METRICS) is tracked, a checkpoint is saved at every
+    the stage's held-out metric (finetune.core.metrics.BEST_METRICS) is tracked, a checkpoint is saved at every
     evaluation (so the best one exists on disk: transformers' rotation never deletes the best or the newest), and
     with keep='best' the trainer loads the best checkpoint back after training, so the saved adapter is it.
     Refuses a run that tracks its best but will have no held-out evaluation (too few rows to hold any out)."""

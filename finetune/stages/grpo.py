@@ -7,14 +7,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from finetune.config import RunConfig
-from finetune.hardware import HardwareProfile, detect
-from finetune.metrics import MetricsCallback
-from finetune.models import load_tokenizer
-from finetune.preference import PreferenceData
-from finetune.run_folder import ADAPTER_DIR, REWARD_DIR, resolve_run_folder
-from finetune.stages.common import (Built, keep_adapters_in_compute_dtype, load_preference_data,
-                                    preference_data_fields, record_run_info, save_default_adapter, training_args)
+from finetune.core.config import RunConfig
+from finetune.core.hardware import HardwareProfile, detect
+from finetune.core.metrics import MetricsCallback
+from finetune.core.models import load_tokenizer, resolve_run_folder
+from finetune.core.preference import PreferenceData
+from finetune.core.run_folder import ADAPTER_DIR, REWARD_DIR
+from finetune.stages.common import (Built, keep_adapters_in_compute_dtype, load_preference_data, preference_data_fields,
+                                    record_run_info, save_default_adapter, training_args)
 from finetune.stages.policy import policy_model
 from finetune.stages.reward import RewardScorer
 

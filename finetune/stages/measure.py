@@ -9,9 +9,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from finetune.config import RunConfig
+from finetune.core.config import RunConfig
+from finetune.core.run_folder import PROMPT_FILE
 
-PROMPT_FILE = "compare_prompt.txt"  # a run folder holding it gets a greedy sample answer at the end of training
 SAMPLE_TOKENS = 40
 
 
@@ -91,8 +91,8 @@ def sample_answer(model: Any, tokenizer: Any, prompt: str, max_new_tokens: int =
 def formula_memory(cfg: RunConfig) -> dict[str, Any]:
     """The Train tab's uncalibrated memory formula for this run, recorded beside the measured peak so later
     estimates on this machine can be calibrated against it (and a drift between the two is seen)."""
-    from finetune.estimate import estimate_memory, model_shape
-    from finetune.hardware import detect
+    from finetune.core.estimate import estimate_memory, model_shape
+    from finetune.core.hardware import detect
 
     profile = detect()
     try:

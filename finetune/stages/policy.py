@@ -8,16 +8,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from finetune.config import KTO_LOSSES, RunConfig
-from finetune.hardware import HardwareProfile, detect
-from finetune.lm_head import use_cpu_lm_head
-from finetune.metrics import MetricsCallback
-from finetune.models import load_model, load_tokenizer
-from finetune.recipe import resolve_recipe
-from finetune.run_folder import ADAPTER_DIR, resolve_run_folder
-from finetune.stages.common import (Built, keep_adapters_in_compute_dtype, load_preference_data,
-                                    preference_data_fields, record_run_info, save_default_adapter, to_lora_config,
-                                    training_args)
+from finetune.core.config import KTO_LOSSES, RunConfig
+from finetune.core.hardware import HardwareProfile, detect
+from finetune.core.lm_head import use_cpu_lm_head
+from finetune.core.metrics import MetricsCallback
+from finetune.core.models import load_model, load_tokenizer, resolve_run_folder
+from finetune.core.recipe import resolve_recipe
+from finetune.core.run_folder import ADAPTER_DIR
+from finetune.stages.common import (Built, keep_adapters_in_compute_dtype, load_preference_data, preference_data_fields,
+                                    record_run_info, save_default_adapter, to_lora_config, training_args)
 
 
 def to_dpo_config(cfg: RunConfig, profile: HardwareProfile, run_dir: Path, has_eval: bool) -> Any:

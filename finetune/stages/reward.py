@@ -12,14 +12,13 @@ from typing import Any
 
 import torch
 
-from finetune.config import ModelConfig, RunConfig, load_config
-from finetune.hardware import HardwareProfile, detect
-from finetune.metrics import MetricsCallback
-from finetune.models import ModelSourceError, load_model, load_tokenizer
-from finetune.run_folder import ADAPTER_CONFIG, CONFIG_COPY, REWARD_DIR, has_adapter
-from finetune.stages.common import (Built, keep_adapters_in_compute_dtype, load_preference_data,
-                                    preference_data_fields, record_run_info, save_default_adapter, to_lora_config,
-                                    training_args)
+from finetune.core.config import ModelConfig, RunConfig, load_config
+from finetune.core.hardware import HardwareProfile, detect
+from finetune.core.metrics import MetricsCallback
+from finetune.core.models import ModelSourceError, load_model, load_tokenizer
+from finetune.core.run_folder import ADAPTER_CONFIG, CONFIG_COPY, REWARD_DIR, has_adapter
+from finetune.stages.common import (Built, keep_adapters_in_compute_dtype, load_preference_data, preference_data_fields,
+                                    record_run_info, save_default_adapter, to_lora_config, training_args)
 
 Messages = list[dict[str, str]]
 

@@ -13,13 +13,14 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from finetune.config import RunConfig
-from finetune.metrics import STOP_FILE, any_rank, write_status
-from finetune.run_folder import TENSORBOARD_DIR, last_checkpoint, write_run_info
+from finetune.core.config import RunConfig
+from finetune.core.metrics import any_rank
+from finetune.core.run_folder import TENSORBOARD_DIR, last_checkpoint, write_run_info, STOP_FILE
+from finetune.core.run_status import write_status
 from finetune.stages import grpo, policy, reward, sft
 from finetune.stages.measure import record_measurements, reset_peak_memory
 
-# Keyed by the config's stage names (finetune.config.STAGES; a test keeps the two equal).
+# Keyed by the config's stage names (finetune.core.config.STAGES; a test keeps the two equal).
 STAGES: dict[str, ModuleType] = {"sft": sft, "reward": reward, "dpo": policy, "kto": policy, "grpo": grpo}
 
 

@@ -6,18 +6,19 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from finetune.attention import use_varlen_attention
-from finetune.config import RunConfig
-from finetune.data import prepare
-from finetune.hardware import HardwareProfile, detect
-from finetune.lm_head import use_cpu_lm_head
-from finetune.metrics import MetricsCallback, write_status
-from finetune.lora_init import BASE_CHANGING, LOFTQ_NEEDS_WEIGHTS, apply_loftq, check_init, reconstruction_error
-from finetune.models import ModelSourceError, load_model, load_tokenizer, local_weights_folder, resolve_source
-from finetune.recipe import resolve_recipe
-from finetune.run_folder import ADAPTER_DIR, FULL_MODEL_DIR, INITIAL_ADAPTER_DIR
-from finetune.stages.common import (Built, keep_adapters_in_compute_dtype, record_run_info, save_beside,
-                                    to_lora_config, training_args)
+from finetune.core.attention import use_varlen_attention
+from finetune.core.config import RunConfig
+from finetune.core.data import prepare
+from finetune.core.hardware import HardwareProfile, detect
+from finetune.core.lm_head import use_cpu_lm_head
+from finetune.core.lora_init import BASE_CHANGING, LOFTQ_NEEDS_WEIGHTS, apply_loftq, check_init, reconstruction_error
+from finetune.core.metrics import MetricsCallback
+from finetune.core.models import ModelSourceError, load_model, load_tokenizer, local_weights_folder, resolve_source
+from finetune.core.recipe import resolve_recipe
+from finetune.core.run_folder import ADAPTER_DIR, FULL_MODEL_DIR, INITIAL_ADAPTER_DIR
+from finetune.core.run_status import write_status
+from finetune.stages.common import (Built, keep_adapters_in_compute_dtype, record_run_info, save_beside, to_lora_config,
+                                    training_args)
 
 
 def to_peft_config(cfg: RunConfig) -> Any:
@@ -69,7 +70,7 @@ def sft_trainer(cfg: RunConfig, profile: HardwareProfile, model: Any, tokenizer:
 
 
 def initialise_adapter(cfg: RunConfig, trainer: Any, run_dir: Path) -> dict[str, Any]:
-    """The adapter's start (finetune/lora_init.py) before any forward pass, and what run_info records of it: the
+    """The adapter's start (finetune/core/lora_init.py) before any forward pass, and what run_info records of it: the
     seconds LoftQ took, and on a 4-bit base how far base + adapter starts from the full-precision weights."""
     if cfg.lora.method not in ("lora", "rslora", "dora"):
         return {}

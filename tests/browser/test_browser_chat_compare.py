@@ -19,7 +19,7 @@ pytestmark = pytest.mark.browser
 
 @pytest.fixture(scope="module")
 def runs_root(tmp_path_factory, tiny_model_dir):
-    from finetune.config import save_config
+    from finetune.core.config import save_config
 
     root = tmp_path_factory.mktemp("compare-runs")
     work = tmp_path_factory.mktemp("compare-work")
@@ -37,8 +37,8 @@ def runs_root(tmp_path_factory, tiny_model_dir):
 def test_the_left_column_is_the_starting_adapter(runs_root, tiny_model_dir):
     from playwright.sync_api import expect
 
-    from finetune.chat import ChatEngine
-    from finetune.config import ModelConfig
+    from finetune.services.chat import ChatEngine
+    from finetune.core.config import ModelConfig
 
     with served_app(runs_root) as url, browser_page(url) as page:
         page.get_by_role("tab", name="Chat").click()

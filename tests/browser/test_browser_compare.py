@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 
 from helpers import ARTIFACTS, browser_page, fill as _fill, served_app, UI_WAIT
-from finetune.compare import DEFAULT_TECHNIQUES, TECHNIQUES
+from finetune.services.compare import DEFAULT_TECHNIQUES, TECHNIQUES
 
 pytestmark = pytest.mark.browser
 CHOSEN = ("ia3", "qlora4")

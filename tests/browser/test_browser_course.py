@@ -59,9 +59,9 @@ def walk(tmp_path_factory):
     """The learner's walk through the course; yields what they saw, the page and the runs folder."""
     from playwright.sync_api import expect
 
-    from finetune.config import LoraSettings, ModelConfig
-    from finetune.course import millions
-    from finetune.estimate import lora_parameter_count, model_shape
+    from finetune.core.config import LoraSettings, ModelConfig
+    from finetune.services.course import millions
+    from finetune.core.estimate import lora_parameter_count, model_shape
 
     seen: dict[str, str] = {}
     runs = tmp_path_factory.mktemp("course-runs")
@@ -116,7 +116,7 @@ def walk(tmp_path_factory):
             assert "tuned 1, base 1" in seen["chat"] and "cannot tell from chance" in seen["chat"]
 
             # 5. The reward model: its held-out accuracy as the judge reads it from the run.
-            from finetune.evaluate import judge_accuracy
+            from finetune.services.evaluate import judge_accuracy
 
             page.locator("#course-reward-go").click()
             _finished(page, "reward")

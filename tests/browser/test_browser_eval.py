@@ -36,7 +36,7 @@ def _table_rows(page, elem_id: str) -> list[str]:
 def test_course_links_and_lora_aid(page):
     from playwright.sync_api import expect
 
-    from finetune.course import STEPS
+    from finetune.services.course import STEPS
 
     page.get_by_role("tab", name="Train").click()  # the app opens on the course ("Start here")
     expect(page.locator("#lora-aid")).to_contain_text("trainable", timeout=UI_WAIT)

@@ -19,7 +19,7 @@ pytestmark = pytest.mark.browser
 
 @pytest.fixture(scope="module")
 def app_with_a_run(tmp_path_factory, tiny_model_dir):
-    from finetune.config import save_config
+    from finetune.core.config import save_config
     from finetune.train import run
 
     root = tmp_path_factory.mktemp("export-runs")

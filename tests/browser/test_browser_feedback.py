@@ -25,8 +25,8 @@ def _finished_run(runs_root: Path, model_dir: Path, data_file: Path) -> None:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from finetune.config import save_config
-    from finetune.metrics import write_status
+    from finetune.core.config import save_config
+    from finetune.core.run_status import write_status
 
     folder = runs_root / RUN_ID
     folder.mkdir(parents=True)

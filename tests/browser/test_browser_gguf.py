@@ -38,7 +38,7 @@ def test_take_it_home_builds_a_q8_0_gguf_and_its_downloads_work(app_with_a_run):
     from gguf import GGUFReader, LlamaFileType
     from playwright.sync_api import expect
 
-    from finetune.gguf_export import disk_plan, gguf_path
+    from finetune.services.gguf_plan import disk_plan, gguf_path
 
     url, run_dir = app_with_a_run
     with browser_page(url) as page:

@@ -33,7 +33,7 @@ def test_stop_ends_an_answer_being_generated_and_frees_the_model(policy_runs):
     from playwright.sync_api import expect
 
     from helpers import wait_until
-    from finetune.chat import ChatEngine
+    from finetune.services.chat import ChatEngine
 
     clock = SlowClock(slow_from=4)  # 50 ms per token from the 4th on: a 400-token answer would take 20 s
     engine = ChatEngine(max_seconds=0, clock=clock)  # no time limit: only Stop can end it early

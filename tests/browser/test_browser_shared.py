@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from finetune.config import save_config
-from finetune.metrics import write_status
+from finetune.core.config import save_config
+from finetune.core.run_status import write_status
 
 from helpers import ARGS, ARTIFACTS, CHROMIUM, patient_expect, served_app, tiny_run_config, UI_WAIT
 
