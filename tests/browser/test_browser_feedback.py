@@ -42,9 +42,10 @@ def _finished_run(runs_root: Path, model_dir: Path, data_file: Path) -> None:
     write_status(folder, state="completed", step=3, max_steps=3, error=None)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def langsmith():
-    """The app syncs to a loopback LangSmith stand-in (see test_feedback_langsmith.py) for this module."""
+    """The app syncs to a loopback LangSmith stand-in (tests/fake_langsmith.py). Each test has its own, and its own
+    app below: the API test counts every stored answer, vote and synced item, which another test's would add to."""
     from fake_langsmith import FakeLangSmith
 
     fake = FakeLangSmith().start()
@@ -57,7 +58,7 @@ def langsmith():
     fake.stop()
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def app(tmp_path_factory, tiny_model_dir, langsmith):
     root = tmp_path_factory.mktemp("feedback-runs")
     data = root.parent / "qa.jsonl"
