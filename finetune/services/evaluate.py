@@ -31,6 +31,7 @@ import torch
 from finetune.core import paths
 from finetune.core.config import ConfigError, DataConfig, ModelConfig, load_config
 from finetune.core.data import DataError, prepare
+from finetune.core.intervals import wilson_interval
 from finetune.core.lora_init import BASE_CHANGING
 from finetune.core.preference import prompt_key, trained_prompt_keys
 from finetune.core.run_folder import ADAPTER_DIR, CHECKPOINT_DIR, CONFIG_COPY, RUN_CONFIG, RUN_INFO_FILE, has_adapter
@@ -39,7 +40,6 @@ from finetune.services.chat import SamplingSettings, budget_note, peft_adapter_n
 from finetune.services.feedback import FeedbackStore
 
 IGNORE = -100                       # label of a token the loss does not count (prompt and padding)
-Z_95 = 1.959963984540054            # two-sided 95% quantile of the standard normal
 Progress = Callable[[int, int], None]
 
 
@@ -323,17 +323,6 @@ class WinRate:
     rate: float | None
     low: float | None
     high: float | None
-
-
-def wilson_interval(successes: float, n: float, z: float = Z_95) -> tuple[float, float]:
-    """Wilson score interval for a proportion; unlike p ± z·SE it stays inside [0, 1] and works for p = 0 or 1."""
-    if n <= 0:
-        raise ValueError("a confidence interval needs at least one vote")
-    p = successes / n
-    denominator = 1 + z * z / n
-    centre = (p + z * z / (2 * n)) / denominator
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denominator
-    return max(0.0, centre - half), min(1.0, centre + half)
 
 
 def win_rate(adapter: str, counts: dict[str, int]) -> WinRate:
