@@ -272,8 +272,6 @@ def _step_box(number: int, step: course.CourseStep, ui: dict[str, Any]) -> None:
     if key in RUN_STEPS:
         ui[f"{key}_started"] = gr.Markdown(elem_id=f"course-{key}-started")
         ui[f"{key}_progress"] = gr.HTML(progress_html(f"course-{key}-progress", {"state": "idle"}, []))
-    if key == "qlora":
-        _rank_experiment_box(ui)
     if key == "chat":
         with gr.Row():
             ui["base_answer"] = gr.Textbox(label="Base model", lines=4, interactive=False, elem_id="course-base")
@@ -283,6 +281,8 @@ def _step_box(number: int, step: course.CourseStep, ui: dict[str, Any]) -> None:
             ui["save_vote"] = gr.Button("Save my vote", elem_id="course-save-vote", scale=1)
         ui["vote_hint"] = gr.Markdown(elem_id="course-vote-hint")
     ui[f"{key}_notice"] = gr.Markdown(elem_id=f"course-{key}-notice")
+    if key == "qlora":
+        _rank_experiment_box(ui)
     if key == "quantization":
         ui["quant_table"] = gr.Dataframe(pd.DataFrame(columns=["format", "quantized layers (MB)", "perplexity"]),
                                          interactive=False, elem_id="course-quant-table")
