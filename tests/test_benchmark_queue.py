@@ -15,13 +15,14 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 
 from helpers import ROOT, tiny_run_config, wait_until
 from finetune.core.run_status import read_status
 from finetune.services.benchmarks import BUNDLED_TASK, BenchmarkService
-from finetune.services.processes import pid_alive
+from finetune.services.processes import ChildProcess, pid_alive
 from finetune.services.runs import RunManager
 
 # Waits for its gate file, then becomes the command after it (same pid, same process group).
@@ -102,10 +103,15 @@ class GatedBenchmarks(BenchmarkService):
 
 
 @pytest.fixture
-def runs(tmp_path) -> Path:
+def runs(tmp_path) -> Iterator[Path]:
     (tmp_path / "gate.py").write_text(GATE)
     (tmp_path / "run_child.py").write_text(RUN_CHILD)
-    return tmp_path / "runs"
+    yield tmp_path / "runs"
+    # A test that failed may leave a child at its gate: end every child this test's jobs recorded.
+    for status in [*(tmp_path / "runs").glob("*/status.json"), *(tmp_path / "bench").glob("jobs/*/status.json")]:
+        recorded = read_status(status.parent)
+        if recorded.get("pid") and recorded.get("pid_start"):  # only while the pid is still that child's group
+            ChildProcess(None, recorded["pid"], recorded["pid_start"]).signal_group(signal.SIGKILL)
 
 
 def ended(service: BenchmarkService, job_id: str) -> dict:
