@@ -1,3 +1,5 @@
+# Over 600 lines on purpose: the Evaluate tab's measurements side by side (loss, overlap, votes, degeneration,
+# paired verdicts), short sections that share the candidate models and the interval arithmetic.
 """Evaluation: how much better is an adapter than its base, in numbers from the learner's own runs.
 
 - **Validation loss and perplexity.** The mean negative log-likelihood per answer token (the same tokens the
