@@ -193,7 +193,7 @@ def poll_benchmark(service: BenchmarkService, job_id: str,
     empty = pd.DataFrame(columns=TABLE_COLUMNS), pd.DataFrame(columns=BASE_COLUMNS)
     visitor = visitor_of(request)
     job_id = visible_job(service, job_id, visitor)
-    if not job_id or not (service.job(job_id).folder / "plan.json").is_file():
+    if not job_id or not service.job(job_id).planned():
         return "", *empty
     job = service.job(job_id)
     plan, results = job.plan(), job.results()

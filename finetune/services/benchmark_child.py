@@ -143,6 +143,9 @@ class BenchmarkJob:
     def __init__(self, folder: Path, cache_dir: Path):
         self.folder, self.cache_dir = Path(folder), Path(cache_dir)
 
+    def planned(self) -> bool:
+        return (self.folder / PLAN_FILE).is_file()
+
     def plan(self) -> BenchmarkPlan:
         return BenchmarkPlan.from_json(json.loads((self.folder / PLAN_FILE).read_text(encoding="utf-8")))
 

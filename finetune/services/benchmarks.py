@@ -137,7 +137,8 @@ class BenchmarkService:
     def latest_job(self, visitor: Visitor = LOCAL) -> str | None:
         """The newest job ``visitor`` may see (the UI re-attaches to it after a page reload)."""
         folder = self.root / JOBS_DIR
-        jobs = sorted(p.name for p in folder.iterdir() if (p / PLAN_FILE).is_file()) if folder.is_dir() else []
+        jobs = sorted(p.name for p in folder.iterdir() if JOB_ID.match(p.name) and self.job(p.name).planned()) \
+            if folder.is_dir() else []
         visible = [job_id for job_id in jobs if can_view(visitor, self.owner_of(job_id))]
         return visible[-1] if visible else None
 

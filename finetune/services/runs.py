@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import shutil
 import signal
 import subprocess
@@ -47,7 +46,8 @@ from finetune.core.access import LOCAL, Visitor
 from finetune.core.config import ConfigError, RunConfig, load_config, save_config
 from finetune.core.distributed import check_launch, end_leftover_ranks, is_multi_process, launch_command, process_start
 from finetune.core.run_folder import (ADAPTER_DIR, LOG_FILE, METRICS_FILE, REWARD_DIR, RUN_CONFIG, STOP_FILE,
-                                      UPLOADS_DIR, has_adapter, is_run_id, last_checkpoint, modified_time, run_folders)
+                                      UPLOADS_DIR, has_adapter, is_run_id, last_checkpoint, modified_time, run_folders,
+                                      run_id_stem)
 from finetune.core.run_status import (FINAL_STATES, HOSTNAME, WAITING, is_remote, read_metrics, read_status,
                                       write_status)
 from finetune.core.storage import DISK_FULL_EXIT, disk_full_message, enforce_budget, folder_bytes
@@ -154,12 +154,11 @@ class RunManager(RunQueue, RunAdmission):
         return folder
 
     def new_run_id(self, cfg: RunConfig) -> str:
-        base = re.sub(r"[^A-Za-z0-9._-]+", "-", cfg.run_name or "run").strip("-.") or "run"
-        stamp = time.strftime("%Y%m%d-%H%M%S")
-        run_id, n = f"{base[:60]}-{stamp}", 1
+        base, stamp = run_id_stem(cfg.run_name), time.strftime("%Y%m%d-%H%M%S")
+        run_id, n = f"{base}-{stamp}", 1
         while (self.root / run_id).exists():
             n += 1
-            run_id = f"{base[:60]}-{stamp}-{n}"
+            run_id = f"{base}-{stamp}-{n}"
         return run_id
 
     # --- state --------------------------------------------------------------------------------------------
