@@ -214,3 +214,32 @@ def test_a_benchmark_whose_child_died_with_the_app_is_shown_so_and_the_queue_goe
     # The job the dead app left waiting behind it is carried on by the new app's queue.
     final = ended(service, second)
     assert final["state"] == "completed", log_of(service, second)
+
+
+def test_a_benchmark_is_admitted_and_owned_by_the_rules_a_run_has(runs, tiny_model_dir, qa_file, monkeypatch):
+    from components.benchmark_section import queue_line
+    from finetune.core.access import AccessDenied, Visitor
+    from finetune.services.admission import RunLimitError
+
+    monkeypatch.setenv("LORA_LAB_MAX_JOBS", "1")
+    alice, bob = Visitor("alice", False, sign_in=True), Visitor("bob", False, sign_in=True)
+    manager = GatedRuns(runs, runs.parent / "run-gate")
+    run_id = manager.start(tiny_run_config(tiny_model_dir, qa_file), visitor=alice)
+    service = BenchmarkService(runs, runs.parent / "bench", manager)
+    plan = service.plan([BUNDLED_TASK], 10, model=str(tiny_model_dir), bits=32)
+
+    with pytest.raises(RunLimitError, match="You already have 1 job"):  # her run counts among her jobs
+        service.start(plan, alice)
+    with pytest.raises(AccessDenied):
+        service.start(plan, Visitor(None, False, sign_in=True))
+    assert not list((runs.parent / "bench" / "jobs").iterdir())  # a refused job leaves no folder to re-attach to
+
+    job_id = service.start(plan, bob)
+    assert service.owner_of(job_id) == "bob" and service.latest_job(alice) is None
+    status = service.status(job_id)
+    assert queue_line(service, status, bob) == "2nd in line behind another visitor's run"  # not named to him
+    assert queue_line(service, status, alice).startswith(f"2nd in line behind run `{run_id}`")
+    with pytest.raises(AccessDenied):
+        service.request_stop(job_id, alice)
+    assert service.request_stop(job_id, bob)["state"] == "cancelled"
+    (runs.parent / "run-gate").touch()
