@@ -182,14 +182,15 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--bits", type=int, default=4, help="bit width of the base when no adapter is given")
     parser.add_argument("--limit", default=None, help="items per task")
     parser.add_argument("--runs-root", default="runs")
-    parser.add_argument("--out", default=None, help="benchmark folder (jobs and cache); default: the app's")
+    parser.add_argument("--out", default=None, help="benchmark folder (jobs and cache); default: the app's, beside the "
+                                                    "runs (so the app's device queue sees the job)")
     parser.add_argument("--estimate-only", action="store_true", help="check and estimate, run nothing")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    service = BenchmarkService(args.runs_root, args.out)
+    service = BenchmarkService(args.runs_root, args.out or app_root(args.runs_root))
     tasks = args.task + (forgetting_check_tasks() if args.forgetting_check else [])
     limit = args.limit if args.limit is not None else (FORGETTING_CHECK_LIMIT if args.forgetting_check else None)
     try:
