@@ -38,6 +38,8 @@ from finetune.services.runs import RunManager
 Chat = list[dict[str, str]]
 Turn = dict[str, Any]
 SIDES = ("left", "right")
+# The Chat tab's sides are the places of a stored pair (left is stored first): the store's words for a vote.
+PAIR_PLACE = dict(zip(SIDES, ("first", "second")))
 VOTES = [("Left is better", "left"), ("Right is better", "right"), ("Tie", "tie"), ("Both bad", "both_bad")]
 ARENA_VOTES = [("A is better", "left"), ("B is better", "right"), ("Tie", "tie"), ("Both bad", "both_bad")]
 TARGETS = [("Both answers", "both"), ("Left / A", "left"), ("Right / B", "right")]
@@ -282,7 +284,7 @@ def submit_feedback(store: FeedbackStore | None, turn: Turn | None, vote: str | 
         raise refusal(NOT_YOUR_ANSWER)
     try:
         if vote:
-            choice = {"left": "first", "right": "second"}.get(vote, vote)
+            choice = PAIR_PLACE.get(vote, vote)
             store.add_preference(gen["left"], gen["right"], choice, comment=comment or None,
                                  arena=turn["arena"], **who)
             saved.append("vote")

@@ -1,5 +1,6 @@
-"""The Train tab's form <-> a RunConfig. Every form key "<section>_<field>" maps onto that config field; the keys
-in UI_ONLY are assembled here (the data source by kind through the path gate, the column mapping)."""
+"""The Train tab's form <-> a RunConfig, through forms.run_config_from_form as every tab that starts a job: every form
+key "<section>_<field>" maps onto that config field; the keys in UI_ONLY are assembled here (the data source by kind
+through the path gate, the column mapping)."""
 
 from __future__ import annotations
 
@@ -9,9 +10,9 @@ from typing import Any
 
 import yaml
 
-from components.forms import SFT_DATA_KINDS
+from components.forms import SFT_DATA_KINDS, form_sections, run_config_from_form
 from finetune.core import paths
-from finetune.core.config import BUNDLED_DATASET, EMBEDDED_MODEL, ConfigError, RunConfig, from_dict
+from finetune.core.config import BUNDLED_DATASET, EMBEDDED_MODEL, ConfigError, RunConfig
 
 UI_ONLY = ("data_kind", "data_bundled", "data_hub_name", "data_file", "prompt_column", "answer_column",
            "column_mapping_json", "model_kind")
@@ -54,12 +55,8 @@ def column_mapping(form: dict[str, Any]) -> dict[str, str]:
 
 def config_from_form(form: dict[str, Any]) -> RunConfig:
     """The RunConfig the form describes; ConfigError lists every bad field."""
-    sections: dict[str, dict[str, Any]] = {"model": {}, "lora": {}, "data": {}, "training": {}}
-    for key, value in form.items():
-        section, _, name = key.partition("_")
-        if key not in UI_ONLY and section in sections:
-            sections[section][name] = value
-    data, problems = sections["data"], {}
+    sections, problems = form_sections(form, skip=UI_ONLY), {}
+    data = sections["data"]
     try:
         data["source"] = _data_source(form)
     except paths.PathRefused:
@@ -76,13 +73,7 @@ def config_from_form(form: dict[str, Any]) -> RunConfig:
     for cap in ("max_samples", "max_eval_samples"):
         if not data.get(cap):
             data[cap] = None  # 0 / empty in the form means "all rows"
-    try:
-        cfg = from_dict({**sections, "run_name": (form.get("run_name") or "").strip() or "run"})
-    except ConfigError as error:
-        raise ConfigError({**problems, **error.problems}) from None
-    if problems:
-        raise ConfigError(problems)
-    return cfg
+    return run_config_from_form(sections, problems=problems, run_name=(form.get("run_name") or "").strip() or "run")
 
 
 def form_from_config(cfg: RunConfig) -> dict[str, Any]:

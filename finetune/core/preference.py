@@ -53,6 +53,11 @@ PREFERENCE_NAMES = {
 MIN_HELD_OUT_PROMPTS = 2
 MIN_PROMPTS_TO_HOLD_OUT = 4
 Messages = list[dict[str, str]]
+# A pairwise vote as the feedback store keeps it (which of the two answers shown won: 'first', 'second', or a 'tie',
+# 'both_bad'), in the reward model's words for (first answer, second answer): the one translation between the two,
+# used by the pairs exported for training and by the votes sent to LangSmith.
+VOTE_COLUMNS = {"first": ("chosen", "rejected"), "second": ("rejected", "chosen"), "tie": ("tie", "tie"),
+                "both_bad": ("both_bad", "both_bad")}
 
 
 class PreferenceError(DataError):

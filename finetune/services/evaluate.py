@@ -1,3 +1,5 @@
+# Over 600 lines on purpose: the Evaluate tab's measurements side by side (loss, overlap, votes, degeneration,
+# paired verdicts), short sections that share the candidate models and the interval arithmetic.
 """Evaluation: how much better is an adapter than its base, in numbers from the learner's own runs.
 
 - **Validation loss and perplexity.** The mean negative log-likelihood per answer token (the same tokens the
@@ -34,7 +36,7 @@ from finetune.core.data import DataError, prepare
 from finetune.core.intervals import wilson_interval
 from finetune.core.lora_init import BASE_CHANGING
 from finetune.core.preference import prompt_key, trained_prompt_keys
-from finetune.core.run_folder import ADAPTER_DIR, CHECKPOINT_DIR, CONFIG_COPY, RUN_CONFIG, RUN_INFO_FILE, has_adapter
+from finetune.core.run_folder import ADAPTER_DIR, CONFIG_COPY, RUN_CONFIG, RUN_INFO_FILE, checkpoints, has_adapter
 from finetune.core.run_status import read_metrics
 from finetune.services.chat import SamplingSettings, budget_note, peft_adapter_name
 from finetune.services.feedback import FeedbackStore
@@ -284,17 +286,13 @@ def run_checkpoints(run_dir: Path) -> list[tuple[str, Path]]:
     """(label, adapter folder) for each saved checkpoint of a run in step order, then the final adapter. A PiSSA or
     OLoRA run offers its final adapter only: its checkpoints hold the adapter relative to a base the start had
     changed, and loaded on the plain base they would be scored as a model that never existed."""
-    found = []
     configs = [path for path in (run_dir / RUN_CONFIG, run_dir / ADAPTER_DIR / CONFIG_COPY) if path.is_file()]
     try:
         base_changed = bool(configs) and load_config(configs[0]).lora.init in BASE_CHANGING
     except (ConfigError, OSError):
         base_changed = False
-    for folder in [] if base_changed else (run_dir / CHECKPOINT_DIR).glob("checkpoint-*"):
-        step = folder.name.rsplit("-", 1)[-1]
-        if step.isdigit() and has_adapter(folder):
-            found.append((int(step), folder))
-    labelled = [(f"checkpoint-{step}", folder) for step, folder in sorted(found)]
+    found = [] if base_changed else [(step, folder) for step, folder in checkpoints(run_dir) if has_adapter(folder)]
+    labelled = [(folder.name, folder) for _, folder in found]
     if has_adapter(run_dir / ADAPTER_DIR):
         labelled.append(("final adapter", run_dir / ADAPTER_DIR))
     return labelled
