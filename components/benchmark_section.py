@@ -16,7 +16,8 @@ from typing import Any
 import gradio as gr
 import pandas as pd
 
-from components.shared import bind, duration, on_page_load, refusal, require_visible, visible_adapters, visitor_of
+from components.shared import (bind, duration, on_page_load, place_in_line, refusal, require_visible, visible_adapters,
+                               visitor_of)
 from finetune.core.access import AccessDenied, Visitor, can_view, require_owner, require_signed_in
 from finetune.core.config import ConfigError
 from finetune.core.paths import model_source as gated_model_source
@@ -135,20 +136,16 @@ def table_frame(rows: list[TableRow]) -> pd.DataFrame:
                           r.stderr_kind, r.items, r.verdict] for r in rows], columns=TABLE_COLUMNS)
 
 
-ORDINALS = {1: "1st", 2: "2nd", 3: "3rd"}
-
-
 def queue_line(service: BenchmarkService, status: dict[str, Any], visitor: Visitor) -> str:
     """A waiting job's place, "2nd in line behind run X": the job on the device counts as the first in line. A job
     the visitor may not see is not named."""
     ahead = status.get("ahead") or []
-    place = len(ahead) + 1
     names = [_job_name(service, job_id, visitor) for job_id in ahead]
     behind = f" behind {', '.join(names[:-1])} and {names[-1]}" if len(names) > 1 else \
         f" behind {names[0]}" if names else ""
     starts = status.get("starts_in")
     when = f"; starts in about {duration(starts)}" if isinstance(starts, (int, float)) and ahead else ""
-    return f"{ORDINALS.get(place, f'{place}th')} in line{behind}{when}"
+    return f"{place_in_line(len(ahead))}{behind}{when}"
 
 
 def _job_name(service: BenchmarkService, job_id: str, visitor: Visitor) -> str:
@@ -157,7 +154,9 @@ def _job_name(service: BenchmarkService, job_id: str, visitor: Visitor) -> str:
         visible = can_view(visitor, manager.owner_of(job_id))
     except RunError:
         visible = False
-    return f"{kind} `{job_id}`" if visible else f"another visitor's {kind}"
+    if not visible:
+        return f"another visitor's {kind}"
+    return f"`{job_id}`" if job_id.startswith(kind) else f"{kind} `{job_id}`"  # not "run `run-…`"
 
 
 def progress_text(status: dict[str, Any], plan: Any = None, now: float | None = None) -> str:

@@ -132,15 +132,23 @@ def eta_text(status: dict[str, Any], now: float | None = None) -> str:
     return text
 
 
+ORDINALS = {1: "1st", 2: "2nd", 3: "3rd"}
+
+
+def place_in_line(ahead: int) -> str:
+    """"2nd in line" for a job with one job ahead of it: the job on the device counts as the first in line, for a
+    waiting training run and a waiting benchmark alike."""
+    return f"{ORDINALS.get(ahead + 1, f'{ahead + 1}th')} in line"
+
+
 def queue_place(status: dict[str, Any]) -> str:
-    """A waiting job's place, "position 2 · starts in about 3m 10s" (the run manager's queue_info merged into its
+    """A waiting job's place, "2nd in line · starts in about 3m 10s" (the run manager's queue_info merged into its
     status)."""
-    position, starts_in = status.get("position"), status.get("starts_in")
-    ahead = len(status.get("ahead") or [])
+    starts_in, ahead = status.get("starts_in"), len(status.get("ahead") or [])
     jobs_ahead = "the job ahead finishes" if ahead == 1 else f"the {ahead} jobs ahead finish"
     when = (f"starts in about {duration(starts_in)}" if isinstance(starts_in, (int, float)) else
             f"starts when {jobs_ahead} (no time estimate yet)" if ahead else "starting")
-    return f"position {position} · {when}" if position else when
+    return f"{place_in_line(ahead)} · {when}" if status.get("position") else when
 
 
 def queue_text(status: dict[str, Any]) -> str:

@@ -53,7 +53,7 @@ def test_train_then_chat_side_by_side(client, style_model_dir, qa_file):
 
     # Only one job at a time: a second Start while this one trains waits in the queue; Stop takes it out again.
     second_id, queued = client.predict(**{**form, "data_file": handle_file(str(qa_file))}, api_name="/start_run")
-    assert second_id != run_id and "Queued" in queued and "position 1" in queued, queued
+    assert second_id != run_id and "Queued" in queued and "2nd in line" in queued, queued
     assert "cancelled" in client.predict(second_id, api_name="/stop_run")
     assert "Deleted run" in str(client.predict(second_id, api_name="/delete_run"))  # out of the history too
 

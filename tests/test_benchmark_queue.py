@@ -166,7 +166,7 @@ def test_a_run_waits_behind_a_running_benchmark_whose_stop_ends_it_at_a_model_ca
     run_id = manager.start(tiny_run_config(tiny_model_dir, qa_file))
     waiting = live_status(manager, run_id)
     assert waiting["state"] == "waiting" and waiting["ahead"] == [job_id] and waiting["position"] == 1
-    assert "<b>waiting</b> in the queue · position 1" in queue_text(waiting)
+    assert "<b>waiting</b> in the queue · 2nd in line" in queue_text(waiting)
 
     # Stop on a running benchmark: the STOP file, which the real child reads before its first model call.
     assert stop_benchmark(service, job_id) == f"Stopping {job_id} at its next model call."

@@ -63,7 +63,7 @@ def test_start_race_then_twenty_concurrent_chats(tmp_path, tiny_model_dir, qa_fi
         queued = [a for a in answers if "Queued" in a[1]]
         assert len(started) == 1 and len(queued) == 1, answers
         run_id = started[0][0]
-        assert "waits in the queue (position 1" in queued[0][1] and queued[0][0] != run_id
+        assert "waits in the queue (2nd in line" in queued[0][1] and queued[0][0] != run_id
         assert "cancelled" in clients[1].predict(queued[0][0], api_name="/stop_run")
         states = {p.name: read_status(p)["state"] for p in root.iterdir() if (p / "status.json").is_file()}
         assert states[queued[0][0]] == "cancelled" and set(states) == {run_id, queued[0][0]}

@@ -313,3 +313,11 @@ def test_pairs_and_thumbs_of_one_file_hold_out_the_same_prompts(tmp_path):
     held = [{prompt_key(r["prompt"]) for r in data.eval} for data in (as_pairs, as_thumbs)]
     assert held[0] == held[1] and len(held[0]) == 3
     assert not held[1] & {prompt_key(r["prompt"]) for r in as_pairs.train}
+
+
+def test_a_short_run_over_a_big_set_is_not_said_to_make_zero_epochs():
+    from finetune.core.preference import DataSize, size_statement
+
+    size = DataSize(rows=150, prompts=150, held_rows=24, held_prompts=24, unit="pairs")
+    assert "**0.04 epochs**" in size_statement(size, 3, 2)  # 6 of 150 pairs: not "0.0 epochs"
+    assert "**0.8 epochs**" in size_statement(size, 30, 4)

@@ -288,7 +288,7 @@ def test_refused_starts_remove_their_upload_copies(script_root, tiny_model_dir, 
     assert "Started" in message, message
     assert len(list(kept.iterdir())) == 1  # the started run's copy, which its child reads
     queued, message = start_run(manager, **form)  # a run is in progress: this one waits in the queue
-    assert "Queued" in message and "position 1" in message, message
+    assert "Queued" in message and "2nd in line" in message, message
     assert len(list(kept.iterdir())) == 2  # the queued run reads its own copy when its turn comes
     manager.cancel(queued)
     manager.delete(queued)  # its copy goes with it: no other run uses it

@@ -406,7 +406,7 @@ def test_the_train_tab_shows_a_waiting_jobs_place_and_its_cancel(root, cfg):
     first, second = manager.start(cfg), manager.start(cfg)
     wait_until(lambda: state_of(manager, first) == "running", "the first job runs")
     watched, text, bar, *_ = poll_run(manager, second)
-    assert watched == second and "**waiting** in the job queue: position 1" in text
+    assert watched == second and "**waiting** in the job queue: 2nd in line" in text
     assert "data-state='waiting'" in bar and "no time estimate" in bar
     manager.request_stop(second)
     watched, text, *_ = poll_run(manager, second)
@@ -425,7 +425,7 @@ def test_the_rlhf_tab_shows_a_waiting_stages_place_in_the_queue(root, cfg):
     wait_until(lambda: state_of(manager, first) == "running", "the first job runs")
     watched, _, bar, *_ = poll_rlhf(manager, "", "")
     assert watched == second and "data-state='waiting'" in bar
-    assert "position 1" in bar and "starts when the job ahead finishes" in bar, bar  # not "starting"
+    assert "2nd in line" in bar and "starts when the job ahead finishes" in bar, bar  # not "starting"
     manager.request_stop(second)
     release(manager, first)
     wait_until(lambda: state_of(manager, first) == "completed", "the first job completes")

@@ -500,7 +500,12 @@ def default_steps(preset_steps: int, rows: int, rows_per_step: int) -> int:
 def size_statement(size: DataSize, steps: int, rows_per_step: int) -> str:
     return (f"**{size.rows} {size.unit}** on **{size.prompts} prompts** to train on, **{size.held_rows}** held out on "
             f"**{size.held_prompts}** other prompts; {steps} steps x {rows_per_step} {size.unit} = "
-            f"**{epochs(size.rows, steps, rows_per_step):.1f} epochs** over the training {size.unit}.")
+            f"**{_epochs_text(epochs(size.rows, steps, rows_per_step))} epochs** over the training {size.unit}.")
+
+
+def _epochs_text(passes: float) -> str:
+    """3.0, 0.8, 0.04: one decimal, two below a tenth of a pass (a short run over a big set is not "0.0 epochs")."""
+    return f"{passes:.2f}" if 0 < passes < 0.1 else f"{passes:.1f}"
 
 
 def held_out_warning(held: int, unit: str) -> str:

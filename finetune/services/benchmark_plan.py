@@ -217,7 +217,8 @@ class BenchmarkPlan:
 
     def estimate_text(self) -> str:
         return self._scope_text() + self._time_text() + (
-            f" With {self.limit} questions per task the table gives no verdict: it needs at least {MIN_ITEMS}."
+            f" With {self.limit} question{'s' if self.limit != 1 else ''} per task the table gives no verdict: it "
+            f"needs at least {MIN_ITEMS}."
             if self.limit < MIN_ITEMS else "")
 
     def _scope_text(self) -> str:
