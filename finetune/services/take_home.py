@@ -1,0 +1,641 @@
+"""Show the code: a run's recipe as a Jupyter notebook and the same as one Python script, in plain transformers +
+peft + trl + bitsandbytes, with no LoRA Lab import, so a learner can take what their run did to Colab or anywhere.
+
+    folder = write_take_home("runs/demo")     # runs/demo/export/take_home/: demo.ipynb, demo.py (+ demo-rows.jsonl)
+    python -m finetune.services.take_home runs/demo [--out FOLDER]
+
+The code is generated from the run's config and written for a T4 by default (the course's Colab GPU); it also runs
+on any CUDA GPU and on the CPU, choosing the compute dtype as LoRA Lab does. The data is the run's own rows as
+LoRA Lab read and converted them (TRL's conversational prompt/completion shape), embedded in the notebook when
+small, else in a JSON Lines file beside it; a Hub dataset is loaded from the Hub and converted in a few plain lines.
+Where LoRA Lab does something of its own, the code either reproduces it in a few plain lines (the split, dropping
+too-long rows, the seeded adapter start, keeping adapters in fp32, LoftQ) or a markdown cell says what it leaves
+out and what that costs (the CPU LM head, row-by-row packed attention). SFT runs only, for now: the RLHF stages
+(reward, DPO, KTO, GRPO) are refused with a message that says so.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib.metadata
+import json
+import sys
+import textwrap
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from finetune.core.config import TRACKIO_PROJECT, ConfigError, RunConfig
+from finetune.core.data import DataError, data_source_kind, load_raw, prepare
+from finetune.core.estimate import checkpointing_choice
+from finetune.core.hardware import profile_for
+from finetune.core.lora_init import scaling
+from finetune.core.models import ModelSourceError
+from finetune.core.run_folder import EXPORT_DIR, TAKE_HOME_DIR, read_run_info
+from finetune.services.export import ExportError, hub_base, run_config
+
+# What the notebook installs, pinned to the versions this app trains with (torch is left to the machine: Colab's
+# own CUDA build is the right one there, and a pinned CPU build would be the wrong one).
+PINNED = ("transformers", "peft", "trl", "bitsandbytes", "accelerate", "datasets")
+EMBED_LIMIT = 32 * 1024  # rows up to this many bytes are embedded in the notebook; more go in a file beside it
+T4 = profile_for("cuda", "NVIDIA T4", 15.0, (7, 5))
+SUMMARY_FILE = "summary.json"  # what the script writes beside its adapter: counts, losses (the proof test reads it)
+HELD_OUT_FILE = "held_out.jsonl"
+
+
+class TakeHomeError(RuntimeError):
+    """A run whose code cannot be shown; the message says why."""
+
+
+@dataclass
+class Cell:
+    kind: str  # "markdown" or "code"
+    text: str
+
+
+@dataclass
+class RunData:
+    """The run's rows as LoRA Lab converted them, before the split; None for a Hub dataset (loaded by the code)."""
+    rows: list[dict] | None
+    validation: list[dict] | None
+    format: str
+
+
+@dataclass
+class TakeHome:
+    notebook: Path
+    script: Path
+    data_files: list[Path]
+
+
+# --- the run's data -------------------------------------------------------------------------------------------
+
+def run_data(cfg: RunConfig) -> RunData:
+    """Every usable row in LoRA Lab's order (the seeded split then picks the same rows), and the source's own
+    validation split when it has one."""
+    if data_source_kind(cfg.data.source) == "hub":
+        return RunData(None, None, cfg.data.format)
+    whole = dataclasses.replace(cfg.data, validation_fraction=0.0, max_samples=None)
+    train = prepare(whole, tokenizer=None, seed=cfg.training.seed)
+    validation = None
+    if load_raw(cfg.data)[1] is not None and cfg.data.validation_fraction > 0:
+        held = prepare(dataclasses.replace(cfg.data, max_samples=None, max_eval_samples=None), None,
+                       seed=cfg.training.seed)
+        validation = held.eval.to_list() if held.eval is not None else None
+    return RunData(train.train.to_list(), validation, train.format)
+
+
+def jsonl(rows: list[dict]) -> str:
+    return "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+
+
+def embeddable(text: str) -> bool:
+    """Small enough for a notebook cell, and safe inside a raw triple-quoted string."""
+    return len(text.encode("utf-8")) <= EMBED_LIMIT and "'''" not in text and not text.rstrip("\n").endswith("\\")
+
+
+# --- the cells --------------------------------------------------------------------------------------------------
+
+def pinned_versions() -> dict[str, str]:
+    return {name: importlib.metadata.version(name) for name in PINNED}
+
+
+def intro_cells(cfg: RunConfig, run_name: str, info: dict) -> list[Cell]:
+    trainable = info.get("trainable_parameters")
+    counted = f" LoRA Lab counted **{trainable:,}** trainable parameters in it." if trainable else ""
+    pins = ", ".join(f'"{name}=={version}"' for name, version in pinned_versions().items())
+    return [
+        Cell("markdown", f"# Run `{run_name}`, as plain code\n\nThis notebook does what your LoRA Lab run did, with "
+                         "the libraries the course uses (transformers, peft, trl, bitsandbytes) and nothing of LoRA "
+                         f"Lab's own: a {_method_words(cfg)} of `{_model_name(cfg)}` on your data.{counted} It is "
+                         "written for a T4 (the course's Colab GPU) and runs on any CUDA GPU or on the CPU.\n\n"
+                         "First, the libraries, pinned to the versions your run trained with (torch is left as the "
+                         "machine has it: Colab's build matches its GPU)."),
+        Cell("code", "import importlib.metadata\nimport subprocess\nimport sys\n\n"
+                     f"PINNED = [{pins}]\n\n\ndef installed(pin):\n    name, version = pin.split(\"==\")\n"
+                     "    try:\n        return importlib.metadata.version(name) == version\n"
+                     "    except importlib.metadata.PackageNotFoundError:\n        return False\n\n\n"
+                     "missing = [pin for pin in PINNED if not installed(pin)]\nif missing:\n"
+                     "    subprocess.check_call([sys.executable, \"-m\", \"pip\", \"install\", \"-q\", *missing])\n"
+                     "print(\"libraries ready:\", \", \".join(PINNED))"),
+    ]
+
+
+def _method_words(cfg: RunConfig) -> str:
+    method = {"lora": "LoRA", "dora": "DoRA", "rslora": "rsLoRA", "ia3": "IA3", "prompt_tuning": "prompt tuning",
+              "full": "full fine-tune"}[cfg.lora.method]
+    return f"QLoRA ({method} on a 4-bit base)" if cfg.model.bits == 4 and cfg.lora.method != "full" \
+        else f"{method} on a {cfg.model.bits}-bit base"
+
+
+def _model_name(cfg: RunConfig) -> str:
+    return hub_base(cfg) or cfg.model.source
+
+
+def settings_cells(cfg: RunConfig, run_name: str) -> list[Cell]:
+    source = _model_name(cfg)
+    note = ""
+    if source != cfg.model.source:
+        note = (f"\n\nYour run used LoRA Lab's embedded `{cfg.model.source}`: a 4-bit GGUF copy of `{source}`, "
+                "dequantized. The Hub's original weights differ from it by that rounding, so your numbers here "
+                "will be close to the run's, not equal.")
+    elif hub_base(cfg) is None:
+        note = ("\n\nYour run's base model is a folder on the machine that ran LoRA Lab. Copy it beside this "
+                "notebook (or put a Hub id here) before you run it elsewhere.")
+    return [
+        Cell("markdown", "## Settings\n\nThe base model, the seed and where the results go. The seed fixes the "
+                         f"data split, the data order and the adapter's random start: with {cfg.training.seed}, "
+                         f"as in your run, you get the same split and the same start.{note}"),
+        Cell("code", f"MODEL_ID = {source!r}\nSEED = {cfg.training.seed}\n"
+                     f"OUTPUT_DIR = {run_name + '-take-home'!r}\nMAX_LENGTH = {cfg.data.max_seq_length}  "
+                     "# longest row in tokens; longer rows are dropped (not cut), so no answer is truncated"),
+    ]
+
+
+def hardware_cells(cfg: RunConfig) -> list[Cell]:
+    if cfg.model.compute_dtype != "auto":
+        choice = (f"COMPUTE_DTYPE = torch.{cfg.model.compute_dtype}  # set in your run's config")
+    else:
+        choice = ("if not ON_GPU:\n    COMPUTE_DTYPE = torch.float32   # bf16 matmuls on a CPU are many times slower\n"
+                  "elif torch.cuda.get_device_capability()[0] >= 8:\n"
+                  "    COMPUTE_DTYPE = torch.bfloat16  # Ampere and newer\nelse:\n"
+                  "    COMPUTE_DTYPE = torch.float16   # T4, V100: no fast bf16")
+    return [
+        Cell("markdown", "## The hardware and the compute dtype\n\nThe frozen base is stored in few bits, but the "
+                         "matrix multiplications run in a 16 or 32-bit *compute dtype*: float16 on a T4, bfloat16 "
+                         "on Ampere and newer GPUs, float32 on a CPU."),
+        Cell("code", f"import torch\n\nON_GPU = torch.cuda.is_available()\n{choice}\n"
+                     "print(\"device:\", torch.cuda.get_device_name(0) if ON_GPU else \"CPU\", \"| compute dtype:\", "
+                     "COMPUTE_DTYPE)"),
+    ]
+
+
+def tokenizer_cells() -> list[Cell]:
+    return [
+        Cell("markdown", "## The tokenizer\n\nIt turns text into token ids and, through the model's chat template, "
+                         "a conversation into one sequence. Batches need a padding token; many models have none, so "
+                         "the end-of-sequence token stands in."),
+        Cell("code", "from transformers import AutoTokenizer\n\ntokenizer = AutoTokenizer.from_pretrained(MODEL_ID)\n"
+                     "if tokenizer.pad_token is None:\n    tokenizer.pad_token = tokenizer.eos_token\n"
+                     "if not tokenizer.chat_template:  # ChatML, the template LoRA Lab falls back to\n"
+                     "    tokenizer.chat_template = (\"{% for message in messages %}{{ '<|im_start|>' + message['role'] "
+                     "+ '\\n' + message['content'] + '<|im_end|>\\n' }}{% endfor %}{% if add_generation_prompt %}"
+                     "{{ '<|im_start|>assistant\\n' }}{% endif %}\")"),
+    ]
+
+
+# --- data -------------------------------------------------------------------------------------------------------
+
+def _rows_code(variable: str, text: str, file_name: str, files: dict[str, str]) -> str:
+    """Code that builds a Dataset from rows: embedded when small, else read from ``file_name`` beside the notebook
+    (recorded in ``files``, which the writer saves)."""
+    if embeddable(text):
+        return (f"{variable} = Dataset.from_list([json.loads(line) for line in r'''\n{text}'''.strip().splitlines()])")
+    files[file_name] = text
+    return (f"with open({file_name!r}, encoding=\"utf-8\") as rows:  # upload it beside this notebook\n"
+            f"    {variable} = Dataset.from_list([json.loads(line) for line in rows])")
+
+
+def data_cells(cfg: RunConfig, run_name: str, data: RunData, files: dict[str, str]) -> list[Cell]:
+    if data.rows is None:
+        return hub_data_cells(cfg)
+    shape = "plain `text` rows (the loss covers every token)" if data.format == "text" else (
+        "TRL's conversational prompt/completion shape: the loss covers the assistant's answer only")
+    code = "import json\n\nfrom datasets import Dataset\n\n" + _rows_code(
+        "all_rows", jsonl(data.rows), f"{run_name}-rows.jsonl", files)
+    if data.validation is not None:
+        code += "\n" + _rows_code("validation_rows", jsonl(data.validation), f"{run_name}-validation-rows.jsonl",
+                                  files)
+    code += "\nprint(len(all_rows), \"rows\")"
+    rows_file = f"{run_name}-rows.jsonl"
+    where = f"in `{rows_file}` (upload it beside this notebook)" if rows_file in files else "embedded below"
+    return [Cell("markdown", f"## Your data\n\nThe **{len(data.rows)}** usable rows of `{cfg.data.source}`, read as "
+                             f"'{data.format}' and converted to {shape}; they are {where}."), Cell("code", code)]
+
+
+def hub_data_cells(cfg: RunConfig) -> list[Cell]:
+    """A Hub dataset, loaded and converted in plain lines (the common column sets; LoRA Lab also recognises many
+    other column names, which this leaves to ``COLUMN_MAPPING``)."""
+    config = f", {cfg.data.hub_config!r}" if cfg.data.hub_config else ""
+    mapping = f"\nraw = raw.rename_columns({cfg.data.column_mapping!r})" if cfg.data.column_mapping else ""
+    code = (f"from datasets import load_dataset\n\nraw = load_dataset({cfg.data.source!r}{config}, "
+            f"split={cfg.data.split!r}){mapping}\n\n\n"
+            "def to_prompt_completion(row):\n"
+            "    \"\"\"A row as TRL's conversational prompt/completion (the loss covers the answer only).\"\"\"\n"
+            "    if \"messages\" in row or \"conversations\" in row:\n"
+            "        turns = row.get(\"messages\") or row.get(\"conversations\")\n"
+            "        roles = {\"human\": \"user\", \"gpt\": \"assistant\"}\n"
+            "        turns = [{\"role\": roles.get(t.get(\"role\", t.get(\"from\")), t.get(\"role\", t.get(\"from\"))),\n"
+            "                  \"content\": t.get(\"content\", t.get(\"value\"))} for t in turns]\n"
+            "        return {\"prompt\": turns[:-1], \"completion\": turns[-1:]}\n"
+            "    if \"instruction\" in row:\n"
+            "        prompt = row[\"instruction\"] + (f\"\\n\\n{row['input']}\" if row.get(\"input\") else \"\")\n"
+            "        answer = row[\"output\"]\n"
+            "    else:\n"
+            "        prompt = row.get(\"prompt\") or row.get(\"question\")\n"
+            "        answer = row.get(\"completion\") or row.get(\"response\") or row.get(\"answer\")\n"
+            "    return {\"prompt\": [{\"role\": \"user\", \"content\": prompt}],\n"
+            "            \"completion\": [{\"role\": \"assistant\", \"content\": answer}]}\n\n\n"
+            "all_rows = raw if \"text\" in raw.column_names and \"prompt\" not in raw.column_names else \\\n"
+            "    raw.map(to_prompt_completion, remove_columns=raw.column_names)\nprint(len(all_rows), \"rows\")")
+    return [Cell("markdown", f"## Your data\n\n`{cfg.data.source}` from the Hugging Face Hub, converted to TRL's "
+                             "conversational prompt/completion shape (the loss covers the assistant's answer only). "
+                             "LoRA Lab recognises more column names than this cell does; rename yours if it "
+                             "fails."), Cell("code", code)]
+
+
+def split_cells(cfg: RunConfig, data: RunData) -> list[Cell]:
+    d, seed = cfg.data, "SEED"
+    lines = ["train_rows, held_out = all_rows, None"]
+    if d.max_samples is not None:
+        lines.append(f"if len(train_rows) > {d.max_samples}:  # max samples\n"
+                     f"    train_rows = train_rows.shuffle(seed={seed}).select(range({d.max_samples}))")
+    if data.validation is not None:
+        lines.append("held_out = validation_rows  # the source's own validation split")
+        words = "the source's own validation split"
+    elif d.validation_fraction > 0:
+        lines.append(f"if len(train_rows) >= 10:  # fewer rows leave nothing worth holding out\n"
+                     f"    parts = train_rows.train_test_split(test_size={d.validation_fraction}, seed={seed})\n"
+                     "    train_rows, held_out = parts[\"train\"], parts[\"test\"]")
+        words = f"{d.validation_fraction:.0%} of the rows, picked by the seed"
+    else:
+        words = "none: your run's validation fraction is 0"
+    if d.max_eval_samples is not None and (data.validation is not None or d.validation_fraction > 0):
+        lines.append(f"if held_out is not None and len(held_out) > {d.max_eval_samples}:  # max held-out rows\n"
+                     f"    held_out = held_out.shuffle(seed={seed}).select(range({d.max_eval_samples}))")
+    lines.append(TOKEN_COUNT)
+    lines.append("print(len(train_rows), \"training rows,\", 0 if held_out is None else len(held_out), "
+                 "\"held out\")")
+    return [Cell("markdown", "## Held-out rows, and rows that are too long\n\nThe model never trains on the held-out "
+                             f"rows ({words}); their loss says whether it learned the task or only your training "
+                             "rows. Rows longer than MAX_LENGTH tokens are dropped rather than cut, so no answer "
+                             "is ever truncated."), Cell("code", "\n".join(lines))]
+
+
+TOKEN_COUNT = (
+    "\n\ndef token_count(row):\n    if \"text\" in row:\n        return len(tokenizer(row[\"text\"])[\"input_ids\"])\n"
+    "    ids = tokenizer.apply_chat_template(row[\"prompt\"] + row[\"completion\"], tokenize=True)\n"
+    "    return len(ids[\"input_ids\"] if hasattr(ids, \"keys\") else ids)\n\n\n"
+    "train_rows = train_rows.filter(lambda row: token_count(row) <= MAX_LENGTH)\nif held_out is not None:\n"
+    "    held_out = held_out.filter(lambda row: token_count(row) <= MAX_LENGTH)\n"
+    "    held_out = held_out if len(held_out) else None")
+
+
+# --- model, adapter, trainer --------------------------------------------------------------------------------------
+
+def model_cells(cfg: RunConfig) -> list[Cell]:
+    m = cfg.model
+    if m.bits == 4:
+        quant = (f"bnb_config = BitsAndBytesConfig(\n    load_in_4bit=True,\n"
+                 f"    bnb_4bit_quant_type={m.quant_type!r},  # NormalFloat-4: levels spaced for normally distributed "
+                 f"weights\n    bnb_4bit_use_double_quant={m.double_quant},  # quantize the quantization constants too\n"
+                 "    bnb_4bit_compute_dtype=COMPUTE_DTYPE,\n)\n")
+        words = (f"The frozen base is stored in 4 bits ({m.quant_type.upper()}"
+                 f"{', double quantization' if m.double_quant else ''}): about a quarter of its 16-bit size. ")
+    elif m.bits == 8:
+        quant, words = "bnb_config = BitsAndBytesConfig(load_in_8bit=True)  # LLM.int8\n", \
+            "The frozen base is stored in 8 bits (LLM.int8). "
+    else:
+        quant, words = "bnb_config = None  # no quantization\n", f"The base is loaded at {m.bits} bits. "
+    if m.bits in (4, 8):
+        load = ("model = AutoModelForCausalLM.from_pretrained(MODEL_ID, quantization_config=bnb_config, "
+                "dtype=COMPUTE_DTYPE,\n                                             device_map={\"\": 0 if ON_GPU "
+                "else \"cpu\"}, attn_implementation=\"sdpa\")")
+    else:
+        dtype = "torch.float32" if m.bits == 32 else \
+            "torch.bfloat16 if not ON_GPU or COMPUTE_DTYPE == torch.bfloat16 else torch.float16"
+        load = (f"model = AutoModelForCausalLM.from_pretrained(MODEL_ID, dtype={dtype}, attn_implementation=\"sdpa\")"
+                "\nif ON_GPU:\n    model.to(\"cuda\")")
+    return [Cell("markdown", f"## The quantization config and the base model\n\n{words}It is never trained: only "
+                             "the small adapter beside it is. Unlike the classic QLoRA notebook, this does not call "
+                             "`prepare_model_for_kbit_training`: that upcasts every weight that is not quantized to "
+                             "float32, which costs memory and time, and the adapter trains in float32 anyway."),
+            Cell("code", f"from transformers import AutoModelForCausalLM, BitsAndBytesConfig\n\n{quant}{load}\n"
+                         "model.config.use_cache = False  # the generation cache is no use while training")]
+
+
+def peft_config_code(cfg: RunConfig) -> str:
+    lora, method = cfg.lora, cfg.lora.method
+    targets = lora.target_module_list()
+    if method == "full":
+        return "peft_config = None  # a full fine-tune: every weight trains"
+    if method == "ia3":
+        feedforward = lora.feedforward_module_list()
+        targets = None if feedforward is None and targets == "all-linear" else targets
+        return ("from peft import IA3Config\n\npeft_config = IA3Config(target_modules="
+                f"{targets!r}, feedforward_modules={feedforward!r}, task_type=\"CAUSAL_LM\")")
+    if method == "prompt_tuning":
+        text = lora.prompt_init_text.strip()
+        init = (f", prompt_tuning_init=\"TEXT\", prompt_tuning_init_text={text!r}, tokenizer_name_or_path=MODEL_ID"
+                if text else "")
+        return ("from peft import PromptTuningConfig\n\npeft_config = PromptTuningConfig(num_virtual_tokens="
+                f"{lora.num_virtual_tokens}, task_type=\"CAUSAL_LM\"{init})")
+    extra = "".join([",\n    use_dora=True" if method == "dora" else "",
+                     ",\n    use_rslora=True  # scale by alpha / sqrt(r)" if method == "rslora" else "",
+                     f",\n    init_lora_weights={lora.init!r}" if lora.init in ("pissa", "olora") else ""])
+    return (f"from peft import LoraConfig\n\npeft_config = LoraConfig(\n    r={lora.rank},  # the rank of B·A\n"
+            f"    lora_alpha={lora.alpha:g},  # the update is scaled by alpha / r = {scaling(lora):g}\n"
+            f"    lora_dropout={lora.dropout:g},\n    target_modules={targets!r},\n    bias={lora.bias!r},\n"
+            f"    task_type=\"CAUSAL_LM\"{extra},\n)")
+
+
+def peft_cells(cfg: RunConfig) -> list[Cell]:
+    lora = cfg.lora
+    words = {"lora": f"LoRA trains a low-rank update B·A of rank {lora.rank} beside each targeted weight "
+                     f"(`{lora.target_modules}`), scaled by alpha / r; B starts at zero, so step 0 is exactly the "
+                     "base model.",
+             "dora": "DoRA: LoRA on each weight's direction, plus a trained magnitude per output.",
+             "rslora": "rsLoRA: LoRA scaled by alpha / sqrt(r), steadier at high ranks.",
+             "ia3": "IA3: one learned scaling vector per targeted layer, the fewest trainable parameters.",
+             "prompt_tuning": f"Prompt tuning: {lora.num_virtual_tokens} trained virtual tokens in front of every "
+                              "input; the model itself is untouched.",
+             "full": "A full fine-tune: every weight trains (the reference point for the PEFT methods)."}[lora.method]
+    if lora.init == "loftq":
+        words += (" Your run starts the adapter with **LoftQ**: A and B begin as the best rank-r fix of the 4-bit "
+                  "rounding error, a few cells below, once the trainer has built the adapter.")
+    elif lora.init in ("pissa", "olora"):
+        words += (f" Your run starts it with **{lora.init.upper() if lora.init == 'pissa' else 'OLoRA'}** (peft's "
+                  "`init_lora_weights`): part of each weight moves into the adapter. Save the result with "
+                  "`path_initial_model_for_weight_conversion` (peft's docs) to load it as a plain LoRA on the "
+                  "unchanged base, as LoRA Lab does.")
+    return [Cell("markdown", f"## The adapter\n\n{words}"), Cell("code", peft_config_code(cfg))]
+
+
+def warmup_value(cfg: RunConfig) -> float:
+    """Warmup in whole steps, rounded down, as LoRA Lab's trainer sets it (transformers rounds a ratio up, and a
+    linear warmup's first step learns nothing); a run bounded by epochs keeps the ratio."""
+    t = cfg.training
+    return t.warmup_ratio if t.max_steps <= 0 else int(t.warmup_ratio * t.max_steps)
+
+
+def checkpointing_code(cfg: RunConfig) -> tuple[str, str]:
+    """(the expression, the sentence that says why): 'auto' follows LoRA Lab's memory estimate for a T4."""
+    mode = cfg.training.gradient_checkpointing
+    if mode != "auto":
+        return repr(mode == "on"), f"gradient checkpointing is {mode}, as set in your run"
+    on_t4, why = checkpointing_choice(cfg, T4)
+    return ("ON_GPU" if on_t4 else "False"), f"on a T4, {why}; on a CPU it stays off (RAM is not the limit there)"
+
+
+def training_cells(cfg: RunConfig) -> list[Cell]:
+    t = cfg.training
+    padding_free = t.padding_free and cfg.lora.method != "prompt_tuning"
+    checkpointing, why = checkpointing_code(cfg)
+    optimizer = "\"adamw_torch_fused\" if ON_GPU else \"adamw_torch\"" if t.optimizer == "adamw_torch" \
+        else repr(t.optimizer)
+    best = ""
+    if t.watches_best():
+        best = (f"    save_steps={t.eval_steps},  # a checkpoint at every evaluation, so the best one is on disk\n"
+                "    metric_for_best_model=\"eval_loss\", greater_is_better=False,\n"
+                f"    load_best_model_at_end={t.keep == 'best'},\n")
+    else:
+        best = f"    save_steps={t.save_steps},\n"
+    code = (
+        "from trl import SFTConfig\n\nargs = SFTConfig(\n    output_dir=f\"{OUTPUT_DIR}/checkpoints\",\n"
+        f"    learning_rate={t.learning_rate:g}, lr_scheduler_type={t.lr_scheduler!r}, warmup_steps={warmup_value(cfg)!r},\n"
+        f"    num_train_epochs={t.num_epochs:g}, max_steps={t.max_steps},\n"
+        f"    per_device_train_batch_size={t.batch_size}, per_device_eval_batch_size={t.batch_size},\n"
+        f"    gradient_accumulation_steps={t.gradient_accumulation},\n"
+        f"    optim={optimizer}, weight_decay={t.weight_decay:g}, max_grad_norm={t.max_grad_norm:g},\n"
+        f"    gradient_checkpointing={checkpointing},\n"
+        "    gradient_checkpointing_kwargs={\"use_reentrant\": False},\n"
+        "    seed=SEED, data_seed=SEED,\n"
+        f"    logging_steps={t.logging_steps}, logging_first_step=True,\n"
+        "    eval_strategy=\"steps\" if held_out is not None else \"no\", "
+        f"eval_steps={t.eval_steps if t.eval_steps > 0 else None},\n"
+        f"    save_strategy=\"steps\",\n{best}    save_total_limit=2,\n"
+        "    bf16=ON_GPU and COMPUTE_DTYPE == torch.bfloat16, fp16=ON_GPU and COMPUTE_DTYPE == torch.float16,\n"
+        f"    use_cpu=not ON_GPU,\n    padding_free={padding_free},  # the batch's rows in one row, no padding\n"
+        f"    max_length={None if padding_free else 'MAX_LENGTH'},  # rows were already filtered to MAX_LENGTH\n"
+        f"    report_to={t.report_to!r},{_tracker_line(t.report_to)}\n)")
+    words = (f"Your run's settings: learning rate {t.learning_rate:g} with a {t.lr_scheduler} schedule, "
+             f"{'%d steps' % t.max_steps if t.max_steps > 0 else '%g epoch(s)' % t.num_epochs} of "
+             f"{t.batch_size} rows x {t.gradient_accumulation} accumulation, evaluated every {t.eval_steps} steps. "
+             f"Mixed precision follows the compute dtype; {why}.")
+    if padding_free:
+        words += (" **Padding-free batches**: the rows of a batch are concatenated into one row with per-row "
+                  "position ids, so no compute goes to padding and attention never crosses rows.")
+    return [Cell("markdown", f"## The training arguments\n\n{words}"), Cell("code", code)]
+
+
+def _tracker_line(report_to: str) -> str:
+    if report_to == "trackio":
+        return f"  # see the curves: trackio show --project {TRACKIO_PROJECT}\n    project={TRACKIO_PROJECT!r},"
+    if report_to == "wandb":
+        return "  # the key comes from WANDB_API_KEY (or `wandb login`), never from this notebook"
+    return ""
+
+
+LOFTQ_CODE = (
+    "import bitsandbytes as bnb\n\n# The full-precision weights, read once on the CPU to measure each 4-bit weight's "
+    "rounding error.\nfull_precision = AutoModelForCausalLM.from_pretrained(MODEL_ID, dtype=torch.float32).state_dict()\n"
+    "with torch.no_grad():\n    for name, layer in trainer.model.named_modules():\n"
+    "        if \"default\" not in getattr(layer, \"lora_A\", {}) or "
+    "layer.base_layer.weight.__class__.__name__ != \"Params4bit\":\n            continue\n"
+    "        weight = layer.base_layer.weight\n"
+    "        rounded = bnb.functional.dequantize_4bit(weight.data, weight.quant_state).float()\n"
+    "        error = full_precision[name.removeprefix(\"base_model.model.\") + \".weight\"].to(rounded.device) - rounded\n"
+    "        u, s, vh = torch.linalg.svd(error, full_matrices=False)  # best rank-r fix: the top r singular values\n"
+    "        rank, scale = layer.r[\"default\"], layer.scaling[\"default\"]\n"
+    "        root = torch.sqrt(s[:rank] / scale)  # divided by the scale, so scale x B·A is the fix itself\n"
+    "        layer.lora_A[\"default\"].weight.copy_(root[:, None] * vh[:rank])\n"
+    "        layer.lora_B[\"default\"].weight.copy_(u[:, :rank] * root)\ndel full_precision")
+
+
+def trainer_cells(cfg: RunConfig) -> list[Cell]:
+    code = ("from trl import SFTTrainer\n\n"
+            "trainer = SFTTrainer(model=model, args=args, train_dataset=train_rows, eval_dataset=held_out,\n"
+            "                     processing_class=tokenizer, peft_config=peft_config)\n")
+    if cfg.training.early_stopping_patience > 0:
+        code += ("from transformers import EarlyStoppingCallback\n\ntrainer.add_callback(EarlyStoppingCallback("
+                 f"early_stopping_patience={cfg.training.early_stopping_patience}, "
+                 f"early_stopping_threshold={cfg.training.early_stopping_threshold:g}))\n")
+    code += ("# TRL casts a quantized model's adapter to bfloat16; keep it in float32 unless the GPU computes in bf16\n"
+             "# (fp16 mixed precision needs float32 master weights, and bf16 math is slow on a CPU).\n"
+             "if COMPUTE_DTYPE != torch.bfloat16:\n    for name, parameter in trainer.model.named_parameters():\n"
+             "        if (parameter.requires_grad or \"lora_\" in name) and parameter.dtype != torch.float32:\n"
+             "            parameter.data = parameter.data.float()\n"
+             "trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)\n"
+             "print(f\"{trainable:,} trainable parameters\")")
+    cells = [Cell("markdown", "## The trainer\n\nTRL's `SFTTrainer` wraps the model with the adapter, tokenizes the "
+                              "rows with the chat template and masks the prompt out of the loss. It sets the seed before "
+                              "it builds the adapter, so LoRA's random A starts where your run's did."), Cell("code", code)]
+    if cfg.lora.init == "loftq" and cfg.model.bits == 4:
+        cells += [Cell("markdown", "## LoftQ: start the adapter at the rounding error's fix\n\nFor each 4-bit "
+                                   "weight W with rounded copy deq(Q), A and B start so that scale x B·A is the best "
+                                   "rank-r approximation of W - deq(Q): base + adapter begins closer to the "
+                                   "full-precision model. (peft's own `init_lora_weights=\"loftq\"` needs a GPU and "
+                                   "the unquantized model; these lines do the one-step version LoRA Lab does.)"),
+                  Cell("code", LOFTQ_CODE)]
+    return cells
+
+
+# --- train, evaluate, compare, save -------------------------------------------------------------------------------
+
+def result_cells(cfg: RunConfig, data: RunData, run_name: str) -> list[Cell]:
+    chat = data.format != "text"
+    question = ("row[\"prompt\"]" if chat else "[{\"role\": \"user\", \"content\": row[\"text\"][:200]}]")
+    return [
+        Cell("markdown", "## Train\n\nThe loss is printed every logging step; on held-out rows every "
+                         f"{cfg.training.eval_steps} steps."),
+        Cell("code", "trainer.train()"),
+        Cell("markdown", "## Evaluate on the held-out rows\n\nThe held-out loss, and its perplexity (e to the loss: "
+                         "how many tokens the model hesitates between, on average)."),
+        Cell("code", "import math\n\nif held_out is not None:\n    held_out_loss = trainer.evaluate()[\"eval_loss\"]\n"
+                     "    print(f\"held-out loss {held_out_loss:.4f}, perplexity {math.exp(held_out_loss):.2f} on "
+                     "{len(held_out)} rows\")\nelse:\n    held_out_loss = None\n"
+                     "    print(\"no held-out rows: the data was too small to hold some out\")"),
+        Cell("markdown", "## Base and tuned, side by side\n\nThe same prompt, greedy decoding, with the adapter on and "
+                         "off: the adapter's whole effect is the difference."),
+        Cell("code", "row = (held_out if held_out is not None else train_rows)[0]\n"
+                     f"inputs = tokenizer.apply_chat_template({question}, add_generation_prompt=True, "
+                     "return_tensors=\"pt\",\n                                       return_dict=True).to(trainer.model.device)\n"
+                     "trainer.model.eval()\nwith torch.no_grad():\n"
+                     "    tuned = trainer.model.generate(**inputs, max_new_tokens=64, do_sample=False)\n"
+                     "    with trainer.model.disable_adapter():\n"
+                     "        base = trainer.model.generate(**inputs, max_new_tokens=64, do_sample=False)\n"
+                     "start = inputs[\"input_ids\"].shape[1]\n"
+                     "print(\"BASE: \", tokenizer.decode(base[0, start:], skip_special_tokens=True))\n"
+                     "print(\"TUNED:\", tokenizer.decode(tuned[0, start:], skip_special_tokens=True))"
+                     if cfg.lora.method != "full" else
+                     "print(\"a full fine-tune has no adapter to switch off: compare with the base model loaded "
+                     "again\")"),
+        Cell("markdown", "## Save, and push to the Hub\n\nThe adapter is a few MB: it loads onto the same base with "
+                         "`PeftModel.from_pretrained(base, folder)`. The held-out rows and a summary of the run are "
+                         "saved beside it. To push, log in first (`huggingface-cli login`, or `HF_TOKEN` in Colab's "
+                         "secrets: never paste a token into a notebook you share)."),
+        Cell("code", "import json\nimport os\n\ntrainer.save_model(f\"{OUTPUT_DIR}/adapter\")\n"
+                     "tokenizer.save_pretrained(f\"{OUTPUT_DIR}/adapter\")\n"
+                     f"with open(f\"{{OUTPUT_DIR}}/{HELD_OUT_FILE}\", \"w\", encoding=\"utf-8\") as file:\n"
+                     "    for held_row in held_out or []:\n"
+                     "        file.write(json.dumps(held_row, ensure_ascii=False) + \"\\n\")\n"
+                     "summary = {\"trainable_parameters\": trainable, \"train_rows\": len(train_rows),\n"
+                     "           \"held_out_rows\": 0 if held_out is None else len(held_out), "
+                     "\"held_out_loss\": held_out_loss,\n"
+                     "           \"losses\": [(log[\"step\"], log[\"loss\"]) for log in trainer.state.log_history "
+                     "if \"loss\" in log]}\n"
+                     f"with open(f\"{{OUTPUT_DIR}}/{SUMMARY_FILE}\", \"w\", encoding=\"utf-8\") as file:\n"
+                     "    json.dump(summary, file, indent=1)\nprint(\"saved to\", os.path.abspath(OUTPUT_DIR))\n"
+                     f"# trainer.model.push_to_hub(\"your-name/{run_name}-lora\", private=True)"),
+    ]
+
+
+def left_out_cell(cfg: RunConfig) -> Cell:
+    notes = ["**Row-by-row packed attention.** On a CPU LoRA Lab runs each row of a padding-free batch through "
+             "causal attention on its own, and on Ampere or newer GPUs through PyTorch's variable-length flash "
+             "kernel. Here transformers builds one block-diagonal mask over the packed row: the same attention, "
+             "so the same numbers up to rounding, but its cost grows with the square of the batch's total length "
+             "(on a T4 LoRA Lab uses that mask too)."]
+    if cfg.training.cpu_lm_head:
+        notes.append("**The CPU LM head.** On a CPU LoRA Lab scores only the answer tokens with one log-softmax "
+                     "instead of TRL's tiled GPU function: the same numbers, steps 1.2-1.5x faster there. On a GPU "
+                     "both use TRL's, so on a T4 this costs nothing.")
+    if cfg.training.liger_kernels:
+        notes.append("**Liger kernels.** On a CUDA GPU with `pip install liger-kernel`, LoRA Lab adds "
+                     "`use_liger_kernel=True` (fused RMSNorm, RoPE and SwiGLU: the same math in less memory); add "
+                     "it to the SFTConfig above to do the same.")
+    notes.append("**The app around the run**: live curves, the Stop button, resuming, and the metrics file the app "
+                 "draws from. The trainer's own logs (and TensorBoard, `report_to`) stand in for them.")
+    return Cell("markdown", "## What LoRA Lab did that this leaves out\n\n" + "\n".join(f"- {n}" for n in notes))
+
+
+def take_home_cells(cfg: RunConfig, run_name: str, data: RunData, info: dict, files: dict[str, str]) -> list[Cell]:
+    """The whole notebook; ``files`` receives the data files that were too big to embed (name -> text)."""
+    if cfg.stage != "sft":
+        raise TakeHomeError(f"Show the code covers SFT runs for now; this is a {cfg.stage} run (its TRL trainer, "
+                            "data and reward model are not generated yet).")
+    if cfg.training.processes > 1:
+        raise TakeHomeError("Show the code writes a single-process run; this run used several processes "
+                            f"({cfg.training.strategy}). Copy its settings into `accelerate launch` yourself.")
+    return [*intro_cells(cfg, run_name, info), *settings_cells(cfg, run_name), *hardware_cells(cfg),
+            *tokenizer_cells(), *data_cells(cfg, run_name, data, files), *split_cells(cfg, data),
+            *model_cells(cfg), *peft_cells(cfg), *training_cells(cfg), *trainer_cells(cfg),
+            *result_cells(cfg, data, run_name), left_out_cell(cfg)]
+
+
+# --- notebook and script ------------------------------------------------------------------------------------------
+
+def to_notebook(cells: list[Cell]) -> object:
+    import nbformat
+
+    notebook = nbformat.v4.new_notebook()
+    notebook.cells = [nbformat.v4.new_markdown_cell(c.text) if c.kind == "markdown" else nbformat.v4.new_code_cell(c.text)
+                      for c in cells]
+    notebook.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    notebook.metadata["language_info"] = {"name": "python"}
+    nbformat.validate(notebook)
+    return notebook
+
+
+def to_script(cells: list[Cell], run_name: str) -> str:
+    """The same cells as one script: each markdown cell becomes a comment above its code."""
+    parts = [f'"""Run `{run_name}` as plain code: python {run_name}.py (generated by LoRA Lab\'s Show the code)."""']
+    for cell in cells:
+        if cell.kind == "markdown":
+            lines = [wrapped for line in cell.text.splitlines()
+                     for wrapped in (textwrap.wrap(line, 110, subsequent_indent="  " if line.startswith("- ") else "")
+                                     or [""])]
+            parts.append("\n".join(f"# {line}".rstrip() for line in lines))
+        else:
+            parts.append(cell.text + "\n")
+    return "\n\n".join(parts).rstrip() + "\n"
+
+
+def write_take_home(run_dir: str | Path, out_dir: str | Path | None = None) -> TakeHome:
+    """Write the run's notebook, script and (if too big to embed) data files; ``out_dir`` defaults to
+    ``<run>/export/take_home``."""
+    import nbformat
+
+    run_dir = Path(run_dir)
+    cfg = run_config(run_dir)
+    name = cfg.run_name or run_dir.name
+    name = "".join(c if c.isalnum() or c in "-_" else "-" for c in name) or "run"
+    try:
+        data = run_data(cfg)
+    except (DataError, ModelSourceError, ConfigError, OSError) as error:
+        raise TakeHomeError(f"Cannot read the run's data to write it into the notebook: {error}") from None
+    files: dict[str, str] = {}
+    cells = take_home_cells(cfg, name, data, read_run_info(run_dir), files)
+    out = Path(out_dir) if out_dir else run_dir / EXPORT_DIR / TAKE_HOME_DIR
+    out.mkdir(parents=True, exist_ok=True)
+    notebook = out / f"{name}.ipynb"
+    nbformat.write(to_notebook(cells), str(notebook))
+    script = out / f"{name}.py"
+    script.write_text(to_script(cells, name), encoding="utf-8")
+    written = []
+    for file_name, text in files.items():
+        (out / file_name).write_text(text, encoding="utf-8")
+        written.append(out / file_name)
+    return TakeHome(notebook, script, written)
+
+
+def zip_take_home(run_dir: str | Path) -> Path:
+    """The notebook, the script and their data files in one zip for download: ``<run>/export/<name>-code.zip``."""
+    written = write_take_home(run_dir)
+    target = Path(run_dir) / EXPORT_DIR / f"{written.script.stem}-code.zip"
+    with zipfile.ZipFile(target, "w", zipfile.ZIP_DEFLATED) as archive:
+        for path in (written.notebook, written.script, *written.data_files):
+            archive.write(path, path.name)
+    return target
+
+
+def cli(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m finetune.services.take_home",
+                                     description="Write a run's notebook and script in plain transformers + peft + "
+                                                 "trl + bitsandbytes.")
+    parser.add_argument("run_dir", help="the run's folder, e.g. runs/cpu-quick-20261206-101500")
+    parser.add_argument("--out", help="folder to write into (default: RUN_DIR/export/take_home)")
+    args = parser.parse_args(argv)
+    try:
+        written = write_take_home(args.run_dir, args.out)
+    except (TakeHomeError, ExportError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    for path in (written.notebook, written.script, *written.data_files):
+        print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

@@ -1,0 +1,174 @@
+"""Show the code: a run's notebook and script in plain transformers + peft + trl + bitsandbytes.
+
+The proof: one real QLoRA run of a tiny model (4-bit base, LoRA dropout on, evaluations during training) trained by
+LoRA Lab's own entry point, then its exported script run in a fresh Python process on the CPU against the same
+model and data file. Their trainable-parameter counts, train/held-out split (the held-out rows themselves) and
+every logged training loss must match, within 2e-5 relative. Why that much and no more: the two runs share the
+seed, the library versions, the rows and the CPU, but not every kernel. LoRA Lab scores answer tokens on the CPU with
+one log-softmax (TRL's tiled function in the script) and attends packed rows one by one (a block-diagonal mask in
+the script), so float32 sums may run in another order (about 1e-7 relative each). Measured here: identical to the
+last bit. A real difference is far larger: leaving out the script's one LoRA Lab fix that moves numbers (keeping
+the adapter in float32 where TRL casts it to bfloat16) moved step 2 by 6e-5 and step 4 by 2e-4 relative; a wrong
+split, data order, warmup or seed moves them by percents (this model's larger initializer range makes LoRA learn
+within a few steps).
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from finetune.core.config import save_config
+from finetune.core.run_folder import read_run_info
+from finetune.core.run_status import read_metrics
+
+from helpers import save_tiny_llama, tiny_run_config, write_jsonl
+
+TOLERANCE = 2e-5
+ROOT = Path(__file__).resolve().parent.parent
+LIBRARIES = ("transformers", "peft", "trl", "bitsandbytes", "torch", "datasets")
+
+
+@pytest.fixture(scope="module")
+def learning_model(tmp_path_factory, embedded_dir) -> Path:
+    """The tiny Llama with a larger initializer range, so a few LoRA steps move its loss."""
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny-learning"), embedded_dir, initializer_range=0.3)
+
+
+def _train(cfg, run_dir: Path) -> Path:
+    """LoRA Lab's run of ``cfg`` (finetune.train.run: what the app's child process runs)."""
+    from finetune.train import run
+
+    save_config(cfg, run_dir / "config.yaml")
+    assert run(cfg, run_dir) == 0, (run_dir / "status.json").read_text()
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def cpu_quick_run(learning_model, tmp_path_factory) -> Path:
+    """configs/cpu-quick.yaml as it is (4-bit QLoRA on the bundled course Q&A and its validation file, 30 steps),
+    with the tiny model for the embedded one."""
+    from finetune.core.config import load_config
+
+    cfg = load_config(ROOT / "configs" / "cpu-quick.yaml")
+    cfg.model.source = str(learning_model)
+    return _train(cfg, tmp_path_factory.mktemp("cpu-quick") / "runs" / "cpu-quick")
+
+
+@pytest.fixture(scope="module")
+def small_run(learning_model, tmp_path_factory) -> Path:
+    """A 4-step run on 30 rows of a local file: small enough for the rows to be embedded in the notebook."""
+    folder = tmp_path_factory.mktemp("small-run")
+    rows = [{"prompt": f"What does setting {i} control in LoRA?",
+             "completion": f"🧪 Lab note: setting {i} controls the adapter.\nRule of thumb: keep it small."}
+            for i in range(30)]
+    cfg = tiny_run_config(learning_model, write_jsonl(folder / "qa.jsonl", rows), max_steps=4, eval_steps=2,
+                          learning_rate=0.01)
+    cfg.lora.dropout = 0.05  # the dropout masks follow the seed too
+    return _train(cfg, folder / "runs" / "tiny")
+
+
+def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "finetune.services.take_home", *args], cwd=cwd,
+                          capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+
+
+def _fresh_python(script: Path) -> subprocess.CompletedProcess:
+    """The script in a new interpreter whose path holds no LoRA Lab (run from its own folder)."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    return subprocess.run([sys.executable, script.name], cwd=script.parent, capture_output=True, text=True, env=env)
+
+
+def _export(run_dir: Path, out: Path) -> Path:
+    done = _cli(str(run_dir), "--out", str(out), cwd=ROOT)
+    assert done.returncode == 0, done.stderr
+    return out
+
+
+def _assert_matches(app_run: Path, out: Path, name: str, learns: bool = False) -> None:
+    """The exported code's summary against LoRA Lab's run: parameters, split (the held-out rows) and losses."""
+    from transformers import AutoTokenizer
+
+    from finetune.core.config import load_config
+    from finetune.core.data import prepare
+
+    summary = json.loads((out / f"{name}-take-home" / "summary.json").read_text())
+    info = read_run_info(app_run)
+    assert summary["trainable_parameters"] == info["trainable_parameters"] > 0
+    assert (summary["train_rows"], summary["held_out_rows"]) == (info["train_rows"], info["eval_rows"])
+    cfg = load_config(app_run / "config.yaml")
+    tokenizer = AutoTokenizer.from_pretrained(cfg.model.source)
+    app_held_out = prepare(cfg.data, tokenizer, seed=cfg.training.seed).eval.to_list()
+    script_held_out = [json.loads(line) for line in
+                       (out / f"{name}-take-home" / "held_out.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert script_held_out == app_held_out and len(app_held_out) == info["eval_rows"] > 0
+
+    app_losses = [(m["step"], m["loss"]) for m in read_metrics(app_run) if "loss" in m]
+    script_losses = [tuple(pair) for pair in summary["losses"]]
+    assert [s for s, _ in script_losses] == [s for s, _ in app_losses] == list(range(1, cfg.training.max_steps + 1))
+    if learns:  # the match must mean something: the adapter's start and updates decide these losses
+        assert app_losses[0][1] - app_losses[-1][1] > 0.05, f"the loss must fall: {app_losses}"
+    for (step, app_loss), (_, script_loss) in zip(app_losses, script_losses):
+        assert script_loss == pytest.approx(app_loss, rel=TOLERANCE), f"step {step}: {app_losses} vs {script_losses}"
+
+
+def test_exported_script_of_cpu_quick_matches_the_app_run(cpu_quick_run, tmp_path):
+    out = _export(cpu_quick_run, tmp_path)
+    script = (out / "cpu-quick.py").read_text(encoding="utf-8")
+    assert "import finetune" not in script and "from finetune" not in script
+    for name in ("transformers", "peft", "trl", "bitsandbytes"):
+        assert f"{name}=={importlib.metadata.version(name)}" in script
+    # The bundled training rows are too many to embed: they travel in a file beside the script (its 24
+    # validation rows are embedded).
+    assert [p.name for p in out.glob("*.jsonl")] == ["cpu-quick-rows.jsonl"]
+    done = _fresh_python(out / "cpu-quick.py")
+    assert done.returncode == 0, done.stderr[-3000:]
+    _assert_matches(cpu_quick_run, out, "cpu-quick")
+
+
+def test_notebook_validates_and_its_cells_run_in_order(small_run, tmp_path):
+    import nbformat
+    from nbclient import NotebookClient
+
+    out = _export(small_run, tmp_path)
+    assert not list(out.glob("*.jsonl")), "30 short rows are embedded in the notebook"
+    notebook = nbformat.read(str(out / "tiny.ipynb"), as_version=4)
+    nbformat.validate(notebook)
+    kinds = [cell.cell_type for cell in notebook.cells]
+    assert kinds[0] == "markdown" and all(a != b for a, b in zip(kinds, kinds[1:]) if b == "code"), \
+        "every code cell follows a markdown cell"
+    NotebookClient(notebook, kernel_name="python3", resources={"metadata": {"path": str(out)}}).execute()
+    _assert_matches(small_run, out, "tiny", learns=True)
+
+
+def test_an_rlhf_run_and_a_folder_without_a_run_are_refused_clearly(small_run, tmp_path):
+    from finetune.core.config import load_config
+
+    cfg = load_config(small_run / "config.yaml")
+    cfg.stage = "dpo"
+    save_config(cfg, tmp_path / "dpo-run" / "config.yaml")
+    refused = _cli(str(tmp_path / "dpo-run"), cwd=ROOT)
+    assert refused.returncode == 2 and "covers SFT runs for now; this is a dpo run" in refused.stderr
+    assert "Traceback" not in refused.stderr
+    missing = _cli(str(tmp_path / "nothing-here"), cwd=ROOT)
+    assert missing.returncode == 2 and "has no config.yaml" in missing.stderr
+
+
+def test_the_export_tab_zips_the_notebook_and_the_script(small_run):
+    """The Export tab's 'Show the code' handler (sign-in off: the local user may export every run)."""
+    import zipfile
+
+    from components.export_tab import export_code
+    from finetune.services.runs import RunManager
+
+    path, message = export_code(RunManager(small_run.parent), "tiny")
+    with zipfile.ZipFile(path) as archive:
+        assert sorted(archive.namelist()) == ["tiny.ipynb", "tiny.py"]
+        assert "trainer = SFTTrainer(" in archive.read("tiny.py").decode("utf-8")
+    assert "tiny.ipynb" in message and "Colab" in message
