@@ -97,6 +97,7 @@ def stage_config_from_form(stage: str, source: str, form: dict[str, Any]) -> Run
                      "early_stopping_patience": form.get("early_stopping_patience",
                                                          base["training"]["early_stopping_patience"]),
                      "keep": form.get("keep") or base["training"]["keep"],
+                     "report_to": form.get("report_to") or base["training"]["report_to"],
                      # Past one device: data parallel only (FSDP shards an SFT run's base, not these stages').
                      "processes": form.get("processes") or 1,
                      "strategy": "ddp" if _whole(form.get("processes")) > 1 else "single"},
