@@ -172,3 +172,67 @@ def test_the_export_tab_zips_the_notebook_and_the_script(small_run):
         assert sorted(archive.namelist()) == ["tiny.ipynb", "tiny.py"]
         assert "trainer = SFTTrainer(" in archive.read("tiny.py").decode("utf-8")
     assert "tiny.ipynb" in message and "Colab" in message
+
+
+HUB_ROWS = [  # (LoRA Lab's format name, a row as a Hub dataset might hold it)
+    ("messages", {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi?"},
+                               {"role": "assistant", "content": "Hello."}]}),
+    ("messages", {"messages": [{"role": "user", "content": "A?"}, {"role": "assistant", "content": "B."},
+                               {"role": "user", "content": "C?"}]}),  # ends with a question: the last answer is B
+    ("messages", {"messages": [{"role": "user", "content": "A?"}, {"role": "assistant", "content": " "}]}),
+    ("sharegpt", {"conversations": [{"from": "human", "value": "Q?"}, {"from": "gpt", "value": "A."}]}),
+    ("alpaca", {"instruction": "Sum.", "input": "2 and 3", "output": "5"}),
+    ("alpaca", {"instruction": "Greet.", "input": "", "output": "Hi."}),
+    ("alpaca", {"instruction": "Greet.", "input": "", "output": None}),
+    ("prompt_completion", {"prompt": "P?", "completion": "C.", "system": "Sys."}),
+    ("prompt_response", {"prompt": "P?", "response": 42}),
+    ("question_answer", {"question": "Q?", "answer": "A."}),
+    ("question_answer", {"question": "", "answer": "A."}),
+]
+
+
+@pytest.mark.parametrize("fmt,row", HUB_ROWS, ids=[f"{fmt}-{i}" for i, (fmt, _) in enumerate(HUB_ROWS)])
+def test_the_notebooks_hub_converter_converts_as_lora_lab_does(fmt, row):
+    """A Hub dataset is converted in the notebook by a plain function; it must give LoRA Lab's rows (or drop the
+    same unusable ones)."""
+    from finetune.core.data import row_to_messages, split_prompt_completion
+    from finetune.services.take_home import HUB_CONVERTER
+
+    namespace: dict = {}
+    exec(HUB_CONVERTER, namespace)  # the cell's code as the notebook runs it
+    messages = row_to_messages(row, fmt)
+    ours = (split_prompt_completion(messages) if messages else None) or {"prompt": None, "completion": None}
+    assert namespace["to_prompt_completion"](row) == ours
+
+
+@pytest.mark.parametrize("changes,expected", [
+    ({"data": {"source": "tatsu-lab/alpaca", "hub_config": "default", "column_mapping": {"q": "prompt"}}},
+     "load_dataset('tatsu-lab/alpaca', 'default', split='train')"),
+    ({"lora": {"init": "loftq"}, "training": {"early_stopping_patience": 2, "keep": "best", "report_to": "trackio"}},
+     "torch.linalg.svd"),
+    ({"lora": {"method": "dora"}, "model": {"bits": 16}, "data": {"max_samples": 5, "max_eval_samples": 3}},
+     "use_dora=True"),
+    ({"lora": {"method": "ia3"}, "model": {"bits": 8, "compute_dtype": "float16"}}, "IA3Config"),
+    ({"lora": {"method": "prompt_tuning", "prompt_init_text": "Answer:"}, "training": {"max_steps": -1}},
+     "PromptTuningConfig"),
+    ({"lora": {"method": "full"}, "model": {"bits": 32}, "data": {"validation_fraction": 0.0}}, "peft_config = None"),
+], ids=["hub", "loftq-best-trackio", "dora-16bit-caps", "ia3-8bit", "prompt-tuning-epochs", "full-no-eval"])
+def test_every_branch_of_the_generated_code_is_valid_python(changes, expected):
+    """The notebook's cells for the methods, bit widths and data sources the proof run does not cover: each code
+    cell compiles, and the settings that differ reach the code."""
+    from finetune.core.config import from_dict, load_config, to_dict
+    from finetune.services.take_home import RunData, take_home_cells
+
+    raw = to_dict(load_config(ROOT / "configs" / "cpu-quick.yaml"))
+    for section, values in changes.items():
+        raw[section].update(values)
+    cfg = from_dict(raw)
+    rows = [{"prompt": [{"role": "user", "content": "Q?"}], "completion": [{"role": "assistant", "content": "A."}]}]
+    data = RunData(None, None, "auto") if "data" in changes and "source" in changes["data"] else \
+        RunData(rows * 12, None, "prompt_completion")
+    cells = take_home_cells(cfg, "branch", data, {}, {})
+    code = "\n\n".join(cell.text for cell in cells if cell.kind == "code")
+    for cell in cells:
+        if cell.kind == "code":
+            compile(cell.text, "<cell>", "exec")
+    assert expected in code

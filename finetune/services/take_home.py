@@ -220,29 +220,51 @@ def hub_data_cells(cfg: RunConfig) -> list[Cell]:
     config = f", {cfg.data.hub_config!r}" if cfg.data.hub_config else ""
     mapping = f"\nraw = raw.rename_columns({cfg.data.column_mapping!r})" if cfg.data.column_mapping else ""
     code = (f"from datasets import load_dataset\n\nraw = load_dataset({cfg.data.source!r}{config}, "
-            f"split={cfg.data.split!r}){mapping}\n\n\n"
-            "def to_prompt_completion(row):\n"
-            "    \"\"\"A row as TRL's conversational prompt/completion (the loss covers the answer only).\"\"\"\n"
-            "    if \"messages\" in row or \"conversations\" in row:\n"
-            "        turns = row.get(\"messages\") or row.get(\"conversations\")\n"
-            "        roles = {\"human\": \"user\", \"gpt\": \"assistant\"}\n"
-            "        turns = [{\"role\": roles.get(t.get(\"role\", t.get(\"from\")), t.get(\"role\", t.get(\"from\"))),\n"
-            "                  \"content\": t.get(\"content\", t.get(\"value\"))} for t in turns]\n"
-            "        return {\"prompt\": turns[:-1], \"completion\": turns[-1:]}\n"
-            "    if \"instruction\" in row:\n"
-            "        prompt = row[\"instruction\"] + (f\"\\n\\n{row['input']}\" if row.get(\"input\") else \"\")\n"
-            "        answer = row[\"output\"]\n"
-            "    else:\n"
-            "        prompt = row.get(\"prompt\") or row.get(\"question\")\n"
-            "        answer = row.get(\"completion\") or row.get(\"response\") or row.get(\"answer\")\n"
-            "    return {\"prompt\": [{\"role\": \"user\", \"content\": prompt}],\n"
-            "            \"completion\": [{\"role\": \"assistant\", \"content\": answer}]}\n\n\n"
-            "all_rows = raw if \"text\" in raw.column_names and \"prompt\" not in raw.column_names else \\\n"
-            "    raw.map(to_prompt_completion, remove_columns=raw.column_names)\nprint(len(all_rows), \"rows\")")
+            f"split={cfg.data.split!r}){mapping}\n\n\n{HUB_CONVERTER}\n\n"
+            "if \"text\" in raw.column_names and \"prompt\" not in raw.column_names:\n"
+            "    all_rows = raw  # plain text: the loss covers every token\nelse:\n"
+            "    all_rows = raw.map(to_prompt_completion, remove_columns=raw.column_names)\n"
+            "    all_rows = all_rows.filter(lambda row: row[\"prompt\"] is not None)  # rows with an empty field\n"
+            "print(len(all_rows), \"rows\")")
     return [Cell("markdown", f"## Your data\n\n`{cfg.data.source}` from the Hugging Face Hub, converted to TRL's "
                              "conversational prompt/completion shape (the loss covers the assistant's answer only). "
                              "LoRA Lab recognises more column names than this cell does; rename yours if it "
                              "fails."), Cell("code", code)]
+
+
+# The column sets LoRA Lab reads (finetune/core/data.py), converted as it converts them; tests/test_take_home.py
+# checks this function against LoRA Lab's own conversion, row by row.
+HUB_CONVERTER = '''ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "chatgpt": "assistant",
+         "bot": "assistant", "model": "assistant", "ai": "assistant", "system": "system"}
+
+
+def text(value):
+    value = None if value is None else str(value)
+    return value if value and value.strip() else None
+
+
+def to_prompt_completion(row):
+    """A row as TRL's conversational prompt/completion: the loss covers the last answer only (None: unusable)."""
+    turns = row.get("messages") or row.get("conversations")
+    if turns:
+        messages = [{"role": ROLES.get(str(turn.get("role", turn.get("from"))).lower()),
+                     "content": text(turn.get("content", turn.get("value")))} for turn in turns]
+    elif row.get("instruction") is not None:
+        instruction, extra = text(row.get("instruction")), text(row.get("input"))
+        prompt = f"{instruction}\\n\\n{extra}" if instruction and extra else instruction
+        messages = [{"role": "user", "content": prompt},
+                    {"role": "assistant", "content": text(row.get("output"))}]
+    else:
+        answer = next((row[k] for k in ("completion", "response", "answer") if k in row), None)
+        messages = [{"role": "user", "content": text(row.get("prompt", row.get("question")))},
+                    {"role": "assistant", "content": text(answer)}]
+    if text(row.get("system")) and messages and messages[0]["role"] != "system":
+        messages.insert(0, {"role": "system", "content": row["system"]})
+    last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=-1)
+    if any(m["role"] is None or m["content"] is None for m in messages) or last <= 0 \\
+            or not any(m["role"] == "user" for m in messages[:last]):
+        return {"prompt": None, "completion": None}
+    return {"prompt": messages[:last], "completion": [messages[last]]}'''
 
 
 def split_cells(cfg: RunConfig, data: RunData) -> list[Cell]:
