@@ -1,13 +1,14 @@
 """Show the code: a run's notebook and script in plain transformers + peft + trl + bitsandbytes.
 
-The proof: one real QLoRA run of a tiny model (4-bit base, LoRA dropout on, evaluations during training) trained by
-LoRA Lab's own entry point, then its exported script run in a fresh Python process on the CPU against the same
-model and data file. Their trainable-parameter counts, train/held-out split (the held-out rows themselves) and
+The proof: real runs of a tiny model trained by LoRA Lab's own entry point (the cpu-quick config as it is, 4-bit
+QLoRA on the bundled data; a 4-step run with LoRA dropout on; a DPO run), then each one's exported code run in a
+fresh Python process (the notebook: its cells in order under nbclient) on the CPU against the same model and data. Their trainable-parameter counts, train/held-out split (the held-out rows themselves) and
 every logged training loss must match, within 2e-5 relative. Why that much and no more: the two runs share the
 seed, the library versions, the rows and the CPU, but not every kernel. LoRA Lab scores answer tokens on the CPU with
 one log-softmax (TRL's tiled function in the script) and attends packed rows one by one (a block-diagonal mask in
 the script), so float32 sums may run in another order (about 1e-7 relative each). Measured here: identical to the
-last bit. A real difference is far larger: leaving out the script's one LoRA Lab fix that moves numbers (keeping
+last bit for SFT; the DPO run (its only such kernel: the CPU LM head) by at most 4.4e-6 relative over its four
+steps. A real difference is far larger: leaving out the script's one LoRA Lab fix that moves numbers (keeping
 the adapter in float32 where TRL casts it to bfloat16) moved step 2 by 6e-5 and step 4 by 2e-4 relative; a wrong
 split, data order, warmup or seed moves them by percents (this model's larger initializer range makes LoRA learn
 within a few steps).
@@ -97,14 +98,19 @@ def _assert_matches(app_run: Path, out: Path, name: str, learns: bool = False) -
 
     from finetune.core.config import load_config
     from finetune.core.data import prepare
+    from finetune.core.preference import load_preferences
 
     summary = json.loads((out / f"{name}-take-home" / "summary.json").read_text())
     info = read_run_info(app_run)
     assert summary["trainable_parameters"] == info["trainable_parameters"] > 0
     assert (summary["train_rows"], summary["held_out_rows"]) == (info["train_rows"], info["eval_rows"])
     cfg = load_config(app_run / "config.yaml")
-    tokenizer = AutoTokenizer.from_pretrained(cfg.model.source)
-    app_held_out = prepare(cfg.data, tokenizer, seed=cfg.training.seed).eval.to_list()
+    if cfg.stage == "sft":
+        tokenizer = AutoTokenizer.from_pretrained(cfg.model.source)
+        app_held_out = prepare(cfg.data, tokenizer, seed=cfg.training.seed).eval.to_list()
+    else:
+        want = "unpaired" if cfg.stage == "kto" else "paired"
+        app_held_out = load_preferences(cfg.data, want=want, seed=cfg.training.seed).eval.to_list()
     script_held_out = [json.loads(line) for line in
                        (out / f"{name}-take-home" / "held_out.jsonl").read_text(encoding="utf-8").splitlines()]
     assert script_held_out == app_held_out and len(app_held_out) == info["eval_rows"] > 0
@@ -147,14 +153,31 @@ def test_notebook_validates_and_its_cells_run_in_order(small_run, tmp_path):
     _assert_matches(small_run, out, "tiny", learns=True)
 
 
-def test_an_rlhf_run_and_a_folder_without_a_run_are_refused_clearly(small_run, tmp_path):
+@pytest.fixture(scope="module")
+def dpo_run(learning_model, pairs_file, tmp_path_factory) -> Path:
+    """A 4-step DPO run on a fresh LoRA over the 4-bit tiny model: 16 training pairs, 4 held out by prompt."""
+    cfg = tiny_run_config(learning_model, pairs_file, max_steps=4, eval_steps=2, learning_rate=0.01, batch_size=2)
+    cfg.stage, cfg.data.validation_fraction = "dpo", 0.25
+    return _train(cfg, tmp_path_factory.mktemp("dpo-run") / "runs" / "dpo")
+
+
+def test_exported_script_of_a_dpo_run_matches_the_app_run(dpo_run, tmp_path):
+    out = _export(dpo_run, tmp_path)
+    script = (out / "tiny.py").read_text(encoding="utf-8")
+    assert "DPOTrainer(" in script and "beta=0.1" in script and "import finetune" not in script
+    done = _fresh_python(out / "tiny.py")
+    assert done.returncode == 0, done.stderr[-3000:]
+    _assert_matches(dpo_run, out, "tiny", learns=True)
+
+
+def test_a_reward_run_and_a_folder_without_a_run_are_refused_clearly(small_run, tmp_path):
     from finetune.core.config import load_config
 
     cfg = load_config(small_run / "config.yaml")
-    cfg.stage = "dpo"
-    save_config(cfg, tmp_path / "dpo-run" / "config.yaml")
-    refused = _cli(str(tmp_path / "dpo-run"), cwd=ROOT)
-    assert refused.returncode == 2 and "covers SFT runs for now; this is a dpo run" in refused.stderr
+    cfg.stage = "reward"
+    save_config(cfg, tmp_path / "reward-run" / "config.yaml")
+    refused = _cli(str(tmp_path / "reward-run"), cwd=ROOT)
+    assert refused.returncode == 2 and "covers SFT, DPO and KTO runs for now; this is a reward run" in refused.stderr
     assert "Traceback" not in refused.stderr
     missing = _cli(str(tmp_path / "nothing-here"), cwd=ROOT)
     assert missing.returncode == 2 and "has no config.yaml" in missing.stderr
@@ -216,7 +239,10 @@ def test_the_notebooks_hub_converter_converts_as_lora_lab_does(fmt, row):
     ({"lora": {"method": "prompt_tuning", "prompt_init_text": "Answer:"}, "training": {"max_steps": -1}},
      "PromptTuningConfig"),
     ({"lora": {"method": "full"}, "model": {"bits": 32}, "data": {"validation_fraction": 0.0}}, "peft_config = None"),
-], ids=["hub", "loftq-best-trackio", "dora-16bit-caps", "ia3-8bit", "prompt-tuning-epochs", "full-no-eval"])
+    ({"stage": "kto", "preference": {"loss_type": "apo_zero_unpaired", "start_adapter": "sft-run"}},
+     "KTOTrainer(model=model"),
+], ids=["hub", "loftq-best-trackio", "dora-16bit-caps", "ia3-8bit", "prompt-tuning-epochs", "full-no-eval",
+        "kto-from-an-adapter"])
 def test_every_branch_of_the_generated_code_is_valid_python(changes, expected):
     """The notebook's cells for the methods, bit widths and data sources the proof run does not cover: each code
     cell compiles, and the settings that differ reach the code."""
@@ -225,12 +251,15 @@ def test_every_branch_of_the_generated_code_is_valid_python(changes, expected):
 
     raw = to_dict(load_config(ROOT / "configs" / "cpu-quick.yaml"))
     for section, values in changes.items():
-        raw[section].update(values)
+        raw[section] = {**raw[section], **values} if isinstance(values, dict) else values
     cfg = from_dict(raw)
     rows = [{"prompt": [{"role": "user", "content": "Q?"}], "completion": [{"role": "assistant", "content": "A."}]}]
     data = RunData(None, None, "auto") if "data" in changes and "source" in changes["data"] else \
         RunData(rows * 12, None, "prompt_completion")
-    cells = take_home_cells(cfg, "branch", data, {}, {})
+    if cfg.stage == "kto":
+        thumbs = [{"prompt": "Q?", "completion": "A.", "label": True}] * 6
+        data = RunData(thumbs, thumbs[:2], "unpaired", presplit=True)
+    cells = take_home_cells(cfg, "branch", data, {}, {}, "/somewhere/sft-run/adapter" if cfg.stage == "kto" else None)
     code = "\n\n".join(cell.text for cell in cells if cell.kind == "code")
     for cell in cells:
         if cell.kind == "code":

@@ -10,8 +10,9 @@ LoRA Lab read and converted them (TRL's conversational prompt/completion shape),
 small, else in a JSON Lines file beside it; a Hub dataset is loaded from the Hub and converted in a few plain lines.
 Where LoRA Lab does something of its own, the code either reproduces it in a few plain lines (the split, dropping
 too-long rows, the seeded adapter start, keeping adapters in fp32, LoftQ) or a markdown cell says what it leaves
-out and what that costs (the CPU LM head, row-by-row packed attention). SFT runs only, for now: the RLHF stages
-(reward, DPO, KTO, GRPO) are refused with a message that says so.
+out and what that costs (the CPU LM head, row-by-row packed attention). SFT, DPO and KTO runs (DPO/KTO with their
+rows as LoRA Lab split them by prompt, on a fresh LoRA or on the SFT adapter they started from); reward-model and
+GRPO runs are refused with a message that says so.
 """
 
 from __future__ import annotations
@@ -26,13 +27,14 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from finetune.core.config import TRACKIO_PROJECT, ConfigError, RunConfig
+from finetune.core.config import KTO_LOSSES, TRACKIO_PROJECT, ConfigError, RunConfig
 from finetune.core.data import DataError, data_source_kind, load_raw, prepare
 from finetune.core.estimate import checkpointing_choice
 from finetune.core.hardware import profile_for
 from finetune.core.lora_init import scaling
-from finetune.core.models import ModelSourceError
-from finetune.core.run_folder import EXPORT_DIR, TAKE_HOME_DIR, read_run_info
+from finetune.core.models import ModelSourceError, resolve_run_folder
+from finetune.core.preference import PreferenceError, load_preferences
+from finetune.core.run_folder import ADAPTER_DIR, EXPORT_DIR, TAKE_HOME_DIR, read_run_info
 from finetune.services.export import ExportError, hub_base, run_config
 
 # What the notebook installs, pinned to the versions this app trains with (torch is left to the machine: Colab's
@@ -40,6 +42,8 @@ from finetune.services.export import ExportError, hub_base, run_config
 PINNED = ("transformers", "peft", "trl", "bitsandbytes", "accelerate", "datasets")
 EMBED_LIMIT = 32 * 1024  # rows up to this many bytes are embedded in the notebook; more go in a file beside it
 T4 = profile_for("cuda", "NVIDIA T4", 15.0, (7, 5))
+PREFERENCE_STAGES = ("dpo", "kto")  # the RLHF stages the code is written for (reward and GRPO: not yet)
+TRAINERS = {"sft": ("SFTConfig", "SFTTrainer"), "dpo": ("DPOConfig", "DPOTrainer"), "kto": ("KTOConfig", "KTOTrainer")}
 SUMMARY_FILE = "summary.json"  # what the script writes beside its adapter: counts, losses (the proof test reads it)
 HELD_OUT_FILE = "held_out.jsonl"
 
@@ -56,10 +60,12 @@ class Cell:
 
 @dataclass
 class RunData:
-    """The run's rows as LoRA Lab converted them, before the split; None for a Hub dataset (loaded by the code)."""
+    """The run's rows as LoRA Lab converted them, before the split; None for a Hub dataset (loaded by the code).
+    ``presplit``: preference rows, already split by prompt (``rows`` trains, ``validation`` is held out)."""
     rows: list[dict] | None
     validation: list[dict] | None
     format: str
+    presplit: bool = False
 
 
 @dataclass
@@ -73,7 +79,11 @@ class TakeHome:
 
 def run_data(cfg: RunConfig) -> RunData:
     """Every usable row in LoRA Lab's order (the seeded split then picks the same rows), and the source's own
-    validation split when it has one."""
+    validation split when it has one. Preference rows (DPO, KTO) come split as LoRA Lab split them, by prompt."""
+    if cfg.stage in PREFERENCE_STAGES:
+        want = "unpaired" if cfg.stage == "kto" else "paired"
+        pairs = load_preferences(cfg.data, cfg.preference.format, want=want, seed=cfg.training.seed)
+        return RunData(pairs.train.to_list(), pairs.eval.to_list() if pairs.eval is not None else None, want, True)
     if data_source_kind(cfg.data.source) == "hub":
         return RunData(None, None, cfg.data.format)
     whole = dataclasses.replace(cfg.data, validation_fraction=0.0, max_samples=None)
@@ -123,6 +133,12 @@ def intro_cells(cfg: RunConfig, run_name: str, info: dict) -> list[Cell]:
 
 
 def _method_words(cfg: RunConfig) -> str:
+    if cfg.stage in PREFERENCE_STAGES:
+        what = {"dpo": "DPO (direct preference optimization on chosen/rejected pairs)",
+                "kto": "KTO (preference optimization on thumbs up/down)"}[cfg.stage]
+        start = f"the SFT adapter `{cfg.preference.start_adapter}`" if cfg.preference.start_adapter else \
+            f"a fresh LoRA on a {cfg.model.bits}-bit base"
+        return f"{what} of {start}"
     method = {"lora": "LoRA", "dora": "DoRA", "rslora": "rsLoRA", "ia3": "IA3", "prompt_tuning": "prompt tuning",
               "full": "full fine-tune"}[cfg.lora.method]
     return f"QLoRA ({method} on a 4-bit base)" if cfg.model.bits == 4 and cfg.lora.method != "full" \
@@ -200,8 +216,9 @@ def _rows_code(variable: str, text: str, file_name: str, files: dict[str, str]) 
 def data_cells(cfg: RunConfig, run_name: str, data: RunData, files: dict[str, str]) -> list[Cell]:
     if data.rows is None:
         return hub_data_cells(cfg)
-    shape = "plain `text` rows (the loss covers every token)" if data.format == "text" else (
-        "TRL's conversational prompt/completion shape: the loss covers the assistant's answer only")
+    shape = {"text": "plain `text` rows (the loss covers every token)",
+             "paired": "TRL's prompt/chosen/rejected pairs", "unpaired": "TRL's prompt/completion/label thumbs"}.get(
+        data.format, "TRL's conversational prompt/completion shape: the loss covers the assistant's answer only")
     code = "import json\n\nfrom datasets import Dataset\n\n" + _rows_code(
         "all_rows", jsonl(data.rows), f"{run_name}-rows.jsonl", files)
     if data.validation is not None:
@@ -210,8 +227,10 @@ def data_cells(cfg: RunConfig, run_name: str, data: RunData, files: dict[str, st
     code += "\nprint(len(all_rows), \"rows\")"
     rows_file = f"{run_name}-rows.jsonl"
     where = f"in `{rows_file}` (upload it beside this notebook)" if rows_file in files else "embedded below"
-    return [Cell("markdown", f"## Your data\n\nThe **{len(data.rows)}** usable rows of `{cfg.data.source}`, read as "
-                             f"'{data.format}' and converted to {shape}; they are {where}."), Cell("code", code)]
+    counted = f"**{len(data.rows)}** usable rows" if not data.presplit else (
+        f"**{len(data.rows)}** training rows and **{len(data.validation or [])}** held-out rows")
+    return [Cell("markdown", f"## Your data\n\nThe {counted} of `{cfg.data.source}`, read as '{data.format}' and "
+                             f"converted to {shape}; they are {where}."), Cell("code", code)]
 
 
 def hub_data_cells(cfg: RunConfig) -> list[Cell]:
@@ -268,6 +287,12 @@ def to_prompt_completion(row):
 
 
 def split_cells(cfg: RunConfig, data: RunData) -> list[Cell]:
+    if data.presplit:
+        return [Cell("markdown", "## Held-out rows\n\nLoRA Lab held rows out by prompt (no held-out prompt is trained "
+                                 "on, not even with another answer); this keeps its split as it is. Rows longer than "
+                                 "MAX_LENGTH tokens are truncated by the trainer."),
+                Cell("code", "train_rows = all_rows\nheld_out = validation_rows" if data.validation is not None
+                     else "train_rows, held_out = all_rows, None  # too few prompts to hold any out")]
     d, seed = cfg.data, "SEED"
     lines = ["train_rows, held_out = all_rows, None"]
     if d.max_samples is not None:
@@ -362,7 +387,21 @@ def peft_config_code(cfg: RunConfig) -> str:
             f"    task_type=\"CAUSAL_LM\"{extra},\n)")
 
 
-def peft_cells(cfg: RunConfig) -> list[Cell]:
+def start_adapter_cells(cfg: RunConfig, start_folder: str) -> list[Cell]:
+    """DPO/KTO on an SFT adapter: that adapter trains further and, frozen, is also the reference."""
+    return [Cell("markdown", f"## The adapter to start from\n\nYour run trained the SFT adapter "
+                             f"`{cfg.preference.start_adapter}` further; TRL keeps a frozen copy of it as the reference "
+                             "the policy may not drift far from. The path below is where it lies on the machine that "
+                             "ran LoRA Lab: download it there (Export tab, 'Download adapter (.zip)'), unzip it beside "
+                             "this notebook, and put its folder here."),
+            Cell("code", f"from peft import PeftModel\n\nSTART_ADAPTER = {start_folder!r}\n"
+                         "model = PeftModel.from_pretrained(model, START_ADAPTER, is_trainable=True)\n"
+                         "peft_config = None  # the adapter is already on the model")]
+
+
+def peft_cells(cfg: RunConfig, start_folder: str | None = None) -> list[Cell]:
+    if start_folder:
+        return start_adapter_cells(cfg, start_folder)
     lora = cfg.lora
     words = {"lora": f"LoRA trains a low-rank update B·A of rank {lora.rank} beside each targeted weight "
                      f"(`{lora.target_modules}`), scaled by alpha / r; B starts at zero, so step 0 is exactly the "
@@ -400,9 +439,25 @@ def checkpointing_code(cfg: RunConfig) -> tuple[str, str]:
     return ("ON_GPU" if on_t4 else "False"), f"on a T4, {why}; on a CPU it stays off (RAM is not the limit there)"
 
 
+def stage_argument_lines(cfg: RunConfig) -> str:
+    """The arguments only this stage's config class has."""
+    p = cfg.preference
+    if cfg.stage == "dpo":
+        loss = p.loss_type if p.loss_type not in KTO_LOSSES else "sigmoid"
+        return (f"    beta={p.beta:g},  # how far the policy may move from the reference: higher = closer\n"
+                f"    loss_type=[{loss!r}],\n    max_length=MAX_LENGTH,  # longer pairs are truncated\n")
+    if cfg.stage == "kto":
+        loss = p.loss_type if p.loss_type in KTO_LOSSES else "kto"
+        return (f"    beta={p.beta:g},  # how far the policy may move from the reference: higher = closer\n"
+                f"    loss_type={loss!r},\n    max_length=MAX_LENGTH,  # longer rows are truncated\n")
+    padding_free = cfg.training.padding_free and cfg.lora.method != "prompt_tuning"
+    return (f"    padding_free={padding_free},  # the batch's rows in one row, no padding\n"
+            f"    max_length={None if padding_free else 'MAX_LENGTH'},  # rows were already filtered to MAX_LENGTH\n")
+
+
 def training_cells(cfg: RunConfig) -> list[Cell]:
     t = cfg.training
-    padding_free = t.padding_free and cfg.lora.method != "prompt_tuning"
+    padding_free = cfg.stage == "sft" and t.padding_free and cfg.lora.method != "prompt_tuning"
     checkpointing, why = checkpointing_code(cfg)
     optimizer = "\"adamw_torch_fused\" if ON_GPU else \"adamw_torch\"" if t.optimizer == "adamw_torch" \
         else repr(t.optimizer)
@@ -414,7 +469,8 @@ def training_cells(cfg: RunConfig) -> list[Cell]:
     else:
         best = f"    save_steps={t.save_steps},\n"
     code = (
-        "from trl import SFTConfig\n\nargs = SFTConfig(\n    output_dir=f\"{OUTPUT_DIR}/checkpoints\",\n"
+        f"from trl import {TRAINERS[cfg.stage][0]}\n\nargs = {TRAINERS[cfg.stage][0]}(\n"
+        "    output_dir=f\"{OUTPUT_DIR}/checkpoints\",\n"
         f"    learning_rate={t.learning_rate:g}, lr_scheduler_type={t.lr_scheduler!r}, warmup_steps={warmup_value(cfg)!r},\n"
         f"    num_train_epochs={t.num_epochs:g}, max_steps={t.max_steps},\n"
         f"    per_device_train_batch_size={t.batch_size}, per_device_eval_batch_size={t.batch_size},\n"
@@ -428,8 +484,7 @@ def training_cells(cfg: RunConfig) -> list[Cell]:
         f"eval_steps={t.eval_steps if t.eval_steps > 0 else None},\n"
         f"    save_strategy=\"steps\",\n{best}    save_total_limit=2,\n"
         "    bf16=ON_GPU and COMPUTE_DTYPE == torch.bfloat16, fp16=ON_GPU and COMPUTE_DTYPE == torch.float16,\n"
-        f"    use_cpu=not ON_GPU,\n    padding_free={padding_free},  # the batch's rows in one row, no padding\n"
-        f"    max_length={None if padding_free else 'MAX_LENGTH'},  # rows were already filtered to MAX_LENGTH\n"
+        f"    use_cpu=not ON_GPU,\n{stage_argument_lines(cfg)}"
         f"    report_to={t.report_to!r},{_tracker_line(t.report_to)}\n)")
     words = (f"Your run's settings: learning rate {t.learning_rate:g} with a {t.lr_scheduler} schedule, "
              f"{'%d steps' % t.max_steps if t.max_steps > 0 else '%g epoch(s)' % t.num_epochs} of "
@@ -465,10 +520,21 @@ LOFTQ_CODE = (
     "        layer.lora_B[\"default\"].weight.copy_(u[:, :rank] * root)\ndel full_precision")
 
 
+TRAINER_WORDS = {
+    "sft": "TRL's `SFTTrainer` wraps the model with the adapter, tokenizes the rows with the chat template and masks the "
+           "prompt out of the loss.",
+    "dpo": "TRL's `DPOTrainer` raises the chosen answer's likelihood against the rejected one's, each measured against "
+           "the reference model (the starting point, here the model with its adapter switched off or frozen).",
+    "kto": "TRL's `KTOTrainer` raises the likelihood of answers with a thumbs up and lowers it for a thumbs down, "
+           "against the reference model (the starting point).",
+}
+
+
 def trainer_cells(cfg: RunConfig) -> list[Cell]:
-    code = ("from trl import SFTTrainer\n\n"
-            "trainer = SFTTrainer(model=model, args=args, train_dataset=train_rows, eval_dataset=held_out,\n"
-            "                     processing_class=tokenizer, peft_config=peft_config)\n")
+    trainer = TRAINERS[cfg.stage][1]
+    code = (f"from trl import {trainer}\n\n"
+            f"trainer = {trainer}(model=model, args=args, train_dataset=train_rows, eval_dataset=held_out,\n"
+            f"{' ' * (len(trainer) + 11)}processing_class=tokenizer, peft_config=peft_config)\n")
     if cfg.training.early_stopping_patience > 0:
         code += ("from transformers import EarlyStoppingCallback\n\ntrainer.add_callback(EarlyStoppingCallback("
                  f"early_stopping_patience={cfg.training.early_stopping_patience}, "
@@ -480,10 +546,12 @@ def trainer_cells(cfg: RunConfig) -> list[Cell]:
              "            parameter.data = parameter.data.float()\n"
              "trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)\n"
              "print(f\"{trainable:,} trainable parameters\")")
-    cells = [Cell("markdown", "## The trainer\n\nTRL's `SFTTrainer` wraps the model with the adapter, tokenizes the "
-                              "rows with the chat template and masks the prompt out of the loss. It sets the seed before "
-                              "it builds the adapter, so LoRA's random A starts where your run's did."), Cell("code", code)]
-    if cfg.lora.init == "loftq" and cfg.model.bits == 4:
+    if cfg.stage in PREFERENCE_STAGES:
+        code += ("\nif held_out is not None:  # the held-out loss and margins before any step: a measured start\n"
+                 "    print(trainer.evaluate())")
+    cells = [Cell("markdown", f"## The trainer\n\n{TRAINER_WORDS[cfg.stage]} It sets the seed before it builds the "
+                              "adapter, so LoRA's random A starts where your run's did."), Cell("code", code)]
+    if cfg.stage == "sft" and cfg.lora.init == "loftq" and cfg.model.bits == 4:
         cells += [Cell("markdown", "## LoftQ: start the adapter at the rounding error's fix\n\nFor each 4-bit "
                                    "weight W with rounded copy deq(Q), A and B start so that scale x B·A is the best "
                                    "rank-r approximation of W - deq(Q): base + adapter begins closer to the "
@@ -496,8 +564,9 @@ def trainer_cells(cfg: RunConfig) -> list[Cell]:
 # --- train, evaluate, compare, save -------------------------------------------------------------------------------
 
 def result_cells(cfg: RunConfig, data: RunData, run_name: str) -> list[Cell]:
-    chat = data.format != "text"
-    question = ("row[\"prompt\"]" if chat else "[{\"role\": \"user\", \"content\": row[\"text\"][:200]}]")
+    question = ("[{\"role\": \"user\", \"content\": row[\"text\"][:200]}]" if data.format == "text" else
+                "row[\"prompt\"] if isinstance(row[\"prompt\"], list) else [{\"role\": \"user\", \"content\": "
+                "row[\"prompt\"]}]")
     return [
         Cell("markdown", "## Train\n\nThe loss is printed every logging step; on held-out rows every "
                          f"{cfg.training.eval_steps} steps."),
@@ -527,7 +596,10 @@ def result_cells(cfg: RunConfig, data: RunData, run_name: str) -> list[Cell]:
                          "`PeftModel.from_pretrained(base, folder)`. The held-out rows and a summary of the run are "
                          "saved beside it. To push, log in first (`huggingface-cli login`, or `HF_TOKEN` in Colab's "
                          "secrets: never paste a token into a notebook you share)."),
-        Cell("code", "import json\nimport os\n\ntrainer.save_model(f\"{OUTPUT_DIR}/adapter\")\n"
+        Cell("code", "import json\nimport os\n\n" + (
+            "trainer.save_model(f\"{OUTPUT_DIR}/adapter\")\n" if cfg.stage == "sft" else
+            "# the trained adapter only (with a starting adapter, TRL also holds its frozen reference copy, \"ref\")\n"
+            "trainer.model.save_pretrained(f\"{OUTPUT_DIR}/adapter\", selected_adapters=[\"default\"])\n") +
                      "tokenizer.save_pretrained(f\"{OUTPUT_DIR}/adapter\")\n"
                      f"with open(f\"{{OUTPUT_DIR}}/{HELD_OUT_FILE}\", \"w\", encoding=\"utf-8\") as file:\n"
                      "    for held_row in held_out or []:\n"
@@ -544,7 +616,7 @@ def result_cells(cfg: RunConfig, data: RunData, run_name: str) -> list[Cell]:
 
 
 def left_out_cell(cfg: RunConfig) -> Cell:
-    notes = ["**Row-by-row packed attention.** On a CPU LoRA Lab runs each row of a padding-free batch through "
+    notes = [] if cfg.stage != "sft" or not cfg.training.padding_free else ["**Row-by-row packed attention.** On a CPU LoRA Lab runs each row of a padding-free batch through "
              "causal attention on its own, and on Ampere or newer GPUs through PyTorch's variable-length flash "
              "kernel. Here transformers builds one block-diagonal mask over the packed row: the same attention, "
              "so the same numbers up to rounding, but its cost grows with the square of the batch's total length "
@@ -562,17 +634,19 @@ def left_out_cell(cfg: RunConfig) -> Cell:
     return Cell("markdown", "## What LoRA Lab did that this leaves out\n\n" + "\n".join(f"- {n}" for n in notes))
 
 
-def take_home_cells(cfg: RunConfig, run_name: str, data: RunData, info: dict, files: dict[str, str]) -> list[Cell]:
-    """The whole notebook; ``files`` receives the data files that were too big to embed (name -> text)."""
-    if cfg.stage != "sft":
-        raise TakeHomeError(f"Show the code covers SFT runs for now; this is a {cfg.stage} run (its TRL trainer, "
-                            "data and reward model are not generated yet).")
+def take_home_cells(cfg: RunConfig, run_name: str, data: RunData, info: dict, files: dict[str, str],
+                    start_folder: str | None = None) -> list[Cell]:
+    """The whole notebook; ``files`` receives the data files that were too big to embed (name -> text);
+    ``start_folder`` is the adapter a DPO/KTO run started from."""
+    if cfg.stage not in TRAINERS:
+        raise TakeHomeError(f"Show the code covers SFT, DPO and KTO runs for now; this is a {cfg.stage} run (its "
+                            "TRL trainer and the reward model it needs are not generated yet).")
     if cfg.training.processes > 1:
         raise TakeHomeError("Show the code writes a single-process run; this run used several processes "
                             f"({cfg.training.strategy}). Copy its settings into `accelerate launch` yourself.")
     return [*intro_cells(cfg, run_name, info), *settings_cells(cfg, run_name), *hardware_cells(cfg),
             *tokenizer_cells(), *data_cells(cfg, run_name, data, files), *split_cells(cfg, data),
-            *model_cells(cfg), *peft_cells(cfg), *training_cells(cfg), *trainer_cells(cfg),
+            *model_cells(cfg), *peft_cells(cfg, start_folder), *training_cells(cfg), *trainer_cells(cfg),
             *result_cells(cfg, data, run_name), left_out_cell(cfg)]
 
 
@@ -613,12 +687,17 @@ def write_take_home(run_dir: str | Path, out_dir: str | Path | None = None) -> T
     cfg = run_config(run_dir)
     name = cfg.run_name or run_dir.name
     name = "".join(c if c.isalnum() or c in "-_" else "-" for c in name) or "run"
+    if cfg.stage not in TRAINERS:  # before reading any data
+        take_home_cells(cfg, name, RunData(None, None, "auto"), {}, {})
     try:
         data = run_data(cfg)
-    except (DataError, ModelSourceError, ConfigError, OSError) as error:
-        raise TakeHomeError(f"Cannot read the run's data to write it into the notebook: {error}") from None
+        start = cfg.preference.start_adapter
+        start_folder = str(resolve_run_folder(start, run_dir.parent, ADAPTER_DIR)) if start else None
+    except (DataError, PreferenceError, ModelSourceError, ConfigError, OSError) as error:
+        raise TakeHomeError(f"Cannot read the run's data or starting adapter to write them into the notebook: "
+                            f"{error}") from None
     files: dict[str, str] = {}
-    cells = take_home_cells(cfg, name, data, read_run_info(run_dir), files)
+    cells = take_home_cells(cfg, name, data, read_run_info(run_dir), files, start_folder)
     out = Path(out_dir) if out_dir else run_dir / EXPORT_DIR / TAKE_HOME_DIR
     out.mkdir(parents=True, exist_ok=True)
     notebook = out / f"{name}.ipynb"
