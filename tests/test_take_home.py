@@ -188,12 +188,18 @@ def test_the_export_tab_zips_the_notebook_and_the_script(small_run):
     import zipfile
 
     from components.export_tab import export_code
+    from finetune.core.config import load_config
     from finetune.services.runs import RunManager
 
     path, message = export_code(RunManager(small_run.parent), "tiny")
     with zipfile.ZipFile(path) as archive:
         assert sorted(archive.namelist()) == ["tiny.ipynb", "tiny.py"]
-        assert "trainer = SFTTrainer(" in archive.read("tiny.py").decode("utf-8")
+        script, notebook = (archive.read(name).decode("utf-8") for name in ("tiny.py", "tiny.ipynb"))
+    assert "trainer = SFTTrainer(" in script
+    # The server's folders stay its own: the model and the data by their last part only, as the pages name them.
+    model_dir = load_config(small_run / "config.yaml").model.source
+    assert f"MODEL_ID = {Path(model_dir).name!r}" in script
+    assert str(Path(model_dir).parent) not in script + notebook and str(small_run.parent) not in script + notebook
     assert "tiny.ipynb" in message and "Colab" in message
 
 

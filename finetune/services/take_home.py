@@ -33,6 +33,7 @@ from finetune.core.estimate import checkpointing_choice
 from finetune.core.hardware import profile_for
 from finetune.core.lora_init import scaling
 from finetune.core.models import ModelSourceError, resolve_run_folder
+from finetune.core.paths import display_name
 from finetune.core.preference import PreferenceError, load_preferences
 from finetune.core.run_folder import ADAPTER_DIR, EXPORT_DIR, TAKE_HOME_DIR, read_run_info
 from finetune.services.export import ExportError, hub_base, run_config
@@ -678,9 +679,18 @@ def to_script(cells: list[Cell], run_name: str) -> str:
     return "\n\n".join(parts).rstrip() + "\n"
 
 
-def write_take_home(run_dir: str | Path, out_dir: str | Path | None = None) -> TakeHome:
+def as_visitors_see_it(cfg: RunConfig, start_folder: str | None) -> tuple[RunConfig, str | None]:
+    """The config with each local path cut to its last part, as the app's pages show them (a shared Space's
+    folders stay its own); the notebook says to copy the model and the starting adapter beside it."""
+    shown = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, source=display_name(cfg.model.source)),
+                                data=dataclasses.replace(cfg.data, source=display_name(cfg.data.source)))
+    return shown, (f"{Path(start_folder).parent.name}-adapter" if start_folder else None)
+
+
+def write_take_home(run_dir: str | Path, out_dir: str | Path | None = None, server_paths: bool = False) -> TakeHome:
     """Write the run's notebook, script and (if too big to embed) data files; ``out_dir`` defaults to
-    ``<run>/export/take_home``."""
+    ``<run>/export/take_home``. ``server_paths``: keep the model's and the starting adapter's full local paths (the
+    operator's CLI); else they are cut to their last part, as the pages show them."""
     import nbformat
 
     run_dir = Path(run_dir)
@@ -696,6 +706,8 @@ def write_take_home(run_dir: str | Path, out_dir: str | Path | None = None) -> T
     except (DataError, PreferenceError, ModelSourceError, ConfigError, OSError) as error:
         raise TakeHomeError(f"Cannot read the run's data or starting adapter to write them into the notebook: "
                             f"{error}") from None
+    if not server_paths:
+        cfg, start_folder = as_visitors_see_it(cfg, start_folder)
     files: dict[str, str] = {}
     cells = take_home_cells(cfg, name, data, read_run_info(run_dir), files, start_folder)
     out = Path(out_dir) if out_dir else run_dir / EXPORT_DIR / TAKE_HOME_DIR
@@ -729,7 +741,7 @@ def cli(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", help="folder to write into (default: RUN_DIR/export/take_home)")
     args = parser.parse_args(argv)
     try:
-        written = write_take_home(args.run_dir, args.out)
+        written = write_take_home(args.run_dir, args.out, server_paths=True)  # the operator's own machine
     except (TakeHomeError, ExportError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
