@@ -225,7 +225,7 @@ def test_the_notebooks_hub_converter_converts_as_lora_lab_does(fmt, row):
     """A Hub dataset is converted in the notebook by a plain function; it must give LoRA Lab's rows (or drop the
     same unusable ones)."""
     from finetune.core.data import row_to_messages, split_prompt_completion
-    from finetune.services.take_home import HUB_CONVERTER
+    from finetune.services.take_home_cells import HUB_CONVERTER
 
     namespace: dict = {}
     exec(HUB_CONVERTER, namespace)  # the cell's code as the notebook runs it
@@ -253,7 +253,7 @@ def test_every_branch_of_the_generated_code_is_valid_python(changes, expected):
     """The notebook's cells for the methods, bit widths and data sources the proof run does not cover: each code
     cell compiles, and the settings that differ reach the code."""
     from finetune.core.config import from_dict, load_config, to_dict
-    from finetune.services.take_home import RunData, take_home_cells
+    from finetune.services.take_home_cells import RunData, take_home_cells
 
     raw = to_dict(load_config(ROOT / "configs" / "cpu-quick.yaml"))
     for section, values in changes.items():
