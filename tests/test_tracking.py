@@ -92,11 +92,16 @@ def test_wandb_and_mlflow_are_refused_clearly_without_their_package(tracker, mon
     assert f"needs the {tracker} package" in message and "pick 'tensorboard' or 'trackio'" in message
 
 
-def test_the_train_tab_form_carries_the_choice_and_refuses_an_unknown_one():
-    """The form's config goes through the same checks: the Train tab shows a refusal as the field's warning."""
+def test_the_train_and_rlhf_forms_carry_the_choice_and_refuse_an_unknown_one():
+    """The forms' configs go through the same checks: the tabs show a refusal as the field's warning."""
+    from components.rlhf_form import stage_config_from_form
     from components.train_form import config_from_form
 
     assert config_from_form({"training_report_to": "trackio"}).training.report_to == "trackio"
+    for stage in ("reward", "dpo", "kto"):
+        assert stage_config_from_form(stage, "bundled:course_prefs", {"report_to": "trackio"}).training.report_to \
+            == "trackio"
+        assert stage_config_from_form(stage, "bundled:course_prefs", {}).training.report_to == "tensorboard"
     with pytest.raises(ConfigError) as refused:
         config_from_form({"training_report_to": "nowhere"})
     assert "Report to must be one of tensorboard, trackio, wandb, mlflow, none" in refused.value.problems[
