@@ -6,6 +6,7 @@ the way it is for every run: beside the runs, in ``<runs>/trackio``."""
 
 from __future__ import annotations
 
+import importlib.metadata
 import importlib.util
 import json
 import os
@@ -69,7 +70,8 @@ def test_no_secret_reaches_the_run_folder_the_tracker_or_the_exported_code(track
     from finetune.services.take_home import write_take_home
 
     exported = write_take_home(trackio_run, tmp_path / "code")
-    assert "report_to='trackio'" in exported.script.read_text(encoding="utf-8")
+    script = exported.script.read_text(encoding="utf-8")
+    assert "report_to='trackio'" in script and f"trackio=={importlib.metadata.version('trackio')}" in script
     places = [*trackio_run.rglob("*"), *(trackio_run.parent / TRACKER_DIRS["trackio"]).rglob("*"),
               *(tmp_path / "code").rglob("*")]
     files = [p for p in places if p.is_file()]

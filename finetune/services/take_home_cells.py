@@ -61,14 +61,16 @@ def embeddable(text: str) -> bool:
 
 # --- the cells --------------------------------------------------------------------------------------------------
 
-def pinned_versions() -> dict[str, str]:
-    return {name: importlib.metadata.version(name) for name in PINNED}
+def pinned_versions(report_to: str = "none") -> dict[str, str]:
+    """The libraries and their versions here, with the tracker the run reports to (Colab has none of them)."""
+    names = PINNED + ((report_to,) if report_to in ("trackio", "wandb", "mlflow") else ())
+    return {name: importlib.metadata.version(name) for name in names}
 
 
 def intro_cells(cfg: RunConfig, run_name: str, info: dict) -> list[Cell]:
     trainable = info.get("trainable_parameters")
     counted = f" LoRA Lab counted **{trainable:,}** trainable parameters in it." if trainable else ""
-    pins = ", ".join(f'"{name}=={version}"' for name, version in pinned_versions().items())
+    pins = ", ".join(f'"{name}=={version}"' for name, version in pinned_versions(cfg.training.report_to).items())
     return [
         Cell("markdown", f"# Run `{run_name}`, as plain code\n\nThis notebook does what your LoRA Lab run did, with "
                          "the libraries the course uses (transformers, peft, trl, bitsandbytes) and nothing of LoRA "
