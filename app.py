@@ -66,7 +66,8 @@ def build_app(runs_root: str = "runs", profile: HardwareProfile | None = None,
     store = FeedbackStore(feedback_db or Path(runs_root) / FEEDBACK_DB, langsmith=LangSmithSettings.from_env())
     engine = ChatEngine(profile)
     scorers = ScorerCache(profile)  # the reward model in memory, for the RLHF and Evaluate tabs alike
-    benchmarks = BenchmarkService(runs_root, app_root(runs_root))  # Evaluate runs them, the course quotes them
+    # Evaluate runs them (in the one device queue, with the runs), the course quotes them
+    benchmarks = BenchmarkService(runs_root, app_root(runs_root), manager)
     with gr.Blocks(title="LoRA Lab") as demo:
         gr.Markdown(f"# LoRA Lab\nFine-tune a language model with LoRA / QLoRA and compare it with its base.  \n"
                     f"**Hardware:** {profile.summary()}")

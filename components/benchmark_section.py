@@ -1,8 +1,10 @@
 """The Evaluate tab's benchmark section: standard tasks through lm-evaluation-harness, base vs adapter.
 
 Start plans the job (every refusal, with its reason, before a child starts), shows the rough time estimate and
-hands the job to ``finetune.services.benchmarks.BenchmarkService``, which runs the harness in a child process. A
-``gr.Timer`` reads the job folder: progress, then the table. Stop ends the child at its next model call.
+hands the job to ``finetune.services.benchmarks.BenchmarkService``: it waits in the device queue with the training
+runs ("waiting: 2nd in line behind run X") and then runs the harness in a child process. A ``gr.Timer`` reads the
+job folder: its place in the queue, progress, then the table. Stop takes a waiting job out of the queue and ends a
+running one at its next model call.
 """
 
 from __future__ import annotations
@@ -21,13 +23,14 @@ from finetune.core.paths import model_source as gated_model_source
 from finetune.services.benchmarks import (BUNDLED_TASK, FORGETTING_CHECK_LIMIT, FORGETTING_CHECK_ONLINE, MIN_ITEMS,
                                           Z_95, BenchmarkError, BenchmarkService, TableRow, base_only_rows,
                                           forgetting_check_tasks)
+from finetune.services.admission import RunError
 from finetune.services.runs import RunManager
 
 POLL_SECONDS = 2.0
 TABLE_COLUMNS = ["task", "metric", "adapter", "base", "base ± se", "adapter score", "adapter ± se", "difference",
                  "difference ± se", "se kind", "items", "verdict"]
 BASE_COLUMNS = ["model", "task", "metric", "score", "± se"]
-LIVE_STATES = ("queued", "running")
+LIVE_STATES = ("waiting", "queued", "running")
 
 LEARN_BENCHMARKS = f"""**Validation loss vs benchmark accuracy.** Validation loss measures how well the model predicts
 *your* held-out answers, so it shows what fine-tuning taught; benchmark accuracy measures general skills on questions
@@ -85,9 +88,12 @@ def start_benchmark(manager: RunManager, service: BenchmarkService, adapters: li
         raise refusal(str(error)) from None
     plan = _plan(manager, service, adapters, model, bits, tasks, limit, visitor)
     try:
-        job_id = service.start(plan, visitor.owner)
-    except BenchmarkError as error:
+        job_id = service.start(plan, visitor)
+    except (BenchmarkError, RunError, AccessDenied) as error:
         raise refusal(str(error)) from None
+    status = service.status(job_id)
+    if status.get("state") == "waiting":
+        return job_id, f"Queued {job_id} ({queue_line(service, status, visitor)}): {plan.estimate_text()}"
     return job_id, f"Started {job_id}: {plan.estimate_text()}"
 
 
@@ -106,9 +112,11 @@ def stop_benchmark(service: BenchmarkService, job_id: str, request: gr.Request =
         return "No benchmark is running."
     try:
         require_owner(visitor, service.owner_of(job_id), "stop this benchmark", f"benchmark {job_id}")
-    except AccessDenied as error:
+        status = service.request_stop(job_id, visitor)
+    except (AccessDenied, RunError) as error:
         return f"**Not stopped:** {error}"
-    service.request_stop(job_id)
+    if status.get("state") == "cancelled":
+        return f"Took {job_id} out of the queue; it never started."
     return f"Stopping {job_id} at its next model call."
 
 
@@ -127,8 +135,35 @@ def table_frame(rows: list[TableRow]) -> pd.DataFrame:
                           r.stderr_kind, r.items, r.verdict] for r in rows], columns=TABLE_COLUMNS)
 
 
+ORDINALS = {1: "1st", 2: "2nd", 3: "3rd"}
+
+
+def queue_line(service: BenchmarkService, status: dict[str, Any], visitor: Visitor) -> str:
+    """A waiting job's place, "2nd in line behind run X": the job on the device counts as the first in line. A job
+    the visitor may not see is not named."""
+    ahead = status.get("ahead") or []
+    place = len(ahead) + 1
+    names = [_job_name(service, job_id, visitor) for job_id in ahead]
+    behind = f" behind {', '.join(names[:-1])} and {names[-1]}" if len(names) > 1 else \
+        f" behind {names[0]}" if names else ""
+    starts = status.get("starts_in")
+    when = f"; starts in about {duration(starts)}" if isinstance(starts, (int, float)) and ahead else ""
+    return f"{ORDINALS.get(place, f'{place}th')} in line{behind}{when}"
+
+
+def _job_name(service: BenchmarkService, job_id: str, visitor: Visitor) -> str:
+    manager, kind = service.manager, service.manager.kind_name(job_id)
+    try:
+        visible = can_view(visitor, manager.owner_of(job_id))
+    except RunError:
+        visible = False
+    return f"{kind} `{job_id}`" if visible else f"another visitor's {kind}"
+
+
 def progress_text(status: dict[str, Any], plan: Any = None, now: float | None = None) -> str:
     state = status.get("state", "unknown")
+    if state == "waiting":
+        return f"**waiting**: {status.get('queue_line', 'in the device queue')}"
     if state not in LIVE_STATES:
         error = f": {status['error']}" if status.get("error") else ""
         return f"**{state}**{error}"
@@ -153,17 +188,21 @@ def remaining_text(status: dict[str, Any], plan: Any, now: float | None = None) 
 
 def poll_benchmark(service: BenchmarkService, job_id: str,
                    request: gr.Request = None) -> tuple[str, pd.DataFrame, pd.DataFrame]:
-    """(progress, base-vs-adapter table, base scores) of the job; blank without one (or for a job the visitor
-    may not see)."""
+    """(progress or place in the queue, base-vs-adapter table, base scores) of the job; blank without one (or for
+    a job the visitor may not see)."""
     empty = pd.DataFrame(columns=TABLE_COLUMNS), pd.DataFrame(columns=BASE_COLUMNS)
-    job_id = visible_job(service, job_id, visitor_of(request))
-    if not job_id or not (service.job(job_id).folder / "plan.json").is_file():
+    visitor = visitor_of(request)
+    job_id = visible_job(service, job_id, visitor)
+    if not job_id or not service.job(job_id).planned():
         return "", *empty
     job = service.job(job_id)
     plan, results = job.plan(), job.results()
     base = pd.DataFrame([[r["model"], r["task"], r["metric"], _number(r["score"]), _number(r["stderr"])]
                          for r in base_only_rows(plan, results)], columns=BASE_COLUMNS)
-    return progress_text(service.status(job_id), plan), table_frame(service.table(job_id)), base
+    status = service.status(job_id)
+    if status.get("state") == "waiting":
+        status["queue_line"] = queue_line(service, status, visitor)
+    return progress_text(status, plan), table_frame(service.table(job_id)), base
 
 
 # --- layout -----------------------------------------------------------------------------------------------------------

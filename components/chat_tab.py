@@ -17,61 +17,29 @@ from __future__ import annotations
 
 import random
 import sqlite3
-import uuid
 from pathlib import Path
 from typing import Any, Iterator
 
 import gradio as gr
 
+from components.chat_feedback import (ARENA_LABELS, SIDES, TARGETS, VOTES, Turn, like_answer, show_vote,
+                                       submit_feedback, who)
 from components.shared import (CHAT_SLOT, bind, duration, on_page_load, refusal, require_visible, visible_adapters,
                                visitor_of)
-from finetune.core.access import AccessDenied, can_view, require_signed_in, sign_in_hint
+from finetune.core.access import AccessDenied, can_view, sign_in_hint
 from finetune.core.config import ConfigError, load_config
 from finetune.core.data import validation_prompts
 from finetune.core.run_folder import ADAPTER_DIR, RUN_CONFIG, has_adapter
 from finetune.services.admission import RunError
 from finetune.services.chat import (DEFAULT_NEW_TOKENS, ChatEngine, SamplingSettings, check_prompt, normalize_history,
                                     split_budget_note)
-from finetune.services.feedback import FeedbackError, FeedbackStore
+from finetune.services.feedback import FeedbackStore
 from finetune.services.runs import RunManager
 
 Chat = list[dict[str, str]]
-Turn = dict[str, Any]
-SIDES = ("left", "right")
-VOTES = [("Left is better", "left"), ("Right is better", "right"), ("Tie", "tie"), ("Both bad", "both_bad")]
-ARENA_VOTES = [("A is better", "left"), ("B is better", "right"), ("Tie", "tie"), ("Both bad", "both_bad")]
-TARGETS = [("Both answers", "both"), ("Left / A", "left"), ("Right / B", "right")]
-ARENA_LABELS = ("A", "B")
 COMPARE = [("Base model", "base"), ("Starting adapter", "start")]
 POLICY_STAGES = ("dpo", "kto", "grpo")
 LONG_WAIT_SECONDS = 60  # an expected answer this long gets a reminder that Stop exists
-# One refusal for an answer that is someone else's and one that was never recorded: no visitor learns which exist.
-NOT_YOUR_ANSWER = "You can rate only answers given to you: send a prompt, then rate its answers."
-
-
-def _who(request: gr.Request | None) -> dict[str, str | None]:
-    """Who gave the feedback: the signed-in visitor where sign-in is on, else the login name when the app has
-    auth (LORA_LAB_AUTH); and the browser session."""
-    if request is None:
-        return {"user": None, "session": None}
-    visitor = visitor_of(request)
-    user = visitor.owner if visitor.sign_in else getattr(request, "username", None) or None
-    return {"user": user, "session": getattr(request, "session_hash", None)}
-
-
-def _feedback_giver(request: gr.Request | None) -> dict[str, str | None]:
-    """_who for a vote, thumb or comment: a visitor who has not signed in on a shared app may chat, not rate."""
-    try:
-        require_signed_in(visitor_of(request), "give feedback")
-    except AccessDenied as error:
-        raise refusal(str(error)) from None
-    return _who(request)
-
-
-def _model_name(side: str, run_id: str, reference: str | None = None) -> str:
-    if side == "base":
-        return f"the starting adapter ({reference})" if reference else "the base model"
-    return f"the fine-tuned model ({run_id})"
 
 
 def side_labels(arena: bool, run_id: str | None, reference: str | None = None) -> tuple[str, str]:
@@ -230,7 +198,7 @@ def chat(manager: RunManager, engine: ChatEngine, store: FeedbackStore | None, p
                                 tuned_history=histories[SIDES[order.index("tuned")]],
                                 settings=vars(settings).copy(), base_response=base_text, tuned_response=tuned_text,
                                 base_notice=base_notice, tuned_notice=tuned_notice,
-                                base_adapter=reference and reference[0], **_who(request))
+                                base_adapter=reference and reference[0], **who(request))
     except sqlite3.Error as error:
         raise gr.Error(f"The answers are shown but could not be saved for feedback: {error}") from None
     yield (*shown(), "", _next_turn(turn, ids, order, arena, run_id, histories, reference and reference[0]))
@@ -247,102 +215,6 @@ def _next_turn(turn: Turn | None, ids: dict[str, str], order: tuple[str, str], a
     return {"turn_id": ids["turn"], "run_id": run_id, "reference": reference, "arena": arena, "order": list(order),
             "gen": {side: ids[order[index]] for index, side in enumerate(SIDES)}, "messages": messages,
             "voted": False, "follow_up": any(histories[side] for side in SIDES)}
-
-
-def show_vote(turn: Turn | None) -> tuple[Any, Any, str]:
-    """After a stored turn: open the vote, worded for arena (A/B) or side-by-side (left/right)."""
-    if not turn:
-        return gr.Column(visible=False), gr.Radio(value=None), ""
-    hint = ("Which answer is better? The models are revealed after your vote." if turn["arena"]
-            else "Rate this turn: which answer is better, and what should the answer have been?")
-    if turn.get("follow_up"):  # a preference pair stores the whole conversation as its prompt
-        hint += (" This answer follows earlier turns, so your vote is stored with the whole conversation as its "
-                 "prompt; press Clear between unrelated questions to give the RLHF step separate prompts.")
-    return gr.Column(visible=True), gr.Radio(choices=ARENA_VOTES if turn["arena"] else VOTES, value=None), hint
-
-
-# --- feedback --------------------------------------------------------------------------------------------------
-
-def submit_feedback(store: FeedbackStore | None, turn: Turn | None, vote: str | None, comment: str | None,
-                    correction: str | None, target: str | None, request: gr.Request = None
-                    ) -> tuple[str, Any, Any, str, str, Turn | None]:
-    """Store the vote, comment and corrected answer for the last turn; in arena mode reveal the models."""
-    if store is None:
-        raise refusal("Feedback is not stored in this app (it was built without a feedback store).")
-    who = _feedback_giver(request)
-    if not turn:
-        raise refusal("Send a prompt first: there is no answer to rate yet.")
-    comment, correction = (comment or "").strip(), (correction or "").strip()
-    if not (vote or comment or correction):
-        raise refusal("Choose which answer is better, or write a comment or a corrected answer.")
-    if vote and vote not in ("left", "right", "tie", "both_bad"):
-        raise refusal(f"Unknown vote {vote!r}.")
-    gen, saved = turn.get("gen") or {}, []
-    if not store.given_to([gen.get(side) for side in SIDES], **who):
-        raise refusal(NOT_YOUR_ANSWER)
-    try:
-        if vote:
-            choice = {"left": "first", "right": "second"}.get(vote, vote)
-            store.add_preference(gen["left"], gen["right"], choice, comment=comment or None,
-                                 arena=turn["arena"], **who)
-            saved.append("vote")
-        elif comment:
-            store.add_comment(gen["left"], comment, other_id=gen["right"], **who)
-        if comment:
-            saved.append("comment")
-        if correction:
-            sides = SIDES if (target or "both") == "both" else (target,)
-            group = str(uuid.uuid4())  # one correction, stored once per answer it replaces, counted once
-            for side in sides:
-                store.add_correction(gen[side], correction, group_id=group, **who)
-            saved.append("corrected answer" + (" (for both answers: 2 preference pairs)" if len(sides) > 1 else ""))
-    except FeedbackError as error:
-        raise refusal(str(error)) from None
-    except sqlite3.Error as error:
-        raise gr.Error(f"Could not save the feedback (nothing was lost from the form): {error}") from None
-    message = f"Saved: {', '.join(saved)}. {store.sync_summary()}"
-    labels = [gr.Chatbot(), gr.Chatbot()]
-    if turn["arena"] and vote:
-        names = [_model_name(side, turn["run_id"], turn.get("reference")) for side in turn["order"]]
-        message = f"**Revealed:** A was {names[0]}, B was {names[1]}.  \n" + message
-        labels = [gr.Chatbot(label=f"{letter}: {name}") for letter, name in zip(ARENA_LABELS, names)]
-        turn = {**turn, "voted": True}
-    return message, labels[0], labels[1], "", "", turn
-
-
-def like_answer(store: FeedbackStore | None, side: str, turn: Turn | None, data: gr.EventData,
-                request: gr.Request = None) -> None:
-    """Thumbs up/down (or taken back) on one answer, from the chatbot's own like buttons. Typed as EventData, not
-    LikeData: an API call carries no like event, and LikeData would fail inside gradio with a bare error."""
-    if store is None:
-        raise refusal("Feedback is not stored in this app (it was built without a feedback store).")
-    data = _like_event(data)
-    who = _feedback_giver(request)
-    index = data.index[0] if isinstance(data.index, (list, tuple)) else data.index
-    generation = ((turn or {}).get("messages", {}).get(side, {})).get(str(index))
-    if generation is None:
-        gr.Warning("That answer was not stored (it came before this session's feedback started); "
-                   "ask again to rate it.")
-        return
-    if not store.given_to([generation], **who):
-        raise refusal(NOT_YOUR_ANSWER)
-    up = data.liked if isinstance(data.liked, bool) else None  # "" means the thumb was clicked off again
-    try:
-        store.add_thumbs(generation, up, **who)
-    except (FeedbackError, sqlite3.Error) as error:
-        raise gr.Error(f"Could not save the thumb: {error}") from None
-    gr.Info({True: "Saved 👍", False: "Saved 👎", None: "Thumb removed"}[up])
-
-
-def _like_event(data: Any) -> Any:
-    """The like event's index and thumb (a LikeData as is); a call without one is refused in words."""
-    if not isinstance(data, gr.EventData):  # a LikeData-like object (a direct call)
-        return data
-    event = data.__dict__.get("_data")  # EventData's own __getattr__ fails when an API call carries no event
-    if not isinstance(event, dict) or not {"index", "value"} <= set(event):
-        raise refusal("A thumb rates an answer shown in the chat: press 👍 or 👎 under it. Through the API, rate the "
-                      "last answer with /submit_feedback.")
-    return gr.LikeData(data.__dict__.get("target"), event)
 
 
 def clear_chats() -> tuple[Chat, Chat]:

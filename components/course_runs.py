@@ -5,6 +5,7 @@ tab: components/course_tab.py wires these handlers (its api_names) to its contro
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import gradio as gr
@@ -15,12 +16,13 @@ from finetune.core import paths
 from finetune.core.access import AccessDenied, Visitor, require_signed_in
 from finetune.core.config import ConfigError, RunConfig, from_dict, load_config, to_dict
 from finetune.core.course_progress import CourseProgress
+from finetune.core.estimate import lora_parameter_count, model_shape
 from finetune.core.hardware import HardwareProfile
 from finetune.core.metrics import is_summary
 from finetune.core.models import ModelSourceError
 from finetune.core.paths import CONFIGS_DIR
 from finetune.core.preference import BUNDLED_PREFERENCES, load_preferences
-from finetune.core.run_folder import RUN_CONFIG
+from finetune.core.run_folder import RUN_CONFIG, read_run_info
 from finetune.core.run_status import read_metrics, write_status
 from finetune.services import course
 from finetune.services.admission import RunError, check_sources
@@ -29,6 +31,8 @@ from finetune.services.evaluate import judge_accuracy
 from finetune.services.runs import RunManager
 
 RUN_STEPS = ("qlora", "reward", "dpo")
+RANK_EXPERIMENT = course.RANK_EXPERIMENT
+POLLED = RUN_STEPS + (RANK_EXPERIMENT,)
 
 
 def notice(sentence: str) -> str:
@@ -142,6 +146,33 @@ def start_qlora(manager: RunManager, profile: HardwareProfile, rank: float | Non
     return f"Started `{run_id}`; its loss curve is also in the **Train** tab."
 
 
+def rank_experiment_config(learner: RunConfig) -> RunConfig:
+    """The learner's QLoRA run at the experiment's other rank (alpha = 2 x rank as the course sets it): same data,
+    split, steps and seed, so the rank is the one difference."""
+    raw, rank = to_dict(learner), course.other_rank(learner.lora.rank)
+    raw["run_name"] = f"course-rank{rank}"
+    raw["lora"].update(rank=rank, alpha=2 * rank)
+    return from_dict(raw)
+
+
+def start_rank_experiment(manager: RunManager, profile: HardwareProfile, request: gr.Request = None) -> str:
+    """Step 3's experiment: queue the learner's QLoRA run again at rank 4 (16 when theirs is 4)."""
+    visitor = acting_visitor(request, "start a training run")
+    progress = CourseProgress(manager.root, visitor)
+    learner_run = progress.result("qlora").get("run_id")
+    if not learner_run:
+        raise refusal("Start step 3's QLoRA run first: the experiment repeats it at another rank.")
+    try:
+        learner = load_config(manager.run_dir(learner_run) / RUN_CONFIG)
+    except (RunError, ConfigError, OSError):
+        raise refusal(f"Run `{learner_run}` no longer exists: start step 3 again.") from None
+    cfg = rank_experiment_config(learner)
+    run_id = _start(manager, cfg, visitor, "sft")
+    progress.record(RANK_EXPERIMENT, done=False, run_id=run_id, against=learner_run, sentence=None)
+    return (f"Started `{run_id}`: your run `{learner_run}` again at rank {cfg.lora.rank} instead of "
+            f"{learner.lora.rank}. It waits in the queue behind your other runs.")
+
+
 def finished_run(manager: RunManager, progress: CourseProgress, step: str, before: str) -> str:
     """The run a step builds on, once it completed; a clear refusal otherwise."""
     run_id = progress.result(step).get("run_id")
@@ -173,8 +204,28 @@ def _values(rows: list[dict[str, Any]], key: str) -> list[float]:
     return [r[key] for r in rows if isinstance(r.get(key), (int, float)) and not is_summary(r)]
 
 
-def completed_run_sentence(manager: RunManager, step: str, run_id: str) -> str:
-    """The step's sentence from a completed run's own folder."""
+def _trainable(folder: Path, cfg: RunConfig) -> int:
+    """The trainable weights a run counted in its run info, else the estimate's count for its settings."""
+    info = read_run_info(folder)
+    if isinstance(info.get("trainable_parameters"), int):
+        return info["trainable_parameters"]
+    return lora_parameter_count(model_shape(cfg.model), cfg.lora)[0]
+
+
+def rank_experiment_sentence(manager: RunManager, run_id: str, learner_run: str) -> str:
+    folder, learner_folder = manager.run_dir(run_id), manager.run_dir(learner_run)
+    cfg, learner = load_config(folder / RUN_CONFIG), load_config(learner_folder / RUN_CONFIG)
+    losses = [_values(read_metrics(f), "eval_loss") for f in (learner_folder, folder)]
+    return course.rank_sentence(learner.lora.rank, _trainable(learner_folder, learner), cfg.lora.rank,
+                                _trainable(folder, cfg), losses[0][-1] if losses[0] else None,
+                                losses[1][-1] if losses[1] else None, held_out_rows(cfg))
+
+
+def completed_run_sentence(manager: RunManager, step: str, run_id: str, against: str | None = None) -> str:
+    """The step's sentence from a completed run's own folder (the rank experiment's also reads ``against``, the
+    learner's run it repeats)."""
+    if step == RANK_EXPERIMENT and against:
+        return rank_experiment_sentence(manager, run_id, against)
     folder, status = manager.run_dir(run_id), manager.status(run_id)
     rows, cfg = read_metrics(folder), load_config(folder / RUN_CONFIG)
     if step == "reward":
@@ -209,20 +260,23 @@ def _run_view(manager: RunManager, progress: CourseProgress, step: str) -> tuple
         return progress_html(elem, status, rows), ""
     sentence = entry.get("sentence")
     if not sentence:
-        sentence = completed_run_sentence(manager, step, run_id)
-        progress.record(step, sentence=sentence, seconds=status.get("duration"))
+        try:
+            sentence = completed_run_sentence(manager, step, run_id, entry.get("against"))
+        except (RunError, ConfigError, OSError):  # the learner's run it compares with was deleted
+            return progress_html(elem, status, rows), f"Run `{entry.get('against')}` no longer exists."
+        progress.record(step, done=step in course.STEP_KEYS, sentence=sentence, seconds=status.get("duration"))
     return progress_html(elem, status, rows), notice(sentence)
 
 
 def poll_course(manager: RunManager, request: gr.Request = None) -> tuple[str, ...]:
-    """The three run steps' bars and sentences, and the path line (cheap enough for a 2 s timer)."""
+    """The three run steps' and the rank experiment's bars and sentences, and the path line (cheap enough for a 2 s timer)."""
     progress = progress_of(manager, request)
-    views = [part for step in RUN_STEPS for part in _run_view(manager, progress, step)]
+    views = [part for step in POLLED for part in _run_view(manager, progress, step)]
     return (*views, path_markdown(progress))
 
 
 def path_markdown(progress: CourseProgress) -> str:
-    done = set(progress.done())
+    done = set(progress.done()) & set(course.STEP_KEYS)
     marks = [f"**✓ {number}. {step.title}**" if step.key in done else f"{number}. {step.title}"
              for number, step in enumerate(course.STEPS, start=1)]
     kept = "" if progress.kept else " (sign in to keep your progress)"

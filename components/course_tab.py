@@ -16,8 +16,9 @@ from typing import Any
 import gradio as gr
 import pandas as pd
 
-from components.course_runs import (RUN_STEPS, acting_visitor, expected_times, finished_run, notice, path_markdown,
-                                    poll_course, progress_of, qlora_config, start_dpo, start_qlora, start_reward)
+from components.course_runs import (POLLED, RANK_EXPERIMENT, RUN_STEPS, acting_visitor, expected_times, finished_run,
+                                    notice, path_markdown, poll_course, progress_of, qlora_config, start_dpo,
+                                    start_qlora, start_rank_experiment, start_reward)
 from components.downloads import downloadable
 from components.shared import CHAT_SLOT, bind, on_page_load, progress_html, refusal, visitor_of
 from finetune.core.config import BUNDLED_DATASET, ConfigError, LoraSettings, load_config
@@ -29,7 +30,8 @@ from finetune.core.run_folder import ADAPTER_DIR, RUN_CONFIG
 from finetune.services import course
 from finetune.services.benchmarks import BenchmarkService
 from finetune.services.chat import ChatEngine, SamplingSettings
-from finetune.services.evaluate import candidate_loss, candidates, load_eval_rows, loss_difference_interval, model_label
+from finetune.services.evaluate import (adapter_name, candidate_loss, candidates, load_eval_rows,
+                                       loss_difference_interval, model_label)
 from finetune.services.feedback import FeedbackError, FeedbackStore
 from finetune.services.lab_report import collect, write_report
 from finetune.services.quantize import FORMATS, MB, measure
@@ -148,8 +150,11 @@ def evaluate_course(manager: RunManager, engine: ChatEngine, request: gr.Request
     adapter against its baseline with a 95% paired-bootstrap interval (as the Evaluate tab computes it)."""
     visitor = acting_visitor(request, "evaluate")
     record = CourseProgress(manager.root, visitor)
+    learner_run = finished_run(manager, record, "qlora", "3 (QLoRA)")
+    experiment = [run for run in _finished_or_none(manager, record, RANK_EXPERIMENT)
+                  if record.result(RANK_EXPERIMENT).get("against") == learner_run]
     run_dirs = {run_id: manager.run_dir(run_id) for run_id in
-                [finished_run(manager, record, "qlora", "3 (QLoRA)")] + _finished_or_none(manager, record, "dpo")}
+                [learner_run] + _finished_or_none(manager, record, "dpo") + experiment}
     started, size = course.now(), course.CourseSize.from_env()
     try:
         rows = load_eval_rows(BUNDLED_DATASET, "validation", size.eval_rows)
@@ -162,6 +167,9 @@ def evaluate_course(manager: RunManager, engine: ChatEngine, request: gr.Request
         raise refusal(f"Could not evaluate: {error}") from None
     verdicts = [_verdict(results, c.name, against, len(rows)) for c in chosen if c.adapter_dir is not None
                 for against in (model_label(c.model), c.start_name) if against in results]
+    # The rank experiment's run against the learner's run it repeats: the only difference is the rank.
+    verdicts += [f"Rank experiment: {_verdict(results, adapter_name(run), adapter_name(learner_run), len(rows))}"
+                 for run in experiment if adapter_name(run) in results and adapter_name(learner_run) in results]
     sentence = " ".join(verdicts)
     record.record("evaluate", verdicts=verdicts, sentence=sentence, seconds=round(course.now() - started, 1))
     return notice(sentence)
@@ -235,6 +243,12 @@ INTRO = ("# Start here\nThe course in eight steps, on your own runs: PEFT and Lo
          "settings and says what to notice in **your** numbers; **Open the … tab** shows every control.")
 
 
+EXPERIMENT_TEXT = ("Your QLoRA run trained once more with only the rank changed: rank 4, or 16 if yours is 4. Same "
+                   "rows, steps and seed, about as long as step 3. Rank sets how many weights the adapter has; "
+                   "whether more of them help depends on how much there is to learn. Step 7 then scores both "
+                   "runs on the same held-out questions with an interval.")
+
+
 def tab_link_js(tab: str) -> str:
     """Client-side jump to a tab by its label (no server round trip, no dependency on how app.py nests tabs)."""
     return ("() => { const tab = [...document.querySelectorAll('button[role=tab]')]"
@@ -267,6 +281,8 @@ def _step_box(number: int, step: course.CourseStep, ui: dict[str, Any]) -> None:
             ui["save_vote"] = gr.Button("Save my vote", elem_id="course-save-vote", scale=1)
         ui["vote_hint"] = gr.Markdown(elem_id="course-vote-hint")
     ui[f"{key}_notice"] = gr.Markdown(elem_id=f"course-{key}-notice")
+    if key == "qlora":
+        _rank_experiment_box(ui)
     if key == "quantization":
         ui["quant_table"] = gr.Dataframe(pd.DataFrame(columns=["format", "quantized layers (MB)", "perplexity"]),
                                          interactive=False, elem_id="course-quant-table")
@@ -275,6 +291,17 @@ def _step_box(number: int, step: course.CourseStep, ui: dict[str, Any]) -> None:
     if key == "report":
         ui["report_files"] = gr.File(label="Your lab report", file_count="multiple", interactive=False,
                                      elem_id="course-report-files")
+
+
+def _rank_experiment_box(ui: dict[str, Any]) -> None:
+    """Step 3's small experiment: the learner's run again at another rank, through the same run queue."""
+    with gr.Accordion("Experiment: does a bigger adapter learn more here? (rank 4 against 16)", open=False,
+                      elem_id="course-rank-experiment"):
+        gr.Markdown(EXPERIMENT_TEXT)
+        ui["rank_go"] = gr.Button("Train my run again at the other rank", elem_id="course-rank-go")
+        ui["rank_started"] = gr.Markdown(elem_id="course-rank-started")
+        ui["rank_progress"] = gr.HTML(progress_html("course-rank-progress", {"state": "idle"}, []))
+        ui["rank_notice"] = gr.Markdown(elem_id="course-rank-notice")
 
 
 def build_course_tab(manager: RunManager, profile: HardwareProfile, engine: ChatEngine,
@@ -298,6 +325,8 @@ def _wire(manager: RunManager, profile: HardwareProfile, engine: ChatEngine, sto
                                  ("dpo", start_dpo, None)):
         ui[f"{key}_go"].click(bind(handler, manager, profile), inputs, ui[f"{key}_started"],
                               api_name=f"course_{key}", concurrency_limit=1, concurrency_id="train-start")
+    ui["rank_go"].click(bind(start_rank_experiment, manager, profile), None, ui["rank_started"],
+                        api_name="course_rank_experiment", concurrency_limit=1, concurrency_id="train-start")
     ui["chat_go"].click(bind(ask_both, manager, engine, store), ui["prompt"],
                         [ui["base_answer"], ui["tuned_answer"], ui["vote_hint"]], api_name="course_ask",
                         **CHAT_SLOT)  # the Chat tab's slot: answers take turns on the one model
@@ -309,7 +338,7 @@ def _wire(manager: RunManager, profile: HardwareProfile, engine: ChatEngine, sto
                                    api_visibility="private")
     ui["report_go"].click(bind(lab_report, manager, store.path if store else None, benchmarks), None,
                           [ui["report_files"], ui["report_notice"]], api_name="course_report")
-    live = [ui[f"{key}_{part}"] for key in RUN_STEPS for part in ("progress", "notice")] + [ui["path"]]
+    live = [ui[f"{key}_{part}"] for key in POLLED for part in ("progress", "notice")] + [ui["path"]]
     poll = bind(poll_course, manager)
     gr.Timer(POLL_SECONDS).tick(poll, None, live, api_name="course_poll", show_progress="hidden", queue=False)
     restored = ([ui["rank"]] + [ui[f"{s.key}_time"] for s in course.STEPS]

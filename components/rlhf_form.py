@@ -1,5 +1,6 @@
 """The RLHF tab's form -> the RunConfig of one stage (reward, DPO, KTO, GRPO): the stage's CPU preset with the
-form's values on top, every source through the path gate; and where step 2's preference data comes from."""
+form's values on top (forms.run_config_from_form, as every tab that starts a job), every source through the path
+gate; and where step 2's preference data comes from."""
 
 from __future__ import annotations
 
@@ -7,10 +8,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from components.forms import MODEL_KINDS, PREFERENCE_DATA_KINDS
+from components.forms import MODEL_KINDS, PREFERENCE_DATA_KINDS, form_sections, run_config_from_form
 from finetune.core import paths
-from finetune.core.config import (DPO_LOSSES, EMBEDDED_MODEL, KTO_LOSSES, ConfigError, RunConfig, from_dict,
-                                  load_config, to_dict)
+from finetune.core.config import DPO_LOSSES, EMBEDDED_MODEL, KTO_LOSSES, ConfigError, RunConfig, load_config
 from finetune.core.preference import BUNDLED_PREFERENCES, PreferenceError
 from finetune.core.run_folder import FEEDBACK_EXPORTS_DIR
 from finetune.services.feedback_export import export_feedback
@@ -62,51 +62,43 @@ def _whole(value: Any) -> int:
     return int(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else 0
 
 
+# The form's keys that name a config field otherwise than "<section>_<field>" (forms.form_sections maps the rest);
+# each stage also reads its own "reward_"/"policy_" learning rate and steps.
+FORM_FIELDS = {"max_seq_length": "data.max_seq_length", "beta": "preference.beta", "loss_type": "preference.loss_type",
+               "reward_run": "preference.reward_model", "num_generations": "preference.num_generations",
+               "max_completion_length": "preference.max_completion_length", "batch_size": "training.batch_size",
+               "eval_steps": "training.eval_steps", "early_stopping_patience": "training.early_stopping_patience",
+               "keep": "training.keep", "report_to": "training.report_to", "processes": "training.processes"}
+NOT_FIELDS = ("model_kind", "model_source", "data_kind", "data_file", "data_hub_name")  # sources: assembled here
+# An empty choice means this value, or with EMPTY_IS_PRESET the preset's (it is not a value to check).
+EMPTY_IS = {"data_split": "train", "data_hub_config": None, "reward_run": "", "processes": 1}
+EMPTY_IS_PRESET = ("loss_type", "keep", "report_to")
+
+
 def stage_config_from_form(stage: str, source: str, form: dict[str, Any]) -> RunConfig:
-    """The RunConfig of one stage from the shared form; ConfigError lists every bad field."""
+    """The RunConfig of one stage from the shared form over the stage's preset; ConfigError lists every bad field."""
     prefix = "reward" if stage == "reward" else "policy"
-    base = to_dict(preset(stage))
-    rank = form.get("lora_rank", base["lora"]["rank"])
     start = form.get("start_adapter") or ""
     # Gated even where this stage ignores them: no request names a path the gate has not seen.
     for value in (start, form.get("reward_run")):
         if value != BASE_CHOICE:
             paths.run_id_or_folder(value)
-    raw = {
-        "run_name": stage, "stage": stage,
-        "model": {**base["model"], "source": form_model_source(form), "bits": form.get("model_bits", 4)},
-        "lora": {**base["lora"], "rank": rank,
-                 "alpha": 2 * rank if isinstance(rank, (int, float)) and not isinstance(rank, bool) else rank},
-        "data": {**base["data"], "source": source, "split": form.get("data_split") or "train",
-                 "hub_config": form.get("data_hub_config") or None,
-                 "skip_bad_rows": form.get("data_skip_bad_rows", base["data"]["skip_bad_rows"]),
-                 "max_seq_length": form.get("max_seq_length", base["data"]["max_seq_length"])},
-        "preference": {**base["preference"], "beta": form.get("beta", base["preference"]["beta"]),
-                       "loss_type": form.get("loss_type") or base["preference"]["loss_type"],
-                       "start_adapter": "" if stage == "reward" or start == BASE_CHOICE else start,
-                       "reward_model": form.get("reward_run") or "",
-                       "num_generations": form.get("num_generations", base["preference"]["num_generations"]),
-                       "max_completion_length": form.get("max_completion_length",
-                                                         base["preference"]["max_completion_length"])},
-        "training": {**base["training"],
-                     "learning_rate": form.get(f"{prefix}_learning_rate", base["training"]["learning_rate"]),
-                     "max_steps": form.get(f"{prefix}_max_steps", base["training"]["max_steps"]),
-                     "batch_size": form.get("batch_size", base["training"]["batch_size"]),
-                     "eval_steps": form.get("eval_steps", base["training"]["eval_steps"]),
-                     # GRPO has no held-out set: the config refuses these there unless they are off
-                     "early_stopping_patience": form.get("early_stopping_patience",
-                                                         base["training"]["early_stopping_patience"]),
-                     "keep": form.get("keep") or base["training"]["keep"],
-                     "report_to": form.get("report_to") or base["training"]["report_to"],
-                     # Past one device: data parallel only (FSDP shards an SFT run's base, not these stages').
-                     "processes": form.get("processes") or 1,
-                     "strategy": "ddp" if _whole(form.get("processes")) > 1 else "single"},
-    }
-    if stage == "kto" and raw["preference"]["loss_type"] not in KTO_LOSSES:
-        raw["preference"]["loss_type"] = "kto"
-    if stage == "dpo" and raw["preference"]["loss_type"] not in DPO_LOSSES:
-        raw["preference"]["loss_type"] = "sigmoid"
-    cfg = from_dict(raw)
+    base = preset(stage)
+    given = {**EMPTY_IS, **{k: v for k, v in form.items() if v or k not in (*EMPTY_IS, *EMPTY_IS_PRESET)}}
+    sections = form_sections(given, {**FORM_FIELDS, f"{prefix}_learning_rate": "training.learning_rate",
+                                     f"{prefix}_max_steps": "training.max_steps"}, skip=NOT_FIELDS)
+    model, lora, preference = sections["model"], sections["lora"], sections["preference"]
+    model.update(source=form_model_source(form), bits=form.get("model_bits", 4))
+    rank = lora.get("rank", base.lora.rank)
+    lora["alpha"] = 2 * rank if isinstance(rank, (int, float)) and not isinstance(rank, bool) else rank
+    sections["data"]["source"] = source
+    preference["start_adapter"] = "" if stage == "reward" or start == BASE_CHOICE else start
+    loss, allowed = preference.get("loss_type", base.preference.loss_type), {"kto": KTO_LOSSES, "dpo": DPO_LOSSES}
+    if stage in allowed and loss not in allowed[stage]:
+        preference["loss_type"] = "kto" if stage == "kto" else "sigmoid"
+    # Past one device: data parallel only (FSDP shards an SFT run's base, not these stages').
+    sections["training"]["strategy"] = "ddp" if _whole(form.get("processes")) > 1 else "single"
+    cfg = run_config_from_form(sections, base, run_name=stage, stage=stage)
     # The model, start adapter and reward model folders; form_data_source gated the data.
     paths.check_config(cfg, data=False)
     return cfg

@@ -326,7 +326,7 @@ def _checked_number(block: Any, preprocess: Any) -> Any:
 
 # The heavy read-only handlers get slots of their own (gradio concurrency ids), apart from each other and from the
 # queue's other events: a visitor's data preview or estimate can wait only behind another preview or estimate, and
-# each of those reads a bounded sample (finetune.core.data.SAMPLE_BYTES), so the wait is short. Chat has its own slot:
+# each of those reads a bounded sample (finetune.core.data_sources.SAMPLE_BYTES), so the wait is short. Chat has its own slot:
 # up to 4 answers at once, which take turns on the one model in slices (finetune.services.chat), so a short question is
 # answered while a long answer runs; a fifth visitor waits in gradio's queue and sees their place.
 PREVIEW_SLOT: dict[str, Any] = {"concurrency_limit": 2, "concurrency_id": "data-preview"}

@@ -1,5 +1,7 @@
-"""The Train tab's form <-> a RunConfig. Every form key "<section>_<field>" maps onto that config field; the keys
-in UI_ONLY are assembled here (the data source by kind through the path gate, the column mapping)."""
+"""The Train tab's form <-> a RunConfig, through forms.run_config_from_form as every tab that starts a job: every form
+key "<section>_<field>" maps onto that config field; the keys in UI_ONLY are assembled here (the data source by kind
+through the path gate, the column mapping), and which form fields feed more than the config (the PEFT method's own
+fields, the LoRA aid, the estimate)."""
 
 from __future__ import annotations
 
@@ -7,11 +9,12 @@ import json
 from pathlib import Path
 from typing import Any
 
+import gradio as gr
 import yaml
 
-from components.forms import SFT_DATA_KINDS
+from components.forms import SFT_DATA_KINDS, form_sections, run_config_from_form
 from finetune.core import paths
-from finetune.core.config import BUNDLED_DATASET, EMBEDDED_MODEL, ConfigError, RunConfig, from_dict
+from finetune.core.config import BUNDLED_DATASET, EMBEDDED_MODEL, LORA_METHODS, ConfigError, RunConfig
 
 UI_ONLY = ("data_kind", "data_bundled", "data_hub_name", "data_file", "prompt_column", "answer_column",
            "column_mapping_json", "model_kind")
@@ -54,12 +57,8 @@ def column_mapping(form: dict[str, Any]) -> dict[str, str]:
 
 def config_from_form(form: dict[str, Any]) -> RunConfig:
     """The RunConfig the form describes; ConfigError lists every bad field."""
-    sections: dict[str, dict[str, Any]] = {"model": {}, "lora": {}, "data": {}, "training": {}}
-    for key, value in form.items():
-        section, _, name = key.partition("_")
-        if key not in UI_ONLY and section in sections:
-            sections[section][name] = value
-    data, problems = sections["data"], {}
+    sections, problems = form_sections(form, skip=UI_ONLY), {}
+    data = sections["data"]
     try:
         data["source"] = _data_source(form)
     except paths.PathRefused:
@@ -76,13 +75,7 @@ def config_from_form(form: dict[str, Any]) -> RunConfig:
     for cap in ("max_samples", "max_eval_samples"):
         if not data.get(cap):
             data[cap] = None  # 0 / empty in the form means "all rows"
-    try:
-        cfg = from_dict({**sections, "run_name": (form.get("run_name") or "").strip() or "run"})
-    except ConfigError as error:
-        raise ConfigError({**problems, **error.problems}) from None
-    if problems:
-        raise ConfigError(problems)
-    return cfg
+    return run_config_from_form(sections, problems=problems, run_name=(form.get("run_name") or "").strip() or "run")
 
 
 def form_from_config(cfg: RunConfig) -> dict[str, Any]:
@@ -103,3 +96,51 @@ def form_from_config(cfg: RunConfig) -> dict[str, Any]:
     values["data_max_samples"] = cfg.data.max_samples or 0
     values["data_max_eval_samples"] = cfg.data.max_eval_samples or 0
     return values
+
+
+def show_method_fields(method: str) -> tuple[Any, ...]:
+    """Only the fields the chosen PEFT method reads: rank/alpha/dropout/targets for the LoRA family, ..."""
+    lora_like, ia3, prompt = method in LORA_METHODS, method == "ia3", method == "prompt_tuning"
+    return (gr.update(visible=lora_like), gr.update(visible=lora_like), gr.update(visible=lora_like),
+            gr.update(visible=lora_like or ia3), gr.update(visible=ia3), gr.update(visible=prompt),
+            gr.update(visible=prompt), gr.update(visible=lora_like))
+
+
+# The form fields that feed more than the config, each named once with what it feeds: "method" (shown only for the
+# PEFT methods that read it; show_method_fields's order), "aid" (lora_aid_markdown's arguments, in their order),
+# "estimate" (a change re-runs the estimate).
+FIELD_USES: dict[str, tuple[str, ...]] = {
+    "lora_method": ("estimate",),
+    "model_source": ("aid", "estimate"),
+    "lora_rank": ("method", "aid", "estimate"),
+    "lora_alpha": ("method", "aid"),
+    "lora_dropout": ("method",),
+    "lora_target_modules": ("method", "aid", "estimate"),
+    "lora_ia3_feedforward_modules": ("method", "estimate"),
+    "lora_num_virtual_tokens": ("method", "estimate"),
+    "lora_prompt_init_text": ("method",),
+    "model_bits": ("aid", "estimate"),
+    "model_quant_type": ("aid", "estimate"),
+    "model_double_quant": ("aid", "estimate"),
+    "training_optimizer": ("aid", "estimate"),
+    "lora_init": ("method", "aid", "estimate"),
+    "lora_bias": ("estimate",),
+    "training_batch_size": ("estimate",),
+    "data_max_seq_length": ("estimate",),
+    "training_gradient_checkpointing": ("estimate",),
+    "training_padding_free": ("estimate",),
+    "training_liger_kernels": ("estimate",),
+    "training_cpu_lm_head": ("estimate",),
+    "model_compute_dtype": ("estimate",),
+    "training_processes": ("estimate",),
+    "training_strategy": ("estimate",),
+    "training_gradient_accumulation": ("estimate",),
+}
+
+
+def fields_for(use: str) -> tuple[str, ...]:
+    """The form keys that feed ``use`` ("method", "aid" or "estimate"), in FIELD_USES's order."""
+    return tuple(key for key, uses in FIELD_USES.items() if use in uses)
+
+
+METHOD_FIELDS = fields_for("method")

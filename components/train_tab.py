@@ -20,7 +20,7 @@ from components.forms import MODEL_KINDS, SFT_DATA_KINDS
 from components.lora_aid import lora_aid_markdown
 from components.shared import (ESTIMATE_SLOT, PREVIEW_SLOT, bind, list_hub_options, on_page_load, progress_html,
                                refusal, stop_run, visitor_of)
-from components.train_form import form_from_config, presets
+from components.train_form import METHOD_FIELDS, fields_for, form_from_config, presets, show_method_fields
 from components.train_preview import preview_dataset, update_estimate
 from components.train_runs import (HISTORY_COLUMNS, ask_delete, compare_runs, delete_run, poll_run, resume_run,
                                    run_history, start_run)
@@ -154,54 +154,6 @@ def _quant_details(form: dict[str, Any], defaults: RunConfig) -> None:
                                                 label="4-bit type", info=_info("model_quant_type"))
             form["model_double_quant"] = gr.Checkbox(value=defaults.model.double_quant, label="Double quant",
                                                      info=_info("model_double_quant"))
-
-
-def show_method_fields(method: str) -> tuple[Any, ...]:
-    """Only the fields the chosen PEFT method reads: rank/alpha/dropout/targets for the LoRA family, ..."""
-    lora_like, ia3, prompt = method in LORA_METHODS, method == "ia3", method == "prompt_tuning"
-    return (gr.update(visible=lora_like), gr.update(visible=lora_like), gr.update(visible=lora_like),
-            gr.update(visible=lora_like or ia3), gr.update(visible=ia3), gr.update(visible=prompt),
-            gr.update(visible=prompt), gr.update(visible=lora_like))
-
-
-# The form fields that feed more than the config, each named once with what it feeds: "method" (shown only for the
-# PEFT methods that read it; show_method_fields's order), "aid" (lora_aid_markdown's arguments, in their order),
-# "estimate" (a change re-runs the estimate).
-FIELD_USES: dict[str, tuple[str, ...]] = {
-    "lora_method": ("estimate",),
-    "model_source": ("aid", "estimate"),
-    "lora_rank": ("method", "aid", "estimate"),
-    "lora_alpha": ("method", "aid"),
-    "lora_dropout": ("method",),
-    "lora_target_modules": ("method", "aid", "estimate"),
-    "lora_ia3_feedforward_modules": ("method", "estimate"),
-    "lora_num_virtual_tokens": ("method", "estimate"),
-    "lora_prompt_init_text": ("method",),
-    "model_bits": ("aid", "estimate"),
-    "model_quant_type": ("aid", "estimate"),
-    "model_double_quant": ("aid", "estimate"),
-    "training_optimizer": ("aid", "estimate"),
-    "lora_init": ("method", "aid", "estimate"),
-    "lora_bias": ("estimate",),
-    "training_batch_size": ("estimate",),
-    "data_max_seq_length": ("estimate",),
-    "training_gradient_checkpointing": ("estimate",),
-    "training_padding_free": ("estimate",),
-    "training_liger_kernels": ("estimate",),
-    "training_cpu_lm_head": ("estimate",),
-    "model_compute_dtype": ("estimate",),
-    "training_processes": ("estimate",),
-    "training_strategy": ("estimate",),
-    "training_gradient_accumulation": ("estimate",),
-}
-
-
-def fields_for(use: str) -> tuple[str, ...]:
-    """The form keys that feed ``use`` ("method", "aid" or "estimate"), in FIELD_USES's order."""
-    return tuple(key for key, uses in FIELD_USES.items() if use in uses)
-
-
-METHOD_FIELDS = fields_for("method")
 
 
 def _method_controls(form: dict[str, Any], d: RunConfig) -> None:

@@ -88,3 +88,19 @@ def test_the_stage_table_matches_the_config():
     assert set(STAGES) == set(CONFIG_STAGES)
     for name, stage in STAGES.items():
         assert callable(stage.build) and callable(stage.save), name
+
+
+TAB_LINES, MODULE_LINES = 450, 600
+
+
+def test_files_stay_readable_in_one_sitting():
+    """A tab file holds layout and wiring (its handlers live beside what they serve): at most TAB_LINES lines. A
+    module past MODULE_LINES says on its first line why it stays one ("Over 600 lines on purpose: ...")."""
+    tabs = {f.name: n for f in sorted((ROOT / "components").glob("*_tab.py"))
+            if (n := len(f.read_text(encoding="utf-8").splitlines())) > TAB_LINES}
+    assert not tabs, f"tab files over {TAB_LINES} lines: {tabs}"
+    files = [ROOT / "app.py", *sorted((ROOT / "finetune").rglob("*.py")), *sorted((ROOT / "components").glob("*.py"))]
+    unexplained = [str(f.relative_to(ROOT)) for f in files
+                   if len(lines := f.read_text(encoding="utf-8").splitlines()) > MODULE_LINES
+                   and not lines[0].startswith(f"# Over {MODULE_LINES} lines on purpose: ")]
+    assert not unexplained, f"modules over {MODULE_LINES} lines without the reason on their first line: {unexplained}"

@@ -332,7 +332,7 @@ def _mock_hub_404(monkeypatch) -> None:
     import transformers
     from datasets.exceptions import DatasetNotFoundError
 
-    import finetune.core.data
+    import finetune.core.data_sources
     import finetune.core.models
 
     def missing_dataset(name, *args, **kwargs):
@@ -347,7 +347,7 @@ def _mock_hub_404(monkeypatch) -> None:
                       "'https://huggingface.co/models'")
 
     monkeypatch.setattr(finetune.core.models, "hub_reachable", lambda timeout=3.0: True)
-    monkeypatch.setattr(finetune.core.data, "load_dataset", missing_dataset)
+    monkeypatch.setattr(finetune.core.data_sources, "load_dataset", missing_dataset)
     monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", missing_model)
 
 

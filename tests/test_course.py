@@ -188,3 +188,66 @@ def test_the_report_holds_only_the_visitors_runs_and_no_server_path(tmp_path, mo
     # HTML in a learner's text is shown, never run.
     progress.record("chat", turns=[{"prompt": "<script>alert(1)</script>", "base": "", "tuned": "", "vote": "base"}])
     assert "<script>alert" not in render_html(collect(manager, alice, progress.load()))
+
+
+def test_the_rank_sentence_quotes_both_runs_and_leaves_the_verdict_to_the_interval():
+    text = course.rank_sentence(4, 1_000_000, 16, 4_000_000, 2.5, 2.25, 12)
+    assert "Rank 16 trains 4.0 M weights, 4.0x more than your rank 4's 1.0 M" in text
+    assert "2.250 at rank 16, 2.500 at rank 4" in text and "on 12 rows" in text
+    assert "better" not in text and "worse" not in text  # no interval here: no verdict
+    other = course.rank_sentence(16, 4_000_000, 4, 1_000_000, 2.5, 2.75, 6)
+    assert "4.0x fewer than your rank 16's" in other and "2.750 at rank 4" in other and other != text
+    assert "nothing to set side by side" in course.rank_sentence(4, 1, 16, 4, None, 2.0, 3)
+    assert [course.other_rank(r) for r in (1, 4, 16, 64)] == [4, 16, 4, 4]
+
+
+def test_the_rank_experiment_repeats_the_learners_run_and_step_7_judges_the_pair(tmp_path, tiny_model_dir,
+                                                                                 monkeypatch):
+    """Real runs of the tiny model through the run queue: the experiment differs from the learner's run only in
+    its rank, its sentence quotes both runs' own counts and held-out losses, and step 7 sets the two side by side
+    on the same held-out questions with an interval. The path's count of steps is not changed by it."""
+    import gradio as gr
+
+    from components import course_runs, course_tab
+    from finetune.core.config import BUNDLED_DATASET, to_dict
+    from finetune.core.hardware import detect
+    from finetune.core.run_folder import read_run_info
+    from finetune.core.run_status import read_metrics
+    from finetune.services.chat import ChatEngine
+    from finetune.services.lab_report import collect
+    from finetune.services.runs import RunManager
+    from helpers import tiny_run_config
+
+    monkeypatch.setenv("LORA_LAB_COURSE", "tiny")
+    manager, profile = RunManager(tmp_path / "runs"), detect()
+    with pytest.raises(gr.Error, match="Start step 3's QLoRA run first"):
+        course_runs.start_rank_experiment(manager, profile)
+    learner_cfg = tiny_run_config(tiny_model_dir, tmp_path / "unused.jsonl", bits=32, max_steps=2)
+    learner_cfg.data.source = BUNDLED_DATASET
+    learner = manager.start(learner_cfg)
+    CourseProgress(manager.root, LOCAL).record("qlora", done=False, run_id=learner, sentence=None)
+
+    started = course_runs.start_rank_experiment(manager, profile)
+    experiment = CourseProgress(manager.root, LOCAL).result("rank")["run_id"]
+    assert f"`{learner}` again at rank 16 instead of 4" in started
+    for run_id in (learner, experiment):
+        assert manager.wait(run_id)["state"] == "completed", manager.status(run_id)
+    mine, theirs = to_dict(learner_cfg), to_dict(manager.summary(experiment).config)
+    assert {k: v for k, v in theirs["lora"].items() if k not in ("rank", "alpha")} == \
+        {k: v for k, v in mine["lora"].items() if k not in ("rank", "alpha")}
+    assert (theirs["lora"]["rank"], theirs["lora"]["alpha"]) == (16, 32)
+    assert {s: theirs[s] for s in ("model", "data", "training")} == {s: mine[s] for s in ("model", "data", "training")}
+
+    views = dict(zip([f"{k}_{p}" for k in course_runs.POLLED for p in ("progress", "notice")] + ["path"],
+                     course_runs.poll_course(manager)))
+    counts = [read_run_info(manager.run_dir(r))["trainable_parameters"] for r in (learner, experiment)]
+    assert f"Rank 16 trains {course.millions(counts[1])} weights, {counts[1] / counts[0]:.1f}x more than your " \
+           f"rank 4's {course.millions(counts[0])}" in views["rank_notice"]
+    last_losses = [course_runs._values(read_metrics(manager.run_dir(r)), "eval_loss")[-1] for r in (learner, experiment)]
+    assert f"{last_losses[1]:.3f} at rank 16, {last_losses[0]:.3f} at rank 4" in views["rank_notice"]
+    assert "1 of 8 done" in views["path"]  # the QLoRA step; the experiment is not a step of the path
+
+    verdict = course_tab.evaluate_course(manager, ChatEngine(profile), progress=lambda *a, **k: None)
+    assert "Rank experiment:" in verdict and experiment in verdict and "95% interval" in verdict
+    report = collect(manager, LOCAL, CourseProgress(manager.root, LOCAL).load())
+    assert any(title.startswith("Experiment:") and "Rank 16 trains" in text for title, text in report.sentences)

@@ -275,9 +275,9 @@ def test_deeply_nested_json_is_refused_not_a_traceback(tmp_path):
 
 def test_big_files_go_to_datasets_loaders_bom_and_tabs_included(tmp_path, monkeypatch):
     """Over IN_MEMORY_LIMIT a file is read by datasets (flat memory), which needs UTF-8; a BOM still works."""
-    import finetune.core.data
+    import finetune.core.data_sources
 
-    monkeypatch.setattr(finetune.core.data, "IN_MEMORY_LIMIT", 10)
+    monkeypatch.setattr(finetune.core.data_sources, "IN_MEMORY_LIMIT", 10)
     for name, text in (("big.jsonl", "".join(json.dumps({"Prompt": q, "Completion": a}) + "\n" for q, a in QA)),
                        ("big.tsv", csv_text("\t"))):
         path = tmp_path / name

@@ -100,7 +100,7 @@ def test_empty_rows_give_a_clear_error(tiny):
 # --- win rate and its interval -----------------------------------------------------------------------------
 
 def test_wilson_interval_matches_the_textbook_example():
-    from finetune.services.evaluate import wilson_interval
+    from finetune.core.intervals import wilson_interval
 
     # 8 of 10 successes: the Wilson 95% interval is 0.490 to 0.943 (Newcombe 1998, a standard worked example).
     low, high = wilson_interval(8, 10)
@@ -110,7 +110,8 @@ def test_wilson_interval_matches_the_textbook_example():
 
 
 def test_win_rate_counts_ties_and_both_bad_as_half():
-    from finetune.services.evaluate import win_rate, wilson_interval
+    from finetune.core.intervals import wilson_interval
+    from finetune.services.evaluate import win_rate
 
     rate = win_rate("run-a", {"wins": 6, "losses": 2, "ties": 1, "both_bad": 1})
     assert (rate.votes, rate.wins, rate.losses, rate.ties) == (10, 6, 2, 2)
@@ -376,7 +377,8 @@ def test_verdict_needs_an_interval_clear_of_one_half():
 
 
 def test_degenerate_answers_or_an_unproven_judge_never_earn_better():
-    from finetune.services.evaluate import NO_HELD_OUT, JudgeAccuracy, paired_verdict, wilson_interval
+    from finetune.core.intervals import wilson_interval
+    from finetune.services.evaluate import NO_HELD_OUT, JudgeAccuracy, paired_verdict
 
     collapsed = ["Rule of thumb: Rule of thumb: Rule of thumb:"] + ["🧪 Lab note: a clear and varied answer."] * 7
     verdict = paired_verdict("dpo", "sft", [2.0] * 8, [1.0] * 8, collapsed)
@@ -393,7 +395,7 @@ def test_degenerate_answers_or_an_unproven_judge_never_earn_better():
 
 
 def test_the_held_out_minimum_is_where_three_in_four_beats_chance():
-    from finetune.services.evaluate import wilson_interval
+    from finetune.core.intervals import wilson_interval
     from finetune.core.preference import MIN_HELD_OUT_FOR_VERDICT as n
 
     assert wilson_interval(0.75 * n, n)[0] > 0.5
@@ -468,3 +470,23 @@ def test_the_loss_interval_excludes_zero_only_when_the_rows_agree():
     mixed = result([(n + (3.0 if i % 2 else -3.0), t) for i, (n, t) in enumerate(base.row_nll)])
     low, high = loss_difference_interval(mixed, base)
     assert low < 0 < high
+
+
+@pytest.mark.parametrize("held", range(1, 16))
+def test_the_small_data_warning_names_the_bar_the_course_verdict_applies(held):
+    """Before a run, the warning says which results a held-out set of this size can tell from chance; after it, the
+    course's reward sentence must agree for every possible score (a 4-of-4 result said 'better than chance' while
+    the warning had said to expect 'cannot tell')."""
+    from finetune.core.intervals import fewest_right_beyond_chance
+    from finetune.core.preference import held_out_warning
+    from finetune.services.course import reward_sentence
+
+    needed, warning = fewest_right_beyond_chance(held), held_out_warning(held, "pairs")
+    for right in range(held + 1):
+        told = "better than chance" in reward_sentence(right / held, held)
+        assert told == (needed is not None and right >= needed), (right, held, warning)
+    if needed is None:
+        assert "no result at all can be told from chance" in warning
+    else:
+        assert (f"all {held} right" if needed == held else f"{needed} of {held} ({needed / held:.2f}) or more right") \
+            in warning

@@ -265,7 +265,8 @@ def test_every_handler_that_asks_for_the_request_gets_it(tmp_path):
 
 
 def test_a_vote_on_a_follow_up_says_the_conversation_is_its_prompt():
-    from components.chat_tab import _next_turn, show_vote
+    from components.chat_feedback import show_vote
+    from components.chat_tab import _next_turn
 
     ids = {"turn": "t1", "base": "g1", "tuned": "g2"}
     first = _next_turn(None, ids, ("base", "tuned"), False, "run", {"left": [], "right": []})

@@ -177,7 +177,7 @@ def test_the_pace_follows_the_latest_answers():
 # --- 4. a correction counts once per thing the person did -----------------------------------------------------------
 
 def test_one_correction_for_both_answers_counts_once(tmp_path):
-    from components.chat_tab import submit_feedback
+    from components.chat_feedback import submit_feedback
     from components.feedback_tab import counts_text
     from finetune.services.feedback import FeedbackStore
     from finetune.services.feedback_export import pair_rows

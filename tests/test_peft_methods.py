@@ -149,7 +149,7 @@ def test_chat_streams_an_ia3_adapter_after_the_base(tmp_path, tiny_model_dir):
 
 def test_train_tab_form_carries_the_method_and_shows_its_fields():
     from components.train_form import config_from_form, form_from_config
-    from components.train_tab import METHOD_FIELDS, show_method_fields
+    from components.train_form import METHOD_FIELDS, show_method_fields
 
     cfg = config_from_form({"lora_method": "prompt_tuning", "lora_num_virtual_tokens": 12.0,
                             "lora_prompt_init_text": "Lab note:", "model_bits": 16})

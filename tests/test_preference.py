@@ -283,7 +283,7 @@ def test_size_report_warns_of_memorisation_for_a_learner_sized_set(tmp_path):
     assert "**8 pairs** on **8 prompts**" in size_statement(size, steps, 4) and "3.0 epochs" in size_statement(
         size, steps, 4)
     warnings = " ".join(size_warnings(size, 30, 4))
-    assert "expect memorisation" in warnings and "15.0 passes" in warnings and "too few for a verdict" in warnings
+    assert "expect memorisation" in warnings and "15.0 passes" in warnings and "too few for a dependable verdict" in warnings
     assert "15.0 passes" not in " ".join(size_warnings(size, steps, 4))
 
 

@@ -70,7 +70,7 @@ def test_a_learner_sized_feedback_set_is_warned_about_before_training(loop):
     manager, _, _, (reward_id, reward_message), (policy_id, policy_message) = loop
     for message in (reward_message, policy_message):
         assert "**8 pairs** on **8 prompts** to train on, **2** held out on **2** other prompts" in message
-        assert "expect memorisation" in message and "too few for a verdict" in message
+        assert "expect memorisation" in message and "too few for a dependable verdict" in message
     # The preset's 30 steps would be 15 epochs over 8 pairs (issue 15); the default is capped at 3 epochs.
     assert "Steps: 6 instead of the preset's 30" in policy_message and "3.0 epochs" in policy_message
     for run_id in (reward_id, policy_id):

@@ -227,8 +227,8 @@ HUB_ROWS = [  # (LoRA Lab's format name, a row as a Hub dataset might hold it)
 def test_the_notebooks_hub_converter_converts_as_lora_lab_does(fmt, row):
     """A Hub dataset is converted in the notebook by a plain function; it must give LoRA Lab's rows (or drop the
     same unusable ones)."""
-    from finetune.core.data import row_to_messages, split_prompt_completion
-    from finetune.services.take_home_cells import HUB_CONVERTER
+    from finetune.core.data_format import row_to_messages, split_prompt_completion
+    from finetune.services.take_home_data import HUB_CONVERTER
 
     namespace: dict = {}
     exec(HUB_CONVERTER, namespace)  # the cell's code as the notebook runs it

@@ -138,7 +138,7 @@ def test_a_push_from_an_offline_machine_says_it_cannot_push(shared_app, monkeypa
 def feedback_of_two(store: FeedbackStore, manager: RunManager) -> None:
     """Alice and Bob each chat once; Alice votes with a private comment, Bob thumbs his answer (chat_tab's own
     handlers record who gave the feedback)."""
-    from components.chat_tab import _who, like_answer, submit_feedback
+    from components.chat_feedback import like_answer, submit_feedback, who as _who
 
     for name, prompt, run_id in (("alice", ALICE_PROMPT, "alice-run"), ("bob", BOB_PROMPT, "bob-run")):
         who = _who(visiting(name))
@@ -159,7 +159,7 @@ def test_a_vote_or_thumb_on_someone_elses_answer_is_refused_as_one_never_given(s
     vote, a comment, a correction and a thumb, so feedback cannot probe which answers exist; nothing is stored on
     Alice's answers. (In the app the turn is server-side session state that the API cannot set: see
     test_reliability's sweep; the handlers check again for any other caller.)"""
-    from components.chat_tab import _who, like_answer, submit_feedback
+    from components.chat_feedback import like_answer, submit_feedback, who as _who
 
     store = FeedbackStore(tmp_path / "feedback.db")
     try:
@@ -192,7 +192,7 @@ def test_a_vote_or_thumb_on_someone_elses_answer_is_refused_as_one_never_given(s
 
 
 def test_feedback_is_the_visitors_own_and_the_operator_sees_everyones(shared_app, tmp_path):
-    from components.chat_tab import like_answer, submit_feedback
+    from components.chat_feedback import like_answer, submit_feedback
     from components.feedback_tab import export_pairs, feedback_summary
 
     store = FeedbackStore(tmp_path / "feedback.db")
@@ -241,7 +241,8 @@ def test_comparisons_show_only_the_visitors_own(shared_app):
 
 
 def test_without_sign_in_everything_is_visible_as_before(monkeypatch, tmp_path):
-    from components.chat_tab import _who, adapter_choices
+    from components.chat_feedback import who as _who
+    from components.chat_tab import adapter_choices
     from components.export_tab import export_choices, push_token
     from components.feedback_tab import feedback_summary
     from components.shared import visitor_of

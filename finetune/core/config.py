@@ -1,3 +1,5 @@
+# Over 600 lines on purpose: the one config object (every section, its help text, its cross-field checks) is the
+# single source of truth for UI, CLI and trainer, and reads best as one file (DESIGN.md, style 1).
 """The run configuration: one set of dataclasses shared by the UI, the CLI and the trainer.
 
 Every field carries its help text in ``metadata["help"]``; the UI shows it as the control's info text.

@@ -33,7 +33,7 @@ import yaml
 
 from finetune.core.config import ConfigError, RunConfig, load_config
 from finetune.core.paths import CONFIGS_DIR
-from finetune.core.run_folder import ACCELERATE_CONFIG, RANKS_DIR
+from finetune.core.run_folder import ACCELERATE_CONFIG, rank_record, rank_records
 
 TEMPLATES = CONFIGS_DIR / "accelerate"
 TEMPLATE_FOR = {"ddp": "2gpu-ddp.yaml", "fsdp": "fsdp-qlora-2gpu.yaml"}
@@ -146,7 +146,7 @@ def launch(run_dir: Path, config_path: Path, resume: bool = False, python: str =
     launcher's exit code."""
     from finetune.core.run_status import LAUNCHER_PID_ENV
 
-    for old in (run_dir / RANKS_DIR).glob("rank-*.json"):  # an earlier attempt's ranks say nothing about this one
+    for old in rank_records(run_dir):  # an earlier attempt's ranks say nothing about this one
         old.unlink()
     env = {**os.environ, LAUNCHER_PID_ENV: str(os.getpid())}
     # Stop signals the whole process group; this process outlives the ranks so the manager sees the run end only
@@ -196,9 +196,8 @@ def rank_of_process() -> tuple[int, int]:
 
 def record_rank(run_dir: Path, rank: int, **fields: Any) -> None:
     """Merge ``fields`` into ranks/rank-N.json (each rank writes only its own file)."""
-    folder = run_dir / RANKS_DIR
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"rank-{rank}.json"
+    path = rank_record(run_dir, rank)
+    path.parent.mkdir(parents=True, exist_ok=True)
     record = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {"rank": rank}
     record.update(fields)
     temporary = path.with_suffix(f".tmp{os.getpid()}")
@@ -208,7 +207,7 @@ def record_rank(run_dir: Path, rank: int, **fields: Any) -> None:
 
 def read_ranks(run_dir: Path) -> list[dict[str, Any]]:
     records = []
-    for path in sorted((run_dir / RANKS_DIR).glob("rank-*.json")):
+    for path in rank_records(run_dir):
         try:
             records.append(json.loads(path.read_text(encoding="utf-8")))
         except (OSError, json.JSONDecodeError):

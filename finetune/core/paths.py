@@ -121,7 +121,7 @@ def uploaded_file(value: Any) -> str:
 
 
 def bundled_name(value: Any) -> str:
-    """'bundled:<name>' of a folder directly under data/; whether it exists is data.py's (public) answer."""
+    """'bundled:<name>' of a folder directly under data/; whether it exists is data_sources.py's (public) answer."""
     text = _text(value)
     name = text.removeprefix("bundled:")
     if not text.startswith("bundled:") or not BUNDLED_NAME.match(name) or ".." in name:

@@ -31,6 +31,7 @@ from datasets import Dataset
 from finetune.core.config import DataConfig, RunConfig
 from finetune.core.data import DataError, UsableCount, column_key, load_source, mapped_rows
 from finetune.core.data_files import Sample
+from finetune.core.intervals import fewest_right_beyond_chance
 
 BUNDLED_PREFERENCES = "bundled:course_prefs"
 FORMAT_COLUMNS = {"paired": ("prompt", "chosen", "rejected"), "unpaired": ("prompt", "completion", "label"),
@@ -52,6 +53,11 @@ PREFERENCE_NAMES = {
 MIN_HELD_OUT_PROMPTS = 2
 MIN_PROMPTS_TO_HOLD_OUT = 4
 Messages = list[dict[str, str]]
+# A pairwise vote as the feedback store keeps it (which of the two answers shown won: 'first', 'second', or a 'tie',
+# 'both_bad'), in the reward model's words for (first answer, second answer): the one translation between the two,
+# used by the pairs exported for training and by the votes sent to LangSmith.
+VOTE_COLUMNS = {"first": ("chosen", "rejected"), "second": ("rejected", "chosen"), "tie": ("tie", "tie"),
+                "both_bad": ("both_bad", "both_bad")}
 
 
 class PreferenceError(DataError):
@@ -455,7 +461,7 @@ MAX_EPOCHS_SMALL_DATA = 3
 MIN_TRAIN_ROWS = 64
 # Held-out rows a verdict needs: the fewest n for which a reward model right on 3 of 4 held-out pairs has a 95%
 # Wilson interval above 0.5 (n = 16 gives [0.505, 0.90]; n = 12 gives [0.47, 0.91]). tests check it with
-# finetune.services.evaluate.wilson_interval.
+# finetune.core.intervals.wilson_interval.
 MIN_HELD_OUT_FOR_VERDICT = 16
 
 
@@ -497,6 +503,19 @@ def size_statement(size: DataSize, steps: int, rows_per_step: int) -> str:
             f"**{epochs(size.rows, steps, rows_per_step):.1f} epochs** over the training {size.unit}.")
 
 
+def held_out_warning(held: int, unit: str) -> str:
+    """What ``held`` held-out rows can tell, computed: the bar a result must clear before its interval leaves
+    chance, so a perfect score on a few rows is not contradicted by the warning that came before it."""
+    needed, named = fewest_right_beyond_chance(held), unit[:-1] if held == 1 and unit.endswith("s") else unit
+    if needed is None:
+        bar = "no result at all can be told from chance, so every verdict reads \"cannot tell\""
+    else:
+        right = f"all {held}" if needed == held else f"{needed} of {held} ({needed / held:.2f}) or more"
+        bar = f"only {right} right would be told from chance; anything less reads \"cannot tell\""
+    return (f"Only {held} held-out {named}: too few for a dependable verdict: {bar}. From "
+            f"{MIN_HELD_OUT_FOR_VERDICT} held-out {unit} on, 3 of 4 right is enough.")
+
+
 def size_warnings(size: DataSize, steps: int, rows_per_step: int) -> list[str]:
     """What training on this little data will do, in words; empty when the amounts are fine."""
     warnings = []
@@ -515,6 +534,5 @@ def size_warnings(size: DataSize, steps: int, rows_per_step: int) -> list[str]:
         warnings.append("No held-out data: no verdict. Every prompt is trained on, so nothing can show whether the "
                         "result generalises.")
     elif size.held_rows < MIN_HELD_OUT_FOR_VERDICT:
-        warnings.append(f"Only {size.held_rows} held-out {size.unit}: too few for a verdict (a model right on 3 of 4 "
-                        f"cannot be told from chance below {MIN_HELD_OUT_FOR_VERDICT}), so expect \"cannot tell\".")
+        warnings.append(held_out_warning(size.held_rows, size.unit))
     return warnings

@@ -44,8 +44,10 @@ RUN_INFO_FILE = "run_info.json"
 PROMPT_FILE = "compare_prompt.txt"  # a run folder holding it gets a greedy sample answer at the end of training
 ACCELERATE_CONFIG = "accelerate.yaml"  # a multi-process run's generated launch config
 RANKS_DIR = "ranks"                # ranks/rank-N.json: each process's pid and, if it failed, its error
+RANK_RECORD = "rank-{rank}.json"
 TENSORBOARD_DIR = "tensorboard"
 CHECKPOINT_DIR = "checkpoints"
+CHECKPOINT_PREFIX = "checkpoint-"  # checkpoints/checkpoint-N/ (the Trainer's own name for the checkpoint of step N)
 TRAINER_STATE = "trainer_state.json"  # the Trainer writes it last into a checkpoint
 ADAPTER_DIR = "adapter"
 FULL_MODEL_DIR = "model"           # a full fine-tune saves the whole model here instead of an adapter
@@ -76,6 +78,26 @@ FEEDBACK_EXPORTS_DIR = "feedback-exports"
 def is_run_id(text: str) -> bool:
     """Whether ``text`` names a run folder directly under the runs folder (and nothing outside it)."""
     return isinstance(text, str) and bool(RUN_ID.match(text)) and ".." not in text
+
+
+def run_id_stem(name: str) -> str:
+    """A run name made fit to begin a run id: each run of other characters becomes '-', at most 60 of them."""
+    return (re.sub(r"[^A-Za-z0-9._-]+", "-", name or "run").strip("-.") or "run")[:60]
+
+
+def rank_record(run_dir: Path, rank: int) -> Path:
+    return Path(run_dir) / RANKS_DIR / RANK_RECORD.format(rank=rank)
+
+
+def rank_records(run_dir: Path) -> list[Path]:
+    return sorted((Path(run_dir) / RANKS_DIR).glob(RANK_RECORD.format(rank="*")))
+
+
+def checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
+    """(step, folder) of each checkpoint folder of a run, complete or not, in step order."""
+    found = [(p.name.removeprefix(CHECKPOINT_PREFIX), p) for p in (Path(run_dir) / CHECKPOINT_DIR).glob(
+        CHECKPOINT_PREFIX + "*")]
+    return sorted((int(step), folder) for step, folder in found if step.isdigit())
 
 
 _log = logging.getLogger(__name__)
@@ -144,14 +166,10 @@ def adapter_config(folder: Path) -> dict[str, Any]:
 
 def last_checkpoint(run_dir: Path) -> str | None:
     """The newest complete checkpoint of a run, or None."""
-    folder = Path(run_dir) / CHECKPOINT_DIR
-    if not folder.is_dir():
-        return None
     # The Trainer writes trainer_state.json last: a checkpoint without it was cut short (disk full, kill
     # mid-save) and must not be resumed from; fall back to the newest complete one.
-    complete = [p for p in folder.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()
-                and (p / TRAINER_STATE).is_file()]
-    return str(max(complete, key=lambda p: int(p.name.split("-")[-1]))) if complete else None
+    complete = [folder for _, folder in checkpoints(run_dir) if (folder / TRAINER_STATE).is_file()]
+    return str(complete[-1]) if complete else None
 
 
 def read_run_info(run_dir: Path) -> dict[str, Any]:

@@ -26,6 +26,11 @@ HOSTNAME = socket.gethostname()
 LAUNCHER_PID_ENV = "LORA_LAB_LAUNCHER_PID"
 
 
+def is_remote(status: dict[str, Any]) -> bool:
+    """True for a job whose status was written on another machine (its folder was synced back here)."""
+    return bool(status.get("hostname")) and status["hostname"] != HOSTNAME
+
+
 def run_pid() -> int:
     """The pid that stands for this run in status.json."""
     return int(os.environ.get(LAUNCHER_PID_ENV) or os.getpid())

@@ -1,3 +1,5 @@
+# Over 600 lines on purpose: one analysis of the update s·B·A, read in order (one run, two runs, step 0), whose
+# parts share the readers of the adapter's and the base's weights; splitting it would scatter those readers.
 """Inside a LoRA adapter: how large each update is, how many directions it uses, and how two runs' updates relate.
 
 For every adapted matrix W (layer x module) of a finished LoRA-family run, the update the adapter adds is

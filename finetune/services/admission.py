@@ -4,11 +4,13 @@ pre-checks a form runs before a child starts (a model or data file that cannot b
 field, not as a failed run later).
 
 ``RunAdmission`` is a part of ``RunManager`` (finetune/services/runs.py): it uses the manager's ``root``,
-``list_ids()``, ``run_dir()`` and the queue's ``_job_seconds()``.
+``list_ids()``, ``run_dir()`` and the queue's ``job_ids()`` and ``_job_seconds()``. A benchmark job is admitted
+by the same rules (``check_device_job``) and counts among the jobs a visitor holds.
 """
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -80,18 +82,26 @@ class RunAdmission:
     def check_job(self, cfg: RunConfig, visitor: Visitor) -> None:
         """Refuse a job before it is queued: a signed-out visitor, one over their limits, a full disk."""
         require_signed_in(visitor, "start a training run")
-        self._check_limits(cfg, visitor)
+        self._check_limits(visitor, cfg.training.max_steps if cfg.training.max_steps > 0 else None,
+                           self._job_seconds(cfg))
         self._check_disk("start a run")
 
-    def _check_limits(self, cfg: RunConfig, visitor: Visitor) -> None:
+    def check_device_job(self, visitor: Visitor, what: str, seconds: float | None) -> None:
+        """Refuse another kind of device job (``what``: "run a benchmark") by the same rules: signed out, over the
+        visitor's limits (jobs held, its expected minutes), a full disk."""
+        require_signed_in(visitor, what)
+        self._check_limits(visitor, None, seconds, trains=False)
+        self._check_disk(what)
+
+    def _check_limits(self, visitor: Visitor, steps: int | None, seconds: float | None, trains: bool = True) -> None:
+        """``trains``: the job has training steps (the operator's step limit applies to runs, not benchmarks)."""
         if visitor.operator:
             return
-        statuses = (read_status(self.root / run_id) for run_id in self.list_ids())
+        statuses = (read_status(self.run_dir(job_id)) for job_id in self.job_ids())
         held = sum(1 for status in statuses
                    if status.get("owner") == visitor.owner and status.get("state") in (WAITING, "queued", "running"))
-        steps = cfg.training.max_steps if cfg.training.max_steps > 0 else None
-        seconds = self._job_seconds(cfg)
-        problems = JobLimits.from_env().problems(visitor, held, steps, seconds / 60 if seconds else None)
+        limits = JobLimits.from_env() if trains else replace(JobLimits.from_env(), max_steps=None)
+        problems = limits.problems(visitor, held, steps, seconds / 60 if seconds else None)
         if problems:
             raise RunLimitError(" ".join(problems))
 

@@ -25,6 +25,10 @@ while a long answer runs. Each request also gets a time budget (``LORA_LAB_MAX_S
 holds the model) as well as a token budget; an answer cut by it says so (``budget_note``). A closed stream (a
 client that left, a cancelled request) stops its generation at the next token and frees the model.
 
+Its parts, each a module: what a request may ask (chat_settings.py: limits, sampling settings, prompt and history,
+the time-limit note) and the turn-taking a slice is made of (chat_turns.py); this module is the engine itself, the
+model cache (bases loaded once, adapters attached by name, the base kept unchanged) and the pair/arena streaming.
+
     engine = ChatEngine()
     for base_text, tuned_text in engine.stream_pair("What is LoRA?", [], [], cfg.model, run_id, adapter_dir):
         print(base_text, "|", tuned_text)
@@ -34,106 +38,33 @@ from __future__ import annotations
 
 import contextlib
 import gc
-import math
-import os
-import queue
-import re
 import threading
 import time
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, TypeVar
+from typing import Any, Callable, Iterator
 
 import torch
-from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
-from transformers.generation.streamers import BaseStreamer
+from transformers import StoppingCriteriaList
 
 from finetune.core.config import ModelConfig
 from finetune.core.data import first_line
 from finetune.core.hardware import HardwareProfile, detect
 from finetune.core.models import load_model, load_tokenizer
 from finetune.core.run_folder import adapter_config, has_adapter
+from finetune.services.chat_settings import (DEFAULT_NEW_TOKENS, MAX_NEW_TOKENS, MAX_PROMPT_CHARS, MAX_SECONDS,
+                                             Messages, SamplingSettings, _operator_setting, budget_note, check_prompt,
+                                             normalize_history, split_budget_note)
+from finetune.services.chat_turns import (LOCK_TIMEOUT_SECONDS, SLICE_SECONDS, SLICE_TOKENS, RandomStream, RowsDone,
+                                          RowStreamer, SliceEnd, StopFlag, TimeBudget, Turn, Turns, in_own_thread)
 
-Messages = list[dict[str, str]]
-T = TypeVar("T")
+# Importable from here as before chat_settings.py and chat_turns.py were split off (the tabs and tests use them).
+__all__ = ["DEFAULT_NEW_TOKENS", "MAX_NEW_TOKENS", "MAX_PROMPT_CHARS", "ChatEngine", "SamplingSettings",
+           "_operator_setting", "budget_note", "check_prompt", "in_own_thread", "normalize_history",
+           "peft_adapter_name", "peft_type", "split_budget_note"]
 
-
-def _operator_setting(name: str, local: str, space: str) -> float:
-    """An operator's environment setting, with a stricter default on a public Space (``SPACE_ID`` set), where
-    strangers share one CPU."""
-    return float(os.environ.get(name, space if os.environ.get("SPACE_ID") else local))
-
-
-# Server-side limits (a public Space gets API calls that skip the UI's sliders); the operator may change them.
-MAX_PROMPT_CHARS = int(_operator_setting("LORA_LAB_MAX_PROMPT_CHARS", "20000", "8000"))
-MAX_NEW_TOKENS = int(_operator_setting("LORA_LAB_MAX_NEW_TOKENS", "1024", "512"))
-# Seconds of generation one request may use (0 = no limit): the longest a waiting visitor can be held up by one
-# answer (plus the prompt's first forward pass, which cannot be interrupted).
-MAX_SECONDS = _operator_setting("LORA_LAB_MAX_SECONDS", "600", "60")
-LOCK_TIMEOUT_SECONDS = 600.0
-# An answer's turn while another request waits for the model: at most 16 tokens or 1 second, whichever comes first
-# (a token of a long prompt costs several times one of a short question, so a bound in tokens alone let a long
-# answer hold the model far longer per turn); small enough that a waiting question starts at once, large enough
-# that handing over (one generate call per slice) costs little.
-SLICE_TOKENS = 16
-SLICE_SECONDS = 1.0
-# The Chat tab's default answer length: on a CPU a long default ran into the time limit on a busy machine.
-DEFAULT_NEW_TOKENS = {"cpu": 64, "gpu": 128}
 PACE_WEIGHT = 0.5  # the latest answer's share of the measured pace (older answers fade out in a few turns)
-
-
-def budget_note(seconds: float) -> str:
-    """Appended to an answer that the time budget cut short, so nobody mistakes it for the model's whole answer."""
-    return f"\n\n[cut: this answer reached the server's time limit of {seconds:g} s per request]"
-
-
-# The note as shown, whatever the limit was (an earlier server may have had another): what split_budget_note finds.
-BUDGET_NOTE = re.compile(r"\n\n\[cut: this answer reached the server's time limit of [^\]\n]* s per request\]\Z")
-
-
-def split_budget_note(text: str) -> tuple[str, str | None]:
-    """(what the model wrote, the time-limit notice shown after it or None). The notice is the UI's, not the
-    model's: stored answers, histories fed back to the model and exported pairs must not carry it."""
-    found = BUDGET_NOTE.search(text or "")
-    if found is None:
-        return text, None
-    return text[:found.start()], found.group(0).strip()
-
-
-@dataclass
-class SamplingSettings:
-    """Shared by both sides. temperature 0 means greedy decoding (then top_p and seed do not matter)."""
-
-    max_new_tokens: int = 128
-    temperature: float = 0.7
-    top_p: float = 0.9
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        problems = []
-        # Text, None or bools from an API call become NaN, which fails every range check below with a message.
-        new_tokens, temperature, top_p, seed = (
-            float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else float("nan")
-            for v in (self.max_new_tokens, self.temperature, self.top_p, self.seed))
-        if not new_tokens.is_integer() or not 1 <= new_tokens <= MAX_NEW_TOKENS:
-            problems.append(f"max new tokens must be a whole number from 1 to {MAX_NEW_TOKENS}, "
-                            f"got {self.max_new_tokens!r}")
-        if not 0 <= temperature <= 5:
-            problems.append(f"temperature must be between 0 (greedy) and 5, got {self.temperature!r}")
-        if not 0 < top_p <= 1:
-            problems.append(f"top-p must be above 0 and at most 1, got {self.top_p!r}")
-        if not seed.is_integer() or seed < 0:
-            problems.append(f"seed must be a whole number >= 0, got {self.seed!r}")
-        if problems:
-            raise ValueError("Invalid sampling settings: " + "; ".join(problems) + ".")
-        self.max_new_tokens, self.seed = int(self.max_new_tokens), int(self.seed)
-
-    def generation_config(self, tokenizer: Any, eos: list[int]) -> GenerationConfig:
-        sampling = {"do_sample": True, "temperature": self.temperature, "top_p": self.top_p} \
-            if self.temperature > 0 else {"do_sample": False}
-        return GenerationConfig(max_new_tokens=self.max_new_tokens, pad_token_id=tokenizer.pad_token_id,
-                                eos_token_id=eos, use_cache=True, **sampling)
 
 
 @dataclass
@@ -144,236 +75,9 @@ class _LoadedBase:
     adapters: dict[str, Path] = field(default_factory=dict)
 
 
-class _StopFlag(StoppingCriteria):
-    """Lets an abandoned stream (closed browser tab) end its generation thread early."""
-
-    def __init__(self, event: threading.Event):
-        self.event = event
-
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs: Any) -> bool:
-        return self.event.is_set()
-
-
-class _TimeBudget(StoppingCriteria):
-    """Stops generation once the request's time is spent, and remembers that it did (for ``budget_note``).
-
-    ``clock`` is time.monotonic; tests hand in a clock that advances by a known step per token instead of
-    relying on how fast this machine generates."""
-
-    def __init__(self, seconds: float, clock: Callable[[], float]):
-        self.seconds, self.clock = seconds, clock
-        self.ends = clock() + seconds if seconds > 0 else math.inf
-        self.ran_out = threading.Event()  # an Event, not a bool: set in the generation thread, read in the reader
-
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs: Any) -> bool:
-        if self.clock() >= self.ends:
-            self.ran_out.set()
-        return self.ran_out.is_set()
-
-    def mark(self, text: str) -> str:
-        return text + budget_note(self.seconds) if self.ran_out.is_set() else text
-
-    @contextlib.contextmanager
-    def paused(self) -> Iterator[None]:
-        """Time spent waiting for the model while other requests have their turn is not this request's time."""
-        waiting_since = self.clock()
-        try:
-            yield
-        finally:
-            self.ends += self.clock() - waiting_since
-
-
-class _Turns:
-    """The model, held by one request at a time, handed over in the order requests asked for it (a FIFO of
-    tickets): a request that gives its turn back and asks again queues behind everyone already waiting, which
-    makes the slices of several answers go round-robin. Not tied to threads: gradio advances a streaming
-    generator from different worker threads, so the thread that gives a turn back is not always the one that
-    took it."""
-
-    def __init__(self) -> None:
-        self._changed = threading.Condition()
-        self._waiting: deque[object] = deque()
-        self._held = False
-
-    def take(self, timeout: float = LOCK_TIMEOUT_SECONDS) -> None:
-        ticket = object()
-        with self._changed:
-            self._waiting.append(ticket)
-            if not self._changed.wait_for(lambda: not self._held and self._waiting[0] is ticket, timeout):
-                self._waiting.remove(ticket)
-                self._changed.notify_all()
-                raise RuntimeError("The model is busy with other answers; try again in a moment.")
-            self._waiting.popleft()
-            self._held = True
-
-    def give_back(self) -> None:
-        with self._changed:
-            self._held = False
-            self._changed.notify_all()
-
-    def others_waiting(self) -> bool:
-        return bool(self._waiting)
-
-    def idle(self) -> bool:
-        with self._changed:
-            return not self._held and not self._waiting
-
-
-class _Turn:
-    """One request's hold on the model: taken when it starts, passed on between slices while others wait."""
-
-    def __init__(self, turns: _Turns) -> None:
-        self.turns, self.held = turns, False
-
-    def take(self) -> None:
-        self.turns.take()
-        self.held = True
-
-    def pass_on(self, budget: _TimeBudget) -> None:
-        """Let every request already waiting have a turn, then continue; the wait is not charged to the budget."""
-        if not self.turns.others_waiting():
-            return
-        with budget.paused():
-            self.leave()
-            self.take()
-
-    def leave(self) -> None:
-        if self.held:
-            self.held = False
-            self.turns.give_back()
-
-
-class _SliceEnd(StoppingCriteria):
-    """Ends a slice once it wrote ``tokens`` tokens or held the model ``seconds`` (at least one token) while another
-    request is waiting for the model (never while the request is alone: then the answer is one unbroken generate
-    call, as fast as before)."""
-
-    def __init__(self, turns: _Turns, tokens: int, seconds: float):
-        self.turns, self.tokens, self.written, self.fired = turns, max(1, tokens), 0, False
-        self.ends = time.monotonic() + seconds
-
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs: Any) -> bool:
-        self.written += 1
-        turn_over = self.written >= self.tokens or time.monotonic() >= self.ends
-        self.fired = self.fired or (turn_over and self.turns.others_waiting())
-        return self.fired
-
-
-class _RowsDone(StoppingCriteria):
-    """Rows that ended (end-of-answer token) in an earlier slice stay ended: a new generate call starts with every
-    row open, and would otherwise write past a finished answer until the longest row ends."""
-
-    def __init__(self, finished: list[bool]):
-        self.finished = finished
-
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs: Any) -> torch.Tensor:
-        return torch.tensor(self.finished, dtype=torch.bool, device=input_ids.device)
-
-
-class _RandomStream:
-    """One request's random numbers across its slices: seeded at its first slice, and put back before each later
-    one (another request's sampling in between moves torch's global generator), so a sampled answer is the same
-    whether or not others took turns in the middle of it."""
-
-    def __init__(self, seed: int):
-        self.seed, self.state = seed, None
-
-    def resume(self) -> None:
-        if self.state is None:
-            torch.manual_seed(self.seed)
-            return
-        cpu, cuda = self.state
-        torch.set_rng_state(cpu)
-        if cuda is not None:
-            torch.cuda.set_rng_state_all(cuda)
-
-    def keep(self) -> None:
-        cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
-        self.state = (torch.get_rng_state(), cuda)
-
-
-class _RowStreamer(BaseStreamer):
-    """A streamer for a batch of ``rows`` that lasts across slices: queues each row's text so far after every new
-    token, and None at the end of each generate call (a slice); a row's end-of-answer token ends that row."""
-
-    def __init__(self, tokenizer: Any, eos: list[int], rows: int):
-        self.tokenizer, self.eos, self.rows = tokenizer, set(eos), rows
-        self.tokens: list[list[int]] = [[] for _ in range(rows)]
-        self.finished = [False] * rows
-        self.steps = 0
-        self.prompt_seen = False
-        self.queue: queue.Queue[tuple[str, ...] | None] = queue.Queue()
-
-    def begin_slice(self) -> None:
-        self.prompt_seen = False  # each generate() call first hands over its input ids: the prompt and more
-
-    def put(self, value: torch.Tensor) -> None:
-        if not self.prompt_seen:
-            self.prompt_seen = True
-            return
-        self.steps += 1
-        for row, token in enumerate(value.reshape(self.rows, -1)[:, -1].tolist()):
-            if self.finished[row] or token in self.eos:
-                self.finished[row] = True
-                continue
-            self.tokens[row].append(token)
-        self.queue.put(tuple(self.tokenizer.decode(t, skip_special_tokens=True) for t in self.tokens))
-
-    def end(self) -> None:
-        self.queue.put(None)
-
-
-def in_own_thread(work: Callable[[], T]) -> T:
-    """``work()`` run in a thread that ends with it; its result returned, its exception raised here.
-
-    Why: torch's CPU parallelism (OpenMP) keeps a team of worker threads for every live thread that ever ran
-    parallel code. Once those outnumber the cores, OpenMP stops spinning and each parallel region waits for a
-    kernel wake-up: on a 2-core machine, small ops got 4x slower and CPU answers 1.5-1.8x slower after a
-    model was loaded in the thread that then waited on the generation thread. A thread that ends frees its
-    team, so loading here leaves none behind in the long-lived request thread.
-    """
-    outcome: dict[str, Any] = {}
-
-    def target() -> None:
-        try:
-            outcome["value"] = work()
-        except BaseException as error:  # noqa: BLE001 - re-raised in the caller's thread below
-            outcome["error"] = error
-
-    thread = threading.Thread(target=target, daemon=True, name="chat-load")
-    thread.start()
-    thread.join()
-    if "error" in outcome:
-        raise outcome["error"]
-    return outcome["value"]
-
-
 def peft_adapter_name(name: str) -> str:
     """peft keeps adapters in a ModuleDict, whose keys cannot hold '.', while run ids may ('qwen2.5-run')."""
     return name.replace(".", "_")
-
-
-def normalize_history(history: Any) -> Messages:
-    """Chat history as plain {'role', 'content': str} dicts; gradio 6 hands content as a list of parts."""
-    messages = []
-    for message in history or []:
-        content = message.get("content")
-        if isinstance(content, list):
-            content = "".join(part.get("text", "") for part in content
-                              if isinstance(part, dict) and part.get("type", "text") == "text")
-        if message.get("role") == "assistant" and isinstance(content, str):
-            content = split_budget_note(content)[0]  # the model never said the UI's time-limit notice
-        if message.get("role") in ("system", "user", "assistant") and isinstance(content, str):
-            messages.append({"role": message["role"], "content": content})
-    return messages
-
-
-def check_prompt(prompt: Any) -> str:
-    if not isinstance(prompt, str) or not prompt.strip():
-        raise ValueError("Type a prompt first: the message is empty.")
-    if len(prompt) > MAX_PROMPT_CHARS:
-        raise ValueError(f"The prompt is {len(prompt):,} characters long; keep it under {MAX_PROMPT_CHARS:,}.")
-    return prompt.strip()
 
 
 def peft_type(adapter_dir: str | Path) -> str:
@@ -432,7 +136,7 @@ class ChatEngine:
         self.slice_tokens, self.slice_seconds = slice_tokens, slice_seconds  # a turn while another request waits
         self._bases: OrderedDict[tuple[Any, ...], _LoadedBase] = OrderedDict()
         self._load_lock = threading.RLock()
-        self._turns = _Turns()
+        self._turns = Turns()
         self.base_loads = 0  # how many times a base model was loaded from disk (tests check reuse)
         # Seconds per generated token (both sides of a pair together), measured on every answer and weighted
         # towards the latest: what the Chat tab's expected time uses, re-measured as the machine's load changes.
@@ -600,17 +304,17 @@ class ChatEngine:
         """The model for a whole block of work that is not sliced (a held-out loss pass): it waits for its turn
         like an answer, and answers wait for it. Visitors queue in gradio first (each event's concurrency slot);
         the turns decide who runs among the requests gradio let in."""
-        turn = _Turn(self._turns)
+        turn = Turn(self._turns)
         turn.take()
         try:
             yield
         finally:
             turn.leave()
 
-    def _budget(self) -> _TimeBudget:
-        return _TimeBudget(self.max_seconds, self.clock)
+    def _budget(self) -> TimeBudget:
+        return TimeBudget(self.max_seconds, self.clock)
 
-    def _run(self, target: Any, kwargs: dict[str, Any], randomness: _RandomStream
+    def _run(self, target: Any, kwargs: dict[str, Any], randomness: RandomStream
              ) -> tuple[threading.Thread, dict[str, Any]]:
         """generate() in a thread; an error there ends the stream (instead of leaving the reader waiting for the
         lock timeout) and is handed back under "error", for the reader to raise; the result under "output"."""
@@ -637,7 +341,7 @@ class ChatEngine:
             raise RuntimeError(f"Generation failed: {first_line(error)}") from error
 
     def _generate_in_turns(self, entry: _LoadedBase, conversations: list[Messages], settings: SamplingSettings,
-                           budget: _TimeBudget, turn: _Turn, streamer: _RowStreamer, generate: Callable[..., Any],
+                           budget: TimeBudget, turn: Turn, streamer: RowStreamer, generate: Callable[..., Any],
                            switched: Callable[[], Any]) -> Iterator[tuple[str, ...]]:
         """Each row's answer so far, after every new token, from ``generate`` called within ``switched()`` (the
         rows' adapters switched on). While another request waits, a call ends after ``slice_tokens`` tokens or
@@ -648,13 +352,13 @@ class ChatEngine:
         prompt_mask, prompt_length = inputs["attention_mask"], inputs["input_ids"].shape[1]
         config = settings.generation_config(entry.tokenizer, self._eos(entry))
         config.return_dict_in_generate = True  # the KV cache comes back for the next slice
-        stop, randomness, cache, written, spent = threading.Event(), _RandomStream(settings.seed), None, 0, 0.0
+        stop, randomness, cache, written, spent = threading.Event(), RandomStream(settings.seed), None, 0, 0.0
         while True:
-            slice_end = _SliceEnd(self._turns, self.slice_tokens, self.slice_seconds)
+            slice_end = SliceEnd(self._turns, self.slice_tokens, self.slice_seconds)
             config.max_new_tokens = settings.max_new_tokens - written
             kwargs = {**inputs, "past_key_values": cache, "streamer": streamer, "generation_config": config,
                       "stopping_criteria": StoppingCriteriaList(
-                          [_StopFlag(stop), budget, _RowsDone(list(streamer.finished)), slice_end])}
+                          [StopFlag(stop), budget, RowsDone(list(streamer.finished)), slice_end])}
             streamer.begin_slice()
             started = time.monotonic()
             with switched():
@@ -692,7 +396,7 @@ class ChatEngine:
             (peft_adapter_name(adapter_name), Path(adapter_dir))]
         conversations = [normalize_history(h) + [{"role": "user", "content": prompt}]
                          for h in (base_history, tuned_history)]
-        turn = _Turn(self._turns)
+        turn = Turn(self._turns)
         turn.take()
         try:
             layers = self._batchable(cfg, [side for side in sides if side])
@@ -717,12 +421,12 @@ class ChatEngine:
         return None if any(found is None for found in layers.values()) else layers  # type: ignore[return-value]
 
     def _stream_batched(self, entry: _LoadedBase, layers: dict[str, list[Any]], row_adapters: list[str | None],
-                        conversations: list[Messages], settings: SamplingSettings, turn: _Turn
+                        conversations: list[Messages], settings: SamplingSettings, turn: Turn
                         ) -> Iterator[tuple[str, str]]:
         """Both rows in one generate call per slice, each with its own adapter (or none) switched on: switched on
         again at every slice, since another request's slice in between may have switched others on."""
         budget, texts = self._budget(), ("", "")
-        streamer = _RowStreamer(entry.tokenizer, self._eos(entry), 2)
+        streamer = RowStreamer(entry.tokenizer, self._eos(entry), 2)
         for texts in self._generate_in_turns(entry, conversations, settings, budget, turn, streamer,
                                              entry.model.generate,
                                              lambda: self._adapters_on_rows(entry, layers, row_adapters)):
@@ -734,7 +438,7 @@ class ChatEngine:
             yield texts
 
     def _stream_one_then_other(self, conversations: list[Messages], cfg: ModelConfig,
-                               sides: list[tuple[str, Path] | None], settings: SamplingSettings, turn: _Turn
+                               sides: list[tuple[str, Path] | None], settings: SamplingSettings, turn: Turn
                                ) -> Iterator[tuple[str, str]]:
         """Mixed-adapter batches exist for LoRA-type adapters only: IA3, prompt tuning and DoRA answer one side
         after the other, within the same time budget."""
@@ -754,7 +458,7 @@ class ChatEngine:
         prompt, settings = check_prompt(prompt), settings or SamplingSettings()
         adapter_name = peft_adapter_name(adapter_name) if adapter_name else None
         messages = normalize_history(history) + [{"role": "user", "content": prompt}]
-        turn = _Turn(self._turns)
+        turn = Turn(self._turns)
         turn.take()
         try:
             entry = self.attach(cfg, adapter_name, adapter_dir) if adapter_name else self.loaded(cfg)
@@ -763,12 +467,12 @@ class ChatEngine:
             turn.leave()
 
     def _stream_side(self, entry: _LoadedBase, adapter_name: str | None, messages: Messages,
-                     settings: SamplingSettings, budget: _TimeBudget, turn: _Turn) -> Iterator[str]:
+                     settings: SamplingSettings, budget: TimeBudget, turn: Turn) -> Iterator[str]:
         """One answer from an attached model, within what is left of the request's time budget."""
         if budget.ran_out.is_set():  # the other side spent it all: do not start a prompt pass for nothing
             yield budget.mark("")
             return
-        streamer = _RowStreamer(entry.tokenizer, self._eos(entry), 1)
+        streamer = RowStreamer(entry.tokenizer, self._eos(entry), 1)
         text = ""
         for (text,) in self._generate_in_turns(entry, [messages], settings, budget, turn, streamer,
                                                self._side(entry, adapter_name), contextlib.nullcontext):

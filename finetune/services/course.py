@@ -13,7 +13,8 @@ import os
 import time
 from dataclasses import dataclass
 
-from finetune.services.evaluate import win_rate, wilson_interval
+from finetune.core.intervals import wilson_interval
+from finetune.services.evaluate import win_rate
 
 COURSE_ENV = "LORA_LAB_COURSE"  # "tiny": the smallest runs that still go through every step (tests, a quick demo)
 
@@ -84,6 +85,11 @@ STEPS: tuple[CourseStep, ...] = (
         "Download the lab report", "Export"),
 )
 STEP_KEYS = tuple(step.key for step in STEPS)
+RANK_EXPERIMENT = "rank"  # step 3's experiment: the learner's run again at another rank (not a step of the path)
+# What the lab report lists, in the path's order: each step, and the rank experiment after the run it repeats.
+REPORT_SECTIONS: tuple[tuple[str, str], ...] = tuple(
+    pair for step in STEPS for pair in ((step.key, step.title),) + (
+        ((RANK_EXPERIMENT, "Experiment: the same run at another rank"),) if step.key == "qlora" else ()))
 
 
 # --- how big the course's runs are ---------------------------------------------------------------------------
@@ -218,6 +224,26 @@ def run_sentence(steps: int, seconds: float | None, first_loss: float, last_loss
     elif eval_losses:
         text += f"; the held-out loss at the end is {eval_losses[-1]:.3f}"
     return text + "."
+
+
+def other_rank(rank: int) -> int:
+    """The rank experiment's second arm: rank 4 beside the learner's rank, or 16 when theirs is 4."""
+    return 16 if rank == 4 else 4
+
+
+def rank_sentence(rank: int, trainable: int, ran: int, ran_trainable: int, eval_loss: float | None,
+                  ran_eval_loss: float | None, rows: int) -> str:
+    """The rank experiment: the same run at another rank, its size and last held-out loss beside the learner's.
+    No verdict here: the last held-out losses carry no interval; step 7 judges them on the same questions."""
+    ratio = max(trainable, ran_trainable) / max(1, min(trainable, ran_trainable))
+    fewer = "fewer" if ran_trainable < trainable else "more"
+    text = (f"Rank {ran} trains {millions(ran_trainable)} weights, {ratio:.1f}x {fewer} than your rank {rank}'s "
+            f"{millions(trainable)}, on the same rows, steps and seed")
+    if eval_loss is None or ran_eval_loss is None:
+        return text + "; one of the two runs logged no held-out loss, so there is nothing to set side by side."
+    return (text + f". Last held-out loss on {rows} rows: {ran_eval_loss:.3f} at rank {ran}, {eval_loss:.3f} at rank "
+            f"{rank}. Whether that difference is more than noise is step 7's question: it scores both on the same "
+            "held-out questions with an interval.")
 
 
 def vote_sentence(adapter: str, counts: dict[str, int]) -> str:

@@ -1,3 +1,5 @@
+# Over 600 lines on purpose: the Evaluate tab's measurements side by side (loss, overlap, votes, degeneration,
+# paired verdicts), short sections that share the candidate models and the interval arithmetic.
 """Evaluation: how much better is an adapter than its base, in numbers from the learner's own runs.
 
 - **Validation loss and perplexity.** The mean negative log-likelihood per answer token (the same tokens the
@@ -31,15 +33,15 @@ import torch
 from finetune.core import paths
 from finetune.core.config import ConfigError, DataConfig, ModelConfig, load_config
 from finetune.core.data import DataError, prepare
+from finetune.core.intervals import wilson_interval
 from finetune.core.lora_init import BASE_CHANGING
 from finetune.core.preference import prompt_key, trained_prompt_keys
-from finetune.core.run_folder import ADAPTER_DIR, CHECKPOINT_DIR, CONFIG_COPY, RUN_CONFIG, RUN_INFO_FILE, has_adapter
+from finetune.core.run_folder import ADAPTER_DIR, CONFIG_COPY, RUN_CONFIG, RUN_INFO_FILE, checkpoints, has_adapter
 from finetune.core.run_status import read_metrics
 from finetune.services.chat import SamplingSettings, budget_note, peft_adapter_name
 from finetune.services.feedback import FeedbackStore
 
 IGNORE = -100                       # label of a token the loss does not count (prompt and padding)
-Z_95 = 1.959963984540054            # two-sided 95% quantile of the standard normal
 Progress = Callable[[int, int], None]
 
 
@@ -284,17 +286,13 @@ def run_checkpoints(run_dir: Path) -> list[tuple[str, Path]]:
     """(label, adapter folder) for each saved checkpoint of a run in step order, then the final adapter. A PiSSA or
     OLoRA run offers its final adapter only: its checkpoints hold the adapter relative to a base the start had
     changed, and loaded on the plain base they would be scored as a model that never existed."""
-    found = []
     configs = [path for path in (run_dir / RUN_CONFIG, run_dir / ADAPTER_DIR / CONFIG_COPY) if path.is_file()]
     try:
         base_changed = bool(configs) and load_config(configs[0]).lora.init in BASE_CHANGING
     except (ConfigError, OSError):
         base_changed = False
-    for folder in [] if base_changed else (run_dir / CHECKPOINT_DIR).glob("checkpoint-*"):
-        step = folder.name.rsplit("-", 1)[-1]
-        if step.isdigit() and has_adapter(folder):
-            found.append((int(step), folder))
-    labelled = [(f"checkpoint-{step}", folder) for step, folder in sorted(found)]
+    found = [] if base_changed else [(step, folder) for step, folder in checkpoints(run_dir) if has_adapter(folder)]
+    labelled = [(folder.name, folder) for _, folder in found]
     if has_adapter(run_dir / ADAPTER_DIR):
         labelled.append(("final adapter", run_dir / ADAPTER_DIR))
     return labelled
@@ -323,17 +321,6 @@ class WinRate:
     rate: float | None
     low: float | None
     high: float | None
-
-
-def wilson_interval(successes: float, n: float, z: float = Z_95) -> tuple[float, float]:
-    """Wilson score interval for a proportion; unlike p ± z·SE it stays inside [0, 1] and works for p = 0 or 1."""
-    if n <= 0:
-        raise ValueError("a confidence interval needs at least one vote")
-    p = successes / n
-    denominator = 1 + z * z / n
-    centre = (p + z * z / (2 * n)) / denominator
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denominator
-    return max(0.0, centre - half), min(1.0, centre + half)
 
 
 def win_rate(adapter: str, counts: dict[str, int]) -> WinRate:

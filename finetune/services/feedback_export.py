@@ -1,8 +1,8 @@
 """Training data from the feedback store: preference pairs for the reward model and DPO, thumbs for KTO.
 
-This is where a vote's words change, once: the store keeps a vote as it was given, relative to the two answers
-shown ('first' or 'second' won, a 'tie', 'both_bad'); a pair is TRL's ``prompt/chosen/rejected`` (the winner
-chosen), and a corrected answer is chosen over the answer it corrects. Ties and both-bad votes carry no pair.
+This is where a vote's words change, once (core/preference.py's VOTE_COLUMNS): the store keeps a vote as it was
+given, relative to the two answers shown ('first' or 'second' won, a 'tie', 'both_bad'); a pair is TRL's
+``prompt/chosen/rejected`` (the winner chosen), and a corrected answer is chosen over the answer it corrects. Ties and both-bad votes carry no pair.
 Thumbs become TRL's unpaired ``prompt/completion/label`` rows (True = thumbs up).
 
     write_pairs(store, "pairs.jsonl"); write_thumbs(store, "thumbs.jsonl")
@@ -16,7 +16,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from finetune.core.preference import Messages, PreferenceError
+from finetune.core.preference import VOTE_COLUMNS, Messages, PreferenceError
 from finetune.core.run_folder import PARTIAL_SUFFIX
 from finetune.services.feedback import FeedbackStore, conversation
 
@@ -32,7 +32,7 @@ def preference_pair(history: str | Messages, prompt: str, chosen: str, rejected:
 def pair_from_vote(vote: dict[str, Any]) -> Pair:
     """A vote between the first (a_*) and the second (b_*) answer as chosen/rejected: the one named translation
     from the Chat tab's vote to the reward model's columns."""
-    chosen, rejected = ("a", "b") if vote["value"] == "first" else ("b", "a")
+    chosen, rejected = ("a", "b") if VOTE_COLUMNS[vote["value"]][0] == "chosen" else ("b", "a")
     # Each side may have its own earlier turns; the prompt is the conversation the winner continued.
     return preference_pair(vote[f"{chosen}_history"], vote[f"{chosen}_prompt"], vote[f"{chosen}_text"],
                            vote[f"{rejected}_text"])

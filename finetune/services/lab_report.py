@@ -23,7 +23,7 @@ from typing import Any
 from finetune.core.access import Visitor
 from finetune.core.paths import display_name
 from finetune.services.benchmarks import BenchmarkService, TableRow
-from finetune.services.course import STEPS
+from finetune.services.course import REPORT_SECTIONS
 from finetune.services.evaluate import judge_accuracy, win_rate
 from finetune.services.export import draw_loss_plot, losses
 from finetune.services.feedback import FeedbackStore
@@ -123,8 +123,8 @@ def collect(manager: RunManager, visitor: Visitor, progress: dict[str, Any], fee
             counts = store.win_counts(visitor.owner if visitor.sign_in else None)
         finally:
             store.close()
-    sentences = [(step.title, str((progress.get(step.key, {}).get("result") or {}).get("sentence")))
-                 for step in STEPS if (progress.get(step.key, {}).get("result") or {}).get("sentence")]
+    sentences = [(title, str((progress.get(key, {}).get("result") or {}).get("sentence")))
+                 for key, title in REPORT_SECTIONS if (progress.get(key, {}).get("result") or {}).get("sentence")]
     quant = (progress.get("quantization", {}).get("result") or {}).get("table") or []
     turns = (progress.get("chat", {}).get("result") or {}).get("turns") or []
     return ReportData(visitor.label, time.strftime("%Y-%m-%d %H:%M"), sentences,

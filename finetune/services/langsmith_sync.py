@@ -25,12 +25,13 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Protocol
 
-from finetune.core.preference import Messages
+from finetune.core.preference import VOTE_COLUMNS, Messages
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_PROJECT = "lora-lab"
 DEFAULT_ENDPOINT = "https://api.smith.langchain.com"
+VOTE_SCORES = {"chosen": 1.0, "rejected": 0.0, "tie": 0.5, "both_bad": 0.0}  # an answer's LangSmith score in a vote
 
 
 class Outbox(Protocol):
@@ -124,11 +125,10 @@ def feedback_payloads(event: dict[str, Any]) -> Iterator[tuple[str, dict[str, An
     base = {"comment": event["comment"], "source_info": {"user": event["user"], "event_id": event["id"]}}
     kind = event["kind"]
     if kind == "preference":
-        first_score, second_score, first_value, second_value = {
-            "first": (1.0, 0.0, "chosen", "rejected"), "second": (0.0, 1.0, "rejected", "chosen"),
-            "tie": (0.5, 0.5, "tie", "tie"), "both_bad": (0.0, 0.0, "both_bad", "both_bad")}[event["value"]]
-        for index, (run_id, score, value) in enumerate(((event["generation_id"], first_score, first_value),
-                                                        (event["other_generation_id"], second_score, second_value))):
+        first_value, second_value = VOTE_COLUMNS[event["value"]]  # each answer in the reward model's words
+        for index, (run_id, value) in enumerate(((event["generation_id"], first_value),
+                                                 (event["other_generation_id"], second_value))):
+            score = VOTE_SCORES[value]
             item_id = str(uuid.uuid5(uuid.UUID(event["id"]), str(index)))
             yield item_id, {**base, "feedback_id": item_id, "run_id": run_id, "key": "preference", "score": score,
                             "value": value, "feedback_group_id": event["group_id"]}

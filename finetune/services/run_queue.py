@@ -5,44 +5,107 @@ file lock so two processes on one runs folder never start a job twice, and on a 
 wait behind a run this process did not start. A waiting job's place and expected start come from the seconds
 per step of completed runs of the same model and bit width.
 
+Training runs are not the only jobs that need the device: another kind (a benchmark, finetune/services/benchmarks.py)
+registers a ``JobKind`` with the manager, and its jobs wait in the same line, are spawned, reaped, stopped and
+settled after a restart by the same code as a run, and show the same place in the queue. A job of such a kind lives
+in a folder of its own (``kind.root / job_id``) with the same status.json; only its child and its estimate differ.
+
 ``RunQueue`` is a part of ``RunManager`` (finetune/services/runs.py): it uses the manager's ``root``, its locks,
-``list_ids()``, ``run_dir()``, ``status()``, ``active_run()``, ``_config()`` and ``_spawn()``, and the
-admission's ``_check_disk()``.
+``list_ids()``, ``run_dir()``, ``status()``, ``_config()`` and ``_spawn()``, and the admission's ``_check_disk()``.
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
+import re
 import threading
 import time
-from typing import Any, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator
 
 from finetune.core.config import RunConfig
-from finetune.core.run_folder import QUEUE_LOCK_FILE
-from finetune.core.run_status import WAITING, read_status, write_status
+from finetune.core.run_folder import QUEUE_LOCK_FILE, STATUS_FILE
+from finetune.core.run_status import WAITING, is_remote, read_status, write_status
 from finetune.core.storage import enforce_budget
 from finetune.services.admission import RunError
 
 DISPATCH_SECONDS = 1.0  # how often a queue waiting behind a run this process did not start looks again
+LIVE_STATES = (WAITING, "queued", "running")  # a job in line, being started or running: it holds its place
+
+
+@dataclass(frozen=True)
+class JobKind:
+    """A kind of device job other than a training run: where its folders are, which ids are its, its child's
+    argument list and log, and how many seconds a job of it should still take (None: no estimate)."""
+    name: str                                   # "benchmark": how messages and the queue's line name its jobs
+    root: Path                                  # its job folders: root / <job id> / status.json
+    id_pattern: re.Pattern[str]                 # its ids (never a path: the pattern allows no separator)
+    log_file: str
+    command: Callable[[Path], list[str]]        # job folder -> the child's argument list (no shell)
+    seconds_left: Callable[[Path], float | None]
+
+    def owns(self, job_id: str) -> bool:
+        return isinstance(job_id, str) and bool(self.id_pattern.match(job_id))
+
+    def job_ids(self) -> list[str]:
+        if not self.root.is_dir():
+            return []
+        return [p.name for p in self.root.iterdir() if self.owns(p.name) and (p / STATUS_FILE).is_file()]
 
 
 class RunQueue:
     """The queue's part of the run manager: waiting jobs in order, dispatch, and the expected start."""
 
+    def add_job_kind(self, kind: JobKind) -> None:
+        """Let jobs of ``kind`` wait in this queue (one kind of each name: a later one replaces it). Like the
+        manager at its start, it settles jobs whose child died with an earlier app and carries on with waiting
+        ones."""
+        self._kinds = tuple(k for k in self._kinds if k.name != kind.name) + (kind,)
+        for job_id in kind.job_ids():
+            self.status(job_id)
+        if self.waiting_ids():
+            self.dispatch()
+
+    def job_kind(self, job_id: str) -> JobKind | None:
+        """The registered kind of ``job_id``; None for a training run."""
+        return next((kind for kind in self._kinds if kind.owns(job_id)), None)
+
+    def kind_name(self, job_id: str) -> str:
+        kind = self.job_kind(job_id)
+        return kind.name if kind else "run"
+
+    def job_ids(self) -> list[str]:
+        """Every job the device queue knows: the runs, then each registered kind's jobs."""
+        return self.list_ids() + [job_id for kind in self._kinds for job_id in kind.job_ids()]
+
+    def active_job(self) -> str | None:
+        """The job (of any kind) holding the device on THIS machine, if any."""
+        return self._holding_device(self.job_ids())
+
+    def _holding_device(self, job_ids: list[str]) -> str | None:
+        """The first of ``job_ids`` started on THIS machine and not ended (a synced run from another host does not
+        hold the device)."""
+        for job_id in job_ids:
+            status = self.status(job_id)
+            if status.get("state") in ("running", "queued") and not is_remote(status):
+                return job_id
+        return None
+
     def waiting_ids(self) -> list[str]:
         """Queued jobs not started yet, first in line first."""
-        waiting = [(read_status(self.root / run_id), run_id) for run_id in self.list_ids()]
-        waiting = [(status.get("enqueued_at") or 0, run_id) for status, run_id in waiting
+        waiting = [(read_status(self.run_dir(job_id)), job_id) for job_id in self.job_ids()]
+        waiting = [(status.get("enqueued_at") or 0, job_id) for status, job_id in waiting
                    if status.get("state") == WAITING]
-        return [run_id for _, run_id in sorted(waiting)]
+        return [job_id for _, job_id in sorted(waiting)]
 
     def dispatch(self) -> str | None:
         """Start the first queued job if the device is free; returns the run started. Called after every
         enqueue and every end of a run, and by a background thread while jobs wait (an app restarted with a
         queue picks it up)."""
         with self._lock, self._queue_file_lock():
-            if self.active_run() is not None:
+            if self.active_job() is not None:
                 self._ensure_dispatcher()
                 return None
             for run_id in self.waiting_ids():
@@ -102,23 +165,30 @@ class RunQueue:
         if run_id not in waiting:
             return {}
         ahead = waiting[:waiting.index(run_id)]
-        active = self.active_run()
+        active = self.active_job()
         seconds: float | None = 0.0
         if active is not None:
             seconds = self._seconds_left(active)
         for other in ahead:
-            estimate = self._job_seconds(self._config(other))
+            estimate = self._expected_seconds(other)
             seconds = None if seconds is None or estimate is None else seconds + estimate
         return {"position": len(ahead) + 1, "ahead": ([active] if active else []) + ahead, "starts_in": seconds}
 
     def _seconds_left(self, run_id: str) -> float | None:
         """The running job's own ETA, while it is a whole one: None while an evaluation it still has to run has
         not been timed (its ETA leaves it out), the job's estimate before it has an ETA at all."""
+        if self.job_kind(run_id) is not None:
+            return self._expected_seconds(run_id)
         status = self.status(run_id)
         if status.get("evals_untimed"):
             return None
         left = status.get("eta_seconds")
-        return float(left) if isinstance(left, (int, float)) else self._job_seconds(self._config(run_id))
+        return float(left) if isinstance(left, (int, float)) else self._expected_seconds(run_id)
+
+    def _expected_seconds(self, job_id: str) -> float | None:
+        """How long a job should (still) take: its kind's estimate, or a run's from its config."""
+        kind = self.job_kind(job_id)
+        return kind.seconds_left(self.run_dir(job_id)) if kind else self._job_seconds(self._config(job_id))
 
     def expected_seconds(self, cfg: RunConfig) -> float | None:
         """How long ``cfg`` should train here, from completed runs of its model and bit width (the queue's own

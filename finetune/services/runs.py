@@ -20,13 +20,17 @@ checkpoint. A running run with no progress on disk for ``LORA_LAB_STALL_SECONDS`
 
 Its parts, each a module: the device queue (run_queue.py), the admission rules (admission.py: limits, disk,
 owners, source pre-checks) and the child processes themselves (processes.py: spawn, reap, escalation).
+
+Benchmarks are device jobs too: their service registers a ``JobKind`` (run_queue.py), and ``enqueue(job_id)``,
+``status``, ``request_stop``, ``cancel``, ``stop`` and ``queue_info`` then serve a benchmark job by its id as they
+serve a run; ``run_dir`` names its folder. Only what is a run's alone (resume, delete, summaries, adapters) stays
+with runs.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import re
 import shutil
 import signal
 import subprocess
@@ -42,12 +46,14 @@ from finetune.core.access import LOCAL, Visitor
 from finetune.core.config import ConfigError, RunConfig, load_config, save_config
 from finetune.core.distributed import check_launch, end_leftover_ranks, is_multi_process, launch_command, process_start
 from finetune.core.run_folder import (ADAPTER_DIR, LOG_FILE, METRICS_FILE, REWARD_DIR, RUN_CONFIG, STOP_FILE,
-                                      UPLOADS_DIR, has_adapter, is_run_id, last_checkpoint, modified_time, run_folders)
-from finetune.core.run_status import FINAL_STATES, HOSTNAME, WAITING, read_metrics, read_status, write_status
+                                      UPLOADS_DIR, has_adapter, is_run_id, last_checkpoint, modified_time, run_folders,
+                                      run_id_stem)
+from finetune.core.run_status import (FINAL_STATES, HOSTNAME, WAITING, is_remote, read_metrics, read_status,
+                                      write_status)
 from finetune.core.storage import DISK_FULL_EXIT, disk_full_message, enforce_budget, folder_bytes
 from finetune.services.admission import RunAdmission, RunError
 from finetune.services.processes import ChildProcess, escalate_stop, reap_in_background, spawn, tail
-from finetune.services.run_queue import RunQueue
+from finetune.services.run_queue import JobKind, RunQueue
 
 STARTING_SECONDS = 60.0  # a job dequeued this recently without a pid on disk is still having its child started
 _log = logging.getLogger(__name__)
@@ -81,11 +87,6 @@ class RunSummary:
     has_adapter: bool
 
 
-def is_remote(status: dict[str, Any]) -> bool:
-    """True for a run whose status was written on another machine (its folder was synced back here)."""
-    return bool(status.get("hostname")) and status["hostname"] != HOSTNAME
-
-
 class RunManager(RunQueue, RunAdmission):
     """Starts, stops, resumes and lists runs under one folder; at most one trains at a time."""
 
@@ -104,6 +105,7 @@ class RunManager(RunQueue, RunAdmission):
         self._children: dict[str, subprocess.Popen] = {}
         self._stoppers: dict[str, threading.Thread] = {}
         self._dispatcher: threading.Thread | None = None
+        self._kinds: tuple[JobKind, ...] = ()  # other kinds of device jobs (benchmarks): add_job_kind
         self._step_rates: dict[str, tuple[tuple[str, int] | None, float]] = {}  # completed runs, read once
         for run_id in self.list_ids():  # an app restarted during a Stop finishes the escalation it began
             self.status(run_id)
@@ -139,7 +141,11 @@ class RunManager(RunQueue, RunAdmission):
         copy.unlink(missing_ok=True)
 
     def run_dir(self, run_id: str) -> Path:
-        """The run's folder; refuses ids that could point outside the runs folder."""
+        """The run's folder (or a job of another kind's, in its kind's folder); refuses ids that could point outside
+        the runs folder."""
+        kind = self.job_kind(run_id)
+        if kind is not None:
+            return kind.root / run_id
         if not is_run_id(run_id):
             raise RunError(f"Invalid run id {run_id!r}: use letters, digits, '.', '_' and '-'.")
         folder = (self.root / run_id).resolve()
@@ -148,12 +154,11 @@ class RunManager(RunQueue, RunAdmission):
         return folder
 
     def new_run_id(self, cfg: RunConfig) -> str:
-        base = re.sub(r"[^A-Za-z0-9._-]+", "-", cfg.run_name or "run").strip("-.") or "run"
-        stamp = time.strftime("%Y%m%d-%H%M%S")
-        run_id, n = f"{base[:60]}-{stamp}", 1
+        base, stamp = run_id_stem(cfg.run_name), time.strftime("%Y%m%d-%H%M%S")
+        run_id, n = f"{base}-{stamp}", 1
         while (self.root / run_id).exists():
             n += 1
-            run_id = f"{base[:60]}-{stamp}-{n}"
+            run_id = f"{base}-{stamp}-{n}"
         return run_id
 
     # --- state --------------------------------------------------------------------------------------------
@@ -180,17 +185,17 @@ class RunManager(RunQueue, RunAdmission):
             self._escalate_in_background(run_id)  # after an app restart, this finishes the Stop it began
         except FileNotFoundError:
             pass
-        idle = time.time() - self._last_progress(folder, status)
+        idle = time.time() - self._last_progress(run_id, status)
         if idle >= self.stall_after:
             live["stalled_seconds"] = round(idle)
         return {**status, **live}
 
-    def _last_progress(self, folder: Path, status: dict[str, Any]) -> float:
+    def _last_progress(self, run_id: str, status: dict[str, Any]) -> float:
         """When the run last showed life on disk: a status write, a metrics row or a line in its log."""
         times = [float(status.get(key) or 0) for key in ("updated_at", "started_at", "created_at")]
-        for name in (METRICS_FILE, LOG_FILE):
+        for path in (self.run_dir(run_id) / METRICS_FILE, self._log_path(run_id)):
             try:
-                times.append((folder / name).stat().st_mtime)
+                times.append(path.stat().st_mtime)
             except OSError:
                 pass
         return max(times)
@@ -207,8 +212,9 @@ class RunManager(RunQueue, RunAdmission):
             if (folder / STOP_FILE).exists():  # asked to stop, then ended or was ended: resumable
                 return write_status(folder, state="stopped", finished_at=time.time(),
                                     error=status.get("stop_note") or status.get("error"))
-            message = (f"training process ended unexpectedly (exit code {code})" if code is not None
-                       else "training process is no longer running (app restarted or process killed)")
+            process_name = "training" if self.job_kind(run_id) is None else self.kind_name(run_id)
+            message = (f"{process_name} process ended unexpectedly (exit code {code})" if code is not None
+                       else f"{process_name} process is no longer running (app restarted or process killed)")
             if code == DISK_FULL_EXIT:  # the child may not have had room to write its own reason
                 message = disk_full_message("saving (a checkpoint, the metrics or the status)",
                                             "resume: the previous checkpoint is kept")
@@ -222,12 +228,8 @@ class RunManager(RunQueue, RunAdmission):
         return ChildProcess(None, status.get("pid"), status.get("pid_start"))
 
     def active_run(self) -> str | None:
-        """The run training on THIS machine, if any (a synced run from another host does not hold the device)."""
-        for run_id in self.list_ids():
-            status = self.status(run_id)
-            if status.get("state") in ("running", "queued") and not is_remote(status):
-                return run_id
-        return None
+        """The run training on THIS machine, if any (the device may also be held by a benchmark: active_job)."""
+        return self._holding_device(self.list_ids())
 
     def list_ids(self) -> list[str]:
         """The runs, newest first; odd entries of the runs folder (symlinks, files, unreadable folders) are skipped."""
@@ -266,7 +268,11 @@ class RunManager(RunQueue, RunAdmission):
                 if has_adapter(self.run_dir(run_id) / REWARD_DIR)}
 
     def log_tail(self, run_id: str, lines: int = 30) -> str:
-        return tail(self.run_dir(run_id) / LOG_FILE, lines)
+        return tail(self._log_path(run_id), lines)
+
+    def _log_path(self, job_id: str) -> Path:
+        kind = self.job_kind(job_id)
+        return self.run_dir(job_id) / (kind.log_file if kind else LOG_FILE)
 
     # --- actions ------------------------------------------------------------------------------------------
 
@@ -288,6 +294,26 @@ class RunManager(RunQueue, RunAdmission):
                          owner=visitor.owner)
         self.dispatch()
         return run_id
+
+    def enqueue(self, job_id: str, visitor: Visitor = LOCAL, seconds: float | None = None) -> str:
+        """Queue a job of a registered kind (a benchmark) whose folder its service has laid out: refused like a run
+        (signed out, over the visitor's limits, a full disk: RunError or AccessDenied), else it waits in line."""
+        kind = self.job_kind(job_id)
+        if kind is None:
+            raise RunError(f"{job_id!r} is no job of a kind this queue knows.")
+        with self._lock:
+            self.check_device_job(visitor, f"run a {kind.name}", seconds)
+            now = time.time()
+            write_status(self.run_dir(job_id), state=WAITING, created_at=now, enqueued_at=now, error=None,
+                         owner=visitor.owner)
+        self.dispatch()
+        return job_id
+
+    def child_alive(self, job_id: str) -> bool:
+        """Whether a child this manager started for the job is still a process (it may have written its final
+        state a moment before it exits)."""
+        child = self._children.get(job_id)
+        return child is not None and child.poll() is None
 
     def resume(self, run_id: str, visitor: Visitor = LOCAL) -> str:
         """Queue a stopped, failed or interrupted run to continue from its last checkpoint."""
@@ -319,7 +345,7 @@ class RunManager(RunQueue, RunAdmission):
 
     def cancel(self, run_id: str, visitor: Visitor = LOCAL) -> dict[str, Any]:
         """Take a job out of the queue before it starts (a started one is stopped instead: request_stop)."""
-        self.require_can_act(run_id, visitor, "cancel this job")
+        self.require_can_act(run_id, visitor, f"cancel this {self.kind_name(run_id)}")
         with self._lock:
             status = read_status(self.run_dir(run_id))
             if status.get("state") != WAITING:
@@ -358,8 +384,9 @@ class RunManager(RunQueue, RunAdmission):
         return command + ["--resume"] if resume else command
 
     def _spawn(self, run_id: str, resume: bool) -> None:
-        folder = self.run_dir(run_id)
-        child = spawn(self.child_command(run_id, resume), folder / LOG_FILE)
+        folder, kind = self.run_dir(run_id), self.job_kind(run_id)
+        command = kind.command(folder) if kind else self.child_command(run_id, resume)
+        child = spawn(command, self._log_path(run_id))
         self._children[run_id] = child
         write_status(folder, pid=child.pid, pid_start=process_start(child.pid), hostname=HOSTNAME)
         reap_in_background(child, f"reap-{run_id}", lambda: self._reap(run_id, child))
@@ -378,7 +405,7 @@ class RunManager(RunQueue, RunAdmission):
         """Ask the run to checkpoint and stop at its next step, and return at once; if it has not ended after
         ``stop_grace`` seconds a background thread terminates, then kills, its process group. A job still
         waiting in the queue is cancelled."""
-        self.require_can_act(run_id, visitor, "stop this run")
+        self.require_can_act(run_id, visitor, f"stop this {self.kind_name(run_id)}")
         folder = self.run_dir(run_id)
         status = self.status(run_id)
         if status.get("state") == WAITING:
@@ -420,7 +447,7 @@ class RunManager(RunQueue, RunAdmission):
         # launcher that would end them is killed: a rank left running would hold the device (end_leftover_ranks).
         if escalate_stop(process, asked, self.stop_grace, self.term_grace,
                          still_stopping=lambda: self._still_stopping(run_id, process),
-                         forced=lambda sig: self._note_forced(folder, sig),
+                         forced=lambda sig: self._note_forced(run_id, sig),
                          after_kill=lambda: end_leftover_ranks(folder)):
             self._settle(run_id, process)
 
@@ -428,14 +455,17 @@ class RunManager(RunQueue, RunAdmission):
         """The Stop still applies to this process: not resumed meanwhile (new child, STOP file removed)."""
         return self._children.get(run_id) is process.popen and (self.run_dir(run_id) / STOP_FILE).exists()
 
-    def _note_forced(self, folder: Path, sig: signal.Signals) -> None:
+    def _note_forced(self, run_id: str, sig: signal.Signals) -> None:
         # The child is hung, so nothing else writes status.json now; the note explains the stop to the user.
-        grace = f"{self.stop_grace:g} s"
-        note = (f"It did not stop at a step end within {grace} of Stop, so it was terminated (SIGTERM); "
+        grace, run = f"{self.stop_grace:g} s", self.job_kind(run_id) is None
+        at = "a step end" if run else "a model call"
+        note = (f"It did not stop at {at} within {grace} of Stop, so it was terminated (SIGTERM); "
                 if sig == signal.SIGTERM else
                 f"It did not stop within {grace} of Stop, nor {self.term_grace:g} s after SIGTERM, so it was killed "
                 "(SIGKILL); ")
-        write_status(folder, stop_note=note + "resume continues from its last complete checkpoint.")
+        after = ("resume continues from its last complete checkpoint." if run else
+                 "the units it finished are kept in the cache.")
+        write_status(self.run_dir(run_id), stop_note=note + after)
 
     def wait(self, run_id: str, timeout: float = 600.0) -> dict[str, Any]:
         """Block until the run reaches a final state (for the CLI and tests)."""

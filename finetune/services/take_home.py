@@ -12,7 +12,7 @@ Where LoRA Lab does something of its own, the code either reproduces it in a few
 too-long rows, keeping adapters in fp32, LoftQ) or a markdown cell says what it leaves
 out and what that costs (the CPU LM head, row-by-row packed attention). SFT, DPO and KTO runs (DPO/KTO with their
 rows as LoRA Lab split them by prompt, on a fresh LoRA or on the SFT adapter they started from); reward-model and
-GRPO runs are refused with a message that says so. The cells themselves: finetune/services/take_home_cells.py.
+GRPO runs are refused with a message that says so. The cells: take_home_cells.py and take_home_data.py.
 """
 
 from __future__ import annotations
@@ -26,7 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from finetune.core.config import ConfigError, RunConfig
-from finetune.core.data import DataError, data_source_kind, load_raw, prepare
+from finetune.core.data import DataError, data_source_kind, prepare
+from finetune.core.data_sources import load_raw
 from finetune.core.models import ModelSourceError, resolve_run_folder
 from finetune.core.paths import display_name
 from finetune.core.preference import PreferenceError, load_preferences

@@ -99,6 +99,15 @@ def walk(tmp_path_factory):
             assert f"{losses[0]:.3f} to {losses[-1]:.3f}" in seen["qlora"]
             assert "rank: 4\n" in (qlora / "config.yaml").read_text()
 
+            # 3b. The rank experiment: the same run at rank 16, its sentence from both runs' own numbers.
+            page.locator("#course-rank-experiment").get_by_text("Experiment:").first.click()
+            page.locator("#course-rank-go").click()
+            _finished(page, "rank")
+            seen["rank"] = _notice(page, "rank", "Rank 16 trains")
+            experiment = runs / _run_id(page.locator("#course-rank-started").inner_text())
+            assert "rank: 16\n" in (experiment / "config.yaml").read_text()
+            assert f"{_losses(experiment, 'eval_loss')[-1]:.3f} at rank 16" in seen["rank"]
+
             # 4. Chat and vote, twice: the win rate follows the votes.
             for question, vote in (("What does a LoRA adapter change?", "Tuned is better"),
                                    ("Why quantize a model to 4 bits?", "Base is better")):
@@ -134,6 +143,7 @@ def walk(tmp_path_factory):
             page.locator("#course-evaluate-go").click()
             seen["evaluate"] = _notice(page, "evaluate", "held-out questions")
             assert "95% interval" in seen["evaluate"] and qlora.name in seen["evaluate"]
+            assert "Rank experiment: On" in seen["evaluate"] and experiment.name in seen["evaluate"]
 
             # 8. The report: offered as two files; the path is complete.
             page.locator("#course-report-go").click()
@@ -150,7 +160,7 @@ def test_a_learner_finishes_the_course_with_their_own_numbers(walk):
     from playwright.sync_api import expect
 
     page, seen = walk["page"], walk["seen"]
-    for step in ("quantization", "qlora", "chat", "reward", "dpo", "evaluate", "report"):
+    for step in ("quantization", "qlora", "rank", "chat", "reward", "dpo", "evaluate", "report"):
         assert seen[step].startswith("What to notice:"), (step, seen[step])
     # A reload keeps the learner's progress and sentences (they live on disk, per visitor).
     page.reload()
@@ -169,7 +179,7 @@ def test_the_lab_report_opens_in_chromium_with_the_learners_numbers_and_no_serve
     copy.write_text(report, encoding="utf-8")
     page.goto(copy.as_uri())
     text = page.locator("body").inner_text()
-    for step in ("qlora", "reward", "dpo", "quantization"):
+    for step in ("qlora", "rank", "reward", "dpo", "quantization"):
         for number in _numbers(seen[step]):
             assert number in text, (step, number)
     assert walk["qlora"].name in text and "What does a LoRA adapter change?" in text

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from helpers import app_client, ARTIFACTS, browser_page, served_app, tiny_run_config, UI_WAIT, wait_until
+from helpers import (app_client, ARTIFACTS, browser_page, make_random_adapter, served_app, tiny_run_config, UI_WAIT,
+                     wait_until)
 
 RUN_ID = "feedback-run"
 SECRET = "lsv2_pt_app_test_key_0042"
@@ -21,24 +22,13 @@ SECRET = "lsv2_pt_app_test_key_0042"
 
 def _finished_run(runs_root: Path, model_dir: Path, data_file: Path) -> None:
     """A completed run folder: config.yaml, status.json and a PEFT adapter that changes the answers."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
     from finetune.core.config import save_config
     from finetune.core.run_status import write_status
 
     folder = runs_root / RUN_ID
     folder.mkdir(parents=True)
     save_config(tiny_run_config(model_dir, data_file, bits=32), folder / "config.yaml")
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir),
-                           LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
-    generator = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, parameter in model.named_parameters():
-            if "lora_" in name:
-                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.5)
-    model.save_pretrained(folder / "adapter")
+    make_random_adapter(model_dir, folder / "adapter", 1, ["q_proj", "v_proj"])
     write_status(folder, state="completed", step=3, max_steps=3, error=None)
 
 
