@@ -3,6 +3,7 @@
     python app.py                                   # http://127.0.0.1:7860
     LORA_LAB_SIGN_IN=dev python app.py              # two visitors on one laptop: /dev-sign-in?user=NAME
     LORA_LAB_HOST=0.0.0.0 LORA_LAB_PORT=7860 LORA_LAB_AUTH=user:pass GRADIO_SHARE=1 python app.py
+    LORA_LAB_MCP=1 python app.py                    # also an MCP server: http://127.0.0.1:7860/gradio_api/mcp/
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ os.environ.update({k: v for k, v in deploy.cache_env().items() if k not in os.en
 
 import gradio as gr  # noqa: E402
 
+from components.agent_tools import build_agent_tools, curate_mcp_tools
 from components.benchmark_section import build_benchmark_section
 from components.chat_tab import adapter_choices, build_chat_tab
 from components.compare_tab import build_compare_tab
@@ -104,6 +106,8 @@ def build_app(runs_root: str = "runs", profile: HardwareProfile | None = None,
             build_quant_tab(profile)
         demo.load(bind(opening_preset, manager, profile), None, train["preset"],
                   api_visibility="private")
+        build_agent_tools(manager, engine, profile)  # the curated MCP tools (components/agent_tools.py)
+    curate_mcp_tools(demo)
     check_number_inputs(demo)  # NaN, ±inf, text or a list in any number field: refused by its name
     demo.feedback_store = store  # for whoever closes the app: close_app() stops its LangSmith sender too
     return demo
@@ -127,7 +131,14 @@ def launch_options() -> dict[str, object]:
     gradio's size syntax such as '200mb'); a bigger upload is refused before it reaches any handler."""
     return {"server_name": deploy.server_host(), "server_port": int(os.environ.get("LORA_LAB_PORT", "7860")),
             "share": os.environ.get("GRADIO_SHARE", "").lower() in ("1", "true", "yes"), "auth": _auth(),
-            "max_file_size": os.environ.get("LORA_LAB_MAX_UPLOAD", "200mb"), "app_kwargs": app_kwargs()}
+            "max_file_size": os.environ.get("LORA_LAB_MAX_UPLOAD", "200mb"), "app_kwargs": app_kwargs(),
+            "mcp_server": mcp_enabled()}
+
+
+def mcp_enabled() -> bool:
+    """LORA_LAB_MCP=1 (or gradio's own GRADIO_MCP_SERVER=true) also serves the curated tools over MCP."""
+    return any(os.environ.get(name, "").lower() in ("1", "true", "yes")
+               for name in ("LORA_LAB_MCP", "GRADIO_MCP_SERVER"))
 
 
 def check_settings() -> str | None:

@@ -1,4 +1,5 @@
-"""The Export tab: take a finished run's adapter away as a zip, merge it into its base, or push it to the Hub.
+"""The Export tab: take a finished run away as an adapter zip or as code (a notebook and a script), merge it into its
+base model, or push it to the Hub.
 
 Each action writes into the run's own folder (``export/``, ``merged/``), so nothing a visitor exports lands in
 another run. The Hub token is typed per push into a password box and used only for that call: on a shared Space
@@ -32,6 +33,7 @@ from finetune.services.gguf_hub import push_gguf
 from finetune.services.gguf_measure import drift_text
 from finetune.services.gguf_plan import DiskPlan, disk_plan, gguf_path, parameter_shapes
 from finetune.services.runs import RunManager
+from finetune.services.take_home import TakeHomeError, zip_take_home
 
 PUSH_KINDS = ("Adapter", "Merged model")
 CONSENT = "Use my Hugging Face sign-in token to push to my account"
@@ -121,6 +123,20 @@ def export_zip(manager: RunManager, run_id: str | None, request: gr.Request = No
         raise refusal(str(error)) from None
     return downloadable(path), (f"`{path.name}` ({_size(path)}): unzip it into a folder and load it with "
                        f"`PeftModel.from_pretrained(base, folder)`.")
+
+
+def export_code(manager: RunManager, run_id: str | None, request: gr.Request = None) -> tuple[str, str]:
+    """Show the code: the run as a notebook and a script in plain transformers + peft + trl + bitsandbytes, zipped
+    with the data files too big to embed (the run's rows: only its owner may take them)."""
+    folder = _run_dir(manager, run_id, visitor_of(request), "export this run's code")
+    try:
+        path = zip_take_home(folder)
+    except (TakeHomeError, ExportError) as error:
+        raise refusal(str(error)) from None
+    name = path.name.removesuffix("-code.zip")
+    return downloadable(path), (f"`{path.name}`: `{name}.ipynb` (open it in Colab: File > Upload notebook, with any "
+                                f"`.jsonl` from the zip beside it) and the same as `{name}.py`; neither needs LoRA "
+                                "Lab. Also from a terminal: `python -m finetune.services.take_home runs/<run id>`.")
 
 
 MERGE_CHOICES = {"Weights it trained against (answers as in Chat)": "trained",
@@ -324,6 +340,7 @@ def build_export_tab(manager: RunManager) -> dict[str, Any]:
     with gr.Row():
         zip_button = gr.Button("Download adapter (.zip)", elem_id="export-zip")
         merge_button = gr.Button("Merge into base model", elem_id="export-merge")
+        code_button = gr.Button("Show the code (notebook + script)", elem_id="export-code")
     merge_target = gr.Radio(list(MERGE_CHOICES), value=next(iter(MERGE_CHOICES)), label="Merge into",
                             elem_id="export-merge-target",
                             info="A 4/8-bit base cannot absorb the update: the adapter is added to a float copy. "
@@ -333,6 +350,7 @@ def build_export_tab(manager: RunManager) -> dict[str, Any]:
                                  "quantization error, which the adapter never saw. A GGUF built from the merge "
                                  "rounds it again to its type: the build measures how far it drifts.")
     zip_file = gr.File(label="Adapter zip", elem_id="export-zip-file", interactive=False)
+    code_file = gr.File(label="The run as code (.ipynb + .py)", elem_id="export-code-file", interactive=False)
     message = gr.Markdown(elem_id="export-message")
     gguf = _build_gguf_section(manager, run, merge_target)
     with gr.Accordion("Push to the Hugging Face Hub", open=False):
@@ -357,9 +375,11 @@ def build_export_tab(manager: RunManager) -> dict[str, Any]:
                    what, repo_id, token, private, merge_target, consent)
     merged.then(bind(plan_when_shown, manager), [gguf["gguf_shown"], run, gguf["gguf_type"],
                 merge_target], gguf["gguf_plan"], api_visibility="private")  # the GGUF build reuses merged/
+    code_button.click(bind(export_code, manager), run, [code_file, message], api_name="export_code")
     gguf_push.click(bind(push_gguf_file, manager), [run, gguf["gguf_type"], repo_id, token, private, consent],
                     message, api_name="push_gguf", concurrency_limit=2)
     return {"run": run, "refresh": refresh, "zip": zip_button, "merge": merge_button, "zip_file": zip_file,
+            "code": code_button, "code_file": code_file,
             "merge_target": merge_target,
             "message": message, "what": what, "repo_id": repo_id, "token": token, "private": private,
             "consent": consent,

@@ -68,11 +68,11 @@ FORM_FIELDS = {"max_seq_length": "data.max_seq_length", "beta": "preference.beta
                "reward_run": "preference.reward_model", "num_generations": "preference.num_generations",
                "max_completion_length": "preference.max_completion_length", "batch_size": "training.batch_size",
                "eval_steps": "training.eval_steps", "early_stopping_patience": "training.early_stopping_patience",
-               "keep": "training.keep", "processes": "training.processes"}
+               "keep": "training.keep", "report_to": "training.report_to", "processes": "training.processes"}
 NOT_FIELDS = ("model_kind", "model_source", "data_kind", "data_file", "data_hub_name")  # sources: assembled here
 # An empty choice means this value, or with EMPTY_IS_PRESET the preset's (it is not a value to check).
 EMPTY_IS = {"data_split": "train", "data_hub_config": None, "reward_run": "", "processes": 1}
-EMPTY_IS_PRESET = ("loss_type", "keep")
+EMPTY_IS_PRESET = ("loss_type", "keep", "report_to")
 
 
 def stage_config_from_form(stage: str, source: str, form: dict[str, Any]) -> RunConfig:

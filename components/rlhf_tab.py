@@ -25,7 +25,8 @@ from components.rlhf_runs import (POLICY_METHODS, RLHF_COLOUR, pipeline_text, po
 from components.shared import (PREVIEW_SLOT, bind, list_hub_options, on_page_load, progress_html, stop_run,
                                visible_reward_models, visitor_of)
 from finetune.core.access import Visitor
-from finetune.core.config import DPO_LOSSES, EMBEDDED_MODEL, KEEP_CHOICES, KTO_LOSSES, RunConfig, field_help
+from finetune.core.config import (DPO_LOSSES, EMBEDDED_MODEL, KEEP_CHOICES, KTO_LOSSES, REPORT_TO, RunConfig,
+                                  field_help)
 from finetune.core.distributed import offers_processes
 from finetune.services.chat import ChatEngine
 from finetune.services.runs import RunManager
@@ -202,6 +203,8 @@ def _advanced(form: dict[str, Any], defaults: RunConfig) -> None:
                 precision=0, elem_id="rlhf-early-stopping", info=_info("training", "early_stopping_patience"))
             form["keep"] = gr.Radio(list(KEEP_CHOICES), value=defaults.training.keep, label="Saved weights",
                                     elem_id="rlhf-keep", info=_info("training", "keep"))
+            form["report_to"] = gr.Dropdown(list(REPORT_TO), value=defaults.training.report_to, label="Report to",
+                                            elem_id="rlhf-report-to", info=_info("training", "report_to"))
         with gr.Row(visible=offers_processes()):  # past one device: 2+ GPUs, or CPU processes over gloo
             form["processes"] = gr.Number(1, label="Processes (data parallel)", precision=0,
                                           elem_id="rlhf-processes",

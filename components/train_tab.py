@@ -28,7 +28,8 @@ from finetune.core import paths
 from finetune.core.access import can_act
 from finetune.core.config import (BUNDLED_DATASET, CHECKPOINTING, COMPUTE_DTYPES, DATA_FORMATS, EMBEDDED_MODEL,
                                   KEEP_CHOICES, LORA_BIAS, LORA_INITS, LORA_METHODS, OPTIMIZERS, PEFT_METHODS,
-                                  SCHEDULERS, ConfigError, STRATEGIES, RunConfig, field_help, load_config)
+                                  REPORT_TO, SCHEDULERS, ConfigError, STRATEGIES, RunConfig, field_help,
+                                  load_config)
 from finetune.core.data import bundled_names
 from finetune.core.distributed import offers_processes
 from finetune.core.hardware import HardwareProfile
@@ -264,6 +265,8 @@ def _advanced_controls(form: dict[str, Any], d: RunConfig) -> None:
                 t.early_stopping_patience, precision=0, elem_id="early-stopping-patience")
             form["training_keep"] = gr.Radio(list(KEEP_CHOICES), value=t.keep, label="Saved adapter holds",
                                              info=_info("training_keep"), elem_id="keep-weights")
+            form["training_report_to"] = gr.Dropdown(list(REPORT_TO), value=t.report_to, label="Report to",
+                                                     info=_info("training_report_to"), elem_id="report-to")
 
 
 def _default_config() -> RunConfig:

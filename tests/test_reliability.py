@@ -254,7 +254,7 @@ def test_every_number_field_of_every_endpoint_refuses_what_is_not_a_number_by_na
 # benchmark): their starts are tested where that work is (test_train_tab, test_compare, test_quant, ...).
 STARTS_LONG_WORK = {"/start_run", "/sweep_start", "/compare_start", "/quantize_compare", "/course_quantize",
                     "/course_qlora", "/course_reward", "/course_dpo", "/benchmark_start", "/rlhf_start_reward",
-                    "/rlhf_start_policy"}
+                    "/rlhf_start_policy", "/lab_start_run"}
 TEXT_TO_ASK = {"prompt", "answer_a", "answer_b", "comment"}  # text boxes that take a question or an answer
 
 

@@ -40,6 +40,9 @@ LORA_INITS = ("default", "loftq", "pissa", "olora")
 CHECKPOINTING = ("auto", "on", "off")
 KEEP_CHOICES = ("last", "best")  # which weights a run saves (training.keep)
 STRATEGIES = ("single", "ddp", "fsdp")  # how several processes share a run (finetune/core/distributed.py)
+# Where the trainer also sends its metrics (transformers' report_to); LoRA Lab's own curves read metrics.jsonl.
+REPORT_TO = ("tensorboard", "trackio", "wandb", "mlflow", "none")
+TRACKIO_PROJECT = "lora-lab"  # the Trackio project every run logs into (one Trackio run per LoRA Lab run)
 FSDP_METHODS = ("lora", "dora", "rslora", "full")  # what FSDP can shard: whole modules, trainable or frozen
 
 
@@ -344,6 +347,11 @@ class TrainingConfig:
     keep: str = field(default="last", metadata=_help(
         "Which weights the saved adapter holds: 'last' (the final step's) or 'best' (the checkpoint with the best "
         "held-out metric). 'best' needs held-out evaluations, like early stopping.", choices=KEEP_CHOICES))
+    report_to: str = field(default="tensorboard", metadata=_help(
+        "Where the trainer also sends its metrics: 'tensorboard' (event files in the run folder), 'trackio' (a "
+        f"local Trackio project '{TRACKIO_PROJECT}', no account needed), 'wandb' or 'mlflow' (only where the server "
+        "has their package, and for W&B a key or offline mode), or 'none'. The app's own curves work either way.",
+        choices=REPORT_TO))
     processes: int = field(default=1, metadata=_help(
         "Training processes: 1 = one device; 2 or more = one process per GPU (on a machine without a GPU, CPU "
         "processes talking over gloo). Each process trains on its own batch: effective batch = batch size x "
@@ -382,6 +390,9 @@ class TrainingConfig:
         check.int_field("early_stopping_patience", low=0, high=1000, what="Early stopping patience")
         check.float_field("early_stopping_threshold", low=0, what="Early stopping threshold")
         check.choice("keep", KEEP_CHOICES, "Saved weights")
+        check.choice("report_to", REPORT_TO, "Report to")
+        if "training.report_to" not in check.problems and tracker_problem(self.report_to):
+            check.fail("report_to", tracker_problem(self.report_to))
         check.int_field("processes", low=1, high=512, what="Processes")
         check.choice("strategy", STRATEGIES, "Strategy")
         if not check.problems:
@@ -405,6 +416,23 @@ class TrainingConfig:
     def watch_name(self) -> str:
         """What asked for the held-out evaluations, for refusals that name it."""
         return "Early stopping" if self.early_stopping_patience else "Keeping the best checkpoint"
+
+
+def tracker_problem(report_to: str) -> str | None:
+    """Why this server cannot report to ``report_to``, or None when it can. A W&B key comes only from the server's
+    environment (WANDB_API_KEY), never from a config, so no config, log or export ever holds it."""
+    package = {"trackio": "trackio", "wandb": "wandb", "mlflow": "mlflow"}.get(report_to)
+    name = {"trackio": "Trackio", "wandb": "Weights & Biases", "mlflow": "MLflow"}.get(report_to)
+    if package is None:
+        return None
+    if importlib.util.find_spec(package) is None:
+        return (f"Reporting to {name} needs the {package} package, which this server does not have (the operator "
+                f"can `pip install {package}`); pick 'tensorboard' or 'trackio'")
+    if report_to == "wandb" and not os.environ.get("WANDB_API_KEY") \
+            and os.environ.get("WANDB_MODE", "").lower() not in ("offline", "disabled"):
+        return ("Reporting to Weights & Biases needs WANDB_API_KEY in the server's environment (never in a config) "
+                "or WANDB_MODE=offline")
+    return None
 
 
 STAGES = ("sft", "reward", "dpo", "kto", "grpo")

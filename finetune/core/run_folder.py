@@ -61,6 +61,8 @@ MERGED_DIR = "merged"                # the Export tab's merged model
 MERGE_INFO = "lora_lab_merge.json"   # in a merged folder: what it was merged into
 EXPORT_DIR = "export"                # zips and GGUF files the Export tab writes
 GGUF_DIR = "gguf"                    # export/gguf/: the GGUF files and their Modelfiles
+TRACKER_DIRS = {"trackio": "trackio", "mlflow": "mlruns", "wandb": "wandb"}  # <runs root>/<name>: trackers' stores
+TAKE_HOME_DIR = "take_home"          # export/take_home/: the run as a notebook and a script (Show the code)
 BUILDING_MARKER = ".building"        # held in a folder an export is still writing: pruning leaves it alone
 PARTIAL_SUFFIX = ".partial"          # a file (or folder) being written, renamed when complete
 

@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from finetune.core.config import ConfigError, RunConfig, TrainingConfig, save_config
+from finetune.core.config import TRACKIO_PROJECT, ConfigError, RunConfig, TrainingConfig, save_config
 from finetune.core.hardware import HardwareProfile
 from finetune.core.lora_init import peft_init_kwargs
 from finetune.core.metrics import BEST_METRICS, MetricsCallback
@@ -62,10 +62,13 @@ def training_args(cfg: RunConfig, profile: HardwareProfile, run_dir: Path, has_e
         bf16=profile.is_cuda and profile.compute_dtype == "bfloat16",
         fp16=profile.is_cuda and profile.compute_dtype == "float16",
         use_cpu=not profile.is_cuda, max_length=cfg.data.max_seq_length,
-        report_to=["tensorboard"], disable_tqdm=True, dataloader_num_workers=0,
+        report_to=t.report_to, run_name=run_dir.name, disable_tqdm=True, dataloader_num_workers=0,
         ddp_find_unused_parameters=False,  # every LoRA weight is used each step; skip DDP's extra graph walk
     )
     args.update(best_checkpoint_args(cfg, has_eval))
+    if t.report_to == "trackio":
+        # One local project for every run, no Hub Space: a static Space would be made (and made public) on a push.
+        args.update(project=TRACKIO_PROJECT, trackio_space_id=None, trackio_static_space_id=False)
     return args
 
 

@@ -15,7 +15,7 @@ from typing import Any
 
 from finetune.core.config import RunConfig
 from finetune.core.metrics import any_rank
-from finetune.core.run_folder import TENSORBOARD_DIR, last_checkpoint, write_run_info, STOP_FILE
+from finetune.core.run_folder import TENSORBOARD_DIR, TRACKER_DIRS, last_checkpoint, write_run_info, STOP_FILE
 from finetune.core.run_status import write_status
 from finetune.stages import grpo, policy, reward, sft
 from finetune.stages.measure import record_measurements, reset_peak_memory
@@ -28,6 +28,7 @@ def run_stage(cfg: RunConfig, run_dir: Path, resume: bool = False) -> Path:
     """Train ``cfg.stage`` in ``run_dir``; returns the folder of what it saved."""
     run_dir.mkdir(parents=True, exist_ok=True)
     os.environ["TENSORBOARD_LOGGING_DIR"] = str(run_dir / TENSORBOARD_DIR)  # transformers 5 reads it from env
+    point_tracker_at_runs_folder(cfg, run_dir)
     stage = STAGES[cfg.stage]
     built = stage.build(cfg, run_dir)
     trainer = built.trainer
@@ -51,6 +52,20 @@ def run_stage(cfg: RunConfig, run_dir: Path, resume: bool = False) -> Path:
         write_status(run_dir, **outcome)
         write_run_info(run_dir, **outcome, **record_measurements(trainer, cfg, run_dir, saved))
     return saved
+
+
+def point_tracker_at_runs_folder(cfg: RunConfig, run_dir: Path) -> None:
+    """Trackio, MLflow and W&B keep their local stores beside the runs (``<runs root>/trackio`` ...), where they
+    outlive the run and travel with the runs folder (a Space's persistent /data); an operator's own setting wins."""
+    name = TRACKER_DIRS.get(cfg.training.report_to)
+    if name is None:
+        return
+    store = run_dir.resolve().parent / name
+    variable, value = {"trackio": ("TRACKIO_DIR", str(store)), "mlflow": ("MLFLOW_TRACKING_URI", store.as_uri()),
+                       "wandb": ("WANDB_DIR", str(store))}[cfg.training.report_to]
+    if cfg.training.report_to == "wandb":
+        store.mkdir(parents=True, exist_ok=True)  # wandb writes into the folder, it does not make it
+    os.environ.setdefault(variable, value)
 
 
 def add_early_stopping(cfg: RunConfig, trainer: Any) -> None:
