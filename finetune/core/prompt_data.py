@@ -14,10 +14,11 @@ import random
 from dataclasses import dataclass, field
 from typing import Any
 
-from finetune.core.config import DataConfig
+from finetune.core.config import ConfigError, DataConfig, RunConfig
 from finetune.core.data import load_raw
 from finetune.core.data_files import DataError
 from finetune.core.preference import prompt_key, split_by_prompt
+from finetune.core.rewards import parse_rules, reference_problems
 
 PROMPT_COLUMNS = ("prompt", "question", "instruction", "query")
 HELD_OUT_DEFAULT = 32  # held-out prompts answered before and after training when max_eval_samples is not set
@@ -84,3 +85,10 @@ def load_prompt_rows(cfg: DataConfig, seed: int = 42) -> PromptRows:
         raise DataError("GRPO found no usable prompts in the data.")
     columns = ["prompt", *[c for c in train_set.column_names if c != column]]
     return PromptRows(train, held, columns, notes)
+
+
+def check_reference_columns(cfg: RunConfig, columns: list[str]) -> None:
+    """Refuse rules that compare with a column the data does not have, naming the rule's field."""
+    problems = reference_problems(parse_rules(cfg.preference.rewards), columns)
+    if problems:
+        raise ConfigError({f"preference.{name}": message for name, message in problems.items()})

@@ -298,6 +298,23 @@ def parse_rules(raw: Any) -> list[RewardRule]:
     return rules
 
 
+def rules_from_yaml(text: str | None) -> list[Any]:
+    """The rules a form's text box declares (a YAML list of mappings; empty = none). The list is returned
+    unchecked: the config checks it with every other field. RuleProblems when the text is not YAML."""
+    import yaml
+
+    if not text or not str(text).strip():
+        return []
+    try:
+        value = yaml.safe_load(str(text))
+    except yaml.YAMLError as error:
+        where = getattr(error, "problem_mark", None)
+        line = f" (line {where.line + 1})" if where is not None else ""
+        raise RuleProblems({"rewards": f"the rules are not valid YAML{line}: write one '- kind: ...' item per "
+                                       "rule"}) from None
+    return value if isinstance(value, list) else [value]
+
+
 def reference_problems(rules: list[RewardRule], columns: list[str]) -> dict[str, str]:
     """Rules whose reference column the dataset does not have, keyed like rule_problems."""
     return {f"rewards[{i}].reference": f"the dataset has no column '{rule.reference}' (it has: "
@@ -312,10 +329,6 @@ def answer_text(completion: Any) -> str:
     if isinstance(completion, list):
         return "".join(str(turn.get("content", "")) for turn in completion if isinstance(turn, dict))
     return str(completion or "")
-
-
-def weighted_total(scores: dict[str, float], weights: dict[str, float]) -> float:
-    return sum(weights[name] * value for name, value in scores.items())
 
 
 def group_advantages(totals: list[float]) -> tuple[list[float], bool]:

@@ -23,8 +23,8 @@ from finetune.core.metrics import MetricsCallback
 from finetune.core.models import load_tokenizer, resolve_run_folder
 from finetune.core.preference import PreferenceData
 from finetune.core.data import load_raw
-from finetune.core.prompt_data import PromptRows, is_preference_columns, load_prompt_rows
-from finetune.core.rewards import RewardRule, answer_text, parse_rules, reference_problems
+from finetune.core.prompt_data import PromptRows, check_reference_columns, is_preference_columns, load_prompt_rows
+from finetune.core.rewards import RewardRule, answer_text, parse_rules
 from finetune.core.run_folder import ADAPTER_DIR, HELD_OUT_ANSWERS, REWARD_DIR
 from finetune.stages.common import (Built, keep_adapters_in_compute_dtype, load_preference_data, preference_data_fields,
                                     record_run_info, save_default_adapter, training_args)
@@ -98,13 +98,6 @@ def reward_functions(cfg: RunConfig, run_dir: Path, profile: HardwareProfile) ->
     if p.reward_file:
         functions.append(python_reward(p.reward_file))
     return functions
-
-
-def check_reference_columns(cfg: RunConfig, columns: list[str]) -> None:
-    """Refuse rules that compare with a column the data does not have, naming the rule's field."""
-    problems = reference_problems(parse_rules(cfg.preference.rewards), columns)
-    if problems:
-        raise ConfigError({f"preference.{name}": message for name, message in problems.items()})
 
 
 def _prompts(data: PreferenceData) -> Any:
