@@ -12,11 +12,14 @@ from finetune.core import paths
 from finetune.core.config import (DPO_LOSSES, EMBEDDED_MODEL, KTO_LOSSES, ConfigError, RunConfig, from_dict,
                                   load_config, to_dict)
 from finetune.core.preference import BUNDLED_PREFERENCES, PreferenceError
+from finetune.core.rewards import RuleProblems, rules_from_yaml
 from finetune.core.run_folder import FEEDBACK_EXPORTS_DIR
 from finetune.services.feedback_export import export_feedback
 from finetune.services.runs import RunManager
 
 BASE_CHOICE = "(base model: fresh LoRA)"
+# What rewards GRPO's sampled answers (the RLHF tab's step 4); the first is the default (also for API calls).
+GRPO_REWARD_KINDS = ("Reward model (RLHF: learned from votes)", "Rules (RLVR: checked answers)", "Both")
 
 
 def preset(stage: str) -> RunConfig:
@@ -62,6 +65,22 @@ def _whole(value: Any) -> int:
     return int(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else 0
 
 
+def uses_rules(form: dict[str, Any]) -> bool:
+    return (form.get("grpo_reward") or GRPO_REWARD_KINDS[0]) != GRPO_REWARD_KINDS[0]
+
+
+def grpo_rewards_from_form(form: dict[str, Any]) -> dict[str, Any]:
+    """GRPO's reward terms: the reward model (the default), the rules typed as YAML, or both."""
+    try:
+        rules = rules_from_yaml(form.get("reward_rules")) if uses_rules(form) else []
+    except RuleProblems as error:
+        raise ConfigError({f"preference.{k}": v for k, v in error.problems.items()}) from None
+    terms: dict[str, Any] = {"rewards": rules, "reward_model_weight": form.get("reward_model_weight", 1.0)}
+    if form.get("grpo_reward") == GRPO_REWARD_KINDS[1]:
+        terms["reward_model"] = ""  # rules only: no reward model is loaded
+    return terms
+
+
 def stage_config_from_form(stage: str, source: str, form: dict[str, Any]) -> RunConfig:
     """The RunConfig of one stage from the shared form; ConfigError lists every bad field."""
     prefix = "reward" if stage == "reward" else "policy"
@@ -87,7 +106,8 @@ def stage_config_from_form(stage: str, source: str, form: dict[str, Any]) -> Run
                        "reward_model": form.get("reward_run") or "",
                        "num_generations": form.get("num_generations", base["preference"]["num_generations"]),
                        "max_completion_length": form.get("max_completion_length",
-                                                         base["preference"]["max_completion_length"])},
+                                                         base["preference"]["max_completion_length"]),
+                       **grpo_rewards_from_form(form)},
         "training": {**base["training"],
                      "learning_rate": form.get(f"{prefix}_learning_rate", base["training"]["learning_rate"]),
                      "max_steps": form.get(f"{prefix}_max_steps", base["training"]["max_steps"]),
