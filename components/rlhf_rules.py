@@ -22,6 +22,7 @@ from finetune.core.prompt_data import PromptRows, check_reference_columns, is_pr
 from finetune.core.rewards import RuleProblems, parse_rules, rules_from_yaml
 from finetune.core.run_folder import REWARD_DIR, RUN_CONFIG
 from finetune.core.run_status import read_metrics, read_status
+from finetune.services.course import group_baseline_sentence, rlvr_sentence
 from finetune.services.evaluate import Candidate, adapter_name
 from finetune.services.reward_bench import BenchError, BenchSample, sample_bench, score_bench
 from finetune.services.rule_verdict import held_out_verdict
@@ -125,7 +126,10 @@ def _scored(sample: BenchSample, manager: RunManager, cache: Any, form: dict[str
     if not rules and reward_model is None:
         raise BenchError("Nothing to score with: pick rules (or both) as GRPO's reward, or a reward model in step 3.")
     scores = score_bench(sample, rules, reward_model)
-    return (f"Answers by `{sample.model}`. " + scores.summary()), pd.DataFrame(scores.table)
+    first = [row for row in scores.table if row["prompt #"] == 1]
+    lesson = group_baseline_sentence([row["total"] for row in first], [row["advantage"] for row in first])
+    return (f"Answers by `{sample.model}`. " + scores.summary() + f"\n\n*Prompt 1:* {lesson}",
+            pd.DataFrame(scores.table))
 
 
 def bench_sample(manager: RunManager, engine: Any, cache: Any, request: gr.Request = None,
@@ -177,7 +181,20 @@ def grpo_view(manager: RunManager, run_id: str | None, request: gr.Request = Non
     per_term = tuple((f"rewards/{name}/mean", name) for name in terms) + (("reward", "total (weighted)"),)
     verdict = held_out_verdict(folder)
     text = verdict.text() if verdict else _no_verdict(folder)
+    if rows and terms:
+        text += "\n\n" + _lesson(rows, terms, verdict)
     return (series_frame(rows, per_term, "value"), series_frame(rows, GRPO_HEALTH + GRPO_LENGTH, "value"), text)
+
+
+def _lesson(rows: list[dict[str, Any]], terms: list[str], verdict: Any) -> str:
+    """The run's own numbers in the course's words (RLHF vs RLVR, the group baseline)."""
+    def first_last(key: str) -> tuple[float, float] | None:
+        values = [r[key] for r in rows if isinstance(r.get(key), (int, float))]
+        return (values[0], values[-1]) if values else None
+
+    moved = {name: span for name in terms if (span := first_last(f"rewards/{name}/mean")) is not None}
+    accuracy = (verdict.accuracy.before, verdict.accuracy.after) if verdict and verdict.accuracy else None
+    return rlvr_sentence(moved, first_last("frac_reward_zero_std"), accuracy, "reward_model" in terms)
 
 
 def _no_verdict(folder: Path) -> str:

@@ -217,6 +217,8 @@ def test_bench_scores_sampled_answers_and_rescores_them_without_sampling(tiny_mo
     form = tab_form(tiny_model_dir, bench_prompts=picked, bench_answers=3)
     summary, table, sample = bench_sample(manager, engine, cache, **form)
     assert len(table) == 6 and summary.startswith("Answers by `base`")
+    first = [f"{t:.2f}" for t in table[table["prompt #"] == 1]["total"]]
+    assert ("scored " + ", ".join(first)) in summary or "all scored" in summary  # the learner's own group
     references = {row["prompt"][-1]["content"]: row["answer"] for row in load_prompt_rows(
         DataConfig(source="bundled:lab_drills")).train}
     right, short = parse_rules([{"kind": "numeric", "reference": "answer", "extract": "last_number"},
@@ -245,3 +247,6 @@ def test_tab_trains_a_rule_rewarded_run_on_the_drills_and_shows_its_verdict(tiny
     held = json.loads((manager.run_dir(run_id) / HELD_OUT_ANSWERS).read_text())
     accuracy = [sum(held[side]["scores"]["right"]) / 32 for side in ("before", "after")]
     assert f"accuracy (right): {accuracy[0]:.0%}" in verdict and f"-> {accuracy[1]:.0%}" in verdict
+    means = [r["rewards/right/mean"] for r in read_metrics(manager.run_dir(run_id)) if "rewards/right/mean" in r]
+    assert "Your run is RLVR" in verdict and f"right {means[0]:.2f} → {means[-1]:.2f}" in verdict
+    assert f"Held-out accuracy {accuracy[0]:.0%} → {accuracy[1]:.0%}" in verdict

@@ -109,3 +109,15 @@ def test_reward_up_but_accuracy_not_is_named_as_possible_reward_hacking(tmp_path
 def test_no_verdict_before_the_run_has_both_measurements(tmp_path):
     (tmp_path / HELD_OUT_ANSWERS).write_text(json.dumps({"prompts": ["q"], "before": {}}))
     assert held_out_verdict(tmp_path) is None
+
+
+def test_the_group_baseline_lesson_quotes_the_learners_own_group():
+    from finetune.core.rewards import group_advantages
+    from finetune.services.course import group_baseline_sentence
+
+    totals = [1.0, 0.0, 0.0, 0.5]
+    advantages, _ = group_advantages(totals)
+    text = group_baseline_sentence(totals, advantages)
+    assert "scored 1.00, 0.00, 0.00, 0.50 (mean 0.38)" in text
+    assert f"answer 1 gets advantage {advantages[0]:+.2f}" in text and f"answer 2 {advantages[1]:+.2f}" in text
+    assert "no learning signal" in group_baseline_sentence([0.5, 0.5], [0.0, 0.0])
