@@ -250,3 +250,21 @@ def test_tab_trains_a_rule_rewarded_run_on_the_drills_and_shows_its_verdict(tiny
     means = [r["rewards/right/mean"] for r in read_metrics(manager.run_dir(run_id)) if "rewards/right/mean" in r]
     assert "Your run is RLVR" in verdict and f"right {means[0]:.2f} → {means[-1]:.2f}" in verdict
     assert f"Held-out accuracy {accuracy[0]:.0%} → {accuracy[1]:.0%}" in verdict
+
+
+def test_an_allowed_python_reward_is_loaded_with_trls_signature(tmp_path, monkeypatch):
+    from finetune.core.config import PYTHON_REWARDS_ENV
+    from finetune.stages.grpo import python_reward
+
+    (tmp_path / "my_reward.py").write_text(
+        "def score(prompts, completions, answer, **_):\n"
+        "    return [float(a in c[0]['content']) for c, a in zip(completions, answer)]\n")
+    spec = f"{tmp_path / 'my_reward.py'}:score"
+    monkeypatch.setenv(PYTHON_REWARDS_ENV, "1")
+    function = python_reward(spec)
+    assert function.__name__ == "python_reward"
+    assert function(prompts=["q", "q"], completions=[[{"content": "it is 4"}], [{"content": "5"}]],
+                    answer=["4", "4"]) == [1.0, 0.0]
+    monkeypatch.setenv("SPACE_ID", "someone/lora-lab")  # a Space, as the app detects one
+    with pytest.raises(ConfigError, match="Space refuses it"):
+        python_reward(spec)
