@@ -268,3 +268,31 @@ def test_an_allowed_python_reward_is_loaded_with_trls_signature(tmp_path, monkey
     monkeypatch.setenv("SPACE_ID", "someone/lora-lab")  # a Space, as the app detects one
     with pytest.raises(ConfigError, match="Space refuses it"):
         python_reward(spec)
+
+
+def test_bad_bench_and_rule_requests_through_the_api(tmp_path):
+    """Through the app's API (gradio_client): every refusal says what to change, and nothing starts."""
+    from gradio_client.exceptions import AppError
+
+    from components.rlhf_form import GRPO_REWARD_KINDS
+    from components.rlhf_rules import bench_prompt_choices
+    from helpers import app_client, served_app
+
+    rules_only = {"grpo_reward": GRPO_REWARD_KINDS[1], "data_file": None, "data_hub_name": None, "reward_run": None}
+    with served_app(tmp_path / "runs") as url:
+        client = app_client(url)
+        message = client.predict(**rules_only, reward_rules="- {kind: format, pattern: '(x|y*)*'}",
+                                 api_name="/rlhf_check_rules")
+        assert "preference.rewards[0].pattern" in message and "catastrophic" in message
+        with pytest.raises(AppError, match="at most 24 per request"):
+            client.predict(**rules_only, reward_rules=RULES_YAML, bench_prompts=bench_prompt_choices()[:5],
+                           bench_answers=5, api_name="/rlhf_bench_sample")
+        with pytest.raises(AppError, match="sample answers first"):
+            client.predict(**rules_only, reward_rules=RULES_YAML, api_name="/rlhf_bench_rescore")
+        _, message = client.predict(**rules_only, method="GRPO", reward_rules="- {kind: numeric, reference: sol}",
+                                    api_name="/rlhf_start_policy")
+        assert "preference.rewards[0].reference" in message and "no column 'sol'" in message
+        _, message = client.predict(**rules_only, method="GRPO", reward_rules="- {kind: length, max_words: 3, "
+                                    "weight: 0}", api_name="/rlhf_start_policy")
+        assert "preference.rewards" in message and "sum to zero" in message
+    assert not [p for p in (tmp_path / "runs").iterdir() if (p / "status.json").is_file()]
