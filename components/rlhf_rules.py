@@ -16,7 +16,7 @@ from components.shared import (problems_markdown, refusal, require_visible, seri
                                visitor_of)
 from finetune.core import paths
 from finetune.core.config import ConfigError, DataConfig, ModelConfig, RunConfig, from_dict, load_config
-from finetune.core.data import DataError
+from finetune.core.data import DataError, load_raw
 from finetune.core.models import ModelSourceError, resolve_run_folder
 from finetune.core.prompt_data import PromptRows, check_reference_columns, is_preference_columns, load_prompt_rows
 from finetune.core.rewards import RuleProblems, parse_rules, rules_from_yaml
@@ -57,9 +57,10 @@ def uses_drills(form: dict[str, Any]) -> bool:
 def grpo_prompt_rows(cfg: RunConfig) -> PromptRows | None:
     """The prompt rows a GRPO run trains on, checked against its rules before a child starts; None for preference
     data (pairs or thumbs: the tab checks those as for DPO)."""
-    rows = load_prompt_rows(cfg.data, cfg.training.seed)
-    if is_preference_columns(rows.columns):
+    if is_preference_columns(load_raw(cfg.data)[0].column_names):
+        check_reference_columns(cfg, ["prompt"])  # pairs give GRPO their prompts only
         return None
+    rows = load_prompt_rows(cfg.data, cfg.training.seed)
     check_reference_columns(cfg, rows.columns)
     return rows
 

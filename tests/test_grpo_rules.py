@@ -201,6 +201,10 @@ def test_tab_refuses_bad_rules_before_starting_anything(tiny_model_dir, tmp_path
     _, message = start_stage(manager, None, "policy", **tab_form(
         tiny_model_dir, reward_rules="- {kind: numeric, reference: solution}"))
     assert "preference.rewards[0].reference" in message and "no column 'solution'" in message
+    from components.rlhf_rules import GRPO_DATA
+
+    _, message = start_stage(manager, None, "policy", **tab_form(tiny_model_dir, grpo_data=GRPO_DATA[1]))
+    assert "preference.rewards[0].reference" in message and "no column 'answer'" in message  # pairs: prompts only
     assert manager.list_ids() == []
 
 

@@ -21,8 +21,8 @@ from finetune.core.config import ConfigError, RunConfig, python_rewards_refusal
 from finetune.core.hardware import HardwareProfile, detect
 from finetune.core.metrics import MetricsCallback
 from finetune.core.models import load_tokenizer, resolve_run_folder
-from finetune.core.preference import PreferenceData
 from finetune.core.data import load_raw
+from finetune.core.preference import PreferenceData
 from finetune.core.prompt_data import PromptRows, check_reference_columns, is_preference_columns, load_prompt_rows
 from finetune.core.rewards import RewardRule, answer_text, parse_rules
 from finetune.core.run_folder import ADAPTER_DIR, HELD_OUT_ANSWERS, REWARD_DIR
@@ -39,7 +39,7 @@ def to_grpo_config(cfg: RunConfig, profile: HardwareProfile, run_dir: Path) -> A
     args.pop("max_length")  # GRPO bounds the sampled answer instead (max_completion_length)
     p = cfg.preference
     return GRPOConfig(**args, beta=p.beta, num_generations=p.num_generations,
-                      max_completion_length=p.max_completion_length,
+                      max_completion_length=p.max_completion_length, temperature=p.temperature,
                       reward_weights=list(p.reward_weights().values()))
 
 
@@ -162,6 +162,7 @@ def _data(cfg: RunConfig) -> tuple[Any, PromptRows | None, dict[str, Any]]:
     from datasets import Dataset
 
     if is_preference_columns(load_raw(cfg.data)[0].column_names):
+        check_reference_columns(cfg, ["prompt"])  # pairs give GRPO their prompts only
         data = load_preference_data(cfg, "paired")
         return _prompts(data), None, preference_data_fields(data)
     rows = load_prompt_rows(cfg.data, cfg.training.seed)
