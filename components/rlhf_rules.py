@@ -29,7 +29,8 @@ from finetune.services.rule_verdict import held_out_verdict
 from finetune.services.runs import RunManager
 
 DRILLS = "bundled:lab_drills"
-GRPO_DATA = ("Bundled drills (lab_drills: questions with reference answers)", "Step 2's preference data (prompts only)")
+GRPO_DATA = ("Bundled drills (lab_drills: questions with reference answers)",
+             "Step 2's data (a file with prompt and reference columns, or the prompts of pairs)")
 DRILLS_PRESET = "grpo-drills-cpu"
 BENCH_PROMPT_CHOICES = 40   # prompts offered in the bench's picker
 # GRPO's curves: every reward term's mean is added per run (its names come from the run's config).
