@@ -453,6 +453,9 @@ class PreferenceConfig:
         "must be a multiple of it."))
     max_completion_length: int = field(default=64, metadata=_help(
         "GRPO: longest sampled answer, in tokens. Sampling is most of GRPO's time, so keep it short on a CPU."))
+    temperature: float = field(default=1.0, metadata=_help(
+        "GRPO: sampling temperature of its answers. 1.0 samples the model's own distribution (TRL's default); "
+        "lower gives fewer wild answers, so a small model's groups hold right ones more often, with less variety."))
     rewards: list[dict[str, Any]] = field(default_factory=list, metadata=_help(
         "GRPO: rule rewards, declared not programmed (finetune/core/rewards.py): each a mapping with a kind "
         "(match, numeric, format, length, contains, not_contains), its settings and a weight, e.g. {kind: numeric, "
@@ -471,6 +474,7 @@ class PreferenceConfig:
         check.choice("loss_type", DPO_LOSSES + KTO_LOSSES, "Preference loss")
         check.int_field("num_generations", low=2, high=64, what="Answers per prompt (GRPO)")
         check.int_field("max_completion_length", low=4, high=8192, what="Longest sampled answer (GRPO)")
+        check.float_field("temperature", low=0, low_open=True, high=5, what="Sampling temperature (GRPO)")
         for name in ("start_adapter", "reward_model"):
             value = getattr(self, name)
             if value is None:
