@@ -39,7 +39,7 @@ def test_bundled_drills_have_reference_answers_and_a_held_out_split():
 def test_the_drills_preset_uses_rules_only():
     cfg = load_config("configs/grpo-drills-cpu.yaml")
     assert cfg.stage == "grpo" and not cfg.preference.reward_model and cfg.data.source == "bundled:lab_drills"
-    assert [rule["kind"] for rule in cfg.preference.rewards] == ["numeric", "length"]
+    assert [rule["kind"] for rule in cfg.preference.rewards] == ["numeric"] and cfg.preference.temperature == 0.7
 
 
 GREEDY_WORD, REWARDED_WORD = " banana", " cherry"   # one token each in the embedded tokenizer
