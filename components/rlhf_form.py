@@ -12,11 +12,14 @@ from components.forms import MODEL_KINDS, PREFERENCE_DATA_KINDS, form_sections, 
 from finetune.core import paths
 from finetune.core.config import DPO_LOSSES, EMBEDDED_MODEL, KTO_LOSSES, ConfigError, RunConfig, load_config
 from finetune.core.preference import BUNDLED_PREFERENCES, PreferenceError
+from finetune.core.rewards import RuleProblems, rules_from_yaml
 from finetune.core.run_folder import FEEDBACK_EXPORTS_DIR
 from finetune.services.feedback_export import export_feedback
 from finetune.services.runs import RunManager
 
 BASE_CHOICE = "(base model: fresh LoRA)"
+# What rewards GRPO's sampled answers (the RLHF tab's step 4); the first is the default (also for API calls).
+GRPO_REWARD_KINDS = ("Reward model (RLHF: learned from votes)", "Rules (RLVR: checked answers)", "Both")
 
 
 def preset(stage: str) -> RunConfig:
@@ -75,6 +78,22 @@ EMPTY_IS = {"data_split": "train", "data_hub_config": None, "reward_run": "", "p
 EMPTY_IS_PRESET = ("loss_type", "keep", "report_to")
 
 
+def uses_rules(form: dict[str, Any]) -> bool:
+    return (form.get("grpo_reward") or GRPO_REWARD_KINDS[0]) != GRPO_REWARD_KINDS[0]
+
+
+def grpo_rewards_from_form(form: dict[str, Any]) -> dict[str, Any]:
+    """GRPO's reward terms: the reward model (the default), the rules typed as YAML, or both."""
+    try:
+        rules = rules_from_yaml(form.get("reward_rules")) if uses_rules(form) else []
+    except RuleProblems as error:
+        raise ConfigError({f"preference.{k}": v for k, v in error.problems.items()}) from None
+    terms: dict[str, Any] = {"rewards": rules, "reward_model_weight": form.get("reward_model_weight", 1.0)}
+    if form.get("grpo_reward") == GRPO_REWARD_KINDS[1]:
+        terms["reward_model"] = ""  # rules only: no reward model is loaded
+    return terms
+
+
 def stage_config_from_form(stage: str, source: str, form: dict[str, Any]) -> RunConfig:
     """The RunConfig of one stage from the shared form over the stage's preset; ConfigError lists every bad field."""
     prefix = "reward" if stage == "reward" else "policy"
@@ -98,6 +117,7 @@ def stage_config_from_form(stage: str, source: str, form: dict[str, Any]) -> Run
         preference["loss_type"] = "kto" if stage == "kto" else "sigmoid"
     # Past one device: data parallel only (FSDP shards an SFT run's base, not these stages').
     sections["training"]["strategy"] = "ddp" if _whole(form.get("processes")) > 1 else "single"
+    preference.update(grpo_rewards_from_form(form))
     cfg = run_config_from_form(sections, base, run_name=stage, stage=stage)
     # The model, start adapter and reward model folders; form_data_source gated the data.
     paths.check_config(cfg, data=False)

@@ -12,7 +12,9 @@ import gradio as gr
 import pandas as pd
 
 from components.forms import PREFERENCE_DATA_KINDS
-from components.rlhf_form import BASE_CHOICE, form_data_source, form_model_source, preset, stage_config_from_form
+from components.rlhf_form import (BASE_CHOICE, form_data_source, form_model_source, preset, stage_config_from_form,
+                                  uses_rules)
+from components.rlhf_rules import DRILLS, grpo_prompt_rows, prompt_data_report, uses_drills
 from components.shared import (feedback_owner, live_status, problems_markdown, progress_html, require_visible,
                                series_frame, started_message, visible_reward_models, visitor_of, watched_run)
 from finetune.core import paths
@@ -98,14 +100,18 @@ def start_stage(manager: RunManager, feedback_db: Path | None, stage: str, reque
     source, visitor = None, visitor_of(request)
     try:
         _require_visible_runs(manager, visitor, form)
-        source = form_data_source(manager, feedback_db, stage, form, feedback_owner(visitor))
+        source = DRILLS if stage == "grpo" and uses_rules(form) and uses_drills(form) else \
+            form_data_source(manager, feedback_db, stage, form, feedback_owner(visitor))
         cfg = stage_config_from_form(stage, source, form)
-        # Malformed pairs are reported now, with their row numbers, rather than from the child's log.
-        data = load_preferences(cfg.data, cfg.preference.format, want="unpaired" if stage == "kto" else "paired",
-                                seed=cfg.training.seed, sample=True)
-        cfg, steps_note = fit_steps_to_data(cfg, data, form)
+        # GRPO on prompts with reference answers: rules checked against the data's columns now.
+        data = grpo_prompt_rows(cfg) if stage == "grpo" else None
+        steps_note = ""
+        if data is None:  # malformed pairs are reported now, with their row numbers, not from the child's log
+            data = load_preferences(cfg.data, cfg.preference.format, want="unpaired" if stage == "kto" else
+                                    "paired", seed=cfg.training.seed, sample=True)
+            cfg, steps_note = fit_steps_to_data(cfg, data, form)
         check_sources(cfg)  # an offline Hub model id is reported now, not by a failed run
-        if stage == "grpo":  # the reward model it trains against must exist before a child starts
+        if stage == "grpo" and cfg.preference.reward_model:  # the reward model must exist before a child starts
             resolve_run_folder(cfg.preference.reward_model, manager.root, REWARD_DIR)
     except ConfigError as error:
         manager.discard_upload(source)  # a refused start leaves no copy of the upload behind
@@ -121,7 +127,8 @@ def start_stage(manager: RunManager, feedback_db: Path | None, stage: str, reque
         gr.Warning(str(error))
         return gr.skip(), f"**Not started:** {error}"
     write_status(manager.run_dir(run_id), stage=stage)  # the child writes it too; the watcher needs it at once
-    statement, warnings = data_report(cfg, data)
+    statement, warnings = data_report(cfg, data) if isinstance(data, PreferenceData) else \
+        prompt_data_report(cfg, data)
     for warning in warnings:
         gr.Warning(warning)
     lines = [started_message(manager, run_id, f"{stage} run"), statement, steps_note,
@@ -230,7 +237,8 @@ def preview_data(manager: RunManager, feedback_db: Path | None, request: gr.Requ
     except (DataError, ModelSourceError, OSError) as error:
         gr.Warning(str(error))
         return f"**Cannot use this data:** {error}", pd.DataFrame()
-    statement, warnings = data_report(cfg, data)
+    statement, warnings = data_report(cfg, data) if isinstance(data, PreferenceData) else \
+        prompt_data_report(cfg, data)
     notes = [n for n in data.notes if n not in warnings]
     sampled = (f" in a sample, the {data.sample.text()}: the run reads and checks the whole file when it starts, "
                "and the figures below are of the sample" if data.sample else "")

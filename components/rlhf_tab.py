@@ -18,8 +18,10 @@ import gradio as gr
 import pandas as pd
 
 from components.forms import MODEL_KINDS, PREFERENCE_DATA_KINDS
-from components.rlhf_form import BASE_CHOICE, preset
+from components.rlhf_form import BASE_CHOICE, GRPO_REWARD_KINDS, preset
 from components.rlhf_playground import compare_policy, last_chat_turn, reward_choices, score_answers, start_choices
+from components.rlhf_rules import (GRPO_DATA, bench_prompt_choices, bench_rescore, bench_sample, drills_rules_text,
+                                   grpo_view, rules_config_check)
 from components.rlhf_runs import (POLICY_METHODS, RLHF_COLOUR, pipeline_text, poll_rlhf, preview_data, start_stage,
                                   steps_box)
 from components.shared import (PREVIEW_SLOT, bind, list_hub_options, on_page_load, progress_html, stop_run,
@@ -29,10 +31,19 @@ from finetune.core.config import (DPO_LOSSES, EMBEDDED_MODEL, KEEP_CHOICES, KTO_
                                   field_help)
 from finetune.core.distributed import offers_processes
 from finetune.services.chat import ChatEngine
+from finetune.services.reward_bench import MAX_BENCH_ANSWERS
 from finetune.services.runs import RunManager
 from finetune.services.scoring import ScorerCache
 
 POLL_SECONDS = 2.0
+RULES_INTRO = (
+    "**RLHF or RLVR.** A reward model learned from votes (step 3) is RLHF: it scores taste, and can be fooled. A "
+    "rule that checks the answer (the right number, a format, a length) is RLVR, reinforcement learning with "
+    "verifiable rewards: it cannot be argued with, but it pays for exactly what it checks. GRPO samples several "
+    "answers per prompt and compares each answer's reward with its group's mean: answers above the mean are "
+    "made more likely. Rules are declared, not programmed: kinds `match`, `numeric` (extract: whole, "
+    "last_number, answer_tag), `format` (pattern), `length` (min_words, max_words), `contains` / "
+    "`not_contains` (text), each with a weight. The Learn tab puts your run's numbers next to this.")
 
 
 # --- layout --------------------------------------------------------------------------------------------------------
@@ -170,10 +181,12 @@ def _step4(form: dict[str, Any], defaults: RunConfig, boxes: list[Any]) -> dict[
                                                       label="GRPO: longest answer (tokens)",
                                                       elem_id="rlhf-max-completion",
                                                       info=_info("preference", "max_completion_length"))
+        rules = _grpo_rewards(form)
         with gr.Row():
             start = gr.Button("Train with DPO / KTO / GRPO", variant="primary", elem_id="rlhf-start-policy")
             stop = gr.Button("Stop", variant="stop", size="sm")
         view = _plots("policy", "Policy loss", "Rewards (DPO/KTO: implicit; GRPO: reward model)")
+        view.update(_grpo_results(rules))
         with gr.Accordion("Did the answers move in the preferred direction?", open=False):
             with gr.Row():
                 view["compare_prompts"] = gr.Number(4, label="Held-out prompts", precision=0, minimum=1, maximum=24)
@@ -183,6 +196,53 @@ def _step4(form: dict[str, Any], defaults: RunConfig, boxes: list[Any]) -> dict[
             view["compare_summary"] = gr.Markdown(elem_id="rlhf-compare-summary")
             view["compare_table"] = gr.Dataframe(pd.DataFrame(), interactive=False, wrap=True, max_height=300)
     return {**view, "start": start, "stop": stop}
+
+
+def _grpo_rewards(form: dict[str, Any]) -> dict[str, Any]:
+    """GRPO's rewards (a reward model, rules, or both) and the reward bench that tests them before a run."""
+    view: dict[str, Any] = {}
+    with gr.Accordion("GRPO rewards: the reward model, rules, or both · reward bench", open=False,
+                      elem_id="rlhf-grpo-rewards"):
+        gr.Markdown(RULES_INTRO)
+        with gr.Row():
+            form["grpo_reward"] = gr.Radio(list(GRPO_REWARD_KINDS), value=GRPO_REWARD_KINDS[0], label="Reward",
+                                           elem_id="rlhf-grpo-reward")
+            form["grpo_data"] = gr.Radio(list(GRPO_DATA), value=GRPO_DATA[0], label="GRPO prompts (with rules)",
+                                         elem_id="rlhf-grpo-data")
+            form["reward_model_weight"] = gr.Number(1.0, label="Reward model weight (with Both)",
+                                                    info=_info("preference", "reward_model_weight"))
+        form["reward_rules"] = gr.Code(drills_rules_text(), language="yaml", label="Rules (YAML list)",
+                                       elem_id="rlhf-reward-rules")
+        view["check_rules"] = gr.Button("Check the rules", size="sm", elem_id="rlhf-check-rules")
+        gr.Markdown("**Reward bench**: sample answers from the policy GRPO would start from (the base, or the "
+                    "adapter picked in step 1) and see what each reward term gives them, before spending a run.")
+        with gr.Row():
+            form["bench_prompts"] = gr.Dropdown(bench_prompt_choices(), value=bench_prompt_choices()[:2],
+                                                multiselect=True, label="Prompts (bundled drills)",
+                                                elem_id="rlhf-bench-prompts")
+            form["bench_answers"] = gr.Number(4, label=f"Answers per prompt (at most {MAX_BENCH_ANSWERS} in all)",
+                                              precision=0, minimum=2, elem_id="rlhf-bench-answers")
+        with gr.Row():
+            view["bench_sample"] = gr.Button("Sample and score", variant="secondary", elem_id="rlhf-bench-sample")
+            view["bench_rescore"] = gr.Button("Re-score with the edited rules (same answers)",
+                                              elem_id="rlhf-bench-rescore")
+        view["bench_summary"] = gr.Markdown(elem_id="rlhf-bench-summary")
+        view["bench_table"] = gr.Dataframe(pd.DataFrame(), interactive=False, wrap=True, max_height=320,
+                                           elem_id="rlhf-bench-table")
+        view["bench_state"] = gr.State(None)
+    return view
+
+
+def _grpo_results(rules: dict[str, Any]) -> dict[str, Any]:
+    """A GRPO run's reward terms and health over the steps, and its held-out verdict."""
+    with gr.Row():
+        rules["term_plot"] = gr.LinePlot(None, x="step", y="value", color="series", height=240,
+                                         title="GRPO: mean reward per term", elem_id="rlhf-grpo-terms")
+        rules["health_plot"] = gr.LinePlot(None, x="step", y="value", color="series", height=240,
+                                           title="GRPO: no-signal share, KL, answer length",
+                                           elem_id="rlhf-grpo-health")
+    rules["verdict"] = gr.Markdown(elem_id="rlhf-grpo-verdict")
+    return rules
 
 
 def _advanced(form: dict[str, Any], defaults: RunConfig) -> None:
@@ -284,6 +344,7 @@ def _wire(manager: RunManager, feedback_db: Path | None, form: dict[str, Any], p
                                   [chat["base_chat"], chat["tuned_chat"]],
                                   [reward["prompt"], reward["answer_a"], reward["answer_b"]],
                                   api_visibility="private")
+    _wire_grpo_rewards(manager, form, policy, engine, cache)
     policy["compare"].click(bind(compare_policy, manager, cache, engine),
                             [form["reward_run"], policy["watching"], policy["compare_prompts"],
                              policy["compare_tokens"]], [policy["compare_summary"], policy["compare_table"]],
@@ -291,3 +352,18 @@ def _wire(manager: RunManager, feedback_db: Path | None, form: dict[str, Any], p
     on_page_load(poll, [reward["watching"], policy["watching"]], live)  # re-attaches to running jobs
     on_page_load(refresh_lists, lists, lists)
     on_page_load(summary, inputs_kwargs=form, outputs=pipeline)
+
+
+def _wire_grpo_rewards(manager: RunManager, form: dict[str, Any], policy: dict[str, Any], engine: ChatEngine,
+                       cache: ScorerCache) -> None:
+    policy["check_rules"].click(rules_config_check, inputs_kwargs=form, outputs=policy["bench_summary"],
+                                api_name="rlhf_check_rules")
+    policy["bench_sample"].click(bind(bench_sample, manager, engine, cache), inputs_kwargs=form,
+                                 outputs=[policy["bench_summary"], policy["bench_table"], policy["bench_state"]],
+                                 api_name="rlhf_bench_sample", concurrency_limit=1, concurrency_id="reward")
+    policy["bench_rescore"].click(bind(bench_rescore, manager, cache),
+                                  inputs_kwargs={**form, "sample": policy["bench_state"]}, outputs=[policy["bench_summary"], policy["bench_table"]],
+                                  api_name="rlhf_bench_rescore", concurrency_limit=1, concurrency_id="reward")
+    policy["status"].change(bind(grpo_view, manager), policy["watching"],
+                            [policy["term_plot"], policy["health_plot"], policy["verdict"]],
+                            api_name="rlhf_grpo_view", show_progress="hidden")

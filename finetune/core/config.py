@@ -23,6 +23,8 @@ from typing import Any
 
 import yaml
 
+from finetune.core.rewards import parse_rules, rule_problems
+
 EMBEDDED_MODEL = "smollm2-135m-instruct"
 BUNDLED_DATASET = "bundled:course_qa"
 
@@ -47,6 +49,21 @@ FSDP_METHODS = ("lora", "dora", "rslora", "full")  # what FSDP can shard: whole 
 
 
 REMOTE_CODE_ENV = "LORA_LAB_ALLOW_REMOTE_CODE"
+
+
+PYTHON_REWARDS_ENV = "LORA_LAB_PYTHON_REWARDS"
+
+
+def python_rewards_refusal() -> str | None:
+    """Why a Python reward file may not run here, or None. It is the operator's code running in the training
+    child: off unless the operator opts in, and never on a Space, whose visitors could name any file."""
+    if os.environ.get("SPACE_ID"):
+        return ("a Python reward runs code on the server, so a Space refuses it: declare the reward as rules "
+                "(preference.rewards) instead")
+    if os.environ.get(PYTHON_REWARDS_ENV, "").strip().lower() not in ("1", "true", "yes"):
+        return (f"a Python reward runs code: the operator must allow it with {PYTHON_REWARDS_ENV}=1 (or declare "
+                "the reward as rules in preference.rewards)")
+    return None
 
 
 def remote_code_allowed() -> bool:
@@ -466,14 +483,28 @@ class PreferenceConfig:
         "must be a multiple of it."))
     max_completion_length: int = field(default=64, metadata=_help(
         "GRPO: longest sampled answer, in tokens. Sampling is most of GRPO's time, so keep it short on a CPU."))
+    temperature: float = field(default=1.0, metadata=_help(
+        "GRPO: sampling temperature of its answers. 1.0 samples the model's own distribution (TRL's default); "
+        "lower gives fewer wild answers, so a small model's groups hold right ones more often, with less variety."))
+    rewards: list[dict[str, Any]] = field(default_factory=list, metadata=_help(
+        "GRPO: rule rewards, declared not programmed (finetune/core/rewards.py): each a mapping with a kind "
+        "(match, numeric, format, length, contains, not_contains), its settings and a weight, e.g. {kind: numeric, "
+        "reference: answer, extract: last_number}. Beside the reward model or instead of it."))
+    reward_model_weight: float = field(default=1.0, metadata=_help(
+        "GRPO: the weight of the reward model's score when rule rewards are used too."))
+    reward_file: str = field(default="", metadata=_help(
+        "GRPO: a Python reward function, 'path/to/file.py:function', with TRL's signature f(prompts, completions, "
+        "**columns) -> list[float]. Runs code: only where the operator allows it, never on a Space."))
 
     def __post_init__(self) -> None:
         check = _Checker("preference", self)
+        self._check_rewards(check)
         check.choice("format", PREFERENCE_FORMATS, "Preference format")
         check.float_field("beta", low=0, low_open=True, high=100, what="Beta")
         check.choice("loss_type", DPO_LOSSES + KTO_LOSSES, "Preference loss")
         check.int_field("num_generations", low=2, high=64, what="Answers per prompt (GRPO)")
         check.int_field("max_completion_length", low=4, high=8192, what="Longest sampled answer (GRPO)")
+        check.float_field("temperature", low=0, low_open=True, high=5, what="Sampling temperature (GRPO)")
         for name in ("start_adapter", "reward_model"):
             value = getattr(self, name)
             if value is None:
@@ -483,6 +514,33 @@ class PreferenceConfig:
             else:
                 setattr(self, name, value.strip())
         check.raise_if_any()
+
+    def _check_rewards(self, check: _Checker) -> None:
+        if self.rewards is None:
+            self.rewards = []
+        for name, message in rule_problems(self.rewards).items():
+            check.fail(name, message)
+        check.float_field("reward_model_weight", what="Reward model weight")
+        if not isinstance(self.reward_file, str):
+            check.fail("reward_file", f"reward file must be 'file.py:function', got {self.reward_file!r}")
+        elif self.reward_file.strip():
+            self.reward_file = self.reward_file.strip()
+            path, _, function = self.reward_file.rpartition(":")
+            refusal = python_rewards_refusal()
+            if refusal:
+                check.fail("reward_file", refusal)
+            elif not path.endswith(".py") or not function.isidentifier():
+                check.fail("reward_file", f"reward file must be 'file.py:function', got {self.reward_file!r}")
+
+    def reward_weights(self) -> dict[str, float]:
+        """Each reward term's weight as GRPO will use it (rules by their names, then the reward model, then the
+        Python function)."""
+        weights = {rule.name: rule.weight for rule in parse_rules(self.rewards)}
+        if self.reward_model:
+            weights["reward_model"] = self.reward_model_weight
+        if self.reward_file:
+            weights["python_reward"] = 1.0
+        return weights
 
 
 _SECTIONS = {"model": ModelConfig, "lora": LoraSettings, "data": DataConfig, "training": TrainingConfig,
@@ -566,9 +624,14 @@ class RunConfig:
 
     def _check_grpo(self) -> None:
         problems = {}
-        if not self.preference.reward_model:
-            problems["preference.reward_model"] = ("GRPO samples answers and trains against a reward model's "
-                                                   "scores: name a finished reward run (step 3)")
+        weights = self.preference.reward_weights()
+        if not weights:
+            problems["preference.reward_model"] = ("GRPO samples answers and trains against rewards: name a "
+                                                   "finished reward run (step 3) or declare rule rewards")
+        elif math.isclose(sum(weights.values()), 0.0, abs_tol=1e-12):
+            problems["preference.rewards"] = (
+                f"the reward weights sum to zero ({', '.join(f'{k} {v:g}' for k, v in weights.items())}): give "
+                "the terms weights whose sum is not 0 (a penalty is a negative weight beside a larger positive one)")
         if self.training.batch_size % self.preference.num_generations:
             # TRL groups the sampled answers of one prompt inside a batch.
             problems["training.batch_size"] = (f"GRPO needs a batch size that is a multiple of the answers per "

@@ -42,6 +42,7 @@ STOP_FILE = "STOP"
 LOG_FILE = "train.log"
 RUN_INFO_FILE = "run_info.json"
 PROMPT_FILE = "compare_prompt.txt"  # a run folder holding it gets a greedy sample answer at the end of training
+HELD_OUT_ANSWERS = "held_out_answers.json"  # a rule-rewarded GRPO run's greedy held-out answers, before and after
 ACCELERATE_CONFIG = "accelerate.yaml"  # a multi-process run's generated launch config
 RANKS_DIR = "ranks"                # ranks/rank-N.json: each process's pid and, if it failed, its error
 RANK_RECORD = "rank-{rank}.json"

@@ -306,6 +306,40 @@ def _bound(value: float) -> str:
     return f"{value:+.{digits}f}"
 
 
+def group_baseline_sentence(totals: list[float], advantages: list[float]) -> str:
+    """GRPO's group baseline on one group of the learner's own sampled answers (the reward bench's)."""
+    shown = ", ".join(f"{t:.2f}" for t in totals)
+    mean = sum(totals) / len(totals) if totals else 0.0
+    if not totals or max(totals) == min(totals):
+        return (f"Your {len(totals)} answers to this prompt all scored {mean:.2f}: each is exactly its group's "
+                "mean, so every advantage is 0 and GRPO learns nothing from this prompt (no learning signal).")
+    best = max(range(len(totals)), key=totals.__getitem__)
+    worst = min(range(len(totals)), key=totals.__getitem__)
+    return (f"GRPO needs no critic: the baseline is the group itself. Your {len(totals)} answers to this prompt "
+            f"scored {shown} (mean {mean:.2f}); each is compared with that mean and divided by the group's spread, "
+            f"so answer {best + 1} gets advantage {advantages[best]:+.2f} (made more likely) and answer {worst + 1} "
+            f"{advantages[worst]:+.2f} (made less likely). A reward model's score of 0.3 or a rule's 1 means the "
+            "same thing here: only the order within the group counts.")
+
+
+def rlvr_sentence(terms: dict[str, tuple[float, float]], zero_signal: tuple[float, float] | None,
+                  accuracy: tuple[float, float] | None, reward_model: bool) -> str:
+    """A GRPO run's own numbers: each reward term's mean at the first and last logged step, the share of groups
+    with no signal, and held-out accuracy before and after."""
+    kind = ("RLHF and RLVR together: a reward model learned from votes beside rules that check" if reward_model and
+            len(terms) > 1 else "RLHF: a reward model learned from votes scores taste" if reward_model else
+            "RLVR: rules check the answers, with no reward model to fool")
+    moves = "; ".join(f"{name} {first:.2f} → {last:.2f}" for name, (first, last) in terms.items())
+    text = f"Your run is {kind}. Mean reward of the sampled answers, first step → last: {moves}."
+    if zero_signal is not None:
+        text += (f" Groups whose answers all scored the same (no learning signal): {zero_signal[0]:.0%} → "
+                 f"{zero_signal[1]:.0%}.")
+    if accuracy is not None:
+        text += (f" Held-out accuracy {accuracy[0]:.0%} → {accuracy[1]:.0%}: a training reward that rises while "
+                 "this does not means the rewards pay for something other than right answers (reward hacking).")
+    return text
+
+
 def report_sentence(runs: int, votes: int, steps_done: int) -> str:
     return (f"Your report holds {runs} run{'s' if runs != 1 else ''}, {votes} vote{'s' if votes != 1 else ''} and "
             f"the results of {steps_done} of {len(STEPS)} course steps.")

@@ -152,12 +152,18 @@ def loss_difference_interval(a: LossResult, b: LossResult, draws: int = BOOTSTRA
     if not a.row_nll or len(a.row_nll) != len(b.row_nll) or any(
             ta != tb for (_, ta), (_, tb) in zip(a.row_nll, b.row_nll)):
         return None
-    nll_a, tokens = torch.tensor([n for n, _ in a.row_nll], dtype=torch.float64), torch.tensor(
-        [t for _, t in a.row_nll], dtype=torch.float64)
-    nll_b = torch.tensor([n for n, _ in b.row_nll], dtype=torch.float64)
-    picks = torch.randint(len(tokens), (draws, len(tokens)), generator=torch.Generator().manual_seed(seed))
-    counted = tokens[picks].sum(1)
-    differences = (nll_a[picks].sum(1) - nll_b[picks].sum(1)) / counted
+    return paired_difference_interval([n for n, _ in a.row_nll], [n for n, _ in b.row_nll],
+                                      [t for _, t in a.row_nll], draws, seed)
+
+
+def paired_difference_interval(a: list[float], b: list[float], weights: list[float] | None = None,
+                               draws: int = BOOTSTRAP_DRAWS, seed: int = 0) -> tuple[float, float]:
+    """95% paired-bootstrap interval of sum(a)/sum(weights) - sum(b)/sum(weights) over the same rows, resampled
+    together (weights None: every row counts 1, i.e. the difference of the two means)."""
+    values_a, values_b = torch.tensor(a, dtype=torch.float64), torch.tensor(b, dtype=torch.float64)
+    counts = torch.ones_like(values_a) if weights is None else torch.tensor(weights, dtype=torch.float64)
+    picks = torch.randint(len(values_a), (draws, len(values_a)), generator=torch.Generator().manual_seed(seed))
+    differences = (values_a[picks].sum(1) - values_b[picks].sum(1)) / counts[picks].sum(1)
     low, high = torch.quantile(differences, torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
     return low, high
 
