@@ -19,6 +19,7 @@ from finetune.core.config import ConfigError, RunConfig, load_config
 from finetune.core.distributed import effective_batch
 from finetune.core.estimate import memory_check_text
 from finetune.core.metrics import early_stop_note, headline_metric, is_summary, loss_key, rows_of_saved_model
+from finetune.core.rewards import parse_rules
 from finetune.core.run_folder import ADAPTER_DIR, RUN_CONFIG, has_adapter, read_run_info
 from finetune.core.run_status import read_metrics
 from finetune.core.storage import folder_bytes, human, usage
@@ -29,7 +30,7 @@ from finetune.services.runs import RunManager
 # model's loss or a DPO policy's final loss alone would not say whether it learned anything.
 HISTORY_COLUMNS = ["run id", "stage", "headline metric", "headline value", "model", "dataset", "rank", "alpha",
                    "lr", "bits", "steps", "final loss", "final eval loss", "status", "duration (s)", "method",
-                   "rows skipped", "processes", "effective batch"]
+                   "rows skipped", "processes", "effective batch", "reward"]
 # run_info.json's counts of rows a run left out of its data: malformed lines (skipped with data.skip_bad_rows), rows
 # with missing fields or unusable pairs, rows longer than max_seq_length.
 SKIPPED_FIELDS = ("malformed_rows", "skipped_rows", "dropped_too_long")
@@ -169,7 +170,8 @@ def run_history(manager: RunManager, selected: list[str] | None = None,
                      f"{run.step}/{run.max_steps or '?'}", _round(run.final_loss), _round(final_eval),
                      early_stop_note(status) or run.state, run.duration,
                      _method_text(cfg) if cfg else "?",
-                     rows_skipped(manager.run_dir(run.run_id)), *_processes_cells(cfg), status.get("owner") or ""])
+                     rows_skipped(manager.run_dir(run.run_id)), *_processes_cells(cfg),
+                     reward_text(cfg) if cfg else "", status.get("owner") or ""])
     ids = [r[0] for r in rows]
     kept = [run_id for run_id in selected or [] if run_id in ids] or ids[:3]
     owners = {row[0]: row[-1] or None for row in rows}  # the owner column, read with each run's status above
@@ -219,6 +221,16 @@ def _processes_cells(cfg: RunConfig | None) -> tuple[str | None, int | None]:
 def _method_text(cfg: RunConfig) -> str:
     """The PEFT method, with the LoRA initialisation when it is not the default ("lora + loftq")."""
     return cfg.lora.method + (f" + {cfg.lora.init}" if cfg.lora.init != "default" else "")
+
+
+def reward_text(cfg: RunConfig) -> str:
+    """A GRPO run's reward terms with their weights, as its config declares them ("" for other stages): what the
+    run was pushed towards, read in the history beside its result."""
+    if cfg.stage != "grpo":
+        return ""
+    said = {rule.name: rule.describe() for rule in parse_rules(cfg.preference.rewards)}
+    said.update(reward_model=f"`{cfg.preference.reward_model}`", python_reward=cfg.preference.reward_file)
+    return " + ".join(f"{name} ×{weight:g} ({said[name]})" for name, weight in cfg.preference.reward_weights().items())
 
 
 def _last_value(rows: list[dict[str, Any]], key: str) -> float | None:

@@ -300,3 +300,18 @@ def test_bad_bench_and_rule_requests_through_the_api(tmp_path):
                                     "weight: 0}", api_name="/rlhf_start_policy")
         assert "preference.rewards" in message and "sum to zero" in message
     assert not [p for p in (tmp_path / "runs").iterdir() if (p / "status.json").is_file()]
+
+
+def test_the_run_history_says_what_a_grpo_run_was_rewarded_for(tiny_model_dir):
+    """The rules live in the run's config; the history shows them, with their weights, beside the run's result."""
+    from components.rlhf_form import GRPO_REWARD_KINDS, stage_config_from_form
+    from components.train_runs import reward_text
+
+    both = stage_config_from_form("grpo", "bundled:lab_drills", tab_form(
+        tiny_model_dir, reward_run="rm", grpo_reward=GRPO_REWARD_KINDS[2], reward_model_weight=0.25))
+    text = reward_text(both)
+    rules = parse_rules(both.preference.rewards)
+    for rule in rules:
+        assert f"{rule.name} ×{rule.weight:g} ({rule.describe()})" in text
+    assert text.endswith("reward_model ×0.25 (`rm`)") and text.count(" + ") == len(rules)
+    assert reward_text(stage_config_from_form("dpo", "bundled:course_prefs", tab_form(tiny_model_dir))) == ""
