@@ -96,6 +96,18 @@ def _bench_rows(picked: list[str]) -> list[dict[str, Any]]:
     return [rows[p] for p in picked]
 
 
+def gate_sources(form: dict[str, Any]) -> None:
+    """Every source the form names goes through the path gate before anything reads it, also where this handler
+    ignores it (as stage_config_from_form does): a refused path gets the gate's one message, and no request learns
+    whether a path it may not reach exists."""
+    paths.model_source(form_model_source(form))
+    for run in (form.get("start_adapter"), form.get("reward_run")):
+        if run and run != BASE_CHOICE:
+            paths.run_id_or_folder(run)
+    paths.hub_id(form.get("data_hub_name"))
+    paths.uploaded_file(form.get("data_file"))
+
+
 def _rules(rules_text: str | None) -> list[Any]:
     try:
         return parse_rules(rules_from_yaml(rules_text))
@@ -140,6 +152,7 @@ def bench_sample(manager: RunManager, engine: Any, cache: Any, request: gr.Reque
     """Sample N answers to each picked drill from the policy and score them; the answers are kept for re-scoring."""
     visitor = visitor_of(request)
     try:
+        gate_sources(form)
         _rules(form.get("reward_rules"))  # a bad rule is named before minutes of sampling
         picked = list(form.get("bench_prompts") or [])
         count = int(form.get("bench_answers") or 0)
@@ -158,9 +171,10 @@ def bench_sample(manager: RunManager, engine: Any, cache: Any, request: gr.Reque
 def bench_rescore(manager: RunManager, cache: Any, sample: dict[str, Any] | None, request: gr.Request = None,
                   **form: Any) -> tuple[str, pd.DataFrame]:
     """Score the answers sampled last with the rules as they are now (no new sampling)."""
-    if not sample:
-        raise refusal("Reward bench: sample answers first, then edit the rules and re-score them.")
     try:
+        gate_sources(form)
+        if not sample:
+            raise refusal("Reward bench: sample answers first, then edit the rules and re-score them.")
         return _scored(BenchSample(**sample), manager, cache, form)
     except ConfigError as error:
         return problems_markdown(error), pd.DataFrame()
@@ -216,6 +230,7 @@ def _no_verdict(folder: Path) -> str:
 def rules_config_check(**form: Any) -> str:
     """The rules as the config reads them, or every problem at once (before any sampling or training)."""
     try:
+        gate_sources(form)
         rules = _rules(form.get("reward_rules"))
         from_dict({"stage": "grpo", "training": {"batch_size": 4},
                    "preference": {"num_generations": 4, "rewards": rules_from_yaml(form.get("reward_rules"))}})
