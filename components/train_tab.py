@@ -140,7 +140,8 @@ def _data_details(form: dict[str, Any], defaults: RunConfig) -> None:
 def _model_controls(form: dict[str, Any], defaults: RunConfig) -> None:
     """Which model (first screen)."""
     with gr.Row():
-        form["model_kind"] = gr.Radio(list(MODEL_KINDS), value="Embedded", label="Model source", scale=2)
+        form["model_kind"] = gr.Radio(list(MODEL_KINDS), value="Embedded", label="Model source", scale=2,
+                                      elem_id="model-kind")
         form["model_source"] = gr.Textbox(value=defaults.model.source, label="Model", elem_id="model-source",
                                           info=_short_info("model_source"), scale=3)
         form["model_bits"] = gr.Radio([4, 8, 16, 32], value=defaults.model.bits, label="Bit width",

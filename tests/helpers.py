@@ -205,17 +205,22 @@ def upload_file(page: Any, elem_id: str, path: Path) -> None:
     expect(page.locator(f"#{elem_id}")).to_contain_text(shown, timeout=30_000)
 
 
-def upload_data_and_pick_local_model(page: Any, data_file: Path, model_dir: Path, max_steps: int) -> None:
-    """The Train form as a learner fills it for a small run: an uploaded data file, a model from a local folder."""
+def pick_local_model(page: Any, kind_id: str, source_id: str, model_dir: Path) -> None:
+    """Choose "Local folder" and type the folder. Choosing it clears the embedded model's name in the page's next
+    update: a folder typed before that update lands is wiped by it, so the field is filled once it reads empty."""
     from playwright.sync_api import expect
 
+    page.locator(f"#{kind_id}").get_by_text("Local folder", exact=True).click()
+    expect(page.locator(f"#{source_id} textarea, #{source_id} input").first).to_have_value("", timeout=UI_WAIT)
+    fill(page, source_id, str(model_dir))
+
+
+def upload_data_and_pick_local_model(page: Any, data_file: Path, model_dir: Path, max_steps: int) -> None:
+    """The Train form as a learner fills it for a small run: an uploaded data file, a model from a local folder."""
     page.get_by_role("tab", name="Train").click()  # the app opens on the course ("Start here")
     page.locator("#data-kind").get_by_text("Uploaded file", exact=True).click()
     upload_file(page, "data-file", data_file)
-    page.get_by_text("Local folder", exact=True).click()
-    # Choosing "Local folder" clears the embedded model's name; fill only once that has happened.
-    expect(page.locator("#model-source textarea, #model-source input").first).to_have_value("", timeout=10_000)
-    fill(page, "model-source", str(model_dir))
+    pick_local_model(page, "model-kind", "model-source", model_dir)
     fill(page, "max-steps", str(max_steps))
     page.get_by_text("Batch, epochs and sequence length").click()  # a collapsed group: opened to be filled
     fill(page, "batch-size", "4")

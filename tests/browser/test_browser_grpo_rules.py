@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 
-from helpers import ARTIFACTS, UI_WAIT, browser_page, fill, served_app
+from helpers import ARTIFACTS, UI_WAIT, browser_page, fill, pick_local_model, served_app
 
 pytestmark = pytest.mark.browser
 
@@ -33,8 +33,7 @@ def test_bench_then_train_then_held_out_accuracy(page, tiny_model_dir):
 
     page.get_by_role("tab", name="RLHF").click()
     page.get_by_text("Step 1 · The pretrained model").click()
-    page.locator("#rlhf-model-kind").get_by_text("Local folder", exact=True).click()
-    fill(page, "rlhf-model", str(tiny_model_dir))
+    pick_local_model(page, "rlhf-model-kind", "rlhf-model", tiny_model_dir)
     expect(page.locator("#rlhf-pipeline")).to_contain_text(str(tiny_model_dir), timeout=UI_WAIT)
 
     page.get_by_text("Step 4 · Fine-tuning guided by the preferences").click()

@@ -11,7 +11,7 @@ import json
 
 import pytest
 
-from helpers import ARTIFACTS, browser_page, fill as _fill, served_app, UI_WAIT, upload_file, write_jsonl
+from helpers import ARTIFACTS, browser_page, fill as _fill, pick_local_model, served_app, UI_WAIT, upload_file, write_jsonl
 
 pytestmark = pytest.mark.browser
 
@@ -34,9 +34,7 @@ def test_the_four_steps_in_order(page, tiny_model_dir, tmp_path):
     expect(page.locator("#rlhf-start-policy")).to_have_count(0)
     # Step 1: the pretrained model.
     page.get_by_text("Step 1 · The pretrained model").click()
-    page.locator("#rlhf-model-kind").get_by_text("Local folder", exact=True).click()
-    expect(page.locator("#rlhf-model textarea, #rlhf-model input").first).to_have_value("", timeout=UI_WAIT)
-    _fill(page, "rlhf-model", str(tiny_model_dir))
+    pick_local_model(page, "rlhf-model-kind", "rlhf-model", tiny_model_dir)
     expect(page.locator("#rlhf-pipeline")).to_contain_text(str(tiny_model_dir), timeout=UI_WAIT)
 
     # Step 2: preferences. A malformed file is refused with its rows named; a good one is previewed.
