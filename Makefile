@@ -23,14 +23,14 @@ run: install
 	$(PY) app.py
 
 test: install browser
-	$(PY) -m pytest -n $(WORKERS) --dist loadfile --randomly-seed=$(SEED) -m "not course_walk" $(PYTEST_ARGS)
+	$(PY) -m pytest -n $(WORKERS) --dist loadfile --no-loadscope-reorder --randomly-seed=$(SEED) -m "not course_walk" $(PYTEST_ARGS)
 	$(MAKE) --no-print-directory test-trajectories
 
 test-trajectories: install
 	@own=$$($(PY) -c "import torch; print(torch.backends.cpu.get_cpu_capability().lower())"); \
 	case $$own in avx512) other=avx2 ;; default) other=avx2 ;; *) other=default ;; esac; \
 	echo "--- trajectory tests again under ATEN_CPU_CAPABILITY=$$other (this machine: $$own)"; \
-	ATEN_CPU_CAPABILITY=$$other $(PY) -m pytest -m trajectory -n $(WORKERS) --dist loadfile --randomly-seed=$(SEED) \
+	ATEN_CPU_CAPABILITY=$$other $(PY) -m pytest -m trajectory -n $(WORKERS) --dist loadfile --no-loadscope-reorder --randomly-seed=$(SEED) \
 		-p no:cacheprovider
 
 # The learner's whole course path in Chromium on the embedded model (about 9 min on a busy 2-core CPU): it does not

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import sys
+import zlib
 from pathlib import Path
 
 import pytest
@@ -24,8 +25,27 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     os.environ.setdefault("MKL_NUM_THREADS", "1")
 
 from finetune.core.config import ModelConfig  # noqa: E402
+from durations import load as load_durations  # noqa: E402
 from helpers import (make_random_adapter, save_tiny_llama, tiny_run_config, train_lab_note_run,  # noqa: E402
                      write_jsonl)
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """Heaviest files first (by their seconds in tests/durations.json), so that the test workers end together
+    rather than one finishing a long file alone. pytest-randomly has already shuffled the tests within each file;
+    the files' order keeps a seeded share of chance (each weight is scaled by 0.75-1.25), so files of about the same
+    weight still meet in a different order each commit. Run with -p no:randomly, the files keep their own order."""
+    seed = config.getoption("randomly_seed", default=None)
+    if not isinstance(seed, int):
+        return
+    seconds = load_durations()
+    unknown = sorted(seconds.values())[len(seconds) // 2] if seconds else 0.0  # a new file weighs the median
+
+    def weight(item) -> float:
+        name = item.nodeid.split("::")[0]
+        return seconds.get(name, unknown) * (0.75 + (zlib.crc32(f"{seed}:{name}".encode()) % 1000) / 2000)
+
+    items.sort(key=weight, reverse=True)  # stable: a file's tests stay together, in their shuffled order
 
 
 @pytest.fixture(scope="session")
