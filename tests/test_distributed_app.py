@@ -64,9 +64,9 @@ def port_is_free(port: int) -> bool:
 def live_ranks(folder: Path) -> list[int]:
     """The ranks of the run (from their records) still running: torch elastic starts each in a session of its
     own, so the launcher's process group does not hold them."""
-    from finetune.core.distributed import _same_process
+    from finetune.core.distributed import same_process
 
-    return [r["pid"] for r in read_ranks(folder) if _same_process(r["pid"], r.get("pid_start"))]
+    return [r["pid"] for r in read_ranks(folder) if same_process(r["pid"], r.get("pid_start"))]
 
 
 def ended(manager: RunManager, run_id: str) -> int:

@@ -265,7 +265,7 @@ def process_start(pid: int) -> str | None:
     return fields[19] if len(fields) > 19 else None
 
 
-def _same_process(pid: int, started: str | None) -> bool:
+def same_process(pid: int, started: str | None = None) -> bool:
     """Still running (not a zombie) and still the process that was recorded, not a later one with its pid."""
     fields = _stat_fields(pid)
     return len(fields) > 19 and fields[0] != "Z" and (started is None or fields[19] == started)
@@ -277,7 +277,7 @@ def end_leftover_ranks(run_dir: Path) -> list[int]:
     ended = []
     for record in read_ranks(run_dir):
         pid = record.get("pid")
-        if isinstance(pid, int) and pid != os.getpid() and _same_process(pid, record.get("pid_start")):
+        if isinstance(pid, int) and pid != os.getpid() and same_process(pid, record.get("pid_start")):
             try:
                 os.kill(pid, signal.SIGKILL)
                 ended.append(pid)

@@ -21,6 +21,7 @@ from typing import Callable
 
 from finetune.core.distributed import process_start
 from finetune.core.paths import PROJECT_ROOT
+from finetune.services.forkserver import ForkedChild, preloaded_module, server_for
 
 POLL_SECONDS = 0.2  # how often the stop escalation looks at the child
 KILL_WAIT_SECONDS = 30.0  # a SIGKILLed process group is gone at once; this only bounds a stuck kernel
@@ -45,7 +46,7 @@ def pid_alive(pid: int | None) -> bool:
 @dataclass
 class ChildProcess:
     """One child: the Popen when this app started it, else only its pid and start time from disk."""
-    popen: subprocess.Popen | None
+    popen: subprocess.Popen | ForkedChild | None
     pid: int | None
     started: str | None = None
 
@@ -98,17 +99,23 @@ def tail(path: Path, lines: int = 30) -> str:
     return "\n".join(line.split("\r")[-1] for line in text.splitlines()[-lines:])
 
 
-def spawn(command: list[str], log_path: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
+def spawn(command: list[str], log_path: Path, env: dict[str, str] | None = None) -> subprocess.Popen | ForkedChild:
     """Start ``command`` (an argument list, no shell) in the checkout, its stdout and stderr appended to
-    ``log_path``. Its own session makes the child lead a process group: Stop can end it and everything it started."""
+    ``log_path``. Its own session makes the child lead a process group: Stop can end it and everything it started.
+    ``python -m finetune.train`` on a machine without CUDA is forked from a server that has its libraries imported
+    already (finetune/services/forkserver.py); whatever else is a fresh process."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false", **(env or {})}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PROJECT_ROOT), env.get("PYTHONPATH")]))
+    preloaded = preloaded_module(command)
+    server = server_for(env, PROJECT_ROOT) if preloaded else None
+    if server is not None:
+        return server.start(*preloaded, log_path=Path(log_path), cwd=PROJECT_ROOT)
     with Path(log_path).open("ab") as log:
         return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                 cwd=PROJECT_ROOT, env=env, start_new_session=True)
 
 
-def reap_in_background(child: subprocess.Popen, name: str, on_end: Callable[[], None]) -> None:
+def reap_in_background(child: subprocess.Popen | ForkedChild, name: str, on_end: Callable[[], None]) -> None:
     """Wait for ``child`` on a thread of its own and call ``on_end`` the moment it ends: no zombie is left until
     the app exits, and how it ended is recorded at once."""
     def reap() -> None:
