@@ -25,6 +25,23 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     os.environ.setdefault("MKL_NUM_THREADS", "1")
 
 from finetune.core.config import ModelConfig  # noqa: E402
+
+
+def _absl_handler_keeps_the_real_stderr() -> None:
+    """absl (imported by tensorboard and rouge_score) makes a logging handler on whatever sys.stderr is at its
+    import: under pytest, the capture's file. Each gradio launch has uvicorn reconfigure logging, which closes every
+    handler, and absl's close() closes its stream unless that is the current sys.stderr: inside a capfd test it is
+    not, so pytest's own capture file was closed and every later test of the worker failed ("I/O operation on
+    closed file"). Its handler writes to the process's real stderr instead, which absl never closes."""
+    try:
+        from absl import logging as absl_logging
+    except ImportError:
+        return
+    absl_logging.get_absl_handler().python_handler.stream = sys.__stderr__
+
+
+_absl_handler_keeps_the_real_stderr()
+
 from durations import load as load_durations  # noqa: E402
 from helpers import (make_random_adapter, save_tiny_llama, tiny_run_config, train_lab_note_run,  # noqa: E402
                      write_jsonl)
