@@ -70,6 +70,9 @@ def test_exit_codes_come_back_and_a_killed_child_reads_killed(config_file, tmp_p
 def test_another_environment_gets_a_server_of_its_own(config_file, tmp_path, monkeypatch):
     first = _train(config_file, tmp_path / "first")
     assert first.wait() == 0
+    monkeypatch.setenv("PYTEST_CURRENT_TEST", "another test")  # changes with every test: not a reason for a server
+    same = _train(config_file, tmp_path / "same")
+    assert same.server is first.server and same.wait() == 0
     monkeypatch.setenv("LORA_LAB_PROBE", "seen")  # read by nothing: the server is keyed by the whole environment
     second = _train(config_file, tmp_path / "second")
     assert second.server is not first.server and second.server.env["LORA_LAB_PROBE"] == "seen"

@@ -11,7 +11,7 @@ environment: the libraries read some variables when they are imported (thread co
 whose environment differs gets a server of its own. ``LORA_LAB_FORKSERVER=0`` turns it off.
 
     server = server_for(env)      # None: start a fresh process instead
-    child = server.start("finetune.train", [config, "--output-dir", folder], log_path, cwd)
+    child = server.start("finetune.train", [config, "--output-dir", folder], log_path, cwd, env)
     child.pid; child.poll(); child.wait()   # as subprocess.Popen's
 """
 
@@ -31,6 +31,9 @@ from finetune.core.distributed import same_process
 
 FORKSERVER_ENV = "LORA_LAB_FORKSERVER"
 PRELOADED = ("finetune.train",)
+# Variables that change from one child to the next and that no library reads at import: a server is not kept per
+# value of these (pytest names the current test in one), and each child gets its own values anyway.
+PER_CHILD = ("PYTEST_CURRENT_TEST",)
 UNKNOWN_EXIT = -1  # the server ended before it could say how a child ended
 REAP_SECONDS = 0.2
 
@@ -67,14 +70,16 @@ class ForkServer:
         self.ready = json.loads(self.process.stdout.readline() or '{"ready": false}').get("ready", False)
         if self.ready:
             threading.Thread(target=self._read, name="forkserver-reader", daemon=True).start()
+        else:
+            self.process.wait()
 
     def alive(self) -> bool:
         return self.ready and self.process.poll() is None
 
-    def start(self, module: str, args: list[str], log_path: Path, cwd: Path) -> ForkedChild:
+    def start(self, module: str, args: list[str], log_path: Path, cwd: Path, env: dict[str, str]) -> ForkedChild:
         with self._lock, self._ended:
             self.process.stdin.write(json.dumps({"module": module, "args": args, "log": str(log_path),
-                                                 "cwd": str(cwd)}) + "\n")
+                                                 "cwd": str(cwd), "env": env}) + "\n")
             self.process.stdin.flush()
             while not self._started and self.process.poll() is None:
                 self._ended.wait(1.0)
@@ -110,6 +115,7 @@ class ForkServer:
                 else:
                     self._exits[message["exited"]] = message["code"]
                 self._ended.notify_all()
+        self.process.wait()  # ended: reaped, not left a zombie
         with self._ended:
             self._ended.notify_all()
 
@@ -132,7 +138,7 @@ def server_for(env: dict[str, str], cwd: Path) -> ForkServer | None:
     an app does not."""
     if not enabled():
         return None
-    key = tuple(sorted(env.items()))
+    key = tuple(sorted((name, value) for name, value in env.items() if name not in PER_CHILD))
     with _servers_lock:
         server = _servers.get(key)
         if server is not None and server.alive():
@@ -180,6 +186,8 @@ def _become_child(request: dict[str, Any], session_made: int) -> None:
         os.dup2(log, 2)
         os.closerange(3, 256)
         os.chdir(request["cwd"])
+        os.environ.clear()
+        os.environ.update(request["env"])  # the server's, but for the per-child variables
         sys.argv = [request["module"], *request["args"]]
         # runpy's warning that the module is imported already: that is the point of the server
         warnings.filterwarnings("ignore", message=".*found in sys.modules after import of package",

@@ -109,7 +109,7 @@ def spawn(command: list[str], log_path: Path, env: dict[str, str] | None = None)
     preloaded = preloaded_module(command)
     server = server_for(env, PROJECT_ROOT) if preloaded else None
     if server is not None:
-        return server.start(*preloaded, log_path=Path(log_path), cwd=PROJECT_ROOT)
+        return server.start(*preloaded, log_path=Path(log_path), cwd=PROJECT_ROOT, env=env)
     with Path(log_path).open("ab") as log:
         return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                 cwd=PROJECT_ROOT, env=env, start_new_session=True)
