@@ -34,7 +34,7 @@ test-trajectories: install
 		-p no:cacheprovider
 
 # The learner's whole course path in Chromium on the embedded model (about 9 min on a busy 2-core CPU): it does not
-# fit in make test's budget next to the suite's 15 min.
+# fit in make test's budget next to the suite's 18 min.
 test-course: install browser
 	$(PY) -m pytest -m course_walk -p no:randomly
 
