@@ -56,8 +56,8 @@ def children_cpu() -> float:
 
 
 def side(config: Path, folder: Path, runs: int) -> tuple[list[float], float]:
-    """Wall seconds of each run, and the CPU seconds of the fresh children (a forked child is the server's child:
-    its CPU is read from /proc before it is reaped, see ``forked_cpu``)."""
+    """Wall seconds of each run, and the CPU seconds of this process's own reaped children: the fresh processes
+    (a forked child is the server's child, counted by ``forkserver_cpu`` instead)."""
     walls, cpu = [], 0.0
     for index in range(runs):
         run_dir = folder / f"run-{index}"

@@ -195,9 +195,10 @@ def _become_child(request: dict[str, Any], session_made: int) -> None:
         try:
             runpy.run_module(request["module"], run_name="__main__", alter_sys=True)
             code = 0
-        except SystemExit as done:
-            code = done.code if isinstance(done.code, int) else (0 if done.code is None else 1)
-            if not isinstance(done.code, (int, type(None))):
+        except SystemExit as done:  # sys.exit(n) as a fresh process would end; sys.exit("text") prints it, exit 1
+            if done.code is None or isinstance(done.code, int):
+                code = done.code or 0
+            else:
                 print(done.code, file=sys.stderr)
     except BaseException:
         traceback.print_exc()
@@ -248,14 +249,13 @@ def serve(modules: list[str]) -> None:
         _say(out, {"ready": False})
         return
     _say(out, {"ready": True})
+    # Unbuffered, so readline() takes one request and leaves the next in the pipe, where select() sees it.
+    requests = os.fdopen(0, "rb", buffering=0)
     children: set[int] = set()
     open_for_requests = True
     while open_for_requests or children:
-        readable = select.select([sys.stdin], [], [], REAP_SECONDS)[0] if open_for_requests else []
-        if not open_for_requests:
-            select.select([], [], [], REAP_SECONDS)
-        if readable:
-            line = sys.stdin.readline()
+        if select.select([requests] if open_for_requests else [], [], [], REAP_SECONDS)[0]:
+            line = requests.readline()
             if not line:
                 open_for_requests = False
             else:
