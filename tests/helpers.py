@@ -4,6 +4,7 @@ loopback port, and the headless Chromium page. Fixtures live in conftest.py; tes
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import re
 import shutil
@@ -14,6 +15,7 @@ from typing import Any, Callable, Iterator
 
 import pytest
 
+from finetune.core.models import save_tokenizer
 from finetune.services.chat import SamplingSettings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -35,7 +37,7 @@ def save_tiny_llama(folder: Path, tokenizer_dir: Path, hidden: int = 64, interme
                          initializer_range=initializer_range)
     torch.manual_seed(0)
     LlamaForCausalLM(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
+    save_tokenizer(tokenizer, folder)
     return folder
 
 
@@ -74,12 +76,24 @@ def wait_until(check: Callable[[], Any], what: str, timeout: float = 600.0, ever
         time.sleep(every)
 
 
-def app_client(url: str) -> Any:
+@functools.cache
+def loopback_tls() -> Any:
+    """One TLS context for every HTTP client of the suite. httpx builds a new one for each request it is not given
+    one for (reading the whole CA bundle: ~25 ms of CPU), and gradio_client sends each call through new httpx
+    clients: two contexts per call, a third of the CPU of an API-heavy test, for loopback calls that never use TLS."""
+    import httpx
+
+    return httpx.create_ssl_context()
+
+
+def app_client(url: str, **options: Any) -> Any:
     """A gradio_client Client that waits for a busy app: its first request reads the API of 80-odd endpoints, and
     httpx's 5 s default timed out on a loaded 2-core machine (a test failed before it began)."""
     from gradio_client import Client
 
-    return Client(url, verbose=False, httpx_kwargs={"timeout": 120})
+    # ssl_verify goes to each httpx call as its `verify`: a context there is used as it is (gradio_client's hint
+    # says bool; it only forwards the value).
+    return Client(url, verbose=False, httpx_kwargs={"timeout": 120}, ssl_verify=loopback_tls(), **options)
 
 
 def wait_for_completion(client: Any, run_id: str) -> Any:

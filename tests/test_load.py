@@ -71,7 +71,7 @@ def test_start_race_then_twenty_concurrent_chats(tmp_path, tiny_model_dir, qa_fi
 
         # 20 sessions at once, each its own gradio session: one question, then a vote on its answers. The
         # clients connect first (opening the page is not what is measured; a slow /info under load would be).
-        sessions = [Client(url, verbose=False, httpx_kwargs={"timeout": 120}) for _ in range(SESSIONS)]
+        sessions = [app_client(url) for _ in range(SESSIONS)]
         wall = time.perf_counter()
         with ThreadPoolExecutor(SESSIONS) as pool:
             results = list(pool.map(lambda i: _session(sessions[i], run_id, i), range(SESSIONS)))

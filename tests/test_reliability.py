@@ -17,7 +17,7 @@ import pathlib
 import threading
 from pathlib import Path
 
-from helpers import app_client, tiny_run_config, wait_until
+from helpers import app_client, loopback_tls, tiny_run_config, wait_until
 
 FULL_DISK_CHILD = '''
 import errno, os, pathlib
@@ -202,10 +202,11 @@ def _call_raw(url: str, api_name: str, data: list) -> tuple[str, str]:
     import httpx
 
     body = json.dumps({"data": data}, allow_nan=True)
-    posted = httpx.post(f"{url}gradio_api/call{api_name}", content=body,
+    posted = httpx.post(f"{url}gradio_api/call{api_name}", content=body, verify=loopback_tls(),
                         headers={"Content-Type": "application/json"}, timeout=600)
     posted.raise_for_status()
-    answer = httpx.get(f"{url}gradio_api/call{api_name}/{posted.json()['event_id']}", timeout=600)
+    answer = httpx.get(f"{url}gradio_api/call{api_name}/{posted.json()['event_id']}", timeout=600,
+                       verify=loopback_tls())
     events = [line.split(": ", 1) for line in answer.text.splitlines() if line.startswith(("event:", "data:"))]
     kinds = [value for key, value in events if key == "event"]
     payloads = [value for key, value in events if key == "data"]

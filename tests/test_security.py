@@ -24,7 +24,7 @@ import pytest
 import yaml
 from gradio_client import Client, handle_file
 
-from helpers import app_client, served_app, wait_for_completion, wait_until, write_jsonl
+from helpers import app_client, loopback_tls, served_app, wait_for_completion, wait_until, write_jsonl
 
 HF_SECRET = "hf_SECRETsecretSECRET0123456789"
 LS_SECRET = "lsv2_pt_SECRETsecret0123456789abcdef"
@@ -54,8 +54,8 @@ def test_login_and_upload_limits(tmp_path, monkeypatch):
         with pytest.raises(Exception, match="(?i)login|auth|401|credentials"):
             app_client(url)
         with pytest.raises(Exception):
-            Client(url, verbose=False, auth=("teacher", "wrong"))
-        client = Client(url, verbose=False, auth=("teacher", "s3cret-pass"))
+            app_client(url, auth=("teacher", "wrong"))
+        client = app_client(url, auth=("teacher", "s3cret-pass"))
         assert client.predict(None, api_name="/list_adapters")["__type__"] == "update"
 
         big = tmp_path / "big.jsonl"
@@ -292,8 +292,10 @@ def _raw_answer(client: Client, endpoint: str, parameters: list[dict], fields: d
     """The call as an outsider makes it with plain HTTP: gradio_client would upload a FileData it is given,
     while a raw request can name any server path in one."""
     data = [fields.get(p["parameter_name"], p["parameter_default"]) for p in parameters]
-    event = httpx.post(f"{client.src}gradio_api/call{endpoint}", json={"data": data}, timeout=60).json()
-    return httpx.get(f"{client.src}gradio_api/call{endpoint}/{event['event_id']}", timeout=120).text
+    event = httpx.post(f"{client.src}gradio_api/call{endpoint}", json={"data": data}, timeout=60,
+                       verify=loopback_tls()).json()
+    return httpx.get(f"{client.src}gradio_api/call{endpoint}/{event['event_id']}", timeout=120,
+                     verify=loopback_tls()).text
 
 
 @pytest.fixture

@@ -305,13 +305,11 @@ def shared_app(root, monkeypatch):
 
 def signed_in(url: str, user: str | None):
     """A gradio_client for one visitor: the session cookie the dev sign-in gives (none: signed out)."""
-    from gradio_client import Client
-
     if user is None:
         return app_client(url)
     answer = httpx.get(f"{url}dev-sign-in?user={user}", follow_redirects=False)
     assert answer.status_code == 303
-    return Client(url, headers={"Cookie": f"session={answer.cookies['session']}"}, verbose=False)
+    return app_client(url, headers={"Cookie": f"session={answer.cookies['session']}"})
 
 
 def test_a_visitor_cannot_stop_resume_delete_or_see_another_visitors_run(shared_app, root, cfg):
