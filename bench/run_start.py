@@ -22,7 +22,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from finetune.core.config import from_dict, save_config  # noqa: E402
-from finetune.core.models import embedded_model_dir  # noqa: E402
+from finetune.core.models import embedded_model_dir, save_tokenizer  # noqa: E402
 from finetune.services import forkserver  # noqa: E402
 from finetune.services.processes import spawn  # noqa: E402
 
@@ -37,7 +37,7 @@ def tiny_model(folder: Path) -> Path:
                          num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
     torch.manual_seed(0)
     LlamaForCausalLM(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
+    save_tokenizer(tokenizer, folder)
     return folder
 
 

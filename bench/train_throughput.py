@@ -42,6 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from finetune.core.config import BUNDLED_DATASET, from_dict  # noqa: E402
 from finetune.core.hardware import detect  # noqa: E402
+from finetune.core.models import save_tokenizer  # noqa: E402
 
 # Llama shapes: 1.2 B is the shape of ../shared/gpu's baseline probe; 8 B is Llama-3-8B's.
 SHAPES = {
@@ -127,7 +128,7 @@ def random_model_dir(shape: str, tokenizer: Any, dtype: torch.dtype) -> Path:
     finally:
         torch.set_default_dtype(default_dtype)
     model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
+    save_tokenizer(tokenizer, folder)
     del model
     _free()
     return folder

@@ -5,7 +5,7 @@ from helpers import connection_attempts
 from finetune.core.config import ModelConfig
 from finetune.core.hardware import profile_for
 from finetune.core.models import (ModelSourceError, count_parameters, embedded_model_dir, load_model, load_tokenizer,
-                                  model_source_kind, to_bnb_config)
+                                  model_source_kind, save_tokenizer, to_bnb_config)
 
 CPU = profile_for("cpu", "CPU", 24.0)
 
@@ -64,6 +64,44 @@ def test_embedded_model_loads_from_cache_and_chats(embedded_dir):
                                         add_generation_prompt=True, return_tensors="pt", return_dict=True)
     out = model.generate(**ids, max_new_tokens=8, do_sample=False)
     assert tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+
+
+def test_a_saved_tokenizer_records_its_added_tokens_and_loads_the_same(embedded_dir, tmp_path, monkeypatch):
+    """The added tokens go into tokenizer_config.json (a load without them parses the whole tokenizer.json in
+    Python, 4x the CPU); the tokenizer loaded from either folder encodes, decodes and formats chats alike."""
+    import json
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    plain = tmp_path / "plain"
+    shutil.copytree(embedded_dir, plain, ignore=shutil.ignore_patterns("*.safetensors"))
+    config = json.loads((plain / "tokenizer_config.json").read_text())
+    config.pop("added_tokens_decoder", None)  # as transformers 5 saves it, and as older caches hold it
+    (plain / "tokenizer_config.json").write_text(json.dumps(config))
+    original = AutoTokenizer.from_pretrained(plain)
+    save_tokenizer(original, tmp_path / "recorded")
+    recorded = json.loads((tmp_path / "recorded" / "tokenizer_config.json").read_text())["added_tokens_decoder"]
+    assert recorded["0"] == {"content": "<|endoftext|>", "lstrip": False, "normalized": False, "rstrip": False,
+                             "single_word": False, "special": True}
+    assert len(recorded) == len(original.added_tokens_decoder) > 2
+    loaded = AutoTokenizer.from_pretrained(tmp_path / "recorded")
+    text = "<|im_start|>user\nWhat does LoRA dropout do? 🧪<|im_end|> é"
+    chat = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi <|im_end|> there"}]
+    assert loaded(text)["input_ids"] == original(text)["input_ids"]
+    assert loaded.decode(original(text)["input_ids"]) == text
+    assert loaded.apply_chat_template(chat, tokenize=True) == original.apply_chat_template(chat, tokenize=True)
+    assert loaded.added_tokens_decoder == original.added_tokens_decoder
+    assert loaded.all_special_tokens == original.all_special_tokens
+    # A cache converted before the tokens were recorded gets them on its next use, nothing else rewritten.
+    monkeypatch.setenv("LORA_LAB_CACHE", str(tmp_path / "cache"))
+    (tmp_path / "cache" / "models").mkdir(parents=True)
+    old = shutil.copytree(plain, tmp_path / "cache" / "models" / embedded_dir.name)
+    (old / "model.safetensors").write_bytes(b"")  # only its presence matters: the repair must not touch it
+    assert embedded_model_dir(embedded_dir.name) == old
+    assert json.loads((old / "tokenizer_config.json").read_text())["added_tokens_decoder"] == recorded
+    assert (old / "model.safetensors").read_bytes() == b""
+    assert sorted(p.name for p in old.iterdir()) == sorted([p.name for p in plain.iterdir()] + ["model.safetensors"])
 
 
 def test_tokenizer_has_pad_token_and_chat_template(tiny_model_dir):

@@ -32,7 +32,7 @@ from finetune.core.config import BUNDLED_DATASET, EMBEDDED_MODEL, ConfigError, R
 from finetune.core.data import prepare
 from finetune.core.hardware import HardwareProfile, detect, profile_for, resolve_compute_dtype
 from finetune.core.models import (HUB_ID, from_hub_or_cache, load_model, load_tokenizer, require_hub_to_push,
-                                  weight_dtype)
+                                  save_tokenizer, weight_dtype)
 from finetune.core.paths import display_name
 from finetune.core.run_folder import (ADAPTER_CONFIG, ADAPTER_DIR, ADAPTER_WEIGHTS, CONFIG_COPY, EXPORT_DIR, MERGE_INFO,
                                       MERGED_DIR, MODEL_CONFIG, PARTIAL_SUFFIX, RUN_CONFIG, adapter_config, has_adapter)
@@ -208,7 +208,7 @@ def merge_adapter(run_dir: str | Path, output_dir: str | Path | None = None,
     shutil.rmtree(staging, ignore_errors=True)
     try:
         merged.save_pretrained(staging)
-        load_tokenizer(cfg.model).save_pretrained(staging)
+        save_tokenizer(load_tokenizer(cfg.model), staging)
         (staging / MERGE_INFO).write_text(json.dumps({"into": into, "bits": cfg.model.bits}), encoding="utf-8")
         write_model_card(run_dir, staging, merged=True)
     except OSError as error:
