@@ -17,6 +17,7 @@ whose environment differs gets a server of its own. ``LORA_LAB_FORKSERVER=0`` tu
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import select
@@ -248,6 +249,11 @@ def serve(modules: list[str]) -> None:
         traceback.print_exc()
         _say(out, {"ready": False})
         return
+    # The imported libraries' objects (about 600,000) leave the collector's view: a child's collections (the
+    # Trainer asks for a full one as it starts) would walk them all (0.4 s each) and write into every page of the
+    # memory the child shares with the server.
+    gc.collect()
+    gc.freeze()
     _say(out, {"ready": True})
     # Unbuffered, so readline() takes one request and leaves the next in the pipe, where select() sees it.
     requests = os.fdopen(0, "rb", buffering=0)
