@@ -34,7 +34,7 @@ from components.feedback_tab import build_feedback_tab
 from components.inspect_section import build_inspect_section
 from components.quant_tab import build_quant_tab
 from components.rlhf_tab import build_rlhf_tab
-from components.shared import bind, check_number_inputs, visitor_of, who_markdown
+from components.shared import bind, calm_queue, check_number_inputs, visitor_of, who_markdown
 from components.sign_in import app_kwargs, build_sign_in_row
 from components.sweep_section import build_sweep_section
 from components.train_tab import build_train_tab
@@ -157,7 +157,7 @@ def main() -> None:
     # LORA_LAB_RUNS, else /data/runs on a Space with persistent storage, else ./runs (feedback DB goes beside).
     demo = build_app(deploy.runs_root(), feedback_db=os.environ.get("LORA_LAB_FEEDBACK_DB") or None)
     # One training start at a time is enforced per event (concurrency_limit=1); the rest may run side by side.
-    demo.queue(default_concurrency_limit=4)
+    calm_queue(demo.queue(default_concurrency_limit=4))
     atexit.register(demo.feedback_store.close)  # stop the sender, close connections (the outbox persists)
     demo.launch(**launch_options())
 

@@ -15,6 +15,7 @@ from typing import Any, Callable, Iterator
 
 import pytest
 
+from components.shared import calm_queue
 from finetune.core.models import save_tokenizer
 from finetune.services.chat import SamplingSettings
 
@@ -136,8 +137,8 @@ def serving(page: Any, **launch: Any) -> Iterator[str]:
     # gradio's own start check gives the page one 3-second try and fails the launch ("localhost is not
     # accessible") on a loaded machine: it is turned off (_frontend=False skips only that check), and the test
     # waits for the page itself.
-    page.queue().launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True,
-                        _frontend=False, **launch)
+    calm_queue(page.queue()).launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True,
+                                    _frontend=False, **launch)
     url = f"http://127.0.0.1:{port}/"
     wait_until(lambda: _answers(url), f"the app at {url} to answer")
     yield url

@@ -66,6 +66,27 @@ def test_app_main_serves_with_the_environment_it_is_given(served_app):
     assert "kernels-community" not in text  # a known, harmless library message stays out of the log
 
 
+def test_the_queue_idles_at_lora_labs_intervals_and_gradio_reads_them():
+    """gradio's queue looks for work every 1 ms when it has none (an idle app used ~5% of a core); calm_queue sets
+    the two intervals it reads (bench/idle_app.py measures the CPU it saves). Were they renamed in a gradio release,
+    setting them would silently do nothing: the queue's own loops must read them."""
+    import inspect
+
+    import gradio as gr
+    from gradio.queueing import Queue
+
+    from components.shared import PROGRESS_IDLE_SECONDS, QUEUE_IDLE_SECONDS, calm_queue
+
+    with gr.Blocks() as page:
+        gr.Textbox()
+    queue = page.queue()._queue
+    assert (queue.sleep_when_free, queue.progress_update_sleep_when_free) < (QUEUE_IDLE_SECONDS, PROGRESS_IDLE_SECONDS)
+    calm_queue(page)
+    assert (queue.sleep_when_free, queue.progress_update_sleep_when_free) == (QUEUE_IDLE_SECONDS, PROGRESS_IDLE_SECONDS)
+    assert "asyncio.sleep(self.sleep_when_free)" in inspect.getsource(Queue.start_processing)
+    assert "asyncio.sleep(self.progress_update_sleep_when_free)" in inspect.getsource(Queue.start_progress_updates)
+
+
 def test_known_library_noise_is_dropped_or_said_once(caplog):
     """The messages finetune.core.noise names: the int8 cast note once (it came 4,200 times from one measurement),
     the deprecation warnings peft triggers on every forward not at all; anything else still gets through."""
