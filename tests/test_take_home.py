@@ -54,13 +54,13 @@ def _train(cfg, run_dir: Path) -> Path:
 @pytest.fixture(scope="module")
 def cpu_quick_run(learning_model, tmp_path_factory) -> Path:
     """configs/cpu-quick.yaml (4-bit QLoRA on the bundled course Q&A and its validation file) with the tiny model for
-    the embedded one and 10 of its 30 steps: the app's run and the script's each train in 4-bit on the CPU, the
-    slowest path there, and 10 steps already cross a held-out evaluation and a checkpoint."""
+    the embedded one and 6 of its 30 steps: the app's run and the script's each train in 4-bit on the CPU, the
+    slowest path there, and 6 steps already cross two held-out evaluations and two checkpoints."""
     from finetune.core.config import load_config
 
     cfg = load_config(ROOT / "configs" / "cpu-quick.yaml")
     cfg.model.source = str(learning_model)
-    cfg.training.max_steps, cfg.training.eval_steps, cfg.training.save_steps = 10, 5, 5
+    cfg.training.max_steps, cfg.training.eval_steps, cfg.training.save_steps = 6, 3, 3
     return _train(cfg, tmp_path_factory.mktemp("cpu-quick") / "runs" / "cpu-quick")
 
 
