@@ -11,6 +11,7 @@ import os
 import sys
 import zlib
 from pathlib import Path
+from typing import Any, Callable
 
 import pytest
 
@@ -72,6 +73,27 @@ def pytest_collection_modifyitems(config, items) -> None:
         return seconds.get(name, unknown) * (0.75 + (zlib.crc32(f"{seed}:{name}".encode()) % 1000) / 2000)
 
     items.sort(key=weight, reverse=True)  # stable: a file's tests stay together, in their shuffled order
+    items[:] = _browser_files_beside_others(items, weight)
+
+
+def _browser_files_beside_others(items: list, weight: Callable[[Any], float]) -> list:
+    """The heavy-first order, with browser files and the others taken in turn by the seconds handed out so far, so
+    that the two workers tend to run one browser file beside one other file. Two browser files at once (two
+    Chromiums, each page re-rendering as its app answers) ran each of them up to twice as long (the RLHF walk 67 s
+    alone beside others, 121 s beside another browser file), and a page open longer costs more CPU again."""
+    files: dict[str, list] = {}
+    for item in items:
+        files.setdefault(item.nodeid.split("::")[0], []).append(item)
+    browser = [name for name in files if name.startswith("tests/browser/")]
+    others = [name for name in files if not name.startswith("tests/browser/")]
+    given = {"browser": 0.0, "others": 0.0}
+    ordered: list = []
+    while browser or others:
+        kind = "browser" if browser and (not others or given["browser"] <= given["others"]) else "others"
+        name = (browser if kind == "browser" else others).pop(0)
+        given[kind] += weight(files[name][0])
+        ordered.extend(files[name])
+    return ordered
 
 
 @pytest.fixture(scope="session")
