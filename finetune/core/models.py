@@ -15,6 +15,7 @@ import os
 import shutil
 import socket
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -155,7 +156,7 @@ def record_added_tokens(tokenizer: Any, folder: Path) -> None:
         str(index): {"content": token.content, "lstrip": token.lstrip, "normalized": token.normalized,
                      "rstrip": token.rstrip, "single_word": token.single_word, "special": token.special}
         for index, token in tokenizer.added_tokens_decoder.items()}
-    staging = path.with_name(f".{path.name}.{os.getpid()}")
+    staging = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}")  # two threads may repair at once
     staging.write_text(json.dumps(config, indent=2, ensure_ascii=False), encoding="utf-8")
     os.replace(staging, path)
 
