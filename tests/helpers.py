@@ -15,10 +15,8 @@ from typing import Any, Callable, Iterator
 
 import pytest
 
-from components.shared import calm_queue
-from finetune.core.models import save_tokenizer
-from finetune.services.chat import SamplingSettings
-
+# The app's modules (gradio, torch, transformers: ~15 s of CPU) are imported where a helper needs them, not here:
+# conftest imports this module, and pytest-xdist's controller loads conftest but runs no test.
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -29,6 +27,8 @@ def save_tiny_llama(folder: Path, tokenizer_dir: Path, hidden: int = 64, interme
     one (0.3) spreads the logits so LoRA can learn, and overfit, within a few steps."""
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from finetune.core.models import save_tokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=intermediate,
@@ -131,6 +131,8 @@ def serving(page: Any, **launch: Any) -> Iterator[str]:
     """A gradio Blocks (the app, or a tab or section on its own) on a free loopback port until the block ends;
     yields its URL. The caller closes it (the app also has a feedback store to close). ``launch``: more
     demo.launch() settings (the dev sign-in's app_kwargs)."""
+    from components.shared import calm_queue
+
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
@@ -244,7 +246,13 @@ def upload_data_and_pick_local_model(page: Any, data_file: Path, model_dir: Path
 
 # --- shared by several test files -----------------------------------------------------------------------------
 
-GREEDY = SamplingSettings(max_new_tokens=12, temperature=0.0)
+def __getattr__(name: str) -> Any:
+    """``GREEDY`` (the chat settings of greedy, 12-token answers) is made on first use, with the chat module."""
+    if name == "GREEDY":
+        from finetune.services.chat import SamplingSettings
+
+        return SamplingSettings(max_new_tokens=12, temperature=0.0)
+    raise AttributeError(name)
 
 
 def make_random_adapter(model_dir: Path, folder: Path, seed: int, targets: list[str]) -> Path:
