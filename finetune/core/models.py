@@ -24,6 +24,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, PreTrainedModel
 
 from finetune.core.config import EMBEDDED_MODEL, ModelConfig, remote_code_allowed
+from finetune.core.gguf_reading import load_gguf_model, load_gguf_tokenizer
 from finetune.core.hardware import HardwareProfile, detect, resolve_compute_dtype
 from finetune.core.paths import HUB_ID
 from finetune.core.run_folder import ADAPTER_CONFIG, REWARD_DIR, has_adapter, is_run_id
@@ -114,8 +115,7 @@ def embedded_model_dir(name: str = EMBEDDED_MODEL) -> Path:
     # Convert into a private temp folder and rename: concurrent first uses never see half a model.
     staging = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
     try:
-        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        tokenizer, model = load_gguf_tokenizer(gguf), load_gguf_model(gguf)
         # A GGUF-loaded model refuses save_pretrained while it still carries its quantizer marker.
         model.hf_quantizer = None
         if hasattr(model.config, "quantization_config"):

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from finetune.core.gguf_reading import QuickReader, load_gguf_model
 from finetune.core.models import from_hub_or_cache, load_tokenizer
 from finetune.services.export import adapter_dir, run_config
 from finetune.services.gguf_convert import GgufExport, check_type, convert_folder
@@ -55,7 +56,6 @@ def measure_gguf(source: str, out_type: str, rows: Any, prompt: str, max_new_tok
     import tempfile
 
     import torch
-    from transformers import AutoModelForCausalLM
 
     from finetune.core.config import ModelConfig
     from finetune.services.evaluate import dataset_loss
@@ -67,8 +67,7 @@ def measure_gguf(source: str, out_type: str, rows: Any, prompt: str, max_new_tok
         result = convert_folder(model_dir, Path(scratch) / f"model-{out_type}.gguf", out_type, tokenizer, out_type)
         layers = {name: qtype for name, qtype in result.tensor_types.items() if LINEAR_TENSORS.match(name)}
         layer_bytes, weights = _layer_bytes(result.path, set(layers))
-        model = AutoModelForCausalLM.from_pretrained(scratch, gguf_file=result.path.name, dtype=torch.float32)
-        model.eval()
+        model = load_gguf_model(result.path).eval()
         loss = dataset_loss(model, tokenizer, rows, batch_size=batch_size)
         text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
                                              add_generation_prompt=True)
@@ -82,10 +81,8 @@ def measure_gguf(source: str, out_type: str, rows: Any, prompt: str, max_new_tok
 
 
 def _layer_bytes(path: Path, names: set[str]) -> tuple[int, int]:
-    """(bytes, weights) of the named tensors as stored in the file, read back with GGUFReader."""
-    from gguf import GGUFReader
-
-    tensors = [t for t in GGUFReader(path).tensors if t.name in names]
+    """(bytes, weights) of the named tensors as stored in the file, read back with gguf's reader."""
+    tensors = [t for t in QuickReader(path).tensors if t.name in names]
     return sum(int(t.n_bytes) for t in tensors), sum(int(t.n_elements) for t in tensors)
 
 
@@ -138,9 +135,7 @@ def _leading_agreement(first: list[int], second: list[int]) -> int:
 def gguf_drift(run_dir: str | Path, gguf_file: str | Path, out_type: str, limit: int = 8) -> GgufDrift:
     """The built file against the adapter on its trained (quantized) base, as merge_report does for the merge:
     loss on the same rows and the greedy answers' agreement on the first held-out prompts (CPU, fp32)."""
-    import torch
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM
 
     from finetune.services.evaluate import dataset_loss
     from finetune.services.export import comparison_rows
@@ -158,8 +153,7 @@ def gguf_drift(run_dir: str | Path, gguf_file: str | Path, out_type: str, limit:
     adapter_loss = dataset_loss(adapter, tokenizer, rows, max_length=length).loss
     adapter_answers = [_greedy_tokens(adapter, tokenizer, p, DRIFT_TOKENS) for p in prompts]
     del adapter
-    model = AutoModelForCausalLM.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name, dtype=torch.float32)
-    model.eval()
+    model = load_gguf_model(gguf_file).eval()
     gguf_loss = dataset_loss(model, tokenizer, rows, max_length=length).loss
     agreement = tuple(_leading_agreement(_greedy_tokens(model, tokenizer, p, DRIFT_TOKENS), answer)
                       for p, answer in zip(prompts, adapter_answers))
