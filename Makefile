@@ -8,6 +8,8 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 # the top), in two workers; then the tests whose verdict follows a training trajectory run again under another CPU
 # kernel level than the machine's own (AVX-512 -> AVX2, the other common x86 kind; AVX2 -> the plain 'default'),
 # so that an instruction-set dependence fails here rather than on someone else's machine.
+# Only the files that mark a test `trajectory` are collected for that pass (each worker imports every file it collects).
+TRAJECTORY_FILES = $(shell grep -l "mark.trajectory" tests/*.py tests/browser/*.py)
 SEED ?= $(shell printf '%d' 0x$$(git rev-parse --short=7 HEAD 2>/dev/null || echo 0))
 WORKERS ?= 2
 PYTEST_ARGS ?=
@@ -34,7 +36,7 @@ test-trajectories: install
 	case $$own in avx512) other=avx2 ;; default) other=avx2 ;; *) other=default ;; esac; \
 	echo "--- trajectory tests again under ATEN_CPU_CAPABILITY=$$other (this machine: $$own)"; \
 	ATEN_CPU_CAPABILITY=$$other $(PY) -m pytest -m trajectory -n $(WORKERS) --dist loadfile --no-loadscope-reorder --randomly-seed=$(SEED) \
-		-p no:cacheprovider
+		-p no:cacheprovider $(TRAJECTORY_FILES)
 
 # The learner's whole course path in Chromium on the embedded model (about 9 min on a busy 2-core CPU): it does not
 # fit in make test's budget next to the suite's 18 min.
