@@ -35,7 +35,7 @@ from components.feedback_tab import build_feedback_tab
 from components.inspect_section import build_inspect_section
 from components.quant_tab import build_quant_tab
 from components.rlhf_tab import build_rlhf_tab
-from components.shared import bind, calm_queue, check_number_inputs, visitor_of, who_markdown
+from components.shared import bind, calm_queue, check_number_inputs, tick_only_on_the_open_tab, visitor_of, who_markdown
 from components.sign_in import app_kwargs, build_sign_in_row
 from components.sweep_section import build_sweep_section
 from components.train_tab import build_train_tab
@@ -77,14 +77,14 @@ def build_app(runs_root: str = "runs", profile: HardwareProfile | None = None,
         with gr.Tab("Start here", id="course") as course_tab:
             course = build_course_tab(manager, profile, engine, store, benchmarks)
         course_tab.select(course["refresh_forgetting"], None, course["forgetting"], api_visibility="private")
-        with gr.Tab("Train", id="train"):
+        with gr.Tab("Train", id="train") as train_tab:
             train = build_train_tab(manager, profile)
         with gr.Tab("Chat", id="chat") as chat_tab:
             chat = build_chat_tab(manager, engine, store)
         # Runs finish while the user is on the Train tab: refresh the adapter list on arrival.
         chat_tab.select(bind(adapter_choices, manager), chat["run"], chat["run"],
                         api_visibility="private")
-        with gr.Tab("RLHF", id="rlhf"):
+        with gr.Tab("RLHF", id="rlhf") as rlhf_tab:
             build_rlhf_tab(manager, store.path, chat, engine, scorers)
         with gr.Tab("Feedback", id="feedback") as feedback_tab:
             feedback = build_feedback_tab(store, Path(runs_root) / FEEDBACK_EXPORTS_DIR)
@@ -100,11 +100,13 @@ def build_app(runs_root: str = "runs", profile: HardwareProfile | None = None,
             build_benchmark_section(manager, benchmarks)
         eval_tab.select(bind(run_choices, manager), evaluation["runs"],
                         [evaluation["runs"], evaluation["ckpt_run"]], api_visibility="private")
-        with gr.Tab("Compare", id="compare"):
+        with gr.Tab("Compare", id="compare") as compare_tab:
             build_compare_tab(CompareQueue(manager))
             build_sweep_section(SweepQueue(manager), train)  # "use the best" fills the Train form
-        with gr.Tab("Quantization", id="quantization"):
+        with gr.Tab("Quantization", id="quantization") as quant_tab:
             build_quant_tab(profile)
+        tick_only_on_the_open_tab([course_tab, train_tab, chat_tab, rlhf_tab, feedback_tab, export_tab, eval_tab,
+                                   compare_tab, quant_tab])
         demo.load(bind(opening_preset, manager, profile), None, train["preset"],
                   api_visibility="private")
         build_agent_tools(manager, engine, profile)  # the curated MCP tools (components/agent_tools.py)

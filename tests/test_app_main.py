@@ -87,6 +87,32 @@ def test_the_queue_idles_at_lora_labs_intervals_and_gradio_reads_them():
     assert "asyncio.sleep(self.progress_update_sleep_when_free)" in inspect.getsource(Queue.start_progress_updates)
 
 
+def test_each_tabs_timers_tick_only_while_it_is_open(tmp_path):
+    """The app's timers (runs, sweeps, comparisons, benchmarks, RLHF, the course) start off except on the tab a page
+    opens on; selecting a tab turns on its own timers and turns off every other. (The browser's side of it, that a
+    page then sends only the open tab's ticks, is in tests/browser/test_browser_first_screen.py.)"""
+    import gradio as gr
+
+    from app import build_app, close_app
+    from components.shared import timers_in
+
+    demo = build_app(str(tmp_path / "runs"))
+    try:
+        tabs = [block for block in demo.blocks.values() if isinstance(block, gr.Tab)]
+        everyone = [block for block in demo.blocks.values() if isinstance(block, gr.Timer)]
+        assert len(tabs) == 9 and len(everyone) >= 6
+        assert [timer.active for timer in everyone] == [timer in timers_in(tabs[0]) for timer in everyone]
+        for tab in tabs:
+            selects = [fn for fn in demo.fns.values()
+                       if any(target == (tab._id, "select") for target in fn.targets) and fn.outputs == everyone]
+            assert len(selects) == 1, tab.label
+            updates = selects[0].fn()
+            assert [update.active for update in updates] == [timer in timers_in(tab) for timer in everyone], tab.label
+        assert sum(bool(timers_in(tab)) for tab in tabs) == 5  # the course, Train, RLHF, Evaluate, Compare
+    finally:
+        close_app(demo)
+
+
 def test_known_library_noise_is_dropped_or_said_once(caplog):
     """The messages finetune.core.noise names: the int8 cast note once (it came 4,200 times from one measurement),
     the deprecation warnings peft triggers on every forward not at all; anything else still gets through."""

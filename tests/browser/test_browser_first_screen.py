@@ -38,3 +38,33 @@ def test_start_and_the_five_hyperparameters_fit_the_first_viewport(tmp_path):
         expect(page.locator("#batch-size")).to_have_count(0)
         page.get_by_text("Batch, epochs and sequence length").click()
         expect(page.locator("#batch-size")).to_be_visible()
+
+
+def test_a_page_sends_only_the_open_tabs_timer_ticks(tmp_path):
+    """An open page polls for the tab in view only: the course's ticks while "Start here" is open, then the Train
+    tab's and no more of the course's once Train is open (each timer ticks every 2 s: over two of Train's intervals
+    the course's timer would have ticked twice)."""
+    import json
+
+    with served_app(tmp_path / "runs") as url, browser_page(url, width=WIDTH, height=HEIGHT) as page:
+        names = {dep["id"]: dep["api_name"] for dep in page.evaluate("() => window.gradio_config.dependencies")}
+
+        def tick_of(api_name):
+            def matches(request):
+                body = request.post_data if request.method == "POST" else None
+                return bool(body) and names.get(json.loads(body).get("fn_index")) == api_name
+            return matches
+
+        ticks = []
+        page.on("request", lambda r: ticks.append(names.get(json.loads(r.post_data).get("fn_index")))
+                if r.method == "POST" and r.url.endswith("/run/predict") else None)
+        with page.expect_request(tick_of("course_poll"), timeout=UI_WAIT):
+            pass
+        page.get_by_role("tab", name="Train").click()
+        with page.expect_request(tick_of("poll_run"), timeout=UI_WAIT):
+            pass
+        ticks.clear()
+        for _ in range(2):
+            with page.expect_request(tick_of("poll_run"), timeout=UI_WAIT):
+                pass
+        assert ticks.count("poll_run") == 2 and "course_poll" not in ticks, ticks
