@@ -23,7 +23,7 @@ from finetune.core.models import ModelSourceError
 from finetune.core.paths import CONFIGS_DIR
 from finetune.core.preference import BUNDLED_PREFERENCES, load_preferences
 from finetune.core.run_folder import RUN_CONFIG, read_run_info
-from finetune.core.run_status import read_metrics, write_status
+from finetune.core.run_status import FINAL_STATES, read_metrics, write_status
 from finetune.services import course
 from finetune.services.admission import RunError, check_sources
 from finetune.services.deploy import default_preset
@@ -273,6 +273,21 @@ def poll_course(manager: RunManager, request: gr.Request = None) -> tuple[str, .
     progress = progress_of(manager, request)
     views = [part for step in POLLED for part in _run_view(manager, progress, step)]
     return (*views, path_markdown(progress))
+
+
+def course_timer(manager: RunManager, request: gr.Request = None) -> gr.Timer:
+    """The course's timer ticks while one of its runs is underway and stops when none is (an idle page polled
+    every 2 s for nothing). A step's Start, a page load and opening the tab turn it back on to look."""
+    progress = progress_of(manager, request)
+    run_ids = [progress.result(step).get("run_id") for step in POLLED]
+    return gr.Timer(active=any(_underway(manager, run_id) for run_id in run_ids if run_id))
+
+
+def _underway(manager: RunManager, run_id: str) -> bool:
+    try:
+        return manager.status(run_id).get("state") not in FINAL_STATES
+    except RunError:  # deleted from the Train tab's history
+        return False
 
 
 def path_markdown(progress: CourseProgress) -> str:

@@ -16,9 +16,9 @@ from typing import Any
 import gradio as gr
 import pandas as pd
 
-from components.course_runs import (POLLED, RANK_EXPERIMENT, RUN_STEPS, acting_visitor, expected_times, finished_run,
-                                    notice, path_markdown, poll_course, progress_of, qlora_config, start_dpo,
-                                    start_qlora, start_rank_experiment, start_reward)
+from components.course_runs import (POLLED, RANK_EXPERIMENT, RUN_STEPS, acting_visitor, course_timer, expected_times,
+                                    finished_run, notice, path_markdown, poll_course, progress_of, qlora_config,
+                                    start_dpo, start_qlora, start_rank_experiment, start_reward)
 from components.downloads import downloadable
 from components.shared import CHAT_SLOT, bind, on_page_load, progress_html, refusal, visitor_of
 from finetune.core.config import BUNDLED_DATASET, ConfigError, LoraSettings, load_config
@@ -321,12 +321,15 @@ def _wire(manager: RunManager, profile: HardwareProfile, engine: ChatEngine, sto
     ui["quantization_go"].click(bind(compare_bits, manager, profile), None, [ui["quantization_notice"],
                                 ui["quant_table"]], api_name="course_quantize", concurrency_limit=1,
                                 concurrency_id="quantize")
+    timer, look = gr.Timer(POLL_SECONDS), bind(course_timer, manager)
     for key, handler, inputs in (("qlora", start_qlora, [ui["rank"]]), ("reward", start_reward, None),
                                  ("dpo", start_dpo, None)):
         ui[f"{key}_go"].click(bind(handler, manager, profile), inputs, ui[f"{key}_started"],
-                              api_name=f"course_{key}", concurrency_limit=1, concurrency_id="train-start")
+                              api_name=f"course_{key}", concurrency_limit=1, concurrency_id="train-start"
+                              ).then(look, None, timer, api_visibility="private", queue=False)
     ui["rank_go"].click(bind(start_rank_experiment, manager, profile), None, ui["rank_started"],
-                        api_name="course_rank_experiment", concurrency_limit=1, concurrency_id="train-start")
+                        api_name="course_rank_experiment", concurrency_limit=1, concurrency_id="train-start"
+                        ).then(look, None, timer, api_visibility="private", queue=False)
     ui["chat_go"].click(bind(ask_both, manager, engine, store), ui["prompt"],
                         [ui["base_answer"], ui["tuned_answer"], ui["vote_hint"]], api_name="course_ask",
                         **CHAT_SLOT)  # the Chat tab's slot: answers take turns on the one model
@@ -340,7 +343,9 @@ def _wire(manager: RunManager, profile: HardwareProfile, engine: ChatEngine, sto
                           [ui["report_files"], ui["report_notice"]], api_name="course_report")
     live = [ui[f"{key}_{part}"] for key in POLLED for part in ("progress", "notice")] + [ui["path"]]
     poll = bind(poll_course, manager)
-    gr.Timer(POLL_SECONDS).tick(poll, None, live, api_name="course_poll", show_progress="hidden", queue=False)
+    timer.tick(poll, None, live, api_name="course_poll", show_progress="hidden", queue=False
+               ).then(look, None, timer, api_visibility="private", queue=False, show_progress="hidden")
+    on_page_load(look, None, timer)
     restored = ([ui["rank"]] + [ui[f"{s.key}_time"] for s in course.STEPS]
                 + [ui[f"{s.key}_notice"] for s in course.STEPS] + [ui["quant_table"], ui["path"]])
     on_page_load(bind(restore_course, manager, profile), None, restored)

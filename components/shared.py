@@ -57,15 +57,15 @@ def timers_in(block: gr.blocks.Block) -> list[gr.Timer]:
 
 
 def tick_only_on_the_open_tab(tabs: list[Any]) -> None:
-    """Each tab's timers tick only while that tab is open; the first tab is the one a page opens on.
+    """Each tab's timers tick only while that tab is open.
 
     Each tick of a timer is an event the browser handles for every output of the poll (gradio's frontend looks each
-    output up in the whole component tree, twice): six timers every 2 s kept an idle page of the app at ~7% of a
-    core in Chromium, for tabs nobody was looking at. A tab shows fresh figures within one interval of opening it."""
+    output up in the whole component tree, twice), and a tab's timer, once the tab was opened, kept ticking after
+    the visitor left it. Opening a tab now turns its own timers on and every other off. The timers start on: a tab
+    not opened yet is not rendered and its timer does not tick, and an update sent to a timer not rendered yet
+    could be lost (a page on a busy machine opened Train and its timer never started)."""
     timers = {tab: timers_in(tab) for tab in tabs}
     everyone = [timer for own in timers.values() for timer in own]
-    for timer in everyone:
-        timer.active = timer in timers[tabs[0]]
     for tab, own in timers.items():
         tab.select(functools.partial(_only_these_tick, [timer in own for timer in everyone]), None, everyone,
                    api_visibility="private", queue=False, show_progress="hidden")

@@ -222,6 +222,7 @@ def test_the_rank_experiment_repeats_the_learners_run_and_step_7_judges_the_pair
     manager, profile = RunManager(tmp_path / "runs"), detect()
     with pytest.raises(gr.Error, match="Start step 3's QLoRA run first"):
         course_runs.start_rank_experiment(manager, profile)
+    assert course_runs.course_timer(manager).active is False  # nothing of the course's is underway: no polling
     learner_cfg = tiny_run_config(tiny_model_dir, tmp_path / "unused.jsonl", bits=32, max_steps=2)
     learner_cfg.data.source = BUNDLED_DATASET
     learner = manager.start(learner_cfg)
@@ -229,9 +230,11 @@ def test_the_rank_experiment_repeats_the_learners_run_and_step_7_judges_the_pair
 
     started = course_runs.start_rank_experiment(manager, profile)
     experiment = CourseProgress(manager.root, LOCAL).result("rank")["run_id"]
+    assert course_runs.course_timer(manager).active is True  # the experiment was queued a moment ago
     assert f"`{learner}` again at rank 16 instead of 4" in started
     for run_id in (learner, experiment):
         assert manager.wait(run_id)["state"] == "completed", manager.status(run_id)
+    assert course_runs.course_timer(manager).active is False
     mine, theirs = to_dict(learner_cfg), to_dict(manager.summary(experiment).config)
     assert {k: v for k, v in theirs["lora"].items() if k not in ("rank", "alpha")} == \
         {k: v for k, v in mine["lora"].items() if k not in ("rank", "alpha")}

@@ -41,9 +41,9 @@ def test_start_and_the_five_hyperparameters_fit_the_first_viewport(tmp_path):
 
 
 def test_a_page_sends_only_the_open_tabs_timer_ticks(tmp_path):
-    """An open page polls for the tab in view only: the course's ticks while "Start here" is open, then the Train
-    tab's and no more of the course's once Train is open (each timer ticks every 2 s: over two of Train's intervals
-    the course's timer would have ticked twice)."""
+    """An open page polls for the tab in view only: the Train tab's ticks while Train is open, then the Compare
+    tab's and no more of Train's once Compare is open (each timer ticks every 2 s: over two of Compare's intervals
+    Train's timer would have ticked twice). The course's timer, with none of its runs underway, is off."""
     import json
 
     with served_app(tmp_path / "runs") as url, browser_page(url, width=WIDTH, height=HEIGHT) as page:
@@ -58,13 +58,14 @@ def test_a_page_sends_only_the_open_tabs_timer_ticks(tmp_path):
         ticks = []
         page.on("request", lambda r: ticks.append(names.get(json.loads(r.post_data).get("fn_index")))
                 if r.method == "POST" and r.url.endswith("/run/predict") else None)
-        with page.expect_request(tick_of("course_poll"), timeout=UI_WAIT):
-            pass
         page.get_by_role("tab", name="Train").click()
         with page.expect_request(tick_of("poll_run"), timeout=UI_WAIT):
             pass
+        page.get_by_role("tab", name="Compare").click()
+        with page.expect_request(tick_of("compare_poll"), timeout=UI_WAIT):
+            pass
         ticks.clear()
         for _ in range(2):
-            with page.expect_request(tick_of("poll_run"), timeout=UI_WAIT):
+            with page.expect_request(tick_of("compare_poll"), timeout=UI_WAIT):
                 pass
-        assert ticks.count("poll_run") == 2 and "course_poll" not in ticks, ticks
+        assert ticks.count("compare_poll") == 2 and not {"poll_run", "course_poll"} & set(ticks), ticks
