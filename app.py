@@ -35,7 +35,8 @@ from components.feedback_tab import build_feedback_tab
 from components.inspect_section import build_inspect_section
 from components.quant_tab import build_quant_tab
 from components.rlhf_tab import build_rlhf_tab
-from components.shared import bind, calm_queue, check_number_inputs, tick_only_on_the_open_tab, visitor_of, who_markdown
+from components.shared import (bind, calm_queue, check_number_inputs, tick_only_on_the_open_tab, visitor_of,
+                               who_markdown)
 from components.sign_in import app_kwargs, build_sign_in_row
 from components.sweep_section import build_sweep_section
 from components.train_tab import build_train_tab

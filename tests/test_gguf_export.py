@@ -1,9 +1,10 @@
 """GGUF export on the CPU with the real stack: one short QLoRA run of the tiny Llama (4-bit base) is merged and
-written at every type, read back with gguf's reader, and loaded back with transformers' GGUF loader,
-whose answers are compared with the merged model's. Both read through the app's QuickReader (gguf's reader on a
-plain view of the file), which one test compares with gguf's own reader, field by field and tensor by tensor. One test converts the embedded SmolLM2 to check the real
-vocabulary and chat template. A full disk cannot be produced here, so one test makes the tensor encoder raise
-ENOSPC (and another reports too little free space) to check that nothing half-written is left.
+written at every type, read back with gguf's reader, and loaded back with transformers' GGUF loader, whose answers
+are compared with the merged model's. Both read through the app's QuickReader (gguf's reader on a plain view of the
+file), which one test compares with gguf's own reader, field by field and tensor by tensor. One test converts the
+embedded SmolLM2 to check the real vocabulary and chat template. A full disk cannot be produced here, so one test
+makes the tensor encoder raise ENOSPC (and another reports too little free space) to check that nothing
+half-written is left.
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ import numpy as np
 import pytest
 import torch
 
-from finetune.core.gguf_reading import QuickReader, load_gguf_model, load_gguf_tokenizer, use_quick_reader
+from finetune.core.gguf_reading import (QuickReader, load_gguf_model, load_gguf_tokenizer,
+                                        use_quick_reader)
 from finetune.services.export import ExportError
 from finetune.services.gguf_convert import (CHAT_TEMPERATURE, CHAT_TOP_P, GGUF_TYPES, check_type, chatml_default_system,
                                             convert_folder, modelfile_text, tensor_type)
