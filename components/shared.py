@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import json
 import logging
 import math
 import time
@@ -61,18 +62,20 @@ def tick_only_on_the_open_tab(tabs: list[Any]) -> None:
 
     Each tick of a timer is an event the browser handles for every output of the poll (gradio's frontend looks each
     output up in the whole component tree, twice), and a tab's timer, once the tab was opened, kept ticking after
-    the visitor left it. Opening a tab now turns its own timers on and every other off. The timers start on: a tab
-    not opened yet is not rendered and its timer does not tick, and an update sent to a timer not rendered yet
-    could be lost (a page on a busy machine opened Train and its timer never started)."""
+    the visitor left it. Opening a tab now turns its own timers on and every other off. The switch runs in the
+    browser (``timer_switch_js``), in the order of the clicks: answered by the server, the first tab's select that
+    a page fires as it loads could land after a quick click on another tab and turn that tab's timer off for good
+    (seen on a busy machine). The timers start on: a tab not opened yet is not rendered and does not tick."""
     timers = {tab: timers_in(tab) for tab in tabs}
     everyone = [timer for own in timers.values() for timer in own]
     for tab, own in timers.items():
-        tab.select(functools.partial(_only_these_tick, [timer in own for timer in everyone]), None, everyone,
+        tab.select(None, None, everyone, js=timer_switch_js([timer in own for timer in everyone]),
                    api_visibility="private", queue=False, show_progress="hidden")
 
 
-def _only_these_tick(active: list[bool]) -> list[gr.Timer]:
-    return [gr.Timer(active=on) for on in active]
+def timer_switch_js(active: list[bool]) -> str:
+    """A browser-side handler whose outputs (the timers) are updates of their ``active`` property."""
+    return "() => " + json.dumps([{"__type__": "update", "active": on} for on in active])
 
 
 def on_page_load(fn: Callable[..., Any], inputs: Any = None, outputs: Any = None, **kwargs: Any) -> Any:
