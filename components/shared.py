@@ -62,20 +62,27 @@ def tick_only_on_the_open_tab(tabs: list[Any]) -> None:
 
     Each tick of a timer is an event the browser handles for every output of the poll (gradio's frontend looks each
     output up in the whole component tree, twice), and a tab's timer, once the tab was opened, kept ticking after
-    the visitor left it. Opening a tab now turns its own timers on and every other off. The switch runs in the
-    browser (``timer_switch_js``), in the order of the clicks: answered by the server, the first tab's select that
-    a page fires as it loads could land after a quick click on another tab and turn that tab's timer off for good
-    (seen on a busy machine). The timers start on: a tab not opened yet is not rendered and does not tick."""
-    timers = {tab: timers_in(tab) for tab in tabs}
-    everyone = [timer for own in timers.values() for timer in own]
-    for tab, own in timers.items():
-        tab.select(None, None, everyone, js=timer_switch_js([timer in own for timer in everyone]),
-                   api_visibility="private", queue=False, show_progress="hidden")
+    the visitor left it. Selecting any tab now runs ``timer_switch_js`` in the browser. It reads which tab is open
+    instead of trusting the event that called it: a page fires its first tab's select as it loads, and that event
+    could run after a quick click on another tab (seen twice on a busy machine: the other tab's timer ended off).
+    The timers start on: a tab not opened yet is not rendered and does not tick."""
+    owners = [(tab.label, timer) for tab in tabs for timer in timers_in(tab)]
+    switch = timer_switch_js([label for label, _ in owners])
+    for tab in tabs:
+        tab.select(None, None, [timer for _, timer in owners], js=switch, api_visibility="private", queue=False,
+                   show_progress="hidden")
 
 
-def timer_switch_js(active: list[bool]) -> str:
-    """A browser-side handler whose outputs (the timers) are updates of their ``active`` property."""
-    return "() => " + json.dumps([{"__type__": "update", "active": on} for on in active])
+def timer_switch_js(owners: list[str]) -> str:
+    """A browser-side handler whose outputs (the timers, each named by its tab's label) are updates of their
+    ``active`` property: on for the open tab's, off for the others; all on where no tab reads as open (a narrow
+    window puts the last tabs in an overflow menu). It waits a turn of the event loop for the tab bar to show the
+    click."""
+    return ("async () => { await new Promise(done => setTimeout(done, 0)); "
+            "const open = [...document.querySelectorAll('[role=\"tab\"][aria-selected=\"true\"]')]"
+            ".map(tab => tab.innerText.trim()); "
+            f"return {json.dumps(owners)}"
+            ".map(tab => ({__type__: 'update', active: !open.length || open.includes(tab)})); }")
 
 
 def on_page_load(fn: Callable[..., Any], inputs: Any = None, outputs: Any = None, **kwargs: Any) -> Any:

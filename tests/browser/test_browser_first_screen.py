@@ -43,7 +43,8 @@ def test_start_and_the_five_hyperparameters_fit_the_first_viewport(tmp_path):
 def test_a_page_sends_only_the_open_tabs_timer_ticks(tmp_path):
     """An open page polls for the tab in view only: the Train tab's ticks while Train is open, then the Compare
     tab's and no more of Train's once Compare is open (each timer ticks every 2 s: over two of Compare's intervals
-    Train's timer would have ticked twice). The course's timer, with none of its runs underway, is off."""
+    Train's timer would have ticked twice). The course's timer, with none of its runs underway, is off. After a
+    reload, a tab clicked at once keeps ticking."""
     import json
 
     with served_app(tmp_path / "runs") as url, browser_page(url, width=WIDTH, height=HEIGHT) as page:
@@ -69,3 +70,12 @@ def test_a_page_sends_only_the_open_tabs_timer_ticks(tmp_path):
             with page.expect_request(tick_of("compare_poll"), timeout=UI_WAIT):
                 pass
         assert ticks.count("compare_poll") == 2 and not {"poll_run", "course_poll"} & set(ticks), ticks
+
+        # A click at once after a reload: the select the page fires for its first tab as it loads must not turn
+        # the clicked tab's timer off (it did once when the server answered the switch, then when the switch
+        # trusted its event).
+        page.reload()
+        page.get_by_role("tab", name="Train").click()
+        for _ in range(3):
+            with page.expect_request(tick_of("poll_run"), timeout=UI_WAIT):
+                pass
