@@ -129,13 +129,18 @@ def _kept_note(status: dict[str, Any]) -> str:
     return f" Best held-out evaluation: step {best}{value_text}; the saved weights are {holds}."
 
 
+NO_RUNS = "No runs yet: set up a run and press Start."
+
+
 def poll_run(manager: RunManager, run_id: str, request: gr.Request = None) -> tuple[Any, ...]:
     """Everything the live view shows, read from the run folder (cheap enough for a 2 s timer); only runs the
     visitor may see."""
-    visitor = visitor_of(request)
+    visitor, asked = visitor_of(request), run_id
     run_id = watched_run(manager, manager.visible_ids(visitor), run_id, visitor)
     if not run_id:
-        return ("", "No runs yet: set up a run and press Start.", progress_html("train-progress", {"state": "idle"}, []),
+        # Watching nothing, the status line may hold Start's refusal (a broken file): a tick keeps it. A run that was
+        # watched and is gone (deleted, or not the visitor's) is said.
+        return ("", NO_RUNS if asked else gr.skip(), progress_html("train-progress", {"state": "idle"}, []),
                 loss_frame([]), lr_frame([]), "", gr.Accordion(open=False))
     status, rows = live_status(manager, run_id), read_metrics(manager.run_dir(run_id))
     stalled = status.get("stalled_seconds") is not None

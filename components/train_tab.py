@@ -22,8 +22,8 @@ from components.shared import (ESTIMATE_SLOT, PREVIEW_SLOT, bind, list_hub_optio
                                refusal, stop_run, visitor_of)
 from components.train_form import METHOD_FIELDS, fields_for, form_from_config, presets, show_method_fields
 from components.train_preview import preview_dataset, update_estimate
-from components.train_runs import (HISTORY_COLUMNS, ask_delete, compare_runs, delete_run, poll_run, resume_run,
-                                   run_history, start_run)
+from components.train_runs import (HISTORY_COLUMNS, NO_RUNS, ask_delete, compare_runs, delete_run, poll_run,
+                                   resume_run, run_history, start_run)
 from finetune.core import paths
 from finetune.core.access import can_act
 from finetune.core.config import (BUNDLED_DATASET, CHECKPOINTING, COMPUTE_DTYPES, DATA_FORMATS, EMBEDDED_MODEL,
@@ -282,7 +282,7 @@ _FORM_KEYS: list[str] = []  # filled by build_train_tab: the order load_preset r
 
 def _run_state(view: dict[str, Any]) -> None:
     """The run's status line and progress bar, right under Start."""
-    view["status"] = gr.Markdown(elem_id="run-status")
+    view["status"] = gr.Markdown(NO_RUNS, elem_id="run-status")
     view["progress"] = gr.HTML(progress_html("train-progress", {"state": "idle"}, []))
 
 
