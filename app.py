@@ -33,6 +33,7 @@ from components.eval_tab import build_eval_tab, run_choices
 from components.export_tab import build_export_tab, export_choices
 from components.feedback_tab import build_feedback_tab
 from components.inspect_section import build_inspect_section
+from components.page_loads import answer_page_loads, on_page_load
 from components.quant_tab import build_quant_tab
 from components.rlhf_tab import build_rlhf_tab
 from components.shared import (bind, calm_queue, check_number_inputs, tick_only_on_the_open_tab, visitor_of,
@@ -74,7 +75,7 @@ def build_app(runs_root: str = "runs", profile: HardwareProfile | None = None,
         gr.Markdown(f"# LoRA Lab\nFine-tune a language model with LoRA / QLoRA and compare it with its base.  \n"
                     f"**Hardware:** {profile.summary()}")
         if sign_in_mode() != "off":  # a shared app: who you are decides which runs and feedback are yours
-            demo.load(who_markdown, None, build_sign_in_row(), api_visibility="private")
+            on_page_load(who_markdown, None, build_sign_in_row())
         with gr.Tab("Start here", id="course") as course_tab:
             course = build_course_tab(manager, profile, engine, store, benchmarks)
         course_tab.select(course["refresh_forgetting"], None, course["forgetting"], api_visibility="private")
@@ -108,9 +109,9 @@ def build_app(runs_root: str = "runs", profile: HardwareProfile | None = None,
             build_quant_tab(profile)
         tick_only_on_the_open_tab([course_tab, train_tab, chat_tab, rlhf_tab, feedback_tab, export_tab, eval_tab,
                                    compare_tab, quant_tab])
-        demo.load(bind(opening_preset, manager, profile), None, train["preset"],
-                  api_visibility="private")
+        on_page_load(bind(opening_preset, manager, profile), None, train["preset"])
         build_agent_tools(manager, engine, profile)  # the curated MCP tools (components/agent_tools.py)
+        answer_page_loads(demo)  # every tab's page-load handler, as one event
     curate_mcp_tools(demo)
     check_number_inputs(demo)  # NaN, ±inf, text or a list in any number field: refused by its name
     demo.feedback_store = store  # for whoever closes the app: close_app() stops its LangSmith sender too

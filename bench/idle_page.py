@@ -85,19 +85,24 @@ def idle_cpu(page: Any, seconds: float) -> tuple[float, float]:
     return children_cpu(os.getpid()) - browser, own_cpu() - server
 
 
-def measure(before: bool, seconds: float) -> tuple[float, float]:
+@contextlib.contextmanager
+def app_in_chromium() -> Iterator[tuple[Any, str]]:
+    """(a page of headless Chromium, the URL of the whole app served on loopback over an empty runs folder)."""
     from playwright.sync_api import sync_playwright
 
-    with old_timers(before), tempfile.TemporaryDirectory() as runs, served_app(Path(runs)) as url, \
-            sync_playwright() as playwright:
+    with tempfile.TemporaryDirectory() as runs, served_app(Path(runs)) as url, sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=CHROMIUM, args=ARGS)
-        page = browser.new_page(viewport={"width": 1400, "height": 1000})
-        page.goto(url)
-        page.get_by_role("tab", name="Train").wait_for()
         try:
-            return idle_cpu(page, seconds)
+            yield browser.new_page(viewport={"width": 1400, "height": 1000}), url
         finally:
             browser.close()
+
+
+def measure(before: bool, seconds: float) -> tuple[float, float]:
+    with old_timers(before), app_in_chromium() as (page, url):
+        page.goto(url)
+        page.get_by_role("tab", name="Train").wait_for()
+        return idle_cpu(page, seconds)
 
 
 def main() -> None:

@@ -16,8 +16,8 @@ from typing import Any
 import gradio as gr
 import pandas as pd
 
-from components.shared import (bind, duration, on_page_load, place_in_line, refusal, require_visible, visible_adapters,
-                               visitor_of)
+from components.page_loads import on_page_load
+from components.shared import bind, duration, place_in_line, refusal, require_visible, visible_adapters, visitor_of
 from finetune.core.access import AccessDenied, Visitor, can_view, require_owner, require_signed_in
 from finetune.core.config import ConfigError
 from finetune.core.paths import model_source as gated_model_source

@@ -24,8 +24,8 @@ import gradio as gr
 
 from components.chat_feedback import (ARENA_LABELS, SIDES, TARGETS, VOTES, Turn, like_answer, show_vote,
                                        submit_feedback, who)
-from components.shared import (CHAT_SLOT, bind, duration, on_page_load, refusal, require_visible, visible_adapters,
-                               visitor_of)
+from components.page_loads import on_page_load
+from components.shared import CHAT_SLOT, bind, duration, refusal, require_visible, visible_adapters, visitor_of
 from finetune.core.access import AccessDenied, can_view, sign_in_hint
 from finetune.core.config import ConfigError, load_config
 from finetune.core.data import validation_prompts

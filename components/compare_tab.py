@@ -14,7 +14,8 @@ from typing import Any
 import gradio as gr
 import pandas as pd
 
-from components.shared import bind, duration, on_page_load, stop_queue, visitor_of
+from components.page_loads import on_page_load
+from components.shared import bind, duration, stop_queue, visitor_of
 from finetune.core.access import AccessDenied
 from finetune.core.config import BUNDLED_DATASET, EMBEDDED_MODEL, ConfigError
 from finetune.services.admission import RunError

@@ -20,7 +20,8 @@ from components.course_runs import (POLLED, RANK_EXPERIMENT, RUN_STEPS, acting_v
                                     finished_run, notice, path_markdown, poll_course, progress_of, qlora_config,
                                     start_dpo, start_qlora, start_rank_experiment, start_reward)
 from components.downloads import downloadable
-from components.shared import CHAT_SLOT, bind, on_page_load, progress_html, refusal, visitor_of
+from components.page_loads import on_page_load
+from components.shared import CHAT_SLOT, bind, progress_html, refusal, visitor_of
 from finetune.core.config import BUNDLED_DATASET, ConfigError, LoraSettings, load_config
 from finetune.core.course_progress import CourseProgress
 from finetune.core.estimate import lora_parameter_count, model_shape, targeted_linears

@@ -18,8 +18,9 @@ from typing import Any
 import gradio as gr
 import pandas as pd
 
-from components.shared import (bind, feedback_owner, on_page_load, refusal, require_visible, visible_adapters,
-                               visible_reward_models, visitor_of)
+from components.page_loads import on_page_load
+from components.shared import (bind, feedback_owner, refusal, require_visible, visible_adapters, visible_reward_models,
+                               visitor_of)
 from finetune.core.access import LOCAL, AccessDenied, Visitor
 from finetune.core.config import BUNDLED_DATASET, ConfigError, load_config
 from finetune.core.data import first_line

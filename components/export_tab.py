@@ -17,7 +17,8 @@ from typing import Any
 import gradio as gr
 
 from components.downloads import current_download, download_folder, downloadable
-from components.shared import bind, on_page_load, refusal, require_visible, visible_adapters, visitor_of
+from components.page_loads import on_page_load
+from components.shared import bind, refusal, require_visible, visible_adapters, visitor_of
 from finetune.core.access import AccessDenied, Visitor, sign_in_hint, sign_in_mode
 from finetune.core.data import DataError, first_line
 from finetune.core.hardware import detect

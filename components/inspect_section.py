@@ -13,7 +13,8 @@ from typing import Any
 import gradio as gr
 import pandas as pd
 
-from components.shared import bind, on_page_load, refusal, require_visible, visible_adapters, visitor_of
+from components.page_loads import on_page_load
+from components.shared import bind, refusal, require_visible, visible_adapters, visitor_of
 from finetune.core import paths
 from finetune.core.access import AccessDenied, Visitor
 from finetune.services.adapter_inspect import (ENERGY, AdapterReport, InspectError, RunComparison, compare_updates,

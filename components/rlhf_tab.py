@@ -24,8 +24,9 @@ from components.rlhf_rules import (GRPO_DATA, bench_prompt_choices, bench_rescor
                                    grpo_view, rules_config_check)
 from components.rlhf_runs import (POLICY_METHODS, RLHF_COLOUR, pipeline_text, poll_rlhf, preview_data, start_stage,
                                   steps_box)
-from components.shared import (PREVIEW_SLOT, bind, list_hub_options, on_page_load, progress_html, stop_run,
-                               visible_reward_models, visitor_of)
+from components.page_loads import on_page_load
+from components.shared import (PREVIEW_SLOT, bind, list_hub_options, progress_html, stop_run, visible_reward_models,
+                               visitor_of)
 from finetune.core.access import Visitor
 from finetune.core.config import (DPO_LOSSES, EMBEDDED_MODEL, KEEP_CHOICES, KTO_LOSSES, REPORT_TO, RunConfig,
                                   field_help)

@@ -1,6 +1,6 @@
 """The UI parts every tab shares (not a tab: tabs import this, never each other): the progress bar of a training
 run, plot frames for live curves, the config-problem list, picking the run to watch, Stop, event-handler binding,
-page-load events, number checks, refusals and what a visitor may see. Downloads are components/downloads.py's,
+number checks, refusals and what a visitor may see. Downloads are components/downloads.py's,
 the LoRA aid components/lora_aid.py's.
 """
 
@@ -83,15 +83,6 @@ def timer_switch_js(owners: list[str]) -> str:
             ".map(tab => tab.innerText.trim()); "
             f"return {json.dumps(owners)}"
             ".map(tab => ({__type__: 'update', active: !open.length || open.includes(tab)})); }")
-
-
-def on_page_load(fn: Callable[..., Any], inputs: Any = None, outputs: Any = None, **kwargs: Any) -> Any:
-    """Run ``fn`` on every page (re)load of the app being built (a reload re-attaches to running jobs). gradio
-    offers no public handle to the enclosing Blocks while a tab is built, so this is the one place that reads it."""
-    page = gr.context.Context.root_block
-    if page is None:  # a tab built on its own, outside an app
-        return None
-    return page.load(fn, inputs, outputs, api_visibility="private", **kwargs)
 
 
 def bind(handler: Callable[..., Any], *bound: Any) -> Callable[..., Any]:

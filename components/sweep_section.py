@@ -14,7 +14,8 @@ from typing import Any
 import gradio as gr
 import pandas as pd
 
-from components.shared import bind, on_page_load, problems_markdown, stop_queue, visitor_of
+from components.page_loads import on_page_load
+from components.shared import bind, problems_markdown, stop_queue, visitor_of
 from components.train_form import UI_ONLY, config_from_form, form_from_config
 from finetune.core import paths
 from finetune.core.access import AccessDenied, Visitor

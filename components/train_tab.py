@@ -18,8 +18,9 @@ import pandas as pd
 
 from components.forms import MODEL_KINDS, SFT_DATA_KINDS
 from components.lora_aid import lora_aid_markdown
-from components.shared import (ESTIMATE_SLOT, PREVIEW_SLOT, bind, list_hub_options, on_page_load, progress_html,
-                               refusal, stop_run, visitor_of)
+from components.page_loads import on_page_load
+from components.shared import (ESTIMATE_SLOT, PREVIEW_SLOT, bind, list_hub_options, progress_html, refusal, stop_run,
+                               visitor_of)
 from components.train_form import METHOD_FIELDS, fields_for, form_from_config, presets, show_method_fields
 from components.train_preview import preview_dataset, update_estimate
 from components.train_runs import (HISTORY_COLUMNS, NO_RUNS, ask_delete, compare_runs, delete_run, poll_run,

@@ -131,8 +131,11 @@ def serving(page: Any, **launch: Any) -> Iterator[str]:
     """A gradio Blocks (the app, or a tab or section on its own) on a free loopback port until the block ends;
     yields its URL. The caller closes it (the app also has a feedback store to close). ``launch``: more
     demo.launch() settings (the dev sign-in's app_kwargs)."""
+    from components.page_loads import REGISTRY
     from components.shared import calm_queue
 
+    # A tab built on its own asks for its page loads like any other: the page must answer them, as the app does.
+    assert not page.__dict__.get(REGISTRY), "call components.page_loads.answer_page_loads(page) inside `with page`"
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]

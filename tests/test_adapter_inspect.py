@@ -238,6 +238,7 @@ def section_client(tmp_path_factory, known_run, tiny_model_dir):
     import gradio as gr
 
     from components.inspect_section import build_inspect_section
+    from components.page_loads import answer_page_loads
     from finetune.services.runs import RunManager
 
     root = tmp_path_factory.mktemp("runs")
@@ -248,6 +249,7 @@ def section_client(tmp_path_factory, known_run, tiny_model_dir):
         (root / run_id / "status.json").write_text('{"state": "completed"}', encoding="utf-8")
     with gr.Blocks() as page:
         build_inspect_section(RunManager(root))
+        answer_page_loads(page)  # as the app does
     with serving(page) as url:
         yield app_client(url)
     page.close()

@@ -87,11 +87,12 @@ def test_the_queue_idles_at_lora_labs_intervals_and_gradio_reads_them():
     assert "asyncio.sleep(self.progress_update_sleep_when_free)" in inspect.getsource(Queue.start_progress_updates)
 
 
-def test_each_tabs_timers_tick_only_while_it_is_open(tmp_path):
+def test_timers_tick_only_on_the_open_tab_and_one_event_answers_a_page_load(tmp_path):
     """Selecting any tab runs one browser-side switch over every timer of the app (runs, sweeps, comparisons,
     benchmarks, RLHF, the course), each named by the label of the tab it sits in. (What the switch does in a page,
     that only the open tab's timers tick, reloads and quick clicks included, is in
-    tests/browser/test_browser_first_screen.py.)"""
+    tests/browser/test_browser_first_screen.py.) Every tab's page-load handler is in one load event: a tab that
+    called page.load itself would bring back the per-event cost (bench/page_load.py)."""
     import json
 
     import gradio as gr
@@ -112,6 +113,8 @@ def test_each_tabs_timers_tick_only_while_it_is_open(tmp_path):
         switch = switches.pop()
         assert json.dumps(owners) in switch and "aria-selected" in switch
         assert sum(fn.fn is None and fn.outputs == everyone for fn in demo.fns.values()) == len(tabs)
+        loads = [fn for fn in demo.fns.values() if any(target[1] == "load" for target in fn.targets)]
+        assert len(loads) == 1 and len(loads[0].outputs) > 100
     finally:
         close_app(demo)
 

@@ -471,9 +471,11 @@ def _served_chat_tab(manager, engine):
     import gradio as gr
 
     from components.chat_tab import build_chat_tab
+    from components.page_loads import answer_page_loads
 
     with gr.Blocks() as demo:
         build_chat_tab(manager, engine, None)
+        answer_page_loads(demo)  # as the app does
     demo.queue(default_concurrency_limit=4)
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

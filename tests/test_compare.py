@@ -217,6 +217,7 @@ def test_the_expected_time_shows_before_start(tmp_path, tiny_model_dir, qa_rows_
     import gradio as gr
 
     from components.compare_tab import build_compare_tab, estimate_before_start, estimate_text
+    from components.page_loads import answer_page_loads
 
     queue = CompareQueue(RunManager(tmp_path / "runs"))
     form = dict(techniques=["lora16", "ia3"], model_source=str(tiny_model_dir), data_source=str(qa_rows_file),
@@ -228,6 +229,7 @@ def test_the_expected_time_shows_before_start(tmp_path, tiny_model_dir, qa_rows_
     assert "Tick at least one technique" in estimate_before_start(queue, **{**form, "techniques": []})
     with gr.Blocks() as page:
         tab = build_compare_tab(queue)
+        answer_page_loads(page)  # as the app does once its tabs are built
     estimate_id = tab["estimate"]._id
     triggers = {trigger[1] for dep in page.config["dependencies"] if estimate_id in dep["outputs"]
                 for trigger in dep["targets"]}

@@ -227,6 +227,7 @@ def section_client(finished_sweep):
 
     import gradio as gr
 
+    from components.page_loads import answer_page_loads
     from components.sweep_section import build_sweep_section
     from components.train_tab import build_train_tab
     from finetune.core.hardware import detect
@@ -235,6 +236,7 @@ def section_client(finished_sweep):
     with gr.Blocks() as page:
         train = build_train_tab(queue.manager, detect())
         build_sweep_section(SweepQueue(queue.manager, poll_seconds=0.2), train)
+        answer_page_loads(page)  # as the app does
     with serving(page) as url:
         yield app_client(url)
     page.close()

@@ -19,9 +19,11 @@ def chat_page(manager: Any, engine: Any) -> Iterator[str]:
     import gradio as gr
 
     from components.chat_tab import build_chat_tab
+    from components.page_loads import answer_page_loads
 
     with gr.Blocks() as demo:
         build_chat_tab(manager, engine, None)
+        answer_page_loads(demo)  # as the app does: a page load picks the newest run
     try:
         with serving(demo) as url:
             yield url
