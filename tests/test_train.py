@@ -128,6 +128,9 @@ def test_embedded_model_learns_the_course_style(tmp_path):
 
     cfg = load_config(ROOT / "configs" / "cpu-quick.yaml")
     cfg.training.max_steps, cfg.training.eval_steps, cfg.training.learning_rate = 6, 3, 1e-3
+    # 8 of the 24 held-out rows: the two evaluations were 23 of the test's 58 s, and the held-out loss falls by the
+    # same 0.07 on 8 as on 24 (under avx512, avx2 and default kernels alike).
+    cfg.data.max_eval_samples = 8
     assert run(cfg, tmp_path) == 0
     rows = read_metrics(tmp_path)
     losses = [r["loss"] for r in rows if "loss" in r]
