@@ -17,6 +17,27 @@ from finetune.core.noise import quiet_known_noise
 
 quiet_known_noise()  # before the libraries load: their known, harmless messages stay out of the app log
 
+from finetune.core.access import JobLimits, can_act, sign_in_mode  # noqa: E402  (no torch, no gradio)
+
+
+def check_settings() -> str | None:
+    """The operator's settings that would stop the app at its first request, as one sentence (None: all fine)."""
+    try:
+        sign_in_mode()  # the dev sign-in on a Space, an unknown mode
+        JobLimits.from_env()
+    except ValueError as error:
+        return str(error)
+    return None
+
+
+def refuse_broken_settings() -> None:
+    if problem := check_settings():
+        raise SystemExit(f"LoRA Lab did not start: {problem}")
+
+
+if __name__ == "__main__":
+    refuse_broken_settings()  # at once: the libraries below take ~10 s to load
+
 from finetune.services import deploy  # noqa: E402
 
 # Before gradio/huggingface_hub are imported (they read HF_HOME once): model caches on a Space's /data.
@@ -41,7 +62,6 @@ from components.shared import (bind, calm_queue, check_number_inputs, tick_only_
 from components.sign_in import app_kwargs, build_sign_in_row
 from components.sweep_section import build_sweep_section
 from components.train_tab import build_train_tab
-from finetune.core.access import JobLimits, can_act, sign_in_mode
 from finetune.core.hardware import HardwareProfile, detect
 from finetune.core.run_folder import FEEDBACK_DB, FEEDBACK_EXPORTS_DIR
 from finetune.services.benchmarks import BenchmarkService, app_root
@@ -146,19 +166,8 @@ def mcp_enabled() -> bool:
                for name in ("LORA_LAB_MCP", "GRADIO_MCP_SERVER"))
 
 
-def check_settings() -> str | None:
-    """The operator's settings that would stop the app at its first request, as one sentence (None: all fine)."""
-    try:
-        sign_in_mode()  # the dev sign-in on a Space, an unknown mode
-        JobLimits.from_env()
-    except ValueError as error:
-        return str(error)
-    return None
-
-
 def main() -> None:
-    if problem := check_settings():
-        raise SystemExit(f"LoRA Lab did not start: {problem}")
+    refuse_broken_settings()
     # LORA_LAB_RUNS, else /data/runs on a Space with persistent storage, else ./runs (feedback DB goes beside).
     demo = build_app(deploy.runs_root(), feedback_db=os.environ.get("LORA_LAB_FEEDBACK_DB") or None)
     # One training start at a time is enforced per event (concurrency_limit=1); the rest may run side by side.
