@@ -52,5 +52,7 @@ def test_stop_ends_an_answer_being_generated_and_frees_the_model(policy_runs):
         wait_until(lambda: not generation_threads(), "generation to end after Stop")
         reads = clock.reads
         assert reads < 300  # ended long before its 400 tokens...
-        assert engine.idle()  # ...and the model is free for the next visitor
+        # ...and the model is free for the next visitor (the handler gives its turn back as it unwinds, just after
+        # the generation thread ends: asserting at once failed under the slower 'default' kernels)
+        wait_until(engine.idle, "the chat model to be free after Stop")
         assert not page.locator("#feedback-panel").is_visible()  # a stopped answer is not stored for a vote
