@@ -87,13 +87,14 @@ def test_the_queue_idles_at_lora_labs_intervals_and_gradio_reads_them():
     assert "asyncio.sleep(self.progress_update_sleep_when_free)" in inspect.getsource(Queue.start_progress_updates)
 
 
-def test_timers_tick_only_on_the_open_tab_and_one_event_answers_a_page_load(tmp_path):
+def test_timers_tick_only_on_the_open_tab_and_one_event_answers_a_page_load(tmp_path, monkeypatch, caplog):
     """Selecting any tab runs one browser-side switch over every timer of the app (runs, sweeps, comparisons,
     benchmarks, RLHF, the course), each named by the label of the tab it sits in. (What the switch does in a page,
     that only the open tab's timers tick, reloads and quick clicks included, is in
     tests/browser/test_browser_first_screen.py.) Every tab's page-load handler is in one load event: a tab that
     called page.load itself would bring back the per-event cost (bench/page_load.py)."""
     import json
+    import logging
 
     import gradio as gr
 
@@ -115,6 +116,16 @@ def test_timers_tick_only_on_the_open_tab_and_one_event_answers_a_page_load(tmp_
         assert sum(fn.fn is None and fn.outputs == everyone for fn in demo.fns.values()) == len(tabs)
         loads = [fn for fn in demo.fns.values() if any(target[1] == "load" for target in fn.targets)]
         assert len(loads) == 1 and len(loads[0].outputs) > 100
+        # Every handler answers a first visit's page (the form's values as built), none fails (a failure would only
+        # be logged and warned of, the others' components filled).
+        warned: list[str] = []
+        monkeypatch.setattr(gr, "Warning", warned.append)
+        with caplog.at_level(logging.ERROR, logger="lora_lab"):
+            answers = loads[0].fn(*[block.value for block in loads[0].inputs], None)
+        assert not warned and not caplog.records, (warned, caplog.text)
+        skipped = [answer for answer in answers if isinstance(answer, dict) and answer == gr.skip()]
+        # (The Train form's 56 fields stay as built on a first visit: no run of the visitor's to restore.)
+        assert len(answers) == len(loads[0].outputs) and len(answers) - len(skipped) > 50
     finally:
         close_app(demo)
 

@@ -10,7 +10,7 @@ import pytest
 from components.page_loads import LOAD_FAILED, answer_page_loads, on_page_load
 
 
-def _answer(page: gr.Blocks, event: object, values: list, request: object = None) -> tuple:
+def _answer(event: object, values: list, request: object = None) -> tuple:
     """Call the page's load event as gradio does for a page: its inputs' values, then the request, positionally
     (where the event's signature puts it)."""
     return event.fn(*values, request)
@@ -49,12 +49,48 @@ def test_each_handler_fills_its_components_and_shares_merge(monkeypatch):
     assert dependencies[0]["outputs"] == [b._id for b in (out, count, shared, skipped, refused, broken)]
 
     request = object()
-    answers = _answer(page, event, ["Hi", "Grace", 4], request)
+    answers = _answer(event, ["Hi", "Grace", 4], request)
     assert answers[0] == "Hi, Grace" and answers[1] == 5 and answers[3] == "later"
     assert answers[2] == {"__type__": "update", "interactive": False, "label": "merged"}
     assert answers[4] == answers[5] == gr.skip()  # both failures leave their components as they were
     assert seen_requests == [request]
     assert warnings == ["That run is not yours.", LOAD_FAILED]  # the refusal in its own words; a fault, generic
+
+
+def test_answers_merge_as_two_events_in_a_row_would_leave_them(monkeypatch):
+    warnings: list[str] = []
+    monkeypatch.setattr(gr, "Warning", warnings.append)
+    with gr.Blocks() as page:
+        first, second, third = gr.Textbox(), gr.Textbox(), gr.Textbox()
+        on_page_load(lambda: ("a value", gr.update(label="shown")), None, [first, second])
+        on_page_load(lambda: (gr.update(label="later"), "b value"), None, [first, second])
+        on_page_load(lambda: gr.skip(), None, [first, second, third])  # a bare skip: all three as they are
+        on_page_load(lambda: {third: "by name"}, None, [first, third])  # gradio's dict form is not taken here
+        event = answer_page_loads(page)
+    assert _answer(event, []) == ({"__type__": "update", "value": "a value", "label": "later"},
+                                  {"__type__": "update", "value": "b value", "label": "shown"}, gr.skip())
+    assert warnings == [LOAD_FAILED]
+
+
+def test_a_handler_gradio_would_refuse_is_refused_when_asked_for():
+    async def waits() -> str:
+        return "later"
+
+    with gr.Blocks() as page:
+        box = gr.Textbox()
+        with pytest.raises(TypeError, match="not both"):
+            on_page_load(lambda text: text, box, box, inputs_kwargs={"text": box})
+        with pytest.raises(TypeError, match="no generators, no coroutines"):
+            on_page_load(waits, None, box)
+        with pytest.raises(TypeError, match="two_inputs"):
+            on_page_load(two_inputs, box, box)  # one input for a handler that needs two
+        answer_page_loads(page)
+        with pytest.raises(RuntimeError, match="already answered"):
+            on_page_load(lambda: "late", None, box)
+
+
+def two_inputs(first: str, second: str) -> str:
+    return first + second
 
 
 def test_a_follow_up_runs_after_the_one_load_event():
